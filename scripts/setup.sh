@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up a development/test machine (Debian, as root): the Debian packages the
+# tests and the demo need, and .venv with sendooway installed. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(python3 python3-venv python3-dev ca-certificates procps iproute2
+      libpam-wrapper libnss-wrapper libpam0g
+      xinetd swaks msmtp groff-base groff fail2ban systemd)
+
+missing=()
+for p in "${DEBS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: need root to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# xinetd and fail2ban are only used by the tests, never left running.
+for svc in xinetd fail2ban; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
+        systemctl stop "$svc" || true
+    fi
+done
+
+# The venv is made from /usr/bin/python3: an interpreter under /root (mode
+# 0700) could not be read by the frontend user after the privilege drop.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(not sys.base_prefix.startswith("/usr"))'; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv .venv
+fi
+stamp=.venv/.sendooway-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+echo "setup: ready (.venv/bin/sendooway, .venv/bin/sendooway-auth)"

@@ -1,0 +1,1 @@
+"""sendooway-auth: the root authenticator (PAM, users' files, routes)."""

@@ -1,0 +1,66 @@
+"""The seam between the client-facing SMTP session and the relay.
+
+The session driver (stdio, -b, socket activation) owns one RelayBackend per
+client session and calls it with the client's transaction; every reply the
+client sees after MAIL comes from here. Before the relay lands, a backend may
+answer 451 to MAIL ("relay not available").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sendooway_shared.types import Route
+
+from ._reply import Reply
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the relay knows about the client session (logs, Received:)."""
+
+    session_id: str
+    client_address: str  # "ip" or "ip:port", "" when unknown (stdio without a socket)
+    client_ehlo: str  # the name the client gave in EHLO/HELO
+    user: str  # the authenticated user
+    tls: bool  # the client channel is encrypted (STARTTLS, -s, or -S)
+    esmtp: bool  # the client used EHLO (not HELO)
+
+
+@dataclass(frozen=True)
+class MailParams:
+    """MAIL FROM parameters the session parsed and records for the relay."""
+
+    size: int | None = None  # SIZE=
+    body_8bitmime: bool = False  # BODY=8BITMIME
+    smtputf8: bool = False
+
+
+class RelayBackend(Protocol):
+    async def mail(self, info: SessionInfo, route: Route, sender: str, params: MailParams) -> Reply:
+        """Open (or reuse) the upstream for `route`, log in, send MAIL FROM.
+        Returns the upstream's reply, or a local 4xx when it cannot be reached."""
+
+    async def rcpt(self, recipient: str) -> Reply:
+        """RCPT TO: the upstream's reply verbatim."""
+
+    async def data_start(self) -> Reply:
+        """DATA: the upstream's 354 (or its refusal)."""
+
+    async def data_chunk(self, chunk: bytes) -> None:
+        """Raw message bytes as received (dot-stuffing kept, CRLF line ends),
+        never including the final CRLF.CRLF; bounded size per call."""
+
+    async def data_end(self) -> Reply:
+        """Send the terminating CRLF.CRLF: the upstream's final reply."""
+
+    async def data_abort(self) -> None:
+        """The message must not be delivered (client vanished, bare LF/CR):
+        close the upstream connection without its final dot."""
+
+    async def reset(self) -> None:
+        """RSET / EHLO / new MAIL from the client: end the upstream transaction."""
+
+    async def close(self) -> None:
+        """The client session ends: QUIT upstream or hand the connection to the cache."""

@@ -1,0 +1,44 @@
+"""SMTP replies: a code and one or more text lines (enhanced code included)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply. `lines` hold the text after the code, e.g.
+    Reply(250, ("2.1.0 OK",)). Multi-line replies keep every line."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"reply code {self.code} outside 200..599")
+        for line in self.lines:
+            if "\r" in line or "\n" in line or "\0" in line:
+                raise ValueError("reply text must not contain CR, LF or NUL")
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def to_bytes(self) -> bytes:
+        lines = self.lines or ("",)
+        out = []
+        for i, text in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{text}\r\n" if text or sep == "-" else f"{self.code}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return " / ".join(f"{self.code} {t}" for t in (self.lines or ("",)))

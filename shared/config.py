@@ -1,0 +1,468 @@
+"""sendooway.conf: the global config and the users' includes (~/.sendoowayrc).
+
+The language is the original C sendooway's: `keyword = value` lines, `#`
+starts a comment, keywords and enumerated values are case-insensitive,
+booleans are yes/no. Every error names file:line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from .types import DEFAULT_PORTS, Route, Secret, TlsMode
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigError(Exception):
+    """A config (or user include) that cannot be used; str() is file:line: what."""
+
+    def __init__(self, filename: str, line: int | None, message: str) -> None:
+        self.filename = filename
+        self.line = line
+        self.message = message
+        where = f"{filename}:{line}" if line else filename
+        super().__init__(f"{where}: {message}")
+
+
+class MailerEncryption(str, enum.Enum):
+    ALLOWED = "allowed"
+    REQUIRED = "required"
+    FORBIDDEN = "forbidden"
+
+
+class Ext8BitMime(str, enum.Enum):
+    FORCE = "force"
+    DISABLE = "disable"
+    IGNORE = "ignore"
+
+
+class SmarthostAuth(str, enum.Enum):
+    IF_ADVERTISED = "ifAdvertised"
+    ALWAYS_TRY = "alwaysTry"
+    NEVER = "never"
+
+
+class AuthBackend(str, enum.Enum):
+    PAM = "PAM"
+    LDAP = "LDAP"
+    NONE = "none"
+
+
+class MappingKind(str, enum.Enum):
+    FETCHMAIL = "fetchmail"
+    GETMAIL = "getmail"
+    DIRECT = "direct"
+
+
+DIRECT_FLAGS = {"tls": "tls", "ssl": "ssl", "nocertcheck": "noCertCheck", "noauth": "noAuth"}
+
+
+@dataclass(frozen=True)
+class DirectRoute:
+    """A `direct:` mapping, parsed: one address pattern and its route."""
+
+    address: str
+    route: Route
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One smarthostMapping line. For fetchmail/getmail, `path` may hold %h/%u."""
+
+    kind: MappingKind
+    path: str = ""
+    direct: DirectRoute | None = None
+    filename: str = ""
+    line: int = 0
+
+    @property
+    def source(self) -> str:
+        return f"{self.filename}:{self.line}"
+
+    def expand(self, user: str, home: str) -> "Mapping":
+        """This mapping with %h and %u replaced for one user."""
+        if self.kind is MappingKind.DIRECT:
+            return self
+        return replace(self, path=expand_path(self.path, user, home))
+
+    def __str__(self) -> str:
+        if self.direct is not None:
+            r = self.direct.route
+            return f"direct:{self.direct.address} {r.describe()}"
+        return f"{self.kind.value}:{self.path}"
+
+
+DEFAULT_MAPPINGS = (
+    Mapping(MappingKind.GETMAIL, "%h/.getmail/getmailrc", filename="(default)", line=0),
+    Mapping(MappingKind.FETCHMAIL, "%h/.fetchmailrc", filename="(default)", line=0),
+)
+
+
+def expand_path(template: str, user: str, home: str) -> str:
+    """Replace %h (home), %u (user) and %% in a path template."""
+    out = []
+    i = 0
+    while i < len(template):
+        c = template[i]
+        if c == "%" and i + 1 < len(template):
+            n = template[i + 1]
+            if n == "h":
+                out.append(home.rstrip("/") or "/")
+                i += 2
+                continue
+            if n == "u":
+                out.append(user)
+                i += 2
+                continue
+            if n == "%":
+                out.append("%")
+                i += 2
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The global configuration, with DESIGN.md's defaults."""
+
+    localname: str = ""
+    timeout: int = 300
+    cloneEhlo: bool = False
+    addReceivedField: bool = True
+    sslCA: str = ""
+    sslCert: str = ""
+    sslKey: str = ""
+    mailerEncryption: MailerEncryption = MailerEncryption.ALLOWED
+    ext8BitMime: Ext8BitMime = Ext8BitMime.FORCE
+    extMessageSize: int | None = 0  # None = "disable"; 0 = SIZE without a limit
+    smarthostPlain: SmarthostAuth = SmarthostAuth.IF_ADVERTISED
+    smarthostLogin: SmarthostAuth = SmarthostAuth.IF_ADVERTISED
+    smarthostCramMD5: SmarthostAuth = SmarthostAuth.IF_ADVERTISED
+    authBackend: AuthBackend = AuthBackend.PAM
+    ldapUri: str = ""
+    ldapSSLca: str = ""
+    ldapAuthDN: str = ""
+    validUser: tuple[str, ...] = ()
+    smarthostMapping: tuple[Mapping, ...] = ()
+    userInclude: str = ""
+    authSocket: str = "/run/sendooway/auth.sock"
+    frontendUser: str = "nobody"
+    pamService: str = "sendooway"
+    maxAuthFailures: int = 3
+    smarthostCache: int = 30
+    filename: str = ""
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """What a user's include (~/.sendoowayrc) may set."""
+
+    smarthostMapping: tuple[Mapping, ...] = ()
+    sslCA: str | None = None
+    filename: str = ""
+
+
+# ---------------------------------------------------------------- values
+
+
+def _string(value: str) -> str:
+    return value
+
+
+def _path_or_empty(value: str) -> str:
+    return value
+
+
+def _number(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        if not value.isdigit():
+            raise ValueError(f"expected a number, got {value!r}")
+        n = int(value)
+        if not lo <= n <= hi:
+            raise ValueError(f"expected a number from {lo} to {hi}, got {n}")
+        return n
+
+    return parse
+
+
+def _boolean(value: str) -> bool:
+    v = value.lower()
+    if v == "yes":
+        return True
+    if v == "no":
+        return False
+    raise ValueError(f"expected yes or no, got {value!r}")
+
+
+def _enum(kind: type[enum.Enum]) -> Callable[[str], enum.Enum]:
+    by_name = {m.value.lower(): m for m in kind}
+
+    def parse(value: str):
+        try:
+            return by_name[value.lower()]
+        except KeyError:
+            choices = " | ".join(m.value for m in kind)
+            raise ValueError(f"expected {choices}, got {value!r}") from None
+
+    return parse
+
+
+def _message_size(value: str) -> int | None:
+    if value.lower() == "disable":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"expected disable, 0 or a size in bytes, got {value!r}")
+    return int(value)
+
+
+def _valid_user(value: str) -> str:
+    if not value or value == "%" or any(c.isspace() for c in value):
+        raise ValueError(f"expected a user name or %group, got {value!r}")
+    return value
+
+
+def _non_empty(value: str) -> str:
+    if not value:
+        raise ValueError("a value is required")
+    return value
+
+
+_KEYWORDS: dict[str, tuple[str, Callable[[str], object], bool]] = {
+    # lower-cased keyword: (field name, value parser, allowed in a user include)
+    "localname": ("localname", _string, False),
+    "timeout": ("timeout", _number(1, 86400), False),
+    "cloneehlo": ("cloneEhlo", _boolean, False),
+    "addreceivedfield": ("addReceivedField", _boolean, False),
+    "sslca": ("sslCA", _path_or_empty, True),
+    "sslcert": ("sslCert", _path_or_empty, False),
+    "sslkey": ("sslKey", _path_or_empty, False),
+    "mailerencryption": ("mailerEncryption", _enum(MailerEncryption), False),
+    "ext8bitmime": ("ext8BitMime", _enum(Ext8BitMime), False),
+    "extmessagesize": ("extMessageSize", _message_size, False),
+    "smarthostplain": ("smarthostPlain", _enum(SmarthostAuth), False),
+    "smarthostlogin": ("smarthostLogin", _enum(SmarthostAuth), False),
+    "smarthostcrammd5": ("smarthostCramMD5", _enum(SmarthostAuth), False),
+    "authbackend": ("authBackend", _enum(AuthBackend), False),
+    "ldapuri": ("ldapUri", _string, False),
+    "ldapsslca": ("ldapSSLca", _string, False),
+    "ldapauthdn": ("ldapAuthDN", _string, False),
+    "validuser": ("validUser", _valid_user, False),
+    "smarthostmapping": ("smarthostMapping", None, True),  # type: ignore[dict-item]
+    "userinclude": ("userInclude", _string, False),
+    "authsocket": ("authSocket", _non_empty, False),
+    "frontenduser": ("frontendUser", _non_empty, False),
+    "pamservice": ("pamService", _non_empty, False),
+    "maxauthfailures": ("maxAuthFailures", _number(1, 1000), False),
+    "smarthostcache": ("smarthostCache", _number(0, 86400), False),
+}
+
+KEYWORD_NAMES = tuple(spec[0] for spec in _KEYWORDS.values())
+USER_KEYWORD_NAMES = tuple(spec[0] for spec in _KEYWORDS.values() if spec[2])
+_REPEATABLE = {"validUser", "smarthostMapping"}
+
+
+# ---------------------------------------------------------------- mappings
+
+
+def parse_direct(value: str) -> DirectRoute:
+    """Parse the part after `direct:`.
+
+    Forms: ADDRESS SERVER [PORT] USER PASS [FLAGS] and, with the noAuth flag,
+    ADDRESS SERVER [PORT] FLAGS. FLAGS is a comma-separated list of tls, ssl,
+    noCertCheck, noAuth. The original's `ADDRESS SERVER USER PASS` (no port)
+    keeps working. Raises ValueError with a message that never holds PASS.
+    """
+    tokens = value.split()
+    flags: set[str] = set()
+    if len(tokens) >= 3 and _is_flag_list(tokens[-1]):
+        flags = {DIRECT_FLAGS[f.lower()] for f in tokens[-1].split(",") if f}
+        tokens = tokens[:-1]
+    if len(tokens) < 2:
+        raise ValueError("direct mapping needs ADDRESS SERVER [PORT] USER PASS [FLAGS]")
+    address, server, rest = tokens[0], tokens[1], tokens[2:]
+    port: int | None = None
+    if rest and rest[0].isdigit() and len(rest) in (1, 3):
+        port = int(rest[0])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port must be 1..65535, got {port}")
+        rest = rest[1:]
+    no_auth = "noAuth" in flags
+    if len(rest) == 2:
+        user, password = rest
+    elif not rest and no_auth:
+        user, password = "", ""
+    else:
+        raise ValueError(
+            "direct mapping needs ADDRESS SERVER [PORT] USER PASS [FLAGS]"
+            f" ({len(tokens) + (1 if flags else 0)} fields given)"
+        )
+    _check_address_pattern(address)
+    if "tls" in flags and "ssl" in flags:
+        raise ValueError("tls and ssl exclude each other")
+    mode = TlsMode.TLS if "ssl" in flags else TlsMode.STARTTLS if "tls" in flags else TlsMode.PLAIN
+    route = Route(
+        server=server,
+        port=port if port is not None else DEFAULT_PORTS[mode],
+        tls=mode,
+        cert_check="noCertCheck" not in flags,
+        user=user,
+        password=Secret(password),
+        auth=not no_auth,
+    )
+    return DirectRoute(address, route)
+
+
+def _is_flag_list(token: str) -> bool:
+    items = [f for f in token.split(",")]
+    return bool(items) and all(f.lower() in DIRECT_FLAGS for f in items)
+
+
+def _check_address_pattern(address: str) -> None:
+    if address == "*":
+        return
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"address must be user@domain, *@domain or *, got {address!r}")
+
+
+def _parse_mapping(value: str, filename: str, line: int) -> Mapping:
+    kind, colon, rest = value.partition(":")
+    try:
+        mk = MappingKind(kind.strip().lower())
+    except ValueError:
+        raise ValueError(
+            f"mapping must start with fetchmail:, getmail: or direct:, got {kind.strip()!r}"
+        ) from None
+    if not colon or not rest.strip():
+        raise ValueError(f"{mk.value}: needs a value")
+    if mk is MappingKind.DIRECT:
+        direct = parse_direct(rest)
+        route = replace(direct.route, source=f"{filename}:{line}")
+        return Mapping(mk, direct=DirectRoute(direct.address, route), filename=filename, line=line)
+    return Mapping(mk, path=rest.strip(), filename=filename, line=line)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _lines(text: str):
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if line:
+            yield number, line
+
+
+def _split(line: str, filename: str, number: int) -> tuple[str, str]:
+    key, eq, value = line.partition("=")
+    key = key.strip()
+    if not eq:
+        raise ConfigError(filename, number, f"expected 'keyword = value', got {line[:60]!r}")
+    if not key:
+        raise ConfigError(filename, number, "missing keyword before '='")
+    return key, value.strip()
+
+
+def _lookup(key: str, filename: str, number: int, allowed: tuple[str, ...]):
+    spec = _KEYWORDS.get(key.lower())
+    if spec is None:
+        hint = difflib.get_close_matches(key.lower(), [k.lower() for k in allowed], n=1, cutoff=0.7)
+        suggestion = ""
+        if hint:
+            suggestion = f" (did you mean '{next(k for k in allowed if k.lower() == hint[0])}'?)"
+        raise ConfigError(filename, number, f"unknown keyword '{key}'{suggestion}")
+    return spec
+
+
+def _parse_value(name: str, parser, value: str, filename: str, number: int):
+    try:
+        if name == "smarthostMapping":
+            return _parse_mapping(value, filename, number)
+        return parser(value)
+    except ValueError as exc:
+        raise ConfigError(filename, number, f"{name}: {exc}") from None
+
+
+def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
+    """Parse the global config language; raises ConfigError."""
+    values: dict[str, object] = {}
+    lists: dict[str, list] = {"validUser": [], "smarthostMapping": []}
+    for number, line in _lines(text):
+        key, value = _split(line, filename, number)
+        name, parser, _user_ok = _lookup(key, filename, number, KEYWORD_NAMES)
+        if name in _REPEATABLE:
+            if value == "":
+                raise ConfigError(filename, number, f"{name}: a value is required")
+            lists[name].append(_parse_value(name, parser, value, filename, number))
+        else:
+            values[name] = _parse_value(name, parser, value, filename, number)
+    values["validUser"] = tuple(lists["validUser"])
+    values["smarthostMapping"] = tuple(lists["smarthostMapping"])
+    return Config(filename=filename, **values)  # type: ignore[arg-type]
+
+
+def parse_user_config(text: str, filename: str) -> UserConfig:
+    """Parse a user include; only smarthostMapping and sslCA are allowed."""
+    mappings: list[Mapping] = []
+    ssl_ca: str | None = None
+    for number, line in _lines(text):
+        key, value = _split(line, filename, number)
+        name, parser, user_ok = _lookup(key, filename, number, USER_KEYWORD_NAMES)
+        if not user_ok:
+            raise ConfigError(
+                filename, number,
+                f"'{name}' is not allowed in a user include"
+                f" (only {', '.join(USER_KEYWORD_NAMES)})",
+            )
+        if name == "smarthostMapping":
+            if value == "":
+                raise ConfigError(filename, number, f"{name}: a value is required")
+            mappings.append(_parse_value(name, parser, value, filename, number))
+        else:
+            ssl_ca = _parse_value(name, parser, value, filename, number)
+    return UserConfig(tuple(mappings), ssl_ca, filename)
+
+
+def read_text(path: str) -> str:
+    """Read a config file with a size bound; errors become ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, None, f"larger than {MAX_CONFIG_BYTES} bytes")
+    if b"\0" in data:
+        raise ConfigError(path, None, "contains NUL bytes (not a text file)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(path, line, "not valid UTF-8") from None
+
+
+def load_config(path: str) -> Config:
+    """Read and parse the global config. `/dev/null` gives all defaults."""
+    return parse_config(read_text(path), path)
+
+
+def effective_mappings(global_cfg: Config, user_cfg: UserConfig | None) -> tuple[Mapping, ...]:
+    """User mappings first, then global ones; the defaults when neither has any."""
+    own = user_cfg.smarthostMapping if user_cfg else ()
+    combined = tuple(own) + tuple(global_cfg.smarthostMapping)
+    return combined or DEFAULT_MAPPINGS
+
+
+def default_localname(cfg: Config) -> str:
+    """localname, or the host name when it is empty."""
+    if cfg.localname:
+        return cfg.localname
+    import socket
+
+    return socket.getfqdn() or os.uname().nodename

@@ -1,0 +1,77 @@
+"""Types shared by the frontend and the authenticator."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Secret:
+    """A password that never shows itself in a repr, a str or a log line.
+
+    Only the code that really sends it (PAM, upstream AUTH) calls reveal().
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError("Secret holds a str")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __reduce__(self):  # never pickled by accident into a log or a cache file
+        raise TypeError("a Secret is not picklable")
+
+
+class TlsMode(str, enum.Enum):
+    """How the frontend talks to an upstream."""
+
+    PLAIN = "plain"
+    STARTTLS = "starttls"
+    TLS = "tls"  # implicit TLS (port 465, "ssl" in the original's words)
+
+
+DEFAULT_PORTS = {TlsMode.PLAIN: 25, TlsMode.STARTTLS: 587, TlsMode.TLS: 465}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how one (user, sender) pair is relayed.
+
+    `source` is "file:line" of the mapping that produced it, for logs.
+    `auth` False means the upstream is used without SMTP AUTH.
+    """
+
+    server: str
+    port: int
+    tls: TlsMode
+    cert_check: bool = True
+    ca_file: str = ""  # "" = the system trust store
+    user: str = ""
+    password: Secret = field(default_factory=lambda: Secret(""))
+    auth: bool = True
+    source: str = ""
+
+    def describe(self) -> str:
+        """One line for logs and --check: never includes the password."""
+        who = f" as {self.user}" if self.auth else " without AUTH"
+        check = "" if self.cert_check else " noCertCheck"
+        return f"{self.server}:{self.port} {self.tls.value}{check}{who} ({self.source})"

@@ -1,0 +1,96 @@
+"""pytest set-up: the whole run lives inside one fake world.
+
+On start, pytest re-executes itself once with the world's environment
+(nss_wrapper in LD_PRELOAD, pam_wrapper's libpam first on LD_LIBRARY_PATH):
+both must be in place when the process starts, and then in-process code and
+every child process see the same fake users and PAM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+_ENV_FLAG = "SENDOOWAY_TEST_WORLD"
+
+
+def pytest_configure(config):
+    if os.environ.get(_ENV_FLAG):
+        return
+    if os.environ.get("SENDOOWAY_NO_REEXEC"):
+        return
+    from tests.fakeworld import World
+
+    root = tempfile.mkdtemp(prefix="sendooway-world-")
+    World.create(root)
+    env = World.load(root).env()
+    env["SENDOOWAY_WORLD_OWNER"] = str(os.getpid())
+    args = [sys.executable, "-m", "pytest", *sys.argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Re-exec inside the world; the world folder is removed by the child at exit.
+    os.execve(sys.executable, args, env)
+
+
+def pytest_unconfigure(config):
+    root = os.environ.get(_ENV_FLAG)
+    if root and os.environ.get("SENDOOWAY_WORLD_OWNER") and os.path.basename(root).startswith(
+        "sendooway-world-"
+    ):
+        if not hasattr(config, "workerinput"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def world():
+    from tests.fakeworld import World
+
+    root = os.environ.get(_ENV_FLAG)
+    if not root:
+        pytest.skip("not running inside the fake world")
+    return World.load(root)
+
+
+@pytest.fixture
+def clean_homes(world):
+    """Empty every fake user's home before and after a test."""
+    for name in world.users:
+        world.clear_home(name)
+    yield world
+    for name in world.users:
+        world.clear_home(name)
+
+
+@pytest.fixture
+def upstream_factory(world):
+    """Start fake upstreams; all are stopped at the end of the test."""
+    from tests.upstream import FakeUpstream
+
+    started = []
+
+    def make(**kwargs):
+        up = FakeUpstream(world, **kwargs).start()
+        started.append(up)
+        return up
+
+    yield make
+    for up in started:
+        up.stop()
+
+
+@pytest.fixture
+def tmp_config(tmp_path):
+    """Write a sendooway.conf (mode 0644) and return its path."""
+
+    def write(text: str, name: str = "sendooway.conf") -> str:
+        p = tmp_path / name
+        p.write_text(text)
+        os.chmod(tmp_path, 0o755)
+        os.chmod(p, 0o644)
+        return str(p)
+
+    return write
