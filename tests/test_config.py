@@ -1,0 +1,298 @@
+"""sendooway.conf parsing: every keyword, defaults, errors with file:line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sendooway_shared.config import (
+    DEFAULT_MAPPINGS,
+    AuthBackend,
+    Config,
+    ConfigError,
+    Ext8BitMime,
+    MailerEncryption,
+    MappingKind,
+    SmarthostAuth,
+    effective_mappings,
+    expand_path,
+    load_config,
+    parse_config,
+    parse_direct,
+    parse_user_config,
+)
+from sendooway_shared.types import TlsMode
+
+# The example shipped with the original C sendooway (its keywords and values;
+# comments shortened).
+ORIGINAL_EXAMPLE = """\
+###########################################################
+# Every option is given by the following syntax:          #
+# keyword = [value]                                       #
+###########################################################
+
+# Which host name should be send to remote systems?
+localname =
+
+# Read timeout for both client and server connections in seconds
+timeout = 30
+
+cloneEhlo = yes
+addReceivedField = yes
+
+sslCA   =
+sslCert = /etc/ssl/certs/sendooway.crt
+sslKey  = /etc/ssl/certs/sendooway.key
+
+mailerEncryption = allowed
+ext8BitMime = ignore
+extMessageSize = 52428800
+
+smarthostPlain   = ifAdvertised
+smarthostLogin   = ifAdvertised
+smarthostCramMD5 = alwaysTry
+
+ValidUser = %users
+
+smarthostMapping = fetchmail:%h/.fetchmailrc
+smarthostMapping = getmail:%h/.getmail/getmailrc
+smarthostMapping = direct:foobar@example.com smtp.example.com foo secret
+
+userInclude = %h/.sendoowayrc
+"""
+
+
+def test_defaults_from_dev_null():
+    cfg = load_config("/dev/null")
+    assert cfg == Config(filename="/dev/null")
+    assert cfg.timeout == 300
+    assert cfg.mailerEncryption is MailerEncryption.ALLOWED
+    assert cfg.ext8BitMime is Ext8BitMime.FORCE
+    assert cfg.extMessageSize == 0
+    assert cfg.smarthostCramMD5 is SmarthostAuth.IF_ADVERTISED
+    assert cfg.authBackend is AuthBackend.PAM
+    assert cfg.authSocket == "/run/sendooway/auth.sock"
+    assert cfg.frontendUser == "nobody"
+    assert cfg.pamService == "sendooway"
+    assert cfg.maxAuthFailures == 3
+    assert cfg.smarthostCache == 30
+    assert cfg.userInclude == ""
+    assert cfg.validUser == ()
+    assert effective_mappings(cfg, None) == DEFAULT_MAPPINGS
+
+
+def test_original_example_parses():
+    cfg = parse_config(ORIGINAL_EXAMPLE, "sendooway.conf")
+    assert cfg.localname == ""
+    assert cfg.timeout == 30
+    assert cfg.cloneEhlo is True
+    assert cfg.addReceivedField is True
+    assert cfg.sslCA == ""
+    assert cfg.sslCert == "/etc/ssl/certs/sendooway.crt"
+    assert cfg.ext8BitMime is Ext8BitMime.IGNORE
+    assert cfg.extMessageSize == 52428800
+    assert cfg.smarthostCramMD5 is SmarthostAuth.ALWAYS_TRY
+    assert cfg.validUser == ("%users",)
+    kinds = [m.kind for m in cfg.smarthostMapping]
+    assert kinds == [MappingKind.FETCHMAIL, MappingKind.GETMAIL, MappingKind.DIRECT]
+    direct = cfg.smarthostMapping[2].direct
+    assert direct.address == "foobar@example.com"
+    assert direct.route.server == "smtp.example.com"
+    assert direct.route.user == "foo"
+    assert direct.route.password.reveal() == "secret"
+    assert direct.route.source == "sendooway.conf:31"
+    assert cfg.userInclude == "%h/.sendoowayrc"
+
+
+def test_keywords_and_values_case_insensitive():
+    cfg = parse_config(
+        "MAILERENCRYPTION = REQUIRED\ncloneehlo = YES\nsmarthostcrammd5 = NEVER\n"
+        "authbackend = pam\next8bitmime = Disable\nextMessageSize = DISABLE\n",
+        "c",
+    )
+    assert cfg.mailerEncryption is MailerEncryption.REQUIRED
+    assert cfg.cloneEhlo is True
+    assert cfg.smarthostCramMD5 is SmarthostAuth.NEVER
+    assert cfg.authBackend is AuthBackend.PAM
+    assert cfg.ext8BitMime is Ext8BitMime.DISABLE
+    assert cfg.extMessageSize is None
+
+
+def test_new_keywords():
+    cfg = parse_config(
+        "authSocket = /tmp/a.sock\nfrontendUser = mailproxy\npamService = smtp\n"
+        "maxAuthFailures = 5\nsmarthostCache = 0\n",
+        "c",
+    )
+    assert (cfg.authSocket, cfg.frontendUser, cfg.pamService) == ("/tmp/a.sock", "mailproxy", "smtp")
+    assert (cfg.maxAuthFailures, cfg.smarthostCache) == (5, 0)
+
+
+def test_every_validuser_line_counts():
+    cfg = parse_config("validUser = alice\nvalidUser = %staff\n\nvalidUser = bob\n", "c")
+    assert cfg.validUser == ("alice", "%staff", "bob")
+
+
+def test_comments_and_blank_lines():
+    cfg = parse_config("# only comments\n   \n\ttimeout = 12 # trailing\n", "c")
+    assert cfg.timeout == 12
+
+
+@pytest.mark.parametrize(
+    "text, line, fragment",
+    [
+        ("timeout = 30\nsmarthostMaping = x\n", 2, "did you mean 'smarthostMapping'"),
+        ("frobnicate = 1\n", 1, "unknown keyword 'frobnicate'"),
+        ("timeout = soon\n", 1, "timeout: expected a number"),
+        ("timeout = 0\n", 1, "timeout"),
+        ("cloneEhlo = maybe\n", 1, "expected yes or no"),
+        ("mailerEncryption = sometimes\n", 1, "allowed | required | forbidden"),
+        ("ext8BitMime = yes\n", 1, "force | disable | ignore"),
+        ("smarthostPlain = always\n", 1, "ifAdvertised | alwaysTry | never"),
+        ("authBackend = kerberos\n", 1, "PAM | LDAP | none"),
+        ("extMessageSize = big\n", 1, "disable, 0 or a size"),
+        ("\n\nno equals sign here\n", 3, "expected 'keyword = value'"),
+        ("smarthostMapping = imap:/x\n", 1, "fetchmail:, getmail: or direct:"),
+        ("smarthostMapping = direct:a@b.c host\n", 1, "direct mapping needs"),
+        ("smarthostMapping = direct:nodomain host u p\n", 1, "address must be"),
+        ("smarthostMapping =\n", 1, "a value is required"),
+        ("maxAuthFailures = 0\n", 1, "maxAuthFailures"),
+        ("validUser = two words\n", 1, "validUser"),
+    ],
+)
+def test_errors_name_file_and_line(text, line, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "/etc/sendooway.conf")
+    err = info.value
+    assert err.line == line
+    assert str(err).startswith(f"/etc/sendooway.conf:{line}: ")
+    assert fragment in str(err)
+
+
+def test_direct_error_never_shows_password():
+    with pytest.raises(ConfigError) as info:
+        parse_config("smarthostMapping = direct:x@y.z h 99999 u Sup3rS3cret\n", "c")
+    assert "Sup3rS3cret" not in str(info.value)
+    assert "port" in str(info.value)
+
+
+def test_unreadable_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "nope.conf"))
+    assert "nope.conf" in str(info.value) and "cannot read" in str(info.value)
+    binary = tmp_path / "bin.conf"
+    binary.write_bytes(b"timeout = 3\n\x00\x01")
+    with pytest.raises(ConfigError, match="NUL"):
+        load_config(str(binary))
+    latin = tmp_path / "latin.conf"
+    latin.write_bytes(b"timeout = 3\nlocalname = caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(latin))
+    assert info.value.line == 2
+
+
+def test_directory_is_not_a_config(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert str(info.value).startswith(f"{tmp_path}: cannot read")
+
+
+# ------------------------------------------------------------ direct mappings
+
+
+@pytest.mark.parametrize(
+    "value, server, port, mode, user, auth, check",
+    [
+        ("a@b.c smtp.b.c u p", "smtp.b.c", 25, TlsMode.PLAIN, "u", True, True),
+        ("a@b.c smtp.b.c u p tls", "smtp.b.c", 587, TlsMode.STARTTLS, "u", True, True),
+        ("a@b.c smtp.b.c u p ssl,noCertCheck", "smtp.b.c", 465, TlsMode.TLS, "u", True, False),
+        ("a@b.c smtp.b.c 2525 u p", "smtp.b.c", 2525, TlsMode.PLAIN, "u", True, True),
+        ("a@b.c smtp.b.c 2525 u p TLS", "smtp.b.c", 2525, TlsMode.STARTTLS, "u", True, True),
+        ("*@b.c relay.b.c 25 noAuth", "relay.b.c", 25, TlsMode.PLAIN, "", False, True),
+        ("* relay.b.c noauth,tls", "relay.b.c", 587, TlsMode.STARTTLS, "", False, True),
+    ],
+)
+def test_direct_forms(value, server, port, mode, user, auth, check):
+    d = parse_direct(value)
+    r = d.route
+    assert (r.server, r.port, r.tls, r.user, r.auth, r.cert_check) == (
+        server, port, mode, user, auth, check)
+
+
+def test_direct_password_is_secret():
+    d = parse_direct("a@b.c h u hunter2")
+    assert "hunter2" not in repr(d)
+    assert d.route.password.reveal() == "hunter2"
+
+
+def test_direct_tls_and_ssl_exclusive():
+    with pytest.raises(ValueError, match="exclude"):
+        parse_direct("a@b.c h u p tls,ssl")
+
+
+# ------------------------------------------------------------ user includes
+
+
+def test_user_include_allows_only_mappings_and_sslca():
+    ucfg = parse_user_config(
+        "sslCA = /home/a/ca.pem\nsmarthostMapping = direct:me@x.org smtp.x.org me pw tls\n",
+        "/home/a/.sendoowayrc",
+    )
+    assert ucfg.sslCA == "/home/a/ca.pem"
+    assert ucfg.smarthostMapping[0].source == "/home/a/.sendoowayrc:2"
+    with pytest.raises(ConfigError) as info:
+        parse_user_config("timeout = 5\n", "/home/a/.sendoowayrc")
+    assert str(info.value).startswith("/home/a/.sendoowayrc:1: ")
+    assert "not allowed in a user include" in str(info.value)
+    with pytest.raises(ConfigError, match="did you mean 'smarthostMapping'"):
+        parse_user_config("smarthostmappings = direct:a@b.c h u p\n", "rc")
+
+
+def test_user_mappings_come_first():
+    cfg = parse_config("smarthostMapping = direct:*@x.org global.x.org g gp\n", "c")
+    ucfg = parse_user_config("smarthostMapping = direct:me@x.org mine.x.org m mp\n", "rc")
+    mappings = effective_mappings(cfg, ucfg)
+    assert [m.direct.route.server for m in mappings] == ["mine.x.org", "global.x.org"]
+
+
+def test_expand_h_and_u():
+    assert expand_path("%h/.fetchmailrc", "alice", "/home/alice/") == "/home/alice/.fetchmailrc"
+    assert expand_path("/etc/sendooway/%u.rc", "bob", "/home/bob") == "/etc/sendooway/bob.rc"
+    assert expand_path("100%%/%x", "a", "/h") == "100%/%x"
+    m = parse_config("smarthostMapping = getmail:%h/.getmail/%u.rc\n", "c").smarthostMapping[0]
+    assert m.expand("carol", "/home/carol").path == "/home/carol/.getmail/carol.rc"
+    assert m.path == "%h/.getmail/%u.rc"  # the template is kept
+
+
+# ------------------------------------------------------------ random input
+
+_config_line = st.one_of(
+    st.text(max_size=80),
+    st.builds(
+        lambda k, v: f"{k} = {v}",
+        st.sampled_from([
+            "timeout", "cloneEhlo", "mailerEncryption", "smarthostMapping", "validUser",
+            "extMessageSize", "userInclude", "smarthostCramMD5", "maxAuthFailures", "bogus",
+        ]),
+        st.text(max_size=60),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_config_line, max_size=8))
+def test_random_lines_give_config_or_config_error(lines):
+    text = "\n".join(lines)
+    try:
+        cfg = parse_config(text, "fuzz.conf")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.conf")
+    else:
+        assert isinstance(cfg, Config)
+    try:
+        parse_user_config(text, "fuzz.rc")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.rc")
