@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, load_config_or_exit
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, load_config_or_exit
+from sendooway_shared.log import setup_logging
+
+DEFAULT_FAILURE_DELAY = 1.0
+DEFAULT_THREADS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,16 +31,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what USER's files say (files, mappings, errors) and exit")
     p.add_argument("--sender", metavar="ADDR",
                    help="with --check: show the route chosen for sender ADDR")
+    p.add_argument("--fd", type=int, metavar="N",
+                   help="internal: serve the one connected socket inherited as fd N and exit"
+                   " when it closes (used by sendooway started as root)")
+    p.add_argument("--failure-delay", type=float, default=DEFAULT_FAILURE_DELAY, metavar="SECONDS",
+                   help="base delay before answering a failed login; doubles with each recent"
+                   f" failure of the user or client address, up to 15 s (default {DEFAULT_FAILURE_DELAY})")
+    p.add_argument("--pam-threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"PAM worker threads (default {DEFAULT_THREADS})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.sender and not args.check:
-        build_parser().error("--sender needs --check USER")
-    load_config_or_exit(args.config, "sendooway-auth")
-    print("sendooway-auth: not built yet", file=sys.stderr)
-    return 1
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sender is not None and not args.check:
+        parser.error("--sender needs --check USER")
+    if args.check and (args.fd is not None or args.socket):
+        parser.error("--check cannot be combined with --fd or --socket")
+    if args.fd is not None and args.socket:
+        parser.error("--fd and --socket exclude each other")
+    if not 0 <= args.failure_delay <= 60:
+        parser.error("--failure-delay must be from 0 to 60 seconds")
+    if not 1 <= args.pam_threads <= 256:
+        parser.error("--pam-threads must be from 1 to 256")
+    cfg = load_config_or_exit(args.config, "sendooway-auth")
+
+    if args.check:
+        from .check import report
+
+        return report(cfg, args.check, args.sender, sys.stdout)
+
+    from ._server import StartupError, run_daemon, run_fd
+
+    try:
+        setup_logging(args.log, "sendooway-auth")
+    except OSError as exc:
+        print(f"sendooway-auth: cannot open log {args.log}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    log = logging.getLogger("sendooway-auth")
+    try:
+        if args.fd is not None:
+            return run_fd(cfg, args.fd, args.failure_delay)
+        return run_daemon(cfg, args.socket, args.failure_delay, args.pam_threads)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        print(f"sendooway-auth: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

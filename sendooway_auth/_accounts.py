@@ -1,0 +1,51 @@
+"""What the user-file parsers produce: accounts (address patterns + a route)
+and the problems found, each naming file:line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sendooway_shared.types import Route
+
+from ._address import Specificity, matches, specificity
+
+
+@dataclass(frozen=True)
+class Account:
+    """One upstream identity usable for the senders in `addresses`."""
+
+    addresses: tuple[str, ...]
+    route: Route
+
+    @property
+    def source(self) -> str:
+        return self.route.source
+
+
+@dataclass
+class ParseResult:
+    """Accounts read from one file, plus errors (each skipped one account)
+    and warnings. Messages never contain a password."""
+
+    accounts: list[Account] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def holds_password(self) -> bool:
+        return any(a.route.password for a in self.accounts)
+
+
+def choose(accounts: list[Account] | tuple[Account, ...], sender: str) -> Account | None:
+    """The account serving `sender`: the most specific pattern wins (exact,
+    then *@domain, then *); among equally specific ones, the first in order."""
+    best: tuple[Specificity, int] | None = None
+    chosen = None
+    for index, account in enumerate(accounts):
+        for pattern in account.addresses:
+            if not matches(pattern, sender):
+                continue
+            rank = (specificity(pattern), index)
+            if best is None or rank < best:
+                best, chosen = rank, account
+    return chosen

@@ -1,0 +1,60 @@
+"""Sender address patterns: `local@domain` (exact), `*@domain`, `*`.
+
+Local parts compare exactly, domains case-insensitively (RFC 5321 2.4). The
+null sender (empty) matches only `*`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Specificity(enum.IntEnum):
+    """Lower wins: an exact pattern beats `*@domain`, which beats `*`."""
+
+    EXACT = 0
+    DOMAIN = 1
+    ANY = 2
+
+
+def check_pattern(pattern: str) -> str:
+    """The pattern itself, or ValueError naming what is wrong with it."""
+    if pattern == "*":
+        return pattern
+    if any(c.isspace() or ord(c) < 32 for c in pattern):
+        raise ValueError("address contains white space or control characters")
+    local, at, domain = pattern.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"address must be user@domain, *@domain or *, got {pattern[:80]!r}")
+    if "*" in domain or ("*" in local and local != "*"):
+        raise ValueError(f"'*' may only stand for a whole local part, got {pattern[:80]!r}")
+    return pattern
+
+
+def specificity(pattern: str) -> Specificity:
+    if pattern == "*":
+        return Specificity.ANY
+    if pattern.startswith("*@"):
+        return Specificity.DOMAIN
+    return Specificity.EXACT
+
+
+def _split(address: str) -> tuple[str, str]:
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, ""
+    return local, domain.lower()
+
+
+def matches(pattern: str, sender: str) -> bool:
+    """Does `sender` (without angle brackets) fall under `pattern`?"""
+    kind = specificity(pattern)
+    if kind is Specificity.ANY:
+        return True
+    if not sender:
+        return False
+    s_local, s_domain = _split(sender)
+    p_local, p_domain = _split(pattern)
+    if kind is Specificity.DOMAIN:
+        return bool(s_domain) and s_domain == p_domain
+    return s_local == p_local and s_domain == p_domain

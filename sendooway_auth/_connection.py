@@ -1,0 +1,100 @@
+"""One frontend connection: frames in, permits checked, answers out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from sendooway_shared.protocol import (
+    REQUESTS, VERSION, AuthFail, AuthOk, AuthRequest, Error, FrameDecoder, Hello, Message,
+    NoRoute, ProtocolError, RouteOk, RouteRequest, Welcome, encode,
+)
+
+from ._logfmt import field
+from ._permits import Outcome, Permits, Violation
+from ._service import AuthService, Peer
+
+log = logging.getLogger("sendooway-auth")
+READ_SIZE = 65536
+
+
+class Connection:
+    def __init__(self, service: AuthService, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, origin: str) -> None:
+        self.service = service
+        self.reader = reader
+        self.writer = writer
+        self.origin = origin  # "uid=N pid=N" or "fd=N", for logs
+        self.permits = Permits(service.cfg.maxAuthFailures)
+        self.peer = Peer()
+        self.user = None
+
+    async def run(self) -> None:
+        decoder = FrameDecoder(REQUESTS)
+        pending: deque[Message] = deque()
+        try:
+            while not self.permits.closed:
+                if not pending:
+                    data = await self.reader.read(READ_SIZE)
+                    if not data:
+                        return
+                    try:
+                        pending.extend(decoder.feed(data))
+                    except ProtocolError as exc:
+                        await self._refuse(f"protocol error: {exc}")
+                        return
+                    continue
+                msg = pending.popleft()
+                try:
+                    self.permits.admit(msg)
+                except Violation as exc:
+                    await self._refuse(f"not permitted: {exc}")
+                    return
+                await self._answer(msg)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self.writer.close()
+
+    async def _answer(self, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            self.peer = Peer(msg.session, msg.client)
+            if self.permits.hello(msg) is Outcome.HELLO_BAD_VERSION:
+                await self._refuse(f"unsupported protocol version {msg.version}"
+                                   f" (this is version {VERSION})")
+                return
+            await self._send(Welcome(VERSION))
+        elif isinstance(msg, AuthRequest):
+            result = await self.service.authenticate(msg.user, msg.password, self.peer)
+            if result.ok:
+                assert result.user is not None
+                self.user = result.user
+                self.permits.auth_ok(result.user.name)
+                await self._send(AuthOk(result.user.name))
+            else:
+                outcome = self.permits.auth_failed()
+                await self._send(AuthFail())
+                if outcome is Outcome.AUTH_FAILED_LAST:
+                    log.warning("auth closed: user=%s %s reason=too-many-failures failures=%d",
+                                field(msg.user), self.peer.fields(), self.permits.failures)
+        elif isinstance(msg, RouteRequest):
+            assert self.user is not None and self.user.name == self.permits.user
+            route = await self.service.route(self.user, msg.sender, self.peer)
+            self.permits.route_answered()
+            await self._send(RouteOk.from_route(route) if route else NoRoute())
+        else:  # pragma: no cover - admit() lets nothing else through
+            raise AssertionError(f"bug: no handler for {msg.TYPE}")
+
+    async def _send(self, msg: Message) -> None:
+        self.writer.write(encode(msg))
+        await self.writer.drain()
+
+    async def _refuse(self, reason: str) -> None:
+        reason = "".join(c if c.isprintable() and c != '"' else "?" for c in reason)[:300]
+        log.warning('connection closed: %s %s reason="%s"', self.origin, self.peer.fields(),
+                    reason)
+        try:
+            await self._send(Error(reason))
+        except (ConnectionError, ProtocolError):
+            pass

@@ -1,0 +1,262 @@
+"""Drivers: the daemon on a UNIX socket (or systemd's), and one inherited
+socket (--fd, the frontend's socketpair). They only move bytes; the rules
+live in _connection and _permits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import resource
+import signal
+import socket
+import stat
+import struct
+
+from sendooway_shared.config import AuthBackend, Config
+
+from ._connection import Connection
+from ._pam import PamPool
+from ._penalty import Penalty
+from ._reader import ForkServer
+from ._service import AuthService
+
+log = logging.getLogger("sendooway-auth")
+SD_LISTEN_FDS_START = 3
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def _harden() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # passwords pass through this process
+
+
+def check_backend(cfg: Config) -> None:
+    if cfg.authBackend is AuthBackend.LDAP:
+        raise StartupError(
+            f"{cfg.filename or 'config'}: authBackend = LDAP is not supported;"
+            " use authBackend = PAM with pam_ldap or SSSD")
+
+
+def frontend_uid(cfg: Config) -> int | None:
+    try:
+        return pwd.getpwnam(cfg.frontendUser).pw_uid
+    except KeyError:
+        log.warning("frontendUser %s does not exist: only root may connect", cfg.frontendUser)
+        return None
+
+
+def activated_socket() -> socket.socket | None:
+    """The socket systemd passed (LISTEN_FDS/LISTEN_PID), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count < 1:
+        return None
+    if count > 1:
+        log.warning("systemd passed %d sockets; using the first", count)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise StartupError("the socket systemd passed is not a UNIX stream socket")
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def bind_socket(path: str, owner_uid: int | None) -> socket.socket:
+    """Listen on `path`: safe directory, stale socket removed, mode 0600
+    owned by the frontend user (root can always connect)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        try:
+            os.makedirs(directory, mode=0o755)
+            os.chmod(directory, 0o755)
+        except OSError as exc:
+            raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
+    st = os.stat(directory)
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise StartupError(f"{directory} is writable by everyone (mode"
+                           f" {st.st_mode & 0o7777:04o}): refusing to put the socket there")
+    if st.st_uid not in (0, os.getuid()):
+        raise StartupError(f"{directory} is owned by uid {st.st_uid}, not root")
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise StartupError(f"{path} exists and is not a socket: remove it yourself")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            log.info("removed stale socket %s", path)
+        else:
+            raise StartupError(f"{path}: another authenticator is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    if owner_uid is not None:
+        os.chown(path, owner_uid, -1)
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    return sock
+
+
+def notify(state: str) -> None:
+    """sd_notify(3) without libsystemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address.lstrip("\0"), exc.strerror)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED)."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", data)
+
+
+class Runtime:
+    """What both drivers set up: the fork server first (no threads yet),
+    then the PAM pool and the service."""
+
+    def __init__(self, cfg: Config, failure_delay: float, threads: int) -> None:
+        check_backend(cfg)
+        _harden()
+        self.cfg = cfg
+        self.forks = ForkServer().start()
+        self.pam = PamPool(cfg.pamService, threads) if cfg.authBackend is AuthBackend.PAM else None
+        self.penalty = Penalty(base=failure_delay)
+        self.service: AuthService | None = None
+
+    def make_service(self) -> AuthService:
+        self.service = AuthService(self.cfg, self.pam, self.forks, self.penalty)
+        return self.service
+
+    def close(self) -> None:
+        if self.pam is not None:
+            self.pam.shutdown()
+        self.forks.stop()
+
+
+async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], where: str) -> None:
+    service = rt.make_service()
+    tasks: set[asyncio.Task] = set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        tasks.add(task)
+        try:
+            pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
+            if uid not in allowed:
+                log.warning("peer refused: uid=%d pid=%d (only root and frontendUser may connect)",
+                            uid, pid)
+                writer.close()
+                return
+            await Connection(service, reader, writer, f"uid={uid} pid={pid}").run()
+        except asyncio.CancelledError:
+            writer.close()
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not take the others down
+            log.exception("internal error on one connection (closed it)")
+            writer.close()
+        finally:
+            tasks.discard(task)
+
+    server = await asyncio.start_unix_server(handle, sock=sock, limit=65536)
+    log.info("started: listening on %s, PAM service %s, %d PAM threads, maxAuthFailures %d",
+             where, rt.cfg.pamService, rt.pam.threads if rt.pam else 0, rt.cfg.maxAuthFailures)
+    notify("READY=1")
+    await stop.wait()
+    notify("STOPPING=1")
+    log.info("stopping (signal)")
+    server.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int) -> int:
+    sock = activated_socket()
+    bound_path = None
+    if sock is None:
+        path = path or cfg.authSocket
+        owner = frontend_uid(cfg)
+        sock = bind_socket(path, owner)
+        bound_path = path
+        where = path
+    else:
+        owner = frontend_uid(cfg)
+        where = "the socket from systemd"
+    allowed = {0} | ({owner} if owner is not None else set())
+    rt = Runtime(cfg, failure_delay, threads)
+    try:
+        asyncio.run(_serve_daemon(rt, sock, allowed, where))
+    finally:
+        rt.close()
+        sock.close()
+        if bound_path:
+            try:
+                os.unlink(bound_path)
+            except OSError:
+                pass
+    log.info("stopped")
+    return 0
+
+
+async def _serve_fd(rt: Runtime, fd: int) -> None:
+    service = rt.make_service()
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise StartupError(f"fd {fd} is not a UNIX stream socket")
+    os.set_inheritable(fd, False)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=65536)
+    task = asyncio.ensure_future(Connection(service, reader, writer, f"fd={fd}").run())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        writer.close()
+
+
+def run_fd(cfg: Config, fd: int, failure_delay: float) -> int:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise StartupError(f"--fd {fd}: not an open file descriptor") from None
+    rt = Runtime(cfg, failure_delay, threads=2)
+    try:
+        asyncio.run(_serve_fd(rt, fd))
+    finally:
+        rt.close()
+    return 0

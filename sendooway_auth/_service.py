@@ -1,0 +1,102 @@
+"""The two answers the authenticator gives: is this login valid, and which
+route serves this sender for the user logged in. The log says why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from sendooway_shared.config import AuthBackend, Config
+from sendooway_shared.types import Route, Secret
+
+from . import _users
+from ._logfmt import field
+from ._pam import PamPool
+from ._penalty import Penalty, client_host
+from ._reader import ForkServer
+from .routes import lookup_async
+
+log = logging.getLogger("sendooway-auth")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who a connection says it serves (from hello): for logs and backoff."""
+
+    session: str = ""
+    client: str = ""
+
+    @property
+    def host(self) -> str:
+        return client_host(self.client)
+
+    def fields(self) -> str:
+        return f"client={field(self.host or self.client)} session={field(self.session)}"
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    ok: bool
+    user: _users.UserInfo | None = None
+    reason: str = ""
+    delay: float = 0.0
+
+
+class AuthService:
+    def __init__(self, cfg: Config, pam_pool: PamPool | None, reader: ForkServer,
+                 penalty: Penalty, clock=time.monotonic) -> None:
+        self.cfg = cfg
+        self.pam = pam_pool
+        self.reader = reader
+        self.penalty = penalty
+        self.clock = clock
+        self._lookups = asyncio.Semaphore(32)
+
+    async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
+        """Check one login; on failure the answer is held back by the penalty."""
+        user, reason = await self._check(name, password)
+        if user is not None:
+            self.penalty.success(name, peer.host)
+            log.info("auth ok: user=%s %s", field(user.name), peer.fields())
+            return AuthResult(True, user)
+        delay = self.penalty.failure(name, peer.host, self.clock())
+        log.warning("auth failed: user=%s %s reason=%s", field(name), peer.fields(), reason)
+        if delay:
+            await asyncio.sleep(delay)
+        return AuthResult(False, None, reason, delay)
+
+    async def _check(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
+        user = _users.lookup(name)
+        if self.cfg.authBackend is AuthBackend.NONE:
+            if user is None or user.name != _users.process_user():
+                return None, "not-process-user"
+        else:
+            if user is None:
+                return None, "unknown-user"
+            assert self.pam is not None
+            ok, reason = await self.pam.check(name, password)
+            if not ok:
+                return None, reason
+        allowed, _why = _users.valid_user(self.cfg, user)
+        if not allowed:
+            return None, "not-a-valid-user"
+        return user, ""
+
+    async def route(self, user: _users.UserInfo, sender: str, peer: Peer) -> Route | None:
+        async with self._lookups:
+            found = await lookup_async(self.cfg, user, self.reader.read)
+        who = f"user={field(user.name)}"
+        for message in found.errors:
+            log.warning("user file error: %s %s", who, message)
+        for message in found.warnings:
+            log.warning("user file warning: %s %s", who, message)
+        account = found.route_for(sender)
+        if account is None:
+            log.info("route: %s %s sender=%s result=none", who, peer.fields(),
+                     field(sender or "<>"))
+            return None
+        log.info("route: %s %s sender=%s result=%s", who, peer.fields(),
+                 field(sender or "<>"), account.route.describe())
+        return account.route

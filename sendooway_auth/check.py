@@ -1,0 +1,98 @@
+"""`sendooway-auth --check USER [--sender ADDR]`: the admin's report.
+
+Runs as root without the daemon; the user's files are still read in a child
+that runs as the user. Passwords are never printed.
+"""
+
+from __future__ import annotations
+
+from sendooway_shared.config import AuthBackend, Config
+from sendooway_shared.types import Route
+
+from . import _users
+from ._reader import read_direct
+from .routes import UserRoutes, lookup_sync
+
+EXIT_OK = 0
+EXIT_NO_MAPPING = 1
+
+MASK = "********"
+
+
+def _route_line(route: Route) -> str:
+    if not route.auth:
+        who = "no AUTH"
+    else:
+        who = f"user {route.user or '(none)'} password {MASK if route.password else '(empty)'}"
+    check = "" if route.cert_check else " noCertCheck"
+    ca = f" ca {route.ca_file}" if route.ca_file else ""
+    return f"{route.server}:{route.port} {route.tls.value}{check}{ca} {who}"
+
+
+def report(cfg: Config, name: str, sender: str | None, out) -> int:
+    """Write the report for `name` to `out`; return the exit code."""
+    w = lambda text="": print(text, file=out)  # noqa: E731
+    w(f"sendooway-auth --check {name} (config {cfg.filename or '(defaults)'})")
+    backend = cfg.authBackend.value
+    if cfg.authBackend is AuthBackend.PAM:
+        backend += f" (service {cfg.pamService})"
+    w(f"auth backend: {backend}")
+    user = _users.lookup(name)
+    if user is None:
+        w(f"account: {name} does not exist")
+        w("result: no usable mapping")
+        return EXIT_NO_MAPPING
+    w(f"account: {user.name} uid={user.uid} gid={user.gid} home={user.home}"
+      f" groups={','.join(user.group_names())}")
+    allowed, why = _users.valid_user(cfg, user)
+    w(f"valid user: {'yes' if allowed else 'no'} ({why})")
+    if cfg.authBackend is AuthBackend.NONE and user.name != _users.process_user():
+        w(f"note: authBackend = none accepts only {_users.process_user()}")
+    found = lookup_sync(cfg, user, read_direct)
+    _files(found, w)
+    _mappings(found, w)
+    if found.errors:
+        w("errors:")
+        for e in found.errors:
+            w(f"  {e}")
+    if found.warnings:
+        w("warnings:")
+        for e in found.warnings:
+            w(f"  {e}")
+    if sender is not None:
+        shown = sender or "<>"
+        account = found.route_for(sender)
+        if account is None:
+            w(f"route for {shown}: none (no address pattern of the {len(found.accounts)}"
+              f" account(s) matches)")
+        else:
+            w(f"route for {shown}: {_route_line(account.route)} (from {account.source},"
+              f" address {' '.join(account.addresses)})")
+    if not found.accounts:
+        w("result: no usable mapping")
+        return EXIT_NO_MAPPING
+    w(f"result: {len(found.accounts)} usable account(s)")
+    return EXIT_OK
+
+
+def _files(found: UserRoutes, w) -> None:
+    w("files:")
+    if not found.files:
+        w("  (none: only direct mappings)")
+    for role, read in found.files:
+        owner = ""
+        if read.ok and read.owner != found.user.uid:
+            owner = f", owner uid {read.owner}"
+        w(f"  {read.path} [{role}]: {read.describe()}{owner}")
+
+
+def _mappings(found: UserRoutes, w) -> None:
+    w("mappings (in order; user's first, then global):")
+    for m in found.mappings:
+        where = "default" if m.filename == "(default)" else m.source
+        w(f"  {where}: {m.kind.value}:{m.path if m.direct is None else m.direct.address}")
+    w("accounts:")
+    if not found.accounts:
+        w("  (none)")
+    for a in found.accounts:
+        w(f"  {a.source}: {' '.join(a.addresses)} -> {_route_line(a.route)}")

@@ -1,0 +1,283 @@
+"""~/.fetchmailrc: fetchmail's own account lines plus `#sendooway:` comments.
+
+An account is closed by `#sendooway:address "A"`; the `#sendooway:` lines
+before it (since the previous account) describe its upstream, and a missing
+`#sendooway:user`/`#sendooway:pass` falls back to fetchmail's `user` and
+`pass`/`password` given since then in the current `poll`/`skip`/`server`
+block. Nothing is carried from one account into the next. Quoting and
+escapes follow fetchmail: '...' or "..." with \\n \\t \\r \\b \\xHH \\ooo and
+backslash-anything-else standing for itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
+
+from ._accounts import Account, ParseResult
+from ._address import check_pattern
+
+PREFIX = "sendooway:"
+_SEPARATORS = ",;:"
+_BLOCK_WORDS = {"poll", "skip", "server", "defaults"}
+_USER_WORDS = {"user", "username"}
+_PASS_WORDS = {"pass", "password"}
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+_FLAGS = {"tls": "tls", "ssl": "ssl", "nocertcheck": "noCertCheck", "noauth": "noAuth"}
+_STRINGS = {"server": "server", "user": "user", "pass": "pass", "password": "pass",
+            "address": "address"}
+
+
+class _Syntax(Exception):
+    pass
+
+
+@dataclass
+class _Token:
+    line: int
+    text: str
+    quoted: bool = False
+
+
+@dataclass
+class _Directive:
+    line: int
+    keyword: str
+    values: list[str]
+    error: str = ""
+
+
+def _unescape(body: str) -> str:
+    out = []
+    i = 0
+    simple = {"n": "\n", "t": "\t", "r": "\r", "b": "\b"}
+    while i < len(body):
+        c = body[i]
+        if c != "\\" or i + 1 == len(body):
+            out.append(c)
+            i += 1
+            continue
+        n = body[i + 1]
+        if n in simple:
+            out.append(simple[n])
+            i += 2
+        elif n in "xX" and i + 2 < len(body) and body[i + 2] in "0123456789abcdefABCDEF":
+            j = i + 2
+            while j < len(body) and j < i + 4 and body[j] in "0123456789abcdefABCDEF":
+                j += 1
+            out.append(chr(int(body[i + 2:j], 16)))
+            i = j
+        elif n in "01234567":
+            j = i + 1
+            while j < len(body) and j < i + 4 and body[j] in "01234567":
+                j += 1
+            out.append(chr(int(body[i + 1:j], 8) & 0xFF))
+            i = j
+        else:
+            out.append(n)
+            i += 2
+    return "".join(out)
+
+
+def _words(text: str, line: int) -> list[_Token]:
+    """Split one line's worth of text (no comments) into tokens."""
+    tokens: list[_Token] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isspace() or c in _SEPARATORS:
+            i += 1
+        elif c in "\"'":
+            j = i + 1
+            while j < len(text) and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            if j >= len(text):
+                raise _Syntax("unbalanced quote")
+            tokens.append(_Token(line, _unescape(text[i + 1:j]), True))
+            i = j + 1
+        else:
+            j = i
+            while j < len(text) and not text[j].isspace() and text[j] not in _SEPARATORS + "\"'":
+                j += 1
+            tokens.append(_Token(line, text[i:j]))
+            i = j
+    return tokens
+
+
+def _split_comment(raw: str) -> tuple[str, str | None]:
+    """Code part and comment part (None when there is none) of one line."""
+    quote = ""
+    i = 0
+    while i < len(raw):
+        c = raw[i]
+        if quote:
+            if c == "\\":
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c == "#":
+            return raw[:i], raw[i + 1:]
+        i += 1
+    return raw, None
+
+
+def _lex(text: str) -> tuple[list[_Token | _Directive], list[tuple[int, str]]]:
+    items: list[_Token | _Directive] = []
+    problems: list[tuple[int, str]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        code, comment = _split_comment(raw)
+        try:
+            items.extend(_words(code, number))
+        except _Syntax as exc:
+            problems.append((number, str(exc)))
+            items.append(_Directive(number, "", [], str(exc)))
+        if comment is None:
+            continue
+        body = comment.strip()
+        if not body.lower().startswith(PREFIX):
+            continue
+        rest = body[len(PREFIX):]
+        keyword, _, values = rest.partition(" ")
+        if "\t" in keyword:
+            keyword, _, more = keyword.partition("\t")
+            values = more + " " + values
+        try:
+            words = [t.text for t in _words(values, number)]
+            items.append(_Directive(number, keyword.strip().lower(), words))
+        except _Syntax as exc:
+            items.append(_Directive(number, keyword.strip().lower(), [], str(exc)))
+    return items, problems
+
+
+@dataclass
+class _Pending:
+    """The account being described, between two #sendooway:address lines."""
+
+    first_line: int = 0
+    values: dict[str, str] = field(default_factory=dict)
+    flags: dict[str, bool] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    fm_user: str | None = None
+    fm_pass: str | None = None
+
+
+def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
+    """All accounts in one fetchmailrc; each broken account is skipped with
+    an error naming file:line."""
+    result = ParseResult()
+    items, _ = _lex(text)
+    acc = _Pending()
+    i = 0
+
+    def err(line: int, message: str) -> None:
+        acc.errors.append(f"{filename}:{line}: {message}")
+        if not acc.first_line:
+            acc.first_line = line
+
+    while i < len(items):
+        item = items[i]
+        i += 1
+        if isinstance(item, _Directive):
+            if item.error:
+                err(item.line, f"#sendooway:{item.keyword}: {item.error}" if item.keyword
+                    else item.error)
+                continue
+            if not acc.first_line:
+                acc.first_line = item.line
+            if item.keyword == "address":
+                _close(acc, item, filename, result, err)
+                acc = _Pending()
+            else:
+                _directive(acc, item, err)
+            continue
+        word = item.text.lower() if not item.quoted else ""
+        if word in _BLOCK_WORDS:
+            acc.fm_user = acc.fm_pass = None
+            if word != "defaults" and i < len(items) and isinstance(items[i], _Token):
+                i += 1  # the host name
+        elif word in _USER_WORDS or word in _PASS_WORDS:
+            if i < len(items) and isinstance(items[i], _Token):
+                value = items[i].text
+                i += 1
+                if word in _USER_WORDS:
+                    acc.fm_user, acc.fm_pass = value, None
+                else:
+                    acc.fm_pass = value
+            else:
+                err(item.line, f"'{word}' needs a value")
+    if acc.values or acc.flags or acc.errors:
+        line = acc.first_line or 0
+        result.errors.extend(acc.errors)
+        result.warnings.append(
+            f"{filename}:{line}: #sendooway: lines after the last #sendooway:address are"
+            " ignored (an account ends with #sendooway:address)")
+    return result
+
+
+def _directive(acc: _Pending, d: _Directive, err) -> None:
+    key = d.keyword
+    if key in _FLAGS:
+        name = _FLAGS[key]
+        if not d.values:
+            acc.flags[name] = True
+        elif len(d.values) == 1 and d.values[0].lower() in _TRUE | _FALSE:
+            acc.flags[name] = d.values[0].lower() in _TRUE
+        else:
+            err(d.line, f"#sendooway:{name} takes no value or one of yes/no/true/false/on/off/1/0")
+        return
+    if key == "port":
+        if len(d.values) != 1 or not d.values[0].isdigit() or not 1 <= int(d.values[0]) <= 65535:
+            err(d.line, "#sendooway:port needs a number from 1 to 65535")
+        else:
+            acc.values["port"] = d.values[0]
+        return
+    if key in _STRINGS:
+        name = _STRINGS[key]
+        if len(d.values) != 1:
+            err(d.line, f"#sendooway:{key} needs exactly one value")  # never the value itself
+        else:
+            acc.values[name] = d.values[0]
+        return
+    shown = "".join(c for c in key[:40] if c.isprintable())
+    err(d.line, f"unknown keyword '#sendooway:{shown}'")
+
+
+def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult, err) -> None:
+    if len(d.values) != 1:
+        err(d.line, "#sendooway:address needs exactly one address")
+    else:
+        try:
+            check_pattern(d.values[0])
+        except ValueError as exc:
+            err(d.line, f"#sendooway:address: {exc}")
+    server = acc.values.get("server", "")
+    if not server:
+        err(d.line, "account has no #sendooway:server")
+    tls = acc.flags.get("tls", False)
+    ssl = acc.flags.get("ssl", False)
+    if tls and ssl:
+        err(d.line, "#sendooway:tls and #sendooway:ssl exclude each other")
+    auth = not acc.flags.get("noAuth", False)
+    user = acc.values.get("user", acc.fm_user or "")
+    password = acc.values.get("pass", acc.fm_pass)
+    if auth and not user:
+        err(d.line, "account has no upstream user (#sendooway:user or fetchmail's user)")
+    if auth and password is None:
+        err(d.line, "account has no upstream password (#sendooway:pass or fetchmail's pass)")
+    if acc.errors:
+        result.errors.extend(acc.errors)
+        return
+    mode = TlsMode.TLS if ssl else TlsMode.STARTTLS if tls else TlsMode.PLAIN
+    port = int(acc.values["port"]) if "port" in acc.values else DEFAULT_PORTS[mode]
+    route = Route(
+        server=server, port=port, tls=mode,
+        cert_check=not acc.flags.get("noCertCheck", False),
+        user=user if auth else "", password=Secret((password or "") if auth else ""),
+        auth=auth, source=f"{filename}:{d.line}",
+    )
+    result.accounts.append(Account((d.values[0],), route))

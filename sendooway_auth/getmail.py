@@ -1,0 +1,155 @@
+"""getmail rc files: the `[sender]` section names the upstream.
+
+    [retriever]
+    type = SimplePOP3SSLRetriever
+    server = pop.example.org
+    username = alice
+    password = secret
+
+    [sender]
+    type = SimpleSMTPTLSSender      # or SimpleSMTPSender, SimpleSMTPSSLSender
+    server = smtp.example.org       # default: the retriever's server
+    port = 587                      # default: by type (25, 587, 465)
+    username = alice                # default: the retriever's; empty = no AUTH
+    password = secret               # default: the retriever's
+    address = alice@example.org     # repeatable, at least one
+    no_certificate_check = false
+
+A file is one account: any error skips the whole file (with file:line).
+"""
+
+from __future__ import annotations
+
+from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
+
+from ._accounts import Account, ParseResult
+from ._address import check_pattern
+
+SENDER_TYPES = {
+    "simplesmtpsender": TlsMode.PLAIN,
+    "simplesmtptlssender": TlsMode.STARTTLS,
+    "simplesmtpsslsender": TlsMode.TLS,
+}
+_SENDER_KEYS = {"type", "server", "port", "username", "password", "address",
+                "no_certificate_check"}
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+class _IniError(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
+    """Sections → lower-cased keys → [(line, value)...], in file order.
+    ConfigParser's syntax: `key = value` or `key: value`, `#`/`;` comment
+    lines, indented continuation lines."""
+    sections: dict[str, dict[str, list[tuple[int, str]]]] = {}
+    current: dict[str, list[tuple[int, str]]] | None = None
+    last: tuple[str, int] | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped[0] in "#;":
+            last = None if not stripped else last
+            continue
+        if raw[0].isspace() and last is not None and current is not None:
+            key, index = last
+            line, value = current[key][index]
+            current[key][index] = (line, value + "\n" + stripped)
+            continue
+        if stripped.startswith("["):
+            if not stripped.endswith("]") or len(stripped) < 3:
+                raise _IniError(number, "malformed section header (not an INI file?)")
+            name = stripped[1:-1].strip()
+            current = sections.setdefault(name, {})
+            last = None
+            continue
+        if current is None:
+            raise _IniError(number, "text before the first [section] (not an INI file?)")
+        cut = min((p for p in (raw.find("="), raw.find(":")) if p >= 0), default=-1)
+        if cut <= 0 or not raw[:cut].strip():
+            raise _IniError(number, "expected 'key = value' (not an INI file?)")
+        key = raw[:cut].strip().lower()
+        values = current.setdefault(key, [])
+        values.append((number, raw[cut + 1:].strip()))
+        last = (key, len(values) - 1)
+    return sections
+
+
+def _one(section: dict[str, list[tuple[int, str]]], key: str) -> tuple[int, str] | None:
+    values = section.get(key)
+    return values[-1] if values else None
+
+
+def parse_getmailrc(text: str, filename: str) -> ParseResult:
+    """The one account a getmail rc file describes, or an error."""
+    result = ParseResult()
+    try:
+        sections = _read_ini(text)
+    except _IniError as exc:
+        result.errors.append(f"{filename}:{exc.line}: {exc}")
+        return result
+    sender = sections.get("sender")
+    if sender is None:
+        result.errors.append(f"{filename}: no [sender] section")
+        return result
+    retriever = sections.get("retriever", {})
+    header_line = min((line for values in sender.values() for line, _ in values), default=1)
+
+    def fail(line: int | None, message: str) -> ParseResult:
+        result.errors.append(f"{filename}:{line or header_line}: [sender] {message}")
+        return result
+
+    for key, values in sender.items():
+        if key not in _SENDER_KEYS:
+            shown = "".join(c for c in key[:40] if c.isprintable())
+            return fail(values[0][0], f"unknown key '{shown}'")
+    kind = _one(sender, "type")
+    if kind is None:
+        return fail(None, "type is required (SimpleSMTPSender, SimpleSMTPTLSSender"
+                          " or SimpleSMTPSSLSender)")
+    mode = SENDER_TYPES.get(kind[1].lower())
+    if mode is None:
+        return fail(kind[0], f"unknown type {kind[1][:60]!r} (SimpleSMTPSender,"
+                             " SimpleSMTPTLSSender or SimpleSMTPSSLSender)")
+    server = _one(sender, "server") or _one(retriever, "server")
+    if server is None or not server[1]:
+        return fail(None, "no server (neither [sender] nor [retriever] names one)")
+    port = DEFAULT_PORTS[mode]
+    if (given := _one(sender, "port")) is not None:
+        if not given[1].isdigit() or not 1 <= int(given[1]) <= 65535:
+            return fail(given[0], "port must be a number from 1 to 65535")
+        port = int(given[1])
+    cert_check = True
+    if (given := _one(sender, "no_certificate_check")) is not None:
+        v = given[1].lower()
+        if v not in _TRUE | _FALSE:
+            return fail(given[0], "no_certificate_check must be true or false")
+        cert_check = v in _FALSE
+    username = _one(sender, "username") or _one(retriever, "username")
+    if username is None:
+        return fail(None, "no username (neither [sender] nor [retriever];"
+                          " an empty [sender] username means no AUTH)")
+    auth = username[1] != ""
+    password = _one(sender, "password") or _one(retriever, "password")
+    if auth and password is None:
+        return fail(None, "no password (neither [sender] nor [retriever] has one;"
+                          " password_command is not supported)")
+    addresses = sender.get("address", [])
+    if not addresses:
+        return fail(None, "at least one 'address' is required")
+    for line, address in addresses:
+        try:
+            check_pattern(address)
+        except ValueError as exc:
+            return fail(line, f"address: {exc}")
+    route = Route(
+        server=server[1], port=port, tls=mode, cert_check=cert_check,
+        user=username[1] if auth else "",
+        password=Secret(password[1] if auth and password else ""),
+        auth=auth, source=f"{filename}:{addresses[0][0]}",
+    )
+    result.accounts.append(Account(tuple(a for _, a in addresses), route))
+    return result
