@@ -76,8 +76,10 @@ class Connection:
                 outcome = self.permits.auth_failed()
                 await self._send(AuthFail())
                 if outcome is Outcome.AUTH_FAILED_LAST:
-                    log.warning("auth closed: user=%s %s reason=too-many-failures failures=%d",
-                                field(msg.user), self.peer.fields(), self.permits.failures)
+                    log.warning("auth closed: user=%s client=%s reason=too-many-failures"
+                                " failures=%d session=%s", field(msg.user),
+                                self.peer.client_field, self.permits.failures,
+                                field(self.peer.session))
         elif isinstance(msg, RouteRequest):
             assert self.user is not None and self.user.name == self.permits.user
             route = await self.service.route(self.user, msg.sender, self.peer)

@@ -32,8 +32,12 @@ class Peer:
     def host(self) -> str:
         return client_host(self.client)
 
+    @property
+    def client_field(self) -> str:
+        return field(self.host or self.client)
+
     def fields(self) -> str:
-        return f"client={field(self.host or self.client)} session={field(self.session)}"
+        return f"client={self.client_field} session={field(self.session)}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,9 @@ class AuthService:
             log.info("auth ok: user=%s %s", field(user.name), peer.fields())
             return AuthResult(True, user)
         delay = self.penalty.failure(name, peer.host, self.clock())
-        log.warning("auth failed: user=%s %s reason=%s", field(name), peer.fields(), reason)
+        # The fail2ban line: keep "auth failed: user=U client=HOST reason=" stable.
+        log.warning("auth failed: user=%s client=%s reason=%s session=%s delay=%.1f",
+                    field(name), peer.client_field, reason, field(peer.session), delay)
         if delay:
             await asyncio.sleep(delay)
         return AuthResult(False, None, reason, delay)

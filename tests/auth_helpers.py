@@ -1,0 +1,141 @@
+"""Helpers for the authenticator's tests: a real sendooway-auth daemon in a
+subprocess (inside the fake world), raw-frame clients, extra PAM services."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import msgpack
+
+from sendooway_shared.protocol import (
+    REPLIES, VERSION, AuthRequest, BlockingChannel, Hello, Message, RouteRequest,
+)
+from sendooway_shared.types import Secret
+
+MATRIX = "/usr/lib/x86_64-linux-gnu/pam_wrapper/pam_matrix.so"
+SYSTEM_PAM = "/usr/lib/x86_64-linux-gnu/security"
+
+
+def add_pam_service(world, name: str, extra_auth: str = "", account: str = "") -> str:
+    """A PAM service in the world (seen by processes started afterwards)."""
+    matrix = MATRIX
+    lines = []
+    if extra_auth:
+        lines.append(extra_auth)
+    lines.append(f"auth required {matrix} passdb={world.passdb}")
+    lines.append(account or f"account required {matrix} passdb={world.passdb}")
+    path = os.path.join(world.pam_dir, name)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return name
+
+
+class Daemon:
+    """sendooway-auth as a subprocess, ready when it sent READY=1."""
+
+    def __init__(self, tmp_path, config_path: str, extra_args=(), failure_delay: float = 0.0,
+                 env=None) -> None:
+        self.dir = str(tmp_path)
+        self.socket_path = os.path.join(self.dir, "run", "auth.sock")
+        self.log_path = os.path.join(self.dir, "auth.log")
+        self.config_path = config_path
+        self.args = [sys.executable, "-m", "sendooway_auth.cli", "-c", config_path,
+                     "-l", self.log_path, "--socket", self.socket_path,
+                     "--failure-delay", str(failure_delay), *extra_args]
+        self.env = dict(os.environ if env is None else env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> "Daemon":
+        notify_path = os.path.join(self.dir, "notify.sock")
+        if os.path.exists(notify_path):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(timeout)
+        env = dict(self.env, NOTIFY_SOCKET=notify_path)
+        self.proc = subprocess.Popen(self.args, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        try:
+            self.ready_message = notify.recv(256).decode()
+        except socket.timeout:
+            self.stop()
+            raise RuntimeError(f"daemon not ready; log: {self.log()}") from None
+        finally:
+            notify.close()
+        return self
+
+    def connect(self, timeout: float = 10.0) -> BlockingChannel:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.socket_path)
+        return BlockingChannel(s, REPLIES, timeout=timeout)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if needle in text:
+                return text
+            time.sleep(0.02)
+        raise AssertionError(f"{needle!r} not in log:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        finally:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream:
+                    stream.close()
+
+
+def login(ch: BlockingChannel, user: str, password: str, client: str = "192.0.2.7",
+          session: str = "s1") -> Message:
+    welcome = ch.request(Hello(VERSION, session, client))
+    assert welcome.TYPE == "welcome", welcome
+    return ch.request(AuthRequest(user, Secret(password)))
+
+
+def route(ch: BlockingChannel, sender: str) -> Message:
+    return ch.request(RouteRequest(sender))
+
+
+def raw_frame(obj) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def closed_after(ch: BlockingChannel, timeout: float = 5.0) -> bool:
+    """True when the peer closes the connection (after anything pending)."""
+    ch.sock.settimeout(timeout)
+    try:
+        while True:
+            data = ch.sock.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def all_passwords(world) -> list[str]:
+    return [u.password for u in world.users.values()]

@@ -1,0 +1,228 @@
+"""The user-file parsers, address patterns and route choice (pure functions)."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sendooway_auth._accounts import Account, choose
+from sendooway_auth._address import check_pattern, matches
+from sendooway_auth.fetchmail import parse_fetchmailrc
+from sendooway_auth.getmail import parse_getmailrc
+from sendooway_shared.types import Route, TlsMode
+
+F = "/home/alice/.fetchmailrc"
+G = "/home/alice/.getmail/getmailrc"
+
+
+# ------------------------------------------------------------ fetchmail
+
+
+def test_fetchmail_account_with_fetchmail_user_and_pass_fallback():
+    text = (
+        "poll pop.example.org with proto POP3\n"
+        "  user 'alice' there with password 'Se cr\\'et' is alice here\n"
+        '  #sendooway:server "smtp.example.org"\n'
+        "  #sendooway:tls\n"
+        '  #sendooway:address "alice@example.org"\n'
+    )
+    r = parse_fetchmailrc(text, F)
+    assert r.errors == [] and r.warnings == []
+    (a,) = r.accounts
+    assert a.addresses == ("alice@example.org",)
+    route = a.route
+    assert (route.server, route.port, route.tls) == ("smtp.example.org", 587, TlsMode.STARTTLS)
+    assert route.user == "alice" and route.password.reveal() == "Se cr'et"
+    assert route.auth and route.cert_check
+    assert route.source == f"{F}:5"
+
+
+def test_fetchmail_sendooway_user_pass_override_and_escapes():
+    text = (
+        'poll pop.example.org user "fm" pass "fmpass"\n'
+        '#sendooway:server "smtp.example.org"\n'
+        "#sendooway:ssl\n"
+        '#sendooway:user "up\\x41\\101"\n'
+        '#sendooway:pass "tab\\there\\\\q\\"#notacomment"\n'
+        "#sendooway:noCertCheck\n"
+        '#sendooway:address "*@example.org"\n'
+    )
+    (a,) = parse_fetchmailrc(text, F).accounts
+    assert a.route.user == "upAA"
+    assert a.route.password.reveal() == 'tab\there\\q"#notacomment'
+    assert a.route.tls is TlsMode.TLS and a.route.port == 465
+    assert not a.route.cert_check
+
+
+def test_fetchmail_several_accounts_carry_nothing_over():
+    text = (
+        "poll pop.a.org user alice pass apass\n"
+        '#sendooway:server "smtp.a.org"\n'
+        "#sendooway:port 2525\n"
+        "#sendooway:noCertCheck\n"
+        '#sendooway:address "alice@a.org"\n'
+        '#sendooway:server "smtp.b.org"\n'
+        '#sendooway:address "alice@b.org"\n'
+        "skip pop.c.org user calice pass cpass\n"
+        '#sendooway:server "smtp.c.org"\n'
+        "#sendooway:noAuth\n"
+        '#sendooway:address "*"\n'
+    )
+    r = parse_fetchmailrc(text, F)
+    assert [a.addresses for a in r.accounts] == [("alice@a.org",), ("*",)]
+    a, c = r.accounts
+    assert a.route.port == 2525 and not a.route.cert_check
+    # the second account got neither port, flags nor fetchmail's user from the first
+    assert r.errors and all(e.startswith(f"{F}:7: ") for e in r.errors)
+    assert "no upstream user" in r.errors[0] and "no upstream password" in r.errors[1]
+    assert c.route.port == 25 and c.route.cert_check and not c.route.auth
+    assert c.route.user == "" and not c.route.password
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("yes", True), ("true", True), ("on", True), ("1", True),
+    ("no", False), ("false", False), ("off", False), ("0", False), ("", True),
+])
+def test_fetchmail_flag_with_value(value, expected):
+    text = (f'user u pass p\n#sendooway:server "s"\n#sendooway:tls {value}\n'
+            '#sendooway:address "a@b.c"\n')
+    (a,) = parse_fetchmailrc(text, F).accounts
+    assert (a.route.tls is TlsMode.STARTTLS) is expected
+
+
+def test_fetchmail_errors_skip_only_that_account_and_hide_passwords():
+    text = (
+        'poll p user u pass "Hidden-Pw-1"\n'
+        '#sendooway:server "s1"\n'
+        "#sendooway:tls\n#sendooway:ssl\n"
+        '#sendooway:address "one@x.org"\n'            # 5: tls+ssl
+        'user u2 pass "Hidden-Pw-2\n'                 # 6: unbalanced quote
+        '#sendooway:server "s2"\n'
+        '#sendooway:address "two@x.org"\n'
+        'user u3 pass p3\n#sendooway:server "s3"\n#sendooway:port 99999\n'
+        '#sendooway:address "three@x.org"\n'          # 12
+        'user u4 pass p4\n#sendooway:frobnicate "Hidden-Pw-4"\n#sendooway:server "s4"\n'
+        '#sendooway:address "four@x.org"\n'           # 16
+        'user u5 pass p5\n#sendooway:server "s5"\n#sendooway:address "five@x.org"\n'
+        '#sendooway:pass "Hidden-Pw-6\n'               # 20: unbalanced, then no address
+    )
+    r = parse_fetchmailrc(text, F)
+    assert [a.addresses[0] for a in r.accounts] == ["five@x.org"]
+    joined = "\n".join(r.errors + r.warnings)
+    assert f"{F}:5: #sendooway:tls and #sendooway:ssl exclude each other" in joined
+    assert f"{F}:6: unbalanced quote" in joined
+    assert f"{F}:11: #sendooway:port needs a number" in joined
+    assert f"{F}:14: unknown keyword '#sendooway:frobnicate'" in joined
+    assert f"{F}:20: #sendooway:pass: unbalanced quote" in joined
+    assert "after the last #sendooway:address" in joined
+    assert "Hidden-Pw" not in joined
+
+
+def test_fetchmail_missing_server_and_password():
+    r = parse_fetchmailrc('#sendooway:user "x"\n#sendooway:address "a@b.c"\n', F)
+    assert r.accounts == []
+    assert any("no #sendooway:server" in e for e in r.errors)
+    assert any("no upstream password" in e for e in r.errors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=400))
+def test_fetchmail_parser_never_raises(text):
+    r = parse_fetchmailrc(text, F)
+    for message in r.errors + r.warnings:
+        assert message.startswith(F)
+
+
+# ------------------------------------------------------------ getmail
+
+GETMAIL = """\
+[retriever]
+type = SimplePOP3SSLRetriever
+server = pop.example.org
+username = alice-r
+password = r-Secret-1
+
+[sender]
+type = {type}
+{extra}address = alice@example.org
+address = *@alias.example.org
+"""
+
+
+@pytest.mark.parametrize("kind,mode,port", [
+    ("SimpleSMTPSender", TlsMode.PLAIN, 25),
+    ("SimpleSMTPTLSSender", TlsMode.STARTTLS, 587),
+    ("SimpleSMTPSSLSender", TlsMode.TLS, 465),
+])
+def test_getmail_sender_types_and_retriever_fallbacks(kind, mode, port):
+    r = parse_getmailrc(GETMAIL.format(type=kind, extra=""), G)
+    assert r.errors == []
+    (a,) = r.accounts
+    assert a.addresses == ("alice@example.org", "*@alias.example.org")
+    assert (a.route.server, a.route.port, a.route.tls) == ("pop.example.org", port, mode)
+    assert a.route.user == "alice-r" and a.route.password.reveal() == "r-Secret-1"
+    assert a.route.source == f"{G}:9"
+
+
+def test_getmail_own_values_empty_username_and_cert_check():
+    extra = "server = smtp.x.org\nport = 2587\nusername =\nno_certificate_check = true\n"
+    (a,) = parse_getmailrc(GETMAIL.format(type="SimpleSMTPTLSSender", extra=extra), G).accounts
+    assert (a.route.server, a.route.port) == ("smtp.x.org", 2587)
+    assert not a.route.auth and a.route.user == "" and not a.route.password
+    assert not a.route.cert_check
+
+
+@pytest.mark.parametrize("text,where,what", [
+    ("just some text\n", ":1:", "not an INI file"),
+    ("\x7fELF\x01\x02garbage = 1\n", ":1:", "not an INI file"),
+    ("[retriever]\nserver = x\n", "", "no [sender] section"),
+    ("[sender]\ntype = Carrier Pigeon\naddress = a@b.c\nserver=s\nusername=\n", ":2:", "unknown type"),
+    ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\n", ":", "at least one 'address'"),
+    ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername = u\naddress = a@b.c\n", ":", "no password"),
+    ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\naddress = a@b.c\nport = 0\n", ":6:", "port"),
+    ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\naddress = nobody\n", ":5:", "address"),
+    ("[sender]\ntype = SimpleSMTPSender\nsrever = s\n", ":3:", "unknown key 'srever'"),
+])
+def test_getmail_errors_name_file_and_line(text, where, what):
+    r = parse_getmailrc(text, G)
+    assert r.accounts == []
+    (message,) = r.errors
+    assert message.startswith(G + where) and what in message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=400))
+def test_getmail_parser_never_raises(text):
+    r = parse_getmailrc(text, G)
+    assert len(r.accounts) <= 1
+    for message in r.errors:
+        assert message.startswith(G)
+
+
+# ------------------------------------------------------------ addresses
+
+
+def _acc(pattern, server):
+    return Account((pattern,), Route(server, 25, TlsMode.PLAIN, source=server))
+
+
+def test_exact_beats_domain_beats_any_whatever_the_order():
+    accounts = [_acc("*", "any"), _acc("*@Example.org", "dom"), _acc("bob@example.ORG", "exact"),
+                _acc("*@example.org", "dom2")]
+    assert choose(accounts, "bob@EXAMPLE.org").route.server == "exact"
+    assert choose(accounts, "carol@example.org").route.server == "dom"  # first of equals
+    assert choose(accounts, "x@other.net").route.server == "any"
+    assert choose(accounts, "").route.server == "any"
+    assert choose(accounts[1:], "") is None
+    assert choose(accounts[1:], "x@other.net") is None
+
+
+def test_local_part_is_case_sensitive_domain_is_not():
+    assert matches("Bob@example.org", "Bob@EXAMPLE.ORG")
+    assert not matches("Bob@example.org", "bob@example.org")
+    assert matches("*@example.org", "anyone@Example.Org")
+    assert not matches("*@example.org", "a@sub.example.org")
+
+
+@pytest.mark.parametrize("bad", ["", "nodomain", "@x.org", "a@", "a b@x.org", "a@*.org", "a*@x.org"])
+def test_bad_patterns_refused(bad):
+    with pytest.raises(ValueError):
+        check_pattern(bad)

@@ -1,0 +1,143 @@
+"""The permit table and the penalty, as plain function calls (sans-IO)."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from sendooway_auth._logfmt import field
+from sendooway_auth._penalty import Penalty, client_host
+from sendooway_auth._permits import PERMITTED, State, Permits, TRANSITIONS, Violation
+from sendooway_shared.protocol import VERSION, AuthRequest, Hello, RouteRequest
+from sendooway_shared.types import Secret
+
+HELLO = Hello(VERSION, "s", "192.0.2.1")
+AUTH = AuthRequest("alice", Secret("pw"))
+ROUTE = RouteRequest("a@b.c")
+
+
+def test_happy_path_and_routes_repeat():
+    p = Permits(max_failures=3)
+    p.admit(HELLO)
+    p.hello(HELLO)
+    p.admit(AUTH)
+    p.auth_failed()
+    p.admit(AUTH)
+    p.auth_ok("alice")
+    assert p.state is State.AUTHENTICATED and p.user == "alice"
+    for _ in range(5):
+        p.admit(ROUTE)
+        p.route_answered()
+    assert p.state is State.AUTHENTICATED
+
+
+@pytest.mark.parametrize("steps,bad,reason", [
+    ([], AUTH, "auth before hello"),
+    ([], ROUTE, "route before hello"),
+    (["hello"], ROUTE, "route before a successful auth"),
+    (["hello"], HELLO, "second hello"),
+    (["hello", "fail"], ROUTE, "route before a successful auth"),
+    (["hello", "ok"], AUTH, "second auth after a successful one"),
+    (["hello", "ok"], HELLO, "hello after auth"),
+])
+def test_violations_close(steps, bad, reason):
+    p = Permits(3)
+    for s in steps:
+        {"hello": lambda: (p.admit(HELLO), p.hello(HELLO)),
+         "fail": lambda: (p.admit(AUTH), p.auth_failed()),
+         "ok": lambda: (p.admit(AUTH), p.auth_ok("alice"))}[s]()
+    with pytest.raises(Violation, match=reason):
+        p.admit(bad)
+    assert p.closed
+    with pytest.raises(Violation):
+        p.admit(HELLO)
+
+
+def test_bad_version_closes():
+    p = Permits(3)
+    p.admit(HELLO)
+    p.hello(Hello(VERSION + 1, "s", ""))
+    assert p.closed
+
+
+def test_max_failures_closes_after_the_last():
+    p = Permits(2)
+    p.admit(HELLO), p.hello(HELLO)
+    p.admit(AUTH), p.auth_failed()
+    assert not p.closed
+    p.admit(AUTH), p.auth_failed()
+    assert p.closed and p.user is None
+
+
+def test_reporting_an_outcome_in_the_wrong_state_is_our_bug():
+    p = Permits(3)
+    with pytest.raises(AssertionError):
+        p.auth_ok("alice")
+
+
+def test_table_is_complete():
+    # every state that permits a request has an outcome leaving it
+    for state, kind in PERMITTED.items():
+        if kind is not None:
+            assert any(s is state for s, _ in TRANSITIONS)
+
+
+@given(st.lists(st.sampled_from(["hello", "auth-ok", "auth-fail", "route"]), max_size=30))
+def test_random_sequences_never_route_without_auth(seq):
+    p = Permits(3)
+    for step in seq:
+        msg = {"hello": HELLO, "auth-ok": AUTH, "auth-fail": AUTH, "route": ROUTE}[step]
+        try:
+            p.admit(msg)
+        except Violation:
+            assert p.closed
+            break
+        if step == "hello":
+            p.hello(HELLO)
+        elif step == "auth-ok":
+            p.auth_ok("alice")
+        elif step == "auth-fail":
+            p.auth_failed()
+        else:
+            assert p.user == "alice"  # a route is only ever admitted after auth_ok
+            p.route_answered()
+        if p.closed:
+            break
+    assert p.failures <= 3
+
+
+def test_penalty_doubles_per_user_and_per_address_and_fades():
+    pen = Penalty(base=0.5, cap=4.0, window=60)
+    assert pen.failure("alice", "192.0.2.1", 0) == 0.5
+    assert pen.failure("alice", "192.0.2.1", 1) == 1.0
+    assert pen.failure("alice", "198.51.100.9", 2) == 2.0    # same user, other address
+    assert pen.failure("bob", "192.0.2.1", 3) == 2.0         # same address, other user
+    assert pen.failure("carol", "203.0.113.5", 4) == 0.5     # unrelated
+    for t in range(5, 10):
+        d = pen.failure("alice", "192.0.2.1", t)
+    assert d == 4.0                                          # capped
+    assert pen.failure("alice", "192.0.2.1", 200) == 0.5     # faded after the window
+    pen.success("alice", "192.0.2.1")
+    assert pen.count("alice", "192.0.2.1", 201) == 0
+
+
+def test_penalty_memory_is_bounded():
+    pen = Penalty(max_keys=100)
+    for i in range(1000):
+        pen.failure(f"u{i}", f"10.0.{i // 250}.{i % 250}", i)
+    assert len(pen._counts) <= 100
+
+
+@pytest.mark.parametrize("given_,host", [
+    ("192.0.2.7", "192.0.2.7"), ("192.0.2.7:5123", "192.0.2.7"),
+    ("2001:db8::1", "2001:db8::1"), ("[2001:db8::1]:25", "2001:db8::1"),
+    ("", ""), ("evil\nauth ok: user=root", ""), ("localhost", ""),
+])
+def test_client_host(given_, host):
+    assert client_host(given_) == host
+
+
+def test_log_fields_cannot_forge_lines():
+    assert field("alice") == "alice"
+    assert field("") == "-"
+    v = field("x\nauth ok: user=root client=1.2.3.4")
+    assert "\n" not in v and " " not in v and "=" not in v
+    assert field("é") == "\\xe9" and len(field("a" * 1000)) < 110
