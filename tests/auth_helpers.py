@@ -40,9 +40,9 @@ class Daemon:
     """sendooway-auth as a subprocess, ready when it sent READY=1."""
 
     def __init__(self, tmp_path, config_path: str, extra_args=(), failure_delay: float = 0.0,
-                 env=None) -> None:
+                 env=None, socket_path: str | None = None) -> None:
         self.dir = str(tmp_path)
-        self.socket_path = os.path.join(self.dir, "run", "auth.sock")
+        self.socket_path = socket_path or os.path.join(self.dir, "run", "auth.sock")
         self.log_path = os.path.join(self.dir, "auth.log")
         self.config_path = config_path
         self.args = [sys.executable, "-m", "sendooway_auth.cli", "-c", config_path,
