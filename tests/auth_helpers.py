@@ -19,17 +19,63 @@ from sendooway_shared.protocol import (
 from sendooway_shared.types import Secret
 
 MATRIX = "/usr/lib/x86_64-linux-gnu/pam_wrapper/pam_matrix.so"
-SYSTEM_PAM = "/usr/lib/x86_64-linux-gnu/security"
 
 
-def add_pam_service(world, name: str, extra_auth: str = "", account: str = "") -> str:
-    """A PAM service in the world (seen by processes started afterwards)."""
-    matrix = MATRIX
-    lines = []
-    if extra_auth:
-        lines.append(extra_auth)
-    lines.append(f"auth required {matrix} passdb={world.passdb}")
-    lines.append(account or f"account required {matrix} passdb={world.passdb}")
+# A tiny PAM module for tests: pam_wrapper cannot load the system's modules
+# (pam_faildelay, pam_exec, pam_deny: "Module is unknown"), and pam_matrix has
+# no delay. It needs no libpam symbols, so it builds without headers.
+_TEST_MODULE_C = r"""
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static int arg(int argc, const char **argv, const char *key, long dflt) {
+    size_t n = strlen(key);
+    for (int i = 0; i < argc; i++)
+        if (strncmp(argv[i], key, n) == 0 && argv[i][n] == '=') return atol(argv[i] + n + 1);
+    return dflt;
+}
+int pam_sm_authenticate(void *h, int f, int argc, const char **argv) {
+    long us = arg(argc, argv, "sleep_us", 0);
+    if (us > 0) usleep(us);
+    return arg(argc, argv, "rc", 25);  /* PAM_IGNORE */
+}
+int pam_sm_setcred(void *h, int f, int argc, const char **argv) { return 0; }
+int pam_sm_acct_mgmt(void *h, int f, int argc, const char **argv) {
+    return arg(argc, argv, "rc", 0);
+}
+"""
+
+
+def build_test_pam_module(world) -> str | None:
+    """Build (once) and return the test PAM module, or None without a C compiler."""
+    import shutil
+    path = os.path.join(world.root, "pam_sendooway_test.so")
+    if os.path.exists(path):
+        return path
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = path[:-3] + ".c"
+    with open(src, "w") as f:
+        f.write(_TEST_MODULE_C)
+    res = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", path + ".tmp", src],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    os.rename(path + ".tmp", path)
+    return path
+
+
+def add_pam_service(world, name: str, module: str, fail_sleep: float = 0.0,
+                    account_rc: int = 0) -> str:
+    """A PAM service in the world (seen by processes started afterwards).
+
+    Passwords are pam_matrix's; fail_sleep makes a failed check take that
+    long, as pam_unix's failure delay does on a real system (a good one stays
+    fast); account_rc is what the account check returns (13 = expired)."""
+    lines = [f"auth [success=done default=ignore] {MATRIX} passdb={world.passdb}",
+             f"auth requisite {module} sleep_us={int(fail_sleep * 1e6)} rc=7",
+             f"account required {module} rc={account_rc}"]
     path = os.path.join(world.pam_dir, name)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
