@@ -1,0 +1,153 @@
+"""sendooway-auth's other ways in: --fd (the frontend's socketpair), systemd
+socket activation, and the admin's --check report."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sendooway_shared.protocol import REPLIES, AuthOk, BlockingChannel, NoRoute, RouteOk
+from tests.auth_helpers import all_passwords, login, route
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
+
+AUTH = [sys.executable, "-m", "sendooway_auth.cli"]
+
+FETCHMAILRC = """\
+poll pop.example.org proto pop3 user "alice" password "fm-Secret-A1"
+#sendooway:server "smtp.example.org"
+#sendooway:tls
+#sendooway:address "alice@example.org"
+
+poll pop.other.org user "alice2" password "fm-Secret-A2"
+#sendooway:server "smtp.other.org"
+#sendooway:ssl
+#sendooway:port 4650
+#sendooway:address "*@other.org"
+#sendooway:bogus "fm-Secret-A3"
+#sendooway:server "smtp.broken.org"
+#sendooway:address "x@broken.org"
+"""
+SECRETS = ["fm-Secret-A1", "fm-Secret-A2", "fm-Secret-A3", "d-Secret-D1"]
+
+
+def test_fd_mode_serves_one_socket_and_exits(tmp_path, tmp_config, clean_homes):
+    world = clean_homes
+    world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    log = tmp_path / "fd.log"
+    proc = subprocess.Popen([*AUTH, "-c", tmp_config(""), "-l", str(log),
+                             "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        ch = BlockingChannel(ours, REPLIES, timeout=10)
+        assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
+        assert isinstance(route(ch, "alice@example.org"), RouteOk)
+        assert route(ch, "bob@example.org") == NoRoute()
+        ch.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "auth ok: user=alice" in text
+    assert not any(pw in text for pw in all_passwords(world) + SECRETS)
+
+
+def test_fd_mode_rejects_a_bad_fd(tmp_config):
+    res = subprocess.run([*AUTH, "-c", tmp_config(""), "-l", "-", "--fd", "97"],
+                         capture_output=True, text=True, timeout=20)
+    assert res.returncode == 2 and "--fd 97: not an open file descriptor" in res.stderr
+
+
+def test_socket_activation(tmp_path, tmp_config, world):
+    path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    fd = listener.fileno()
+    log = tmp_path / "act.log"
+    # LISTEN_PID must be the daemon's pid: the shell sets it to its own, then execs
+    script = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"'
+    proc = subprocess.Popen(["sh", "-c", script, "sh", *AUTH, "-c", tmp_config(""), "-l",
+                             str(log), "--socket", str(tmp_path / "unused" / "x.sock")],
+                            preexec_fn=lambda: os.dup2(fd, 3), pass_fds=[3])
+    listener.close()
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)  # queued by the kernel even before the daemon accepts
+        ch = BlockingChannel(s, REPLIES, timeout=15)
+        assert login(ch, "bob", world.users["bob"].password) == AuthOk("bob")
+        ch.close()
+        assert not os.path.exists(tmp_path / "unused")  # it did not bind its own socket
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert "listening on the socket from systemd" in log.read_text()
+
+
+def check(conf_path, *args):
+    res = subprocess.run([*AUTH, "-c", conf_path, "--check", *args],
+                         capture_output=True, text=True, timeout=30)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_check_report(tmp_config, clean_homes):
+    world = clean_homes
+    fm = world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC, mode=0o640)
+    home = world.users["alice"].home
+    conf = tmp_config("validUser = %mailusers\n"
+                      "smarthostMapping = fetchmail:%h/.fetchmailrc\n"
+                      "smarthostMapping = getmail:%h/.getmail/getmailrc\n"
+                      "smarthostMapping = direct:* fallback.example.com 587 du d-Secret-D1 tls\n")
+    code, out = check(conf, "alice", "--sender", "alice@example.org")
+    assert code == 0, out
+    assert "account: alice uid=40001" in out and "groups=alice,mailusers" in out
+    assert "valid user: yes (member of group mailusers" in out
+    assert f"{fm} [fetchmail]: found, " in out and "mode 0640" in out
+    assert f"{home}/.getmail/getmailrc [getmail]: missing" in out
+    assert (f"{fm}:4: alice@example.org -> smtp.example.org:587 starttls user alice"
+            " password ********") in out
+    assert f"{fm}:10: *@other.org -> smtp.other.org:4650 tls user alice2 password ********" in out
+    assert f"{conf}:4: * -> fallback.example.com:587 starttls user du password ********" in out
+    assert f"{fm}:11: unknown keyword '#sendooway:bogus'" in out
+    assert f"{fm}: unsafe mode 0640" in out
+    assert "route for alice@example.org: smtp.example.org:587 starttls" in out
+    assert not any(pw in out for pw in all_passwords(world) + SECRETS)
+
+    code, out = check(conf, "alice", "--sender", "x@nowhere.net")
+    assert code == 0 and "route for x@nowhere.net: fallback.example.com:587" in out
+    assert not any(pw in out for pw in SECRETS)
+
+
+def test_check_exit_codes(tmp_config, tmp_path, clean_homes):
+    world = clean_homes
+    conf = tmp_config("validUser = %mailusers\n")
+    code, out = check(conf, "carol", "--sender", "carol@example.org")
+    assert code == 1, out
+    assert "valid user: no (not named in validUser and in none of its groups)" in out
+    assert "route for carol@example.org: none" in out and "result: no usable mapping" in out
+    code, out = check(conf, "nosuchuser")
+    assert code == 1 and "account: nosuchuser does not exist" in out
+    bad = tmp_config("smarthostMaping = direct:* a 25 noAuth\n", "bad.conf")
+    code, out = check(bad, "alice")
+    assert code == 2 and f"{bad}:1: unknown keyword 'smarthostMaping'" in out
+    # a user whose only file is broken has no usable mapping
+    world.write_user_file("bob", ".getmail/getmailrc", "this is not ini\n")
+    code, out = check(conf, "bob")
+    assert code == 1 and "getmailrc:1: text before the first [section]" in out
+
+
+def test_sender_needs_check(tmp_config):
+    res = subprocess.run([*AUTH, "-c", tmp_config(""), "--sender", "a@b.c"],
+                         capture_output=True, text=True, timeout=20)
+    assert res.returncode == 2 and "--sender needs --check USER" in res.stderr
+
+
+def test_help_mentions_the_internal_fd_option():
+    res = subprocess.run([*AUTH, "-h"], capture_output=True, text=True, timeout=20)
+    assert res.returncode == 0 and "--fd N" in res.stdout and "internal" in res.stdout
