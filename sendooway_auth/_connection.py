@@ -84,7 +84,16 @@ class Connection:
             assert self.user is not None and self.user.name == self.permits.user
             route = await self.service.route(self.user, msg.sender, self.peer)
             self.permits.route_answered()
-            await self._send(RouteOk.from_route(route) if route else NoRoute())
+            reply: Message = NoRoute()
+            if route is not None:
+                try:
+                    reply = RouteOk.from_route(route)
+                    encode(reply)
+                except ProtocolError as exc:  # e.g. a 300-character server name in a user file
+                    log.warning("route unusable: user=%s source=%s reason=\"%s\"",
+                                field(self.user.name), field(route.source), exc)
+                    reply = NoRoute()
+            await self._send(reply)
         else:  # pragma: no cover - admit() lets nothing else through
             raise AssertionError(f"bug: no handler for {msg.TYPE}")
 

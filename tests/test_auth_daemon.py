@@ -329,3 +329,16 @@ def test_backend_none_accepts_only_the_process_user(daemon, world):
     assert login(ch, "alice", world.users["alice"].password) == AuthFail()
     assert ch.request(AuthRequest("root", Secret("anything"))) == AuthOk("root")
     assert "reason=not-process-user" in d.wait_log("auth ok: user=root")
+
+
+def test_a_route_that_cannot_be_sent_is_no_route(daemon, world):
+    world.write_user_file("alice", ".fetchmailrc", (
+        'user u pass p\n#sendooway:server "' + "s" * 300 + '"\n#sendooway:address "a@x.org"\n'
+        'user u pass p\n#sendooway:server "fine.x.org"\n#sendooway:address "b@x.org"\n'))
+    d = daemon()
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
+    assert route(ch, "a@x.org") == NoRoute()
+    assert route(ch, "b@x.org").to_route().server == "fine.x.org"
+    log = d.wait_log("route unusable: user=alice")
+    assert "Traceback" not in log and "internal error" not in log
