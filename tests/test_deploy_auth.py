@@ -20,6 +20,7 @@ from sendooway_shared.protocol import (VERSION, AuthFail, AuthOk, AuthRequest, B
 from sendooway_shared.types import Secret
 
 from . import deploy_world as dw
+from .deploy_util import command
 from .deploy_util import PACKAGING, rewrite_paths, system_env
 
 WORLD_VARS = ("LD_PRELOAD", "LD_LIBRARY_PATH", "NSS_WRAPPER_PASSWD", "NSS_WRAPPER_GROUP",
@@ -194,3 +195,25 @@ def test_fail2ban_filter_matches_the_failures_the_authenticator_wrote(world, dep
             f.write(f"Nov 25 23:59:01 mailhost sendooway-auth[{rest}\n")
     r = _fail2ban_regex(syslog, dep.root)
     assert r.stdout.split() == ips, r.stdout + r.stderr
+
+
+def test_guide_troubleshooting_check_on_the_shipped_config(world, deployment):
+    """docs/deployment.md's first troubleshooting step, on the shipped config."""
+    dep = deployment
+    guide = (PACKAGING.parent / "docs" / "deployment.md").read_text()
+    assert "sendooway-auth --check alice --sender alice@example.org" in guide
+
+    def check(*args):
+        return subprocess.run([command("sendooway-auth"), "-c", str(dep.config), "--check", *args],
+                              env=dep.env, capture_output=True, text=True, timeout=60)
+
+    r = check("alice", "--sender", dw.SENDER)
+    assert r.returncode == 0, r.stderr
+    route = [line for line in r.stdout.splitlines() if line.startswith(f"route for {dw.SENDER}:")]
+    assert route and f"localhost:{UPSTREAM_PORT} starttls" in route[0], r.stdout
+    assert "********" in route[0] and dw.UPSTREAM_PASSWORD not in r.stdout
+    assert ".fetchmailrc:6" in route[0]
+    r = check("alice", "--sender", "mallory@example.org")
+    assert r.returncode == 0 and "route for mallory@example.org: none" in r.stdout
+    r = check("nosuchuser")
+    assert r.returncode == 1 and "does not exist" in r.stdout
