@@ -1,0 +1,210 @@
+"""Benchmark sendooway-auth: auth checks/s, route lookup latency, and slow
+PAM checks side by side. Run: .venv/bin/python -m bench.bench_auth
+
+Builds a throw-away fake world (nss_wrapper users, pam_wrapper + pam_matrix),
+re-executes itself inside it, starts the real daemon and talks to it over its
+UNIX socket. Each figure is printed next to its direct counterpart measured in
+the same run (PAM called in-process; the route parsed without the
+user-switching child), as a ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT_FLAG = "SENDOOWAY_BENCH_WORLD"
+CLIENTS = 32
+AUTH_SECONDS = 3.0
+ROUTES = 300
+SLOW = 0.5
+
+
+def _reexec_in_world() -> None:
+    from tests.fakeworld import World
+
+    root = tempfile.mkdtemp(prefix="sendooway-bench-")
+    World.create(root)
+    env = World.load(root).env()
+    env[ROOT_FLAG] = root
+    code = os.spawnve(os.P_WAIT, sys.executable, [sys.executable, "-m", "bench.bench_auth"], env)
+    shutil.rmtree(root, ignore_errors=True)
+    sys.exit(code)
+
+
+async def _login(path: str, user: str, password: str, client: str) -> str:
+    from sendooway_shared.protocol import VERSION, AsyncChannel, AuthRequest, Hello
+    from sendooway_shared.types import Secret
+
+    reader, writer = await asyncio.open_unix_connection(path)
+    ch = AsyncChannel(reader, writer)
+    await ch.request(Hello(VERSION, "bench", client))
+    reply = await ch.request(AuthRequest(user, Secret(password)))
+    ch.close()
+    return reply.TYPE
+
+
+async def _auth_rate(path: str, password: str, seconds: float) -> float:
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        while time.monotonic() < stop:
+            assert await _login(path, "alice", password, f"192.0.2.{i}") == "auth_ok"
+            done += 1
+
+    t = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(CLIENTS)))
+    return done / (time.monotonic() - t)
+
+
+def _direct_pam_rate(password: str, seconds: float) -> float:
+    import pam
+
+    p = pam.pam()
+    n = 0
+    t = time.monotonic()
+    while time.monotonic() - t < seconds:
+        assert p.authenticate("alice", password, service="sendooway", resetcreds=False)
+        n += 1
+    return n / (time.monotonic() - t)
+
+
+async def _route_latency(path: str, password: str, sender: str) -> list[float]:
+    from sendooway_shared.protocol import VERSION, AsyncChannel, AuthRequest, Hello, RouteRequest
+    from sendooway_shared.types import Secret
+
+    reader, writer = await asyncio.open_unix_connection(path)
+    ch = AsyncChannel(reader, writer)
+    await ch.request(Hello(VERSION, "bench", "192.0.2.1"))
+    assert (await ch.request(AuthRequest("alice", Secret(password)))).TYPE == "auth_ok"
+    times = []
+    for _ in range(ROUTES):
+        t = time.perf_counter()
+        reply = await ch.request(RouteRequest(sender))
+        times.append(time.perf_counter() - t)
+        assert reply.TYPE == "route_ok", reply
+    ch.close()
+    return times
+
+
+def _direct_route_latency(cfg_text: str, sender: str) -> list[float]:
+    """The same lookup in-process, reading files as root (no child)."""
+    from sendooway_auth import _users
+    from sendooway_auth._reader import _read_one
+    from sendooway_auth.routes import lookup_sync
+    from sendooway_shared.config import parse_config
+
+    cfg = parse_config(cfg_text, "bench.conf")
+    user = _users.lookup("alice")
+    times = []
+    for _ in range(ROUTES):
+        t = time.perf_counter()
+        found = lookup_sync(cfg, user, lambda req: [_read_one(p) for p in req.paths])
+        assert found.route_for(sender) is not None
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    if not os.environ.get(ROOT_FLAG):
+        _reexec_in_world()
+    if os.geteuid() != 0:
+        print("bench_auth: run as root (the authenticator switches users)", file=sys.stderr)
+        return 1
+    from tests.auth_helpers import Daemon, add_pam_service, build_test_pam_module
+    from tests.fakeworld import World
+
+    world = World.load(os.environ[ROOT_FLAG])
+    alice = world.users["alice"].password
+    work = tempfile.mkdtemp(prefix="bench-auth-")
+    fetchmailrc = "".join(
+        f'poll pop{i}.example.org user "a{i}" password "p{i}"\n'
+        f'#sendooway:server "smtp{i}.example.org"\n#sendooway:tls\n'
+        f'#sendooway:address "alice{i}@example.org"\n' for i in range(20))
+    world.write_user_file("alice", ".fetchmailrc", fetchmailrc)
+    world.write_user_file("alice", ".sendoowayrc",
+                          "smarthostMapping = fetchmail:%h/.fetchmailrc\n")
+    conf_plain = ""
+    conf_include = "userInclude = %h/.sendoowayrc\n"
+    results = []
+
+    def config(name: str, text: str) -> str:
+        path = os.path.join(work, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    try:
+        d = Daemon(os.path.join(work, "d1"), config("a.conf", conf_plain))
+        os.makedirs(d.dir)
+        d.start()
+        try:
+            rate = asyncio.run(_auth_rate(d.socket_path, alice, AUTH_SECONDS))
+            direct = _direct_pam_rate(alice, 1.0)
+            results.append(("auth checks/s (daemon, 32 clients, new connection each)",
+                            f"{rate:8.0f}", f"direct PAM in-process {direct:.0f}/s",
+                            f"{rate / direct:.2f}x"))
+            for label, text in (("route lookup (1 file, 1 reader child)", conf_plain),):
+                lat = asyncio.run(_route_latency(d.socket_path, alice, "alice19@example.org"))
+                dl = _direct_route_latency(text, "alice19@example.org")
+                results.append((label + " median/p95 ms",
+                                f"{statistics.median(lat) * 1e3:.2f}/{_pct(lat, .95) * 1e3:.2f}",
+                                f"in-process {statistics.median(dl) * 1e3:.2f} ms",
+                                f"{statistics.median(lat) / statistics.median(dl):.1f}x"))
+        finally:
+            d.stop()
+        d = Daemon(os.path.join(work, "d2"), config("b.conf", conf_include))
+        os.makedirs(d.dir)
+        d.start()
+        try:
+            lat = asyncio.run(_route_latency(d.socket_path, alice, "alice19@example.org"))
+            dl = _direct_route_latency(conf_include, "alice19@example.org")
+            results.append(("route lookup (userInclude + file, 2 children) median/p95 ms",
+                            f"{statistics.median(lat) * 1e3:.2f}/{_pct(lat, .95) * 1e3:.2f}",
+                            f"in-process {statistics.median(dl) * 1e3:.2f} ms",
+                            f"{statistics.median(lat) / statistics.median(dl):.1f}x"))
+        finally:
+            d.stop()
+        module = build_test_pam_module(world)
+        if module:
+            service = add_pam_service(world, "bench-slow", module, fail_sleep=SLOW)
+            d = Daemon(os.path.join(work, "d3"), config("c.conf", f"pamService = {service}\n"))
+            os.makedirs(d.dir)
+            d.start()
+            try:
+                async def slow_batch(n: int) -> float:
+                    t = time.monotonic()
+                    replies = await asyncio.gather(*(
+                        _login(d.socket_path, "bob", "wrong", f"198.51.100.{i}")
+                        for i in range(n)))
+                    assert set(replies) == {"auth_fail"}
+                    return time.monotonic() - t
+                one = asyncio.run(slow_batch(1))
+                eight = asyncio.run(slow_batch(8))
+                results.append((f"8 failed checks at once, PAM taking {SLOW} s each (s)",
+                                f"{eight:8.2f}", f"one alone {one:.2f} s",
+                                f"{eight / one:.2f}x (8.00x if serialised)"))
+            finally:
+                d.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"sendooway-auth benchmark ({os.cpu_count()} CPUs)")
+    for label, value, base, ratio in results:
+        print(f"  {label:62} {value:>12}   vs {base:32} {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
