@@ -84,9 +84,22 @@ def _xinetd_block(block_id: str) -> dict[str, str]:
     raise AssertionError(f"no xinetd block with id {block_id}")
 
 
-def _xinetd_config(dep: dw.Deployment, block_id: str, port: int) -> Path:
-    """The shipped block, enabled, on a loopback port, paths rewritten."""
-    attrs = _xinetd_block(block_id)
+def _inetd_block() -> dict[str, str]:
+    """The shipped inetd.conf line, as xinetd's own itox translates it."""
+    if not shutil.which("itox"):
+        pytest.skip("itox (xinetd package) not installed")
+    line = "".join(l for l in (PACKAGING / "inetd" / "sendooway.inetd").read_text().splitlines(True)
+                   if l.strip() and not l.startswith("#"))
+    assert line.count("\n") == 1, "the inetd file should hold exactly one service line"
+    out = subprocess.run(["itox"], input=line, capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    m = re.search(r"^service (\S+)\n\{\n(.*?)^\}", out, re.M | re.S)
+    assert m and m.group(1) == "submission", out
+    return dict(re.findall(r"^\s*(\w+)\s*(\+?=\s*.*?)\s*$", m.group(2), re.M))
+
+
+def _xinetd_config(dep: dw.Deployment, attrs: dict[str, str], port: int) -> Path:
+    """A shipped block, enabled, on a loopback port, paths rewritten."""
     lines = []
     for key, op_value in attrs.items():
         if key == "disable":
@@ -150,10 +163,15 @@ def _serving_processes(xinetd_pid: int) -> list[dict]:
     return procs
 
 
-def test_xinetd_root_block_socketpair_authenticator(world, frontend, upstream, deployment):
+@pytest.mark.parametrize("source", ["xinetd", "inetd"])
+def test_root_started_frontend_socketpair_authenticator(world, frontend, upstream, deployment,
+                                                        source):
+    """xinetd's submission-root block, and the inetd line (through itox)."""
     dep = deployment
     port = dw.free_tcp_port()
-    conf = _xinetd_config(dep, "submission-root", port)
+    attrs = _xinetd_block("submission-root") if source == "xinetd" else _inetd_block()
+    assert attrs["user"] == "= root"
+    conf = _xinetd_config(dep, attrs, port)
     assert not dep.auth_socket.exists()  # no daemon: the frontend forks its own
     proc = _start_xinetd(dep, conf, port)
     seen = {}
@@ -181,7 +199,7 @@ def test_xinetd_root_block_socketpair_authenticator(world, frontend, upstream, d
 def test_xinetd_nobody_block_with_daemon(world, frontend, upstream, deployment):
     dep = deployment
     port = dw.free_tcp_port()
-    conf = _xinetd_config(dep, "submission-nobody", port)
+    conf = _xinetd_config(dep, _xinetd_block("submission-nobody"), port)
     daemon = dw.start_auth_daemon(dep, ["--failure-delay", "0"])
     proc = None
     seen = {}
