@@ -63,18 +63,23 @@ def man_options(page: str) -> set[str]:
     return found
 
 
-def help_options(program: str) -> set[str]:
-    """Options the real command lists in its -h output."""
+def help_option_groups(program: str) -> list[set[str]]:
+    """Options the real command lists in its -h output, one set of aliases
+    per option: [{'-c', '--config'}, {'--socket'}, ...]."""
     out = subprocess.run([command(program), "-h"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    opts = set()
+    groups = []
     for line in out.stdout.splitlines():
         stripped = line.strip()
         if stripped.startswith("-"):
             # "-c CONFIG, --config CONFIG   help..." → the option names
             head = re.split(r"\s{2,}", stripped)[0]
-            opts.update(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", head))
-    return opts
+            groups.append(set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", head)))
+    return groups
+
+
+def help_options(program: str) -> set[str]:
+    return set().union(*help_option_groups(program))
 
 
 def man_keywords() -> set[str]:
