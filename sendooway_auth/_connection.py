@@ -82,7 +82,11 @@ class Connection:
                                 field(self.peer.session))
         elif isinstance(msg, RouteRequest):
             assert self.user is not None and self.user.name == self.permits.user
-            route = await self.service.route(self.user, msg.sender, self.peer)
+            route, temporary = await self.service.route(self.user, msg.sender, self.peer)
+            if temporary:
+                self.permits.route_failed()
+                await self._refuse("temporary failure: the user's files could not be read")
+                return
             self.permits.route_answered()
             reply: Message = NoRoute()
             if route is not None:

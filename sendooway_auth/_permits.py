@@ -7,7 +7,8 @@
     EXPECT_AUTH    auth                ok               AUTHENTICATED
                                        failed           EXPECT_AUTH
                                        failed, last     CLOSED
-    AUTHENTICATED  route               (any answer)     AUTHENTICATED
+    AUTHENTICATED  route               answered         AUTHENTICATED
+                                       internal failure CLOSED (error: temporary)
 
 Any other request, in any state, is a violation: the connection gets an
 `error` naming it and is closed (OpenSSH's monitor does the same). Sans-IO:
@@ -36,6 +37,7 @@ class Outcome(enum.Enum):
     AUTH_FAILED = "auth-failed"
     AUTH_FAILED_LAST = "auth-failed-last"
     ROUTE_ANSWERED = "route-answered"
+    ROUTE_TEMPORARY_FAILURE = "route-temporary-failure"
 
 
 PERMITTED: dict[State, type[Message] | None] = {
@@ -52,6 +54,7 @@ TRANSITIONS: dict[tuple[State, Outcome], State] = {
     (State.EXPECT_AUTH, Outcome.AUTH_FAILED): State.EXPECT_AUTH,
     (State.EXPECT_AUTH, Outcome.AUTH_FAILED_LAST): State.CLOSED,
     (State.AUTHENTICATED, Outcome.ROUTE_ANSWERED): State.AUTHENTICATED,
+    (State.AUTHENTICATED, Outcome.ROUTE_TEMPORARY_FAILURE): State.CLOSED,
 }
 
 # Violations worth their own words; the rest get a generic reason.
@@ -104,6 +107,9 @@ class Permits:
 
     def route_answered(self) -> Outcome:
         return self._move(Outcome.ROUTE_ANSWERED)
+
+    def route_failed(self) -> Outcome:
+        return self._move(Outcome.ROUTE_TEMPORARY_FAILURE)
 
     @property
     def closed(self) -> bool:

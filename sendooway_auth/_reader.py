@@ -245,7 +245,7 @@ class ForkServer:
             socket.send_fds(self._sock, [req.to_wire()], [w])
         except OSError as exc:
             os.close(r)
-            return _failed(req.paths, f"reader not reachable: {exc.strerror or exc}")
+            return _failed(req.paths, f"reader fork server not reachable ({exc.strerror or exc})")
         finally:
             os.close(w)
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ from ._service import AuthService
 
 log = logging.getLogger("sendooway-auth")
 SD_LISTEN_FDS_START = 3
+MAX_CONNECTIONS = 4000  # one per SMTP session; beyond this, new ones are closed at once
 
 
 class StartupError(Exception):
@@ -32,6 +33,11 @@ class StartupError(Exception):
 
 def _harden() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # passwords pass through this process
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_CONNECTIONS + 200
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 def check_backend(cfg: Config) -> None:
@@ -175,6 +181,11 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
         task = asyncio.current_task()
         tasks.add(task)
         try:
+            if len(tasks) > MAX_CONNECTIONS:
+                log.warning("connection refused: %d connections open (limit %d)",
+                            len(tasks) - 1, MAX_CONNECTIONS)
+                writer.close()
+                return
             pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
             if uid not in allowed:
                 log.warning("peer refused: uid=%d pid=%d (only root and frontendUser may connect)",

@@ -90,7 +90,10 @@ class AuthService:
             return None, "not-a-valid-user"
         return user, ""
 
-    async def route(self, user: _users.UserInfo, sender: str, peer: Peer) -> Route | None:
+    async def route(self, user: _users.UserInfo, sender: str, peer: Peer
+                    ) -> tuple[Route | None, bool]:
+        """(route or None, temporary): temporary is True when no route was
+        found and some file could not be read for an internal reason."""
         async with self._lookups:
             found = await lookup_async(self.cfg, user, self.reader.read)
         who = f"user={field(user.name)}"
@@ -100,9 +103,10 @@ class AuthService:
             log.warning("user file warning: %s %s", who, message)
         account = found.route_for(sender)
         if account is None:
-            log.info("route: %s %s sender=%s result=none", who, peer.fields(),
-                     field(sender or "<>"))
-            return None
+            temporary = found.incomplete
+            log.info("route: %s %s sender=%s result=%s", who, peer.fields(),
+                     field(sender or "<>"), "temporary-failure" if temporary else "none")
+            return None, temporary
         log.info("route: %s %s sender=%s result=%s", who, peer.fields(),
                  field(sender or "<>"), account.route.describe())
-        return account.route
+        return account.route, False

@@ -39,6 +39,12 @@ class UserRoutes:
     warnings: list[str] = field(default_factory=list)
     ca_file: str = ""
 
+    @property
+    def incomplete(self) -> bool:
+        """Some file could not be read for an internal reason (reader died or
+        timed out): a missing route may be a temporary failure."""
+        return any(read.status == "failed" for _, read in self.files)
+
     def route_for(self, sender: str) -> Account | None:
         return choose(self.accounts, sender)
 

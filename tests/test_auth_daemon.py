@@ -342,3 +342,22 @@ def test_a_route_that_cannot_be_sent_is_no_route(daemon, world):
     assert route(ch, "b@x.org").to_route().server == "fine.x.org"
     log = d.wait_log("route unusable: user=alice")
     assert "Traceback" not in log and "internal error" not in log
+
+
+def test_dead_reader_is_a_temporary_failure_not_no_route(daemon, world):
+    world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
+    d = daemon()
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
+    assert isinstance(route(ch, "alice@example.org"), RouteOk)
+    with open(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children") as f:
+        (fork_server,) = [int(p) for p in f.read().split()]
+    os.kill(fork_server, 9)
+    time.sleep(0.1)
+    reply = route(ch, "alice@example.org")
+    assert isinstance(reply, Error) and reply.reason.startswith("temporary failure")
+    assert closed_after(ch)
+    log = d.wait_log("result=temporary-failure")
+    assert "reader fork server not reachable" in log
+    # logins still work (PAM does not need the reader)
+    assert login(d.connect(), "bob", world.users["bob"].password) == AuthOk("bob")
