@@ -1,0 +1,691 @@
+"""The client-facing SMTP session, sans-IO.
+
+Bytes go in with receive_data(); next_event() hands out what the driver must
+do (events.py); replies collect in data_to_send(). No sockets, no clock, no
+threads: the stdio and listening drivers and the tests all use it as is.
+
+The command table COMMANDS below says, for every verb and state, either the
+state a successful command leads to or the reply that refuses it. A command
+whose outcome depends on someone else (AUTH: the authenticator, MAIL/RCPT/
+DATA: the relay, STARTTLS: the handshake) pauses the session until the
+driver reports the outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from sendooway_shared.types import Secret
+
+from . import _catalogue as R
+from ._address import NeedsUtf8, ParamError, PathError, parse_params, parse_path, split_path_argument
+from ._events import (
+    NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
+    DataRequested, Event, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
+)
+from ._relay_api import MailParams
+from ._reply import Reply
+
+MAX_COMMAND_LINE = 512      # octets, CRLF included (RFC 5321 4.5.3.1.4)
+MAX_AUTH_LINE = 2048        # base64 of user (256) + password (1024) + slack
+MAX_TEXT_LINE = 1000        # octets, CRLF included (RFC 5321 4.5.3.1.6)
+DATA_CHUNK = 64 * 1024      # largest DataChunk handed out
+MAX_USER = 256              # as the wire protocol allows
+MAX_PASSWORD = 1024
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"          # greeting sent, no EHLO/HELO yet
+    GREETED = "greeted"              # EHLO/HELO done, not logged in
+    AUTHENTICATED = "authenticated"  # logged in, no mail transaction
+    MAIL = "mail"                    # MAIL accepted (by the upstream)
+    RCPT = "rcpt"                    # at least one RCPT accepted
+    DATA = "data"                    # reading the message
+    CLOSED = "closed"
+
+
+class LocalProtocolError(Exception):
+    """The driver broke the session's rules (a bug, never the client's doing)."""
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    hostname: str
+    tls_available: bool = False       # STARTTLS may be offered (cert loaded, not forbidden, not -S)
+    encrypted: bool = False           # channel already safe at the start (-s after handshake, -S)
+    require_encryption: bool = False  # mailerEncryption = required
+    advertise_8bitmime: bool = True   # ext8BitMime force | ignore
+    size_limit: int | None = 0        # None: no SIZE; 0: SIZE without a limit
+    max_auth_failures: int = 3
+    max_recipients: int = 100
+    max_errors: int = 20              # syntax/sequence errors before 421
+
+
+_C, _G, _A, _M, _R = State.CONNECTED, State.GREETED, State.AUTHENTICATED, State.MAIL, State.RCPT
+COLUMNS = (_C, _G, _A, _M, _R)
+_TLS_LATE = Reply(503, ("5.5.1 STARTTLS not permitted after AUTH or MAIL",))
+
+# For each verb and state: the state after success, or the refusing reply.
+COMMANDS: dict[str, tuple[State | Reply, ...]] = {
+    #  verb        CONNECTED          GREETED            AUTHENTICATED      MAIL             RCPT
+    "EHLO":     (_G,                _G,                _A,                _A,              _A),
+    "HELO":     (_G,                _G,                _A,                _A,              _A),
+    "STARTTLS": (R.NEED_EHLO,       _C,                _TLS_LATE,         _TLS_LATE,       _TLS_LATE),
+    "AUTH":     (R.NEED_EHLO,       _A,                R.AUTH_TWICE,      R.AUTH_IN_TRANSACTION, R.AUTH_IN_TRANSACTION),
+    "MAIL":     (R.NEED_EHLO,       R.NEED_AUTH,       _M,                R.NESTED_MAIL,   R.NESTED_MAIL),
+    "RCPT":     (R.NEED_MAIL,       R.NEED_MAIL,       R.NEED_MAIL,       _R,              _R),
+    "DATA":     (R.NEED_MAIL_DATA,  R.NEED_MAIL_DATA,  R.NEED_MAIL_DATA,  R.NO_RECIPIENTS, State.DATA),
+    "RSET":     (_C,                _G,                _A,                _A,              _A),
+    "NOOP":     (_C,                _G,                _A,                _M,              _R),
+    "HELP":     (_C,                _G,                _A,                _M,              _R),
+    "VRFY":     (_C,                _G,                _A,                _M,              _R),
+    "EXPN":     (R.EXPN_REFUSED,) * 5,
+    "QUIT":     (State.CLOSED,) * 5,
+}
+
+# Replies the client earns an error point with (RFC 5321 5yz for syntax/sequence).
+_ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
+
+# In a message: the byte sequences that need a closer look. "\r\n." is a
+# line starting with a dot (end of data or dot-stuffing), the others are
+# bare line ends (SMTP smuggling, CVE-2023-51764 class).
+_DATA_SPECIAL = re.compile(rb"\r\n\.|\r(?!\n)|(?<!\r)\n")
+_END = b"\r\n.\r\n"
+# After a refusal: a lone "." line between any line ends.
+_LOOSE_END = re.compile(rb"(\r\n|\r|\n)\.(\r\n|\r|\n)")
+
+
+class _Await(enum.Enum):
+    AUTH = "auth"
+    TLS = "tls"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    DATA_END = "data_end"
+
+
+class Session:
+    """One SMTP session with one client."""
+
+    def __init__(self, settings: SessionSettings) -> None:
+        self.settings = settings
+        self.state = State.CONNECTED
+        self.encrypted = settings.encrypted
+        self.client_name = ""          # EHLO/HELO argument
+        self.esmtp = False
+        self.user: str | None = None   # set by auth_result()
+        self.recipients = 0            # accepted in this transaction
+        self.auth_failures = 0
+        self.errors = 0
+        self._buf = bytearray()
+        self._eof = False
+        self._discarding = False       # dropping an over-long line up to its LF
+        self._out = bytearray()
+        self._events: deque[Event] = deque()
+        self._awaiting: _Await | None = None
+        self._auth: _AuthExchange | None = None
+        self._started = False
+        # message state
+        self._d_refusal: Reply | None = None
+        self._d_size = 0
+        self._d_line = 0               # octets of the current line so far
+        self._d_skip = 0               # octets of the synthetic CRLF not yet skipped
+        self._closed_event: ConnectionClosed | None = None
+        self._mail_smtputf8 = False
+
+    # ------------------------------------------------------------ driver face
+
+    def start(self) -> None:
+        """Queue the 220 greeting."""
+        self._check_not_started()
+        self._reply(R.greeting(self.settings.hostname))
+
+    def refuse(self, reply: Reply = R.SERVICE_UNAVAILABLE) -> None:
+        """Greet with a 421 and close (no service for this client)."""
+        self._check_not_started()
+        self._close(reply, "refused: " + str(reply))
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client; b"" means end of input."""
+        if not data:
+            self._eof = True
+        elif self.state is not State.CLOSED:
+            self._buf += data
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def has_buffered_input(self) -> bool:
+        return bool(self._buf)
+
+    def next_event(self) -> Event:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._closed_event is not None:
+                return self._closed_event
+            if self._awaiting is not None:
+                return PAUSED
+            if self.state is State.DATA:
+                if not self._step_data():
+                    return NEED_DATA
+                continue
+            line = self._next_line()
+            if line is None:
+                if self._eof:
+                    self._close(None, "client closed the connection")
+                    continue
+                return NEED_DATA
+            self._handle_line(line)
+
+    def auth_result(self, user: str | None, temporary: bool = False) -> None:
+        """The authenticator's answer to AuthRequested: the account name, or
+        None for a failure (temporary: the authenticator could not decide)."""
+        self._resume(_Await.AUTH)
+        if user is not None:
+            self.user = user
+            self.state = State.AUTHENTICATED
+            self._reply(R.AUTH_OK)
+        elif temporary:
+            self._reply(R.AUTH_TEMPFAIL)
+        else:
+            self._auth_failed()
+
+    def tls_started(self) -> None:
+        """The TLS handshake after StartTls succeeded: RFC 3207 wants the
+        session to forget all it learned, the client starts over with EHLO."""
+        self._resume(_Await.TLS)
+        if self._buf:
+            raise LocalProtocolError("plaintext input fed after STARTTLS")
+        self.encrypted = True
+        self.state = State.CONNECTED
+        self.client_name = ""
+        self.esmtp = False
+
+    def relay_reply(self, reply: Reply) -> None:
+        """The relay's (or the route lookup's) reply to MailRequested,
+        RcptRequested, DataRequested or DataFinished; passed to the client."""
+        if self._awaiting not in (_Await.MAIL, _Await.RCPT, _Await.DATA, _Await.DATA_END):
+            raise LocalProtocolError(f"relay_reply while awaiting {self._awaiting}")
+        kind = self._awaiting
+        self._awaiting = None
+        self._out += reply.to_bytes()
+        if kind is _Await.MAIL and reply.is_positive:
+            self.state = State.MAIL
+            self.recipients = 0
+        elif kind is _Await.RCPT and reply.is_positive:
+            self.state = State.RCPT
+            self.recipients += 1
+        elif kind is _Await.DATA and 300 <= reply.code < 400:
+            self._begin_data()
+        elif kind is _Await.DATA_END:
+            self.state = State.AUTHENTICATED
+            self.recipients = 0
+
+    def timed_out(self) -> None:
+        """The driver's read timer fired: 421 and close."""
+        if not self.closed:
+            self._close(R.TIMEOUT, "timeout")
+
+    def shutdown(self, reply: Reply = R.SHUTTING_DOWN) -> None:
+        """Close now with `reply` (server stopping, backend gone)."""
+        if not self.closed:
+            self._close(reply, "shutdown: " + str(reply))
+
+    # ------------------------------------------------------------ internals
+
+    def _check_not_started(self) -> None:
+        if self._started:
+            raise LocalProtocolError("session already started")
+        self._started = True
+
+    def _resume(self, kind: _Await) -> None:
+        if self._awaiting is not kind:
+            raise LocalProtocolError(f"answer for {kind.value} while awaiting {self._awaiting}")
+        self._awaiting = None
+
+    def _reply(self, reply: Reply) -> None:
+        self._out += reply.to_bytes()
+        if reply.code in _ERROR_CODES:
+            self.errors += 1
+            if self.errors >= self.settings.max_errors and not self.closed:
+                self._close(R.TOO_MANY_ERRORS, "too many errors")
+
+    def _close(self, reply: Reply | None, reason: str) -> None:
+        if self.closed:
+            return
+        in_data = self.state is State.DATA and self._d_refusal is None
+        had_transaction = self.state in (State.MAIL, State.RCPT)
+        if reply is not None:
+            self._out += reply.to_bytes()
+        if had_transaction:
+            self._events.append(TransactionReset())
+        self.state = State.CLOSED
+        self._buf.clear()
+        self._awaiting = None
+        self._closed_event = ConnectionClosed(reason, aborted_data=in_data)
+        self._events.append(self._closed_event)
+
+    # ---- lines
+
+    def _next_line(self) -> bytes | Reply | None:
+        """A complete line (CRLF/LF included), a Reply for a line refused by
+        the reader, or None when more input is needed."""
+        limit = MAX_AUTH_LINE if self._auth is not None else MAX_COMMAND_LINE
+        buf = self._buf
+        if self._discarding:
+            lf = buf.find(b"\n")
+            if lf < 0:
+                buf.clear()
+                return None
+            del buf[: lf + 1]
+            self._discarding = False
+            return R.AUTH_LINE_TOO_LONG if self._auth is not None else R.LINE_TOO_LONG
+        lf = buf.find(b"\n", 0, limit)
+        if lf < 0:
+            if len(buf) < limit:
+                return None
+            lf = buf.find(b"\n", limit)
+            if lf < 0:
+                self._discarding = True
+                buf.clear()
+                return None
+            del buf[: lf + 1]
+            return R.AUTH_LINE_TOO_LONG if self._auth is not None else R.LINE_TOO_LONG
+        line = bytes(buf[: lf + 1])
+        del buf[: lf + 1]
+        return line
+
+    def _decode(self, line: bytes) -> str | Reply:
+        if not line.endswith(b"\r\n"):
+            return R.BARE_LF
+        body = line[:-2]
+        if b"\r" in body:
+            return R.BARE_CR
+        if b"\0" in body:
+            return R.NUL_IN_LINE
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            return R.NOT_UTF8
+
+    def _handle_line(self, raw: bytes | Reply) -> None:
+        text = raw if isinstance(raw, Reply) else self._decode(raw)
+        if self._auth is not None:
+            exchange, self._auth = self._auth, None
+            if isinstance(text, Reply):
+                self._reply(text if text is R.AUTH_LINE_TOO_LONG else R.AUTH_BAD_BASE64)
+            else:
+                self._auth_step(exchange, text)
+            return
+        if isinstance(text, Reply):
+            self._reply(text)
+            return
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        arg = arg.strip(" ")
+        row = COMMANDS.get(verb)
+        if row is None:
+            self._reply(R.UNKNOWN_COMMAND)
+            return
+        cell = row[COLUMNS.index(self.state)]
+        if isinstance(cell, Reply):
+            self._reply(cell)
+            return
+        getattr(self, "_cmd_" + verb.lower())(arg, cell)
+
+    # ---- commands (each called only where COMMANDS allows it)
+
+    def _cmd_ehlo(self, arg: str, nxt: State) -> None:
+        self._greet(arg, nxt, esmtp=True)
+
+    def _cmd_helo(self, arg: str, nxt: State) -> None:
+        self._greet(arg, nxt, esmtp=False)
+
+    def _greet(self, arg: str, nxt: State, esmtp: bool) -> None:
+        if not arg or len(arg) > 255 or not all(33 <= ord(c) <= 126 for c in arg):
+            self._reply(R.SYNTAX_DOMAIN)
+            return
+        self._end_transaction()
+        self.state = nxt
+        self.client_name = arg
+        self.esmtp = esmtp
+        self._events.append(Greeted(arg, esmtp))
+        if esmtp:
+            self._reply(R.ehlo(self.settings.hostname, arg, self._extensions()))
+        else:
+            self._reply(R.helo(self.settings.hostname, arg))
+
+    def _extensions(self) -> tuple[str, ...]:
+        s = self.settings
+        ext = ["PIPELINING"]
+        if s.size_limit is not None:
+            ext.append(f"SIZE {s.size_limit}" if s.size_limit else "SIZE")
+        if s.advertise_8bitmime:
+            ext.append("8BITMIME")
+        ext.append("ENHANCEDSTATUSCODES")
+        if s.tls_available and not self.encrypted:
+            ext.append("STARTTLS")
+        if self.user is None and (self.encrypted or not s.require_encryption):
+            ext.append("AUTH PLAIN LOGIN")
+        ext.append("HELP")
+        return tuple(ext)
+
+    def _cmd_starttls(self, arg: str, nxt: State) -> None:
+        if arg:
+            self._reply(R.SYNTAX_NO_ARGS)
+        elif self.encrypted:
+            self._reply(R.TLS_ALREADY)
+        elif not self.settings.tls_available:
+            self._reply(R.TLS_NOT_AVAILABLE)
+        elif self._buf:
+            # Input behind STARTTLS would be read as if it came over TLS
+            # (CVE-2011-0411): refuse, the rest is read as plain commands.
+            self._reply(R.TLS_PIPELINED)
+        else:
+            self._reply(R.READY_FOR_TLS)
+            self._awaiting = _Await.TLS
+            self._events.append(StartTls())
+
+    def _cmd_auth(self, arg: str, nxt: State) -> None:
+        mech, _, initial = arg.partition(" ")
+        mech = mech.upper()
+        initial = initial.strip(" ")
+        if not mech:
+            self._reply(R.SYNTAX_NEEDS_ARG)
+            return
+        if mech not in ("PLAIN", "LOGIN"):
+            self._reply(R.AUTH_BAD_MECH)
+            return
+        if self.settings.require_encryption and not self.encrypted:
+            self._reply(R.AUTH_NEEDS_TLS)
+            return
+        exchange = _AuthExchange(mech)
+        if not initial:
+            self._auth = exchange
+            self._reply(R.CHALLENGE_EMPTY if mech == "PLAIN" else R.CHALLENGE_USERNAME)
+        else:
+            self._auth_step(exchange, initial)
+
+    def _auth_step(self, exchange: "_AuthExchange", text: str) -> None:
+        if text == "*":
+            self._reply(R.AUTH_CANCELLED)
+            return
+        if text == "=":
+            decoded = b""
+        else:
+            try:
+                decoded = base64.b64decode(text.encode("ascii"), validate=True)
+            except (binascii.Error, ValueError, UnicodeEncodeError):
+                self._reply(R.AUTH_BAD_BASE64)
+                return
+        try:
+            value = decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(R.AUTH_BAD_BASE64)
+            return
+        if exchange.mechanism == "PLAIN":
+            parts = value.split("\0")
+            if len(parts) != 3:
+                self._reply(R.AUTH_BAD_BASE64)
+                return
+            authzid, user, password = parts
+            if authzid and authzid != user:
+                self._auth_failed()  # no proxy authorization
+                return
+            self._auth_ask(exchange.mechanism, user, password)
+        elif exchange.user is None:
+            exchange.user = value
+            self._auth = exchange
+            self._reply(R.CHALLENGE_PASSWORD)
+        else:
+            self._auth_ask(exchange.mechanism, exchange.user, value)
+
+    def _auth_ask(self, mech: str, user: str, password: str) -> None:
+        if (not user or len(user) > MAX_USER or "\0" in user or len(password) > MAX_PASSWORD
+                or "\0" in password or not password):
+            self._auth_failed()  # could never succeed: do not bother the authenticator
+            return
+        self._awaiting = _Await.AUTH
+        self._events.append(AuthRequested(mech, user, Secret(password)))
+
+    def _auth_failed(self) -> None:
+        self.auth_failures += 1
+        if self.auth_failures >= self.settings.max_auth_failures:
+            self._close(R.TOO_MANY_AUTH_FAILURES, "too many authentication failures")
+        else:
+            self._out += R.AUTH_FAILED.to_bytes()
+
+    def _cmd_mail(self, arg: str, nxt: State) -> None:
+        try:
+            path, params_text = split_path_argument(arg, "FROM")
+            params = parse_params(params_text)
+        except (PathError, ParamError):
+            self._reply(R.SYNTAX_MAIL)
+            return
+        size = None
+        body8 = smtputf8 = False
+        for key, value in params.items():
+            if key == "SIZE" and self.settings.size_limit is not None and value and value.isdigit() \
+                    and len(value) <= 20:
+                size = int(value)
+            elif key == "BODY" and value and value.upper() in ("7BIT", "8BITMIME") \
+                    and (value.upper() == "7BIT" or self.settings.advertise_8bitmime):
+                body8 = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8" and value is None:
+                smtputf8 = True
+            elif key == "AUTH" and value:
+                pass  # RFC 4954 AUTH=: accepted and ignored (we do not trust it)
+            else:
+                self._reply(R.BAD_PARAMETER)
+                return
+        limit = self.settings.size_limit
+        if size is not None and limit and size > limit:
+            self._reply(R.MESSAGE_TOO_BIG_DECLARED)
+            return
+        try:
+            sender = parse_path(path, allow_null=True, allow_postmaster=False, utf8=smtputf8)
+        except NeedsUtf8:
+            self._reply(R.UTF8_NEEDS_SMTPUTF8)
+            return
+        except PathError:
+            self._reply(R.BAD_SENDER)
+            return
+        self._mail_smtputf8 = smtputf8
+        self._awaiting = _Await.MAIL
+        self._events.append(MailRequested(sender, MailParams(size, body8, smtputf8)))
+
+    def _cmd_rcpt(self, arg: str, nxt: State) -> None:
+        try:
+            path, params_text = split_path_argument(arg, "TO")
+            params = parse_params(params_text)
+        except (PathError, ParamError):
+            self._reply(R.SYNTAX_RCPT)
+            return
+        if params:
+            self._reply(R.BAD_PARAMETER)
+            return
+        try:
+            rcpt = parse_path(path, allow_null=False, allow_postmaster=True,
+                              utf8=self._mail_smtputf8)
+        except NeedsUtf8:
+            self._reply(R.UTF8_NEEDS_SMTPUTF8)
+            return
+        except PathError:
+            self._reply(R.BAD_RECIPIENT)
+            return
+        if self.recipients >= self.settings.max_recipients:
+            self._reply(R.TOO_MANY_RECIPIENTS)
+            return
+        self._awaiting = _Await.RCPT
+        self._events.append(RcptRequested(rcpt))
+
+    def _cmd_data(self, arg: str, nxt: State) -> None:
+        if arg:
+            self._reply(R.SYNTAX_NO_ARGS)
+            return
+        self._awaiting = _Await.DATA
+        self._events.append(DataRequested())
+
+    def _cmd_rset(self, arg: str, nxt: State) -> None:
+        if arg:
+            self._reply(R.SYNTAX_NO_ARGS)
+            return
+        self._end_transaction()
+        self.state = nxt
+        self._reply(R.OK)
+
+    def _cmd_noop(self, arg: str, nxt: State) -> None:
+        self._reply(R.OK)
+
+    def _cmd_help(self, arg: str, nxt: State) -> None:
+        self._reply(R.HELP)
+
+    def _cmd_vrfy(self, arg: str, nxt: State) -> None:
+        self._reply(R.VRFY if arg else R.SYNTAX_NEEDS_ARG)
+
+    def _cmd_quit(self, arg: str, nxt: State) -> None:
+        self._close(R.BYE, "quit")
+
+    def _end_transaction(self) -> None:
+        if self.state in (State.MAIL, State.RCPT):
+            self._events.append(TransactionReset())
+        self.recipients = 0
+
+    # ---- DATA
+
+    def _begin_data(self) -> None:
+        self.state = State.DATA
+        self._d_refusal = None
+        self._d_size = 0
+        self._d_line = 0
+        # The CRLF that ended the DATA line starts the first "\r\n." test.
+        self._buf[:0] = b"\r\n"
+        self._d_skip = 2
+
+    def _step_data(self) -> bool:
+        """Consume message input; False when more input is needed."""
+        if self._d_refusal is not None:
+            return self._step_refused()
+        buf = self._buf
+        m = _DATA_SPECIAL.search(buf)
+        while m is not None and m.group() == b"\r\n." and not self._is_end_candidate(m.start()):
+            m = _DATA_SPECIAL.search(buf, m.start() + 3)  # dot-stuffed line: part of the message
+        if m is None:
+            # Keep a trailing CR or CRLF: it may begin the end of data.
+            keep = 2 if buf.endswith(b"\r\n") else 1 if buf.endswith(b"\r") else 0
+            cut = len(buf) - keep
+            if cut <= self._d_skip or (cut == 0):
+                return self._need_data_in_message()
+            return self._emit(cut)
+        start = m.start()
+        special = m.group()
+        if special == b"\r\n.":
+            if len(buf) - start < len(_END):
+                # Maybe the end: emit what comes before, wait for the rest.
+                if start > self._d_skip:
+                    return self._emit(start)
+                return self._need_data_in_message()
+            # buf[start:start+5] is the end of data
+            if start > self._d_skip:
+                return self._emit(start)
+            del buf[: start + len(_END)]
+            self._d_skip = 0
+            return self._finish_data()
+        if special == b"\r" and start == len(buf) - 1:
+            if start > self._d_skip:
+                return self._emit(start)
+            return self._need_data_in_message()
+        # a bare CR or LF: the message is refused
+        return self._refuse_data(R.BARE_LF_IN_DATA, "bare CR or LF in message")
+
+    def _is_end_candidate(self, start: int) -> bool:
+        """True if the "\r\n." at `start` is, or may still become, CRLF.CRLF."""
+        tail = bytes(self._buf[start:start + len(_END)])
+        return _END.startswith(tail)
+
+    def _need_data_in_message(self) -> bool:
+        if self._eof:
+            self._close(None, "client closed the connection during DATA")
+            return True
+        return False
+
+    def _emit(self, cut: int) -> bool:
+        """Hand out buf[skip:cut] (at most DATA_CHUNK octets) as message data."""
+        cut = min(cut, self._d_skip + DATA_CHUNK)
+        if self._buf[cut - 1:cut] == b"\r":
+            cut -= 1  # never split a CRLF: the LF alone would look bare
+        chunk = bytes(self._buf[self._d_skip:cut])
+        del self._buf[:cut]
+        self._d_skip = 0
+        if not chunk:
+            return True
+        lines = chunk.split(b"\r\n")
+        first = self._d_line + len(lines[0])
+        longest = max(first, max(map(len, lines[1:]), default=0))
+        self._d_line = len(lines[-1]) if len(lines) > 1 else first
+        if longest + 2 > MAX_TEXT_LINE:
+            return self._refuse_data(R.DATA_LINE_TOO_LONG, "line longer than 1000 octets")
+        self._d_size += len(chunk)
+        limit = self.settings.size_limit
+        if limit and self._d_size > limit:
+            return self._refuse_data(R.MESSAGE_TOO_BIG, "message exceeds the size limit")
+        self._events.append(DataChunk(chunk))
+        return True
+
+    def _finish_data(self) -> bool:
+        self._awaiting = _Await.DATA_END
+        self._events.append(DataFinished(self._d_size))
+        return True
+
+    def _refuse_data(self, reply: Reply, reason: str) -> bool:
+        self._d_refusal = reply
+        self._events.append(DataRefused(reason))
+        # Keep enough context for the first end-of-data test.
+        return True
+
+    def _step_refused(self) -> bool:
+        """Discard the rest of a refused message up to its end. A clean
+        CRLF.CRLF end gets the refusal and the session goes on; an end made
+        with bare CR/LF is ambiguous, so the session is closed."""
+        buf = self._buf
+        m = _LOOSE_END.search(buf)
+        if m is not None and m.end() == len(buf) and buf.endswith(b"\r") and not self._eof:
+            m = None  # the CR may still get its LF
+        if m is None:
+            keep = 5
+            if len(buf) > keep:
+                del buf[: len(buf) - keep]
+            if self._eof:
+                self._close(None, "client closed the connection during DATA")
+                return True
+            return False
+        clean = m.group() == _END
+        del buf[: m.end()]
+        reply, self._d_refusal = self._d_refusal, None
+        self.state = State.AUTHENTICATED
+        self.recipients = 0
+        if clean:
+            self._out += reply.to_bytes()
+        else:
+            self._close(reply if reply.code == 421 else R.BARE_LF_IN_DATA_CLOSING,
+                        "message ended with bare CR/LF")
+        return True
+
+
+@dataclass
+class _AuthExchange:
+    mechanism: str
+    user: str | None = None

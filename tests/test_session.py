@@ -1,0 +1,403 @@
+"""The sans-IO SMTP session: reply codes, limits, AUTH, STARTTLS, DATA
+streaming. Every conversation runs twice, all at once and one byte a time,
+and must give the same replies."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from sendooway_front import _catalogue as R
+from sendooway_front._events import (
+    AuthRequested, ConnectionClosed, DataChunk, DataRefused, MailRequested, TransactionReset,
+)
+from sendooway_front._session import State, SessionSettings
+
+from .front_harness import LOGIN_ALICE, Harness, codes, plain
+
+TXN = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+
+
+def talk(data: bytes, **kw) -> tuple[list[int], Harness]:
+    """Run `data` all at once and bytewise; both must agree."""
+    results = []
+    for bytewise in (False, True):
+        h = Harness(**kw)
+        out = h.feed(data, bytewise=bytewise)
+        results.append((out, h))
+    (a, h1), (b, h2) = results
+    assert a == b, (a, b)
+    assert h1.messages == h2.messages
+    return codes(a), h1
+
+
+def test_greeting_and_ehlo_list():
+    h = Harness()
+    assert bytes(h.out) == b"220 mx.test ESMTP sendooway ready\r\n"
+    out = h.feed(b"ehlo client.test\r\n")
+    lines = out.decode().split("\r\n")[:-1]
+    assert lines[0] == "250-mx.test Hello client.test"
+    kws = [line[4:] for line in lines[1:]]
+    assert {"PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "STARTTLS",
+            "AUTH PLAIN LOGIN"} <= set(kws)
+    assert lines[-1].startswith("250 ")
+
+
+@pytest.mark.parametrize("settings, present, absent", [
+    (SessionSettings("h", tls_available=False), ["AUTH PLAIN LOGIN"], ["STARTTLS"]),
+    (SessionSettings("h", size_limit=None), [], ["SIZE"]),
+    (SessionSettings("h", size_limit=1000), ["SIZE 1000"], []),
+    (SessionSettings("h", advertise_8bitmime=False), [], ["8BITMIME"]),
+    (SessionSettings("h", tls_available=True, require_encryption=True), ["STARTTLS"],
+     ["AUTH PLAIN LOGIN"]),
+    (SessionSettings("h", encrypted=True, require_encryption=True), ["AUTH PLAIN LOGIN"],
+     ["STARTTLS"]),
+])
+def test_ehlo_list_follows_settings(settings, present, absent):
+    h = Harness(settings=settings)
+    out = h.feed(b"EHLO c\r\n").decode()
+    kws = [line[4:] for line in out.split("\r\n")[1:-1]]
+    for k in present:
+        assert k in kws
+    for k in absent:
+        assert k not in kws
+
+
+def test_full_transaction_streams_the_message():
+    body = b"Subject: hi\r\n\r\n..leading dot\r\nline\r\n"
+    c, h = talk(LOGIN_ALICE + TXN + body + b".\r\nQUIT\r\n")
+    assert c == [250, 235, 250, 250, 354, 250, 221]
+    # raw bytes, dot-stuffing kept, without the final CRLF.CRLF
+    assert h.messages == [body[:-2]]
+    assert h.closed.reason == "quit"
+    assert h.session.user == "alice"
+
+
+def test_empty_message_and_single_empty_line():
+    c, h = talk(LOGIN_ALICE + TXN + b".\r\n" + TXN[30:] + b"\r\n.\r\n")
+    assert h.messages == [b""]  # second DATA has no MAIL: refused below
+    c, h = talk(LOGIN_ALICE + TXN + b"\r\n.\r\n")
+    assert h.messages == [b""]
+    assert c[-1] == 250
+
+
+def test_pipelined_replies_come_in_order():
+    c, h = talk(LOGIN_ALICE + b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\nEXPN list\r\nFOO\r\nnoop\r\n")
+    assert c == [250, 235, 250, 250, 252, 214, 502, 502, 250]
+
+
+@pytest.mark.parametrize("script, expected", [
+    (b"MAIL FROM:<a@b.c>\r\n", [503]),
+    (b"EHLO c\r\nMAIL FROM:<a@b.c>\r\n", [250, 530]),
+    (b"EHLO c\r\nRCPT TO:<a@b.c>\r\n", [250, 503]),
+    (b"EHLO c\r\nDATA\r\n", [250, 503]),
+    (LOGIN_ALICE + b"RCPT TO:<a@b.c>\r\nDATA\r\n", [250, 235, 503, 503]),
+    (LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nDATA\r\n", [250, 235, 250, 554]),
+    (LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nMAIL FROM:<a@b.c>\r\n", [250, 235, 250, 503]),
+    (LOGIN_ALICE + b"AUTH PLAIN\r\n", [250, 235, 503]),
+    (b"AUTH PLAIN\r\n", [503]),
+    (b"EHLO c\r\nAUTH CRAM-MD5\r\n", [250, 504]),
+    (b"EHLO c\r\nAUTH\r\n", [250, 501]),
+    (b"EHLO\r\nHELO\r\n", [501, 501]),
+    (b"EHLO c\r\nRSET x\r\nDATA x\r\nVRFY\r\n", [250, 501, 503, 501]),
+])
+def test_sequence_errors(script, expected):
+    c, _ = talk(script)
+    assert c == expected
+
+
+def test_auth_plain_with_challenge_and_login_mechanism():
+    p = plain("alice", "alice-secret").encode()
+    c, h = talk(b"EHLO c\r\nAUTH PLAIN\r\n" + p + b"\r\n")
+    assert c == [250, 334, 235]
+    u = base64.b64encode(b"bob")
+    pw = base64.b64encode(b"bob-secret")
+    c, h = talk(b"EHLO c\r\nAUTH LOGIN\r\n" + u + b"\r\n" + pw + b"\r\n")
+    assert c == [250, 334, 334, 235]
+    assert h.session.user == "bob"
+    c, h = talk(b"EHLO c\r\nauth login " + u + b"\r\n" + pw + b"\r\n")
+    assert c == [250, 334, 235]
+
+
+def test_auth_cancel_bad_base64_and_empty_response():
+    c, h = talk(b"EHLO c\r\nAUTH PLAIN\r\n*\r\nAUTH LOGIN\r\n*\r\n")
+    assert c == [250, 334, 501, 334, 501]
+    c, h = talk(b"EHLO c\r\nAUTH PLAIN !!!notbase64\r\nAUTH PLAIN =\r\n")
+    assert c == [250, 501, 501]
+    assert not h.auth_seen
+
+
+def test_auth_failures_close_the_session():
+    bad = plain("alice", "wrong").encode()
+    c, h = talk(b"EHLO c\r\n" + (b"AUTH PLAIN " + bad + b"\r\n") * 4)
+    assert c == [250, 535, 535, 421]
+    assert h.closed and "authentication failures" in h.closed.reason
+
+
+def test_auth_temporary_failure_does_not_count():
+    c, h = talk(LOGIN_ALICE * 4, temp_auth=True)
+    assert c == [250, 454] * 4
+    assert not h.closed
+
+
+def test_required_encryption_never_sends_the_password():
+    s = SessionSettings("h", tls_available=True, require_encryption=True)
+    c, h = talk(LOGIN_ALICE, settings=s)
+    assert c == [250, 538]
+    assert not h.auth_seen
+    h = Harness(settings=s)
+    out = h.feed(b"EHLO c\r\nSTARTTLS\r\n") + h.feed(LOGIN_ALICE)
+    assert codes(out) == [250, 220, 250, 235]
+    assert h.auth_seen == [("alice", "alice-secret")]
+
+
+def test_starttls_resets_the_session():
+    h = Harness()
+    out = h.feed(b"EHLO c\r\nSTARTTLS\r\n")
+    out += h.feed(b"MAIL FROM:<a@b.c>\r\nEHLO c\r\nSTARTTLS\r\n")
+    assert codes(out) == [250, 220, 503, 250, 503]
+    assert h.session.encrypted
+
+
+def test_starttls_with_pipelined_input_is_refused():
+    h = Harness()
+    out = h.feed(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<x@y.z>\r\n")
+    assert codes(out) == [250, 503, 530]
+    assert not h.session.encrypted
+
+
+def test_starttls_unavailable_and_after_auth():
+    c, _ = talk(b"EHLO c\r\nSTARTTLS\r\n", settings=SessionSettings("h"))
+    assert c == [250, 454]
+    c, _ = talk(LOGIN_ALICE + b"STARTTLS\r\n")
+    assert c == [250, 235, 503]
+    c, _ = talk(b"EHLO c\r\nSTARTTLS now\r\n")
+    assert c == [250, 501]
+
+
+def test_command_line_limits():
+    line512 = b"NOOP " + b"x" * (512 - 7) + b"\r\n"
+    line513 = b"NOOP " + b"x" * (513 - 7) + b"\r\n"
+    assert len(line512) == 512 and len(line513) == 513
+    c, h = talk(line512 + line513 + b"NOOP\r\n")
+    assert c == [250, 500, 250]
+
+
+def test_huge_line_is_dropped_without_buffering():
+    h = Harness()
+    for _ in range(64):
+        h.feed(b"A" * 16384)
+        assert len(h.session._buf) <= 512
+    assert codes(h.feed(b"\r\nNOOP\r\n")) == [500, 250]
+
+
+def test_never_ending_auth_continuation_is_bounded():
+    h = Harness()
+    h.feed(b"EHLO c\r\nAUTH PLAIN\r\n")
+    for _ in range(100):
+        h.feed(b"QUFB" * 4096)
+        assert len(h.session._buf) <= 2048
+    assert codes(h.feed(b"\r\nNOOP\r\n")) == [500, 250]
+
+
+@pytest.mark.parametrize("line, code", [
+    (b"NOOP\0\r\n", 500),
+    (b"NOOP\n", 500),
+    (b"NO\rOP\r\n", 500),
+    (b"NOOP \xff\xfe\r\n", 500),
+])
+def test_nul_bare_cr_lf_refused(line, code):
+    c, h = talk(line + b"NOOP\r\n")
+    assert c == [code, 250]
+
+
+def test_too_many_errors_closes():
+    c, h = talk(b"BOGUS\r\n" * 30)
+    assert c == [502] * 20 + [421]
+    assert h.closed
+
+
+@pytest.mark.parametrize("arg, code", [
+    (b"FROM:<>", 250),
+    (b"FROM: <alice@example.org>", 250),
+    (b"from:<alice@example.org> SIZE=100 BODY=8BITMIME", 250),
+    (b"FROM:<\"a b\"@example.org>", 250),
+    (b"FROM:<alice@[192.0.2.1]>", 250),
+    (b"FROM:<@relay.example:alice@example.org>", 250),
+    (b"FROM:alice@example.org", 501),
+    (b"FROM:<alice@example.org", 501),
+    (b"FROM:<alice>", 553),
+    (b"FROM:<alice@-bad-.org>", 553),
+    (b"FROM:<al ice@example.org>", 553),
+    (b"FROM:<alice@example.org> FOO=bar", 555),
+    (b"FROM:<alice@example.org> SIZE=x", 555),
+    (b"FROM:<alice@example.org> BODY=BINARYMIME", 555),
+    (b"FROM:<alice@example.org> SIZE=1 SIZE=2", 501),
+    ("FROM:<jörg@example.org>".encode(), 553),
+    ("FROM:<jörg@example.org> SMTPUTF8".encode(), 250),
+    (b"FROM:<" + b"a" * 65 + b"@example.org>", 553),
+])
+def test_mail_from_syntax(arg, code):
+    c, h = talk(LOGIN_ALICE + b"MAIL " + arg + b"\r\n")
+    assert c[-1] == code
+
+
+def test_mail_params_are_recorded_for_the_relay():
+    h = Harness()
+    h.feed(LOGIN_ALICE + "MAIL FROM:<jörg@example.org> SIZE=1234 BODY=8BITMIME SMTPUTF8\r\n".encode())
+    ev = [e for e in h.events if isinstance(e, MailRequested)][0]
+    assert ev.sender == "jörg@example.org"
+    assert (ev.params.size, ev.params.body_8bitmime, ev.params.smtputf8) == (1234, True, True)
+
+
+def test_no_route_is_550_and_transaction_not_open():
+    c, h = talk(LOGIN_ALICE + TXN, no_route={"alice@example.org"})
+    assert c == [250, 235, 550, 503, 503]
+    assert b"5.7.1" in bytes(h.out)
+
+
+def test_rcpt_syntax_and_postmaster():
+    c, h = talk(LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<>\r\n"
+                b"RCPT TO:<x@y.z> NOTIFY=NEVER\r\nRCPT TO:x@y.z\r\n")
+    assert c == [250, 235, 250, 250, 553, 555, 501]
+
+
+def test_recipient_cap():
+    rcpts = b"".join(b"RCPT TO:<r%d@example.net>\r\n" % i for i in range(101))
+    c, h = talk(LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\n" + rcpts)
+    assert c[-2:] == [250, 452]
+    assert c.count(250) == 1 + 1 + 100
+
+
+def test_rejected_recipient_does_not_open_data():
+    c, h = talk(LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n",
+                reject_rcpt={"x@y.z"})
+    assert c == [250, 235, 250, 550, 554]
+
+
+def test_declared_size_over_limit():
+    s = SessionSettings("h", size_limit=100)
+    c, h = talk(LOGIN_ALICE + b"MAIL FROM:<a@b.c> SIZE=101\r\n", settings=s)
+    assert c[-1] == 552
+
+
+def test_message_over_size_limit_is_refused_after_the_end():
+    s = SessionSettings("h", size_limit=100)
+    c, h = talk(LOGIN_ALICE + TXN + b"x" * 50 + b"\r\n" + b"y" * 60 + b"\r\n.\r\nNOOP\r\n",
+                settings=s)
+    assert c[-2:] == [552, 250]
+    assert h.messages == [] and h.aborted == 1
+
+
+def test_data_line_over_1000_octets_is_refused():
+    ok = b"x" * 998 + b"\r\n"
+    c, h = talk(LOGIN_ALICE + TXN + ok + b".\r\n")
+    assert c[-1] == 250 and h.messages == [ok[:-2]]
+    c, h = talk(LOGIN_ALICE + TXN + b"x" * 999 + b"\r\n.\r\n")
+    assert c[-1] == 550 and h.messages == []
+
+
+@pytest.mark.parametrize("body", [
+    b"a\nb\r\n",
+    b"a\rb\r\n",
+    b"a\r\n.\nMAIL FROM:<evil@x.y>\r\n",
+    b"a\n.\r\nMAIL FROM:<evil@x.y>\r\n",
+    b"a\r.\r\nRSET\r\n",
+])
+def test_bare_line_ends_in_data_refuse_the_message(body):
+    c, h = talk(LOGIN_ALICE + TXN + body + b".\r\nNOOP\r\n")
+    assert h.messages == []
+    assert h.aborted == 1
+    assert 250 not in c[5:-1]
+    # either refused with 550 at the clean end, or the session closed with 421
+    assert c[5] in (550, 421)
+    if c[5] == 421:
+        assert h.closed
+    evil = [e for e in h.events if isinstance(e, MailRequested) and e.sender == "evil@x.y"]
+    assert not evil
+
+
+def test_lf_only_client_is_closed_not_hung():
+    c, h = talk(LOGIN_ALICE + TXN + b"line\n.\n")
+    assert c[-1] == 421 and h.closed
+
+
+def test_end_of_data_split_at_every_position():
+    msg = b"head\r\n\r\n.dot\r\n..two\r\nend"
+    stream = msg + b"\r\n.\r\n"
+    for cut in range(len(stream) + 1):
+        h = Harness()
+        h.feed(LOGIN_ALICE + TXN)
+        h.feed(stream[:cut])
+        h.feed(stream[cut:])
+        assert h.messages == [msg], cut
+
+
+def test_large_message_is_chunked_and_bounded():
+    h = Harness()
+    h.feed(LOGIN_ALICE + TXN)
+    line = b"y" * 78 + b"\r\n"
+    block = line * 2000
+    for _ in range(20):
+        h.feed(block)
+        assert len(h.session._buf) <= 6
+    h.feed(b".\r\n")
+    chunks = [e for e in h.events if isinstance(e, DataChunk)]
+    assert max(len(e.data) for e in chunks) <= 64 * 1024
+    assert h.messages == [(block * 20)[:-2]]
+
+
+def test_client_vanishing_mid_data_aborts():
+    h = Harness()
+    h.feed(LOGIN_ALICE + TXN + b"partial")
+    h.eof()
+    assert isinstance(h.closed, ConnectionClosed) and h.closed.aborted_data
+    assert h.messages == []
+
+
+def test_rset_and_ehlo_end_the_transaction():
+    h = Harness()
+    h.feed(LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nRSET\r\nMAIL FROM:<a@b.c>\r\nEHLO c\r\n")
+    assert sum(isinstance(e, TransactionReset) for e in h.events) == 2
+    assert h.session.state is State.AUTHENTICATED
+
+
+def test_timeout_and_shutdown_give_421():
+    h = Harness()
+    h.session.timed_out()
+    h.pump()
+    assert codes(bytes(h.out))[-1] == 421 and h.closed.reason == "timeout"
+    h = Harness()
+    h.session.shutdown()
+    h.pump()
+    assert codes(bytes(h.out))[-1] == 421
+
+
+def test_refused_service_greets_421():
+    from sendooway_front._session import Session
+
+    s = Session(SessionSettings("h"))
+    s.refuse(R.AUTH_BACKEND_DOWN)
+    assert s.data_to_send().startswith(b"421 4.3.0")
+    assert isinstance(s.next_event(), ConnectionClosed)
+
+
+def test_password_only_in_the_secret():
+    h = Harness()
+    h.feed(LOGIN_ALICE)
+    ev = [e for e in h.events if isinstance(e, AuthRequested)][0]
+    assert "alice-secret" not in repr(ev) and "alice-secret" not in str(ev)
+
+
+def test_driver_bugs_raise():
+    from sendooway_front._session import LocalProtocolError, Session
+
+    s = Session(SessionSettings("h"))
+    s.start()
+    with pytest.raises(LocalProtocolError):
+        s.auth_result("alice")
+    with pytest.raises(LocalProtocolError):
+        s.relay_reply(R.OK)
+    with pytest.raises(LocalProtocolError):
+        s.start()
