@@ -213,9 +213,13 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
-            ours.close()
             code = 0
             try:
+                # keep nothing of the daemon's: not its listening socket, not
+                # a frontend's connection, not the log file
+                keep = theirs.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, _max_fd())
                 _serve(theirs)
             except BaseException:  # noqa: BLE001
                 code = 70
@@ -277,6 +281,11 @@ class ForkServer:
             loop.remove_reader(r)
             os.close(r)
         return _decode(b"".join(chunks), req.paths)
+
+
+def _max_fd() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY and soft < 1 << 20 else 1 << 16
 
 
 def _serve(sock: socket.socket) -> None:

@@ -361,3 +361,22 @@ def test_dead_reader_is_a_temporary_failure_not_no_route(daemon, world):
     assert "reader fork server not reachable" in log
     # logins still work (PAM does not need the reader)
     assert login(d.connect(), "bob", world.users["bob"].password) == AuthOk("bob")
+
+
+def test_fork_server_keeps_no_daemon_descriptors(daemon, world):
+    d = daemon()
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
+    with open(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children") as f:
+        (fork_server,) = [int(p) for p in f.read().split()]
+    fds = os.listdir(f"/proc/{fork_server}/fd")
+    targets = [os.readlink(f"/proc/{fork_server}/fd/{fd}") for fd in fds if int(fd) > 2]
+    assert len(targets) == 1 and targets[0].startswith("socket:"), targets
+    assert not any(d.log_path in t for t in targets)
+
+
+def test_no_core_dumps_where_passwords_live(daemon):
+    d = daemon()
+    with open(f"/proc/{d.proc.pid}/limits") as f:
+        line = next(l for l in f if l.startswith("Max core file size"))
+    assert line.split()[4:6] == ["0", "0"], line
