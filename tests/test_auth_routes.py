@@ -148,3 +148,26 @@ def test_valid_user_by_name_and_group():
     assert _users.valid_user(cfg, _users.lookup("alice"))[0]
     assert not _users.valid_user(cfg, _users.lookup("bob"))[0]
     assert _users.valid_user(parse_config("", "t"), _users.lookup("carol"))[0]
+
+
+def test_a_stuck_reader_times_out_as_failed(clean_homes):
+    import asyncio
+    import signal
+    from sendooway_auth._reader import ForkServer
+
+    world = clean_homes
+    path = world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
+    alice = _users.lookup("alice")
+    req = ReadRequest(alice.uid, alice.gid, alice.groups, (path,))
+    fs = ForkServer().start()
+    try:
+        (read,) = asyncio.run(fs.read(req))
+        assert read.ok and b"smtp.example.org" in read.data
+        os.kill(fs.pid, signal.SIGSTOP)  # as if the read hung (a dead NFS server)
+        t = time.monotonic()
+        (read,) = asyncio.run(fs.read(req, timeout=0.5))
+        assert 0.4 < time.monotonic() - t < 2
+        assert read.status == "failed" and "timed out" in read.detail
+        os.kill(fs.pid, signal.SIGCONT)
+    finally:
+        fs.stop()
