@@ -118,7 +118,7 @@ def bind_socket(path: str, owner_uid: int | None) -> socket.socket:
         raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
     finally:
         os.umask(old)
-    if owner_uid is not None:
+    if owner_uid is not None and os.geteuid() == 0:
         os.chown(path, owner_uid, -1)
     os.chmod(path, 0o600)
     sock.listen(512)

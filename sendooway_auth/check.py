@@ -6,6 +6,8 @@ that runs as the user. Passwords are never printed.
 
 from __future__ import annotations
 
+import os
+
 from sendooway_shared.config import AuthBackend, Config
 from sendooway_shared.types import Route
 
@@ -48,6 +50,8 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     w(f"valid user: {'yes' if allowed else 'no'} ({why})")
     if cfg.authBackend is AuthBackend.NONE and user.name != _users.process_user():
         w(f"note: authBackend = none accepts only {_users.process_user()}")
+    if os.geteuid() != 0 and user.uid != os.geteuid():
+        w("note: not running as root: this user's files cannot be read")
     found = lookup_sync(cfg, user, read_direct)
     _files(found, w)
     _mappings(found, w)

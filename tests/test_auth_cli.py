@@ -151,3 +151,23 @@ def test_sender_needs_check(tmp_config):
 def test_help_mentions_the_internal_fd_option():
     res = subprocess.run([*AUTH, "-h"], capture_output=True, text=True, timeout=20)
     assert res.returncode == 0 and "--fd N" in res.stdout and "internal" in res.stdout
+
+
+def test_check_as_the_user_itself_without_root(tmp_config, clean_homes):
+    """--check run by alice for alice (no root): her files are read as is."""
+    world = clean_homes
+    world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
+    conf = world.write_user_file("alice", "sendooway.conf", "")  # readable by her
+    alice = world.users["alice"]
+
+    def drop():
+        os.setgroups([])
+        os.setgid(alice.gid)
+        os.setuid(alice.uid)
+
+    res = subprocess.run([*AUTH, "-c", conf, "--check", "alice", "--sender", "alice@example.org"],
+                         capture_output=True, text=True, timeout=30, preexec_fn=drop,
+                         cwd="/")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "route for alice@example.org: smtp.example.org:587" in res.stdout
+    assert "fm-Secret-A1" not in res.stdout
