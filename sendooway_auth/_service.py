@@ -57,6 +57,7 @@ class AuthService:
         self.penalty = penalty
         self.clock = clock
         self._lookups = asyncio.Semaphore(32)
+        self._process_user = _users.process_user()  # authBackend = none accepts only this one
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
@@ -74,9 +75,10 @@ class AuthService:
         return AuthResult(False, None, reason, delay)
 
     async def _check(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
-        user = _users.lookup(name)
+        # NSS (passwd, groups) may be LDAP/SSSD and block: never on the event loop
+        user = await asyncio.to_thread(_users.lookup, name)
         if self.cfg.authBackend is AuthBackend.NONE:
-            if user is None or user.name != _users.process_user():
+            if user is None or user.name != self._process_user:
                 return None, "not-process-user"
         else:
             if user is None:
@@ -85,7 +87,7 @@ class AuthService:
             ok, reason = await self.pam.check(name, password)
             if not ok:
                 return None, reason
-        allowed, _why = _users.valid_user(self.cfg, user)
+        allowed, _why = await asyncio.to_thread(_users.valid_user, self.cfg, user)
         if not allowed:
             return None, "not-a-valid-user"
         return user, ""
