@@ -1,0 +1,341 @@
+"""A byte stream that can turn into TLS halfway (STARTTLS) — both sides use it.
+
+`Stream` moves bytes over an asyncio (reader, writer) pair; after
+start_tls_server/start_tls_client the same calls carry TLS, run by pyOpenSSL
+over memory BIOs (so any transport works: TCP, a pipe pair under inetd).
+`timeout` (seconds, None = none) bounds every read, write drain and
+handshake; an expired one raises TimeoutError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from typing import Iterable
+
+from OpenSSL import SSL
+
+from . import _tls
+from ._tls import TLSHandshakeError, TLSVerifyError
+
+RAW_READ = 64 * 1024  # bytes asked of the transport at once
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """TCP_NODELAY on a TCP socket (Nagle + delayed ACK cost ~40 ms a handshake)."""
+    if sock is None:
+        return
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class Stream:
+    """Plain or TLS bytes over an asyncio (reader, writer) pair."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float | None = None) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.timeout = timeout
+        self._conn: SSL.Connection | None = None
+        self._eof = False          # the transport said EOF
+        self._closed = False
+        self.tls_problems: list[str] = []   # certificate problems tolerated (noCertCheck)
+        set_nodelay(writer.get_extra_info("socket"))
+
+    # ------------------------------------------------------------ constructors
+
+    @classmethod
+    async def from_socket(cls, sock: socket.socket, timeout: float | None = None) -> "Stream":
+        """Wrap an already connected socket (accepted, socket-activated, inherited)."""
+        set_nodelay(sock)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=RAW_READ * 2)
+        return cls(reader, writer, timeout)
+
+    @classmethod
+    async def from_fds(cls, read_fd: int, write_fd: int, timeout: float | None = None) -> "Stream":
+        """Wrap two descriptors (inetd's fd 0 and fd 1). When both are the same
+        socket, it is used as one socket; otherwise as a pipe pair."""
+        try:
+            rsock = socket.socket(fileno=os.dup(read_fd))
+        except OSError:
+            rsock = None
+        if rsock is not None:
+            if _same_file(read_fd, write_fd):
+                return await cls.from_socket(rsock, timeout)
+            rsock.close()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=RAW_READ * 2)
+        rproto = asyncio.StreamReaderProtocol(reader)
+        await loop.connect_read_pipe(lambda: rproto, os.fdopen(os.dup(read_fd), "rb", buffering=0))
+        wtransport, wproto = await loop.connect_write_pipe(
+            _WritePipeProtocol, os.fdopen(os.dup(write_fd), "wb", buffering=0))
+        writer = asyncio.StreamWriter(wtransport, wproto, reader, loop)
+        return cls(reader, writer, timeout)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def is_tls(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def peername(self):
+        return self._writer.get_extra_info("peername")
+
+    @property
+    def sockname(self):
+        return self._writer.get_extra_info("sockname")
+
+    def tls_version(self) -> str:
+        return self._conn.get_protocol_version_name() if self._conn is not None else ""
+
+    def tls_cipher(self) -> str:
+        return (self._conn.get_cipher_name() or "") if self._conn is not None else ""
+
+    # ------------------------------------------------------------ I/O
+
+    async def _wait(self, aw):
+        if self.timeout is None:
+            return await aw
+        return await asyncio.wait_for(aw, self.timeout)
+
+    async def _raw_read(self) -> bytes:
+        if self._eof:
+            return b""
+        data = await self._wait(self._reader.read(RAW_READ))
+        if not data:
+            self._eof = True
+        return data
+
+    async def _raw_write(self, data: bytes) -> None:
+        if self._closed:
+            raise ConnectionResetError("stream closed")
+        if self._writer.is_closing():
+            raise ConnectionResetError("connection closed by peer")
+        self._writer.write(data)
+        await self._wait(self._writer.drain())
+
+    async def _flush_tls(self) -> None:
+        """Send whatever TLS records OpenSSL produced."""
+        conn = self._conn
+        assert conn is not None
+        out = []
+        while True:
+            try:
+                chunk = conn.bio_read(RAW_READ)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            out.append(chunk)
+        if out:
+            await self._raw_write(b"".join(out))
+
+    async def read(self, max: int = RAW_READ) -> bytes:
+        """Up to `max` bytes; b"" at the end of the stream."""
+        if self._conn is None:
+            if self._closed:
+                return b""
+            return await self._raw_read()
+        conn = self._conn
+        while True:
+            try:
+                return conn.recv(max)
+            except SSL.WantReadError:
+                pass
+            except SSL.ZeroReturnError:
+                return b""
+            except SSL.SysCallError:
+                return b""  # EOF without close_notify: the end, whatever the peer meant
+            except SSL.Error as e:
+                raise ConnectionResetError(f"TLS error: {_tls._describe_openssl(e)}") from None
+            await self._flush_tls()  # e.g. a key update the peer asked for
+            data = await self._raw_read()
+            if data:
+                conn.bio_write(data)
+            else:
+                conn.bio_shutdown()
+
+    async def write(self, data: bytes) -> None:
+        """Send all of `data` (waits until the transport took it)."""
+        if not data:
+            return
+        if self._conn is None:
+            await self._raw_write(bytes(data))
+            return
+        conn = self._conn
+        view = memoryview(data)
+        while view:
+            try:
+                n = conn.send(view[:RAW_READ])
+            except SSL.WantReadError:  # cannot happen with memory BIOs, kept for safety
+                await self._flush_tls()
+                continue
+            except SSL.Error as e:
+                raise ConnectionResetError(f"TLS error: {_tls._describe_openssl(e)}") from None
+            view = view[n:]
+            await self._flush_tls()
+
+    async def writelines(self, parts: Iterable[bytes]) -> None:
+        await self.write(b"".join(parts))
+
+    # ------------------------------------------------------------ TLS
+
+    async def _handshake(self, conn: SSL.Connection) -> None:
+        self._conn = conn
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                await self._flush_tls()
+                data = await self._raw_read()
+                if not data:
+                    self._conn = None
+                    raise TLSHandshakeError("connection closed during the TLS handshake")
+                conn.bio_write(data)
+            except SSL.Error as e:
+                # tell the peer why (an alert), then give up
+                try:
+                    await self._flush_tls()
+                except (OSError, TimeoutError):
+                    pass
+                self._conn = None
+                state = conn.get_app_data()
+                errors = getattr(state, "errors", None)
+                if errors:
+                    raise TLSVerifyError("; ".join(errors)) from None
+                raise TLSHandshakeError(_tls._describe_openssl(e)) from None
+        await self._flush_tls()
+
+    async def start_tls_server(self, ctx: SSL.Context) -> None:
+        """Run the server side of a handshake (STARTTLS after 220, or -s)."""
+        if self._conn is not None:
+            raise RuntimeError("TLS already started on this stream")
+        await self._handshake(_tls.server_connection(ctx))
+
+    async def start_tls_client(self, ctx: SSL.Context, server_hostname: str,
+                               check_hostname: bool = True) -> list[str]:
+        """Run the client side of a handshake with SNI and check the server.
+
+        Raises TLSVerifyError for a bad chain or name when `ctx` verifies;
+        otherwise returns the problems found (also kept in tls_problems)."""
+        if self._conn is not None:
+            raise RuntimeError("TLS already started on this stream")
+        conn = _tls.client_connection(ctx, server_hostname)
+        await self._handshake(conn)
+        try:
+            self.tls_problems = _tls.check_server(conn, server_hostname, check_hostname)
+        except TLSVerifyError:
+            self._conn = None
+            raise
+        return self.tls_problems
+
+    # ------------------------------------------------------------ closing
+
+    def abort(self) -> None:
+        """Drop the connection at once (no close_notify, no flush)."""
+        self._closed = True
+        transport = self._writer.transport
+        if transport is not None:
+            transport.abort()
+
+    async def aclose(self) -> None:
+        """Close politely: TLS close_notify when in TLS, then the transport."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._conn is not None:
+                try:
+                    self._conn.shutdown()
+                except SSL.Error:
+                    pass
+                out = []
+                while True:
+                    try:
+                        chunk = self._conn.bio_read(RAW_READ)
+                    except SSL.Error:
+                        break
+                    if not chunk:
+                        break
+                    out.append(chunk)
+                if out and not self._writer.is_closing():
+                    self._writer.write(b"".join(out))
+            self._writer.close()
+            try:
+                await asyncio.wait_for(self._writer.wait_closed(), 2.0)
+            except (OSError, TimeoutError, asyncio.TimeoutError):
+                pass
+        except OSError:
+            pass
+
+
+class _WritePipeProtocol(asyncio.streams.FlowControlMixin):
+    """Write side of a pipe pair: flow control plus a waiter for close."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed_fut = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if not self._closed_fut.done():
+            self._closed_fut.set_result(None)
+
+    def _get_close_waiter(self, stream):
+        return self._closed_fut
+
+
+def _same_file(fd1: int, fd2: int) -> bool:
+    try:
+        a, b = os.fstat(fd1), os.fstat(fd2)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class ConnectError(OSError):
+    """No address of the server accepted a connection; str() lists each try."""
+
+
+async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
+    """Connect to every address `host` resolves to (IPv4 and IPv6), one after
+    the other, each bounded by `timeout`; the first that answers wins."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM), timeout)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ConnectError(errno.ETIMEDOUT, f"{host}: name lookup timed out") from None
+    except socket.gaierror as e:
+        raise ConnectError(errno.EHOSTUNREACH, f"{host}: {e.strerror or e}") from None
+    tried: list[str] = []
+    seen = set()
+    for family, type_, proto, _canon, addr in infos:
+        if (family, addr) in seen:
+            continue
+        seen.add((family, addr))
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        set_nodelay(sock)
+        shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            sock.close()
+            tried.append(f"{shown} timed out")
+            continue
+        except OSError as e:
+            sock.close()
+            tried.append(f"{shown} {e.strerror or e}")
+            continue
+        return await Stream.from_socket(sock, timeout)
+    raise ConnectError(errno.ECONNREFUSED, "; ".join(tried) or f"{host}: no address")

@@ -1,0 +1,229 @@
+"""TLS contexts for both sides of the proxy (pyOpenSSL).
+
+The handshake itself runs over memory BIOs in _stream.Stream, so the same
+code serves a TCP socket, a pipe pair under inetd or anything else that moves
+bytes. Here: building contexts (TLS 1.2+, forward-secret AEAD ciphers only),
+and checking a server's certificate chain and name on the client side.
+
+Client contexts always ask OpenSSL to verify the chain; with `verify=False`
+(a route's noCertCheck) the failures are collected instead of aborting the
+handshake, so the caller can log them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from OpenSSL import SSL
+
+# TLS 1.2 suites: ECDHE/DHE key exchange with AES-GCM or ChaCha20 only.
+# TLS 1.3 suites are OpenSSL's defaults (all of them are modern).
+CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+
+_OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+
+
+class TLSError(Exception):
+    """A TLS failure; str() is a short reason fit for a log line."""
+
+
+class TLSConfigError(TLSError):
+    """A certificate or key that cannot be used (missing, unreadable, mismatched)."""
+
+
+class TLSHandshakeError(TLSError):
+    """The peer and we could not agree on a TLS session."""
+
+
+class TLSVerifyError(TLSHandshakeError):
+    """The server's certificate chain or name did not check out."""
+
+
+def _base_context(method: int) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_OPTIONS)
+    ctx.set_cipher_list(CIPHERS.encode())
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return ctx
+
+
+def _describe_openssl(exc: BaseException) -> str:
+    """A readable one-liner from an OpenSSL.SSL.Error (its args are lists of tuples)."""
+    try:
+        parts = []
+        for item in exc.args[0]:
+            if isinstance(item, tuple) and len(item) == 3:
+                parts.append(str(item[2]))
+            else:
+                parts.append(str(item))
+        if parts:
+            return ", ".join(parts)
+    except (IndexError, TypeError):
+        pass
+    return str(exc) or type(exc).__name__
+
+
+def server_context(cert_file: str, key_file: str) -> SSL.Context:
+    """A server context with the certificate chain and key loaded now (as root,
+    before the privilege drop). Raises TLSConfigError naming the file."""
+    for what, path in (("certificate", cert_file), ("key", key_file)):
+        if not path:
+            raise TLSConfigError(f"no TLS {what} file configured")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise TLSConfigError(f"{path}: cannot read TLS {what}: {e.strerror or e}") from None
+    ctx = _base_context(SSL.TLS_SERVER_METHOD)
+    try:
+        ctx.use_certificate_chain_file(os.fsencode(cert_file))
+    except SSL.Error as e:
+        raise TLSConfigError(f"{cert_file}: not a usable PEM certificate chain ({_describe_openssl(e)})") from None
+    try:
+        ctx.use_privatekey_file(os.fsencode(key_file))
+    except SSL.Error as e:
+        reason = _describe_openssl(e)
+        if "mismatch" in reason:
+            raise TLSConfigError(f"{key_file}: the key does not match the certificate in {cert_file}") from None
+        raise TLSConfigError(f"{key_file}: not a usable PEM private key ({reason})") from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise TLSConfigError(f"{key_file}: the key does not match the certificate in {cert_file}") from None
+    ctx.set_session_id(b"sendooway")
+    return ctx
+
+
+def _record_verify(conn: SSL.Connection, cert, errnum: int, depth: int, ok: int) -> bool:
+    """OpenSSL's per-certificate verify callback: remember every failure on the
+    connection; refuse only when the context says the chain must verify."""
+    if not ok:
+        state = conn.get_app_data()
+        if isinstance(state, _VerifyState):
+            subject = ""
+            try:
+                subject = cert.to_cryptography().subject.rfc4514_string()
+            except Exception:  # a certificate without a readable subject
+                subject = ""
+            reason = _verify_reason(errnum)
+            state.errors.append(f"depth {depth}{' ' + subject if subject else ''}: {reason}")
+            return not state.verify
+        return False
+    return True
+
+
+def _verify_reason(errnum: int) -> str:
+    try:
+        from OpenSSL._util import ffi, lib
+
+        return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode("ascii", "replace")
+    except Exception:  # pragma: no cover - private API moved
+        return f"verify error {errnum}"
+
+
+class _VerifyState:
+    """Attached to each client connection: what verification found."""
+
+    __slots__ = ("verify", "errors")
+
+    def __init__(self, verify: bool) -> None:
+        self.verify = verify
+        self.errors: list[str] = []
+
+
+class _ClientSettings:
+    __slots__ = ("verify", "ca_file")
+
+    def __init__(self, verify: bool, ca_file: str) -> None:
+        self.verify = verify
+        self.ca_file = ca_file
+
+
+def client_context(ca_file: str = "", verify: bool = True) -> SSL.Context:
+    """A client context trusting `ca_file` (PEM) or, when empty, the system
+    store. `verify=False` (noCertCheck): failures are reported, not fatal."""
+    ctx = _base_context(SSL.TLS_CLIENT_METHOD)
+    if ca_file:
+        try:
+            ctx.load_verify_locations(os.fsencode(ca_file))
+        except SSL.Error as e:
+            raise TLSConfigError(f"{ca_file}: cannot load CA certificates ({_describe_openssl(e)})") from None
+        except OSError as e:
+            raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {e.strerror or e}") from None
+    else:
+        ctx.set_default_verify_paths()
+    ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
+    ctx.set_app_data(_ClientSettings(verify, ca_file))
+    return ctx
+
+
+def context_verifies(ctx: SSL.Context) -> bool:
+    settings = ctx.get_app_data()
+    return bool(settings.verify) if isinstance(settings, _ClientSettings) else True
+
+
+def client_connection(ctx: SSL.Context, server_hostname: str) -> SSL.Connection:
+    """A memory-BIO client connection with SNI set (not for IP addresses, RFC 6066)."""
+    conn = SSL.Connection(ctx, None)
+    conn.set_app_data(_VerifyState(context_verifies(ctx)))
+    if server_hostname and not is_ip_address(server_hostname):
+        conn.set_tlsext_host_name(server_hostname.rstrip(".").encode("idna"))
+    conn.set_connect_state()
+    return conn
+
+
+def server_connection(ctx: SSL.Context) -> SSL.Connection:
+    conn = SSL.Connection(ctx, None)
+    conn.set_accept_state()
+    return conn
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def check_server(conn: SSL.Connection, server_hostname: str, check_hostname: bool) -> list[str]:
+    """After the handshake: the chain errors and the name check.
+
+    Raises TLSVerifyError when the context verifies and something failed;
+    otherwise returns the problems found (for the log)."""
+    from service_identity import VerificationError
+    from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+    state = conn.get_app_data()
+    verify = state.verify if isinstance(state, _VerifyState) else True
+    problems = list(state.errors) if isinstance(state, _VerifyState) else []
+    if conn.get_peer_certificate() is None:
+        problems.append("the server sent no certificate")
+    elif check_hostname and server_hostname:
+        name = server_hostname.strip("[]").rstrip(".")
+        try:
+            if is_ip_address(name):
+                verify_ip_address(conn, name)
+            else:
+                verify_hostname(conn, name)
+        except VerificationError as e:
+            problems.append(f"certificate does not match {name}: {_describe_mismatch(e)}")
+        except Exception as e:  # service_identity's other refusals (e.g. no SAN at all)
+            problems.append(f"certificate does not match {name}: {e}")
+    if problems and verify:
+        raise TLSVerifyError("; ".join(problems))
+    return problems
+
+
+def _describe_mismatch(e: Exception) -> str:
+    errors = getattr(e, "errors", None)
+    if errors:
+        return ", ".join(type(x).__name__ for x in errors)
+    return str(e)

@@ -1,0 +1,314 @@
+"""The TLS/stream layer: Stream over real loopback sockets, STARTTLS-style
+upgrades, certificate and name checks, context errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+
+import pytest
+import trustme
+
+from sendooway_front._stream import ConnectError, Stream, open_tcp
+from sendooway_front._tls import (
+    TLSConfigError, TLSHandshakeError, TLSVerifyError, client_context, server_context,
+)
+
+
+def run(coro, timeout=20):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _echo_server(world, host="127.0.0.1", upgrade=True, ctx=None):
+    """A line server: 'STARTTLS' upgrades, other lines are echoed upper-cased."""
+    ctx = ctx or server_context(world.upstream_cert_file, world.upstream_key_file)
+    seen = {}
+
+    async def handle(reader, writer):
+        s = Stream(reader, writer, timeout=10)
+        seen["nodelay"] = writer.get_extra_info("socket").getsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        buf = b""
+        try:
+            while True:
+                data = await s.read(4096)
+                if not data:
+                    break
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line == b"STARTTLS" and upgrade:
+                        await s.write(b"GO\n")
+                        await s.start_tls_server(ctx)
+                        seen["tls"] = s.is_tls
+                    else:
+                        await s.write(line.upper() + b"\n")
+        except Exception as e:  # recorded for the test
+            seen["error"] = e
+        finally:
+            await s.aclose()
+
+    server = await asyncio.start_server(handle, host, 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+async def _readline(s: Stream) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        data = await s.read(1)
+        if not data:
+            break
+        buf += data
+    return buf
+
+
+def test_plain_then_starttls_round_trip(world):
+    async def go():
+        server, port, seen = await _echo_server(world)
+        async with server:
+            s = await open_tcp("localhost", port, timeout=5)
+            assert s._writer.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            await s.write(b"hello\n")
+            assert await _readline(s) == b"HELLO\n"
+            assert not s.is_tls
+            await s.write(b"STARTTLS\n")
+            assert await _readline(s) == b"GO\n"
+            problems = await s.start_tls_client(client_context(world.ca_file), "localhost")
+            assert problems == []
+            assert s.is_tls and s.tls_version() in ("TLSv1.2", "TLSv1.3")
+            big = os.urandom(300_000).hex().encode()  # crosses many records and raw reads
+            await s.write(big + b"\n")
+            got = b""
+            while not got.endswith(b"\n"):
+                got += await s.read(65536)
+            assert got == big.upper() + b"\n"
+            await s.aclose()
+        assert seen.get("tls") is True
+        assert seen["nodelay"]
+        assert "error" not in seen
+
+    run(go())
+
+
+def test_ip_address_host_checked_against_san(world):
+    async def go():
+        server, port, _ = await _echo_server(world)
+        async with server:
+            s = await open_tcp("127.0.0.1", port, timeout=5)
+            await s.write(b"STARTTLS\n")
+            await _readline(s)
+            assert await s.start_tls_client(client_context(world.ca_file), "127.0.0.1") == []
+            await s.aclose()
+
+    run(go())
+
+
+def test_ipv6_loopback(world):
+    async def go():
+        server, port, _ = await _echo_server(world, host="::1")
+        async with server:
+            s = await open_tcp("::1", port, timeout=5)
+            assert s.peername[0] == "::1"
+            await s.write(b"STARTTLS\n")
+            await _readline(s)
+            await s.start_tls_client(client_context(world.ca_file), "::1")
+            await s.write(b"x\n")
+            assert await _readline(s) == b"X\n"
+            await s.aclose()
+
+    run(go())
+
+
+def _other_name_ctx(tmp_path):
+    """A server context whose certificate (same world CA? no: own CA) names mail.example."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("mail.example")
+    cert = tmp_path / "other.crt"
+    key = tmp_path / "other.key"
+    with open(cert, "wb") as f:
+        for blob in leaf.cert_chain_pems:
+            f.write(blob.bytes())
+    leaf.private_key_pem.write_to_path(str(key))
+    ca_file = tmp_path / "otherca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return server_context(str(cert), str(key)), str(ca_file)
+
+
+def test_wrong_host_name_refused_and_tolerated_with_no_cert_check(world, tmp_path):
+    ctx, other_ca = _other_name_ctx(tmp_path)
+
+    async def attempt(client_ctx, check=True):
+        server, port, _ = await _echo_server(world, ctx=ctx)
+        async with server:
+            s = await open_tcp("127.0.0.1", port, timeout=5)
+            await s.write(b"STARTTLS\n")
+            await _readline(s)
+            try:
+                return await s.start_tls_client(client_ctx, "localhost", check_hostname=check)
+            finally:
+                await s.aclose()
+
+    # right CA, wrong name: refused with the name in the reason
+    with pytest.raises(TLSVerifyError, match="localhost"):
+        run(attempt(client_context(other_ca)))
+    # unknown CA (the world's CA did not sign it): refused
+    with pytest.raises(TLSVerifyError, match="certificate"):
+        run(attempt(client_context(world.ca_file)))
+    # system store does not know a trustme CA either
+    with pytest.raises(TLSVerifyError):
+        run(attempt(client_context("")))
+    # noCertCheck: both problems reported, the session goes on
+    problems = run(attempt(client_context(world.ca_file, verify=False)))
+    assert any("localhost" in p for p in problems)
+    assert any("depth" in p for p in problems)
+
+
+def test_server_stream_with_python_ssl_client(world):
+    """Interop: the standard library's client against our server side."""
+    async def go():
+        server, port, seen = await _echo_server(world)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"STARTTLS\n")
+            assert await reader.readline() == b"GO\n"
+            await writer.start_tls(world.ssl_context(), server_hostname="localhost")
+            writer.write(b"abc\n")
+            assert await reader.readline() == b"ABC\n"
+            writer.close()
+        assert seen["tls"]
+
+    run(go())
+
+
+def test_tls12_only_client_accepted_and_weak_refused(world):
+    async def go(max_version, ciphers=None):
+        server, port, _ = await _echo_server(world)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"STARTTLS\n")
+            await reader.readline()
+            c = world.ssl_context()
+            c.minimum_version = ssl.TLSVersion.TLSv1_2
+            c.maximum_version = max_version
+            if ciphers:
+                c.set_ciphers(ciphers)
+            try:
+                await writer.start_tls(c, server_hostname="localhost")
+                writer.write(b"q\n")
+                return await reader.readline()
+            finally:
+                writer.close()
+
+    assert run(go(ssl.TLSVersion.TLSv1_2)) == b"Q\n"
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        run(go(ssl.TLSVersion.TLSv1_2, "AES128-SHA"))  # no forward secrecy: refused
+
+
+def test_handshake_with_a_plain_peer_fails_cleanly(world):
+    async def go():
+        async def handle(reader, writer):
+            writer.write(b"220 not tls at all\r\n" * 3)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            s = await open_tcp("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+            try:
+                await s.start_tls_client(client_context(world.ca_file), "localhost")
+            finally:
+                await s.aclose()
+
+    with pytest.raises(TLSHandshakeError):
+        run(go())
+
+
+def test_read_timeout(world):
+    async def go():
+        async def handle(reader, writer):
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            s = await open_tcp("127.0.0.1", server.sockets[0].getsockname()[1], timeout=0.2)
+            try:
+                await s.read(10)
+            finally:
+                s.abort()
+
+    with pytest.raises(TimeoutError):
+        run(go())
+
+
+def test_connect_tries_every_address_and_reports_each():
+    # a closed port on both loopbacks: localhost resolves to 127.0.0.1 (and ::1 when present)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectError) as exc:
+        run(open_tcp("localhost", port, timeout=2))
+    assert f"127.0.0.1:{port}" in str(exc.value)
+    with pytest.raises(ConnectError):
+        run(open_tcp("no-such-host.invalid", 25, timeout=2))
+
+
+def test_server_context_errors(world, tmp_path):
+    with pytest.raises(TLSConfigError, match="missing.crt"):
+        server_context(str(tmp_path / "missing.crt"), world.upstream_key_file)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(TLSConfigError, match="junk.pem"):
+        server_context(str(junk), world.upstream_key_file)
+    with pytest.raises(TLSConfigError, match="junk.pem"):
+        server_context(world.upstream_cert_file, str(junk))
+    other = trustme.CA().issue_cert("localhost")
+    other_key = tmp_path / "other.key"
+    other.private_key_pem.write_to_path(str(other_key))
+    with pytest.raises(TLSConfigError, match="does not match"):
+        server_context(world.upstream_cert_file, str(other_key))
+    with pytest.raises(TLSConfigError, match="cannot load CA"):
+        client_context(str(junk))
+    assert server_context(world.cert_file, world.key_file) is not None
+
+
+def test_from_fds_pipe_pair(world):
+    """inetd-style: read on one pipe, write on another."""
+    async def go():
+        r_in, w_in = os.pipe()
+        r_out, w_out = os.pipe()
+        s = await Stream.from_fds(r_in, w_out, timeout=5)
+        os.write(w_in, b"ping")
+        assert await s.read(10) == b"ping"
+        await s.write(b"pong")
+        assert os.read(r_out, 10) == b"pong"
+        os.close(w_in)
+        assert await s.read(10) == b""
+        await s.aclose()
+        for fd in (r_in, r_out, w_out):
+            os.close(fd)
+
+    run(go())
+
+
+def test_from_fds_same_socket_upgrades_to_tls(world):
+    """inetd with a socket on fd 0 and fd 1 (two descriptors, one socket): TLS works."""
+    async def go():
+        a, b = socket.socketpair()
+        fd2 = os.dup(a.fileno())
+        s = await Stream.from_fds(a.fileno(), fd2, timeout=5)
+        peer = await Stream.from_socket(b, timeout=5)
+        ctx = server_context(world.upstream_cert_file, world.upstream_key_file)
+        await asyncio.gather(s.start_tls_server(ctx),
+                             peer.start_tls_client(client_context(world.ca_file), "localhost"))
+        await peer.write(b"secret bytes")
+        assert await s.read(100) == b"secret bytes"
+        await peer.aclose()
+        assert await s.read(100) == b""
+        await s.aclose()
+        a.close()
+        os.close(fd2)
+
+    run(go())
