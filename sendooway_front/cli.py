@@ -1,12 +1,24 @@
-"""`sendooway`: the command line of the frontend."""
+"""`sendooway`: the command line of the frontend.
+
+Start-up order matters: config, log, TLS key, listening sockets and the
+authenticator link are set up while still root; then every module a session
+needs is imported, the privileges are dropped for good, and only then is a
+client byte read.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, load_config_or_exit
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, load_config_or_exit
+from sendooway_shared.log import setup_logging
+
+EXIT_FAILURE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +44,106 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(log: logging.Logger, message: str, code: int = EXIT_CONFIG) -> int:
+    log.error("cannot start: %s", message)
+    print(f"sendooway: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    load_config_or_exit(args.config, "sendooway")
-    print("sendooway: the SMTP frontend is not built yet", file=sys.stderr)
-    return 1
+    cfg = load_config_or_exit(args.config, "sendooway")
+    try:
+        setup_logging(args.log, "sendooway")
+    except OSError as exc:
+        print(f"sendooway: cannot open log {args.log}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    log = logging.getLogger("sendooway")
+
+    from ._authlink import AuthLinkError, SocketConnector, daemon_reachable, spawn_daemon, spawn_pair
+    from ._driver import Frontend
+    from ._privileges import PrivilegeError, drop_privileges
+    from ._server import (
+        BindError, activated_sockets, listen_sockets, parse_bind, preload, serve_connection,
+        serve_listening, serve_stdio,
+    )
+    from ._tls import TLSConfigError, server_context
+
+    # TLS: the key is read now, as root.
+    tls_context = None
+    if cfg.sslCert or cfg.sslKey or args.ssl:
+        try:
+            tls_context = server_context(cfg.sslCert, cfg.sslKey)
+        except TLSConfigError as exc:
+            return _fail(log, str(exc))
+
+    # Where the clients come from.
+    listening = []
+    connection = None
+    activation = activated_sockets()
+    if args.bind:
+        try:
+            listening = listen_sockets(*parse_bind(args.bind))
+        except BindError as exc:
+            return _fail(log, str(exc))
+    elif activation is not None:
+        listening, connection = activation.listening, activation.connection
+        if not listening and connection is None:
+            return _fail(log, "systemd passed no usable socket")
+    many = bool(listening)
+
+    # The authenticator.
+    path = args.auth_socket or cfg.authSocket
+    is_root = os.geteuid() == 0
+    spawned = None
+    if daemon_reachable(path) or not is_root:
+        connector = SocketConnector(path, cfg.timeout)
+        if not is_root and not daemon_reachable(path):
+            log.warning("no authenticator at %s: sessions get 421 until it runs", path)
+    else:
+        config_path = os.path.abspath(args.config)
+        try:
+            if many:
+                connector, spawned = spawn_daemon(config_path, args.log, cfg.timeout)
+            else:
+                connector = spawn_pair(config_path, args.log, cfg.timeout)
+        except AuthLinkError as exc:
+            return _fail(log, str(exc), EXIT_FAILURE)
+        log.info("no authenticator at %s: started %s", path, connector.describe())
+
+    frontend = Frontend(cfg, tls_context=tls_context, implicit_tls=args.ssl,
+                        channel_safe=args.nossl, connector=connector)
+    frontend.settings()  # fail now, not in a session, if the settings are wrong
+
+    preload()
+    loop = asyncio.new_event_loop()
+    try:
+        uid, gid = drop_privileges(cfg.frontendUser)
+    except PrivilegeError as exc:
+        loop.close()
+        return _fail(log, str(exc), EXIT_FAILURE)
+    log.debug("running as uid %d gid %d", uid, gid)
+
+    try:
+        if many:
+            loop.run_until_complete(serve_listening(frontend, listening))
+        elif connection is not None:
+            loop.run_until_complete(serve_connection(frontend, connection))
+        else:
+            loop.run_until_complete(serve_stdio(frontend))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.close()
+        reap = getattr(connector, "reap", None)
+        if reap is not None:
+            reap()
+        if spawned is not None and spawned.poll() is None:
+            try:
+                spawned.terminate()
+            except OSError:  # it runs as root; it dies with us anyway (PDEATHSIG)
+                pass
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,242 @@
+"""The frontend's side of the authenticator protocol.
+
+One AuthLink per SMTP session (the authenticator permits hello → auth →
+route… per connection). A Connector makes links: to the daemon's UNIX socket,
+or over the one socketpair to a `sendooway-auth --fd N` child started while
+still root. sendooway_front never imports sendooway_auth: the child is a new
+program found next to this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from sendooway_shared.protocol import (
+    VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Hello, Message, NoRoute,
+    ProtocolError, RouteOk, RouteRequest, Welcome,
+)
+from sendooway_shared.types import Route, Secret
+
+AUTH_PROGRAM = "sendooway-auth"
+
+
+class AuthLinkError(Exception):
+    """The authenticator cannot be reached or broke the protocol."""
+
+
+class AuthLink:
+    """Request/reply with the authenticator for one SMTP session."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float) -> None:
+        self._channel = AsyncChannel(reader, writer)
+        self._timeout = timeout
+        self._broken = False
+
+    async def _request(self, msg: Message) -> Message:
+        if self._broken:
+            raise AuthLinkError("link already failed")
+        try:
+            return await asyncio.wait_for(self._channel.request(msg), self._timeout)
+        except asyncio.TimeoutError:
+            self._broken = True
+            raise AuthLinkError("authenticator did not answer in time") from None
+        except (ProtocolError, ConnectionError, OSError, EOFError) as exc:
+            self._broken = True
+            raise AuthLinkError(f"authenticator link failed: {exc}") from None
+
+    def _unexpected(self, reply: Message) -> AuthLinkError:
+        self._broken = True
+        return AuthLinkError(f"unexpected {reply.TYPE!r} from the authenticator")
+
+    async def hello(self, session_id: str, client: str) -> None:
+        reply = await self._request(Hello(VERSION, session_id[:64], client[:128]))
+        if not isinstance(reply, Welcome) or reply.version != VERSION:
+            raise self._unexpected(reply)
+
+    async def auth(self, user: str, password: Secret) -> str | None:
+        """The account name on success, None when the login failed."""
+        reply = await self._request(AuthRequest(user, password))
+        if isinstance(reply, AuthOk):
+            return reply.user
+        if isinstance(reply, AuthFail):
+            return None
+        raise self._unexpected(reply)
+
+    async def route(self, sender: str) -> Route | None:
+        """The route for `sender` of the user logged in on this link, or None."""
+        reply = await self._request(RouteRequest(sender))
+        if isinstance(reply, RouteOk):
+            return reply.to_route()
+        if isinstance(reply, NoRoute):
+            return None
+        raise self._unexpected(reply)
+
+    def close(self) -> None:
+        try:
+            self._channel.close()
+        except Exception:  # closing a link that already broke
+            pass
+
+
+class SocketConnector:
+    """Links to the sendooway-auth daemon on a UNIX socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def describe(self) -> str:
+        return self.path
+
+    async def open(self, session_id: str, client: str) -> AuthLink:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.path, limit=65536), self.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise AuthLinkError(f"cannot connect to the authenticator at {self.path}: {reason}") from None
+        link = AuthLink(reader, writer, self.timeout)
+        await link.hello(session_id, client)
+        return link
+
+
+class PairConnector:
+    """The one connection to a `sendooway-auth --fd N` child (stdio mode)."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen, timeout: float) -> None:
+        self.sock: socket.socket | None = sock
+        self.proc = proc
+        self.timeout = timeout
+
+    def describe(self) -> str:
+        return f"socketpair to {AUTH_PROGRAM} pid {self.proc.pid}"
+
+    async def open(self, session_id: str, client: str) -> AuthLink:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            raise AuthLinkError("the socketpair serves one session only")
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=65536)
+        link = AuthLink(reader, writer, self.timeout)
+        await link.hello(session_id, client)
+        return link
+
+    def reap(self) -> None:
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # it exits when the link closes; do not wait forever
+            pass
+
+
+def daemon_reachable(path: str) -> bool:
+    """True when something accepts connections on `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def find_auth_program() -> str:
+    """sendooway-auth from the same bin directory as this program."""
+    dirs = []
+    if sys.argv and sys.argv[0]:
+        dirs.append(os.path.dirname(os.path.abspath(sys.argv[0])))
+    dirs.append(os.path.dirname(sys.executable))
+    dirs.append(os.path.dirname(os.path.realpath(sys.executable)))
+    for d in dirs:
+        candidate = os.path.join(d, AUTH_PROGRAM)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which(AUTH_PROGRAM)
+    if found:
+        return found
+    raise AuthLinkError(f"{AUTH_PROGRAM} not found next to {sys.argv[0] or sys.executable}")
+
+
+def _auth_args(config_path: str, log_target: str | None) -> list[str]:
+    args = ["-c", config_path]
+    if log_target:
+        args += ["-l", log_target]
+    return args
+
+
+def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> PairConnector:
+    """Fork+exec `sendooway-auth --fd N` on one end of a socketpair (as root,
+    before the privilege drop). Its stdin/stdout are /dev/null: under inetd
+    they are the client's connection."""
+    program = find_auth_program()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            [program, "--fd", str(theirs.fileno()), *_auth_args(config_path, log_target)],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            close_fds=True)
+    except OSError as exc:
+        ours.close()
+        raise AuthLinkError(f"cannot start {program}: {exc.strerror}") from None
+    finally:
+        theirs.close()
+    return PairConnector(ours, proc, timeout)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the frontend goes away."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
+                 ready_timeout: float = 20.0) -> tuple[SocketConnector, subprocess.Popen]:
+    """Start a private `sendooway-auth --socket` child for a listening frontend
+    started as root with no daemon running (a socketpair would serve only one
+    session). It dies with the frontend."""
+    program = find_auth_program()
+    directory = tempfile.mkdtemp(prefix="sendooway-auth-")
+    os.chmod(directory, 0o711)  # the frontend user may reach the socket, not list the dir
+    path = os.path.join(directory, "auth.sock")
+    notify_path = os.path.join(directory, "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+    try:
+        proc = subprocess.Popen(
+            [program, "--socket", path, *_auth_args(config_path, log_target)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True, env=env,
+            preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + ready_timeout
+        notify.settimeout(0.2)
+        while True:
+            try:
+                if b"READY=1" in notify.recv(256):
+                    break
+            except socket.timeout:
+                pass
+            if proc.poll() is not None:
+                raise AuthLinkError(f"{program} exited with status {proc.returncode} at start")
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise AuthLinkError(f"{program} did not become ready")
+    except OSError as exc:
+        raise AuthLinkError(f"cannot start {program}: {exc.strerror}") from None
+    finally:
+        notify.close()
+        try:
+            os.unlink(notify_path)
+        except OSError:
+            pass
+    return SocketConnector(path, timeout), proc

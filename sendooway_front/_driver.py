@@ -1,0 +1,260 @@
+"""Runs one sans-IO Session over a Stream: moves bytes, asks the
+authenticator and the relay, logs. Shared by every mode (stdio, -b, socket
+activation); the modes themselves live in _server.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sendooway_shared.config import Config, Ext8BitMime, MailerEncryption, default_localname
+
+from . import _catalogue as R
+from ._authlink import AuthLink, AuthLinkError
+from ._events import (
+    NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
+    DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
+)
+from ._norelay import NoRelay
+from ._relay_api import RelayBackend, SessionInfo
+from ._session import Session, SessionSettings
+from ._stream import Stream
+from ._tls import TLSError
+
+READ_SIZE = 64 * 1024
+log = logging.getLogger("sendooway")
+
+
+def make_relay(config: Config, logger: logging.Logger) -> RelayBackend:
+    """The relay backend of one client session (the one place to swap it)."""
+    return NoRelay()
+
+
+class Connector(Protocol):
+    def describe(self) -> str: ...
+
+    async def open(self, session_id: str, client: str) -> AuthLink: ...
+
+
+@dataclass
+class Frontend:
+    """What every session of one process shares."""
+
+    config: Config
+    tls_context: Any = None           # OpenSSL.SSL.Context or None
+    implicit_tls: bool = False        # -s: handshake before the greeting
+    channel_safe: bool = False        # -S: the channel is already encrypted
+    connector: Connector | None = None
+    hostname: str = ""
+    active: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.hostname:
+            self.hostname = default_localname(self.config)
+
+    def settings(self) -> SessionSettings:
+        cfg = self.config
+        return SessionSettings(
+            hostname=self.hostname,
+            tls_available=(self.tls_context is not None and not self.channel_safe
+                           and cfg.mailerEncryption is not MailerEncryption.FORBIDDEN),
+            encrypted=self.channel_safe or self.implicit_tls,
+            require_encryption=cfg.mailerEncryption is MailerEncryption.REQUIRED,
+            advertise_8bitmime=cfg.ext8BitMime is not Ext8BitMime.DISABLE,
+            size_limit=cfg.extMessageSize,
+            max_auth_failures=cfg.maxAuthFailures,
+        )
+
+
+def new_session_id() -> str:
+    return os.urandom(5).hex()
+
+
+def describe_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer else ""
+
+
+class SessionRunner:
+    """One client session from greeting to close."""
+
+    def __init__(self, frontend: Frontend, stream: Stream, client: str) -> None:
+        self.frontend = frontend
+        self.stream = stream
+        self.client = client
+        self.sid = new_session_id()
+        self.session = Session(frontend.settings())
+        self.link: AuthLink | None = None
+        self.relay: RelayBackend | None = None
+        self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
+
+    def _log(self, level: int, msg: str, *args: Any) -> None:
+        log.log(level, "%s: " + msg, self.sid, *args)
+
+    async def run(self) -> None:
+        fe = self.frontend
+        self.stream.timeout = fe.config.timeout
+        self._log(logging.INFO, "connect from %s", self.client or "(stdio)")
+        try:
+            if fe.implicit_tls:
+                try:
+                    await self.stream.start_tls_server(fe.tls_context)
+                except (TLSError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                    self._log(logging.INFO, "TLS handshake failed: %s", exc)
+                    return
+            await self._open_link()
+            self.relay = make_relay(fe.config, log)
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: internal error, closing the session", self.sid)
+            if self.relay is not None and self.session.state.value == "data":
+                await self._quietly(self.relay.data_abort())
+        finally:
+            await self._finish()
+
+    async def _open_link(self) -> None:
+        fe = self.frontend
+        if fe.connector is None:
+            self._log(logging.ERROR, "no authenticator configured")
+            self.session.refuse(R.AUTH_BACKEND_DOWN)
+            return
+        try:
+            self.link = await fe.connector.open(self.sid, self.client_ip)
+        except AuthLinkError as exc:
+            self._log(logging.ERROR, "%s; answering 421", exc)
+            self.session.refuse(R.AUTH_BACKEND_DOWN)
+            return
+        self.session.start()
+
+    async def _loop(self) -> None:
+        s = self.session
+        while True:
+            ev = s.next_event()
+            if ev is NEED_DATA:
+                await self._send()
+                try:
+                    data = await self.stream.read(READ_SIZE)
+                except (asyncio.TimeoutError, TimeoutError):
+                    self._log(logging.INFO, "timeout after %ss without input", self.stream.timeout)
+                    s.timed_out()
+                    continue
+                except OSError as exc:
+                    self._log(logging.INFO, "read failed: %s", exc)
+                    data = b""
+                s.receive_data(data)
+            elif isinstance(ev, ConnectionClosed):
+                if ev.aborted_data and self.relay is not None:
+                    await self._quietly(self.relay.data_abort())
+                self._log(logging.INFO, "closed: %s", ev.reason)
+                await self._send()
+                return
+            elif isinstance(ev, Greeted):
+                self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", ev.name)
+            elif isinstance(ev, AuthRequested):
+                await self._auth(ev)
+            elif isinstance(ev, StartTls):
+                await self._send()
+                try:
+                    await self.stream.start_tls_server(self.frontend.tls_context)
+                except (TLSError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                    self._log(logging.INFO, "STARTTLS handshake failed: %s", exc)
+                    return
+                s.tls_started()
+                self._log(logging.INFO, "STARTTLS: %s %s", self.stream.tls_version(),
+                          self.stream.tls_cipher())
+            elif isinstance(ev, MailRequested):
+                s.relay_reply(await self._mail(ev))
+            elif isinstance(ev, RcptRequested):
+                s.relay_reply(await self._relay_call(self.relay.rcpt(ev.recipient)))
+            elif isinstance(ev, DataRequested):
+                s.relay_reply(await self._relay_call(self.relay.data_start()))
+            elif isinstance(ev, DataChunk):
+                await self.relay.data_chunk(ev.data)
+            elif isinstance(ev, DataFinished):
+                reply = await self._relay_call(self.relay.data_end())
+                self._log(logging.INFO, "message of %d bytes: %s", ev.size, reply)
+                s.relay_reply(reply)
+            elif isinstance(ev, DataRefused):
+                self._log(logging.INFO, "message refused: %s", ev.reason)
+                await self.relay.data_abort()
+            elif isinstance(ev, TransactionReset):
+                await self.relay.reset()
+            elif ev is PAUSED:
+                raise RuntimeError("session paused with no pending event")
+
+    async def _send(self) -> None:
+        out = self.session.data_to_send()
+        if out:
+            try:
+                await self.stream.write(out)
+            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                self._log(logging.INFO, "write failed: %s", exc)
+                self.session.receive_data(b"")
+                if not self.session.closed:
+                    self.session.shutdown(R.SERVICE_UNAVAILABLE)
+                self.session.data_to_send()
+
+    async def _auth(self, ev: AuthRequested) -> None:
+        user = ev.user
+        try:
+            account = await self.link.auth(user, ev.password)
+        except AuthLinkError as exc:
+            self._log(logging.ERROR, "login of %r: %s", user, exc)
+            self.session.auth_result(None, temporary=True)
+            return
+        if account is None:
+            self._log(logging.INFO, "login failed: user=%r mechanism=%s client=%s", user,
+                      ev.mechanism, self.client or "-")
+            self.session.auth_result(None)
+        else:
+            self._log(logging.INFO, "login: user=%s mechanism=%s", account, ev.mechanism)
+            self.session.auth_result(account)
+
+    async def _mail(self, ev: MailRequested):
+        try:
+            route = await self.link.route(ev.sender)
+        except AuthLinkError as exc:
+            self._log(logging.ERROR, "route for <%s>: %s", ev.sender, exc)
+            return R.ROUTE_TEMPFAIL
+        if route is None:
+            self._log(logging.INFO, "user=%s sender=<%s>: no route", self.session.user, ev.sender)
+            return R.NO_ROUTE
+        self._log(logging.INFO, "user=%s sender=<%s> route=%s", self.session.user, ev.sender,
+                  route.describe())
+        info = SessionInfo(self.sid, self.client, self.session.client_name, self.session.user or "",
+                           self.session.encrypted, self.session.esmtp)
+        return await self._relay_call(self.relay.mail(info, route, ev.sender, ev.params))
+
+    async def _relay_call(self, aw):
+        """A relay reply; a relay that raises gives a temporary failure, never 250."""
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: relay failed", self.sid)
+            return R.RELAY_FAILED
+
+    async def _quietly(self, aw) -> None:
+        try:
+            await aw
+        except Exception:
+            log.exception("%s: relay cleanup failed", self.sid)
+
+    async def _finish(self) -> None:
+        if self.relay is not None:
+            await self._quietly(self.relay.close())
+        if self.link is not None:
+            self.link.close()
+        try:
+            await self._send()
+        except Exception:
+            pass
+        await self.stream.aclose()

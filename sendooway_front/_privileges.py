@@ -1,0 +1,42 @@
+"""Dropping root for good, before the first byte from a client is read."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import resource
+
+
+class PrivilegeError(Exception):
+    """The drop failed or could be undone: the frontend must not serve."""
+
+
+def drop_privileges(user: str) -> tuple[int, int]:
+    """Become `user` (its uid and primary gid, no supplementary groups) and
+    check that root cannot be regained. A process that is not root stays
+    as it is. Returns (uid, gid) now in effect."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # passwords pass through here
+    if os.geteuid() != 0 and os.getuid() != 0:
+        return os.getuid(), os.getgid()
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"frontendUser {user!r} does not exist") from None
+    if pw.pw_uid == 0:
+        raise PrivilegeError(f"frontendUser {user!r} is root: refusing to serve as root")
+    try:
+        os.setgroups([])
+        os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+        os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+    except OSError as exc:
+        raise PrivilegeError(f"cannot become {user}: {exc.strerror}") from None
+    if (os.getresuid() != (pw.pw_uid,) * 3 or os.getresgid() != (pw.pw_gid,) * 3
+            or set(os.getgroups()) - {pw.pw_gid}):
+        raise PrivilegeError(f"dropping to {user} did not take effect")
+    for regain in (lambda: os.setuid(0), lambda: os.seteuid(0), lambda: os.setgid(0)):
+        try:
+            regain()
+        except PermissionError:
+            continue
+        raise PrivilegeError("root could be regained after dropping privileges")
+    return pw.pw_uid, pw.pw_gid

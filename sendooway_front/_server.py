@@ -1,0 +1,252 @@
+"""The ways sendooway meets its clients: one session on stdin/stdout
+(inetd, xinetd, systemd Accept=yes with StandardInput=socket), a listening
+server (-b, systemd Accept=no), one socket-activated connection (Accept=yes
+without StandardInput=socket). All of them run SessionRunner."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from dataclasses import dataclass
+
+from ._driver import Frontend, SessionRunner, describe_peer
+from ._stream import Stream, set_nodelay
+
+SD_LISTEN_FDS_START = 3
+SHUTDOWN_GRACE = 30.0  # seconds running sessions get after SIGTERM
+log = logging.getLogger("sendooway")
+
+# Modules the serving process may need after the privilege drop, when the
+# installation tree may no longer be readable: imported now, while still root.
+PRELOAD = (
+    "encodings.idna", "encodings.ascii", "encodings.latin_1", "stringprep", "unicodedata",
+    "asyncio.unix_events", "asyncio.selector_events", "asyncio.sslproto", "selectors",
+    "logging.handlers", "base64", "binascii", "hmac", "hashlib", "ipaddress", "email.utils",
+    "ssl", "ctypes", "OpenSSL.SSL", "OpenSSL.crypto", "OpenSSL._util",
+    "cryptography.x509", "cryptography.hazmat.bindings.openssl.binding",
+    "service_identity", "service_identity.pyopenssl", "service_identity.hazmat",
+    "msgpack", "sendooway_front._session", "sendooway_front._address",
+    "sendooway_front._catalogue", "sendooway_front._authlink", "sendooway_front._norelay",
+    "sendooway_front._tls", "sendooway_front._stream", "sendooway_front._driver",
+    "sendooway_front._relay", "sendooway_front._upstream", "sendooway_front._pool",
+)
+
+
+def preload() -> None:
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    "preload".encode("idna")  # the codec machinery, not only the module
+    from OpenSSL import SSL
+
+    SSL.Context(SSL.TLS_SERVER_METHOD)  # cffi bindings fully initialised
+
+
+# ------------------------------------------------------------ addresses
+
+
+class BindError(Exception):
+    """A -b value or address that cannot be listened on."""
+
+
+def parse_bind(value: str) -> tuple[str | None, int]:
+    """'587' → (None, 587); '127.0.0.1:587', '[::1]:587', 'host:587'."""
+    host: str | None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or value[end + 1:end + 2] != ":":
+            raise BindError(f"-b {value}: expected [ADDRESS]:PORT")
+        host, port_text = value[1:end], value[end + 2:]
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    elif ":" in value:
+        raise BindError(f"-b {value}: write an IPv6 address as [ADDRESS]:PORT")
+    else:
+        host, port_text = None, value
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise BindError(f"-b {value}: the port must be a number from 1 to 65535")
+    return (host or None), int(port_text)
+
+
+def listen_sockets(host: str | None, port: int) -> list[socket.socket]:
+    """Listening sockets for -b: all addresses (IPv6 and IPv4) when no host."""
+    if host is None:
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            return [_bind(s, ("::", port))]
+        except OSError:
+            return [_bind(socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", port))]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"-b {host}:{port}: {exc.strerror}") from None
+    out, seen = [], set()
+    for family, type_, proto, _c, addr in infos:
+        if (family, addr[:2]) in seen:
+            continue
+        seen.add((family, addr[:2]))
+        s = socket.socket(family, type_, proto)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        out.append(_bind(s, addr))
+    return out
+
+
+def _bind(s: socket.socket, addr) -> socket.socket:
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(512)
+    except OSError as exc:
+        s.close()
+        raise BindError(f"cannot listen on {describe_peer(addr)}: {exc.strerror}") from None
+    s.setblocking(False)
+    return s
+
+
+@dataclass
+class Activation:
+    """What systemd passed: listening sockets (Accept=no) or one connection."""
+
+    listening: list[socket.socket]
+    connection: socket.socket | None
+
+
+def activated_sockets() -> Activation | None:
+    """Sockets from systemd (LISTEN_PID/LISTEN_FDS), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count < 1:
+        return None
+    listening, connection = [], None
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        s = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            s.setblocking(False)
+            listening.append(s)
+        elif connection is None:
+            connection = s
+        else:
+            s.close()
+    return Activation(listening, connection)
+
+
+# ------------------------------------------------------------ modes
+
+
+async def serve_stdio(frontend: Frontend) -> None:
+    """One session on fd 0 (input) and fd 1 (output)."""
+    peer = ""
+    try:
+        s = socket.socket(fileno=os.dup(0))
+        try:
+            set_nodelay(s)
+            peer = describe_peer(s.getpeername())
+        except OSError:
+            pass
+        finally:
+            s.close()
+    except OSError:
+        pass
+    bridges: list = []
+    rfd = _streamable(0, reading=True, bridges=bridges)
+    wfd = _streamable(1, reading=False, bridges=bridges)
+    stream = await Stream.from_fds(rfd, wfd, frontend.config.timeout)
+    await SessionRunner(frontend, stream, peer).run()
+    for fd in {rfd, wfd} - {0, 1}:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for t in bridges:
+        t.join(5)
+
+
+def _streamable(fd: int, reading: bool, bridges: list) -> int:
+    """`fd` itself when asyncio can poll it (pipe, socket, tty); for a regular
+    file (`sendooway < in > out`) a pipe fed or drained by a thread."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
+        return fd
+    r, w = os.pipe()
+
+    def pump(src: int, dst: int) -> None:
+        try:
+            while True:
+                data = os.read(src, 65536)
+                if not data:
+                    break
+                os.write(dst, data)
+        except OSError:
+            pass
+        finally:
+            os.close(w if reading else r)
+
+    t = threading.Thread(target=pump, args=(fd, w) if reading else (r, fd), daemon=True)
+    t.start()
+    bridges.append(t)
+    return r if reading else w
+
+
+async def serve_connection(frontend: Frontend, sock: socket.socket) -> None:
+    """One session on an already connected socket (systemd Accept=yes)."""
+    try:
+        peer = describe_peer(sock.getpeername())
+    except OSError:
+        peer = ""
+    stream = await Stream.from_socket(sock, frontend.config.timeout)
+    await SessionRunner(frontend, stream, peer).run()
+
+
+async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
+                          grace: float = SHUTDOWN_GRACE) -> None:
+    """Accept sessions until SIGTERM/SIGINT; then stop accepting and give the
+    running sessions `grace` seconds to finish."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    tasks: set[asyncio.Task] = set()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        tasks.add(task)
+        try:
+            stream = Stream(reader, writer, frontend.config.timeout)
+            await SessionRunner(frontend, stream, describe_peer(writer.get_extra_info("peername"))).run()
+        finally:
+            tasks.discard(task)
+
+    servers = []
+    for s in sockets:
+        servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    where = ", ".join(describe_peer(s.getsockname()) for s in sockets)
+    log.info("listening on %s", where)
+    await stop.wait()
+    log.info("stopping: no new sessions, %d running", len(tasks))
+    for srv in servers:
+        srv.close()
+    if tasks:
+        _done, pending = await asyncio.wait(set(tasks), timeout=grace)
+        for t in pending:
+            t.cancel()
+        if pending:
+            log.info("stopping: %d sessions cut after %ss", len(pending), grace)
+            await asyncio.wait(pending, timeout=5)
+    log.info("stopped")
