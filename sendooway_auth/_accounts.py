@@ -3,6 +3,7 @@ and the problems found, each naming file:line."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 from sendooway_shared.types import Route
@@ -12,10 +13,13 @@ from ._address import Specificity, matches, specificity
 
 @dataclass(frozen=True)
 class Account:
-    """One upstream identity usable for the senders in `addresses`."""
+    """One upstream identity usable for the senders in `addresses`.
+
+    `tier` 0 = from the user's own mappings (userInclude), 1 = global."""
 
     addresses: tuple[str, ...]
     route: Route
+    tier: int = 1
 
     @property
     def source(self) -> str:
@@ -36,16 +40,34 @@ class ParseResult:
         return any(a.route.password for a in self.accounts)
 
 
+def port_number(value: str) -> int:
+    """A port given as 1..65535 or as a service name (`submission`, `smtps`),
+    as the original accepted; ValueError otherwise."""
+    if value.isdigit():
+        port = int(value)
+        if 1 <= port <= 65535:
+            return port
+        raise ValueError("port must be a number from 1 to 65535 or a service name")
+    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError("port must be a number from 1 to 65535 or a service name")
+    try:
+        return socket.getservbyname(value, "tcp")
+    except OSError:
+        raise ValueError(f"unknown service name {value!r} for the port") from None
+
+
 def choose(accounts: list[Account] | tuple[Account, ...], sender: str) -> Account | None:
-    """The account serving `sender`: the most specific pattern wins (exact,
-    then *@domain, then *); among equally specific ones, the first in order."""
-    best: tuple[Specificity, int] | None = None
+    """The account serving `sender`. The user's own mappings are always
+    preferred to global ones (as in the original); within each, the most
+    specific pattern wins (exact, then *@domain, then *), and among equally
+    specific ones the first in order."""
+    best: tuple[int, Specificity, int] | None = None
     chosen = None
     for index, account in enumerate(accounts):
         for pattern in account.addresses:
             if not matches(pattern, sender):
                 continue
-            rank = (specificity(pattern), index)
+            rank = (account.tier, specificity(pattern), index)
             if best is None or rank < best:
                 best, chosen = rank, account
     return chosen

@@ -1,6 +1,8 @@
 """Sender address patterns: `local@domain` (exact), `*@domain`, `*`.
 
-Local parts compare exactly, domains case-insensitively (RFC 5321 2.4). The
+Addresses compare case-insensitively, local part included, as the original
+C sendooway did (a file saying "Alice@example.org" keeps matching the
+client's "alice@example.org"; both are the same user's own mappings). The
 null sender (empty) matches only `*`.
 """
 
@@ -42,8 +44,8 @@ def specificity(pattern: str) -> Specificity:
 def _split(address: str) -> tuple[str, str]:
     local, at, domain = address.rpartition("@")
     if not at:
-        return address, ""
-    return local, domain.lower()
+        return address.lower(), ""
+    return local.lower(), domain.lower()
 
 
 def matches(pattern: str, sender: str) -> bool:

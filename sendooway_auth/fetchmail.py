@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
 
-from ._accounts import Account, ParseResult
+from ._accounts import Account, ParseResult, port_number
 from ._address import check_pattern
 
 PREFIX = "sendooway:"
@@ -231,10 +231,12 @@ def _directive(acc: _Pending, d: _Directive, err) -> None:
             err(d.line, f"#sendooway:{name} takes no value or one of yes/no/true/false/on/off/1/0")
         return
     if key == "port":
-        if len(d.values) != 1 or not d.values[0].isdigit() or not 1 <= int(d.values[0]) <= 65535:
-            err(d.line, "#sendooway:port needs a number from 1 to 65535")
-        else:
-            acc.values["port"] = d.values[0]
+        try:
+            if len(d.values) != 1:
+                raise ValueError("needs a number from 1 to 65535 or a service name")
+            acc.values["port"] = str(port_number(d.values[0]))
+        except ValueError as exc:
+            err(d.line, f"#sendooway:port {exc}".replace("port port", "port"))
         return
     if key in _STRINGS:
         name = _STRINGS[key]

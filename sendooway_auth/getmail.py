@@ -16,13 +16,15 @@
     no_certificate_check = false
 
 A file is one account: any error skips the whole file (with file:line).
+Unknown [sender] keys are warned about and ignored; a repeated key other
+than `address` counts with its first value (both as in the original).
 """
 
 from __future__ import annotations
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
 
-from ._accounts import Account, ParseResult
+from ._accounts import Account, ParseResult, port_number
 from ._address import check_pattern
 
 SENDER_TYPES = {
@@ -79,8 +81,9 @@ def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
 
 
 def _one(section: dict[str, list[tuple[int, str]]], key: str) -> tuple[int, str] | None:
+    """A key's value; when repeated, the first one counts (as in the original)."""
     values = section.get(key)
-    return values[-1] if values else None
+    return values[0] if values else None
 
 
 def parse_getmailrc(text: str, filename: str) -> ParseResult:
@@ -105,7 +108,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     for key, values in sender.items():
         if key not in _SENDER_KEYS:
             shown = "".join(c for c in key[:40] if c.isprintable())
-            return fail(values[0][0], f"unknown key '{shown}'")
+            result.warnings.append(f"{filename}:{values[0][0]}: [sender] unknown key '{shown}'"
+                                   " ignored")
     kind = _one(sender, "type")
     if kind is None:
         return fail(None, "type is required (SimpleSMTPSender, SimpleSMTPTLSSender"
@@ -119,9 +123,10 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
         return fail(None, "no server (neither [sender] nor [retriever] names one)")
     port = DEFAULT_PORTS[mode]
     if (given := _one(sender, "port")) is not None:
-        if not given[1].isdigit() or not 1 <= int(given[1]) <= 65535:
-            return fail(given[0], "port must be a number from 1 to 65535")
-        port = int(given[1])
+        try:
+            port = port_number(given[1])
+        except ValueError as exc:
+            return fail(given[0], str(exc))
     cert_check = True
     if (given := _one(sender, "no_certificate_check")) is not None:
         v = given[1].lower()

@@ -74,11 +74,13 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     for path in paths:
         kind = next(m.kind for m in found.mappings if m.path == path)
         found.files.append((kind.value, by_path[path]))
+    own = len(user_cfg.smarthostMapping) if user_cfg else 0
     parsed: dict[str, ParseResult] = {}
-    for m in found.mappings:
+    for index, m in enumerate(found.mappings):
+        tier = 0 if index < own else 1
         if m.kind is MappingKind.DIRECT:
             assert m.direct is not None
-            found.accounts.append(Account((m.direct.address,), m.direct.route))
+            found.accounts.append(Account((m.direct.address,), m.direct.route, tier))
             continue
         if m.path not in parsed:
             read = by_path[m.path]
@@ -92,9 +94,9 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
                 if result.holds_password:
                     _check_mode(read, user, found)
             parsed[m.path] = result
-        found.accounts.extend(parsed[m.path].accounts)
+        found.accounts.extend(replace(a, tier=tier) for a in parsed[m.path].accounts)
     if found.ca_file:
-        found.accounts = [Account(a.addresses, replace(a.route, ca_file=found.ca_file))
+        found.accounts = [replace(a, route=replace(a.route, ca_file=found.ca_file))
                           for a in found.accounts]
     return found
 

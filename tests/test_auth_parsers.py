@@ -109,7 +109,7 @@ def test_fetchmail_errors_skip_only_that_account_and_hide_passwords():
     joined = "\n".join(r.errors + r.warnings)
     assert f"{F}:5: #sendooway:tls and #sendooway:ssl exclude each other" in joined
     assert f"{F}:6: unbalanced quote" in joined
-    assert f"{F}:11: #sendooway:port needs a number" in joined
+    assert f"{F}:11: #sendooway:port must be a number from 1 to 65535 or a service name" in joined
     assert f"{F}:14: unknown keyword '#sendooway:frobnicate'" in joined
     assert f"{F}:20: #sendooway:pass: unbalanced quote" in joined
     assert "after the last #sendooway:address" in joined
@@ -179,13 +179,29 @@ def test_getmail_own_values_empty_username_and_cert_check():
     ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername = u\naddress = a@b.c\n", ":", "no password"),
     ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\naddress = a@b.c\nport = 0\n", ":6:", "port"),
     ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\naddress = nobody\n", ":5:", "address"),
-    ("[sender]\ntype = SimpleSMTPSender\nsrever = s\n", ":3:", "unknown key 'srever'"),
+    ("[sender]\ntype = SimpleSMTPSender\nport = nosuchservice\nusername=\naddress=a@b.c\nserver=s\n",
+     ":3:", "unknown service name 'nosuchservice'"),
 ])
 def test_getmail_errors_name_file_and_line(text, where, what):
     r = parse_getmailrc(text, G)
     assert r.accounts == []
     (message,) = r.errors
     assert message.startswith(G + where) and what in message
+
+
+def test_getmail_unknown_key_warned_repeated_key_first_wins_service_port():
+    text = ("[sender]\ntype = SimpleSMTPSSLSender\nserver = first.example\nserver = second.example\n"
+            "port = submission\nusername =\nadress = typo@x.org\naddress = a@x.org\n")
+    r = parse_getmailrc(text, G)
+    (a,) = r.accounts
+    assert a.route.server == "first.example" and a.route.port == 587
+    assert r.warnings == [f"{G}:7: [sender] unknown key 'adress' ignored"]
+
+
+def test_fetchmail_port_by_service_name():
+    text = 'user u pass p\n#sendooway:server "s"\n#sendooway:port smtps\n#sendooway:address "a@b.c"\n'
+    (a,) = parse_fetchmailrc(text, F).accounts
+    assert a.route.port == 465
 
 
 @settings(max_examples=200, deadline=None)
@@ -215,11 +231,21 @@ def test_exact_beats_domain_beats_any_whatever_the_order():
     assert choose(accounts[1:], "x@other.net") is None
 
 
-def test_local_part_is_case_sensitive_domain_is_not():
+def test_addresses_compare_without_case_like_the_original():
     assert matches("Bob@example.org", "Bob@EXAMPLE.ORG")
-    assert not matches("Bob@example.org", "bob@example.org")
+    assert matches("Bob@example.org", "bob@example.org")
+    assert not matches("Bob@example.org", "bobby@example.org")
     assert matches("*@example.org", "anyone@Example.Org")
     assert not matches("*@example.org", "a@sub.example.org")
+    assert not matches("*@example.org", "example.org")
+
+
+def test_users_own_mappings_win_over_global_ones():
+    user_any = Account(("*",), Route("own", 25, TlsMode.PLAIN), tier=0)
+    global_exact = Account(("bob@example.org",), Route("global", 25, TlsMode.PLAIN), tier=1)
+    assert choose([user_any, global_exact], "bob@example.org").route.server == "own"
+    user_dom = Account(("*@x.org",), Route("own-dom", 25, TlsMode.PLAIN), tier=0)
+    assert choose([global_exact, user_dom], "bob@example.org").route.server == "global"
 
 
 @pytest.mark.parametrize("bad", ["", "nodomain", "@x.org", "a@", "a b@x.org", "a@*.org", "a*@x.org"])

@@ -124,6 +124,7 @@ def test_user_include_mappings_first_and_sslca_override(clean_homes):
     assert found.route_for("x@example.org").route.server == "own.example.org"  # user's first
     assert found.route_for("x@example.net").route.server == "gm.example.net"
     assert found.route_for("x@elsewhere.com").route.server == "global.example.com"
+    assert [a.tier for a in found.accounts] == [0, 0, 1, 1]
     assert found.route_for("x@example.org").source == f"{inc}:2"
 
 
