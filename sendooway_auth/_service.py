@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ class AuthService:
         self.penalty = penalty
         self.clock = clock
         self._lookups = asyncio.Semaphore(32)
-        self._process_user = _users.process_user()  # authBackend = none accepts only this one
+        self._process_uid = os.geteuid()  # authBackend = none accepts only this account
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
@@ -78,7 +79,7 @@ class AuthService:
         # NSS (passwd, groups) may be LDAP/SSSD and block: never on the event loop
         user = await asyncio.to_thread(_users.lookup, name)
         if self.cfg.authBackend is AuthBackend.NONE:
-            if user is None or user.name != self._process_user:
+            if user is None or user.uid != self._process_uid:
                 return None, "not-process-user"
         else:
             if user is None:

@@ -57,8 +57,8 @@ def valid_user(cfg: Config, user: UserInfo) -> tuple[bool, str]:
                 continue
             if gid in user.groups:
                 return True, f"member of group {entry[1:]} (validUser {entry})"
-        elif entry == user.name:
-            return True, f"named in validUser"
+        elif entry.lower() == user.name.lower():  # the original compared without case
+            return True, "named in validUser"
     return False, "not named in validUser and in none of its groups"
 
 

@@ -141,7 +141,7 @@ def test_global_sslca_and_defaults_when_no_mapping(clean_homes):
 
 
 def test_valid_user_by_name_and_group():
-    cfg = parse_config("validUser = %mailusers\nvalidUser = dave\n", "t.conf")
+    cfg = parse_config("validUser = %mailusers\nvalidUser = Dave\n", "t.conf")
     assert _users.valid_user(cfg, _users.lookup("alice"))[0]      # supplementary group
     assert _users.valid_user(cfg, _users.lookup("dave"))[0]       # by name
     assert not _users.valid_user(cfg, _users.lookup("carol"))[0]  # neither
