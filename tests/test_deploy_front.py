@@ -261,11 +261,15 @@ def _unit_section(name: str, section: str) -> configparser.SectionProxy:
     return cp[section]
 
 
-@pytest.mark.parametrize("unit", ["sendooway", "sendooways"])
-def test_systemd_accept_units_serve_a_session(world, frontend, upstream, deployment, unit):
+@pytest.mark.parametrize("unit,passing", [("sendooway", "--inetd"), ("sendooway", "LISTEN_FDS"),
+                                          ("sendooways", "--inetd")])
+def test_systemd_accept_units_serve_a_session(world, frontend, upstream, deployment, unit,
+                                              passing):
     """systemd-socket-activate --accept runs the service's command line per
     connection, as the unit's user (setpriv: User=, Group=,
-    SupplementaryGroups=, no capabilities, NoNewPrivileges)."""
+    SupplementaryGroups=, no capabilities, NoNewPrivileges). systemd gives
+    an Accept=yes service the connection on stdin/stdout
+    (StandardInput=socket: --inetd) and as fd 3 with LISTEN_FDS=1."""
     if not shutil.which("systemd-socket-activate"):
         pytest.skip("systemd-socket-activate not installed")
     dep = deployment
@@ -285,8 +289,8 @@ def test_systemd_accept_units_serve_a_session(world, frontend, upstream, deploym
               for a in ("-E", f"{k}={dep.env[k]}") if k in dep.env]
     daemon = dw.start_auth_daemon(dep, ["--failure-delay", "0"])
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--accept", "--inetd",
-         *setenv, *as_unit_user, *argv],
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--accept",
+         *(["--inetd"] if passing == "--inetd" else []), *setenv, *as_unit_user, *argv],
         env=dep.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         dw.wait_for(lambda: dw.listening(port), what="systemd-socket-activate")
