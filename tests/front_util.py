@@ -1,0 +1,138 @@
+"""Helpers for the frontend's end-to-end tests: the real `sendooway`
+command in its modes, next to a real `sendooway-auth` daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import tempfile
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+
+from .fakeworld import free_port
+
+BIN = os.path.dirname(sys.executable)
+FRONT = os.path.join(BIN, "sendooway")
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def open_tmp():
+    """A temp dir (pathlib.Path) the frontend user can traverse, removed after."""
+    d = tempfile.mkdtemp(prefix="sendooway-front-")
+    os.chmod(d, 0o755)
+    try:
+        yield pathlib.Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def front_config(tmp, world, extra: str = "", tls: bool = True,
+                 name: str = "sendooway.conf") -> str:
+    path = os.path.join(str(tmp), name)
+    lines = [f"authSocket = {os.path.join(str(tmp), 'run', 'auth.sock')}", "timeout = 30",
+             "localname = mx.test"]
+    if tls:
+        lines += [f"sslCert = {world.cert_file}", f"sslKey = {world.key_file}"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n" + extra)
+    os.chmod(str(tmp), 0o755)
+    os.chmod(path, 0o644)
+    return path
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"frontend exited with {proc.returncode}")
+        with socket.socket(family) as s:
+            try:
+                s.connect((host, port))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port}")
+
+
+class Frontend:
+    """`sendooway -b` as a subprocess."""
+
+    def __init__(self, config: str, log: str, args=(), host: str = "127.0.0.1",
+                 port: int | None = None, bind: str | None = None, env=None, argv0=None) -> None:
+        self.host = host
+        self.port = port or free_port(host if host != "::1" else "::1")
+        self.log_path = log
+        bind = bind or (f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}")
+        self.argv = [*(argv0 or [FRONT]), "-c", config, "-l", log, "-b", bind, *args]
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Frontend":
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_port(self.host, self.port, self.proc)
+        except RuntimeError:
+            out, err = self.proc.communicate(timeout=5)
+            raise RuntimeError(f"frontend did not start: {err.decode()} {self.log()}") from None
+        return self
+
+    def smtp(self, timeout: float = 20) -> smtplib.SMTP:
+        return smtplib.SMTP(self.host, self.port, local_hostname="client.test", timeout=timeout)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for s in (self.proc.stdout, self.proc.stderr):
+            if s:
+                s.close()
+        return self.proc.returncode
+
+
+def proc_ids(pid: int) -> dict[str, list[int]]:
+    """Uid, Gid and Groups lines of /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid", "Groups"):
+                out[key] = [int(v) for v in value.split()]
+    return out
+
+
+def login_plain(user: str, password: str) -> str:
+    import base64
+
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def stdio_session(argv, script: bytes, env=None, timeout: float = 30, user=None):
+    """Run the frontend on pipes (fd 0 and fd 1 are different), feed `script`
+    and return (stdout, stderr, returncode)."""
+    kwargs = {}
+    if user is not None:
+        kwargs = dict(user=user, group=user, extra_groups=[])
+    r = subprocess.run(argv, input=script, capture_output=True, timeout=timeout, env=env, **kwargs)
+    return r.stdout, r.stderr, r.returncode
