@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from . import deploy_world as dw
-from .deploy_util import PACKAGING, REPO, command, rewrite_paths
+from .deploy_util import PACKAGING, REPO, command, man_text, rewrite_paths
+from .test_deploy_auth import _fail2ban_regex
 
 BODY = "Subject: deploy test\r\n\r\nsent through the shipped deployment\r\n"
 
@@ -236,6 +237,9 @@ def test_xinetd_nobody_block_with_daemon(world, frontend, upstream, deployment):
         def check():
             seen["procs"] = _serving_processes(proc.pid)
 
+        # a wrong password first: the client address must reach the
+        # authenticator's log, where the shipped fail2ban filter finds it
+        assert dw.wrong_password_session(port, world) == [535]
         relayed = _session_with_process_check(world, port, check)
     finally:
         if proc is not None:
@@ -248,6 +252,8 @@ def test_xinetd_nobody_block_with_daemon(world, frontend, upstream, deployment):
         assert p["Gid"][0] == dw.SSL_CERT_GID, p  # group = ssl-cert: reads the 0640 key
     assert os.stat(dep.key).st_mode & 0o777 == 0o640
     assert "auth ok: user=alice" in dep.auth_log.read_text()
+    f2b = _fail2ban_regex(dep.auth_log, dep.root)
+    assert f2b.stdout.split() == ["127.0.0.1"], f2b.stdout + f2b.stderr
     _delivered_or_skip(world, upstream, dep, relayed)
 
 
@@ -314,6 +320,25 @@ def test_systemd_accept_units_serve_a_session(world, frontend, upstream, deploym
         dw.stop(daemon)
     assert served_by and all(p["Uid"] == [dw.NOBODY_UID] * 4 for p in served_by), served_by
     _delivered_or_skip(world, upstream, dep, relayed)
+
+
+# ------------------------------------------------------------ man page example
+
+
+def test_man_page_test_mode_example_gives_a_session(frontend):
+    """sendooway(1): `sendooway -c /dev/null -l '&2'` is a session with every default."""
+    assert "sendooway \\-c /dev/null \\-l \\(aq&2\\(aq" in man_text("sendooway.1")
+    r = subprocess.run([command("sendooway"), "-c", "/dev/null", "-l", "&2"],
+                       input=b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nQUIT\r\n",
+                       capture_output=True, timeout=60)
+    lines = r.stdout.decode().split("\r\n")
+    assert lines[0].startswith("220 "), lines
+    ehlo = [l[4:] for l in lines if l.startswith("250")]
+    assert "AUTH PLAIN LOGIN" in ehlo and "PIPELINING" in ehlo
+    assert "STARTTLS" not in ehlo  # no certificate configured
+    assert any(l.startswith("530 ") for l in lines)  # MAIL before AUTH
+    assert lines[-2].startswith("221 ")
+    assert r.returncode == 0 and b"sendooway[" in r.stderr  # the log went to stderr
 
 
 # ------------------------------------------------------------ README demo
