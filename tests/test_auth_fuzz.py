@@ -11,7 +11,7 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from sendooway_auth._connection import Connection
 from sendooway_auth._pam import PamPool
@@ -124,6 +124,13 @@ def test_random_frames_keep_the_rules(world, service, caplog):
         assert "Traceback" not in text and "r-Secret-9" not in text
         assert world.users["alice"].password not in text
 
+    # explicit cases, so every answer is seen whatever the random draw
+    good = world.users["alice"].password
+    hello = encode(Hello(VERSION, "s", "192.0.2.1"))
+    run = example([hello, encode(AuthRequest("alice", Secret("wrong-Pw-zz"))),
+                   encode(AuthRequest("alice", Secret(good))),
+                   encode(RouteRequest("alice@example.org"))], 7)(run)
+    run = example([hello, encode(RouteRequest("x@y.z"))], 64)(run)
     run()
     # the generator reaches every answer, so the checks above had work to do
     assert {"welcome", "auth_ok", "auth_fail", "route_ok", "error"} <= seen, seen
