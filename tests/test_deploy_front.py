@@ -257,6 +257,24 @@ def test_xinetd_nobody_block_with_daemon(world, frontend, upstream, deployment):
     _delivered_or_skip(world, upstream, dep, relayed)
 
 
+def test_xinetd_nobody_block_without_daemon_greets_421(world, frontend, upstream, deployment):
+    """docs/deployment.md, troubleshooting: "421 in the greeting" means the
+    frontend could not reach the authenticator; its log names the socket."""
+    dep = deployment
+    port = dw.free_tcp_port()
+    proc = _start_xinetd(dep, _xinetd_config(dep, _xinetd_block("submission-nobody"), port), port)
+    try:
+        with smtplib.SMTP(timeout=30) as client:
+            code, text = client.connect("127.0.0.1", port)
+    except smtplib.SMTPConnectError as exc:
+        code, text = exc.smtp_code, exc.smtp_error
+    finally:
+        dw.stop(proc)
+    assert code == 421, text
+    assert "421 in the greeting" in (REPO / "docs" / "deployment.md").read_text()
+    assert str(dep.auth_socket) in dep.front_log.read_text()
+
+
 # ------------------------------------------------------------ systemd Accept=yes
 
 
