@@ -86,9 +86,21 @@ def _units_for_verify(tmp_path: Path, mutate=None) -> list[str]:
     return paths
 
 
-def _verify(paths):
-    return subprocess.run(["systemd-analyze", "verify", "--man=no", *paths],
-                          capture_output=True, text=True, timeout=60, env=system_env())
+def _verify(paths, tmp_path: Path):
+    """systemd-analyze verify; with man(1) present it also checks that every
+    Documentation=man:... page exists (ours from a temp MANPATH)."""
+    env = system_env()
+    man = "--man=no"
+    if shutil.which("man"):
+        man = "--man=yes"
+        tree = tmp_path / "man"
+        for page in MAN_PAGES:
+            section = tree / f"man{page.rsplit('.', 1)[1]}"
+            section.mkdir(parents=True, exist_ok=True)
+            shutil.copy(MAN / page, section)
+        env["MANPATH"] = f"{tree}:/usr/share/man"
+    return subprocess.run(["systemd-analyze", "verify", man, *paths],
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 KNOWN_NOTE = re.compile(r": Special user nobody configured, this is not safe!$")
@@ -97,7 +109,7 @@ KNOWN_NOTE = re.compile(r": Special user nobody configured, this is not safe!$")
 def test_systemd_analyze_verify_passes(tmp_path):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze not installed")
-    r = _verify(_units_for_verify(tmp_path))
+    r = _verify(_units_for_verify(tmp_path), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     # The only remark allowed is systemd's note about User=nobody (the
     # default frontendUser; docs/deployment.md explains).
@@ -115,7 +127,7 @@ def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path):
                                 "ExecStart=/nonexistent")
         return text
 
-    r = _verify(_units_for_verify(tmp_path, break_auth))
+    r = _verify(_units_for_verify(tmp_path, break_auth), tmp_path)
     assert r.returncode != 0
     assert "/nonexistent" in r.stdout + r.stderr
 
