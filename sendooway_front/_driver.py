@@ -94,12 +94,14 @@ class SessionRunner:
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
 
     def _log(self, level: int, msg: str, *args: Any) -> None:
-        log.log(level, "%s: " + msg, self.sid, *args)
+        """One line: session id, client address, user once logged in."""
+        user = f" user={self.session.user}" if self.session.user else ""
+        log.log(level, "%s client=%s%s: " + msg, self.sid, self.client or "-", user, *args)
 
     async def run(self) -> None:
         fe = self.frontend
         self.stream.timeout = fe.config.timeout
-        self._log(logging.INFO, "connect from %s", self.client or "(stdio)")
+        self._log(logging.INFO, "connect%s", "" if self.client else " on stdin/stdout")
         try:
             if fe.implicit_tls:
                 try:
@@ -113,7 +115,8 @@ class SessionRunner:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s: internal error, closing the session", self.sid)
+            log.exception("%s client=%s: internal error, closing the session", self.sid,
+                          self.client or "-")
             if self.relay is not None and self.session.state.value == "data":
                 await self._quietly(self.relay.data_abort())
         finally:
@@ -176,16 +179,22 @@ class SessionRunner:
             elif isinstance(ev, DataRequested):
                 s.relay_reply(await self._relay_call(self.relay.data_start()))
             elif isinstance(ev, DataChunk):
-                await self.relay.data_chunk(ev.data)
+                try:
+                    await self.relay.data_chunk(ev.data)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("%s: relay failed during DATA", self.sid)
+                    s.fail_message(R.RELAY_FAILED, "relay failed during DATA")
             elif isinstance(ev, DataFinished):
                 reply = await self._relay_call(self.relay.data_end())
                 self._log(logging.INFO, "message of %d bytes: %s", ev.size, reply)
                 s.relay_reply(reply)
             elif isinstance(ev, DataRefused):
                 self._log(logging.INFO, "message refused: %s", ev.reason)
-                await self.relay.data_abort()
+                await self._quietly(self.relay.data_abort())
             elif isinstance(ev, TransactionReset):
-                await self.relay.reset()
+                await self._quietly(self.relay.reset())
             elif ev is PAUSED:
                 raise RuntimeError("session paused with no pending event")
 
@@ -210,12 +219,11 @@ class SessionRunner:
             self.session.auth_result(None, temporary=True)
             return
         if account is None:
-            self._log(logging.INFO, "login failed: user=%r mechanism=%s client=%s", user,
-                      ev.mechanism, self.client or "-")
+            self._log(logging.INFO, "login failed: user=%r mechanism=%s", user, ev.mechanism)
             self.session.auth_result(None)
         else:
-            self._log(logging.INFO, "login: user=%s mechanism=%s", account, ev.mechanism)
             self.session.auth_result(account)
+            self._log(logging.INFO, "login: mechanism=%s", ev.mechanism)
 
     async def _mail(self, ev: MailRequested):
         try:
@@ -224,10 +232,9 @@ class SessionRunner:
             self._log(logging.ERROR, "route for <%s>: %s", ev.sender, exc)
             return R.ROUTE_TEMPFAIL
         if route is None:
-            self._log(logging.INFO, "user=%s sender=<%s>: no route", self.session.user, ev.sender)
+            self._log(logging.INFO, "sender=<%s>: no route", ev.sender)
             return R.NO_ROUTE
-        self._log(logging.INFO, "user=%s sender=<%s> route=%s", self.session.user, ev.sender,
-                  route.describe())
+        self._log(logging.INFO, "sender=<%s> route=%s", ev.sender, route.describe())
         info = SessionInfo(self.sid, self.client, self.session.client_name, self.session.user or "",
                            self.session.encrypted, self.session.esmtp)
         return await self._relay_call(self.relay.mail(info, route, ev.sender, ev.params))

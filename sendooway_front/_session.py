@@ -234,6 +234,16 @@ class Session:
             self.state = State.AUTHENTICATED
             self.recipients = 0
 
+    def fail_message(self, reply: Reply, reason: str) -> None:
+        """The driver cannot deliver the message being received (the relay
+        failed mid-DATA): the rest is read and dropped, the client gets
+        `reply` after its end of data. Emits DataRefused like a refusal of
+        the session's own."""
+        if self.state is not State.DATA or self._awaiting is not None:
+            raise LocalProtocolError(f"fail_message in state {self.state.value}")
+        if self._d_refusal is None:
+            self._refuse_data(reply, reason)
+
     def timed_out(self) -> None:
         """The driver's read timer fired: 421 and close."""
         if not self.closed:

@@ -70,7 +70,7 @@ def test_starttls_auth_with_smtplib_as_nobody(setup):
         assert s.rcpt("bob@example.net")[0] == 503
         assert s.noop()[0] == 250
     log = fe.log()
-    assert "login: user=alice mechanism=PLAIN" in log
+    assert "user=alice: login: mechanism=PLAIN" in log
     assert "STARTTLS: TLSv1.3" in log
 
 

@@ -1,0 +1,200 @@
+"""The session driver in-process: a real Stream over a socketpair, a
+stand-in authenticator link and a recording relay, to check exactly what
+the relay is told (and never told) for what the client sends."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from sendooway_front import _driver
+from sendooway_front._authlink import AuthLinkError
+from sendooway_front._driver import Frontend, SessionRunner
+from sendooway_front._reply import Reply
+from sendooway_front._stream import Stream
+from sendooway_shared.config import Config
+from sendooway_shared.types import Route, TlsMode
+
+from .front_util import login_plain
+
+ROUTE = Route("smtp.example.net", 587, TlsMode.STARTTLS, user="u", source="test:1")
+
+
+class FakeLink:
+    def __init__(self, fail_auth=False, fail_route=False):
+        self.fail_auth, self.fail_route = fail_auth, fail_route
+        self.closed = False
+
+    async def auth(self, user, password):
+        if self.fail_auth:
+            raise AuthLinkError("authenticator gone")
+        return user if password.reveal() == "pw-" + user else None
+
+    async def route(self, sender):
+        if self.fail_route:
+            raise AuthLinkError("authenticator gone")
+        return None if sender.endswith("@nowhere.example") else ROUTE
+
+    def close(self):
+        self.closed = True
+
+
+class FakeConnector:
+    def __init__(self, **kw):
+        self.kw = kw
+        self.links = []
+
+    def describe(self):
+        return "fake"
+
+    async def open(self, session_id, client):
+        link = FakeLink(**self.kw)
+        self.links.append(link)
+        return link
+
+
+class RecordingRelay:
+    def __init__(self, fail_chunk=False, fail_mail=False):
+        self.calls = []
+        self.data = bytearray()
+        self.fail_chunk, self.fail_mail = fail_chunk, fail_mail
+        self.info = None
+
+    async def mail(self, info, route, sender, params):
+        self.calls.append("mail")
+        self.info = info
+        if self.fail_mail:
+            raise RuntimeError("boom")
+        return Reply(250, ("2.1.0 upstream OK",))
+
+    async def rcpt(self, recipient):
+        self.calls.append("rcpt")
+        return Reply(250, ("2.1.5 upstream OK",))
+
+    async def data_start(self):
+        self.calls.append("data_start")
+        return Reply(354, ("go ahead",))
+
+    async def data_chunk(self, chunk):
+        assert len(chunk) <= 64 * 1024
+        if self.fail_chunk:
+            raise ConnectionResetError("upstream vanished")
+        self.data += chunk
+
+    async def data_end(self):
+        self.calls.append("data_end")
+        return Reply(250, ("2.0.0 upstream queued",))
+
+    async def data_abort(self):
+        self.calls.append("data_abort")
+
+    async def reset(self):
+        self.calls.append("reset")
+
+    async def close(self):
+        self.calls.append("close")
+
+
+async def converse(monkeypatch, script, relay=None, connector=None, bytewise=False,
+                   config=None, close_early=False):
+    """Run one session; the client sends `script` and reads until EOF."""
+    relay = relay or RecordingRelay()
+    monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: relay)
+    fe = Frontend(config or Config(), connector=connector or FakeConnector(), hostname="mx.test")
+    a, b = socket.socketpair()
+    server_stream = await Stream.from_socket(a, 10)
+    task = asyncio.ensure_future(SessionRunner(fe, server_stream, "192.0.2.1:4242").run())
+    reader, writer = await asyncio.open_connection(sock=b)
+    if bytewise:
+        for i in range(len(script)):
+            writer.write(script[i:i + 1])
+            await writer.drain()
+    else:
+        writer.write(script)
+        await writer.drain()
+    if close_early:
+        await asyncio.sleep(0.1)
+        writer.close()
+        await task
+        return b"", relay
+    out = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    await asyncio.wait_for(task, 10)
+    return out, relay
+
+
+def codes(out: bytes) -> list[int]:
+    return [int(line[:3]) for line in out.split(b"\r\n") if line[3:4] == b" "]
+
+
+LOGIN = f"EHLO c.test\r\nAUTH PLAIN {login_plain('alice', 'pw-alice')}\r\n".encode()
+TXN = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_transaction_reaches_the_relay_exactly(monkeypatch, bytewise):
+    body = b"Subject: t\r\n\r\n..dot\r\n" + b"x" * 900 + b"\r\nend"
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + body + b"\r\n.\r\nQUIT\r\n",
+                                      bytewise=bytewise))
+    assert codes(out) == [220, 250, 235, 250, 250, 354, 250, 221]
+    assert b"250 2.0.0 upstream queued" in out
+    assert bytes(relay.data) == body
+    assert relay.calls == ["mail", "rcpt", "data_start", "data_end", "close"]
+    assert relay.info.user == "alice" and relay.info.client_address == "192.0.2.1:4242"
+    assert relay.info.esmtp and not relay.info.tls and relay.info.client_ehlo == "c.test"
+
+
+def test_smuggled_end_never_reaches_data_end(monkeypatch):
+    body = b"a\r\n\n.\r\nMAIL FROM:<evil@x.y>\r\n"
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + body + b".\r\nQUIT\r\n"))
+    assert "data_end" not in relay.calls and "data_abort" in relay.calls
+    assert 250 not in codes(out)[5:]
+    assert relay.calls.count("mail") == 1
+
+
+def test_relay_failing_mid_data_gives_451_after_the_end(monkeypatch):
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + b"hello\r\n.\r\nQUIT\r\n",
+                                      relay=RecordingRelay(fail_chunk=True)))
+    assert codes(out)[-2:] == [451, 221]
+    assert "data_end" not in relay.calls and "data_abort" in relay.calls
+
+
+def test_relay_raising_at_mail_is_temporary(monkeypatch):
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + b"QUIT\r\n",
+                                      relay=RecordingRelay(fail_mail=True)))
+    assert codes(out) == [220, 250, 235, 451, 503, 503, 221]
+
+
+def test_client_vanishing_mid_data_aborts_upstream(monkeypatch):
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + b"half a mess",
+                                      close_early=True))
+    assert "data_abort" in relay.calls and "data_end" not in relay.calls
+    assert relay.calls[-1] == "close"
+
+
+def test_no_route_and_link_failures(monkeypatch):
+    out, _ = asyncio.run(converse(monkeypatch, LOGIN + b"MAIL FROM:<a@nowhere.example>\r\nQUIT\r\n"))
+    assert codes(out) == [220, 250, 235, 550, 221] and b"5.7.1" in out
+    out, _ = asyncio.run(converse(monkeypatch, LOGIN + b"QUIT\r\n",
+                                  connector=FakeConnector(fail_auth=True)))
+    assert codes(out) == [220, 250, 454, 221]
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + b"MAIL FROM:<a@b.c>\r\nQUIT\r\n",
+                                      connector=FakeConnector(fail_route=True)))
+    assert codes(out) == [220, 250, 235, 451, 221] and "mail" not in relay.calls
+
+
+def test_unreachable_authenticator_greets_421(monkeypatch):
+    class Down(FakeConnector):
+        async def open(self, session_id, client):
+            raise AuthLinkError("cannot connect to the authenticator at /x.sock")
+
+    out, relay = asyncio.run(converse(monkeypatch, b"EHLO x\r\n", connector=Down()))
+    assert out.startswith(b"421 4.3.0") and codes(out) == [421]
+
+
+def test_pipelined_commands_in_one_write(monkeypatch):
+    script = LOGIN + TXN + b"body\r\n.\r\n" + TXN + b"again\r\n.\r\nRSET\r\nQUIT\r\n"
+    out, relay = asyncio.run(converse(monkeypatch, script))
+    assert codes(out) == [220, 250, 235, 250, 250, 354, 250, 250, 250, 354, 250, 250, 221]
