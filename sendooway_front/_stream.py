@@ -335,7 +335,7 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
             continue
         except OSError as e:
             sock.close()
-            tried.append(f"{shown} {e.strerror or e}")
+            tried.append(f"{shown} {os.strerror(e.errno) if e.errno else e}")
             continue
         return await Stream.from_socket(sock, timeout)
     raise ConnectError(errno.ECONNREFUSED, "; ".join(tried) or f"{host}: no address")

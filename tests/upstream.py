@@ -9,6 +9,8 @@ tls: "plain" (no TLS offered), "starttls" (STARTTLS offered and, when
 is offered; otherwise AUTH PLAIN/LOGIN is offered and required.
 Scripted rejections: reject_mail / reject_rcpt (addresses answered 550),
 fail_data (text of a 554 answer to the final dot), temp_fail_rcpt (451).
+auth_mechanisms: the AUTH mechanisms offered (default PLAIN and LOGIN);
+"CRAM-MD5" may be added (RFC 2195, checked against `accounts`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Received:
     data: bytes
     login: str | None
     mail_options: list[str]
+    helo: str | None = None      # the EHLO/HELO name the relay gave
+    tls: bool = False            # the message came over TLS
 
 
 @dataclass
@@ -44,6 +48,7 @@ class FakeUpstream:
     reject_rcpt: set[str] = field(default_factory=set)
     temp_fail_rcpt: set[str] = field(default_factory=set)
     fail_data: str | None = None
+    auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")
     cert_file: str | None = None
     key_file: str | None = None
     messages: list[Received] = field(default_factory=list)
@@ -53,6 +58,7 @@ class FakeUpstream:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._controller: Controller | None = None
+        self.mechanisms_used: list[str] = []
 
     # aiosmtpd handler hooks ------------------------------------------------
 
@@ -78,10 +84,36 @@ class FakeUpstream:
         raw = envelope.original_content or b""
         with self._lock:
             self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), raw,
-                                          login, list(envelope.mail_options)))
+                                          login, list(envelope.mail_options),
+                                          helo=session.host_name,
+                                          tls=session.ssl is not None or self.tls == "tls"))
         return "250 2.0.0 queued as FAKE%d" % len(self.messages)
 
+    async def auth_CRAM__MD5(self, server, args):
+        """AUTH CRAM-MD5 (RFC 2195): challenge, then "user hex(hmac-md5(password, challenge))"."""
+        import base64
+        import hashlib
+        import hmac
+        import os as _os
+
+        challenge = f"<{_os.urandom(8).hex()}@fake.upstream>".encode()
+        answer = await server.challenge_auth(challenge)
+        if not isinstance(answer, bytes):
+            return AuthResult(success=False, handled=True)
+        user, _, digest = answer.decode("utf-8", "replace").rpartition(" ")
+        pw = (self.accounts or {}).get(user)
+        expected = hmac.new(pw.encode(), challenge, hashlib.md5).hexdigest() if pw is not None else None
+        with self._lock:
+            self.mechanisms_used.append("CRAM-MD5")
+            if expected is not None and hmac.compare_digest(expected, digest):
+                self.logins.append(user)
+                return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+            self.failed_logins.append(user)
+        return AuthResult(success=False, handled=False)
+
     def _authenticator(self, server, session, envelope, mechanism, auth_data):
+        with self._lock:
+            self.mechanisms_used.append(mechanism)
         if not isinstance(auth_data, LoginPassword) or self.accounts is None:
             return AuthResult(success=False, handled=False)
         user = auth_data.login.decode("utf-8", "replace")
@@ -111,6 +143,8 @@ class FakeUpstream:
             auth_required=self.accounts is not None,
             auth_require_tls=False,
             ready_timeout=10,
+            auth_exclude_mechanism=[m for m in ("LOGIN", "PLAIN", "CRAM-MD5")
+                                    if m not in self.auth_mechanisms],
         )
         if self.tls == "tls":
             kwargs["ssl_context"] = self._server_context()
@@ -127,6 +161,9 @@ class FakeUpstream:
 
                 with _s.create_connection((host, port), 2.0) as sock:
                     ctx = ssl.create_default_context(cafile=self.world.ca_file)
+                    if self.cert_file:  # a foreign certificate: the probe only needs a handshake
+                        ctx.check_hostname = False
+                        ctx.verify_mode = ssl.CERT_NONE
                     with ctx.wrap_socket(sock, server_hostname="localhost") as tls_sock:
                         tls_sock.recv(1024)
 
@@ -144,3 +181,101 @@ class FakeUpstream:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------
+# Driving the relay directly (asyncio), for the relay tests and benchmarks.
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from sendooway_shared.config import Config  # noqa: E402
+from sendooway_shared.types import Route, Secret, TlsMode  # noqa: E402
+from sendooway_front._relay_api import MailParams, SessionInfo  # noqa: E402
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def capture_log(name: str = "relay-test") -> tuple[logging.Logger, ListHandler]:
+    log = logging.getLogger(name)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = ListHandler()
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    return log, handler
+
+
+def config(**kw) -> Config:
+    base = dict(localname="relay.test", timeout=5, smarthostCache=0)
+    base.update(kw)
+    return Config(**base)
+
+
+def route_for(up, user: str | None = None, password: str | None = None, **kw) -> Route:
+    """A route to a FakeUpstream: its TLS mode, the world's CA, its (first) account."""
+    tls = {"plain": TlsMode.PLAIN, "starttls": TlsMode.STARTTLS, "tls": TlsMode.TLS}[up.tls]
+    if up.accounts and user is None:
+        user, password = next(iter(up.accounts.items()))
+    fields = dict(server=up.host, port=up.port, tls=tls, ca_file=up.world.ca_file,
+                  user=user or "", password=Secret(password or ""), auth=bool(up.accounts),
+                  source="test.conf:1")
+    fields.update(kw)
+    return Route(**fields)
+
+
+def info(**kw) -> SessionInfo:
+    base = dict(session_id="S1", client_address="127.0.0.1:40000", client_ehlo="client.example",
+                user="alice", tls=True, esmtp=True)
+    base.update(kw)
+    return SessionInfo(**base)
+
+
+async def send(relay, route: Route, sender: str, rcpts: list[str], data: bytes,
+               session: SessionInfo | None = None, params: MailParams | None = None,
+               chunk: int = 65536):
+    """One transaction as a session driver would run it; returns every reply."""
+    replies = {"mail": await relay.mail(session or info(), route, sender, params or MailParams())}
+    if not replies["mail"].is_positive:
+        return replies
+    replies["rcpt"] = [await relay.rcpt(r) for r in rcpts]
+    if not any(r.is_positive for r in replies["rcpt"]):
+        return replies
+    replies["data"] = await relay.data_start()
+    if replies["data"].code != 354:
+        return replies
+    for i in range(0, len(data), chunk):
+        await relay.data_chunk(data[i:i + chunk])
+    replies["end"] = await relay.data_end()
+    return replies
+
+
+def run(coro, timeout: float = 30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def body_after_received(raw: bytes) -> bytes:
+    """The upstream's data with the Received: header (3 folded lines) cut off."""
+    assert raw.startswith(b"Received: "), raw[:80]
+    lines = raw.split(b"\r\n")
+    i = 1
+    while lines[i].startswith(b"\t"):
+        i += 1
+    return b"\r\n".join(lines[i:])
+
+
+def with_cfg(cfg: Config, **kw) -> Config:
+    return replace(cfg, **kw)

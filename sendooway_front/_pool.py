@@ -1,0 +1,180 @@
+"""The smarthostCache: logged-in upstream connections kept for the next message.
+
+A connection is only ever reused under the same upstream identity: the key
+holds server, port, TLS mode and checks, upstream user and password, and the
+EHLO name (which differs per client with cloneEhlo). Before reuse it is
+probed with RSET; a stale one is dropped and the caller connects afresh.
+Idle connections are capped and expire after `smarthostCache` seconds; all
+of them are closed (QUIT) on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from sendooway_shared.types import Route, Secret, TlsMode
+
+from ._tls import TLSError
+from ._upstream import ReplyError, UpstreamClient
+
+MAX_IDLE = 32          # idle connections in all
+MAX_IDLE_PER_KEY = 4   # idle connections for one identity
+PROBE_TIMEOUT = 5.0    # seconds an RSET probe may take before the connection is given up
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    server: str
+    port: int
+    tls: TlsMode
+    cert_check: bool
+    ca_file: str
+    auth: bool
+    user: str
+    password: Secret
+    ehlo_name: str
+
+    @classmethod
+    def of(cls, route: Route, ca_file: str, ehlo_name: str) -> "PoolKey":
+        return cls(route.server.lower(), route.port, route.tls, route.cert_check, ca_file,
+                   route.auth, route.user if route.auth else "",
+                   route.password if route.auth else Secret(""), ehlo_name)
+
+    def __repr__(self) -> str:  # never shows the password (Secret's repr is redacted anyway)
+        return f"PoolKey({self.server}:{self.port} {self.tls.value} user={self.user!r} ehlo={self.ehlo_name!r})"
+
+
+@dataclass
+class _Idle:
+    client: UpstreamClient
+    since: float
+    timer: asyncio.TimerHandle | None = None
+
+
+class UpstreamPool:
+    """Idle upstream connections of one process (one event loop)."""
+
+    def __init__(self, ttl: float, log: logging.Logger | None = None,
+                 max_idle: int = MAX_IDLE, max_per_key: int = MAX_IDLE_PER_KEY) -> None:
+        self.ttl = ttl
+        self.max_idle = max_idle
+        self.max_per_key = max_per_key
+        self.log = log or logging.getLogger("sendooway")
+        self.loop = asyncio.get_running_loop()
+        self._idle: dict[PoolKey, list[_Idle]] = {}
+        self._closing = False
+        self._tasks: set[asyncio.Task] = set()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0 and not self._closing
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    async def acquire(self, key: PoolKey) -> UpstreamClient | None:
+        """A probed, ready connection for `key`, or None (connect afresh)."""
+        entries = self._idle.get(key)
+        while entries:
+            entry = entries.pop()  # the most recently used first
+            if not entries:
+                self._idle.pop(key, None)
+            if entry.timer is not None:
+                entry.timer.cancel()
+            client = entry.client
+            if await self._probe(client):
+                self.hits += 1
+                return client
+            self.log.info("upstream %s: cached connection went stale, reconnecting", client.address)
+            client.abort()
+            entries = self._idle.get(key)
+        self.misses += 1
+        return None
+
+    async def _probe(self, client: UpstreamClient) -> bool:
+        if client.reader.buffered:
+            return False  # the upstream said something unasked (e.g. 421 before closing)
+        saved = client.stream.timeout
+        client.stream.timeout = min(PROBE_TIMEOUT, saved or PROBE_TIMEOUT)
+        try:
+            reply = await client.command("RSET")
+        except (OSError, TimeoutError, ReplyError, TLSError):
+            return False
+        finally:
+            client.stream.timeout = saved
+        return reply.code == 250
+
+    async def release(self, key: PoolKey, client: UpstreamClient) -> None:
+        """Keep `client` (out of any transaction) for `ttl` seconds, or QUIT it."""
+        if not self.enabled:
+            await client.quit()
+            return
+        entries = self._idle.setdefault(key, [])
+        entry = _Idle(client, time.monotonic())
+        entry.timer = self.loop.call_later(self.ttl, self._expire, key, entry)
+        entries.append(entry)
+        while len(entries) > self.max_per_key:
+            self._evict(key, entries[0])
+        while self.idle_count() > self.max_idle:
+            oldest_key, oldest = min(((k, e[0]) for k, e in self._idle.items() if e),
+                                     key=lambda ke: ke[1].since)
+            self._evict(oldest_key, oldest)
+
+    def _remove(self, key: PoolKey, entry: _Idle) -> bool:
+        entries = self._idle.get(key)
+        if not entries or entry not in entries:
+            return False
+        entries.remove(entry)
+        if not entries:
+            self._idle.pop(key, None)
+        if entry.timer is not None:
+            entry.timer.cancel()
+        return True
+
+    def _evict(self, key: PoolKey, entry: _Idle) -> None:
+        if self._remove(key, entry):
+            self._background(entry.client.quit())
+
+    def _expire(self, key: PoolKey, entry: _Idle) -> None:
+        self._evict(key, entry)
+
+    def _background(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close_all(self) -> None:
+        """QUIT every idle connection (SIGTERM, end of the process). No more are kept."""
+        self._closing = True
+        entries = [(k, e) for k, v in self._idle.items() for e in v]
+        for k, e in entries:
+            self._remove(k, e)
+        quits = [e.client.quit() for _k, e in entries]
+        if quits or self._tasks:
+            await asyncio.wait_for(asyncio.gather(*quits, *list(self._tasks), return_exceptions=True), 10)
+
+
+_pools: dict[asyncio.AbstractEventLoop, UpstreamPool] = {}
+
+
+def shared_pool(ttl: float, log: logging.Logger | None = None) -> UpstreamPool:
+    """The process's pool for the running event loop (made on first use)."""
+    loop = asyncio.get_running_loop()
+    for other in [lp for lp in _pools if lp.is_closed()]:
+        del _pools[other]
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = UpstreamPool(ttl, log)
+    return pool
+
+
+async def close_shared_pool() -> None:
+    """Close the running loop's pool, if any (call on SIGTERM / at exit)."""
+    pool = _pools.pop(asyncio.get_running_loop(), None)
+    if pool is not None:
+        await pool.close_all()

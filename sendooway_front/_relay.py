@@ -1,0 +1,352 @@
+"""The live relay: one client session's transactions, sent on to the upstream.
+
+`Relay` is the RelayBackend the session driver calls. Every reply it returns
+after MAIL is the upstream's (a 421 becomes 451: the client's session with us
+goes on), except local 4xx replies when the upstream cannot be used. It never
+answers 250 unless the upstream did.
+
+Connections: a new MAIL for the same route reuses the logged-in upstream
+(after RSET); another route releases it (to the cache, or QUIT) and opens
+the right one. At the end of the client session the connection goes to the
+smarthostCache pool, when enabled.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import re
+
+from sendooway_shared.config import Config, default_localname
+from sendooway_shared.types import Route
+
+from ._pool import PoolKey, UpstreamPool
+from ._relay_api import MailParams, SessionInfo
+from ._reply import Reply
+from ._tls import TLSError
+from ._upstream import (
+    BAD_UPSTREAM, DROPPED, TIMED_OUT, ReplyError, UpstreamClient, UpstreamError, open_upstream,
+)
+
+NO_TRANSACTION = Reply(503, ("5.5.1 No mail transaction in progress",))
+SMUGGLING = Reply(451, ("4.5.0 Message refused: bare CR or LF in the data",))
+_EHLO_NAME = re.compile(r"[A-Za-z0-9.\-\[\]:_]{1,255}")
+
+
+def _transport_failure(exc: BaseException) -> Reply:
+    if isinstance(exc, TimeoutError):
+        return TIMED_OUT
+    if isinstance(exc, ReplyError):
+        return BAD_UPSTREAM
+    return DROPPED
+
+
+class _LineEndCheck:
+    """Defence in depth behind the session core: every CR and LF in the data
+    must be part of a CRLF pair, across chunk borders too."""
+
+    __slots__ = ("pending_cr",)
+
+    def __init__(self) -> None:
+        self.pending_cr = False
+
+    def ok(self, chunk: bytes) -> bool:
+        if self.pending_cr:
+            if not chunk.startswith(b"\n"):
+                return False
+            chunk = chunk[1:]
+            self.pending_cr = False
+        if chunk.endswith(b"\r"):
+            self.pending_cr = True
+            chunk = chunk[:-1]
+        pairs = chunk.count(b"\r\n")
+        return chunk.count(b"\n") == pairs and chunk.count(b"\r") == pairs
+
+
+class Relay:
+    """A RelayBackend for one client session."""
+
+    def __init__(self, config: Config, log: logging.Logger, pool: UpstreamPool | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.pool = pool
+        self.localname = default_localname(config)
+        self._client: UpstreamClient | None = None
+        self._key: PoolKey | None = None
+        self._info: SessionInfo | None = None
+        self._route: Route | None = None
+        self._in_tx = False          # upstream has an open transaction (MAIL accepted)
+        self._broken: Reply | None = None  # the transaction's upstream is gone: this reply until reset
+        self._sender = ""
+        self._rcpts = 0
+        self._bytes = 0
+        self._in_data = False
+        self._check = _LineEndCheck()
+        self.messages = 0            # messages the upstream accepted (tests, benchmarks)
+
+    # ------------------------------------------------------------ helpers
+
+    def _ehlo_name(self, info: SessionInfo) -> str:
+        if self.config.cloneEhlo and info.client_ehlo and _EHLO_NAME.fullmatch(info.client_ehlo):
+            return info.client_ehlo
+        return self.localname
+
+    def _sid(self) -> str:
+        return self._info.session_id if self._info else "-"
+
+    def _drop(self) -> None:
+        """Forget the upstream connection at once (no QUIT, no final dot)."""
+        if self._client is not None:
+            self._client.abort()
+        self._client = None
+        self._key = None
+        self._in_tx = False
+        self._in_data = False
+
+    async def _release(self) -> None:
+        """Out of any transaction: keep the connection in the pool or QUIT it."""
+        client, key = self._client, self._key
+        self._client = None
+        self._key = None
+        if client is None:
+            return
+        if self._in_tx:
+            try:
+                reply = await client.command("RSET")
+            except (OSError, TimeoutError, ReplyError, TLSError):
+                client.abort()
+                self._in_tx = False
+                return
+            self._in_tx = False
+            if reply.code != 250:
+                await client.quit()
+                return
+        if self.pool is not None and key is not None:
+            await self.pool.release(key, client)
+        else:
+            await client.quit()
+
+    def _log_message(self, outcome: str) -> None:
+        route = self._route
+        where = f"{route.server}:{route.port} ({route.source or '-'})" if route else "-"
+        info = self._info
+        self.log.info("%s: message user=%s from=<%s> rcpts=%d bytes=%d route=%s upstream=%s",
+                      self._sid(), info.user if info else "-", self._sender, self._rcpts,
+                      self._bytes, where, outcome)
+
+    def _fail_transport(self, exc: BaseException, doing: str) -> Reply:
+        reply = _transport_failure(exc)
+        where = self._client.address if self._client else "-"
+        self.log.warning("%s: upstream %s: %s failed: %s", self._sid(), where, doing,
+                         type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+        self._drop()
+        self._broken = reply
+        return reply
+
+    def _upstream_reply(self, reply: Reply) -> Reply:
+        """The upstream's reply for the client; a 421 (the upstream is leaving)
+        becomes 451 with the same text, and the connection is dropped."""
+        if reply.code == 421:
+            self.log.warning("%s: upstream %s closing: %s", self._sid(),
+                             self._client.address if self._client else "-", reply)
+            self._drop()
+            self._broken = Reply(451, reply.lines)
+            return self._broken
+        return reply
+
+    async def _connect(self, info: SessionInfo, route: Route, key: PoolKey) -> tuple[UpstreamClient, bool]:
+        """A ready upstream for `key`: from the pool (probed) or new. Returns (client, reused)."""
+        if self.pool is not None and self.pool.enabled:
+            client = await self.pool.acquire(key)
+            if client is not None:
+                return client, True
+        client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+        return client, False
+
+    # ------------------------------------------------------------ RelayBackend
+
+    async def mail(self, info: SessionInfo, route: Route, sender: str, params: MailParams) -> Reply:
+        self._info = info
+        self._broken = None
+        key = PoolKey.of(route, route.ca_file or self.config.sslCA, self._ehlo_name(info))
+        if self._client is not None and (self._key != key or self._in_tx):
+            if self._key == key:
+                await self.reset()
+            else:
+                await self._release()
+        self._route = route
+        self._sender = sender
+        self._rcpts = 0
+        self._bytes = 0
+        for attempt in range(2):
+            reused = False
+            if self._client is None:
+                try:
+                    self._client, reused = await self._connect(info, route, key)
+                except UpstreamError as e:
+                    self.log.warning("%s: upstream %s for <%s>: %s", info.session_id,
+                                     f"{route.server}:{route.port}", sender, e)
+                    self._log_message(f"not reached ({e.reply.code})")
+                    return e.reply
+                self._key = key
+            else:
+                reused = True
+            command = self._client.mail_command(sender, params, self.config)
+            if isinstance(command, Reply):
+                return command
+            try:
+                reply = await self._client.command(command)
+            except (OSError, TimeoutError, ReplyError, TLSError) as e:
+                if reused and attempt == 0:
+                    # a kept connection died in between: connect afresh, once
+                    self._drop()
+                    continue
+                return self._fail_transport(e, "MAIL")
+            reply = self._upstream_reply(reply)
+            if reply.is_positive:
+                self._in_tx = True
+            else:
+                self._log_message(f"MAIL refused: {reply}")
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def rcpt(self, recipient: str) -> Reply:
+        if self._broken is not None:
+            return self._broken
+        if self._client is None or not self._in_tx:
+            return NO_TRANSACTION
+        try:
+            reply = await self._client.command(f"RCPT TO:<{recipient}>")
+        except (OSError, TimeoutError, ReplyError, TLSError) as e:
+            return self._fail_transport(e, "RCPT")
+        reply = self._upstream_reply(reply)
+        if reply.is_positive:
+            self._rcpts += 1
+        return reply
+
+    async def data_start(self) -> Reply:
+        if self._broken is not None:
+            return self._broken
+        if self._client is None or not self._in_tx:
+            return NO_TRANSACTION
+        try:
+            reply = await self._client.command("DATA")
+        except (OSError, TimeoutError, ReplyError, TLSError) as e:
+            return self._fail_transport(e, "DATA")
+        reply = self._upstream_reply(reply)
+        if reply.code != 354:
+            if 300 <= reply.code < 400:
+                # Another 3xx would make the client start sending: refuse it ourselves.
+                self._drop()
+                self._broken = BAD_UPSTREAM
+                return BAD_UPSTREAM
+            return reply
+        self._in_data = True
+        self._check = _LineEndCheck()
+        if self.config.addReceivedField and self._info is not None:
+            try:
+                await self._client.stream.write(self.received_header(self._info))
+            except (OSError, TimeoutError, TLSError) as e:
+                self._fail_transport(e, "DATA")
+        return reply
+
+    async def data_chunk(self, chunk: bytes) -> None:
+        if self._broken is not None or self._client is None or not self._in_data:
+            return  # the failure is answered at data_end
+        if not self._check.ok(chunk):
+            self.log.warning("%s: bare CR or LF in the data reached the relay; message aborted",
+                             self._sid())
+            self._drop()
+            self._broken = SMUGGLING
+            return
+        self._bytes += len(chunk)
+        try:
+            await self._client.stream.write(chunk)
+        except (OSError, TimeoutError, TLSError) as e:
+            self._fail_transport(e, "DATA")
+
+    async def data_end(self) -> Reply:
+        if self._broken is not None:
+            reply, self._broken = self._broken, None
+            self._log_message(f"not delivered ({reply})")
+            return reply
+        if self._client is None or not self._in_data:
+            return NO_TRANSACTION
+        if self._check.pending_cr:  # the message ended in a lone CR: never send it on
+            self._drop()
+            self._log_message("aborted (bare CR at the end)")
+            return SMUGGLING
+        try:
+            await self._client.stream.write(b"\r\n.\r\n")
+            reply = await self._client.read_reply()
+        except (OSError, TimeoutError, ReplyError, TLSError) as e:
+            reply = self._fail_transport(e, "end of DATA")
+            self._broken = None
+            self._log_message(f"unknown, connection lost ({reply.code})")
+            return reply
+        self._in_data = False
+        self._in_tx = False
+        reply = self._upstream_reply(reply)
+        self._broken = None
+        if reply.code == 250:
+            self.messages += 1
+        self._log_message(str(reply))
+        return reply
+
+    async def data_abort(self) -> None:
+        if self._in_data or self._broken is not None:
+            self._log_message("aborted, no final dot sent")
+        self._drop()
+        self._broken = None
+
+    async def reset(self) -> None:
+        self._broken = None
+        if self._client is None or not self._in_tx:
+            return
+        if self._in_data:  # cannot leave DATA without the dot: drop it
+            self._drop()
+            return
+        try:
+            reply = await self._client.command("RSET")
+        except (OSError, TimeoutError, ReplyError, TLSError) as e:
+            self._fail_transport(e, "RSET")
+            self._broken = None
+            return
+        self._in_tx = False
+        if reply.code != 250:
+            self._drop()
+
+    async def close(self) -> None:
+        if self._in_data:
+            self._drop()
+            return
+        await self._release()
+
+    # ------------------------------------------------------------ Received:
+
+    def received_header(self, info: SessionInfo) -> bytes:
+        """RFC 5321 4.4 trace line; RFC 3848 ESMTPSA/ESMTPA for AUTH (+TLS)."""
+        ip = _client_ip(info.client_address)
+        helo = info.client_ehlo if _EHLO_NAME.fullmatch(info.client_ehlo or "") else "unknown"
+        tcp_info = ""
+        if ip is not None:
+            tcp_info = f" ([IPv6:{ip}])" if ip.version == 6 else f" ([{ip}])"
+        protocol = "ESMTPSA" if info.tls else "ESMTPA"
+        user = re.sub(r"[^A-Za-z0-9._@+\-]", "?", info.user)
+        date = email.utils.formatdate(localtime=True)
+        text = (f"Received: from {helo}{tcp_info}\r\n"
+                f"\tby {self.localname} (sendooway) with {protocol} id {info.session_id}\r\n"
+                f"\t(authenticated user {user}); {date}\r\n")
+        return text.encode("ascii", "replace")
+
+
+def _client_ip(address: str):
+    if not address:
+        return None
+    for candidate in (address, address.rsplit(":", 1)[0]):
+        try:
+            return ipaddress.ip_address(candidate.strip("[]"))
+        except ValueError:
+            continue
+    return None

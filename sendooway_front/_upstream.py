@@ -1,0 +1,342 @@
+"""The SMTP client that talks to one upstream smarthost.
+
+`open_upstream()` connects (every resolved address in turn), reads the
+greeting, says EHLO (HELO when refused), does STARTTLS or implicit TLS as the
+route says — never falling back to plain — and logs in per the smarthost*
+tristates. After that `command()` sends one line and returns the upstream's
+reply, parsed with hard bounds (line length, line count) so a hostile or
+broken upstream cannot make us buffer without limit.
+
+Anything that goes wrong before the upstream's own MAIL reply is an
+UpstreamError carrying the reply the client should see (4xx) and a detail
+for the log.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import re
+from dataclasses import dataclass, field
+
+from sendooway_shared.config import Config, Ext8BitMime, SmarthostAuth
+from sendooway_shared.types import Route, TlsMode
+
+from . import _tls
+from ._relay_api import MailParams
+from ._reply import Reply
+from ._stream import ConnectError, Stream, open_tcp
+from ._tls import TLSError, TLSVerifyError
+
+MAX_REPLY_LINE = 4096   # octets of one reply line, CRLF included (RFC 5321 says 512)
+MAX_REPLY_LINES = 100   # lines of one multi-line reply
+READ_SIZE = 16 * 1024
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.S)
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+# Local replies (the upstream could not be used); the log has the detail.
+UNREACHABLE = Reply(451, ("4.4.1 Upstream server unreachable, try again later",))
+TIMED_OUT = Reply(451, ("4.4.2 Upstream server timed out, try again later",))
+DROPPED = Reply(451, ("4.4.2 Upstream connection lost, try again later",))
+BAD_UPSTREAM = Reply(451, ("4.5.0 Upstream server answered nonsense, try again later",))
+NOT_READY = Reply(451, ("4.3.0 Upstream server not ready, try again later",))
+TLS_FAILED = Reply(454, ("4.7.0 TLS with the upstream server failed",))
+NO_STARTTLS = Reply(454, ("4.7.0 Upstream server does not offer STARTTLS",))
+AUTH_FAILED = Reply(454, ("4.7.0 Login at the upstream server failed",))
+NO_SMTPUTF8 = Reply(553, ("5.6.7 Upstream server does not support SMTPUTF8",))
+
+
+class UpstreamError(Exception):
+    """The upstream cannot be used: `reply` for the client, str() for the log."""
+
+    def __init__(self, reply: Reply, detail: str) -> None:
+        super().__init__(detail)
+        self.reply = reply
+
+
+class ReplyError(Exception):
+    """The upstream broke the reply syntax or its bounds."""
+
+
+class ReplyReader:
+    """Parses SMTP replies from a Stream with hard bounds (sans-IO buffer + a read loop)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def discard(self) -> None:
+        self._buf.clear()
+
+    async def _line(self) -> bytes:
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                if nl + 1 > MAX_REPLY_LINE:
+                    raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} octets")
+                line = bytes(self._buf[:nl])
+                del self._buf[:nl + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._buf) >= MAX_REPLY_LINE:
+                raise ReplyError(f"reply line longer than {MAX_REPLY_LINE} octets")
+            data = await self.stream.read(READ_SIZE)
+            if not data:
+                raise ConnectionResetError("upstream closed the connection")
+            self._buf += data
+
+    async def read_reply(self) -> Reply:
+        code = None
+        lines: list[str] = []
+        while True:
+            raw = await self._line()
+            m = _REPLY_LINE.fullmatch(raw)
+            if m is None:
+                raise ReplyError(f"malformed reply line {_shorten(raw)!r}")
+            this = int(m.group(1))
+            if code is not None and this != code:
+                raise ReplyError(f"reply code changed from {code} to {this} within one reply")
+            code = this
+            lines.append(_clean_text(m.group(3)))
+            if len(lines) > MAX_REPLY_LINES:
+                raise ReplyError(f"reply longer than {MAX_REPLY_LINES} lines")
+            if m.group(2) != b"-":
+                return Reply(code, tuple(lines))
+
+
+def _clean_text(raw: bytes) -> str:
+    """Reply text made safe to repeat to the client: no CR, LF, NUL or other controls."""
+    return _UNPRINTABLE.sub("?", raw.decode("utf-8", "replace"))
+
+
+def _shorten(raw: bytes, n: int = 60) -> bytes:
+    return raw[:n] + (b"..." if len(raw) > n else b"")
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO reply → {KEYWORD: parameters}; the first line is the greeting."""
+    ext: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        word, _, rest = line.strip().partition(" ")
+        if word:
+            ext[word.upper()] = rest.strip()
+    return ext
+
+
+@dataclass
+class UpstreamClient:
+    """A connected, greeted and (when the route says so) logged-in upstream."""
+
+    route: Route
+    stream: Stream
+    reader: ReplyReader
+    ehlo_name: str
+    esmtp: bool = True
+    extensions: dict[str, str] = field(default_factory=dict)
+    auth_mechanism: str = ""   # "" = no AUTH done
+    tls_problems: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.route.server}:{self.route.port}"
+
+    async def command(self, line: str | bytes) -> Reply:
+        """Send one command line (CRLF added) and return the upstream's reply."""
+        data = line.encode("utf-8") if isinstance(line, str) else line
+        if b"\r" in data or b"\n" in data:
+            raise ValueError("a command line must not contain CR or LF")
+        await self.stream.write(data + b"\r\n")
+        return await self.reader.read_reply()
+
+    async def read_reply(self) -> Reply:
+        return await self.reader.read_reply()
+
+    def supports(self, keyword: str) -> bool:
+        return keyword.upper() in self.extensions
+
+    def mail_command(self, sender: str, params: MailParams, config: Config) -> str | Reply:
+        """MAIL FROM with the parameters the upstream understands, or a local
+        refusal (SMTPUTF8 needed but not offered)."""
+        parts = [f"MAIL FROM:<{sender}>"]
+        if params.size is not None and self.supports("SIZE"):
+            parts.append(f"SIZE={params.size}")
+        if params.body_8bitmime:
+            # force: pass BODY=8BITMIME on when the upstream offers it and send the
+            # bytes anyway when it does not (as the original did); ignore: never
+            # mention it upstream; disable: the client was never offered it.
+            if config.ext8BitMime is Ext8BitMime.FORCE and self.supports("8BITMIME"):
+                parts.append("BODY=8BITMIME")
+        if params.smtputf8:
+            if not self.supports("SMTPUTF8"):
+                return NO_SMTPUTF8
+            parts.append("SMTPUTF8")
+        return " ".join(parts)
+
+    async def quit(self) -> None:
+        """QUIT politely (bounded by the stream's timeout), then close."""
+        try:
+            await self.stream.write(b"QUIT\r\n")
+            await self.reader.read_reply()
+        except (OSError, TimeoutError, ReplyError, TLSError):
+            pass
+        await self.stream.aclose()
+
+    def abort(self) -> None:
+        self.stream.abort()
+
+
+async def open_upstream(route: Route, config: Config, ehlo_name: str,
+                        log: logging.Logger, session_id: str = "") -> UpstreamClient:
+    """Connect, greet, secure and log in as `route` says. Raises UpstreamError."""
+    where = f"{route.server}:{route.port}"
+    prefix = f"{session_id}: " if session_id else ""
+    timeout = float(config.timeout)
+    try:
+        stream = await open_tcp(route.server, route.port, timeout)
+    except ConnectError as e:
+        raise UpstreamError(UNREACHABLE, f"cannot connect to {where}: {e.strerror or e}") from None
+    client = UpstreamClient(route, stream, ReplyReader(stream), ehlo_name)
+    try:
+        await _establish(client, config, log, prefix)
+    except UpstreamError:
+        client.abort()
+        raise
+    except (TimeoutError,) as e:
+        client.abort()
+        raise UpstreamError(TIMED_OUT, f"{where}: no answer within {config.timeout}s") from e
+    except ReplyError as e:
+        client.abort()
+        raise UpstreamError(BAD_UPSTREAM, f"{where}: {e}") from None
+    except TLSVerifyError as e:
+        client.abort()
+        raise UpstreamError(TLS_FAILED, f"{where}: certificate refused: {e}") from None
+    except TLSError as e:
+        client.abort()
+        raise UpstreamError(TLS_FAILED, f"{where}: TLS handshake failed: {e}") from None
+    except OSError as e:
+        client.abort()
+        raise UpstreamError(DROPPED, f"{where}: connection lost while logging in: {e}") from None
+    return client
+
+
+async def _establish(client: UpstreamClient, config: Config, log: logging.Logger, prefix: str) -> None:
+    route = client.route
+    where = client.address
+    ca_file = route.ca_file or config.sslCA
+    if route.tls is TlsMode.TLS:
+        ctx = _tls.client_context(ca_file, verify=route.cert_check)
+        client.tls_problems = await client.stream.start_tls_client(ctx, route.server)
+    greeting = await client.read_reply()
+    if greeting.code != 220:
+        raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}")
+    await _hello(client, where)
+    if route.tls is TlsMode.STARTTLS:
+        if not client.supports("STARTTLS"):
+            raise UpstreamError(NO_STARTTLS, f"{where}: STARTTLS not offered, refusing to go on in plain text")
+        reply = await client.command("STARTTLS")
+        if reply.code != 220:
+            raise UpstreamError(TLS_FAILED, f"{where}: STARTTLS answered {reply}")
+        if client.reader.buffered:
+            # Bytes the upstream sent before the handshake must not be taken as
+            # answers later (response injection, the mirror of CVE-2011-0411).
+            raise UpstreamError(TLS_FAILED, f"{where}: data pipelined after the STARTTLS reply")
+        ctx = _tls.client_context(ca_file, verify=route.cert_check)
+        client.tls_problems = await client.stream.start_tls_client(ctx, route.server)
+        await _hello(client, where)
+    if client.tls_problems:
+        log.warning("%supstream %s: certificate problems ignored (noCertCheck): %s",
+                    prefix, where, "; ".join(client.tls_problems))
+    if route.auth:
+        await _login(client, config, log, prefix)
+
+
+async def _hello(client: UpstreamClient, where: str) -> None:
+    reply = await client.command(f"EHLO {client.ehlo_name}")
+    if reply.code == 250:
+        client.esmtp = True
+        client.extensions = parse_ehlo(reply)
+        return
+    if reply.code >= 500:
+        reply = await client.command(f"HELO {client.ehlo_name}")
+        if reply.code == 250:
+            client.esmtp = False
+            client.extensions = {}
+            return
+    raise UpstreamError(NOT_READY, f"{where}: EHLO/HELO answered {reply}")
+
+
+# Order and config field of each mechanism we can do.
+_MECHANISMS = (("CRAM-MD5", "smarthostCramMD5"), ("PLAIN", "smarthostPlain"), ("LOGIN", "smarthostLogin"))
+# Replies to AUTH that mean "not this mechanism", so the next one may be tried.
+_TRY_NEXT = {500, 501, 502, 504, 534}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+async def _login(client: UpstreamClient, config: Config, log: logging.Logger, prefix: str) -> None:
+    route = client.route
+    where = client.address
+    offered = set(client.extensions.get("AUTH", "").upper().split())
+    tried: list[str] = []
+    for mech, setting in _MECHANISMS:
+        mode = getattr(config, setting)
+        if mode is SmarthostAuth.NEVER:
+            continue
+        if mode is SmarthostAuth.IF_ADVERTISED and mech not in offered:
+            continue
+        reply = await _AUTH[mech](client)
+        if reply.code == 235:
+            client.auth_mechanism = mech
+            return
+        tried.append(f"{mech}: {reply}")
+        if reply.code in _TRY_NEXT:
+            continue
+        # A real refusal of the credentials (535) or a temporary failure:
+        # trying the same password again by another mechanism only adds
+        # failures to the upstream's counters.
+        raise UpstreamError(AUTH_FAILED, f"{where}: AUTH as {route.user!r} refused: {'; '.join(tried)}")
+    if tried:
+        raise UpstreamError(AUTH_FAILED, f"{where}: AUTH as {route.user!r} refused: {'; '.join(tried)}")
+    # No mechanism we may use: go on without AUTH; the upstream decides.
+    log.warning("%supstream %s: no usable AUTH mechanism (offered: %s), sending without AUTH",
+                prefix, where, " ".join(sorted(offered)) or "none")
+
+
+async def _auth_cram_md5(client: UpstreamClient) -> Reply:
+    reply = await client.command("AUTH CRAM-MD5")
+    if reply.code != 334:
+        return reply
+    try:
+        challenge = base64.b64decode((reply.lines[0] if reply.lines else "").strip(), validate=True)
+    except (ValueError, base64.binascii.Error):
+        await client.command("*")
+        return Reply(501, ("5.5.2 undecodable CRAM-MD5 challenge",))
+    digest = hmac.new(client.route.password.reveal().encode("utf-8"), challenge, hashlib.md5).hexdigest()
+    return await client.command(_b64(f"{client.route.user} {digest}".encode("utf-8")))
+
+
+async def _auth_plain(client: UpstreamClient) -> Reply:
+    token = _b64(b"\0" + client.route.user.encode("utf-8") + b"\0"
+                 + client.route.password.reveal().encode("utf-8"))
+    return await client.command("AUTH PLAIN " + token)
+
+
+async def _auth_login(client: UpstreamClient) -> Reply:
+    reply = await client.command("AUTH LOGIN")
+    if reply.code != 334:
+        return reply
+    reply = await client.command(_b64(client.route.user.encode("utf-8")))
+    if reply.code != 334:
+        return reply
+    return await client.command(_b64(client.route.password.reveal().encode("utf-8")))
+
+
+_AUTH = {"CRAM-MD5": _auth_cram_md5, "PLAIN": _auth_plain, "LOGIN": _auth_login}

@@ -1,0 +1,365 @@
+"""The relay driven directly (as the session driver does) against fake
+upstreams: every route kind, the upstream's replies verbatim, and each error
+path of issue 6 mapped to the right local 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import trustme
+
+from sendooway_shared.config import Ext8BitMime, SmarthostAuth
+from sendooway_shared.types import Secret, TlsMode
+from sendooway_front._pool import UpstreamPool
+from sendooway_front._relay import Relay
+from sendooway_front._relay_api import MailParams
+from tests.upstream import body_after_received, capture_log, config, info, route_for, run, send
+
+BODY = b"Subject: hi\r\n\r\nline one\r\n..dot-stuffed line\r\n\xc3\xa4 8bit"
+# what the upstream stores: dot-stuffing undone, the last line gets its CRLF
+STORED = b"Subject: hi\r\n\r\nline one\r\n.dot-stuffed line\r\n\xc3\xa4 8bit\r\n"
+PW = "Up-Secret-93xQ"
+
+
+def _deliver(up, cfg=None, route=None, rcpts=("rcpt@example.org",), session=None, params=None,
+             data=BODY, chunk=65536):
+    log, handler = capture_log()
+    relay = Relay(cfg or config(), log)
+
+    async def go():
+        r = await send(relay, route or route_for(up), "alice@example.com", list(rcpts), data,
+                       session=session, params=params, chunk=chunk)
+        await relay.close()
+        return r
+
+    return run(go()), handler
+
+
+@pytest.mark.parametrize("tls", ["starttls", "tls", "plain"])
+def test_delivery_every_tls_mode(upstream_factory, tls):
+    up = upstream_factory(tls=tls, accounts={"up-user": PW} if tls != "plain" else None)
+    replies, log = _deliver(up)
+    assert replies["mail"].code == 250
+    assert [r.code for r in replies["rcpt"]] == [250]
+    assert replies["data"].code == 354
+    assert replies["end"].code == 250 and replies["end"].lines[0].startswith("2.0.0 queued as FAKE")
+    [m] = up.messages
+    assert m.mail_from == "alice@example.com" and m.rcpt_tos == ["rcpt@example.org"]
+    assert body_after_received(m.data) == STORED
+    assert m.data.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby relay.test (sendooway)"
+                             b" with ESMTPSA id S1\r\n\t(authenticated user alice); ")
+    assert m.helo == "relay.test"
+    assert m.tls == (tls != "plain")
+    assert m.login == ("up-user" if tls != "plain" else None)
+    assert PW not in log.text
+    [line] = [x for x in log.lines if "message user=" in x]
+    assert "user=alice from=<alice@example.com> rcpts=1 bytes=%d" % len(BODY) in line
+    assert f"route={up.host}:{up.port} (test.conf:1)" in line and "upstream=250 2.0.0 queued" in line
+
+
+def test_ipv6_upstream_and_received_without_tls(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts={"u": PW}, host="::1")
+    replies, _ = _deliver(up, session=info(tls=False, client_address="::1", client_ehlo="c6"))
+    assert replies["end"].code == 250
+    assert up.messages[0].data.startswith(b"Received: from c6 ([IPv6:::1])\r\n\tby relay.test (sendooway) with ESMTPA ")
+
+
+def test_no_received_field_when_disabled(upstream_factory):
+    up = upstream_factory(tls="plain")
+    replies, _ = _deliver(up, cfg=config(addReceivedField=False), chunk=7)
+    assert up.messages[0].data == STORED
+
+
+def test_one_of_two_recipients_refused_verbatim(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts={"u": PW}, reject_rcpt={"bad@example.org"},
+                          temp_fail_rcpt={"later@example.org"})
+    replies, log = _deliver(up, rcpts=("bad@example.org", "good@example.org", "later@example.org"))
+    assert [str(r) for r in replies["rcpt"]] == [
+        "550 5.1.1 no such user here", "250 2.1.5 OK", "451 4.3.0 try again later"]
+    assert replies["end"].code == 250
+    assert up.messages[0].rcpt_tos == ["good@example.org"]
+    assert "rcpts=1 " in log.text
+
+
+def test_upstream_5xx_to_mail_and_data_passed_as_5xx(upstream_factory):
+    up = upstream_factory(tls="plain", reject_mail={"alice@example.com"})
+    replies, log = _deliver(up)
+    assert str(replies["mail"]) == "550 5.7.1 sender refused by fake upstream"
+    assert "MAIL refused: 550" in log.text
+    up2 = upstream_factory(tls="plain", fail_data="content rejected")
+    replies, _ = _deliver(up2)
+    assert str(replies["end"]) == "554 5.6.0 content rejected"
+    assert up2.messages == []
+
+
+def test_closed_port_is_451_with_detail_in_log():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from sendooway_shared.types import Route
+
+    route = Route("localhost", port, TlsMode.STARTTLS, user="u", password=Secret(PW), source="f:2")
+    log, handler = capture_log()
+    reply = run(Relay(config(), log).mail(info(), route, "a@b.c", MailParams()))
+    assert reply.code == 451 and reply.lines[0].startswith("4.4.1")
+    assert f"127.0.0.1:{port}" in handler.text and "refused" in handler.text.lower()
+    assert PW not in handler.text
+
+
+def _foreign_cert(tmp_path, name="localhost"):
+    ca = trustme.CA()
+    leaf = ca.issue_cert(name)
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    with open(cert, "wb") as f:
+        for blob in leaf.cert_chain_pems:
+            f.write(blob.bytes())
+    leaf.private_key_pem.write_to_path(str(key))
+    ca_file = tmp_path / f"{name}-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return str(cert), str(key), str(ca_file)
+
+
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+def test_wrong_certificate_is_454_and_nothing_sent(upstream_factory, tmp_path, tls):
+    cert, key, _ = _foreign_cert(tmp_path)  # signed by a CA the route does not trust
+    up = upstream_factory(tls=tls, accounts={"u": PW}, cert_file=cert, key_file=key)
+    replies, log = _deliver(up)
+    assert replies["mail"].code == 454 and replies["mail"].lines[0].startswith("4.7.0")
+    assert "certificate refused" in log.text
+    assert up.logins == [] and up.failed_logins == [] and up.messages == []
+    # the same with noCertCheck: delivered, the problem logged
+    replies, log = _deliver(up, route=route_for(up, cert_check=False))
+    assert replies["end"].code == 250
+    assert "certificate problems ignored (noCertCheck)" in log.text
+
+
+def test_wrong_host_name_refused(upstream_factory, tmp_path):
+    cert, key, ca = _foreign_cert(tmp_path, "mail.example")
+    up = upstream_factory(tls="tls", accounts={"u": PW}, cert_file=cert, key_file=key)
+    replies, log = _deliver(up, route=route_for(up, ca_file=ca))
+    assert replies["mail"].code == 454
+    assert "does not match 127.0.0.1" in log.text
+    # the global sslCA is used when the route names none
+    replies, log = _deliver(up, cfg=config(sslCA=ca), route=route_for(up, ca_file="", cert_check=False))
+    assert replies["end"].code == 250
+
+
+def test_auth_rejected_is_454_one_attempt_no_password_logged(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts={"u": "right"})
+    replies, log = _deliver(up, route=route_for(up, user="u", password=PW))
+    assert replies["mail"].code == 454 and "Login" in replies["mail"].lines[0]
+    assert up.failed_logins == ["u"]  # not retried with every mechanism
+    assert "AUTH as 'u' refused" in log.text and PW not in log.text
+
+
+def test_starttls_route_never_falls_back_to_plain(upstream_factory):
+    up = upstream_factory(tls="plain", accounts={"u": PW}, require_tls=False)
+    replies, log = _deliver(up, route=route_for(up, tls=TlsMode.STARTTLS))
+    assert replies["mail"].code == 454 and "STARTTLS" in replies["mail"].lines[0]
+    assert up.logins == [] and up.failed_logins == [] and up.mechanisms_used == []
+
+
+@pytest.mark.parametrize("offered,cfg_kw,expected", [
+    (("CRAM-MD5", "PLAIN", "LOGIN"), {}, "CRAM-MD5"),
+    (("PLAIN", "LOGIN"), {}, "PLAIN"),
+    (("LOGIN",), {}, "LOGIN"),
+    (("CRAM-MD5", "PLAIN", "LOGIN"), {"smarthostCramMD5": SmarthostAuth.NEVER}, "PLAIN"),
+    (("CRAM-MD5", "PLAIN", "LOGIN"), {"smarthostCramMD5": SmarthostAuth.NEVER,
+                                      "smarthostPlain": SmarthostAuth.NEVER}, "LOGIN"),
+    # alwaysTry: PLAIN sent although only LOGIN is advertised (aiosmtpd refuses it: 504, then LOGIN)
+    (("LOGIN",), {"smarthostPlain": SmarthostAuth.ALWAYS_TRY}, "LOGIN"),
+])
+def test_auth_mechanism_order_and_tristates(upstream_factory, offered, cfg_kw, expected):
+    up = upstream_factory(tls="starttls", accounts={"u": PW}, auth_mechanisms=offered)
+    replies, log = _deliver(up, cfg=config(**cfg_kw))
+    assert replies["end"].code == 250, log.text
+    assert up.mechanisms_used == [expected] and up.logins == ["u"]
+    assert PW not in log.text
+
+
+def test_no_auth_route_skips_auth(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts=None)
+    replies, _ = _deliver(up, route=route_for(up, auth=False, user="x", password=PW))
+    assert replies["end"].code == 250 and up.messages[0].login is None
+
+
+def test_all_mechanisms_never_sends_without_auth(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts={"u": PW})
+    never = SmarthostAuth.NEVER
+    replies, log = _deliver(up, cfg=config(smarthostCramMD5=never, smarthostPlain=never, smarthostLogin=never))
+    assert replies["mail"].code == 530  # the upstream's own refusal, passed on
+    assert "no usable AUTH mechanism" in log.text
+
+
+def test_mail_parameters_size_and_body(upstream_factory):
+    up = upstream_factory(tls="plain")
+    _deliver(up, params=MailParams(size=1234, body_8bitmime=True))
+    assert up.messages[0].mail_options == ["SIZE=1234", "BODY=8BITMIME"]
+    up.messages.clear()
+    _deliver(up, cfg=config(ext8BitMime=Ext8BitMime.IGNORE), params=MailParams(size=10, body_8bitmime=True))
+    assert up.messages[0].mail_options == ["SIZE=10"]
+
+
+def test_smtputf8_passed_on_when_offered(upstream_factory):
+    up = upstream_factory(tls="plain")  # aiosmtpd offers SMTPUTF8
+    replies, _ = _deliver(up, params=MailParams(smtputf8=True))
+    assert replies["end"].code == 250 and up.messages[0].mail_options == ["SMTPUTF8"]
+
+
+def test_clone_ehlo(upstream_factory):
+    up = upstream_factory(tls="plain")
+    _deliver(up, cfg=config(cloneEhlo=True), session=info(client_ehlo="laptop.example"))
+    assert up.messages[0].helo == "laptop.example"
+    up.messages.clear()
+    _deliver(up, cfg=config(cloneEhlo=True), session=info(client_ehlo="bad name\x01"))
+    assert up.messages[0].helo == "relay.test"
+
+
+def test_same_route_reuses_connection_other_route_reopens(upstream_factory):
+    a = upstream_factory(tls="starttls", accounts={"u": PW})
+    b = upstream_factory(tls="tls", accounts={"v": PW})
+    log, _ = capture_log()
+    relay = Relay(config(), log)
+
+    async def go():
+        for up in (a, a, b, a):
+            r = await send(relay, route_for(up), "s@x.y", ["r@x.y"], b"m")
+            assert r["end"].code == 250
+        # a transaction left open by a new MAIL is reset upstream first
+        assert (await relay.mail(info(), route_for(a), "s@x.y", MailParams())).code == 250
+        assert (await relay.rcpt("r@x.y")).code == 250
+        r = await send(relay, route_for(a), "s2@x.y", ["r2@x.y"], b"n")
+        assert r["end"].code == 250
+        await relay.close()
+
+    run(go())
+    assert a.logins == ["u", "u"] and b.logins == ["v"]
+    assert [m.mail_from for m in a.messages] == ["s@x.y", "s@x.y", "s@x.y", "s2@x.y"]
+    assert a.messages[-1].rcpt_tos == ["r2@x.y"]
+
+
+def test_data_abort_sends_no_final_dot(upstream_factory):
+    up = upstream_factory(tls="plain")
+    log, handler = capture_log()
+    relay = Relay(config(), log)
+
+    async def go():
+        await relay.mail(info(), route_for(up), "s@x.y", MailParams())
+        await relay.rcpt("r@x.y")
+        assert (await relay.data_start()).code == 354
+        await relay.data_chunk(b"half a message\r\n")
+        await relay.data_abort()
+        await asyncio.sleep(0.2)
+        # the session goes on: a next message works on a fresh connection
+        r = await send(relay, route_for(up), "s2@x.y", ["r@x.y"], b"whole")
+        await relay.close()
+        return r
+
+    r = run(go())
+    assert r["end"].code == 250
+    assert [m.mail_from for m in up.messages] == ["s2@x.y"]
+    assert "aborted, no final dot sent" in handler.text
+
+
+@pytest.mark.parametrize("evil", [b"a\n.\nb", b"a\r.\r\nb", b"a\n.\r\nb", b"x\r", b"\n"])
+def test_smuggling_sequences_never_reach_the_upstream(upstream_factory, evil):
+    up = upstream_factory(tls="plain")
+    replies, log = _deliver(up, data=b"ok line\r\n" + evil + b"\r\nmore", chunk=3)
+    assert replies["end"].code == 451
+    assert up.messages == []
+
+
+def test_cr_lf_split_across_chunks_is_fine(upstream_factory):
+    up = upstream_factory(tls="plain")
+    data = b"a\r\nb\r\nc" * 50
+    replies, _ = _deliver(up, data=data, chunk=1)
+    assert replies["end"].code == 250
+    assert body_after_received(up.messages[0].data) == data + b"\r\n"
+
+
+def test_connection_cache_across_sessions(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts={"u": PW, "w": "other-pw"})
+
+    async def go():
+        log, _ = capture_log()
+        pool = UpstreamPool(30, log)
+        for n in range(3):
+            relay = Relay(config(smarthostCache=30), log, pool)
+            r = await send(relay, route_for(up), f"s{n}@x.y", ["r@x.y"], b"m")
+            assert r["end"].code == 250
+            await relay.close()
+        assert pool.idle_count() == 1 and pool.hits == 2
+        # another upstream identity never gets that connection
+        relay = Relay(config(smarthostCache=30), log, pool)
+        r = await send(relay, route_for(up, user="w", password="other-pw"), "s@x.y", ["r@x.y"], b"m")
+        assert r["end"].code == 250
+        await relay.close()
+        # the same user with another password neither
+        relay = Relay(config(smarthostCache=30), log, pool)
+        r = await send(relay, route_for(up, user="u", password="wrong"), "s@x.y", ["r@x.y"], b"m")
+        assert r["mail"].code == 454
+        await relay.close()
+        assert pool.idle_count() == 2
+        await pool.close_all()
+        assert pool.idle_count() == 0
+
+    run(go())
+    assert up.logins == ["u", "w"] and up.failed_logins == ["u"]
+    assert len(up.messages) == 4
+
+
+def test_cache_reconnects_when_the_kept_connection_went_stale(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts={"u": PW})
+
+    async def go():
+        log, handler = capture_log()
+        pool = UpstreamPool(30, log)
+        relay = Relay(config(smarthostCache=30), log, pool)
+        assert (await send(relay, route_for(up), "a@x.y", ["r@x.y"], b"m"))["end"].code == 250
+        await relay.close()
+        up.stop()   # the upstream restarts: the kept connection is dead
+        await asyncio.sleep(0.1)
+        up.start()
+        relay = Relay(config(smarthostCache=30), log, pool)
+        assert (await send(relay, route_for(up), "b@x.y", ["r@x.y"], b"m"))["end"].code == 250
+        await relay.close()
+        assert "went stale, reconnecting" in handler.text
+        await pool.close_all()
+
+    run(go())
+    assert [m.mail_from for m in up.messages] == ["a@x.y", "b@x.y"]
+
+
+def test_cache_expires_and_caps(upstream_factory):
+    up = upstream_factory(tls="plain")
+
+    async def go():
+        log, _ = capture_log()
+        pool = UpstreamPool(0.3, log, max_idle=2, max_per_key=2)
+        relays = [Relay(config(smarthostCache=1), log, pool) for _ in range(4)]
+        for n, relay in enumerate(relays):  # four connections open at once
+            await relay.mail(info(), route_for(up), f"s{n}@x.y", MailParams())
+        for relay in relays:
+            await relay.close()
+        assert pool.idle_count() == 2
+        await asyncio.sleep(0.6)
+        assert pool.idle_count() == 0
+        await pool.close_all()
+
+    run(go())
+
+
+def test_cache_off_quits(upstream_factory):
+    up = upstream_factory(tls="plain")
+
+    async def go():
+        log, _ = capture_log()
+        pool = UpstreamPool(0, log)
+        relay = Relay(config(smarthostCache=0), log, pool)
+        await send(relay, route_for(up), "a@x.y", ["r@x.y"], b"m")
+        await relay.close()
+        assert pool.idle_count() == 0
+
+    run(go())

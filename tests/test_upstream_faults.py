@@ -1,0 +1,249 @@
+"""Misbehaving upstreams, scripted byte for byte: the relay answers the client
+with a 4xx (never 250), keeps its memory bounded and passes no tricks on."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+
+import pytest
+
+from sendooway_shared.types import Route, Secret, TlsMode
+from sendooway_front._relay import Relay
+from sendooway_front._relay_api import MailParams
+from sendooway_front._upstream import MAX_REPLY_LINE
+from tests.upstream import capture_log, config, info, run, send
+
+DEFAULTS = {
+    "EHLO": b"250-fake.upstream\r\n250-8BITMIME\r\n250 SIZE 1000000\r\n",
+    "HELO": b"250 fake.upstream\r\n",
+    "MAIL": b"250 2.1.0 ok\r\n",
+    "RCPT": b"250 2.1.5 ok\r\n",
+    "DATA": b"354 go ahead\r\n",
+    "DOT": b"250 2.0.0 accepted\r\n",
+    "RSET": b"250 2.0.0 reset\r\n",
+    "QUIT": b"221 bye\r\n",
+}
+
+
+class Script:
+    """A plain-text fake upstream answering each verb from a table; a value may
+    be bytes or an async callable(writer) doing something nasty."""
+
+    def __init__(self, greeting=b"220 fake ESMTP\r\n", **replies):
+        self.greeting = greeting
+        self.replies = {**DEFAULTS, **replies}
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []
+
+    async def _answer(self, key, writer):
+        value = self.replies[key]
+        if callable(value):
+            await value(writer)
+        else:
+            writer.write(value)
+            await writer.drain()
+
+    async def handle(self, reader, writer):
+        try:
+            if self.greeting:
+                writer.write(self.greeting)
+                await writer.drain()
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                self.commands.append(line)
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper().decode()
+                if verb not in self.replies:
+                    writer.write(b"502 5.5.2 unknown\r\n")
+                    continue
+                await self._answer(verb, writer)
+                if verb == "DATA" and self.replies["DATA"] == DEFAULTS["DATA"]:
+                    data = await reader.readuntil(b"\r\n.\r\n")
+                    self.messages.append(data)
+                    await self._answer("DOT", writer)
+                if verb == "QUIT":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(self):
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return server, server.sockets[0].getsockname()[1]
+
+
+def _route(port, tls=TlsMode.PLAIN):
+    return Route("127.0.0.1", port, tls, auth=False, password=Secret(""), source="s:1")
+
+
+async def _transaction(script, cfg=None, data=b"hello", rcpts=("r@x.y",), params=None):
+    server, port = await script.serve()
+    log, handler = capture_log()
+    relay = Relay(cfg or config(timeout=2), log)
+    async with server:
+        replies = await send(relay, _route(port), "s@x.y", list(rcpts), data, params=params)
+        await relay.close()
+    return replies, handler
+
+
+def test_giant_reply_line_refused():
+    async def giant(writer):
+        writer.write(b"250-" + b"A" * (10 * 1024 * 1024) + b"\r\n250 ok\r\n")
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+
+    replies, log = run(_transaction(Script(EHLO=giant)))
+    assert replies["mail"].code == 451 and replies["mail"].lines[0].startswith("4.5.0")
+    assert f"longer than {MAX_REPLY_LINE}" in log.text
+
+
+def test_giant_reply_line_reader_alone():
+    """Only the relay's side in the process: a 10 MiB line costs it little."""
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+
+    def flood():
+        try:
+            b.sendall(b"220-" + b"B" * (10 * 1024 * 1024))
+        except OSError:
+            pass
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+
+    async def go():
+        from sendooway_front._stream import Stream
+        from sendooway_front._upstream import ReplyError, ReplyReader
+
+        s = await Stream.from_socket(a, timeout=5)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ReplyError):
+                await ReplyReader(s).read_reply()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        s.abort()
+        return peak
+
+    peak = run(go())
+    b.close()
+    assert peak < 2 * 1024 * 1024  # not 10 MiB: StreamReader buffer + one bounded line
+
+
+def test_too_many_reply_lines():
+    replies, log = run(_transaction(Script(EHLO=b"250-x\r\n" * 500 + b"250 x\r\n")))
+    assert replies["mail"].code == 451 and "lines" in log.text
+
+
+def test_greeting_554_and_garbage():
+    replies, log = run(_transaction(Script(greeting=b"554 go away\r\n")))
+    assert replies["mail"].code == 451 and "greeting 554" in log.text
+    replies, log = run(_transaction(Script(greeting=b"HTTP/1.0 200 OK\r\n")))
+    assert replies["mail"].code == 451 and "malformed reply line" in log.text
+    replies, log = run(_transaction(Script(RCPT=b"250-a\r\n251 b\r\n")))
+    assert replies["rcpt"][0].code == 451 and "code changed" in log.text
+
+
+def test_helo_fallback_when_ehlo_refused():
+    script = Script(EHLO=b"502 5.5.2 what?\r\n")
+    replies, _ = run(_transaction(script, params=MailParams(size=100, body_8bitmime=True)))
+    assert replies["end"].code == 250
+    assert script.commands[:3] == [b"EHLO relay.test\r\n", b"HELO relay.test\r\n", b"MAIL FROM:<s@x.y>\r\n"]
+
+
+def test_multiline_and_tricky_reply_text_passed_safely():
+    rcpt = b"250-first line\r\n250-second\r370 injected\r\n250 2.1.5 last\x00\r\n"
+    replies, _ = run(_transaction(Script(RCPT=rcpt)))
+    r = replies["rcpt"][0]
+    assert r.code == 250
+    assert r.lines == ("first line", "second?370 injected", "2.1.5 last?")
+    assert r.to_bytes() == b"250-first line\r\n250-second?370 injected\r\n250 2.1.5 last?\r\n"
+
+
+def test_upstream_stalls_past_timeout():
+    async def stall(writer):
+        await asyncio.sleep(10)
+
+    replies, log = run(_transaction(Script(RCPT=stall), cfg=config(timeout=1)))
+    assert replies["rcpt"][0].code == 451 and replies["rcpt"][0].lines[0].startswith("4.4.2")
+    assert "TimeoutError" in log.text
+
+
+def test_upstream_stalls_after_final_dot():
+    async def stall(writer):
+        await asyncio.sleep(10)
+
+    replies, _ = run(_transaction(Script(DOT=stall), cfg=config(timeout=1)))
+    assert replies["end"].code == 451
+
+
+def test_upstream_drops_mid_data():
+    async def drop(writer):
+        writer.write(b"354 go\r\n")
+        await writer.drain()
+        writer.transport.abort()
+
+    big = (b"x" * 998 + b"\r\n") * 4000  # 4 MB: the writes hit the closed connection
+    replies, log = run(_transaction(Script(DATA=drop), data=big))
+    assert replies["data"].code == 354
+    assert replies["end"].code == 451
+    assert "not delivered" in log.text
+
+
+def test_upstream_421_becomes_451_and_connection_dropped():
+    script = Script(RCPT=b"421 4.3.2 shutting down\r\n")
+    replies, _ = run(_transaction(script, rcpts=("a@x.y", "b@x.y")))
+    assert [str(r) for r in replies["rcpt"]] == ["451 4.3.2 shutting down"] * 2
+
+
+def test_data_answered_with_other_3xx_is_refused():
+    replies, _ = run(_transaction(Script(DATA=b"334 what\r\n")))
+    assert replies["data"].code == 451
+
+
+def test_no_smtputf8_offered():
+    script = Script()
+    replies, _ = run(_transaction(script, params=MailParams(smtputf8=True)))
+    assert replies["mail"].code == 553
+    assert not any(c.startswith(b"MAIL") for c in script.commands)
+
+
+def test_starttls_with_pipelined_injection_refused():
+    script = Script(EHLO=b"250-x\r\n250 STARTTLS\r\n",
+                    STARTTLS=b"220 go ahead\r\n250 injected\r\n")
+
+    async def go():
+        server, port = await script.serve()
+        log, handler = capture_log()
+        async with server:
+            r = await Relay(config(), log).mail(info(), _route(port, TlsMode.STARTTLS), "s@x.y", MailParams())
+        return r, handler
+
+    reply, log = run(go())
+    assert reply.code == 454 and "pipelined after the STARTTLS" in log.text
+
+
+def test_cram_md5_undecodable_challenge_then_plain():
+    script = Script(EHLO=b"250-x\r\n250 AUTH CRAM-MD5 PLAIN\r\n",
+                    AUTH=b"334 !!!notbase64\r\n")
+
+    async def go():
+        server, port = await script.serve()
+        log, handler = capture_log()
+        route = Route("127.0.0.1", port, TlsMode.PLAIN, user="u", password=Secret("pw-x"), source="s:1")
+        async with server:
+            r = await Relay(config(), log).mail(info(), route, "s@x.y", MailParams())
+        return r, handler
+
+    reply, log = run(go())
+    # the "*" cancel got the scripted 334 again: nonsense, so the login failed → 454
+    assert reply.code == 454
+    assert "pw-x" not in log.text
