@@ -331,3 +331,31 @@ def test_sessions_work_with_the_install_tree_unreadable(world, tmp_path):
         fe.stop()
         daemon.stop()
     assert "Traceback" not in fe.log()
+
+
+def test_authenticator_restart(world, tmp_path):
+    """The daemon dies: the running session answers AUTH with 454, new ones
+    get a 421 greeting; once it is back, sessions work again."""
+    config = front_config(tmp_path, world)
+    daemon = Daemon(tmp_path, config).start()
+    fe = Frontend(config, str(tmp_path / "front.log")).start()
+    try:
+        s = fe.smtp()
+        s.starttls(context=world.ssl_context())
+        s.ehlo()
+        daemon.stop()
+        code, _ = s.docmd("AUTH", "PLAIN " + login_plain("alice", world.users["alice"].password))
+        assert code == 454
+        s.close()
+        with pytest.raises(smtplib.SMTPConnectError) as exc:
+            fe.smtp()
+        assert exc.value.smtp_code == 421
+        assert "cannot connect to the authenticator at " + str(tmp_path) in fe.log()
+        daemon = Daemon(tmp_path, config).start()
+        with fe.smtp() as s:
+            s.starttls(context=world.ssl_context())
+            s.ehlo()
+            s.login("alice", world.users["alice"].password)
+    finally:
+        fe.stop()
+        daemon.stop()
