@@ -38,6 +38,8 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     backend = cfg.authBackend.value
     if cfg.authBackend is AuthBackend.PAM:
         backend += f" (service {cfg.pamService})"
+    elif cfg.authBackend is AuthBackend.LDAP:
+        backend += " (not supported: the daemon will not start; use PAM with pam_ldap or SSSD)"
     w(f"auth backend: {backend}")
     user = _users.lookup(name)
     if user is None:
