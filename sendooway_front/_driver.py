@@ -30,7 +30,16 @@ log = logging.getLogger("sendooway")
 
 def make_relay(config: Config, logger: logging.Logger) -> RelayBackend:
     """The relay backend of one client session (the one place to swap it)."""
-    return NoRelay()
+    from ._pool import shared_pool
+    from ._relay import Relay
+
+    return Relay(config, logger, shared_pool(config.smarthostCache, logger))
+
+
+async def close_relays() -> None:
+    """Called once when the process stops serving (after the last session):
+    the place to close what relays share across sessions (connection cache)."""
+    return None
 
 
 class Connector(Protocol):

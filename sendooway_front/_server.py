@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from ._driver import Frontend, SessionRunner, describe_peer
+from ._pool import close_shared_pool
 from ._stream import Stream, set_nodelay
 
 SD_LISTEN_FDS_START = 3
@@ -169,6 +170,7 @@ async def serve_stdio(frontend: Frontend) -> None:
     wfd = _streamable(1, reading=False, bridges=bridges)
     stream = await Stream.from_fds(rfd, wfd, frontend.config.timeout)
     await SessionRunner(frontend, stream, peer).run()
+    await close_shared_pool()
     for fd in {rfd, wfd} - {0, 1}:
         try:
             os.close(fd)
@@ -212,6 +214,7 @@ async def serve_connection(frontend: Frontend, sock: socket.socket) -> None:
         peer = ""
     stream = await Stream.from_socket(sock, frontend.config.timeout)
     await SessionRunner(frontend, stream, peer).run()
+    await close_shared_pool()
 
 
 async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
@@ -249,4 +252,5 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         if pending:
             log.info("stopping: %d sessions cut after %ss", len(pending), grace)
             await asyncio.wait(pending, timeout=5)
+    await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT
     log.info("stopped")
