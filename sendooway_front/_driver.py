@@ -36,12 +36,6 @@ def make_relay(config: Config, logger: logging.Logger) -> RelayBackend:
     return Relay(config, logger, shared_pool(config.smarthostCache, logger))
 
 
-async def close_relays() -> None:
-    """Called once when the process stops serving (after the last session):
-    the place to close what relays share across sessions (connection cache)."""
-    return None
-
-
 class Connector(Protocol):
     def describe(self) -> str: ...
 
