@@ -18,7 +18,6 @@ from ._events import (
     NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
-from ._norelay import NoRelay
 from ._relay_api import RelayBackend, SessionInfo
 from ._session import Session, SessionSettings
 from ._stream import Stream
