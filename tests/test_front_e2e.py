@@ -359,3 +359,29 @@ def test_authenticator_restart(world, tmp_path):
     finally:
         fe.stop()
         daemon.stop()
+
+
+def test_message_through_the_live_relay(world, tmp_path, upstream_factory):
+    """The whole path with smtplib: STARTTLS, AUTH, a pipelined transaction
+    and a dot-stuffed message that the upstream receives byte for byte."""
+    up = upstream_factory(tls="plain", accounts=None)
+    config = front_config(tmp_path, world, "addReceivedField = no\n"
+                          f"smarthostMapping = direct:*@example.org 127.0.0.1 {up.port} noAuth\n")
+    daemon = Daemon(tmp_path, config).start()
+    fe = Frontend(config, str(tmp_path / "front.log")).start()
+    body = b"Subject: through\r\n\r\n.leading dot\r\n" + b"z" * 990 + b"\r\nend\r\n"
+    try:
+        with fe.smtp() as s:
+            s.starttls(context=world.ssl_context())
+            s.ehlo()
+            s.login("alice", world.users["alice"].password)
+            refused = s.sendmail("alice@example.org", ["bob@example.net", "carol@example.net"], body)
+            assert refused == {}
+        assert len(up.messages) == 1
+        m = up.messages[0]
+        assert m.mail_from == "alice@example.org"
+        assert m.rcpt_tos == ["bob@example.net", "carol@example.net"]
+        assert m.data.replace(b"\r\n", b"\n") == body.replace(b"\r\n", b"\n")
+    finally:
+        fe.stop()
+        daemon.stop()
