@@ -28,23 +28,32 @@ import msgpack
 
 MAX_FILE = 1 << 20
 TIME_LIMIT = 5  # seconds a reader child may live
-_CONTROL_MAX = 64 * 1024
+_CONTROL_MAX = 192 * 1024  # > MAX_FILES * MAX_PATH
+
+
+MAX_FILES = 32  # distinct files one lookup may read
+MAX_PATH = 4096
 
 
 @dataclass(frozen=True)
 class ReadRequest:
+    """Read `paths` as uid/gid/groups; relative paths are taken from `home`
+    (the original chdir()ed there too)."""
+
     uid: int
     gid: int
     groups: tuple[int, ...]
     paths: tuple[str, ...]
+    home: str = "/"
 
     def to_wire(self) -> bytes:
-        return msgpack.packb([self.uid, self.gid, list(self.groups), list(self.paths)])
+        return msgpack.packb([self.uid, self.gid, list(self.groups), list(self.paths), self.home])
 
     @classmethod
     def from_wire(cls, data: bytes) -> "ReadRequest":
-        uid, gid, groups, paths = msgpack.unpackb(data, raw=False)
-        return cls(int(uid), int(gid), tuple(int(g) for g in groups), tuple(str(p) for p in paths))
+        uid, gid, groups, paths, home = msgpack.unpackb(data, raw=False)
+        return cls(int(uid), int(gid), tuple(int(g) for g in groups),
+                   tuple(str(p) for p in paths), str(home))
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ def _read_one(path: str) -> FileRead:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return FileRead(path, "missing")
         return FileRead(path, "unreadable", exc.strerror or str(exc))
+    except ValueError:  # e.g. NUL in the path: the user's mistake, not ours
+        return FileRead(path, "unreadable", "invalid path")
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -145,6 +156,10 @@ def _child(req: ReadRequest, out_fd: int) -> None:
         signal.alarm(TIME_LIMIT)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         _become(req)
+        try:
+            os.chdir(req.home)
+        except OSError:
+            os.chdir("/")
         results = [_read_one(p) for p in req.paths]
         payload = msgpack.packb([[r.path, r.status, r.detail, r.mode, r.owner, r.data]
                                  for r in results], use_bin_type=True)

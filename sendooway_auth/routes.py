@@ -19,7 +19,7 @@ from sendooway_shared.config import (
 )
 
 from ._accounts import Account, ParseResult, choose
-from ._reader import FileRead, ReadRequest
+from ._reader import MAX_FILES, MAX_PATH, FileRead, ReadRequest
 from ._users import UserInfo
 from .fetchmail import parse_fetchmailrc
 from .getmail import parse_getmailrc
@@ -68,7 +68,13 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
                 _check_mode(read, user, found)
     found.ca_file = user_cfg.sslCA if user_cfg and user_cfg.sslCA is not None else cfg.sslCA
     found.mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
-    paths = tuple(dict.fromkeys(m.path for m in found.mappings if m.kind is not MappingKind.DIRECT))
+    wanted = list(dict.fromkeys(m.path for m in found.mappings if m.kind is not MappingKind.DIRECT))
+    for path in wanted[MAX_FILES:]:
+        found.errors.append(f"{path}: skipped: more than {MAX_FILES} files to read")
+    paths = tuple(p for p in wanted[:MAX_FILES] if len(p) <= MAX_PATH)
+    for path in wanted[:MAX_FILES]:
+        if len(path) > MAX_PATH:
+            found.errors.append(f"{path[:200]}...: skipped: path longer than {MAX_PATH}")
     reads = (yield paths) if paths else []
     by_path = dict(zip(paths, reads))
     for path in paths:
@@ -82,6 +88,8 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             assert m.direct is not None
             found.accounts.append(Account((m.direct.address,), m.direct.route, tier))
             continue
+        if m.path not in by_path:
+            continue  # skipped above (too many files, path too long)
         if m.path not in parsed:
             read = by_path[m.path]
             text = _text(read, found)
@@ -108,7 +116,7 @@ def lookup_sync(cfg: Config, user: UserInfo, read: Callable[[ReadRequest], list[
     try:
         paths = next(gen)
         while True:
-            paths = gen.send(read(ReadRequest(user.uid, user.gid, user.groups, paths)))
+            paths = gen.send(read(ReadRequest(user.uid, user.gid, user.groups, paths, user.home)))
     except StopIteration as done:
         return done.value
 
@@ -119,7 +127,8 @@ async def lookup_async(cfg: Config, user: UserInfo, read) -> UserRoutes:
     try:
         paths = next(gen)
         while True:
-            paths = gen.send(await read(ReadRequest(user.uid, user.gid, user.groups, paths)))
+            paths = gen.send(await read(ReadRequest(user.uid, user.gid, user.groups, paths,
+                                                    user.home)))
     except StopIteration as done:
         return done.value
 

@@ -172,3 +172,16 @@ def test_a_stuck_reader_times_out_as_failed(clean_homes):
         os.kill(fs.pid, signal.SIGCONT)
     finally:
         fs.stop()
+
+
+def test_relative_paths_are_from_home_and_file_count_is_bounded(clean_homes):
+    world = clean_homes
+    world.write_user_file("alice", "mail/fm.rc", FETCHMAILRC)
+    many = "".join(f"smarthostMapping = getmail:%h/g{i}.rc\n" for i in range(40))
+    world.write_user_file("alice", ".sendoowayrc",
+                          "smarthostMapping = fetchmail:mail/fm.rc\n" + many
+                          + "smarthostMapping = fetchmail:bad\x01path\n")
+    found = lookup(world, "alice", "userInclude = %h/.sendoowayrc\n")
+    assert found.route_for("alice@example.org").route.server == "smtp.example.org"
+    assert sum("skipped: more than 32 files" in e for e in found.errors) == 42 - 32
+    assert not found.incomplete
