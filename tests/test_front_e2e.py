@@ -290,7 +290,7 @@ def test_bad_tls_key_is_a_clear_startup_error(world, tmp_path, cert, key, messag
 # ------------------------------------------------------------ unreadable installation
 
 
-def test_sessions_work_with_the_install_tree_unreadable(world, tmp_path):
+def test_sessions_work_with_the_install_tree_unreadable(world, tmp_path, upstream_factory):
     """As when the interpreter's tree is under /root (0700): a copy of the
     code and its dependencies in a root-only directory; after the drop to
     nobody nothing more can be imported from it."""
@@ -309,7 +309,10 @@ def test_sessions_work_with_the_install_tree_unreadable(world, tmp_path):
     shutil.copytree(os.path.dirname(sendooway_front.__file__), site / "sendooway_front")
     shutil.copytree(os.path.dirname(sendooway_shared.__file__), site / "sendooway_shared")
     os.chmod(private, 0o700)
-    config = front_config(tmp_path, world)
+    up = upstream_factory(tls="starttls", accounts={"up-alice": "up-secret"})
+    config = front_config(tmp_path, world, f"sslCA = {world.ca_file}\n"
+                          f"smarthostMapping = direct:*@example.org localhost {up.port}"
+                          " up-alice up-secret tls\n")
     daemon = Daemon(tmp_path, config).start()
     boot = (f"import sys; sys.path[:0] = [{str(site)!r}]; "
             "from sendooway_front.cli import main; sys.argv[0] = 'sendooway'; sys.exit(main())")
@@ -323,6 +326,9 @@ def test_sessions_work_with_the_install_tree_unreadable(world, tmp_path):
                 s.login("alice", world.users["alice"].password)
                 assert s.mail(UNROUTED)[0] == 550
                 assert proc_ids(fe.proc.pid)["Uid"][0] == NOBODY
+                # the relay's paths too: upstream STARTTLS, certificate check, AUTH
+                assert s.sendmail("alice@example.org", ["bob@example.net"], b"Subject: x\r\n\r\nhi\r\n") == {}
+        assert len(up.messages) == 2 and set(up.logins) == {"up-alice"}  # (cache: one login)
         probe = subprocess.run(
             ["/usr/bin/python3", "-c", f"open({str(site / 'msgpack' / '__init__.py')!r})"],
             user=NOBODY, capture_output=True, text=True)
