@@ -32,29 +32,31 @@ def reason_for(code: int) -> str:
 
 
 class PamPool:
+    """Worker threads for everything that may block during a login: NSS
+    lookups (which may be LDAP/SSSD) and PAM. One job per login."""
+
     def __init__(self, service: str, threads: int = 8) -> None:
         self.service = service
         self.threads = threads
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pam")
 
-    def _check(self, user: str, password: str) -> tuple[bool, str]:
+    def check_here(self, user: str, password: Secret) -> tuple[bool, str]:
+        """(ok, reason) for authenticate + account check; call in a worker."""
         handle = getattr(self._local, "pam", None)
         if handle is None:
             handle = self._local.pam = pam.pam()
         try:
-            ok = handle.authenticate(user, password, service=self.service, resetcreds=False)
+            ok = handle.authenticate(user, password.reveal(), service=self.service,
+                                     resetcreds=False)
         except (ValueError, TypeError, UnicodeError):
             return False, "invalid-characters"
         return (True, "") if ok else (False, reason_for(handle.code))
 
-    async def check(self, user: str, password: Secret) -> tuple[bool, str]:
-        """(ok, reason): authenticate and account check for `user`."""
+    async def run(self, fn, *args):
+        """Run a blocking login job in a worker thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._check, user, password.reveal())
-
-    def check_blocking(self, user: str, password: Secret) -> tuple[bool, str]:
-        return self._pool.submit(self._check, user, password.reveal()).result()
+        return await loop.run_in_executor(self._pool, fn, *args)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

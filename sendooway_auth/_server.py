@@ -155,7 +155,7 @@ class Runtime:
         _harden()
         self.cfg = cfg
         self.forks = ForkServer().start()
-        self.pam = PamPool(cfg.pamService, threads) if cfg.authBackend is AuthBackend.PAM else None
+        self.pam = PamPool(cfg.pamService, threads)  # NSS lookups need it with any backend
         self.penalty = Penalty(base=failure_delay)
         self.service: AuthService | None = None
 
@@ -164,8 +164,7 @@ class Runtime:
         return self.service
 
     def close(self) -> None:
-        if self.pam is not None:
-            self.pam.shutdown()
+        self.pam.shutdown()
         self.forks.stop()
 
 
@@ -204,7 +203,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
 
     server = await asyncio.start_unix_server(handle, sock=sock, limit=65536)
     log.info("started: listening on %s, PAM service %s, %d PAM threads, maxAuthFailures %d",
-             where, rt.cfg.pamService, rt.pam.threads if rt.pam else 0, rt.cfg.maxAuthFailures)
+             where, rt.cfg.pamService, rt.pam.threads, rt.cfg.maxAuthFailures)
     notify("READY=1")
     await stop.wait()
     notify("STOPPING=1")

@@ -50,7 +50,7 @@ class AuthResult:
 
 
 class AuthService:
-    def __init__(self, cfg: Config, pam_pool: PamPool | None, reader: ForkServer,
+    def __init__(self, cfg: Config, pam_pool: PamPool, reader: ForkServer,
                  penalty: Penalty, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.pam = pam_pool
@@ -76,19 +76,21 @@ class AuthService:
         return AuthResult(False, None, reason, delay)
 
     async def _check(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
-        # NSS (passwd, groups) may be LDAP/SSSD and block: never on the event loop
-        user = await asyncio.to_thread(_users.lookup, name)
+        # NSS (passwd, groups: maybe LDAP/SSSD) and PAM block: one worker job
+        return await self.pam.run(self._check_blocking, name, password)
+
+    def _check_blocking(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
+        user = _users.lookup(name)
         if self.cfg.authBackend is AuthBackend.NONE:
             if user is None or user.uid != self._process_uid:
                 return None, "not-process-user"
         else:
             if user is None:
                 return None, "unknown-user"
-            assert self.pam is not None
-            ok, reason = await self.pam.check(name, password)
+            ok, reason = self.pam.check_here(name, password)
             if not ok:
                 return None, reason
-        allowed, _why = await asyncio.to_thread(_users.valid_user, self.cfg, user)
+        allowed, _why = _users.valid_user(self.cfg, user)
         if not allowed:
             return None, "not-a-valid-user"
         return user, ""
