@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sendooway_front._reply import Reply
 from sendooway_front._session import COLUMNS, COMMANDS, SessionSettings, State
 
-from .front_harness import Harness, plain
+from .front_harness import Harness, codes, plain
 
 _REPLY_LINE = re.compile(rb"\A[2-5][0-9][0-9](?:[ -].*)?\Z", re.S)
 
@@ -111,3 +111,29 @@ class SessionMachine(RuleBasedStateMachine):
 TestSession = SessionMachine.TestCase
 TestSession.settings = settings(max_examples=150, stateful_step_count=30, deadline=None,
                                 suppress_health_check=[HealthCheck.too_slow])
+
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+PIECES = [b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"x" * 10, b"\r\n.", b"\r\n..", b" "]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=30),
+       cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_message_bytes_against_a_reference(pieces, cuts):
+    """Any message, split anywhere: the relay gets exactly the raw bytes
+    before the final CRLF.CRLF, or nothing at all when a bare CR/LF is in it."""
+    body = b"".join(pieces) + b"\r\n"
+    assume(b"\r\n.\r\n" not in b"\r\n" + body)
+    stream = body + b".\r\nNOOP\r\n"
+    h = Harness()
+    h.feed(b"EHLO c\r\nAUTH PLAIN " + plain("alice", "alice-secret").encode()
+           + b"\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    for a, b in zip(points, points[1:]):
+        h.feed(stream[a:b])
+    if _BARE.search(body):
+        assert h.messages == [] and h.aborted == 1
+    else:
+        assert h.messages == [body[:-2]]
+        assert codes(bytes(h.out))[-2:] == [250, 250]
