@@ -1,0 +1,282 @@
+"""Issue 6 end to end: real clients (smtplib, swaks, msmtp) through the real
+`sendooway -b` and `sendooway-auth`, delivered through every route kind to
+fake upstreams, which must receive exactly the envelope and the bytes sent
+(plus our Received: line). Error paths as the client sees them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import smtplib
+import subprocess
+
+import pytest
+
+from tests.auth_helpers import Daemon
+from tests.front_util import Frontend, front_config, open_tmp
+from tests.upstream import FakeUpstream
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
+
+UP_PW = {"fm": "fm-Up-Secret-41", "gm": "gm-Up-Secret-52", "wild": "wild-Up-Secret-63"}
+RECEIVED = re.compile(
+    rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\tby mx\.test \(sendooway\) with ESMTPSA id [^\s;]+\r\n"
+    rb"\t\(authenticated user (\w+)\); \w{3}, \d+ \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n")
+
+
+def _mk_body(tag: str) -> bytes:
+    # Date and Message-ID present, so no client adds its own
+    return (f"From: someone\r\nDate: Wed, 25 Nov 2026 12:00:00 +0000\r\n"
+            f"Message-ID: <{tag.replace(' ', '.')}@client.test>\r\nSubject: {tag}\r\n\r\nfirst line\r\n".encode()
+            + b"..a dot-stuffed line\r\n" + b"\xc3\xa4 8-bit text\r\n" + b"y" * 998 + b"\r\nlast\r\n")
+
+
+class World6:
+    def __init__(self, world, tmp):
+        self.world = world
+        self.tmp = tmp
+        self.ups: dict[str, FakeUpstream] = {}
+
+    def up(self, name, **kw) -> FakeUpstream:
+        u = FakeUpstream(self.world, **kw).start()
+        self.ups[name] = u
+        return u
+
+
+@pytest.fixture(scope="module")
+def w6(world):
+    with open_tmp() as tmp:
+        w = World6(world, tmp)
+        fm = w.up("fetchmail", tls="starttls", accounts={"fm-user": UP_PW["fm"]}, host="127.0.0.1")
+        gm = w.up("getmail", tls="tls", accounts={"gm-user": UP_PW["gm"]})
+        plain = w.up("plain", tls="plain", reject_rcpt={"nobody@example.net"})
+        wild = w.up("wild", tls="starttls", accounts={"wild-user": UP_PW["wild"]})
+        star = w.up("star", tls="plain")
+        glob = w.up("global", tls="plain")
+        mine = w.up("carol-own", tls="plain")
+        badauth = w.up("badauth", tls="starttls", accounts={"x": "not-what-the-route-says"})
+        extra = (
+            f"sslCA = {world.ca_file}\n"
+            "userInclude = %h/.sendoowayrc\n"
+            "smarthostMapping = fetchmail:%h/.fetchmailrc\n"
+            "smarthostMapping = getmail:%h/.getmail/getmailrc\n"
+            f"smarthostMapping = direct:*@plain.example 127.0.0.1 {plain.port} noAuth\n"
+            f"smarthostMapping = direct:*@wild.example localhost {wild.port} wild-user {UP_PW['wild']} tls\n"
+            f"smarthostMapping = direct:*@override.example 127.0.0.1 {glob.port} noAuth\n"
+            f"smarthostMapping = direct:*@badauth.example localhost {badauth.port} x wrong-Up-Pw-7 tls\n"
+            f"smarthostMapping = direct:* 127.0.0.1 {star.port} noAuth\n"
+        )
+        w.config = front_config(tmp, world, extra)
+        world.clear_home("alice")
+        world.clear_home("bob")
+        world.clear_home("carol")
+        world.write_user_file("alice", ".fetchmailrc", (
+            'poll pop.example.org proto pop3 user "fm-user" password "%s"\n'
+            '#sendooway:server "localhost"\n'
+            '#sendooway:port %d\n'
+            '#sendooway:tls\n'
+            '#sendooway:address "alice@fetch.example"\n') % (UP_PW["fm"], fm.port))
+        world.write_user_file("bob", ".getmail/getmailrc", (
+            "[retriever]\ntype = SimplePOP3SSLRetriever\nserver = pop.example.org\n"
+            f"username = gm-user\npassword = {UP_PW['gm']}\n"
+            f"[sender]\ntype = SimpleSMTPSSLSender\nserver = localhost\nport = {gm.port}\n"
+            "address = bob@get.example\n"))
+        world.write_user_file("carol", ".sendoowayrc",
+                              f"smarthostMapping = direct:*@override.example 127.0.0.1 {mine.port} noAuth\n")
+        w.daemon = Daemon(tmp, w.config).start()
+        w.front = Frontend(w.config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            yield w
+        finally:
+            w.front.stop()
+            w.daemon.stop()
+            for u in w.ups.values():
+                u.stop()
+            for name in ("alice", "bob", "carol"):
+                world.clear_home(name)
+
+
+@pytest.fixture(autouse=True)
+def _clear(w6):
+    for u in w6.ups.values():
+        u.messages.clear()
+    yield
+
+
+def _smtplib_send(w6, user, sender, rcpts, body, mail_options=()):
+    with w6.front.smtp() as s:
+        s.starttls(context=w6.world.ssl_context())
+        s.ehlo()
+        s.login(user, w6.world.users[user].password)
+        return s.sendmail(sender, rcpts, body, mail_options=list(mail_options))
+
+
+def _check_delivery(up, sender, rcpts, body, user, login=None):
+    assert len(up.messages) == 1, up.messages
+    m = up.messages[0]
+    assert m.mail_from == sender and m.rcpt_tos == rcpts
+    match = RECEIVED.match(m.data)
+    assert match, m.data[:300]
+    assert match.group(1).decode() == user
+    # the clients dot-stuff, the upstream un-stuffs: the message text arrives exactly
+    assert m.data[match.end():] == body
+    assert m.login == login
+
+
+def test_fetchmail_starttls_auth_with_smtplib(w6):
+    body = _mk_body("fetchmail")
+    assert _smtplib_send(w6, "alice", "alice@fetch.example", ["r1@example.net", "r2@example.net"],
+                         body, mail_options=["BODY=8BITMIME"]) == {}
+    up = w6.ups["fetchmail"]
+    _check_delivery(up, "alice@fetch.example", ["r1@example.net", "r2@example.net"], body, "alice",
+                    login="fm-user")
+    assert up.messages[0].tls and up.messages[0].helo == "mx.test"
+    assert "BODY=8BITMIME" in up.messages[0].mail_options
+
+
+def test_getmail_implicit_tls_with_swaks(w6, tmp_path):
+    body = _mk_body("getmail swaks")
+    path = tmp_path / "msg.eml"
+    path.write_bytes(body[:-2])  # swaks ends the data with its own CRLF
+    r = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{w6.front.port}", "--tls", "--helo", "client.test",
+         "--auth", "PLAIN", "--auth-user", "bob", "--auth-password", w6.world.users["bob"].password,
+         "--from", "bob@get.example", "--to", "x@example.net", "--data", str(path),
+         "--tls-verify", "--tls-ca-path", w6.world.ca_file],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "250 2.0.0 queued as FAKE" in r.stdout  # the upstream's own final reply, shown to the client
+    _check_delivery(w6.ups["getmail"], "bob@get.example", ["x@example.net"], body, "bob", login="gm-user")
+
+
+def test_direct_noauth_plain_and_one_refused_recipient(w6):
+    body = _mk_body("plain")
+    with w6.front.smtp() as s:
+        s.starttls(context=w6.world.ssl_context())
+        s.ehlo()
+        s.login("dave", w6.world.users["dave"].password)
+        refused = s.sendmail("dave@plain.example", ["ok@example.net", "nobody@example.net"], body)
+    assert refused == {"nobody@example.net": (550, b"5.1.1 no such user here")}
+    _check_delivery(w6.ups["plain"], "dave@plain.example", ["ok@example.net"], body, "dave")
+
+
+def test_domain_wildcard_starttls_auth_and_star_with_msmtp(w6, tmp_path):
+    if shutil.which("msmtp") is None:
+        pytest.skip("msmtp not installed")
+    body = _mk_body("msmtp")
+    for sender, upname, login in (("dave@wild.example", "wild", "wild-user"),
+                                  ("dave@anything.example", "star", None)):
+        r = subprocess.run(
+            ["msmtp", "--host=127.0.0.1", f"--port={w6.front.port}", "--tls=on", "--tls-starttls=on",
+             f"--tls-trust-file={w6.world.ca_file}", "--auth=plain", "--user=dave",
+             "--passwordeval=cat " + _secret_file(tmp_path, w6.world.users["dave"].password),
+             "--domain=client.test", f"--from={sender}", "--", "rcpt@example.net"],
+            input=body, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        _check_delivery(w6.ups[upname], sender, ["rcpt@example.net"], body, "dave", login=login)
+        w6.ups[upname].messages.clear()
+
+
+def _secret_file(tmp_path, secret):
+    p = tmp_path / "pw"
+    p.write_text(secret)
+    return str(p)
+
+
+def test_user_include_overrides_the_global_mapping(w6):
+    body = _mk_body("override")
+    assert _smtplib_send(w6, "carol", "carol@override.example", ["r@example.net"], body) == {}
+    _check_delivery(w6.ups["carol-own"], "carol@override.example", ["r@example.net"], body, "carol")
+    assert w6.ups["global"].messages == []
+    # dave has no include: the global mapping serves him
+    assert _smtplib_send(w6, "dave", "dave@override.example", ["r@example.net"], body) == {}
+    _check_delivery(w6.ups["global"], "dave@override.example", ["r@example.net"], body, "dave")
+
+
+def test_several_messages_and_routes_in_one_session(w6):
+    with w6.front.smtp() as s:
+        s.starttls(context=w6.world.ssl_context())
+        s.ehlo()
+        s.login("alice", w6.world.users["alice"].password)
+        for n in range(3):
+            assert s.sendmail("alice@fetch.example", ["a@example.net"], b"Subject: %d\r\n\r\nx\r\n" % n) == {}
+        assert s.sendmail("alice@elsewhere.example", ["b@example.net"], b"Subject: star\r\n\r\ny\r\n") == {}
+        assert s.sendmail("alice@fetch.example", ["c@example.net"], b"Subject: again\r\n\r\nz\r\n") == {}
+    assert [m.rcpt_tos for m in w6.ups["fetchmail"].messages] == [["a@example.net"]] * 3 + [["c@example.net"]]
+    assert [m.rcpt_tos for m in w6.ups["star"].messages] == [["b@example.net"]]
+
+
+def test_upstream_auth_rejected_is_454_and_no_password_anywhere(w6):
+    with w6.front.smtp() as s:
+        s.starttls(context=w6.world.ssl_context())
+        s.ehlo()
+        s.login("dave", w6.world.users["dave"].password)
+        code, text = s.mail("dave@badauth.example")
+        assert code == 454 and text.startswith(b"4.7.0")
+        code, _ = s.rset()
+        assert code == 250
+    logs = w6.front.log() + w6.daemon.log()
+    assert "refused" in logs
+    for secret in [*UP_PW.values(), "wrong-Up-Pw-7", *(u.password for u in w6.world.users.values())]:
+        assert secret not in logs
+
+
+def test_log_line_per_message(w6):
+    assert _smtplib_send(w6, "alice", "alice@fetch.example", ["one@example.net"], b"Subject: log\r\n\r\nq\r\n") == {}
+    lines = [ln for ln in w6.front.log().splitlines()
+             if "message user=alice from=<alice@fetch.example>" in ln and "one" not in ln]
+    assert lines, w6.front.log()[-2000:]
+    last = lines[-1]
+    assert "rcpts=1" in last and f"localhost:{w6.ups['fetchmail'].port}" in last
+    assert ".fetchmailrc:" in last and "upstream=250 2.0.0 queued as FAKE" in last
+
+
+def test_error_paths_through_the_frontend(world, tmp_path, upstream_factory):
+    """Closed port → 451, wrong certificate → 454, no route → 550, upstream 5xx passed."""
+    import socket
+
+    import trustme
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    cert, key = tmp_path / "x.crt", tmp_path / "x.key"
+    with open(cert, "wb") as f:
+        for blob in leaf.cert_chain_pems:
+            f.write(blob.bytes())
+    leaf.private_key_pem.write_to_path(str(key))
+    wrongcert = upstream_factory(tls="starttls", accounts={"u": "p"}, cert_file=str(cert), key_file=str(key))
+    strict = upstream_factory(tls="plain", reject_mail={"dave@strict.example"})
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, (
+            f"sslCA = {world.ca_file}\n"
+            f"smarthostMapping = direct:*@closed.example 127.0.0.1 {closed} noAuth\n"
+            f"smarthostMapping = direct:*@cert.example localhost {wrongcert.port} u p tls\n"
+            f"smarthostMapping = direct:*@strict.example 127.0.0.1 {strict.port} noAuth\n"))
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            with fe.smtp() as s:
+                s.starttls(context=world.ssl_context())
+                s.ehlo()
+                s.login("dave", world.users["dave"].password)
+                code, text = s.mail("dave@closed.example")
+                assert code == 451 and text.startswith(b"4.4.1")
+                code, text = s.mail("dave@cert.example")
+                assert code == 454 and text.startswith(b"4.7.0")
+                code, text = s.mail("dave@nowhere.example")
+                assert code == 550 and text.startswith(b"5.7.1")
+                code, text = s.mail("dave@strict.example")
+                assert (code, text) == (550, b"5.7.1 sender refused by fake upstream")
+                with pytest.raises(smtplib.SMTPSenderRefused):
+                    s.sendmail("dave@closed.example", ["r@example.net"], b"x\r\n")
+            log = fe.log()
+            assert f"127.0.0.1:{closed}" in log and "certificate refused" in log
+            assert wrongcert.logins == [] and wrongcert.failed_logins == []
+        finally:
+            fe.stop()
+            daemon.stop()
