@@ -69,7 +69,10 @@ def activated_socket() -> socket.socket | None:
         return None
     if count > 1:
         log.warning("systemd passed %d sockets; using the first", count)
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError:
+        raise StartupError("the descriptor systemd passed (fd 3) is not a socket") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         raise StartupError("the socket systemd passed is not a UNIX stream socket")
     os.set_inheritable(sock.fileno(), False)
@@ -244,9 +247,12 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
 
 async def _serve_fd(rt: Runtime, fd: int) -> None:
     service = rt.make_service()
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        raise StartupError(f"--fd {fd}: not a socket") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise StartupError(f"fd {fd} is not a UNIX stream socket")
+        raise StartupError(f"--fd {fd}: not a UNIX stream socket")
     os.set_inheritable(fd, False)
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=65536)

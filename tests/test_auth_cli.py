@@ -62,6 +62,18 @@ def test_fd_mode_rejects_a_bad_fd(tmp_config):
     res = subprocess.run([*AUTH, "-c", tmp_config(""), "-l", "-", "--fd", "97"],
                          capture_output=True, text=True, timeout=20)
     assert res.returncode == 2 and "--fd 97: not an open file descriptor" in res.stderr
+    r, w = os.pipe()
+    res = subprocess.run([*AUTH, "-c", tmp_config(""), "-l", "-", "--fd", str(r)],
+                         capture_output=True, text=True, timeout=20, pass_fds=[r])
+    os.close(r)
+    os.close(w)
+    assert res.returncode == 2 and f"--fd {r}: not a socket" in res.stderr
+    assert "Traceback" not in res.stderr
+    udp = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    res = subprocess.run([*AUTH, "-c", tmp_config(""), "-l", "-", "--fd", str(udp.fileno())],
+                         capture_output=True, text=True, timeout=20, pass_fds=[udp.fileno()])
+    udp.close()
+    assert res.returncode == 2 and "not a UNIX stream socket" in res.stderr
 
 
 def test_socket_activation(tmp_path, tmp_config, world):
@@ -87,7 +99,9 @@ def test_socket_activation(tmp_path, tmp_config, world):
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
-    assert "listening on the socket from systemd" in log.read_text()
+    text = log.read_text()
+    assert "listening on the socket from systemd" in text
+    assert not any(pw in text for pw in all_passwords(world))
 
 
 def check(conf_path, *args):

@@ -7,7 +7,9 @@ import time
 import pytest
 
 from sendooway_shared.protocol import AuthFail, AuthOk
-from tests.auth_helpers import Daemon, add_pam_service, login, build_test_pam_module
+from tests.auth_helpers import (
+    Daemon, add_pam_service, all_passwords, build_test_pam_module, login,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
 
@@ -22,8 +24,21 @@ def module(world):
     return path
 
 
-def _start(tmp_path, tmp_config, conf, **kw):
+@pytest.fixture
+def started(world):
+    daemons = []
+    yield daemons
+    for d in daemons:
+        d.stop()
+        log = d.log()
+        assert "auth failed" in log or "auth ok" in log
+        assert not any(pw in log for pw in all_passwords(world) + ["wrong-Pw-zz"])
+
+
+def _start(tmp_path, tmp_config, conf, started=None, **kw):
     d = Daemon(tmp_path, tmp_config(conf), **kw)
+    if started is not None:
+        started.append(d)
     return d.start()
 
 
@@ -46,9 +61,9 @@ def _parallel(jobs):
     return out
 
 
-def test_slow_pam_checks_run_side_by_side(tmp_path, tmp_config, world, module):
+def test_slow_pam_checks_run_side_by_side(tmp_path, tmp_config, world, module, started):
     service = add_pam_service(world, "sendooway-slow", module, fail_sleep=PAM_DELAY)
-    d = _start(tmp_path, tmp_config, f"pamService = {service}\n", extra_args=["--pam-threads", "8"])
+    d = _start(tmp_path, tmp_config, f"pamService = {service}\n", started, extra_args=["--pam-threads", "8"])
     try:
         # one failed check alone takes the PAM delay
         ch = d.connect()
@@ -76,8 +91,8 @@ def test_slow_pam_checks_run_side_by_side(tmp_path, tmp_config, world, module):
         d.stop()
 
 
-def test_failure_delay_holds_back_only_the_failing_connection(tmp_path, tmp_config, world):
-    d = _start(tmp_path, tmp_config, "", failure_delay=1.0)
+def test_failure_delay_holds_back_only_the_failing_connection(tmp_path, tmp_config, world, started):
+    d = _start(tmp_path, tmp_config, "", started, failure_delay=1.0)
     try:
         results = _parallel([
             lambda: login(d.connect(), "carol", "wrong-Pw-zz", client="203.0.113.9"),
@@ -97,9 +112,9 @@ def test_failure_delay_holds_back_only_the_failing_connection(tmp_path, tmp_conf
         d.stop()
 
 
-def test_account_expired_is_logged_as_such(tmp_path, tmp_config, world, module):
+def test_account_expired_is_logged_as_such(tmp_path, tmp_config, world, module, started):
     service = add_pam_service(world, "sendooway-expired", module, account_rc=13)
-    d = _start(tmp_path, tmp_config, f"pamService = {service}\n")
+    d = _start(tmp_path, tmp_config, f"pamService = {service}\n", started)
     try:
         assert login(d.connect(), "alice", world.users["alice"].password) == AuthFail()
         assert "auth failed: user=alice client=192.0.2.7 reason=account-expired" in \
@@ -108,8 +123,8 @@ def test_account_expired_is_logged_as_such(tmp_path, tmp_config, world, module):
         d.stop()
 
 
-def test_hundreds_of_concurrent_connections(tmp_path, tmp_config, world):
-    d = _start(tmp_path, tmp_config, "")
+def test_hundreds_of_concurrent_connections(tmp_path, tmp_config, world, started):
+    d = _start(tmp_path, tmp_config, "", started)
     try:
         conns = [d.connect() for _ in range(300)]
         for i, ch in enumerate(conns):
@@ -127,11 +142,11 @@ def test_hundreds_of_concurrent_connections(tmp_path, tmp_config, world):
         d.stop()
 
 
-def test_one_pam_thread_does_serialise(tmp_path, tmp_config, world, module):
+def test_one_pam_thread_does_serialise(tmp_path, tmp_config, world, module, started):
     """The control for the test above: with a single PAM thread the same
     slow checks queue up, so that test measures the pool, not luck."""
     service = add_pam_service(world, "sendooway-slow1", module, fail_sleep=PAM_DELAY)
-    d = _start(tmp_path, tmp_config, f"pamService = {service}\n", extra_args=["--pam-threads", "1"])
+    d = _start(tmp_path, tmp_config, f"pamService = {service}\n", started, extra_args=["--pam-threads", "1"])
     try:
         results = _parallel([
             (lambda i=i: login(d.connect(), "bob", "wrong-Pw-zz", client=f"198.51.100.{i}"))
