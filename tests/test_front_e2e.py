@@ -257,7 +257,8 @@ def test_socket_activation(setup, mode):
                 s.login("alice", world.users["alice"].password)
                 assert s.mail(UNROUTED)[0] == 550
         if mode == "accept-no":
-            assert "listening on" in open(log).read()
+            with open(log) as f:
+                assert "listening on" in f.read()
     finally:
         proc.terminate()
         proc.wait(10)
