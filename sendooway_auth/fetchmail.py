@@ -126,15 +126,15 @@ def _split_comment(raw: str) -> tuple[str, str | None]:
     return raw, None
 
 
-def _lex(text: str) -> tuple[list[_Token | _Directive], list[tuple[int, str]]]:
+def _lex(text: str) -> list[_Token | _Directive]:
+    """Tokens of the fetchmail lines and the #sendooway: directives, in order;
+    a line that cannot be split becomes a directive carrying the error."""
     items: list[_Token | _Directive] = []
-    problems: list[tuple[int, str]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         code, comment = _split_comment(raw)
         try:
             items.extend(_words(code, number))
         except _Syntax as exc:
-            problems.append((number, str(exc)))
             items.append(_Directive(number, "", [], str(exc)))
         if comment is None:
             continue
@@ -151,7 +151,7 @@ def _lex(text: str) -> tuple[list[_Token | _Directive], list[tuple[int, str]]]:
             items.append(_Directive(number, keyword.strip().lower(), words))
         except _Syntax as exc:
             items.append(_Directive(number, keyword.strip().lower(), [], str(exc)))
-    return items, problems
+    return items
 
 
 @dataclass
@@ -170,7 +170,7 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
     """All accounts in one fetchmailrc; each broken account is skipped with
     an error naming file:line."""
     result = ParseResult()
-    items, _ = _lex(text)
+    items = _lex(text)
     acc = _Pending()
     i = 0
 
