@@ -105,16 +105,24 @@ async def idle_memory(port: int, pid: int, count: int) -> tuple[int, int, float]
     return before, after, (after - before) / count
 
 
-def start_aiosmtpd(port: int):
-    from aiosmtpd.controller import Controller
+def stdio_session_rss(conf: str, env: dict) -> int:
+    """RSS of `sendooway` serving one idle session on stdin/stdout (inetd)."""
+    import socket
 
-    class Sink:
-        async def handle_DATA(self, server, session, envelope):
-            return "250 OK"
-
-    c = Controller(Sink(), hostname="127.0.0.1", port=port)
-    c.start()
-    return c
+    ours, theirs = socket.socketpair()
+    p = subprocess.Popen([os.path.join(BIN, "sendooway"), "-c", conf, "-l", "/dev/null"],
+                         stdin=theirs, stdout=theirs, env=env, stderr=subprocess.DEVNULL)
+    theirs.close()
+    try:
+        ours.settimeout(15)
+        ours.recv(512)  # the greeting: the process is fully up
+        ours.sendall(b"EHLO idle.test\r\n")
+        ours.recv(4096)
+        time.sleep(0.3)
+        return rss_kib(p.pid)
+    finally:
+        ours.close()
+        p.wait(10)
 
 
 def main() -> int:
@@ -159,13 +167,15 @@ def main() -> int:
         front_seq = asyncio.run(rate(port, args.seconds, 1))
         front_par = asyncio.run(rate(port, args.seconds, args.concurrency))
         sport = free_port()
-        ctl = start_aiosmtpd(sport)
-        try:
-            asyncio.run(one_session(sport))
-            direct_seq = asyncio.run(rate(sport, args.seconds, 1))
-            direct_par = asyncio.run(rate(sport, args.seconds, args.concurrency))
-        finally:
-            ctl.stop()
+        ctl = subprocess.Popen([os.path.join(BIN, "aiosmtpd"), "-n", "-l", f"127.0.0.1:{sport}",
+                                "-c", "aiosmtpd.handlers.Sink"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        procs.append(ctl)
+        asyncio.run(wait_port(sport))
+        asyncio.run(one_session(sport))
+        direct_seq = asyncio.run(rate(sport, args.seconds, 1))
+        direct_par = asyncio.run(rate(sport, args.seconds, args.concurrency))
+        print(f"one stdio (inetd) session process:  {stdio_session_rss(conf, env) / 1024:.1f} MiB RSS")
         print("connect+EHLO+QUIT sessions/s      sendooway -b   aiosmtpd   ratio")
         print(f"  one client at a time             {front_seq:11.0f} {direct_seq:10.0f}   {front_seq / direct_seq:5.2f}")
         print(f"  {args.concurrency:2d} clients in parallel          {front_par:11.0f} {direct_par:10.0f}   {front_par / direct_par:5.2f}")
