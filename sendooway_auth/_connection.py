@@ -67,7 +67,10 @@ class Connection:
             await self._send(Welcome(VERSION))
         elif isinstance(msg, AuthRequest):
             result = await self.service.authenticate(msg.user, msg.password, self.peer)
-            if result.ok:
+            if result.temporary:
+                self.permits.auth_unavailable()
+                await self._refuse("temporary failure: authentication is unavailable")
+            elif result.ok:
                 assert result.user is not None
                 self.user = result.user
                 self.permits.auth_ok(result.user.name)

@@ -27,8 +27,27 @@ _REASONS = {
 }
 
 
+# Codes that say the server side is broken, not the login: the answer is a
+# temporary failure (SMTP 454), not counted against the user or address.
+# PAM_OPEN_ERR, PAM_SYMBOL_ERR, PAM_SERVICE_ERR, PAM_SYSTEM_ERR, PAM_BUF_ERR,
+# PAM_AUTHINFO_UNAVAIL, PAM_ABORT, PAM_MODULE_UNKNOWN.
+TEMPORARY_CODES = frozenset({1, 2, 3, 4, 5, 9, 26, 28})
+
+
 def reason_for(code: int) -> str:
     return _REASONS.get(code, f"pam-error-{code}")
+
+
+def is_temporary(reason: str) -> bool:
+    """Does this failure reason mean "try again later" rather than "no"?"""
+    if reason in ("pam-unavailable", "pam-timeout"):
+        return True
+    if reason.startswith("pam-error-"):
+        try:
+            return int(reason[len("pam-error-"):]) in TEMPORARY_CODES
+        except ValueError:
+            return False
+    return False
 
 
 class PamPool:

@@ -7,6 +7,7 @@
     EXPECT_AUTH    auth                ok               AUTHENTICATED
                                        failed           EXPECT_AUTH
                                        failed, last     CLOSED
+                                       backend down     CLOSED (error: temporary)
     AUTHENTICATED  route               answered         AUTHENTICATED
                                        internal failure CLOSED (error: temporary)
 
@@ -36,6 +37,7 @@ class Outcome(enum.Enum):
     AUTH_OK = "auth-ok"
     AUTH_FAILED = "auth-failed"
     AUTH_FAILED_LAST = "auth-failed-last"
+    AUTH_UNAVAILABLE = "auth-unavailable"
     ROUTE_ANSWERED = "route-answered"
     ROUTE_TEMPORARY_FAILURE = "route-temporary-failure"
 
@@ -53,6 +55,7 @@ TRANSITIONS: dict[tuple[State, Outcome], State] = {
     (State.EXPECT_AUTH, Outcome.AUTH_OK): State.AUTHENTICATED,
     (State.EXPECT_AUTH, Outcome.AUTH_FAILED): State.EXPECT_AUTH,
     (State.EXPECT_AUTH, Outcome.AUTH_FAILED_LAST): State.CLOSED,
+    (State.EXPECT_AUTH, Outcome.AUTH_UNAVAILABLE): State.CLOSED,
     (State.AUTHENTICATED, Outcome.ROUTE_ANSWERED): State.AUTHENTICATED,
     (State.AUTHENTICATED, Outcome.ROUTE_TEMPORARY_FAILURE): State.CLOSED,
 }
@@ -104,6 +107,9 @@ class Permits:
         outcome = (Outcome.AUTH_FAILED_LAST if self.failures >= self.max_failures
                    else Outcome.AUTH_FAILED)
         return self._move(outcome)
+
+    def auth_unavailable(self) -> Outcome:
+        return self._move(Outcome.AUTH_UNAVAILABLE)
 
     def route_answered(self) -> Outcome:
         return self._move(Outcome.ROUTE_ANSWERED)

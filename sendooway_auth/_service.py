@@ -14,7 +14,7 @@ from sendooway_shared.types import Route, Secret
 
 from . import _users
 from ._logfmt import field
-from ._pam import PamPool
+from ._pam import PamPool, is_temporary
 from ._penalty import Penalty, client_host
 from ._reader import ForkServer
 from .routes import lookup_async
@@ -43,10 +43,17 @@ class Peer:
 
 @dataclass(frozen=True)
 class AuthResult:
+    """ok, or failed (`reason` for the log), or `temporary`: the backend is
+    down or stuck, the login was neither accepted nor refused."""
+
     ok: bool
     user: _users.UserInfo | None = None
     reason: str = ""
     delay: float = 0.0
+    temporary: bool = False
+
+
+MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
 
 
 class AuthService:
@@ -62,7 +69,15 @@ class AuthService:
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
-        user, reason = await self._check(name, password)
+        wait = min(float(self.cfg.timeout), MAX_AUTH_WAIT)
+        try:
+            user, reason = await asyncio.wait_for(self._check(name, password), wait)
+        except asyncio.TimeoutError:  # the worker stays stuck; this login is answered
+            user, reason = None, "pam-timeout"
+        if user is None and is_temporary(reason):
+            log.error("auth unavailable: user=%s client=%s reason=%s session=%s",
+                      field(name), peer.client_field, reason, field(peer.session))
+            return AuthResult(False, None, reason, temporary=True)
         if user is not None:
             self.penalty.success(name, peer.host)
             log.info("auth ok: user=%s %s", field(user.name), peer.fields())

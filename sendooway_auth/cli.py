@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from sendooway_shared import __version__
@@ -72,12 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("sendooway-auth")
     try:
         if args.fd is not None:
-            return run_fd(cfg, args.fd, args.failure_delay)
-        return run_daemon(cfg, args.socket, args.failure_delay, args.pam_threads)
+            code = run_fd(cfg, args.fd, args.failure_delay)
+        else:
+            code = run_daemon(cfg, args.socket, args.failure_delay, args.pam_threads)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         print(f"sendooway-auth: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        code = EXIT_CONFIG
+    # A PAM worker stuck in a dead LDAP server must not keep us from exiting:
+    # the interpreter would join it at exit, so leave without that.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

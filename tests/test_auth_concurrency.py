@@ -31,7 +31,7 @@ def started(world):
     for d in daemons:
         d.stop()
         log = d.log()
-        assert "auth failed" in log or "auth ok" in log
+        assert "auth failed" in log or "auth ok" in log or "auth unavailable" in log
         assert not any(pw in log for pw in all_passwords(world) + ["wrong-Pw-zz"])
 
 
@@ -154,3 +154,34 @@ def test_one_pam_thread_does_serialise(tmp_path, tmp_config, world, module, star
         assert max(s for _, s in results) >= 3 * PAM_DELAY * 0.9
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("sleep,conf,reason", [
+    (0, "", "pam-unavailable"),          # e.g. the LDAP server behind pam_ldap is down
+    (3.0, "timeout = 1\n", "pam-timeout"),  # PAM stuck: answered after `timeout`
+])
+def test_backend_trouble_is_temporary_and_not_for_fail2ban(tmp_path, tmp_config, world, module,
+                                                           started, sleep, conf, reason):
+    from sendooway_shared.protocol import Error
+    from tests.auth_helpers import MATRIX
+    path = os.path.join(world.pam_dir, f"sendooway-down-{reason}")
+    with open(path, "w") as f:
+        f.write(f"auth required {module} sleep_us={int(sleep * 1e6)} rc=9\n"
+                f"account required {MATRIX} passdb={world.passdb}\n")
+    d = _start(tmp_path, tmp_config, conf + f"pamService = {os.path.basename(path)}\n", started,
+               failure_delay=1.0)
+    ch = d.connect()
+    t = time.monotonic()
+    reply = login(ch, "alice", world.users["alice"].password)
+    assert isinstance(reply, Error) and reply.reason.startswith("temporary failure")
+    assert time.monotonic() - t < 2.5  # no failure delay, and the timeout held
+    log = d.wait_log("auth unavailable")
+    assert f"auth unavailable: user=alice client=192.0.2.7 reason={reason}" in log
+    assert "auth failed" not in log
+    if sleep:  # a stuck worker does not hold up the others: they time out on their own
+        t = time.monotonic()
+        assert isinstance(login(d.connect(), "bob", "x"), Error)
+        assert time.monotonic() - t < 2.5
+        t = time.monotonic()
+        assert d.stop() == 0  # SIGTERM is not held up by the stuck workers
+        assert time.monotonic() - t < 1.5
