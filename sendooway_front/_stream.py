@@ -21,6 +21,8 @@ from . import _tls
 from ._tls import TLSHandshakeError, TLSVerifyError
 
 RAW_READ = 64 * 1024  # bytes asked of the transport at once
+TLS_BATCH = 256 * 1024  # plaintext octets encrypted before the records are sent
+WRITE_BUFFER_HIGH = 256 * 1024  # unsent bytes kept before a write waits for the peer
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -102,9 +104,11 @@ class Stream:
     # ------------------------------------------------------------ I/O
 
     async def _wait(self, aw):
+        # asyncio.timeout() (3.11) costs no task per call, unlike wait_for()
         if self.timeout is None:
             return await aw
-        return await asyncio.wait_for(aw, self.timeout)
+        async with asyncio.timeout(self.timeout):
+            return await aw
 
     async def _raw_read(self) -> bytes:
         if self._eof:
@@ -120,7 +124,9 @@ class Stream:
         if self._writer.is_closing():
             raise ConnectionResetError("connection closed by peer")
         self._writer.write(data)
-        await self._wait(self._writer.drain())
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await self._wait(self._writer.drain())  # the peer is slow: wait (bounded by timeout)
 
     async def _flush_tls(self) -> None:
         """Send whatever TLS records OpenSSL produced."""
@@ -129,7 +135,7 @@ class Stream:
         out = []
         while True:
             try:
-                chunk = conn.bio_read(RAW_READ)
+                chunk = conn.bio_read(TLS_BATCH + RAW_READ)
             except SSL.WantReadError:
                 break
             if not chunk:
@@ -147,21 +153,42 @@ class Stream:
         conn = self._conn
         while True:
             try:
-                return conn.recv(max)
+                data = conn.recv(max)
             except SSL.WantReadError:
-                pass
+                data = None
             except SSL.ZeroReturnError:
                 return b""
             except SSL.SysCallError:
                 return b""  # EOF without close_notify: the end, whatever the peer meant
             except SSL.Error as e:
                 raise ConnectionResetError(f"TLS error: {_tls._describe_openssl(e)}") from None
+            if data is not None:
+                return self._more_records(conn, data, max)
             await self._flush_tls()  # e.g. a key update the peer asked for
             data = await self._raw_read()
             if data:
                 conn.bio_write(data)
             else:
                 conn.bio_shutdown()
+
+    @staticmethod
+    def _more_records(conn: SSL.Connection, data: bytes, max: int) -> bytes:
+        """recv gives one TLS record at a time: add what else is already
+        decryptable, up to `max`, so big transfers move in fewer, larger reads."""
+        if len(data) >= max or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < max:
+            try:
+                more = conn.recv(max - got)
+            except SSL.Error:  # WantRead, close_notify, EOF: the next read sees it
+                break
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
 
     async def write(self, data: bytes) -> None:
         """Send all of `data` (waits until the transport took it)."""
@@ -172,16 +199,24 @@ class Stream:
             return
         conn = self._conn
         view = memoryview(data)
+        pending = 0
         while view:
+            # Each SSL_write makes one record (16 KiB); collect the records of
+            # up to TLS_BATCH octets in the memory BIO, then hand them over at once.
             try:
                 n = conn.send(view[:RAW_READ])
             except SSL.WantReadError:  # cannot happen with memory BIOs, kept for safety
                 await self._flush_tls()
+                pending = 0
                 continue
             except SSL.Error as e:
                 raise ConnectionResetError(f"TLS error: {_tls._describe_openssl(e)}") from None
             view = view[n:]
-            await self._flush_tls()
+            pending += n
+            if pending >= TLS_BATCH:
+                await self._flush_tls()
+                pending = 0
+        await self._flush_tls()
 
     async def writelines(self, parts: Iterable[bytes]) -> None:
         await self.write(b"".join(parts))

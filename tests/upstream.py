@@ -49,6 +49,7 @@ class FakeUpstream:
     temp_fail_rcpt: set[str] = field(default_factory=set)
     fail_data: str | None = None
     auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")
+    data_size_limit: int | None = None  # None: aiosmtpd's default (32 MiB); 0: no limit
     cert_file: str | None = None
     key_file: str | None = None
     messages: list[Received] = field(default_factory=list)
@@ -146,6 +147,8 @@ class FakeUpstream:
             auth_exclude_mechanism=[m for m in ("LOGIN", "PLAIN", "CRAM-MD5")
                                     if m not in self.auth_mechanisms],
         )
+        if self.data_size_limit is not None:
+            kwargs["data_size_limit"] = self.data_size_limit
         if self.tls == "tls":
             kwargs["ssl_context"] = self._server_context()
         elif self.tls == "starttls":

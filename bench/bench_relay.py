@@ -1,0 +1,330 @@
+"""Relay figures (issue 6): proxied vs direct against the same upstream, in the same run.
+
+    .venv/bin/python bench/bench_relay.py [--sessions 40] [--big-mib 64] [--concurrent 100]
+
+- session median: a whole client session (connect, STARTTLS, AUTH, one
+  10 KiB message, QUIT) straight to the upstream vs through `sendooway -b`
+  with smarthostCache off and on; rounds interleave direct/off/on so drift
+  hits all three alike.
+- one big message (64 MiB): time direct vs proxied, and the peak RSS
+  (VmHWM) of the serving `sendooway` process.
+- N concurrent sessions through the proxy (cache on): how many succeed.
+
+The upstream is aiosmtpd (tests/upstream.py) in its own process, STARTTLS +
+AUTH required; the clients are smtplib (the big message is streamed with
+sendall after DATA, so the client's own cost is the same both ways). Run as
+root: it builds a throw-away fake world (users, PAM, certificates) and
+re-executes itself inside it, as the tests and the demo do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+FLAG = "SENDOOWAY_BENCH_WORLD"
+BIN = os.path.dirname(sys.executable)
+UP_USER, UP_PW = "bench-up", "Bench-Up-Pw-88"
+SENDER, RCPT = "alice@bench.example", "rcpt@example.net"
+
+
+# ------------------------------------------------------------ processes
+
+
+UPSTREAM_CODE = r"""
+import sys, time, logging, warnings
+sys.path.insert(0, sys.argv[1])
+warnings.simplefilter("ignore")
+logging.getLogger("mail.log").setLevel(logging.ERROR)
+from tests.fakeworld import World
+from tests.upstream import FakeUpstream
+
+class Discarding(FakeUpstream):
+    async def handle_DATA(self, server, session, envelope):
+        n = len(envelope.original_content or b"")
+        envelope.original_content = envelope.content = None
+        return "250 2.0.0 accepted %d octets" % n
+
+up = Discarding(World.load(sys.argv[2]), tls="starttls", accounts={sys.argv[3]: sys.argv[4]},
+                data_size_limit=0).start()
+print(up.port, flush=True)
+sys.stdin.read()
+up.stop()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------ clients
+
+
+def session(port: int, user: str, password: str, ctx, body: bytes) -> float:
+    """One whole client session; returns its wall time in seconds."""
+    t0 = time.perf_counter()
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.bench", timeout=120) as s:
+        s.starttls(context=ctx)
+        s.ehlo()
+        s.login(user, password)
+        refused = s.sendmail(SENDER, [RCPT], body)
+        if refused:
+            raise RuntimeError(f"refused: {refused}")
+    return time.perf_counter() - t0
+
+
+def big_session(port: int, user: str, password: str, ctx, chunks: list[bytes]) -> float:
+    """A session with one big message streamed after DATA (already CRLF, no dots)."""
+    t0 = time.perf_counter()
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.bench", timeout=300) as s:
+        s.starttls(context=ctx)
+        s.ehlo()
+        s.login(user, password)
+        code, _ = s.mail(SENDER)
+        assert code == 250
+        code, _ = s.rcpt(RCPT)
+        assert code == 250
+        code, text = s.docmd("DATA")
+        assert code == 354, (code, text)
+        for c in chunks:
+            s.sock.sendall(c)
+        s.sock.sendall(b".\r\n")
+        code, text = s.getreply()
+        if code != 250:
+            raise RuntimeError(f"big message: {code} {text!r}")
+    return time.perf_counter() - t0
+
+
+def make_body(size: int) -> bytes:
+    head = b"From: bench\r\nSubject: bench\r\n\r\n"
+    line = b"x" * 76 + b"\r\n"
+    return head + line * ((size - len(head)) // len(line) + 1)
+
+
+def big_chunks(mib: int) -> list[bytes]:
+    line = b"y" * 998 + b"\r\n"
+    chunk = line * 256  # 256000 octets
+    n = (mib * 1024 * 1024) // len(chunk)
+    return [b"Subject: big\r\n\r\n"] + [chunk] * n
+
+
+# ------------------------------------------------------------ the run
+
+
+def run(args) -> int:
+    from tests.fakeworld import World
+
+    world = World.load(os.environ[FLAG])
+    ctx = world.ssl_context()
+    work = os.path.join(world.root, "bench")
+    os.makedirs(os.path.join(work, "run"), exist_ok=True)
+    os.chmod(work, 0o755)
+    alice_pw = world.users["alice"].password
+    procs: list[subprocess.Popen] = []
+    try:
+        up = subprocess.Popen([sys.executable, "-c", UPSTREAM_CODE, ROOT, world.root, UP_USER, UP_PW],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(up)
+        up_port = int(up.stdout.readline())
+        world.write_user_file("alice", ".fetchmailrc", (
+            f'poll pop.example.org proto imap user "{UP_USER}" password "{UP_PW}"\n'
+            f'#sendooway:server "localhost"\n#sendooway:port {up_port}\n#sendooway:tls\n'
+            f'#sendooway:address "*@bench.example"\n'))
+        sock_path = f"{work}/run/auth.sock"
+
+        def config(name: str, cache: int) -> str:
+            path = os.path.join(work, name)
+            with open(path, "w") as f:
+                f.write(f"localname = mx.bench\nauthSocket = {sock_path}\nsslCert = {world.cert_file}\n"
+                        f"sslKey = {world.key_file}\nsslCA = {world.ca_file}\ntimeout = 300\n"
+                        f"smarthostCache = {cache}\n")
+            os.chmod(path, 0o644)
+            return path
+
+        conf_off, conf_on = config("off.conf", 0), config("on.conf", 30)
+        auth = subprocess.Popen([os.path.join(BIN, "sendooway-auth"), "-c", conf_off, "-l",
+                                 os.path.join(work, "auth.log"), "--socket", sock_path],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(auth)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock_path):
+            if time.monotonic() > deadline or auth.poll() is not None:
+                raise RuntimeError("sendooway-auth did not start")
+            time.sleep(0.05)
+
+        def frontend(conf: str, tag: str) -> tuple[subprocess.Popen, int]:
+            port = free_port()
+            cmd = [os.path.join(BIN, "sendooway")]
+            if args.profile_front and tag == "off":
+                cmd = [sys.executable, "-m", "cProfile", "-o", args.profile_front, "-m", "sendooway_front.cli"]
+            p = subprocess.Popen([*cmd, "-c", conf, "-l",
+                                  os.path.join(work, f"front-{tag}.log"), "-b", f"127.0.0.1:{port}"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+            procs.append(p)
+            wait_port(port, p)
+            return p, port
+
+        f_off, p_off = frontend(conf_off, "off")
+        f_on, p_on = frontend(conf_on, "on")
+
+        body = make_body(10 * 1024)
+        kinds = {
+            "direct": lambda: session(up_port, UP_USER, UP_PW, ctx, body),
+            "proxied, cache off": lambda: session(p_off, "alice", alice_pw, ctx, body),
+            "proxied, cache on": lambda: session(p_on, "alice", alice_pw, ctx, body),
+        }
+        for fn in kinds.values():  # warm-up
+            for _ in range(3):
+                fn()
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        for _ in range(args.sessions):
+            for k, fn in kinds.items():
+                times[k].append(fn())
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"== one whole session (STARTTLS, AUTH, 10 KiB message), median of {args.sessions}")
+        for k, v in med.items():
+            q = statistics.quantiles(times[k], n=10)
+            print(f"  {k:22s} {v * 1000:7.2f} ms   (p10 {q[0] * 1000:.2f}, p90 {q[-1] * 1000:.2f})"
+                  + ("" if k == "direct" else f"   ratio {v / med['direct']:.2f}x direct"))
+        hwm_small = vm_hwm_kib(f_off.pid)
+
+        chunks = big_chunks(args.big_mib)
+        size = sum(map(len, chunks))
+        big = {"direct": [], "proxied": []}
+        front_cpu = []
+        for _ in range(args.big_runs):
+            big["direct"].append(big_session(up_port, UP_USER, UP_PW, ctx, chunks))
+            c0 = cpu_seconds(f_off.pid)
+            big["proxied"].append(big_session(p_off, "alice", alice_pw, ctx, chunks))
+            front_cpu.append(cpu_seconds(f_off.pid) - c0)
+        bd, bp = statistics.median(big["direct"]), statistics.median(big["proxied"])
+        hwm_big = vm_hwm_kib(f_off.pid)
+        print(f"== one {size / 2**20:.0f} MiB message, median of {args.big_runs}")
+        print(f"  direct                 {bd:7.2f} s   ({size / bd / 2**20:.0f} MiB/s)")
+        print(f"  proxied                {bp:7.2f} s   ({size / bp / 2**20:.0f} MiB/s)   ratio {bp / bd:.2f}x direct")
+        print(f"  sendooway CPU per big message: {statistics.median(front_cpu):.2f} s"
+              f" ({os.cpu_count()} CPUs shared by client, sendooway and upstream)")
+        print(f"  sendooway peak RSS (VmHWM): {hwm_small / 1024:.1f} MiB after the small sessions,"
+              f" {hwm_big / 1024:.1f} MiB after the big messages")
+
+        n = args.concurrent
+        results = {}
+        for label, port, user, pw in (("direct", up_port, UP_USER, UP_PW),
+                                      ("proxied, cache on", p_on, "alice", alice_pw)):
+            t0 = time.perf_counter()
+            ok = 0
+            errors = []
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                futs = [pool.submit(session, port, user, pw, ctx, body) for _ in range(n)]
+                for f in futs:
+                    try:
+                        f.result()
+                        ok += 1
+                    except Exception as e:  # counted and shown
+                        errors.append(f"{type(e).__name__}: {e}")
+            results[label] = (ok, time.perf_counter() - t0, errors)
+        print(f"== {n} concurrent sessions (10 KiB message each)")
+        for label, (ok, wall, errors) in results.items():
+            print(f"  {label:22s} {ok}/{n} succeeded in {wall:.2f} s"
+                  + (f"; first error: {errors[0]}" if errors else ""))
+        print(f"  sendooway (cache on) peak RSS: {vm_hwm_kib(f_on.pid) / 1024:.1f} MiB")
+
+        print("== summary (targets from issue 6)")
+        summary = [
+            ("cache off / direct", med["proxied, cache off"] / med["direct"], 2.0),
+            ("cache on / direct", med["proxied, cache on"] / med["direct"], 1.2),
+            (f"{args.big_mib} MiB proxied / direct", bp / bd, 1.3),
+        ]
+        for what, ratio, target in summary:
+            print(f"  {what:28s} {ratio:5.2f}x  (target <= {target}x)")
+        print(f"  {'peak RSS of sendooway':28s} {hwm_big / 1024:5.1f} MiB (target <= 64 MiB)")
+        print(f"  {'concurrent, proxied':28s} {results['proxied, cache on'][0]}/{n}")
+        return 0 if results["proxied, cache on"][0] == n else 1
+    finally:
+        for p in reversed(procs):
+            if p is procs[0]:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+            stop(p)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=40, help="sessions per kind for the medians")
+    ap.add_argument("--big-mib", type=int, default=64, help="size of the big message")
+    ap.add_argument("--big-runs", type=int, default=3, help="big messages per kind")
+    ap.add_argument("--concurrent", type=int, default=100, help="concurrent sessions")
+    ap.add_argument("--profile-front", metavar="FILE",
+                    help="run the cache-off frontend under cProfile, stats to FILE (writable by nobody)")
+    args = ap.parse_args()
+    if os.environ.get(FLAG):
+        return run(args)
+    from tests.fakeworld import World
+
+    root = tempfile.mkdtemp(prefix="sendooway-bench-")
+    try:
+        World.create(root)
+        env = World.load(root).env()
+        env[FLAG] = root
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
