@@ -171,13 +171,26 @@ class Runtime:
         self.forks.stop()
 
 
-async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], where: str) -> None:
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """--exit-with-parent: PR_SET_PDEATHSIG cannot do this for a root child
+    of a parent that dropped privileges (the kernel checks the dying
+    parent's right to signal us), so look."""
+    while not stop.is_set():
+        await asyncio.sleep(0.25)
+        if os.getppid() != parent:
+            log.info("parent process %d went away", parent)
+            stop.set()
+
+
+async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], where: str,
+                        parent: int | None = None) -> None:
     service = rt.make_service()
     tasks: set[asyncio.Task] = set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.ensure_future(_watch_parent(parent, stop)) if parent else None
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -210,14 +223,18 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     notify("READY=1")
     await stop.wait()
     notify("STOPPING=1")
-    log.info("stopping (signal)")
+    log.info("stopping")
+    if watcher is not None:
+        watcher.cancel()
     server.close()
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int) -> int:
+def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int,
+               exit_with_parent: bool = False) -> int:
+    parent = os.getppid() if exit_with_parent else None
     sock = activated_socket()
     bound_path = None
     if sock is None:
@@ -232,7 +249,7 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
     allowed = {0} | ({owner} if owner is not None else set())
     rt = Runtime(cfg, failure_delay, threads)
     try:
-        asyncio.run(_serve_daemon(rt, sock, allowed, where))
+        asyncio.run(_serve_daemon(rt, sock, allowed, where, parent))
     finally:
         rt.close()
         sock.close()

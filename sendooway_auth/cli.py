@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd", type=int, metavar="N",
                    help="internal: serve the one connected socket inherited as fd N and exit"
                    " when it closes (used by sendooway started as root)")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="internal: stop when the process that started this daemon exits"
+                   " (used by sendooway -b started as root for its private authenticator)")
     p.add_argument("--failure-delay", type=float, default=DEFAULT_FAILURE_DELAY, metavar="SECONDS",
                    help="base delay before answering a failed login; doubles with each recent"
                    f" failure of the user or client address, up to 15 s (default {DEFAULT_FAILURE_DELAY})")
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check cannot be combined with --fd or --socket")
     if args.fd is not None and args.socket:
         parser.error("--fd and --socket exclude each other")
+    if args.exit_with_parent and (args.fd is not None or args.check):
+        parser.error("--exit-with-parent is for the daemon (--fd exits when its socket closes)")
     if not 0 <= args.failure_delay <= 60:
         parser.error("--failure-delay must be from 0 to 60 seconds")
     if not 1 <= args.pam_threads <= 256:
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.fd is not None:
             code = run_fd(cfg, args.fd, args.failure_delay)
         else:
-            code = run_daemon(cfg, args.socket, args.failure_delay, args.pam_threads)
+            code = run_daemon(cfg, args.socket, args.failure_delay, args.pam_threads,
+                              args.exit_with_parent)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         print(f"sendooway-auth: {exc}", file=sys.stderr)

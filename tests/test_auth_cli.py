@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -184,3 +185,26 @@ def test_check_as_the_user_itself_without_root(tmp_config, clean_homes):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "route for alice@example.org: smtp.example.org:587" in res.stdout
     assert "fm-Secret-A1" not in res.stdout
+
+
+def test_exit_with_parent_even_after_the_parent_dropped_root(tmp_path, tmp_config):
+    """A root frontend starts a private daemon, drops to nobody and exits:
+    PR_SET_PDEATHSIG would not reach the root child, --exit-with-parent does."""
+    log = tmp_path / "private.log"
+    sock = tmp_path / "p" / "auth.sock"
+    parent = (
+        "import os, subprocess, sys, time\n"
+        f"p = subprocess.Popen({[*AUTH, '-c', tmp_config(''), '-l', str(log), '--socket', str(sock), '--exit-with-parent']!r})\n"
+        "print(p.pid, flush=True)\n"
+        f"while not os.path.exists({str(sock)!r}): time.sleep(0.05)\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=30)
+    daemon_pid = int(res.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{daemon_pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{daemon_pid}")
+    assert not sock.exists()
+    text = log.read_text()
+    assert "went away" in text and "stopped" in text
