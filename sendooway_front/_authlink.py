@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -192,19 +191,20 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> Pair
     return PairConnector(ours, proc, timeout)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the frontend goes away."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+# A root-side watcher made of /bin/sh alone (no frontend code runs as root):
+# it starts the daemon, waits for EOF on its stdin (the frontend's end of a pipe
+# closes when the frontend exits, however it exits) and then stops the daemon.
+# PR_SET_PDEATHSIG cannot do this: once the frontend has dropped to nobody,
+# the kernel does not let its death signal a root process.
+_LIFELINE = 'trap "" INT HUP; "$0" "$@" </dev/null & d=$!; read _; kill -TERM $d; wait $d'
 
 
 def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
-                 ready_timeout: float = 20.0) -> tuple[SocketConnector, subprocess.Popen]:
+                 ready_timeout: float = 20.0) -> tuple[SocketConnector, subprocess.Popen, int]:
     """Start a private `sendooway-auth --socket` child for a listening frontend
     started as root with no daemon running (a socketpair would serve only one
-    session). It dies with the frontend."""
+    session). Returns the connector, the watcher process and the write end of
+    its lifeline: keep it open while serving; the daemon stops once it closes."""
     program = find_auth_program()
     directory = tempfile.mkdtemp(prefix="sendooway-auth-")
     os.chmod(directory, 0o711)  # the frontend user may reach the socket, not list the dir
@@ -213,11 +213,13 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+    life_r, life_w = os.pipe()
+    os.set_inheritable(life_w, False)
     try:
         proc = subprocess.Popen(
-            [program, "--socket", path, *_auth_args(config_path, log_target)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True, env=env,
-            preexec_fn=_die_with_parent)
+            ["/bin/sh", "-c", _LIFELINE, program, "--socket", path,
+             *_auth_args(config_path, log_target)],
+            stdin=life_r, stdout=subprocess.DEVNULL, close_fds=True, env=env)
         deadline = time.monotonic() + ready_timeout
         notify.settimeout(0.2)
         while True:
@@ -229,14 +231,15 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
             if proc.poll() is not None:
                 raise AuthLinkError(f"{program} exited with status {proc.returncode} at start")
             if time.monotonic() > deadline:
-                proc.terminate()
-                raise AuthLinkError(f"{program} did not become ready")
-    except OSError as exc:
+                raise AuthLinkError(f"{program} did not become ready")  # lifeline closes: it stops
+    except (OSError, AuthLinkError) as exc:
+        os.close(life_w)
+        notify.close()
+        if isinstance(exc, AuthLinkError):
+            raise
         raise AuthLinkError(f"cannot start {program}: {exc.strerror}") from None
     finally:
-        notify.close()
-        try:
-            os.unlink(notify_path)
-        except OSError:
-            pass
-    return SocketConnector(path, timeout), proc
+        os.close(life_r)
+    connector = SocketConnector(path, timeout)
+    connector.notify = notify  # stays bound: the daemon also says STOPPING=1 there
+    return connector, proc, life_w

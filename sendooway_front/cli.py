@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.auth_socket or cfg.authSocket
     is_root = os.geteuid() == 0
     spawned = None
+    lifeline = -1
     if daemon_reachable(path) or not is_root:
         connector = SocketConnector(path, cfg.timeout)
         if not is_root and not daemon_reachable(path):
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = os.path.abspath(args.config)
         try:
             if many:
-                connector, spawned = spawn_daemon(config_path, args.log, cfg.timeout)
+                connector, spawned, lifeline = spawn_daemon(config_path, args.log, cfg.timeout)
             else:
                 connector = spawn_pair(config_path, args.log, cfg.timeout)
         except AuthLinkError as exc:
@@ -138,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         reap = getattr(connector, "reap", None)
         if reap is not None:
             reap()
-        if spawned is not None and spawned.poll() is None:
+        if lifeline >= 0:
+            os.close(lifeline)  # the private authenticator stops
             try:
-                spawned.terminate()
-            except OSError:  # it runs as root; it dies with us anyway (PDEATHSIG)
+                spawned.wait(10)
+            except Exception:  # it runs as root: nothing more we could do anyway
                 pass
     return 0
 

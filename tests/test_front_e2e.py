@@ -392,3 +392,31 @@ def test_message_through_the_live_relay(world, tmp_path, upstream_factory):
     finally:
         fe.stop()
         daemon.stop()
+
+
+def test_listening_as_root_without_daemon_starts_a_private_one(world, tmp_path):
+    """-b as root with no daemon: a private sendooway-auth serves all the
+    sessions, and goes away with the frontend."""
+    config = front_config(tmp_path, world)  # authSocket under tmp_path: nothing there
+    fe = Frontend(config, str(tmp_path / "front.log")).start()
+    try:
+        for user in ("alice", "bob"):
+            with fe.smtp() as s:
+                s.starttls(context=world.ssl_context())
+                s.ehlo()
+                s.login(user, world.users[user].password)
+                assert s.mail(UNROUTED)[0] == 550
+        log = fe.log()
+        assert "started " in log and "auth.sock" in log
+        children = subprocess.run(["pgrep", "-P", str(fe.proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 1
+    finally:
+        fe.stop()
+    def still_there():
+        return subprocess.run(["pgrep", "-f", config], capture_output=True, text=True).stdout.split()
+
+    deadline = time.monotonic() + 10
+    while still_there() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not still_there()  # neither the watcher nor the daemon outlives the frontend
