@@ -234,6 +234,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
 
 def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int,
                exit_with_parent: bool = False) -> int:
+    check_backend(cfg)  # before the socket exists: nothing to clean up on refusal
     parent = os.getppid() if exit_with_parent else None
     sock = activated_socket()
     bound_path = None
@@ -247,7 +248,13 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
         owner = frontend_uid(cfg)
         where = "the socket from systemd"
     allowed = {0} | ({owner} if owner is not None else set())
-    rt = Runtime(cfg, failure_delay, threads)
+    try:
+        rt = Runtime(cfg, failure_delay, threads)
+    except BaseException:
+        sock.close()
+        if bound_path:
+            os.unlink(bound_path)
+        raise
     try:
         asyncio.run(_serve_daemon(rt, sock, allowed, where, parent))
     finally:

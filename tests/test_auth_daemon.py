@@ -321,6 +321,7 @@ def test_ldap_backend_is_refused_at_startup(tmp_path, tmp_config):
     assert res.returncode == 2
     assert "authBackend = LDAP is not supported; use authBackend = PAM with pam_ldap or SSSD" \
         in res.stderr
+    assert not (tmp_path / "s" / "auth.sock").exists()
 
 
 def test_backend_none_accepts_only_the_process_user(daemon, world):
