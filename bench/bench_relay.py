@@ -59,11 +59,52 @@ class Discarding(FakeUpstream):
         envelope.original_content = envelope.content = None
         return "250 2.0.0 accepted %d octets" % n
 
-up = Discarding(World.load(sys.argv[2]), tls="starttls", accounts={sys.argv[3]: sys.argv[4]},
+up = Discarding(World.load(sys.argv[2]), tls="starttls", accounts={sys.argv[3]: sys.argv[4]}, pipelining=True,
                 data_size_limit=0).start()
 print(up.port, flush=True)
 sys.stdin.read()
 up.stop()
+"""
+
+
+# A TCP relay that delays every byte by half the round-trip time each way:
+# the "internet" between the smarthost and everyone who talks to it.
+DELAY_CODE = r"""
+import asyncio, sys
+listen_port, target_port, one_way = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) / 2000
+
+async def pump(reader, writer):
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            loop.call_later(one_way, writer.write, data)
+        await asyncio.sleep(one_way)
+    except ConnectionError:
+        pass
+    finally:
+        await asyncio.sleep(one_way)
+        writer.close()
+
+async def handle(cr, cw):
+    try:
+        ur, uw = await asyncio.open_connection("127.0.0.1", target_port)
+    except OSError:
+        cw.close()
+        return
+    for w in (cw, uw):
+        import socket
+        w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await asyncio.gather(pump(cr, uw), pump(ur, cw))
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
 """
 
 
@@ -178,6 +219,13 @@ def run(args) -> int:
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(up)
         up_port = int(up.stdout.readline())
+        if args.rtt_ms:
+            real_port, up_port = up_port, free_port()
+            delay = subprocess.Popen([sys.executable, "-c", DELAY_CODE, str(up_port), str(real_port),
+                                      str(args.rtt_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(delay)
+            delay.stdout.readline()
+            print(f"(the upstream is {args.rtt_ms} ms round trip away from both the client and sendooway)")
         world.write_user_file("alice", ".fetchmailrc", (
             f'poll pop.example.org proto imap user "{UP_USER}" password "{UP_PW}"\n'
             f'#sendooway:server "localhost"\n#sendooway:port {up_port}\n#sendooway:tls\n'
@@ -295,7 +343,7 @@ def run(args) -> int:
         return 0 if results["proxied, cache on"][0] == n else 1
     finally:
         for p in reversed(procs):
-            if p is procs[0]:
+            if p.stdin is not None:
                 try:
                     p.stdin.close()
                 except OSError:
@@ -309,6 +357,8 @@ def main() -> int:
     ap.add_argument("--big-mib", type=int, default=64, help="size of the big message")
     ap.add_argument("--big-runs", type=int, default=3, help="big messages per kind")
     ap.add_argument("--concurrent", type=int, default=100, help="concurrent sessions")
+    ap.add_argument("--rtt-ms", type=float, default=0,
+                    help="put the upstream this many ms of round trip away (a delaying TCP relay)")
     ap.add_argument("--profile-front", metavar="FILE",
                     help="run the cache-off frontend under cProfile, stats to FILE (writable by nobody)")
     args = ap.parse_args()

@@ -77,8 +77,9 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    async def acquire(self, key: PoolKey) -> UpstreamClient | None:
-        """A probed, ready connection for `key`, or None (connect afresh)."""
+    async def acquire(self, key: PoolKey, probe: bool = True) -> UpstreamClient | None:
+        """A ready connection for `key`, or None (connect afresh). With
+        probe=False the caller probes it (RSET pipelined with its MAIL)."""
         entries = self._idle.get(key)
         while entries:
             entry = entries.pop()  # the most recently used first
@@ -87,7 +88,10 @@ class UpstreamPool:
             if entry.timer is not None:
                 entry.timer.cancel()
             client = entry.client
-            if await self._probe(client):
+            if not probe and not client.reader.buffered:
+                self.hits += 1
+                return client
+            if probe and await self._probe(client):
                 self.hits += 1
                 return client
             self.log.info("upstream %s: cached connection went stale, reconnecting", client.address)

@@ -157,13 +157,28 @@ class Relay:
         return reply
 
     async def _connect(self, info: SessionInfo, route: Route, key: PoolKey) -> tuple[UpstreamClient, bool]:
-        """A ready upstream for `key`: from the pool (probed) or new. Returns (client, reused)."""
+        """An upstream for `key`: kept in the pool (not yet probed) or new and
+        logged in. Returns (client, from_pool)."""
         if self.pool is not None and self.pool.enabled:
-            client = await self.pool.acquire(key)
+            client = await self.pool.acquire(key, probe=False)
             if client is not None:
                 return client, True
         client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
         return client, False
+
+    async def _probe_and_mail(self, client: UpstreamClient, command: str) -> Reply | None:
+        """RSET (is the kept connection alive and clean?) and MAIL, in one
+        round trip when the upstream offers PIPELINING. None: the probe failed."""
+        if client.supports("PIPELINING"):
+            await client.stream.write(b"RSET\r\n" + command.encode("utf-8") + b"\r\n")
+            probe = await client.read_reply()
+            if probe.code != 250:
+                return None
+            return await client.read_reply()
+        probe = await client.command("RSET")
+        if probe.code != 250:
+            return None
+        return await client.command(command)
 
     # ------------------------------------------------------------ RelayBackend
 
@@ -181,26 +196,33 @@ class Relay:
         self._rcpts = 0
         self._bytes = 0
         for attempt in range(2):
-            reused = False
-            if self._client is None:
+            from_pool = False
+            fresh = self._client is None
+            if fresh:
                 try:
-                    self._client, reused = await self._connect(info, route, key)
+                    self._client, from_pool = await self._connect(info, route, key)
                 except UpstreamError as e:
                     self.log.warning("%s: upstream %s for <%s>: %s", info.session_id,
                                      f"{route.server}:{route.port}", sender, e)
                     self._log_message(f"not reached ({e.reply.code})")
                     return e.reply
                 self._key = key
-            else:
-                reused = True
+                fresh = not from_pool
             command = self._client.mail_command(sender, params, self.config)
             if isinstance(command, Reply):
                 return command
             try:
-                reply = await self._client.command(command)
+                if from_pool:
+                    reply = await self._probe_and_mail(self._client, command)
+                    if reply is None:
+                        raise ConnectionResetError("RSET probe refused")
+                else:
+                    reply = await self._client.command(command)
             except (OSError, TimeoutError, ReplyError, TLSError) as e:
-                if reused and attempt == 0:
+                if not fresh and attempt == 0:
                     # a kept connection died in between: connect afresh, once
+                    self.log.info("%s: upstream %s: kept connection went stale (%s), reconnecting",
+                                  info.session_id, self._client.address, type(e).__name__)
                     self._drop()
                     continue
                 return self._fail_transport(e, "MAIL")

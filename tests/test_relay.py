@@ -325,7 +325,7 @@ def test_cache_reconnects_when_the_kept_connection_went_stale(upstream_factory):
         relay = Relay(config(smarthostCache=30), log, pool)
         assert (await send(relay, route_for(up), "b@x.y", ["r@x.y"], b"m"))["end"].code == 250
         await relay.close()
-        assert "went stale, reconnecting" in handler.text
+        assert "went stale (" in handler.text and "reconnecting" in handler.text
         await pool.close_all()
 
     run(go())
@@ -363,3 +363,23 @@ def test_cache_off_quits(upstream_factory):
         assert pool.idle_count() == 0
 
     run(go())
+
+
+def test_kept_connection_probe_pipelined_with_mail(upstream_factory):
+    """With PIPELINING, the RSET probe and MAIL go in one round trip; a
+    refused probe means a fresh connection, transparently."""
+    up = upstream_factory(tls="starttls", accounts={"u": PW}, pipelining=True)
+
+    async def go():
+        log, handler = capture_log()
+        pool = UpstreamPool(30, log)
+        for n in range(3):
+            relay = Relay(config(smarthostCache=30), log, pool)
+            r = await send(relay, route_for(up), f"s{n}@x.y", ["r@x.y"], b"m")
+            assert r["end"].code == 250
+            await relay.close()
+        assert pool.hits == 2 and "stale" not in handler.text
+        await pool.close_all()
+
+    run(go())
+    assert up.logins == ["u"] and len(up.messages) == 3

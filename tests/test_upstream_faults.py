@@ -247,3 +247,33 @@ def test_cram_md5_undecodable_challenge_then_plain():
     # the "*" cancel got the scripted 334 again: nonsense, so the login failed → 454
     assert reply.code == 454
     assert "pw-x" not in log.text
+
+
+def test_pooled_connection_refusing_the_pipelined_probe_is_replaced():
+    from sendooway_front._pool import UpstreamPool
+
+    async def rset_421(writer):
+        writer.write(b"421 4.3.2 going down\r\n")
+        await writer.drain()
+        writer.close()
+
+    script = Script(EHLO=b"250-x\r\n250 PIPELINING\r\n", RSET=rset_421)
+
+    async def go():
+        server, port = await script.serve()
+        log, handler = capture_log()
+        pool = UpstreamPool(30, log)
+        async with server:
+            for n in range(2):
+                relay = Relay(config(smarthostCache=30), log, pool)
+                r = await send(relay, _route(port), f"s{n}@x.y", ["r@x.y"], b"m")
+                assert r["end"].code == 250
+                await relay.close()
+            await pool.close_all()
+        return handler
+
+    log = run(go())
+    assert len(script.messages) == 2
+    assert "went stale" in log.text
+    # the probe and MAIL went in one write: MAIL arrived although RSET was refused
+    assert b"RSET\r\n" in script.commands and script.commands.count(b"MAIL FROM:<s1@x.y>\r\n") == 2

@@ -50,6 +50,7 @@ class FakeUpstream:
     fail_data: str | None = None
     auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")
     data_size_limit: int | None = None  # None: aiosmtpd's default (32 MiB); 0: no limit
+    pipelining: bool = False  # advertise PIPELINING (aiosmtpd reads commands in order anyway)
     cert_file: str | None = None
     key_file: str | None = None
     messages: list[Received] = field(default_factory=list)
@@ -62,6 +63,12 @@ class FakeUpstream:
         self.mechanisms_used: list[str] = []
 
     # aiosmtpd handler hooks ------------------------------------------------
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if address in self.reject_mail:
