@@ -107,13 +107,16 @@ async def converse(monkeypatch, script, relay=None, connector=None, bytewise=Fal
     server_stream = await Stream.from_socket(a, 10)
     task = asyncio.ensure_future(SessionRunner(fe, server_stream, "192.0.2.1:4242").run())
     reader, writer = await asyncio.open_connection(sock=b)
-    if bytewise:
-        for i in range(len(script)):
-            writer.write(script[i:i + 1])
+    try:
+        if bytewise:
+            for i in range(len(script)):
+                writer.write(script[i:i + 1])
+                await writer.drain()
+        else:
+            writer.write(script)
             await writer.drain()
-    else:
-        writer.write(script)
-        await writer.drain()
+    except ConnectionError:
+        pass  # the server may close first (a 421 greeting)
     if close_early:
         await asyncio.sleep(0.1)
         writer.close()
@@ -190,7 +193,7 @@ def test_unreachable_authenticator_greets_421(monkeypatch):
         async def open(self, session_id, client):
             raise AuthLinkError("cannot connect to the authenticator at /x.sock")
 
-    out, relay = asyncio.run(converse(monkeypatch, b"EHLO x\r\n", connector=Down()))
+    out, relay = asyncio.run(converse(monkeypatch, b"", connector=Down()))
     assert out.startswith(b"421 4.3.0") and codes(out) == [421]
 
 
