@@ -16,6 +16,7 @@ import sys
 
 from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, load_config_or_exit
+from sendooway_shared.config import MailerEncryption
 from sendooway_shared.log import setup_logging
 
 EXIT_FAILURE = 1
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
     frontend = Frontend(cfg, tls_context=tls_context, implicit_tls=args.ssl,
                         channel_safe=args.nossl, connector=connector)
+    if (cfg.mailerEncryption is MailerEncryption.REQUIRED and tls_context is None
+            and not args.nossl):
+        log.warning("mailerEncryption = required but no sslCert/sslKey and no -S:"
+                    " no client can log in")
     frontend.settings()  # fail now, not in a session, if the settings are wrong
 
     preload()

@@ -420,3 +420,15 @@ def test_listening_as_root_without_daemon_starts_a_private_one(world, tmp_path):
     while still_there() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not still_there()  # neither the watcher nor the daemon outlives the frontend
+
+
+def test_nossl_counts_as_encrypted(setup):
+    """-S (e.g. behind stunnel): no STARTTLS offered, AUTH allowed even with
+    mailerEncryption = required."""
+    world, tmp, config, daemon, fe = setup
+    strict = front_config(tmp, world, "mailerEncryption = required\n", name="strict.conf")
+    script = LOGIN_SCRIPT.format(auth=login_plain("dave", world.users["dave"].password),
+                                 sender=UNROUTED).encode()
+    out, err, rc = stdio_session([FRONT, "-S", "-c", strict, "-l", "&2"], script)
+    assert b"STARTTLS" not in out and b"AUTH PLAIN LOGIN" in out
+    assert b"235 2.7.0" in out and b"550 5.7.1" in out, (out, err)
