@@ -280,3 +280,30 @@ def test_error_paths_through_the_frontend(world, tmp_path, upstream_factory):
         finally:
             fe.stop()
             daemon.stop()
+
+
+def test_inetd_stdio_mode_through_the_relay(world, upstream_factory):
+    """inetd/xinetd as root: one session on pipes, the frontend forks its own
+    authenticator; the message crosses a plain channel, so ESMTPA."""
+    from tests.front_util import FRONT, login_plain, stdio_session
+
+    up = upstream_factory(tls="starttls", accounts={"u": "stdio-Up-Pw-1"})
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, (
+            f"sslCA = {world.ca_file}\n"
+            f"smarthostMapping = direct:*@stdio.example localhost {up.port} u stdio-Up-Pw-1 tls\n"),
+            tls=False)
+        body = b"Subject: stdio\r\n\r\n..dotted\r\nend"
+        script = (b"EHLO pipe.client\r\nAUTH PLAIN " + login_plain("bob", world.users["bob"].password).encode()
+                  + b"\r\nMAIL FROM:<bob@stdio.example>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                  + body + b"\r\n.\r\nRSET\r\nMAIL FROM:<bob@stdio.example>\r\nRCPT TO:<s@example.net>\r\n"
+                  + b"RSET\r\nQUIT\r\n")
+        out, err, rc = stdio_session([FRONT, "-c", config, "-l", "&2",
+                                      "--auth-socket", os.path.join(str(tmp), "none.sock")], script)
+    assert rc == 0, err
+    assert out.count(b"250 2.0.0 queued as FAKE1") == 1, out
+    [m] = up.messages
+    assert m.rcpt_tos == ["r@example.net"] and up.logins == ["u"]  # one login for both transactions
+    assert re.match(rb"Received: from pipe\.client\r\n\tby mx\.test \(sendooway\) with ESMTPA ", m.data)
+    assert m.data.endswith(b"\r\n\r\n.dotted\r\nend\r\n")
+    assert b"stdio-Up-Pw-1" not in err and world.users["bob"].password.encode() not in err

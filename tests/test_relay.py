@@ -383,3 +383,22 @@ def test_kept_connection_probe_pipelined_with_mail(upstream_factory):
 
     run(go())
     assert up.logins == ["u"] and len(up.messages) == 3
+
+
+def test_client_rset_ends_the_upstream_transaction_and_keeps_the_login(upstream_factory):
+    up = upstream_factory(tls="starttls", accounts={"u": PW})
+
+    async def go():
+        log, _ = capture_log()
+        relay = Relay(config(), log)
+        assert (await relay.mail(info(), route_for(up), "a@x.y", MailParams())).code == 250
+        assert (await relay.rcpt("dropped@x.y")).code == 250
+        await relay.reset()
+        assert (await relay.rcpt("late@x.y")).code == 503  # no transaction any more
+        r = await send(relay, route_for(up), "b@x.y", ["kept@x.y"], b"m")
+        assert r["end"].code == 250
+        await relay.close()
+
+    run(go())
+    assert up.logins == ["u"]
+    assert [(m.mail_from, m.rcpt_tos) for m in up.messages] == [("b@x.y", ["kept@x.y"])]
