@@ -226,6 +226,12 @@ class Relay:
                     self._drop()
                     continue
                 return self._fail_transport(e, "MAIL")
+            if reply.code == 421 and not fresh and attempt == 0:
+                # the kept connection timed out on the upstream's side meanwhile
+                self.log.info("%s: upstream %s: kept connection closing (%s), reconnecting",
+                              info.session_id, self._client.address, reply)
+                self._drop()
+                continue
             reply = self._upstream_reply(reply)
             if reply.is_positive:
                 self._in_tx = True

@@ -277,3 +277,36 @@ def test_pooled_connection_refusing_the_pipelined_probe_is_replaced():
     assert "went stale" in log.text
     # the probe and MAIL went in one write: MAIL arrived although RSET was refused
     assert b"RSET\r\n" in script.commands and script.commands.count(b"MAIL FROM:<s1@x.y>\r\n") == 2
+
+
+def test_same_session_reuse_after_upstream_idle_421_reconnects():
+    """Between two messages of one client session the upstream gave up on the
+    connection (421 then close): the next MAIL reconnects transparently."""
+    state = {"mails": 0}
+
+    async def mail(writer):
+        state["mails"] += 1
+        if state["mails"] == 2:
+            writer.write(b"421 4.4.2 idle timeout\r\n")
+            await writer.drain()
+            writer.close()
+        else:
+            writer.write(b"250 2.1.0 ok\r\n")
+            await writer.drain()
+
+    script = Script(MAIL=mail)
+
+    async def go():
+        server, port = await script.serve()
+        log, handler = capture_log()
+        relay = Relay(config(), log)
+        async with server:
+            for n in range(2):
+                r = await send(relay, _route(port), f"s{n}@x.y", ["r@x.y"], b"m")
+                assert r["end"].code == 250, r
+            await relay.close()
+        return handler
+
+    log = run(go())
+    assert len(script.messages) == 2 and state["mails"] == 3
+    assert "kept connection closing" in log.text
