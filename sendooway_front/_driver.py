@@ -24,6 +24,7 @@ from ._stream import Stream
 from ._tls import TLSError
 
 READ_SIZE = 64 * 1024
+LINGER = 1.0  # seconds to drain a client's input after closing on it
 log = logging.getLogger("sendooway")
 
 
@@ -94,6 +95,7 @@ class SessionRunner:
         self.link: AuthLink | None = None
         self.relay: RelayBackend | None = None
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
+        self.stream_eof = False
 
     def _log(self, level: int, msg: str, *args: Any) -> None:
         """One line: session id, client address, user once logged in."""
@@ -153,12 +155,16 @@ class SessionRunner:
                 except OSError as exc:
                     self._log(logging.INFO, "read failed: %s", exc)
                     data = b""
+                if not data:
+                    self.stream_eof = True
                 s.receive_data(data)
             elif isinstance(ev, ConnectionClosed):
                 if ev.aborted_data and self.relay is not None:
                     await self._quietly(self.relay.data_abort())
                 self._log(logging.INFO, "closed: %s", ev.reason)
                 await self._send()
+                if ev.reason != "quit" and ev.reason != "timeout" and not self.stream_eof:
+                    await self._linger()
                 return
             elif isinstance(ev, Greeted):
                 self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", ev.name)
@@ -199,6 +205,20 @@ class SessionRunner:
                 await self._quietly(self.relay.reset())
             elif ev is PAUSED:
                 raise RuntimeError("session paused with no pending event")
+
+    async def _linger(self) -> None:
+        """We close while the client may still be sending (a 421 after
+        pipelined input): half-close, then read and drop its input until it
+        closes too (at most LINGER s without input), so that the kernel does
+        not answer it with a reset that could destroy our 421 unread."""
+        self.stream.timeout = LINGER
+        try:
+            await self.stream.shutdown_write()  # the client sees EOF after our 421
+            for _ in range(16):
+                if not await self.stream.read(READ_SIZE):
+                    break
+        except (OSError, asyncio.TimeoutError, TimeoutError):
+            pass
 
     async def _send(self) -> None:
         out = self.session.data_to_send()

@@ -282,6 +282,21 @@ class Stream:
         if transport is not None:
             transport.abort()
 
+    async def shutdown_write(self) -> None:
+        """Half-close: TLS close_notify when in TLS, then EOF (FIN) on the
+        transport; reading goes on (until the peer closes too). Added by
+        the frontend for its lingering close after a 421."""
+        if self._closed or self._writer.is_closing():
+            return
+        if self._conn is not None:
+            try:
+                self._conn.shutdown()
+            except SSL.Error:
+                pass
+            await self._flush_tls()
+        if self._writer.can_write_eof():
+            self._writer.write_eof()
+
     async def aclose(self) -> None:
         """Close politely: TLS close_notify when in TLS, then the transport."""
         if self._closed:

@@ -201,3 +201,9 @@ def test_pipelined_commands_in_one_write(monkeypatch):
     script = LOGIN + TXN + b"body\r\n.\r\n" + TXN + b"again\r\n.\r\nRSET\r\nQUIT\r\n"
     out, relay = asyncio.run(converse(monkeypatch, script))
     assert codes(out) == [220, 250, 235, 250, 250, 354, 250, 250, 250, 354, 250, 250, 221]
+
+
+def test_421_is_readable_even_with_pipelined_input_behind_it(monkeypatch):
+    script = b"BOGUS\r\n" * 25 + b"NOOP " + b"x" * 400 + b"\r\n" * 2000
+    out, relay = asyncio.run(converse(monkeypatch, script))
+    assert codes(out)[-1] == 421 and b"4.7.0 Too many errors" in out
