@@ -307,3 +307,33 @@ def test_inetd_stdio_mode_through_the_relay(world, upstream_factory):
     assert re.match(rb"Received: from pipe\.client\r\n\tby mx\.test \(sendooway\) with ESMTPA ", m.data)
     assert m.data.endswith(b"\r\n\r\n.dotted\r\nend\r\n")
     assert b"stdio-Up-Pw-1" not in err and world.users["bob"].password.encode() not in err
+
+
+def test_connection_cache_across_client_sessions_and_quit_on_sigterm(world, upstream_factory):
+    """smarthostCache in the real `sendooway -b`: three client sessions, one
+    upstream login; SIGTERM QUITs the kept connection."""
+    import time
+
+    up = upstream_factory(tls="starttls", accounts={"u": "cache-Up-Pw-2"})
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, (
+            f"sslCA = {world.ca_file}\nsmarthostCache = 30\n"
+            f"smarthostMapping = direct:* localhost {up.port} u cache-Up-Pw-2 tls\n"))
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            for n in range(3):
+                with fe.smtp() as s:
+                    s.starttls(context=world.ssl_context())
+                    s.ehlo()
+                    s.login("alice", world.users["alice"].password)
+                    assert s.sendmail(f"alice{n}@example.org", ["r@example.net"], b"Subject: c\r\n\r\nx\r\n") == {}
+            assert len(up.messages) == 3
+            assert up.logins == ["u"] and up.quits == 0  # one login, the connection kept
+        finally:
+            assert fe.stop() == 0
+            daemon.stop()
+        deadline = time.monotonic() + 5
+        while up.quits == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert up.quits == 1

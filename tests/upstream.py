@@ -61,6 +61,7 @@ class FakeUpstream:
         self._lock = threading.Lock()
         self._controller: Controller | None = None
         self.mechanisms_used: list[str] = []
+        self.quits = 0  # QUIT commands received (a kept connection closed politely)
 
     # aiosmtpd handler hooks ------------------------------------------------
 
@@ -69,6 +70,11 @@ class FakeUpstream:
         if self.pipelining:
             responses.insert(1, "250-PIPELINING")
         return responses
+
+    async def handle_QUIT(self, server, session, envelope):
+        with self._lock:
+            self.quits += 1
+        return "221 2.0.0 Bye"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if address in self.reject_mail:
