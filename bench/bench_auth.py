@@ -95,10 +95,10 @@ async def _route_latency(path: str, password: str, sender: str) -> list[float]:
 
 
 def _direct_route_latency(cfg_text: str, sender: str) -> list[float]:
-    """The same lookup in-process, reading files as root (no child)."""
+    """The same lookup in-process, reading files as root (no user switch, no child)."""
     from sendooway_auth import _users
-    from sendooway_auth._reader import _read_one
-    from sendooway_auth.routes import lookup_sync
+    from sendooway_auth._files import Budget, read_one
+    from sendooway_auth.routes import run_plan
     from sendooway_shared.config import parse_config
 
     cfg = parse_config(cfg_text, "bench.conf")
@@ -106,7 +106,8 @@ def _direct_route_latency(cfg_text: str, sender: str) -> list[float]:
     times = []
     for _ in range(ROUTES):
         t = time.perf_counter()
-        found = lookup_sync(cfg, user, lambda req: [_read_one(p) for p in req.paths])
+        budget = Budget()
+        found = run_plan(cfg, user, lambda paths: [read_one(p, budget) for p in paths])
         assert found.route_for(sender) is not None
         times.append(time.perf_counter() - t)
     return times
@@ -156,7 +157,7 @@ def main() -> int:
             results.append(("auth checks/s (daemon, 32 clients, new connection each)",
                             f"{rate:8.0f}", f"direct PAM in-process {direct:.0f}/s",
                             f"{rate / direct:.2f}x"))
-            for label, text in (("route lookup (1 file, 1 reader child)", conf_plain),):
+            for label, text in (("route lookup (default mappings, reader child)", conf_plain),):
                 lat = asyncio.run(_route_latency(d.socket_path, alice, "alice19@example.org"))
                 dl = _direct_route_latency(text, "alice19@example.org")
                 results.append((label + " median/p95 ms",
@@ -171,7 +172,7 @@ def main() -> int:
         try:
             lat = asyncio.run(_route_latency(d.socket_path, alice, "alice19@example.org"))
             dl = _direct_route_latency(conf_include, "alice19@example.org")
-            results.append(("route lookup (userInclude + file, 2 children) median/p95 ms",
+            results.append(("route lookup (userInclude + file, reader child) median/p95 ms",
                             f"{statistics.median(lat) * 1e3:.2f}/{_pct(lat, .95) * 1e3:.2f}",
                             f"in-process {statistics.median(dl) * 1e3:.2f} ms",
                             f"{statistics.median(lat) / statistics.median(dl):.1f}x"))

@@ -157,7 +157,7 @@ class Runtime:
         check_backend(cfg)
         _harden()
         self.cfg = cfg
-        self.forks = ForkServer().start()
+        self.forks = ForkServer(cfg).start()
         self.pam = PamPool(cfg.pamService, threads)  # NSS lookups need it with any backend
         self.penalty = Penalty(base=failure_delay)
         self.service: AuthService | None = None

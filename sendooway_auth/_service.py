@@ -17,7 +17,6 @@ from ._logfmt import field
 from ._pam import PamPool, is_temporary
 from ._penalty import Penalty, client_host
 from ._reader import ForkServer
-from .routes import lookup_async
 
 log = logging.getLogger("sendooway-auth")
 
@@ -64,7 +63,7 @@ class AuthService:
         self.reader = reader
         self.penalty = penalty
         self.clock = clock
-        self._lookups = asyncio.Semaphore(32)
+        self._lookups = asyncio.Semaphore(16)  # each may hold a few MiB
         self._process_uid = os.geteuid()  # authBackend = none accepts only this account
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
@@ -115,7 +114,7 @@ class AuthService:
         """(route or None, temporary): temporary is True when no route was
         found and some file could not be read for an internal reason."""
         async with self._lookups:
-            found = await lookup_async(self.cfg, user, self.reader.read)
+            found = await self.reader.lookup(user)
         who = f"user={field(user.name)}"
         for message in found.errors:
             log.warning("user file error: %s %s", who, message)

@@ -12,8 +12,8 @@ from sendooway_shared.config import AuthBackend, Config
 from sendooway_shared.types import Route
 
 from . import _users
-from ._reader import read_direct
-from .routes import UserRoutes, lookup_sync
+from ._reader import lookup_direct
+from .routes import UserRoutes
 
 EXIT_OK = 0
 EXIT_NO_MAPPING = 1
@@ -54,7 +54,7 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
         w(f"note: authBackend = none accepts only {_users.process_user()}")
     if os.geteuid() != 0 and user.uid != os.geteuid():
         w("note: not running as root: this user's files cannot be read")
-    found = lookup_sync(cfg, user, read_direct)
+    found = lookup_direct(cfg, user)
     _files(found, w)
     _mappings(found, w)
     if found.errors:
@@ -94,9 +94,8 @@ def _files(found: UserRoutes, w) -> None:
 
 def _mappings(found: UserRoutes, w) -> None:
     w("mappings (in order; user's first, then global):")
-    for m in found.mappings:
-        where = "default" if m.filename == "(default)" else m.source
-        w(f"  {where}: {m.kind.value}:{m.path if m.direct is None else m.direct.address}")
+    for where, what in found.mappings:
+        w(f"  {where}: {what}")
     w("accounts:")
     if not found.accounts:
         w("  (none)")

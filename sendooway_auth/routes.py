@@ -1,10 +1,12 @@
 """A user's routes: which files to read, what they say, which route serves a sender.
 
-The lookup is written once as a generator (`plan`) that yields the paths it
-needs read as the user and receives the reads; `lookup_sync` (for --check)
-and the daemon's async driver only move the reads in. Order: the
-`userInclude` file, then the mappings (the user's first, then the global
-ones, DESIGN.md's defaults when neither has any).
+`plan` is written once as a generator that yields the paths it needs read and
+receives the reads; `run_plan` drives it with a reader. It runs inside the
+reader child (as the user, see _reader), so a hostile file is parsed with
+the user's rights and the user's CPU time, never in the root process; the
+result crosses back as data (`to_wire`/`from_wire`, checked like protocol
+input). Order: the `userInclude` file, then the mappings (the user's first,
+then the global ones, DESIGN.md's defaults when neither has any).
 """
 
 from __future__ import annotations
@@ -13,37 +15,45 @@ import stat
 from dataclasses import dataclass, field, replace
 from typing import Callable, Generator
 
+import msgpack
+
 from sendooway_shared.config import (
-    ConfigError, Config, Mapping, MappingKind, UserConfig, effective_mappings, expand_path,
+    ConfigError, Config, MappingKind, UserConfig, effective_mappings, expand_path,
     parse_user_config,
 )
+from sendooway_shared.types import Route, Secret, TlsMode
 
 from ._accounts import Account, ParseResult, choose
-from ._reader import MAX_FILES, MAX_PATH, FileRead, ReadRequest
+from ._files import MAX_FILES, MAX_PATH, FileRead
 from ._users import UserInfo
 from .fetchmail import parse_fetchmailrc
 from .getmail import parse_getmailrc
 
 MAX_INCLUDE_ERRORS = 50
+MAX_ACCOUNTS = 1000
+MAX_MESSAGES = 100  # errors, and warnings, reported per lookup
+MAX_WIRE = 8 << 20
 
 
 @dataclass
 class UserRoutes:
-    """Everything one lookup found, for the daemon and for --check."""
+    """Everything one lookup found, for the daemon and for --check.
+
+    `failure` is set when the lookup itself broke (reader died or timed
+    out): then a missing route is a temporary failure, not a "no"."""
 
     user: UserInfo
     files: list[tuple[str, FileRead]] = field(default_factory=list)  # (role, read)
-    mappings: tuple[Mapping, ...] = ()
+    mappings: list[tuple[str, str]] = field(default_factory=list)  # (where, what), for --check
     accounts: list[Account] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     ca_file: str = ""
+    failure: str = ""
 
     @property
     def incomplete(self) -> bool:
-        """Some file could not be read for an internal reason (reader died or
-        timed out): a missing route may be a temporary failure."""
-        return any(read.status == "failed" for _, read in self.files)
+        return bool(self.failure)
 
     def route_for(self, sender: str) -> Account | None:
         return choose(self.accounts, sender)
@@ -53,6 +63,7 @@ Plan = Generator[tuple[str, ...], list[FileRead], UserRoutes]
 
 
 def plan(cfg: Config, user: UserInfo) -> Plan:
+    """The lookup: yields the paths to read, receives their FileReads."""
     found = UserRoutes(user)
     user_cfg: UserConfig | None = None
     if cfg.userInclude:
@@ -67,8 +78,11 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             ):
                 _check_mode(read, user, found)
     found.ca_file = user_cfg.sslCA if user_cfg and user_cfg.sslCA is not None else cfg.sslCA
-    found.mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
-    wanted = list(dict.fromkeys(m.path for m in found.mappings if m.kind is not MappingKind.DIRECT))
+    mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
+    found.mappings = [("default" if m.filename == "(default)" else m.source,
+                       f"direct:{m.direct.address} {m.direct.route.describe()}" if m.direct
+                       else f"{m.kind.value}:{m.path}") for m in mappings]
+    wanted = list(dict.fromkeys(m.path for m in mappings if m.kind is not MappingKind.DIRECT))
     for path in wanted[MAX_FILES:]:
         found.errors.append(f"{path}: skipped: more than {MAX_FILES} files to read")
     paths = tuple(p for p in wanted[:MAX_FILES] if len(p) <= MAX_PATH)
@@ -78,11 +92,11 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     reads = (yield paths) if paths else []
     by_path = dict(zip(paths, reads))
     for path in paths:
-        kind = next(m.kind for m in found.mappings if m.path == path)
+        kind = next(m.kind for m in mappings if m.path == path)
         found.files.append((kind.value, by_path[path]))
     own = len(user_cfg.smarthostMapping) if user_cfg else 0
     parsed: dict[str, ParseResult] = {}
-    for index, m in enumerate(found.mappings):
+    for index, m in enumerate(mappings):
         tier = 0 if index < own else 1
         if m.kind is MappingKind.DIRECT:
             assert m.direct is not None
@@ -109,28 +123,118 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     return found
 
 
-def lookup_sync(cfg: Config, user: UserInfo, read: Callable[[ReadRequest], list[FileRead]]
-                ) -> UserRoutes:
-    """Run the plan with a blocking reader (e.g. _reader.read_direct)."""
+def run_plan(cfg: Config, user: UserInfo,
+             read_paths: Callable[[tuple[str, ...]], list[FileRead]]) -> UserRoutes:
+    """Run the lookup with a blocking reader of paths."""
     gen = plan(cfg, user)
     try:
         paths = next(gen)
         while True:
-            paths = gen.send(read(ReadRequest(user.uid, user.gid, user.groups, paths, user.home)))
+            paths = gen.send(read_paths(paths))
     except StopIteration as done:
-        return done.value
+        found = done.value
+    _cap(found)
+    return found
 
 
-async def lookup_async(cfg: Config, user: UserInfo, read) -> UserRoutes:
-    """Run the plan with an async reader (the daemon's fork server)."""
-    gen = plan(cfg, user)
+def _cap(found: UserRoutes) -> None:
+    if len(found.accounts) > MAX_ACCOUNTS:
+        found.errors.append(f"more than {MAX_ACCOUNTS} accounts: the rest are ignored")
+        del found.accounts[MAX_ACCOUNTS:]
+    for name in ("errors", "warnings"):
+        items = getattr(found, name)
+        if len(items) > MAX_MESSAGES:
+            extra = len(items) - MAX_MESSAGES
+            del items[MAX_MESSAGES:]
+            items.append(f"... and {extra} more")
+
+
+# ------------------------------------------------------------ across the pipe
+
+
+def to_wire(found: UserRoutes) -> bytes:
+    """The lookup's result without file contents (the reader child sends it)."""
+    return msgpack.packb({
+        "files": [[role, r.path, r.status, r.detail, r.mode, r.owner, r.size]
+                  for role, r in found.files],
+        "mappings": [list(m) for m in found.mappings],
+        "accounts": [[list(a.addresses), a.route.server, a.route.port, a.route.tls.value,
+                      a.route.cert_check, a.route.ca_file, a.route.user,
+                      a.route.password.reveal(), a.route.auth, a.route.source, a.tier]
+                     for a in found.accounts],
+        "errors": found.errors, "warnings": found.warnings, "ca_file": found.ca_file,
+    }, use_bin_type=True)
+
+
+class WireError(Exception):
+    pass
+
+
+def _str(v, limit: int = 8192) -> str:
+    if not isinstance(v, str) or len(v) > limit:
+        raise WireError("bad string")
+    return v
+
+
+def _int(v, lo: int, hi: int) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise WireError("bad integer")
+    return v
+
+
+def _bool(v) -> bool:
+    if type(v) is not bool:
+        raise WireError("bad boolean")
+    return v
+
+
+def _list(v, limit: int) -> list:
+    if not isinstance(v, list) or len(v) > limit:
+        raise WireError("bad list")
+    return v
+
+
+def from_wire(data: bytes, user: UserInfo) -> UserRoutes:
+    """Check and rebuild what a reader child sent; raises WireError."""
     try:
-        paths = next(gen)
-        while True:
-            paths = gen.send(await read(ReadRequest(user.uid, user.gid, user.groups, paths,
-                                                    user.home)))
-    except StopIteration as done:
-        return done.value
+        return _from_wire(data, user)
+    except (ValueError, TypeError) as exc:  # e.g. a row with too few fields
+        raise WireError(f"bad answer ({type(exc).__name__})") from None
+
+
+def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
+    if len(data) > MAX_WIRE:
+        raise WireError("answer too long")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0)
+    except Exception:  # noqa: BLE001 - any decoding problem is the same problem
+        raise WireError("undecodable answer") from None
+    if not isinstance(obj, dict) or set(obj) != {"files", "mappings", "accounts", "errors",
+                                                  "warnings", "ca_file"}:
+        raise WireError("bad answer")
+    found = UserRoutes(user, ca_file=_str(obj["ca_file"]))
+    for row in _list(obj["files"], MAX_FILES + 1):
+        role, path, status, detail, mode, owner, size = _list(row, 7)
+        found.files.append((_str(role), FileRead(_str(path), _str(status), _str(detail),
+                                                 _int(mode, 0, 0o177777), _int(owner, -1, 2**32),
+                                                 _int(size, 0, 2**32))))
+    for row in _list(obj["mappings"], 10000):
+        where, what = _list(row, 2)
+        found.mappings.append((_str(where), _str(what)))
+    for row in _list(obj["accounts"], MAX_ACCOUNTS):
+        addresses, server, port, tls, cert_check, ca_file, up_user, password, auth, source, tier \
+            = _list(row, 11)
+        try:
+            mode = TlsMode(_str(tls))
+        except ValueError:
+            raise WireError("bad TLS mode") from None
+        route = Route(_str(server), _int(port, 1, 65535), mode, _bool(cert_check), _str(ca_file),
+                      _str(up_user), Secret(_str(password)), _bool(auth), _str(source))
+        found.accounts.append(Account(tuple(_str(a) for a in _list(addresses, 10000)), route,
+                                      _int(tier, 0, 1)))
+    found.errors = [_str(e) for e in _list(obj["errors"], MAX_MESSAGES + 1)]
+    found.warnings = [_str(w) for w in _list(obj["warnings"], MAX_MESSAGES + 1)]
+    return found
 
 
 # ------------------------------------------------------------ helpers

@@ -27,11 +27,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the reader switches u
 
 @pytest.fixture(scope="module")
 def service(world):
-    forks = ForkServer().start()
-    pool = PamPool("sendooway", threads=2)
     cfg = parse_config("maxAuthFailures = 2\n"
                        "smarthostMapping = direct:* relay.example.org 587 u r-Secret-9 tls\n",
                        "fuzz.conf")
+    forks = ForkServer(cfg).start()
+    pool = PamPool("sendooway", threads=2)
     yield lambda: AuthService(cfg, pool, forks, Penalty(base=0))
     pool.shutdown()
     forks.stop()

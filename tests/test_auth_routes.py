@@ -6,8 +6,8 @@ import time
 import pytest
 
 from sendooway_auth import _users
-from sendooway_auth._reader import MAX_FILE, ReadRequest, read_direct
-from sendooway_auth.routes import lookup_sync
+from sendooway_auth._files import MAX_FILE
+from sendooway_auth._reader import ForkServer, lookup_direct
 from sendooway_shared.config import parse_config
 from sendooway_shared.types import TlsMode
 
@@ -23,7 +23,7 @@ poll pop.example.org proto pop3 user "alice" password "fm-Secret-A1"
 
 def lookup(world, user, conf=""):
     cfg = parse_config(conf, "test.conf")
-    return lookup_sync(cfg, _users.lookup(user), read_direct)
+    return lookup_direct(cfg, _users.lookup(user))
 
 
 def test_owner_only_file_is_read_as_the_user(clean_homes):
@@ -41,14 +41,14 @@ def test_owner_only_file_is_read_as_the_user(clean_homes):
 
 def test_reader_child_has_the_users_ids(clean_homes):
     world = clean_homes
-    # a file only bob can read: root could, alice's child must not
-    bob_file = world.write_user_file("bob", "secret.txt", "bob only\n", mode=0o600)
-    alice = _users.lookup("alice")
-    (read,) = read_direct(ReadRequest(alice.uid, alice.gid, alice.groups, (bob_file,)))
-    assert read.status == "unreadable"  # bob's home is 0700 as well
-    bob = _users.lookup("bob")
-    (read,) = read_direct(ReadRequest(bob.uid, bob.gid, bob.groups, (bob_file,)))
-    assert read.ok and read.data == b"bob only\n" and read.owner == bob.uid
+    # a file only bob can read: root could, alice's reader must not
+    bob_file = world.write_user_file("bob", "fm.rc", FETCHMAILRC, mode=0o600)
+    conf = f"smarthostMapping = fetchmail:{bob_file}\n"
+    found = lookup(world, "alice", conf)
+    assert found.accounts == [] and dict(found.files)["fetchmail"].status == "unreadable"
+    found = lookup(world, "bob", conf)
+    read = dict(found.files)["fetchmail"]
+    assert read.ok and read.owner == world.users["bob"].uid and len(found.accounts) == 1
 
 
 def test_symlink_to_shadow_and_to_another_users_file_fail(clean_homes):
@@ -137,7 +137,9 @@ def test_global_sslca_and_defaults_when_no_mapping(clean_homes):
     found = lookup(world, "bob", "sslCA = /etc/ssl/global.pem\n")
     (a,) = found.accounts
     assert a.route.server == "pop.b.org" and a.route.ca_file == "/etc/ssl/global.pem"
-    assert [m.filename for m in found.mappings] == ["(default)", "(default)"]
+    home = world.users["bob"].home
+    assert found.mappings == [("default", f"getmail:{home}/.getmail/getmailrc"),
+                              ("default", f"fetchmail:{home}/.fetchmailrc")]
 
 
 def test_valid_user_by_name_and_group():
@@ -154,34 +156,44 @@ def test_valid_user_by_name_and_group():
 def test_a_stuck_reader_times_out_as_failed(clean_homes):
     import asyncio
     import signal
-    from sendooway_auth._reader import ForkServer
 
     world = clean_homes
-    path = world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
+    world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
     alice = _users.lookup("alice")
-    req = ReadRequest(alice.uid, alice.gid, alice.groups, (path,))
-    fs = ForkServer().start()
+    fs = ForkServer(parse_config("", "t.conf")).start()
     try:
-        (read,) = asyncio.run(fs.read(req))
-        assert read.ok and b"smtp.example.org" in read.data
+        found = asyncio.run(fs.lookup(alice))
+        assert not found.incomplete and found.route_for("alice@example.org") is not None
         os.kill(fs.pid, signal.SIGSTOP)  # as if the read hung (a dead NFS server)
         t = time.monotonic()
-        (read,) = asyncio.run(fs.read(req, timeout=0.5))
+        found = asyncio.run(fs.lookup(alice, timeout=0.5))
         assert 0.4 < time.monotonic() - t < 2
-        assert read.status == "failed" and "timed out" in read.detail
+        assert found.incomplete and "timed out" in found.failure and found.accounts == []
         os.kill(fs.pid, signal.SIGCONT)
     finally:
         fs.stop()
 
 
-def test_relative_paths_are_from_home_and_file_count_is_bounded(clean_homes):
+def test_parsing_happens_in_the_child_and_is_bounded(clean_homes):
+    """A 1 MiB file of errors costs the root process nothing but a short,
+    capped answer."""
     world = clean_homes
-    world.write_user_file("alice", "mail/fm.rc", FETCHMAILRC)
-    many = "".join(f"smarthostMapping = getmail:%h/g{i}.rc\n" for i in range(40))
-    world.write_user_file("alice", ".sendoowayrc",
-                          "smarthostMapping = fetchmail:mail/fm.rc\n" + many
-                          + "smarthostMapping = fetchmail:bad\x01path\n")
-    found = lookup(world, "alice", "userInclude = %h/.sendoowayrc\n")
-    assert found.route_for("alice@example.org").route.server == "smtp.example.org"
-    assert sum("skipped: more than 32 files" in e for e in found.errors) == 42 - 32
-    assert not found.incomplete
+    world.write_user_file("alice", ".fetchmailrc", "#sendooway:bogus x\n" * 50000)
+    found = lookup(world, "alice")
+    assert len(found.errors) == 101 and found.errors[-1] == "... and 49900 more"
+
+
+def test_answer_from_a_reader_is_checked():
+    from sendooway_auth.routes import UserRoutes, WireError, from_wire, to_wire
+    import msgpack
+    alice = _users.lookup("alice")
+    assert from_wire(to_wire(UserRoutes(alice)), alice).accounts == []
+    good = msgpack.unpackb(to_wire(UserRoutes(alice)), raw=False)
+    for bad in (b"", b"\xc1", msgpack.packb([1]), msgpack.packb({**good, "x": 1}),
+                msgpack.packb({**good, "accounts": [[["*"], "s", 0, "plain", True, "", "", "",
+                                                     True, "", 1]]}),
+                msgpack.packb({**good, "accounts": [[["*"], "s", 25, "smoke", True, "", "", "",
+                                                     True, "", 1]]}),
+                msgpack.packb({**good, "files": [["fetchmail", "/x"]]})):
+        with pytest.raises(WireError):
+            from_wire(bad, alice)
