@@ -24,6 +24,7 @@ TIMEOUT = _r(421, "4.4.2 Timeout waiting for input, closing connection")
 TOO_MANY_ERRORS = _r(421, "4.7.0 Too many errors, closing connection")
 TOO_MANY_AUTH_FAILURES = _r(421, "4.7.0 Too many authentication failures, closing connection")
 SHUTTING_DOWN = _r(421, "4.3.2 Server shutting down, closing connection")
+TOO_MANY_SESSIONS = _r(421, "4.3.2 Too many connections, try again later")
 BYE = _r(221, "2.0.0 Bye")
 
 # --- generic

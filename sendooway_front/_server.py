@@ -9,18 +9,21 @@ import asyncio
 import importlib
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
 import threading
 from dataclasses import dataclass
 
+from . import _catalogue as R
 from ._driver import Frontend, SessionRunner, describe_peer
 from ._pool import close_shared_pool
 from ._stream import Stream, set_nodelay
 
 SD_LISTEN_FDS_START = 3
 SHUTDOWN_GRACE = 30.0  # seconds running sessions get after SIGTERM
+MAX_SESSIONS = 4000    # at once in one listening process (sendooway-auth takes as many)
 log = logging.getLogger("sendooway")
 
 # Modules the serving process may need after the privilege drop, when the
@@ -217,16 +220,41 @@ async def serve_connection(frontend: Frontend, sock: socket.socket) -> None:
     await close_shared_pool()
 
 
+def session_limit() -> int:
+    """How many sessions one listening process takes at once: each needs
+    two descriptors (client, authenticator) and maybe an upstream. Raises
+    the soft RLIMIT_NOFILE to the hard one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    usable = 65536 if soft == resource.RLIM_INFINITY else soft
+    return max(8, min(MAX_SESSIONS, (usable - 64) // 3))
+
+
 async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
-                          grace: float = SHUTDOWN_GRACE) -> None:
+                          grace: float = SHUTDOWN_GRACE, max_sessions: int | None = None) -> None:
     """Accept sessions until SIGTERM/SIGINT; then stop accepting and give the
-    running sessions `grace` seconds to finish."""
+    running sessions `grace` seconds to finish. Beyond `max_sessions` at
+    once, a new client gets a 421 greeting."""
+    if max_sessions is None:
+        max_sessions = session_limit()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task] = set()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(tasks) >= max_sessions:
+            log.warning("%d sessions running: refusing %s", len(tasks),
+                        describe_peer(writer.get_extra_info("peername")))
+            writer.write(R.TOO_MANY_SESSIONS.to_bytes())
+            writer.close()
+            return
         tasks.add(task)
         try:
             stream = Stream(reader, writer, frontend.config.timeout)

@@ -207,3 +207,35 @@ def test_421_is_readable_even_with_pipelined_input_behind_it(monkeypatch):
     script = b"BOGUS\r\n" * 25 + b"NOOP " + b"x" * 400 + b"\r\n" * 2000
     out, relay = asyncio.run(converse(monkeypatch, script))
     assert codes(out)[-1] == 421 and b"4.7.0 Too many errors" in out
+
+
+def test_listening_server_caps_concurrent_sessions(monkeypatch):
+    from sendooway_front._server import serve_listening
+
+    monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: RecordingRelay())
+
+    async def main():
+        fe = Frontend(Config(), connector=FakeConnector(), hostname="mx.test")
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        server = asyncio.ensure_future(serve_listening(fe, [lsock], max_sessions=2))
+        conns = []
+        for _ in range(2):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            assert (await r.readline()).startswith(b"220 ")
+            conns.append((r, w))
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        third = await r.read(-1)
+        w.close()
+        for r, w in conns:  # the first two still work
+            w.write(b"NOOP\r\n")
+            assert (await r.readline()).startswith(b"250 ")
+            w.close()
+        server.cancel()
+        return third
+
+    third = asyncio.run(main())
+    assert third.startswith(b"421 4.3.2")

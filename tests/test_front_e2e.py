@@ -432,3 +432,38 @@ def test_nossl_counts_as_encrypted(setup):
     out, err, rc = stdio_session([FRONT, "-S", "-c", strict, "-l", "&2"], script)
     assert b"STARTTLS" not in out and b"AUTH PLAIN LOGIN" in out
     assert b"235 2.7.0" in out and b"550 5.7.1" in out, (out, err)
+
+
+def test_hundreds_of_idle_sessions_and_one_that_works(setup):
+    """300 idle clients in one -b process (each with its authenticator link):
+    memory stays small and a real session still goes through."""
+    world, tmp, config, daemon, fe = setup
+    before = _rss_kib(fe.proc.pid)
+    idle = []
+    try:
+        for _ in range(300):
+            c = socket.create_connection((fe.host, fe.port), timeout=20)
+            idle.append(c)
+        for c in idle:
+            assert c.recv(100).startswith(b"220 ")
+            c.sendall(b"EHLO idle.test\r\n")
+        for c in idle:
+            assert c.recv(4096).startswith(b"250-")
+        grown = _rss_kib(fe.proc.pid) - before
+        assert grown < 300 * 64  # well under 64 KiB a session
+        with fe.smtp() as s:
+            s.starttls(context=world.ssl_context())
+            s.ehlo()
+            s.login("carol", world.users["carol"].password)
+            assert s.mail(UNROUTED)[0] == 550
+    finally:
+        for c in idle:
+            c.close()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
