@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd", type=int, metavar="N",
                    help="internal: serve the one connected socket inherited as fd N and exit"
                    " when it closes (used by sendooway started as root)")
-    p.add_argument("--exit-with-parent", action="store_true",
-                   help="internal: stop when the process that started this daemon exits"
-                   " (used by sendooway -b started as root for its private authenticator)")
+    # internal, not in -h: stop when the process that started this daemon
+    # exits (for sendooway -b started as root and its private authenticator;
+    # see docs/decisions/auth.md)
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--failure-delay", type=float, default=DEFAULT_FAILURE_DELAY, metavar="SECONDS",
                    help="base delay before answering a failed login; doubles with each recent"
                    f" failure of the user or client address, up to 15 s (default {DEFAULT_FAILURE_DELAY})")
