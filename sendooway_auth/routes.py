@@ -80,7 +80,8 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     found.ca_file = user_cfg.sslCA if user_cfg and user_cfg.sslCA is not None else cfg.sslCA
     mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
     found.mappings = [("default" if m.filename == "(default)" else m.source,
-                       f"direct:{m.direct.address} {m.direct.route.describe()}" if m.direct
+                       f"direct:{m.direct.address} {m.direct.route.server}:{m.direct.route.port}"
+                       f" {m.direct.route.tls.value}" if m.direct
                        else f"{m.kind.value}:{m.path}") for m in mappings]
     wanted = list(dict.fromkeys(m.path for m in mappings if m.kind is not MappingKind.DIRECT))
     for path in wanted[MAX_FILES:]:
