@@ -61,8 +61,9 @@ class Penalty:
 
 
 def client_host(client: str) -> str:
-    """The address part of "ip", "ip:port" or "[v6]:port"; "" when it is not
-    an IP address (then it is not used as a backoff key)."""
+    """The address part of "ip", "ip:port" or "[v6]:port", normalised (IPv4
+    mapped into IPv6 shown as IPv4); "" when it is not an IP address (then
+    it is not used as a backoff key)."""
     text = client.strip()
     candidates = [text]
     if text.startswith("[") and "]" in text:
@@ -71,7 +72,9 @@ def client_host(client: str) -> str:
         candidates.append(text.split(":", 1)[0])
     for c in candidates:
         try:
-            return str(ipaddress.ip_address(c))
+            address = ipaddress.ip_address(c)
         except ValueError:
             continue
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:192.0.2.7 is 192.0.2.7
+        return str(mapped or address)
     return ""

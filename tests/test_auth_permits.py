@@ -129,6 +129,8 @@ def test_penalty_memory_is_bounded():
 @pytest.mark.parametrize("given_,host", [
     ("192.0.2.7", "192.0.2.7"), ("192.0.2.7:5123", "192.0.2.7"),
     ("2001:db8::1", "2001:db8::1"), ("[2001:db8::1]:25", "2001:db8::1"),
+    ("2001:DB8:0::1", "2001:db8::1"), ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("[::ffff:192.0.2.7]:587", "192.0.2.7"),
     ("", ""), ("evil\nauth ok: user=root", ""), ("localhost", ""),
 ])
 def test_client_host(given_, host):
