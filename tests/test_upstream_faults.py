@@ -310,3 +310,41 @@ def test_same_session_reuse_after_upstream_idle_421_reconnects():
     log = run(go())
     assert len(script.messages) == 2 and state["mails"] == 3
     assert "kept connection closing" in log.text
+
+
+def test_upstream_stops_reading_mid_data_bounded_and_451():
+    """The upstream takes DATA and then reads nothing more: our writes stop at
+    the buffer bound, time out, and the client gets 451 — never 250."""
+    hold = []
+
+    async def stop_reading(writer):
+        writer.write(b"354 go\r\n")
+        await writer.drain()
+        writer.transport.pause_reading()
+        hold.append(writer)
+        await asyncio.sleep(10)
+
+    async def go():
+        script = Script(DATA=stop_reading)
+        server, port = await script.serve()
+        log, handler = capture_log()
+        relay = Relay(config(timeout=1), log)
+        async with server:
+            assert (await relay.mail(info(), _route(port), "s@x.y", MailParams())).code == 250
+            assert (await relay.rcpt("r@x.y")).code == 250
+            assert (await relay.data_start()).code == 354
+            chunk = (b"z" * 998 + b"\r\n") * 64
+            t0 = asyncio.get_running_loop().time()
+            for _ in range(800):  # 51 MB offered; far more than the socket buffers hold
+                await relay.data_chunk(chunk)
+            reply = await relay.data_end()
+            took = asyncio.get_running_loop().time() - t0
+            buffered = relay._client.stream._writer.transport.get_write_buffer_size() if relay._client else 0
+            await relay.close()
+        return reply, took, buffered, handler
+
+    reply, took, buffered, log = run(go())
+    assert reply.code == 451 and reply.lines[0].startswith("4.4.2")
+    assert took < 5
+    assert buffered == 0  # the connection was dropped, nothing kept queued
+    assert "TimeoutError" in log.text
