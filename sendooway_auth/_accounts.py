@@ -40,6 +40,16 @@ class ParseResult:
         return any(a.route.password for a in self.accounts)
 
 
+def lines(text: str) -> list[str]:
+    """Lines as fetchmail and getmail see them: split at LF only (a CR before
+    it dropped). str.splitlines() would also split at U+2028, U+0085, VT, FF…
+    which may well sit inside a quoted password."""
+    out = text.split("\n")
+    if out and out[-1] == "":
+        out.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in out]
+
+
 def port_number(value: str) -> int:
     """A port given as 1..65535 or as a service name (`submission`, `smtps`),
     as the original accepted; ValueError otherwise."""

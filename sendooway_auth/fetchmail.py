@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
 
-from ._accounts import Account, ParseResult, port_number
+from ._accounts import Account, ParseResult, lines, port_number
 from ._address import check_pattern
 
 PREFIX = "sendooway:"
@@ -130,7 +130,7 @@ def _lex(text: str) -> list[_Token | _Directive]:
     """Tokens of the fetchmail lines and the #sendooway: directives, in order;
     a line that cannot be split becomes a directive carrying the error."""
     items: list[_Token | _Directive] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(lines(text), start=1):
         code, comment = _split_comment(raw)
         try:
             items.extend(_words(code, number))

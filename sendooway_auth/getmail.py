@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
 
-from ._accounts import Account, ParseResult, port_number
+from ._accounts import Account, ParseResult, lines, port_number
 from ._address import check_pattern
 
 SENDER_TYPES = {
@@ -51,7 +51,7 @@ def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
     sections: dict[str, dict[str, list[tuple[int, str]]]] = {}
     current: dict[str, list[tuple[int, str]]] | None = None
     last: tuple[str, int] | None = None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(lines(text), start=1):
         stripped = raw.strip()
         if not stripped or stripped[0] in "#;":
             last = None if not stripped else last

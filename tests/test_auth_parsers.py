@@ -1,7 +1,7 @@
 """The user-file parsers, address patterns and route choice (pure functions)."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from sendooway_auth._accounts import Account, choose
 from sendooway_auth._address import check_pattern, matches
@@ -189,6 +189,12 @@ def test_getmail_errors_name_file_and_line(text, where, what):
     assert message.startswith(G + where) and what in message
 
 
+def test_getmail_password_with_unicode_line_separators():
+    text = "[sender]\ntype = SimpleSMTPSender\nserver = s\nusername = u\npassword = a\u2028b\x0cc\r\naddress = a@b.c\n"
+    (a,) = parse_getmailrc(text, G).accounts
+    assert a.route.password.reveal() == "a\u2028b\x0cc"
+
+
 def test_getmail_unknown_key_warned_repeated_key_first_wins_service_port():
     text = ("[sender]\ntype = SimpleSMTPSSLSender\nserver = first.example\nserver = second.example\n"
             "port = submission\nusername =\nadress = typo@x.org\naddress = a@x.org\n")
@@ -252,3 +258,36 @@ def test_users_own_mappings_win_over_global_ones():
 def test_bad_patterns_refused(bad):
     with pytest.raises(ValueError):
         check_pattern(bad)
+
+
+def _fetchmail_quote(value: str, quote: str) -> str:
+    out = []
+    for c in value:
+        if c in ("\\", quote):
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\t":
+            out.append("\\t")
+        elif ord(c) < 32:
+            out.append(f"\\{ord(c):03o}")
+        else:
+            out.append(c)
+    return quote + "".join(out) + quote
+
+
+@settings(max_examples=300, deadline=None)
+@example("pa\u2028ss\x85w\x0cord\r", '"', False)
+@example("pa\u2029ss", "'", True)
+@given(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+       st.sampled_from(['"', "'"]), st.booleans())
+def test_fetchmail_quoting_round_trips(secret, quote, in_comment):
+    q = _fetchmail_quote(secret, quote)
+    if in_comment:
+        text = f'user u\n#sendooway:server "s"\n#sendooway:pass {q}\n#sendooway:address "a@b.c"\n'
+    else:
+        text = f'user u pass {q}\n#sendooway:server "s"\n#sendooway:address "a@b.c"\n'
+    r = parse_fetchmailrc(text, F)
+    assert r.errors == [], r.errors
+    (a,) = r.accounts
+    assert a.route.password.reveal() == secret
