@@ -89,7 +89,11 @@ def _check_delivery(world, upstream, dep: dw.Deployment) -> None:
     assert m.rcpt_tos == ["bob@example.net"]
     assert m.login == dw.UPSTREAM_USER
     assert b"sent through the shipped deployment" in m.data
-    assert m.data.startswith(b"Received: ") and b"ESMTPSA" in m.data.split(b"\r\n\r\n")[0]
+    header = m.data.split(b"\r\n\r\n")[0]
+    assert m.data.startswith(b"Received: from client.test ([127.0.0.1])"), header
+    # localname from the (rewritten) shipped config; the user who logged in
+    assert b"by proxy.test (sendooway) with ESMTPSA" in header, header
+    assert b"(authenticated user alice)" in header, header
     for log in (dep.front_log, dep.auth_log):
         text = log.read_text()
         for secret in (world.users["alice"].password, dw.UPSTREAM_PASSWORD):
