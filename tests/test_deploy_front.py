@@ -382,4 +382,4 @@ def test_readme_demo_command_runs():
                                                   if not k.startswith(("NSS_WRAPPER", "PAM_WRAPPER", "SENDOOWAY_TEST"))
                                                   and k not in ("LD_PRELOAD", "LD_LIBRARY_PATH")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "250" in r.stdout
+    assert "demo: OK" in r.stdout and "<~  250 " in r.stdout, r.stdout[-3000:]
