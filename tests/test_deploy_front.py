@@ -344,6 +344,52 @@ def test_systemd_accept_units_serve_a_session(world, frontend, upstream, deploym
     _delivered_or_skip(world, upstream, dep, relayed)
 
 
+def test_systemd_accept_no_keeps_the_upstream_login(world, frontend, upstream, deployment):
+    """docs/deployment.md, scaling: with Accept=no one frontend process
+    serves the listening socket, and smarthostCache (30 s in the shipped
+    config) carries the upstream login from one client session to the next."""
+    if not shutil.which("systemd-socket-activate"):
+        pytest.skip("systemd-socket-activate not installed")
+    dep = deployment
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    assert "`Accept=no` whose service runs `sendooway` without `-b`" in guide
+    svc = _unit_section("sendooway@.service", "Service")
+    argv = shlex.split(rewrite_paths(svc["ExecStart"]).replace("/etc/sendooway.conf",
+                                                                str(dep.config)))
+    argv += ["-l", str(dep.front_log)]
+    as_nobody = ["setpriv", f"--reuid={dw.NOBODY_UID}", f"--regid={dw.NOBODY_UID}",
+                 f"--groups={dw.SSL_CERT_GID}", "--inh-caps=-all", "--bounding-set=-all",
+                 "--no-new-privs", "--"]
+    setenv = [a for k in ("LD_PRELOAD", "LD_LIBRARY_PATH", "NSS_WRAPPER_PASSWD",
+                          "NSS_WRAPPER_GROUP", "PATH")
+              for a in ("-E", f"{k}={dep.env[k]}") if k in dep.env]
+    port = dw.free_tcp_port()
+    daemon = dw.start_auth_daemon(dep, ["--failure-delay", "0"])
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", *setenv, *as_nobody, *argv],
+        env=dep.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    relayed = []
+    try:
+        dw.wait_for(lambda: dw.listening(port), what="systemd-socket-activate")
+        ctx = world.ssl_context()
+        for _ in range(2):
+            with smtplib.SMTP("localhost", port, timeout=30) as client:
+                client.ehlo("client.test")
+                client.starttls(context=ctx)
+                client.ehlo("client.test")
+                client.login("alice", world.users["alice"].password)
+                relayed.append(_send(client))
+            # the same process (systemd-socket-activate exec'd it) serves both
+            assert dw.credentials(proc.pid)["Uid"] == [dw.NOBODY_UID] * 4
+    finally:
+        dw.stop(proc)
+        dw.stop(daemon)
+    if not all(relayed):
+        _delivered_or_skip(world, upstream, dep, False)
+    assert len(upstream.messages) == 2
+    assert upstream.logins == [dw.UPSTREAM_USER], upstream.logins  # one login, two messages
+
+
 # ------------------------------------------------------------ man page example
 
 
