@@ -145,9 +145,16 @@ class Relay:
         self._broken = reply
         return reply
 
-    def _upstream_reply(self, reply: Reply) -> Reply:
+    def _upstream_reply(self, reply: Reply, intermediate_ok: bool = False) -> Reply:
         """The upstream's reply for the client; a 421 (the upstream is leaving)
-        becomes 451 with the same text, and the connection is dropped."""
+        becomes 451 with the same text, and the connection is dropped. A 3xx
+        where none belongs (MAIL, RCPT, the final dot) is nonsense: 451."""
+        if 300 <= reply.code < 400 and not intermediate_ok:
+            self.log.warning("%s: upstream %s: unexpected %s", self._sid(),
+                             self._client.address if self._client else "-", reply)
+            self._drop()
+            self._broken = BAD_UPSTREAM
+            return BAD_UPSTREAM
         if reply.code == 421:
             self.log.warning("%s: upstream %s closing: %s", self._sid(),
                              self._client.address if self._client else "-", reply)
@@ -263,7 +270,7 @@ class Relay:
             reply = await self._client.command("DATA")
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             return self._fail_transport(e, "DATA")
-        reply = self._upstream_reply(reply)
+        reply = self._upstream_reply(reply, intermediate_ok=True)
         if reply.code != 354:
             if 300 <= reply.code < 400:
                 # Another 3xx would make the client start sending: refuse it ourselves.

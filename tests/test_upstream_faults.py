@@ -348,3 +348,10 @@ def test_upstream_stops_reading_mid_data_bounded_and_451():
     assert took < 5
     assert buffered == 0  # the connection was dropped, nothing kept queued
     assert "TimeoutError" in log.text
+
+
+@pytest.mark.parametrize("verb", ["MAIL", "RCPT", "DOT"])
+def test_intermediate_reply_where_none_belongs_is_451(verb):
+    replies, log = run(_transaction(Script(**{verb: b"354 sure\r\n"})))
+    got = {"MAIL": replies["mail"], "RCPT": replies.get("rcpt", [None])[0], "DOT": replies.get("end")}[verb]
+    assert got.code == 451 and "unexpected 354" in log.text
