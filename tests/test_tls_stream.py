@@ -312,3 +312,48 @@ def test_from_fds_same_socket_upgrades_to_tls(world):
         os.close(fd2)
 
     run(go())
+
+
+_DUAL_SCRIPT = r"""
+import asyncio, socket, sys
+from sendooway_front._stream import ConnectError, open_tcp
+
+async def main():
+    async def handle(r, w):
+        w.close()
+    results = []
+    for host in ("127.0.0.1", "::1"):
+        server = await asyncio.start_server(handle, host, 0)
+        port = server.sockets[0].getsockname()[1]
+        s = await open_tcp("dual.test", port, timeout=3)
+        results.append(s.peername[0])
+        s.abort()
+        server.close()
+    try:
+        await open_tcp("dual.test", port, timeout=3)   # nothing listens any more
+    except ConnectError as e:
+        results.append(str(e))
+    print(results)
+
+asyncio.run(main())
+"""
+
+
+def test_connect_tries_ipv6_and_ipv4_addresses_of_one_name(world, tmp_path):
+    """A name with an IPv6 and an IPv4 address (nss_wrapper hosts file): the
+    one that listens is found either way; a failure names both."""
+    import subprocess
+    import sys
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 dual.test\n127.0.0.1 dual.test\n")
+    env = world.env()
+    env["NSS_WRAPPER_HOSTS"] = str(hosts)
+    r = subprocess.run([sys.executable, "-c", _DUAL_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=30, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    import ast
+
+    v4, v6, failure = ast.literal_eval(r.stdout.strip())
+    assert (v4, v6) == ("127.0.0.1", "::1")
+    assert "[::1]:" in failure and "127.0.0.1:" in failure
