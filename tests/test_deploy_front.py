@@ -390,6 +390,32 @@ def test_systemd_accept_no_keeps_the_upstream_login(world, frontend, upstream, d
     assert upstream.logins == [dw.UPSTREAM_USER], upstream.logins  # one login, two messages
 
 
+def test_key_is_readable_only_through_the_ssl_cert_group(world, frontend, deployment):
+    """docs/deployment.md, section 3: the key is root:ssl-cert 0640; the
+    frontend started as nobody reads it only with that group, and without it
+    fails at start (exit 2) with a log line naming the key."""
+    dep = deployment
+    st = os.stat(dep.key)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, dw.SSL_CERT_GID, 0o640)
+    svc = _unit_section("sendooway@.service", "Service")
+    argv = shlex.split(rewrite_paths(svc["ExecStart"]).replace("/etc/sendooway.conf",
+                                                                str(dep.config)))
+    argv += ["-l", str(dep.front_log)]
+
+    def run(groups: str):
+        return subprocess.run(["setpriv", f"--reuid={dw.NOBODY_UID}", f"--regid={dw.NOBODY_UID}",
+                               groups, "--", *argv], input=b"QUIT\r\n", env=dep.env,
+                              capture_output=True, timeout=60)
+
+    r = run("--clear-groups")
+    assert r.returncode == 2 and r.stdout == b""
+    assert f"{dep.key}: cannot read TLS key" in dep.front_log.read_text()
+    r = run(f"--groups={dw.SSL_CERT_GID}")
+    # past the key: no daemon runs in this test, so the greeting is 421
+    assert r.returncode == 0 and r.stdout.startswith(b"421 "), r.stdout + r.stderr
+    assert "start-up error about the key" in (REPO / "docs" / "deployment.md").read_text()
+
+
 # ------------------------------------------------------------ man page example
 
 
