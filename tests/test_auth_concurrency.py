@@ -33,6 +33,7 @@ def started(world):
         log = d.log()
         assert "auth failed" in log or "auth ok" in log or "auth unavailable" in log
         assert not any(pw in log for pw in all_passwords(world) + ["wrong-Pw-zz"])
+        assert "internal error" not in log and "Traceback" not in log
 
 
 def _start(tmp_path, tmp_config, conf, started=None, **kw):

@@ -42,6 +42,8 @@ def daemon(tmp_path, tmp_config, clean_homes):
         log = d.log()
         for pw in all_passwords(clean_homes) + ["fm-Secret-A1", "wrong-Pw-zz"]:
             assert pw not in log, f"password leaked into the log: {pw}"
+        # our own bugs fail loudly: no connection ever hit an internal error
+        assert "internal error" not in log and "Traceback" not in log
 
 
 def test_ready_notification_and_socket_modes(daemon):
