@@ -22,7 +22,8 @@ from ._tls import TLSHandshakeError, TLSVerifyError
 
 RAW_READ = 64 * 1024  # bytes asked of the transport at once
 TLS_BATCH = 256 * 1024  # plaintext octets encrypted before the records are sent
-WRITE_BUFFER_HIGH = 256 * 1024  # unsent bytes kept before a write waits for the peer
+WRITE_BUFFER_HIGH = 256 * 1024
+CONNECT_TRY = 10.0  # seconds one address may take while others are left to try  # unsent bytes kept before a write waits for the peer
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -358,7 +359,9 @@ class ConnectError(OSError):
 
 async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     """Connect to every address `host` resolves to (IPv4 and IPv6), one after
-    the other, each bounded by `timeout`; the first that answers wins."""
+    the other; the first that answers wins. Each try is bounded by `timeout`,
+    but by at most CONNECT_TRY seconds while other addresses are left, so one
+    black-holed address (typically IPv6) cannot eat the client's patience."""
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(
@@ -368,17 +371,20 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     except socket.gaierror as e:
         raise ConnectError(errno.EHOSTUNREACH, f"{host}: {e.strerror or e}") from None
     tried: list[str] = []
-    seen = set()
+    unique = []
     for family, type_, proto, _canon, addr in infos:
-        if (family, addr) in seen:
-            continue
-        seen.add((family, addr))
+        if (family, addr) not in {(f, a) for f, _t, _p, a in unique}:
+            unique.append((family, type_, proto, addr))
+    for i, (family, type_, proto, addr) in enumerate(unique):
+        this_try = timeout
+        if i < len(unique) - 1 and (timeout is None or timeout > CONNECT_TRY):
+            this_try = CONNECT_TRY
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
         set_nodelay(sock)
         shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), this_try)
         except (TimeoutError, asyncio.TimeoutError):
             sock.close()
             tried.append(f"{shown} timed out")

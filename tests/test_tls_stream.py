@@ -357,3 +357,51 @@ def test_connect_tries_ipv6_and_ipv4_addresses_of_one_name(world, tmp_path):
     v4, v6, failure = ast.literal_eval(r.stdout.strip())
     assert (v4, v6) == ("127.0.0.1", "::1")
     assert "[::1]:" in failure and "127.0.0.1:" in failure
+
+
+_BLACKHOLE_SCRIPT = r"""
+import asyncio, socket, time
+from sendooway_front import _stream
+
+async def main():
+    _stream.CONNECT_TRY = 0.5
+    hole = socket.socket(socket.AF_INET6)
+    hole.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    hole.bind(("::1", 0))
+    port = hole.getsockname()[1]
+    hole.listen(0)
+    fillers = []
+    for _ in range(4):   # fill the accept queue: later SYNs are dropped, connect() hangs
+        f = socket.socket(socket.AF_INET6)
+        f.setblocking(False)
+        try:
+            f.connect(("::1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    time.sleep(0.2)
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    t0 = time.monotonic()
+    s = await _stream.open_tcp("dual.test", port, timeout=30)
+    print(repr((s.peername[0], round(time.monotonic() - t0, 1))))
+    s.abort()
+
+asyncio.run(main())
+"""
+
+
+def test_a_black_holed_address_costs_one_short_try(world, tmp_path):
+    import ast
+    import subprocess
+    import sys
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 dual.test\n127.0.0.1 dual.test\n")
+    env = world.env()
+    env["NSS_WRAPPER_HOSTS"] = str(hosts)
+    r = subprocess.run([sys.executable, "-c", _BLACKHOLE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=30, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    peer, took = ast.literal_eval(r.stdout.strip())
+    assert peer == "127.0.0.1"
+    assert 0.4 <= took < 3  # 0.5 s on the hole (it did hang), not the 30 s timeout
