@@ -142,14 +142,26 @@ class SessionRunner:
 
     async def _loop(self) -> None:
         s = self.session
+        loop = asyncio.get_running_loop()
+        limit = float(self.frontend.config.timeout)
+        deadline: float | None = None  # by when the pending input must make progress
         while True:
             ev = s.next_event()
             if ev is NEED_DATA:
-                await self._send()
+                if await self._send():
+                    deadline = None  # replies went out: the client's input made progress
+                # `timeout` bounds each read and also a whole command line:
+                # a client trickling one byte at a time gets no more time.
+                now = loop.time()
+                if deadline is None:
+                    deadline = now + limit
+                self.stream.timeout = max(0.0, min(limit, deadline - now))
                 try:
+                    if self.stream.timeout <= 0:
+                        raise TimeoutError
                     data = await self.stream.read(READ_SIZE)
                 except (asyncio.TimeoutError, TimeoutError):
-                    self._log(logging.INFO, "timeout after %ss without input", self.stream.timeout)
+                    self._log(logging.INFO, "timeout: no complete input for %ss", limit)
                     s.timed_out()
                     continue
                 except OSError as exc:
@@ -158,12 +170,14 @@ class SessionRunner:
                 if not data:
                     self.stream_eof = True
                 s.receive_data(data)
-            elif isinstance(ev, ConnectionClosed):
+                continue
+            deadline = None  # the session moved on
+            if isinstance(ev, ConnectionClosed):
                 if ev.aborted_data and self.relay is not None:
                     await self._quietly(self.relay.data_abort())
                 self._log(logging.INFO, "closed: %s", ev.reason)
                 await self._send()
-                if ev.reason != "quit" and ev.reason != "timeout" and not self.stream_eof:
+                if ev.reason != "quit" and not self.stream_eof:
                     await self._linger()
                 return
             elif isinstance(ev, Greeted):
@@ -172,6 +186,7 @@ class SessionRunner:
                 await self._auth(ev)
             elif isinstance(ev, StartTls):
                 await self._send()
+                self.stream.timeout = limit
                 try:
                     await self.stream.start_tls_server(self.frontend.tls_context)
                 except (TLSError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
@@ -209,20 +224,25 @@ class SessionRunner:
     async def _linger(self) -> None:
         """We close while the client may still be sending (a 421 after
         pipelined input): half-close, then read and drop its input until it
-        closes too (at most LINGER s without input), so that the kernel does
+        closes too (at most LINGER s in all), so that the kernel does
         not answer it with a reset that could destroy our 421 unread."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + LINGER
         self.stream.timeout = LINGER
         try:
             await self.stream.shutdown_write()  # the client sees EOF after our 421
-            for _ in range(16):
+            while (left := end - loop.time()) > 0:
+                self.stream.timeout = left
                 if not await self.stream.read(READ_SIZE):
                     break
         except (OSError, asyncio.TimeoutError, TimeoutError):
             pass
 
-    async def _send(self) -> None:
+    async def _send(self) -> bool:
+        """Write what the session has for the client; True if there was any."""
         out = self.session.data_to_send()
         if out:
+            self.stream.timeout = self.frontend.config.timeout
             try:
                 await self.stream.write(out)
             except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
@@ -231,6 +251,7 @@ class SessionRunner:
                 if not self.session.closed:
                     self.session.shutdown(R.SERVICE_UNAVAILABLE)
                 self.session.data_to_send()
+        return bool(out)
 
     async def _auth(self, ev: AuthRequested) -> None:
         user = ev.user

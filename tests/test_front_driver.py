@@ -239,3 +239,32 @@ def test_listening_server_caps_concurrent_sessions(monkeypatch):
 
     third = asyncio.run(main())
     assert third.startswith(b"421 4.3.2")
+
+
+def test_trickling_client_gets_no_more_than_timeout_per_command(monkeypatch):
+    """timeout = 1: NOOP every 0.25 s for 2 s is fine; a command line
+    trickled one byte every 0.25 s is cut after 1 s with 421."""
+    monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: RecordingRelay())
+
+    async def main(trickle: bool) -> list[bytes]:
+        fe = Frontend(Config(timeout=1), connector=FakeConnector(), hostname="mx.test")
+        a, b = socket.socketpair()
+        task = asyncio.ensure_future(
+            SessionRunner(fe, await Stream.from_socket(a, 1), "192.0.2.1:1").run())
+        reader, writer = await asyncio.open_connection(sock=b)
+        await reader.readline()
+        lines = []
+        for _ in range(8):
+            writer.write(b"N" if trickle else b"NOOP\r\n")
+            try:
+                lines.append(await asyncio.wait_for(reader.readline(), 0.25))
+            except asyncio.TimeoutError:
+                continue
+            if lines[-1].startswith(b"421"):
+                break
+        writer.close()
+        await task
+        return lines
+
+    assert asyncio.run(main(trickle=False)) == [b"250 2.0.0 OK\r\n"] * 8
+    assert asyncio.run(main(trickle=True))[-1].startswith(b"421 4.4.2")
