@@ -186,6 +186,9 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
             if item.error:
                 err(item.line, f"#sendooway:{item.keyword}: {item.error}" if item.keyword
                     else item.error)
+                if item.keyword == "address":  # it still ends this (broken) account
+                    result.errors.extend(acc.errors)
+                    acc = _Pending()
                 continue
             if not acc.first_line:
                 acc.first_line = item.line

@@ -116,6 +116,15 @@ def test_fetchmail_errors_skip_only_that_account_and_hide_passwords():
     assert "Hidden-Pw" not in joined
 
 
+def test_fetchmail_broken_address_line_still_ends_its_account():
+    text = ('user u pass p\n#sendooway:server "s1"\n#sendooway:address "one@x.org\n'
+            'user u2 pass p2\n#sendooway:server "s2"\n#sendooway:address "two@x.org"\n')
+    r = parse_fetchmailrc(text, F)
+    assert [a.addresses for a in r.accounts] == [("two@x.org",)]
+    assert r.accounts[0].route.server == "s2" and r.accounts[0].route.user == "u2"
+    assert r.errors == [f"{F}:3: #sendooway:address: unbalanced quote"]
+
+
 def test_fetchmail_missing_server_and_password():
     r = parse_fetchmailrc('#sendooway:user "x"\n#sendooway:address "a@b.c"\n', F)
     assert r.accounts == []
