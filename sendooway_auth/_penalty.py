@@ -11,11 +11,16 @@ connection only.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
+import stat
 from collections import OrderedDict
 
 
 class Penalty:
+    """The counts, kept in this process (the daemon serves every session)."""
+
     def __init__(self, base: float = 1.0, cap: float = 15.0, window: float = 900.0,
                  max_keys: int = 10000) -> None:
         self.base = base
@@ -24,40 +29,112 @@ class Penalty:
         self.max_keys = max_keys
         self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
-    def _get(self, key: str, now: float) -> int:
-        entry = self._counts.get(key)
-        if entry is None:
-            return 0
-        count, last = entry
-        if now - last > self.window:
-            del self._counts[key]
-            return 0
-        return count
+    # storage: overridden by SharedPenalty
+    def _load(self, key: str) -> tuple[int, float] | None:
+        return self._counts.get(key)
 
-    def _bump(self, key: str, now: float) -> None:
-        count = self._get(key, now)
-        self._counts[key] = (count + 1, now)
+    def _save(self, key: str, count: int, last: float) -> None:
+        self._counts[key] = (count, last)
         self._counts.move_to_end(key)
         while len(self._counts) > self.max_keys:
             self._counts.popitem(last=False)
 
+    def _drop(self, key: str) -> None:
+        self._counts.pop(key, None)
+
+    def _get(self, key: str, now: float) -> int:
+        entry = self._load(key)
+        if entry is None:
+            return 0
+        count, last = entry
+        if now - last > self.window:
+            self._drop(key)
+            return 0
+        return count
+
     def failure(self, user: str, client: str, now: float) -> float:
         """Count one failure; return how long to hold back its answer."""
         keys = [f"u:{user}"] + ([f"c:{client}"] if client else [])
-        previous = max(self._get(k, now) for k in keys)
-        for k in keys:
-            self._bump(k, now)
+        counts = [self._get(k, now) for k in keys]
+        for k, c in zip(keys, counts):
+            self._save(k, c + 1, now)
         if self.base <= 0:
             return 0.0
-        return min(self.cap, self.base * (2 ** min(previous, 30)))
+        return min(self.cap, self.base * (2 ** min(max(counts), 30)))
 
     def success(self, user: str, client: str) -> None:
-        self._counts.pop(f"u:{user}", None)
+        self._drop(f"u:{user}")
         if client:
-            self._counts.pop(f"c:{client}", None)
+            self._drop(f"c:{client}")
 
     def count(self, user: str, client: str, now: float) -> int:
         return max(self._get(f"u:{user}", now), self._get(f"c:{client}", now) if client else 0)
+
+
+class SharedPenalty(Penalty):
+    """The counts in a root-only directory, one small file per key, so that
+    the one-session authenticators of the socketpair mode (one process per
+    SMTP session) share them. Approximate under races, which is fine for a
+    delay; bounded in number of files."""
+
+    def __init__(self, directory: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.directory = directory
+
+    @classmethod
+    def open(cls, directory: str, **kwargs) -> "SharedPenalty":
+        """The store in `directory` (created 0700), or OSError."""
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{directory}: not a private directory of ours")
+        return cls(directory, **kwargs)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:40])
+
+    def _load(self, key: str) -> tuple[int, float] | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                count, last = f.read(64).split()
+            return int(count), float(last)
+        except (OSError, ValueError):
+            return None
+
+    def _save(self, key: str, count: int, last: float) -> None:
+        path = self._path(key)
+        try:
+            if not os.path.exists(path) and self._full(last):
+                return
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(f"{count} {last:.3f}\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a delay store that cannot be written only weakens the delay
+
+    def _drop(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except OSError:
+            pass
+
+    def _full(self, now: float) -> bool:
+        """Too many files? Expired ones are removed first."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return True
+        if len(names) < self.max_keys:
+            return False
+        for name in names:
+            p = os.path.join(self.directory, name)
+            try:
+                if now - os.stat(p).st_mtime > self.window:
+                    os.unlink(p)
+            except OSError:
+                pass
+        return len(os.listdir(self.directory)) >= self.max_keys
 
 
 def client_host(client: str) -> str:

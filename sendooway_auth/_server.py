@@ -18,7 +18,7 @@ from sendooway_shared.config import AuthBackend, Config
 
 from ._connection import Connection
 from ._pam import PamPool
-from ._penalty import Penalty
+from ._penalty import Penalty, SharedPenalty
 from ._reader import ForkServer
 from ._service import AuthService
 
@@ -153,13 +153,21 @@ class Runtime:
     """What both drivers set up: the fork server first (no threads yet),
     then the PAM pool and the service."""
 
-    def __init__(self, cfg: Config, failure_delay: float, threads: int) -> None:
+    def __init__(self, cfg: Config, failure_delay: float, threads: int,
+                 shared_penalty: bool = False) -> None:
         check_backend(cfg)
         _harden()
         self.cfg = cfg
         self.forks = ForkServer(cfg).start()
         self.pam = PamPool(cfg.pamService, threads)  # NSS lookups need it with any backend
         self.penalty = Penalty(base=failure_delay)
+        if shared_penalty:  # one process per session: keep the counts where all see them
+            directory = os.path.join(os.path.dirname(os.path.abspath(cfg.authSocket)), "penalty")
+            try:
+                self.penalty = SharedPenalty.open(directory, base=failure_delay)
+            except OSError as exc:
+                log.warning("failure backoff kept per session only: %s: %s", directory,
+                            exc.strerror or exc)
         self.service: AuthService | None = None
 
     def make_service(self) -> AuthService:
@@ -269,18 +277,12 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
     return 0
 
 
-async def _serve_fd(rt: Runtime, fd: int) -> None:
+async def _serve_fd(rt: Runtime, sock: socket.socket) -> None:
     service = rt.make_service()
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        raise StartupError(f"--fd {fd}: not a socket") from None
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise StartupError(f"--fd {fd}: not a UNIX stream socket")
-    os.set_inheritable(fd, False)
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=65536)
-    task = asyncio.ensure_future(Connection(service, reader, writer, f"fd={fd}").run())
+    task = asyncio.ensure_future(
+        Connection(service, reader, writer, f"fd={sock.fileno()}").run())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
     try:
@@ -289,14 +291,28 @@ async def _serve_fd(rt: Runtime, fd: int) -> None:
         writer.close()
 
 
-def run_fd(cfg: Config, fd: int, failure_delay: float) -> int:
+def _inherited_socket(fd: int) -> socket.socket:
     try:
         os.fstat(fd)
     except OSError:
         raise StartupError(f"--fd {fd}: not an open file descriptor") from None
-    rt = Runtime(cfg, failure_delay, threads=2)
     try:
-        asyncio.run(_serve_fd(rt, fd))
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        raise StartupError(f"--fd {fd}: not a socket") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise StartupError(f"--fd {fd}: not a UNIX stream socket")
+    os.set_inheritable(fd, False)
+    return sock
+
+
+def run_fd(cfg: Config, fd: int, failure_delay: float) -> int:
+    check_backend(cfg)
+    sock = _inherited_socket(fd)  # before anything is set up
+    rt = Runtime(cfg, failure_delay, threads=2, shared_penalty=True)
+    try:
+        asyncio.run(_serve_fd(rt, sock))
     finally:
         rt.close()
     return 0

@@ -57,7 +57,7 @@ MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
 
 class AuthService:
     def __init__(self, cfg: Config, pam_pool: PamPool, reader: ForkServer,
-                 penalty: Penalty, clock=time.monotonic) -> None:
+                 penalty: Penalty, clock=time.time) -> None:
         self.cfg = cfg
         self.pam = pam_pool
         self.reader = reader

@@ -39,7 +39,8 @@ def test_fd_mode_serves_one_socket_and_exits(tmp_path, tmp_config, clean_homes):
     world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log = tmp_path / "fd.log"
-    proc = subprocess.Popen([*AUTH, "-c", tmp_config(""), "-l", str(log),
+    conf = tmp_config(f"authSocket = {tmp_path}/run/auth.sock\n")  # its penalty dir goes there
+    proc = subprocess.Popen([*AUTH, "-c", conf, "-l", str(log),
                              "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
     theirs.close()
     try:
@@ -208,3 +209,33 @@ def test_exit_with_parent_even_after_the_parent_dropped_root(tmp_path, tmp_confi
     assert not sock.exists()
     text = log.read_text()
     assert "went away" in text and "stopped" in text
+
+
+def test_fd_mode_backoff_is_shared_between_sessions(tmp_path, tmp_config, world):
+    """One process per session must not reset the backoff: the second
+    session's failure from the same address waits twice as long."""
+    run = tmp_path / "run"
+    conf = tmp_config(f"authSocket = {run}/auth.sock\n")
+    log = tmp_path / "fd.log"
+
+    def session() -> float:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc = subprocess.Popen([*AUTH, "-c", conf, "-l", str(log), "--failure-delay", "0.3",
+                                 "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        ch = BlockingChannel(ours, REPLIES, timeout=10)
+        from sendooway_shared.protocol import VERSION, AuthFail, AuthRequest, Hello
+        from sendooway_shared.types import Secret
+        assert ch.request(Hello(VERSION, "s", "198.51.100.77:4444")).TYPE == "welcome"
+        t = time.monotonic()
+        assert ch.request(AuthRequest("carol", Secret("wrong-Pw-zz"))) == AuthFail()
+        took = time.monotonic() - t
+        ch.close()
+        assert proc.wait(10) == 0
+        return took
+
+    first, second = session(), session()
+    assert 0.25 < first < 0.55 and 0.55 < second < 0.9, (first, second)
+    st = os.stat(run / "penalty")
+    assert st.st_mode & 0o777 == 0o700 and st.st_uid == 0
+    assert "delay=0.6" in log.read_text()

@@ -1,10 +1,12 @@
 """The permit table and the penalty, as plain function calls (sans-IO)."""
 
+import os
+
 import pytest
 from hypothesis import given, strategies as st
 
 from sendooway_auth._logfmt import field
-from sendooway_auth._penalty import Penalty, client_host
+from sendooway_auth._penalty import Penalty, SharedPenalty, client_host
 from sendooway_auth._permits import PERMITTED, State, Permits, TRANSITIONS, Violation
 from sendooway_shared.protocol import VERSION, AuthRequest, Hello, RouteRequest
 from sendooway_shared.types import Secret
@@ -104,8 +106,17 @@ def test_random_sequences_never_route_without_auth(seq):
     assert p.failures <= 3
 
 
-def test_penalty_doubles_per_user_and_per_address_and_fades():
-    pen = Penalty(base=0.5, cap=4.0, window=60)
+@pytest.fixture(params=["memory", "shared"])
+def make_penalty(request, tmp_path):
+    def make(**kw):
+        if request.param == "memory":
+            return Penalty(**kw)
+        return SharedPenalty.open(str(tmp_path / "penalty"), **kw)
+    return make
+
+
+def test_penalty_doubles_per_user_and_per_address_and_fades(make_penalty):
+    pen = make_penalty(base=0.5, cap=4.0, window=60)
     assert pen.failure("alice", "192.0.2.1", 0) == 0.5
     assert pen.failure("alice", "192.0.2.1", 1) == 1.0
     assert pen.failure("alice", "198.51.100.9", 2) == 2.0    # same user, other address
@@ -119,11 +130,24 @@ def test_penalty_doubles_per_user_and_per_address_and_fades():
     assert pen.count("alice", "192.0.2.1", 201) == 0
 
 
-def test_penalty_memory_is_bounded():
+def test_penalty_memory_is_bounded(tmp_path):
     pen = Penalty(max_keys=100)
     for i in range(1000):
         pen.failure(f"u{i}", f"10.0.{i // 250}.{i % 250}", i)
     assert len(pen._counts) <= 100
+    shared = SharedPenalty.open(str(tmp_path / "p"), max_keys=100, window=10)
+    for i in range(300):
+        shared.failure(f"u{i}", "", i)
+    assert len(os.listdir(tmp_path / "p")) <= 100
+
+
+def test_shared_penalty_is_seen_by_another_process_and_refuses_open_dirs(tmp_path):
+    d = str(tmp_path / "p")
+    SharedPenalty.open(d).failure("alice", "192.0.2.1", 100)
+    assert SharedPenalty.open(d).count("alice", "192.0.2.1", 101) == 1
+    os.chmod(d, 0o755)
+    with pytest.raises(PermissionError):
+        SharedPenalty.open(d)
 
 
 @pytest.mark.parametrize("given_,host", [
