@@ -225,7 +225,9 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
         finally:
             tasks.discard(task)
 
-    server = await asyncio.start_unix_server(handle, sock=sock, limit=65536)
+    # backlog: asyncio listens again on the socket (default 100), which would
+    # undo listen(512) and systemd's Backlog=; a burst of sessions must queue
+    server = await asyncio.start_unix_server(handle, sock=sock, limit=65536, backlog=512)
     log.info("started: listening on %s, PAM service %s, %d PAM threads, maxAuthFailures %d",
              where, rt.cfg.pamService, rt.pam.threads, rt.cfg.maxAuthFailures)
     notify("READY=1")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import resource
+
+PR_SET_DUMPABLE = 4
 
 
 class PrivilegeError(Exception):
@@ -16,6 +19,7 @@ def drop_privileges(user: str) -> tuple[int, int]:
     check that root cannot be regained. A process that is not root stays
     as it is. Returns (uid, gid) now in effect."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # passwords pass through here
+    _not_dumpable()
     if os.geteuid() != 0 and os.getuid() != 0:
         return os.getuid(), os.getgid()
     try:
@@ -40,3 +44,13 @@ def drop_privileges(user: str) -> tuple[int, int]:
             continue
         raise PrivilegeError("root could be regained after dropping privileges")
     return pw.pw_uid, pw.pw_gid
+
+
+def _not_dumpable() -> None:
+    """No core file and no ptrace/proc-mem access by other processes of the
+    same user (e.g. another service running as nobody): the kernel does this
+    by itself when root changes uid, not for a frontend started as nobody."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(err)}")

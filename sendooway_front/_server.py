@@ -264,7 +264,8 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
 
     servers = []
     for s in sockets:
-        servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024))
+        # backlog: asyncio listens again (default 100, undoing listen(512))
+        servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024, backlog=512))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     where = ", ".join(describe_peer(s.getsockname()) for s in sockets)
