@@ -337,3 +337,113 @@ def test_connection_cache_across_client_sessions_and_quit_on_sigterm(world, upst
         while up.quits == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert up.quits == 1
+
+
+def _threaded_raw_upstream(script):
+    """A plain SMTP upstream in a thread, answering per `script(conn)`; returns its port."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=script, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def _drop_after_354(conn):
+    f = conn.makefile("rb")
+    conn.sendall(b"220 raw ESMTP\r\n")
+    try:
+        while True:
+            line = f.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-raw\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go\r\n")
+                f.read(100)          # some of the message, then the connection breaks
+                conn.shutdown(2)
+                conn.close()
+                return
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")
+    except OSError:
+        pass
+
+
+def test_upstream_drop_mid_data_and_client_vanishing_mid_data(world, upstream_factory):
+    """Upstream breaks during DATA → 451 to the client, the session goes on;
+    the client vanishing mid-DATA → the upstream never gets the final dot."""
+    import socket
+    import ssl
+    import time
+
+    srv, raw_port = _threaded_raw_upstream(_drop_after_354)
+    good = upstream_factory(tls="plain")
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, (
+            f"smarthostMapping = direct:*@drop.example 127.0.0.1 {raw_port} noAuth\n"
+            f"smarthostMapping = direct:*@good.example 127.0.0.1 {good.port} noAuth\n"))
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            with fe.smtp() as s:
+                s.starttls(context=world.ssl_context())
+                s.ehlo()
+                s.login("dave", world.users["dave"].password)
+                with pytest.raises(smtplib.SMTPDataError) as exc:
+                    s.sendmail("dave@drop.example", ["r@example.net"], b"Subject: x\r\n\r\n" + b"q" * 900 + b"\r\n" * 300)
+                assert exc.value.smtp_code == 451
+                assert s.sendmail("dave@good.example", ["r@example.net"], b"Subject: ok\r\n\r\nfine\r\n") == {}
+            assert len(good.messages) == 1
+
+            # a client that vanishes in the middle of a message
+            raw = socket.create_connection(("127.0.0.1", fe.port))
+            tls = None
+            f = raw.makefile("rb")
+            f.readline()
+            raw.sendall(b"EHLO c\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            raw.sendall(b"STARTTLS\r\n")
+            f.readline()
+            tls = world.ssl_context().wrap_socket(raw, server_hostname="localhost")
+            f = tls.makefile("rb")
+            from tests.front_util import login_plain
+            for cmd in (b"EHLO c", b"AUTH PLAIN " + login_plain("dave", world.users["dave"].password).encode(),
+                        b"MAIL FROM:<dave@good.example>", b"RCPT TO:<r@example.net>", b"DATA"):
+                tls.sendall(cmd + b"\r\n")
+                line = f.readline()
+                while line[3:4] == b"-":
+                    line = f.readline()
+                assert line[:1] in (b"2", b"3"), line
+            tls.sendall(b"Subject: half\r\n\r\nthis message is never finished\r\n")
+            time.sleep(0.3)
+            tls.shutdown(socket.SHUT_RDWR)  # gone at once (close() waits for the makefile's reference)
+            f.close()
+            tls.close()
+            deadline = time.monotonic() + 5
+            while "aborted, no final dot sent" not in fe.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "aborted, no final dot sent" in fe.log(), fe.log()[-3000:]
+            time.sleep(0.3)
+            assert len(good.messages) == 1  # nothing half-written was delivered
+        finally:
+            fe.stop()
+            daemon.stop()
+            srv.close()
