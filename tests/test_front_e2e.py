@@ -256,6 +256,12 @@ def test_socket_activation(setup, mode):
                 s.ehlo()
                 s.login("alice", world.users["alice"].password)
                 assert s.mail(UNROUTED)[0] == 550
+        r = subprocess.run(
+            ["swaks", "--server", f"127.0.0.1:{port}", "--tls", "--auth", "LOGIN",
+             "--auth-user", "bob", "--auth-password", world.users["bob"].password,
+             "--from", UNROUTED, "--to", "carol@example.net", "--quit-after", "FROM",
+             "--timeout", "20"], capture_output=True, text=True, timeout=60)
+        assert "235 2.7.0" in r.stdout and "550 5.7.1" in r.stdout, r.stdout + r.stderr
         if mode == "accept-no":
             with open(log) as f:
                 assert "listening on" in f.read()
