@@ -16,6 +16,15 @@ import ipaddress
 import os
 
 from OpenSSL import SSL
+# Imported now, not at first use: the frontend drops privileges after start-up
+# and the install tree may be unreadable to the frontend user by then.
+from service_identity import VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+try:
+    from OpenSSL._util import ffi as _ffi, lib as _lib  # X509_verify_cert_error_string
+except ImportError:  # pragma: no cover - private API moved
+    _ffi = _lib = None
 
 # TLS 1.2 suites: ECDHE/DHE key exchange with AES-GCM or ChaCha20 only.
 # TLS 1.3 suites are OpenSSL's defaults (all of them are modern).
@@ -121,9 +130,7 @@ def _record_verify(conn: SSL.Connection, cert, errnum: int, depth: int, ok: int)
 
 def _verify_reason(errnum: int) -> str:
     try:
-        from OpenSSL._util import ffi, lib
-
-        return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode("ascii", "replace")
+        return _ffi.string(_lib.X509_verify_cert_error_string(errnum)).decode("ascii", "replace")
     except Exception:  # pragma: no cover - private API moved
         return f"verify error {errnum}"
 
@@ -198,9 +205,6 @@ def check_server(conn: SSL.Connection, server_hostname: str, check_hostname: boo
 
     Raises TLSVerifyError when the context verifies and something failed;
     otherwise returns the problems found (for the log)."""
-    from service_identity import VerificationError
-    from service_identity.pyopenssl import verify_hostname, verify_ip_address
-
     state = conn.get_app_data()
     verify = state.verify if isinstance(state, _VerifyState) else True
     problems = list(state.errors) if isinstance(state, _VerifyState) else []
