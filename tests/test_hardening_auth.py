@@ -1,0 +1,251 @@
+"""Issue 8, the authenticator's side, through the real `sendooway -b` and
+`sendooway-auth`: password guessing (failure delay and backoff per user and
+per client address, the fail2ban line, forged log lines), sender spoofing
+across users, hostile files in a user's home."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from .auth_helpers import Daemon
+from .deploy_util import system_env
+from .front_util import Frontend, front_config, login_plain, open_tmp
+from .hardening_util import RawClient
+from .upstream import FakeUpstream
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemons switch users: needs root")
+
+BASE = 0.1  # --failure-delay
+PACKAGING = pathlib.Path(__file__).resolve().parent.parent / "packaging"
+
+
+def greet(fe) -> RawClient:
+    c = RawClient(fe.host, fe.port)
+    assert c.reply()[0] == 220
+    assert c.cmd(b"EHLO client.test\r\n")[0] == 250
+    return c
+
+
+def timed_auth(c: RawClient, user: str, password: str) -> tuple[int, float]:
+    t = time.monotonic()
+    code, _ = c.cmd(f"AUTH PLAIN {login_plain(user, password)}\r\n".encode())
+    return code, time.monotonic() - t
+
+
+# ------------------------------------------------------------ password guessing
+
+
+F2B = re.compile(r"^\S+ \S+ sendooway-auth\[\d+\]: auth failed: user=(\S*) client=(\S+?) reason=\S+ ")
+
+
+def test_failure_delay_backs_off_per_user_and_per_address(world):
+    """Wrong passwords are answered after BASE x 2^n, n = recent failures of
+    that user or that client address, whichever is more; a right password
+    clears both. Two frontends, on 127.0.0.1 and ::1, share one daemon."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "maxAuthFailures = 10\ntimeout = 10\n")
+        daemon = Daemon(tmp, config, failure_delay=BASE).start()
+        v4 = Frontend(config, str(tmp / "v4.log")).start()
+        v6 = Frontend(config, str(tmp / "v6.log"), host="::1").start()
+        try:
+            pw = {u: world.users[u].password for u in world.users}
+
+            def expect(c, user, password, n):
+                code, took = timed_auth(c, user, password)
+                assert code == 535
+                want = BASE * 2 ** n
+                assert want * 0.9 <= took <= want + 0.3, (user, n, took)
+
+            with greet(v4) as c:
+                for n in range(3):                       # alice @127.0.0.1: 0.1, 0.2, 0.4
+                    expect(c, "alice", "wrong-guess", n)
+                expect(c, "bob", "wrong-guess", 3)       # same address: 0.8
+            with greet(v6) as c:
+                expect(c, "carol", "wrong-guess", 0)     # new user, new address: 0.1
+                expect(c, "alice", "wrong-guess", 3)     # alice's own count (3 → 4): 0.8
+                code, took = timed_auth(c, "alice", pw["alice"])
+                assert code == 235 and took < 0.3        # no delay for a right password
+            with greet(v6) as c:                         # success cleared alice and ::1
+                expect(c, "alice", "wrong-guess", 0)
+            log = daemon.log()
+        finally:
+            v4.stop()
+            v6.stop()
+            daemon.stop()
+    fails = [F2B.match(line) for line in log.splitlines() if "auth failed:" in line]
+    assert all(fails) and len(fails) == 7
+    hosts = [(m.group(1), m.group(2)) for m in fails]
+    assert hosts.count(("alice", "127.0.0.1")) == 3 and ("bob", "127.0.0.1") in hosts
+    assert ("carol", "::1") in hosts and hosts.count(("alice", "::1")) == 2
+    assert "reason=wrong-password" in log
+    for p in pw.values():
+        assert p not in log
+
+
+def test_user_names_cannot_forge_fail2ban_lines(world):
+    """A user name holding spaces, `client=` or a newline cannot make the
+    failure line name another host: the shipped fail2ban filter (run by the
+    real fail2ban-regex when installed) sees only the real client."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "maxAuthFailures = 10\n")
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, str(tmp / "front.log")).start()
+        try:
+            with greet(fe) as c:
+                for forged in ("x client=203.0.113.9 reason=wrong-password",
+                               "y\n2026-11-25 10:00:00 sendooway-auth[1]: auth failed: user=z "
+                               "client=203.0.113.10 reason=wrong-password session=s delay=0",
+                               "w\rclient=203.0.113.11"):
+                    assert timed_auth(c, forged, "wrong-guess")[0] in (535, 421)
+            log = daemon.log()
+            front_log = fe.log()
+        finally:
+            fe.stop()
+            daemon.stop()
+        assert "203.0.113" in log  # the names are logged (escaped) ...
+        for line in log.splitlines():
+            m = F2B.match(line)
+            if m:
+                assert m.group(2) == "127.0.0.1", line  # ... but name no host
+            else:
+                assert "auth failed" not in line, line
+        for line in front_log.splitlines():
+            assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d sendooway\[\d+\]: ", line), line
+        if os.path.exists("/etc/fail2ban/filter.d/common.conf") and shutil.which("fail2ban-regex"):
+            fdir = tmp / "fail2ban" / "filter.d"
+            fdir.mkdir(parents=True)
+            shutil.copy("/etc/fail2ban/filter.d/common.conf", fdir)
+            shutil.copy(PACKAGING / "fail2ban" / "filter.d" / "sendooway.conf", fdir)
+            (tmp / "auth-copy.log").write_text(log)
+            r = subprocess.run(["fail2ban-regex", "--out", "ip", str(tmp / "auth-copy.log"),
+                                str(fdir / "sendooway.conf")],
+                               capture_output=True, text=True, timeout=60, env=system_env())
+            assert r.stdout.split() == ["127.0.0.1"] * 3, (r.stdout, r.stderr)
+
+
+# ------------------------------------------------------------ sender spoofing
+
+
+FETCHMAILRC = ('poll pop.example.org proto pop3 user "{user}" password "{pw}"\n'
+               '#sendooway:server "127.0.0.1"\n#sendooway:port {port}\n'
+               '#sendooway:address "{address}"\n')
+
+
+def test_a_user_reaches_only_their_own_routes(world, clean_homes):
+    """alice cannot send as bob, neither by naming his address nor by pointing
+    her own .sendoowayrc (or a symlink) at his .fetchmailrc; bob's upstream
+    never sees a connection from her session; her own route works."""
+    up_a = FakeUpstream(world, tls="plain", accounts={"alice-up": "A-Up-Secret-71"}).start()
+    up_b = FakeUpstream(world, tls="plain", accounts={"bob-up": "B-Up-Secret-72"}).start()
+    try:
+        world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC.format(
+            user="alice-up", pw="A-Up-Secret-71", port=up_a.port, address="alice@alice.example"))
+        bob_rc = world.write_user_file("bob", ".fetchmailrc", FETCHMAILRC.format(
+            user="bob-up", pw="B-Up-Secret-72", port=up_b.port, address="bob@bob.example"))
+        with open_tmp() as tmp:
+            config = front_config(tmp, world, "userInclude = %h/.sendoowayrc\n"
+                                              "smarthostMapping = fetchmail:%h/.fetchmailrc\n"
+                                              "smarthostMapping = getmail:%h/.getmail/getmailrc\n"
+                                              "addReceivedField = no\n")
+            daemon = Daemon(tmp, config).start()
+            fe = Frontend(config, str(tmp / "front.log")).start()
+            try:
+                def mail_as(user, sender):
+                    with greet(fe) as c:
+                        assert timed_auth(c, user, world.users[user].password)[0] == 235
+                        code, text = c.cmd(f"MAIL FROM:<{sender}>\r\n".encode())
+                        if code == 250:
+                            assert c.cmd(b"RCPT TO:<r@example.net>\r\n")[0] == 250
+                            assert c.cmd(b"DATA\r\n")[0] == 354
+                            code, text = c.cmd(b"Subject: t\r\n\r\nbody\r\n.\r\n")
+                        c.cmd(b"QUIT\r\n")
+                        return code, text
+
+                for sender in ("bob@bob.example", "BOB@BOB.EXAMPLE", "bob@Bob.Example"):
+                    code, text = mail_as("alice", sender)
+                    assert code == 550 and text[0].startswith(b"5.7.1"), (sender, code, text)
+                world.write_user_file("alice", ".sendoowayrc", f"smarthostMapping = fetchmail:{bob_rc}\n")
+                os.makedirs(os.path.join(world.users["alice"].home, ".getmail"), exist_ok=True)
+                os.symlink(bob_rc, os.path.join(world.users["alice"].home, ".getmail", "getmailrc"))
+                assert mail_as("alice", "bob@bob.example")[0] == 550
+                assert up_b.logins == [] and up_b.failed_logins == [] and up_b.messages == []
+                assert mail_as("alice", "alice@alice.example")[0] == 250
+                assert up_a.logins == ["alice-up"] and len(up_a.messages) == 1
+                assert mail_as("bob", "bob@bob.example")[0] == 250
+                assert up_b.logins == ["bob-up"] and up_b.messages[0].mail_from == "bob@bob.example"
+                log = daemon.log()
+                assert f"{bob_rc}: unreadable (Permission denied)" in log
+                text = log + fe.log()
+                for secret in ("A-Up-Secret-71", "B-Up-Secret-72",
+                               *(u.password for u in world.users.values())):
+                    assert secret not in text
+            finally:
+                fe.stop()
+                daemon.stop()
+    finally:
+        up_a.stop()
+        up_b.stop()
+
+
+# ------------------------------------------------------------ hostile files
+
+
+def test_hostile_files_through_the_frontend(world, clean_homes):
+    """carol's home holds a 100 MiB (sparse) .fetchmailrc, a getmailrc that is
+    not INI, and a .sendoowayrc naming a FIFO, /etc/shadow through a symlink
+    and an unbalanced quote: her MAIL gets 550 quickly, the authenticator's
+    log names each file and what is wrong, and it keeps serving bob."""
+    u = world.users["carol"]
+    home = u.home
+    big = os.path.join(home, ".fetchmailrc")
+    with open(big, "wb") as f:
+        f.truncate(100 * 1024 * 1024)
+    os.chown(big, u.uid, u.gid)
+    os.chmod(big, 0o600)
+    getmailrc = world.write_user_file("carol", ".getmail/getmailrc",
+                                      "this is not an INI file\nserver = x\n[sender\n")
+    fifo = os.path.join(home, "fifo.rc")
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, u.uid, u.gid)
+    os.symlink("/etc/shadow", os.path.join(home, "shadow.rc"))
+    quotes = world.write_user_file("carol", "quotes.rc",
+                                   'user "carol\npass "x\n#sendooway:address "c@q.example"\n')
+    world.write_user_file("carol", ".sendoowayrc",
+                          "smarthostMapping = fetchmail:%h/fifo.rc\n"
+                          "smarthostMapping = fetchmail:%h/shadow.rc\n"
+                          "smarthostMapping = fetchmail:%h/quotes.rc\n")
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "userInclude = %h/.sendoowayrc\n"
+                                          "smarthostMapping = fetchmail:%h/.fetchmailrc\n"
+                                          "smarthostMapping = getmail:%h/.getmail/getmailrc\n")
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, str(tmp / "front.log")).start()
+        try:
+            with greet(fe) as c:
+                assert timed_auth(c, "carol", u.password)[0] == 235
+                t = time.monotonic()
+                code, text = c.cmd(b"MAIL FROM:<c@q.example>\r\n")
+                assert code == 550 and text[0].startswith(b"5.7.1"), (code, text)
+                assert time.monotonic() - t < 3
+            with greet(fe) as c:
+                assert timed_auth(c, "bob", world.users["bob"].password)[0] == 235
+                assert c.cmd(b"MAIL FROM:<bob@nowhere.example>\r\n")[0] == 550
+            log = daemon.log()
+        finally:
+            fe.stop()
+            daemon.stop()
+    errors = [l for l in log.splitlines() if "user file error: user=carol" in l]
+    joined = "\n".join(errors)
+    assert re.search(re.escape(big) + r": too.large", joined), joined
+    assert f"{getmailrc}:1:" in joined and "INI" in joined, joined
+    assert f"{fifo}: not-regular (a FIFO)" in joined, joined
+    assert f"{home}/shadow.rc: unreadable (Permission denied)" in joined, joined
+    assert f"{quotes}:1: unbalanced quote" in joined, joined
+    assert "Traceback" not in log and "internal error" not in log
