@@ -8,8 +8,9 @@ its own `pam.pam()`. Threads live as long as the pool: no fork per login
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 
 import pam
 
@@ -50,6 +51,46 @@ def is_temporary(reason: str) -> bool:
     return False
 
 
+class _DaemonThreads(Executor):
+    """A fixed set of long-lived *daemon* threads. ThreadPoolExecutor's
+    threads are joined at interpreter exit, so one PAM call stuck in a dead
+    LDAP server would keep the authenticator from ever exiting; these are
+    not waited for, and the process still exits normally (atexit handlers,
+    library destructors)."""
+
+    def __init__(self, count: int, prefix: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{prefix}-{i}", daemon=True)
+                         for i in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+
 class PamPool:
     """Worker threads for everything that may block during a login: NSS
     lookups (which may be LDAP/SSSD) and PAM. One job per login."""
@@ -58,7 +99,7 @@ class PamPool:
         self.service = service
         self.threads = threads
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pam")
+        self._pool = _DaemonThreads(threads, "pam")
 
     def check_here(self, user: str, password: Secret) -> tuple[bool, str]:
         """(ok, reason) for authenticate + account check; call in a worker."""
@@ -78,4 +119,4 @@ class PamPool:
         return await loop.run_in_executor(self._pool, fn, *args)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from sendooway_shared import __version__
@@ -87,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         print(f"sendooway-auth: {exc}", file=sys.stderr)
         code = EXIT_CONFIG
-    # A PAM worker stuck in a dead LDAP server must not keep us from exiting:
-    # the interpreter would join it at exit, so leave without that.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
