@@ -174,6 +174,17 @@ def test_man_page_renders_without_warnings(page):
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
+@pytest.mark.parametrize("page", MAN_PAGES)
+def test_man_page_name_section_is_indexable(page):
+    """whatis/apropos (man-db's lexgrog) read the NAME line, as lintian checks."""
+    if not shutil.which("lexgrog"):
+        pytest.skip("man-db (lexgrog) not installed")
+    r = subprocess.run(["lexgrog", str(MAN / page)], capture_output=True, text=True,
+                       timeout=30, env=system_env())
+    name = page.rsplit(".", 1)[0]
+    assert r.returncode == 0 and f': "{name} - ' in r.stdout, r.stdout + r.stderr
+
+
 def test_groff_check_does_flag_a_broken_page(tmp_path):
     broken = tmp_path / "broken.1"
     broken.write_text(man_text("sendooway.1").replace(".SH OPTIONS", ".SH OPTIONS\n.XZ undefined"))
