@@ -364,3 +364,28 @@ def test_sdist_and_wheel_install_commands_and_ship_man_pages(tmp_path):
                             "print(sendooway_front.__file__)"],
                            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert r.stdout.startswith(str(venv)), r.stdout + r.stderr
+
+
+def test_conf_man_page_user_file_examples_parse_with_the_authenticator():
+    """The fetchmailrc and getmail rc examples of sendooway.conf(5), read by
+    the authenticator's own parsers."""
+    from sendooway_auth.fetchmail import parse_fetchmailrc
+    from sendooway_auth.getmail import parse_getmailrc
+
+    text = man_text("sendooway.conf.5")
+    blocks = [b.replace("\\-", "-") for b in
+              re.findall(r"^\.EX\n(.*?)^\.EE", text, re.M | re.S)]
+    fetchmail = next(b for b in blocks if b.lstrip().startswith("poll"))
+    getmail = next(b for b in blocks if "[sender]" in b)
+    r = parse_fetchmailrc(fetchmail, "fetchmailrc-example")
+    assert r.errors == [] and len(r.accounts) == 1
+    a = r.accounts[0]
+    assert a.addresses == ("alice@example.org",)
+    assert (a.route.server, a.route.port, a.route.tls.value) == ("smtp.example.org", 587, "starttls")
+    assert a.route.user == "alice" and a.route.password.reveal() == "s3cret"  # fetchmail's own
+    r = parse_getmailrc(getmail, "getmailrc-example")
+    assert r.errors == [] and len(r.accounts) == 1
+    a = r.accounts[0]
+    assert set(a.addresses) == {"alice@example.net", "a.smith@example.net"}
+    assert (a.route.server, a.route.port, a.route.tls.value) == ("smtp.example.net", 465, "tls")
+    assert a.route.user == "alice"  # the retriever's
