@@ -217,3 +217,17 @@ def test_guide_troubleshooting_check_on_the_shipped_config(world, deployment):
     assert r.returncode == 0 and "route for mallory@example.org: none" in r.stdout
     r = check("nosuchuser")
     assert r.returncode == 1 and "does not exist" in r.stdout
+
+
+def test_authbackend_ldap_in_the_shipped_config_is_refused_at_start(world, deployment):
+    """The example config and sendooway.conf(5): LDAP is refused at start-up
+    (exit 2, a message pointing to PAM)."""
+    dep = deployment
+    text = dep.config.read_text()
+    assert "authBackend = PAM" in text and "LDAP" in text
+    dep.config.write_text(text.replace("authBackend = PAM", "authBackend = LDAP"))
+    r = subprocess.run([command("sendooway-auth"), "-c", str(dep.config), "-l", str(dep.auth_log)],
+                       env=dep.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "LDAP" in r.stderr and "PAM" in r.stderr
+    assert not dep.auth_socket.exists()
