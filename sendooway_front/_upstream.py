@@ -230,7 +230,7 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
     where = client.address
     ca_file = route.ca_file or config.sslCA
     if route.tls is TlsMode.TLS:
-        ctx = _tls.client_context(ca_file, verify=route.cert_check)
+        ctx = _tls.cached_client_context(ca_file, verify=route.cert_check)
         client.tls_problems = await client.stream.start_tls_client(ctx, route.server)
     greeting = await client.read_reply()
     if greeting.code != 220:
@@ -246,7 +246,7 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
             # Bytes the upstream sent before the handshake must not be taken as
             # answers later (response injection, the mirror of CVE-2011-0411).
             raise UpstreamError(TLS_FAILED, f"{where}: data pipelined after the STARTTLS reply")
-        ctx = _tls.client_context(ca_file, verify=route.cert_check)
+        ctx = _tls.cached_client_context(ca_file, verify=route.cert_check)
         client.tls_problems = await client.stream.start_tls_client(ctx, route.server)
         await _hello(client, where)
     if client.tls_problems:

@@ -405,3 +405,23 @@ def test_a_black_holed_address_costs_one_short_try(world, tmp_path):
     peer, took = ast.literal_eval(r.stdout.strip())
     assert peer == "127.0.0.1"
     assert 0.4 <= took < 3  # 0.5 s on the hole (it did hang), not the 30 s timeout
+
+
+def test_client_contexts_are_reused_until_the_ca_file_changes(world, tmp_path):
+    import shutil
+
+    from sendooway_front._tls import cached_client_context
+
+    ca = tmp_path / "ca.pem"
+    shutil.copy(world.ca_file, ca)
+    a = cached_client_context(str(ca), True)
+    assert cached_client_context(str(ca), True) is a
+    assert cached_client_context(str(ca), False) is not a  # noCertCheck never shares a context
+    assert cached_client_context("", True) is cached_client_context("", True)
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(ca))  # rotated: a new context with the new CA
+    b = cached_client_context(str(ca), True)
+    assert b is not a
+    os.unlink(ca)
+    with pytest.raises(TLSConfigError):
+        cached_client_context(str(ca), True)
