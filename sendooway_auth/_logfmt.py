@@ -21,3 +21,17 @@ def field(value: str | None) -> str:
         else:
             out.append(f"\\u{o:04x}")
     return "".join(out) + ("..." if len(value) > _MAX else "")
+
+
+def text(value: str, limit: int = 500) -> str:
+    """Free text for the end of a log line (a parse error naming a user's
+    file): kept readable, but control characters escaped so it stays one line."""
+    out = []
+    for c in value[:limit]:
+        if c.isprintable():
+            out.append(c)
+        elif ord(c) < 256:
+            out.append(f"\\x{ord(c):02x}")
+        else:
+            out.append(f"\\u{ord(c):04x}")
+    return "".join(out) + ("..." if len(value) > limit else "")

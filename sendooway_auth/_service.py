@@ -13,7 +13,7 @@ from sendooway_shared.config import AuthBackend, Config
 from sendooway_shared.types import Route, Secret
 
 from . import _users
-from ._logfmt import field
+from ._logfmt import field, text
 from ._pam import PamPool, is_temporary
 from ._penalty import Penalty, client_host
 from ._reader import ForkServer
@@ -117,9 +117,9 @@ class AuthService:
             found = await self.reader.lookup(user)
         who = f"user={field(user.name)}"
         for message in found.errors:
-            log.warning("user file error: %s %s", who, message)
+            log.warning("user file error: %s %s", who, text(message))
         for message in found.warnings:
-            log.warning("user file warning: %s %s", who, message)
+            log.warning("user file warning: %s %s", who, text(message))
         account = found.route_for(sender)
         if account is None:
             temporary = found.incomplete

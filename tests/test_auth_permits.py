@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from sendooway_auth._logfmt import field
+from sendooway_auth._logfmt import field, text
 from sendooway_auth._penalty import Penalty, SharedPenalty, client_host
 from sendooway_auth._permits import PERMITTED, State, Permits, TRANSITIONS, Violation
 from sendooway_shared.protocol import VERSION, AuthRequest, Hello, RouteRequest
@@ -167,3 +167,9 @@ def test_log_fields_cannot_forge_lines():
     v = field("x\nauth ok: user=root client=1.2.3.4")
     assert "\n" not in v and " " not in v and "=" not in v
     assert field("é") == "\\xe9" and len(field("a" * 1000)) < 110
+
+
+def test_log_text_stays_one_line():
+    assert text("/home/a/.fetchmailrc:3: unknown keyword") == "/home/a/.fetchmailrc:3: unknown keyword"
+    assert "\n" not in text("a\nauth failed: user=x client=1.2.3.4 reason=y")
+    assert text("x\u2028y") == "x\\u2028y" and len(text("a" * 5000)) < 510
