@@ -383,3 +383,16 @@ def test_no_core_dumps_where_passwords_live(daemon):
     with open(f"/proc/{d.proc.pid}/limits") as f:
         line = next(l for l in f if l.startswith("Max core file size"))
     assert line.split()[4:6] == ["0", "0"], line
+
+
+def test_a_crafted_user_name_cannot_frame_another_address(daemon):
+    """fail2ban must ban the real client, whatever the user name says."""
+    import re
+    d = daemon()
+    ch = d.connect()
+    evil = "x client=203.0.113.66 reason=wrong-password\nauth failed: user=y client=203.0.113.67"
+    assert login(ch, evil, "wrong-Pw-zz") == AuthFail()
+    log = d.wait_log("auth failed:")
+    failregex = re.compile(r"auth failed: user=\S* client=(?P<host>[0-9a-fA-F.:]+)(?::\d+)? reason=")
+    hosts = [m.group("host") for m in map(failregex.search, log.splitlines()) if m]
+    assert hosts == ["192.0.2.7"]
