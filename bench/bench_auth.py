@@ -94,6 +94,30 @@ async def _route_latency(path: str, password: str, sender: str) -> list[float]:
     return times
 
 
+async def _route_rate(path: str, password: str, sender: str, clients: int, seconds: float) -> float:
+    """Route lookups per second with `clients` connections asking at once."""
+    from sendooway_shared.protocol import VERSION, AsyncChannel, AuthRequest, Hello, RouteRequest
+    from sendooway_shared.types import Secret
+
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        reader, writer = await asyncio.open_unix_connection(path)
+        ch = AsyncChannel(reader, writer)
+        await ch.request(Hello(VERSION, f"b{i}", "192.0.2.1"))
+        assert (await ch.request(AuthRequest("alice", Secret(password)))).TYPE == "auth_ok"
+        while time.monotonic() < stop:
+            assert (await ch.request(RouteRequest(sender))).TYPE == "route_ok"
+            done += 1
+        ch.close()
+
+    t = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    return done / (time.monotonic() - t)
+
+
 def _direct_route_latency(cfg_text: str, sender: str) -> list[float]:
     """The same lookup in-process, reading files as root (no user switch, no child)."""
     from sendooway_auth import _users
@@ -164,6 +188,10 @@ def main() -> int:
                                 f"{statistics.median(lat) * 1e3:.2f}/{_pct(lat, .95) * 1e3:.2f}",
                                 f"in-process {statistics.median(dl) * 1e3:.2f} ms",
                                 f"{statistics.median(lat) / statistics.median(dl):.1f}x"))
+            rate = asyncio.run(_route_rate(d.socket_path, alice, "alice19@example.org", 16, 2.0))
+            one = 1 / statistics.median(lat)
+            results.append(("route lookups/s (16 connections at once)", f"{rate:8.0f}",
+                            f"one connection {one:.0f}/s", f"{rate / one:.2f}x"))
         finally:
             d.stop()
         d = Daemon(os.path.join(work, "d2"), config("b.conf", conf_include))
