@@ -37,7 +37,10 @@ class Reply:
         out = []
         for i, text in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{text}\r\n" if text or sep == "-" else f"{self.code}\r\n")
+            # An empty 334 challenge keeps its space (RFC 4954: "334" SP [base64]);
+            # other empty texts end at the code (RFC 5321: [ SP textstring ]).
+            bare = not text and sep == " " and self.code != 334
+            out.append(f"{self.code}\r\n" if bare else f"{self.code}{sep}{text}\r\n")
         return "".join(out).encode("utf-8", "replace")
 
     def __str__(self) -> str:

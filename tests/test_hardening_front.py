@@ -142,6 +142,16 @@ def test_megabyte_lines_and_endless_auth_continuation(fe, world):
     assert peak_rss_kib(pid) - before < 8 * 1024
 
 
+def test_empty_auth_challenge_keeps_its_space(fe):
+    """RFC 4954: continue-req = "334" SP [base64] CRLF (found by fuzz_session:
+    the empty challenge went out as a bare "334")."""
+    with client(fe) as c:
+        assert c.cmd(b"EHLO client.test\r\n")[0] == 250
+        c.send(b"AUTH PLAIN\r\n")
+        assert c.file.readline() == b"334 \r\n"
+        assert c.cmd(b"*\r\n")[0] == 501
+
+
 def test_slow_client_one_byte_a_second(fe, world):
     """A client dribbling a byte a second holds only its own session (other
     sessions work meanwhile) and only for `timeout`: it bounds a whole
