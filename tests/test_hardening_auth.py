@@ -16,7 +16,7 @@ import pytest
 
 from .auth_helpers import Daemon
 from .deploy_util import system_env
-from .front_util import Frontend, front_config, login_plain, open_tmp
+from .front_util import FRONT, Frontend, front_config, login_plain, open_tmp
 from .hardening_util import RawClient
 from .upstream import FakeUpstream
 
@@ -249,3 +249,56 @@ def test_hostile_files_through_the_frontend(world, clean_homes):
     assert f"{home}/shadow.rc: unreadable (Permission denied)" in joined, joined
     assert f"{quotes}:1: unbalanced quote" in joined, joined
     assert "Traceback" not in log and "internal error" not in log
+
+
+def test_backoff_spans_sessions_of_a_root_started_inetd_frontend(world):
+    """xinetd `user = root`: each session forks its own one-session
+    authenticator (--fd), yet a password guesser who reconnects for every
+    try still meets the doubling delay (1 s, then 2 s: the default base)."""
+    import select
+
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "timeout = 20\n")
+        took = []
+        for attempt in range(2):
+            proc = subprocess.Popen([FRONT, "-c", config, "-l", str(tmp / "front.log")],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+            try:
+                buf = bytearray()
+
+                def reply():
+                    while True:
+                        while b"\n" not in buf:
+                            r, _, _ = select.select([proc.stdout], [], [], 20)
+                            assert r, "no reply"
+                            data = os.read(proc.stdout.fileno(), 4096)
+                            assert data, "closed"
+                            buf.extend(data)
+                        end = buf.index(b"\n") + 1
+                        line = bytes(buf[:end])
+                        del buf[:end]
+                        if line[3:4] != b"-":
+                            return line
+
+                assert reply().startswith(b"220 ")
+                proc.stdin.write(b"EHLO client.test\r\n")
+                proc.stdin.flush()
+                assert reply().startswith(b"250 ")
+                t = time.monotonic()
+                proc.stdin.write(f"AUTH PLAIN {login_plain('dave', 'guess-' + str(attempt))}\r\n".encode())
+                proc.stdin.flush()
+                assert reply().startswith(b"535 ")
+                took.append(time.monotonic() - t)
+                proc.stdin.write(b"QUIT\r\n")
+                proc.stdin.flush()
+                assert reply().startswith(b"221 ")
+            finally:
+                proc.stdin.close()
+                proc.wait(20)
+                proc.stdout.close()
+        right = subprocess.run([FRONT, "-c", config, "-l", str(tmp / "front.log")],
+                               input=(f"EHLO c\r\nAUTH PLAIN {login_plain('dave', world.users['dave'].password)}"
+                                      "\r\nQUIT\r\n").encode(), capture_output=True, timeout=30)
+        assert b"235 " in right.stdout
+    assert 0.9 <= took[0] <= 1.6 and 1.8 <= took[1] <= 2.8, took
