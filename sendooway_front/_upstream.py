@@ -122,10 +122,15 @@ def _shorten(raw: bytes, n: int = 60) -> bytes:
 def parse_ehlo(reply: Reply) -> dict[str, str]:
     """EHLO reply → {KEYWORD: parameters}; the first line is the greeting."""
     ext: dict[str, str] = {}
+    old_auth = ""
     for line in reply.lines[1:]:
         word, _, rest = line.strip().partition(" ")
-        if word:
+        if word.upper().startswith("AUTH="):  # the pre-RFC 2554 form some servers still send
+            old_auth = (word[5:] + " " + rest).strip()
+        elif word:
             ext[word.upper()] = rest.strip()
+    if old_auth and "AUTH" not in ext:
+        ext["AUTH"] = old_auth
     return ext
 
 

@@ -355,3 +355,25 @@ def test_intermediate_reply_where_none_belongs_is_451(verb):
     replies, log = run(_transaction(Script(**{verb: b"354 sure\r\n"})))
     got = {"MAIL": replies["mail"], "RCPT": replies.get("rcpt", [None])[0], "DOT": replies.get("end")}[verb]
     assert got.code == 451 and "unexpected 354" in log.text
+
+
+def test_old_style_auth_equals_advertisement_is_understood():
+    captured = []
+
+    async def auth(writer):
+        writer.write(b"235 2.7.0 ok\r\n")
+        await writer.drain()
+
+    script = Script(EHLO=b"250-old.server\r\n250 AUTH=LOGIN PLAIN\r\n", AUTH=auth)
+
+    async def go():
+        server, port = await script.serve()
+        log, _ = capture_log()
+        route = Route("127.0.0.1", port, TlsMode.PLAIN, user="u", password=Secret("pw-y"), source="s:1")
+        async with server:
+            r = await send(Relay(config(), log), route, "s@x.y", ["r@x.y"], b"m")
+        captured.append(r)
+
+    run(go())
+    assert captured[0]["end"].code == 250
+    assert any(c.startswith(b"AUTH PLAIN ") for c in script.commands)
