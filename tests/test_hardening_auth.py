@@ -302,3 +302,45 @@ def test_backoff_spans_sessions_of_a_root_started_inetd_frontend(world):
                                       "\r\nQUIT\r\n").encode(), capture_output=True, timeout=30)
         assert b"235 " in right.stdout
     assert 0.9 <= took[0] <= 1.6 and 1.8 <= took[1] <= 2.8, took
+
+
+def test_reader_has_the_users_uid_gid_and_groups_not_roots(world, clean_homes):
+    """Through the real daemon: a root-owned file of mode 0600 is unreadable
+    in every user's lookup (root would read it), a root:mailusers 0640 file is
+    read for alice and bob (supplementary group) but not for carol."""
+    from sendooway_shared.protocol import AuthOk, NoRoute, RouteOk
+
+    from .auth_helpers import login, route
+    from .fakeworld import GROUPS
+
+    with open_tmp() as tmp:
+        rc = FETCHMAILRC.format(user="u", pw="G-Up-Secret-81", port=2525, address="*@grp.example")
+        grp = tmp / "group.rc"
+        grp.write_text(rc)
+        os.chown(grp, 0, GROUPS["mailusers"])
+        os.chmod(grp, 0o640)
+        root_only = tmp / "root.rc"
+        root_only.write_text(rc.replace("grp.example", "root.example"))
+        os.chmod(root_only, 0o600)
+        config = front_config(tmp, world, f"smarthostMapping = fetchmail:{grp}\n"
+                                          f"smarthostMapping = fetchmail:{root_only}\n")
+        daemon = Daemon(tmp, config).start()
+        try:
+            answers = {}
+            for user in ("alice", "bob", "carol"):
+                ch = daemon.connect()
+                assert login(ch, user, world.users[user].password, session=user) == AuthOk(user)
+                answers[user] = (route(ch, f"{user}@grp.example"), route(ch, f"{user}@root.example"))
+                ch.close()
+            log = daemon.log()
+        finally:
+            daemon.stop()
+    for user in ("alice", "bob"):
+        assert isinstance(answers[user][0], RouteOk), answers[user]
+        assert answers[user][0].to_route().port == 2525
+    assert answers["carol"][0] == NoRoute()
+    assert all(answers[u][1] == NoRoute() for u in answers)
+    assert f"user file error: user=carol {grp}: unreadable (Permission denied)" in log
+    for user in answers:
+        assert f"user file error: user={user} {root_only}: unreadable (Permission denied)" in log
+    assert "G-Up-Secret-81" not in log
