@@ -223,6 +223,49 @@ def test_500_idle_connections_memory_and_timeout(fe, world, capsys):
     assert wait_for(lambda: fe.log().count("closed: timeout") >= 500)
 
 
+def test_memory_of_idle_sessions_inside_tls(world, capsys):
+    """200 clients that finish STARTTLS and then say nothing: the memory a
+    TLS session holds (OpenSSL state, buffers) is measured and bounded."""
+    import ssl
+
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "timeout = 30\n")
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, str(tmp / "front.log")).start()
+        ctx = world.ssl_context()
+        conns = []
+
+        def tls_session():
+            c = RawClient(fe.host, fe.port)
+            assert c.reply()[0] == 220
+            assert c.cmd(b"EHLO client.test\r\n")[0] == 250
+            assert c.cmd(b"STARTTLS\r\n")[0] == 220
+            t = ctx.wrap_socket(c.sock, server_hostname="localhost")
+            t.sendall(b"EHLO client.test\r\n")
+            data = b""
+            while b"250 " not in data:
+                data += t.recv(4096)
+            return c, t
+
+        try:
+            conns.append(tls_session())  # warm up: TLS contexts, imports
+            base = rss_kib(fe.proc.pid)
+            for _ in range(200):
+                conns.append(tls_session())
+            grown = rss_kib(fe.proc.pid) - base
+            with capsys.disabled():
+                print(f"\n[hardening] 200 idle TLS sessions: frontend +{grown} KiB "
+                      f"({grown / 200:.1f} KiB/session)")
+            assert grown / 200 < 200
+            full_session_works(fe, world)
+        finally:
+            for c, t in conns:
+                t.close()
+                c.close()
+            fe.stop()
+            daemon.stop()
+
+
 # ------------------------------------------------------------ command injection
 
 
@@ -361,6 +404,8 @@ def test_authenticator_killed_during_sessions(world):
             fe.stop()
             daemon.stop()
         assert "Traceback" not in fe.log()
+        for u in world.users.values():
+            assert u.password not in fe.log() and u.password not in daemon.log()
 
 
 def test_listen_backlogs_hold_a_burst_of_connections(fe):
