@@ -59,7 +59,10 @@ UPSTREAMS = {
     "garbage": {"RCPT": b"\x00\xff\xfe binary \x1b[2J nonsense\r\n"},
     "codes": {"RCPT": b"250-a\r\n251 b\r\n"},
     "tricky": {"RCPT": b"250-first line\r\n250-second\r354 injected\r\n250 2.1.5 last\x00\r\n"},
+    "inject": {"EHLO": b"250-scripted.upstream\r\n250 STARTTLS\r\n",
+               "STARTTLS": b"220 2.0.0 go ahead\r\n250-injected\r\n250 2.1.0 injected\r\n"},
 }
+FLAGS = {"inject": " tls"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,8 @@ def relay_env(world):
     ups = {name: ScriptedUpstream(replies=dict(r)).start() for name, r in UPSTREAMS.items()}
     ups["http"] = ScriptedUpstream(greeting=b"HTTP/1.0 200 OK\r\n").start()
     with open_tmp() as tmp:
-        maps = "".join(f"smarthostMapping = direct:*@{name}.example 127.0.0.1 {up.port} noAuth\n"
+        maps = "".join(f"smarthostMapping = direct:*@{name}.example 127.0.0.1 {up.port} "
+                       f"noAuth{FLAGS.get(name, '').replace(' ', ',')}\n"
                        for name, up in ups.items())
         config = front_config(tmp, world, f"timeout = {TIMEOUT}\naddReceivedField = no\n"
                                           f"smarthostCache = 0\n{maps}")
@@ -175,6 +179,19 @@ def test_upstream_reply_cr_and_nul_cannot_inject_lines(relay_env, world):
         assert raw == b"250-first line\r\n250-second?354 injected\r\n250 2.1.5 last?\r\n"
         assert c.cmd(b"NOOP\r\n")[0] == 250  # nothing left over, no desync
         assert c.cmd(b"QUIT\r\n")[0] == 221
+
+
+def test_upstream_starttls_with_pipelined_injection(relay_env, world):
+    """The mirror of CVE-2011-0411: replies the upstream pipelines after its
+    STARTTLS 220 are refused (454), never taken as answers inside TLS, and
+    nothing else is sent to it."""
+    fe, up = relay_env, relay_env.ups["inject"]
+    with session(fe, world) as c:
+        code, text = c.cmd(b"MAIL FROM:<alice@inject.example>\r\n")
+        assert code == 454 and text[0].startswith(b"4.7.0"), (code, text)
+        assert c.cmd(b"QUIT\r\n")[0] == 221
+    assert [l.split()[0] for l in up.commands] == [b"EHLO", b"STARTTLS"]
+    assert "pipelined after the STARTTLS" in fe.log()
 
 
 # ------------------------------------------------------------ client vanishes

@@ -20,6 +20,9 @@ import re
 from _common import SECRET, atheris, run
 
 with atheris.instrument_imports(include=["sendooway_front", "tests"]):
+    from sendooway_front._address import (
+        ParamError, PathError, parse_params, parse_path, split_path_argument,
+    )
     from sendooway_front._session import MAX_AUTH_LINE, SessionSettings
     from tests.front_harness import Harness
 
@@ -27,8 +30,27 @@ REPLY_LINE = re.compile(rb"(?!334\Z)[2-5]\d\d(?:[ -][\x20-\x7e]*)?\Z")  # RFC 53
 MAX_PIECE = 1200
 
 
+def path_argument(fdp) -> None:
+    """The MAIL/RCPT argument parser alone: a result or its own errors only."""
+    keyword = "FROM" if fdp.ConsumeBool() else "TO"
+    utf8 = fdp.ConsumeBool()
+    arg = fdp.ConsumeUnicodeNoSurrogates(fdp.remaining_bytes())
+    try:
+        path, params = split_path_argument(arg, keyword)
+        address = parse_path(path, allow_null=keyword == "FROM", allow_postmaster=keyword == "TO",
+                             utf8=utf8)
+        parsed = parse_params(params)
+    except (PathError, ParamError):
+        return
+    assert not any(ch in address for ch in "\r\n\0<> "), address
+    assert all(key == key.upper() for key in parsed)
+
+
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
+    if fdp.ConsumeIntInRange(0, 7) == 0:
+        path_argument(fdp)
+        return
     flags = fdp.ConsumeIntInRange(0, 31)
     settings = SessionSettings(
         "mx.test", tls_available=bool(flags & 1), encrypted=bool(flags & 2),
