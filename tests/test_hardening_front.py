@@ -234,8 +234,6 @@ def test_500_idle_connections_memory_and_timeout(world, capsys):
 def test_memory_of_idle_sessions_inside_tls(world, capsys):
     """200 clients that finish STARTTLS and then say nothing: the memory a
     TLS session holds (OpenSSL state, buffers) is measured and bounded."""
-    import ssl
-
     with open_tmp() as tmp:
         config = front_config(tmp, world, "timeout = 30\n")
         daemon = Daemon(tmp, config).start()
@@ -270,6 +268,37 @@ def test_memory_of_idle_sessions_inside_tls(world, capsys):
             for c, t in conns:
                 t.close()
                 c.close()
+            fe.stop()
+            daemon.stop()
+
+
+def test_implicit_tls_port_handshake_that_never_finishes(world):
+    """-s (port 465): a client that never starts the handshake, or stops in
+    the middle of it, is dropped after `timeout`; meanwhile real clients are
+    served."""
+    import socket
+
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, f"timeout = {TIMEOUT}\n")
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, str(tmp / "front.log"), args=["-s"]).start()
+        try:
+            silent = socket.create_connection((fe.host, fe.port), timeout=TIMEOUT + 10)
+            partial = socket.create_connection((fe.host, fe.port), timeout=TIMEOUT + 10)
+            partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+            t0 = time.monotonic()
+            with socket.create_connection((fe.host, fe.port), timeout=10) as raw:
+                with world.ssl_context().wrap_socket(raw, server_hostname="localhost") as c:
+                    assert c.recv(4096).startswith(b"220 ")
+                    c.sendall(b"QUIT\r\n")
+                    assert c.recv(4096).startswith(b"221 ")
+            assert time.monotonic() - t0 < 1.5
+            for s in (silent, partial):
+                assert s.recv(4096) == b""  # closed, nothing said in the clear
+                s.close()
+            assert TIMEOUT - 0.5 < time.monotonic() - t0 < TIMEOUT + 3
+            assert fe.log().count("TLS handshake failed") >= 2
+        finally:
             fe.stop()
             daemon.stop()
 
