@@ -282,3 +282,25 @@ def test_upstream_ten_mib_reply_line(relay_env, world):
         assert code == 451 and text[0].startswith(b"4.5.0"), (code, text)
         assert c.cmd(b"QUIT\r\n")[0] == 221
     assert peak_rss_kib(pid) - before < 6 * 1024  # not the 10 MiB line
+
+
+def test_endless_line_in_data_is_refused_with_bounded_memory(relay_env, world):
+    """A logged-in client sends a 32 MiB message line: refused (550 5.6.0)
+    after its end, memory does not follow the line, the upstream never gets
+    the final dot of it; the session goes on."""
+    fe, up = relay_env, relay_env.ups["good"]
+    pid = fe.proc.pid
+    dots = up.dots
+    with session(fe, world) as c:
+        begin(c, "good")
+        before = peak_rss_kib(pid)
+        c.send(b"Subject: long\r\n\r\n")
+        for _ in range(32):
+            c.send(b"L" * (1024 * 1024))
+        code, text = c.cmd(b"\r\n.\r\n")
+        assert code == 550 and text[0].startswith(b"5.6.0"), (code, text)
+        assert peak_rss_kib(pid) - before < 8 * 1024
+        assert c.cmd(b"NOOP\r\n")[0] == 250
+        assert c.cmd(b"QUIT\r\n")[0] == 221
+    time.sleep(0.2)
+    assert up.dots == dots
