@@ -344,3 +344,64 @@ def test_reader_has_the_users_uid_gid_and_groups_not_roots(world, clean_homes):
     for user in answers:
         assert f"user file error: user={user} {root_only}: unreadable (Permission denied)" in log
     assert "G-Up-Secret-81" not in log
+
+
+def test_reader_children_caught_alive_run_as_the_user_and_not_dumpable(world, clean_homes):
+    """The real daemon's user-file readers, caught in /proc while route
+    lookups run: once switched they have alice's uid (all four), gid and
+    groups, no capabilities, and are not dumpable (their /proc files stay
+    root's), so alice cannot ptrace them and read the global configuration
+    they hold."""
+    import threading
+
+    from .auth_helpers import login, route
+    from .fakeworld import GROUPS
+    from .hardening_util import proc_status
+
+    world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC.format(
+        user="u", pw="R-Up-Secret-91", port=2525, address="a@x.example"))
+    alice = world.users["alice"]
+    with open_tmp() as tmp:
+        daemon = Daemon(tmp, front_config(tmp, world)).start()
+        try:
+            ch = daemon.connect()
+            login(ch, "alice", alice.password)
+            with open(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children") as f:
+                (fork_server,) = [int(p) for p in f.read().split()]
+            stop = threading.Event()
+
+            def lookups():
+                for _ in range(3000):
+                    if stop.is_set():
+                        break
+                    route(ch, "a@x.example")
+                stop.set()
+
+            t = threading.Thread(target=lookups, daemon=True)
+            t.start()
+            caught = []
+            while not stop.is_set() and len(caught) < 5:
+                try:
+                    with open(f"/proc/{fork_server}/task/{fork_server}/children") as f:
+                        kids = f.read().split()
+                except OSError:
+                    continue
+                for kid in kids:
+                    try:
+                        owner = os.stat(f"/proc/{kid}/status").st_uid
+                        st = proc_status(int(kid))
+                    except (OSError, KeyError):
+                        continue  # gone already
+                    if st["Uid"].split()[0] != "0":
+                        caught.append((owner, st))
+            stop.set()
+            t.join(30)
+        finally:
+            daemon.stop()
+    assert caught, "no reader child caught after its switch"
+    for owner, st in caught:
+        assert st["Uid"].split() == [str(alice.uid)] * 4
+        assert st["Gid"].split() == [str(alice.gid)] * 4
+        assert set(st["Groups"].split()) == {str(alice.gid), str(GROUPS["mailusers"])}
+        assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+        assert owner == 0, "a reader child is dumpable: its user could ptrace it"
