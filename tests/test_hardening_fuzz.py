@@ -1,9 +1,10 @@
 """Issue 8: the coverage-guided fuzz targets of tools/fuzz (atheris) run
 for a bounded time each — the SMTP session core's command-line parser, the
-fetchmailrc parser and the getmail rc parser; any crash, uncaught exception
-or broken invariant fails the test (the crashing input is in the output).
+fetchmailrc parser, the getmail rc parser and the authenticator's frame
+decoder; any crash, uncaught exception or broken invariant fails the test
+(the crashing input is in the output).
 
-The three run side by side, FUZZ_SECONDS each (default 60; set
+The four run side by side, FUZZ_SECONDS each (default 60; set
 SENDOOWAY_FUZZ_SECONDS to change it, e.g. 600 by hand)."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ pytest.importorskip("atheris", reason="atheris is in the `test` extra")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.path.join(ROOT, "tools", "fuzz")
 FUZZ_SECONDS = int(os.environ.get("SENDOOWAY_FUZZ_SECONDS", "60"))
-TARGETS = {"session": "smtp.dict", "fetchmail": "fetchmail.dict", "getmail": "getmail.dict"}
+TARGETS = {"session": "smtp.dict", "fetchmail": "fetchmail.dict", "getmail": "getmail.dict",
+           "frames": "frames.dict"}
 
 
 @pytest.fixture(scope="module")
