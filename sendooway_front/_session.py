@@ -587,28 +587,21 @@ class Session:
     def _step_data(self) -> bool:
         """Consume message input; False when more input is needed.
 
-        Fast path with bytes.find/count (C speed); the regex only runs to
-        locate a bare CR/LF once the counts showed there is one."""
+        Only a window of one chunk (plus room for an end of data) is searched
+        per step, so a large buffer is never rescanned; the bare CR/LF and
+        line length checks run on the chunk handed out (_emit)."""
         if self._d_refusal is not None:
             return self._step_refused()
         buf = self._buf
         n = len(buf)
-        dot = buf.find(b"\r\n.")
+        window = min(n, self._d_skip + DATA_CHUNK + len(_END))
+        dot = buf.find(b"\r\n.", 0, window)
         while dot >= 0 and not self._is_end_candidate(dot):
-            dot = buf.find(b"\r\n.", dot + 3)  # a dot-stuffed line: part of the message
-        # buf[:clean_end] must pair every CR with an LF; a CR ending the
-        # buffer may still get its LF.
-        clean_end = dot if dot >= 0 else (n - 1 if buf.endswith(b"\r") else n)
-        crlf = buf.count(b"\r\n", 0, clean_end)
-        if buf.count(b"\r", 0, clean_end) != crlf or buf.count(b"\n", 0, clean_end) != crlf:
-            return self._refuse_data(R.BARE_LF_IN_DATA, "bare CR or LF in message")
+            dot = buf.find(b"\r\n.", dot + 3, window)  # a dot-stuffed line: part of the message
         if dot < 0:
             # Keep a trailing CR or CRLF: it may begin the end of data.
             keep = 2 if buf.endswith(b"\r\n") else 1 if buf.endswith(b"\r") else 0
-            cut = n - keep
-            if cut <= self._d_skip:
-                return self._need_data_in_message()
-            return self._emit(cut)
+            return self._emit(n - keep)
         if dot > self._d_skip:
             return self._emit(dot)  # what comes before a (possible) end of data
         if n - dot < len(_END):
@@ -629,16 +622,24 @@ class Session:
         return False
 
     def _emit(self, cut: int) -> bool:
-        """Hand out buf[skip:cut] (at most DATA_CHUNK octets) as message data."""
-        cut = min(cut, self._d_skip + DATA_CHUNK)
-        if self._buf[cut - 1:cut] == b"\r":
+        """Hand out buf[skip:cut] (at most DATA_CHUNK octets) as message
+        data, after checking it: no bare CR or LF, no line over 1000 octets."""
+        buf = self._buf
+        skip = self._d_skip
+        cut = min(cut, skip + DATA_CHUNK)
+        if buf[cut - 1:cut + 1] == b"\r\n":
             cut -= 1  # never split a CRLF: the LF alone would look bare
-        chunk = bytes(self._buf[self._d_skip:cut])
-        del self._buf[:cut]
-        self._d_skip = 0
-        if not chunk:
-            return True
+        if cut <= skip:
+            return self._need_data_in_message()
+        chunk = bytes(buf[skip:cut])
         lines = chunk.split(b"\r\n")
+        # Every CRLF is gone from the joined lines: any CR or LF left is bare.
+        # (bytes.find is memchr; counting single octets is several times slower.)
+        joined = b"".join(lines)
+        if b"\r" in joined or b"\n" in joined:
+            return self._refuse_data(R.BARE_LF_IN_DATA, "bare CR or LF in message")
+        del buf[:cut]
+        self._d_skip = 0
         first = self._d_line + len(lines[0])
         longest = max(first, max(map(len, lines[1:]), default=0))
         self._d_line = len(lines[-1]) if len(lines) > 1 else first

@@ -348,6 +348,26 @@ def test_large_message_is_chunked_and_bounded():
     assert h.messages == [(block * 20)[:-2]]
 
 
+@pytest.mark.parametrize("shift", [-3, -2, -1, 0, 1, 2, 3])
+def test_chunk_border_never_splits_a_crlf_nor_hides_a_bare_line_end(shift):
+    """One feed of several chunks: a CRLF straddling the 64 KiB border is
+    passed whole; a bare LF or CR in a later chunk still refuses it all."""
+    from sendooway_front._session import DATA_CHUNK
+    # the synthetic CRLF before the body is not data: the border falls at
+    # DATA_CHUNK - 2 octets into the body
+    head = b"a" * 500 + b"\r\n"
+    pad = DATA_CHUNK - 2 + shift - len(head) - 1
+    body = head + (b"b" * 900 + b"\r\n") * (pad // 902) + b"c" * (pad % 902) + b"\r\n" + b"tail\r\n"
+    h = Harness()
+    h.feed(LOGIN_ALICE + TXN + body + b".\r\n")
+    assert h.messages == [body[:-2]]
+    for evil in (b"x\ny\r\n", b"x\ry\r\n", b"x\r\r\n"):
+        h = Harness()
+        c = h.feed(LOGIN_ALICE + TXN + body + body + evil + b".\r\nNOOP\r\n")
+        assert h.messages == [] and h.aborted == 1, evil
+        assert 250 not in codes(c)[5:-1]
+
+
 def test_client_vanishing_mid_data_aborts():
     h = Harness()
     h.feed(LOGIN_ALICE + TXN + b"partial")
