@@ -23,7 +23,7 @@ from ._session import Session, SessionSettings
 from ._stream import Stream
 from ._tls import TLSError
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 LINGER = 1.0  # seconds to drain a client's input after closing on it
 log = logging.getLogger("sendooway")
 

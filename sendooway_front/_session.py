@@ -34,7 +34,7 @@ from ._reply import Reply
 MAX_COMMAND_LINE = 512      # octets, CRLF included (RFC 5321 4.5.3.1.4)
 MAX_AUTH_LINE = 2048        # base64 of user (256) + password (1024) + slack
 MAX_TEXT_LINE = 1000        # octets, CRLF included (RFC 5321 4.5.3.1.6)
-DATA_CHUNK = 64 * 1024      # largest DataChunk handed out
+DATA_CHUNK = 256 * 1024      # largest DataChunk handed out
 MAX_USER = 256              # as the wire protocol allows
 MAX_PASSWORD = 1024
 

@@ -20,10 +20,13 @@ from OpenSSL import SSL
 from . import _tls
 from ._tls import TLSHandshakeError, TLSVerifyError
 
-RAW_READ = 64 * 1024  # bytes asked of the transport at once
+RAW_READ = 256 * 1024  # bytes asked of the transport at once
+# asyncio pauses reading the socket once 2 x READER_LIMIT octets wait unread:
+# a session's input buffer stays near RAW_READ however fast the client sends.
+READER_LIMIT = RAW_READ // 2
 TLS_BATCH = 256 * 1024  # plaintext octets encrypted before the records are sent
-WRITE_BUFFER_HIGH = 256 * 1024
-CONNECT_TRY = 10.0  # seconds one address may take while others are left to try  # unsent bytes kept before a write waits for the peer
+WRITE_BUFFER_HIGH = 256 * 1024  # unsent bytes kept before a write waits for the peer
+CONNECT_TRY = 10.0  # seconds one address may take while others are left to try
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -58,7 +61,7 @@ class Stream:
         """Wrap an already connected socket (accepted, socket-activated, inherited)."""
         set_nodelay(sock)
         sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=RAW_READ * 2)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READER_LIMIT)
         return cls(reader, writer, timeout)
 
     @classmethod
@@ -74,7 +77,7 @@ class Stream:
                 return await cls.from_socket(rsock, timeout)
             rsock.close()
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=RAW_READ * 2)
+        reader = asyncio.StreamReader(limit=READER_LIMIT)
         rproto = asyncio.StreamReaderProtocol(reader)
         await loop.connect_read_pipe(lambda: rproto, os.fdopen(os.dup(read_fd), "rb", buffering=0))
         wtransport, wproto = await loop.connect_write_pipe(

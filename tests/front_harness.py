@@ -12,7 +12,7 @@ from sendooway_front._events import (
     DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
 from sendooway_front._reply import Reply
-from sendooway_front._session import Session, SessionSettings
+from sendooway_front._session import DATA_CHUNK, Session, SessionSettings
 
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
 
@@ -81,7 +81,7 @@ class Harness:
             elif isinstance(ev, DataRequested):
                 s.relay_reply(R.START_DATA)
             elif isinstance(ev, DataChunk):
-                assert 0 < len(ev.data) <= 64 * 1024 + 1
+                assert 0 < len(ev.data) <= DATA_CHUNK
                 self.message += ev.data
             elif isinstance(ev, DataFinished):
                 assert ev.size == len(self.message)

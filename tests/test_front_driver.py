@@ -13,6 +13,7 @@ from sendooway_front import _driver
 from sendooway_front._authlink import AuthLinkError
 from sendooway_front._driver import Frontend, SessionRunner
 from sendooway_front._reply import Reply
+from sendooway_front._session import DATA_CHUNK
 from sendooway_front._stream import Stream
 from sendooway_shared.config import Config
 from sendooway_shared.types import Route, TlsMode
@@ -78,7 +79,7 @@ class RecordingRelay:
         return Reply(354, ("go ahead",))
 
     async def data_chunk(self, chunk):
-        assert len(chunk) <= 64 * 1024
+        assert len(chunk) <= DATA_CHUNK
         if self.fail_chunk:
             raise ConnectionResetError("upstream vanished")
         self.data += chunk

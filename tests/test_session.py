@@ -12,7 +12,7 @@ from sendooway_front import _catalogue as R
 from sendooway_front._events import (
     AuthRequested, ConnectionClosed, DataChunk, DataRefused, MailRequested, TransactionReset,
 )
-from sendooway_front._session import State, SessionSettings
+from sendooway_front._session import DATA_CHUNK, State, SessionSettings
 
 from .front_harness import LOGIN_ALICE, Harness, codes, plain
 
@@ -344,7 +344,7 @@ def test_large_message_is_chunked_and_bounded():
         assert len(h.session._buf) <= 6
     h.feed(b".\r\n")
     chunks = [e for e in h.events if isinstance(e, DataChunk)]
-    assert max(len(e.data) for e in chunks) <= 64 * 1024
+    assert max(len(e.data) for e in chunks) <= DATA_CHUNK
     assert h.messages == [(block * 20)[:-2]]
 
 
