@@ -39,12 +39,13 @@ class AuthLink:
         self._channel = AsyncChannel(reader, writer)
         self._timeout = timeout
         self._broken = False
+        self._welcome_due = False  # hello sent, its Welcome not read yet
 
     async def _request(self, msg: Message) -> Message:
         if self._broken:
             raise AuthLinkError("link already failed")
         try:
-            return await asyncio.wait_for(self._channel.request(msg), self._timeout)
+            return await asyncio.wait_for(self._exchange(msg), self._timeout)
         except asyncio.TimeoutError:
             self._broken = True
             raise AuthLinkError("authenticator did not answer in time") from None
@@ -56,10 +57,36 @@ class AuthLink:
         self._broken = True
         return AuthLinkError(f"unexpected {reply.TYPE!r} from the authenticator")
 
-    async def hello(self, session_id: str, client: str) -> None:
-        reply = await self._request(Hello(VERSION, session_id[:64], client[:128]))
+    async def _exchange(self, msg: Message) -> Message:
+        if self._welcome_due:
+            self._welcome_due = False
+            self._check_welcome(await self._channel.receive())
+        return await self._channel.request(msg)
+
+    def _check_welcome(self, reply: Message) -> None:
         if not isinstance(reply, Welcome) or reply.version != VERSION:
             raise self._unexpected(reply)
+
+    async def hello(self, session_id: str, client: str) -> None:
+        """hello, and wait for the Welcome."""
+        self._check_welcome(await self._request(self._hello(session_id, client)))
+
+    async def send_hello(self, session_id: str, client: str) -> None:
+        """hello without waiting: the Welcome is read before the first
+        request's answer. The client gets its greeting one round trip to the
+        authenticator sooner; a refusal (version, peer uid) then shows at
+        AUTH, as a temporary failure, instead of in the greeting."""
+        try:
+            await asyncio.wait_for(self._channel.send(self._hello(session_id, client)),
+                                   self._timeout)
+        except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
+            self._broken = True
+            raise AuthLinkError(f"authenticator link failed: {exc or type(exc).__name__}") from None
+        self._welcome_due = True
+
+    @staticmethod
+    def _hello(session_id: str, client: str) -> Hello:
+        return Hello(VERSION, session_id[:64], client[:128])
 
     async def auth(self, user: str, password: Secret) -> str | None:
         """The account name on success, None when the login failed."""
@@ -104,7 +131,7 @@ class SocketConnector:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             raise AuthLinkError(f"cannot connect to the authenticator at {self.path}: {reason}") from None
         link = AuthLink(reader, writer, self.timeout)
-        await link.hello(session_id, client)
+        await link.send_hello(session_id, client)
         return link
 
 
@@ -125,7 +152,7 @@ class PairConnector:
             raise AuthLinkError("the socketpair serves one session only")
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=65536)
         link = AuthLink(reader, writer, self.timeout)
-        await link.hello(session_id, client)
+        await link.send_hello(session_id, client)
         return link
 
     def reap(self) -> None:
