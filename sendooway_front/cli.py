@@ -12,11 +12,12 @@ import argparse
 import asyncio
 import logging
 import os
+import stat
 import sys
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, load_config_or_exit
-from sendooway_shared.config import MailerEncryption
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG
+from sendooway_shared.config import ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 
 EXIT_FAILURE = 1
@@ -45,21 +46,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(log: logging.Logger, message: str, code: int = EXIT_CONFIG) -> int:
-    log.error("cannot start: %s", message)
-    print(f"sendooway: {message}", file=sys.stderr)
-    return code
+# Under inetd/xinetd the client's socket is fd 0 and 1, and xinetd makes it
+# fd 2 as well: a start-up error printed there would reach the client as
+# garbage (and show it the config). The client gets a 421 instead and the
+# reason goes to the log (syslog unless -l), and to stderr only when stderr
+# is somewhere else (a terminal, systemd's journal).
+STARTUP_421 = b"421 4.3.0 Service not available, closing connection\r\n"
+
+
+def _fstat(fd: int):
+    try:
+        return os.fstat(fd)
+    except OSError:
+        return None
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class _Startup:
+    """Where a start-up error goes: stderr, and for an inetd client a 421."""
+
+    def __init__(self, one_session: bool) -> None:
+        st0 = _fstat(0)
+        self.client = one_session and st0 is not None and stat.S_ISSOCK(st0.st_mode)
+        self.stderr_is_client = self.client and _same(st0, _fstat(2))
+
+    def fail(self, log: logging.Logger | None, message: str, code: int = EXIT_CONFIG) -> int:
+        if log is not None:
+            log.error("cannot start: %s", message)
+        if not self.stderr_is_client:
+            print(f"sendooway: {message}", file=sys.stderr)
+        if self.client:
+            try:
+                os.write(1, STARTUP_421)
+            except OSError:
+                pass
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config_or_exit(args.config, "sendooway")
+    startup = _Startup(one_session=not args.bind and "LISTEN_FDS" not in os.environ)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        log = None
+        if startup.client:  # the reason must reach the admin somewhere: the log
+            try:
+                log = setup_logging(args.log, "sendooway")
+            except OSError:
+                pass
+        return startup.fail(log, str(exc))
     try:
         setup_logging(args.log, "sendooway")
     except OSError as exc:
-        print(f"sendooway: cannot open log {args.log}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CONFIG
+        return startup.fail(None, f"cannot open log {args.log}: {exc.strerror}")
     log = logging.getLogger("sendooway")
+    _fail = startup.fail
 
     from ._authlink import AuthLinkError, SocketConnector, daemon_reachable, spawn_daemon, spawn_pair
     from ._driver import Frontend

@@ -56,3 +56,49 @@ def test_missing_config_exits_2(cmd, tmp_path):
     assert r.returncode == 2
     assert "missing.conf: cannot read" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _inetd_run(args, stderr_is_client: bool):
+    """Run the frontend as inetd would: fd 0 and 1 (and with xinetd 2) are
+    the client's socket. Returns (exit code, what the client read, stderr)."""
+    client, server = __import__("socket").socketpair()
+    err = server.fileno() if stderr_is_client else subprocess.PIPE
+    proc = subprocess.Popen([FRONT, *args], stdin=server.fileno(), stdout=server.fileno(),
+                            stderr=err)
+    server.close()
+    _out, stderr = proc.communicate(timeout=60)
+    client.settimeout(10)
+    seen = b""
+    while True:
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        seen += chunk
+    client.close()
+    return proc.returncode, seen, (stderr or b"").decode()
+
+
+@pytest.mark.parametrize("stderr_is_client", [True, False])
+def test_inetd_start_up_error_gives_the_client_a_421_not_the_config(tmp_path, stderr_is_client):
+    """xinetd makes the socket fd 2 too: the config error must not reach the
+    client (it would show it the config), the log gets it instead."""
+    conf = tmp_path / "broken.conf"
+    conf.write_text("timeout = 30\nsslKey = /secret/path/key.pem\nsmarthostMaping = x\n")
+    logfile = tmp_path / "front.log"
+    code, seen, stderr = _inetd_run(["-c", str(conf), "-l", str(logfile)], stderr_is_client)
+    assert code == 2
+    assert seen == b"421 4.3.0 Service not available, closing connection\r\n"
+    assert f"{conf}:3: unknown keyword 'smarthostMaping'" in logfile.read_text()
+    if stderr_is_client:
+        assert stderr == ""
+    else:
+        assert f"{conf}:3: unknown keyword" in stderr
+
+
+def test_inetd_tls_key_error_gives_the_client_a_421(tmp_path):
+    conf = tmp_path / "tls.conf"
+    conf.write_text(f"sslCert = {tmp_path}/none.pem\nsslKey = {tmp_path}/none.key\n")
+    logfile = tmp_path / "front.log"
+    code, seen, stderr = _inetd_run(["-c", str(conf), "-l", str(logfile)], True)
+    assert code == 2 and seen.startswith(b"421 ") and b"none" not in seen
+    assert "cannot start:" in logfile.read_text() and "none.pem" in logfile.read_text()
