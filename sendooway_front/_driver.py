@@ -210,7 +210,7 @@ class SessionRunner:
                     log.exception("%s: relay failed during DATA", self.sid)
                     s.fail_message(R.RELAY_FAILED, "relay failed during DATA")
             elif isinstance(ev, DataFinished):
-                reply = await self._relay_call(self.relay.data_end())
+                reply = await self._relay_call(self.relay.data_end(empty=ev.empty))
                 self._log(logging.INFO, "message of %d bytes: %s", ev.size, reply)
                 s.relay_reply(reply)
             elif isinstance(ev, DataRefused):

@@ -95,6 +95,7 @@ class DataFinished(Event):
     answer with Session.relay_reply()."""
 
     size: int  # message octets handed out in DataChunk events
+    empty: bool = False  # no line at all: "." came right after the 354
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class NoRelay:
     async def data_chunk(self, chunk: bytes) -> None:
         return None
 
-    async def data_end(self) -> Reply:
+    async def data_end(self, empty: bool = False) -> Reply:
         return R.RELAY_FAILED
 
     async def data_abort(self) -> None:

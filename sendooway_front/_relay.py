@@ -316,7 +316,7 @@ class Relay:
         except (OSError, TimeoutError, TLSError) as e:
             self._fail_transport(e, "DATA")
 
-    async def data_end(self) -> Reply:
+    async def data_end(self, empty: bool = False) -> Reply:
         if self._broken is not None:
             reply, self._broken = self._broken, None
             self._log_message(f"not delivered ({reply})")
@@ -328,8 +328,12 @@ class Relay:
             self._log_message("aborted (bare CR at the end)")
             return SMUGGLING
         held, self._held = self._held, b""
+        # The client's last line lost its CRLF to the end marker; a message
+        # without a single line ends right after the 354 (or after the
+        # header, which ends in CRLF): "." alone, not an empty line and ".".
+        end = b".\r\n" if empty and not self._bytes else b"\r\n.\r\n"
         try:
-            await self._client.stream.write(held + b"\r\n.\r\n")
+            await self._client.stream.write(held + end)
             reply = await self._client.read_reply()
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             reply = self._fail_transport(e, "end of DATA")

@@ -52,8 +52,10 @@ class RelayBackend(Protocol):
         """Raw message bytes as received (dot-stuffing kept, CRLF line ends),
         never including the final CRLF.CRLF; bounded size per call."""
 
-    async def data_end(self) -> Reply:
-        """Send the terminating CRLF.CRLF: the upstream's final reply."""
+    async def data_end(self, empty: bool = False) -> Reply:
+        """Send the terminating CRLF.CRLF: the upstream's final reply.
+        `empty`: the client sent no line at all ("." right after the 354),
+        so only "." ends it; otherwise the last line's CRLF comes first."""
 
     async def data_abort(self) -> None:
         """The message must not be delivered (client vanished, bare LF/CR):

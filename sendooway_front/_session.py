@@ -608,7 +608,9 @@ class Session:
             return self._need_data_in_message()  # maybe the end: wait for the rest
         del buf[: dot + len(_END)]
         self._d_skip = 0
-        return self._finish_data()
+        # nothing handed out and the end marker's CRLF is the one that ended
+        # the DATA command: the client sent no line at all
+        return self._finish_data(empty=dot == 0 and self._d_size == 0)
 
     def _is_end_candidate(self, start: int) -> bool:
         """True if the "\r\n." at `start` is, or may still become, CRLF.CRLF."""
@@ -652,9 +654,9 @@ class Session:
         self._events.append(DataChunk(chunk))
         return True
 
-    def _finish_data(self) -> bool:
+    def _finish_data(self, empty: bool) -> bool:
         self._awaiting = _Await.DATA_END
-        self._events.append(DataFinished(self._d_size))
+        self._events.append(DataFinished(self._d_size, empty))
         return True
 
     def _refuse_data(self, reply: Reply, reason: str) -> bool:

@@ -84,7 +84,7 @@ class RecordingRelay:
             raise ConnectionResetError("upstream vanished")
         self.data += chunk
 
-    async def data_end(self):
+    async def data_end(self, empty=False):
         self.calls.append("data_end")
         return Reply(250, ("2.0.0 upstream queued",))
 

@@ -72,6 +72,28 @@ def test_no_received_field_when_disabled(upstream_factory):
     assert up.messages[0].data == STORED
 
 
+@pytest.mark.parametrize("received", [False, True])
+@pytest.mark.parametrize("empty, stored", [(True, b""), (False, b"\r\n")])
+def test_empty_message_and_one_empty_line(upstream_factory, received, empty, stored):
+    """DATA then "." at once: the upstream gets no line at all (or just the
+    Received: header); DATA, an empty line, ".": exactly that empty line."""
+    up = upstream_factory(tls="plain")
+    log, _handler = capture_log()
+    relay = Relay(config(addReceivedField=received), log)
+
+    async def go():
+        assert (await relay.mail(info(), route_for(up), "a@example.com", MailParams())).code == 250
+        assert (await relay.rcpt("r@example.org")).code == 250
+        assert (await relay.data_start()).code == 354
+        reply = await relay.data_end(empty=empty)
+        await relay.close()
+        return reply
+
+    assert run(go()).code == 250
+    [m] = up.messages
+    assert (body_after_received(m.data) if received else m.data) == stored
+
+
 def test_one_of_two_recipients_refused_verbatim(upstream_factory):
     up = upstream_factory(tls="starttls", accounts={"u": PW}, reject_rcpt={"bad@example.org"},
                           temp_fail_rcpt={"later@example.org"})

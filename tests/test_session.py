@@ -10,7 +10,8 @@ import pytest
 
 from sendooway_front import _catalogue as R
 from sendooway_front._events import (
-    AuthRequested, ConnectionClosed, DataChunk, DataRefused, MailRequested, TransactionReset,
+    AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused, MailRequested,
+    TransactionReset,
 )
 from sendooway_front._session import DATA_CHUNK, State, SessionSettings
 
@@ -366,6 +367,14 @@ def test_chunk_border_never_splits_a_crlf_nor_hides_a_bare_line_end(shift):
         c = h.feed(LOGIN_ALICE + TXN + body + body + evil + b".\r\nNOOP\r\n")
         assert h.messages == [] and h.aborted == 1, evil
         assert 250 not in codes(c)[5:-1]
+
+
+def test_no_line_and_one_empty_line_are_told_apart():
+    for body, empty in ((b"", True), (b"\r\n", False), (b"x\r\n", False)):
+        h = Harness()
+        h.feed(LOGIN_ALICE + TXN + body + b".\r\n")
+        [fin] = [e for e in h.events if isinstance(e, DataFinished)]
+        assert fin.empty is empty and h.messages == [body[:-2]], body
 
 
 def test_client_vanishing_mid_data_aborts():
