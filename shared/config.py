@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import enum
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -157,6 +159,7 @@ class Config:
     pamService: str = "sendooway"
     maxAuthFailures: int = 3
     smarthostCache: int = 30
+    proxyProtocol: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     filename: str = ""
 
 
@@ -234,6 +237,30 @@ def _non_empty(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses and CIDR networks, separated by spaces and/or commas."""
+    return tuple(_network(token) for token in re.split(r"[\s,]+", value) if token)
+
+
+def _network(token: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if "%" in token:  # no zone index: ip_network would take it
+        raise ValueError(f"expected IP addresses or networks (CIDR), got {token!r}")
+    try:
+        net = ipaddress.ip_network(token)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(token, strict=False)
+        except ValueError:
+            raise ValueError(f"expected IP addresses or networks (CIDR), got {token!r}") from None
+        raise ValueError(f"{token!r} has host bits set: write {loose}") from None
+    if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+        # ::ffff:a.b.c.d/96+ is an IPv4 network (peers are matched as IPv4)
+        net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+    if net.prefixlen == 0:
+        raise ValueError(f"{token!r} would trust every address: list the balancers")
+    return net
+
+
 _KEYWORDS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     # lower-cased keyword: (field name, value parser, allowed in a user include)
     "localname": ("localname", _string, False),
@@ -261,11 +288,13 @@ _KEYWORDS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "pamservice": ("pamService", _non_empty, False),
     "maxauthfailures": ("maxAuthFailures", _number(1, 1000), False),
     "smarthostcache": ("smarthostCache", _number(0, 86400), False),
+    "proxyprotocol": ("proxyProtocol", _networks, False),
 }
 
 KEYWORD_NAMES = tuple(spec[0] for spec in _KEYWORDS.values())
 USER_KEYWORD_NAMES = tuple(spec[0] for spec in _KEYWORDS.values() if spec[2])
 _REPEATABLE = {"validUser", "smarthostMapping"}
+_EXTENDING = {"proxyProtocol"}  # a list on each line; every line adds to it
 
 
 # ---------------------------------------------------------------- mappings
@@ -400,6 +429,8 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
             if value == "":
                 raise ConfigError(filename, number, f"{name}: a value is required")
             lists[name].append(_parse_value(name, parser, value, filename, number))
+        elif name in _EXTENDING:
+            values[name] = values.get(name, ()) + _parse_value(name, parser, value, filename, number)
         else:
             values[name] = _parse_value(name, parser, value, filename, number)
     values["validUser"] = tuple(lists["validUser"])

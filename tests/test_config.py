@@ -131,6 +131,15 @@ def test_new_keywords():
     assert (cfg.maxAuthFailures, cfg.smarthostCache) == (5, 0)
 
 
+def test_proxy_protocol_networks():
+    assert parse_config("", "c").proxyProtocol == ()
+    assert parse_config("proxyProtocol =\n", "c").proxyProtocol == ()
+    cfg = parse_config("proxyProtocol = 10.0.0.5, 10.0.1.0/28\t2001:DB8::/32,,\n"
+                       "PROXYPROTOCOL = ::ffff:192.0.2.0/120\n", "c")
+    assert [str(n) for n in cfg.proxyProtocol] == [
+        "10.0.0.5/32", "10.0.1.0/28", "2001:db8::/32", "192.0.2.0/24"]  # every line adds
+
+
 def test_every_validuser_line_counts():
     cfg = parse_config("validUser = alice\nvalidUser = %staff\n\nvalidUser = bob\n", "c")
     assert cfg.validUser == ("alice", "%staff", "bob")
@@ -161,6 +170,15 @@ def test_comments_and_blank_lines():
         ("smarthostMapping =\n", 1, "a value is required"),
         ("maxAuthFailures = 0\n", 1, "maxAuthFailures"),
         ("validUser = two words\n", 1, "validUser"),
+        ("timeout = 9\nproxyProtocl = 10.0.0.5\n", 2, "did you mean 'proxyProtocol'"),
+        ("proxyProtocol = lb.example.org\n", 1, "proxyProtocol: expected IP addresses or networks"),
+        ("proxyProtocol = 10.0.0.5 10.0.0.256\n", 1, "got '10.0.0.256'"),
+        ("proxyProtocol = 10.0.0.5;10.0.0.6\n", 1, "got '10.0.0.5;10.0.0.6'"),
+        ("proxyProtocol = fe80::1%eth0\n", 1, "got 'fe80::1%eth0'"),
+        ("proxyProtocol = 10.0.0.0/33\n", 1, "got '10.0.0.0/33'"),
+        ("proxyProtocol = 10.0.0.5/24\n", 1, "host bits set: write 10.0.0.0/24"),
+        ("proxyProtocol = 0.0.0.0/0\n", 1, "would trust every address"),
+        ("\nproxyProtocol = 2001:db8::1 ::/0\n", 2, "would trust every address"),
     ],
 )
 def test_errors_name_file_and_line(text, line, fragment):
@@ -249,6 +267,8 @@ def test_user_include_allows_only_mappings_and_sslca():
     assert "not allowed in a user include" in str(info.value)
     with pytest.raises(ConfigError, match="did you mean 'smarthostMapping'"):
         parse_user_config("smarthostmappings = direct:a@b.c h u p\n", "rc")
+    with pytest.raises(ConfigError, match="rc:2: 'proxyProtocol' is not allowed in a user include"):
+        parse_user_config("sslCA = /x\nproxyProtocol = 10.0.0.5\n", "rc")
 
 
 def test_user_mappings_come_first():
