@@ -18,6 +18,7 @@ from ._events import (
     NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
+from ._proxyproto import NoProxyHeader, ProxyHeaderError, ProxyHeaderReader, is_trusted
 from ._relay_api import RelayBackend, SessionInfo
 from ._session import Session, SessionSettings
 from ._stream import Stream
@@ -57,6 +58,11 @@ class Frontend:
     def __post_init__(self) -> None:
         if not self.hostname:
             self.hostname = default_localname(self.config)
+
+    def behind_balancer(self, peer_ip: str) -> bool:
+        """Whether this peer is a trusted balancer (`proxyProtocol`), which
+        must begin with a PROXY protocol header."""
+        return bool(self.config.proxyProtocol) and is_trusted(peer_ip, self.config.proxyProtocol)
 
     def settings(self) -> SessionSettings:
         cfg = self.config
@@ -105,8 +111,13 @@ class SessionRunner:
     async def run(self) -> None:
         fe = self.frontend
         self.stream.timeout = fe.config.timeout
-        self._log(logging.INFO, "connect%s", "" if self.client else " on stdin/stdout")
         try:
+            via = ""
+            if fe.behind_balancer(self.client_ip):
+                via = await self._proxy_header()
+                if via is None:
+                    return
+            self._log(logging.INFO, "connect%s%s", "" if self.client else " on stdin/stdout", via)
             if fe.implicit_tls:
                 try:
                     await self.stream.start_tls_server(fe.tls_context)
@@ -125,6 +136,45 @@ class SessionRunner:
                 await self._quietly(self.relay.data_abort())
         finally:
             await self._finish()
+
+    async def _proxy_header(self) -> str | None:
+        """Read the PROXY protocol header a trusted balancer sends first
+        (before the greeting, before TLS), within `timeout` in all; from then
+        on its source address is the client. Returns what the connect line
+        adds, or None, after one log line, when the connection is to be
+        closed without a greeting."""
+        loop = asyncio.get_running_loop()
+        limit = float(self.frontend.config.timeout)
+        deadline = loop.time() + limit
+        reader = ProxyHeaderReader()
+        header = None
+        level = logging.WARNING
+        try:
+            while header is None:
+                self.stream.timeout = deadline - loop.time()
+                if self.stream.timeout <= 0:
+                    raise TimeoutError
+                header = reader.receive_data(await self.stream.read(READ_SIZE))
+        except ProxyHeaderError as exc:
+            reason = str(exc)
+            if isinstance(exc, NoProxyHeader):
+                level = logging.INFO  # a balancer's plain TCP check
+        except (asyncio.TimeoutError, TimeoutError):
+            reason = f"no complete header within {limit:g}s"
+        except OSError as exc:
+            reason = f"read failed: {exc}"
+        if header is None:
+            self._log(level, "PROXY protocol from a trusted balancer: %s; closing without a"
+                      " greeting", reason)
+            return None
+        self.stream.unread(reader.trailing_data)
+        self.stream.timeout = limit
+        if header.source is None:  # v1 UNKNOWN, v2 LOCAL (health checks)
+            return f" (PROXY {header.describe()}: the balancer's own connection)"
+        balancer = self.client
+        self.client = describe_peer(header.source)
+        self.client_ip = header.source[0]
+        return f" via {balancer} (PROXY {header.describe()})"
 
     async def _open_link(self) -> None:
         fe = self.frontend

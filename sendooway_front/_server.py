@@ -39,6 +39,7 @@ PRELOAD = (
     "sendooway_front._catalogue", "sendooway_front._authlink", "sendooway_front._norelay",
     "sendooway_front._tls", "sendooway_front._stream", "sendooway_front._driver",
     "sendooway_front._relay", "sendooway_front._upstream", "sendooway_front._pool",
+    "sendooway_front._proxyproto",
 )
 
 

@@ -51,6 +51,7 @@ class Stream:
         self._conn: SSL.Connection | None = None
         self._eof = False          # the transport said EOF
         self._closed = False
+        self._unread = b""         # given back by unread(): read before the transport
         self.tls_problems: list[str] = []   # certificate problems tolerated (noCertCheck)
         set_nodelay(writer.get_extra_info("socket"))
 
@@ -115,12 +116,22 @@ class Stream:
             return await aw
 
     async def _raw_read(self) -> bytes:
+        if self._unread:
+            data, self._unread = self._unread, b""
+            return data
         if self._eof:
             return b""
         data = await self._wait(self._reader.read(RAW_READ))
         if not data:
             self._eof = True
         return data
+
+    def unread(self, data: bytes) -> None:
+        """Give back octets read too far (what followed a PROXY protocol
+        header): the next read, or the TLS handshake, gets them first."""
+        if self._conn is not None:
+            raise RuntimeError("unread() is for the plain stream before TLS")
+        self._unread = bytes(data) + self._unread
 
     async def _raw_write(self, data: bytes) -> None:
         if self._closed:

@@ -99,8 +99,9 @@ class RecordingRelay:
 
 
 async def converse(monkeypatch, script, relay=None, connector=None, bytewise=False,
-                   config=None, close_early=False):
-    """Run one session; the client sends `script` and reads until EOF."""
+                   config=None, close_early=False, half_close=False):
+    """Run one session; the client sends `script` (then EOF with
+    `half_close`) and reads until EOF."""
     relay = relay or RecordingRelay()
     monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: relay)
     fe = Frontend(config or Config(), connector=connector or FakeConnector(), hostname="mx.test")
@@ -118,6 +119,8 @@ async def converse(monkeypatch, script, relay=None, connector=None, bytewise=Fal
             await writer.drain()
     except ConnectionError:
         pass  # the server may close first (a 421 greeting)
+    if half_close:
+        writer.write_eof()
     if close_early:
         await asyncio.sleep(0.1)
         writer.close()
