@@ -5,6 +5,7 @@ activation); the modes themselves live in _server.py."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
@@ -83,9 +84,18 @@ def new_session_id() -> str:
 
 
 def describe_peer(peer: Any) -> str:
+    """"HOST:PORT" or "[V6]:PORT"; an IPv4 client on the dual-stack socket
+    (::ffff:a.b.c.d) is shown as the IPv4 address it is, in logs and Received:."""
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        host, port = str(peer[0]), peer[1]
+        if host.lower().startswith("::ffff:"):
+            try:
+                mapped = ipaddress.IPv6Address(host).ipv4_mapped
+            except ValueError:
+                mapped = None
+            if mapped is not None:
+                host = str(mapped)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer) if peer else ""
 
 

@@ -272,3 +272,14 @@ def test_trickling_client_gets_no_more_than_timeout_per_command(monkeypatch):
 
     assert asyncio.run(main(trickle=False)) == [b"250 2.0.0 OK\r\n"] * 8
     assert asyncio.run(main(trickle=True))[-1].startswith(b"421 4.4.2")
+
+
+@pytest.mark.parametrize("peer, shown", [
+    (("::ffff:192.0.2.7", 40000, 0, 0), "192.0.2.7:40000"),   # IPv4 client on the dual-stack socket
+    (("2001:db8::1", 587, 0, 0), "[2001:db8::1]:587"),
+    (("::ffff:0:1:2", 25, 0, 0), "[::ffff:0:1:2]:25"),          # not a mapped address
+    (("192.0.2.8", 1), "192.0.2.8:1"),
+    ("", ""),
+])
+def test_describe_peer_shows_ipv4_clients_of_the_dual_stack_socket_as_ipv4(peer, shown):
+    assert _driver.describe_peer(peer) == shown
