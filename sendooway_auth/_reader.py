@@ -1,27 +1,39 @@
-"""The reader child: a user's lookup runs in a process that is that user.
+"""The processes that read a user's files as that user.
 
-Every lookup happens in a short-lived child that first drops to the user's
-uid, gid and groups (so NFS root_squash, symlinks to /etc/shadow and files
-the user may not read behave as they would for the user), changes to the
-user's home, reads the files (regular files only, bounded, see _files),
-parses them and sends back the result (routes.to_wire), then exits. It dies
-by SIGALRM after TIME_LIMIT. Hostile files are thus parsed with the user's
-rights and CPU, never in the root process, which checks the answer like
-protocol input.
+A lookup runs in a process that first drops to the user's uid, gid and
+groups (so NFS root_squash, symlinks to /etc/shadow and files the user may
+not read behave as they would for the user), is made non-dumpable, changes
+to the user's home, reads the files (regular files only, bounded, see
+_files), parses them and sends back the result (routes.to_wire). Hostile
+files are thus parsed with the user's rights and CPU, never in the root
+process, which checks the answer like protocol input.
 
-The daemon has PAM threads, and forking a threaded process is fragile, so it
-starts a tiny single-threaded *fork server* before any thread exists; the fork
-server only forks readers. `lookup_direct` forks in place and is for the
-single-threaded --check.
+The daemon keeps one *worker* per user that serves repeated lookups over a
+socket (each one read and parsed afresh, within TIME_LIMIT by SIGALRM) and
+exits on EOF, on any error and after WORKER_LIFETIME; _workers holds the
+daemon's table of them. The daemon has PAM threads, and forking a threaded
+process is fragile, so it starts a tiny single-threaded *fork server* before
+any thread exists; the fork server only forks workers. `lookup_direct`
+forks a one-shot child in place and is for the single-threaded --check.
+
+Worker protocol (daemon → worker on a SOCK_STREAM socketpair): first the
+fork server writes the worker's pid (4 bytes, big-endian) with a pidfd of
+it (SCM_RIGHTS) on the daemon's end; then per lookup the daemon writes
+REQUEST, the worker answers ACK at once (it took the request: from then on a
+death is the lookup's failure, not a stale worker) and then a 4-byte length
+and the answer.
 """
 
 from __future__ import annotations
 
-import asyncio
+import ctypes
+import gc
 import os
 import resource
 import signal
 import socket
+import struct
+import time
 
 import msgpack
 
@@ -31,8 +43,15 @@ from ._files import Budget, read_one
 from ._users import UserInfo
 from .routes import MAX_WIRE, UserRoutes, WireError, from_wire, run_plan, to_wire
 
-TIME_LIMIT = 5  # seconds a reader child may live
+TIME_LIMIT = 5  # seconds one lookup may take
+WORKER_LIFETIME = 600  # seconds a worker serves at most
+WORKER_MAX_GROWTH = 64 << 20  # bytes of peak memory a worker may add before it retires
+REQUEST = b"?"
+ACK = b"+"
+LENGTH = struct.Struct(">I")
 _CONTROL_MAX = 64 * 1024
+_PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 3, 4
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork or user switch
 
 
 def _user_to_wire(user: UserInfo) -> bytes:
@@ -49,18 +68,36 @@ def _failed(user: UserInfo, why: str) -> UserRoutes:
     return UserRoutes(user, errors=[f"lookup failed: {why}"], failure=why)
 
 
-# ------------------------------------------------------------ in the child
+# ------------------------------------------------------------ as the user
+
+
+def _not_dumpable() -> None:
+    """No ptrace, no /proc/PID/mem, no core: the process holds the daemon's
+    memory (global config passwords). A uid change resets the flag to
+    fs.suid_dumpable, which an admin may have set to 1."""
+    _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    if _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise PermissionError("could not make the reader non-dumpable")
 
 
 def _become(user: UserInfo) -> None:
-    """Drop to the user for good, or raise."""
+    """Drop to the user for good and become non-dumpable, or raise.
+
+    The saved uid stays 0 until the flag is cleared: changing the euid
+    resets it, changing only the saved uid does not, and while the saved
+    uid is 0 (and the permitted capabilities are kept) no process of the
+    user may ptrace this one or open its memory. No instant is both."""
     if os.getresuid() == (user.uid,) * 3 and user.uid != 0:
+        _not_dumpable()
         return  # already the user (authBackend = none, --check of oneself)
     os.setgroups(list(user.groups))
     os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, 0)
+    _not_dumpable()
     os.setresuid(user.uid, user.uid, user.uid)
     if os.getresuid() != (user.uid,) * 3 or os.getresgid() != (user.gid,) * 3:
         raise PermissionError("could not switch to the user")
+    _not_dumpable()  # checked again after the final switch
     if user.uid != 0:
         try:
             os.setuid(0)
@@ -70,25 +107,68 @@ def _become(user: UserInfo) -> None:
             raise PermissionError("could regain root")
 
 
+def _enter(user: UserInfo) -> None:
+    """What every reader does first: die by SIGALRM, no core, become the user."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(TIME_LIMIT)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _become(user)
+
+
+def _lookup_wire(cfg: Config, user: UserInfo) -> bytes:
+    """One lookup, read and parsed afresh: the answer for the daemon."""
+    try:
+        os.chdir(user.home)  # every time: the home may have been replaced
+    except OSError:
+        os.chdir("/")
+    budget = Budget()
+    found = run_plan(cfg, user, lambda paths: [read_one(p, budget) for p in paths])
+    return to_wire(found)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _child(cfg: Config, user: UserInfo, out_fd: int) -> None:
-    """Runs in the forked reader; never returns."""
+    """The one-shot reader of lookup_direct; never returns."""
     code = 70
     try:
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(TIME_LIMIT)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        _become(user)
-        try:
-            os.chdir(user.home)
-        except OSError:
-            os.chdir("/")
-        budget = Budget()
-        found = run_plan(cfg, user, lambda paths: [read_one(p, budget) for p in paths])
-        view = memoryview(to_wire(found))
-        while view:
-            view = view[os.write(out_fd, view):]
+        _enter(user)
+        _write_all(out_fd, _lookup_wire(cfg, user))
         code = 0
     except BaseException:  # noqa: BLE001 - the child must never return
+        code = 70
+    finally:
+        os._exit(code)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker(cfg: Config, user: UserInfo, fd: int) -> None:
+    """A user's reader worker: serves lookups on `fd` until EOF, an error,
+    too much memory or WORKER_LIFETIME; never returns."""
+    code = 70
+    try:
+        _enter(user)
+        deadline = time.monotonic() + WORKER_LIFETIME
+        base = _peak_rss()
+        while (left := deadline - time.monotonic()) > 0:
+            signal.alarm(int(left) + 1)  # idle: the lifetime
+            if not os.read(fd, 1):
+                break  # the daemon closed it
+            signal.alarm(TIME_LIMIT)
+            os.write(fd, ACK)
+            answer = _lookup_wire(cfg, user)
+            _write_all(fd, LENGTH.pack(len(answer)) + answer)
+            if _peak_rss() - base > WORKER_MAX_GROWTH:
+                break  # a huge parse: give the memory back, the next lookup forks anew
+        code = 0
+    except BaseException:  # noqa: BLE001 - the worker must never return
         code = 70
     finally:
         os._exit(code)
@@ -107,7 +187,7 @@ def _decode(data: bytes, user: UserInfo) -> UserRoutes:
 
 
 def lookup_direct(cfg: Config, user: UserInfo) -> UserRoutes:
-    """Fork a reader here and wait for it (single-threaded callers only)."""
+    """Fork a one-shot reader here and wait for it (single-threaded callers only)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -136,7 +216,7 @@ def _max_fd() -> int:
 
 
 class ForkServer:
-    """A single-threaded child of the daemon that forks reader children."""
+    """A single-threaded child of the daemon that forks reader workers."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -161,6 +241,7 @@ class ForkServer:
             finally:
                 os._exit(code)
         theirs.close()
+        ours.setblocking(False)  # a stuck fork server must not block the event loop
         self._sock, self.pid = ours, pid
         return self
 
@@ -173,73 +254,74 @@ class ForkServer:
             except ChildProcessError:
                 pass
 
-    async def lookup(self, user: UserInfo, timeout: float = TIME_LIMIT + 1) -> UserRoutes:
-        """The user's routes, from a reader child running as the user."""
+    def spawn(self, user: UserInfo) -> socket.socket:
+        """Have a worker forked for `user`; the daemon's end of its socket
+        (non-blocking). Raises OSError when the fork server cannot be asked."""
         if self._sock is None:
-            return _failed(user, "reader not running")
-        r, w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(r, False)  # the child's end stays blocking
+            raise OSError("reader not running")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            socket.send_fds(self._sock, [_user_to_wire(user)], [w])
-        except OSError as exc:
-            os.close(r)
-            return _failed(user, f"reader fork server not reachable ({exc.strerror or exc})")
+            socket.send_fds(self._sock, [_user_to_wire(user)], [theirs.fileno()])
+        except OSError:
+            ours.close()
+            raise
         finally:
-            os.close(w)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        chunks: list[bytes] = []
-        size = 0
+            theirs.close()
+        ours.setblocking(False)
+        return ours
 
-        def readable() -> None:
-            nonlocal size
-            try:
-                chunk = os.read(r, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if chunk:
-                chunks.append(chunk)
-                size += len(chunk)
-            if (not chunk or size > MAX_WIRE) and not done.done():
-                done.set_result(None)
 
-        loop.add_reader(r, readable)
+def _reap(_signum, _frame) -> None:
+    while True:
         try:
-            await asyncio.wait_for(done, timeout)
-        except asyncio.TimeoutError:
-            return _failed(user, f"reader timed out after {timeout:.0f} s")
-        finally:
-            loop.remove_reader(r)
-            os.close(r)
-        return _decode(b"".join(chunks), user)
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _serve(cfg: Config, sock: socket.socket) -> None:
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # readers are reaped by the kernel
+    # Workers are reaped here, not by the kernel: until we reap one, its pid
+    # cannot be reused, so the pidfd opened after fork() is surely its own.
+    signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    gc.freeze()  # the workers share these objects: no collection should touch (copy) them
     while True:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, _CONTROL_MAX, 1)
-        except InterruptedError:
-            continue
+        data, fds, _flags, _addr = socket.recv_fds(sock, _CONTROL_MAX, 1)
         if not data:
             return
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             continue
-        out_fd = fds[0]
+        conn = socket.socket(fileno=fds[0])
         try:
             user = _user_from_wire(data)
-        except Exception:  # noqa: BLE001
-            os.close(out_fd)
+        except Exception:  # noqa: BLE001 - the daemon sees EOF
+            conn.close()
             continue
-        pid = os.fork()
-        if pid == 0:
-            sock.close()
-            _child(cfg, user, out_fd)
-        os.close(out_fd)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                _worker(cfg, user, conn.fileno())
+            try:
+                pidfd = [os.pidfd_open(pid)]
+            except OSError:  # Linux < 5.3: the daemon has only the pid
+                pidfd = []
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        try:
+            socket.send_fds(conn, [LENGTH.pack(pid)], pidfd)
+        except OSError:
+            pass  # the daemon gave up on it already; the worker sees EOF
+        finally:
+            for fd in pidfd:
+                os.close(fd)
+            conn.close()

@@ -21,6 +21,7 @@ from ._pam import PamPool
 from ._penalty import Penalty, SharedPenalty
 from ._reader import ForkServer
 from ._service import AuthService
+from ._workers import WorkerPool
 
 log = logging.getLogger("sendooway-auth")
 SD_LISTEN_FDS_START = 3
@@ -159,6 +160,7 @@ class Runtime:
         _harden()
         self.cfg = cfg
         self.forks = ForkServer(cfg).start()
+        self.readers = WorkerPool(self.forks)
         self.pam = PamPool(cfg.pamService, threads)  # NSS lookups need it with any backend
         self.penalty = Penalty(base=failure_delay)
         if shared_penalty:  # one process per session: keep the counts where all see them
@@ -171,10 +173,11 @@ class Runtime:
         self.service: AuthService | None = None
 
     def make_service(self) -> AuthService:
-        self.service = AuthService(self.cfg, self.pam, self.forks, self.penalty)
+        self.service = AuthService(self.cfg, self.pam, self.readers, self.penalty)
         return self.service
 
     def close(self) -> None:
+        self.readers.close()
         self.pam.shutdown()
         self.forks.stop()
 

@@ -16,7 +16,7 @@ from . import _users
 from ._logfmt import field, text
 from ._pam import PamPool, is_temporary
 from ._penalty import Penalty, client_host
-from ._reader import ForkServer
+from ._workers import WorkerPool
 
 log = logging.getLogger("sendooway-auth")
 
@@ -56,14 +56,13 @@ MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
 
 
 class AuthService:
-    def __init__(self, cfg: Config, pam_pool: PamPool, reader: ForkServer,
+    def __init__(self, cfg: Config, pam_pool: PamPool, readers: WorkerPool,
                  penalty: Penalty, clock=time.time) -> None:
         self.cfg = cfg
         self.pam = pam_pool
-        self.reader = reader
+        self.readers = readers
         self.penalty = penalty
         self.clock = clock
-        self._lookups = asyncio.Semaphore(16)  # each may hold a few MiB
         self._process_uid = os.geteuid()  # authBackend = none accepts only this account
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
@@ -79,6 +78,7 @@ class AuthService:
             return AuthResult(False, None, reason, temporary=True)
         if user is not None:
             self.penalty.success(name, peer.host)
+            self.readers.prewarm(user)  # its fork overlaps the client's next round trip
             log.info("auth ok: user=%s %s", field(user.name), peer.fields())
             return AuthResult(True, user)
         delay = self.penalty.failure(name, peer.host, self.clock())
@@ -113,8 +113,7 @@ class AuthService:
                     ) -> tuple[Route | None, bool]:
         """(route or None, temporary): temporary is True when no route was
         found and some file could not be read for an internal reason."""
-        async with self._lookups:
-            found = await self.reader.lookup(user)
+        found = await self.readers.lookup(user)
         who = f"user={field(user.name)}"
         for message in found.errors:
             log.warning("user file error: %s %s", who, text(message))

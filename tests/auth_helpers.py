@@ -12,6 +12,7 @@ import sys
 import time
 
 import msgpack
+import pytest
 
 from sendooway_shared.protocol import (
     REPLIES, VERSION, AuthRequest, BlockingChannel, Hello, Message, RouteRequest,
@@ -151,6 +152,107 @@ class Daemon:
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream:
                     stream.close()
+
+
+@pytest.fixture
+def daemon(tmp_path, tmp_config, clean_homes):
+    """start(conf, **Daemon kwargs) -> a started Daemon; at the end each is
+    stopped and its log checked for passwords and internal errors."""
+    started = []
+
+    def start(conf: str = "", **kwargs) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(started)}", tmp_config(conf, f"auth{len(started)}.conf"),
+                   **kwargs)
+        os.makedirs(d.dir, exist_ok=True)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.stop()
+        log = d.log()
+        for pw in all_passwords(clean_homes) + ["fm-Secret-A1", "wrong-Pw-zz"]:
+            assert pw not in log, f"password leaked into the log: {pw}"
+        # our own bugs fail loudly: no connection ever hit an internal error
+        assert "internal error" not in log and "Traceback" not in log
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def fork_server(d: Daemon) -> int:
+    (pid,) = children(d.proc.pid)
+    return pid
+
+
+def workers(d: Daemon, count: int | None = None, timeout: float = 5.0) -> dict[int, int]:
+    """The daemon's reader workers: {pid: uid}; with `count`, wait until
+    there are that many."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {}
+        for pid in children(fork_server(d)):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if fields["State"].split()[0] != "Z":
+                found[pid] = int(fields["Uid"].split()[0])
+        if count is None or (len(found) == count and 0 not in found.values()):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {count} workers, found {found}")
+        time.sleep(0.01)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def gone(pid: int, timeout: float = 2.0) -> bool:
+    """Wait (a little) until the process is no more."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def as_user(uid: int, gid: int, action) -> object:
+    """Run action() in a forked child that has become uid/gid; its result
+    (or the exception's class name) comes back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            try:
+                result = action()
+            except Exception as exc:  # noqa: BLE001
+                result = type(exc).__name__
+            os.write(w, msgpack.packb(result))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return msgpack.unpackb(data)
 
 
 def login(ch: BlockingChannel, user: str, password: str, client: str = "192.0.2.7",

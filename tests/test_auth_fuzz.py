@@ -18,6 +18,7 @@ from sendooway_auth._pam import PamPool
 from sendooway_auth._penalty import Penalty
 from sendooway_auth._reader import ForkServer
 from sendooway_auth._service import AuthService
+from sendooway_auth._workers import WorkerPool
 from sendooway_shared.config import parse_config
 from sendooway_shared.protocol import REPLIES, VERSION, FrameDecoder, encode, Hello, AuthRequest, RouteRequest
 from sendooway_shared.types import Secret
@@ -32,7 +33,8 @@ def service(world):
                        "fuzz.conf")
     forks = ForkServer(cfg).start()
     pool = PamPool("sendooway", threads=2)
-    yield lambda: AuthService(cfg, pool, forks, Penalty(base=0))
+    # a worker table per service: each example runs its own event loop
+    yield lambda: AuthService(cfg, pool, WorkerPool(forks), Penalty(base=0))
     pool.shutdown()
     forks.stop()
 
@@ -75,7 +77,8 @@ def frames(world):
 async def _exchange(make_service, blobs, split):
     ours, theirs = socket.socketpair()
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
-    conn = Connection(make_service(), reader, writer, "fuzz")
+    service = make_service()
+    conn = Connection(service, reader, writer, "fuzz")
     task = asyncio.ensure_future(conn.run())
     loop = asyncio.get_running_loop()
     ours.setblocking(False)
@@ -86,7 +89,10 @@ async def _exchange(make_service, blobs, split):
     except (BrokenPipeError, ConnectionResetError):
         pass
     ours.shutdown(socket.SHUT_WR)
-    await asyncio.wait_for(task, 10)
+    try:
+        await asyncio.wait_for(task, 10)
+    finally:
+        service.readers.close()
     out = b""
     while True:
         try:

@@ -153,24 +153,33 @@ def test_valid_user_by_name_and_group():
     assert _users.valid_user(parse_config("", "t"), _users.lookup("carol"))[0]
 
 
-def test_a_stuck_reader_times_out_as_failed(clean_homes):
+def test_a_stuck_fork_server_times_out_as_failed(clean_homes):
     import asyncio
     import signal
+
+    from sendooway_auth._workers import WorkerPool
 
     world = clean_homes
     world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
     alice = _users.lookup("alice")
     fs = ForkServer(parse_config("", "t.conf")).start()
-    try:
-        found = asyncio.run(fs.lookup(alice))
+    pool = WorkerPool(fs)
+
+    async def scenario():
+        found = await pool.lookup(alice)
         assert not found.incomplete and found.route_for("alice@example.org") is not None
-        os.kill(fs.pid, signal.SIGSTOP)  # as if the read hung (a dead NFS server)
+        pool.close()  # the next lookup needs a new worker
+        os.kill(fs.pid, signal.SIGSTOP)  # as if it were stuck
         t = time.monotonic()
-        found = asyncio.run(fs.lookup(alice, timeout=0.5))
+        found = await pool.lookup(alice, timeout=0.5)
         assert 0.4 < time.monotonic() - t < 2
         assert found.incomplete and "timed out" in found.failure and found.accounts == []
-        os.kill(fs.pid, signal.SIGCONT)
+
+    try:
+        asyncio.run(scenario())
     finally:
+        os.kill(fs.pid, signal.SIGCONT)
+        pool.close()
         fs.stop()
 
 
