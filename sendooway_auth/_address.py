@@ -9,6 +9,9 @@ null sender (empty) matches only `*`.
 from __future__ import annotations
 
 import enum
+import re
+
+_BAD_CHAR = re.compile(r"[\s\x00-\x1f]")  # \s is str.isspace()
 
 
 class Specificity(enum.IntEnum):
@@ -23,7 +26,7 @@ def check_pattern(pattern: str) -> str:
     """The pattern itself, or ValueError naming what is wrong with it."""
     if pattern == "*":
         return pattern
-    if any(c.isspace() or ord(c) < 32 for c in pattern):
+    if _BAD_CHAR.search(pattern):
         raise ValueError("address contains white space or control characters")
     local, at, domain = pattern.rpartition("@")
     if not at or not local or not domain:

@@ -11,6 +11,7 @@ backslash-anything-else standing for itself.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
@@ -50,6 +51,8 @@ class _Directive:
 
 
 def _unescape(body: str) -> str:
+    if "\\" not in body:
+        return body
     out = []
     i = 0
     simple = {"n": "\n", "t": "\t", "r": "\r", "b": "\b"}
@@ -81,33 +84,40 @@ def _unescape(body: str) -> str:
     return "".join(out)
 
 
+# The tokens of a line, left to right: separators (skipped), a "..." or
+# '...' string (a backslash takes the next character with it), a bare word,
+# or a quote that never closes (group 4: an error). Every position is one
+# of these, so finditer skips nothing. \s is exactly str.isspace(); the
+# possessive quantifiers keep no backtracking state (a 1 MiB unclosed quote
+# would otherwise cost over 100 MiB to fail).
+_TOKENS = re.compile(r"""[\s,;:]++|"((?:[^"\\]++|\\.)*+)"|'((?:[^'\\]++|\\.)*+)'"""
+                     r"""|([^\s,;:"']++)|(["'])""", re.S)
+_BARE, _UNCLOSED = 3, 4
+
+
 def _words(text: str, line: int) -> list[_Token]:
     """Split one line's worth of text (no comments) into tokens."""
     tokens: list[_Token] = []
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c.isspace() or c in _SEPARATORS:
-            i += 1
-        elif c in "\"'":
-            j = i + 1
-            while j < len(text) and text[j] != c:
-                j += 2 if text[j] == "\\" else 1
-            if j >= len(text):
-                raise _Syntax("unbalanced quote")
-            tokens.append(_Token(line, _unescape(text[i + 1:j]), True))
-            i = j + 1
+    for m in _TOKENS.finditer(text):
+        group = m.lastindex
+        if group is None:
+            continue
+        if group == _UNCLOSED:
+            raise _Syntax("unbalanced quote")
+        if group == _BARE:
+            tokens.append(_Token(line, m[group]))
         else:
-            j = i
-            while j < len(text) and not text[j].isspace() and text[j] not in _SEPARATORS + "\"'":
-                j += 1
-            tokens.append(_Token(line, text[i:j]))
-            i = j
+            tokens.append(_Token(line, _unescape(m[group]), True))
     return tokens
 
 
 def _split_comment(raw: str) -> tuple[str, str | None]:
     """Code part and comment part (None when there is none) of one line."""
+    hash_at = raw.find("#")
+    if hash_at < 0:
+        return raw, None
+    if '"' not in raw[:hash_at] and "'" not in raw[:hash_at]:
+        return raw[:hash_at], raw[hash_at + 1:]  # no quote can hide this '#'
     quote = ""
     i = 0
     while i < len(raw):
