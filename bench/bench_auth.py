@@ -5,7 +5,8 @@ Builds a throw-away fake world (nss_wrapper users, pam_wrapper + pam_matrix),
 re-executes itself inside it, starts the real daemon and talks to it over its
 UNIX socket. Each figure is printed next to its direct counterpart measured in
 the same run (PAM called in-process; the route parsed without the
-user-switching child), as a ratio.
+user-switching worker), as a ratio. A user's first lookup (no worker yet) is
+measured on an in-process worker table, since the daemon keeps its workers.
 """
 
 from __future__ import annotations
@@ -137,6 +138,38 @@ def _direct_route_latency(cfg_text: str, sender: str) -> list[float]:
     return times
 
 
+def _first_lookup_latency(cfg_text: str, gap: float | None) -> list[float]:
+    """A user's first lookup through a fresh worker table and fork server:
+    without a worker (gap None: fork + lookup), or `gap` seconds after the
+    pre-warm a login does (the client's AUTH -> MAIL round trip)."""
+    from sendooway_auth import _users
+    from sendooway_auth._reader import ForkServer
+    from sendooway_auth._workers import WorkerPool
+    from sendooway_shared.config import parse_config
+
+    user = _users.lookup("alice")
+    forks = ForkServer(parse_config(cfg_text, "bench.conf")).start()
+    pool = WorkerPool(forks)
+
+    async def rounds() -> list[float]:
+        times = []
+        for _ in range(ROUTES // 3):
+            pool.close()
+            if gap is not None:
+                pool.prewarm(user)
+                await asyncio.sleep(gap)
+            t = time.perf_counter()
+            assert not (await pool.lookup(user)).incomplete
+            times.append(time.perf_counter() - t)
+        return times
+
+    try:
+        return asyncio.run(rounds())
+    finally:
+        pool.close()
+        forks.stop()
+
+
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -181,7 +214,7 @@ def main() -> int:
             results.append(("auth checks/s (daemon, 32 clients, new connection each)",
                             f"{rate:8.0f}", f"direct PAM in-process {direct:.0f}/s",
                             f"{rate / direct:.2f}x"))
-            for label, text in (("route lookup (default mappings, reader child)", conf_plain),):
+            for label, text in (("route lookup (default mappings, reader worker)", conf_plain),):
                 lat = asyncio.run(_route_latency(d.socket_path, alice, "alice19@example.org"))
                 dl = _direct_route_latency(text, "alice19@example.org")
                 results.append((label + " median/p95 ms",
@@ -200,12 +233,19 @@ def main() -> int:
         try:
             lat = asyncio.run(_route_latency(d.socket_path, alice, "alice19@example.org"))
             dl = _direct_route_latency(conf_include, "alice19@example.org")
-            results.append(("route lookup (userInclude + file, reader child) median/p95 ms",
+            results.append(("route lookup (userInclude + file, reader worker) median/p95 ms",
                             f"{statistics.median(lat) * 1e3:.2f}/{_pct(lat, .95) * 1e3:.2f}",
                             f"in-process {statistics.median(dl) * 1e3:.2f} ms",
                             f"{statistics.median(lat) / statistics.median(dl):.1f}x"))
         finally:
             d.stop()
+        for label, gap in (("first lookup, no worker yet (fork + lookup)", None),
+                           ("first lookup 1 ms after the login's pre-warm", 0.001)):
+            lat = _first_lookup_latency(conf_plain, gap)
+            results.append((label + " median/p95 ms",
+                            f"{statistics.median(lat) * 1e3:.2f}/{_pct(lat, .95) * 1e3:.2f}",
+                            f"in-process {statistics.median(dl) * 1e3:.2f} ms",
+                            f"{statistics.median(lat) / statistics.median(dl):.1f}x"))
         module = build_test_pam_module(world)
         if module:
             service = add_pam_service(world, "bench-slow", module, fail_sleep=SLOW)

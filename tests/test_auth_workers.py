@@ -372,3 +372,15 @@ def test_a_reader_that_stays_dumpable_refuses_to_serve(clean_homes, monkeypatch)
     with pool() as p:
         found = asyncio.run(p.lookup(alice))
     assert found.incomplete and found.accounts == [] and "gone" in found.failure
+
+
+def test_the_warm_up_samples_are_real_accounts():
+    """The worker's warm-up runs the parsers on built-in samples; each must
+    make an account (else it warms up only the error paths, silently)."""
+    from sendooway_auth.fetchmail import parse_fetchmailrc
+    from sendooway_auth.getmail import parse_getmailrc
+
+    for parse, text in ((parse_fetchmailrc, _reader._SAMPLE_FETCHMAILRC),
+                        (parse_getmailrc, _reader._SAMPLE_GETMAILRC)):
+        result = parse(text, "warm-up")
+        assert result.errors == [] and len(result.accounts) == 1, result.errors
