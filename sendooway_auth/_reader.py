@@ -156,6 +156,7 @@ _SAMPLE_FETCHMAILRC = """poll pop.example.org proto pop3 user "u" password 'p\\x
 _SAMPLE_GETMAILRC = """[retriever]
 server = pop.example.org
 username = u
+password = p
 [sender]
 type = SimpleSMTPTLSSender
 server = smtp.example.org
