@@ -77,14 +77,15 @@ def _direct_pam_rate(password: str, seconds: float) -> float:
     return n / (time.monotonic() - t)
 
 
-async def _route_latency(path: str, password: str, sender: str) -> list[float]:
+async def _route_latency(path: str, password: str, sender: str, user: str = "alice"
+                         ) -> list[float]:
     from sendooway_shared.protocol import VERSION, AsyncChannel, AuthRequest, Hello, RouteRequest
     from sendooway_shared.types import Secret
 
     reader, writer = await asyncio.open_unix_connection(path)
     ch = AsyncChannel(reader, writer)
     await ch.request(Hello(VERSION, "bench", "192.0.2.1"))
-    assert (await ch.request(AuthRequest("alice", Secret(password)))).TYPE == "auth_ok"
+    assert (await ch.request(AuthRequest(user, Secret(password)))).TYPE == "auth_ok"
     times = []
     for _ in range(ROUTES):
         t = time.perf_counter()
@@ -119,15 +120,15 @@ async def _route_rate(path: str, password: str, sender: str, clients: int, secon
     return done / (time.monotonic() - t)
 
 
-def _direct_route_latency(cfg_text: str, sender: str) -> list[float]:
-    """The same lookup in-process, reading files as root (no user switch, no child)."""
+def _direct_route_latency(cfg_text: str, sender: str, user: str = "alice") -> list[float]:
+    """The same lookup in-process, reading files as root (no user switch, no worker)."""
     from sendooway_auth import _users
     from sendooway_auth._files import Budget, read_one
     from sendooway_auth.routes import run_plan
     from sendooway_shared.config import parse_config
 
     cfg = parse_config(cfg_text, "bench.conf")
-    user = _users.lookup("alice")
+    user = _users.lookup(user)
     times = []
     for _ in range(ROUTES):
         t = time.perf_counter()
@@ -194,6 +195,9 @@ def main() -> int:
     world.write_user_file("alice", ".fetchmailrc", fetchmailrc)
     world.write_user_file("alice", ".sendoowayrc",
                           "smarthostMapping = fetchmail:%h/.fetchmailrc\n")
+    world.write_user_file("bob", ".fetchmailrc", 'poll pop.example.org user "b" password "p"\n'
+                          '#sendooway:server "smtp.example.org"\n#sendooway:tls\n'
+                          '#sendooway:address "bob@example.org"\n')
     conf_plain = ""
     conf_include = "userInclude = %h/.sendoowayrc\n"
     results = []
@@ -221,6 +225,13 @@ def main() -> int:
                                 f"{statistics.median(lat) * 1e3:.2f}/{_pct(lat, .95) * 1e3:.2f}",
                                 f"in-process {statistics.median(dl) * 1e3:.2f} ms",
                                 f"{statistics.median(lat) / statistics.median(dl):.1f}x"))
+            bob = world.users["bob"].password
+            lat1 = asyncio.run(_route_latency(d.socket_path, bob, "bob@example.org", "bob"))
+            dl1 = _direct_route_latency(conf_plain, "bob@example.org", "bob")
+            results.append(("route lookup (1-account fetchmailrc, reader worker) median/p95 ms",
+                            f"{statistics.median(lat1) * 1e3:.2f}/{_pct(lat1, .95) * 1e3:.2f}",
+                            f"in-process {statistics.median(dl1) * 1e3:.2f} ms",
+                            f"{statistics.median(lat1) / statistics.median(dl1):.1f}x"))
             rate = asyncio.run(_route_rate(d.socket_path, alice, "alice19@example.org", 16, 2.0))
             one = 1 / statistics.median(lat)
             results.append(("route lookups/s (16 connections at once)", f"{rate:8.0f}",
