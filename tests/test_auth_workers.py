@@ -187,16 +187,25 @@ async def answered(p: WorkerPool, user, sender: str) -> str:
     return account.route.server if account else ""
 
 
-def test_idle_workers_are_closed(clean_homes):
-    write_rc(clean_homes, "alice")
-    alice = _users.lookup("alice")
+async def served(p: WorkerPool, user) -> int:
+    """One lookup with the user's own route; the pid of the worker that answered."""
+    assert await answered(p, user, f"{user.name}@example.org") == "smtp.example.org"
+    return pids(p)[user.name]
 
+
+@pytest.fixture
+def alice(clean_homes):
+    """alice, with a fetchmailrc routing alice@example.org to smtp.example.org."""
+    write_rc(clean_homes, "alice")
+    return _users.lookup("alice")
+
+
+def test_idle_workers_are_closed(alice):
     async def scenario(p):
-        await answered(p, alice, "alice@example.org")
-        (pid,) = pids(p).values()
+        pid = await served(p, alice)
         await asyncio.sleep(0.3)
         assert pids(p) == {"alice": pid}  # used recently: kept
-        await answered(p, alice, "alice@example.org")
+        await served(p, alice)
         await asyncio.sleep(1.5)
         assert pids(p) == {} and gone(pid)
 
@@ -250,62 +259,45 @@ def _changed_groups(rc, proc_status):
         asyncio.run(scenario(p))
 
 
-def test_old_workers_are_replaced(clean_homes):
-    write_rc(clean_homes, "alice")
-    alice = _users.lookup("alice")
-
+def test_old_workers_are_replaced(alice):
     async def scenario(p):
-        await answered(p, alice, "alice@example.org")
-        (pid,) = pids(p).values()
+        pid = await served(p, alice)
         await asyncio.sleep(0.3)
-        await answered(p, alice, "alice@example.org")
-        assert pids(p)["alice"] != pid and gone(pid)
+        assert await served(p, alice) != pid and gone(pid)
 
     with pool(max_age=0.2) as p:
         asyncio.run(scenario(p))
 
 
-def test_a_worker_past_its_own_lifetime_is_replaced_unnoticed(clean_homes, monkeypatch):
+def test_a_worker_past_its_own_lifetime_is_replaced_unnoticed(alice, monkeypatch):
     """The worker ends itself after WORKER_LIFETIME (here 1 s) even if the
     daemon does not retire it: the lookup that finds it gone asks a new one."""
-    write_rc(clean_homes, "alice")
-    alice = _users.lookup("alice")
     monkeypatch.setattr(_reader, "WORKER_LIFETIME", 1)
 
     async def scenario(p):
-        await answered(p, alice, "alice@example.org")
-        (pid,) = pids(p).values()
+        pid = await served(p, alice)
         await asyncio.sleep(2.5)
         assert not alive(pid)
-        assert await answered(p, alice, "alice@example.org") == "smtp.example.org"
-        assert pids(p)["alice"] != pid
+        assert await served(p, alice) != pid
 
     with pool() as p:
         asyncio.run(scenario(p))
 
 
-def test_a_worker_that_grew_retires_after_answering(clean_homes, monkeypatch):
-    write_rc(clean_homes, "alice")
-    alice = _users.lookup("alice")
+def test_a_worker_that_grew_retires_after_answering(alice, monkeypatch):
     monkeypatch.setattr(_reader, "WORKER_MAX_GROWTH", -1)  # every lookup is too much
 
     async def scenario(p):
-        seen = set()
-        for _ in range(3):
-            assert await answered(p, alice, "alice@example.org") == "smtp.example.org"
-            seen.add(pids(p)["alice"])
-        assert len(seen) == 3
+        assert len({await served(p, alice) for _ in range(3)}) == 3
 
     with pool() as p:
         asyncio.run(scenario(p))
 
 
-def test_a_lookup_over_the_time_limit_kills_the_worker(clean_homes, monkeypatch):
+def test_a_lookup_over_the_time_limit_kills_the_worker(alice, monkeypatch):
     """A lookup that runs into SIGALRM fails (temporarily) at once; the next
     one gets a fresh worker."""
-    write_rc(clean_homes, "alice")
-    alice = _users.lookup("alice")
-    marker = os.path.join(clean_homes.users["alice"].home, "slow")
+    marker = os.path.join(alice.home, "slow")
     real = _reader._lookup_wire
 
     def slow(cfg, user):
@@ -317,25 +309,22 @@ def test_a_lookup_over_the_time_limit_kills_the_worker(clean_homes, monkeypatch)
     monkeypatch.setattr(_reader, "TIME_LIMIT", 1)
 
     async def scenario(p):
-        await answered(p, alice, "alice@example.org")
-        (pid,) = pids(p).values()
+        pid = await served(p, alice)
         open(marker, "w").close()
         t = time.monotonic()
         found = await p.lookup(alice, timeout=10)
         assert found.incomplete and "died during the lookup" in found.failure
         assert time.monotonic() - t < 2.5 and gone(pid)
         os.unlink(marker)
-        assert await answered(p, alice, "alice@example.org") == "smtp.example.org"
+        assert await served(p, alice) != pid
 
     with pool() as p:
         asyncio.run(scenario(p))
 
 
-def test_without_pidfd_a_stuck_worker_is_still_killed(clean_homes, monkeypatch):
+def test_without_pidfd_a_stuck_worker_is_still_killed(alice, monkeypatch):
     """Linux < 5.3 has no pidfd_open: the daemon kills by pid, and only a
     worker whose socket is still open (so it has not been reaped)."""
-    write_rc(clean_homes, "alice")
-    alice = _users.lookup("alice")
 
     def no_pidfd(pid, flags=0):
         raise OSError(38, "Function not implemented")
@@ -343,14 +332,13 @@ def test_without_pidfd_a_stuck_worker_is_still_killed(clean_homes, monkeypatch):
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)
 
     async def scenario(p):
-        await answered(p, alice, "alice@example.org")
-        (worker,) = p._workers.values()
-        assert worker.pidfd == -1
-        os.kill(worker.pid, signal.SIGSTOP)
+        pid = await served(p, alice)
+        assert p._workers[alice].pidfd == -1
+        os.kill(pid, signal.SIGSTOP)
         found = await p.lookup(alice, timeout=0.5)
         assert found.incomplete and "timed out" in found.failure
-        assert gone(worker.pid)
-        assert await answered(p, alice, "alice@example.org") == "smtp.example.org"
+        assert gone(pid)
+        assert await served(p, alice) != pid
 
     with pool() as p:
         asyncio.run(scenario(p))
@@ -363,9 +351,7 @@ class _StillDumpable:
         return 1 if option == 3 else 0
 
 
-def test_a_reader_that_stays_dumpable_refuses_to_serve(clean_homes, monkeypatch):
-    write_rc(clean_homes, "alice")
-    alice = _users.lookup("alice")
+def test_a_reader_that_stays_dumpable_refuses_to_serve(alice, monkeypatch):
     monkeypatch.setattr(_reader, "_libc", _StillDumpable())
     found = lookup_direct(parse_config("", "t.conf"), alice)
     assert found.incomplete and found.accounts == []
