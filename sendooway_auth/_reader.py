@@ -85,16 +85,17 @@ def _not_dumpable() -> None:
 def _become(user: UserInfo) -> None:
     """Drop to the user for good and become non-dumpable, or raise.
 
-    The saved uid stays 0 until the flag is cleared: changing the euid
-    resets it, changing only the saved uid does not, and while the saved
-    uid is 0 (and the permitted capabilities are kept) no process of the
-    user may ptrace this one or open its memory. No instant is both."""
+    The real and saved uids stay 0 until the flag is cleared: changing the
+    euid resets it, changing only the real and saved uids does not, and
+    while they are 0 (and the permitted capabilities are kept) no process of
+    the user may ptrace or signal this one or open its memory. No instant is
+    both the user's and dumpable."""
     if os.getresuid() == (user.uid,) * 3 and user.uid != 0:
         _not_dumpable()
         return  # already the user (authBackend = none, --check of oneself)
     os.setgroups(list(user.groups))
     os.setresgid(user.gid, user.gid, user.gid)
-    os.setresuid(user.uid, user.uid, 0)
+    os.setresuid(0, user.uid, 0)
     _not_dumpable()
     os.setresuid(user.uid, user.uid, user.uid)
     if os.getresuid() != (user.uid,) * 3 or os.getresgid() != (user.gid,) * 3:
