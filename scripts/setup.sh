@@ -41,4 +41,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
 fi
+# The frontend drops to nobody at start-up and must still reach its own
+# code: a checkout below a 0700 directory (/root, mktemp -d) cannot work.
+if [ "$(id -u)" -eq 0 ] && command -v runuser >/dev/null 2>&1 \
+        && ! runuser -u nobody -- test -r "$PWD/.venv/bin/sendooway" 2>/dev/null; then
+    echo "setup: $PWD is not readable by the user nobody (a parent directory" \
+         "is mode 0700?): the frontend runs as nobody after start-up and could" \
+         "not load its code. Clone the project where others may read it" \
+         "(e.g. /srv, /opt) or chmod o+rx the parent directories." >&2
+    exit 1
+fi
 echo "setup: ready (.venv/bin/sendooway, .venv/bin/sendooway-auth)"
