@@ -286,6 +286,8 @@ def run(args) -> int:
 
         f_off, p_off = frontend(conf_off, "off")
         f_on, p_on = frontend(conf_on, "on")
+        if args.hold:
+            return hold(args.hold, world, up_port, p_off, p_on, alice_pw)
 
         body = make_body(10 * 1024)
         phases: dict[str, list] = {"direct": [], "proxied, cache off": [], "proxied, cache on": []}
@@ -393,6 +395,32 @@ def run(args) -> int:
             stop(p)
 
 
+def hold(path: str, world, up_port: int, p_off: int, p_on: int, alice_pw: str) -> int:
+    """--hold: leave everything running for bench/relay_sessions.py (whole-
+    process timing from outside) until stdin ends or SIGTERM."""
+    import json
+    targets = {
+        "direct": [up_port, UP_USER, UP_PW],
+        "off": [p_off, "alice", alice_pw],
+        "on": [p_on, "alice", alice_pw],
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"ca_file": world.ca_file, "targets": targets}, f)
+    os.replace(tmp, path)
+    print(f"holding: {path} names the ports; stop with SIGTERM or Ctrl-C", flush=True)
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        signal.sigwait(stops)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=40, help="sessions per kind for the medians")
@@ -401,6 +429,9 @@ def main() -> int:
     ap.add_argument("--concurrent", type=int, default=100, help="concurrent sessions")
     ap.add_argument("--rtt-ms", type=float, default=0,
                     help="put the upstream this many ms of round trip away (a delaying TCP relay)")
+    ap.add_argument("--hold", metavar="FILE",
+                    help="start the upstream, sendooway-auth and both frontends, write their ports"
+                         " to FILE and wait (for bench/relay_sessions.py), instead of measuring")
     ap.add_argument("--profile-front", metavar="FILE",
                     help="run the cache-off frontend under cProfile, stats to FILE (writable by nobody)")
     args = ap.parse_args()
@@ -413,7 +444,14 @@ def main() -> int:
         World.create(root)
         env = World.load(root).env()
         env[FLAG] = root
-        return subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
+
+        def forward(signum, _frame):
+            child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        return child.wait()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
