@@ -102,3 +102,34 @@ def test_inetd_tls_key_error_gives_the_client_a_421(tmp_path):
     code, seen, stderr = _inetd_run(["-c", str(conf), "-l", str(logfile)], True)
     assert code == 2 and seen.startswith(b"421 ") and b"none" not in seen
     assert "cannot start:" in logfile.read_text() and "none.pem" in logfile.read_text()
+
+
+def test_default_log_is_syslog_facility_mail(tmp_path):
+    """Without -l both programs log to syslog, facility mail: /dev/log, or
+    UDP localhost:514 where there is none (as in these containers)."""
+    import socket as socketmod
+
+    if os.path.exists("/dev/log"):
+        pytest.skip("this machine has a syslog daemon on /dev/log; the UDP fallback is not used")
+    rx = socketmod.socket(socketmod.AF_INET, socketmod.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 514))
+    except OSError as exc:
+        pytest.skip(f"UDP port 514 not available here: {exc}")
+    rx.settimeout(10)
+    try:
+        r = subprocess.run([FRONT, "-c", "/dev/null"], input=b"EHLO x\r\nQUIT\r\n",
+                           capture_output=True, timeout=60)
+        assert r.stdout.startswith(b"220 ") and b"221 " in r.stdout, r.stdout + r.stderr
+        seen = []
+        while not any(b"closed: quit" in m for m in seen):
+            seen.append(rx.recv(65536))
+    finally:
+        rx.close()
+    ours = [m for m in seen if b"sendooway[" in m]
+    assert ours, seen
+    for m in ours:
+        # <PRI>: facility mail (2) * 8 + severity; info = 6, warning = 4, error = 3
+        pri = int(m[1:m.index(b">")])
+        assert pri // 8 == 2, m
+    assert any(m.startswith(b"<22>sendooway[") and b"connect on stdin/stdout" in m for m in ours), ours
