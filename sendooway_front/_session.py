@@ -34,7 +34,7 @@ from ._reply import Reply
 MAX_COMMAND_LINE = 512      # octets, CRLF included (RFC 5321 4.5.3.1.4)
 MAX_AUTH_LINE = 2048        # base64 of user (256) + password (1024) + slack
 MAX_TEXT_LINE = 1000        # octets, CRLF included (RFC 5321 4.5.3.1.6)
-DATA_CHUNK = 256 * 1024      # largest DataChunk handed out
+DATA_CHUNK = 128 * 1024  # largest DataChunk handed out
 MAX_USER = 256              # as the wire protocol allows
 MAX_PASSWORD = 1024
 
@@ -630,7 +630,9 @@ class Session:
         skip = self._d_skip
         cut = min(cut, skip + DATA_CHUNK)
         if buf[cut - 1:cut + 1] == b"\r\n":
-            cut -= 1  # never split a CRLF: the LF alone would look bare
+            # never split a CRLF (the LF alone would look bare): leave it for
+            # the next chunk, or take it whole when it is all there is
+            cut = cut - 1 if cut - 1 > skip else cut + 1
         if cut <= skip:
             return self._need_data_in_message()
         chunk = bytes(buf[skip:cut])

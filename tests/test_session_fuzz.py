@@ -137,3 +137,32 @@ def test_message_bytes_against_a_reference(pieces, cuts):
     else:
         assert h.messages == [body[:-2]]
         assert codes(bytes(h.out))[-2:] == [250, 250]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=30),
+       cuts=st.lists(st.integers(0, 400), max_size=6),
+       chunk=st.integers(1, 12))
+def test_message_bytes_with_tiny_chunks(pieces, cuts, chunk):
+    """The same with DATA_CHUNK shrunk to a few octets, so that the search
+    window, the chunk border (never inside a CRLF) and the checks of each
+    chunk meet every position of the message and of its end."""
+    from unittest import mock
+
+    from sendooway_front import _session
+
+    body = b"".join(pieces) + b"\r\n"
+    assume(b"\r\n.\r\n" not in b"\r\n" + body)
+    stream = body + b".\r\nNOOP\r\n"
+    with mock.patch.object(_session, "DATA_CHUNK", chunk):
+        h = Harness()
+        h.feed(b"EHLO c\r\nAUTH PLAIN " + plain("alice", "alice-secret").encode()
+               + b"\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
+        points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+        for a, b in zip(points, points[1:]):
+            h.feed(stream[a:b])
+    if _BARE.search(body):
+        assert h.messages == [] and h.aborted == 1
+    else:
+        assert h.messages == [body[:-2]]
+        assert codes(bytes(h.out))[-2:] == [250, 250]
