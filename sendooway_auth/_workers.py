@@ -180,7 +180,12 @@ class WorkerPool:
                 if worker.closed:
                     continue  # replaced while we waited
                 async with self._in_flight:
-                    outcome, answer = await worker.ask(timeout)
+                    try:
+                        outcome, answer = await worker.ask(timeout)
+                    except asyncio.CancelledError:
+                        # its answer may still come: never read it as the next one's
+                        self._drop(worker)
+                        raise
                 worker.last_used = asyncio.get_running_loop().time()
             finally:
                 worker.lock.release()

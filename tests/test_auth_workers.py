@@ -322,6 +322,38 @@ def test_a_lookup_over_the_time_limit_kills_the_worker(alice, monkeypatch):
         asyncio.run(scenario(p))
 
 
+def test_a_cancelled_lookup_never_leaves_its_answer_for_the_next(alice, world, monkeypatch):
+    """A lookup cancelled after the worker took it (daemon shutdown, a
+    caller giving up) retires that worker: its late answer must never be
+    read as the next lookup's, which would then be one file edit behind."""
+    marker = os.path.join(alice.home, "slow")
+    real = _reader._lookup_wire
+
+    def slow(cfg, user):
+        if os.path.exists(marker):
+            time.sleep(0.5)
+        return real(cfg, user)
+
+    monkeypatch.setattr(_reader, "_lookup_wire", slow)
+
+    async def scenario(p):
+        pid = await served(p, alice)
+        open(marker, "w").close()
+        task = asyncio.ensure_future(p.lookup(alice))
+        await asyncio.sleep(0.2)  # the worker has taken it and is reading
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert "alice" not in pids(p)  # retired at once, not left with an answer pending
+        os.unlink(marker)
+        write_rc(world, "alice", server="edited.example.org")
+        assert await answered(p, alice, "alice@example.org") == "edited.example.org"
+        assert pids(p)["alice"] != pid and gone(pid)
+
+    with pool() as p:
+        asyncio.run(scenario(p))
+
+
 def test_without_pidfd_a_stuck_worker_is_still_killed(alice, monkeypatch):
     """Linux < 5.3 has no pidfd_open: the daemon kills by pid, and only a
     worker whose socket is still open (so it has not been reaped)."""
