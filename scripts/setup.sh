@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel
-      xinetd swaks msmtp groff-base groff fail2ban systemd)
+      xinetd swaks msmtp groff-base groff fail2ban systemd haproxy)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -22,8 +22,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# xinetd and fail2ban are only used by the tests, never left running.
-for svc in xinetd fail2ban; do
+# xinetd, fail2ban and haproxy are only used by the tests, never left running.
+for svc in xinetd fail2ban haproxy; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi
