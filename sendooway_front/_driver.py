@@ -21,6 +21,7 @@ from ._events import (
 )
 from ._proxyproto import NoProxyHeader, ProxyHeaderError, ProxyHeaderReader, is_trusted
 from ._relay_api import RelayBackend, SessionInfo
+from ._reply import Reply
 from ._session import Session, SessionSettings
 from ._stream import Stream
 from ._tls import TLSError
@@ -258,7 +259,7 @@ class SessionRunner:
             elif isinstance(ev, MailRequested):
                 s.relay_reply(await self._mail(ev))
             elif isinstance(ev, RcptRequested):
-                s.relay_reply(await self._relay_call(self.relay.rcpt(ev.recipient)))
+                await self._rcpts(ev)
             elif isinstance(ev, DataRequested):
                 s.relay_reply(await self._relay_call(self.relay.data_start()))
             elif isinstance(ev, DataChunk):
@@ -341,6 +342,23 @@ class SessionRunner:
         info = SessionInfo(self.sid, self.client, self.session.client_name, self.session.user or "",
                            self.session.encrypted, self.session.esmtp)
         return await self._relay_call(self.relay.mail(info, route, ev.sender, ev.params))
+
+    async def _rcpts(self, first: RcptRequested) -> None:
+        """A RCPT, and the RCPTs the client pipelined behind it: one group
+        upstream (when it offers PIPELINING), the replies in order."""
+        s = self.session
+        recipients = [first.recipient]
+        while (more := s.pipelined_rcpt()) is not None:
+            recipients.append(more.recipient)
+        if len(recipients) == 1:
+            s.relay_reply(await self._relay_call(self.relay.rcpt(first.recipient)))
+            return
+        replies = await self._relay_call(self.relay.rcpts(recipients))
+        if not isinstance(replies, list) or len(replies) != len(recipients):
+            # the relay failed: the same temporary failure for each, never a 250
+            replies = [replies if isinstance(replies, Reply) else R.RELAY_FAILED] * len(recipients)
+        for reply in replies:
+            s.relay_reply(reply)
 
     async def _relay_call(self, aw):
         """A relay reply; a relay that raises gives a temporary failure, never 250."""

@@ -22,6 +22,9 @@ class NoRelay:
     async def rcpt(self, recipient: str) -> Reply:
         return R.NEED_MAIL  # never reached: the session needs an accepted MAIL first
 
+    async def rcpts(self, recipients: list[str]) -> list[Reply]:
+        return [await self.rcpt(r) for r in recipients]
+
     async def data_start(self) -> Reply:
         return R.NEED_MAIL_DATA
 

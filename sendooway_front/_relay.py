@@ -263,6 +263,27 @@ class Relay:
             self._rcpts += 1
         return reply
 
+    async def rcpts(self, recipients: list[str]) -> list[Reply]:
+        client = self._client
+        if (len(recipients) < 2 or self._broken is not None or client is None
+                or not self._in_tx or not client.supports("PIPELINING")):
+            return [await self.rcpt(r) for r in recipients]
+        replies: list[Reply] = []
+        try:
+            await client.send_lines([f"RCPT TO:<{r}>" for r in recipients])
+            for _ in recipients:
+                if self._broken is not None:  # a 421 in the group: the rest is lost with it
+                    replies.append(self._broken)
+                    continue
+                reply = self._upstream_reply(await client.read_reply())
+                if reply.is_positive:
+                    self._rcpts += 1
+                replies.append(reply)
+        except (OSError, TimeoutError, ReplyError, TLSError) as e:
+            failure = self._fail_transport(e, "RCPT")
+            replies += [failure] * (len(recipients) - len(replies))
+        return replies
+
     async def data_start(self) -> Reply:
         if self._broken is not None:
             return self._broken

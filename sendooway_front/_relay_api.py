@@ -45,6 +45,11 @@ class RelayBackend(Protocol):
     async def rcpt(self, recipient: str) -> Reply:
         """RCPT TO: the upstream's reply verbatim."""
 
+    async def rcpts(self, recipients: list[str]) -> list[Reply]:
+        """Several RCPT TO the client pipelined: the upstream's replies in
+        order, the commands sent upstream as one group when it offers
+        PIPELINING."""
+
     async def data_start(self) -> Reply:
         """DATA: the upstream's 354 (or its refusal)."""
 

@@ -136,6 +136,7 @@ class Session:
         self._d_skip = 0               # octets of the synthetic CRLF not yet skipped
         self._closed_event: ConnectionClosed | None = None
         self._mail_smtputf8 = False
+        self._rcpts_asked = 0          # RcptRequested not yet answered (pipelined RCPTs)
 
     # ------------------------------------------------------------ driver face
 
@@ -224,14 +225,44 @@ class Session:
         if kind is _Await.MAIL and reply.is_positive:
             self.state = State.MAIL
             self.recipients = 0
-        elif kind is _Await.RCPT and reply.is_positive:
-            self.state = State.RCPT
-            self.recipients += 1
+        elif kind is _Await.RCPT:
+            self._rcpts_asked -= 1
+            if self._rcpts_asked:
+                self._awaiting = _Await.RCPT  # more pipelined RCPTs to answer, in order
+            if reply.is_positive:
+                self.state = State.RCPT
+                self.recipients += 1
         elif kind is _Await.DATA and 300 <= reply.code < 400:
             self._begin_data()
         elif kind is _Await.DATA_END:
             self.state = State.AUTHENTICATED
             self.recipients = 0
+
+    def pipelined_rcpt(self) -> RcptRequested | None:
+        """While RCPT answers are awaited: the next command if the client
+        already sent it (PIPELINING) and it is a RCPT that would be asked for
+        anyway, taken now so that the driver can send the group upstream at
+        once; None, and nothing taken, otherwise. Every RcptRequested gets
+        its relay_reply, in order, and the client its replies in order."""
+        if (self._awaiting is not _Await.RCPT or self._events or self._auth is not None
+                or self._discarding or self._closed_event is not None):
+            return None
+        buf = self._buf
+        lf = buf.find(b"\n", 0, MAX_COMMAND_LINE)
+        if lf < 0:
+            return None
+        text = self._decode(bytes(buf[: lf + 1]))
+        if isinstance(text, Reply):
+            return None
+        verb, _, arg = text.partition(" ")
+        if verb.upper() != "RCPT" or self.state not in (State.MAIL, State.RCPT):
+            return None
+        rcpt = self._recipient(arg.strip(" "))
+        if isinstance(rcpt, Reply):
+            return None  # its refusal is answered in turn, after the others
+        del buf[: lf + 1]
+        self._rcpts_asked += 1
+        return RcptRequested(rcpt)
 
     def fail_message(self, reply: Reply, reason: str) -> None:
         """The driver cannot deliver the message being received (the relay
@@ -517,29 +548,34 @@ class Session:
         self._events.append(MailRequested(sender, MailParams(size, body8, smtputf8)))
 
     def _cmd_rcpt(self, arg: str, nxt: State) -> None:
+        rcpt = self._recipient(arg)
+        if isinstance(rcpt, Reply):
+            self._reply(rcpt)
+            return
+        self._awaiting = _Await.RCPT
+        self._rcpts_asked = 1
+        self._events.append(RcptRequested(rcpt))
+
+    def _recipient(self, arg: str) -> str | Reply:
+        """The address of a RCPT TO argument, or the refusal for it. Counts
+        the RCPTs asked for but not answered yet towards the cap."""
         try:
             path, params_text = split_path_argument(arg, "TO")
             params = parse_params(params_text)
         except (PathError, ParamError):
-            self._reply(R.SYNTAX_RCPT)
-            return
+            return R.SYNTAX_RCPT
         if params:
-            self._reply(R.BAD_PARAMETER)
-            return
+            return R.BAD_PARAMETER
         try:
             rcpt = parse_path(path, allow_null=False, allow_postmaster=True,
                               utf8=self._mail_smtputf8)
         except NeedsUtf8:
-            self._reply(R.UTF8_NEEDS_SMTPUTF8)
-            return
+            return R.UTF8_NEEDS_SMTPUTF8
         except PathError:
-            self._reply(R.BAD_RECIPIENT)
-            return
-        if self.recipients >= self.settings.max_recipients:
-            self._reply(R.TOO_MANY_RECIPIENTS)
-            return
-        self._awaiting = _Await.RCPT
-        self._events.append(RcptRequested(rcpt))
+            return R.BAD_RECIPIENT
+        if self.recipients + self._rcpts_asked >= self.settings.max_recipients:
+            return R.TOO_MANY_RECIPIENTS
+        return rcpt
 
     def _cmd_data(self, arg: str, nxt: State) -> None:
         if arg:

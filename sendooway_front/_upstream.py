@@ -153,11 +153,19 @@ class UpstreamClient:
 
     async def command(self, line: str | bytes) -> Reply:
         """Send one command line (CRLF added) and return the upstream's reply."""
-        data = line.encode("utf-8") if isinstance(line, str) else line
-        if b"\r" in data or b"\n" in data:
-            raise ValueError("a command line must not contain CR or LF")
-        await self.stream.write(data + b"\r\n")
+        await self.send_lines([line])
         return await self.reader.read_reply()
+
+    async def send_lines(self, lines: list[str | bytes]) -> None:
+        """Send command lines (CRLF added) in one write, reading nothing: a
+        pipelined group (RFC 2920) whose replies the caller reads in order."""
+        out = []
+        for line in lines:
+            data = line.encode("utf-8") if isinstance(line, str) else line
+            if b"\r" in data or b"\n" in data:
+                raise ValueError("a command line must not contain CR or LF")
+            out.append(data + b"\r\n")
+        await self.stream.write(b"".join(out))
 
     async def read_reply(self) -> Reply:
         return await self.reader.read_reply()

@@ -76,8 +76,15 @@ class Harness:
                 s.relay_reply(R.NO_ROUTE if ev.sender in self.no_route
                               else Reply(250, ("2.1.0 Sender OK",)))
             elif isinstance(ev, RcptRequested):
-                s.relay_reply(Reply(550, ("5.1.1 No such user",)) if ev.recipient in self.reject_rcpt
-                              else Reply(250, ("2.1.5 Recipient OK",)))
+                # as the driver does: the RCPTs pipelined behind it as one group
+                group = [ev]
+                while (more := s.pipelined_rcpt()) is not None:
+                    group.append(more)
+                self.events += group[1:]
+                for rcpt in group:
+                    s.relay_reply(Reply(550, ("5.1.1 No such user",))
+                                  if rcpt.recipient in self.reject_rcpt
+                                  else Reply(250, ("2.1.5 Recipient OK",)))
             elif isinstance(ev, DataRequested):
                 s.relay_reply(R.START_DATA)
             elif isinstance(ev, DataChunk):

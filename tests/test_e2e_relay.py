@@ -447,3 +447,28 @@ def test_upstream_drop_mid_data_and_client_vanishing_mid_data(world, upstream_fa
             fe.stop()
             daemon.stop()
             srv.close()
+
+
+def test_swaks_pipelining_several_recipients(w6, tmp_path):
+    """swaks --pipeline sends MAIL, the RCPTs and DATA in one group: every
+    reply comes back in its place, the upstream gets every recipient, and
+    the refused one is refused with the upstream's own words."""
+    body = _mk_body("pipelined")
+    path = tmp_path / "msg.eml"
+    path.write_bytes(body[:-2])
+    rcpts = ["p1@example.net", "nobody@example.net", "p2@example.net", "p3@example.net"]
+    r = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{w6.front.port}", "--tls", "--helo", "client.test",
+         "--pipeline", "--auth", "PLAIN", "--auth-user", "dave",
+         "--auth-password", w6.world.users["dave"].password, "--from", "dave@plain.example",
+         "--to", ",".join(rcpts), "--data", str(path),
+         "--tls-verify", "--tls-ca-path", w6.world.ca_file],
+        capture_output=True, text=True, timeout=60)
+    out = r.stdout
+    assert "<** 550 5.1.1 no such user here" in out or "<~* 550 5.1.1 no such user here" in out, out
+    replies = [line for line in out.splitlines() if "5.1.1" in line or "2.1.5" in line]
+    assert len(replies) == 4 and "550" in replies[1], replies
+    assert "250 2.0.0 queued as FAKE" in out, out
+    up = w6.ups["plain"]
+    assert len(up.messages) == 1
+    assert up.messages[0].rcpt_tos == ["p1@example.net", "p2@example.net", "p3@example.net"]

@@ -72,7 +72,17 @@ class RecordingRelay:
 
     async def rcpt(self, recipient):
         self.calls.append("rcpt")
-        return Reply(250, ("2.1.5 upstream OK",))
+        return self._rcpt_reply(recipient)
+
+    async def rcpts(self, recipients):
+        self.calls.append(("rcpts", list(recipients)))
+        return [self._rcpt_reply(r) for r in recipients]
+
+    @staticmethod
+    def _rcpt_reply(recipient):
+        if recipient.startswith("nobody@"):
+            return Reply(550, (f"5.1.1 <{recipient}> unknown",))
+        return Reply(250, (f"2.1.5 <{recipient}> OK",))
 
     async def data_start(self):
         self.calls.append("data_start")
@@ -283,3 +293,30 @@ def test_trickling_client_gets_no_more_than_timeout_per_command(monkeypatch):
 ])
 def test_describe_peer_shows_ipv4_clients_of_the_dual_stack_socket_as_ipv4(peer, shown):
     assert _driver.describe_peer(peer) == shown
+
+
+def test_pipelined_rcpts_go_to_the_relay_as_one_group_replies_in_order(monkeypatch):
+    """RFC 2920: the RCPTs a client sent in one write reach the relay as one
+    group (so they can go upstream in one write); a malformed one ends the
+    group and is answered in its turn; every reply keeps its place."""
+    script = (LOGIN + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<one@x.y>\r\nRCPT TO:<nobody@x.y>\r\n"
+              b"RCPT TO:<two@x.y>\r\nRCPT TO:<bad\r\nRCPT TO:<three@x.y>\r\nDATA\r\n"
+              b"body\r\n.\r\nQUIT\r\n")
+    out, relay = asyncio.run(converse(monkeypatch, script))
+    assert codes(out) == [220, 250, 235, 250, 250, 550, 250, 501, 250, 354, 250, 221]
+    text = out.decode()
+    order = [text.index(t) for t in ("250 2.1.5 <one@x.y> OK", "550 5.1.1 <nobody@x.y> unknown",
+                                     "250 2.1.5 <two@x.y> OK", "501 ", "250 2.1.5 <three@x.y> OK")]
+    assert order == sorted(order)
+    assert ("rcpts", ["one@x.y", "nobody@x.y", "two@x.y"]) in relay.calls
+    assert relay.calls.count("rcpt") == 1  # three@x.y, alone after the malformed one
+
+
+def test_a_relay_failing_on_a_group_answers_each_rcpt_with_a_4xx(monkeypatch):
+    class Failing(RecordingRelay):
+        async def rcpts(self, recipients):
+            raise RuntimeError("boom")
+
+    script = LOGIN + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<one@x.y>\r\nRCPT TO:<two@x.y>\r\nQUIT\r\n"
+    out, relay = asyncio.run(converse(monkeypatch, script, relay=Failing()))
+    assert codes(out) == [220, 250, 235, 250, 451, 451, 221]

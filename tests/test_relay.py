@@ -424,3 +424,78 @@ def test_client_rset_ends_the_upstream_transaction_and_keeps_the_login(upstream_
     run(go())
     assert up.logins == ["u"]
     assert [(m.mail_from, m.rcpt_tos) for m in up.messages] == [("b@x.y", ["kept@x.y"])]
+
+
+async def _scripted_upstream(pipelining: bool, seen: dict):
+    """A plain SMTP upstream that, when it offers PIPELINING, holds its RCPT
+    replies until the whole group of three is in (so a relay that waited
+    for each reply would be told apart, not hang: it gives up after 2 s)."""
+
+    async def handle(r, w):
+        w.write(b"220 up.test ESMTP\r\n")
+        in_data = False
+        while line := await r.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    w.write(b"250 2.0.0 queued\r\n")
+            elif line[:4].upper() == b"EHLO":
+                w.write(b"250-up.test\r\n250 PIPELINING\r\n" if pipelining else b"250 up.test\r\n")
+            elif line[:4].upper() == b"MAIL":
+                w.write(b"250 2.1.0 ok\r\n")
+            elif line[:4].upper() == b"RCPT":
+                group = [line]
+                if pipelining:
+                    try:
+                        while len(group) < 3:
+                            group.append(await asyncio.wait_for(r.readline(), 2))
+                    except asyncio.TimeoutError:
+                        pass
+                seen.setdefault("groups", []).append(len(group))
+                for x in group:
+                    w.write(b"550 5.1.1 <nobody> unknown\r\n" if b"nobody" in x
+                            else b"250 2.1.5 ok\r\n")
+            elif line[:4].upper() == b"DATA":
+                in_data = True
+                w.write(b"354 go\r\n")
+            elif line[:4].upper() == b"QUIT":
+                w.write(b"221 bye\r\n")
+                await w.drain()
+                break
+            else:
+                w.write(b"250 ok\r\n")
+            await w.drain()
+        w.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_pipelined_rcpts_go_upstream_as_one_group_when_offered(pipelining):
+    from sendooway_shared.types import Route
+
+    seen: dict = {}
+    log, _handler = capture_log()
+
+    async def go():
+        server = await _scripted_upstream(pipelining, seen)
+        port = server.sockets[0].getsockname()[1]
+        route = Route(server="127.0.0.1", port=port, tls=TlsMode.PLAIN, ca_file="", user="",
+                      password=Secret(""), auth=False, source="test.conf:1")
+        relay = Relay(config(), log)
+        try:
+            assert (await relay.mail(info(), route, "a@example.com", MailParams())).code == 250
+            replies = await relay.rcpts(["one@x.y", "nobody@x.y", "two@x.y"])
+            data = await relay.data_start()
+            await relay.data_chunk(b"Subject: x\r\n\r\nhi")
+            end = await relay.data_end()
+            await relay.close()
+            return replies, data, end
+        finally:
+            server.close()
+
+    replies, data, end = run(go())
+    assert [r.code for r in replies] == [250, 550, 250]
+    assert replies[1].lines == ("5.1.1 <nobody> unknown",)
+    assert data.code == 354 and end.code == 250
+    assert seen["groups"] == ([3] if pipelining else [1, 1, 1])

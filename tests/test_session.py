@@ -430,3 +430,49 @@ def test_driver_bugs_raise():
         s.relay_reply(R.OK)
     with pytest.raises(LocalProtocolError):
         s.start()
+
+
+def _pipelined(settings, script):
+    """Drive a session by hand: MAIL answered 250, each RCPT group taken
+    with pipelined_rcpt() and then answered 250 in order. Returns (reply
+    codes, the RCPT groups)."""
+    from sendooway_front._events import NEED_DATA, RcptRequested
+    from sendooway_front._reply import Reply
+    from sendooway_front._session import Session
+
+    s = Session(settings)
+    s.start()
+    s.receive_data(script)
+    groups = []
+    while True:
+        ev = s.next_event()
+        if isinstance(ev, AuthRequested):
+            s.auth_result("alice")
+        elif isinstance(ev, MailRequested):
+            s.relay_reply(Reply(250, ("2.1.0 ok",)))
+        elif isinstance(ev, RcptRequested):
+            group = [ev.recipient]
+            while (more := s.pipelined_rcpt()) is not None:
+                group.append(more.recipient)
+            groups.append(group)
+            assert s.pipelined_rcpt() is None  # asking again takes nothing
+            for _ in group:
+                s.relay_reply(Reply(250, ("2.1.5 ok",)))
+        elif ev is NEED_DATA or s.closed:
+            return codes(s.data_to_send()), groups
+
+
+def test_pipelined_rcpts_respect_the_recipient_cap():
+    script = (LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\n"
+              + b"".join(b"RCPT TO:<r%d@x.y>\r\n" % i for i in range(4)) + b"NOOP\r\n")
+    c, groups = _pipelined(SessionSettings("h", max_recipients=3), script)
+    assert groups == [["r0@x.y", "r1@x.y", "r2@x.y"]]
+    assert c[-5:] == [250, 250, 250, 452, 250]
+
+
+def test_pipelined_rcpt_group_stops_at_anything_else():
+    script = (LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<a@x.y>\r\nrcpt to:<b@x.y>\r\n"
+              b"NOOP\r\nRCPT TO:<c@x.y>\r\nRCPT TO:<d@x.y>\r\nRSET\r\nRCPT TO:<e@x.y>\r\n")
+    c, groups = _pipelined(SessionSettings("h"), script)
+    assert groups == [["a@x.y", "b@x.y"], ["c@x.y", "d@x.y"]]
+    assert c[-7:] == [250, 250, 250, 250, 250, 250, 503]  # RCPT after RSET: no transaction
