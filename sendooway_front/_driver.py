@@ -19,7 +19,9 @@ from ._events import (
     NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
-from ._proxyproto import NoProxyHeader, ProxyHeaderError, ProxyHeaderReader, is_trusted
+from ._proxyproto import (
+    NoProxyHeader, ProxyHeaderError, ProxyHeaderReader, is_trusted, unmapped,
+)
 from ._relay_api import RelayBackend, SessionInfo
 from ._reply import Reply
 from ._session import Session, SessionSettings
@@ -89,13 +91,10 @@ def describe_peer(peer: Any) -> str:
     (::ffff:a.b.c.d) is shown as the IPv4 address it is, in logs and Received:."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = str(peer[0]), peer[1]
-        if host.lower().startswith("::ffff:"):
-            try:
-                mapped = ipaddress.IPv6Address(host).ipv4_mapped
-            except ValueError:
-                mapped = None
-            if mapped is not None:
-                host = str(mapped)
+        try:
+            host = str(unmapped(ipaddress.ip_address(host)))
+        except ValueError:
+            pass  # not an address: shown as it is
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer) if peer else ""
 

@@ -104,13 +104,13 @@ def is_trusted(address: str, networks: Iterable[Network]) -> bool:
     """Whether a peer address (text; IPv4-mapped IPv6 counts as IPv4) is in
     one of `networks`. A peer that is not an IP address is never trusted."""
     try:
-        ip = _plain(ipaddress.ip_address(address.split("%", 1)[0]))
+        ip = unmapped(ipaddress.ip_address(address.split("%", 1)[0]))
     except ValueError:
         return False
     return any(ip in net for net in networks)
 
 
-def _plain(ip):
+def unmapped(ip):
     """IPv4-mapped IPv6 (`::ffff:10.0.0.5`, from a dual-stack socket) as IPv4."""
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
@@ -169,7 +169,7 @@ def _v1_address(field: bytes, version: int) -> str:
         raise ProxyHeaderError(f"v1 address {_show(field)} is not an IPv{version} address") from None
     if ip.version != version:
         raise ProxyHeaderError(f"v1 address {_show(field)} is not an IPv{version} address")
-    return str(_plain(ip))
+    return str(unmapped(ip))
 
 
 def _v1_port(field: bytes) -> int:
@@ -222,4 +222,4 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
 
 
 def _v2_endpoint(address: bytes, port: bytes) -> tuple[str, int]:
-    return str(_plain(ipaddress.ip_address(address))), int.from_bytes(port, "big")
+    return str(unmapped(ipaddress.ip_address(address))), int.from_bytes(port, "big")
