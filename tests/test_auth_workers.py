@@ -294,18 +294,26 @@ def test_a_worker_that_grew_retires_after_answering(alice, monkeypatch):
         asyncio.run(scenario(p))
 
 
+def slow_lookups(monkeypatch, user, seconds: float) -> str:
+    """Make every lookup sleep `seconds` first while a marker file exists in
+    the user's home (workers fork after this, so they inherit it); returns
+    the marker's path."""
+    marker = os.path.join(user.home, "slow")
+    real = _reader._lookup_wire
+
+    def slow(cfg, who):
+        if os.path.exists(marker):
+            time.sleep(seconds)
+        return real(cfg, who)
+
+    monkeypatch.setattr(_reader, "_lookup_wire", slow)
+    return marker
+
+
 def test_a_lookup_over_the_time_limit_kills_the_worker(alice, monkeypatch):
     """A lookup that runs into SIGALRM fails (temporarily) at once; the next
     one gets a fresh worker."""
-    marker = os.path.join(alice.home, "slow")
-    real = _reader._lookup_wire
-
-    def slow(cfg, user):
-        if os.path.exists(marker):
-            time.sleep(30)
-        return real(cfg, user)
-
-    monkeypatch.setattr(_reader, "_lookup_wire", slow)
+    marker = slow_lookups(monkeypatch, alice, 30)
     monkeypatch.setattr(_reader, "TIME_LIMIT", 1)
 
     async def scenario(p):
@@ -326,15 +334,7 @@ def test_a_cancelled_lookup_never_leaves_its_answer_for_the_next(alice, world, m
     """A lookup cancelled after the worker took it (daemon shutdown, a
     caller giving up) retires that worker: its late answer must never be
     read as the next lookup's, which would then be one file edit behind."""
-    marker = os.path.join(alice.home, "slow")
-    real = _reader._lookup_wire
-
-    def slow(cfg, user):
-        if os.path.exists(marker):
-            time.sleep(0.5)
-        return real(cfg, user)
-
-    monkeypatch.setattr(_reader, "_lookup_wire", slow)
+    marker = slow_lookups(monkeypatch, alice, 0.5)
 
     async def scenario(p):
         pid = await served(p, alice)

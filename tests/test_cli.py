@@ -61,6 +61,8 @@ def test_missing_config_exits_2(cmd, tmp_path):
 def _inetd_run(args, stderr_is_client: bool):
     """Run the frontend as inetd would: fd 0 and 1 (and with xinetd 2) are
     the client's socket. Returns (exit code, what the client read, stderr)."""
+    from .test_front_proxy_e2e import read_until_closed
+
     client, server = __import__("socket").socketpair()
     err = server.fileno() if stderr_is_client else subprocess.PIPE
     proc = subprocess.Popen([FRONT, *args], stdin=server.fileno(), stdout=server.fileno(),
@@ -68,12 +70,7 @@ def _inetd_run(args, stderr_is_client: bool):
     server.close()
     _out, stderr = proc.communicate(timeout=60)
     client.settimeout(10)
-    seen = b""
-    while True:
-        chunk = client.recv(65536)
-        if not chunk:
-            break
-        seen += chunk
+    seen = read_until_closed(client)
     client.close()
     return proc.returncode, seen, (stderr or b"").decode()
 

@@ -13,20 +13,19 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import time
 
 import pytest
 
 from .auth_helpers import Daemon
 from .fakeworld import free_port
 from .front_util import Frontend, front_config, open_tmp, wait_port
+from .test_front_proxy_e2e import FAIL2BAN, wait_for
 from .upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 BALANCER, CLIENT = "127.0.0.2", "127.0.0.3"
-FAIL2BAN = re.compile(r"auth failed: user=\S* client=(?P<host>\S+) reason=")
 
 HAPROXY_CFG = """\
 global
@@ -61,15 +60,6 @@ def server_status(stats: str) -> str:
         if row.get("svname") == "mx1":
             return row.get("status", "")
     return ""
-
-
-def wait_for(predicate, what: str, timeout: float = 15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

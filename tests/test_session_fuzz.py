@@ -117,36 +117,10 @@ _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 PIECES = [b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"x" * 10, b"\r\n.", b"\r\n..", b" "]
 
 
-@settings(max_examples=400, deadline=None)
-@given(pieces=st.lists(st.sampled_from(PIECES), max_size=30),
-       cuts=st.lists(st.integers(0, 400), max_size=6))
-def test_message_bytes_against_a_reference(pieces, cuts):
+def _check_message(pieces, cuts, chunk=None):
     """Any message, split anywhere: the relay gets exactly the raw bytes
-    before the final CRLF.CRLF, or nothing at all when a bare CR/LF is in it."""
-    body = b"".join(pieces) + b"\r\n"
-    assume(b"\r\n.\r\n" not in b"\r\n" + body)
-    stream = body + b".\r\nNOOP\r\n"
-    h = Harness()
-    h.feed(b"EHLO c\r\nAUTH PLAIN " + plain("alice", "alice-secret").encode()
-           + b"\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
-    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
-    for a, b in zip(points, points[1:]):
-        h.feed(stream[a:b])
-    if _BARE.search(body):
-        assert h.messages == [] and h.aborted == 1
-    else:
-        assert h.messages == [body[:-2]]
-        assert codes(bytes(h.out))[-2:] == [250, 250]
-
-
-@settings(max_examples=400, deadline=None)
-@given(pieces=st.lists(st.sampled_from(PIECES), max_size=30),
-       cuts=st.lists(st.integers(0, 400), max_size=6),
-       chunk=st.integers(1, 12))
-def test_message_bytes_with_tiny_chunks(pieces, cuts, chunk):
-    """The same with DATA_CHUNK shrunk to a few octets, so that the search
-    window, the chunk border (never inside a CRLF) and the checks of each
-    chunk meet every position of the message and of its end."""
+    before the final CRLF.CRLF, or nothing at all when a bare CR/LF is in
+    it. `chunk`: DATA_CHUNK shrunk to that many octets."""
     from unittest import mock
 
     from sendooway_front import _session
@@ -154,7 +128,7 @@ def test_message_bytes_with_tiny_chunks(pieces, cuts, chunk):
     body = b"".join(pieces) + b"\r\n"
     assume(b"\r\n.\r\n" not in b"\r\n" + body)
     stream = body + b".\r\nNOOP\r\n"
-    with mock.patch.object(_session, "DATA_CHUNK", chunk):
+    with mock.patch.object(_session, "DATA_CHUNK", chunk or _session.DATA_CHUNK):
         h = Harness()
         h.feed(b"EHLO c\r\nAUTH PLAIN " + plain("alice", "alice-secret").encode()
                + b"\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
@@ -166,3 +140,21 @@ def test_message_bytes_with_tiny_chunks(pieces, cuts, chunk):
     else:
         assert h.messages == [body[:-2]]
         assert codes(bytes(h.out))[-2:] == [250, 250]
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=30),
+       cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_message_bytes_against_a_reference(pieces, cuts):
+    _check_message(pieces, cuts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=30),
+       cuts=st.lists(st.integers(0, 400), max_size=6),
+       chunk=st.integers(1, 12))
+def test_message_bytes_with_tiny_chunks(pieces, cuts, chunk):
+    """The same with DATA_CHUNK shrunk to a few octets, so that the search
+    window, the chunk border (never inside a CRLF) and the checks of each
+    chunk meet every position of the message and of its end."""
+    _check_message(pieces, cuts, chunk)

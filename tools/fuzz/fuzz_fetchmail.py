@@ -10,7 +10,7 @@ planted in the input never shows in an error or warning.
 
 from __future__ import annotations
 
-from _common import SECRET, atheris, run
+from _common import SECRET, atheris, check_user_file_parser, run
 
 with atheris.instrument_imports(include=["sendooway_auth", "sendooway_shared"]):
     from sendooway_auth.fetchmail import parse_fetchmailrc
@@ -21,19 +21,7 @@ PLANTS = (f'pass "{SECRET}"', f"password {SECRET}", f'#sendooway:pass "{SECRET}"
 
 
 def test_one_input(data: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(data)
-    plant = fdp.ConsumeIntInRange(0, len(PLANTS))
-    text = fdp.ConsumeUnicodeNoSurrogates(fdp.remaining_bytes())
-    if plant < len(PLANTS):
-        cut = len(text) // 2
-        text = text[:cut] + "\n" + PLANTS[plant] + "\n" + text[cut:]
-    result = parse_fetchmailrc(text, NAME)
-    for message in result.errors + result.warnings:
-        assert message.startswith(NAME + ":"), message
-        if plant < len(PLANTS) and text.count(SECRET) == 1:
-            assert SECRET not in message, message
-    for account in result.accounts:
-        assert account.route.server and 0 < account.route.port < 65536, account
+    check_user_file_parser(data, parse_fetchmailrc, NAME, PLANTS)
 
 
 if __name__ == "__main__":
