@@ -43,8 +43,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # The frontend drops to nobody at start-up and must still reach its own
 # code: a checkout below a 0700 directory (/root, mktemp -d) cannot work.
-if [ "$(id -u)" -eq 0 ] && command -v runuser >/dev/null 2>&1 \
-        && ! runuser -u nobody -- test -r "$PWD/.venv/bin/sendooway" 2>/dev/null; then
+readable_by_nobody() { runuser -u nobody -- test -r "$PWD/.venv/bin/sendooway" 2>/dev/null; }
+if [ "$(id -u)" -eq 0 ] && command -v runuser >/dev/null 2>&1 && ! readable_by_nobody \
+        && [ "${CI:-}" = true ]; then
+    # A throw-away CI machine (e.g. a clone in `mktemp -d`, mode 0700): let
+    # others pass through the directories above the checkout (search only,
+    # no listing). Never done outside CI: that is the admin's decision.
+    dir=$PWD
+    while [ "$dir" != / ]; do
+        [ -n "$(find "$dir" -maxdepth 0 ! -perm -o+x)" ] && chmod o+x "$dir" \
+            && echo "setup: CI: made $dir searchable by others (the frontend runs as nobody)"
+        dir=$(dirname "$dir")
+    done
+fi
+if [ "$(id -u)" -eq 0 ] && command -v runuser >/dev/null 2>&1 && ! readable_by_nobody; then
     echo "setup: $PWD is not readable by the user nobody (a parent directory" \
          "is mode 0700?): the frontend runs as nobody after start-up and could" \
          "not load its code. Clone the project where others may read it" \
