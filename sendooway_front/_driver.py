@@ -256,7 +256,7 @@ class SessionRunner:
                 self._log(logging.INFO, "STARTTLS: %s %s", self.stream.tls_version(),
                           self.stream.tls_cipher())
             elif isinstance(ev, MailRequested):
-                s.relay_reply(await self._mail(ev))
+                await self._mail(ev)
             elif isinstance(ev, RcptRequested):
                 await self._rcpts(ev)
             elif isinstance(ev, DataRequested):
@@ -328,19 +328,42 @@ class SessionRunner:
             self.session.auth_result(account)
             self._log(logging.INFO, "login: mechanism=%s", ev.mechanism)
 
-    async def _mail(self, ev: MailRequested):
+    async def _mail(self, ev: MailRequested) -> None:
+        """MAIL: the route, then the relay; RCPTs (and DATA) the client
+        pipelined behind it go upstream in the same group."""
+        s = self.session
         try:
             route = await self.link.route(ev.sender)
         except AuthLinkError as exc:
             self._log(logging.ERROR, "route for <%s>: %s", ev.sender, exc)
-            return R.ROUTE_TEMPFAIL
+            s.relay_reply(R.ROUTE_TEMPFAIL)
+            return
         if route is None:
             self._log(logging.INFO, "sender=<%s>: no route", ev.sender)
-            return R.NO_ROUTE
+            s.relay_reply(R.NO_ROUTE)
+            return
         self._log(logging.INFO, "sender=<%s> route=%s", ev.sender, route.describe())
-        info = SessionInfo(self.sid, self.client, self.session.client_name, self.session.user or "",
-                           self.session.encrypted, self.session.esmtp)
-        return await self._relay_call(self.relay.mail(info, route, ev.sender, ev.params))
+        info = SessionInfo(self.sid, self.client, s.client_name, s.user or "",
+                           s.encrypted, s.esmtp)
+        group = getattr(self.relay, "mail_group", None)
+        recipients = []
+        if group is not None:
+            while (more := s.pipelined_rcpt()) is not None:
+                recipients.append(more.recipient)
+        if not recipients:
+            s.relay_reply(await self._relay_call(self.relay.mail(info, route, ev.sender, ev.params)))
+            return
+        data = s.data_follows()
+        replies = await self._relay_call(group(info, route, ev.sender, ev.params, recipients, data))
+        self._reply_each(replies, 1 + len(recipients))
+
+    def _reply_each(self, replies, count: int) -> None:
+        """One relay reply per command of a group, in order; a relay that
+        failed gives the same temporary failure for each, never a 250."""
+        if not isinstance(replies, list) or len(replies) != count:
+            replies = [replies if isinstance(replies, Reply) else R.RELAY_FAILED] * count
+        for reply in replies:
+            self.session.relay_reply(reply)
 
     async def _rcpts(self, first: RcptRequested) -> None:
         """A RCPT, and the RCPTs the client pipelined behind it: one group
@@ -353,11 +376,7 @@ class SessionRunner:
             s.relay_reply(await self._relay_call(self.relay.rcpt(first.recipient)))
             return
         replies = await self._relay_call(self.relay.rcpts(recipients))
-        if not isinstance(replies, list) or len(replies) != len(recipients):
-            # the relay failed: the same temporary failure for each, never a 250
-            replies = [replies if isinstance(replies, Reply) else R.RELAY_FAILED] * len(recipients)
-        for reply in replies:
-            s.relay_reply(reply)
+        self._reply_each(replies, len(recipients))
 
     async def _relay_call(self, aw):
         """A relay reply; a relay that raises gives a temporary failure, never 250."""

@@ -86,6 +86,7 @@ class Relay:
         self._check = _LineEndCheck()
         self._held = b""             # message bytes not yet sent upstream (one chunk at most)
         self._held_header = False    # _held is only the Received: header so far
+        self._data_reply: Reply | None = None  # DATA's reply, read with a pipelined group
         self.messages = 0            # messages the upstream accepted (tests, benchmarks)
 
     # ------------------------------------------------------------ helpers
@@ -106,9 +107,18 @@ class Relay:
         self._key = None
         self._in_tx = False
         self._in_data = False
+        self._data_reply = None
+
+    def _waiting_for_message(self) -> bool:
+        """The upstream said 354 and waits for a message (no RSET possible)."""
+        return self._in_data or (self._data_reply is not None and self._data_reply.code == 354)
 
     async def _release(self) -> None:
         """Out of any transaction: keep the connection in the pool or QUIT it."""
+        if self._waiting_for_message():
+            self._drop()
+            return
+        self._data_reply = None
         client, key = self._client, self._key
         self._client = None
         self._key = None
@@ -175,11 +185,12 @@ class Relay:
         client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
         return client, False
 
-    async def _probe_and_mail(self, client: UpstreamClient, command: str) -> Reply | None:
-        """RSET (is the kept connection alive and clean?) and MAIL, in one
-        round trip when the upstream offers PIPELINING. None: the probe failed."""
+    async def _probe_and_mail(self, client: UpstreamClient, group: list[str]) -> Reply | None:
+        """RSET (is the kept connection alive and clean?) and MAIL (with the
+        rest of its group), in one round trip when the upstream offers
+        PIPELINING. Returns MAIL's reply; None: the probe failed."""
         if client.supports("PIPELINING"):
-            await client.stream.write(b"RSET\r\n" + command.encode("utf-8") + b"\r\n")
+            await client.send_lines(["RSET", *group])
             probe = await client.read_reply()
             if probe.code != 250:
                 return None
@@ -187,23 +198,46 @@ class Relay:
         probe = await client.command("RSET")
         if probe.code != 250:
             return None
-        return await client.command(command)
+        return await client.command(group[0])
 
     # ------------------------------------------------------------ RelayBackend
 
     async def mail(self, info: SessionInfo, route: Route, sender: str, params: MailParams) -> Reply:
+        return (await self.mail_group(info, route, sender, params, [], False))[0]
+
+    async def mail_group(self, info: SessionInfo, route: Route, sender: str, params: MailParams,
+                         recipients: list[str], data: bool) -> list[Reply]:
+        """MAIL, the RCPTs the client pipelined behind it and maybe its DATA:
+        one group upstream when it offers PIPELINING (RFC 2920), so a
+        pipelining client costs one round trip upstream, as it would
+        directly. Returns MAIL's reply and one per RCPT; DATA's reply is kept
+        for data_start (the client's DATA comes in its turn)."""
+        mail_reply = await self._mail(info, route, sender, params, recipients, data)
+        if isinstance(mail_reply, list):
+            return mail_reply
+        return [mail_reply, *(await self.rcpts(recipients) if recipients else [])]
+
+    async def _mail(self, info: SessionInfo, route: Route, sender: str, params: MailParams,
+                    recipients: list[str], data: bool) -> Reply | list[Reply]:
+        """MAIL's reply; or, when the group went upstream in one piece, the
+        replies for MAIL and each RCPT."""
         self._info = info
         self._broken = None
         key = PoolKey.of(route, route.ca_file or self.config.sslCA, self._ehlo_name(info))
+        rset_first = False  # the RSET ending the last transaction goes with this MAIL
         if self._client is not None and (self._key != key or self._in_tx):
-            if self._key == key:
-                await self.reset()
-            else:
+            if self._key != key:
                 await self._release()
+            elif (self._in_tx and not self._waiting_for_message()
+                  and self._client.supports("PIPELINING")):
+                rset_first = True
+            else:
+                await self.reset()
         self._route = route
         self._sender = sender
         self._rcpts = 0
         self._bytes = 0
+        self._data_reply = None
         for attempt in range(2):
             from_pool = False
             fresh = self._client is None
@@ -219,14 +253,23 @@ class Relay:
                 fresh = not from_pool
             command = self._client.mail_command(sender, params, self.config)
             if isinstance(command, Reply):
+                if rset_first:
+                    await self.reset()
                 return command
+            self._in_tx = False
+            group = [command]
+            grouped = bool(recipients) and self._client.supports("PIPELINING")
+            if grouped:
+                group += [f"RCPT TO:<{r}>" for r in recipients] + (["DATA"] if data else [])
             try:
-                if from_pool:
-                    reply = await self._probe_and_mail(self._client, command)
+                if from_pool or rset_first:
+                    rset_first = False
+                    reply = await self._probe_and_mail(self._client, group)
                     if reply is None:
                         raise ConnectionResetError("RSET probe refused")
                 else:
-                    reply = await self._client.command(command)
+                    await self._client.send_lines(group)
+                    reply = await self._client.read_reply()
             except (OSError, TimeoutError, ReplyError, TLSError) as e:
                 if not fresh and attempt == 0:
                     # a kept connection died in between: connect afresh, once
@@ -246,13 +289,52 @@ class Relay:
                 self._in_tx = True
             else:
                 self._log_message(f"MAIL refused: {reply}")
+            if grouped:
+                return [reply, *(await self._group_replies(len(recipients), data))]
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _group_replies(self, rcpts: int, data: bool) -> list[Reply]:
+        """The replies to the RCPTs (and DATA) sent in one group behind MAIL,
+        whose reply has been read. Behind a refused MAIL no RCPT is accepted,
+        whatever the upstream says; DATA's reply is kept for data_start, or,
+        when nothing can follow it (no recipient, or a 354 nobody will use),
+        the connection is left."""
+        replies: list[Reply] = []
+        try:
+            for _ in range(rcpts):
+                if self._client is None:  # dropped (421, nonsense): the rest is lost with it
+                    replies.append(self._broken or DROPPED)
+                    continue
+                reply = await self._client.read_reply()
+                if self._in_tx:
+                    reply = self._upstream_reply(reply)
+                    if reply.is_positive:
+                        self._rcpts += 1
+                elif reply.code == 421:
+                    reply = self._upstream_reply(reply)
+                elif reply.code < 400:
+                    reply = NO_TRANSACTION
+                replies.append(reply)
+            if data and self._client is not None:
+                reply = await self._client.read_reply()
+                if reply.code == 354 and self._in_tx and self._rcpts:
+                    self._data_reply = reply
+                elif 300 <= reply.code < 400:
+                    # waiting for a message the client's DATA will not ask for
+                    # (no recipient: the session answers it): leave it
+                    self._drop()
+                elif self._in_tx:
+                    self._data_reply = self._upstream_reply(reply)
+        except (OSError, TimeoutError, ReplyError, TLSError) as e:
+            failure = self._fail_transport(e, "RCPT")
+            replies += [failure] * (rcpts - len(replies))
+        return replies
 
     async def rcpt(self, recipient: str) -> Reply:
         if self._broken is not None:
             return self._broken
-        if self._client is None or not self._in_tx:
+        if self._client is None or not self._in_tx or self._data_reply is not None:
             return NO_TRANSACTION
         try:
             reply = await self._client.command(f"RCPT TO:<{recipient}>")
@@ -266,7 +348,8 @@ class Relay:
     async def rcpts(self, recipients: list[str]) -> list[Reply]:
         client = self._client
         if (len(recipients) < 2 or self._broken is not None or client is None
-                or not self._in_tx or not client.supports("PIPELINING")):
+                or not self._in_tx or self._data_reply is not None
+                or not client.supports("PIPELINING")):
             return [await self.rcpt(r) for r in recipients]
         replies: list[Reply] = []
         try:
@@ -285,15 +368,19 @@ class Relay:
         return replies
 
     async def data_start(self) -> Reply:
+        pending, self._data_reply = self._data_reply, None
         if self._broken is not None:
             return self._broken
         if self._client is None or not self._in_tx:
             return NO_TRANSACTION
-        try:
-            reply = await self._client.command("DATA")
-        except (OSError, TimeoutError, ReplyError, TLSError) as e:
-            return self._fail_transport(e, "DATA")
-        reply = self._upstream_reply(reply, intermediate_ok=True)
+        if pending is not None:  # DATA went upstream with the client's pipelined group
+            reply = pending
+        else:
+            try:
+                reply = await self._client.command("DATA")
+            except (OSError, TimeoutError, ReplyError, TLSError) as e:
+                return self._fail_transport(e, "DATA")
+            reply = self._upstream_reply(reply, intermediate_ok=True)
         if reply.code != 354:
             if 300 <= reply.code < 400:
                 # Another 3xx would make the client start sending: refuse it ourselves.
@@ -380,9 +467,10 @@ class Relay:
         self._broken = None
         if self._client is None or not self._in_tx:
             return
-        if self._in_data:  # cannot leave DATA without the dot: drop it
+        if self._waiting_for_message():  # cannot leave DATA without the dot: drop it
             self._drop()
             return
+        self._data_reply = None
         try:
             reply = await self._client.command("RSET")
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
@@ -394,7 +482,7 @@ class Relay:
             self._drop()
 
     async def close(self) -> None:
-        if self._in_data:
+        if self._waiting_for_message():
             self._drop()
             return
         await self._release()

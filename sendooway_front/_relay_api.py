@@ -42,6 +42,12 @@ class RelayBackend(Protocol):
         """Open (or reuse) the upstream for `route`, log in, send MAIL FROM.
         Returns the upstream's reply, or a local 4xx when it cannot be reached."""
 
+    # Optional (the driver uses it when present):
+    #   async def mail_group(info, route, sender, params, recipients, data) -> list[Reply]
+    # MAIL with the RCPTs (and DATA, when `data`) the client pipelined behind
+    # it, as one group upstream; returns the replies for MAIL and each RCPT
+    # (DATA's is kept for data_start). See Relay.mail_group.
+
     async def rcpt(self, recipient: str) -> Reply:
         """RCPT TO: the upstream's reply verbatim."""
 

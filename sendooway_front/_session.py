@@ -221,10 +221,15 @@ class Session:
             raise LocalProtocolError(f"relay_reply while awaiting {self._awaiting}")
         kind = self._awaiting
         self._awaiting = None
+        if kind is _Await.RCPT and reply.is_positive and self.state not in (State.MAIL, State.RCPT):
+            reply = R.NEED_MAIL  # a RCPT pipelined behind a MAIL that failed: never a 250
         self._out += reply.to_bytes()
-        if kind is _Await.MAIL and reply.is_positive:
-            self.state = State.MAIL
-            self.recipients = 0
+        if kind is _Await.MAIL:
+            if reply.is_positive:
+                self.state = State.MAIL
+                self.recipients = 0
+            if self._rcpts_asked:
+                self._awaiting = _Await.RCPT  # RCPTs taken behind the MAIL come next
         elif kind is _Await.RCPT:
             self._rcpts_asked -= 1
             if self._rcpts_asked:
@@ -239,30 +244,49 @@ class Session:
             self.recipients = 0
 
     def pipelined_rcpt(self) -> RcptRequested | None:
-        """While RCPT answers are awaited: the next command if the client
-        already sent it (PIPELINING) and it is a RCPT that would be asked for
-        anyway, taken now so that the driver can send the group upstream at
-        once; None, and nothing taken, otherwise. Every RcptRequested gets
-        its relay_reply, in order, and the client its replies in order."""
-        if (self._awaiting is not _Await.RCPT or self._events or self._auth is not None
-                or self._discarding or self._closed_event is not None):
+        """While a MAIL or RCPT answer is awaited: the next command if the
+        client already sent it (PIPELINING) and it is a RCPT that would be
+        asked for anyway, taken now so that the driver can send the group
+        upstream at once; None, and nothing taken, otherwise. Every
+        RcptRequested gets its relay_reply, in order (after the MAIL's, for
+        RCPTs taken behind a MAIL), and the client its replies in order. A
+        RCPT behind a MAIL that fails is answered 503 whatever the relay says."""
+        line = self._next_pipelined()
+        if line is None:
+            return None
+        verb, _, arg = line.partition(" ")
+        if verb.upper() != "RCPT":
+            return None
+        if self._awaiting is _Await.RCPT and self.state not in (State.MAIL, State.RCPT):
             return None
         buf = self._buf
         lf = buf.find(b"\n", 0, MAX_COMMAND_LINE)
-        if lf < 0:
-            return None
-        text = self._decode(bytes(buf[: lf + 1]))
-        if isinstance(text, Reply):
-            return None
-        verb, _, arg = text.partition(" ")
-        if verb.upper() != "RCPT" or self.state not in (State.MAIL, State.RCPT):
-            return None
         rcpt = self._recipient(arg.strip(" "))
         if isinstance(rcpt, Reply):
             return None  # its refusal is answered in turn, after the others
         del buf[: lf + 1]
         self._rcpts_asked += 1
         return RcptRequested(rcpt)
+
+    def data_follows(self) -> bool:
+        """Whether the client already sent DATA right behind the RCPTs taken
+        with pipelined_rcpt() (nothing is taken: the DATA line is handled in
+        its turn). The driver may send DATA upstream with the group."""
+        line = self._next_pipelined()
+        return line is not None and line.rstrip(" ").upper() == "DATA"
+
+    def _next_pipelined(self) -> str | None:
+        """The next complete command line already received, decoded, while a
+        MAIL or RCPT answer is awaited; None otherwise (nothing taken)."""
+        if (self._awaiting not in (_Await.MAIL, _Await.RCPT) or self._events
+                or self._auth is not None or self._discarding or self._closed_event is not None):
+            return None
+        buf = self._buf
+        lf = buf.find(b"\n", 0, MAX_COMMAND_LINE)
+        if lf < 0:
+            return None
+        text = self._decode(bytes(buf[: lf + 1]))
+        return None if isinstance(text, Reply) else text
 
     def fail_message(self, reply: Reply, reason: str) -> None:
         """The driver cannot deliver the message being received (the relay

@@ -23,6 +23,7 @@ class Harness:
         "mx.test", tls_available=True))
     no_route: set = field(default_factory=set)
     reject_rcpt: set = field(default_factory=set)
+    refuse_mail: set = field(default_factory=set)  # senders the "upstream" refuses (550)
     temp_auth: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +56,10 @@ class Harness:
         self.pump()
         return bytes(self.out[start:])
 
+    def _rcpt_reply(self, rcpt: RcptRequested) -> Reply:
+        return (Reply(550, ("5.1.1 No such user",)) if rcpt.recipient in self.reject_rcpt
+                else Reply(250, ("2.1.5 Recipient OK",)))
+
     def pump(self) -> None:
         s = self.session
         while True:
@@ -73,8 +78,22 @@ class Harness:
             elif isinstance(ev, StartTls):
                 s.tls_started()
             elif isinstance(ev, MailRequested):
-                s.relay_reply(R.NO_ROUTE if ev.sender in self.no_route
+                if ev.sender in self.no_route:
+                    s.relay_reply(R.NO_ROUTE)
+                    continue
+                # as the driver does: the RCPTs pipelined behind MAIL go with it
+                group = []
+                while (more := s.pipelined_rcpt()) is not None:
+                    group.append(more)
+                self.events += group
+                refused = ev.sender in self.refuse_mail
+                s.relay_reply(Reply(550, ("5.7.1 Sender refused",)) if refused
                               else Reply(250, ("2.1.0 Sender OK",)))
+                for rcpt in group:
+                    # a careless upstream accepting RCPTs after a refused MAIL:
+                    # the session must still answer them 503
+                    s.relay_reply(Reply(250, ("2.1.5 Recipient OK",)) if refused
+                                  else self._rcpt_reply(rcpt))
             elif isinstance(ev, RcptRequested):
                 # as the driver does: the RCPTs pipelined behind it as one group
                 group = [ev]
@@ -82,9 +101,7 @@ class Harness:
                     group.append(more)
                 self.events += group[1:]
                 for rcpt in group:
-                    s.relay_reply(Reply(550, ("5.1.1 No such user",))
-                                  if rcpt.recipient in self.reject_rcpt
-                                  else Reply(250, ("2.1.5 Recipient OK",)))
+                    s.relay_reply(self._rcpt_reply(rcpt))
             elif isinstance(ev, DataRequested):
                 s.relay_reply(R.START_DATA)
             elif isinstance(ev, DataChunk):

@@ -339,6 +339,43 @@ def test_connection_cache_across_client_sessions_and_quit_on_sigterm(world, upst
         assert up.quits == 1
 
 
+def test_pipelining_client_through_the_cache_delivers_every_message(world, upstream_factory):
+    """A client that sends MAIL, RCPT, DATA in one write (RFC 2920), twice
+    per session and over two sessions: through the real frontend they go
+    upstream as groups (with the RSET of the previous transaction, or the
+    probe of the kept connection, in front), and every message arrives with
+    exactly its envelope, one login for all."""
+    up = upstream_factory(tls="starttls", accounts={"u": "pipe-Up-Pw-3"}, pipelining=True,
+                          reject_rcpt={"nobody@example.net"})
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, (
+            f"sslCA = {world.ca_file}\nsmarthostCache = 30\n"
+            f"smarthostMapping = direct:* localhost {up.port} u pipe-Up-Pw-3 tls\n"))
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            for n in range(2):
+                with fe.smtp() as s:
+                    s.starttls(context=world.ssl_context())
+                    s.ehlo()
+                    s.login("alice", world.users["alice"].password)
+                    for m in range(2):
+                        s.send(f"MAIL FROM:<a{n}{m}@example.org>\r\nRCPT TO:<r{m}@example.net>\r\n"
+                               "RCPT TO:<nobody@example.net>\r\nDATA\r\n")
+                        got = [s.getreply() for _ in range(4)]
+                        assert [c for c, _ in got] == [250, 250, 550, 354], got
+                        s.send(b"Subject: p%d%d\r\n\r\nbody\r\n.\r\n" % (n, m))
+                        assert s.getreply()[0] == 250
+            envelopes = [(m.mail_from, m.rcpt_tos) for m in up.messages]
+            assert envelopes == [(f"a{n}{m}@example.org", [f"r{m}@example.net"])
+                                 for n in range(2) for m in range(2)]
+            assert all(msg.data.endswith(b"\r\n\r\nbody\r\n") for msg in up.messages)
+            assert up.logins == ["u"]
+        finally:
+            assert fe.stop() == 0
+            daemon.stop()
+
+
 def _threaded_raw_upstream(script):
     """A plain SMTP upstream in a thread, answering per `script(conn)`; returns its port."""
     import socket

@@ -320,3 +320,35 @@ def test_a_relay_failing_on_a_group_answers_each_rcpt_with_a_4xx(monkeypatch):
     script = LOGIN + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<one@x.y>\r\nRCPT TO:<two@x.y>\r\nQUIT\r\n"
     out, relay = asyncio.run(converse(monkeypatch, script, relay=Failing()))
     assert codes(out) == [220, 250, 235, 250, 451, 451, 221]
+
+
+class GroupingRelay(RecordingRelay):
+    """A relay that takes MAIL with the RCPTs (and DATA) behind it."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fail = fail
+
+    async def mail_group(self, info, route, sender, params, recipients, data):
+        self.calls.append(("group", list(recipients), data))
+        if self.fail:
+            raise RuntimeError("boom")
+        return [Reply(250, ("2.1.0 upstream OK",)), *[self._rcpt_reply(r) for r in recipients]]
+
+
+def test_rcpts_and_data_pipelined_behind_mail_go_to_the_relay_with_it(monkeypatch):
+    script = (LOGIN + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<one@x.y>\r\nRCPT TO:<nobody@x.y>\r\n"
+              b"DATA\r\nbody\r\n.\r\nQUIT\r\n")
+    out, relay = asyncio.run(converse(monkeypatch, script, relay=GroupingRelay()))
+    assert codes(out) == [220, 250, 235, 250, 250, 550, 354, 250, 221]
+    assert relay.calls[0] == ("group", ["one@x.y", "nobody@x.y"], True)
+    assert "mail" not in relay.calls and "rcpt" not in relay.calls
+    assert bytes(relay.data) == b"body"
+
+
+def test_a_relay_failing_on_a_mail_group_answers_each_command_with_a_4xx(monkeypatch):
+    script = (LOGIN + b"MAIL FROM:<a@b.c>\r\nRCPT TO:<one@x.y>\r\nRCPT TO:<two@x.y>\r\n"
+              b"DATA\r\nQUIT\r\n")
+    out, relay = asyncio.run(converse(monkeypatch, script, relay=GroupingRelay(fail=True)))
+    # MAIL and both RCPTs 451; the client's DATA finds no recipient: 503
+    assert codes(out) == [220, 250, 235, 451, 451, 451, 503, 221]

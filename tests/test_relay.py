@@ -426,76 +426,199 @@ def test_client_rset_ends_the_upstream_transaction_and_keeps_the_login(upstream_
     assert [(m.mail_from, m.rcpt_tos) for m in up.messages] == [("b@x.y", ["kept@x.y"])]
 
 
-async def _scripted_upstream(pipelining: bool, seen: dict):
-    """A plain SMTP upstream that, when it offers PIPELINING, holds its RCPT
-    replies until the whole group of three is in (so a relay that waited
-    for each reply would be told apart, not hang: it gives up after 2 s)."""
+# ---- MAIL, RCPTs and DATA as one group (a pipelining client costs one round trip)
+
+
+async def _group_upstream(seen: dict, pipelining: bool = True, mail: bytes = b"250 2.1.0 ok",
+                          careless: bool = False):
+    """A plain upstream that records each group of commands it got before
+    answering (after MAIL it waits up to 0.3 s for more lines, up to DATA).
+    `careless`: after a refused MAIL it still says 250 to RCPT and 354 to DATA."""
 
     async def handle(r, w):
         w.write(b"220 up.test ESMTP\r\n")
-        in_data = False
+        mail_ok = False
+        accepted: list[bytes] = []
         while line := await r.readline():
-            if in_data:
-                if line == b".\r\n":
-                    in_data = False
-                    w.write(b"250 2.0.0 queued\r\n")
-            elif line[:4].upper() == b"EHLO":
+            verb = line[:4].upper()
+            if verb == b"EHLO":
                 w.write(b"250-up.test\r\n250 PIPELINING\r\n" if pipelining else b"250 up.test\r\n")
-            elif line[:4].upper() == b"MAIL":
-                w.write(b"250 2.1.0 ok\r\n")
-            elif line[:4].upper() == b"RCPT":
+            elif verb in (b"MAIL", b"RSET", b"RCPT", b"DATA"):
                 group = [line]
-                if pipelining:
-                    try:
-                        while len(group) < 3:
-                            group.append(await asyncio.wait_for(r.readline(), 2))
-                    except asyncio.TimeoutError:
-                        pass
-                seen.setdefault("groups", []).append(len(group))
+                try:
+                    while verb != b"DATA" and (group[-1][:4].upper() != b"DATA"):
+                        group.append(await asyncio.wait_for(r.readline(), 0.3))
+                except asyncio.TimeoutError:
+                    pass
+                seen.setdefault("groups", []).append([x[:4].decode().upper() for x in group])
                 for x in group:
-                    w.write(b"550 5.1.1 <nobody> unknown\r\n" if b"nobody" in x
-                            else b"250 2.1.5 ok\r\n")
-            elif line[:4].upper() == b"DATA":
-                in_data = True
-                w.write(b"354 go\r\n")
-            elif line[:4].upper() == b"QUIT":
+                    v = x[:4].upper()
+                    if v == b"RSET":
+                        mail_ok, accepted = False, []
+                        w.write(b"250 2.0.0 reset\r\n")
+                    elif v == b"MAIL":
+                        mail_ok = mail.startswith(b"2")
+                        accepted = []
+                        w.write(mail + b"\r\n")
+                    elif v == b"RCPT":
+                        if not mail_ok and not careless:
+                            w.write(b"503 5.5.1 need MAIL\r\n")
+                        elif b"nobody" in x:
+                            w.write(b"550 5.1.1 <nobody> unknown\r\n")
+                        else:
+                            accepted.append(x)
+                            w.write(b"250 2.1.5 ok\r\n")
+                    elif v == b"DATA":
+                        if (mail_ok and accepted) or careless:
+                            w.write(b"354 go ahead\r\n")
+                            await w.drain()
+                            body = b""
+                            while (part := await r.readline()) not in (b".\r\n", b""):
+                                body += part
+                            if not part:  # the connection ended without the dot: nothing
+                                break
+                            if mail_ok and accepted:
+                                seen.setdefault("messages", []).append((len(accepted), body))
+                            w.write(b"250 2.0.0 queued\r\n")
+                        else:
+                            w.write(b"554 5.5.1 no valid recipients\r\n")
+            elif verb == b"QUIT":
                 w.write(b"221 bye\r\n")
                 await w.drain()
                 break
             else:
                 w.write(b"250 ok\r\n")
             await w.drain()
+        seen["closed"] = seen.get("closed", 0) + 1
         w.close()
 
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
-@pytest.mark.parametrize("pipelining", [True, False])
-def test_pipelined_rcpts_go_upstream_as_one_group_when_offered(pipelining):
+def _plain_route(port):
     from sendooway_shared.types import Route
+    return Route(server="127.0.0.1", port=port, tls=TlsMode.PLAIN, ca_file="", user="",
+                 password=Secret(""), auth=False, source="test.conf:1")
 
-    seen: dict = {}
+
+def _group_session(seen, script, **upstream):
     log, _handler = capture_log()
 
     async def go():
-        server = await _scripted_upstream(pipelining, seen)
-        port = server.sockets[0].getsockname()[1]
-        route = Route(server="127.0.0.1", port=port, tls=TlsMode.PLAIN, ca_file="", user="",
-                      password=Secret(""), auth=False, source="test.conf:1")
-        relay = Relay(config(), log)
+        server = await _group_upstream(seen, **upstream)
         try:
-            assert (await relay.mail(info(), route, "a@example.com", MailParams())).code == 250
-            replies = await relay.rcpts(["one@x.y", "nobody@x.y", "two@x.y"])
-            data = await relay.data_start()
-            await relay.data_chunk(b"Subject: x\r\n\r\nhi")
-            end = await relay.data_end()
-            await relay.close()
-            return replies, data, end
+            relay = Relay(config(addReceivedField=False), log)
+            return await script(relay, _plain_route(server.sockets[0].getsockname()[1]))
         finally:
             server.close()
+            await server.wait_closed()
 
-    replies, data, end = run(go())
-    assert [r.code for r in replies] == [250, 550, 250]
-    assert replies[1].lines == ("5.1.1 <nobody> unknown",)
-    assert data.code == 354 and end.code == 250
-    assert seen["groups"] == ([3] if pipelining else [1, 1, 1])
+    return run(go())
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("behind_mail", [True, False])
+def test_pipelined_commands_go_upstream_as_one_group_when_offered(pipelining, behind_mail):
+    """MAIL with the RCPTs and DATA behind it, or RCPTs a client pipelined
+    after its MAIL was answered: one group each when the upstream offers
+    PIPELINING, one by one otherwise; the replies verbatim, in order."""
+    seen: dict = {}
+    rcpts = ["one@x.y", "nobody@x.y", "two@x.y"]
+
+    async def script(relay, route):
+        if behind_mail:
+            replies = await relay.mail_group(info(), route, "a@example.com", MailParams(),
+                                             rcpts, True)
+        else:
+            replies = [await relay.mail(info(), route, "a@example.com", MailParams()),
+                       *await relay.rcpts(rcpts)]
+        data = await relay.data_start()
+        await relay.data_chunk(b"Subject: x\r\n\r\nhi")
+        end = await relay.data_end()
+        await relay.close()
+        return replies, data, end
+
+    replies, data, end = _group_session(seen, script, pipelining=pipelining)
+    assert [r.code for r in replies] == [250, 250, 550, 250]
+    assert replies[2].lines == ("5.1.1 <nobody> unknown",)
+    assert data.code == 354 and data.lines == ("go ahead",) and end.code == 250
+    if not pipelining:
+        assert seen["groups"] == [["MAIL"], ["RCPT"], ["RCPT"], ["RCPT"], ["DATA"]]
+    elif behind_mail:
+        assert seen["groups"] == [["MAIL", "RCPT", "RCPT", "RCPT", "DATA"]]
+    else:
+        assert seen["groups"] == [["MAIL"], ["RCPT", "RCPT", "RCPT"], ["DATA"]]
+    assert seen["messages"] == [(2, b"Subject: x\r\n\r\nhi\r\n")]
+
+
+def test_a_group_behind_a_refused_mail_accepts_nothing_and_leaves_a_careless_upstream():
+    """MAIL refused; the upstream still says 250 to the RCPTs and 354 to
+    DATA: every RCPT is answered 503, and the connection (waiting for a
+    message nobody will send) is left at once, never fed a message."""
+    seen: dict = {}
+
+    async def script(relay, route):
+        replies = await relay.mail_group(info(), route, "a@example.com", MailParams(),
+                                         ["one@x.y", "two@x.y"], True)
+        gone = relay._client is None
+        data = await relay.data_start()
+        await relay.close()
+        await asyncio.sleep(0.1)
+        return replies, gone, data
+
+    replies, gone, data = _group_session(seen, script, mail=b"550 5.7.1 not you", careless=True)
+    assert [r.code for r in replies] == [550, 503, 503]
+    assert replies[0].lines == ("5.7.1 not you",)
+    assert gone and data.code == 503
+    assert "messages" not in seen and seen["closed"] == 1
+
+
+def test_data_refused_in_the_group_is_the_reply_to_the_clients_data():
+    seen: dict = {}
+
+    async def script(relay, route):
+        replies = await relay.mail_group(info(), route, "a@example.com", MailParams(),
+                                         ["nobody@x.y"], True)
+        # no recipient: the session answers the client's DATA itself; the
+        # upstream's 554 was read with the group and the connection stays usable
+        again = await relay.mail_group(info(), route, "b@example.com", MailParams(),
+                                       ["one@x.y"], True)
+        data = await relay.data_start()
+        await relay.data_chunk(b"x")
+        end = await relay.data_end()
+        await relay.close()
+        return replies, again, data, end
+
+    replies, again, data, end = _group_session(seen, script)
+    assert [r.code for r in replies] == [250, 550]
+    assert [r.code for r in again] == [250, 250] and data.code == 354 and end.code == 250
+    assert seen["groups"][0] == ["MAIL", "RCPT", "DATA"]
+    assert seen["groups"][1][0] == "RSET" and seen["groups"][1][-1] == "DATA"
+    assert seen["messages"] == [(1, b"x\r\n")]
+
+
+@pytest.mark.parametrize("then", ["rset", "close", "mail"])
+def test_a_354_read_with_the_group_but_never_used_drops_the_connection(then):
+    """DATA went with the group and the upstream said 354, but the client's
+    DATA never came to it (RSET, a new MAIL, the end of the session): the
+    upstream waits for a message, so the connection is dropped, not fed a
+    RSET or MAIL as message text."""
+    seen: dict = {}
+
+    async def script(relay, route):
+        await relay.mail_group(info(), route, "a@example.com", MailParams(), ["one@x.y"], True)
+        if then == "rset":
+            await relay.reset()
+        elif then == "close":
+            await relay.close()
+        else:
+            replies = await relay.mail_group(info(), route, "b@example.com", MailParams(), [], False)
+            assert replies[0].code == 250
+            await relay.close()
+        await asyncio.sleep(0.1)
+
+    _group_session(seen, script)
+    assert "messages" not in seen
+    assert seen["closed"] >= 1
+    if then == "mail":  # the second MAIL went to a fresh connection
+        assert seen["groups"][1] == ["MAIL"] and seen["closed"] == 2

@@ -476,3 +476,68 @@ def test_pipelined_rcpt_group_stops_at_anything_else():
     c, groups = _pipelined(SessionSettings("h"), script)
     assert groups == [["a@x.y", "b@x.y"], ["c@x.y", "d@x.y"]]
     assert c[-7:] == [250, 250, 250, 250, 250, 250, 503]  # RCPT after RSET: no transaction
+
+
+# ---- RCPTs (and DATA) pipelined behind MAIL: one group upstream
+
+def test_rcpts_pipelined_behind_mail_are_answered_after_it_in_order():
+    """The harness takes them as the driver does; replies are the same as
+    when the same commands come one byte at a time (and so one by one)."""
+    script = (LOGIN_ALICE + b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<a@x.y>\r\n"
+              b"RCPT TO:<gone@x.y>\r\nRCPT TO:<b@x.y>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+    c, h = talk(script, reject_rcpt={"gone@x.y"})
+    assert c == [250, 235, 250, 250, 550, 250, 354, 250, 221]
+    assert h.messages == [b"hi"]
+
+
+def test_a_rcpt_behind_a_refused_mail_is_never_accepted():
+    """The upstream refused MAIL but said 250 to the RCPTs of the group:
+    the client gets 503 for each, and its DATA is refused by the session."""
+    script = (LOGIN_ALICE + b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<a@x.y>\r\n"
+              b"RCPT TO:<b@x.y>\r\nDATA\r\nQUIT\r\n")
+    c, h = talk(script, refuse_mail={"alice@example.org"})
+    assert c == [250, 235, 550, 503, 503, 503, 221]
+    assert h.session.recipients == 0 and not h.messages
+
+
+def _awaiting_mail(tail: bytes):
+    from sendooway_front._events import MailRequested as Mail
+    from sendooway_front._session import Session
+
+    s = Session(SessionSettings("h", max_recipients=2))
+    s.start()
+    s.receive_data(LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\n" + tail)
+    ev = s.next_event()
+    while not isinstance(ev, Mail):
+        if isinstance(ev, AuthRequested):
+            s.auth_result("alice")
+        ev = s.next_event()
+    return s
+
+
+@pytest.mark.parametrize("tail, rcpts, data", [
+    (b"RCPT TO:<a@x.y>\r\nDATA\r\n", ["a@x.y"], True),
+    (b"RCPT TO:<a@x.y>\r\ndata  \r\n", ["a@x.y"], True),
+    (b"RCPT TO:<a@x.y>\r\nDAT", ["a@x.y"], False),              # DATA not complete yet
+    (b"RCPT TO:<a@x.y>\r\nNOOP\r\nDATA\r\n", ["a@x.y"], False),  # DATA not right behind
+    (b"RCPT TO:<a@x.y>\r\nDATA x\r\n", ["a@x.y"], False),
+    (b"RCPT TO:<a@x.y>\r\nRCPT TO:<b@x.y>\r\nRCPT TO:<c@x.y>\r\nDATA\r\n",
+     ["a@x.y", "b@x.y"], False),                                # the cap ends the group
+    (b"RCPT TO:<a@x.y\r\nDATA\r\n", [], False),                 # malformed: answered in turn
+    (b"NOOP\r\nRCPT TO:<a@x.y>\r\n", [], False),
+    (b"", [], False),
+])
+def test_what_goes_with_a_mail(tail, rcpts, data):
+    s = _awaiting_mail(tail)
+    taken = []
+    while (more := s.pipelined_rcpt()) is not None:
+        taken.append(more.recipient)
+    assert taken == rcpts
+    assert s.data_follows() is data
+    assert s.pipelined_rcpt() is None
+
+
+def test_nothing_goes_with_a_mail_once_it_is_answered():
+    s = _awaiting_mail(b"RCPT TO:<a@x.y>\r\n")
+    s.relay_reply(R.NO_ROUTE)
+    assert s.pipelined_rcpt() is None and s.data_follows() is False
