@@ -4,6 +4,7 @@ route serves this sender for the user logged in. The log says why."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -28,11 +29,11 @@ class Peer:
     session: str = ""
     client: str = ""
 
-    @property
-    def host(self) -> str:
+    @functools.cached_property
+    def host(self) -> str:  # (parsed once: penalty, logs and backoff all ask)
         return client_host(self.client)
 
-    @property
+    @functools.cached_property
     def client_field(self) -> str:
         return field(self.host or self.client)
 

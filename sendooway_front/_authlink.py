@@ -45,7 +45,8 @@ class AuthLink:
         if self._broken:
             raise AuthLinkError("link already failed")
         try:
-            return await asyncio.wait_for(self._exchange(msg), self._timeout)
+            async with asyncio.timeout(self._timeout):  # (no task per request, unlike wait_for)
+                return await self._exchange(msg)
         except asyncio.TimeoutError:
             self._broken = True
             raise AuthLinkError("authenticator did not answer in time") from None

@@ -271,7 +271,7 @@ class SessionRunner:
                     s.fail_message(R.RELAY_FAILED, "relay failed during DATA")
             elif isinstance(ev, DataFinished):
                 reply = await self._relay_call(self.relay.data_end(empty=ev.empty))
-                self._log(logging.INFO, "message of %d bytes: %s", ev.size, reply)
+                self._log(logging.DEBUG, "message of %d bytes: %s", ev.size, reply)  # the relay logs the line
                 s.relay_reply(reply)
             elif isinstance(ev, DataRefused):
                 self._log(logging.INFO, "message refused: %s", ev.reason)
@@ -342,7 +342,7 @@ class SessionRunner:
             self._log(logging.INFO, "sender=<%s>: no route", ev.sender)
             s.relay_reply(R.NO_ROUTE)
             return
-        self._log(logging.INFO, "sender=<%s> route=%s", ev.sender, route.describe())
+        self._log(logging.DEBUG, "sender=<%s> route=%s", ev.sender, route.describe())
         info = SessionInfo(self.sid, self.client, s.client_name, s.user or "",
                            s.encrypted, s.esmtp)
         group = getattr(self.relay, "mail_group", None)

@@ -53,6 +53,11 @@ class Stream:
         self._closed = False
         self._unread = b""         # given back by unread(): read before the transport
         self.tls_problems: list[str] = []   # certificate problems tolerated (noCertCheck)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None  # see _wait
+        self._deadline = 0.0
+        self._waiter: asyncio.Task | None = None
+        self._expired: asyncio.Task | None = None
         set_nodelay(writer.get_extra_info("socket"))
 
     # ------------------------------------------------------------ constructors
@@ -109,11 +114,49 @@ class Stream:
     # ------------------------------------------------------------ I/O
 
     async def _wait(self, aw):
-        # asyncio.timeout() (3.11) costs no task per call, unlike wait_for()
-        if self.timeout is None:
+        """`aw`, bounded by `timeout` (TimeoutError when it runs out).
+
+        One lazy timer per stream instead of a timer armed and cancelled
+        for every read: each wait only moves the deadline; the timer, when
+        it fires, re-arms itself for the deadline as it then is, and cancels
+        the waiting task only when that has passed (the way asyncio.timeout
+        does it, uncancel included, so a real cancellation still wins)."""
+        timeout = self.timeout
+        if timeout is None:
             return await aw
-        async with asyncio.timeout(self.timeout):
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        deadline = loop.time() + timeout
+        self._deadline = deadline
+        self._waiter = task
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire)
+        try:
             return await aw
+        except asyncio.CancelledError:
+            if self._expired is task:
+                self._expired = None
+                if task.uncancel() == 0:
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._waiter = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        task = self._waiter
+        if task is None:
+            return  # nobody waits: the next wait arms the timer again
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+            return
+        self._expired = task
+        task.cancel()
 
     async def _raw_read(self) -> bytes:
         if self._unread:
@@ -290,9 +333,15 @@ class Stream:
 
     # ------------------------------------------------------------ closing
 
+    def _stop_timer(self) -> None:
+        if self._timer is not None:  # (a cancelled handle lets go of this stream)
+            self._timer.cancel()
+            self._timer = None
+
     def abort(self) -> None:
         """Drop the connection at once (no close_notify, no flush)."""
         self._closed = True
+        self._stop_timer()
         transport = self._writer.transport
         if transport is not None:
             transport.abort()
@@ -317,6 +366,7 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        self._stop_timer()
         try:
             if self._conn is not None:
                 try:

@@ -7,6 +7,35 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
+
+
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
+class _Formatter(logging.Formatter):
+    """The standard formatter without two costs of every line: the pid is
+    known once per process (not a getpid() per record) and the date is
+    formatted once per second."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt, datefmt=DATEFMT)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(DATEFMT, time.localtime(second))
+            self._second = second
+        return self._stamp
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.process is None:
+            record.process = _PID[0]
+        return super().format(record)
 
 
 def setup_logging(target: str | None, program: str, level: int = logging.INFO) -> logging.Logger:
@@ -29,7 +58,11 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
             address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
         fmt = f"{program}[%(process)d]: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(_Formatter(fmt))
+    # Neither program logs thread or process names: not looked up per line.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root.addHandler(handler)
     root.setLevel(level)
     return logging.getLogger(program)

@@ -425,3 +425,45 @@ def test_client_contexts_are_reused_until_the_ca_file_changes(world, tmp_path):
     os.unlink(ca)
     with pytest.raises(TLSConfigError):
         cached_client_context(str(ca), True)
+
+
+def test_the_read_deadline_moves_with_each_read_and_real_cancellation_wins():
+    """One lazy timer per stream: a read that waits longer than `timeout`
+    fails with TimeoutError, reads that each finish in time never do however
+    long they take in all, a cancel from outside stays a cancel, and a closed
+    stream lets go of its timer."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        s = await Stream.from_socket(a, timeout=0.3)
+        peer_r, peer_w = await asyncio.open_connection(sock=b)
+        # eight reads of data that comes every 0.1 s: 0.8 s in all, no timeout
+        t0 = loop.time()
+        for i in range(8):
+            loop.call_later(0.1, peer_w.write, b"x")
+            assert await s.read(10) == b"x"
+        assert loop.time() - t0 > 0.6
+        # nothing comes: TimeoutError after about 0.3 s
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await s.read(10)
+        assert 0.25 < loop.time() - t0 < 2
+        # the stream still works after a timeout
+        peer_w.write(b"y")
+        assert await s.read(10) == b"y"
+        # a longer timeout set in between is honoured
+        s.timeout = 0.6
+        loop.call_later(0.45, peer_w.write, b"z")
+        assert await s.read(10) == b"z"
+        # a cancel from outside is a CancelledError, not a timeout
+        task = asyncio.ensure_future(s.read(10))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await s.aclose()
+        assert s._timer is None
+        peer_w.close()
+
+    run(go())
