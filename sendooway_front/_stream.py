@@ -315,14 +315,16 @@ class Stream:
         await self._handshake(_tls.server_connection(ctx))
 
     async def start_tls_client(self, ctx: SSL.Context, server_hostname: str,
-                               check_hostname: bool = True) -> list[str]:
+                               check_hostname: bool = True, resume: tuple | None = None) -> list[str]:
         """Run the client side of a handshake with SNI and check the server.
 
         Raises TLSVerifyError for a bad chain or name when `ctx` verifies;
-        otherwise returns the problems found (also kept in tls_problems)."""
+        otherwise returns the problems found (also kept in tls_problems).
+        `resume`: (server name, port) to offer the last session for (see
+        _tls.client_connection; remember_tls_session keeps this one's)."""
         if self._conn is not None:
             raise RuntimeError("TLS already started on this stream")
-        conn = _tls.client_connection(ctx, server_hostname)
+        conn = _tls.client_connection(ctx, server_hostname, resume)
         await self._handshake(conn)
         try:
             self.tls_problems = _tls.check_server(conn, server_hostname, check_hostname)
@@ -330,6 +332,17 @@ class Stream:
             self._conn = None
             raise
         return self.tls_problems
+
+    @property
+    def tls_resumed(self) -> bool:
+        state = self._conn.get_app_data() if self._conn is not None else None
+        return bool(getattr(state, "resumed", False))
+
+    def remember_tls_session(self) -> None:
+        """Keep this connection's TLS session for the next one to the same
+        server (after a reply came over TLS, so TLS 1.3 tickets are in)."""
+        if self._conn is not None:
+            _tls.remember_session(self._conn)
 
     # ------------------------------------------------------------ closing
 

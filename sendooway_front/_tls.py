@@ -8,10 +8,21 @@ and checking a server's certificate chain and name on the client side.
 Client contexts always ask OpenSSL to verify the chain; with `verify=False`
 (a route's noCertCheck) the failures are collected instead of aborting the
 handshake, so the caller can log them.
+
+Upstream TLS sessions are resumed (tickets, RFC 8446 2.2; session IDs or
+tickets with TLS 1.2): a connection to the same server name and port through
+the same client context (same CA file, same verify setting) offers the
+session of the last one. The resumed handshake skips the certificate
+exchange and the signatures, so it costs both ends less CPU; the server
+certificate was checked when the session was made, and the name check runs
+again on every connection all the same. A session made under noCertCheck
+lives in the noCertCheck context's entries only, so it can never let a
+verifying connection skip its check.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import time
@@ -114,8 +125,10 @@ def server_context(cert_file: str, key_file: str) -> SSL.Context:
 def _record_verify(conn: SSL.Connection, cert, errnum: int, depth: int, ok: int) -> bool:
     """OpenSSL's per-certificate verify callback: remember every failure on the
     connection; refuse only when the context says the chain must verify."""
+    state = conn.get_app_data()
+    if isinstance(state, _VerifyState):
+        state.checked = True  # a full handshake (a resumed one shows no certificates)
     if not ok:
-        state = conn.get_app_data()
         if isinstance(state, _VerifyState):
             subject = ""
             try:
@@ -137,13 +150,18 @@ def _verify_reason(errnum: int) -> str:
 
 
 class _VerifyState:
-    """Attached to each client connection: what verification found."""
+    """Attached to each client connection: what verification found, and
+    the session cache entry it may resume."""
 
-    __slots__ = ("verify", "errors")
+    __slots__ = ("verify", "errors", "checked", "key", "offered", "resumed")
 
     def __init__(self, verify: bool) -> None:
         self.verify = verify
         self.errors: list[str] = []
+        self.checked = False   # the verify callback ran: a full handshake
+        self.key: tuple | None = None
+        self.offered: tuple | None = None  # (session, chain errors) offered for resumption
+        self.resumed = False
 
 
 class _ClientSettings:
@@ -209,14 +227,59 @@ def context_verifies(ctx: SSL.Context) -> bool:
     return bool(settings.verify) if isinstance(settings, _ClientSettings) else True
 
 
-def client_connection(ctx: SSL.Context, server_hostname: str) -> SSL.Connection:
-    """A memory-BIO client connection with SNI set (not for IP addresses, RFC 6066)."""
+# Upstream sessions kept for resumption: (context, server name, port) ->
+# (session, the chain problems tolerated when it was made: noCertCheck).
+MAX_SESSIONS = 256
+_sessions: collections.OrderedDict[tuple, tuple[SSL.Session, tuple[str, ...]]] = \
+    collections.OrderedDict()
+
+
+def client_connection(ctx: SSL.Context, server_hostname: str,
+                      resume: tuple | None = None) -> SSL.Connection:
+    """A memory-BIO client connection with SNI set (not for IP addresses,
+    RFC 6066). `resume`: (server name, port) whose last session, made with
+    this same context, is offered for resumption (see remember_session)."""
     conn = SSL.Connection(ctx, None)
-    conn.set_app_data(_VerifyState(context_verifies(ctx)))
+    state = _VerifyState(context_verifies(ctx))
+    conn.set_app_data(state)
     if server_hostname and not is_ip_address(server_hostname):
         conn.set_tlsext_host_name(server_hostname.rstrip(".").encode("idna"))
+    if resume is not None:
+        state.key = (ctx, *resume)
+        hit = _sessions.get(state.key)
+        if hit is not None:
+            try:
+                conn.set_session(hit[0])
+                state.offered = hit
+            except SSL.Error:  # not usable any more: a full handshake
+                _sessions.pop(state.key, None)
     conn.set_connect_state()
     return conn
+
+
+def remember_session(conn: SSL.Connection) -> None:
+    """Keep the connection's session for the next connection to the same
+    server (call it once a reply came over TLS: TLS 1.3 tickets arrive
+    after the handshake)."""
+    state = conn.get_app_data()
+    if not isinstance(state, _VerifyState) or state.key is None:
+        return
+    if state.verify and state.errors:  # (cannot happen: the handshake failed)
+        return
+    try:
+        session = conn.get_session()
+    except SSL.Error:
+        return
+    if session is None:
+        return
+    _sessions[state.key] = (session, tuple(state.errors))
+    _sessions.move_to_end(state.key)
+    while len(_sessions) > MAX_SESSIONS:
+        _sessions.popitem(last=False)
+
+
+def forget_sessions() -> None:
+    _sessions.clear()
 
 
 def server_connection(ctx: SSL.Context) -> SSL.Connection:
@@ -239,6 +302,11 @@ def check_server(conn: SSL.Connection, server_hostname: str, check_hostname: boo
     Raises TLSVerifyError when the context verifies and something failed;
     otherwise returns the problems found (for the log)."""
     state = conn.get_app_data()
+    if isinstance(state, _VerifyState) and state.offered is not None and not state.checked:
+        # resumed: no certificates were exchanged; the chain problems are
+        # those found when the session was made (noCertCheck only)
+        state.resumed = True
+        state.errors = list(state.offered[1])
     verify = state.verify if isinstance(state, _VerifyState) else True
     problems = list(state.errors) if isinstance(state, _VerifyState) else []
     if conn.get_peer_certificate() is None:

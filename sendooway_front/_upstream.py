@@ -244,7 +244,8 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
     ca_file = route.ca_file or config.sslCA
     if route.tls is TlsMode.TLS:
         ctx = _tls.cached_client_context(ca_file, verify=route.cert_check)
-        client.tls_problems = await client.stream.start_tls_client(ctx, route.server)
+        client.tls_problems = await client.stream.start_tls_client(ctx, route.server,
+                                                                   resume=_resume_key(route))
     greeting = await client.read_reply()
     if greeting.code != 220:
         raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}")
@@ -260,13 +261,20 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
             # answers later (response injection, the mirror of CVE-2011-0411).
             raise UpstreamError(TLS_FAILED, f"{where}: data pipelined after the STARTTLS reply")
         ctx = _tls.cached_client_context(ca_file, verify=route.cert_check)
-        client.tls_problems = await client.stream.start_tls_client(ctx, route.server)
+        client.tls_problems = await client.stream.start_tls_client(ctx, route.server,
+                                                                   resume=_resume_key(route))
         await _hello(client, where)
+    if client.stream.is_tls:
+        client.stream.remember_tls_session()  # a reply came over TLS: tickets are in
     if client.tls_problems:
         log.warning("%supstream %s: certificate problems ignored (noCertCheck): %s",
                     prefix, where, "; ".join(client.tls_problems))
     if route.auth:
         await _login(client, config, log, prefix)
+
+
+def _resume_key(route: Route) -> tuple:
+    return (route.server.strip("[]").rstrip(".").lower(), route.port)
 
 
 async def _hello(client: UpstreamClient, where: str) -> None:

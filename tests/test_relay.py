@@ -622,3 +622,62 @@ def test_a_354_read_with_the_group_but_never_used_drops_the_connection(then):
     assert seen["closed"] >= 1
     if then == "mail":  # the second MAIL went to a fresh connection
         assert seen["groups"][1] == ["MAIL"] and seen["closed"] == 2
+
+
+# ---- TLS session resumption toward the upstream
+
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+def test_the_next_connection_to_an_upstream_resumes_its_tls_session(upstream_factory, tls):
+    """Cache off: every message opens a new upstream connection; from the
+    second on, the TLS session of the last one is resumed (no certificate
+    exchange), and the name check and delivery are as before."""
+    from sendooway_front import _tls
+    _tls.forget_sessions()
+    up = upstream_factory(tls=tls, accounts={"u": PW})
+    for _ in range(3):
+        replies, log = _deliver(up)
+        assert replies["end"].code == 250
+    assert up.tls_resumed == [False, True, True]
+    assert len(up.messages) == 3 and up.logins == ["u"] * 3
+
+
+def test_a_session_made_under_nocertcheck_never_spares_a_verifying_connection_its_check(
+        upstream_factory, tmp_path):
+    from sendooway_front import _tls
+    _tls.forget_sessions()
+    cert, key, _ = _foreign_cert(tmp_path)  # signed by a CA the route does not trust
+    up = upstream_factory(tls="starttls", accounts={"u": PW}, cert_file=cert, key_file=key)
+    for n in range(2):  # noCertCheck: delivered; resumed the second time, problems still logged
+        replies, log = _deliver(up, route=route_for(up, cert_check=False))
+        assert replies["end"].code == 250
+        assert "certificate problems ignored (noCertCheck)" in log.text
+    assert up.tls_resumed == [False, True]
+    # the same server, verifying: refused, as if no session had ever been made
+    replies, log = _deliver(up)
+    assert replies["mail"].code == 454 and "certificate refused" in log.text
+    assert len(up.messages) == 2 and up.tls_resumed == [False, True]
+
+
+def test_the_name_is_checked_on_a_resumed_connection_too(upstream_factory, tmp_path):
+    """A session is kept per server name and port; and a resumed connection
+    is name-checked all the same (the certificate comes with the session)."""
+    from sendooway_front import _stream, _tls
+    _tls.forget_sessions()
+    cert, key, ca = _foreign_cert(tmp_path, "mail.example")
+    up = upstream_factory(tls="tls", accounts={"u": PW}, cert_file=cert, key_file=key)
+
+    async def handshake(name, check):
+        s = await _stream.open_tcp("127.0.0.1", up.port, 5)
+        ctx = _tls.cached_client_context(ca, verify=True)
+        try:
+            await s.start_tls_client(ctx, name, check_hostname=check, resume=("mail.example", up.port))
+            await s.read(100)  # the greeting: the tickets come before it
+            s.remember_tls_session()
+            return s.tls_resumed
+        finally:
+            await s.aclose()  # (a connection cut without close_notify spoils its session)
+
+    assert run(handshake("mail.example", True)) is False
+    assert run(handshake("mail.example", True)) is True
+    with pytest.raises(_tls.TLSVerifyError, match="does not match other.example"):
+        run(handshake("other.example", True))  # the session offered, the name still checked

@@ -62,11 +62,16 @@ class FakeUpstream:
         self._controller: Controller | None = None
         self.mechanisms_used: list[str] = []
         self.quits = 0  # QUIT commands received (a kept connection closed politely)
+        self.tls_resumed: list[bool] = []  # per EHLO over TLS: session resumed?
 
     # aiosmtpd handler hooks ------------------------------------------------
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
+        tls = server.transport.get_extra_info("ssl_object") if server.transport else None
+        if tls is not None:  # after the handshake: was the client's session resumed?
+            with self._lock:
+                self.tls_resumed.append(tls.session_reused)
         if self.pipelining:
             responses.insert(1, "250-PIPELINING")
         return responses
