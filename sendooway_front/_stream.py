@@ -127,7 +127,7 @@ class Stream:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # (given the loop: no getpid() per call on 3.11)
         deadline = loop.time() + timeout
         self._deadline = deadline
         self._waiter = task

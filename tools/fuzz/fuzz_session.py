@@ -23,7 +23,7 @@ with atheris.instrument_imports(include=["sendooway_front", "tests"]):
     from sendooway_front._address import (
         ParamError, PathError, parse_params, parse_path, split_path_argument,
     )
-    from sendooway_front._session import MAX_AUTH_LINE, SessionSettings
+    from sendooway_front._session import MAX_AUTH_LINE, SessionSettings, State
     from tests.front_harness import Harness
 
 REPLY_LINE = re.compile(rb"(?!334\Z)[2-5]\d\d(?:[ -][\x20-\x7e]*)?\Z")  # RFC 5321/4954
@@ -57,12 +57,16 @@ def test_one_input(data: bytes) -> None:
         require_encryption=bool(flags & 4), advertise_8bitmime=bool(flags & 8),
         size_limit=None if flags & 16 else fdp.ConsumeIntInRange(0, 4096),
         max_auth_failures=fdp.ConsumeIntInRange(1, 4))
-    h = Harness(settings=settings)
+    # an upstream that refuses MAIL from no@x.y but (carelessly) accepts the
+    # RCPTs pipelined behind it: the session must never count one
+    h = Harness(settings=settings, refuse_mail={"no@x.y"}, reject_rcpt={"no@x.y"})
     while fdp.remaining_bytes() and not h.closed:
         piece = fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, MAX_PIECE))
         h.feed(piece)
         # nothing beyond a bounded line (or one DATA read) is ever kept
         assert len(h.session._buf) <= max(MAX_AUTH_LINE, 64 * 1024) + MAX_PIECE
+        # recipients only inside a transaction that has them
+        assert h.session.recipients == 0 or h.session.state in (State.RCPT, State.DATA, State.CLOSED)
     h.eof()
     out = bytes(h.out)
     assert out.endswith(b"\r\n"), out[-80:]
