@@ -376,6 +376,39 @@ def test_pipelining_client_through_the_cache_delivers_every_message(world, upstr
             daemon.stop()
 
 
+def test_pipelining_client_whose_sender_the_upstream_refuses(world, upstream_factory):
+    """MAIL, RCPT, DATA in one write, the upstream refuses the sender: the
+    client gets the upstream's 550, then 503 for the RCPT and for DATA (no
+    transaction), nothing is delivered, and the next transaction in the
+    same session goes through."""
+    up = upstream_factory(tls="starttls", accounts={"u": "pipe-Up-Pw-4"}, pipelining=True,
+                          reject_mail={"refused@example.org"})
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, (
+            f"sslCA = {world.ca_file}\n"
+            f"smarthostMapping = direct:* localhost {up.port} u pipe-Up-Pw-4 tls\n"))
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            with fe.smtp() as s:
+                s.starttls(context=world.ssl_context())
+                s.ehlo()
+                s.login("alice", world.users["alice"].password)
+                s.send("MAIL FROM:<refused@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+                got = [s.getreply() for _ in range(3)]
+                assert [c for c, _ in got] == [550, 503, 503], got
+                assert got[0][1] == b"5.7.1 sender refused by fake upstream"
+                s.send("MAIL FROM:<ok@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+                assert [s.getreply()[0] for _ in range(3)] == [250, 250, 354]
+                s.send(b"Subject: after\r\n\r\nbody\r\n.\r\n")
+                assert s.getreply()[0] == 250
+            assert [(m.mail_from, m.rcpt_tos) for m in up.messages] == [
+                ("ok@example.org", ["r@example.net"])]
+        finally:
+            assert fe.stop() == 0
+            daemon.stop()
+
+
 def _threaded_raw_upstream(script):
     """A plain SMTP upstream in a thread, answering per `script(conn)`; returns its port."""
     import socket
