@@ -5,7 +5,10 @@
 - session median: a whole client session (connect, STARTTLS, AUTH, one
   10 KiB message, QUIT) straight to the upstream vs through `sendooway -b`
   with smarthostCache off and on; rounds interleave direct/off/on so drift
-  hits all three alike.
+  hits all three alike. Also: the median of each step, the CPU each
+  process spent per session (client, sendooway, sendooway-auth with its
+  workers, upstream), and a pipelining client's session (MAIL, RCPT and
+  DATA in one write).
 - one big message (64 MiB): time direct vs proxied, and the peak RSS
   (VmHWM) of the serving `sendooway` process.
 - N concurrent sessions through the proxy (cache on): how many succeed.
@@ -138,6 +141,29 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of `pid` and all its live descendants (the authenticator's
+    fork server and the users' reader workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+        except (OSError, ValueError, IndexError):
+            continue
+        todo += children.get(p, [])
+    return total
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -321,9 +347,20 @@ def run(args) -> int:
             for _ in range(3):
                 fn()
         times: dict[str, list[float]] = {k: [] for k in kinds}
+        serving = {"direct": None, "proxied, cache off": f_off.pid, "proxied, cache on": f_on.pid}
+        cpu: dict[str, list[float]] = {k: [0.0] * 4 for k in kinds}  # client, sendooway, auth, upstream
         for _ in range(args.sessions):
             for k, fn in kinds.items():
+                others = (cpu_seconds(serving[k]) if serving[k] else 0.0,
+                          tree_cpu_seconds(auth.pid), cpu_seconds(up.pid))
+                client = time.process_time()  # (read last before, first after: only the session)
                 times[k].append(fn())
+                client = time.process_time() - client
+                after = (cpu_seconds(serving[k]) if serving[k] else 0.0,
+                         tree_cpu_seconds(auth.pid), cpu_seconds(up.pid))
+                before = (0.0, *others)
+                after = (client, *after)
+                cpu[k] = [c + (b - a) for c, a, b in zip(cpu[k], before, after)]
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"== one whole session (STARTTLS, AUTH, 10 KiB message), median of {args.sessions}")
         for k, v in med.items():
@@ -335,6 +372,11 @@ def run(args) -> int:
             rows = rows[3:]  # without the warm-up
             cols = [statistics.median(c) * 1000 for c in zip(*rows)]
             print(f"    {k:20s} " + " ".join(f"{c:6.2f}" for c in cols))
+        print("  CPU per session in ms (client, sendooway, sendooway-auth with its workers,"
+              " upstream; kernel ticks, so coarse):")
+        for k, c in cpu.items():
+            print(f"    {k:20s} " + " ".join(f"{x * 1000 / args.sessions:6.2f}" for x in c)
+                  + f"   sum {sum(c) * 1000 / args.sessions:5.2f}")
         # A pipelining client: MAIL, RCPT and DATA in one write. Proxied, they go
         # upstream as one group too, so the proxy adds no upstream round trip.
         piped = {"direct": [], "proxied, cache on": []}

@@ -21,5 +21,6 @@ def test_bench_relay_smoke():
                         "--sessions", "2", "--big-mib", "1", "--big-runs", "1", "--concurrent", "4"],
                        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for needle in ("proxied, cache off", "proxied, cache on", "ratio", "peak RSS", "4/4 succeeded"):
+    for needle in ("proxied, cache off", "proxied, cache on", "ratio", "peak RSS", "4/4 succeeded",
+                   "CPU per session", "pipelining client"):
         assert needle in r.stdout
