@@ -290,9 +290,24 @@ class Relay:
             else:
                 self._log_message(f"MAIL refused: {reply}")
             if grouped:
-                return [reply, *(await self._group_replies(len(recipients), data))]
+                replies = [reply, *(await self._group_replies(len(recipients), data))]
+                if self._overtalked("the group"):
+                    return [BAD_UPSTREAM] * len(replies)
+                return replies
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _overtalked(self, what: str) -> bool:
+        """More reply text arrived than was asked for: every later reply
+        would be read one step late (a 250 taken for the next command's),
+        so the connection is left and `what` answered 451 4.5.0."""
+        client = self._client
+        if client is None or not client.reader.buffered:
+            return False
+        self.log.warning("%s: upstream %s sent more than its replies to %s; connection dropped",
+                         self._sid(), client.address, what)
+        self._drop()
+        return True
 
     async def _group_replies(self, rcpts: int, data: bool) -> list[Reply]:
         """The replies to the RCPTs (and DATA) sent in one group behind MAIL,
@@ -301,6 +316,7 @@ class Relay:
         when nothing can follow it (no recipient, or a 354 nobody will use),
         the connection is left."""
         replies: list[Reply] = []
+        careless = False  # the upstream accepted something behind a refused MAIL
         try:
             for _ in range(rcpts):
                 if self._client is None:  # dropped (421, nonsense): the rest is lost with it
@@ -314,18 +330,30 @@ class Relay:
                 elif reply.code == 421:
                     reply = self._upstream_reply(reply)
                 elif reply.code < 400:
+                    careless = True
                     reply = NO_TRANSACTION
                 replies.append(reply)
             if data and self._client is not None:
                 reply = await self._client.read_reply()
-                if reply.code == 354 and self._in_tx and self._rcpts:
+                claimed = self._in_tx and self._rcpts > 0  # the client's DATA will ask for it
+                if reply.code == 354 and claimed:
                     self._data_reply = reply
-                elif 300 <= reply.code < 400:
-                    # waiting for a message the client's DATA will not ask for
-                    # (no recipient: the session answers it): leave it
+                elif reply.code < 400:
+                    # a 354 nobody will use (no recipient: the session answers
+                    # the client's DATA itself), or nonsense: leave the connection
                     self._drop()
-                elif self._in_tx:
+                    if claimed:
+                        self.log.warning("%s: upstream answered DATA with %s", self._sid(), reply)
+                        self._broken = BAD_UPSTREAM
+                elif claimed:
                     self._data_reply = self._upstream_reply(reply)
+                elif reply.code == 421:
+                    self._upstream_reply(reply)  # the connection is gone
+            if careless and self._client is not None:
+                # whatever it kept of that RCPT must not join a later transaction
+                self.log.warning("%s: upstream %s accepted commands behind a refused MAIL;"
+                                 " connection dropped", self._sid(), self._client.address)
+                self._drop()
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             failure = self._fail_transport(e, "RCPT")
             replies += [failure] * (rcpts - len(replies))
@@ -382,12 +410,17 @@ class Relay:
                 return self._fail_transport(e, "DATA")
             reply = self._upstream_reply(reply, intermediate_ok=True)
         if reply.code != 354:
-            if 300 <= reply.code < 400:
-                # Another 3xx would make the client start sending: refuse it ourselves.
+            if reply.code < 400:
+                # Another 3xx would make the client start sending, a 2xx is
+                # nonsense before any message: refuse it ourselves.
+                self.log.warning("%s: upstream answered DATA with %s", self._sid(), reply)
                 self._drop()
                 self._broken = BAD_UPSTREAM
                 return BAD_UPSTREAM
             return reply
+        if self._overtalked("DATA"):
+            self._broken = BAD_UPSTREAM
+            return BAD_UPSTREAM
         self._in_data = True
         self._check = _LineEndCheck()
         # One piece is held back until the next comes (or the end), so the
@@ -450,6 +483,9 @@ class Relay:
             return reply
         self._in_data = False
         self._in_tx = False
+        if self._overtalked("the end of the message"):
+            # which reply answered the dot is not known: never pass a 250 then
+            reply = BAD_UPSTREAM
         reply = self._upstream_reply(reply)
         self._broken = None
         if reply.code == 250:

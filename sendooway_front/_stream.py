@@ -58,6 +58,8 @@ class Stream:
         self._deadline = 0.0
         self._waiter: asyncio.Task | None = None
         self._expired: asyncio.Task | None = None
+        self._fixed: float | None = None  # one deadline for a whole TLS read or handshake
+        self.resumption_failed = False  # a handshake offering a kept session failed
         set_nodelay(writer.get_extra_info("socket"))
 
     # ------------------------------------------------------------ constructors
@@ -128,7 +130,8 @@ class Stream:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)  # (given the loop: no getpid() per call on 3.11)
-        deadline = loop.time() + timeout
+        cancelling = task.cancelling()  # cancels already pending are not ours to absorb
+        deadline = self._fixed if self._fixed is not None else loop.time() + timeout
         self._deadline = deadline
         self._waiter = task
         timer = self._timer
@@ -141,11 +144,15 @@ class Stream:
         except asyncio.CancelledError:
             if self._expired is task:
                 self._expired = None
-                if task.uncancel() == 0:
+                if task.uncancel() <= cancelling:
                     raise TimeoutError from None
             raise
         finally:
             self._waiter = None
+
+    # One waiting task per stream (_waiter): only the session's task ever
+    # waits on a given stream (the pool QUITs a connection in its own task
+    # only after taking it out of the idle list).
 
     def _expire(self) -> None:
         self._timer = None
@@ -208,7 +215,23 @@ class Stream:
             if self._closed:
                 return b""
             return await self._raw_read()
+        return await self._bounded(self._read_tls(max))
+
+    async def _bounded(self, aw):
+        """`aw` (many raw reads: a TLS record, a handshake) under ONE deadline,
+        so a peer sending a byte at a time cannot stretch `timeout` for ever."""
+        if self.timeout is None or self._fixed is not None:
+            return await aw
+        loop = self._loop or asyncio.get_running_loop()
+        self._fixed = loop.time() + self.timeout
+        try:
+            return await aw
+        finally:
+            self._fixed = None
+
+    async def _read_tls(self, max: int) -> bytes:
         conn = self._conn
+        assert conn is not None
         while True:
             try:
                 data = conn.recv(max)
@@ -282,6 +305,9 @@ class Stream:
     # ------------------------------------------------------------ TLS
 
     async def _handshake(self, conn: SSL.Connection) -> None:
+        await self._bounded(self._handshake_steps(conn))
+
+    async def _handshake_steps(self, conn: SSL.Connection) -> None:
         self._conn = conn
         while True:
             try:
@@ -325,7 +351,12 @@ class Stream:
         if self._conn is not None:
             raise RuntimeError("TLS already started on this stream")
         conn = _tls.client_connection(ctx, server_hostname, resume)
-        await self._handshake(conn)
+        try:
+            await self._handshake(conn)
+        except TLSHandshakeError:
+            # the server broke a resumed handshake: never offer it one again
+            self.resumption_failed = _tls.resumption_failed(conn)
+            raise
         try:
             self.tls_problems = _tls.check_server(conn, server_hostname, check_hostname)
         except TLSVerifyError:

@@ -227,10 +227,14 @@ def context_verifies(ctx: SSL.Context) -> bool:
     return bool(settings.verify) if isinstance(settings, _ClientSettings) else True
 
 
-# Upstream sessions kept for resumption: (context, server name, port) ->
-# (session, the chain problems tolerated when it was made: noCertCheck).
+# Upstream sessions kept for resumption: (CA file, verify, server name, port)
+# -> (the context it was made with, the session or None when resuming broke
+# that server's handshake, the chain problems tolerated: noCertCheck). A
+# session is offered only through the very context it was made with; the key
+# does not hold contexts, so a context replaced (CA file changed, system
+# store renewed) is not kept alive by its sessions.
 MAX_SESSIONS = 256
-_sessions: collections.OrderedDict[tuple, tuple[SSL.Session, tuple[str, ...]]] = \
+_sessions: collections.OrderedDict[tuple, tuple[SSL.Context, SSL.Session | None, tuple[str, ...]]] = \
     collections.OrderedDict()
 
 
@@ -245,11 +249,12 @@ def client_connection(ctx: SSL.Context, server_hostname: str,
     if server_hostname and not is_ip_address(server_hostname):
         conn.set_tlsext_host_name(server_hostname.rstrip(".").encode("idna"))
     if resume is not None:
-        state.key = (ctx, *resume)
+        settings = ctx.get_app_data()
+        state.key = (getattr(settings, "ca_file", None), state.verify, *resume)
         hit = _sessions.get(state.key)
-        if hit is not None:
+        if hit is not None and hit[0] is ctx and hit[1] is not None:
             try:
-                conn.set_session(hit[0])
+                conn.set_session(hit[1])
                 state.offered = hit
             except SSL.Error:  # not usable any more: a full handshake
                 _sessions.pop(state.key, None)
@@ -266,16 +271,35 @@ def remember_session(conn: SSL.Connection) -> None:
         return
     if state.verify and state.errors:  # (cannot happen: the handshake failed)
         return
+    ctx = conn.get_context()
+    old = _sessions.get(state.key)
+    if old is not None and old[1] is None and old[0] is ctx:
+        return  # resuming broke this server's handshake once: not again
     try:
         session = conn.get_session()
     except SSL.Error:
         return
     if session is None:
         return
-    _sessions[state.key] = (session, tuple(state.errors))
-    _sessions.move_to_end(state.key)
+    _store(state.key, (ctx, session, tuple(state.errors)))
+
+
+def _store(key: tuple, entry: tuple) -> None:
+    _sessions[key] = entry
+    _sessions.move_to_end(key)
     while len(_sessions) > MAX_SESSIONS:
         _sessions.popitem(last=False)
+
+
+def resumption_failed(conn: SSL.Connection) -> bool:
+    """A handshake failed: if it offered a kept session (and never got to the
+    certificates), that server is not offered one again (some servers break
+    on resumption). True when it was such a handshake."""
+    state = conn.get_app_data()
+    if not isinstance(state, _VerifyState) or state.offered is None or state.checked:
+        return False
+    _store(state.key, (conn.get_context(), None, ()))
+    return True
 
 
 def forget_sessions() -> None:
@@ -306,7 +330,7 @@ def check_server(conn: SSL.Connection, server_hostname: str, check_hostname: boo
         # resumed: no certificates were exchanged; the chain problems are
         # those found when the session was made (noCertCheck only)
         state.resumed = True
-        state.errors = list(state.offered[1])
+        state.errors = list(state.offered[2])
     verify = state.verify if isinstance(state, _VerifyState) else True
     problems = list(state.errors) if isinstance(state, _VerifyState) else []
     if conn.get_peer_certificate() is None:

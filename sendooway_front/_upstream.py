@@ -207,6 +207,21 @@ class UpstreamClient:
 async def open_upstream(route: Route, config: Config, ehlo_name: str,
                         log: logging.Logger, session_id: str = "") -> UpstreamClient:
     """Connect, greet, secure and log in as `route` says. Raises UpstreamError."""
+    try:
+        return await _open_upstream(route, config, ehlo_name, log, session_id)
+    except _ResumptionBroke:
+        # the server failed a resumed handshake; it is not offered one again
+        log.info("%supstream %s:%s: TLS resumption refused, connecting afresh",
+                 f"{session_id}: " if session_id else "", route.server, route.port)
+        return await _open_upstream(route, config, ehlo_name, log, session_id)
+
+
+class _ResumptionBroke(Exception):
+    pass
+
+
+async def _open_upstream(route: Route, config: Config, ehlo_name: str,
+                         log: logging.Logger, session_id: str) -> UpstreamClient:
     where = f"{route.server}:{route.port}"
     prefix = f"{session_id}: " if session_id else ""
     timeout = float(config.timeout)
@@ -231,6 +246,8 @@ async def open_upstream(route: Route, config: Config, ehlo_name: str,
         raise UpstreamError(TLS_FAILED, f"{where}: certificate refused: {e}") from None
     except TLSError as e:
         client.abort()
+        if stream.resumption_failed:
+            raise _ResumptionBroke() from None
         raise UpstreamError(TLS_FAILED, f"{where}: TLS handshake failed: {e}") from None
     except OSError as e:
         client.abort()
