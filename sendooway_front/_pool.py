@@ -88,7 +88,7 @@ class UpstreamPool:
             if entry.timer is not None:
                 entry.timer.cancel()
             client = entry.client
-            if not probe and not client.reader.buffered:
+            if not probe and not client.reader.buffered and not client.stream.said_something():
                 self.hits += 1
                 return client
             if probe and await self._probe(client):
@@ -101,7 +101,7 @@ class UpstreamPool:
         return None
 
     async def _probe(self, client: UpstreamClient) -> bool:
-        if client.reader.buffered:
+        if client.reader.buffered or client.stream.said_something():
             return False  # the upstream said something unasked (e.g. 421 before closing)
         saved = client.stream.timeout
         client.stream.timeout = min(PROBE_TIMEOUT, saved or PROBE_TIMEOUT)
@@ -158,9 +158,14 @@ class UpstreamPool:
         entries = [(k, e) for k, v in self._idle.items() for e in v]
         for k, e in entries:
             self._remove(k, e)
-        quits = [e.client.quit() for _k, e in entries]
-        if quits or self._tasks:
-            await asyncio.wait_for(asyncio.gather(*quits, *list(self._tasks), return_exceptions=True), 10)
+        tasks = [self.loop.create_task(e.client.quit()) for _k, e in entries] + list(self._tasks)
+        if tasks:
+            # each QUIT waits QUIT_WAIT s at most; whatever is left then is cut
+            _done, pending = await asyncio.wait(tasks, timeout=10)
+            for task in pending:
+                task.cancel()
+            for _k, e in entries:
+                e.client.abort()
 
 
 _pools: dict[asyncio.AbstractEventLoop, UpstreamPool] = {}

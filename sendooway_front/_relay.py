@@ -21,7 +21,7 @@ import re
 from sendooway_shared.config import Config, default_localname
 from sendooway_shared.types import Route
 
-from ._pool import PoolKey, UpstreamPool
+from ._pool import PROBE_TIMEOUT, PoolKey, UpstreamPool
 from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
 from ._tls import TLSError
@@ -175,10 +175,11 @@ class Relay:
             return self._broken
         return reply
 
-    async def _connect(self, info: SessionInfo, route: Route, key: PoolKey) -> tuple[UpstreamClient, bool]:
-        """An upstream for `key`: kept in the pool (not yet probed) or new and
-        logged in. Returns (client, from_pool)."""
-        if self.pool is not None and self.pool.enabled:
+    async def _connect(self, info: SessionInfo, route: Route, key: PoolKey,
+                       kept: bool = True) -> tuple[UpstreamClient, bool]:
+        """An upstream for `key`: kept in the pool (not yet probed; only when
+        `kept`) or new and logged in. Returns (client, from_pool)."""
+        if kept and self.pool is not None and self.pool.enabled:
             client = await self.pool.acquire(key, probe=False)
             if client is not None:
                 return client, True
@@ -188,16 +189,23 @@ class Relay:
     async def _probe_and_mail(self, client: UpstreamClient, group: list[str]) -> Reply | None:
         """RSET (is the kept connection alive and clean?) and MAIL (with the
         rest of its group), in one round trip when the upstream offers
-        PIPELINING. Returns MAIL's reply; None: the probe failed."""
-        if client.supports("PIPELINING"):
-            await client.send_lines(["RSET", *group])
-            probe = await client.read_reply()
-            if probe.code != 250:
-                return None
-            return await client.read_reply()
-        probe = await client.command("RSET")
+        PIPELINING. Returns MAIL's reply; None: the probe failed. A connection
+        that went silently dead (a NAT forgot it) costs PROBE_TIMEOUT, not
+        the whole `timeout`."""
+        saved = client.stream.timeout
+        client.stream.timeout = min(PROBE_TIMEOUT, saved or PROBE_TIMEOUT)
+        try:
+            if client.supports("PIPELINING"):
+                await client.send_lines(["RSET", *group])
+                probe = await client.read_reply()
+            else:
+                probe = await client.command("RSET")
+        finally:
+            client.stream.timeout = saved
         if probe.code != 250:
             return None
+        if client.supports("PIPELINING"):
+            return await client.read_reply()
         return await client.command(group[0])
 
     # ------------------------------------------------------------ RelayBackend
@@ -243,7 +251,9 @@ class Relay:
             fresh = self._client is None
             if fresh:
                 try:
-                    self._client, from_pool = await self._connect(info, route, key)
+                    # the retry after a stale kept connection connects afresh:
+                    # the others kept for the key went stale the same way
+                    self._client, from_pool = await self._connect(info, route, key, kept=attempt == 0)
                 except UpstreamError as e:
                     self.log.warning("%s: upstream %s for <%s>: %s", info.session_id,
                                      f"{route.server}:{route.port}", sender, e)
@@ -455,7 +465,30 @@ class Relay:
         try:
             await self._client.stream.write(held)
         except (OSError, TimeoutError, TLSError) as e:
-            self._fail_transport(e, "DATA")
+            await self._fail_during_data(e)
+
+    async def _fail_during_data(self, exc: BaseException) -> None:
+        """Writing the message failed. An upstream that refused it early and
+        closed (552 too big) has its reply read already: that reply (a 5xx
+        stays a 5xx) is the answer at the end of the data; else 451."""
+        client = self._client
+        early = None
+        if client is not None and not isinstance(exc, TimeoutError):
+            saved = client.stream.timeout
+            client.stream.timeout = min(2.0, saved or 2.0)
+            try:
+                early = await client.read_reply()
+            except (OSError, TimeoutError, ReplyError, TLSError):
+                early = None
+            finally:
+                client.stream.timeout = saved
+        if early is None or early.code < 400:
+            self._fail_transport(exc, "DATA")
+            return
+        self.log.warning("%s: upstream %s refused the message during DATA: %s", self._sid(),
+                         client.address, early)
+        self._drop()
+        self._broken = Reply(451, early.lines) if early.code == 421 else early
 
     async def data_end(self, empty: bool = False) -> Reply:
         if self._broken is not None:
@@ -475,6 +508,13 @@ class Relay:
         end = b".\r\n" if empty and not self._bytes else b"\r\n.\r\n"
         try:
             await self._client.stream.write(held + end)
+        except (OSError, TimeoutError, TLSError) as e:
+            await self._fail_during_data(e)  # an early refusal is the answer
+            reply, self._broken = self._broken or DROPPED, None
+            self._log_message(f"not delivered ({reply})" if reply.code >= 500
+                              else f"unknown, connection lost ({reply.code})")
+            return reply
+        try:
             reply = await self._client.read_reply()
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             reply = self._fail_transport(e, "end of DATA")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,12 @@ class Reply:
         for line in self.lines:
             if "\r" in line or "\n" in line or "\0" in line:
                 raise ValueError("reply text must not contain CR, LF or NUL")
+
+    @property
+    def enhanced(self) -> str:
+        """The enhanced status code the text starts with (RFC 3463), or ""."""
+        word = self.lines[0].split(" ", 1)[0] if self.lines else ""
+        return word if _ENHANCED.fullmatch(word) else ""
 
     @property
     def is_positive(self) -> bool:

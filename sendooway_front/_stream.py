@@ -171,10 +171,27 @@ class Stream:
             return data
         if self._eof:
             return b""
-        data = await self._wait(self._reader.read(RAW_READ))
+        try:
+            data = await self._wait(self._reader.read(RAW_READ))
+        except ConnectionError:
+            # A reset after the peer's last words (an upstream's 552, then
+            # RST): asyncio raises before handing over what had arrived.
+            left = getattr(self._reader, "_buffer", None)
+            if not left:
+                raise
+            data = bytes(left)
+            left.clear()
         if not data:
             self._eof = True
         return data
+
+    def said_something(self) -> bool:
+        """Input arrived that nobody read yet, or the end of it (a kept
+        connection the peer spoke on or closed while idle: 421, a late reply)."""
+        reader = self._reader
+        return bool(self._unread or self._eof or reader.at_eof() or reader.exception() is not None
+                    or getattr(reader, "_buffer", None)
+                    or (self._conn is not None and self._conn.pending()))
 
     def unread(self, data: bytes) -> None:
         """Give back octets read too far (what followed a PROXY protocol
@@ -215,11 +232,12 @@ class Stream:
             if self._closed:
                 return b""
             return await self._raw_read()
-        return await self._bounded(self._read_tls(max))
+        return await self.bounded(self._read_tls(max))
 
-    async def _bounded(self, aw):
-        """`aw` (many raw reads: a TLS record, a handshake) under ONE deadline,
-        so a peer sending a byte at a time cannot stretch `timeout` for ever."""
+    async def bounded(self, aw):
+        """`aw` (many reads: a TLS record, a handshake, a whole SMTP reply)
+        under ONE deadline, so a peer sending a byte at a time cannot stretch
+        `timeout` for ever. Nested calls keep the outer deadline."""
         if self.timeout is None or self._fixed is not None:
             return await aw
         loop = self._loop or asyncio.get_running_loop()
@@ -305,7 +323,7 @@ class Stream:
     # ------------------------------------------------------------ TLS
 
     async def _handshake(self, conn: SSL.Connection) -> None:
-        await self._bounded(self._handshake_steps(conn))
+        await self.bounded(self._handshake_steps(conn))
 
     async def _handshake_steps(self, conn: SSL.Connection) -> None:
         self._conn = conn

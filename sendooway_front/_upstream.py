@@ -35,7 +35,10 @@ MAX_REPLY_LINES = 100   # lines of one multi-line reply
 READ_SIZE = 16 * 1024
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.S)
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# C0 controls but TAB, DEL, C1 controls (CSI U+009B, NEL U+0085...) and the
+# Unicode line and paragraph separators: never repeated to the client.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+QUIT_WAIT = 5.0  # seconds a QUIT's reply is waited for (SIGTERM, cache expiry)
 
 # Local replies (the upstream could not be used); the log has the detail.
 UNREACHABLE = Reply(451, ("4.4.1 Upstream server unreachable, try again later",))
@@ -92,6 +95,11 @@ class ReplyReader:
             self._buf += data
 
     async def read_reply(self) -> Reply:
+        """One whole reply under one `timeout` (a reply trickled a byte at a
+        time cannot stretch it)."""
+        return await self.stream.bounded(self._read_reply())
+
+    async def _read_reply(self) -> Reply:
         code = None
         lines: list[str] = []
         while True:
@@ -192,7 +200,9 @@ class UpstreamClient:
         return " ".join(parts)
 
     async def quit(self) -> None:
-        """QUIT politely (bounded by the stream's timeout), then close."""
+        """QUIT politely (its reply waited for QUIT_WAIT s at most), then close."""
+        if self.stream.timeout is None or self.stream.timeout > QUIT_WAIT:
+            self.stream.timeout = QUIT_WAIT
         try:
             await self.stream.write(b"QUIT\r\n")
             await self.reader.read_reply()
@@ -334,7 +344,9 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
         if reply.code == 235:
             client.auth_mechanism = mech
             return
-        tried.append(f"{mech}: {reply}")
+        # the code only: an upstream may echo the command, and with it the
+        # base64 credentials, in its reply text
+        tried.append(f"{mech}: {reply.code}{' ' + reply.enhanced if reply.enhanced else ''}")
         if reply.code in _TRY_NEXT:
             continue
         # A real refusal of the credentials (535) or a temporary failure:
