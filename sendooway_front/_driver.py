@@ -16,7 +16,7 @@ from sendooway_shared.config import Config, Ext8BitMime, MailerEncryption, defau
 from . import _catalogue as R
 from ._authlink import AuthLink, AuthLinkError
 from ._events import (
-    NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
+    FLUSH, NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
 from ._proxyproto import (
@@ -24,7 +24,7 @@ from ._proxyproto import (
 )
 from ._relay_api import RelayBackend, SessionInfo
 from ._reply import Reply
-from ._session import Session, SessionSettings
+from ._session import Session, SessionSettings, State
 from ._stream import Stream
 from ._tls import TLSError
 
@@ -112,6 +112,16 @@ class SessionRunner:
         self.relay: RelayBackend | None = None
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
         self.stream_eof = False
+        self.stopping = False          # the server stops: 421 at the next command
+        self._waiting_for_command = False
+
+    def request_stop(self) -> None:
+        """The server is stopping: a client between two commands gets
+        "421 4.3.2 shutting down" at once; one in the middle of something
+        (DATA, a relay step) gets it once that is done."""
+        self.stopping = True
+        if self._waiting_for_command:
+            self.stream.interrupt()
 
     def _log(self, level: int, msg: str, *args: Any) -> None:
         """One line: session id, client address, user once logged in."""
@@ -207,7 +217,15 @@ class SessionRunner:
         deadline: float | None = None  # by when the pending input must make progress
         while True:
             ev = s.next_event()
+            if ev is FLUSH:  # replies piled up: the client takes them before we read on
+                await self._send()
+                deadline = None
+                continue
             if ev is NEED_DATA:
+                if self.stopping and s.at_command_boundary:
+                    self._log(logging.INFO, "server stopping: closing the session")
+                    s.shutdown(R.SHUTTING_DOWN)
+                    continue
                 if await self._send():
                     deadline = None  # replies went out: the client's input made progress
                 # `timeout` bounds each read and also a whole command line:
@@ -216,19 +234,29 @@ class SessionRunner:
                 if deadline is None:
                     deadline = now + limit
                 self.stream.timeout = max(0.0, min(limit, deadline - now))
+                self._waiting_for_command = s.at_command_boundary
                 try:
                     if self.stream.timeout <= 0:
                         raise TimeoutError
                     data = await self.stream.read(READ_SIZE)
                 except (asyncio.TimeoutError, TimeoutError):
+                    if self.stopping and s.at_command_boundary:
+                        continue  # interrupted by request_stop: 421 above
                     self._log(logging.INFO, "timeout: no complete input for %ss", limit)
                     s.timed_out()
                     continue
                 except OSError as exc:
                     self._log(logging.INFO, "read failed: %s", exc)
                     data = b""
+                finally:
+                    self._waiting_for_command = False
                 if not data:
                     self.stream_eof = True
+                elif s.state is State.DATA:
+                    # message text (even a refused message being read to
+                    # its end) is not a command line: each read is bounded,
+                    # the whole message is not
+                    deadline = None
                 s.receive_data(data)
                 continue
             deadline = None  # the session moved on

@@ -32,6 +32,11 @@ NEED_DATA = _Sentinel("NEED_DATA")
 """The session has consumed its input: send data_to_send(), then read and
 call receive_data()."""
 
+FLUSH = _Sentinel("FLUSH")
+"""Replies have piled up (a client pipelining without reading them): send
+data_to_send() (waiting for the client to take it), then call next_event()
+again — without reading: there is input left."""
+
 PAUSED = _Sentinel("PAUSED")
 """The session waits for the answer to the last event (a driver bug if seen)."""
 

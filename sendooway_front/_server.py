@@ -247,6 +247,7 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     tasks: set[asyncio.Task] = set()
+    runners: set[SessionRunner] = set()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -257,11 +258,15 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
             writer.close()
             return
         tasks.add(task)
+        runner = None
         try:
             stream = Stream(reader, writer, frontend.config.timeout)
-            await SessionRunner(frontend, stream, describe_peer(writer.get_extra_info("peername"))).run()
+            runner = SessionRunner(frontend, stream, describe_peer(writer.get_extra_info("peername")))
+            runners.add(runner)
+            await runner.run()
         finally:
             tasks.discard(task)
+            runners.discard(runner)
 
     servers = []
     for s in sockets:
@@ -277,6 +282,12 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         srv.close()
     if tasks:
         _done, pending = await asyncio.wait(set(tasks), timeout=grace)
+        if pending:
+            # the grace is over: "421 4.3.2 shutting down" to every client
+            # between two commands (not a silent close), the rest is cut
+            for runner in list(runners):
+                runner.request_stop()
+            _done, pending = await asyncio.wait(pending, timeout=2)
         for t in pending:
             t.cancel()
         if pending:

@@ -25,7 +25,7 @@ from sendooway_shared.types import Secret
 from . import _catalogue as R
 from ._address import NeedsUtf8, ParamError, PathError, parse_params, parse_path, split_path_argument
 from ._events import (
-    NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
+    FLUSH, NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Event, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
 from ._relay_api import MailParams
@@ -95,6 +95,8 @@ _ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
 # dot-stuffing); a CR or LF outside a CRLF pair is a bare line end (SMTP
 # smuggling, CVE-2023-51764 class) and refuses the message.
 _END = b"\r\n.\r\n"
+_END_STARTS = (b"\r\n.\r", b"\r\n.")  # how input may end inside an end marker
+OUT_LIMIT = 64 * 1024  # octets of replies held before the client must take them (FLUSH)
 # After a refusal: a lone "." line between any line ends.
 _LOOSE_END = re.compile(rb"(\r\n|\r|\n)\.(\r\n|\r|\n)")
 
@@ -170,6 +172,13 @@ class Session:
     def has_buffered_input(self) -> bool:
         return bool(self._buf)
 
+    @property
+    def at_command_boundary(self) -> bool:
+        """Between two commands: nothing pending, no partial line, not in
+        DATA or an AUTH exchange (where a 421 may close the session)."""
+        return (self.state not in (State.DATA, State.CLOSED) and self._awaiting is None
+                and self._auth is None and not self._buf and not self._events)
+
     def next_event(self) -> Event:
         while True:
             if self._events:
@@ -182,6 +191,8 @@ class Session:
                 if not self._step_data():
                     return NEED_DATA
                 continue
+            if len(self._out) >= OUT_LIMIT:
+                return FLUSH  # replies wait: let the client take them first
             line = self._next_line()
             if line is None:
                 if self._eof:
@@ -655,9 +666,15 @@ class Session:
         buf = self._buf
         n = len(buf)
         window = min(n, self._d_skip + DATA_CHUNK + len(_END))
-        dot = buf.find(b"\r\n.", 0, window)
-        while dot >= 0 and not self._is_end_candidate(dot):
-            dot = buf.find(b"\r\n.", dot + 3, window)  # a dot-stuffed line: part of the message
+        # The first "\r\n." that is, or may still become, the end marker:
+        # a whole CRLF.CRLF, or a start of one at the very end of the input
+        # (any other "\r\n." is a dot-stuffed line, part of the message).
+        dot = buf.find(_END, 0, min(n, window + 2))
+        if dot < 0:
+            for tail in _END_STARTS:
+                if buf.endswith(tail) and n - len(tail) + 3 <= window:
+                    dot = n - len(tail)
+                    break
         if dot < 0:
             # Keep a trailing CR or CRLF: it may begin the end of data.
             keep = 2 if buf.endswith(b"\r\n") else 1 if buf.endswith(b"\r") else 0
@@ -671,11 +688,6 @@ class Session:
         # nothing handed out and the end marker's CRLF is the one that ended
         # the DATA command: the client sent no line at all
         return self._finish_data(empty=dot == 0 and self._d_size == 0)
-
-    def _is_end_candidate(self, start: int) -> bool:
-        """True if the "\r\n." at `start` is, or may still become, CRLF.CRLF."""
-        tail = bytes(self._buf[start:start + len(_END)])
-        return _END.startswith(tail)
 
     def _need_data_in_message(self) -> bool:
         if self._eof:

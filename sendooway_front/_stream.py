@@ -150,6 +150,14 @@ class Stream:
         finally:
             self._waiter = None
 
+    def interrupt(self) -> None:
+        """End the wait in progress now, as if its timeout had run out
+        (TimeoutError in the waiting task); nothing when none is waiting."""
+        task = self._waiter
+        if task is not None and self._expired is None:
+            self._expired = task
+            task.cancel()
+
     # One waiting task per stream (_waiter): only the session's task ever
     # waits on a given stream (the pool QUITs a connection in its own task
     # only after taking it out of the idle list).

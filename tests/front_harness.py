@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sendooway_front import _catalogue as R
 from sendooway_front._events import (
-    NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
+    FLUSH, NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
 from sendooway_front._reply import Reply
@@ -66,6 +66,9 @@ class Harness:
             ev = s.next_event()
             if ev is NEED_DATA:
                 break
+            if ev is FLUSH:  # the replies are taken before more input is read
+                self.out += s.data_to_send()
+                continue
             assert ev is not PAUSED, "harness left an event unanswered"
             self.events.append(ev)
             if isinstance(ev, AuthRequested):
