@@ -44,11 +44,17 @@ def specificity(pattern: str) -> Specificity:
     return Specificity.EXACT
 
 
+# ASCII letters only, as the original's strcasecmp: str.lower() would also
+# fold e.g. U+212A KELVIN SIGN to "k" and widen an exact pattern to a
+# different (SMTPUTF8) sender.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _split(address: str) -> tuple[str, str]:
     local, at, domain = address.rpartition("@")
     if not at:
-        return address.lower(), ""
-    return local.lower(), domain.lower()
+        return address.translate(_ASCII_LOWER), ""
+    return local.translate(_ASCII_LOWER), domain.translate(_ASCII_LOWER)
 
 
 def matches(pattern: str, sender: str) -> bool:

@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import os
 import stat
+import time
 from collections import OrderedDict
 
 
@@ -54,17 +55,30 @@ class Penalty:
 
     def failure(self, user: str, client: str, now: float) -> float:
         """Count one failure; return how long to hold back its answer."""
-        keys = [f"u:{user}"] + ([f"c:{client}"] if client else [])
+        keys = [f"u:{user}"] + ([f"c:{client}", f"uc:{user} {client}"] if client else [])
         counts = [self._get(k, now) for k in keys]
         for k, c in zip(keys, counts):
             self._save(k, c + 1, now)
         if self.base <= 0:
             return 0.0
-        return min(self.cap, self.base * (2 ** min(max(counts), 30)))
+        return min(self.cap, self.base * (2 ** min(max(counts[:2]), 30)))
 
-    def success(self, user: str, client: str) -> None:
+    def success(self, user: str, client: str, now: float | None = None) -> None:
+        """A right password clears the user's count, and takes that user's
+        own failures off the address's count — not the others': logging in
+        to one's own account between guesses at other accounts must not
+        reset the address's record."""
         self._drop(f"u:{user}")
-        if client:
+        if not client:
+            return
+        now = time.time() if now is None else now
+        own = self._get(f"uc:{user} {client}", now)
+        self._drop(f"uc:{user} {client}")
+        entry = self._load(f"c:{client}")
+        left = (self._get(f"c:{client}", now) - own) if entry is not None else 0
+        if left > 0:
+            self._save(f"c:{client}", left, entry[1])  # (its age is kept: it fades as before)
+        else:
             self._drop(f"c:{client}")
 
     def count(self, user: str, client: str, now: float) -> int:

@@ -54,6 +54,7 @@ class AuthResult:
 
 
 MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
+MAX_PAM_PAD = 10.0    # seconds an unknown user's refusal is held back at most
 
 
 class AuthService:
@@ -65,21 +66,31 @@ class AuthService:
         self.penalty = penalty
         self.clock = clock
         self._process_uid = os.geteuid()  # authBackend = none accepts only this account
+        self._pam_no: float | None = None  # seconds PAM takes to refuse a password (average)
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
         wait = min(float(self.cfg.timeout), MAX_AUTH_WAIT)
+        started = time.monotonic()
         try:
             async with asyncio.timeout(wait):  # no extra task per login, unlike wait_for
                 user, reason = await self._check(name, password)
         except TimeoutError:  # the worker stays stuck; this login is answered
             user, reason = None, "pam-timeout"
+        took = time.monotonic() - started
+        if reason == "wrong-password":
+            # how long PAM takes to say no (pam_faildelay, pam_unix: ~2 s)
+            self._pam_no = took if self._pam_no is None else 0.8 * self._pam_no + 0.2 * took
+        elif reason == "unknown-user" and self._pam_no:
+            # an unknown name is refused without PAM: as slow as a real one,
+            # so the reply's timing does not tell which accounts exist
+            await asyncio.sleep(max(0.0, min(self._pam_no, MAX_PAM_PAD) - took))
         if user is None and is_temporary(reason):
             log.error("auth unavailable: user=%s client=%s reason=%s session=%s",
                       field(name), peer.client_field, reason, field(peer.session))
             return AuthResult(False, None, reason, temporary=True)
         if user is not None:
-            self.penalty.success(name, peer.host)
+            self.penalty.success(name, peer.host, self.clock())
             self.readers.prewarm(user)  # its fork overlaps the client's next round trip
             log.info("auth ok: user=%s %s", field(user.name), peer.fields())
             return AuthResult(True, user)

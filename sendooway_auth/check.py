@@ -12,6 +12,7 @@ from sendooway_shared.config import AuthBackend, Config
 from sendooway_shared.types import Route
 
 from . import _users
+from ._logfmt import text
 from ._reader import lookup_direct
 from .routes import UserRoutes
 
@@ -33,7 +34,9 @@ def _route_line(route: Route) -> str:
 
 def report(cfg: Config, name: str, sender: str | None, out) -> int:
     """Write the report for `name` to `out`; return the exit code."""
-    w = lambda text="": print(text, file=out)  # noqa: E731
+    # Every line is escaped: paths, names and messages come from users'
+    # files and must not reach the admin's terminal as control sequences.
+    w = lambda line="": print(text(line, limit=20000), file=out)  # noqa: E731
     w(f"sendooway-auth --check {name} (config {cfg.filename or '(defaults)'})")
     backend = cfg.authBackend.value
     if cfg.authBackend is AuthBackend.PAM:

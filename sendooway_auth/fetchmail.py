@@ -258,7 +258,9 @@ def _directive(acc: _Pending, d: _Directive, err) -> None:
         else:
             acc.values[name] = d.values[0]
         return
-    shown = "".join(c for c in key[:40] if c.isprintable())
+    # its leading letters only: a mistyped "pass=SECRET" must not be shown
+    m = re.match(r"[a-z0-9_]{1,40}", key)
+    shown = (m.group(0) if m else "") + ("..." if not m or len(m.group(0)) < len(key) else "")
     err(d.line, f"unknown keyword '#sendooway:{shown}'")
 
 

@@ -11,6 +11,8 @@ then the global ones, DESIGN.md's defaults when neither has any).
 
 from __future__ import annotations
 
+import dataclasses
+
 import stat
 from dataclasses import dataclass, field, replace
 from typing import Callable, Generator
@@ -138,16 +140,40 @@ def run_plan(cfg: Config, user: UserInfo,
     return found
 
 
+MAX_MAPPINGS = 1000    # mapping lines reported per lookup
+MAX_ADDRESSES = 1000   # address patterns per account
+MAX_TEXT = 2000        # characters of one message or mapping line reported
+
+
 def _cap(found: UserRoutes) -> None:
+    """Bound what a lookup hands back, so that whatever a user's files hold
+    the answer passes from_wire (a refusal there would be a temporary
+    failure with no file:line for the user)."""
     if len(found.accounts) > MAX_ACCOUNTS:
         found.errors.append(f"more than {MAX_ACCOUNTS} accounts: the rest are ignored")
         del found.accounts[MAX_ACCOUNTS:]
+    for i, account in enumerate(found.accounts):
+        if len(account.addresses) > MAX_ADDRESSES:
+            found.errors.append(f"{account.source}: more than {MAX_ADDRESSES} addresses:"
+                                " the rest are ignored")
+            found.accounts[i] = dataclasses.replace(account,
+                                                    addresses=account.addresses[:MAX_ADDRESSES])
+    if len(found.mappings) > MAX_MAPPINGS:
+        extra = len(found.mappings) - MAX_MAPPINGS
+        del found.mappings[MAX_MAPPINGS:]
+        found.mappings.append(("...", f"and {extra} more mappings"))
+    found.mappings[:] = [(_cut(a), _cut(b)) for a, b in found.mappings]
     for name in ("errors", "warnings"):
         items = getattr(found, name)
         if len(items) > MAX_MESSAGES:
             extra = len(items) - MAX_MESSAGES
             del items[MAX_MESSAGES:]
             items.append(f"... and {extra} more")
+        items[:] = [_cut(m) for m in items]
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
 
 
 # ------------------------------------------------------------ across the pipe
@@ -261,18 +287,14 @@ def _text(read: FileRead, found: UserRoutes) -> str | None:
 
 
 def _parse_include(text: str, path: str, found: UserRoutes) -> UserConfig:
-    """Parse ~/.sendoowayrc, skipping (and reporting) each bad line."""
-    lines = text.splitlines()
-    for _ in range(MAX_INCLUDE_ERRORS):
-        try:
-            return parse_user_config("\n".join(lines), path)
-        except ConfigError as exc:
-            found.errors.append(str(exc))
-            if not exc.line or exc.line > len(lines):
-                return UserConfig(filename=path)
-            lines[exc.line - 1] = ""
-    found.errors.append(f"{path}: more than {MAX_INCLUDE_ERRORS} errors, file ignored")
-    return UserConfig(filename=path)
+    """Parse ~/.sendoowayrc, skipping (and reporting) each bad line, in one pass."""
+    errors: list[ConfigError] = []
+    parsed = parse_user_config(text, path, errors)
+    found.errors.extend(str(e) for e in errors[:MAX_INCLUDE_ERRORS])
+    if len(errors) > MAX_INCLUDE_ERRORS:
+        found.errors.append(f"{path}: more than {MAX_INCLUDE_ERRORS} errors, file ignored")
+        return UserConfig(filename=path)
+    return parsed
 
 
 def _check_mode(read: FileRead, user: UserInfo, found: UserRoutes) -> None:

@@ -382,7 +382,10 @@ def _parse_mapping(value: str, filename: str, line: int) -> Mapping:
 
 
 def _lines(text: str):
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at LF only (an optional CR before it is dropped by strip()):
+    # str.splitlines() would also break at FF, VT, U+0085, U+2028..., so
+    # error line numbers would not be the ones an editor shows.
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
         if line:
             yield number, line
@@ -392,7 +395,8 @@ def _split(line: str, filename: str, number: int) -> tuple[str, str]:
     key, eq, value = line.partition("=")
     key = key.strip()
     if not eq:
-        raise ConfigError(filename, number, f"expected 'keyword = value', got {line[:60]!r}")
+        # never the rest of the line: it may hold a password
+        raise ConfigError(filename, number, f"expected 'keyword = value', got {_shown_key(key)!r}")
     if not key:
         raise ConfigError(filename, number, "missing keyword before '='")
     return key, value.strip()
@@ -405,8 +409,16 @@ def _lookup(key: str, filename: str, number: int, allowed: tuple[str, ...]):
         suggestion = ""
         if hint:
             suggestion = f" (did you mean '{next(k for k in allowed if k.lower() == hint[0])}'?)"
-        raise ConfigError(filename, number, f"unknown keyword '{key}'{suggestion}")
+        raise ConfigError(filename, number, f"unknown keyword '{_shown_key(key)}'{suggestion}")
     return spec
+
+
+def _shown_key(key: str) -> str:
+    """What an error may show of a keyword: its leading letters, digits and
+    '_' (at most 40); the rest of a garbled line may be a password."""
+    m = re.match(r"[A-Za-z0-9_]{1,40}", key.strip())
+    shown = m.group(0) if m else ""
+    return shown + ("..." if len(key.strip()) > len(shown) else "")
 
 
 def _parse_value(name: str, parser, value: str, filename: str, number: int):
@@ -438,26 +450,41 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
     return Config(filename=filename, **values)  # type: ignore[arg-type]
 
 
-def parse_user_config(text: str, filename: str) -> UserConfig:
-    """Parse a user include; only smarthostMapping and sslCA are allowed."""
+def parse_user_config(text: str, filename: str,
+                      errors: list[ConfigError] | None = None) -> UserConfig:
+    """Parse a user include; only smarthostMapping and sslCA are allowed.
+    With `errors`, a bad line is recorded there and skipped (one pass);
+    without, the first one raises."""
     mappings: list[Mapping] = []
     ssl_ca: str | None = None
     for number, line in _lines(text):
-        key, value = _split(line, filename, number)
-        name, parser, user_ok = _lookup(key, filename, number, USER_KEYWORD_NAMES)
-        if not user_ok:
-            raise ConfigError(
-                filename, number,
-                f"'{name}' is not allowed in a user include"
-                f" (only {', '.join(USER_KEYWORD_NAMES)})",
-            )
-        if name == "smarthostMapping":
-            if value == "":
-                raise ConfigError(filename, number, f"{name}: a value is required")
-            mappings.append(_parse_value(name, parser, value, filename, number))
+        try:
+            one = _user_line(line, filename, number)
+        except ConfigError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+            continue
+        if isinstance(one, Mapping):
+            mappings.append(one)
         else:
-            ssl_ca = _parse_value(name, parser, value, filename, number)
+            ssl_ca = one
     return UserConfig(tuple(mappings), ssl_ca, filename)
+
+
+def _user_line(line: str, filename: str, number: int):
+    """One line of a user include: a Mapping, or the sslCA value."""
+    key, value = _split(line, filename, number)
+    name, parser, user_ok = _lookup(key, filename, number, USER_KEYWORD_NAMES)
+    if not user_ok:
+        raise ConfigError(
+            filename, number,
+            f"'{name}' is not allowed in a user include"
+            f" (only {', '.join(USER_KEYWORD_NAMES)})",
+        )
+    if name == "smarthostMapping" and value == "":
+        raise ConfigError(filename, number, f"{name}: a value is required")
+    return _parse_value(name, parser, value, filename, number)
 
 
 def read_text(path: str) -> str:

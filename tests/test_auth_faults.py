@@ -1,0 +1,208 @@
+"""The authenticator against hostile files, peers and timing: findings of an
+adversarial review (passwords in parse errors, terminal escapes in --check,
+the backoff reset by another account's login, account enumeration by
+timing, quadratic include parsing, oversized answers, line numbering,
+Unicode case folding), each test failing before its fix."""
+
+import os
+
+import pytest
+
+from sendooway_auth import _users
+from sendooway_auth._reader import lookup_direct
+from sendooway_shared.config import parse_config
+from tests.auth_helpers import daemon, login, route  # noqa: F401 - fixture
+
+from sendooway_shared.protocol import AuthOk, NoRoute
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+SECRET = "Upstream-Pw-7q"
+
+
+def lookup(user, conf=""):
+    return lookup_direct(parse_config(conf, "test.conf"), _users.lookup(user))
+
+
+def _no_secret(texts):
+    blob = "\n".join(texts).lower()
+    return SECRET.lower() not in blob
+
+
+@pytest.mark.parametrize("line", [
+    f"#sendooway:pass={SECRET}",
+    f"#sendooway:pass:{SECRET}",
+    f'#sendooway:password"{SECRET}"',
+])
+def test_a_mistyped_fetchmail_pass_directive_is_not_logged_with_the_password(clean_homes, line):
+    """fetchmail.py _lex/_directive: the keyword of a `#sendooway:` comment is
+    everything up to the first space, so `#sendooway:pass=SECRET` (or
+    `pass:SECRET`, `password"SECRET"`) is an "unknown keyword" whose message
+    quotes the keyword, password included (lower-cased), into the daemon's
+    log ("user file error") and --check. docs: "No error message contains a
+    value that could be a password"."""
+    clean_homes.write_user_file("alice", ".fetchmailrc", (
+        '#sendooway:server "smtp.example.org"\n#sendooway:user "alice"\n'
+        f"{line}\n#sendooway:address \"alice@example.org\"\n"))
+    found = lookup("alice")
+    assert found.errors  # the account is (rightly) refused ...
+    assert _no_secret(found.errors + found.warnings), found.errors  # ... but not quoted
+
+
+def test_a_mistyped_fetchmail_pass_directive_stays_out_of_the_daemon_log(daemon, world):
+    """The same, end to end: the password reaches sendooway-auth's log file."""
+    world.write_user_file("alice", ".fetchmailrc", (
+        '#sendooway:server "smtp.example.org"\n#sendooway:user "alice"\n'
+        f"#sendooway:pass={SECRET}\n#sendooway:address \"alice@example.org\"\n"))
+    d = daemon()
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
+    assert route(ch, "alice@example.org") == NoRoute()
+    log = d.wait_log("user file error")
+    assert SECRET.lower() not in log.lower(), log
+
+
+def test_an_include_line_without_equals_is_not_logged_with_its_password(clean_homes):
+    """shared/config.py _split via routes._parse_include: a ~/.sendoowayrc
+    line missing its `=` (`smarthostMapping direct:A S 587 U PASS`) gives
+    "expected 'keyword = value', got '<the first 60 characters>'", which holds
+    the direct mapping's password; it is logged by the daemon and printed by
+    --check."""
+    clean_homes.write_user_file("alice", ".sendoowayrc", (
+        f"smarthostMapping direct:a@x s 25 u {SECRET}\n"))
+    found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
+    assert found.errors
+    assert _no_secret(found.errors + found.warnings), found.errors
+
+
+def test_include_errors_name_the_line_an_editor_shows(clean_homes):
+    """routes._parse_include (and shared/config._lines) split the include with
+    str.splitlines(), which also breaks at FF, VT, \\x1c-\\x1e, \\x85, U+2028...
+    whereas fetchmail/getmail parsing splits at LF only: an error in
+    ~/.sendoowayrc after such a character names the wrong line."""
+    inc = clean_homes.write_user_file("alice", ".sendoowayrc", (
+        "# a comment\x0cwith a form feed\n"
+        "nonsense = 1\n"))
+    found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
+    assert f"{inc}:2: unknown keyword 'nonsense'" in found.errors, found.errors
+
+
+def test_a_long_unknown_include_keyword_is_an_error_not_a_temporary_failure(clean_homes):
+    """routes: error strings are unbounded in the worker but from_wire refuses
+    any string over 8192 characters, so one long unknown keyword (or mapping
+    path) in ~/.sendoowayrc turns the whole lookup into "reader child answered
+    garbage": a temporary failure (SMTP 454, clients retry for days), with no
+    file:line for the user's mistake, instead of a reported error."""
+    clean_homes.write_user_file("alice", ".sendoowayrc", "k" * 9000 + " = 1\n")
+    clean_homes.write_user_file("alice", ".fetchmailrc", (
+        'user alice pass p\n#sendooway:server "smtp.example.org"\n'
+        '#sendooway:address "alice@example.org"\n'))
+    found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
+    assert not found.incomplete, found.errors
+    assert found.route_for("alice@example.org") is not None
+
+
+def test_check_report_does_not_pass_a_users_terminal_escapes_to_the_admin(tmp_config,
+                                                                           clean_homes):
+    """check.py prints values from the user's files raw (mapping paths from
+    ~/.sendoowayrc, a fetchmailrc's server and user, error messages naming
+    paths): a user can put ESC/BEL sequences there (`\\x1b` is even a legal
+    fetchmail escape) that root's terminal then executes when the admin runs
+    `sendooway-auth --check USER` (title/OSC 52 clipboard writes, cursor
+    tricks hiding lines of the report). The daemon's log escapes them
+    (_logfmt.text); --check does not."""
+    import subprocess
+    import sys
+    world = clean_homes
+    world.write_user_file("alice", ".sendoowayrc",
+                          "smarthostMapping = fetchmail:%h/fm\x1b]0;owned\x07.rc\n")
+    world.write_user_file("alice", "fm\x1b]0;owned\x07.rc", (
+        'user "al\\x1b[2Kice" pass "p"\n#sendooway:server "smtp\\x1b[1Aexample.org"\n'
+        '#sendooway:address "alice@example.org"\n'))
+    conf = tmp_config("userInclude = %h/.sendoowayrc\n")
+    res = subprocess.run([sys.executable, "-m", "sendooway_auth.cli", "-c", conf, "--check",
+                          "alice"], capture_output=True, text=True, timeout=30)
+    out = res.stdout + res.stderr
+    assert "usable account" in out, out
+    assert "\x1b" not in out and "\x07" not in out, repr(out)
+
+
+def test_a_login_to_ones_own_account_does_not_wipe_the_addresss_guessing_record(daemon, world):
+    """_penalty.Penalty.success drops the client address's count whatever the
+    user: an attacker holding any one account (a student, a shell user) logs
+    into it between guesses and the per-address backoff of the guesses
+    against other accounts starts again from base. Here four wrong passwords
+    for alice from 198.51.100.9, a right one for bob from the same address,
+    then a wrong one for carol: answered after BASE, not BASE x 2^4."""
+    import time
+    from sendooway_shared.protocol import AuthFail, AuthRequest
+    from sendooway_shared.types import Secret
+    base = 0.1
+    d = daemon("maxAuthFailures = 10\n", failure_delay=base)
+    ip = "198.51.100.9"
+    ch = d.connect()
+    assert login(ch, "alice", "wrong-guess", client=ip) == AuthFail()
+    for _ in range(3):
+        assert ch.request(AuthRequest("alice", Secret("wrong-guess"))) == AuthFail()
+    ch2 = d.connect()
+    assert login(ch2, "bob", world.users["bob"].password, client=ip) == AuthOk("bob")
+    ch3 = d.connect()
+    start = time.monotonic()
+    assert login(ch3, "carol", "wrong-guess", client=ip) == AuthFail()
+    took = time.monotonic() - start
+    assert took >= base * 2 ** 4 * 0.9, f"address backoff reset by bob's login: {took:.2f} s"
+
+
+def test_reply_timing_does_not_tell_unknown_users_from_wrong_passwords(daemon, world):
+    """_service.AuthService._check_blocking answers "unknown-user" from
+    getpwnam without calling PAM, so an unknown name is refused at once while
+    a real account with a wrong password also pays PAM's own failure delay
+    (pam_unix/pam_faildelay: ~2 s on a stock system). The penalty delay is
+    the same for both, so the difference shows through the frontend: a
+    remote client can enumerate accounts. Here the PAM stack sleeps 0.6 s on
+    a failure (as pam_unix does) and the penalty is off."""
+    import time
+    from sendooway_shared.protocol import AuthFail
+    from tests.auth_helpers import add_pam_service, build_test_pam_module
+    module = build_test_pam_module(world)
+    if module is None:
+        pytest.skip("no C compiler for the test PAM module")
+    service = add_pam_service(world, "sendooway-review-slow", module, fail_sleep=0.6)
+    d = daemon(f"pamService = {service}\nmaxAuthFailures = 10\n")
+
+    def took(user, client):
+        ch = d.connect()
+        start = time.monotonic()
+        assert login(ch, user, "wrong-Pw-zz", client=client) == AuthFail()
+        return time.monotonic() - start
+
+    known = took("alice", "198.51.100.20")
+    unknown = took("no-such-user-xyz", "198.51.100.21")
+    assert known >= 0.5, known
+    assert abs(known - unknown) < 0.3, f"known user {known:.2f} s, unknown user {unknown:.2f} s"
+
+
+def test_unicode_case_folding_does_not_widen_an_exact_pattern():
+    """_address._split lower-cases with str.lower(), which maps a few non-ASCII
+    characters onto ASCII ones (U+212A KELVIN SIGN -> 'k', U+212B ANGSTROM
+    SIGN -> U+00E5): a route for `kate@example.org` is handed out for the
+    different (SMTPUTF8) sender `\\u212aate@example.org`, which the user's file
+    does not name. The original compared with strcasecmp (ASCII only)."""
+    from sendooway_auth._address import matches
+    assert not matches("kate@example.org", "\u212aate@example.org")
+    assert not matches("*@kelvin.example", "x@\u212aelvin.example")
+
+
+def test_an_include_with_a_few_bad_lines_at_its_end_is_parsed_in_time(clean_homes):
+    """routes._parse_include re-parses the whole ~/.sendoowayrc after each
+    error (up to 50 times), so a 1 MiB include (well under MAX_FILE) whose
+    last lines are wrong costs ~10 s of parsing: every lookup hits the 5 s
+    SIGALRM, the worker is killed and the user's every MAIL is a temporary
+    failure (454, retried for days) with no file:line for the mistake; each
+    attempt burns 5 s of CPU. Parsing it once and skipping bad lines is
+    linear."""
+    clean_homes.write_user_file("alice", ".sendoowayrc", (
+        "smarthostMapping = direct:a@x.org s.x.org 25 u p\n" * 20000 + "bad line\n" * 50))
+    found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
+    assert not found.incomplete, found.errors[:3]
+    assert found.route_for("a@x.org") is not None
