@@ -30,6 +30,7 @@ import ctypes
 import gc
 import os
 import resource
+import select
 import signal
 import socket
 import struct
@@ -229,8 +230,16 @@ def lookup_direct(cfg: Config, user: UserInfo) -> UserRoutes:
     os.close(w)
     chunks = []
     total = 0
-    with os.fdopen(r, "rb") as f:
+    # The child runs as the user, who may stop it (SIGSTOP): its own alarm
+    # then never fires, so the wait here has a deadline of its own.
+    deadline = time.monotonic() + TIME_LIMIT + 2
+    with os.fdopen(r, "rb", buffering=0) as f:
         while total <= MAX_WIRE:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return _failed(user, f"lookup took more than {TIME_LIMIT} s: reader child killed")
             chunk = f.read(65536)
             if not chunk:
                 break

@@ -206,3 +206,27 @@ def test_an_include_with_a_few_bad_lines_at_its_end_is_parsed_in_time(clean_home
     found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
     assert not found.incomplete, found.errors[:3]
     assert found.route_for("a@x.org") is not None
+
+
+def test_check_does_not_hang_on_a_reader_child_the_user_stopped(monkeypatch):
+    """`sendooway-auth --check` forks a one-shot reader running as the user,
+    who may SIGSTOP it: its own alarm then never fires and the admin's
+    --check hung for ever. The parent's wait has its own deadline now."""
+    import signal
+    import time
+
+    from sendooway_auth import _reader
+    from sendooway_auth._users import UserInfo
+    from sendooway_shared.config import Config
+
+    def stopped_child(cfg, user, w):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(0)
+
+    monkeypatch.setattr(_reader, "_child", stopped_child)
+    monkeypatch.setattr(_reader, "TIME_LIMIT", 1)
+    user = UserInfo("nobody-here", 65534, 65534, "/nonexistent", ())
+    t0 = time.monotonic()
+    found = _reader.lookup_direct(Config(), user)
+    assert time.monotonic() - t0 < 6
+    assert found.incomplete and "killed" in found.failure
