@@ -165,6 +165,8 @@ class Stream:
     def _expire(self) -> None:
         self._timer = None
         task = self._waiter
+        if task is not None and self._expired is task:
+            return  # interrupt() got there first in this loop pass: one cancel only
         if task is None:
             return  # nobody waits: the next wait arms the timer again
         if self._loop.time() < self._deadline:
