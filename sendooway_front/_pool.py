@@ -103,14 +103,11 @@ class UpstreamPool:
     async def _probe(self, client: UpstreamClient) -> bool:
         if client.reader.buffered or client.stream.said_something():
             return False  # the upstream said something unasked (e.g. 421 before closing)
-        saved = client.stream.timeout
-        client.stream.timeout = min(PROBE_TIMEOUT, saved or PROBE_TIMEOUT)
         try:
-            reply = await client.command("RSET")
+            with client.stream.timeout_at_most(PROBE_TIMEOUT):
+                reply = await client.command("RSET")
         except (OSError, TimeoutError, ReplyError, TLSError):
             return False
-        finally:
-            client.stream.timeout = saved
         return reply.code == 250
 
     async def release(self, key: PoolKey, client: UpstreamClient) -> None:

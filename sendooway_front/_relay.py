@@ -192,19 +192,16 @@ class Relay:
         PIPELINING. Returns MAIL's reply; None: the probe failed. A connection
         that went silently dead (a NAT forgot it) costs PROBE_TIMEOUT, not
         the whole `timeout`."""
-        saved = client.stream.timeout
-        client.stream.timeout = min(PROBE_TIMEOUT, saved or PROBE_TIMEOUT)
-        try:
-            if client.supports("PIPELINING"):
+        pipelining = client.supports("PIPELINING")
+        with client.stream.timeout_at_most(PROBE_TIMEOUT):
+            if pipelining:
                 await client.send_lines(["RSET", *group])
                 probe = await client.read_reply()
             else:
                 probe = await client.command("RSET")
-        finally:
-            client.stream.timeout = saved
         if probe.code != 250:
             return None
-        if client.supports("PIPELINING"):
+        if pipelining:
             return await client.read_reply()
         return await client.command(group[0])
 
@@ -474,14 +471,11 @@ class Relay:
         client = self._client
         early = None
         if client is not None and not isinstance(exc, TimeoutError):
-            saved = client.stream.timeout
-            client.stream.timeout = min(2.0, saved or 2.0)
             try:
-                early = await client.read_reply()
+                with client.stream.timeout_at_most(2.0):
+                    early = await client.read_reply()
             except (OSError, TimeoutError, ReplyError, TLSError):
                 early = None
-            finally:
-                client.stream.timeout = saved
         if early is None or early.code < 400:
             self._fail_transport(exc, "DATA")
             return

@@ -262,16 +262,16 @@ class Session:
         RcptRequested gets its relay_reply, in order (after the MAIL's, for
         RCPTs taken behind a MAIL), and the client its replies in order. A
         RCPT behind a MAIL that fails is answered 503 whatever the relay says."""
-        line = self._next_pipelined()
-        if line is None:
+        found = self._next_pipelined()
+        if found is None:
             return None
+        line, lf = found
         verb, _, arg = line.partition(" ")
         if verb.upper() != "RCPT":
             return None
         if self._awaiting is _Await.RCPT and self.state not in (State.MAIL, State.RCPT):
             return None
         buf = self._buf
-        lf = buf.find(b"\n", 0, MAX_COMMAND_LINE)
         rcpt = self._recipient(arg.strip(" "))
         if isinstance(rcpt, Reply):
             return None  # its refusal is answered in turn, after the others
@@ -283,12 +283,13 @@ class Session:
         """Whether the client already sent DATA right behind the RCPTs taken
         with pipelined_rcpt() (nothing is taken: the DATA line is handled in
         its turn). The driver may send DATA upstream with the group."""
-        line = self._next_pipelined()
-        return line is not None and line.rstrip(" ").upper() == "DATA"
+        found = self._next_pipelined()
+        return found is not None and found[0].rstrip(" ").upper() == "DATA"
 
-    def _next_pipelined(self) -> str | None:
-        """The next complete command line already received, decoded, while a
-        MAIL or RCPT answer is awaited; None otherwise (nothing taken)."""
+    def _next_pipelined(self) -> tuple[str, int] | None:
+        """The next complete command line already received, decoded, and the
+        offset of its LF, while a MAIL or RCPT answer is awaited; None
+        otherwise (nothing taken)."""
         if (self._awaiting not in (_Await.MAIL, _Await.RCPT) or self._events
                 or self._auth is not None or self._discarding or self._closed_event is not None):
             return None
@@ -297,7 +298,7 @@ class Session:
         if lf < 0:
             return None
         text = self._decode(bytes(buf[: lf + 1]))
-        return None if isinstance(text, Reply) else text
+        return None if isinstance(text, Reply) else (text, lf)
 
     def fail_message(self, reply: Reply, reason: str) -> None:
         """The driver cannot deliver the message being received (the relay

@@ -10,6 +10,7 @@ handshake; an expired one raises TimeoutError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -149,6 +150,17 @@ class Stream:
             raise
         finally:
             self._waiter = None
+
+    @contextlib.contextmanager
+    def timeout_at_most(self, seconds: float):
+        """`timeout` no longer than `seconds` inside the block (a probe, a
+        look for an early reply), then as it was."""
+        saved = self.timeout
+        self.timeout = min(seconds, saved or seconds)
+        try:
+            yield
+        finally:
+            self.timeout = saved
 
     def interrupt(self) -> None:
         """End the wait in progress now, as if its timeout had run out
