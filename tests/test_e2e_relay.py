@@ -5,6 +5,7 @@ fake upstreams, which must receive exactly the envelope and the bytes sent
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -309,34 +310,49 @@ def test_inetd_stdio_mode_through_the_relay(world, upstream_factory):
     assert b"stdio-Up-Pw-1" not in err and world.users["bob"].password.encode() not in err
 
 
+@contextlib.contextmanager
+def _front_to(world, up, password: str, extra: str = ""):
+    """`sendooway-auth` and `sendooway -b` routing every sender to the
+    upstream `up` as its user "u" with STARTTLS; stopped (cleanly) after."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, (
+            f"sslCA = {world.ca_file}\n{extra}"
+            f"smarthostMapping = direct:* localhost {up.port} u {password} tls\n"))
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            yield fe
+        finally:
+            assert fe.stop() == 0
+            daemon.stop()
+
+
+@contextlib.contextmanager
+def _logged_in(fe, world, user: str = "alice"):
+    """A client session through `fe`: STARTTLS, EHLO, AUTH as `user`."""
+    with fe.smtp() as s:
+        s.starttls(context=world.ssl_context())
+        s.ehlo()
+        s.login(user, world.users[user].password)
+        yield s
+
+
 def test_connection_cache_across_client_sessions_and_quit_on_sigterm(world, upstream_factory):
     """smarthostCache in the real `sendooway -b`: three client sessions, one
     upstream login; SIGTERM QUITs the kept connection."""
     import time
 
     up = upstream_factory(tls="starttls", accounts={"u": "cache-Up-Pw-2"})
-    with open_tmp() as tmp:
-        config = front_config(tmp, world, (
-            f"sslCA = {world.ca_file}\nsmarthostCache = 30\n"
-            f"smarthostMapping = direct:* localhost {up.port} u cache-Up-Pw-2 tls\n"))
-        daemon = Daemon(tmp, config).start()
-        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        try:
-            for n in range(3):
-                with fe.smtp() as s:
-                    s.starttls(context=world.ssl_context())
-                    s.ehlo()
-                    s.login("alice", world.users["alice"].password)
-                    assert s.sendmail(f"alice{n}@example.org", ["r@example.net"], b"Subject: c\r\n\r\nx\r\n") == {}
-            assert len(up.messages) == 3
-            assert up.logins == ["u"] and up.quits == 0  # one login, the connection kept
-        finally:
-            assert fe.stop() == 0
-            daemon.stop()
-        deadline = time.monotonic() + 5
-        while up.quits == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert up.quits == 1
+    with _front_to(world, up, "cache-Up-Pw-2", "smarthostCache = 30\n") as fe:
+        for n in range(3):
+            with _logged_in(fe, world) as s:
+                assert s.sendmail(f"alice{n}@example.org", ["r@example.net"], b"Subject: c\r\n\r\nx\r\n") == {}
+        assert len(up.messages) == 3
+        assert up.logins == ["u"] and up.quits == 0  # one login, the connection kept
+    deadline = time.monotonic() + 5
+    while up.quits == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert up.quits == 1
 
 
 def test_pipelining_client_through_the_cache_delivers_every_message(world, upstream_factory):
@@ -347,33 +363,21 @@ def test_pipelining_client_through_the_cache_delivers_every_message(world, upstr
     exactly its envelope, one login for all."""
     up = upstream_factory(tls="starttls", accounts={"u": "pipe-Up-Pw-3"}, pipelining=True,
                           reject_rcpt={"nobody@example.net"})
-    with open_tmp() as tmp:
-        config = front_config(tmp, world, (
-            f"sslCA = {world.ca_file}\nsmarthostCache = 30\n"
-            f"smarthostMapping = direct:* localhost {up.port} u pipe-Up-Pw-3 tls\n"))
-        daemon = Daemon(tmp, config).start()
-        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        try:
-            for n in range(2):
-                with fe.smtp() as s:
-                    s.starttls(context=world.ssl_context())
-                    s.ehlo()
-                    s.login("alice", world.users["alice"].password)
-                    for m in range(2):
-                        s.send(f"MAIL FROM:<a{n}{m}@example.org>\r\nRCPT TO:<r{m}@example.net>\r\n"
-                               "RCPT TO:<nobody@example.net>\r\nDATA\r\n")
-                        got = [s.getreply() for _ in range(4)]
-                        assert [c for c, _ in got] == [250, 250, 550, 354], got
-                        s.send(b"Subject: p%d%d\r\n\r\nbody\r\n.\r\n" % (n, m))
-                        assert s.getreply()[0] == 250
-            envelopes = [(m.mail_from, m.rcpt_tos) for m in up.messages]
-            assert envelopes == [(f"a{n}{m}@example.org", [f"r{m}@example.net"])
-                                 for n in range(2) for m in range(2)]
-            assert all(msg.data.endswith(b"\r\n\r\nbody\r\n") for msg in up.messages)
-            assert up.logins == ["u"]
-        finally:
-            assert fe.stop() == 0
-            daemon.stop()
+    with _front_to(world, up, "pipe-Up-Pw-3", "smarthostCache = 30\n") as fe:
+        for n in range(2):
+            with _logged_in(fe, world) as s:
+                for m in range(2):
+                    s.send(f"MAIL FROM:<a{n}{m}@example.org>\r\nRCPT TO:<r{m}@example.net>\r\n"
+                           "RCPT TO:<nobody@example.net>\r\nDATA\r\n")
+                    got = [s.getreply() for _ in range(4)]
+                    assert [c for c, _ in got] == [250, 250, 550, 354], got
+                    s.send(b"Subject: p%d%d\r\n\r\nbody\r\n.\r\n" % (n, m))
+                    assert s.getreply()[0] == 250
+        envelopes = [(m.mail_from, m.rcpt_tos) for m in up.messages]
+        assert envelopes == [(f"a{n}{m}@example.org", [f"r{m}@example.net"])
+                             for n in range(2) for m in range(2)]
+        assert all(msg.data.endswith(b"\r\n\r\nbody\r\n") for msg in up.messages)
+        assert up.logins == ["u"]
 
 
 def test_pipelining_client_whose_sender_the_upstream_refuses(world, upstream_factory):
@@ -383,30 +387,18 @@ def test_pipelining_client_whose_sender_the_upstream_refuses(world, upstream_fac
     same session goes through."""
     up = upstream_factory(tls="starttls", accounts={"u": "pipe-Up-Pw-4"}, pipelining=True,
                           reject_mail={"refused@example.org"})
-    with open_tmp() as tmp:
-        config = front_config(tmp, world, (
-            f"sslCA = {world.ca_file}\n"
-            f"smarthostMapping = direct:* localhost {up.port} u pipe-Up-Pw-4 tls\n"))
-        daemon = Daemon(tmp, config).start()
-        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        try:
-            with fe.smtp() as s:
-                s.starttls(context=world.ssl_context())
-                s.ehlo()
-                s.login("alice", world.users["alice"].password)
-                s.send("MAIL FROM:<refused@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-                got = [s.getreply() for _ in range(3)]
-                assert [c for c, _ in got] == [550, 503, 503], got
-                assert got[0][1] == b"5.7.1 sender refused by fake upstream"
-                s.send("MAIL FROM:<ok@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-                assert [s.getreply()[0] for _ in range(3)] == [250, 250, 354]
-                s.send(b"Subject: after\r\n\r\nbody\r\n.\r\n")
-                assert s.getreply()[0] == 250
-            assert [(m.mail_from, m.rcpt_tos) for m in up.messages] == [
-                ("ok@example.org", ["r@example.net"])]
-        finally:
-            assert fe.stop() == 0
-            daemon.stop()
+    with _front_to(world, up, "pipe-Up-Pw-4") as fe:
+        with _logged_in(fe, world) as s:
+            s.send("MAIL FROM:<refused@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+            got = [s.getreply() for _ in range(3)]
+            assert [c for c, _ in got] == [550, 503, 503], got
+            assert got[0][1] == b"5.7.1 sender refused by fake upstream"
+            s.send("MAIL FROM:<ok@example.org>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+            assert [s.getreply()[0] for _ in range(3)] == [250, 250, 354]
+            s.send(b"Subject: after\r\n\r\nbody\r\n.\r\n")
+            assert s.getreply()[0] == 250
+        assert [(m.mail_from, m.rcpt_tos) for m in up.messages] == [
+            ("ok@example.org", ["r@example.net"])]
 
 
 def _threaded_raw_upstream(script):
