@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
-      libpam-wrapper libnss-wrapper libpam0g python3-wheel
+      libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks msmtp groff-base groff fail2ban systemd haproxy)
 
 missing=()

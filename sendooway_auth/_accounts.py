@@ -3,7 +3,6 @@ and the problems found, each naming file:line."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 
 from sendooway_shared.types import Route
@@ -48,22 +47,6 @@ def lines(text: str) -> list[str]:
     if out and out[-1] == "":
         out.pop()
     return [line[:-1] if line.endswith("\r") else line for line in out]
-
-
-def port_number(value: str) -> int:
-    """A port given as 1..65535 or as a service name (`submission`, `smtps`),
-    as the original accepted; ValueError otherwise."""
-    if value.isdigit():
-        port = int(value)
-        if 1 <= port <= 65535:
-            return port
-        raise ValueError("port must be a number from 1 to 65535 or a service name")
-    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
-        raise ValueError("port must be a number from 1 to 65535 or a service name")
-    try:
-        return socket.getservbyname(value, "tcp")
-    except OSError:
-        raise ValueError(f"unknown service name {value!r} for the port") from None
 
 
 def choose(accounts: list[Account] | tuple[Account, ...], sender: str) -> Account | None:

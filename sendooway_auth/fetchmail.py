@@ -14,15 +14,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
+from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
-from ._accounts import Account, ParseResult, lines, port_number
+from ._accounts import Account, ParseResult, lines
 from ._address import check_pattern
 
 PREFIX = "sendooway:"
 _SEPARATORS = ",;:"
 _BLOCK_WORDS = {"poll", "skip", "server", "defaults"}
 _USER_WORDS = {"user", "username"}
+# fetchmail options whose value is one word that could be read as a keyword
+# here (`auth password` is "log in with a password", not a password)
+_VALUE_WORDS = {"auth", "authenticate", "proto", "protocol", "via", "port", "service",
+                "timeout", "principal", "esmtpname", "esmtppassword", "interface",
+                "monitor", "plugin", "plugout", "smtpaddress", "smtpname", "mda",
+                "bsmtp", "preconnect", "postconnect", "limit", "warnings", "batchlimit",
+                "fetchlimit", "fetchsizelimit", "fastuidl", "expunge", "properties",
+                "sslcert", "sslkey", "sslproto", "sslcertfile", "sslcertpath",
+                "sslfingerprint", "sslcommonname", "envelope", "qvirtual"}
 _PASS_WORDS = {"pass", "password"}
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
@@ -151,7 +160,8 @@ def _lex(text: str) -> list[_Token | _Directive]:
         body = comment.strip()
         if not body.lower().startswith(PREFIX):
             continue
-        rest = body[len(PREFIX):]
+        # a remark after the directive (`#sendooway:tls  # STARTTLS`) is not a value
+        rest = _split_comment(body[len(PREFIX):])[0]
         keyword, _, values = rest.partition(" ")
         if "\t" in keyword:
             keyword, _, more = keyword.partition("\t")
@@ -189,9 +199,11 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
         if not acc.first_line:
             acc.first_line = line
 
+    closed: _Pending | None = None  # the account the item before closed, if one did
     while i < len(items):
         item = items[i]
         i += 1
+        previous, closed = closed, None
         if isinstance(item, _Directive):
             if item.error:
                 err(item.line, f"#sendooway:{item.keyword}: {item.error}" if item.keyword
@@ -200,11 +212,20 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
                     result.errors.extend(acc.errors)
                     acc = _Pending()
                 continue
+            if item.keyword == "address" and previous is not None:
+                # straight after another address: one more address of that account
+                if previous.errors:
+                    result.errors.append(f"{filename}:{item.line}: #sendooway:address adds"
+                                         " to the account above, which has errors")
+                else:
+                    _close(_alias(previous), item, filename, result)
+                closed = previous
+                continue
             if not acc.first_line:
                 acc.first_line = item.line
             if item.keyword == "address":
-                _close(acc, item, filename, result, err)
-                acc = _Pending()
+                _close(acc, item, filename, result)
+                closed, acc = acc, _Pending()
             else:
                 _directive(acc, item, err)
             continue
@@ -213,6 +234,9 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
             acc.fm_user = acc.fm_pass = None
             if word != "defaults" and i < len(items) and isinstance(items[i], _Token):
                 i += 1  # the host name
+        elif word in _VALUE_WORDS:
+            if i < len(items) and isinstance(items[i], _Token):
+                i += 1  # its value, whatever word it is
         elif word in _USER_WORDS or word in _PASS_WORDS:
             if i < len(items) and isinstance(items[i], _Token):
                 value = items[i].text
@@ -230,6 +254,12 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
             f"{filename}:{line}: #sendooway: lines after the last #sendooway:address are"
             " ignored (an account ends with #sendooway:address)")
     return result
+
+
+def _alias(acc: _Pending) -> _Pending:
+    """The account `acc` described, afresh, for one more of its addresses."""
+    return _Pending(acc.first_line, dict(acc.values), dict(acc.flags), [], acc.fm_user,
+                    acc.fm_pass)
 
 
 def _directive(acc: _Pending, d: _Directive, err) -> None:
@@ -264,7 +294,10 @@ def _directive(acc: _Pending, d: _Directive, err) -> None:
     err(d.line, f"unknown keyword '#sendooway:{shown}'")
 
 
-def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult, err) -> None:
+def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult) -> None:
+    def err(line: int, message: str) -> None:
+        acc.errors.append(f"{filename}:{line}: {message}")
+
     if len(d.values) != 1:
         err(d.line, "#sendooway:address needs exactly one address")
     else:

@@ -22,9 +22,9 @@ than `address` counts with its first value (both as in the original).
 
 from __future__ import annotations
 
-from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode
+from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
-from ._accounts import Account, ParseResult, lines, port_number
+from ._accounts import Account, ParseResult, lines
 from ._address import check_pattern
 
 SENDER_TYPES = {
@@ -62,9 +62,12 @@ def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
             current[key][index] = (line, value + "\n" + stripped)
             continue
         if stripped.startswith("["):
-            if not stripped.endswith("]") or len(stripped) < 3:
+            # ConfigParser's rule: the name runs to the last ']' of the line,
+            # whatever follows it (`[sender]  # for sendooway`) is ignored
+            close = stripped.rfind("]")
+            if close < 2:
                 raise _IniError(number, "malformed section header (not an INI file?)")
-            name = stripped[1:-1].strip()
+            name = stripped[1:close].strip()
             current = sections.setdefault(name, {})
             last = None
             continue
@@ -94,10 +97,17 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     except _IniError as exc:
         result.errors.append(f"{filename}:{exc.line}: {exc}")
         return result
-    sender = sections.get("sender")
-    if sender is None:
+    # [sender] is read by sendooway alone: its name is matched without case
+    # (as the original did); getmail's own sections keep ConfigParser's rule
+    named = [name for name in sections if name.lower() == "sender"]
+    if not named:
         result.errors.append(f"{filename}: no [sender] section")
         return result
+    if len(named) > 1:
+        result.errors.append(f"{filename}: more than one [sender] section"
+                             f" ({', '.join('[' + n[:20] + ']' for n in named)})")
+        return result
+    sender = sections[named[0]]
     retriever = sections.get("retriever", {})
     header_line = min((line for values in sender.values() for line, _ in values), default=1)
 

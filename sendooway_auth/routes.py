@@ -12,7 +12,7 @@ then the global ones, DESIGN.md's defaults when neither has any).
 from __future__ import annotations
 
 import dataclasses
-
+import os
 import stat
 from dataclasses import dataclass, field, replace
 from typing import Callable, Generator
@@ -80,6 +80,10 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             ):
                 _check_mode(read, user, found)
     found.ca_file = user_cfg.sslCA if user_cfg and user_cfg.sslCA is not None else cfg.sslCA
+    if user_cfg and user_cfg.sslCA and not os.path.isabs(user_cfg.sslCA):
+        # the user's own relative sslCA counts from the home, as the user's
+        # relative mapping paths do (the original read it after chdir(home))
+        found.ca_file = os.path.join(user.home, user_cfg.sslCA)
     mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
     found.mappings = [("default" if m.filename == "(default)" else m.source,
                        f"direct:{m.direct.address} {m.direct.route.server}:{m.direct.route.port}"

@@ -16,10 +16,12 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from sendooway_shared.types import port_number
+
 from . import _catalogue as R
 from ._driver import Frontend, SessionRunner, describe_peer
 from ._pool import close_shared_pool
-from ._stream import Stream, set_nodelay
+from ._stream import LfAsCrlf, Stream, set_nodelay
 
 SD_LISTEN_FDS_START = 3
 SHUTDOWN_GRACE = 30.0  # seconds running sessions get after SIGTERM
@@ -63,7 +65,8 @@ class BindError(Exception):
 
 
 def parse_bind(value: str) -> tuple[str | None, int]:
-    """'587' → (None, 587); '127.0.0.1:587', '[::1]:587', 'host:587'."""
+    """'587' → (None, 587); '127.0.0.1:587', '[::1]:587', 'host:587';
+    'submission', '127.0.0.1:smtps' (service names)."""
     host: str | None
     if value.startswith("["):
         end = value.find("]")
@@ -76,9 +79,12 @@ def parse_bind(value: str) -> tuple[str | None, int]:
         raise BindError(f"-b {value}: write an IPv6 address as [ADDRESS]:PORT")
     else:
         host, port_text = None, value
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise BindError(f"-b {value}: the port must be a number from 1 to 65535")
-    return (host or None), int(port_text)
+    try:  # a number or a service name (`-b submission`), as the original took
+        port = port_number(port_text)
+    except ValueError:
+        raise BindError(f"-b {value}: the port must be a number from 1 to 65535"
+                        " or a service name such as submission") from None
+    return (host or None), port
 
 
 def listen_sockets(host: str | None, port: int) -> list[socket.socket]:
@@ -173,6 +179,12 @@ async def serve_stdio(frontend: Frontend) -> None:
     rfd = _streamable(0, reading=True, bridges=bridges)
     wfd = _streamable(1, reading=False, bridges=bridges)
     stream = await Stream.from_fds(rfd, wfd, frontend.config.timeout)
+    # Not a socket: a terminal, a pipe or a file (`sendooway -c /dev/null
+    # -l '&2'` by hand, the original's test scripts piping `echo` lines).
+    # Their LF line ends are read as CRLF; a network client's bare LF is
+    # still refused (inetd, xinetd and systemd give a socket).
+    if not stat.S_ISSOCK(os.fstat(0).st_mode):
+        stream.lf_lines = LfAsCrlf()
     await SessionRunner(frontend, stream, peer).run()
     await close_shared_pool()
     for fd in {rfd, wfd} - {0, 1}:

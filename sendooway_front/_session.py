@@ -456,6 +456,7 @@ class Session:
             ext.append("STARTTLS")
         if self.user is None and (self.encrypted or not s.require_encryption):
             ext.append("AUTH PLAIN LOGIN")
+            ext.append("AUTH=PLAIN LOGIN")  # for pre-RFC 2554 clients (old Outlook, scanners)
         ext.append("HELP")
         return tuple(ext)
 

@@ -41,6 +41,24 @@ def set_nodelay(sock: socket.socket | None) -> None:
         pass
 
 
+class LfAsCrlf:
+    """Input whose lines end in LF (a terminal, `echo` into a pipe) made
+    CRLF, read by read: every LF that no CR precedes becomes CRLF, also when
+    a CRLF is split between two reads; a bare CR stays bare."""
+
+    def __init__(self) -> None:
+        self._after_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        lead = b""
+        if self._after_cr and data[:1] == b"\n":  # the LF of a split CRLF
+            lead, data = b"\n", data[1:]
+        self._after_cr = data.endswith(b"\r")
+        if b"\n" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        return lead + data
+
+
 class Stream:
     """Plain or TLS bytes over an asyncio (reader, writer) pair."""
 
@@ -61,6 +79,7 @@ class Stream:
         self._expired: asyncio.Task | None = None
         self._fixed: float | None = None  # one deadline for a whole TLS read or handshake
         self.resumption_failed = False  # a handshake offering a kept session failed
+        self.lf_lines: LfAsCrlf | None = None  # plain input's bare LFs as CRLF (by hand)
         set_nodelay(writer.get_extra_info("socket"))
 
     # ------------------------------------------------------------ constructors
@@ -253,6 +272,8 @@ class Stream:
         if self._conn is None:
             if self._closed:
                 return b""
+            if self.lf_lines is not None:
+                return self.lf_lines.feed(await self._raw_read())
             return await self._raw_read()
         return await self.bounded(self._read_tls(max))
 

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--bind", metavar="[ADDR:]PORT",
                    help="listen for many sessions on [ADDR:]PORT instead of stdin/stdout")
     p.add_argument("-l", "--log", metavar="LOGFILE",
-                   help="append the log to LOGFILE; '&2' or '-' for stderr (default: syslog, mail)")
+                   help="append the log to LOGFILE; '&2' or '-' for stderr, '&1' for stdout"
+                   " (with -b only) (default: syslog, mail)")
     p.add_argument("--auth-socket", metavar="PATH",
                    help="the sendooway-auth daemon's socket (default: authSocket from the config)")
     return p
@@ -106,7 +107,11 @@ def _malloc_for_streaming() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    startup = _Startup(one_session=not args.bind and "LISTEN_FDS" not in os.environ)
+    one_session = not args.bind and "LISTEN_FDS" not in os.environ
+    startup = _Startup(one_session)
+    if one_session and args.log == "&1":  # the original's spelling of stdout
+        return startup.fail(None, "-l '&1': stdout is the SMTP client without -b;"
+                                  " log to '&2', a file, or syslog (no -l)")
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from .types import DEFAULT_PORTS, Route, Secret, TlsMode
+from .types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -304,7 +304,7 @@ def parse_direct(value: str) -> DirectRoute:
     """Parse the part after `direct:`.
 
     Forms: ADDRESS SERVER [PORT] USER PASS [FLAGS] and, with the noAuth flag,
-    ADDRESS SERVER [PORT] FLAGS. FLAGS is a comma-separated list of tls, ssl,
+    ADDRESS SERVER [PORT] FLAGS; PORT is a number or a service name. FLAGS is a comma-separated list of tls, ssl,
     noCertCheck, noAuth. The original's `ADDRESS SERVER USER PASS` (no port)
     keeps working. Raises ValueError with a message that never holds PASS.
     """
@@ -317,12 +317,14 @@ def parse_direct(value: str) -> DirectRoute:
         raise ValueError("direct mapping needs ADDRESS SERVER [PORT] USER PASS [FLAGS]")
     address, server, rest = tokens[0], tokens[1], tokens[2:]
     port: int | None = None
-    if rest and rest[0].isdigit() and len(rest) in (1, 3):
-        port = int(rest[0])
-        if not 1 <= port <= 65535:
-            raise ValueError(f"port must be 1..65535, got {port}")
-        rest = rest[1:]
     no_auth = "noAuth" in flags
+    if len(rest) == 3 or (len(rest) == 1 and (no_auth or rest[0].isdigit())):
+        try:  # a number or a service name (`submission`), as the original's getaddrinfo()
+            port = port_number(rest[0])
+        except ValueError:  # (the value is not shown: a misplaced field may be a password)
+            raise ValueError("the port must be a number from 1 to 65535 or a service name"
+                             " such as submission") from None
+        rest = rest[1:]
     if len(rest) == 2:
         user, password = rest
     elif not rest and no_auth:

@@ -1,5 +1,5 @@
 """Logging set-up shared by both programs: -l FILE, -l '&2' / -l - (stderr),
-or syslog with the mail facility."""
+-l '&1' (stdout), or syslog with the mail facility."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    if target in ("&2", "-"):
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if target in ("&2", "-", "&1"):
+        stream = sys.stdout if target == "&1" else sys.stderr
+        handler: logging.Handler = logging.StreamHandler(stream)
         fmt = f"%(asctime)s {program}[%(process)d]: %(message)s"
     elif target:
         handler = logging.FileHandler(target, mode="a", encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import socket
 from dataclasses import dataclass, field
 
 
@@ -50,6 +51,23 @@ class TlsMode(str, enum.Enum):
 
 
 DEFAULT_PORTS = {TlsMode.PLAIN: 25, TlsMode.STARTTLS: 587, TlsMode.TLS: 465}
+
+
+def port_number(value: str) -> int:
+    """A port given as 1..65535 or as a service name (`submission`, `smtps`),
+    as the original accepted; ValueError otherwise."""
+    if value.isascii() and value.isdigit():
+        port = int(value)
+        if 1 <= port <= 65535:
+            return port
+        raise ValueError("port must be a number from 1 to 65535 or a service name")
+    if (not value or len(value) > 64 or not value.isascii()
+            or not all(c.isalnum() or c in "-_." for c in value)):
+        raise ValueError("port must be a number from 1 to 65535 or a service name")
+    try:
+        return socket.getservbyname(value, "tcp")
+    except OSError:
+        raise ValueError(f"unknown service name {value!r} for the port") from None
 
 
 @dataclass(frozen=True)

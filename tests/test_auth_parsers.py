@@ -125,6 +125,46 @@ def test_fetchmail_broken_address_line_still_ends_its_account():
     assert r.errors == [f"{F}:3: #sendooway:address: unbalanced quote"]
 
 
+def test_fetchmail_consecutive_addresses_share_one_account_but_only_back_to_back():
+    text = (
+        'poll pop.a.org user alice pass "A-Pw-1"\n'
+        '#sendooway:server "smtp.a.org"\n#sendooway:ssl\n'
+        '#sendooway:address "alice@a.org"\n'
+        '#sendooway:address "*@alias.a.org"\n'     # 5: alias, same account
+        '#sendooway:address "bad address@"\n'      # 6: a broken alias is refused alone
+        '#sendooway:address "third@a.org"\n'       # 7: still back to back
+        '#sendooway:server "smtp.b.org"\n'
+        '#sendooway:address "b@b.org"\n'           # 9: a new account, nothing carried
+        'user u3 pass p3\n#sendooway:server "s3"\n#sendooway:ssl\n#sendooway:tls\n'
+        '#sendooway:address "c@c.org"\n'           # 14: broken (tls + ssl)
+        '#sendooway:address "d@c.org"\n'           # 15: an alias of a broken account
+    )
+    r = parse_fetchmailrc(text, F)
+    by_address = {a.addresses[0]: a.route for a in r.accounts}
+    assert list(by_address) == ["alice@a.org", "*@alias.a.org", "third@a.org"]
+    for route in by_address.values():
+        assert (route.server, route.port, route.tls) == ("smtp.a.org", 465, TlsMode.TLS)
+        assert (route.user, route.password.reveal()) == ("alice", "A-Pw-1")
+    assert by_address["*@alias.a.org"].source == f"{F}:5"
+    joined = "\n".join(r.errors)
+    assert f"{F}:6: #sendooway:address: " in joined
+    assert f"{F}:9: account has no upstream user" in joined
+    assert f"{F}:15: #sendooway:address adds to the account above, which has errors" in joined
+    assert "A-Pw-1" not in joined
+
+
+def test_fetchmail_options_whose_value_looks_like_a_keyword():
+    text = ('poll imap.a.org proto imap auth password user "al" pass "P-1" auth password'
+            ' esmtppassword "E-2" is al here\n'
+            '#sendooway:server "s" # a remark\n#sendooway:tls   # STARTTLS\n'
+            '#sendooway:address "al@a.org" # the last one\n')
+    r = parse_fetchmailrc(text, F)
+    assert r.errors == []
+    (a,) = r.accounts
+    assert (a.route.user, a.route.password.reveal(), a.route.server) == ("al", "P-1", "s")
+    assert a.route.tls is TlsMode.STARTTLS and a.addresses == ("al@a.org",)
+
+
 def test_fetchmail_missing_server_and_password():
     r = parse_fetchmailrc('#sendooway:user "x"\n#sendooway:address "a@b.c"\n', F)
     assert r.accounts == []
@@ -177,6 +217,19 @@ def test_getmail_own_values_empty_username_and_cert_check():
     assert (a.route.server, a.route.port) == ("smtp.x.org", 2587)
     assert not a.route.auth and a.route.user == "" and not a.route.password
     assert not a.route.cert_check
+
+
+def test_getmail_sender_section_name_any_case_and_remark_after_headers():
+    text = GETMAIL.format(type="SimpleSMTPSSLSender", extra="").replace(
+        "[sender]", "[Sender]   ; read by sendooway").replace(
+        "[retriever]", "[retriever] # getmail's")
+    r = parse_getmailrc(text, G)
+    assert r.errors == []
+    (a,) = r.accounts
+    assert (a.route.server, a.route.user) == ("pop.example.org", "alice-r")
+    twice = text + "[SENDER]\ntype = SimpleSMTPSender\naddress = x@y.org\n"
+    r = parse_getmailrc(twice, G)
+    assert r.accounts == [] and "more than one [sender] section" in r.errors[0]
 
 
 @pytest.mark.parametrize("text,where,what", [

@@ -16,12 +16,15 @@ from .fakeworld import free_port
     ("127.0.0.1:2525", ("127.0.0.1", 2525)),
     ("[::1]:2525", ("::1", 2525)),
     ("localhost:25", ("localhost", 25)),
+    ("submission", (None, 587)),           # service names, as the original's -b
+    ("127.0.0.1:smtps", ("127.0.0.1", 465)),
 ])
 def test_parse_bind(value, expected):
     assert parse_bind(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "0", "65536", "x", "::1:25", "[::1]25", "host:", ":25x"])
+@pytest.mark.parametrize("value", ["", "0", "65536", "x", "::1:25", "[::1]25", "host:", ":25x",
+                                   "nosuchservice", "１２"])
 def test_parse_bind_refuses(value):
     with pytest.raises(BindError):
         parse_bind(value)

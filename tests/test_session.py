@@ -51,9 +51,9 @@ def test_greeting_and_ehlo_list():
     (SessionSettings("h", size_limit=1000), ["SIZE 1000"], []),
     (SessionSettings("h", advertise_8bitmime=False), [], ["8BITMIME"]),
     (SessionSettings("h", tls_available=True, require_encryption=True), ["STARTTLS"],
-     ["AUTH PLAIN LOGIN"]),
-    (SessionSettings("h", encrypted=True, require_encryption=True), ["AUTH PLAIN LOGIN"],
-     ["STARTTLS"]),
+     ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"]),
+    (SessionSettings("h", encrypted=True, require_encryption=True),
+     ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"], ["STARTTLS"]),
 ])
 def test_ehlo_list_follows_settings(settings, present, absent):
     h = Harness(settings=settings)
