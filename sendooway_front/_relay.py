@@ -31,6 +31,7 @@ from ._upstream import (
 
 NO_TRANSACTION = Reply(503, ("5.5.1 No mail transaction in progress",))
 SMUGGLING = Reply(451, ("4.5.0 Message refused: bare CR or LF in the data",))
+MAIL_OK, RCPT_OK = "1.0", "1.5"  # RFC 3463 details for an upstream 2xx without its own
 _EHLO_NAME = re.compile(r"[A-Za-z0-9.\-\[\]:_]{1,255}")
 
 
@@ -157,10 +158,14 @@ class Relay:
         self._broken = reply
         return reply
 
-    def _upstream_reply(self, reply: Reply, intermediate_ok: bool = False) -> Reply:
+    def _upstream_reply(self, reply: Reply, success: str = "0.0",
+                        intermediate_ok: bool = False) -> Reply:
         """The upstream's reply for the client; a 421 (the upstream is leaving)
         becomes 451 with the same text, and the connection is dropped. A 3xx
-        where none belongs (MAIL, RCPT, the final dot) is nonsense: 451."""
+        where none belongs (MAIL, RCPT, the final dot) is nonsense: 451.
+        A reply without an enhanced status code gets one (`success`: the
+        detail of a 2xx, see Reply.with_enhanced): we advertise them."""
+        reply = reply.with_enhanced(success)
         if 300 <= reply.code < 400 and not intermediate_ok:
             self.log.warning("%s: upstream %s: unexpected %s", self._sid(),
                              self._client.address if self._client else "-", reply)
@@ -291,7 +296,7 @@ class Relay:
                               info.session_id, self._client.address, reply)
                 self._drop()
                 continue
-            reply = self._upstream_reply(reply)
+            reply = self._upstream_reply(reply, MAIL_OK)
             if reply.is_positive:
                 self._in_tx = True
             else:
@@ -331,7 +336,7 @@ class Relay:
                     continue
                 reply = await self._client.read_reply()
                 if self._in_tx:
-                    reply = self._upstream_reply(reply)
+                    reply = self._upstream_reply(reply, RCPT_OK)
                     if reply.is_positive:
                         self._rcpts += 1
                 elif reply.code == 421:
@@ -375,7 +380,7 @@ class Relay:
             reply = await self._client.command(f"RCPT TO:<{recipient}>")
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             return self._fail_transport(e, "RCPT")
-        reply = self._upstream_reply(reply)
+        reply = self._upstream_reply(reply, RCPT_OK)
         if reply.is_positive:
             self._rcpts += 1
         return reply
@@ -393,7 +398,7 @@ class Relay:
                 if self._broken is not None:  # a 421 in the group: the rest is lost with it
                     replies.append(self._broken)
                     continue
-                reply = self._upstream_reply(await client.read_reply())
+                reply = self._upstream_reply(await client.read_reply(), RCPT_OK)
                 if reply.is_positive:
                     self._rcpts += 1
                 replies.append(reply)

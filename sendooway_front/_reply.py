@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_ENHANCED_WORD = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |\Z)")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,19 @@ class Reply:
         """The enhanced status code the text starts with (RFC 3463), or ""."""
         word = self.lines[0].split(" ", 1)[0] if self.lines else ""
         return word if _ENHANCED.fullmatch(word) else ""
+
+    def with_enhanced(self, success: str) -> "Reply":
+        """This reply with an enhanced status code on every line when it has
+        none (RFC 2034: once ENHANCEDSTATUSCODES is advertised, every 2xx,
+        4xx and 5xx reply carries one): `success` is the detail for a 2xx
+        ("1.0" for MAIL, "1.5" for RCPT, "0.0" for the message), a failure
+        gets the generic 4.0.0 / 5.0.0. The text itself is kept."""
+        if self.enhanced or 300 <= self.code < 400:
+            return self
+        status = f"{self.code // 100}.{success if self.code < 300 else '0.0'}"
+        return Reply(self.code, tuple(t if _ENHANCED_WORD.match(t)
+                                      else f"{status} {t}" if t else status
+                                      for t in self.lines or ("",)))
 
     @property
     def is_positive(self) -> bool:

@@ -32,6 +32,8 @@ from ._relay_api import MailParams
 from ._reply import Reply
 
 MAX_COMMAND_LINE = 512      # octets, CRLF included (RFC 5321 4.5.3.1.4)
+# MAIL grows by its parameters: SIZE 26 (RFC 1870), AUTH= 500 (RFC 4954), BODY= ~20
+MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 500 + 50
 MAX_AUTH_LINE = 2048        # base64 of user (256) + password (1024) + slack
 MAX_TEXT_LINE = 1000        # octets, CRLF included (RFC 5321 4.5.3.1.6)
 DATA_CHUNK = 128 * 1024  # largest DataChunk handed out
@@ -135,6 +137,7 @@ class Session:
         self._d_refusal: Reply | None = None
         self._d_size = 0
         self._d_line = 0               # octets of the current line so far
+        self._d_dot = False            # ... and whether it began with a (stuffed) dot
         self._d_skip = 0               # octets of the synthetic CRLF not yet skipped
         self._closed_event: ConnectionClosed | None = None
         self._mail_smtputf8 = False
@@ -359,8 +362,13 @@ class Session:
     def _next_line(self) -> bytes | Reply | None:
         """A complete line (CRLF/LF included), a Reply for a line refused by
         the reader, or None when more input is needed."""
-        limit = MAX_AUTH_LINE if self._auth is not None else MAX_COMMAND_LINE
         buf = self._buf
+        if self._auth is not None:
+            limit = MAX_AUTH_LINE
+        elif buf[:5].upper() == b"MAIL ":
+            limit = MAX_MAIL_LINE
+        else:
+            limit = MAX_COMMAND_LINE
         if self._discarding:
             lf = buf.find(b"\n")
             if lf < 0:
@@ -555,12 +563,17 @@ class Session:
         size = None
         body8 = smtputf8 = False
         for key, value in params.items():
-            if key == "SIZE" and self.settings.size_limit is not None and value and value.isdigit() \
-                    and len(value) <= 20:
+            if key == "SIZE" and self.settings.size_limit is not None:
+                if not (value and value.isascii() and value.isdigit() and len(value) <= 20):
+                    self._reply(R.BAD_PARAMETER_VALUE)  # known, but not a size: 501
+                    return
                 size = int(value)
             elif key == "BODY" and value and value.upper() in ("7BIT", "8BITMIME") \
                     and (value.upper() == "7BIT" or self.settings.advertise_8bitmime):
                 body8 = value.upper() == "8BITMIME"
+            elif key == "BODY" and (not value or value.upper() not in ("8BITMIME", "BINARYMIME")):
+                self._reply(R.BAD_PARAMETER_VALUE)  # BODY=FOO; BINARYMIME etc.: 555 below
+                return
             elif key == "SMTPUTF8" and value is None:
                 smtputf8 = True
             elif key == "AUTH" and value:
@@ -719,9 +732,11 @@ class Session:
         del buf[:cut]
         self._d_skip = 0
         first = self._d_line + len(lines[0])
+        first_dot = self._d_dot if self._d_line else lines[0][:1] == b"."
         longest = max(first, max(map(len, lines[1:]), default=0))
         self._d_line = len(lines[-1]) if len(lines) > 1 else first
-        if longest + 2 > MAX_TEXT_LINE:
+        self._d_dot = lines[-1][:1] == b"." if len(lines) > 1 else first_dot
+        if longest + 2 > MAX_TEXT_LINE and _too_long(first - first_dot, lines[1:]):
             return self._refuse_data(R.DATA_LINE_TOO_LONG, "line longer than 1000 octets")
         self._d_size += len(chunk)
         limit = self.settings.size_limit
@@ -774,3 +789,11 @@ class Session:
 class _AuthExchange:
     mechanism: str
     user: str | None = None
+
+
+def _too_long(first: int, rest: list[bytes]) -> bool:
+    """Is a line over 1000 octets with its CRLF, not counting the leading dot
+    a client doubled for transparency (RFC 5321 4.5.3.1.6)? `first`: the
+    length of the chunk's first line so far, its dot already taken off."""
+    longest = max(first, max((len(line) - (line[:1] == b".") for line in rest), default=0))
+    return longest + 2 > MAX_TEXT_LINE

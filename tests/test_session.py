@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from sendooway_front import _catalogue as R
 from sendooway_front._events import (
@@ -232,12 +233,19 @@ def test_too_many_errors_closes():
     (b"FROM:<alice@-bad-.org>", 553),
     (b"FROM:<al ice@example.org>", 553),
     (b"FROM:<alice@example.org> FOO=bar", 555),
-    (b"FROM:<alice@example.org> SIZE=x", 555),
+    (b"FROM:<alice@example.org> SIZE=x", 501),
+    (b"FROM:<alice@example.org> SIZE", 501),
+    (b"FROM:<alice@example.org> SIZE=" + b"9" * 21, 501),
+    (b"FROM:<alice@example.org> BODY=FOO", 501),
     (b"FROM:<alice@example.org> BODY=BINARYMIME", 555),
+    (b"FROM:<alice@example.org> RET=HDRS", 555),
     (b"FROM:<alice@example.org> SIZE=1 SIZE=2", 501),
     ("FROM:<jörg@example.org>".encode(), 553),
     ("FROM:<jörg@example.org> SMTPUTF8".encode(), 250),
-    (b"FROM:<" + b"a" * 65 + b"@example.org>", 553),
+    (b"FROM:<" + b"a" * 65 + b"@example.org>", 250),   # no 64-octet local part limit
+    (b"FROM:<" + b"a" * 250 + b"@example.org>", 553),  # the 256-octet path limit
+    (b"FROM:<a..b.@example.org>", 250),
+    (b"FROM:<...@example.org>", 553),
 ])
 def test_mail_from_syntax(arg, code):
     c, h = talk(LOGIN_ALICE + b"MAIL " + arg + b"\r\n")
@@ -297,6 +305,36 @@ def test_data_line_over_1000_octets_is_refused():
     assert c[-1] == 250 and h.messages == [ok[:-2]]
     c, h = talk(LOGIN_ALICE + TXN + b"x" * 999 + b"\r\n.\r\n")
     assert c[-1] == 550 and h.messages == []
+
+
+def test_data_line_limit_does_not_count_a_stuffed_dot():
+    """RFC 5321 4.5.3.1.6: 1000 octets with CRLF, "not counting the leading
+    dot duplicated for transparency"."""
+    ok = b"." + b"x" * 998 + b"\r\n"     # a 998-octet line starting with a dot, stuffed
+    c, h = talk(LOGIN_ALICE + TXN + b"a\r\n" + ok + b".\r\n")
+    assert c[-1] == 250 and h.messages == [b"a\r\n" + ok[:-2]]
+    for bad in (b"." + b"x" * 999, b"x." + b"x" * 998):
+        c, h = talk(LOGIN_ALICE + TXN + b"a\r\n" + bad + b"\r\n.\r\n")
+        assert c[-1] == 550 and h.messages == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(st.tuples(st.booleans(), st.integers(995, 1001)), min_size=1, max_size=3),
+       cuts=st.lists(st.integers(0, 3100), max_size=4), chunk=st.sampled_from([None, 7, 500]))
+def test_data_line_limit_wherever_the_reads_and_chunks_fall(lines, cuts, chunk):
+    from unittest import mock
+
+    from sendooway_front import _session
+
+    body = b"".join((b"." if dot else b"") + b"y" * n + b"\r\n" for dot, n in lines)
+    too_long = any(n > 998 for _dot, n in lines)  # the dot itself never counts
+    stream = LOGIN_ALICE + TXN + body + b".\r\n"
+    with mock.patch.object(_session, "DATA_CHUNK", chunk or _session.DATA_CHUNK):
+        h = Harness()
+        points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+        for a, b in zip(points, points[1:]):
+            h.feed(stream[a:b])
+    assert codes(bytes(h.out))[-1] == (550 if too_long else 250)
 
 
 @pytest.mark.parametrize("body", [

@@ -164,8 +164,10 @@ def test_multiline_and_tricky_reply_text_passed_safely():
     replies, _ = run(_transaction(Script(RCPT=rcpt)))
     r = replies["rcpt"][0]
     assert r.code == 250
-    assert r.lines == ("first line", "second?370 injected", "2.1.5 last?")
-    assert r.to_bytes() == b"250-first line\r\n250-second?370 injected\r\n250 2.1.5 last?\r\n"
+    # lines without an enhanced status code get RCPT's (RFC 2034), the text is kept
+    assert r.lines == ("2.1.5 first line", "2.1.5 second?370 injected", "2.1.5 last?")
+    assert r.to_bytes() == (b"250-2.1.5 first line\r\n250-2.1.5 second?370 injected\r\n"
+                            b"250 2.1.5 last?\r\n")
 
 
 def test_upstream_stalls_past_timeout():
