@@ -16,6 +16,11 @@ process is fragile, so it starts a tiny single-threaded *fork server* before
 any thread exists; the fork server only forks workers. `lookup_direct`
 forks a one-shot child in place and is for the single-threaded --check.
 
+Control protocol (daemon → fork server, SOCK_SEQPACKET): SPAWN + a user,
+with the worker's socket (SCM_RIGHTS); or CONFIG with a memfd holding the
+reloaded config (SIGHUP): workers forked after it use it. Messages are taken
+in order, so every SPAWN sent after a CONFIG gets the new config.
+
 Worker protocol (daemon → worker on a SOCK_STREAM socketpair): first the
 fork server writes the worker's pid (4 bytes, big-endian) with a pidfd of
 it (SCM_RIGHTS) on the daemon's end; then per lookup the daemon writes
@@ -38,7 +43,7 @@ import time
 
 import msgpack
 
-from sendooway_shared.config import Config
+from sendooway_shared.config import Config, parse_config
 
 from ._files import Budget, FileRead, read_one
 from ._users import UserInfo
@@ -51,6 +56,8 @@ WORKER_LIFETIME = 600  # seconds a worker serves at most
 WORKER_MAX_GROWTH = 64 << 20  # bytes of peak memory a worker may add before it retires
 REQUEST = b"?"
 ACK = b"+"
+SPAWN = b"W"   # control message: fork a worker for this user
+CONFIG = b"C"  # control message: use this config for the workers forked from now on
 LENGTH = struct.Struct(">I")
 _CONTROL_MAX = 64 * 1024
 _PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 3, 4
@@ -296,6 +303,28 @@ class ForkServer:
             except ChildProcessError:
                 pass
 
+    def reconfigure(self, text: str, cfg: Config) -> bool:
+        """Workers forked from now on use the config `cfg`, parsed from
+        `text` (a reload): True. False when the fork server is not running
+        (it forks nothing any more). Raises OSError when it is running but
+        could not be given the config (its queue is full, no memory): it
+        keeps the old one."""
+        if self._sock is None:
+            return False
+        # The text, parsed again there (a Secret is not picklable, on
+        # purpose), in a memfd: a config may be larger than one message.
+        fd = os.memfd_create("sendooway-config", os.MFD_CLOEXEC)
+        try:
+            _write_all(fd, text.encode())
+            try:
+                socket.send_fds(self._sock, [CONFIG + cfg.filename.encode()], [fd])
+            except (BrokenPipeError, ConnectionResetError):
+                return False  # it exited
+        finally:
+            os.close(fd)
+        self.cfg = cfg
+        return True
+
     def spawn(self, user: UserInfo) -> socket.socket:
         """Have a worker forked for `user`; the daemon's end of its socket
         (non-blocking). Raises OSError when the fork server cannot be asked."""
@@ -303,7 +332,7 @@ class ForkServer:
             raise OSError("reader not running")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            socket.send_fds(self._sock, [_user_to_wire(user)], [theirs.fileno()])
+            socket.send_fds(self._sock, [SPAWN + _user_to_wire(user)], [theirs.fileno()])
         except OSError:
             ours.close()
             raise
@@ -311,6 +340,17 @@ class ForkServer:
             theirs.close()
         ours.setblocking(False)
         return ours
+
+
+def _read_config(fd: int, filename: str) -> Config:
+    """The config the daemon reloaded (see ForkServer.reconfigure). Only
+    what the readers use matters here (userInclude, mappings, sslCA); the
+    settings a reload keeps (authSocket, frontendUser) are not used."""
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return parse_config(b"".join(chunks).decode(), filename)
 
 
 def _reap(_signum, _frame) -> None:
@@ -329,15 +369,26 @@ def _serve(cfg: Config, sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon's reload; ours comes as CONFIG
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     gc.freeze()  # the workers share these objects: no collection should touch (copy) them
     while True:
         data, fds, _flags, _addr = socket.recv_fds(sock, _CONTROL_MAX, 1)
         if not data:
             return
-        if len(fds) != 1:
+        kind, data = data[:1], data[1:]
+        if len(fds) != 1 or kind not in (SPAWN, CONFIG):
             for fd in fds:
                 os.close(fd)
+            continue
+        if kind == CONFIG:
+            try:
+                # an error raises: exiting beats forking workers with the
+                # config the daemon has just replaced
+                cfg = _read_config(fds[0], data.decode())
+            finally:
+                os.close(fds[0])
+            gc.freeze()
             continue
         conn = socket.socket(fileno=fds[0])
         try:

@@ -1,6 +1,8 @@
 """Drivers: the daemon on a UNIX socket (or systemd's), and one inherited
 socket (--fd, the frontend's socketpair). They only move bytes; the rules
-live in _connection and _permits."""
+live in _connection and _permits. The daemon re-reads its config on SIGHUP
+(Runtime.reload); --fd ignores SIGHUP (each session's authenticator reads
+the config when it starts)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import signal
 import socket
 import stat
 import struct
+from dataclasses import replace
 
-from sendooway_shared.config import AuthBackend, Config
+from sendooway_shared.config import AuthBackend, Config, ConfigError, parse_config, read_text
 
 from ._connection import Connection
+from ._logfmt import text
 from ._pam import PamPool
 from ._penalty import Penalty, SharedPenalty
 from ._reader import ForkServer
@@ -26,6 +30,9 @@ from ._workers import WorkerPool
 log = logging.getLogger("sendooway-auth")
 SD_LISTEN_FDS_START = 3
 MAX_CONNECTIONS = 4000  # one per SMTP session; beyond this, new ones are closed at once
+# Bound when the daemon started (the socket it listens on and its owner, the
+# uids let in): a reload keeps them and says so.
+RESTART_ONLY = ("authSocket", "frontendUser")
 
 
 class StartupError(Exception):
@@ -176,6 +183,39 @@ class Runtime:
         self.service = AuthService(self.cfg, self.pam, self.readers, self.penalty)
         return self.service
 
+    def reload(self, path: str) -> None:
+        """SIGHUP: read `path` again. If it passes the start-up checks, every
+        request from now on uses it (logins, and route lookups through
+        workers forked after this); otherwise the old config stays. Runs on
+        the event loop, so requests see either config whole, never a mix,
+        and a second SIGHUP waits for this one."""
+        old = self.cfg
+        try:
+            source = read_text(path)
+            new = parse_config(source, path)
+            check_backend(new)
+        except (ConfigError, StartupError) as exc:
+            log.error("reload failed, old config kept: %s", text(str(exc)))
+            return
+        changed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY})
+        try:
+            if not self.forks.reconfigure(source, new):
+                log.warning("reload: the reader fork server is not running: route lookups"
+                            " fail until a restart")
+        except OSError as exc:  # it did not take the new config: keep the old one everywhere
+            log.error("reload failed, old config kept: cannot hand it to the reader fork"
+                      " server (%s); send SIGHUP again", exc.strerror or exc)
+            return
+        self.readers.reconfigured()
+        self.cfg = new
+        self.pam.service = new.pamService
+        if self.service is not None:
+            self.service.cfg = new
+        for name in changed:
+            log.warning("reload: %s changed; it takes effect only after a restart", name)
+        log.info("reloaded %s", text(path))
+
     def close(self) -> None:
         self.readers.close()
         self.pam.shutdown()
@@ -193,14 +233,29 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
             stop.set()
 
 
+class _EarlyHangup:
+    """SIGHUP before the event loop takes it over (during start-up): noted,
+    and the reload done once serving, instead of the default (death)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, _signum, _frame) -> None:
+        self.seen = True
+
+
 async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], where: str,
-                        parent: int | None = None) -> None:
+                        parent: int | None = None, config_path: str | None = None,
+                        hangup: _EarlyHangup | None = None) -> None:
     service = rt.make_service()
     tasks: set[asyncio.Task] = set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reloader(rt, config_path))
     watcher = asyncio.ensure_future(_watch_parent(parent, stop)) if parent else None
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -234,6 +289,8 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     log.info("started: listening on %s, PAM service %s, %d PAM threads, maxAuthFailures %d",
              where, rt.cfg.pamService, rt.pam.threads, rt.cfg.maxAuthFailures)
     notify("READY=1")
+    if hangup is not None and hangup.seen and config_path is not None:
+        _reloader(rt, config_path)()
     await stop.wait()
     notify("STOPPING=1")
     log.info("stopping")
@@ -245,8 +302,20 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _reloader(rt: Runtime, config_path: str):
+    def reload() -> None:
+        try:
+            rt.reload(config_path)
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the daemon (nor log a trace)
+            log.error("reload of %s failed, internal error (%s): some of the new config"
+                      " may be in use; restart the daemon", text(config_path),
+                      type(exc).__name__)
+    return reload
+
+
 def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int,
-               exit_with_parent: bool = False) -> int:
+               exit_with_parent: bool = False, config_path: str | None = None) -> int:
+    hangup = _EarlyHangup() if config_path is not None else None
     check_backend(cfg)  # before the socket exists: nothing to clean up on refusal
     parent = os.getppid() if exit_with_parent else None
     sock = activated_socket()
@@ -269,7 +338,7 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
             os.unlink(bound_path)
         raise
     try:
-        asyncio.run(_serve_daemon(rt, sock, allowed, where, parent))
+        asyncio.run(_serve_daemon(rt, sock, allowed, where, parent, config_path, hangup))
     finally:
         rt.close()
         sock.close()
@@ -313,6 +382,9 @@ def _inherited_socket(fd: int) -> socket.socket:
 
 
 def run_fd(cfg: Config, fd: int, failure_delay: float) -> int:
+    # One session, which keeps the config it started with; the next session's
+    # authenticator reads the file anew. A hang-up is not a reason to cut it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     check_backend(cfg)
     sock = _inherited_socket(fd)  # before anything is set up
     rt = Runtime(cfg, failure_delay, threads=2, shared_penalty=True)

@@ -58,6 +58,10 @@ MAX_PAM_PAD = 10.0    # seconds an unknown user's refusal is held back at most
 
 
 class AuthService:
+    """`cfg` is read afresh by every request: a reload (SIGHUP) replaces it,
+    and logins from then on, also on connections opened before, use the new
+    one (a login already accepted stays accepted)."""
+
     def __init__(self, cfg: Config, pam_pool: PamPool, readers: WorkerPool,
                  penalty: Penalty, clock=time.time) -> None:
         self.cfg = cfg

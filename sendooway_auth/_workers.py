@@ -8,6 +8,8 @@ through its pidfd, which cannot hit a recycled pid). A worker that is gone befor
 takes a request (killed by its user, past its lifetime) is replaced and the
 lookup asked again once; one that dies, answers garbage or times out after
 taking it fails that lookup (temporary failure) and is replaced next time.
+After a reload (`reconfigured`) no worker forked before it takes another
+lookup: they hold the old config.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ class Outcome(enum.Enum):
 class Worker:
     """One user's worker, seen from the daemon."""
 
-    def __init__(self, user: UserInfo, sock: socket.socket, now: float) -> None:
+    def __init__(self, user: UserInfo, sock: socket.socket, now: float,
+                 generation: int = 0) -> None:
         self.user = user
         self.sock = sock
+        self.generation = generation  # the pool's config generation when it was forked
         self.lock = asyncio.Lock()
         self.born = self.last_used = now
         self.pid = 0
@@ -155,6 +159,16 @@ class WorkerPool:
         self.max_age = max_age
         self._workers: OrderedDict[UserInfo, Worker] = OrderedDict()  # least recently used first
         self._in_flight = asyncio.Semaphore(IN_FLIGHT)
+        self.generation = 0  # one more with each reload of the config
+
+    def reconfigured(self) -> None:
+        """The fork server has a new config: close the idle workers now; a
+        busy one finishes the lookup it took before the reload and is then
+        closed. Lookups from now on go to workers forked afterwards."""
+        self.generation += 1
+        for worker in list(self._workers.values()):
+            if not worker.lock.locked():
+                self._drop(worker)
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -177,8 +191,9 @@ class WorkerPool:
             except TimeoutError:
                 return _failed(user, f"reader busy for more than {timeout:.0f} s")
             try:
-                if worker.closed:
-                    continue  # replaced while we waited
+                if worker.closed or self._stale(worker):
+                    self._drop(worker)
+                    continue  # replaced or reloaded while we waited
                 async with self._in_flight:
                     try:
                         outcome, answer = await worker.ask(timeout)
@@ -187,6 +202,8 @@ class WorkerPool:
                         self._drop(worker)
                         raise
                 worker.last_used = asyncio.get_running_loop().time()
+                if self._stale(worker):
+                    self._drop(worker)  # a reload came during the lookup: no more from it
             finally:
                 worker.lock.release()
             if outcome is Outcome.ANSWERED:
@@ -223,7 +240,10 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         worker = self._workers.get(user)
-        if worker is not None and (worker.lock.locked() or now - worker.born < self.max_age):
+        # a busy one is returned even when stale: its lookup ends, it is
+        # closed, and whoever waited for its lock comes back here
+        if worker is not None and (worker.lock.locked() or (
+                now - worker.born < self.max_age and not self._stale(worker))):
             self._workers.move_to_end(user)
             return worker
         if worker is not None:
@@ -233,10 +253,13 @@ class WorkerPool:
             sock = self.forks.spawn(user)
         except OSError as exc:
             return f"reader fork server not reachable ({exc.strerror or exc})"
-        worker = Worker(user, sock, now)
+        worker = Worker(user, sock, now, self.generation)
         worker.timer = loop.call_later(self.idle, self._expire, worker)
         self._workers[user] = worker
         return worker
+
+    def _stale(self, worker: Worker) -> bool:
+        return worker.generation != self.generation
 
     def _make_room(self) -> None:
         """Close least recently used idle workers until one more fits. Busy

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             code = run_fd(cfg, args.fd, args.failure_delay)
         else:
             code = run_daemon(cfg, args.socket, args.failure_delay, args.pam_threads,
-                              args.exit_with_parent)
+                              args.exit_with_parent, config_path=args.config)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         print(f"sendooway-auth: {exc}", file=sys.stderr)

@@ -161,6 +161,13 @@ def activated_sockets() -> Activation | None:
 # ------------------------------------------------------------ modes
 
 
+def _hangup() -> None:
+    """SIGHUP to a listening frontend (an admin's reload habit): it cannot
+    re-read its config or its key as frontendUser, so it says so and serves on."""
+    log.warning("SIGHUP ignored: sendooway -b reads its config (and TLS key) only at start,"
+                " before dropping privileges; restart it to apply changes")
+
+
 async def serve_stdio(frontend: Frontend) -> None:
     """One session on fd 0 (input) and fd 1 (output)."""
     peer = ""
@@ -253,7 +260,8 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
                           grace: float = SHUTDOWN_GRACE, max_sessions: int | None = None) -> None:
     """Accept sessions until SIGTERM/SIGINT; then stop accepting and give the
     running sessions `grace` seconds to finish. Beyond `max_sessions` at
-    once, a new client gets a 421 greeting."""
+    once, a new client gets a 421 greeting. SIGHUP is logged and changes
+    nothing: the config and the key were read before the privilege drop."""
     if max_sessions is None:
         max_sessions = session_limit()
     loop = asyncio.get_running_loop()
@@ -286,6 +294,7 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024, backlog=512))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _hangup)
     where = ", ".join(describe_peer(s.getsockname()) for s in sockets)
     log.info("listening on %s", where)
     await stop.wait()
