@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from sendooway_shared.config import AuthBackend, Config
+from sendooway_shared.config import AuthBackend, Config, exposed_passwords
 from sendooway_shared.types import Route
 
 from . import _users
@@ -44,6 +44,8 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     elif cfg.authBackend is AuthBackend.LDAP:
         backend += " (not supported: the daemon will not start; use PAM with pam_ldap or SSSD)"
     w(f"auth backend: {backend}")
+    if (exposed := exposed_passwords(cfg)) is not None:
+        w(f"warning: {exposed}")
     user = _users.lookup(name)
     if user is None:
         w(f"account: {name} does not exist")

@@ -51,6 +51,7 @@ class UserRoutes:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     ca_file: str = ""
+    ca_pem: str = ""  # the user's own sslCA file, read as the user
     failure: str = ""
 
     @property
@@ -58,7 +59,10 @@ class UserRoutes:
         return bool(self.failure)
 
     def route_for(self, sender: str) -> Account | None:
-        return choose(self.accounts, sender)
+        account = choose(self.accounts, sender)
+        if account is not None and self.ca_pem and account.route.ca_file == self.ca_file:
+            account = replace(account, route=replace(account.route, ca_pem=self.ca_pem))
+        return account
 
 
 Plan = Generator[tuple[str, ...], list[FileRead], UserRoutes]
@@ -80,10 +84,14 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             ):
                 _check_mode(read, user, found)
     found.ca_file = user_cfg.sslCA if user_cfg and user_cfg.sslCA is not None else cfg.sslCA
-    if user_cfg and user_cfg.sslCA and not os.path.isabs(user_cfg.sslCA):
-        # the user's own relative sslCA counts from the home, as the user's
-        # relative mapping paths do (the original read it after chdir(home))
-        found.ca_file = os.path.join(user.home, user_cfg.sslCA)
+    own_ca = ""
+    if user_cfg and user_cfg.sslCA:
+        # %h and %u as in mapping paths; a relative path counts from the home
+        # (the original read it after chdir(home)). It is read here, as the
+        # user, and its certificates travel with the route: the frontend
+        # (nobody) could not open a file in a 0700 home.
+        own_ca = found.ca_file = os.path.join(user.home,
+                                              expand_path(user_cfg.sslCA, user.name, user.home))
     mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
     found.mappings = [("default" if m.filename == "(default)" else m.source,
                        f"direct:{m.direct.address} {m.direct.route.server}:{m.direct.route.port}"
@@ -96,8 +104,12 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     for path in wanted[:MAX_FILES]:
         if len(path) > MAX_PATH:
             found.errors.append(f"{path[:200]}...: skipped: path longer than {MAX_PATH}")
-    reads = (yield paths) if paths else []
-    by_path = dict(zip(paths, reads))
+    to_read = paths + ((own_ca,) if own_ca and own_ca not in paths else ())
+    reads = (yield to_read) if to_read else []
+    by_path = dict(zip(to_read, reads))
+    if own_ca:
+        found.files.append(("sslCA", by_path[own_ca]))
+        _take_ca(by_path[own_ca], found)
     for path in paths:
         kind = next(m.kind for m in mappings if m.path == path)
         found.files.append((kind.value, by_path[path]))
@@ -194,6 +206,7 @@ def to_wire(found: UserRoutes) -> bytes:
                       a.route.password.reveal(), a.route.auth, a.route.source, a.tier]
                      for a in found.accounts],
         "errors": found.errors, "warnings": found.warnings, "ca_file": found.ca_file,
+        "ca_pem": found.ca_pem,
     }, use_bin_type=True)
 
 
@@ -241,9 +254,9 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
     except Exception:  # noqa: BLE001 - any decoding problem is the same problem
         raise WireError("undecodable answer") from None
     if not isinstance(obj, dict) or set(obj) != {"files", "mappings", "accounts", "errors",
-                                                  "warnings", "ca_file"}:
+                                                  "warnings", "ca_file", "ca_pem"}:
         raise WireError("bad answer")
-    found = UserRoutes(user, ca_file=_str(obj["ca_file"]))
+    found = UserRoutes(user, ca_file=_str(obj["ca_file"]), ca_pem=_str(obj["ca_pem"], MAX_CA_PEM))
     for row in _list(obj["files"], MAX_FILES + 1):
         role, path, status, detail, mode, owner, size = _list(row, 7)
         found.files.append((_str(role), FileRead(_str(path), _str(status), _str(detail),
@@ -269,6 +282,31 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
 
 
 # ------------------------------------------------------------ helpers
+
+
+MAX_CA_PEM = 8192  # octets of a user's own sslCA passed with a route (one frame is 16 KiB)
+_PEM_CERT = "-----BEGIN CERTIFICATE-----"
+
+
+def _take_ca(read: FileRead, found: UserRoutes) -> None:
+    """The user's own sslCA file's certificates into found.ca_pem, or an error
+    (the route then names the path, which the frontend may not be able to read)."""
+    where = f"sslCA {read.path}"
+    if not read.ok:
+        found.errors.append(f"{where}: {read.status}" + (f" ({read.detail})" if read.detail else ""))
+        return
+    if read.size > MAX_CA_PEM:
+        found.errors.append(f"{where}: {read.size} bytes, more than the {MAX_CA_PEM} that can"
+                            " go with a route: keep only the certificates your upstream needs")
+        return
+    try:
+        pem = read.data.decode("ascii")
+    except UnicodeDecodeError:
+        pem = ""
+    if _PEM_CERT not in pem:
+        found.errors.append(f"{where}: no PEM certificate in it")
+        return
+    found.ca_pem = pem
 
 
 def _text(read: FileRead, found: UserRoutes) -> str | None:

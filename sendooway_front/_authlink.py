@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -206,11 +207,14 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> Pair
     they are the client's connection."""
     program = find_auth_program()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # xinetd makes the client's socket stderr too: what the child would print
+    # there (a start-up error naming the config) must not reach the client
+    stderr = subprocess.DEVNULL if _stderr_is_client() else None
     try:
         proc = subprocess.Popen(
             [program, "--fd", str(theirs.fileno()), *_auth_args(config_path, log_target)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            close_fds=True)
+            stderr=stderr, close_fds=True)
     except OSError as exc:
         ours.close()
         raise AuthLinkError(f"cannot start {program}: {exc.strerror}") from None
@@ -219,12 +223,33 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> Pair
     return PairConnector(ours, proc, timeout)
 
 
+def _stderr_is_client() -> bool:
+    """Is fd 2 the same open file as fd 0 or fd 1 (inetd's client socket)?"""
+    try:
+        err = os.fstat(2)
+    except OSError:
+        return False
+    for fd in (0, 1):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (err.st_dev, err.st_ino) and stat.S_ISSOCK(st.st_mode):
+            return True
+    return False
+
+
 # A root-side watcher made of /bin/sh alone (no frontend code runs as root):
 # it starts the daemon, waits for EOF on its stdin (the frontend's end of a pipe
 # closes when the frontend exits, however it exits) and then stops the daemon.
 # PR_SET_PDEATHSIG cannot do this: once the frontend has dropped to nobody,
-# the kernel does not let its death signal a root process.
-_LIFELINE = 'trap "" INT HUP; "$0" "$@" </dev/null & d=$!; read _; kill -TERM $d; wait $d'
+# the kernel does not let its death signal a root process. It ignores the
+# SIGTERM that systemd sends the whole group (the lifeline says when), and
+# once the daemon is gone it removes the private directory, which the
+# frontend (nobody by then) cannot.
+_LIFELINE = ('trap "" INT HUP TERM; "$0" "$@" </dev/null & d=$!; read _; kill -TERM $d; wait $d;'
+             ' s=$?; rm -f "$SENDOOWAY_PRIVATE_DIR/auth.sock" "$SENDOOWAY_PRIVATE_DIR/notify";'
+             ' rmdir "$SENDOOWAY_PRIVATE_DIR"; exit $s')
 
 
 def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
@@ -240,7 +265,7 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
     notify_path = os.path.join(directory, "notify")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
-    env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path, SENDOOWAY_PRIVATE_DIR=directory)
     life_r, life_w = os.pipe()
     os.set_inheritable(life_w, False)
     try:
@@ -264,7 +289,8 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
         os.close(life_w)
         notify.close()
         if isinstance(exc, AuthLinkError):
-            raise
+            raise  # (the watcher stops the daemon and removes the directory)
+        shutil.rmtree(directory, ignore_errors=True)  # no watcher was started
         raise AuthLinkError(f"cannot start {program}: {exc.strerror}") from None
     finally:
         os.close(life_r)

@@ -24,7 +24,7 @@ from sendooway_shared.types import Route
 from ._pool import PROBE_TIMEOUT, PoolKey, UpstreamPool
 from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
-from ._tls import TLSError
+from ._tls import TLSError, ca_identity
 from ._upstream import (
     BAD_UPSTREAM, DROPPED, TIMED_OUT, ReplyError, UpstreamClient, UpstreamError, open_upstream,
 )
@@ -233,7 +233,8 @@ class Relay:
         replies for MAIL and each RCPT."""
         self._info = info
         self._broken = None
-        key = PoolKey.of(route, route.ca_file or self.config.sslCA, self._ehlo_name(info))
+        key = PoolKey.of(route, ca_identity(route.ca_file or self.config.sslCA, route.ca_pem),
+                         self._ehlo_name(info))
         rset_first = False  # the RSET ending the last transaction goes with this MAIL
         if self._client is not None and (self._key != key or self._in_tx):
             if self._key != key:

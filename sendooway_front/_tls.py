@@ -23,11 +23,13 @@ verifying connection skip its check.
 from __future__ import annotations
 
 import collections
+import hashlib
 import ipaddress
 import os
 import time
 
-from OpenSSL import SSL
+from cryptography import x509
+from OpenSSL import SSL, crypto
 # Imported now, not at first use: the frontend drops privileges after start-up
 # and the install tree may be unreadable to the frontend user by then.
 from service_identity import VerificationError
@@ -172,11 +174,27 @@ class _ClientSettings:
         self.ca_file = ca_file
 
 
-def client_context(ca_file: str = "", verify: bool = True) -> SSL.Context:
-    """A client context trusting `ca_file` (PEM) or, when empty, the system
-    store. `verify=False` (noCertCheck): failures are reported, not fatal."""
+def ca_identity(ca_file: str, ca_pem: str = "") -> str:
+    """What a client context trusts, as a key: certificates passed in (a
+    user's own sslCA, read by the authenticator) by their digest, else the
+    CA file's path ("" = the system store)."""
+    return "pem:" + hashlib.sha256(ca_pem.encode()).hexdigest() if ca_pem else ca_file
+
+
+def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> SSL.Context:
+    """A client context trusting `ca_pem` (PEM certificates), else `ca_file`
+    (a PEM file), else the system store. `verify=False` (noCertCheck):
+    failures are reported, not fatal."""
     ctx = _base_context(SSL.TLS_CLIENT_METHOD)
-    if ca_file:
+    if ca_pem:
+        try:
+            certs = x509.load_pem_x509_certificates(ca_pem.encode())
+            store = ctx.get_cert_store()
+            for cert in certs:
+                store.add_cert(crypto.X509.from_cryptography(cert))
+        except (ValueError, crypto.Error) as e:
+            raise TLSConfigError(f"{ca_file or 'sslCA'}: cannot load CA certificates ({e})") from None
+    elif ca_file:
         try:
             ctx.load_verify_locations(os.fsencode(ca_file))
         except SSL.Error as e:
@@ -186,7 +204,7 @@ def client_context(ca_file: str = "", verify: bool = True) -> SSL.Context:
     else:
         ctx.set_default_verify_paths()
     ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
-    ctx.set_app_data(_ClientSettings(verify, ca_file))
+    ctx.set_app_data(_ClientSettings(verify, ca_identity(ca_file, ca_pem)))
     return ctx
 
 
@@ -198,15 +216,23 @@ _MAX_CACHED = 64
 _client_contexts: dict[tuple, tuple[float, SSL.Context]] = {}
 
 
-def cached_client_context(ca_file: str = "", verify: bool = True) -> SSL.Context:
-    """client_context(ca_file, verify), made once and reused while valid."""
+def cached_client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> SSL.Context:
+    """client_context(ca_file, verify, ca_pem), made once and reused while valid."""
     now = time.monotonic()
+    if ca_pem:
+        key: tuple = (ca_identity(ca_file, ca_pem), verify)
+        hit = _client_contexts.get(key)
+        if hit is not None:
+            return hit[1]
+        ctx = client_context(ca_file, verify, ca_pem)
+        _remember_context(key, now, ctx)
+        return ctx
     if ca_file:
         try:
             st = os.stat(ca_file)
         except OSError:
             return client_context(ca_file, verify)  # raises the readable error
-        key: tuple = (ca_file, verify, st.st_ino, st.st_mtime_ns, st.st_size)
+        key = (ca_file, verify, st.st_ino, st.st_mtime_ns, st.st_size)
     else:
         key = ("", verify)
     hit = _client_contexts.get(key)
@@ -216,10 +242,14 @@ def cached_client_context(ca_file: str = "", verify: bool = True) -> SSL.Context
     if ca_file:  # forget older versions of the same file
         for old in [k for k in _client_contexts if k[:2] == (ca_file, verify)]:
             del _client_contexts[old]
+    _remember_context(key, now, ctx)
+    return ctx
+
+
+def _remember_context(key: tuple, now: float, ctx: SSL.Context) -> None:
     while len(_client_contexts) >= _MAX_CACHED:
         del _client_contexts[next(iter(_client_contexts))]
     _client_contexts[key] = (now, ctx)
-    return ctx
 
 
 def context_verifies(ctx: SSL.Context) -> bool:

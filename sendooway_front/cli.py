@@ -13,12 +13,13 @@ import asyncio
 import ctypes
 import logging
 import os
+import socket
 import stat
 import sys
 
 from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG
-from sendooway_shared.config import ConfigError, MailerEncryption, load_config
+from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 
 EXIT_FAILURE = 1
@@ -85,7 +86,28 @@ class _Startup:
                 os.write(1, STARTUP_421)
             except OSError:
                 pass
+            _linger()
         return code
+
+
+def _linger(seconds: float = 2.0, most: int = 65536) -> None:
+    """Close the client's socket gently: what it sent already (a pipelining
+    client's EHLO) is read and dropped for a moment, so that closing does
+    not reset the connection and throw away the 421 on its way."""
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(seconds)
+        got = 0
+        while got < most and (data := sock.recv(4096)):
+            got += len(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 # glibc serves allocations over 128 KiB (at first) with mmap and returns
@@ -128,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return startup.fail(None, f"cannot open log {args.log}: {exc.strerror}")
     log = logging.getLogger("sendooway")
     _fail = startup.fail
+    if cfg.authBackend is AuthBackend.LDAP:  # no authenticator serves it: clients would get 454
+        return _fail(log, cfg.backend_refusal(0) or "authBackend = LDAP")
 
     from ._authlink import AuthLinkError, SocketConnector, daemon_reachable, spawn_daemon, spawn_pair
     from ._driver import Frontend
@@ -171,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         if not is_root and not daemon_reachable(path):
             log.warning("no authenticator at %s: sessions get 421 until it runs", path)
     else:
+        # our own authenticator will run as root: refuse what it would refuse
+        refusal = cfg.backend_refusal(0)
+        if refusal:
+            return _fail(log, refusal)
         config_path = os.path.abspath(args.config)
         try:
             if many:

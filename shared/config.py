@@ -161,6 +161,43 @@ class Config:
     smarthostCache: int = 30
     proxyProtocol: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     filename: str = ""
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # name → line
+
+    def where(self, name: str) -> str:
+        """file:line of the line that set `name` (the file alone when a default)."""
+        line = self.lines.get(name)
+        return f"{self.filename or 'config'}:{line}" if line else (self.filename or "config")
+
+    def backend_refusal(self, authenticator_uid: int) -> str | None:
+        """Why an authenticator running as `authenticator_uid` must not serve
+        this authBackend (checked at start-up by the daemon, and by a root
+        frontend that starts its own authenticator), or None."""
+        if self.authBackend is AuthBackend.LDAP:
+            return (f"{self.where('authBackend')}: authBackend = LDAP is not supported;"
+                    " use authBackend = PAM with pam_ldap or SSSD")
+        if self.authBackend is AuthBackend.NONE and authenticator_uid == 0:
+            return (f"{self.where('authBackend')}: authBackend = none logs in the account"
+                    " sendooway-auth runs as without a password, and that is root here;"
+                    " use authBackend = PAM (none is for a sendooway-auth run as one user)")
+        return None
+
+
+def exposed_passwords(cfg: Config) -> str | None:
+    """A warning when the global config holds upstream passwords (direct:
+    mappings) and every local user may read it; None otherwise."""
+    if not cfg.filename or not any(m.direct is not None and m.direct.route.password
+                                   for m in cfg.smarthostMapping):
+        return None
+    try:
+        mode = os.stat(cfg.filename).st_mode
+    except OSError:
+        return None
+    if not mode & 0o004:
+        return None
+    return (f"{cfg.filename} holds upstream passwords (direct: mappings) and every local user"
+            f" can read it (mode {mode & 0o7777:04o}): give it mode 0640 and a group only"
+            " root and the frontend's user are in, or move the mappings into the users' own"
+            " files")
 
 
 @dataclass(frozen=True)
@@ -436,9 +473,11 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
     """Parse the global config language; raises ConfigError."""
     values: dict[str, object] = {}
     lists: dict[str, list] = {"validUser": [], "smarthostMapping": []}
+    lines: dict[str, int] = {}
     for number, line in _lines(text):
         key, value = _split(line, filename, number)
         name, parser, _user_ok = _lookup(key, filename, number, KEYWORD_NAMES)
+        lines[name] = number
         if name in _REPEATABLE:
             if value == "":
                 raise ConfigError(filename, number, f"{name}: a value is required")
@@ -449,7 +488,7 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
             values[name] = _parse_value(name, parser, value, filename, number)
     values["validUser"] = tuple(lists["validUser"])
     values["smarthostMapping"] = tuple(lists["smarthostMapping"])
-    return Config(filename=filename, **values)  # type: ignore[arg-type]
+    return Config(filename=filename, lines=lines, **values)  # type: ignore[arg-type]
 
 
 def parse_user_config(text: str, filename: str,

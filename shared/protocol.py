@@ -19,7 +19,7 @@ import msgpack
 
 from .types import Route, Secret, TlsMode
 
-VERSION = 1
+VERSION = 2  # 2: route_ok carries ca_pem
 MAX_FRAME = 16 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -106,7 +106,7 @@ class RouteOk(Message):
     TYPE: ClassVar[str] = "route_ok"
     LIMITS: ClassVar[dict[str, int]] = {
         "server": 255, "tls": 16, "ca_file": 4096, "user": MAX_TEXT,
-        "password": MAX_PASSWORD, "source": 4096,
+        "password": MAX_PASSWORD, "source": 4096, "ca_pem": 8192,
     }
     server: str
     port: int
@@ -117,6 +117,7 @@ class RouteOk(Message):
     password: Secret
     auth: bool
     source: str
+    ca_pem: str = ""
 
     def __post_init__(self) -> None:
         if self.tls not in {m.value for m in TlsMode}:
@@ -129,11 +130,13 @@ class RouteOk(Message):
     @classmethod
     def from_route(cls, route: Route) -> "RouteOk":
         return cls(route.server, route.port, route.tls.value, route.cert_check,
-                   route.ca_file, route.user, route.password, route.auth, route.source)
+                   route.ca_file, route.user, route.password, route.auth, route.source,
+                   route.ca_pem)
 
     def to_route(self) -> Route:
         return Route(self.server, self.port, TlsMode(self.tls), self.cert_check,
-                     self.ca_file, self.user, self.password, self.auth, self.source)
+                     self.ca_file, self.user, self.password, self.auth, self.source,
+                     self.ca_pem)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ class Route:
     password: Secret = field(default_factory=lambda: Secret(""))
     auth: bool = True
     source: str = ""
+    ca_pem: str = ""  # the certificates of a user's own sslCA, read as the user (else "")
 
     def describe(self) -> str:
         """One line for logs and --check: never includes the password."""

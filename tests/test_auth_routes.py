@@ -102,8 +102,9 @@ def test_unsafe_mode_is_used_but_warned(clean_homes):
 
 def test_user_include_mappings_first_and_sslca_override(clean_homes):
     world = clean_homes
+    home = world.users["alice"].home
     inc = world.write_user_file("alice", ".sendoowayrc", (
-        "sslCA = /home/alice/my-ca.pem\n"
+        f"sslCA = {home}/my-ca.pem\n"
         "smarthostMapping = direct:*@example.org own.example.org 587 me inc-Secret-9 tls\n"
         "localname = nope\n"                       # not allowed: skipped, reported
         "smarthostMapping = getmail:%h/gm.rc\n"
@@ -112,6 +113,8 @@ def test_user_include_mappings_first_and_sslca_override(clean_homes):
         "[sender]\ntype = SimpleSMTPSSLSender\nserver = gm.example.net\nusername = g\n"
         "password = gm-Secret-3\naddress = *@example.net\n"
     ))
+    pem = open(world.ca_file).read()
+    world.write_user_file("alice", "my-ca.pem", pem)  # mode 0600: read as alice, sent along
     conf = ("userInclude = %h/.sendoowayrc\nsslCA = /etc/ssl/global.pem\n"
             "smarthostMapping = direct:* global.example.com 25 u g-Secret-5\n"
             "smarthostMapping = direct:*@example.org global-org.example.com 25 u g-Secret-6\n")
@@ -120,12 +123,32 @@ def test_user_include_mappings_first_and_sslca_override(clean_homes):
                             " (only sslCA, smarthostMapping)"]
     assert [a.route.server for a in found.accounts] == [
         "own.example.org", "gm.example.net", "global.example.com", "global-org.example.com"]
-    assert all(a.route.ca_file == "/home/alice/my-ca.pem" for a in found.accounts)
+    assert all(a.route.ca_file == f"{home}/my-ca.pem" for a in found.accounts)
     assert found.route_for("x@example.org").route.server == "own.example.org"  # user's first
     assert found.route_for("x@example.net").route.server == "gm.example.net"
     assert found.route_for("x@elsewhere.com").route.server == "global.example.com"
     assert [a.tier for a in found.accounts] == [0, 0, 1, 1]
     assert found.route_for("x@example.org").source == f"{inc}:2"
+    assert found.ca_pem == pem and found.route_for("x@elsewhere.com").route.ca_pem == pem
+
+
+@pytest.mark.parametrize("line, content, error", [
+    ("sslCA = %h/certs/ca.pem", None, "/certs/ca.pem: missing"),
+    ("sslCA = certs/ca.pem", "not a certificate\n", "/certs/ca.pem: no PEM"),
+    ("sslCA = %h/certs/ca.pem", "-----BEGIN CERTIFICATE-----\n" + "A" * 9000,
+     "more than the 8192 that can go with a route"),
+])
+def test_user_sslca_problems_are_errors_and_the_path_is_kept(clean_homes, line, content, error):
+    world = clean_homes
+    world.write_user_file("alice", ".sendoowayrc", line + "\n"
+                          "smarthostMapping = direct:* own.example.org 587 me inc-Secret-9 tls\n")
+    if content is not None:
+        world.write_user_file("alice", "certs/ca.pem", content)
+    found = lookup(world, "alice", "userInclude = %h/.sendoowayrc\n")
+    assert [e for e in found.errors if error in e], found.errors
+    route = found.route_for("x@example.org").route
+    home = world.users["alice"].home
+    assert route.ca_file == f"{home}/certs/ca.pem" and route.ca_pem == ""
 
 
 def test_global_sslca_and_defaults_when_no_mapping(clean_homes):

@@ -110,7 +110,7 @@ def test_replies_are_not_requests():
 
 def test_route_ok_checks_its_values():
     bad = dict(type="route_ok", server="h", port=70000, tls="starttls", cert_check=True,
-               ca_file="", user="u", password="p", auth=True, source="s")
+               ca_file="", user="u", password="p", auth=True, source="s", ca_pem="")
     with pytest.raises(ProtocolError, match="port"):
         FrameDecoder(REPLIES).feed(frame(bad))
     bad.update(port=25, tls="rot13")

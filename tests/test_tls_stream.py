@@ -427,6 +427,38 @@ def test_client_contexts_are_reused_until_the_ca_file_changes(world, tmp_path):
         cached_client_context(str(ca), True)
 
 
+def test_certificates_passed_in_verify_like_their_file(world, tmp_path):
+    """A user's own sslCA arrives as PEM text (read by the authenticator as
+    the user): it verifies what its file would, a foreign CA refuses, and
+    contexts and sessions are keyed by the certificates, not the name."""
+    from sendooway_front._tls import ca_identity, cached_client_context
+
+    pem = open(world.ca_file).read()
+
+    async def attempt(client_ctx):
+        server, port, _ = await _echo_server(world)
+        async with server:
+            s = await open_tcp("127.0.0.1", port, timeout=5)
+            await s.write(b"STARTTLS\n")
+            await _readline(s)
+            try:
+                return await s.start_tls_client(client_ctx, "localhost")
+            finally:
+                await s.aclose()
+
+    assert run(attempt(client_context("/home/u/ca.pem", ca_pem=pem))) == []
+    foreign = trustme.CA().cert_pem.bytes().decode()
+    with pytest.raises(TLSVerifyError):
+        run(attempt(client_context("/home/u/ca.pem", ca_pem=foreign)))
+    with pytest.raises(TLSConfigError, match="/home/u/ca.pem"):
+        client_context("/home/u/ca.pem", ca_pem="-----BEGIN CERTIFICATE-----\nnope\n")
+    a = cached_client_context("/home/u/ca.pem", True, pem)
+    assert cached_client_context("/elsewhere.pem", True, pem) is a  # same certificates
+    assert cached_client_context("/home/u/ca.pem", True, foreign) is not a
+    assert ca_identity("/home/u/ca.pem", pem) != ca_identity("/home/u/ca.pem", foreign)
+    assert ca_identity("/etc/ca.pem") == "/etc/ca.pem"
+
+
 def test_the_read_deadline_moves_with_each_read_and_real_cancellation_wins():
     """One lazy timer per stream: a read that waits longer than `timeout`
     fails with TimeoutError, reads that each finish in time never do however
