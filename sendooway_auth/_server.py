@@ -17,7 +17,9 @@ import stat
 import struct
 from dataclasses import replace
 
-from sendooway_shared.config import AuthBackend, Config, ConfigError, parse_config, read_text
+from sendooway_shared.config import (
+    Config, ConfigError, exposed_passwords, parse_config, read_text,
+)
 
 from ._connection import Connection
 from ._logfmt import text
@@ -49,10 +51,10 @@ def _harden() -> None:
 
 
 def check_backend(cfg: Config) -> None:
-    if cfg.authBackend is AuthBackend.LDAP:
-        raise StartupError(
-            f"{cfg.filename or 'config'}: authBackend = LDAP is not supported;"
-            " use authBackend = PAM with pam_ldap or SSSD")
+    """Refuse a backend this process must not serve (LDAP; none as root)."""
+    refusal = cfg.backend_refusal(os.geteuid())
+    if refusal:
+        raise StartupError(refusal)
 
 
 def frontend_uid(cfg: Config) -> int | None:
@@ -317,6 +319,8 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
                exit_with_parent: bool = False, config_path: str | None = None) -> int:
     hangup = _EarlyHangup() if config_path is not None else None
     check_backend(cfg)  # before the socket exists: nothing to clean up on refusal
+    if (exposed := exposed_passwords(cfg)) is not None:
+        log.warning("%s", text(exposed))
     parent = os.getppid() if exit_with_parent else None
     sock = activated_socket()
     bound_path = None

@@ -45,6 +45,17 @@ PRELOAD = (
 )
 
 
+_early: set[int] = set()
+
+
+def catch_early_signals() -> None:
+    """Until serve_listening takes them over, SIGTERM, SIGINT and SIGHUP are
+    noted instead of killing a server still starting (a service manager
+    stopping it at once): then it stops cleanly, or says what SIGHUP does."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: _early.add(signum))
+
+
 def preload() -> None:
     for name in PRELOAD:
         try:
@@ -295,6 +306,10 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _hangup)
+    if _early & {signal.SIGTERM, signal.SIGINT}:
+        stop.set()  # asked to stop while starting up
+    if signal.SIGHUP in _early:
+        _hangup()
     where = ", ".join(describe_peer(s.getsockname()) for s in sockets)
     log.info("listening on %s", where)
     await stop.wait()

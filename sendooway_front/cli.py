@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     from ._driver import Frontend
     from ._privileges import PrivilegeError, drop_privileges
     from ._server import (
-        BindError, activated_sockets, listen_sockets, parse_bind, preload, serve_connection,
-        serve_listening, serve_stdio,
+        BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
+        serve_connection, serve_listening, serve_stdio,
     )
     from ._tls import TLSConfigError, server_context
 
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if not listening and connection is None:
             return _fail(log, "systemd passed no usable socket")
     many = bool(listening)
+    if many:
+        catch_early_signals()  # from here on a stop request is a clean stop
 
     # The authenticator.
     path = args.auth_socket or cfg.authSocket

@@ -307,12 +307,31 @@ def test_ldap_backend_is_refused_at_startup(tmp_path, tmp_config):
     assert not (tmp_path / "s" / "auth.sock").exists()
 
 
-def test_backend_none_accepts_only_the_process_user(daemon, world):
-    d = daemon("authBackend = none\n")
-    ch = d.connect()
-    assert login(ch, "alice", world.users["alice"].password) == AuthFail()
-    assert ch.request(AuthRequest("root", Secret("anything"))) == AuthOk("root")
-    assert "reason=not-process-user" in d.wait_log("auth ok: user=root")
+def test_backend_none_is_refused_for_a_root_authenticator(tmp_path, tmp_config):
+    """authBackend = none logs in the account sendooway-auth runs as without a
+    password: as root that would be root, from the network."""
+    import subprocess
+    import sys
+    conf = tmp_config("\nauthBackend = none\n")
+    res = subprocess.run([sys.executable, "-m", "sendooway_auth.cli", "-c", conf, "-l", "-",
+                          "--socket", str(tmp_path / "s" / "auth.sock")],
+                         capture_output=True, text=True, timeout=20)
+    assert res.returncode == 2
+    assert f"{conf}:2: authBackend = none logs in the account sendooway-auth runs as" in res.stderr
+    assert not (tmp_path / "s" / "auth.sock").exists()
+
+
+def test_backend_none_accepts_only_the_process_user(world):
+    """The rule itself, for a sendooway-auth run as one user (here: alice)."""
+    from sendooway_auth._service import AuthService
+    from sendooway_shared.config import parse_config
+
+    svc = AuthService(parse_config("authBackend = none\n", "c"), None, None, None)
+    svc._process_uid = world.users["alice"].uid
+    user, reason = svc._check_blocking("alice", Secret("whatever"))
+    assert user is not None and user.name == "alice" and reason == ""
+    assert svc._check_blocking("bob", Secret(world.users["bob"].password)) == (
+        None, "not-process-user")
 
 
 def test_a_route_that_cannot_be_sent_is_no_route(daemon, world):

@@ -394,3 +394,14 @@ def test_root_b_frontend_leaves_no_private_directory_behind(world, deployment):
         shutil.rmtree(private, ignore_errors=True)  # not this test's business to leave it
     assert rc == 0
     assert leftover is None, f"{private} left behind with {leftover}"
+
+
+def test_b_frontend_stopped_while_starting_up_stops_cleanly(world, deployment):
+    """A service manager may stop `sendooway -b` right after its port is up,
+    before the event loop took the signals over: that SIGTERM used to kill
+    it outright (status -15, its private authenticator's directory left)."""
+    dep = deployment
+    for _ in range(3):
+        proc, _port = _serve_b(dep)  # returns as soon as the port listens
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, dep.front_log.read_text()[-2000:]
