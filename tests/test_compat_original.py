@@ -188,6 +188,7 @@ def test_user_include_relative_sslca_is_relative_to_the_home(clean_homes):
     count from the home, docs/decisions/auth.md.)"""
     world = clean_homes
     home = world.users["alice"].home
+    world.write_user_file("alice", "certs/my-ca.pem", open(world.ca_file).read())
     world.write_user_file("alice", ".sendoowayrc", (
         "sslCA = certs/my-ca.pem\n"
         "smarthostMapping = direct:alice@example.org smtp.example.org 587 alice"
@@ -198,6 +199,7 @@ def test_user_include_relative_sslca_is_relative_to_the_home(clean_homes):
     assert found.errors == [], found.errors
     route = found.route_for("alice@example.org").route
     assert route.ca_file == os.path.join(home, "certs/my-ca.pem")
+    assert route.ca_pem == open(world.ca_file).read()  # read as alice, sent with the route
 
 
 # ------------------------------------------------------------ command line and session
