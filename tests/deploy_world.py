@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from .deploy_util import PACKAGING, command, pam_service_dir, rewrite_paths
 from .fakeworld import free_port
 
@@ -236,3 +238,21 @@ def wrong_password_session(port: int, world, attempts: int = 1) -> list[int]:
 
 def free_tcp_port() -> int:
     return free_port("127.0.0.1")
+
+
+# ------------------------------------------------------------ fixtures (import them by name)
+
+
+@pytest.fixture
+def upstream(world, upstream_factory):
+    """The deployment's upstream: STARTTLS, AUTH as UPSTREAM_USER."""
+    return upstream_factory(tls="starttls", accounts={UPSTREAM_USER: UPSTREAM_PASSWORD})
+
+
+@pytest.fixture
+def deployment(world, upstream):
+    """The shipped packaging installed under a scratch root, routing to `upstream`."""
+    dep = build(world, upstream.port)
+    yield dep
+    dep.cleanup()
+    world.clear_home("alice")

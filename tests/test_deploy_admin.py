@@ -21,22 +21,10 @@ from sendooway_shared.protocol import (VERSION, AuthFail, AuthOk, AuthRequest, B
 from sendooway_shared.types import Secret
 
 from . import deploy_world as dw
+from .deploy_world import deployment, upstream  # noqa: F401 - fixtures
 from .deploy_util import PACKAGING, REPO, command, man_text
 
 BODY = "Subject: review\r\n\r\nsent through the shipped deployment\r\n"
-
-
-@pytest.fixture
-def upstream(world, upstream_factory):
-    return upstream_factory(tls="starttls", accounts={dw.UPSTREAM_USER: dw.UPSTREAM_PASSWORD})
-
-
-@pytest.fixture
-def deployment(world, upstream):
-    dep = dw.build(world, upstream.port)
-    yield dep
-    dep.cleanup()
-    world.clear_home("alice")
 
 
 def _inetd(args: list[str], env: dict | None, client_input: bytes,

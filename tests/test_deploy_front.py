@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from . import deploy_world as dw
+from .deploy_world import deployment, upstream  # noqa: F401 - fixtures
 from .deploy_util import PACKAGING, REPO, command, man_text, rewrite_paths
 from .test_deploy_auth import _fail2ban_regex
 
@@ -42,19 +43,6 @@ def frontend():
     why = _frontend_missing()
     if why:
         pytest.skip(why)
-
-
-@pytest.fixture
-def upstream(world, upstream_factory):
-    return upstream_factory(tls="starttls", accounts={dw.UPSTREAM_USER: dw.UPSTREAM_PASSWORD})
-
-
-@pytest.fixture
-def deployment(world, upstream):
-    dep = dw.build(world, upstream.port)
-    yield dep
-    dep.cleanup()
-    world.clear_home("alice")
 
 
 RELAY_MISSING = "Relay not available"  # the frontend's 451 before the relay lands
