@@ -244,10 +244,12 @@ def _stderr_is_client() -> bool:
 # closes when the frontend exits, however it exits) and then stops the daemon.
 # PR_SET_PDEATHSIG cannot do this: once the frontend has dropped to nobody,
 # the kernel does not let its death signal a root process. It ignores the
-# SIGTERM that systemd sends the whole group (the lifeline says when), and
-# once the daemon is gone it removes the private directory, which the
-# frontend (nobody by then) cannot.
-_LIFELINE = ('trap "" INT HUP TERM; "$0" "$@" </dev/null & d=$!; read _; kill -TERM $d; wait $d;'
+# SIGTERM that systemd sends the whole group (the lifeline says when) — the
+# daemon itself starts with the default dispositions, so a stop while it is
+# still starting is not lost — and once the daemon is gone it removes the
+# private directory, which the frontend (nobody by then) cannot.
+_LIFELINE = ('trap "" INT HUP TERM; (trap - INT HUP TERM; exec "$0" "$@") </dev/null & d=$!;'
+             ' read _; kill -TERM $d; wait $d;'
              ' s=$?; rm -f "$SENDOOWAY_PRIVATE_DIR/auth.sock" "$SENDOOWAY_PRIVATE_DIR/notify";'
              ' rmdir "$SENDOOWAY_PRIVATE_DIR"; exit $s')
 
@@ -272,7 +274,8 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
         proc = subprocess.Popen(
             ["/bin/sh", "-c", _LIFELINE, program, "--socket", path,
              *_auth_args(config_path, log_target)],
-            stdin=life_r, stdout=subprocess.DEVNULL, close_fds=True, env=env)
+            stdin=life_r, stdout=None if log_target == "&1" else subprocess.DEVNULL,
+            close_fds=True, env=env)
         deadline = time.monotonic() + ready_timeout
         notify.settimeout(0.2)
         while True:

@@ -345,6 +345,8 @@ class Relay:
                 elif reply.code < 400:
                     careless = True
                     reply = NO_TRANSACTION
+                else:
+                    reply = reply.with_enhanced(RCPT_OK)  # a refusal: passed on, with a code
                 replies.append(reply)
             if data and self._client is not None:
                 reply = await self._client.read_reply()
@@ -488,7 +490,7 @@ class Relay:
         self.log.warning("%s: upstream %s refused the message during DATA: %s", self._sid(),
                          client.address, early)
         self._drop()
-        self._broken = Reply(451, early.lines) if early.code == 421 else early
+        self._broken = (Reply(451, early.lines) if early.code == 421 else early).with_enhanced("0.0")
 
     async def data_end(self, empty: bool = False) -> Reply:
         if self._broken is not None:

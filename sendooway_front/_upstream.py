@@ -262,6 +262,9 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
     except OSError as e:
         client.abort()
         raise UpstreamError(DROPPED, f"{where}: connection lost while logging in: {e}") from None
+    except BaseException:  # a bug, a cancellation: never leave the connection open
+        client.abort()
+        raise
     return client
 
 

@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import sys
+import time
 
 from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG
@@ -73,7 +74,10 @@ class _Startup:
 
     def __init__(self, one_session: bool) -> None:
         st0 = _fstat(0)
-        self.client = one_session and st0 is not None and stat.S_ISSOCK(st0.st_mode)
+        # one session on stdin/stdout, or systemd's Accept=yes unit, whose
+        # connection is fd 0 and 1 as well (StandardInput/Output=socket)
+        self.client = (st0 is not None and stat.S_ISSOCK(st0.st_mode)
+                       and (one_session or _same(st0, _fstat(1))))
         self.stderr_is_client = self.client and _same(st0, _fstat(2))
 
     def fail(self, log: logging.Logger | None, message: str, code: int = EXIT_CONFIG) -> int:
@@ -92,20 +96,43 @@ class _Startup:
 
 def _linger(seconds: float = 2.0, most: int = 65536) -> None:
     """Close the client's socket gently: what it sent already (a pipelining
-    client's EHLO) is read and dropped for a moment, so that closing does
-    not reset the connection and throw away the 421 on its way."""
+    client's EHLO) is read and dropped for a moment (`seconds` in all), so
+    that closing does not reset the connection and throw away the 421."""
     try:
         sock = socket.socket(fileno=os.dup(0))
     except OSError:
         return
+    deadline = time.monotonic() + seconds
     try:
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(seconds)
         got = 0
-        while got < most and (data := sock.recv(4096)):
+        while got < most and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            data = sock.recv(4096)
+            if not data:
+                break
             got += len(data)
     except OSError:
         pass
+    finally:
+        sock.close()
+
+
+def _client_on_stdout() -> bool:
+    """Is stdout a client's connection (a TCP socket, or the socket stdin is:
+    systemd's StandardInput=socket + StandardOutput=socket), not a terminal,
+    a file or the journal?"""
+    st0, st1 = _fstat(0), _fstat(1)
+    if st1 is None or not stat.S_ISSOCK(st1.st_mode):
+        return False
+    if _same(st0, st1):
+        return True
+    try:
+        sock = socket.socket(fileno=os.dup(1))
+    except OSError:
+        return False
+    try:
+        return sock.family in (socket.AF_INET, socket.AF_INET6)
     finally:
         sock.close()
 
@@ -131,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_session = not args.bind and "LISTEN_FDS" not in os.environ
     startup = _Startup(one_session)
-    if one_session and args.log == "&1":  # the original's spelling of stdout
-        return startup.fail(None, "-l '&1': stdout is the SMTP client without -b;"
-                                  " log to '&2', a file, or syslog (no -l)")
+    if args.log == "&1" and (one_session or _client_on_stdout()):  # the original's stdout
+        return startup.fail(None, "-l '&1': stdout is the SMTP client here (-b is where"
+                                  " '&1' works); log to '&2', a file, or syslog (no -l)")
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
