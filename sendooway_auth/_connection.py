@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 
@@ -17,6 +18,24 @@ from ._service import AuthService, Peer
 
 log = logging.getLogger("sendooway-auth")
 READ_SIZE = 65536
+
+
+def sendable(route) -> RouteOk:
+    """The route_ok for `route`, checked to fit the wire; when only the
+    user's CA certificates make it too big, without them (the frontend then
+    opens `ca_file` itself, or fails TLS: a temporary 454, not a 550).
+    Raises ProtocolError when it cannot be sent at all."""
+    reply = RouteOk.from_route(route)
+    try:
+        encode(reply)
+    except ProtocolError as exc:
+        if not route.ca_pem:
+            raise
+        log.warning("route of %s: %s; its sslCA certificates are left out",
+                    field(route.source), exc)
+        reply = dataclasses.replace(reply, ca_pem="")
+        encode(reply)
+    return reply
 
 
 class Connection:
@@ -94,8 +113,7 @@ class Connection:
             reply: Message = NoRoute()
             if route is not None:
                 try:
-                    reply = RouteOk.from_route(route)
-                    encode(reply)
+                    reply = sendable(route)
                 except ProtocolError as exc:  # e.g. a 300-character server name in a user file
                     log.warning("route unusable: user=%s source=%s reason=\"%s\"",
                                 field(self.user.name), field(route.source), exc)

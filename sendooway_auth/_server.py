@@ -344,6 +344,8 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
     try:
         asyncio.run(_serve_daemon(rt, sock, allowed, where, parent, config_path, hangup))
     finally:
+        # the loop gave SIGHUP back to its default (death): not while stopping
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         rt.close()
         sock.close()
         if bound_path:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 
 from sendooway_shared.config import AuthBackend, Config, exposed_passwords
+from sendooway_shared.protocol import ProtocolError
 from sendooway_shared.types import Route
 
 from . import _users
+from ._connection import sendable
 from ._logfmt import text
 from ._reader import lookup_direct
 from .routes import UserRoutes
@@ -79,6 +81,13 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
         else:
             w(f"route for {shown}: {_route_line(account.route)} (from {account.source},"
               f" address {' '.join(account.addresses)})")
+            try:
+                if not sendable(account.route).ca_pem and account.route.ca_pem:
+                    w("  warning: too big to send with its sslCA certificates: the frontend"
+                      " has to open the sslCA file itself")
+            except ProtocolError as exc:
+                w(f"  error: the frontend cannot be told this route ({exc}): mail from"
+                  f" {shown} is refused")
     if not found.accounts:
         w("result: no usable mapping")
         return EXIT_NO_MAPPING

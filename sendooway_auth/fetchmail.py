@@ -145,6 +145,27 @@ def _split_comment(raw: str) -> tuple[str, str | None]:
     return raw, None
 
 
+def _cut_remark(text: str) -> str:
+    """`text` up to a `#` that starts a word outside quotes (the original's
+    rule: a remark where a value would begin)."""
+    quote = ""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 2
+                continue
+            if c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c == "#" and (i == 0 or text[i - 1].isspace()):
+            return text[:i]
+        i += 1
+    return text
+
+
 def _lex(text: str) -> list[_Token | _Directive]:
     """Tokens of the fetchmail lines and the #sendooway: directives, in order;
     a line that cannot be split becomes a directive carrying the error."""
@@ -160,8 +181,9 @@ def _lex(text: str) -> list[_Token | _Directive]:
         body = comment.strip()
         if not body.lower().startswith(PREFIX):
             continue
-        # a remark after the directive (`#sendooway:tls  # STARTTLS`) is not a value
-        rest = _split_comment(body[len(PREFIX):])[0]
+        # a remark after the directive (`#sendooway:tls  # STARTTLS`) is not a
+        # value: a `#` starting a word, outside quotes (`pass s3cr#et` keeps it)
+        rest = _cut_remark(body[len(PREFIX):])
         keyword, _, values = rest.partition(" ")
         if "\t" in keyword:
             keyword, _, more = keyword.partition("\t")
@@ -200,6 +222,7 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
             acc.first_line = line
 
     closed: _Pending | None = None  # the account the item before closed, if one did
+    word = ""  # the last fetchmail word read
     while i < len(items):
         item = items[i]
         i += 1
@@ -229,14 +252,14 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
             else:
                 _directive(acc, item, err)
             continue
-        word = item.text.lower() if not item.quoted else ""
+        previous_word, word = word, item.text.lower() if not item.quoted else ""
         if word in _BLOCK_WORDS:
             acc.fm_user = acc.fm_pass = None
             if word != "defaults" and i < len(items) and isinstance(items[i], _Token):
                 i += 1  # the host name
-        elif word in _VALUE_WORDS:
+        elif word in _VALUE_WORDS and not (word == "envelope" and previous_word == "no"):
             if i < len(items) and isinstance(items[i], _Token):
-                i += 1  # its value, whatever word it is
+                i += 1  # its value, whatever word it is (`no envelope` has none)
         elif word in _USER_WORDS or word in _PASS_WORDS:
             if i < len(items) and isinstance(items[i], _Token):
                 value = items[i].text

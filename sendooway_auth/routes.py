@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 from dataclasses import dataclass, field, replace
 from typing import Callable, Generator
@@ -92,6 +93,10 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
         # (nobody) could not open a file in a 0700 home.
         own_ca = found.ca_file = os.path.join(user.home,
                                               expand_path(user_cfg.sslCA, user.name, user.home))
+        if len(own_ca) > MAX_CA_PATH:
+            found.errors.append(f"{user_cfg.filename}: sslCA: path longer than {MAX_CA_PATH}"
+                                " characters once expanded: the system store is used")
+            own_ca = found.ca_file = ""
     mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
     found.mappings = [("default" if m.filename == "(default)" else m.source,
                        f"direct:{m.direct.address} {m.direct.route.server}:{m.direct.route.port}"
@@ -257,7 +262,7 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
                                                   "warnings", "ca_file", "ca_pem"}:
         raise WireError("bad answer")
     found = UserRoutes(user, ca_file=_str(obj["ca_file"]), ca_pem=_str(obj["ca_pem"], MAX_CA_PEM))
-    for row in _list(obj["files"], MAX_FILES + 1):
+    for row in _list(obj["files"], MAX_FILES + 2):  # + the include and the own sslCA
         role, path, status, detail, mode, owner, size = _list(row, 7)
         found.files.append((_str(role), FileRead(_str(path), _str(status), _str(detail),
                                                  _int(mode, 0, 0o177777), _int(owner, -1, 2**32),
@@ -285,7 +290,9 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
 
 
 MAX_CA_PEM = 8192  # octets of a user's own sslCA passed with a route (one frame is 16 KiB)
-_PEM_CERT = "-----BEGIN CERTIFICATE-----"
+MAX_CA_PATH = 4096  # its path, which travels too (route_ok's ca_file limit)
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]*?"
+                        rb"-----END CERTIFICATE-----")
 
 
 def _take_ca(read: FileRead, found: UserRoutes) -> None:
@@ -295,16 +302,16 @@ def _take_ca(read: FileRead, found: UserRoutes) -> None:
     if not read.ok:
         found.errors.append(f"{where}: {read.status}" + (f" ({read.detail})" if read.detail else ""))
         return
-    if read.size > MAX_CA_PEM:
-        found.errors.append(f"{where}: {read.size} bytes, more than the {MAX_CA_PEM} that can"
-                            " go with a route: keep only the certificates your upstream needs")
-        return
-    try:
-        pem = read.data.decode("ascii")
-    except UnicodeDecodeError:
-        pem = ""
-    if _PEM_CERT not in pem:
+    # only the certificates travel: no remark, no private key kept beside them
+    blocks = [m.group().replace(b"\r\n", b"\n") for m in _PEM_BLOCK.finditer(read.data)]
+    if not blocks:
         found.errors.append(f"{where}: no PEM certificate in it")
+        return
+    pem = (b"\n".join(blocks) + b"\n").decode("ascii")
+    if len(pem) > MAX_CA_PEM:
+        found.errors.append(f"{where}: {len(pem)} octets of certificates, more than the"
+                            f" {MAX_CA_PEM} that can go with a route: keep only the"
+                            " certificates your upstream needs")
         return
     found.ca_pem = pem
 

@@ -405,8 +405,11 @@ def _parse_mapping(value: str, filename: str, line: int) -> Mapping:
     try:
         mk = MappingKind(kind.strip().lower())
     except ValueError:
+        # only its first word: a line without its kind may hold a password further on
+        first = kind.split()[0][:40] if kind.split() else ""
+        more = "..." if len(kind.split()) > 1 or len(first) == 40 else ""
         raise ValueError(
-            f"mapping must start with fetchmail:, getmail: or direct:, got {kind.strip()!r}"
+            f"mapping must start with fetchmail:, getmail: or direct:, got {first + more!r}"
         ) from None
     if not colon or not rest.strip():
         raise ValueError(f"{mk.value}: needs a value")

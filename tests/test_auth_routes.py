@@ -135,7 +135,8 @@ def test_user_include_mappings_first_and_sslca_override(clean_homes):
 @pytest.mark.parametrize("line, content, error", [
     ("sslCA = %h/certs/ca.pem", None, "/certs/ca.pem: missing"),
     ("sslCA = certs/ca.pem", "not a certificate\n", "/certs/ca.pem: no PEM"),
-    ("sslCA = %h/certs/ca.pem", "-----BEGIN CERTIFICATE-----\n" + "A" * 9000,
+    ("sslCA = %h/certs/ca.pem",
+     "-----BEGIN CERTIFICATE-----\n" + "A" * 9000 + "\n-----END CERTIFICATE-----\n",
      "more than the 8192 that can go with a route"),
 ])
 def test_user_sslca_problems_are_errors_and_the_path_is_kept(clean_homes, line, content, error):
