@@ -79,6 +79,9 @@ class Relay:
         self._info: SessionInfo | None = None
         self._route: Route | None = None
         self._in_tx = False          # upstream has an open transaction (MAIL accepted)
+        # the upstream refused a MAIL since its last RSET: it may keep some of
+        # it (Postfix keeps a refused SIZE=), so an RSET goes before the next
+        self._mail_refused = False
         self._broken: Reply | None = None  # the transaction's upstream is gone: this reply until reset
         self._sender = ""
         self._rcpts = 0
@@ -106,9 +109,13 @@ class Relay:
             self._client.abort()
         self._client = None
         self._key = None
-        self._in_tx = False
+        self._in_tx = self._mail_refused = False
         self._in_data = False
         self._data_reply = None
+
+    def _needs_rset(self) -> bool:
+        """A transaction is open upstream, or a refused MAIL may linger there."""
+        return self._in_tx or self._mail_refused
 
     def _waiting_for_message(self) -> bool:
         """The upstream said 354 and waits for a message (no RSET possible)."""
@@ -125,14 +132,14 @@ class Relay:
         self._key = None
         if client is None:
             return
-        if self._in_tx:
+        if self._needs_rset():
             try:
                 reply = await client.command("RSET")
             except (OSError, TimeoutError, ReplyError, TLSError):
                 client.abort()
-                self._in_tx = False
+                self._in_tx = self._mail_refused = False
                 return
-            self._in_tx = False
+            self._in_tx = self._mail_refused = False
             if reply.code != 250:
                 await client.quit()
                 return
@@ -236,10 +243,10 @@ class Relay:
         key = PoolKey.of(route, ca_identity(route.ca_file or self.config.sslCA, route.ca_pem),
                          self._ehlo_name(info))
         rset_first = False  # the RSET ending the last transaction goes with this MAIL
-        if self._client is not None and (self._key != key or self._in_tx):
+        if self._client is not None and (self._key != key or self._needs_rset()):
             if self._key != key:
                 await self._release()
-            elif (self._in_tx and not self._waiting_for_message()
+            elif (self._needs_rset() and not self._waiting_for_message()
                   and self._client.supports("PIPELINING")):
                 rset_first = True
             else:
@@ -269,7 +276,7 @@ class Relay:
                 if rset_first:
                     await self.reset()
                 return command
-            self._in_tx = False
+            self._in_tx = self._mail_refused = False  # (any RSET needed goes first, below)
             group = [command]
             grouped = bool(recipients) and self._client.supports("PIPELINING")
             if grouped:
@@ -301,6 +308,7 @@ class Relay:
             if reply.is_positive:
                 self._in_tx = True
             else:
+                self._mail_refused = self._client is not None
                 self._log_message(f"MAIL refused: {reply}")
             if grouped:
                 replies = [reply, *(await self._group_replies(len(recipients), data))]
@@ -543,7 +551,7 @@ class Relay:
 
     async def reset(self) -> None:
         self._broken = None
-        if self._client is None or not self._in_tx:
+        if self._client is None or not self._needs_rset():
             return
         if self._waiting_for_message():  # cannot leave DATA without the dot: drop it
             self._drop()
@@ -555,7 +563,7 @@ class Relay:
             self._fail_transport(e, "RSET")
             self._broken = None
             return
-        self._in_tx = False
+        self._in_tx = self._mail_refused = False
         if reply.code != 250:
             self._drop()
 

@@ -551,6 +551,32 @@ def test_pipelined_commands_go_upstream_as_one_group_when_offered(pipelining, be
     assert seen["messages"] == [(2, b"Subject: x\r\n\r\nhi\r\n")]
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("client_rset", [True, False])
+def test_an_rset_goes_upstream_after_a_refused_mail(pipelining, client_rset):
+    """An upstream may keep part of a MAIL it refused (Postfix keeps a refused
+    SIZE= until RSET): the client's RSET, or else the next MAIL, sends one
+    first, though no transaction was open (found with a real Postfix)."""
+    seen: dict = {}
+
+    async def script(relay, route):
+        first = await relay.mail(info(), route, "a@example.com", MailParams(size=10**9))
+        if client_rset:
+            await relay.reset()
+        second = await relay.mail(info(), route, "a@example.com", MailParams())
+        await relay.close()
+        return first, second
+
+    first, second = _group_session(seen, script, pipelining=pipelining, mail=b"552 5.3.4 too big")
+    assert first.code == second.code == 552
+    flat = [verb for group in seen["groups"] for verb in group]
+    one = flat.index("MAIL")
+    two = flat.index("MAIL", one + 1)
+    assert "RSET" in flat[one + 1:two], seen["groups"]
+    if pipelining and not client_rset:  # it travels with the MAIL
+        assert seen["groups"][1] == ["RSET", "MAIL"]
+
+
 def test_a_group_behind_a_refused_mail_accepts_nothing_and_leaves_a_careless_upstream():
     """MAIL refused; the upstream still says 250 to the RCPTs and 354 to
     DATA: every RCPT is answered 503, and the connection (waiting for a
