@@ -120,35 +120,13 @@ def _words(text: str, line: int) -> list[_Token]:
     return tokens
 
 
-def _split_comment(raw: str) -> tuple[str, str | None]:
-    """Code part and comment part (None when there is none) of one line."""
-    hash_at = raw.find("#")
-    if hash_at < 0:
-        return raw, None
-    if '"' not in raw[:hash_at] and "'" not in raw[:hash_at]:
-        return raw[:hash_at], raw[hash_at + 1:]  # no quote can hide this '#'
+def _remark_at(text: str) -> int:
+    """Where a remark starts in `text` (-1: none): a `#` outside quotes where
+    a token would begin — at the start, after a blank or separator, or right
+    after a closing quote — as fetchmail's own lexer and the original read
+    it. Inside a word (`pass s3cr#et`) it is part of the word."""
     quote = ""
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if quote:
-            if c == "\\":
-                i += 2
-                continue
-            if c == quote:
-                quote = ""
-        elif c in "\"'":
-            quote = c
-        elif c == "#":
-            return raw[:i], raw[i + 1:]
-        i += 1
-    return raw, None
-
-
-def _cut_remark(text: str) -> str:
-    """`text` up to a `#` that starts a word outside quotes (the original's
-    rule: a remark where a value would begin)."""
-    quote = ""
+    after_quote = False
     i = 0
     while i < len(text):
         c = text[i]
@@ -158,12 +136,29 @@ def _cut_remark(text: str) -> str:
                 continue
             if c == quote:
                 quote = ""
+                after_quote = True
+                i += 1
+                continue
         elif c in "\"'":
             quote = c
-        elif c == "#" and (i == 0 or text[i - 1].isspace()):
-            return text[:i]
+        elif c == "#" and (i == 0 or after_quote or text[i - 1].isspace()
+                           or text[i - 1] in _SEPARATORS):
+            return i
+        after_quote = False
         i += 1
-    return text
+    return -1
+
+
+def _split_comment(raw: str) -> tuple[str, str | None]:
+    """Code part and comment part (None when there is none) of one line."""
+    at = _remark_at(raw)
+    return (raw, None) if at < 0 else (raw[:at], raw[at + 1:])
+
+
+def _cut_remark(text: str) -> str:
+    """`text` up to its remark (see _remark_at)."""
+    at = _remark_at(text)
+    return text if at < 0 else text[:at]
 
 
 def _lex(text: str) -> list[_Token | _Directive]:

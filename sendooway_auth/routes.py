@@ -291,8 +291,9 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
 
 MAX_CA_PEM = 8192  # octets of a user's own sslCA passed with a route (one frame is 16 KiB)
 MAX_CA_PATH = 4096  # its path, which travels too (route_ok's ca_file limit)
-_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]*?"
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----[ \t]*\r?\n[A-Za-z0-9+/= \t\r\n]*?"
                         rb"-----END CERTIFICATE-----")
+_BLANKS = re.compile(rb"[ \t]+(?=\r?\n)|\r")
 
 
 def _take_ca(read: FileRead, found: UserRoutes) -> None:
@@ -303,7 +304,7 @@ def _take_ca(read: FileRead, found: UserRoutes) -> None:
         found.errors.append(f"{where}: {read.status}" + (f" ({read.detail})" if read.detail else ""))
         return
     # only the certificates travel: no remark, no private key kept beside them
-    blocks = [m.group().replace(b"\r\n", b"\n") for m in _PEM_BLOCK.finditer(read.data)]
+    blocks = [_BLANKS.sub(b"", m.group()) for m in _PEM_BLOCK.finditer(read.data)]
     if not blocks:
         found.errors.append(f"{where}: no PEM certificate in it")
         return

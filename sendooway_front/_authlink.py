@@ -213,7 +213,8 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> Pair
     try:
         proc = subprocess.Popen(
             [program, "--fd", str(theirs.fileno()), *_auth_args(config_path, log_target)],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=None if log_target == "&1" else subprocess.DEVNULL,  # ('&1' is never the client)
             stderr=stderr, close_fds=True)
     except OSError as exc:
         ours.close()

@@ -139,7 +139,12 @@ class UpstreamPool:
 
     def _evict(self, key: PoolKey, entry: _Idle) -> None:
         if self._remove(key, entry):
-            self._background(entry.client.quit())
+            if self.idle_count() + len(self._tasks) >= self.max_idle:
+                # kept plus QUITs under way as many as may be kept in all:
+                # an upstream that never answers them must not pile sockets up
+                entry.client.abort()
+            else:
+                self._background(entry.client.quit())
 
     def _expire(self, key: PoolKey, entry: _Idle) -> None:
         self._evict(key, entry)

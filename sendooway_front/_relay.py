@@ -275,6 +275,8 @@ class Relay:
             if isinstance(command, Reply):
                 if rset_first:
                     await self.reset()
+                elif from_pool:  # unprobed: back to the pool, which probes it next time
+                    await self._release()
                 return command
             self._in_tx = self._mail_refused = False  # (any RSET needed goes first, below)
             group = [command]

@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_session = not args.bind and "LISTEN_FDS" not in os.environ
     startup = _Startup(one_session)
+    if args.log in ("&2", "-") and startup.stderr_is_client:  # xinetd: stderr is the client
+        return startup.fail(None, "-l '&2': stderr is the SMTP client here (xinetd makes the"
+                                  " connection stderr too); log to a file or syslog (no -l)")
     if args.log == "&1" and (one_session or _client_on_stdout()):  # the original's stdout
         return startup.fail(None, "-l '&1': stdout is the SMTP client here (-b is where"
                                   " '&1' works); log to '&2', a file, or syslog (no -l)")
@@ -266,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        loop.close()
+        loop.close()  # (it gave SIGHUP back to its default: death)
+        if many:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # "SIGHUP changes nothing", also now
         reap = getattr(connector, "reap", None)
         if reap is not None:
             reap()
