@@ -294,6 +294,9 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     if hangup is not None and hangup.seen and config_path is not None:
         _reloader(rt, config_path)()
     await stop.wait()
+    if config_path is not None:  # stopping: a SIGHUP now neither reloads nor kills
+        loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     notify("STOPPING=1")
     log.info("stopping")
     if watcher is not None:

@@ -24,6 +24,7 @@ from sendooway_shared.config import (
     ConfigError, Config, MappingKind, UserConfig, effective_mappings, expand_path,
     parse_user_config,
 )
+from sendooway_shared.protocol import RouteOk
 from sendooway_shared.types import Route, Secret, TlsMode
 
 from ._accounts import Account, ParseResult, choose
@@ -289,8 +290,8 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
 # ------------------------------------------------------------ helpers
 
 
-MAX_CA_PEM = 8192  # octets of a user's own sslCA passed with a route (one frame is 16 KiB)
-MAX_CA_PATH = 4096  # its path, which travels too (route_ok's ca_file limit)
+MAX_CA_PEM = RouteOk.LIMITS["ca_pem"]  # a user's own sslCA passed with a route
+MAX_CA_PATH = RouteOk.LIMITS["ca_file"]  # its path, which travels too
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----[ \t]*\r?\n[A-Za-z0-9+/= \t\r\n]*?"
                         rb"-----END CERTIFICATE-----")
 _BLANKS = re.compile(rb"[ \t]+(?=\r?\n)|\r")

@@ -13,7 +13,6 @@ import asyncio
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -201,7 +200,8 @@ def _auth_args(config_path: str, log_target: str | None) -> list[str]:
     return args
 
 
-def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> PairConnector:
+def spawn_pair(config_path: str, log_target: str | None, timeout: float,
+               stderr_is_client: bool = False) -> PairConnector:
     """Fork+exec `sendooway-auth --fd N` on one end of a socketpair (as root,
     before the privilege drop). Its stdin/stdout are /dev/null: under inetd
     they are the client's connection."""
@@ -209,7 +209,7 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> Pair
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     # xinetd makes the client's socket stderr too: what the child would print
     # there (a start-up error naming the config) must not reach the client
-    stderr = subprocess.DEVNULL if _stderr_is_client() else None
+    stderr = subprocess.DEVNULL if stderr_is_client else None
     try:
         proc = subprocess.Popen(
             [program, "--fd", str(theirs.fileno()), *_auth_args(config_path, log_target)],
@@ -222,22 +222,6 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float) -> Pair
     finally:
         theirs.close()
     return PairConnector(ours, proc, timeout)
-
-
-def _stderr_is_client() -> bool:
-    """Is fd 2 the same open file as fd 0 or fd 1 (inetd's client socket)?"""
-    try:
-        err = os.fstat(2)
-    except OSError:
-        return False
-    for fd in (0, 1):
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == (err.st_dev, err.st_ino) and stat.S_ISSOCK(st.st_mode):
-            return True
-    return False
 
 
 # A root-side watcher made of /bin/sh alone (no frontend code runs as root):

@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             if many:
                 connector, spawned, lifeline = spawn_daemon(config_path, args.log, cfg.timeout)
             else:
-                connector = spawn_pair(config_path, args.log, cfg.timeout)
+                connector = spawn_pair(config_path, args.log, cfg.timeout,
+                                       stderr_is_client=startup.stderr_is_client)
         except AuthLinkError as exc:
             return _fail(log, str(exc), EXIT_FAILURE)
         log.info("no authenticator at %s: started %s", path, connector.describe())
