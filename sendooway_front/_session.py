@@ -66,6 +66,7 @@ class SessionSettings:
     max_auth_failures: int = 3
     max_recipients: int = 100
     max_errors: int = 20              # syntax/sequence errors before 421
+    max_junk: int = 100               # NOOP/RSET/VRFY/HELP free of charge between messages
 
 
 _C, _G, _A, _M, _R = State.CONNECTED, State.GREETED, State.AUTHENTICATED, State.MAIL, State.RCPT
@@ -92,6 +93,11 @@ COMMANDS: dict[str, tuple[State | Reply, ...]] = {
 
 # Replies the client earns an error point with (RFC 5321 5yz for syntax/sequence).
 _ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
+# Commands that move nothing forward. Past max_junk of them without a message
+# accepted, each one earns an error point too (as Postfix's
+# smtpd_junk_command_limit), so a client cannot hold a session open forever.
+# A MAIL the relay refuses counts as one too.
+_JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "HELP"))
 
 # In a message, "\r\n." starts a line with a dot (end of data or
 # dot-stuffing); a CR or LF outside a CRLF pair is a bare line end (SMTP
@@ -125,6 +131,7 @@ class Session:
         self.recipients = 0            # accepted in this transaction
         self.auth_failures = 0
         self.errors = 0
+        self.junk = 0                  # junk commands since the session began or a message went
         self._buf = bytearray()
         self._eof = False
         self._discarding = False       # dropping an over-long line up to its LF
@@ -242,6 +249,8 @@ class Session:
             if reply.is_positive:
                 self.state = State.MAIL
                 self.recipients = 0
+            else:
+                self.junk += 1  # charged at the next MAIL (see _cmd_mail)
             if self._rcpts_asked:
                 self._awaiting = _Await.RCPT  # RCPTs taken behind the MAIL come next
         elif kind is _Await.RCPT:
@@ -256,6 +265,8 @@ class Session:
         elif kind is _Await.DATA_END:
             self.state = State.AUTHENTICATED
             self.recipients = 0
+            if reply.is_positive:
+                self.junk = 0
 
     def pipelined_rcpt(self) -> RcptRequested | None:
         """While a MAIL or RCPT answer is awaited: the next command if the
@@ -338,9 +349,12 @@ class Session:
     def _reply(self, reply: Reply) -> None:
         self._out += reply.to_bytes()
         if reply.code in _ERROR_CODES:
-            self.errors += 1
-            if self.errors >= self.settings.max_errors and not self.closed:
-                self._close(R.TOO_MANY_ERRORS, "too many errors")
+            self._error_point()
+
+    def _error_point(self) -> None:
+        self.errors += 1
+        if self.errors >= self.settings.max_errors and not self.closed:
+            self._close(R.TOO_MANY_ERRORS, "too many errors")
 
     def _close(self, reply: Reply | None, reason: str) -> None:
         if self.closed:
@@ -429,6 +443,13 @@ class Session:
             self._reply(cell)
             return
         getattr(self, "_cmd_" + verb.lower())(arg, cell)
+        if verb in _JUNK_VERBS:
+            self._count_junk()
+
+    def _count_junk(self) -> None:
+        self.junk += 1
+        if self.junk > self.settings.max_junk:
+            self._error_point()
 
     # ---- commands (each called only where COMMANDS allows it)
 
@@ -554,6 +575,10 @@ class Session:
             self._out += R.AUTH_FAILED.to_bytes()
 
     def _cmd_mail(self, arg: str, nxt: State) -> None:
+        if self.junk > self.settings.max_junk:
+            self._error_point()  # refused senders one after the other: each costs a lookup
+            if self.closed:
+                return
         try:
             path, params_text = split_path_argument(arg, "FROM")
             params = parse_params(params_text)

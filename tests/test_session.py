@@ -220,6 +220,41 @@ def test_too_many_errors_closes():
     assert h.closed
 
 
+def test_junk_commands_past_the_limit_end_the_session():
+    """NOOP, RSET, VRFY and HELP are free up to max_junk (100), then each
+    earns an error point as well: a client cannot hold a session (and a
+    process or a slot) open forever with a NOOP now and then."""
+    junk = b"NOOP\r\nRSET\r\nVRFY bob\r\nHELP\r\n" * 40
+    c, h = talk(b"EHLO c\r\n" + junk, settings=SessionSettings("mx.test", tls_available=True))
+    assert c[:101] == [250] + [250, 250, 252, 214] * 25
+    # the 101st to 120th junk command each cost a point; the 20th point closes
+    assert len(c) == 1 + 120 + 1 and c[-1] == 421
+    assert h.closed.reason == "too many errors"
+
+
+def test_a_delivered_message_makes_junk_free_again():
+    """A session that sends mail now and then (a queue runner keeping its
+    connection, RSET between messages) never reaches the junk limit: the
+    count starts again when a message is accepted."""
+    msg = TXN + b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    batch = b"NOOP\r\n" * 90 + b"RSET\r\n" + msg
+    c, h = talk(LOGIN_ALICE + batch * 3 + b"QUIT\r\n")
+    assert 421 not in c and c[-1] == 221
+    assert len(h.messages) == 3
+
+
+def test_refused_senders_over_and_over_end_the_session():
+    """Each refused MAIL costs a route lookup in the authenticator; past the
+    junk limit each further MAIL earns an error point, so a client looping
+    over unroutable senders is cut off."""
+    mails = b"MAIL FROM:<nobody@example.com>\r\n" * 130
+    c, h = talk(LOGIN_ALICE + mails, no_route={"nobody@example.com"})
+    assert c[-1] == 421 and h.closed.reason == "too many errors"
+    # 101 refusals are free; MAILs 102 to 121 each cost a point, and the
+    # 121st gets the 421 before its lookup
+    assert c.count(550) == 101 + 19 and len(c) == 2 + 120 + 1
+
+
 @pytest.mark.parametrize("arg, code", [
     (b"FROM:<>", 250),
     (b"FROM: <alice@example.org>", 250),
