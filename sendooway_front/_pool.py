@@ -23,6 +23,7 @@ from ._upstream import ReplyError, UpstreamClient
 MAX_IDLE = 32          # idle connections in all
 MAX_IDLE_PER_KEY = 4   # idle connections for one identity
 PROBE_TIMEOUT = 5.0    # seconds an RSET probe may take before the connection is given up
+KEPT_IDLE = 10.0       # seconds a session's own connection may idle before its next MAIL probes it
 
 
 @dataclass(frozen=True)

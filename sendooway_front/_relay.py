@@ -17,10 +17,13 @@ import email.utils
 import ipaddress
 import logging
 import re
+import time
+from contextlib import nullcontext
 
 from sendooway_shared.config import Config, default_localname
 from sendooway_shared.types import Route
 
+from . import _pool
 from ._pool import PROBE_TIMEOUT, PoolKey, UpstreamPool
 from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
@@ -116,6 +119,10 @@ class Relay:
     def _needs_rset(self) -> bool:
         """A transaction is open upstream, or a refused MAIL may linger there."""
         return self._in_tx or self._mail_refused
+
+    def _idle_too_long(self) -> bool:
+        client = self._client
+        return client is not None and time.monotonic() - client.reader.last_reply > _pool.KEPT_IDLE
 
     def _waiting_for_message(self) -> bool:
         """The upstream said 354 and waits for a message (no RSET possible)."""
@@ -243,14 +250,18 @@ class Relay:
         key = PoolKey.of(route, ca_identity(route.ca_file or self.config.sslCA, route.ca_pem),
                          self._ehlo_name(info))
         rset_first = False  # the RSET ending the last transaction goes with this MAIL
-        if self._client is not None and (self._key != key or self._needs_rset()):
-            if self._key != key:
-                await self._release()
-            elif (self._needs_rset() and not self._waiting_for_message()
-                  and self._client.supports("PIPELINING")):
+        if self._client is not None and self._key != key:
+            await self._release()
+        elif self._client is not None and self._needs_rset():
+            if not self._waiting_for_message() and self._client.supports("PIPELINING"):
                 rset_first = True
             else:
                 await self.reset()
+        elif self._client is not None and self._idle_too_long():
+            # the session's own connection idled (a client between messages):
+            # probe it like a kept one, so a link that died silently costs
+            # PROBE_TIMEOUT, not `timeout`; with PIPELINING in the same round trip
+            rset_first = True
         self._route = route
         self._sender = sender
         self._rcpts = 0
@@ -559,8 +570,11 @@ class Relay:
             self._drop()
             return
         self._data_reply = None
+        client = self._client
         try:
-            reply = await self._client.command("RSET")
+            with (client.stream.timeout_at_most(PROBE_TIMEOUT) if self._idle_too_long()
+                  else nullcontext()):
+                reply = await client.command("RSET")
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             self._fail_transport(e, "RSET")
             self._broken = None

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 
 from sendooway_shared.config import Config, Ext8BitMime, SmarthostAuth
@@ -70,6 +71,7 @@ class ReplyReader:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self._buf = bytearray()
+        self.last_reply = time.monotonic()  # when the upstream last answered (or we connected)
 
     @property
     def buffered(self) -> int:
@@ -97,7 +99,9 @@ class ReplyReader:
     async def read_reply(self) -> Reply:
         """One whole reply under one `timeout` (a reply trickled a byte at a
         time cannot stretch it)."""
-        return await self.stream.bounded(self._read_reply())
+        reply = await self.stream.bounded(self._read_reply())
+        self.last_reply = time.monotonic()
+        return reply
 
     async def _read_reply(self) -> Reply:
         code = None

@@ -287,3 +287,85 @@ def test_a_kept_connection_the_upstream_spoke_on_while_idle_is_not_reused(upstre
 
     r, reused = run(go())
     assert r.code == 250 and not reused
+
+
+def _dead_after_one_message():
+    """A scripted upstream (PIPELINING) on which each connection carries one
+    message and then goes silent: whatever comes after it is never answered,
+    as when a NAT or firewall forgot the idle connection. New connections
+    work."""
+    from tests.test_upstream_faults import Script
+
+    used = set()
+
+    async def mail(writer):
+        if writer in used:
+            await asyncio.sleep(3600)
+        used.add(writer)
+        writer.write(b"250 2.1.0 ok\r\n")
+        await writer.drain()
+
+    async def rset(writer):
+        if writer in used:
+            await asyncio.sleep(3600)
+        writer.write(b"250 2.0.0 ok\r\n")
+        await writer.drain()
+
+    return Script(EHLO=b"250-x\r\n250 PIPELINING\r\n", MAIL=mail, RSET=rset)
+
+
+def test_a_sessions_own_connection_idle_between_messages_is_probed(monkeypatch):
+    """A client that waits between two messages of one session (a user
+    writing the next mail with the connection open) reused the session's
+    upstream connection with no probe: if the link had died silently
+    meanwhile, the next MAIL waited the whole `timeout` (300 s by default)
+    and then got 451. Now a connection idle for KEPT_IDLE is probed like a
+    kept one (its RSET pipelined with the MAIL): the message goes on a fresh
+    connection after PROBE_TIMEOUT."""
+    import time
+
+    from sendooway_front import _pool
+    from tests.test_upstream_faults import _route
+
+    monkeypatch.setattr(_pool, "KEPT_IDLE", 0.5)
+    script = _dead_after_one_message()
+
+    async def go():
+        server, port = await script.serve()
+        async with server:
+            log, handler = capture_log()
+            relay = Relay(config(timeout=20), log)
+            assert (await send(relay, _route(port), "a@x.y", ["r@x.y"], b"one"))["end"].code == 250
+            await asyncio.sleep(0.7)   # the client idles; the link dies meanwhile
+            t0 = time.monotonic()
+            r = await send(relay, _route(port), "b@x.y", ["r@x.y"], b"two")
+            took = time.monotonic() - t0
+            relay._drop()
+        return r, took, handler
+
+    r, took, handler = run(go(), timeout=60)
+    assert r["end"].code == 250, handler.text
+    assert took < 8, f"the second message took {took:.1f}s"
+    assert [m.endswith(b"two\r\n.\r\n") for m in script.messages] == [False, True]
+    assert "went stale" in handler.text
+
+
+def test_a_sessions_own_connection_used_at_once_is_not_probed():
+    """Messages one right after the other in a session cost no probe: no
+    RSET goes upstream between them."""
+    from tests.test_upstream_faults import Script, _route
+
+    script = Script(EHLO=b"250-x\r\n250 PIPELINING\r\n")
+
+    async def go():
+        server, port = await script.serve()
+        async with server:
+            log, _handler = capture_log()
+            relay = Relay(config(timeout=20), log)
+            for n in range(3):
+                assert (await send(relay, _route(port), f"s{n}@x.y", ["r@x.y"], b"m"))["end"].code == 250
+            await relay.close()
+
+    run(go())
+    verbs = [c.split(b" ")[0].split(b":")[0].strip().upper() for c in script.commands]
+    assert b"RSET" not in verbs and verbs.count(b"MAIL") == 3
