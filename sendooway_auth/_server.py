@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from dataclasses import replace
 
 from sendooway_shared.config import (
@@ -190,7 +191,14 @@ class Runtime:
         request from now on uses it (logins, and route lookups through
         workers forked after this); otherwise the old config stays. Runs on
         the event loop, so requests see either config whole, never a mix,
-        and a second SIGHUP waits for this one."""
+        and a second SIGHUP waits for this one. systemd is told (RELOADING=1,
+        then READY=1), so `systemctl reload` shows the reload and its end."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        done = self._reload(path)
+        notify("READY=1\nSTATUS=" + ("serving" if done else
+                                     "reload failed, old config kept (see the log)"))
+
+    def _reload(self, path: str) -> bool:
         old = self.cfg
         try:
             source = read_text(path)
@@ -198,7 +206,7 @@ class Runtime:
             check_backend(new)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, old config kept: %s", text(str(exc)))
-            return
+            return False
         changed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
         new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY})
         try:
@@ -208,7 +216,7 @@ class Runtime:
         except OSError as exc:  # it did not take the new config: keep the old one everywhere
             log.error("reload failed, old config kept: cannot hand it to the reader fork"
                       " server (%s); send SIGHUP again", exc.strerror or exc)
-            return
+            return False
         self.readers.reconfigured()
         self.cfg = new
         self.pam.service = new.pamService
@@ -216,7 +224,10 @@ class Runtime:
             self.service.cfg = new
         for name in changed:
             log.warning("reload: %s changed; it takes effect only after a restart", name)
+        if (exposed := exposed_passwords(new)) is not None:
+            log.warning("%s", text(exposed))
         log.info("reloaded %s", text(path))
+        return True
 
     def close(self) -> None:
         self.readers.close()

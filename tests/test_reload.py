@@ -305,3 +305,48 @@ def test_systemd_unit_reloads_and_man_pages_say_what_signals_do():
         section = text.split(".SH SIGNALS", 1)[1].split("\n.SH ", 1)[0]
         for sig in ("SIGTERM", "SIGINT", "SIGHUP"):
             assert sig in section, (page, sig)
+
+
+def test_a_reload_that_exposes_passwords_says_so(daemon, world):
+    """The start-up warning about a world-readable config holding upstream
+    passwords was given at start and by --check, not when a reload brought
+    such a mapping in: an admin adding a direct: line with a password to
+    the 0644 file and reloading was never told."""
+    d = daemon("validUser = alice\n")
+    assert "every local user can read it" not in d.log()
+    _rewrite(d, "validUser = alice\nsmarthostMapping = direct:*@corp.example smtp.corp.example"
+                " 587 relay-user Rel-Secret-8 tls\n")
+    os.chmod(d.config_path, 0o644)
+    log = _hup(d, 1)
+    assert f"reloaded {d.config_path}" in log
+    assert f"{d.config_path} holds upstream passwords" in log and "mode 0644" in log
+    assert "Rel-Secret-8" not in log
+
+
+def test_systemd_is_told_of_the_reload_and_its_end(daemon, world):
+    """Type=notify with ExecReload: RELOADING=1 (with MONOTONIC_USEC, as
+    systemd 253+ wants) when the reload starts and READY=1 when it is over,
+    also when it failed (the old config serves on), so `systemctl reload`
+    and `systemctl status` show what happened."""
+    import socket as _socket
+
+    d = daemon("validUser = alice\n")
+    path = os.path.join(d.dir, "notify.sock")
+    os.unlink(path)
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(5)
+    try:
+        _hup(d, 1)
+        first, second = listener.recv(512).decode(), listener.recv(512).decode()
+        assert first.startswith("RELOADING=1\nMONOTONIC_USEC="), first
+        assert int(first.rpartition("=")[2]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert second == "READY=1\nSTATUS=serving"
+
+        _rewrite(d, "validUser = alice\nbogusKeyword = 1\n")
+        _hup(d, 2)
+        assert listener.recv(512).decode().startswith("RELOADING=1\n")
+        assert listener.recv(512).decode() == ("READY=1\nSTATUS=reload failed, old config kept"
+                                              " (see the log)")
+    finally:
+        listener.close()
