@@ -3,7 +3,8 @@ caller passes the clock).
 
 Each failed login is answered after `base * 2**n` seconds (capped), where n
 is the number of recent failures already counted for that user *or* that
-client address, whichever is larger. Counts fade after `window` seconds
+client address, whichever is larger. Users are counted by the case-folded
+name, IPv6 clients by their /64. Counts fade after `window` seconds
 without a failure and a success clears that user's and address's counts.
 The other connections never wait: the delay is an await on the failing
 connection only.
@@ -55,6 +56,7 @@ class Penalty:
 
     def failure(self, user: str, client: str, now: float) -> float:
         """Count one failure; return how long to hold back its answer."""
+        user, client = user_key(user), client_key(client)
         keys = [f"u:{user}"] + ([f"c:{client}", f"uc:{user} {client}"] if client else [])
         counts = [self._get(k, now) for k in keys]
         for k, c in zip(keys, counts):
@@ -68,6 +70,7 @@ class Penalty:
         own failures off the address's count — not the others': logging in
         to one's own account between guesses at other accounts must not
         reset the address's record."""
+        user, client = user_key(user), client_key(client)
         self._drop(f"u:{user}")
         if not client:
             return
@@ -82,6 +85,7 @@ class Penalty:
             self._drop(f"c:{client}")
 
     def count(self, user: str, client: str, now: float) -> int:
+        user, client = user_key(user), client_key(client)
         return max(self._get(f"u:{user}", now), self._get(f"c:{client}", now) if client else 0)
 
 
@@ -169,3 +173,22 @@ def client_host(client: str) -> str:
         mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:192.0.2.7 is 192.0.2.7
         return str(mapped or address)
     return ""
+
+
+def user_key(name: str) -> str:
+    """The user's backoff key: the name case-folded, so that "ALICE" and
+    "Alice" count against alice wherever NSS matches names without regard
+    to case (LDAP, sssd's default) and PAM lets them in as her."""
+    return name.casefold()
+
+
+def client_key(host: str) -> str:
+    """The address's backoff key: an IPv4 address as it is, an IPv6 address
+    as its /64 (one site's subnet: a client given a /64 has 2**64 addresses
+    to take turns with, and would otherwise start afresh with each)."""
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    except ValueError:
+        return host

@@ -173,3 +173,23 @@ def test_log_text_stays_one_line():
     assert text("/home/a/.fetchmailrc:3: unknown keyword") == "/home/a/.fetchmailrc:3: unknown keyword"
     assert "\n" not in text("a\nauth failed: user=x client=1.2.3.4 reason=y")
     assert text("x\u2028y") == "x\\u2028y" and len(text("a" * 5000)) < 510
+
+
+def test_penalty_counts_an_ipv6_client_by_its_64_and_a_user_whatever_the_case(make_penalty):
+    """A client with a /64 of its own (any IPv6 home or server line) took
+    the next address for each guess and started each time afresh: IPv6
+    clients are counted per /64. And "ALICE", "Alice" are alice wherever
+    NSS ignores case (LDAP, sssd): one count for all the spellings."""
+    pen = make_penalty(base=1.0, cap=64.0, window=600)
+    for n in range(5):
+        pen.failure(f"guess{n}", f"2001:db8:7:9::{n + 1:x}", n)
+    assert pen.count("someone", "2001:db8:7:9:ffff::1", 6) == 5
+    assert pen.failure("other", "2001:db8:7:9::abcd", 7) == 32.0
+    assert pen.count("someone", "2001:db8:7:a::1", 8) == 0     # the next /64 is another site
+    assert pen.count("someone", "192.0.2.1", 8) == 0
+
+    for n, spelling in enumerate(["ALICE", "Alice", "aLiCe", "alice"]):
+        pen.failure(spelling, f"198.51.100.{n + 1}", 10 + n)
+    assert pen.count("alice", "203.0.113.1", 20) == 4
+    pen.success("Alice", "203.0.113.1", 21)
+    assert pen.count("ALICE", "203.0.113.1", 22) == 0
