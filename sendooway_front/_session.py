@@ -66,7 +66,7 @@ class SessionSettings:
     max_auth_failures: int = 3
     max_recipients: int = 100
     max_errors: int = 20              # syntax/sequence errors before 421
-    max_junk: int = 100               # NOOP/RSET/VRFY/HELP free of charge between messages
+    max_junk: int = 100               # commands that move nothing forward, free between messages
 
 
 _C, _G, _A, _M, _R = State.CONNECTED, State.GREETED, State.AUTHENTICATED, State.MAIL, State.RCPT
@@ -93,11 +93,14 @@ COMMANDS: dict[str, tuple[State | Reply, ...]] = {
 
 # Replies the client earns an error point with (RFC 5321 5yz for syntax/sequence).
 _ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
-# Commands that move nothing forward. Past max_junk of them without a message
-# accepted, each one earns an error point too (as Postfix's
-# smtpd_junk_command_limit), so a client cannot hold a session open forever.
-# A MAIL the relay refuses counts as one too.
-_JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "HELP"))
+# Commands that move nothing forward: these verbs, a command refused without
+# an error point (DATA before any recipient, the 101st RCPT), and a MAIL,
+# RCPT, DATA or message the relay refuses (each cost a lookup or an upstream
+# round trip). Past
+# max_junk of them without a message accepted, each one earns an error point
+# too (as Postfix's smtpd_junk_command_limit and Exim's
+# smtp_accept_max_nonmail), so a client cannot hold a session open forever.
+_JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO", "STARTTLS"))
 
 # In a message, "\r\n." starts a line with a dot (end of data or
 # dot-stuffing); a CR or LF outside a CRLF pair is a bare line end (SMTP
@@ -132,6 +135,8 @@ class Session:
         self.auth_failures = 0
         self.errors = 0
         self.junk = 0                  # junk commands since the session began or a message went
+        self._owed = 0                 # error points for refusals, charged at the next command
+        self._last_code = 0            # of the last reply made here (not relayed)
         self._buf = bytearray()
         self._eof = False
         self._discarding = False       # dropping an over-long line up to its LF
@@ -250,7 +255,7 @@ class Session:
                 self.state = State.MAIL
                 self.recipients = 0
             else:
-                self.junk += 1  # charged at the next MAIL (see _cmd_mail)
+                self._refused()
             if self._rcpts_asked:
                 self._awaiting = _Await.RCPT  # RCPTs taken behind the MAIL come next
         elif kind is _Await.RCPT:
@@ -260,13 +265,20 @@ class Session:
             if reply.is_positive:
                 self.state = State.RCPT
                 self.recipients += 1
-        elif kind is _Await.DATA and 300 <= reply.code < 400:
-            self._begin_data()
+            else:
+                self._refused()
+        elif kind is _Await.DATA:
+            if 300 <= reply.code < 400:
+                self._begin_data()
+            else:
+                self._refused()
         elif kind is _Await.DATA_END:
             self.state = State.AUTHENTICATED
             self.recipients = 0
             if reply.is_positive:
-                self.junk = 0
+                self.junk = self._owed = 0
+            else:
+                self._refused()
 
     def pipelined_rcpt(self) -> RcptRequested | None:
         """While a MAIL or RCPT answer is awaited: the next command if the
@@ -348,6 +360,7 @@ class Session:
 
     def _reply(self, reply: Reply) -> None:
         self._out += reply.to_bytes()
+        self._last_code = reply.code
         if reply.code in _ERROR_CODES:
             self._error_point()
 
@@ -431,6 +444,11 @@ class Session:
         if isinstance(text, Reply):
             self._reply(text)
             return
+        while self._owed and not self.closed:
+            self._owed -= 1
+            self._error_point()
+        if self.closed:
+            return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         arg = arg.strip(" ")
@@ -441,15 +459,27 @@ class Session:
         cell = row[COLUMNS.index(self.state)]
         if isinstance(cell, Reply):
             self._reply(cell)
+            if cell.code not in _ERROR_CODES:
+                self._count_junk()
             return
+        self._last_code = 0
         getattr(self, "_cmd_" + verb.lower())(arg, cell)
         if verb in _JUNK_VERBS:
             self._count_junk()
+        elif self._last_code >= 400 and self._last_code not in _ERROR_CODES and not self.closed:
+            self._count_junk()  # refused here without an error point: 452, 552, 454
 
     def _count_junk(self) -> None:
         self.junk += 1
         if self.junk > self.settings.max_junk:
             self._error_point()
+
+    def _refused(self) -> None:
+        """The relay refused a MAIL or RCPT: junk, whose error point (past
+        the limit) waits for the next command, as replies may be pending."""
+        self.junk += 1
+        if self.junk > self.settings.max_junk:
+            self._owed += 1
 
     # ---- commands (each called only where COMMANDS allows it)
 
@@ -575,10 +605,6 @@ class Session:
             self._out += R.AUTH_FAILED.to_bytes()
 
     def _cmd_mail(self, arg: str, nxt: State) -> None:
-        if self.junk > self.settings.max_junk:
-            self._error_point()  # refused senders one after the other: each costs a lookup
-            if self.closed:
-                return
         try:
             path, params_text = split_path_argument(arg, "FROM")
             params = parse_params(params_text)
@@ -804,6 +830,7 @@ class Session:
         self.recipients = 0
         if clean:
             self._out += reply.to_bytes()
+            self._refused()
         else:
             self._close(reply if reply.code == 421 else R.BARE_LF_IN_DATA_CLOSING,
                         "message ended with bare CR/LF")

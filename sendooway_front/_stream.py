@@ -493,7 +493,9 @@ class Stream:
             try:
                 await asyncio.wait_for(self._writer.wait_closed(), 2.0)
             except (OSError, TimeoutError, asyncio.TimeoutError):
-                pass
+                # a peer that never takes what is left (a zero window, for
+                # ever) would keep the socket and its buffers: cut it
+                self._writer.transport.abort()
         except OSError:
             pass
 

@@ -83,8 +83,10 @@ class Reader(threading.Thread):
 
 
 def test_ten_thousand_commands_without_auth(fe, world):
-    """10,000 pipelined harmless commands are each answered, in order, with
-    bounded memory; 10,000 refused ones end the session after 20 errors."""
+    """10,000 pipelined harmless commands are answered in order, with
+    bounded memory, up to the junk limit: 100 free, then each earns an error
+    point and the 20th ends the session; 10,000 refused ones end the
+    session after 20 errors."""
     pid = fe.proc.pid
     full_session_works(fe, world)
     before = peak_rss_kib(pid)
@@ -93,14 +95,15 @@ def test_ten_thousand_commands_without_auth(fe, world):
     with client(fe) as c:
         r = Reader(c)
         r.start()
-        c.send(script)
-        wait_for(lambda: len(r.codes) >= 10_000, timeout=60)
-        assert len(r.codes) == 10_000
+        try:
+            c.send(script)
+        except OSError:
+            pass  # closed under us: fine
+        r.join(15)
+        assert not r.is_alive()
         want = {b"NOOP": 250, b"RSET": 250, b"EHLO": 250, b"HELP": 214, b"VRFY": 252}
-        assert r.codes == [want[verbs[i % len(verbs)][:4]] for i in range(10_000)]
-        c.send(b"QUIT\r\n")
-        r.join(10)
-        assert r.codes[-1] == 221
+        assert r.codes[:120] == [want[verbs[i % len(verbs)][:4]] for i in range(120)]
+        assert r.codes[120:] == [421] and r.last[0].startswith(b"4.7.0 Too many errors")
     assert peak_rss_kib(pid) - before < 8 * 1024
     # commands that need AUTH, or nonsense: the session ends after 20 errors
     with client(fe) as c:
