@@ -120,6 +120,10 @@ class Relay:
         """A transaction is open upstream, or a refused MAIL may linger there."""
         return self._in_tx or self._mail_refused
 
+    def _spoke_unasked(self) -> bool:
+        client = self._client
+        return client is not None and bool(client.reader.buffered or client.stream.said_something())
+
     def _idle_too_long(self) -> bool:
         client = self._client
         return client is not None and time.monotonic() - client.reader.last_reply > _pool.KEPT_IDLE
@@ -250,6 +254,12 @@ class Relay:
         key = PoolKey.of(route, ca_identity(route.ca_file or self.config.sslCA, route.ca_pem),
                          self._ehlo_name(info))
         rset_first = False  # the RSET ending the last transaction goes with this MAIL
+        if self._client is not None and self._spoke_unasked():
+            # a reply nobody asked for (one reply too many to the last dot, a
+            # 421) would be read as the next command's: never reuse it
+            self.log.info("%s: upstream %s spoke between two messages; connection dropped",
+                          info.session_id, self._client.address)
+            self._drop()
         if self._client is not None and self._key != key:
             await self._release()
         elif self._client is not None and self._needs_rset():
@@ -499,7 +509,8 @@ class Relay:
         stays a 5xx) is the answer at the end of the data; else 451."""
         client = self._client
         early = None
-        if client is not None and not isinstance(exc, TimeoutError):
+        # after a write that timed out, only a reply already there is looked for
+        if client is not None and (not isinstance(exc, TimeoutError) or self._spoke_unasked()):
             try:
                 with client.stream.timeout_at_most(2.0):
                     early = await client.read_reply()
@@ -513,6 +524,32 @@ class Relay:
         self._drop()
         self._broken = (Reply(451, early.lines) if early.code == 421 else early).with_enhanced("0.0")
 
+    async def _unasked_reply(self) -> Reply | None:
+        """The upstream said something while the message was being sent,
+        before its final dot: an early refusal (4xx/5xx, the answer) or
+        nonsense (a 250 now would be taken for the dot's: 451 4.5.0); either
+        way the connection is dropped without the dot. None: it was no reply
+        (TLS housekeeping such as a late session ticket), carry on."""
+        client = self._client
+        assert client is not None
+        try:
+            with client.stream.timeout_at_most(1.0):
+                early = await client.read_reply()
+        except TimeoutError:
+            if not client.reader.buffered:
+                return None
+            early = None  # half a reply: nonsense
+        except (OSError, ReplyError, TLSError) as e:
+            return self._fail_transport(e, "DATA")
+        self._drop()
+        if early is not None and early.code >= 400:
+            self.log.warning("%s: upstream %s refused the message during DATA: %s", self._sid(),
+                             client.address, early)
+            return (Reply(451, early.lines) if early.code == 421 else early).with_enhanced("0.0")
+        self.log.warning("%s: upstream %s replied during the message (%s); connection dropped"
+                         " without the final dot", self._sid(), client.address, early or "part of a reply")
+        return BAD_UPSTREAM
+
     async def data_end(self, empty: bool = False) -> Reply:
         if self._broken is not None:
             reply, self._broken = self._broken, None
@@ -524,6 +561,12 @@ class Relay:
             self._drop()
             self._log_message("aborted (bare CR at the end)")
             return SMUGGLING
+        if self._spoke_unasked():
+            unasked = await self._unasked_reply()
+            if unasked is not None:
+                self._broken = None
+                self._log_message(f"not delivered ({unasked})")
+                return unasked
         held, self._held = self._held, b""
         # The client's last line lost its CRLF to the end marker; a message
         # without a single line ends right after the 354 (or after the

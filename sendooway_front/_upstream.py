@@ -349,7 +349,13 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
             continue
         if mode is SmarthostAuth.IF_ADVERTISED and mech not in offered:
             continue
-        reply = await _AUTH[mech](client)
+        try:
+            reply = await _AUTH[mech](client)
+        except ReplyError:
+            # never quote it: an upstream (or a box in front of it) that
+            # echoes what it got sends the base64 credentials back
+            raise ReplyError(f"malformed reply to AUTH {mech} (not shown: it may echo"
+                             " the credentials)") from None
         if reply.code == 235:
             client.auth_mechanism = mech
             return
