@@ -14,6 +14,7 @@ for the log.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -245,7 +246,11 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         raise UpstreamError(UNREACHABLE, f"cannot connect to {where}: {e.strerror or e}") from None
     client = UpstreamClient(route, stream, ReplyReader(stream), ehlo_name)
     try:
-        await _establish(client, config, log, prefix)
+        # each reply within `timeout`, and the whole login too: an upstream
+        # answering every step just in time would keep the client's MAIL
+        # waiting for several `timeout`s (RFC 5321 4.5.3.2: it gives up at 5 min)
+        async with asyncio.timeout(timeout):
+            await _establish(client, config, log, prefix)
     except UpstreamError:
         client.abort()
         raise

@@ -369,3 +369,54 @@ def test_a_sessions_own_connection_used_at_once_is_not_probed():
     run(go())
     verbs = [c.split(b" ")[0].split(b":")[0].strip().upper() for c in script.commands]
     assert b"RSET" not in verbs and verbs.count(b"MAIL") == 3
+
+
+def test_an_upstream_answering_each_login_step_just_in_time_is_bounded_as_a_whole():
+    """Each upstream reply is bounded by `timeout`, but the login as a whole
+    was not: an upstream answering the greeting, EHLO and AUTH each just
+    before `timeout` kept the client's MAIL waiting three times as long
+    (seven to nine times with STARTTLS: with the default 300 s, far beyond
+    the 5 minutes after which RFC 5321 4.5.3.2 lets the client give up).
+    Now the whole login is bounded by `timeout` too."""
+    import time
+
+    from tests.test_upstream_faults import Script, _route
+
+    def slow(reply: bytes):
+        async def answer(writer):
+            await asyncio.sleep(1.5)
+            writer.write(reply)
+            await writer.drain()
+        return answer
+
+    script = Script(greeting=None, EHLO=slow(b"250-x\r\n250 AUTH PLAIN\r\n"),
+                    AUTH=slow(b"235 2.7.0 ok\r\n"))
+
+    async def go():
+        original = script.handle
+
+        async def handle(reader, writer):  # the greeting late too
+            await asyncio.sleep(1.5)
+            writer.write(b"220 slow ESMTP\r\n")
+            await writer.drain()
+            await original(reader, writer)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            log, handler = capture_log()
+            relay = Relay(config(timeout=2), log)
+            route = _route(port)
+            from dataclasses import replace
+            from sendooway_shared.types import Secret
+            route = replace(route, auth=True, user="u", password=Secret(PW))
+            t0 = time.monotonic()
+            r = await relay.mail(info(), route, "a@x.y", MailParams())
+            took = time.monotonic() - t0
+            await relay.close()
+        return r, took, handler
+
+    r, took, handler = run(go(), timeout=60)
+    assert r.code == 451, r
+    assert took < 3.5, f"MAIL answered after {took:.1f}s"
+    assert PW not in handler.text
