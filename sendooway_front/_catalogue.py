@@ -90,6 +90,7 @@ START_DATA = _r(354, "End data with <CR><LF>.<CR><LF>")
 BARE_LF_IN_DATA = _r(550, "5.6.0 Message refused: bare CR or LF in message (use CRLF)")
 BARE_LF_IN_DATA_CLOSING = _r(421, "4.6.0 Bare CR or LF ended the message ambiguously, closing connection")
 DATA_LINE_TOO_LONG = _r(550, "5.6.0 Message refused: line longer than 1000 octets")
+NUL_IN_DATA = _r(550, "5.6.0 Message refused: NUL character in message")
 MESSAGE_TOO_BIG = _r(552, "5.3.4 Message size exceeds fixed maximum message size")
 RELAY_FAILED = _r(451, "4.3.0 Relay failed, message not delivered")
 

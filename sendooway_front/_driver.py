@@ -334,7 +334,7 @@ class SessionRunner:
             try:
                 await self.stream.write(out)
             except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                self._log(logging.INFO, "write failed: %s", exc)
+                self._log(logging.INFO, "write failed: %s", str(exc) or type(exc).__name__)
                 self.session.receive_data(b"")
                 if not self.session.closed:
                     self.session.shutdown(R.SERVICE_UNAVAILABLE)

@@ -450,7 +450,8 @@ class Session:
         if self.closed:
             return
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # ASCII only: str.upper() would make "MAıL" (dotless i) a MAIL
+        verb = verb.upper() if verb.isascii() else ""
         arg = arg.strip(" ")
         row = COMMANDS.get(verb)
         if row is None:
@@ -537,7 +538,7 @@ class Session:
 
     def _cmd_auth(self, arg: str, nxt: State) -> None:
         mech, _, initial = arg.partition(" ")
-        mech = mech.upper()
+        mech = mech.upper() if mech.isascii() else mech
         initial = initial.strip(" ")
         if not mech:
             self._reply(R.SYNTAX_NEEDS_ARG)
@@ -780,6 +781,8 @@ class Session:
         joined = b"".join(lines)
         if b"\r" in joined or b"\n" in joined:
             return self._refuse_data(R.BARE_LF_IN_DATA, "bare CR or LF in message")
+        if b"\0" in joined:  # not text (RFC 5322 2.3, RFC 5321 4.5.2 without BINARYMIME)
+            return self._refuse_data(R.NUL_IN_DATA, "NUL in message")
         del buf[:cut]
         self._d_skip = 0
         first = self._d_line + len(lines[0])

@@ -227,8 +227,9 @@ def test_junk_commands_past_the_limit_end_the_session():
     junk = b"NOOP\r\nRSET\r\nVRFY bob\r\nHELP\r\n" * 40
     c, h = talk(b"EHLO c\r\n" + junk, settings=SessionSettings("mx.test", tls_available=True))
     assert c[:101] == [250] + [250, 250, 252, 214] * 25
-    # the 101st to 120th junk command each cost a point; the 20th point closes
-    assert len(c) == 1 + 120 + 1 and c[-1] == 421
+    # EHLO is junk too: the 101st to 120th junk command (EHLO first) each
+    # cost a point, and the 20th point closes, after that command's reply
+    assert len(c) == 120 + 1 and c[-1] == 421
     assert h.closed.reason == "too many errors"
 
 
@@ -250,9 +251,10 @@ def test_refused_senders_over_and_over_end_the_session():
     mails = b"MAIL FROM:<nobody@example.com>\r\n" * 130
     c, h = talk(LOGIN_ALICE + mails, no_route={"nobody@example.com"})
     assert c[-1] == 421 and h.closed.reason == "too many errors"
-    # 101 refusals are free; MAILs 102 to 121 each cost a point, and the
-    # 121st gets the 421 before its lookup
-    assert c.count(550) == 101 + 19 and len(c) == 2 + 120 + 1
+    # the EHLO and 99 refusals are free; the 100th refusal and each after
+    # it owe a point, charged at the next MAIL: the 120th MAIL gets the 421
+    # (the 20th point) before its lookup
+    assert c.count(550) == 119 and len(c) == 2 + 119 + 1
 
 
 @pytest.mark.parametrize("arg, code", [
@@ -340,6 +342,24 @@ def test_data_line_over_1000_octets_is_refused():
     assert c[-1] == 250 and h.messages == [ok[:-2]]
     c, h = talk(LOGIN_ALICE + TXN + b"x" * 999 + b"\r\n.\r\n")
     assert c[-1] == 550 and h.messages == []
+
+
+@pytest.mark.parametrize("body", [b"\0\r\n", b"a\0b\r\n", b"line\r\n" * 3 + b"x\0", b"\0"])
+def test_nul_in_a_message_refuses_it(body):
+    """DESIGN.md: "NUL or bare CR/LF rejected". A NUL is no text (RFC 5322
+    2.3; RFC 5321 4.5.2 carries text unless BINARYMIME, which is not
+    offered): the message is refused with 550 5.6.0 at its end, nothing of
+    it reaches the upstream's final dot, and the session goes on."""
+    c, h = talk(LOGIN_ALICE + TXN + body + b"\r\n.\r\nNOOP\r\n")
+    assert c[-2:] == [550, 250] and h.messages == [] and h.aborted == 1
+    assert b"NUL" in bytes(h.out)
+
+
+def test_commands_and_mechanisms_are_ascii():
+    """str.upper() folds some non-ASCII letters into ASCII ("ı".upper() is
+    "I"): "MAıL" was taken for MAIL and "PLAıN" for PLAIN."""
+    c, _h = talk("EHLO c\r\nNOOp\r\nNOıP\r\nAUTH PLAıN\r\n".encode())
+    assert c == [250, 250, 502, 504]
 
 
 def test_data_line_limit_does_not_count_a_stuffed_dot():
