@@ -2,14 +2,17 @@
 
 Addresses compare case-insensitively, local part included, as the original
 C sendooway did (a file saying "Alice@example.org" keeps matching the
-client's "alice@example.org"; both are the same user's own mappings). The
-null sender (empty) matches only `*`.
+client's "alice@example.org"; both are the same user's own mappings). An
+internationalized domain matches in either spelling (U-label or A-label).
+The null sender (empty) matches only `*`.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+
+import idna
 
 _BAD_CHAR = re.compile(r"[\s\x00-\x1f]")  # \s is str.isspace()
 
@@ -54,7 +57,23 @@ def _split(address: str) -> tuple[str, str]:
     local, at, domain = address.rpartition("@")
     if not at:
         return address.translate(_ASCII_LOWER), ""
-    return local.translate(_ASCII_LOWER), domain.translate(_ASCII_LOWER)
+    return local.translate(_ASCII_LOWER), _domain(domain)
+
+
+def _domain(domain: str) -> str:
+    """A domain in the form it is compared in: an internationalized one as
+    its A-label (bücher.example and xn--bcher-kva.example are one domain,
+    RFC 5890: a user writes the first, a client without SMTPUTF8 sends the
+    second). IDNA 2008 without mappings: a domain it does not accept (one
+    with U+212A KELVIN SIGN, which the older IDNA 2003 would map onto "k")
+    stays as written, so nothing but the same domain ever matches."""
+    domain = domain.translate(_ASCII_LOWER)
+    if not domain.isascii():
+        try:
+            domain = idna.encode(domain).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            pass
+    return domain
 
 
 def matches(pattern: str, sender: str) -> bool:

@@ -25,7 +25,7 @@ _BLOCK_WORDS = {"poll", "skip", "server", "defaults"}
 _USER_WORDS = {"user", "username"}
 # fetchmail options whose value is one word that could be read as a keyword
 # here (`auth password` is "log in with a password", not a password)
-_VALUE_WORDS = {"auth", "authenticate", "proto", "protocol", "via", "port", "service",
+_VALUE_WORDS = {"auth", "authenticate", "preauth", "preauthenticate", "proto", "protocol", "via", "port", "service",
                 "timeout", "principal", "esmtpname", "esmtppassword", "interface",
                 "monitor", "plugin", "plugout", "smtpaddress", "smtpname", "mda",
                 "bsmtp", "preconnect", "postconnect", "limit", "warnings", "batchlimit",
@@ -93,31 +93,44 @@ def _unescape(body: str) -> str:
     return "".join(out)
 
 
-# The tokens of a line, left to right: separators (skipped), a "..." or
-# '...' string (a backslash takes the next character with it), a bare word,
-# or a quote that never closes (group 4: an error). Every position is one
-# of these, so finditer skips nothing. \s is exactly str.isspace(); the
-# possessive quantifiers keep no backtracking state (a 1 MiB unclosed quote
-# would otherwise cost over 100 MiB to fail).
-_TOKENS = re.compile(r"""[\s,;:]++|"((?:[^"\\]++|\\.)*+)"|'((?:[^'\\]++|\\.)*+)'"""
-                     r"""|([^\s,;:"']++)|(["'])""", re.S)
-_BARE, _UNCLOSED = 3, 4
+# fetchmail's own lines, token by token over the whole text (as its lexer
+# reads them): separators (skipped), a "..." or '...' string (a backslash
+# takes the next character with it; it may run over line ends, but not into
+# a line that starts with a remark, so a forgotten closing quote does not
+# swallow the #sendooway: lines below it), a remark (a `#` where a token
+# starts: at the start, after a blank or separator, or right after a closing
+# quote; group 3), a bare word (a quote or `#` inside it is part of it), or a
+# quote that never closes (group 5: an error). \s is exactly str.isspace();
+# the possessive quantifiers keep no backtracking state (a 1 MiB unclosed
+# quote would otherwise cost over 100 MiB to fail).
+_TOKENS = re.compile(r"[\s,;:]++"
+                     r'|"((?:[^"\\\n]++|\\.|\n(?![^\S\n]*+#))*+)"'
+                     r"|'((?:[^'\\\n]++|\\.|\n(?![^\S\n]*+#))*+)'"
+                     r"""|#([^\n]*+)|([^\s,;:"'#][^\s,;:]*+)|(["'])""", re.S)
+_QUOTED_1, _QUOTED_2, _REMARK, _BARE, _UNCLOSED = 1, 2, 3, 4, 5
+# A #sendooway: value: a quoted string, or one word up to the next blank, as
+# the original read it (`#sendooway:pass My;Pass-77` is one value; no
+# escapes in a bare word).
+_VALUES = re.compile(r"""\s++|"((?:[^"\\]++|\\.)*+)"|'((?:[^'\\]++|\\.)*+)'"""
+                     r"""|([^\s"'][^\s]*+)|(["'])""", re.S)
 
 
-def _words(text: str, line: int) -> list[_Token]:
-    """Split one line's worth of text (no comments) into tokens."""
-    tokens: list[_Token] = []
-    for m in _TOKENS.finditer(text):
+def _join_lines(body: str) -> str:
+    """A quoted string over several lines: a backslash before the line end
+    joins the lines; a plain line end stays in it (fetchmail(1))."""
+    return body.replace("\\\n", "") if "\n" in body else body
+
+
+def _directive_words(text: str) -> list[str]:
+    words = []
+    for m in _VALUES.finditer(text):
         group = m.lastindex
         if group is None:
             continue
-        if group == _UNCLOSED:
+        if group == 4:
             raise _Syntax("unbalanced quote")
-        if group == _BARE:
-            tokens.append(_Token(line, m[group]))
-        else:
-            tokens.append(_Token(line, _unescape(m[group]), True))
-    return tokens
+        words.append(m[group] if group == 3 else _unescape(m[group]))
+    return words
 
 
 def _remark_at(text: str) -> int:
@@ -149,12 +162,6 @@ def _remark_at(text: str) -> int:
     return -1
 
 
-def _split_comment(raw: str) -> tuple[str, str | None]:
-    """Code part and comment part (None when there is none) of one line."""
-    at = _remark_at(raw)
-    return (raw, None) if at < 0 else (raw[:at], raw[at + 1:])
-
-
 def _cut_remark(text: str) -> str:
     """`text` up to its remark (see _remark_at)."""
     at = _remark_at(text)
@@ -163,32 +170,53 @@ def _cut_remark(text: str) -> str:
 
 def _lex(text: str) -> list[_Token | _Directive]:
     """Tokens of the fetchmail lines and the #sendooway: directives, in order;
-    a line that cannot be split becomes a directive carrying the error."""
+    a line that cannot be split becomes a directive carrying the error (and
+    the rest of that line is skipped)."""
+    text = text.replace("\r\n", "\n")
     items: list[_Token | _Directive] = []
-    for number, raw in enumerate(lines(text), start=1):
-        code, comment = _split_comment(raw)
-        try:
-            items.extend(_words(code, number))
-        except _Syntax as exc:
-            items.append(_Directive(number, "", [], str(exc)))
-        if comment is None:
+    line = 1
+    pos = 0
+    size = len(text)
+    match = _TOKENS.match
+    while pos < size:
+        m = match(text, pos)
+        assert m is not None  # every position starts one of the alternatives
+        group = m.lastindex
+        if group == _UNCLOSED:
+            items.append(_Directive(line, "", [], "unbalanced quote"))
+            end = text.find("\n", pos)
+            pos = size if end < 0 else end
             continue
-        body = comment.strip()
-        if not body.lower().startswith(PREFIX):
-            continue
-        # a remark after the directive (`#sendooway:tls  # STARTTLS`) is not a
-        # value: a `#` starting a word, outside quotes (`pass s3cr#et` keeps it)
-        rest = _cut_remark(body[len(PREFIX):])
-        keyword, _, values = rest.partition(" ")
-        if "\t" in keyword:
-            keyword, _, more = keyword.partition("\t")
-            values = more + " " + values
-        try:
-            words = [t.text for t in _words(values, number)]
-            items.append(_Directive(number, keyword.strip().lower(), words))
-        except _Syntax as exc:
-            items.append(_Directive(number, keyword.strip().lower(), [], str(exc)))
+        pos = m.end()
+        if group == _BARE:
+            items.append(_Token(line, _unescape(m[group])))
+        elif group in (_QUOTED_1, _QUOTED_2):
+            items.append(_Token(line, _unescape(_join_lines(m[group])), True))
+        elif group == _REMARK:
+            directive = _directive(line, m[group])
+            if directive is not None:
+                items.append(directive)
+        line += m[0].count("\n")
     return items
+
+
+def _directive(line: int, comment: str) -> _Directive | None:
+    """A `#sendooway:` remark as a directive (None: an ordinary remark)."""
+    body = comment.strip()
+    if not body.lower().startswith(PREFIX):
+        return None
+    # a remark after the directive (`#sendooway:tls  # STARTTLS`) is not a
+    # value: a `#` starting a word, outside quotes (`pass s3cr#et` keeps it)
+    rest = _cut_remark(body[len(PREFIX):])
+    keyword, _, values = rest.partition(" ")
+    if "\t" in keyword:
+        keyword, _, more = keyword.partition("\t")
+        values = more + " " + values
+    keyword = keyword.strip().lower()
+    try:
+        return _Directive(line, keyword, _directive_words(values))
+    except _Syntax as exc:
+        return _Directive(line, keyword, [], str(exc))
 
 
 @dataclass
@@ -203,9 +231,10 @@ class _Pending:
     fm_pass: str | None = None
 
 
-def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
+def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
     """All accounts in one fetchmailrc; each broken account is skipped with
-    an error naming file:line."""
+    an error naming file:line. `login`: the user's login name, fetchmail's
+    own default for a poll that gives a password but no `user`."""
     result = ParseResult()
     items = _lex(text)
     acc = _Pending()
@@ -236,16 +265,16 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
                     result.errors.append(f"{filename}:{item.line}: #sendooway:address adds"
                                          " to the account above, which has errors")
                 else:
-                    _close(_alias(previous), item, filename, result)
+                    _close(_alias(previous), item, filename, result, login)
                 closed = previous
                 continue
             if not acc.first_line:
                 acc.first_line = item.line
             if item.keyword == "address":
-                _close(acc, item, filename, result)
+                _close(acc, item, filename, result, login)
                 closed, acc = acc, _Pending()
             else:
-                _directive(acc, item, err)
+                _apply(acc, item, err)
             continue
         previous_word, word = word, item.text.lower() if not item.quoted else ""
         if word in _BLOCK_WORDS:
@@ -260,6 +289,7 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
                 value = items[i].text
                 i += 1
                 if word in _USER_WORDS:
+                    i, value = _remote_name(items, i, value)
                     acc.fm_user, acc.fm_pass = value, None
                 else:
                     acc.fm_pass = value
@@ -274,13 +304,36 @@ def parse_fetchmailrc(text: str, filename: str) -> ParseResult:
     return result
 
 
+def _plain_word(items: list, i: int) -> str:
+    item = items[i] if i < len(items) else None
+    return item.text.lower() if isinstance(item, _Token) and not item.quoted else ""
+
+
+def _remote_name(items: list, i: int, name: str) -> tuple[int, str]:
+    """After `user NAME` (items[i] is what follows): the name fetchmail logs
+    in with. NAME is the remote name unless `here` follows it; then the name
+    after `is`/`to` is (`user "alice" here is "a.smith@example.org" there`,
+    fetchmail(1)). Returns where to go on and the remote name."""
+    if _plain_word(items, i) != "here":
+        return i, name
+    i += 1
+    if _plain_word(items, i) in ("is", "to") and isinstance(
+            items[i + 1] if i + 1 < len(items) else None, _Token):
+        remote = items[i + 1].text
+        i += 2
+        if _plain_word(items, i) == "there":
+            i += 1
+        return i, remote
+    return i, name
+
+
 def _alias(acc: _Pending) -> _Pending:
     """The account `acc` described, afresh, for one more of its addresses."""
     return _Pending(acc.first_line, dict(acc.values), dict(acc.flags), [], acc.fm_user,
                     acc.fm_pass)
 
 
-def _directive(acc: _Pending, d: _Directive, err) -> None:
+def _apply(acc: _Pending, d: _Directive, err) -> None:
     key = d.keyword
     if key in _FLAGS:
         name = _FLAGS[key]
@@ -294,10 +347,11 @@ def _directive(acc: _Pending, d: _Directive, err) -> None:
     if key == "port":
         try:
             if len(d.values) != 1:
-                raise ValueError("needs a number from 1 to 65535 or a service name")
+                raise ValueError
             acc.values["port"] = str(port_number(d.values[0]))
-        except ValueError as exc:
-            err(d.line, f"#sendooway:port {exc}".replace("port port", "port"))
+        except ValueError:
+            # never the value: a password typed into the wrong line
+            err(d.line, "#sendooway:port must be a number from 1 to 65535 or a service name")
         return
     if key in _STRINGS:
         name = _STRINGS[key]
@@ -312,7 +366,8 @@ def _directive(acc: _Pending, d: _Directive, err) -> None:
     err(d.line, f"unknown keyword '#sendooway:{shown}'")
 
 
-def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult) -> None:
+def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult,
+           login: str = "") -> None:
     def err(line: int, message: str) -> None:
         acc.errors.append(f"{filename}:{line}: {message}")
 
@@ -331,7 +386,8 @@ def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult) -> 
     if tls and ssl:
         err(d.line, "#sendooway:tls and #sendooway:ssl exclude each other")
     auth = not acc.flags.get("noAuth", False)
-    user = acc.values.get("user", acc.fm_user or "")
+    # fetchmail logs in as the login name when its poll gives no user
+    user = acc.values.get("user", acc.fm_user or (login if acc.fm_pass is not None else ""))
     password = acc.values.get("pass", acc.fm_pass)
     if auth and not user:
         err(d.line, "account has no upstream user (#sendooway:user or fetchmail's user)")

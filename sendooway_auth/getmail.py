@@ -47,19 +47,21 @@ class _IniError(Exception):
 def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
     """Sections → lower-cased keys → [(line, value)...], in file order.
     ConfigParser's syntax: `key = value` or `key: value`, `#`/`;` comment
-    lines, indented continuation lines."""
-    sections: dict[str, dict[str, list[tuple[int, str]]]] = {}
-    current: dict[str, list[tuple[int, str]]] | None = None
-    last: tuple[str, int] | None = None
+    lines, continuation lines (indented deeper than their key: keys indented
+    alike are keys, as Python 3's configparser, which getmail6 uses, reads
+    them)."""
+    sections: dict[str, dict[str, list[tuple[int, list[str]]]]] = {}
+    current: dict[str, list[tuple[int, list[str]]]] | None = None
+    last: list[str] | None = None  # the pieces of the value being read
+    indent = 0  # of its key
     for number, raw in enumerate(lines(text), start=1):
         stripped = raw.strip()
         if not stripped or stripped[0] in "#;":
             last = None if not stripped else last
             continue
-        if raw[0].isspace() and last is not None and current is not None:
-            key, index = last
-            line, value = current[key][index]
-            current[key][index] = (line, value + "\n" + stripped)
+        depth = len(raw) - len(raw.lstrip())
+        if last is not None and depth > indent:
+            last.append(stripped)  # joined once at the end: linear in the file
             continue
         if stripped.startswith("["):
             # ConfigParser's rule: the name runs to the last ']' of the line,
@@ -77,10 +79,12 @@ def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
         if cut <= 0 or not raw[:cut].strip():
             raise _IniError(number, "expected 'key = value' (not an INI file?)")
         key = raw[:cut].strip().lower()
-        values = current.setdefault(key, [])
-        values.append((number, raw[cut + 1:].strip()))
-        last = (key, len(values) - 1)
-    return sections
+        last = [raw[cut + 1:].strip()]
+        indent = depth
+        current.setdefault(key, []).append((number, last))
+    return {name: {key: [(line, "\n".join(pieces)) for line, pieces in values]
+                   for key, values in section.items()}
+            for name, section in sections.items()}
 
 
 def _one(section: dict[str, list[tuple[int, str]]], key: str) -> tuple[int, str] | None:
@@ -126,7 +130,9 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
                           " or SimpleSMTPSSLSender)")
     mode = SENDER_TYPES.get(kind[1].lower())
     if mode is None:
-        return fail(kind[0], f"unknown type {kind[1][:60]!r} (SimpleSMTPSender,"
+        # its first line only, cut short: a line indented below `type` by
+        # mistake continues it, and may be the password
+        return fail(kind[0], f"unknown type {kind[1].split(chr(10))[0][:40]!r} (SimpleSMTPSender,"
                              " SimpleSMTPTLSSender or SimpleSMTPSSLSender)")
     server = _one(sender, "server") or _one(retriever, "server")
     if server is None or not server[1]:
@@ -135,8 +141,9 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     if (given := _one(sender, "port")) is not None:
         try:
             port = port_number(given[1])
-        except ValueError as exc:
-            return fail(given[0], str(exc))
+        except ValueError:
+            # not the value: a password typed into the wrong line
+            return fail(given[0], "port must be a number from 1 to 65535 or a service name")
     cert_check = True
     if (given := _one(sender, "no_certificate_check")) is not None:
         v = given[1].lower()

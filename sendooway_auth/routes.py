@@ -21,8 +21,8 @@ from typing import Callable, Generator
 import msgpack
 
 from sendooway_shared.config import (
-    ConfigError, Config, MappingKind, UserConfig, effective_mappings, expand_path,
-    parse_user_config,
+    MAX_USER_ERRORS, ConfigError, Config, MappingKind, UserConfig, effective_mappings,
+    expand_path, parse_user_config,
 )
 from sendooway_shared.protocol import RouteOk
 from sendooway_shared.types import Route, Secret, TlsMode
@@ -33,7 +33,7 @@ from ._users import UserInfo
 from .fetchmail import parse_fetchmailrc
 from .getmail import parse_getmailrc
 
-MAX_INCLUDE_ERRORS = 50
+MAX_INCLUDE_ERRORS = MAX_USER_ERRORS  # parse_user_config stops after one more
 MAX_ACCOUNTS = 1000
 MAX_MESSAGES = 100  # errors, and warnings, reported per lookup
 MAX_WIRE = 8 << 20
@@ -134,8 +134,10 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             text = _text(read, found)
             result = ParseResult()
             if text is not None:
-                parser = parse_fetchmailrc if m.kind is MappingKind.FETCHMAIL else parse_getmailrc
-                result = parser(text, m.path)
+                if m.kind is MappingKind.FETCHMAIL:
+                    result = parse_fetchmailrc(text, m.path, login=user.name)
+                else:
+                    result = parse_getmailrc(text, m.path)
                 found.errors.extend(result.errors)
                 found.warnings.extend(result.warnings)
                 if result.holds_password:

@@ -437,8 +437,12 @@ def _split(line: str, filename: str, number: int) -> tuple[str, str]:
     key, eq, value = line.partition("=")
     key = key.strip()
     if not eq:
-        # never the rest of the line: it may hold a password
-        raise ConfigError(filename, number, f"expected 'keyword = value', got {_shown_key(key)!r}")
+        # never the rest of the line, nor a word that is no keyword: it may
+        # be a password (the second half of a wrapped direct: mapping)
+        word = _shown_key(key)
+        known = word.rstrip(".").lower() in _KEYWORDS
+        raise ConfigError(filename, number, "expected 'keyword = value'"
+                          + (f", got {word!r}" if known else " (the line is not shown)"))
     if not key:
         raise ConfigError(filename, number, "missing keyword before '='")
     return key, value.strip()
@@ -494,6 +498,9 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
     return Config(filename=filename, lines=lines, **values)  # type: ignore[arg-type]
 
 
+MAX_USER_ERRORS = 50  # errors that make a user include be ignored whole (routes.py)
+
+
 def parse_user_config(text: str, filename: str,
                       errors: list[ConfigError] | None = None) -> UserConfig:
     """Parse a user include; only smarthostMapping and sslCA are allowed.
@@ -508,6 +515,8 @@ def parse_user_config(text: str, filename: str,
             if errors is None:
                 raise
             errors.append(exc)
+            if len(errors) > MAX_USER_ERRORS:
+                break  # a file of junk: enough is known (it is ignored whole)
             continue
         if isinstance(one, Mapping):
             mappings.append(one)

@@ -242,7 +242,7 @@ def test_getmail_sender_section_name_any_case_and_remark_after_headers():
     ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\naddress = a@b.c\nport = 0\n", ":6:", "port"),
     ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\naddress = nobody\n", ":5:", "address"),
     ("[sender]\ntype = SimpleSMTPSender\nport = nosuchservice\nusername=\naddress=a@b.c\nserver=s\n",
-     ":3:", "unknown service name 'nosuchservice'"),
+     ":3:", "port must be a number from 1 to 65535 or a service name"),
 ])
 def test_getmail_errors_name_file_and_line(text, where, what):
     r = parse_getmailrc(text, G)
