@@ -64,3 +64,14 @@ def choose(accounts: list[Account] | tuple[Account, ...], sender: str) -> Accoun
             if best is None or rank < best:
                 best, chosen = rank, account
     return chosen
+
+
+def field_problem(server: str, user: str) -> str | None:
+    """Why a server or upstream user name read from a file cannot be used
+    (None: it can): a host name has no blank or control character, a user
+    name no control character (a quoted "\\n" would put a line into logs)."""
+    if any(c.isspace() or not c.isprintable() for c in server):
+        return "the server name holds white space or control characters"
+    if not user.isprintable():
+        return "the upstream user name holds control characters"
+    return None

@@ -30,19 +30,30 @@ class Penalty:
         self.window = window
         self.max_keys = max_keys
         self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # the counts of real accounts apart: made-up names (free to make up)
+        # never push them out of the table
+        self._accounts: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._next: dict[str, float] = {}  # not-before times handed out (hold)
 
     # storage: overridden by SharedPenalty
     def _load(self, key: str) -> tuple[int, float] | None:
-        return self._counts.get(key)
+        found = self._accounts.get(key)
+        return found if found is not None else self._counts.get(key)
 
-    def _save(self, key: str, count: int, last: float) -> None:
-        self._counts[key] = (count, last)
-        self._counts.move_to_end(key)
-        while len(self._counts) > self.max_keys:
-            self._counts.popitem(last=False)
+    def _save(self, key: str, count: int, last: float, account: bool = False) -> None:
+        table = self._accounts if account or key in self._accounts else self._counts
+        table[key] = (count, last)
+        table.move_to_end(key)
+        while len(table) > self.max_keys:
+            table.popitem(last=False)
 
     def _drop(self, key: str) -> None:
+        self._accounts.pop(key, None)
         self._counts.pop(key, None)
+        self._next.pop(key, None)
+
+    def _delay(self, n: int) -> float:
+        return min(self.cap, self.base * (2 ** min(max(n, 0), 30))) if self.base > 0 else 0.0
 
     def _get(self, key: str, now: float) -> int:
         entry = self._load(key)
@@ -54,16 +65,43 @@ class Penalty:
             return 0
         return count
 
-    def failure(self, user: str, client: str, now: float) -> float:
-        """Count one failure; return how long to hold back its answer."""
+    def failure(self, user: str, client: str, now: float, account: bool = True) -> float:
+        """Count one failure; return how long to hold back its answer.
+        `account`: the name is a real account (False: an unknown name)."""
         user, client = user_key(user), client_key(client)
         keys = [f"u:{user}"] + ([f"c:{client}", f"uc:{user} {client}"] if client else [])
         counts = [self._get(k, now) for k in keys]
         for k, c in zip(keys, counts):
-            self._save(k, c + 1, now)
-        if self.base <= 0:
+            self._save(k, c + 1, now, account=account and k.startswith("u:"))
+        return self._delay(max(counts[:2]))
+
+    def hold(self, user: str, client: str, now: float) -> float:
+        """How long a login for `user` from `client` must wait before it is
+        decided: until the delay of the last failure counted for either has
+        run out (0 for a client that waited for that refusal). The slot
+        after it is taken at once, so logins sent side by side are decided
+        one delay apart, not all together."""
+        user, client = user_key(user), client_key(client)
+        until = 0.0
+        step = 0.0
+        keys = []
+        for key in [f"u:{user}"] + ([f"c:{client}"] if client else []):
+            count = self._get(key, now)
+            if count <= 0:
+                continue
+            last = self._load(key)[1]  # type: ignore[index]
+            delay = self._delay(count - 1)
+            until = max(until, last + delay, self._next.get(key, 0.0))
+            step = max(step, delay)
+            keys.append(key)
+        if not keys or step <= 0:
             return 0.0
-        return min(self.cap, self.base * (2 ** min(max(counts[:2]), 30)))
+        start = max(until, now)
+        for key in keys:
+            self._next[key] = start + step
+        if len(self._next) > self.max_keys:
+            self._next = {k: t for k, t in self._next.items() if t > now}
+        return min(start - now, self.cap)
 
     def success(self, user: str, client: str, now: float | None = None) -> None:
         """A right password clears the user's count, and takes that user's
@@ -74,6 +112,7 @@ class Penalty:
         self._drop(f"u:{user}")
         if not client:
             return
+        self._next.pop(f"c:{client}", None)  # (the counts stay; only the slot taken is freed)
         now = time.time() if now is None else now
         own = self._get(f"uc:{user} {client}", now)
         self._drop(f"uc:{user} {client}")
@@ -119,10 +158,12 @@ class SharedPenalty(Penalty):
         except (OSError, ValueError):
             return None
 
-    def _save(self, key: str, count: int, last: float) -> None:
+    def _save(self, key: str, count: int, last: float, account: bool = False) -> None:
         path = self._path(key)
         try:
-            if not os.path.exists(path) and self._full(last):
+            # a real account's count is always kept (there are only so many
+            # accounts); made-up names and addresses may fill the store
+            if not account and not os.path.exists(path) and self._full(last):
                 return
             tmp = f"{path}.{os.getpid()}"
             with open(tmp, "w") as f:
@@ -132,6 +173,7 @@ class SharedPenalty(Penalty):
             pass  # a delay store that cannot be written only weakens the delay
 
     def _drop(self, key: str) -> None:
+        self._next.pop(key, None)
         try:
             os.unlink(self._path(key))
         except OSError:

@@ -101,9 +101,12 @@ def bind_socket(path: str, owner_uid: int | None) -> socket.socket:
         except OSError as exc:
             raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
     st = os.stat(directory)
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise StartupError(f"{directory} is writable by everyone (mode"
-                           f" {st.st_mode & 0o7777:04o}): refusing to put the socket there")
+    if st.st_mode & (stat.S_IWOTH | stat.S_IWGRP):
+        # sticky or not: another user could bind the name while we are down
+        # and hear every login (the frontend checks its peer too)
+        raise StartupError(f"{directory} is writable by others than its owner (mode"
+                           f" {st.st_mode & 0o7777:04o}): refusing to put the socket there;"
+                           " use a directory of root's such as /run/sendooway")
     if st.st_uid not in (0, os.getuid()):
         raise StartupError(f"{directory} is owned by uid {st.st_uid}, not root")
     try:

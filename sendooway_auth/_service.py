@@ -74,20 +74,34 @@ class AuthService:
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
+        # While the user or the address is in backoff, nothing is decided
+        # before its delay has run out: a caller that gives up waiting for
+        # a refusal (a success comes at once) and tries again on another
+        # connection would otherwise guess at PAM's full speed.
+        hold = self.penalty.hold(name, peer.host, self.clock())
+        if hold > 0:
+            await asyncio.sleep(hold)
         wait = min(float(self.cfg.timeout), MAX_AUTH_WAIT)
         started = time.monotonic()
-        try:
-            async with asyncio.timeout(wait):  # no extra task per login, unlike wait_for
-                user, reason = await self._check(name, password)
-        except TimeoutError:  # the worker stays stuck; this login is answered
-            user, reason = None, "pam-timeout"
+        if not password.reveal():
+            # never asked of PAM: pam_unix's nullok lets an account without a
+            # password in (the frontend never asks; a compromised one might)
+            user, reason = None, "empty-password"
+        else:
+            try:
+                async with asyncio.timeout(wait):  # no extra task per login, unlike wait_for
+                    user, reason = await self._check(name, password)
+            except TimeoutError:  # the worker stays stuck; this login is answered
+                user, reason = None, "pam-timeout"
         took = time.monotonic() - started
         if reason == "wrong-password":
             # how long PAM takes to say no (pam_faildelay, pam_unix: ~2 s)
             self._pam_no = took if self._pam_no is None else 0.8 * self._pam_no + 0.2 * took
-        elif reason == "unknown-user" and self._pam_no:
-            # an unknown name is refused without PAM: as slow as a real one,
-            # so the reply's timing does not tell which accounts exist
+        elif user is None and self._pam_no and not is_temporary(reason):
+            # refused without PAM's delay (an unknown name, not a validUser,
+            # an empty password) or after PAM took the password (an expired
+            # account): as slow as a wrong password, so the reply's timing
+            # tells neither which accounts exist nor that a password was right
             await asyncio.sleep(max(0.0, min(self._pam_no, MAX_PAM_PAD) - took))
         if user is None and is_temporary(reason):
             log.error("auth unavailable: user=%s client=%s reason=%s session=%s",
@@ -98,7 +112,8 @@ class AuthService:
             self.readers.prewarm(user)  # its fork overlaps the client's next round trip
             log.info("auth ok: user=%s %s", field(user.name), peer.fields())
             return AuthResult(True, user)
-        delay = self.penalty.failure(name, peer.host, self.clock())
+        delay = self.penalty.failure(name, peer.host, self.clock(),
+                                     account=reason != "unknown-user")
         # The fail2ban line: keep "auth failed: user=U client=HOST reason=" stable.
         log.warning("auth failed: user=%s client=%s reason=%s session=%s delay=%.1f",
                     field(name), peer.client_field, reason, field(peer.session), delay)
@@ -115,15 +130,16 @@ class AuthService:
         if self.cfg.authBackend is AuthBackend.NONE:
             if user is None or user.uid != self._process_uid:
                 return None, "not-process-user"
-        else:
-            if user is None:
-                return None, "unknown-user"
-            ok, reason = self.pam.check_here(name, password)
-            if not ok:
-                return None, reason
+        elif user is None:
+            return None, "unknown-user"
+        # before PAM: the password of an account kept out is never tried
         allowed, _why = _users.valid_user(self.cfg, user)
         if not allowed:
             return None, "not-a-valid-user"
+        if self.cfg.authBackend is not AuthBackend.NONE:
+            ok, reason = self.pam.check_here(name, password)
+            if not ok:
+                return None, reason
         return user, ""
 
     async def route(self, user: _users.UserInfo, sender: str, peer: Peer
@@ -142,6 +158,7 @@ class AuthService:
             log.info("route: %s %s sender=%s result=%s", who, peer.fields(),
                      field(sender or "<>"), "temporary-failure" if temporary else "none")
             return None, temporary
+        # escaped: the server and user come from the user's own files
         log.info("route: %s %s sender=%s result=%s", who, peer.fields(),
-                 field(sender or "<>"), account.route.describe())
+                 field(sender or "<>"), text(account.route.describe()))
         return account.route, False

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
-from ._accounts import Account, ParseResult, lines
+from ._accounts import Account, ParseResult, field_problem, lines
 from ._address import check_pattern
 
 PREFIX = "sendooway:"
@@ -393,6 +393,8 @@ def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult,
         err(d.line, "account has no upstream user (#sendooway:user or fetchmail's user)")
     if auth and password is None:
         err(d.line, "account has no upstream password (#sendooway:pass or fetchmail's pass)")
+    if (problem := field_problem(server, user)) is not None:
+        err(d.line, problem)
     if acc.errors:
         result.errors.extend(acc.errors)
         return

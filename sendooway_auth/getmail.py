@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
-from ._accounts import Account, ParseResult, lines
+from ._accounts import Account, ParseResult, field_problem, lines
 from ._address import check_pattern
 
 SENDER_TYPES = {
@@ -159,6 +159,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     if auth and password is None:
         return fail(None, "no password (neither [sender] nor [retriever] has one;"
                           " password_command is not supported)")
+    if (problem := field_problem(server[1], username[1])) is not None:
+        return fail(server[0], problem)
     addresses = sender.get("address", [])
     if not addresses:
         return fail(None, "at least one 'address' is required")

@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,10 @@ class SocketConnector:
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             raise AuthLinkError(f"cannot connect to the authenticator at {self.path}: {reason}") from None
+        why = trusted_peer(writer.get_extra_info("socket"))
+        if why is not None:
+            writer.transport.abort()
+            raise AuthLinkError(f"refusing the authenticator at {self.path}: {why}")
         link = AuthLink(reader, writer, self.timeout)
         await link.send_hello(session_id, client)
         return link
@@ -164,16 +169,33 @@ class PairConnector:
 
 
 def daemon_reachable(path: str) -> bool:
-    """True when something accepts connections on `path`."""
+    """True when an authenticator we may trust accepts connections on
+    `path` (see trusted_peer: a local user's squatter is not one)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
     try:
         probe.connect(path)
-        return True
+        return trusted_peer(probe) is None
     except OSError:
         return False
     finally:
         probe.close()
+
+
+def trusted_peer(sock: socket.socket) -> str | None:
+    """None when the process at the other end of `sock` may hear logins:
+    root (the authenticator), or our own user (authBackend = none, where
+    both run as one account); else why not. Whoever could bind the
+    authSocket name (a local user, in a directory others may write to)
+    would otherwise receive every user's password."""
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as exc:
+        return f"cannot tell who listens there ({exc.strerror or exc})"
+    _pid, uid, _gid = struct.unpack("3i", data)
+    if uid in (0, os.geteuid()):
+        return None
+    return f"the process listening there runs as uid {uid}, not root"
 
 
 def find_auth_program() -> str:

@@ -137,8 +137,17 @@ def test_penalty_memory_is_bounded(tmp_path):
     assert len(pen._counts) <= 100
     shared = SharedPenalty.open(str(tmp_path / "p"), max_keys=100, window=10)
     for i in range(300):
-        shared.failure(f"u{i}", "", i)
+        shared.failure(f"u{i}", "", i, account=False)   # made-up names
     assert len(os.listdir(tmp_path / "p")) <= 100
+    # a real account's count is kept all the same (and there are only so many)
+    shared.failure("carol", "", 300)
+    assert shared.count("carol", "", 301) == 1
+    # in memory, made-up names never push a real account's count out
+    pen = Penalty(max_keys=100, window=10_000)
+    pen.failure("carol", "", 0)
+    for i in range(1000):
+        pen.failure(f"nx{i}", "", i, account=False)
+    assert pen.count("carol", "", 1000) == 1
 
 
 def test_shared_penalty_is_seen_by_another_process_and_refuses_open_dirs(tmp_path):

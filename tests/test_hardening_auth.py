@@ -216,7 +216,7 @@ def test_hostile_files_through_the_frontend(world, clean_homes):
     os.chown(fifo, u.uid, u.gid)
     os.symlink("/etc/shadow", os.path.join(home, "shadow.rc"))
     quotes = world.write_user_file("carol", "quotes.rc",
-                                   'user "carol\npass "x\n#sendooway:address "c@q.example"\n')
+                                   'user "carol\n#sendooway:pass "x\n#sendooway:address "c@q.example"\n')
     world.write_user_file("carol", ".sendoowayrc",
                           "smarthostMapping = fetchmail:%h/fifo.rc\n"
                           "smarthostMapping = fetchmail:%h/shadow.rc\n"
