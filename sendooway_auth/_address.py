@@ -70,7 +70,8 @@ def _domain(domain: str) -> str:
     domain = domain.translate(_ASCII_LOWER)
     if not domain.isascii():
         try:
-            domain = idna.encode(domain).decode("ascii")
+            # strict: no U+3002 and the like taken for a dot
+            domain = idna.encode(domain, strict=True).decode("ascii")
         except (idna.IDNAError, UnicodeError, ValueError):
             pass
     return domain

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import stat
 import time
@@ -80,7 +81,11 @@ class Penalty:
         decided: until the delay of the last failure counted for either has
         run out (0 for a client that waited for that refusal). The slot
         after it is taken at once, so logins sent side by side are decided
-        one delay apart, not all together."""
+        one delay apart, not all together. A login whose slot lies beyond
+        `cap` (more logins side by side than slots within it) gets inf and
+        takes no slot: the caller refuses it without deciding it.
+        `_next` holds at most one time per key of a login under way or
+        just decided; it is pruned of past times when it grows large."""
         user, client = user_key(user), client_key(client)
         until = 0.0
         step = 0.0
@@ -97,11 +102,13 @@ class Penalty:
         if not keys or step <= 0:
             return 0.0
         start = max(until, now)
+        if start - now > self.cap:
+            return math.inf
         for key in keys:
             self._next[key] = start + step
         if len(self._next) > self.max_keys:
             self._next = {k: t for k, t in self._next.items() if t > now}
-        return min(start - now, self.cap)
+        return start - now
 
     def success(self, user: str, client: str, now: float | None = None) -> None:
         """A right password clears the user's count, and takes that user's

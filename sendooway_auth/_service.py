@@ -79,6 +79,13 @@ class AuthService:
         # a refusal (a success comes at once) and tries again on another
         # connection would otherwise guess at PAM's full speed.
         hold = self.penalty.hold(name, peer.host, self.clock())
+        if hold > self.penalty.cap:
+            # more logins side by side than slots within the cap: this one
+            # is refused undecided, after the longest delay (fail2ban sees it)
+            await asyncio.sleep(self.penalty.cap)
+            log.warning("auth failed: user=%s client=%s reason=held-back session=%s delay=%.1f",
+                        field(name), peer.client_field, field(peer.session), self.penalty.cap)
+            return AuthResult(False, None, "held-back", self.penalty.cap)
         if hold > 0:
             await asyncio.sleep(hold)
         wait = min(float(self.cfg.timeout), MAX_AUTH_WAIT)
@@ -112,8 +119,11 @@ class AuthService:
             self.readers.prewarm(user)  # its fork overlaps the client's next round trip
             log.info("auth ok: user=%s %s", field(user.name), peer.fields())
             return AuthResult(True, user)
+        # (an empty password is refused before the name is looked up: it
+        # counts as a made-up name's, so names made up with one cannot
+        # crowd real accounts out of the table)
         delay = self.penalty.failure(name, peer.host, self.clock(),
-                                     account=reason != "unknown-user")
+                                     account=reason not in ("unknown-user", "empty-password"))
         # The fail2ban line: keep "auth failed: user=U client=HOST reason=" stable.
         log.warning("auth failed: user=%s client=%s reason=%s session=%s delay=%.1f",
                     field(name), peer.client_field, reason, field(peer.session), delay)

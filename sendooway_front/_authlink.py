@@ -118,9 +118,10 @@ class AuthLink:
 class SocketConnector:
     """Links to the sendooway-auth daemon on a UNIX socket."""
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, also: int | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        self.also = also  # a uid trusted besides root and our own (trusted_peer)
 
     def describe(self) -> str:
         return self.path
@@ -132,7 +133,7 @@ class SocketConnector:
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             raise AuthLinkError(f"cannot connect to the authenticator at {self.path}: {reason}") from None
-        why = trusted_peer(writer.get_extra_info("socket"))
+        why = trusted_peer(writer.get_extra_info("socket"), self.also)
         if why is not None:
             writer.transport.abort()
             raise AuthLinkError(f"refusing the authenticator at {self.path}: {why}")
@@ -168,24 +169,25 @@ class PairConnector:
             pass
 
 
-def daemon_reachable(path: str) -> bool:
+def daemon_reachable(path: str, also: int | None = None) -> bool:
     """True when an authenticator we may trust accepts connections on
     `path` (see trusted_peer: a local user's squatter is not one)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
     try:
         probe.connect(path)
-        return trusted_peer(probe) is None
+        return trusted_peer(probe, also) is None
     except OSError:
         return False
     finally:
         probe.close()
 
 
-def trusted_peer(sock: socket.socket) -> str | None:
+def trusted_peer(sock: socket.socket, also: int | None = None) -> str | None:
     """None when the process at the other end of `sock` may hear logins:
-    root (the authenticator), or our own user (authBackend = none, where
-    both run as one account); else why not. Whoever could bind the
+    root (the authenticator), our own user or `also` (frontendUser's uid,
+    asked before the drop to it: authBackend = none, where the daemon runs
+    as the frontend's account); else why not. Whoever could bind the
     authSocket name (a local user, in a directory others may write to)
     would otherwise receive every user's password."""
     try:
@@ -193,7 +195,7 @@ def trusted_peer(sock: socket.socket) -> str | None:
     except OSError as exc:
         return f"cannot tell who listens there ({exc.strerror or exc})"
     _pid, uid, _gid = struct.unpack("3i", data)
-    if uid in (0, os.geteuid()):
+    if uid in (0, os.geteuid()) or (also is not None and uid == also):
         return None
     return f"the process listening there runs as uid {uid}, not root"
 

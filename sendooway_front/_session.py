@@ -94,12 +94,13 @@ COMMANDS: dict[str, tuple[State | Reply, ...]] = {
 # Replies the client earns an error point with (RFC 5321 5yz for syntax/sequence).
 _ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
 # Commands that move nothing forward: these verbs, a command refused without
-# an error point (DATA before any recipient, the 101st RCPT), and a MAIL,
-# RCPT, DATA or message the relay refuses (each cost a lookup or an upstream
+# an error point (DATA before any recipient), and a MAIL, DATA or message
+# the relay refuses (each cost a lookup or an upstream
 # round trip). Past max_junk of them without a message accepted, each one
 # earns an error point too (as Postfix's smtpd_junk_command_limit and Exim's
 # smtp_accept_max_nonmail), so a client cannot hold a session open forever.
 _JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO", "STARTTLS"))
+MAX_RCPT_COMMANDS = 1000  # RCPTs in one transaction, refused or not, before each costs a point
 
 # In a message, "\r\n." starts a line with a dot (end of data or
 # dot-stuffing); a CR or LF outside a CRLF pair is a bare line end (SMTP
@@ -135,6 +136,7 @@ class Session:
         self.errors = 0
         self.junk = 0                  # junk commands since the session began or a message went
         self._owed = 0                 # error points for refusals, charged at the next command
+        self._rcpt_commands = 0        # RCPT commands in this transaction
         self._last_code = 0            # of the last reply made here (not relayed)
         self._buf = bytearray()
         self._eof = False
@@ -252,7 +254,7 @@ class Session:
         if kind is _Await.MAIL:
             if reply.is_positive:
                 self.state = State.MAIL
-                self.recipients = 0
+                self.recipients = self._rcpt_commands = 0
             else:
                 self._refused()
             if self._rcpts_asked:
@@ -264,8 +266,6 @@ class Session:
             if reply.is_positive:
                 self.state = State.RCPT
                 self.recipients += 1
-            else:
-                self._refused()
         elif kind is _Await.DATA:
             if 300 <= reply.code < 400:
                 self._begin_data()
@@ -273,7 +273,7 @@ class Session:
                 self._refused()
         elif kind is _Await.DATA_END:
             self.state = State.AUTHENTICATED
-            self.recipients = 0
+            self.recipients = self._rcpt_commands = 0
             if reply.is_positive:
                 self.junk = self._owed = 0
             else:
@@ -302,6 +302,7 @@ class Session:
             return None  # its refusal is answered in turn, after the others
         del buf[: lf + 1]
         self._rcpts_asked += 1
+        self._count_rcpt()
         return RcptRequested(rcpt)
 
     def data_follows(self) -> bool:
@@ -466,13 +467,25 @@ class Session:
         getattr(self, "_cmd_" + verb.lower())(arg, cell)
         if verb in _JUNK_VERBS:
             self._count_junk()
+        elif verb == "RCPT":
+            self._count_rcpt()
         elif self._last_code >= 400 and self._last_code not in _ERROR_CODES and not self.closed:
-            self._count_junk()  # refused here without an error point: 452, 552, 454
+            self._count_junk()  # refused here without an error point: 552, 454
 
     def _count_junk(self) -> None:
         self.junk += 1
         if self.junk > self.settings.max_junk:
             self._error_point()
+
+    def _count_rcpt(self) -> None:
+        """RCPTs are no junk: past the 100-recipient cap the 452s are RFC
+        5321's "send the rest in another transaction", and a refused
+        recipient is the upstream's word on one address. But a transaction
+        takes at most MAX_RCPT_COMMANDS of them; each one more owes an error
+        point (charged at the next command: replies may be pending)."""
+        self._rcpt_commands += 1
+        if self._rcpt_commands > MAX_RCPT_COMMANDS:
+            self._owed += 1
 
     def _refused(self) -> None:
         """The relay refused a MAIL or RCPT: junk, whose error point (past
@@ -708,7 +721,7 @@ class Session:
     def _end_transaction(self) -> None:
         if self.state in (State.MAIL, State.RCPT):
             self._events.append(TransactionReset())
-        self.recipients = 0
+        self.recipients = self._rcpt_commands = 0
 
     # ---- DATA
 
@@ -829,7 +842,7 @@ class Session:
         del buf[: m.end()]
         reply, self._d_refusal = self._d_refusal, None
         self.state = State.AUTHENTICATED
-        self.recipients = 0
+        self.recipients = self._rcpt_commands = 0
         if clean:
             self._out += reply.to_bytes()
             self._refused()

@@ -155,6 +155,17 @@ def _malloc_for_streaming() -> None:
     mallopt(_M_TRIM_THRESHOLD, 8 << 20)
 
 
+def _uid_of(user: str) -> int | None:
+    """frontendUser's uid (None when there is no such account: the drop
+    says so later)."""
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except (KeyError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_session = not args.bind and "LISTEN_FDS" not in os.environ
@@ -223,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     is_root = os.geteuid() == 0
     spawned = None
     lifeline = -1
-    if daemon_reachable(path) or not is_root:
-        connector = SocketConnector(path, cfg.timeout)
+    frontend_uid = _uid_of(cfg.frontendUser) if is_root else None
+    if daemon_reachable(path, frontend_uid) or not is_root:
+        connector = SocketConnector(path, cfg.timeout, frontend_uid)
         if not is_root and not daemon_reachable(path):
             log.warning("no authenticator at %s: sessions get 421 until it runs", path)
     else:
@@ -288,3 +300,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
