@@ -390,8 +390,10 @@ class Stream:
                 self._conn = None
                 state = conn.get_app_data()
                 errors = getattr(state, "errors", None)
-                if errors:
+                if errors and getattr(state, "verify", True):
                     raise TLSVerifyError("; ".join(errors)) from None
+                # (with noCertCheck the certificate problems were let through:
+                # the handshake failed for another reason, say which)
                 raise TLSHandshakeError(_tls._describe_openssl(e)) from None
         await self._flush_tls()
 
@@ -417,6 +419,15 @@ class Stream:
         except TLSHandshakeError:
             # the server broke a resumed handshake: never offer it one again
             self.resumption_failed = _tls.resumption_failed(conn)
+            raise
+        except OSError as exc:
+            # a reset in answer to a resuming ClientHello (the server, or a
+            # firewall before it) is a broken resumption too
+            self._conn = None
+            if _tls.resumption_failed(conn):
+                self.resumption_failed = True
+                raise TLSHandshakeError(f"connection lost during a resumed TLS handshake"
+                                        f" ({exc.strerror or type(exc).__name__})") from None
             raise
         try:
             self.tls_problems = _tls.check_server(conn, server_hostname, check_hostname)

@@ -50,6 +50,13 @@ CIPHERS = (
 )
 
 _OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+# Server side: no TLS 1.2 session tickets (RFC 5077). Their key would be made
+# once per context and never change in a long-running `sendooway -b`, and a
+# TLS 1.2 ticket carries the master secret: whoever got that key later could
+# read every recorded TLS 1.2 session since start (RFC 9325 3.4). Resumption
+# goes by session id through the server's own cache instead; TLS 1.3 tickets
+# become stateful (looked up in that cache) likewise.
+_SERVER_OPTIONS = SSL.OP_NO_TICKET
 
 
 class TLSError(Exception):
@@ -105,6 +112,7 @@ def server_context(cert_file: str, key_file: str) -> SSL.Context:
         except OSError as e:
             raise TLSConfigError(f"{path}: cannot read TLS {what}: {e.strerror or e}") from None
     ctx = _base_context(SSL.TLS_SERVER_METHOD)
+    ctx.set_options(_SERVER_OPTIONS)
     try:
         ctx.use_certificate_chain_file(os.fsencode(cert_file))
     except SSL.Error as e:
