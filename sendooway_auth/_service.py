@@ -4,6 +4,7 @@ route serves this sender for the user logged in. The log says why."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ from sendooway_shared.types import Route, Secret
 from . import _users
 from ._logfmt import field, text
 from ._pam import PamPool, is_temporary
-from ._penalty import Penalty, client_host
+from ._penalty import Penalty, client_host, client_key, user_key
 from ._workers import WorkerPool
 
 log = logging.getLogger("sendooway-auth")
@@ -53,6 +54,44 @@ class AuthResult:
     temporary: bool = False
 
 
+class _NoTurn(Exception):
+    """A login waited longer than it may for its turn."""
+
+
+class _Turns:
+    """At most n logins under way per key, the others wait in line (FIFO,
+    asyncio.Semaphore); a key's entry lives only while someone holds or
+    waits for it."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, list] = {}  # key -> [semaphore, users]
+
+    @contextlib.asynccontextmanager
+    async def take(self, keys: list[tuple[str, int]], wait: float):
+        held = []
+        try:
+            try:
+                async with asyncio.timeout(wait):
+                    for key, n in keys:  # always in the same order: no deadlock
+                        entry = self._keys.get(key)
+                        if entry is None:
+                            entry = self._keys[key] = [asyncio.Semaphore(n), 0]
+                        entry[1] += 1
+                        held.append((key, entry, False))
+                        await entry[0].acquire()
+                        held[-1] = (key, entry, True)
+            except TimeoutError:
+                raise _NoTurn() from None
+            yield
+        finally:
+            for key, entry, acquired in held:
+                if acquired:
+                    entry[0].release()
+                entry[1] -= 1
+                if entry[1] == 0 and self._keys.get(key) is entry:
+                    del self._keys[key]
+
+
 MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
 MAX_PAM_PAD = 10.0    # seconds an unknown user's refusal is held back at most
 
@@ -71,9 +110,33 @@ class AuthService:
         self.clock = clock
         self._process_uid = os.geteuid()  # authBackend = none accepts only this account
         self._pam_no: float | None = None  # seconds PAM takes to refuse a password (average)
+        self._turns = _Turns()
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
+        wait = min(float(self.cfg.timeout), MAX_AUTH_WAIT)
+        # One undecided login per user name and two per address at a time:
+        # a burst from one client cannot fill the PAM queue that every other
+        # user's login waits in, and each of its logins meets the backoff
+        # the one before it earned.
+        keys = [("u:" + user_key(name), 1)]
+        if peer.host:
+            keys.append(("c:" + client_key(peer.host), 2))
+        try:
+            async with self._turns.take(keys, wait):
+                result, pause = await self._decide(name, password, peer, wait)
+        except _NoTurn:
+            log.error("auth unavailable: user=%s client=%s reason=busy session=%s",
+                      field(name), peer.client_field, field(peer.session))
+            return AuthResult(False, None, "busy", temporary=True)
+        if pause > 0:
+            await asyncio.sleep(pause)
+        return result
+
+    async def _decide(self, name: str, password: Secret, peer: Peer,
+                      wait: float) -> tuple[AuthResult, float]:
+        """The login's result, counted in the backoff, and how long to hold
+        its answer back after that."""
         # While the user or the address is in backoff, nothing is decided
         # before its delay has run out: a caller that gives up waiting for
         # a refusal (a success comes at once) and tries again on another
@@ -82,13 +145,11 @@ class AuthService:
         if hold > self.penalty.cap:
             # more logins side by side than slots within the cap: this one
             # is refused undecided, after the longest delay (fail2ban sees it)
-            await asyncio.sleep(self.penalty.cap)
             log.warning("auth failed: user=%s client=%s reason=held-back session=%s delay=%.1f",
                         field(name), peer.client_field, field(peer.session), self.penalty.cap)
-            return AuthResult(False, None, "held-back", self.penalty.cap)
+            return AuthResult(False, None, "held-back", self.penalty.cap), self.penalty.cap
         if hold > 0:
             await asyncio.sleep(hold)
-        wait = min(float(self.cfg.timeout), MAX_AUTH_WAIT)
         started = time.monotonic()
         if not password.reveal():
             # never asked of PAM: pam_unix's nullok lets an account without a
@@ -101,6 +162,7 @@ class AuthService:
             except TimeoutError:  # the worker stays stuck; this login is answered
                 user, reason = None, "pam-timeout"
         took = time.monotonic() - started
+        pad = 0.0
         if reason == "wrong-password":
             # how long PAM takes to say no (pam_faildelay, pam_unix: ~2 s)
             self._pam_no = took if self._pam_no is None else 0.8 * self._pam_no + 0.2 * took
@@ -109,16 +171,16 @@ class AuthService:
             # an empty password) or after PAM took the password (an expired
             # account): as slow as a wrong password, so the reply's timing
             # tells neither which accounts exist nor that a password was right
-            await asyncio.sleep(max(0.0, min(self._pam_no, MAX_PAM_PAD) - took))
+            pad = max(0.0, min(self._pam_no, MAX_PAM_PAD) - took)
         if user is None and is_temporary(reason):
             log.error("auth unavailable: user=%s client=%s reason=%s session=%s",
                       field(name), peer.client_field, reason, field(peer.session))
-            return AuthResult(False, None, reason, temporary=True)
+            return AuthResult(False, None, reason, temporary=True), 0.0
         if user is not None:
             self.penalty.success(name, peer.host, self.clock())
             self.readers.prewarm(user)  # its fork overlaps the client's next round trip
             log.info("auth ok: user=%s %s", field(user.name), peer.fields())
-            return AuthResult(True, user)
+            return AuthResult(True, user), 0.0
         # (an empty password is refused before the name is looked up: it
         # counts as a made-up name's, so names made up with one cannot
         # crowd real accounts out of the table)
@@ -127,9 +189,7 @@ class AuthService:
         # The fail2ban line: keep "auth failed: user=U client=HOST reason=" stable.
         log.warning("auth failed: user=%s client=%s reason=%s session=%s delay=%.1f",
                     field(name), peer.client_field, reason, field(peer.session), delay)
-        if delay:
-            await asyncio.sleep(delay)
-        return AuthResult(False, None, reason, delay)
+        return AuthResult(False, None, reason, delay), pad + delay
 
     async def _check(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
         # NSS (passwd, groups: maybe LDAP/SSSD) and PAM block: one worker job
