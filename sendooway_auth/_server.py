@@ -21,6 +21,7 @@ from dataclasses import replace
 from sendooway_shared.config import (
     Config, ConfigError, exposed_passwords, parse_config, read_text,
 )
+from sendooway_shared.log import quiet_accept_errors
 
 from ._connection import Connection
 from ._logfmt import text
@@ -33,6 +34,9 @@ from ._workers import WorkerPool
 log = logging.getLogger("sendooway-auth")
 SD_LISTEN_FDS_START = 3
 MAX_CONNECTIONS = 4000  # one per SMTP session; beyond this, new ones are closed at once
+# descriptors kept free besides the connections: PAM and NSS, the log, the
+# fork server, and each reader worker's socket and pidfd (64 workers)
+FD_RESERVE = 200
 # Bound when the daemon started (the socket it listens on and its owner, the
 # uids let in): a reload keeps them and says so.
 RESTART_ONLY = ("authSocket", "frontendUser")
@@ -45,10 +49,20 @@ class StartupError(Exception):
 def _harden() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # passwords pass through this process
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_CONNECTIONS + 200
+    want = MAX_CONNECTIONS + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def connection_limit() -> int:
+    """Connections served at once: MAX_CONNECTIONS, or fewer where the
+    descriptor limit would run out first (then the connections admitted
+    would find no descriptor left for PAM, NSS or a reader worker)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(8, min(MAX_CONNECTIONS, soft - FD_RESERVE))
 
 
 def check_backend(cfg: Config) -> None:
@@ -268,6 +282,8 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     tasks: set[asyncio.Task] = set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop, log)
+    limit = connection_limit()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config_path is not None:
@@ -278,9 +294,9 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
         task = asyncio.current_task()
         tasks.add(task)
         try:
-            if len(tasks) > MAX_CONNECTIONS:
+            if len(tasks) > limit:
                 log.warning("connection refused: %d connections open (limit %d)",
-                            len(tasks) - 1, MAX_CONNECTIONS)
+                            len(tasks) - 1, limit)
                 writer.close()
                 return
             pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))

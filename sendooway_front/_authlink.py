@@ -10,8 +10,11 @@ program found next to this one.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -24,6 +27,8 @@ from sendooway_shared.protocol import (
     ProtocolError, RouteOk, RouteRequest, Welcome,
 )
 from sendooway_shared.types import Route, Secret
+
+log = logging.getLogger("sendooway")
 
 AUTH_PROGRAM = "sendooway-auth"
 
@@ -118,10 +123,16 @@ class AuthLink:
 class SocketConnector:
     """Links to the sendooway-auth daemon on a UNIX socket."""
 
-    def __init__(self, path: str, timeout: float, also: int | None = None) -> None:
+    def __init__(self, path: str, timeout: float, also: int | None = None,
+                 private: bool = False) -> None:
         self.path = path
         self.timeout = timeout
         self.also = also  # a uid trusted besides root and our own (trusted_peer)
+        # our own daemon (spawn_daemon): if it is gone, nobody will start it
+        # again while we run, so we stop (exit 1) for the service manager to
+        # restart both, instead of greeting every client with 421 for ever
+        self.private = private
+        self.gone = False
 
     def describe(self) -> str:
         return self.path
@@ -132,6 +143,12 @@ class SocketConnector:
                 asyncio.open_unix_connection(self.path, limit=65536), self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
+            if (self.private and not self.gone
+                    and getattr(exc, "errno", None) in (errno.ECONNREFUSED, errno.ENOENT)):
+                self.gone = True
+                log.error("the private authenticator at %s is gone: stopping (exit 1) so that"
+                          " it can be started again with sendooway", self.path)
+                os.kill(os.getpid(), signal.SIGTERM)  # the graceful stop of serve_listening
             raise AuthLinkError(f"cannot connect to the authenticator at {self.path}: {reason}") from None
         why = trusted_peer(writer.get_extra_info("socket"), self.also)
         if why is not None:
@@ -306,6 +323,6 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
         raise AuthLinkError(f"cannot start {program}: {exc.strerror}") from None
     finally:
         os.close(life_r)
-    connector = SocketConnector(path, timeout)
+    connector = SocketConnector(path, timeout, private=True)
     connector.notify = notify  # stays bound: the daemon also says STOPPING=1 there
     return connector, proc, life_w

@@ -16,6 +16,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from sendooway_shared.log import quiet_accept_errors
 from sendooway_shared.types import port_number
 
 from . import _catalogue as R
@@ -276,6 +277,7 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     if max_sessions is None:
         max_sessions = session_limit()
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop, log)
     stop = asyncio.Event()
     tasks: set[asyncio.Task] = set()
     runners: set[SessionRunner] = set()

@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 spawned.wait(10)
             except Exception:  # it runs as root: nothing more we could do anyway
                 pass
+    if getattr(connector, "gone", False):
+        return EXIT_FAILURE  # our private authenticator died: a restart starts both
     return 0
 
 

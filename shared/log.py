@@ -67,3 +67,39 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
     root.addHandler(handler)
     root.setLevel(level)
     return logging.getLogger(program)
+
+
+ACCEPT_LOG_EVERY = 10.0  # seconds between two lines about failing accept()s
+
+
+def quiet_accept_errors(loop, log: logging.Logger) -> None:
+    """Make the event loop's report of a failing accept() (out of file
+    descriptors or memory) one line every ACCEPT_LOG_EVERY seconds with a
+    count, without a traceback. asyncio (3.11) logs an ERROR with a
+    traceback for each of `backlog` tries in one pass, every second, for as
+    long as the shortage lasts: thousands of lines a second into the log.
+    Anything else goes to the handler there was."""
+    previous = loop.get_exception_handler()
+    state = {"last": -ACCEPT_LOG_EVERY, "count": 0}
+
+    def handler(loop, context) -> None:
+        message = str(context.get("message", ""))
+        if not message.startswith("socket.accept() out of system resource"):
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        state["count"] += 1
+        now = time.monotonic()
+        if now - state["last"] < ACCEPT_LOG_EVERY:
+            return
+        exc = context.get("exception")
+        reason = getattr(exc, "strerror", None) or str(exc or "") or "unknown"
+        log.error("cannot accept connections (%s: %s): %d time(s) in the last %.0f s;"
+                  " clients wait in the listen queue until it passes", message, reason,
+                  state["count"], min(now - state["last"], ACCEPT_LOG_EVERY))
+        state["last"] = now
+        state["count"] = 0
+
+    loop.set_exception_handler(handler)
