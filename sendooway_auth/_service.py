@@ -59,37 +59,40 @@ class _NoTurn(Exception):
 
 
 class _Turns:
-    """At most n logins under way per key, the others wait in line (FIFO,
-    asyncio.Semaphore); a key's entry lives only while someone holds or
-    waits for it."""
+    """At most n logins under way per key; a login takes all its keys at
+    once, when all have room, and holds none while it waits (a user's login
+    waiting for a busy address must not hold up the same user's login from
+    elsewhere). Waiters are woken in the order they came. A key's count
+    lives only while someone holds it."""
 
     def __init__(self) -> None:
-        self._keys: dict[str, list] = {}  # key -> [semaphore, users]
+        self._used: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    def _room(self, keys: list[tuple[str, int]]) -> bool:
+        return all(self._used.get(key, 0) < n for key, n in keys)
 
     @contextlib.asynccontextmanager
     async def take(self, keys: list[tuple[str, int]], wait: float):
-        held = []
         try:
-            try:
-                async with asyncio.timeout(wait):
-                    for key, n in keys:  # always in the same order: no deadlock
-                        entry = self._keys.get(key)
-                        if entry is None:
-                            entry = self._keys[key] = [asyncio.Semaphore(n), 0]
-                        entry[1] += 1
-                        held.append((key, entry, False))
-                        await entry[0].acquire()
-                        held[-1] = (key, entry, True)
-            except TimeoutError:
-                raise _NoTurn() from None
+            async with asyncio.timeout(wait):
+                async with self._changed:
+                    await self._changed.wait_for(lambda: self._room(keys))
+        except TimeoutError:
+            raise _NoTurn() from None
+        for key, _n in keys:
+            self._used[key] = self._used.get(key, 0) + 1
+        try:
             yield
         finally:
-            for key, entry, acquired in held:
-                if acquired:
-                    entry[0].release()
-                entry[1] -= 1
-                if entry[1] == 0 and self._keys.get(key) is entry:
-                    del self._keys[key]
+            for key, _n in keys:
+                left = self._used[key] - 1
+                if left:
+                    self._used[key] = left
+                else:
+                    del self._used[key]
+            async with self._changed:  # (never held across an await: no wait here)
+                self._changed.notify_all()
 
 
 MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
@@ -122,9 +125,27 @@ class AuthService:
         keys = [("u:" + user_key(name), 1)]
         if peer.host:
             keys.append(("c:" + client_key(peer.host), 2))
+        slept = False
         try:
-            async with self._turns.take(keys, wait):
-                result, pause = await self._decide(name, password, peer, wait)
+            while True:
+                async with self._turns.take(keys, wait):
+                    hold = 0.0
+                    if not slept:
+                        # While the user or the address is in backoff,
+                        # nothing is decided before its delay has run out
+                        # (the slot after it is taken now): a caller that
+                        # gives up waiting for a refusal (a success comes at
+                        # once) would otherwise guess at PAM's full speed.
+                        hold = self.penalty.hold(name, peer.host, self.clock())
+                        if hold > self.penalty.cap:
+                            result, pause = self._held_back(name, peer)
+                            break
+                    if hold <= 0:
+                        result, pause = await self._decide(name, password, peer, wait)
+                        break
+                # the hold is slept holding no turn; then the turn is taken again
+                await asyncio.sleep(hold)
+                slept = True
         except _NoTurn:
             log.error("auth unavailable: user=%s client=%s reason=busy session=%s",
                       field(name), peer.client_field, field(peer.session))
@@ -133,23 +154,19 @@ class AuthService:
             await asyncio.sleep(pause)
         return result
 
+    def _held_back(self, name: str, peer: Peer) -> tuple[AuthResult, float]:
+        """More logins side by side than slots within the cap: refused
+        undecided, after the longest delay (fail2ban sees it)."""
+        cap = self.penalty.cap
+        log.warning("auth failed: user=%s client=%s reason=held-back session=%s delay=%.1f",
+                    field(name), peer.client_field, field(peer.session), cap)
+        return AuthResult(False, None, "held-back", cap), cap
+
     async def _decide(self, name: str, password: Secret, peer: Peer,
                       wait: float) -> tuple[AuthResult, float]:
         """The login's result, counted in the backoff, and how long to hold
-        its answer back after that."""
-        # While the user or the address is in backoff, nothing is decided
-        # before its delay has run out: a caller that gives up waiting for
-        # a refusal (a success comes at once) and tries again on another
-        # connection would otherwise guess at PAM's full speed.
-        hold = self.penalty.hold(name, peer.host, self.clock())
-        if hold > self.penalty.cap:
-            # more logins side by side than slots within the cap: this one
-            # is refused undecided, after the longest delay (fail2ban sees it)
-            log.warning("auth failed: user=%s client=%s reason=held-back session=%s delay=%.1f",
-                        field(name), peer.client_field, field(peer.session), self.penalty.cap)
-            return AuthResult(False, None, "held-back", self.penalty.cap), self.penalty.cap
-        if hold > 0:
-            await asyncio.sleep(hold)
+        its answer back after that (the failure delay, slept without the
+        turn). Runs holding the login's turns."""
         started = time.monotonic()
         if not password.reveal():
             # never asked of PAM: pam_unix's nullok lets an account without a
@@ -162,16 +179,17 @@ class AuthService:
             except TimeoutError:  # the worker stays stuck; this login is answered
                 user, reason = None, "pam-timeout"
         took = time.monotonic() - started
-        pad = 0.0
         if reason == "wrong-password":
             # how long PAM takes to say no (pam_faildelay, pam_unix: ~2 s)
             self._pam_no = took if self._pam_no is None else 0.8 * self._pam_no + 0.2 * took
         elif user is None and self._pam_no and not is_temporary(reason):
             # refused without PAM's delay (an unknown name, not a validUser,
             # an empty password) or after PAM took the password (an expired
-            # account): as slow as a wrong password, so the reply's timing
-            # tells neither which accounts exist nor that a password was right
-            pad = max(0.0, min(self._pam_no, MAX_PAM_PAD) - took)
+            # account): as slow as a wrong password — and with the turn held
+            # as long, so that a second login beside it cannot tell either —,
+            # so the timing tells neither which accounts exist nor that a
+            # password was right
+            await asyncio.sleep(max(0.0, min(self._pam_no, MAX_PAM_PAD) - took))
         if user is None and is_temporary(reason):
             log.error("auth unavailable: user=%s client=%s reason=%s session=%s",
                       field(name), peer.client_field, reason, field(peer.session))
@@ -189,7 +207,7 @@ class AuthService:
         # The fail2ban line: keep "auth failed: user=U client=HOST reason=" stable.
         log.warning("auth failed: user=%s client=%s reason=%s session=%s delay=%.1f",
                     field(name), peer.client_field, reason, field(peer.session), delay)
-        return AuthResult(False, None, reason, delay), pad + delay
+        return AuthResult(False, None, reason, delay), delay
 
     async def _check(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
         # NSS (passwd, groups: maybe LDAP/SSSD) and PAM block: one worker job

@@ -53,9 +53,8 @@ _OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | getattr(SSL
 # Server side: no TLS 1.2 session tickets (RFC 5077). Their key would be made
 # once per context and never change in a long-running `sendooway -b`, and a
 # TLS 1.2 ticket carries the master secret: whoever got that key later could
-# read every recorded TLS 1.2 session since start (RFC 9325 3.4). Resumption
-# goes by session id through the server's own cache instead; TLS 1.3 tickets
-# become stateful (looked up in that cache) likewise.
+# read every recorded TLS 1.2 session since start (RFC 9325 3.4). No
+# resumption on the server side, then (see server_context).
 _SERVER_OPTIONS = SSL.OP_NO_TICKET
 
 
@@ -113,6 +112,10 @@ def server_context(cert_file: str, key_file: str) -> SSL.Context:
             raise TLSConfigError(f"{path}: cannot read TLS {what}: {e.strerror or e}") from None
     ctx = _base_context(SSL.TLS_SERVER_METHOD)
     ctx.set_options(_SERVER_OPTIONS)
+    # and no server-side session cache either: with tickets off, every TLS
+    # 1.3 handshake would leave two sessions in it for two hours (some 24 MiB
+    # when full, filled without a login); clients do full handshakes
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
         ctx.use_certificate_chain_file(os.fsencode(cert_file))
     except SSL.Error as e:

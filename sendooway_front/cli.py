@@ -295,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                 spawned.wait(10)
             except Exception:  # it runs as root: nothing more we could do anyway
                 pass
-    if getattr(connector, "gone", False):
-        return EXIT_FAILURE  # our private authenticator died: a restart starts both
+    if getattr(connector, "gone", False) and spawned is not None and spawned.returncode:
+        # our private authenticator died (the watcher exits with its status;
+        # one stopped with us, by the same stop, exits 0): a restart starts both
+        return EXIT_FAILURE
     return 0
 
 
