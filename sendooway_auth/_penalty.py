@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 import os
 import stat
 import time
@@ -34,7 +33,6 @@ class Penalty:
         # the counts of real accounts apart: made-up names (free to make up)
         # never push them out of the table
         self._accounts: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        self._next: dict[str, float] = {}  # not-before times handed out (hold)
 
     # storage: overridden by SharedPenalty
     def _load(self, key: str) -> tuple[int, float] | None:
@@ -51,7 +49,6 @@ class Penalty:
     def _drop(self, key: str) -> None:
         self._accounts.pop(key, None)
         self._counts.pop(key, None)
-        self._next.pop(key, None)
 
     def _delay(self, n: int) -> float:
         return min(self.cap, self.base * (2 ** min(max(n, 0), 30))) if self.base > 0 else 0.0
@@ -61,10 +58,17 @@ class Penalty:
         if entry is None:
             return 0
         count, last = entry
-        if now - last > self.window:
+        if last > now:  # the clock was stepped back: that failure is "now"
+            self._restamp(key, count, now)
+        elif now - last > self.window:
             self._drop(key)
             return 0
         return count
+
+    def _restamp(self, key: str, count: int, now: float) -> None:
+        table = self._accounts if key in self._accounts else self._counts
+        if key in table:
+            table[key] = (count, now)
 
     def failure(self, user: str, client: str, now: float, account: bool = True) -> float:
         """Count one failure; return how long to hold back its answer.
@@ -79,36 +83,20 @@ class Penalty:
     def hold(self, user: str, client: str, now: float) -> float:
         """How long a login for `user` from `client` must wait before it is
         decided: until the delay of the last failure counted for either has
-        run out (0 for a client that waited for that refusal). The slot
-        after it is taken at once, so logins sent side by side are decided
-        one delay apart, not all together. A login whose slot lies beyond
-        `cap` (more logins side by side than slots within it) gets inf and
-        takes no slot: the caller refuses it without deciding it.
-        `_next` holds at most one time per key of a login under way or
-        just decided; it is pruned of past times when it grows large."""
+        run out (0 for a client that waited for that refusal). The caller
+        asks again once the wait is over (holding the login's turn, so that
+        logins side by side are decided one after the other, each meeting
+        the backoff the one before it earned). A `last` in the future (the
+        clock was stepped back) counts as now, so no one is locked out."""
         user, client = user_key(user), client_key(client)
-        until = 0.0
-        step = 0.0
-        keys = []
+        wait = 0.0
         for key in [f"u:{user}"] + ([f"c:{client}"] if client else []):
             count = self._get(key, now)
             if count <= 0:
                 continue
-            last = self._load(key)[1]  # type: ignore[index]
-            delay = self._delay(count - 1)
-            until = max(until, last + delay, self._next.get(key, 0.0))
-            step = max(step, delay)
-            keys.append(key)
-        if not keys or step <= 0:
-            return 0.0
-        start = max(until, now)
-        if start - now > self.cap:
-            return math.inf
-        for key in keys:
-            self._next[key] = start + step
-        if len(self._next) > self.max_keys:
-            self._next = {k: t for k, t in self._next.items() if t > now}
-        return start - now
+            last = self._load(key)[1]  # type: ignore[index]  (not after now: _get)
+            wait = max(wait, last + self._delay(count - 1) - now)
+        return min(wait, self.cap)
 
     def success(self, user: str, client: str, now: float | None = None) -> None:
         """A right password clears the user's count, and takes that user's
@@ -119,8 +107,7 @@ class Penalty:
         self._drop(f"u:{user}")
         if not client:
             return
-        self._next.pop(f"c:{client}", None)  # (the counts stay; only the slot taken is freed)
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         own = self._get(f"uc:{user} {client}", now)
         self._drop(f"uc:{user} {client}")
         entry = self._load(f"c:{client}")
@@ -179,8 +166,10 @@ class SharedPenalty(Penalty):
         except OSError:
             pass  # a delay store that cannot be written only weakens the delay
 
+    def _restamp(self, key: str, count: int, now: float) -> None:
+        self._save(key, count, now, account=True)  # (it exists: never refused as full)
+
     def _drop(self, key: str) -> None:
-        self._next.pop(key, None)
         try:
             os.unlink(self._path(key))
         except OSError:
@@ -194,10 +183,11 @@ class SharedPenalty(Penalty):
             return True
         if len(names) < self.max_keys:
             return False
+        wall = time.time()  # (file ages: `now` is the caller's clock, maybe monotonic)
         for name in names:
             p = os.path.join(self.directory, name)
             try:
-                if now - os.stat(p).st_mtime > self.window:
+                if wall - os.stat(p).st_mtime > self.window:
                     os.unlink(p)
             except OSError:
                 pass

@@ -75,7 +75,7 @@ class _Turns:
     @contextlib.asynccontextmanager
     async def take(self, keys: list[tuple[str, int]], wait: float):
         try:
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout(max(wait, 0.0)):
                 async with self._changed:
                     await self._changed.wait_for(lambda: self._room(keys))
         except TimeoutError:
@@ -105,7 +105,7 @@ class AuthService:
     one (a login already accepted stays accepted)."""
 
     def __init__(self, cfg: Config, pam_pool: PamPool, readers: WorkerPool,
-                 penalty: Penalty, clock=time.time) -> None:
+                 penalty: Penalty, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.pam = pam_pool
         self.readers = readers
@@ -124,28 +124,25 @@ class AuthService:
         # the one before it earned.
         keys = [("u:" + user_key(name), 1)]
         if peer.host:
-            keys.append(("c:" + client_key(peer.host), 2))
-        slept = False
+            keys.append(("c:" + client_key(peer.host), 1))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
         try:
             while True:
-                async with self._turns.take(keys, wait):
-                    hold = 0.0
-                    if not slept:
-                        # While the user or the address is in backoff,
-                        # nothing is decided before its delay has run out
-                        # (the slot after it is taken now): a caller that
-                        # gives up waiting for a refusal (a success comes at
-                        # once) would otherwise guess at PAM's full speed.
-                        hold = self.penalty.hold(name, peer.host, self.clock())
-                        if hold > self.penalty.cap:
-                            result, pause = self._held_back(name, peer)
-                            break
+                async with self._turns.take(keys, deadline - loop.time()):
+                    # While the user or the address is in backoff, nothing is
+                    # decided before its delay has run out: a caller that
+                    # gives up waiting for a refusal (a success comes at once)
+                    # would otherwise guess at PAM's full speed. Asked again
+                    # after each wait, under the turn: the login before may
+                    # have earned a longer one meanwhile.
+                    hold = self.penalty.hold(name, peer.host, self.clock())
                     if hold <= 0:
                         result, pause = await self._decide(name, password, peer, wait)
                         break
-                # the hold is slept holding no turn; then the turn is taken again
-                await asyncio.sleep(hold)
-                slept = True
+                if loop.time() >= deadline:
+                    raise _NoTurn()  # waited its time already: not once more
+                await asyncio.sleep(hold)  # holding no turn
         except _NoTurn:
             log.error("auth unavailable: user=%s client=%s reason=busy session=%s",
                       field(name), peer.client_field, field(peer.session))
@@ -153,14 +150,6 @@ class AuthService:
         if pause > 0:
             await asyncio.sleep(pause)
         return result
-
-    def _held_back(self, name: str, peer: Peer) -> tuple[AuthResult, float]:
-        """More logins side by side than slots within the cap: refused
-        undecided, after the longest delay (fail2ban sees it)."""
-        cap = self.penalty.cap
-        log.warning("auth failed: user=%s client=%s reason=held-back session=%s delay=%.1f",
-                    field(name), peer.client_field, field(peer.session), cap)
-        return AuthResult(False, None, "held-back", cap), cap
 
     async def _decide(self, name: str, password: Secret, peer: Peer,
                       wait: float) -> tuple[AuthResult, float]:

@@ -178,7 +178,11 @@ def test_a_users_login_from_a_clean_address_waits_for_another_addresss_backoff(
     finally:
         d.proc.kill()
         d.stop()
-    assert desktop.reply == AuthOk("alice"), (desktop.reply, log)
+    # (the desktop itself meets the NAT's backoff, ~4 s by then: with
+    # `timeout = 2` that is a temporary failure, which the frontend, waiting
+    # `timeout` as well, would have given it anyway)
+    assert desktop.reply == AuthOk("alice") or "unavailable" in str(desktop.reply), (
+        desktop.reply, log)
     assert phone.reply == AuthOk("alice") and phone.took is not None and phone.took < 1.0, (
         f"alice's phone (an address with no failure, a user with no failure) got"
         f" {phone.reply!r} after {phone.took:.2f} s: it waited for her desktop's login,"
