@@ -144,11 +144,18 @@ class SharedPenalty(Penalty):
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:40])
 
+    # The files hold wall-clock times (they may outlive a boot, and the
+    # caller's clock is monotonic, which starts again at each boot): turned
+    # to and from the caller's clock with the offset between the two now.
+    @staticmethod
+    def _offset() -> float:
+        return time.time() - time.monotonic()
+
     def _load(self, key: str) -> tuple[int, float] | None:
         try:
             with open(self._path(key), "rb") as f:
                 count, last = f.read(64).split()
-            return int(count), float(last)
+            return int(count), float(last) - self._offset()
         except (OSError, ValueError):
             return None
 
@@ -161,7 +168,7 @@ class SharedPenalty(Penalty):
                 return
             tmp = f"{path}.{os.getpid()}"
             with open(tmp, "w") as f:
-                f.write(f"{count} {last:.3f}\n")
+                f.write(f"{count} {last + self._offset():.3f}\n")
             os.replace(tmp, path)
         except OSError:
             pass  # a delay store that cannot be written only weakens the delay

@@ -4,8 +4,10 @@ route serves this sender for the user logged in. The log says why."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import time
@@ -62,22 +64,49 @@ class _Turns:
     """At most n logins under way per key; a login takes all its keys at
     once, when all have room, and holds none while it waits (a user's login
     waiting for a busy address must not hold up the same user's login from
-    elsewhere). Waiters are woken in the order they came. A key's count
-    lives only while someone holds it."""
+    elsewhere). A user's logins also keep their order of arrival (`line`):
+    one that sleeps a backoff hold stays first in its user's line, so later
+    guesses cannot overtake it when the hold runs out. A key's count and
+    line live only while someone holds or waits for it."""
 
     def __init__(self) -> None:
         self._used: dict[str, int] = {}
+        self._lines: dict[str, collections.deque] = {}
+        self._tickets = itertools.count()
         self._changed = asyncio.Condition()
 
-    def _room(self, keys: list[tuple[str, int]]) -> bool:
+    def enter(self, key: str) -> int:
+        """A place in `key`'s line (left with `leave`)."""
+        ticket = next(self._tickets)
+        self._lines.setdefault(key, collections.deque()).append(ticket)
+        return ticket
+
+    async def leave(self, key: str, ticket: int) -> None:
+        line = self._lines.get(key)
+        if line is not None:
+            try:
+                line.remove(ticket)
+            except ValueError:
+                pass
+            if not line:
+                del self._lines[key]
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _room(self, keys: list[tuple[str, int]], place: tuple[str, int] | None) -> bool:
+        if place is not None:
+            line = self._lines.get(place[0])
+            if line and line[0] != place[1]:
+                return False
         return all(self._used.get(key, 0) < n for key, n in keys)
 
     @contextlib.asynccontextmanager
-    async def take(self, keys: list[tuple[str, int]], wait: float):
+    async def take(self, keys: list[tuple[str, int]], wait: float,
+                   place: tuple[str, int] | None = None):
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 async with self._changed:
-                    await self._changed.wait_for(lambda: self._room(keys))
+                    await self._changed.wait_for(lambda: self._room(keys, place))
         except TimeoutError:
             raise _NoTurn() from None
         for key, _n in keys:
@@ -118,7 +147,7 @@ class AuthService:
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
         wait = min(float(self.cfg.timeout), MAX_AUTH_WAIT)
-        # One undecided login per user name and two per address at a time:
+        # One undecided login per user name and one per address at a time:
         # a burst from one client cannot fill the PAM queue that every other
         # user's login waits in, and each of its logins meets the backoff
         # the one before it earned.
@@ -127,9 +156,10 @@ class AuthService:
             keys.append(("c:" + client_key(peer.host), 1))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        place = (keys[0][0], self._turns.enter(keys[0][0]))
         try:
             while True:
-                async with self._turns.take(keys, deadline - loop.time()):
+                async with self._turns.take(keys, deadline - loop.time(), place):
                     # While the user or the address is in backoff, nothing is
                     # decided before its delay has run out: a caller that
                     # gives up waiting for a refusal (a success comes at once)
@@ -140,13 +170,18 @@ class AuthService:
                     if hold <= 0:
                         result, pause = await self._decide(name, password, peer, wait)
                         break
-                if loop.time() >= deadline:
-                    raise _NoTurn()  # waited its time already: not once more
-                await asyncio.sleep(hold)  # holding no turn
+                if hold >= deadline - loop.time():
+                    # decided only after the frontend gave up waiting for it
+                    # (it waits `timeout` as well): a temporary failure now,
+                    # and the password is not tried for no one
+                    raise _NoTurn()
+                await asyncio.sleep(hold)  # holding no turn, keeping its place
         except _NoTurn:
             log.error("auth unavailable: user=%s client=%s reason=busy session=%s",
                       field(name), peer.client_field, field(peer.session))
             return AuthResult(False, None, "busy", temporary=True)
+        finally:
+            await self._turns.leave(*place)
         if pause > 0:
             await asyncio.sleep(pause)
         return result
