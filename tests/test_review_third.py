@@ -289,26 +289,7 @@ def test_every_tls13_client_leaves_a_cached_session_in_the_server(tmp_path):
 # ------------------------------------------------------------ private authenticator
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except FileNotFoundError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return ""
+from tests.test_review_load import _cmdline, _descendants  # noqa: E402
 
 
 def _exited(pid: int) -> bool:
