@@ -89,7 +89,7 @@ class UpstreamPool:
             if entry.timer is not None:
                 entry.timer.cancel()
             client = entry.client
-            if not probe and not client.reader.buffered and not client.stream.said_something():
+            if not probe and not client.spoke_unasked():
                 self.hits += 1
                 return client
             if probe and await self._probe(client):
@@ -102,8 +102,8 @@ class UpstreamPool:
         return None
 
     async def _probe(self, client: UpstreamClient) -> bool:
-        if client.reader.buffered or client.stream.said_something():
-            return False  # the upstream said something unasked (e.g. 421 before closing)
+        if client.spoke_unasked():
+            return False  # (e.g. 421 before closing)
         try:
             with client.stream.timeout_at_most(PROBE_TIMEOUT):
                 reply = await client.command("RSET")

@@ -121,8 +121,7 @@ class Relay:
         return self._in_tx or self._mail_refused
 
     def _spoke_unasked(self) -> bool:
-        client = self._client
-        return client is not None and bool(client.reader.buffered or client.stream.said_something())
+        return self._client is not None and self._client.spoke_unasked()
 
     def _idle_too_long(self) -> bool:
         client = self._client
@@ -519,10 +518,16 @@ class Relay:
         if early is None or early.code < 400:
             self._fail_transport(exc, "DATA")
             return
+        self._broken = self._early_refusal(client, early)
+
+    def _early_refusal(self, client: UpstreamClient, early: Reply) -> Reply:
+        """The upstream refused the message before its end (4xx/5xx): that
+        reply is the answer (a 5xx stays a 5xx; 421 becomes 451), and the
+        connection is dropped without the final dot."""
         self.log.warning("%s: upstream %s refused the message during DATA: %s", self._sid(),
                          client.address, early)
         self._drop()
-        self._broken = (Reply(451, early.lines) if early.code == 421 else early).with_enhanced("0.0")
+        return (Reply(451, early.lines) if early.code == 421 else early).with_enhanced("0.0")
 
     async def _unasked_reply(self) -> Reply | None:
         """The upstream said something while the message was being sent,
@@ -541,11 +546,9 @@ class Relay:
             early = None  # half a reply: nonsense
         except (OSError, ReplyError, TLSError) as e:
             return self._fail_transport(e, "DATA")
-        self._drop()
         if early is not None and early.code >= 400:
-            self.log.warning("%s: upstream %s refused the message during DATA: %s", self._sid(),
-                             client.address, early)
-            return (Reply(451, early.lines) if early.code == 421 else early).with_enhanced("0.0")
+            return self._early_refusal(client, early)
+        self._drop()
         self.log.warning("%s: upstream %s replied during the message (%s); connection dropped"
                          " without the final dot", self._sid(), client.address, early or "part of a reply")
         return BAD_UPSTREAM

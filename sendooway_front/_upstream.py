@@ -183,6 +183,12 @@ class UpstreamClient:
     async def read_reply(self) -> Reply:
         return await self.reader.read_reply()
 
+    def spoke_unasked(self) -> bool:
+        """Bytes arrived that no command asked for (or the end of them): a
+        421 before closing, one reply too many. Such a connection must not
+        be reused: the next command would read that reply as its own."""
+        return bool(self.reader.buffered or self.stream.said_something())
+
     def supports(self, keyword: str) -> bool:
         return keyword.upper() in self.extensions
 
