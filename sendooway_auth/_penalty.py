@@ -54,21 +54,26 @@ class Penalty:
         return min(self.cap, self.base * (2 ** min(max(n, 0), 30))) if self.base > 0 else 0.0
 
     def _get(self, key: str, now: float) -> int:
+        entry = self._entry(key, now)
+        return entry[0] if entry is not None else 0
+
+    def _entry(self, key: str, now: float) -> tuple[int, float] | None:
+        """(count, time of the last failure) while the count lasts; a time
+        in the future (the clock was stepped back) is stored as now."""
         entry = self._load(key)
         if entry is None:
-            return 0
+            return None
         count, last = entry
-        if last > now:  # the clock was stepped back: that failure is "now"
+        if last > now:
+            last = now
             self._restamp(key, count, now)
         elif now - last > self.window:
             self._drop(key)
-            return 0
-        return count
+            return None
+        return count, last
 
     def _restamp(self, key: str, count: int, now: float) -> None:
-        table = self._accounts if key in self._accounts else self._counts
-        if key in table:
-            table[key] = (count, now)
+        self._save(key, count, now)  # (stays in the table it is in)
 
     def failure(self, user: str, client: str, now: float, account: bool = True) -> float:
         """Count one failure; return how long to hold back its answer.
@@ -91,11 +96,10 @@ class Penalty:
         user, client = user_key(user), client_key(client)
         wait = 0.0
         for key in [f"u:{user}"] + ([f"c:{client}"] if client else []):
-            count = self._get(key, now)
-            if count <= 0:
-                continue
-            last = self._load(key)[1]  # type: ignore[index]  (not after now: _get)
-            wait = max(wait, last + self._delay(count - 1) - now)
+            entry = self._entry(key, now)
+            if entry is not None and entry[0] > 0:
+                count, last = entry
+                wait = max(wait, last + self._delay(count - 1) - now)
         return min(wait, self.cap)
 
     def success(self, user: str, client: str, now: float | None = None) -> None:

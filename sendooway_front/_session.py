@@ -95,9 +95,9 @@ COMMANDS: dict[str, tuple[State | Reply, ...]] = {
 _ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
 # Commands that move nothing forward: these verbs, a command refused without
 # an error point (DATA before any recipient), and a MAIL, DATA or message
-# the relay refuses (each cost a lookup or an upstream
-# round trip). Past max_junk of them without a message accepted, each one
-# earns an error point too (as Postfix's smtpd_junk_command_limit and Exim's
+# the relay refuses (each cost a lookup or an upstream round trip). Past
+# max_junk of them without a message accepted, each one earns an error point
+# too (as Postfix's smtpd_junk_command_limit and Exim's
 # smtp_accept_max_nonmail), so a client cannot hold a session open forever.
 _JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO", "STARTTLS"))
 MAX_RCPT_COMMANDS = 1000  # RCPTs in one transaction, refused or not, before each costs a point
