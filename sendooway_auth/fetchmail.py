@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
-from ._accounts import Account, ParseResult, field_problem, lines
+from ._accounts import Account, ParseResult, field_problem
 from ._address import check_pattern
 
 PREFIX = "sendooway:"
