@@ -271,6 +271,7 @@ class ForkServer:
         self.cfg = cfg
         self._sock: socket.socket | None = None
         self.pid = 0
+        self.pidfd = -1  # readable once the fork server exited (-1: Linux < 5.3)
 
     def start(self) -> "ForkServer":
         """Call before any thread exists."""
@@ -292,9 +293,32 @@ class ForkServer:
         theirs.close()
         ours.setblocking(False)  # a stuck fork server must not block the event loop
         self._sock, self.pid = ours, pid
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.pidfd = -1
         return self
 
+    def exit_status(self) -> str:
+        """How the fork server ended, for the log (it must have ended)."""
+        try:
+            _pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return "ended"
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                return f"killed by {signal.Signals(sig).name}"
+            except ValueError:
+                return f"killed by signal {sig}"
+        if os.WIFEXITED(status):
+            return f"exited with status {os.WEXITSTATUS(status)}"
+        return "ended"
+
     def stop(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -198,6 +198,7 @@ class Runtime:
                 log.warning("failure backoff kept per session only: %s: %s", directory,
                             exc.strerror or exc)
         self.service: AuthService | None = None
+        self.failed = False  # the daemon stops because a part of it died: exit 1
 
     def make_service(self) -> AuthService:
         self.service = AuthService(self.cfg, self.pam, self.readers, self.penalty)
@@ -289,6 +290,8 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, _reloader(rt, config_path))
     watcher = asyncio.ensure_future(_watch_parent(parent, stop)) if parent else None
+    if rt.forks.pidfd >= 0:
+        loop.add_reader(rt.forks.pidfd, _fork_server_gone, rt, stop)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -329,12 +332,27 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     notify("STOPPING=1")
     log.info("stopping")
+    if rt.forks.pidfd >= 0:
+        loop.remove_reader(rt.forks.pidfd)
     if watcher is not None:
         watcher.cancel()
     server.close()
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _fork_server_gone(rt: Runtime, stop: asyncio.Event) -> None:
+    """The reader fork server died (the OOM killer, a stray kill): no route
+    lookup can work any more, and forking a new one from this threaded
+    process is not safe. Stop with status 1, so that the service manager
+    (Restart=on-failure) starts a whole new authenticator."""
+    asyncio.get_running_loop().remove_reader(rt.forks.pidfd)
+    log.error("the reader fork server %s; route lookups cannot work without it:"
+              " stopping (exit status 1) for the service manager to restart us",
+              rt.forks.exit_status())
+    rt.failed = True
+    stop.set()
 
 
 def _reloader(rt: Runtime, config_path: str):
@@ -387,7 +405,7 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
             except OSError:
                 pass
     log.info("stopped")
-    return 0
+    return 1 if rt.failed else 0
 
 
 async def _serve_fd(rt: Runtime, sock: socket.socket) -> None:
