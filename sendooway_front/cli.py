@@ -95,6 +95,18 @@ class _Startup:
         return code
 
 
+def _mute_stderr() -> None:
+    """xinetd made the client's connection our stderr too: whatever Python
+    or a library might print there (a warning, a note that the log cannot
+    be written) would land in the SMTP dialogue. Point it at /dev/null."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    os.dup2(null, 2)
+    os.close(null)
+
+
 def _linger(seconds: float = 2.0, most: int = 65536) -> None:
     """Close the client's socket gently: what it sent already (a pipelining
     client's EHLO) is read and dropped for a moment (`seconds` in all), so
@@ -170,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     one_session = not args.bind and "LISTEN_FDS" not in os.environ
     startup = _Startup(one_session)
+    if startup.stderr_is_client:
+        _mute_stderr()
     if args.log in ("&2", "-") and startup.stderr_is_client:  # xinetd: stderr is the client
         return startup.fail(None, "-l '&2': stderr is the SMTP client here (xinetd makes the"
                                   " connection stderr too); log to a file or syslog (no -l)")

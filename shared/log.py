@@ -38,6 +38,37 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
+LOG_FAILURE_EVERY = 60.0  # seconds between two notes that the log cannot be written
+
+
+def _quiet_failures(handler: logging.Handler, program: str, where: str) -> None:
+    """A record the handler cannot write (a full disk, syslog gone) costs a
+    one-line note on stderr at most every LOG_FAILURE_EVERY seconds, with a
+    count of the lines lost, instead of logging's default: a traceback with
+    the record's message and arguments on stderr for every line. (Under
+    xinetd stderr is the client's connection; the frontend points it at
+    /dev/null there, see its cli.)"""
+    state = {"last": -LOG_FAILURE_EVERY, "lost": 0}
+
+    def handle_error(_record: logging.LogRecord) -> None:
+        state["lost"] += 1
+        now = time.monotonic()
+        if now - state["last"] < LOG_FAILURE_EVERY:
+            return
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        try:
+            sys.stderr.write(f"{program}: cannot write the log to {where} ({reason}):"
+                             f" {state['lost']} line(s) lost\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - nowhere left to say it
+            pass
+        state["last"] = now
+        state["lost"] = 0
+
+    handler.handleError = handle_error  # type: ignore[method-assign]
+
+
 def setup_logging(target: str | None, program: str, level: int = logging.INFO) -> logging.Logger:
     """Configure the root logger for `program` and return it.
 
@@ -50,16 +81,20 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
         stream = sys.stdout if target == "&1" else sys.stderr
         handler: logging.Handler = logging.StreamHandler(stream)
         fmt = f"%(asctime)s {program}[%(process)d]: %(message)s"
+        where = "stdout" if target == "&1" else "stderr"
     elif target:
         handler = logging.FileHandler(target, mode="a", encoding="utf-8")
         fmt = f"%(asctime)s {program}[%(process)d]: %(message)s"
+        where = target
     else:
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
         handler = logging.handlers.SysLogHandler(
             address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
         fmt = f"{program}[%(process)d]: %(message)s"
+        where = "syslog"
     handler.setFormatter(_Formatter(fmt))
+    _quiet_failures(handler, program, where)
     # Neither program logs thread or process names: not looked up per line.
     logging.logThreads = False
     logging.logProcesses = False

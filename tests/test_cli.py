@@ -4,8 +4,10 @@ a broken config is reported as file:line on stderr with exit code 2."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -130,3 +132,70 @@ def test_default_log_is_syslog_facility_mail(tmp_path):
         pri = int(m[1:m.index(b">")])
         assert pri // 8 == 2, m
     assert any(m.startswith(b"<22>sendooway[") and b"connect on stdin/stdout" in m for m in ours), ours
+
+
+def _inetd_session(args, script: bytes):
+    """One inetd session with the socket as fd 0, 1 and 2 (xinetd): the
+    bytes the client read, and the exit code."""
+    import socket as socketmod
+
+    from .test_front_proxy_e2e import read_until_closed
+
+    client, server = socketmod.socketpair()
+    proc = subprocess.Popen([FRONT, *args], stdin=server.fileno(), stdout=server.fileno(),
+                            stderr=server.fileno())
+    server.close()
+    client.settimeout(20)
+    client.sendall(script)
+    seen = read_until_closed(client)
+    client.close()
+    return seen, proc.wait(30)
+
+
+def test_a_log_that_cannot_be_written_never_reaches_the_xinetd_client():
+    """A full disk under -l FILE (here /dev/full: every write fails with
+    ENOSPC): logging's default is a traceback, with the record's message
+    and arguments, on stderr for every line, and under xinetd stderr is the
+    client's connection: the client used to read Python tracebacks (session
+    ids, addresses, source paths) between the SMTP replies. Now it reads
+    SMTP replies only."""
+    seen, code = _inetd_session(["-c", "/dev/null", "-l", "/dev/full"],
+                                b"EHLO x\r\nNOOP\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n")
+    assert code == 0
+    lines = seen.decode("ascii").split("\r\n")
+    assert lines[-1] == ""
+    assert lines[0].startswith("220 ") and lines[-2].startswith("221 "), seen
+    for line in lines[:-1]:
+        assert re.fullmatch(r"[2-5]\d\d[ -].*", line), line
+
+
+@pytest.mark.parametrize("cmd", [FRONT, AUTH])
+def test_a_log_that_cannot_be_written_is_one_short_note_on_stderr(cmd, tmp_path):
+    """Where stderr is not the client, a log that cannot be written gives
+    one line saying so (and how many lines were lost), not a traceback per
+    log line."""
+    if cmd == FRONT:
+        r = subprocess.run([FRONT, "-c", "/dev/null", "-l", "/dev/full"],
+                           input=b"EHLO x\r\nNOOP\r\nRSET\r\nQUIT\r\n", capture_output=True,
+                           timeout=60)
+        assert r.stdout.startswith(b"220 ") and b"221 " in r.stdout
+    else:
+        conf = tmp_path / "auth.conf"
+        conf.write_text(f"authSocket = {tmp_path}/run/auth.sock\n")
+        os.mkdir(tmp_path / "run", 0o755)
+        proc = subprocess.Popen([AUTH, "-c", str(conf), "-l", "/dev/full"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(tmp_path / "run" / "auth.sock"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.terminate()
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        r = subprocess.CompletedProcess([], proc.returncode, b"", err)
+    err = r.stderr.decode()
+    assert "Traceback" not in err and "Logging error" not in err, err
+    notes = [line for line in err.splitlines() if "cannot write the log" in line]
+    assert len(notes) == 1, err
+    assert "/dev/full (No space left on device)" in notes[0] and "line(s) lost" in notes[0]
