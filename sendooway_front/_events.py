@@ -99,7 +99,7 @@ class DataFinished(Event):
     """The client sent CRLF.CRLF after a clean message: send the final dot;
     answer with Session.relay_reply()."""
 
-    size: int  # message octets handed out in DataChunk events
+    size: int  # octets handed out in DataChunk events, plus the last line's CRLF
     empty: bool = False  # no line at all: "." came right after the 354
 
 

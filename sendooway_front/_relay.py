@@ -452,7 +452,9 @@ class Relay:
             try:
                 reply = await self._client.command("DATA")
             except (OSError, TimeoutError, ReplyError, TLSError) as e:
-                return self._fail_transport(e, "DATA")
+                reply = self._fail_transport(e, "DATA")
+                self._log_message(f"not delivered ({reply.code})")
+                return reply
             reply = self._upstream_reply(reply, intermediate_ok=True)
         if reply.code != 354:
             if reply.code < 400:
@@ -461,10 +463,13 @@ class Relay:
                 self.log.warning("%s: upstream answered DATA with %s", self._sid(), reply)
                 self._drop()
                 self._broken = BAD_UPSTREAM
+                self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
                 return BAD_UPSTREAM
+            self._log_message(f"DATA refused: {reply}")
             return reply
         if self._overtalked("DATA"):
             self._broken = BAD_UPSTREAM
+            self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
             return BAD_UPSTREAM
         self._in_data = True
         self._check = _LineEndCheck()
@@ -575,6 +580,8 @@ class Relay:
         # without a single line ends right after the 354 (or after the
         # header, which ends in CRLF): "." alone, not an empty line and ".".
         end = b".\r\n" if empty and not self._bytes else b"\r\n.\r\n"
+        if end != b".\r\n":
+            self._bytes += 2  # the last line's CRLF, which came with the end marker
         try:
             await self._client.stream.write(held + end)
         except (OSError, TimeoutError, TLSError) as e:

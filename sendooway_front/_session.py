@@ -149,6 +149,7 @@ class Session:
         # message state
         self._d_refusal: Reply | None = None
         self._d_size = 0
+        self._d_stuffed = 0            # dots the client doubled (not in RFC 1870's size)
         self._d_line = 0               # octets of the current line so far
         self._d_dot = False            # ... and whether it began with a (stuffed) dot
         self._d_skip = 0               # octets of the synthetic CRLF not yet skipped
@@ -729,6 +730,7 @@ class Session:
         self.state = State.DATA
         self._d_refusal = None
         self._d_size = 0
+        self._d_stuffed = 0
         self._d_line = 0
         # The CRLF that ended the DATA line starts the first "\r\n." test.
         self._buf[:0] = b"\r\n"
@@ -797,6 +799,7 @@ class Session:
             return self._refuse_data(R.NUL_IN_DATA, "NUL in message")
         del buf[:cut]
         self._d_skip = 0
+        skip_line_start = self._d_line == 0
         first = self._d_line + len(lines[0])
         first_dot = self._d_dot if self._d_line else lines[0][:1] == b"."
         longest = max(first, max(map(len, lines[1:]), default=0))
@@ -806,15 +809,37 @@ class Session:
             return self._refuse_data(R.DATA_LINE_TOO_LONG, "line longer than 1000 octets")
         self._d_size += len(chunk)
         limit = self.settings.size_limit
-        if limit and self._d_size > limit:
-            return self._refuse_data(R.MESSAGE_TOO_BIG, "message exceeds the size limit")
+        if limit:
+            # RFC 1870's size leaves out the dots a client doubled
+            self._d_stuffed += chunk.count(b"\r\n.") + (skip_line_start and chunk[:1] == b".")
+            if self._d_size - self._d_stuffed > limit:
+                return self._refuse_data(R.MESSAGE_TOO_BIG, "message exceeds the size limit")
         self._events.append(DataChunk(chunk))
         return True
 
     def _finish_data(self, empty: bool) -> bool:
+        limit = self.settings.size_limit
+        if not empty:
+            # the last line's CRLF came with the end marker: it counts too
+            # (RFC 1870 3), and a message one line short of the limit is
+            # refused only now, before its final dot goes upstream
+            self._d_size += 2
+            if limit and self._d_size - self._d_stuffed > limit:
+                self._events.append(DataRefused("message exceeds the size limit"))
+                self._out += R.MESSAGE_TOO_BIG.to_bytes()
+                self._data_refused()
+                return True
         self._awaiting = _Await.DATA_END
         self._events.append(DataFinished(self._d_size, empty))
         return True
+
+    def _data_refused(self, junk: bool = True) -> None:
+        """A message refused here has ended (its reply is out): the
+        transaction is over."""
+        self.state = State.AUTHENTICATED
+        self.recipients = self._rcpt_commands = 0
+        if junk:
+            self._refused()
 
     def _refuse_data(self, reply: Reply, reason: str) -> bool:
         self._d_refusal = reply
@@ -841,12 +866,11 @@ class Session:
         clean = m.group() == _END
         del buf[: m.end()]
         reply, self._d_refusal = self._d_refusal, None
-        self.state = State.AUTHENTICATED
-        self.recipients = self._rcpt_commands = 0
         if clean:
             self._out += reply.to_bytes()
-            self._refused()
+            self._data_refused()
         else:
+            self._data_refused(junk=False)
             self._close(reply if reply.code == 421 else R.BARE_LF_IN_DATA_CLOSING,
                         "message ended with bare CR/LF")
         return True

@@ -336,6 +336,26 @@ def test_message_over_size_limit_is_refused_after_the_end():
     assert h.messages == [] and h.aborted == 1
 
 
+@pytest.mark.parametrize("body, fits", [
+    (b"x" * 98 + b"\r\n", True),             # 100 octets with its CRLF: exactly the limit
+    (b"x" * 99 + b"\r\n", False),            # 101: one over, by the last CRLF alone
+    (b"..x\r\n" + b"y" * 94 + b"\r\n", True),  # 101 as sent, 100 without the doubled dot
+    (b"..x\r\n" + b"y" * 95 + b"\r\n", False),
+    (b"\r\n" * 50, True),
+    (b"\r\n" * 51, False),
+])
+def test_the_size_limit_counts_as_rfc_1870_does(body, fits):
+    """RFC 1870 3: the size counts every CRLF, the last line's too, but not
+    the dots a client doubled. The limit used to leave out the last CRLF
+    (a message two octets over passed) and count doubled dots."""
+    s = SessionSettings("h", size_limit=100)
+    c, h = talk(LOGIN_ALICE + TXN + body + b".\r\nNOOP\r\n", settings=s)
+    if fits:
+        assert c[-2:] == [250, 250] and h.messages == [body[:-2]]
+    else:
+        assert c[-2:] == [552, 250] and h.messages == [] and h.aborted == 1
+
+
 def test_data_line_over_1000_octets_is_refused():
     ok = b"x" * 998 + b"\r\n"
     c, h = talk(LOGIN_ALICE + TXN + ok + b".\r\n")
