@@ -364,11 +364,11 @@ class SessionRunner:
             route = await self.link.route(ev.sender)
         except AuthLinkError as exc:
             self._log(logging.ERROR, "route for <%s>: %s", ev.sender, exc)
-            s.relay_reply(R.ROUTE_TEMPFAIL)
+            self._refuse_mail(R.ROUTE_TEMPFAIL)
             return
         if route is None:
             self._log(logging.INFO, "sender=<%s>: no route", ev.sender)
-            s.relay_reply(R.NO_ROUTE)
+            self._refuse_mail(R.NO_ROUTE)
             return
         self._log(logging.DEBUG, "sender=<%s> route=%s", ev.sender, route.describe())
         info = SessionInfo(self.sid, self.client, s.client_name, s.user or "",
@@ -384,6 +384,19 @@ class SessionRunner:
         data = s.data_follows()
         replies = await self._relay_call(group(info, route, ev.sender, ev.params, recipients, data))
         self._reply_each(replies, 1 + len(recipients))
+
+    def _refuse_mail(self, reply) -> None:
+        """A MAIL refused here, and 503 for each RCPT the client pipelined
+        behind it: as relay replies, like those behind a MAIL the upstream
+        refused, so they earn no error point each (the client sent them
+        before it could see the refusal)."""
+        s = self.session
+        behind = 0
+        while s.pipelined_rcpt() is not None:
+            behind += 1
+        s.relay_reply(reply)
+        for _ in range(behind):
+            s.relay_reply(R.NEED_MAIL)
 
     def _reply_each(self, replies, count: int) -> None:
         """One relay reply per command of a group, in order; a relay that

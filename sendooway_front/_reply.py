@@ -35,10 +35,18 @@ class Reply:
         none (RFC 2034: once ENHANCEDSTATUSCODES is advertised, every 2xx,
         4xx and 5xx reply carries one): `success` is the detail for a 2xx
         ("1.0" for MAIL, "1.5" for RCPT, "0.0" for the message), a failure
-        gets the generic 4.0.0 / 5.0.0. The text itself is kept."""
-        if self.enhanced or 300 <= self.code < 400:
+        gets the generic 4.0.0 / 5.0.0. A reply whose first line has a code
+        lends it to its other lines that lack one (RFC 2034 3: each line of
+        a multi-line reply starts with the same code). The text itself is
+        kept."""
+        if 300 <= self.code < 400:
             return self
-        status = f"{self.code // 100}.{success if self.code < 300 else '0.0'}"
+        status = self.enhanced
+        if status:
+            if all(_ENHANCED_WORD.match(t) for t in self.lines):
+                return self
+        else:
+            status = f"{self.code // 100}.{success if self.code < 300 else '0.0'}"
         return Reply(self.code, tuple(t if _ENHANCED_WORD.match(t)
                                       else f"{status} {t}" if t else status
                                       for t in self.lines or ("",)))

@@ -188,6 +188,10 @@ def test_mail_from_line_may_grow_by_its_extensions():
     (Reply(354, ("go ahead",)), "0.0", ("go ahead",)),              # 3xx: none (RFC 3463)
     (Reply(250, ("first", "2.0.0 second", "2.0.0x")), "0.0",
      ("2.0.0 first", "2.0.0 second", "2.0.0 2.0.0x")),
+    # the first line's code goes to the lines without one (RFC 2034 3)
+    (Reply(550, ("5.7.1 refused", "see https://x.example/", "")), "1.5",
+     ("5.7.1 refused", "5.7.1 see https://x.example/", "5.7.1")),
+    (Reply(250, ("2.1.5 a", "2.1.5 b")), "1.0", ("2.1.5 a", "2.1.5 b")),
 ])
 def test_enhanced_code_added_only_where_missing(reply, success, expected):
     assert reply.with_enhanced(success).lines == expected

@@ -217,6 +217,23 @@ def test_stdio_devnull_config_root_starts_its_own_authenticator(world, tmp_path)
     assert world.users["alice"].password.encode() not in err
 
 
+def test_rcpts_pipelined_behind_an_unrouted_mail_cost_no_error_points(world, tmp_path):
+    """A pipelining client (msmtp, Thunderbird) sends MAIL and every RCPT
+    at once. When the MAIL has no route (550), its RCPTs get 503 — and
+    used to earn an error point each, so a message to 25 recipients ended
+    the session with 421 "too many errors", while the same RCPTs behind a
+    MAIL the upstream refused cost nothing (a conformance review). The
+    client could not have known: it sent them before the 550."""
+    rcpts = "".join(f"RCPT TO:<r{i}@example.net>\r\n" for i in range(25))
+    script = (f"EHLO client.test\r\nAUTH PLAIN {login_plain('alice', world.users['alice'].password)}\r\n"
+              f"MAIL FROM:<{UNROUTED}>\r\n{rcpts}DATA\r\nNOOP\r\nQUIT\r\n").encode()
+    out, err, rc = stdio_session(
+        [FRONT, "-c", "/dev/null", "-l", "&2", "--auth-socket", str(tmp_path / "none.sock")], script)
+    assert rc == 0, err
+    codes = [int(line[:3]) for line in out.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [220, 250, 235, 550] + [503] * 25 + [503, 250, 221], out
+
+
 def test_stdio_non_root_without_daemon_says_421(world, tmp_path):
     sock = tmp_path / "absent.sock"
     out, err, rc = stdio_session(
