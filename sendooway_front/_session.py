@@ -395,6 +395,10 @@ class Session:
             limit = MAX_AUTH_LINE
         elif buf[:5].upper() == b"MAIL ":
             limit = MAX_MAIL_LINE
+        elif buf[:5].upper() == b"AUTH ":
+            # an initial response as long as a continuation line may be:
+            # smtplib (and others) always send one, whatever its length
+            limit = MAX_AUTH_LINE + len(b"AUTH PLAIN ")
         else:
             limit = MAX_COMMAND_LINE
         if self._discarding:

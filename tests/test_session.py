@@ -122,6 +122,19 @@ def test_auth_plain_with_challenge_and_login_mechanism():
     assert c == [250, 334, 235]
 
 
+def test_auth_plain_initial_response_may_be_as_long_as_a_continuation_line():
+    """smtplib sends AUTH PLAIN with an initial response whatever its
+    length (RFC 4954 4 tells clients not to past 512 octets, but they do):
+    a 700-character password used to get "500 line too long" instead of
+    being checked. The line may now be as long as a continuation line
+    (2048 octets of base64); longer is still refused."""
+    long_pw = "p" * 700
+    c, h = talk(f"EHLO c\r\nAUTH PLAIN {plain('alice', long_pw)}\r\n".encode())
+    assert c == [250, 535] and h.auth_seen == [("alice", long_pw)]
+    c, h = talk(f"EHLO c\r\nAUTH PLAIN {plain('alice', 'p' * 1600)}\r\nNOOP\r\n".encode())
+    assert c == [250, 500, 250] and h.auth_seen == []
+
+
 def test_auth_cancel_bad_base64_and_empty_response():
     c, h = talk(b"EHLO c\r\nAUTH PLAIN\r\n*\r\nAUTH LOGIN\r\n*\r\n")
     assert c == [250, 334, 501, 334, 501]
