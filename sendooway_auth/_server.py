@@ -113,7 +113,7 @@ def bind_socket(path: str, owner_uid: int | None) -> socket.socket:
             os.makedirs(directory, mode=0o755)
             os.chmod(directory, 0o755)
         except OSError as exc:
-            raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
+            raise StartupError(f"cannot create {directory}: {exc.strerror or exc}") from None
     st = os.stat(directory)
     if st.st_mode & (stat.S_IWOTH | stat.S_IWGRP):
         # sticky or not: another user could bind the name while we are down
@@ -146,7 +146,7 @@ def bind_socket(path: str, owner_uid: int | None) -> socket.socket:
         sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
+        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
     if owner_uid is not None and os.geteuid() == 0:

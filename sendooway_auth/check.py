@@ -7,6 +7,7 @@ that runs as the user. Passwords are never printed.
 from __future__ import annotations
 
 import os
+import sys
 
 from sendooway_shared.config import AuthBackend, Config, exposed_passwords
 from sendooway_shared.protocol import ProtocolError
@@ -20,6 +21,8 @@ from .routes import UserRoutes
 
 EXIT_OK = 0
 EXIT_NO_MAPPING = 1
+EXIT_BAD_CONFIG = 2
+EXIT_NOT_WRITTEN = 3
 
 MASK = "********"
 
@@ -34,6 +37,25 @@ def _route_line(route: Route) -> str:
     return f"{route.server}:{route.port} {route.tls.value}{check}{ca} {who}"
 
 
+def report_to_stdout(cfg: Config, name: str, sender: str | None) -> int:
+    """The report on stdout. A reader that went away (`| head -1`) ends it
+    quietly, another write error (a full disk) is one line on stderr: exit
+    EXIT_NOT_WRITTEN either way, never a traceback."""
+    try:
+        code = report(cfg, name, sender, sys.stdout)
+        sys.stdout.flush()
+        return code
+    except OSError as exc:
+        # what is still buffered must not fail again at exit
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        if not isinstance(exc, BrokenPipeError):
+            print(f"sendooway-auth: cannot write the report: {exc.strerror or exc}",
+                  file=sys.stderr)
+        return EXIT_NOT_WRITTEN
+
+
 def report(cfg: Config, name: str, sender: str | None, out) -> int:
     """Write the report for `name` to `out`; return the exit code."""
     # Every line is escaped: paths, names and messages come from users'
@@ -46,18 +68,23 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     elif cfg.authBackend is AuthBackend.LDAP:
         backend += " (not supported: the daemon will not start; use PAM with pam_ldap or SSSD)"
     w(f"auth backend: {backend}")
+    refusal = cfg.backend_refusal(os.geteuid())
+    if refusal is not None:
+        w(f"error: {refusal}")
+        w("  (sendooway-auth will not start with this config; the report goes on)")
     if (exposed := exposed_passwords(cfg)) is not None:
         w(f"warning: {exposed}")
     user = _users.lookup(name)
     if user is None:
         w(f"account: {name} does not exist")
         w("result: no usable mapping")
-        return EXIT_NO_MAPPING
+        return EXIT_NO_MAPPING if refusal is None else EXIT_BAD_CONFIG
     w(f"account: {user.name} uid={user.uid} gid={user.gid} home={user.home}"
       f" groups={','.join(user.group_names())}")
     allowed, why = _users.valid_user(cfg, user)
     w(f"valid user: {'yes' if allowed else 'no'} ({why})")
-    if cfg.authBackend is AuthBackend.NONE and user.name != _users.process_user():
+    if (refusal is None and cfg.authBackend is AuthBackend.NONE
+            and user.name != _users.process_user()):
         w(f"note: authBackend = none accepts only {_users.process_user()}")
     if os.geteuid() != 0 and user.uid != os.geteuid():
         w("note: not running as root: this user's files cannot be read")
@@ -88,6 +115,9 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
             except ProtocolError as exc:
                 w(f"  error: the frontend cannot be told this route ({exc}): mail from"
                   f" {shown} is refused")
+    if refusal is not None:
+        w(f"result: {len(found.accounts)} account(s), but the config is refused (see error above)")
+        return EXIT_BAD_CONFIG
     if not found.accounts:
         w("result: no usable mapping")
         return EXIT_NO_MAPPING

@@ -49,13 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.sender is not None and not args.check:
+    checking = args.check is not None
+    if checking and not args.check:
+        parser.error("--check needs a user name")
+    if args.sender is not None and not checking:
         parser.error("--sender needs --check USER")
-    if args.check and (args.fd is not None or args.socket):
+    if checking and (args.fd is not None or args.socket is not None):
         parser.error("--check cannot be combined with --fd or --socket")
-    if args.fd is not None and args.socket:
+    if args.fd is not None and args.socket is not None:
         parser.error("--fd and --socket exclude each other")
-    if args.exit_with_parent and (args.fd is not None or args.check):
+    if args.socket == "":
+        parser.error("--socket needs a path")
+    if args.exit_with_parent and (args.fd is not None or checking):
         parser.error("--exit-with-parent is for the daemon (--fd exits when its socket closes)")
     if not 0 <= args.failure_delay <= 60:
         parser.error("--failure-delay must be from 0 to 60 seconds")
@@ -63,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pam-threads must be from 1 to 256")
     cfg = load_config_or_exit(args.config, "sendooway-auth")
 
-    if args.check:
-        from .check import report
+    if checking:
+        from .check import report_to_stdout
 
-        return report(cfg, args.check, args.sender, sys.stdout)
+        return report_to_stdout(cfg, args.check, args.sender)
 
     from ._server import StartupError, run_daemon, run_fd
 

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import stat
@@ -215,11 +216,22 @@ async def serve_stdio(frontend: Frontend) -> None:
         t.join(5)
 
 
+def _pollable(fd: int) -> bool:
+    """Can epoll watch `fd`? (Not /dev/null: EPERM.)"""
+    with select.epoll() as ep:
+        try:
+            ep.register(fd, select.EPOLLIN)
+        except OSError:
+            return False
+    return True
+
+
 def _streamable(fd: int, reading: bool, bridges: list) -> int:
     """`fd` itself when asyncio can poll it (pipe, socket, tty); for a regular
-    file (`sendooway < in > out`) a pipe fed or drained by a thread."""
+    file (`sendooway < in > out`) or a device epoll refuses (/dev/null,
+    a unit's StandardInput=null) a pipe fed or drained by a thread."""
     mode = os.fstat(fd).st_mode
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and _pollable(fd)):
         return fd
     r, w = os.pipe()
 

@@ -12,6 +12,7 @@ import enum
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -274,6 +275,18 @@ def _non_empty(value: str) -> str:
     return value
 
 
+MAX_SOCKET_PATH = 107  # octets a UNIX socket address holds on Linux (sun_path, NUL ended)
+
+
+def _socket_path(value: str) -> str:
+    if not value:
+        raise ValueError("a value is required")
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+        raise ValueError(f"path too long for a UNIX socket ({len(os.fsencode(value))} octets,"
+                         f" at most {MAX_SOCKET_PATH})")
+    return value
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Addresses and CIDR networks, separated by spaces and/or commas."""
     return tuple(_network(token) for token in re.split(r"[\s,]+", value) if token)
@@ -320,7 +333,7 @@ _KEYWORDS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "validuser": ("validUser", _valid_user, False),
     "smarthostmapping": ("smarthostMapping", None, True),  # type: ignore[dict-item]
     "userinclude": ("userInclude", _string, False),
-    "authsocket": ("authSocket", _non_empty, False),
+    "authsocket": ("authSocket", _socket_path, False),
     "frontenduser": ("frontendUser", _non_empty, False),
     "pamservice": ("pamService", _non_empty, False),
     "maxauthfailures": ("maxAuthFailures", _number(1, 1000), False),
@@ -543,10 +556,27 @@ def _user_line(line: str, filename: str, number: int):
 def read_text(path: str) -> str:
     """Read a config file with a size bound; errors become ConfigError."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO at the path must not hang us (in the daemon,
+        # a reload runs on the event loop that serves every login)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # /dev/null is a device
+            raise ConfigError(path, None, "not a regular file (a FIFO, socket or directory"
+                                          " cannot be a config)")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte order mark (Notepad): the text after it is what counts
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, None, f"larger than {MAX_CONFIG_BYTES} bytes")
     if b"\0" in data:

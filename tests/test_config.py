@@ -215,7 +215,36 @@ def test_unreadable_and_missing_file(tmp_path):
 def test_directory_is_not_a_config(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(str(tmp_path))
-    assert str(info.value).startswith(f"{tmp_path}: cannot read")
+    assert str(info.value).startswith(f"{tmp_path}: not a regular file")
+
+
+def test_fifo_is_not_a_config_and_does_not_hang(tmp_path):
+    """A FIFO nobody writes to would block open() for ever (and in the
+    daemon a reload runs on the event loop that serves every login)."""
+    fifo = tmp_path / "fifo.conf"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(fifo))
+    assert str(info.value).startswith(f"{fifo}: not a regular file")
+
+
+def test_a_utf8_byte_order_mark_is_skipped(tmp_path):
+    conf = tmp_path / "bom.conf"
+    conf.write_bytes(b"\xef\xbb\xbftimeout = 30\nlocalname = x.example\n")
+    cfg = load_config(str(conf))
+    assert cfg.timeout == 30 and cfg.localname == "x.example"
+    conf.write_bytes(b"\xef\xbb\xbftimeout = 30\ntimout = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(conf))
+    assert ":2: unknown keyword 'timout'" in str(info.value)  # lines counted as before
+
+
+def test_an_auth_socket_path_too_long_for_a_unix_socket_is_a_config_error(tmp_path):
+    conf = tmp_path / "sock.conf"
+    conf.write_text("authSocket = /run/" + "s" * 110 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(conf))
+    assert ":1: " in str(info.value) and "too long for a UNIX socket" in str(info.value)
 
 
 # ------------------------------------------------------------ direct mappings
