@@ -221,10 +221,16 @@ def _path_or_empty(value: str) -> str:
     return value
 
 
+def _digits(value: str) -> bool:
+    """ASCII digits, few enough for any limit here (`²` is isdigit() but no
+    number, and 5000 digits make int() complain about Python internals)."""
+    return value.isascii() and value.isdigit() and len(value) <= 18
+
+
 def _number(lo: int, hi: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
-        if not value.isdigit():
-            raise ValueError(f"expected a number, got {value!r}")
+        if not _digits(value):
+            raise ValueError(f"expected a number from {lo} to {hi}, got {value[:40]!r}")
         n = int(value)
         if not lo <= n <= hi:
             raise ValueError(f"expected a number from {lo} to {hi}, got {n}")
@@ -258,8 +264,9 @@ def _enum(kind: type[enum.Enum]) -> Callable[[str], enum.Enum]:
 def _message_size(value: str) -> int | None:
     if value.lower() == "disable":
         return None
-    if not value.isdigit():
-        raise ValueError(f"expected disable, 0 or a size in bytes, got {value!r}")
+    if not _digits(value):
+        raise ValueError(f"expected disable, 0 or a size in bytes (at most 18 digits),"
+                         f" got {value[:40]!r}")
     return int(value)
 
 

@@ -345,3 +345,18 @@ def test_random_lines_give_config_or_config_error(lines):
         parse_user_config(text, "fuzz.rc")
     except ConfigError as exc:
         assert str(exc).startswith("fuzz.rc")
+
+
+@pytest.mark.parametrize("line", ["timeout = \u00b2", "timeout = " + "9" * 5000,
+                                  "extMessageSize = \u0663", "extMessageSize = " + "1" * 30])
+def test_odd_numbers_get_a_plain_error(line, tmp_path):
+    """`²` and U+0663 pass str.isdigit() but are no numbers, and 5000
+    digits make int() talk about sys.set_int_max_str_digits(): each used to
+    reach the admin as Python's own message."""
+    conf = tmp_path / "n.conf"
+    conf.write_text(line + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(conf))
+    msg = str(info.value)
+    assert msg.startswith(f"{conf}:1: ") and "expected" in msg, msg
+    assert "int" not in msg and len(msg) < 300, msg
