@@ -391,16 +391,19 @@ def run(args) -> int:
         # The authenticator's share of MAIL: a sender without a route is answered
         # 550 right after the lookup, no upstream involved.
         lookups = []
-        with smtplib.SMTP("127.0.0.1", p_on, local_hostname="client.bench", timeout=60) as s:
-            s.starttls(context=ctx)
-            s.ehlo()
-            s.login("alice", alice_pw)
-            for _ in range(args.sessions):
-                t0 = time.perf_counter()
-                code, _ = s.mail("nobody@unrouted.example")
-                lookups.append(time.perf_counter() - t0)
-                assert code == 550, code
-                s.rset()
+        while len(lookups) < args.sessions:
+            # a refused MAIL and an RSET are junk commands: 100 are free
+            # per session, so a new session every 40 rounds
+            with smtplib.SMTP("127.0.0.1", p_on, local_hostname="client.bench", timeout=60) as s:
+                s.starttls(context=ctx)
+                s.ehlo()
+                s.login("alice", alice_pw)
+                for _ in range(min(40, args.sessions - len(lookups))):
+                    t0 = time.perf_counter()
+                    code, _ = s.mail("nobody@unrouted.example")
+                    lookups.append(time.perf_counter() - t0)
+                    assert code == 550, code
+                    s.rset()
         print(f"  MAIL of a sender without a route (route lookup only, 550): "
               f"{statistics.median(lookups) * 1000:.2f} ms median")
         hwm_small = vm_hwm_kib(f_off.pid)
