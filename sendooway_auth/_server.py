@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 
 from sendooway_shared.config import (
-    Config, ConfigError, exposed_passwords, parse_config, read_text,
+    Config, ConfigError, config_warnings, parse_config, read_text,
 )
 from sendooway_shared.log import quiet_accept_errors
 
@@ -242,8 +242,8 @@ class Runtime:
             self.service.cfg = new
         for name in changed:
             log.warning("reload: %s changed; it takes effect only after a restart", name)
-        if (exposed := exposed_passwords(new)) is not None:
-            log.warning("%s", text(exposed))
+        for warning in config_warnings(new):
+            log.warning("%s", text(warning))
         log.info("reloaded %s", text(path))
         return True
 
@@ -370,8 +370,8 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
                exit_with_parent: bool = False, config_path: str | None = None) -> int:
     hangup = _EarlyHangup() if config_path is not None else None
     check_backend(cfg)  # before the socket exists: nothing to clean up on refusal
-    if (exposed := exposed_passwords(cfg)) is not None:
-        log.warning("%s", text(exposed))
+    for warning in config_warnings(cfg):
+        log.warning("%s", text(warning))
     parent = os.getppid() if exit_with_parent else None
     sock = activated_socket()
     bound_path = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from sendooway_shared.config import AuthBackend, Config, exposed_passwords
+from sendooway_shared.config import AuthBackend, Config, config_warnings
 from sendooway_shared.protocol import ProtocolError
 from sendooway_shared.types import Route
 
@@ -72,8 +72,8 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     if refusal is not None:
         w(f"error: {refusal}")
         w("  (sendooway-auth will not start with this config; the report goes on)")
-    if (exposed := exposed_passwords(cfg)) is not None:
-        w(f"warning: {exposed}")
+    for warning in config_warnings(cfg):
+        w(f"warning: {warning}")
     user = _users.lookup(name)
     if user is None:
         w(f"account: {name} does not exist")

@@ -21,8 +21,8 @@ from typing import Callable, Generator
 import msgpack
 
 from sendooway_shared.config import (
-    MAX_USER_ERRORS, ConfigError, Config, MappingKind, UserConfig, effective_mappings,
-    expand_path, parse_user_config,
+    MAX_USER_ERRORS, ConfigError, Config, MappingKind, UserConfig, comment_cut_warning,
+    effective_mappings, expand_path, parse_user_config,
 )
 from sendooway_shared.protocol import RouteOk
 from sendooway_shared.types import Route, Secret, TlsMode
@@ -347,6 +347,7 @@ def _parse_include(text: str, path: str, found: UserRoutes) -> UserConfig:
     if len(errors) > MAX_INCLUDE_ERRORS:
         found.errors.append(f"{path}: more than {MAX_INCLUDE_ERRORS} errors, file ignored")
         return UserConfig(filename=path)
+    found.warnings.extend(comment_cut_warning(path, n) for n in parsed.comment_cuts)
     return parsed
 
 

@@ -163,6 +163,8 @@ class Config:
     proxyProtocol: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     filename: str = ""
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # name → line
+    # lines of smarthostMapping whose '#' comment is glued to a word (see comment_cuts)
+    comment_cuts: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def where(self, name: str) -> str:
         """file:line of the line that set `name` (the file alone when a default)."""
@@ -181,6 +183,15 @@ class Config:
                     " sendooway-auth runs as without a password, and that is root here;"
                     " use authBackend = PAM (none is for a sendooway-auth run as one user)")
         return None
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What is worth a warning in the global config (at start, at a reload,
+    in --check)."""
+    found = [comment_cut_warning(cfg.filename, n) for n in cfg.comment_cuts]
+    if (exposed := exposed_passwords(cfg)) is not None:
+        found.append(exposed)
+    return found
 
 
 def exposed_passwords(cfg: Config) -> str | None:
@@ -208,6 +219,7 @@ class UserConfig:
     smarthostMapping: tuple[Mapping, ...] = ()
     sslCA: str | None = None
     filename: str = ""
+    comment_cuts: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------- values
@@ -453,6 +465,27 @@ def _lines(text: str):
             yield number, line
 
 
+def comment_cuts(text: str) -> tuple[int, ...]:
+    """Lines of smarthostMapping where a '#' right after a word starts the
+    comment: as in the original, '#' starts a comment anywhere, so
+    `... user pa#ss tls` maps with password `pa` and without `tls`. Almost
+    surely a password with a '#': worth a warning (an error would break
+    configs the original took)."""
+    found = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        cut = raw.find("#")
+        if cut > 0 and not raw[cut - 1].isspace() and not raw.lstrip().startswith("#"):
+            if raw.partition("=")[0].strip().lower() == "smarthostmapping":
+                found.append(number)
+    return tuple(found)
+
+
+def comment_cut_warning(filename: str, number: int) -> str:
+    return (f"{filename}:{number}: the '#' right after a word starts a comment, so this"
+            " mapping ends there (a password cannot hold '#'; the fields after it are"
+            " not read): put a blank before a comment")
+
+
 def _split(line: str, filename: str, number: int) -> tuple[str, str]:
     key, eq, value = line.partition("=")
     key = key.strip()
@@ -515,7 +548,8 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
             values[name] = _parse_value(name, parser, value, filename, number)
     values["validUser"] = tuple(lists["validUser"])
     values["smarthostMapping"] = tuple(lists["smarthostMapping"])
-    return Config(filename=filename, lines=lines, **values)  # type: ignore[arg-type]
+    return Config(filename=filename, lines=lines, comment_cuts=comment_cuts(text),
+                  **values)  # type: ignore[arg-type]
 
 
 MAX_USER_ERRORS = 50  # errors that make a user include be ignored whole (routes.py)
@@ -542,7 +576,7 @@ def parse_user_config(text: str, filename: str,
             mappings.append(one)
         else:
             ssl_ca = one
-    return UserConfig(tuple(mappings), ssl_ca, filename)
+    return UserConfig(tuple(mappings), ssl_ca, filename, comment_cuts(text))
 
 
 def _user_line(line: str, filename: str, number: int):

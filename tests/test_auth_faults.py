@@ -232,3 +232,19 @@ def test_check_does_not_hang_on_a_reader_child_the_user_stopped(monkeypatch):
     found = _reader.lookup_direct(Config(), user)
     assert time.monotonic() - t0 < 6
     assert found.incomplete and "killed" in found.failure
+
+
+def test_a_comment_glued_to_a_password_in_an_include_is_a_warning(clean_homes):
+    """'#' starts a comment anywhere (as in the original), so `... u pa#ss
+    tls` maps with password `pa` and without tls — silently, before. Now
+    a warning names file:line (never the password); a comment after a
+    blank stays silent."""
+    inc = clean_homes.write_user_file("alice", ".sendoowayrc", (
+        f"smarthostMapping = direct:a@x.example s.x.example 587 u Pa#{SECRET} tls\n"
+        "smarthostMapping = direct:b@x.example s.x.example 587 u Pb tls  # the club\n"))
+    found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
+    assert [w for w in found.warnings if "'#'" in w] == [
+        f"{inc}:1: the '#' right after a word starts a comment, so this mapping ends there"
+        " (a password cannot hold '#'; the fields after it are not read): put a blank before"
+        " a comment"], found.warnings
+    assert _no_secret(found.errors + found.warnings)

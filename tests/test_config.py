@@ -360,3 +360,22 @@ def test_odd_numbers_get_a_plain_error(line, tmp_path):
     msg = str(info.value)
     assert msg.startswith(f"{conf}:1: ") and "expected" in msg, msg
     assert "int" not in msg and len(msg) < 300, msg
+
+
+def test_a_comment_glued_to_a_word_of_a_mapping_is_a_warning(tmp_path):
+    """The original's rule stays ('#' starts a comment anywhere, so this
+    mapping has password `pa` and no tls flag: plain SMTP), but it is no
+    longer silent: a warning names the line, at start, at a reload and in
+    --check. A comment after a blank, or on another keyword, is fine."""
+    from sendooway_shared.config import config_warnings
+
+    conf = tmp_path / "c.conf"
+    conf.write_text("localname = mx.example # ours\n"
+                    "smarthostMapping = direct:*@x.example s.x.example 587 u pa#ss-Word tls\n"
+                    "smarthostMapping = direct:*@y.example s.y.example 587 u pw tls # y\n")
+    os.chmod(conf, 0o600)
+    cfg = load_config(str(conf))
+    assert cfg.smarthostMapping[0].direct.route.password.reveal() == "pa"
+    warnings = config_warnings(cfg)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{conf}:2: the '#' right after a word")
+    assert "ss-Word" not in warnings[0]
