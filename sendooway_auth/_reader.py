@@ -391,7 +391,9 @@ def _serve(cfg: Config, sock: socket.socket) -> None:
     # Workers are reaped here, not by the kernel: until we reap one, its pid
     # cannot be reused, so the pidfd opened after fork() is surely its own.
     signal.signal(signal.SIGCHLD, _reap)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # a service manager's stop signals the whole unit: we end when the
+    # daemon closes our socket, so that our death always means a failure
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon's reload; ours comes as CONFIG
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -426,6 +428,7 @@ def _serve(cfg: Config, sock: socket.socket) -> None:
             if pid == 0:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 _worker(cfg, user, conn.fileno())
             try:

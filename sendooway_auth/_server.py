@@ -348,6 +348,8 @@ def _fork_server_gone(rt: Runtime, stop: asyncio.Event) -> None:
     process is not safe. Stop with status 1, so that the service manager
     (Restart=on-failure) starts a whole new authenticator."""
     asyncio.get_running_loop().remove_reader(rt.forks.pidfd)
+    if stop.is_set():
+        return  # stopping anyway
     log.error("the reader fork server %s; route lookups cannot work without it:"
               " stopping (exit status 1) for the service manager to restart us",
               rt.forks.exit_status())

@@ -37,15 +37,42 @@ def _route_line(route: Route) -> str:
     return f"{route.server}:{route.port} {route.tls.value}{check}{ca} {who}"
 
 
+class _OutputError(Exception):
+    """Writing the report failed (its OSError is the cause): told apart from
+    an OSError of the lookup itself, which is no output problem."""
+
+
+class _Output:
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except OSError as exc:
+            raise _OutputError() from exc
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise _OutputError() from exc
+
+
 def report_to_stdout(cfg: Config, name: str, sender: str | None) -> int:
     """The report on stdout. A reader that went away (`| head -1`) ends it
     quietly, another write error (a full disk) is one line on stderr: exit
     EXIT_NOT_WRITTEN either way, never a traceback."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        print("sendooway-auth: cannot write the report: stdout is closed", file=sys.stderr)
+        return EXIT_NOT_WRITTEN
     try:
-        code = report(cfg, name, sender, sys.stdout)
-        sys.stdout.flush()
+        out = _Output(sys.stdout)
+        code = report(cfg, name, sender, out)
+        out.flush()
         return code
-    except OSError as exc:
+    except _OutputError as failure:
+        exc = failure.__cause__
         # what is still buffered must not fail again at exit
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, sys.stdout.fileno())

@@ -153,7 +153,7 @@ class SessionRunner:
             log.exception("%s client=%s: internal error, closing the session", self.sid,
                           self.client or "-")
             if self.relay is not None and self.session.state.value == "data":
-                await self._quietly(self.relay.data_abort())
+                await self._quietly(self.relay.data_abort("internal error"))
         finally:
             await self._finish()
 
@@ -303,7 +303,7 @@ class SessionRunner:
                 s.relay_reply(reply)
             elif isinstance(ev, DataRefused):
                 self._log(logging.INFO, "message refused: %s", ev.reason)
-                await self._quietly(self.relay.data_abort())
+                await self._quietly(self.relay.data_abort(ev.reason, ev.complete))
             elif isinstance(ev, TransactionReset):
                 await self._quietly(self.relay.reset())
             elif ev is PAUSED:
@@ -364,11 +364,11 @@ class SessionRunner:
             route = await self.link.route(ev.sender)
         except AuthLinkError as exc:
             self._log(logging.ERROR, "route for <%s>: %s", ev.sender, exc)
-            self._refuse_mail(R.ROUTE_TEMPFAIL)
+            s.relay_reply(R.ROUTE_TEMPFAIL)
             return
         if route is None:
             self._log(logging.INFO, "sender=<%s>: no route", ev.sender)
-            self._refuse_mail(R.NO_ROUTE)
+            s.relay_reply(R.NO_ROUTE)
             return
         self._log(logging.DEBUG, "sender=<%s> route=%s", ev.sender, route.describe())
         info = SessionInfo(self.sid, self.client, s.client_name, s.user or "",
@@ -384,19 +384,6 @@ class SessionRunner:
         data = s.data_follows()
         replies = await self._relay_call(group(info, route, ev.sender, ev.params, recipients, data))
         self._reply_each(replies, 1 + len(recipients))
-
-    def _refuse_mail(self, reply) -> None:
-        """A MAIL refused here, and 503 for each RCPT the client pipelined
-        behind it: as relay replies, like those behind a MAIL the upstream
-        refused, so they earn no error point each (the client sent them
-        before it could see the refusal)."""
-        s = self.session
-        behind = 0
-        while s.pipelined_rcpt() is not None:
-            behind += 1
-        s.relay_reply(reply)
-        for _ in range(behind):
-            s.relay_reply(R.NEED_MAIL)
 
     def _reply_each(self, replies, count: int) -> None:
         """One relay reply per command of a group, in order; a relay that

@@ -110,6 +110,7 @@ class DataRefused(Event):
     session answers the client itself once the data ends."""
 
     reason: str
+    complete: bool = False  # refused at its end: the whole message came
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ class NoRelay:
     async def data_end(self, empty: bool = False) -> Reply:
         return R.RELAY_FAILED
 
-    async def data_abort(self) -> None:
+    async def data_abort(self, reason: str = "", complete: bool = False) -> None:
         return None
 
     async def reset(self) -> None:

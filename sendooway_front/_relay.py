@@ -442,7 +442,8 @@ class Relay:
 
     async def data_start(self) -> Reply:
         pending, self._data_reply = self._data_reply, None
-        if self._broken is not None:
+        if self._broken is not None:  # e.g. DATA of a pipelined group answered 421
+            self._log_message(f"not delivered ({self._broken.code})")
             return self._broken
         if self._client is None or not self._in_tx:
             return NO_TRANSACTION
@@ -609,9 +610,12 @@ class Relay:
         self._log_message(str(reply))
         return reply
 
-    async def data_abort(self) -> None:
+    async def data_abort(self, reason: str = "", complete: bool = False) -> None:
         if self._in_data or self._broken is not None:
-            self._log_message("aborted, no final dot sent")
+            if complete:
+                self._bytes += 2  # the last line's CRLF, as data_end counts it
+            self._log_message(f"aborted ({reason}), no final dot sent" if reason
+                              else "aborted, no final dot sent")
         self._drop()
         self._broken = None
 

@@ -68,9 +68,11 @@ class RelayBackend(Protocol):
         `empty`: the client sent no line at all ("." right after the 354),
         so only "." ends it; otherwise the last line's CRLF comes first."""
 
-    async def data_abort(self) -> None:
+    async def data_abort(self, reason: str = "", complete: bool = False) -> None:
         """The message must not be delivered (client vanished, bare LF/CR):
-        close the upstream connection without its final dot."""
+        close the upstream connection without its final dot. `reason` for
+        the log; `complete`: the whole message came (refused at its end),
+        so its size counts the last line's CRLF too."""
 
     async def reset(self) -> None:
         """RSET / EHLO / new MAIL from the client: end the upstream transaction."""

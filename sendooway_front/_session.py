@@ -134,6 +134,7 @@ class Session:
         self.recipients = 0            # accepted in this transaction
         self.auth_failures = 0
         self.errors = 0
+        self._mail_refused = False     # the last command: a refused MAIL or a RCPT behind one
         self.junk = 0                  # junk commands since the session began or a message went
         self._owed = 0                 # error points for refusals, charged at the next command
         self._rcpt_commands = 0        # RCPT commands in this transaction
@@ -258,6 +259,7 @@ class Session:
                 self.recipients = self._rcpt_commands = 0
             else:
                 self._refused()
+                self._mail_refused = True
             if self._rcpts_asked:
                 self._awaiting = _Await.RCPT  # RCPTs taken behind the MAIL come next
         elif kind is _Await.RCPT:
@@ -458,18 +460,30 @@ class Session:
         # ASCII only: str.upper() would make "MAıL" (dotless i) a MAIL
         verb = verb.upper() if verb.isascii() else ""
         arg = arg.strip(" ")
+        behind_refused_mail, self._mail_refused = self._mail_refused, False
         row = COMMANDS.get(verb)
         if row is None:
             self._reply(R.UNKNOWN_COMMAND)
             return
         cell = row[COLUMNS.index(self.state)]
         if isinstance(cell, Reply):
+            if verb == "RCPT" and behind_refused_mail:
+                # a pipelining client sent its RCPTs before it could see the
+                # MAIL's refusal: 503, but no error point (as many as a
+                # transaction may have, see _count_rcpt)
+                self._out += cell.to_bytes()
+                self._last_code = cell.code
+                self._mail_refused = True
+                self._count_rcpt()
+                return
             self._reply(cell)
             if cell.code not in _ERROR_CODES:
                 self._count_junk()
             return
         self._last_code = 0
         getattr(self, "_cmd_" + verb.lower())(arg, cell)
+        if verb == "MAIL" and self._last_code >= 400:
+            self._mail_refused = True  # refused here (syntax, SIZE): see above
         if verb in _JUNK_VERBS:
             self._count_junk()
         elif verb == "RCPT":
@@ -829,7 +843,7 @@ class Session:
             # refused only now, before its final dot goes upstream
             self._d_size += 2
             if limit and self._d_size - self._d_stuffed > limit:
-                self._events.append(DataRefused("message exceeds the size limit"))
+                self._events.append(DataRefused("message exceeds the size limit", complete=True))
                 self._out += R.MESSAGE_TOO_BIG.to_bytes()
                 self._data_refused()
                 return True

@@ -594,6 +594,9 @@ def _user_line(line: str, filename: str, number: int):
     return _parse_value(name, parser, value, filename, number)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def read_text(path: str) -> str:
     """Read a config file with a size bound; errors become ConfigError."""
     try:
@@ -607,17 +610,18 @@ def read_text(path: str) -> str:
         if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # /dev/null is a device
             raise ConfigError(path, None, "not a regular file (a FIFO, socket or directory"
                                           " cannot be a config)")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as f:
+        with os.fdopen(fd, "rb") as f:  # still non-blocking: a tty must not hang us either
             fd = -1
-            data = f.read(MAX_CONFIG_BYTES + 1)
+            data = f.read(MAX_CONFIG_BYTES + len(_BOM) + 1)
+        if data is None:
+            raise ConfigError(path, None, "cannot read: a device with nothing to read")
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read: {exc.strerror or exc}") from None
     finally:
         if fd >= 0:
             os.close(fd)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # a UTF-8 byte order mark (Notepad): the text after it is what counts
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]  # a UTF-8 byte order mark (Notepad): the text after it counts
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, None, f"larger than {MAX_CONFIG_BYTES} bytes")
     if b"\0" in data:

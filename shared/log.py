@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import logging.handlers
 import os
@@ -48,25 +49,33 @@ def _quiet_failures(handler: logging.Handler, program: str, where: str) -> None:
     the record's message and arguments on stderr for every line. (Under
     xinetd stderr is the client's connection; the frontend points it at
     /dev/null there, see its cli.)"""
-    state = {"last": -LOG_FAILURE_EVERY, "lost": 0}
+    state = {"last": -LOG_FAILURE_EVERY, "lost": 0, "reason": ""}
 
-    def handle_error(_record: logging.LogRecord) -> None:
-        state["lost"] += 1
-        now = time.monotonic()
-        if now - state["last"] < LOG_FAILURE_EVERY:
-            return
-        exc = sys.exc_info()[1]
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
+    def note() -> None:
         try:
-            sys.stderr.write(f"{program}: cannot write the log to {where} ({reason}):"
+            sys.stderr.write(f"{program}: cannot write the log to {where} ({state['reason']}):"
                              f" {state['lost']} line(s) lost\n")
             sys.stderr.flush()
         except Exception:  # noqa: BLE001 - nowhere left to say it
             pass
-        state["last"] = now
         state["lost"] = 0
 
+    def handle_error(_record: logging.LogRecord) -> None:
+        state["lost"] += 1
+        exc = sys.exc_info()[1]
+        state["reason"] = getattr(exc, "strerror", None) or type(exc).__name__
+        now = time.monotonic()
+        if now - state["last"] >= LOG_FAILURE_EVERY:
+            state["last"] = now
+            note()
+
+    def at_exit() -> None:  # the lines lost since the last note
+        if state["lost"] and os.getpid() == owner:
+            note()
+
+    owner = os.getpid()
     handler.handleError = handle_error  # type: ignore[method-assign]
+    atexit.register(at_exit)
 
 
 def setup_logging(target: str | None, program: str, level: int = logging.INFO) -> logging.Logger:

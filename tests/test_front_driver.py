@@ -98,7 +98,7 @@ class RecordingRelay:
         self.calls.append("data_end")
         return Reply(250, ("2.0.0 upstream queued",))
 
-    async def data_abort(self):
+    async def data_abort(self, reason="", complete=False):
         self.calls.append("data_abort")
 
     async def reset(self):
