@@ -3,6 +3,8 @@ strings come from the network and may hold spaces, newlines or '='."""
 
 from __future__ import annotations
 
+from sendooway_shared.log import printable
+
 _MAX = 96
 
 
@@ -26,12 +28,4 @@ def field(value: str | None) -> str:
 def text(value: str, limit: int = 500) -> str:
     """Free text for the end of a log line (a parse error naming a user's
     file): kept readable, but control characters escaped so it stays one line."""
-    out = []
-    for c in value[:limit]:
-        if c.isprintable():
-            out.append(c)
-        elif ord(c) < 256:
-            out.append(f"\\x{ord(c):02x}")
-        else:
-            out.append(f"\\u{ord(c):04x}")
-    return "".join(out) + ("..." if len(value) > limit else "")
+    return printable(value, limit)

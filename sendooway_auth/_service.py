@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -125,6 +126,8 @@ class _Turns:
 
 
 MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
+REPEAT_LOG_AFTER = 600.0  # seconds before unchanged file errors of a user are logged again
+MAX_REMEMBERED = 4096     # users whose last logged file errors are remembered
 MAX_PAM_PAD = 10.0    # seconds an unknown user's refusal is held back at most
 
 
@@ -143,6 +146,11 @@ class AuthService:
         self._process_uid = os.geteuid()  # authBackend = none accepts only this account
         self._pam_no: float | None = None  # seconds PAM takes to refuse a password (average)
         self._turns = _Turns()
+        # user → (digest of the file errors and warnings last logged, when):
+        # each MAIL FROM reads the files afresh, and logging the same 100
+        # errors again for every one would let a user flood the log
+        self._logged: collections.OrderedDict[str, tuple[bytes, float]] = (
+            collections.OrderedDict())
 
     async def authenticate(self, name: str, password: Secret, peer: Peer) -> AuthResult:
         """Check one login; on failure the answer is held back by the penalty."""
@@ -254,16 +262,35 @@ class AuthService:
                 return None, reason
         return user, ""
 
+    def _log_anew(self, name: str, errors: list[str], warnings: list[str]) -> bool:
+        """Whether this lookup's file errors and warnings are worth logging:
+        not when they are the ones logged for this user less than
+        REPEAT_LOG_AFTER seconds ago."""
+        if not errors and not warnings:
+            self._logged.pop(name, None)
+            return False
+        digest = hashlib.sha256("\0".join(errors + ["\1"] + warnings).encode()).digest()
+        now = self.clock()
+        last = self._logged.get(name)
+        if last is not None and last[0] == digest and now - last[1] < REPEAT_LOG_AFTER:
+            return False
+        self._logged[name] = (digest, now)
+        self._logged.move_to_end(name)
+        while len(self._logged) > MAX_REMEMBERED:
+            self._logged.popitem(last=False)
+        return True
+
     async def route(self, user: _users.UserInfo, sender: str, peer: Peer
                     ) -> tuple[Route | None, bool]:
         """(route or None, temporary): temporary is True when no route was
         found and some file could not be read for an internal reason."""
-        found = await self.readers.lookup(user)
+        found = await self.readers.lookup(user, sender)
         who = f"user={field(user.name)}"
-        for message in found.errors:
-            log.warning("user file error: %s %s", who, text(message))
-        for message in found.warnings:
-            log.warning("user file warning: %s %s", who, text(message))
+        if self._log_anew(user.name, found.errors, found.warnings):
+            for message in found.errors:
+                log.warning("user file error: %s %s", who, text(message))
+            for message in found.warnings:
+                log.warning("user file warning: %s %s", who, text(message))
         account = found.route_for(sender)
         if account is None:
             temporary = found.incomplete

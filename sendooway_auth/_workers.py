@@ -23,7 +23,8 @@ import socket
 from collections import OrderedDict
 
 from ._reader import (
-    ACK, LENGTH, REQUEST, TIME_LIMIT, WORKER_LIFETIME, ForkServer, _decode, _failed,
+    ACK, LENGTH, MAX_SENDER, REQUEST, REQUEST_FOR, SENDER_LENGTH, TIME_LIMIT, WORKER_LIFETIME,
+    ForkServer, _decode, _failed,
 )
 from ._users import UserInfo
 from .routes import MAX_WIRE, UserRoutes
@@ -55,15 +56,21 @@ class Worker:
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
 
-    async def ask(self, timeout: float) -> tuple[Outcome, bytes | str]:
-        """One lookup: (ANSWERED, answer) or (GONE or FAILED, why)."""
+    async def ask(self, timeout: float, sender: str | None = None) -> tuple[Outcome, bytes | str]:
+        """One lookup (of the account for `sender` only, when given):
+        (ANSWERED, answer) or (GONE or FAILED, why)."""
+        if sender is None:
+            request = REQUEST
+        else:
+            encoded = sender.encode("utf-8", "surrogatepass")[:MAX_SENDER]
+            request = REQUEST_FOR + SENDER_LENGTH.pack(len(encoded)) + encoded
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
                 if not self.pid and not await self._started(loop):
                     return Outcome.GONE, "reader worker died before it started"
                 try:
-                    await loop.sock_sendall(self.sock, REQUEST)
+                    await loop.sock_sendall(self.sock, request)
                     ack = await loop.sock_recv(self.sock, 1)
                 except OSError:
                     ack = b""
@@ -178,8 +185,10 @@ class WorkerPool:
         request that follows finds it ready. Failures wait for the lookup."""
         self._worker_for(user)
 
-    async def lookup(self, user: UserInfo, timeout: float = TIME_LIMIT + 1) -> UserRoutes:
-        """The user's routes, read and parsed afresh by the user's worker."""
+    async def lookup(self, user: UserInfo, sender: str | None = None,
+                     timeout: float = TIME_LIMIT + 1) -> UserRoutes:
+        """The user's routes, read and parsed afresh by the user's worker;
+        with `sender`, only the account chosen for it (and every error)."""
         retried = False
         while True:
             worker = self._worker_for(user)
@@ -196,7 +205,7 @@ class WorkerPool:
                     continue  # replaced or reloaded while we waited
                 async with self._in_flight:
                     try:
-                        outcome, answer = await worker.ask(timeout)
+                        outcome, answer = await worker.ask(timeout, sender)
                     except asyncio.CancelledError:
                         # its answer may still come: never read it as the next one's
                         self._drop(worker)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sendooway_shared.config import Config, Ext8BitMime, MailerEncryption, default_localname
+from sendooway_shared.log import printable
 
 from . import _catalogue as R
 from ._authlink import AuthLink, AuthLinkError
@@ -370,7 +371,7 @@ class SessionRunner:
             self._log(logging.INFO, "sender=<%s>: no route", ev.sender)
             s.relay_reply(R.NO_ROUTE)
             return
-        self._log(logging.DEBUG, "sender=<%s> route=%s", ev.sender, route.describe())
+        self._log(logging.DEBUG, "sender=<%s> route=%s", ev.sender, printable(route.describe()))
         info = SessionInfo(self.sid, self.client, s.client_name, s.user or "",
                            s.encrypted, s.esmtp)
         group = getattr(self.relay, "mail_group", None)

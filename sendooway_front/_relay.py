@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 
 from sendooway_shared.config import Config, default_localname
+from sendooway_shared.log import printable
 from sendooway_shared.types import Route
 
 from . import _pool
@@ -160,7 +161,8 @@ class Relay:
 
     def _log_message(self, outcome: str) -> None:
         route = self._route
-        where = f"{route.server}:{route.port} ({route.source or '-'})" if route else "-"
+        # escaped: the source is a file name a user chose (the server too)
+        where = printable(f"{route.server}:{route.port} ({route.source or '-'})") if route else "-"
         info = self._info
         self.log.info("%s: message user=%s from=<%s> rcpts=%d bytes=%d route=%s upstream=%s",
                       self._sid(), info.user if info else "-", self._sender, self._rcpts,

@@ -26,6 +26,7 @@ import collections
 import hashlib
 import ipaddress
 import os
+import stat
 import time
 
 from cryptography import x509
@@ -192,6 +193,32 @@ def ca_identity(ca_file: str, ca_pem: str = "") -> str:
     return "pem:" + hashlib.sha256(ca_pem.encode()).hexdigest() if ca_pem else ca_file
 
 
+MAX_CA_FILE = 16 << 20  # octets: a CA bundle, not a disk image
+
+
+def _open_ca_file(ca_file: str) -> tuple[int, os.stat_result]:
+    """The CA file opened for reading, checked to be a regular file of sane
+    size. A route's sslCA may name a path a user chose: a FIFO there must
+    not block the event loop that serves every session (O_NONBLOCK: open
+    never waits), nor a huge file eat the memory. Raises TLSConfigError."""
+    try:
+        fd = os.open(ca_file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CA_FILE:
+        os.close(fd)
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else "larger than 16 MiB"
+        raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {why}")
+    return fd, st
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A name that opens the very file `fd` is open on (/proc), else `path`."""
+    via = f"/proc/self/fd/{fd}"
+    return via if os.path.exists(via) else path
+
+
 def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> SSL.Context:
     """A client context trusting `ca_pem` (PEM certificates), else `ca_file`
     (a PEM file), else the system store. `verify=False` (noCertCheck):
@@ -208,12 +235,16 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
             raise TLSConfigError(f"{ca_file or 'sslCA'}: cannot load CA certificates"
                                  f" ({type(e).__name__}: {str(e)[:200]})") from None
     elif ca_file:
+        fd, _st = _open_ca_file(ca_file)
         try:
-            ctx.load_verify_locations(os.fsencode(ca_file))
+            # OpenSSL opens the file we checked, not whatever the path names now
+            ctx.load_verify_locations(os.fsencode(_fd_path(fd, ca_file)))
         except SSL.Error as e:
             raise TLSConfigError(f"{ca_file}: cannot load CA certificates ({_describe_openssl(e)})") from None
         except OSError as e:
             raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
     else:
         ctx.set_default_verify_paths()
     ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
@@ -241,10 +272,8 @@ def cached_client_context(ca_file: str = "", verify: bool = True, ca_pem: str = 
         _remember_context(key, now, ctx)
         return ctx
     if ca_file:
-        try:
-            st = os.stat(ca_file)
-        except OSError:
-            return client_context(ca_file, verify)  # raises the readable error
+        fd, st = _open_ca_file(ca_file)  # raises the readable error
+        os.close(fd)
         key = (ca_file, verify, st.st_ino, st.st_mtime_ns, st.st_size)
     else:
         key = ("", verify)

@@ -39,6 +39,21 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
+def printable(value: str, limit: int = 500) -> str:
+    """Free text for a log line (a file name, a parse error from a user's
+    file): kept readable, control characters escaped so it stays one line
+    and cannot move a terminal's cursor."""
+    out = []
+    for c in value[:limit]:
+        if c.isprintable():
+            out.append(c)
+        elif ord(c) < 256:
+            out.append(f"\\x{ord(c):02x}")
+        else:
+            out.append(f"\\u{ord(c):04x}")
+    return "".join(out) + ("..." if len(value) > limit else "")
+
+
 LOG_FAILURE_EVERY = 60.0  # seconds between two notes that the log cannot be written
 
 

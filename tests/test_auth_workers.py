@@ -301,10 +301,10 @@ def slow_lookups(monkeypatch, user, seconds: float) -> str:
     marker = os.path.join(user.home, "slow")
     real = _reader._lookup_wire
 
-    def slow(cfg, who):
+    def slow(cfg, who, sender=None):
         if os.path.exists(marker):
             time.sleep(seconds)
-        return real(cfg, who)
+        return real(cfg, who, sender)
 
     monkeypatch.setattr(_reader, "_lookup_wire", slow)
     return marker
@@ -402,3 +402,26 @@ def test_the_warm_up_samples_are_real_accounts():
                         (parse_getmailrc, _reader._SAMPLE_GETMAILRC)):
         result = parse(text, "warm-up")
         assert result.errors == [] and len(result.accounts) == 1, result.errors
+
+
+def test_a_lookup_for_a_sender_brings_only_its_account(clean_homes):
+    """With the sender, the worker chooses (as the user, with the user's
+    CPU) and sends the one account for it plus every error: a hostile
+    user's 200,000 address patterns never reach the daemon's event loop
+    (a review). The daemon checks the account against the sender again."""
+    rc = "".join(f'user u{i} pass p{i}\n#sendooway:server "s{i}.example.org"\n'
+                 f'#sendooway:address "a{i}@example.org"\n' for i in range(50))
+    clean_homes.write_user_file("alice", ".fetchmailrc", rc + "#sendooway:port x\n")
+    alice = _users.lookup("alice")
+
+    async def both(p):
+        return await p.lookup(alice), await p.lookup(alice, "a7@example.org"), \
+            await p.lookup(alice, "nobody@example.org")
+
+    with pool() as p:
+        everything, one, none = asyncio.run(both(p))
+    assert len(everything.accounts) == 50
+    assert [a.route.server for a in one.accounts] == ["s7.example.org"]
+    assert one.route_for("a7@example.org").route.server == "s7.example.org"
+    assert none.accounts == [] and not none.incomplete
+    assert one.errors == everything.errors and any("port" in e for e in one.errors)

@@ -195,10 +195,10 @@ def test_a_busy_worker_finishes_its_lookup_and_none_is_served_from_it_after(
     marker = os.path.join(alice.home, "slow")
     real = _reader._lookup_wire
 
-    def slow(cfg, who):  # inherited by the workers (forked after this)
+    def slow(cfg, who, sender=None):  # inherited by the workers (forked after this)
         if who.name == "alice" and os.path.exists(marker):
             time.sleep(0.5)
-        return real(cfg, who)
+        return real(cfg, who, sender)
 
     monkeypatch.setattr(_reader, "_lookup_wire", slow)
 
