@@ -167,6 +167,28 @@ def _malloc_for_streaming() -> None:
     mallopt(_M_TRIM_THRESHOLD, 8 << 20)
 
 
+def _not_dumpable_at_once() -> None:
+    """The frontend's first step: no other process of the same user may
+    ptrace it or open its memory from now on (root's start gets this from
+    the kernel at the drop; a start as a shared user such as nobody would
+    otherwise stay open until the drop, past the config and the TLS key)."""
+    from ._privileges import PrivilegeError, _not_dumpable
+
+    try:
+        _not_dumpable()
+    except PrivilegeError:
+        pass  # drop_privileges tries again and refuses to serve
+
+
+def _name_of(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
 def _uid_of(user: str) -> int | None:
     """frontendUser's uid (None when there is no such account: the drop
     says so later)."""
@@ -179,6 +201,7 @@ def _uid_of(user: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _not_dumpable_at_once()
     args = build_parser().parse_args(argv)
     one_session = not args.bind and "LISTEN_FDS" not in os.environ
     startup = _Startup(one_session)
@@ -205,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return startup.fail(None, f"cannot open log {args.log}: {exc.strerror}")
     log = logging.getLogger("sendooway")
+    if os.geteuid() != 0 and _name_of(os.geteuid()) == "nobody":
+        log.warning("started as nobody, an account other services may share: until this"
+                    " process made itself non-dumpable, their processes could open its"
+                    " memory; start sendooway as root (it drops to frontendUser) or as an"
+                    " account of its own")
     _fail = startup.fail
     if cfg.authBackend is AuthBackend.LDAP:  # no authenticator serves it: clients would get 454
         return _fail(log, cfg.backend_refusal(0) or "authBackend = LDAP")

@@ -270,6 +270,15 @@ def test_xinetd_nobody_block_without_daemon_greets_421(world, frontend, upstream
 # ------------------------------------------------------------ systemd Accept=yes
 
 
+def _as_the_unit(svc: configparser.SectionProxy) -> list[str]:
+    """setpriv as the shipped frontend unit runs it: root (no User=), only
+    the capabilities of its bounding set, NoNewPrivileges."""
+    assert "User" not in svc and "Group" not in svc and svc["NoNewPrivileges"] == "yes"
+    caps = ",".join("+" + c.lower().removeprefix("cap_")
+                    for c in svc["CapabilityBoundingSet"].split())
+    return ["setpriv", "--inh-caps=-all", f"--bounding-set=-all,{caps}", "--no-new-privs", "--"]
+
+
 def _unit_section(name: str, section: str) -> configparser.SectionProxy:
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     cp.optionxform = str  # type: ignore[assignment]
@@ -282,10 +291,11 @@ def _unit_section(name: str, section: str) -> configparser.SectionProxy:
 def test_systemd_accept_units_serve_a_session(world, frontend, upstream, deployment, unit,
                                               passing):
     """systemd-socket-activate --accept runs the service's command line per
-    connection, as the unit's user (setpriv: User=, Group=,
-    SupplementaryGroups=, no capabilities, NoNewPrivileges). systemd gives
-    an Accept=yes service the connection on stdin/stdout
-    (StandardInput=socket: --inetd) and as fd 3 with LISTEN_FDS=1."""
+    connection as the unit does (setpriv: root with only the unit's
+    CapabilityBoundingSet, NoNewPrivileges); the frontend drops to nobody
+    itself. systemd gives an Accept=yes service the connection on
+    stdin/stdout (StandardInput=socket: --inetd) and as fd 3 with
+    LISTEN_FDS=1."""
     if not shutil.which("systemd-socket-activate"):
         pytest.skip("systemd-socket-activate not installed")
     dep = deployment
@@ -295,10 +305,7 @@ def test_systemd_accept_units_serve_a_session(world, frontend, upstream, deploym
     argv = shlex.split(rewrite_paths(svc["ExecStart"]).replace("/etc/sendooway.conf",
                                                                 str(dep.config)))
     argv += ["-l", str(dep.front_log)]
-    assert svc["User"] == "nobody" and svc["SupplementaryGroups"] == "ssl-cert"
-    as_unit_user = ["setpriv", f"--reuid={dw.NOBODY_UID}", f"--regid={dw.NOBODY_UID}",
-                    f"--groups={dw.SSL_CERT_GID}", "--inh-caps=-all", "--bounding-set=-all",
-                    "--no-new-privs", "--"]
+    as_unit_user = _as_the_unit(svc)
     port = dw.free_tcp_port()
     setenv = [a for k in ("LD_PRELOAD", "LD_LIBRARY_PATH", "NSS_WRAPPER_PASSWD",
                           "NSS_WRAPPER_GROUP", "PATH")
@@ -345,9 +352,7 @@ def test_systemd_accept_no_keeps_the_upstream_login(world, frontend, upstream, d
     argv = shlex.split(rewrite_paths(svc["ExecStart"]).replace("/etc/sendooway.conf",
                                                                 str(dep.config)))
     argv += ["-l", str(dep.front_log)]
-    as_nobody = ["setpriv", f"--reuid={dw.NOBODY_UID}", f"--regid={dw.NOBODY_UID}",
-                 f"--groups={dw.SSL_CERT_GID}", "--inh-caps=-all", "--bounding-set=-all",
-                 "--no-new-privs", "--"]
+    as_nobody = _as_the_unit(svc)
     setenv = [a for k in ("LD_PRELOAD", "LD_LIBRARY_PATH", "NSS_WRAPPER_PASSWD",
                           "NSS_WRAPPER_GROUP", "PATH")
               for a in ("-E", f"{k}={dep.env[k]}") if k in dep.env]
