@@ -121,6 +121,7 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
         found.files.append((kind.value, by_path[path]))
     own = len(user_cfg.smarthostMapping) if user_cfg else 0
     parsed: dict[str, ParseResult] = {}
+    admins = {m.source for m in mappings[own:] if m.kind is MappingKind.DIRECT}
     for index, m in enumerate(mappings):
         tier = 0 if index < own else 1
         if m.kind is MappingKind.DIRECT:
@@ -145,7 +146,12 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             parsed[m.path] = result
         found.accounts.extend(replace(a, tier=tier) for a in parsed[m.path].accounts)
     if found.ca_file:
-        found.accounts = [replace(a, route=replace(a.route, ca_file=found.ca_file))
+        # The user's sslCA serves the user's routes, but a global direct:
+        # mapping's password is the admin's: it goes only to a server the
+        # admin's trust (the global sslCA) vouches for, never to one a
+        # user's own CA could make up (a local-user review).
+        found.accounts = [a if a.tier and a.route.source in admins else
+                          replace(a, route=replace(a.route, ca_file=found.ca_file))
                           for a in found.accounts]
     return found
 

@@ -123,13 +123,19 @@ def test_user_include_mappings_first_and_sslca_override(clean_homes):
                             " (only sslCA, smarthostMapping)"]
     assert [a.route.server for a in found.accounts] == [
         "own.example.org", "gm.example.net", "global.example.com", "global-org.example.com"]
-    assert all(a.route.ca_file == f"{home}/my-ca.pem" for a in found.accounts)
+    # the user's CA serves the user's own routes and the global getmail one
+    # (the user's own file and password); a global direct: mapping carries
+    # the admin's password, which goes only where the global sslCA vouches
+    # (the frontend's own sslCA: the route names none)
+    assert [a.route.ca_file for a in found.accounts] == [
+        f"{home}/my-ca.pem", f"{home}/my-ca.pem", "", ""]
     assert found.route_for("x@example.org").route.server == "own.example.org"  # user's first
     assert found.route_for("x@example.net").route.server == "gm.example.net"
     assert found.route_for("x@elsewhere.com").route.server == "global.example.com"
     assert [a.tier for a in found.accounts] == [0, 0, 1, 1]
     assert found.route_for("x@example.org").source == f"{inc}:2"
-    assert found.ca_pem == pem and found.route_for("x@elsewhere.com").route.ca_pem == pem
+    assert found.ca_pem == pem and found.route_for("x@example.net").route.ca_pem == pem
+    assert found.route_for("x@elsewhere.com").route.ca_pem == ""
 
 
 @pytest.mark.parametrize("line, content, error", [
