@@ -295,6 +295,7 @@ class Relay:
                 fresh = not from_pool
             command = self._client.mail_command(sender, params, self.config)
             if isinstance(command, Reply):
+                self._log_message(f"MAIL refused here: {command}")
                 if rset_first:
                     await self.reset()
                 elif from_pool:  # unprobed: back to the pool, which probes it next time

@@ -52,6 +52,7 @@ TLS_FAILED = Reply(454, ("4.7.0 TLS with the upstream server failed",))
 NO_STARTTLS = Reply(454, ("4.7.0 Upstream server does not offer STARTTLS",))
 AUTH_FAILED = Reply(454, ("4.7.0 Login at the upstream server failed",))
 NO_SMTPUTF8 = Reply(553, ("5.6.7 Upstream server does not support SMTPUTF8",))
+NO_8BITMIME = Reply(554, ("5.6.3 Upstream server does not support 8BITMIME",))
 
 
 class UpstreamError(Exception):
@@ -199,10 +200,14 @@ class UpstreamClient:
         if params.size is not None and self.supports("SIZE"):
             parts.append(f"SIZE={params.size}")
         if params.body_8bitmime:
-            # force: pass BODY=8BITMIME on when the upstream offers it and send the
-            # bytes anyway when it does not (as the original did); ignore: never
-            # mention it upstream; disable: the client was never offered it.
-            if config.ext8BitMime is Ext8BitMime.FORCE and self.supports("8BITMIME"):
+            # force: BODY=8BITMIME goes on, and an upstream that does not
+            # offer 8BITMIME cannot take the message (RFC 6152 3; the
+            # original gave up such an upstream under force); ignore: never
+            # mentioned upstream, the bytes go anyway; disable: the client
+            # was never offered it.
+            if config.ext8BitMime is Ext8BitMime.FORCE:
+                if not self.supports("8BITMIME"):
+                    return NO_8BITMIME
                 parts.append("BODY=8BITMIME")
         if params.smtputf8:
             if not self.supports("SMTPUTF8"):
