@@ -128,6 +128,8 @@ class Worker:
                 os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # gone already
+        except PermissionError:
+            pass  # no CAP_KILL (a sandboxed authenticator): it reads EOF and exits
         self.sock.close()
 
     def close(self) -> None:

@@ -287,8 +287,10 @@ class Relay:
                     # the others kept for the key went stale the same way
                     self._client, from_pool = await self._connect(info, route, key, kept=attempt == 0)
                 except UpstreamError as e:
+                    # escaped: the error may quote a path a user chose (sslCA)
                     self.log.warning("%s: upstream %s for <%s>: %s", info.session_id,
-                                     f"{route.server}:{route.port}", sender, e)
+                                     printable(f"{route.server}:{route.port}"), sender,
+                                     printable(str(e)))
                     self._log_message(f"not reached ({e.reply.code})")
                     return e.reply
                 self._key = key

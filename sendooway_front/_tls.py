@@ -22,6 +22,7 @@ verifying connection skip its check.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import ipaddress
@@ -193,7 +194,7 @@ def ca_identity(ca_file: str, ca_pem: str = "") -> str:
     return "pem:" + hashlib.sha256(ca_pem.encode()).hexdigest() if ca_pem else ca_file
 
 
-MAX_CA_FILE = 16 << 20  # octets: a CA bundle, not a disk image
+MAX_CA_FILE = 4 << 20  # octets: a CA bundle (Debian's is ~220 KiB), not a disk image
 
 
 def _open_ca_file(ca_file: str) -> tuple[int, os.stat_result]:
@@ -208,7 +209,7 @@ def _open_ca_file(ca_file: str) -> tuple[int, os.stat_result]:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CA_FILE:
         os.close(fd)
-        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else "larger than 16 MiB"
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else "larger than 4 MiB"
         raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {why}")
     return fd, st
 
@@ -271,21 +272,57 @@ def cached_client_context(ca_file: str = "", verify: bool = True, ca_pem: str = 
         ctx = client_context(ca_file, verify, ca_pem)
         _remember_context(key, now, ctx)
         return ctx
-    if ca_file:
-        fd, st = _open_ca_file(ca_file)  # raises the readable error
-        os.close(fd)
-        key = (ca_file, verify, st.st_ino, st.st_mtime_ns, st.st_size)
-    else:
-        key = ("", verify)
+    key = _file_key(ca_file, verify) if ca_file else ("", verify)
     hit = _client_contexts.get(key)
     if hit is not None and (ca_file or now - hit[0] < SYSTEM_STORE_TTL):
         return hit[1]
     ctx = client_context(ca_file, verify)
-    if ca_file:  # forget older versions of the same file
-        for old in [k for k in _client_contexts if k[:2] == (ca_file, verify)]:
+    _remember_file_context(key, now, ctx)
+    return ctx
+
+
+async def client_context_for(ca_file: str = "", verify: bool = True,
+                             ca_pem: str = "") -> SSL.Context:
+    """cached_client_context for the event loop: a CA file not in the cache
+    is loaded in a thread, and a file that failed to load is not tried
+    again until it changes. The file may be one a user named (a route's
+    sslCA): parsing megabytes of it on the loop that serves every session,
+    for each of that user's MAILs, stalled everyone (a review)."""
+    if ca_pem or not ca_file:  # a few KiB from the authenticator, or the system store
+        return cached_client_context(ca_file, verify, ca_pem)
+    key = _file_key(ca_file, verify)
+    hit = _client_contexts.get(key)
+    if hit is not None:
+        return hit[1]
+    failed = _failed_files.get(key)
+    if failed is not None:
+        raise TLSConfigError(failed)
+    try:
+        ctx = await asyncio.to_thread(client_context, ca_file, verify)
+    except TLSConfigError as exc:
+        while len(_failed_files) >= _MAX_CACHED:
+            del _failed_files[next(iter(_failed_files))]
+        _failed_files[key] = str(exc)
+        raise
+    _remember_file_context(key, time.monotonic(), ctx)
+    return ctx
+
+
+_failed_files: dict[tuple, str] = {}
+
+
+def _file_key(ca_file: str, verify: bool) -> tuple:
+    """The cache key of a CA file as it is now (raises TLSConfigError)."""
+    fd, st = _open_ca_file(ca_file)
+    os.close(fd)
+    return (ca_file, verify, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _remember_file_context(key: tuple, now: float, ctx: SSL.Context) -> None:
+    if key[0]:  # forget older versions of the same file
+        for old in [k for k in _client_contexts if k[:2] == key[:2]]:
             del _client_contexts[old]
     _remember_context(key, now, ctx)
-    return ctx
 
 
 def _remember_context(key: tuple, now: float, ctx: SSL.Context) -> None:

@@ -293,8 +293,8 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
     where = client.address
     ca_file = route.ca_file or config.sslCA
     if route.tls is TlsMode.TLS:
-        ctx = _tls.cached_client_context(ca_file, verify=route.cert_check,
-                                          ca_pem=route.ca_pem)
+        ctx = await _tls.client_context_for(ca_file, verify=route.cert_check,
+                                            ca_pem=route.ca_pem)
         client.tls_problems = await client.stream.start_tls_client(ctx, route.server,
                                                                    resume=_resume_key(route))
     greeting = await client.read_reply()
@@ -311,8 +311,8 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
             # Bytes the upstream sent before the handshake must not be taken as
             # answers later (response injection, the mirror of CVE-2011-0411).
             raise UpstreamError(TLS_FAILED, f"{where}: data pipelined after the STARTTLS reply")
-        ctx = _tls.cached_client_context(ca_file, verify=route.cert_check,
-                                          ca_pem=route.ca_pem)
+        ctx = await _tls.client_context_for(ca_file, verify=route.cert_check,
+                                            ca_pem=route.ca_pem)
         client.tls_problems = await client.stream.start_tls_client(ctx, route.server,
                                                                    resume=_resume_key(route))
         await _hello(client, where)

@@ -277,10 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     spawned = None
     lifeline = -1
     frontend_uid = _uid_of(cfg.frontendUser) if is_root else None
-    if daemon_reachable(path, frontend_uid) or not is_root:
+    # The shipped systemd units sandbox the frontend (ProtectHome, three
+    # capabilities) and say so: an authenticator started there could not
+    # read one user's file and would answer "no route" (550) for every
+    # sender, so there a missing daemon is a 421 as for nobody
+    sandboxed = os.environ.get("SENDOOWAY_PRIVATE_AUTH", "").lower() == "no"
+    if daemon_reachable(path, frontend_uid) or not is_root or sandboxed:
         connector = SocketConnector(path, cfg.timeout, frontend_uid)
-        if not is_root and not daemon_reachable(path):
-            log.warning("no authenticator at %s: sessions get 421 until it runs", path)
+        if (not is_root or sandboxed) and not daemon_reachable(path, frontend_uid):
+            log.warning("no authenticator at %s: sessions get 421 until it runs%s", path,
+                        " (SENDOOWAY_PRIVATE_AUTH=no: none is started here; start"
+                        " sendooway-auth.socket)" if is_root else "")
     else:
         # our own authenticator will run as root: refuse what it would refuse
         refusal = cfg.backend_refusal(0)
