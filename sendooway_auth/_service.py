@@ -286,7 +286,8 @@ class AuthService:
         found and some file could not be read for an internal reason."""
         found = await self.readers.lookup(user, sender)
         who = f"user={field(user.name)}"
-        if self._log_anew(user.name, found.errors, found.warnings):
+        # a failed lookup (the reader timed out, died) is said every time
+        if found.failure or self._log_anew(user.name, found.errors, found.warnings):
             for message in found.errors:
                 log.warning("user file error: %s %s", who, text(message))
             for message in found.warnings:
