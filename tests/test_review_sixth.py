@@ -12,186 +12,27 @@ RCPTs right behind a refused MAIL get 503 without an error point)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import re
 import signal
-import socket
 import subprocess
-import time
 import sys
+import time
 
 import pytest
 
-from sendooway_front import _driver
-from sendooway_front._driver import Frontend, SessionRunner
-from sendooway_front._relay import Relay
-from sendooway_front._stream import Stream
-from sendooway_shared.config import MAX_CONFIG_BYTES, Config, ConfigError, load_config
-from sendooway_shared.types import Route, Secret, TlsMode
+from sendooway_shared.config import MAX_CONFIG_BYTES, ConfigError, load_config
 
-from .auth_helpers import daemon, fork_server, gone  # noqa: F401 - daemon is a fixture
-from .front_util import login_plain
-from .upstream import ListHandler
+from .auth_helpers import daemon, fork_server  # noqa: F401 - daemon is a fixture
+from .scripted_relay import LOGIN, converse
+from .scripted_relay import careful as _careful, codes as _codes
 
 BIN = os.path.dirname(sys.executable)
 FRONT = os.path.join(BIN, "sendooway")
 AUTH = os.path.join(BIN, "sendooway-auth")
 
-LOGIN = f"EHLO c.test\r\nAUTH PLAIN {login_plain('alice', 'pw-alice')}\r\n".encode()
-
-
-# ------------------------------------------------------------------ harness
-# (the in-process driver + Relay + scripted upstream of test_review_integrity,
-# with a link that has no route for senders at unrouted.example)
-
-class _Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.r, self.w = reader, writer
-
-    async def send(self, data: bytes) -> None:
-        self.w.write(data)
-        await self.w.drain()
-
-    async def line(self) -> bytes:
-        return await self.r.readline()
-
-    async def message(self) -> bytes:
-        body = b""
-        while (part := await self.r.readline()) != b".\r\n":
-            if not part:
-                raise ConnectionError("end of input inside the message")
-            body += part
-        return body
-
-
-class _Upstream:
-    def __init__(self, script) -> None:
-        self.script = script
-        self.messages: list[bytes] = []
-        self.lines: list[bytes] = []
-
-    async def start(self) -> "_Upstream":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader, writer) -> None:
-        try:
-            await self.script(self, _Conn(reader, writer))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-
-async def _careful(up: _Upstream, c: _Conn, data=None) -> None:
-    """A well-behaved upstream with PIPELINING; `data(up, c)` replaces DATA
-    (returning False ends the connection)."""
-    await c.send(b"220 up.test ESMTP\r\n")
-    while line := await c.line():
-        up.lines.append(line)
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            await c.send(b"250-up.test\r\n250 PIPELINING\r\n")
-        elif verb == b"MAIL":
-            await c.send(b"250 2.1.0 ok\r\n")
-        elif verb == b"RCPT":
-            await c.send(b"250 2.1.5 ok\r\n")
-        elif verb == b"DATA" and data is not None:
-            if await data(up, c) is False:
-                return
-        elif verb == b"DATA":
-            await c.send(b"354 go ahead\r\n")
-            up.messages.append(await c.message())
-            await c.send(b"250 2.0.0 queued\r\n")
-        elif verb == b"RSET":
-            await c.send(b"250 2.0.0 reset\r\n")
-        elif verb == b"QUIT":
-            await c.send(b"221 2.0.0 bye\r\n")
-            return
-        else:
-            await c.send(b"502 5.5.2 what?\r\n")
-
-
-class _Link:
-    def __init__(self, route: Route) -> None:
-        self._route = route
-
-    async def auth(self, user, password):
-        return user if password.reveal() == "pw-" + user else None
-
-    async def route(self, sender):
-        return None if sender.endswith("@unrouted.example") else self._route
-
-    def close(self) -> None:
-        pass
-
-
-class _Connector:
-    def __init__(self, route: Route) -> None:
-        self.route = route
-
-    def describe(self) -> str:
-        return "review"
-
-    async def open(self, session_id, client):
-        return _Link(self.route)
-
-
-def _codes(out: bytes) -> list[int]:
-    return [int(line[:3]) for line in out.split(b"\r\n") if line[3:4] == b" "]
-
-
-async def _client(fe: Frontend, steps: list[bytes]) -> bytes:
-    a, b = socket.socketpair()
-    task = asyncio.ensure_future(
-        SessionRunner(fe, await Stream.from_socket(a, fe.config.timeout), "192.0.2.1:4242").run())
-    reader, writer = await asyncio.open_connection(sock=b)
-    for step in steps:
-        writer.write(step)
-        await writer.drain()
-        await asyncio.sleep(0.3)
-    out = await asyncio.wait_for(reader.read(-1), 20)
-    writer.close()
-    await asyncio.wait_for(task, 20)
-    return out
-
-
 def _converse(monkeypatch, script, steps: list[bytes], **cfg_kw):
-    """One client session through the driver and Relay to a scripted
-    upstream: (what the client read, the upstream, the log text)."""
-
-    async def go():
-        up = await _Upstream(script).start()
-        handler = ListHandler()
-        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-        saved = []
-        for name in ("sendooway", "review6-relay"):
-            lg = logging.getLogger(name)
-            saved.append((lg, lg.level, lg.propagate))
-            lg.addHandler(handler)
-            lg.setLevel(logging.DEBUG)
-            lg.propagate = False
-        monkeypatch.setattr(_driver, "make_relay",
-                            lambda cfg, log: Relay(cfg, logging.getLogger("review6-relay"), None))
-        route = Route(server="127.0.0.1", port=up.port, tls=TlsMode.PLAIN, ca_file="", user="",
-                      password=Secret(""), auth=False, source="review.conf:7")
-        cfg = Config(**{**dict(timeout=3, smarthostCache=0, localname="relay.test",
-                               addReceivedField=False), **cfg_kw})
-        fe = Frontend(cfg, connector=_Connector(route), hostname="mx.test")
-        try:
-            out = await _client(fe, steps)
-        finally:
-            up.server.close()
-            for lg, level, propagate in saved:
-                lg.removeHandler(handler)
-                lg.setLevel(level)
-                lg.propagate = propagate
-        return out, up, handler.text
-
-    return asyncio.run(go())
+    return converse(monkeypatch, script, steps, **cfg_kw)
 
 
 def _message_lines(log: str) -> list[str]:
