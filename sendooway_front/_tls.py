@@ -27,10 +27,10 @@ import collections
 import hashlib
 import ipaddress
 import os
+import re
 import stat
 import time
 
-from cryptography import x509
 from OpenSSL import SSL, crypto
 # Imported now, not at first use: the frontend drops privileges after start-up
 # and the install tree may be unreadable to the frontend user by then.
@@ -194,30 +194,47 @@ def ca_identity(ca_file: str, ca_pem: str = "") -> str:
     return "pem:" + hashlib.sha256(ca_pem.encode()).hexdigest() if ca_pem else ca_file
 
 
-MAX_CA_FILE = 4 << 20  # octets: a CA bundle (Debian's is ~220 KiB), not a disk image
+MAX_CA_FILE = 1 << 20   # octets: as the users' files (Debian's whole bundle is ~220 KiB)
+MAX_CA_CERTS = 1000     # certificates in one CA file (Debian's bundle has ~140)
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
-def _open_ca_file(ca_file: str) -> tuple[int, os.stat_result]:
-    """The CA file opened for reading, checked to be a regular file of sane
-    size. A route's sslCA may name a path a user chose: a FIFO there must
-    not block the event loop that serves every session (O_NONBLOCK: open
-    never waits), nor a huge file eat the memory. Raises TLSConfigError."""
+def _open_ca(ca_file: str) -> tuple[int, os.stat_result]:
+    """The CA file, open. A route's sslCA may name a path a user chose, so
+    it is opened with O_NONBLOCK (a FIFO there must not block the event
+    loop that serves every session; open never waits) and must be a
+    regular file of at most MAX_CA_FILE octets. Raises TLSConfigError."""
     try:
         fd = os.open(ca_file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {e.strerror or e}") from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CA_FILE:
+    why = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+           f"larger than {MAX_CA_FILE >> 20} MiB" if st.st_size > MAX_CA_FILE else "")
+    if why:
         os.close(fd)
-        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else "larger than 4 MiB"
         raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {why}")
     return fd, st
 
 
-def _fd_path(fd: int, path: str) -> str:
-    """A name that opens the very file `fd` is open on (/proc), else `path`."""
-    via = f"/proc/self/fd/{fd}"
-    return via if os.path.exists(via) else path
+def _read_ca(fd: int, ca_file: str) -> bytes:
+    try:
+        data = os.read(fd, MAX_CA_FILE + 1)
+    except OSError as e:
+        raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {e.strerror or e}") from None
+    if len(data) > MAX_CA_FILE:  # (it grew since fstat)
+        raise TLSConfigError(f"{ca_file}: cannot read CA certificates: larger than"
+                             f" {MAX_CA_FILE >> 20} MiB")
+    return data
+
+
+def read_ca_file(ca_file: str) -> bytes:
+    """The CA file's bytes (see _open_ca). Raises TLSConfigError."""
+    fd, _st = _open_ca(ca_file)
+    try:
+        return _read_ca(fd, ca_file)
+    finally:
+        os.close(fd)
 
 
 def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> SSL.Context:
@@ -226,26 +243,21 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
     failures are reported, not fatal."""
     ctx = _base_context(SSL.TLS_CLIENT_METHOD)
     if ca_pem:
+        blocks = _PEM_CERT.findall(ca_pem)
+        if len(blocks) > MAX_CA_CERTS:
+            raise TLSConfigError(f"{ca_file or 'sslCA'}: more than {MAX_CA_CERTS} certificates")
         try:
-            certs = x509.load_pem_x509_certificates(ca_pem.encode())
             store = ctx.get_cert_store()
-            for cert in certs:
-                store.add_cert(crypto.X509.from_cryptography(cert))
+            for block in blocks:  # OpenSSL's parser: as lenient as load_verify_locations
+                store.add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, block.encode()))
         except Exception as e:  # noqa: BLE001 - a user's file: whatever the parser says
-            # (cryptography raises its own exceptions for odd certificates)
             raise TLSConfigError(f"{ca_file or 'sslCA'}: cannot load CA certificates"
                                  f" ({type(e).__name__}: {str(e)[:200]})") from None
+        if not blocks:
+            raise TLSConfigError(f"{ca_file or 'sslCA'}: cannot load CA certificates:"
+                                 " no PEM certificate in it")
     elif ca_file:
-        fd, _st = _open_ca_file(ca_file)
-        try:
-            # OpenSSL opens the file we checked, not whatever the path names now
-            ctx.load_verify_locations(os.fsencode(_fd_path(fd, ca_file)))
-        except SSL.Error as e:
-            raise TLSConfigError(f"{ca_file}: cannot load CA certificates ({_describe_openssl(e)})") from None
-        except OSError as e:
-            raise TLSConfigError(f"{ca_file}: cannot read CA certificates: {e.strerror or e}") from None
-        finally:
-            os.close(fd)
+        return client_context(ca_file, verify, _pem_text(ca_file, read_ca_file(ca_file)))
     else:
         ctx.set_default_verify_paths()
     ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
@@ -253,76 +265,141 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
     return ctx
 
 
+def _pem_text(ca_file: str, data: bytes) -> str:
+    return data.decode("ascii", "replace")
+
+
 # Client contexts are reused: loading the system store costs ~4 ms, a CA file
 # ~0.15 ms, on every upstream connection otherwise. A CA file's entry is
 # renewed when the file changes; the system store's after SYSTEM_STORE_TTL.
+# CA files: their contexts together hold at most CA_CACHE_BUDGET octets of
+# PEM (a 1 MiB file of distinct certificates is ~11 MB of OpenSSL objects:
+# one user naming many must not pin the memory of everyone's frontend).
 SYSTEM_STORE_TTL = 300.0
 _MAX_CACHED = 64
+CA_CACHE_BUDGET = 2 << 20
 _client_contexts: dict[tuple, tuple[float, SSL.Context]] = {}
+_file_contexts: collections.OrderedDict[tuple, tuple[SSL.Context, int]] = collections.OrderedDict()
+_failed_files: collections.OrderedDict[tuple, str] = collections.OrderedDict()
 
 
 def cached_client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> SSL.Context:
-    """client_context(ca_file, verify, ca_pem), made once and reused while valid."""
+    """client_context(ca_file, verify, ca_pem), made once and reused while
+    valid (blocking: a CA file is read and parsed here when it changed)."""
     now = time.monotonic()
-    if ca_pem:
-        key: tuple = (ca_identity(ca_file, ca_pem), verify)
+    if ca_pem or not ca_file:
+        key: tuple = (ca_identity(ca_file, ca_pem), verify) if ca_pem else ("", verify)
         hit = _client_contexts.get(key)
-        if hit is not None:
+        if hit is not None and (ca_pem or now - hit[0] < SYSTEM_STORE_TTL):
             return hit[1]
         ctx = client_context(ca_file, verify, ca_pem)
         _remember_context(key, now, ctx)
         return ctx
-    key = _file_key(ca_file, verify) if ca_file else ("", verify)
-    hit = _client_contexts.get(key)
-    if hit is not None and (ca_file or now - hit[0] < SYSTEM_STORE_TTL):
-        return hit[1]
-    ctx = client_context(ca_file, verify)
-    _remember_file_context(key, now, ctx)
+    fd, st = _open_ca(ca_file)
+    try:
+        key = _file_key(ca_file, verify, st)
+        ctx = _known_file(key)
+        if ctx is None:
+            ctx = _file_context(ca_file, verify, _read_ca(fd, ca_file), key)
+    finally:
+        os.close(fd)
     return ctx
+
+
+_loads: dict[tuple, asyncio.Future] = {}
+_loader = None  # one thread of its own: loads never hold up getaddrinfo in the default executor
 
 
 async def client_context_for(ca_file: str = "", verify: bool = True,
                              ca_pem: str = "") -> SSL.Context:
-    """cached_client_context for the event loop: a CA file not in the cache
-    is loaded in a thread, and a file that failed to load is not tried
-    again until it changes. The file may be one a user named (a route's
-    sslCA): parsing megabytes of it on the loop that serves every session,
-    for each of that user's MAILs, stalled everyone (a review)."""
+    """cached_client_context for the event loop. A CA file not in the cache
+    is read here (bounded, non-blocking) and parsed in a thread of its own,
+    one load per file version at a time, shared by whoever waits for it;
+    a file whose content failed to load is not tried again until it
+    changes. The file may be one a user named (a route's sslCA): parsing
+    it on the loop that serves every session, for each of that user's
+    MAILs, stalled everyone (reviews)."""
     if ca_pem or not ca_file:  # a few KiB from the authenticator, or the system store
         return cached_client_context(ca_file, verify, ca_pem)
-    key = _file_key(ca_file, verify)
-    hit = _client_contexts.get(key)
+    fd, st = _open_ca(ca_file)  # an error here is retried next time: not the content's
+    try:
+        key = _file_key(ca_file, verify, st)
+        ctx = _known_file(key)
+        if ctx is not None:
+            return ctx
+        loading = _loads.get(key)
+        data = _read_ca(fd, ca_file) if loading is None else b""
+    finally:
+        os.close(fd)
+    if loading is None:
+        global _loader
+        if _loader is None:
+            import concurrent.futures
+
+            _loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ca-load")
+        loop = asyncio.get_running_loop()
+        loading = _loads[key] = loop.run_in_executor(_loader, _parse_file, ca_file, verify, data)
+        loading.add_done_callback(lambda f: _loaded(key, data, f))
+    return await asyncio.shield(loading)
+
+
+def _parse_file(ca_file: str, verify: bool, data: bytes) -> SSL.Context:
+    return client_context(ca_file, verify, _pem_text(ca_file, data))
+
+
+def _loaded(key: tuple, data: bytes, future: asyncio.Future) -> None:
+    """On the loop: a finished load goes into the cache (or its content
+    error into the failures)."""
+    _loads.pop(key, None)
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if isinstance(exc, TLSConfigError):
+        _failed_files[key] = str(exc)
+        while len(_failed_files) > _MAX_CACHED:
+            _failed_files.popitem(last=False)
+    elif exc is None:
+        _remember_file(key, future.result(), len(data))
+
+
+def _file_key(ca_file: str, verify: bool, st: os.stat_result) -> tuple:
+    """One version of a CA file (a change of its content changes ctime)."""
+    return (ca_file, verify, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _known_file(key: tuple) -> SSL.Context | None:
+    """The cached context for this file version, or None; raises the
+    TLSConfigError of a version whose content failed before."""
+    hit = _file_contexts.get(key)
     if hit is not None:
-        return hit[1]
+        _file_contexts.move_to_end(key)
+        return hit[0]
     failed = _failed_files.get(key)
     if failed is not None:
         raise TLSConfigError(failed)
+    return None
+
+
+def _file_context(ca_file: str, verify: bool, data: bytes, key: tuple) -> SSL.Context:
     try:
-        ctx = await asyncio.to_thread(client_context, ca_file, verify)
+        ctx = _parse_file(ca_file, verify, data)
     except TLSConfigError as exc:
-        while len(_failed_files) >= _MAX_CACHED:
-            del _failed_files[next(iter(_failed_files))]
         _failed_files[key] = str(exc)
+        while len(_failed_files) > _MAX_CACHED:
+            _failed_files.popitem(last=False)
         raise
-    _remember_file_context(key, time.monotonic(), ctx)
+    _remember_file(key, ctx, len(data))
     return ctx
 
 
-_failed_files: dict[tuple, str] = {}
-
-
-def _file_key(ca_file: str, verify: bool) -> tuple:
-    """The cache key of a CA file as it is now (raises TLSConfigError)."""
-    fd, st = _open_ca_file(ca_file)
-    os.close(fd)
-    return (ca_file, verify, st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def _remember_file_context(key: tuple, now: float, ctx: SSL.Context) -> None:
-    if key[0]:  # forget older versions of the same file
-        for old in [k for k in _client_contexts if k[:2] == key[:2]]:
-            del _client_contexts[old]
-    _remember_context(key, now, ctx)
+def _remember_file(key: tuple, ctx: SSL.Context, size: int) -> None:
+    for old in [k for k in _file_contexts if k[:2] == key[:2]]:  # older versions of the file
+        del _file_contexts[old]
+    _file_contexts[key] = (ctx, size)
+    while len(_file_contexts) > 1 and (
+            sum(n for _c, n in _file_contexts.values()) > CA_CACHE_BUDGET
+            or len(_file_contexts) > _MAX_CACHED):
+        _file_contexts.popitem(last=False)
 
 
 def _remember_context(key: tuple, now: float, ctx: SSL.Context) -> None:
