@@ -200,15 +200,15 @@ class UpstreamClient:
         if params.size is not None and self.supports("SIZE"):
             parts.append(f"SIZE={params.size}")
         if params.body_8bitmime:
-            # force: BODY=8BITMIME goes on, and an upstream that does not
-            # offer 8BITMIME cannot take the message (RFC 6152 3; the
-            # original gave up such an upstream under force); ignore: never
-            # mentioned upstream, the bytes go anyway; disable: the client
-            # was never offered it.
-            if config.ext8BitMime is Ext8BitMime.FORCE:
-                if not self.supports("8BITMIME"):
-                    return NO_8BITMIME
+            # BODY=8BITMIME goes on to an upstream that offers 8BITMIME. One
+            # that does not cannot take the message (RFC 6152 3): force
+            # refuses it (the original gave such an upstream up), ignore
+            # sends the bytes anyway, as the original did. disable: the
+            # client was never offered it.
+            if self.supports("8BITMIME"):
                 parts.append("BODY=8BITMIME")
+            elif config.ext8BitMime is Ext8BitMime.FORCE:
+                return NO_8BITMIME
         if params.smtputf8:
             if not self.supports("SMTPUTF8"):
                 return NO_SMTPUTF8

@@ -222,8 +222,10 @@ def test_mail_parameters_size_and_body(upstream_factory):
     _deliver(up, params=MailParams(size=1234, body_8bitmime=True))
     assert up.messages[0].mail_options == ["SIZE=1234", "BODY=8BITMIME"]
     up.messages.clear()
+    # ignore, too, tells an upstream that offers 8BITMIME (the original's
+    # meaning: ignore only a missing 8BITMIME); it used to leave BODY= out
     _deliver(up, cfg=config(ext8BitMime=Ext8BitMime.IGNORE), params=MailParams(size=10, body_8bitmime=True))
-    assert up.messages[0].mail_options == ["SIZE=10"]
+    assert up.messages[0].mail_options == ["SIZE=10", "BODY=8BITMIME"]
 
 
 def test_smtputf8_passed_on_when_offered(upstream_factory):

@@ -8,6 +8,7 @@ import tracemalloc
 
 import pytest
 
+from sendooway_shared.config import Ext8BitMime
 from sendooway_shared.types import Route, Secret, TlsMode
 from sendooway_front._relay import Relay
 from sendooway_front._relay_api import MailParams
@@ -169,6 +170,12 @@ def test_body_8bitmime_to_an_upstream_without_8bitmime_is_refused_under_force():
     assert replies["mail"].code == 554 and replies["mail"].lines[0].startswith("5.6.3")
     assert not any(c.startswith(b"MAIL") for c in script.commands), script.commands
     assert "MAIL refused here: 554 5.6.3" in log.text
+    # ignore: the original's "use such an upstream anyway", the bytes as they are
+    script = Script(EHLO=b"502 5.5.2 what?\r\n")
+    replies, _ = run(_transaction(script, params=MailParams(body_8bitmime=True),
+                                  cfg=config(ext8BitMime=Ext8BitMime.IGNORE)))
+    assert replies["end"].code == 250
+    assert b"MAIL FROM:<s@x.y>\r\n" in script.commands
 
 
 def test_multiline_and_tricky_reply_text_passed_safely():
