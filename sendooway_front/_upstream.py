@@ -52,7 +52,7 @@ TLS_FAILED = Reply(454, ("4.7.0 TLS with the upstream server failed",))
 NO_STARTTLS = Reply(454, ("4.7.0 Upstream server does not offer STARTTLS",))
 AUTH_FAILED = Reply(454, ("4.7.0 Login at the upstream server failed",))
 NO_SMTPUTF8 = Reply(553, ("5.6.7 Upstream server does not support SMTPUTF8",))
-NO_8BITMIME = Reply(554, ("5.6.3 Upstream server does not support 8BITMIME",))
+NO_8BITMIME = Reply(550, ("5.6.3 Upstream server does not support 8BITMIME",))
 
 
 class UpstreamError(Exception):

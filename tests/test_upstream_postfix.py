@@ -790,14 +790,14 @@ def test_postfix_without_pipelining_and_8bitmime(pfx):
     pipelining client's group goes upstream one command at a time, every
     reply in its place. A MAIL with BODY=8BITMIME cannot go to a server
     that did not offer 8BITMIME (RFC 6152 3; ext8BitMime = force, the
-    default: the original gave such an upstream up too): 554 5.6.3, and
+    default: the original gave such an upstream up too): 550 5.6.3, and
     nothing reaches it; without BODY=, the bytes arrive exactly."""
     body = _body("bare upstream")
     with pfx.front.smtp() as s:
         _login(pfx, s)
         s.send(b"MAIL FROM:<dave@bare.example> BODY=8BITMIME\r\nRCPT TO:<g0@example.net>\r\n")
         got = [s.getreply() for _ in range(2)]
-        assert got == [(554, b"5.6.3 Upstream server does not support 8BITMIME"),
+        assert got == [(550, b"5.6.3 Upstream server does not support 8BITMIME"),
                        (503, b"5.5.1 No mail transaction in progress")], got
         s.send(f"MAIL FROM:<dave@bare.example>\r\nRCPT TO:<g0@example.net>\r\n"
                f"RCPT TO:<{REFUSED}>\r\nRCPT TO:<g1@example.net>\r\nDATA\r\n")
