@@ -23,6 +23,7 @@ verifying connection skip its check.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import collections
 import hashlib
 import ipaddress
@@ -196,7 +197,43 @@ def ca_identity(ca_file: str, ca_pem: str = "") -> str:
 
 MAX_CA_FILE = 1 << 20   # octets: as the users' files (Debian's whole bundle is ~220 KiB)
 MAX_CA_CERTS = 1000     # certificates in one CA file (Debian's bundle has ~140)
-_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_PEM_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,64})-----")
+_CERT_LABELS = ("CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE")  # as OpenSSL reads
+
+
+def pem_certificates(text: str, where: str) -> list[bytes]:
+    """The DER of every certificate block in `text` (CERTIFICATE, and the
+    TRUSTED CERTIFICATE of RHEL's bundles, whose trust data after the
+    certificate OpenSSL's DER reader leaves aside); other blocks (a CRL, a
+    key pasted in) are skipped. One pass over the lines: a file of lone
+    BEGIN lines cannot make it quadratic. A block without its END line, or
+    more than MAX_CA_CERTS, is an error naming `where`."""
+    found: list[bytes] = []
+    label, body = None, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if label is None:
+            m = _PEM_BEGIN.fullmatch(line)
+            if m:
+                label, body, start = m.group(1), [], number
+        elif line == f"-----END {label}-----":
+            if label in _CERT_LABELS:
+                try:
+                    found.append(binascii.a2b_base64("".join(body)))
+                except binascii.Error:
+                    raise TLSConfigError(f"{where}: cannot load CA certificates: bad base64"
+                                         f" in the block of line {start}") from None
+                if len(found) > MAX_CA_CERTS:
+                    raise TLSConfigError(f"{where}: more than {MAX_CA_CERTS} certificates")
+            label = None
+        elif line.startswith("-----"):
+            break
+        else:
+            body.append(line)
+    if label is not None:
+        raise TLSConfigError(f"{where}: cannot load CA certificates: the {label} block of"
+                             f" line {start} has no END line")
+    return found
 
 
 def _open_ca(ca_file: str) -> tuple[int, os.stat_result]:
@@ -243,13 +280,11 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
     failures are reported, not fatal."""
     ctx = _base_context(SSL.TLS_CLIENT_METHOD)
     if ca_pem:
-        blocks = _PEM_CERT.findall(ca_pem)
-        if len(blocks) > MAX_CA_CERTS:
-            raise TLSConfigError(f"{ca_file or 'sslCA'}: more than {MAX_CA_CERTS} certificates")
+        blocks = pem_certificates(ca_pem, ca_file or "sslCA")
         try:
             store = ctx.get_cert_store()
-            for block in blocks:  # OpenSSL's parser: as lenient as load_verify_locations
-                store.add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, block.encode()))
+            for der in blocks:  # OpenSSL's own DER reader
+                store.add_cert(crypto.load_certificate(crypto.FILETYPE_ASN1, der))
         except Exception as e:  # noqa: BLE001 - a user's file: whatever the parser says
             raise TLSConfigError(f"{ca_file or 'sslCA'}: cannot load CA certificates"
                                  f" ({type(e).__name__}: {str(e)[:200]})") from None
