@@ -363,6 +363,8 @@ async def client_context_for(ca_file: str = "", verify: bool = True,
         if ctx is not None:
             return ctx
         loading = _loads.get(key)
+        if loading is not None and loading.get_loop() is not asyncio.get_running_loop():
+            loading = None  # left by an event loop that ended before its load did
         data = _read_ca(fd, ca_file) if loading is None else b""
     finally:
         os.close(fd)
@@ -385,7 +387,8 @@ def _parse_file(ca_file: str, verify: bool, data: bytes) -> SSL.Context:
 def _loaded(key: tuple, data: bytes, future: asyncio.Future) -> None:
     """On the loop: a finished load goes into the cache (or its content
     error into the failures)."""
-    _loads.pop(key, None)
+    if _loads.get(key) is future:
+        del _loads[key]
     if future.cancelled():
         return
     exc = future.exception()
