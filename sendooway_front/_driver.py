@@ -114,6 +114,7 @@ class SessionRunner:
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
         self.stream_eof = False
         self.stopping = False          # the server stops: 421 at the next command
+        self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
         self._waiting_for_command = False
 
     def request_stop(self) -> None:
@@ -299,7 +300,11 @@ class SessionRunner:
                     log.exception("%s: relay failed during DATA", self.sid)
                     s.fail_message(R.RELAY_FAILED, "relay failed during DATA")
             elif isinstance(ev, DataFinished):
-                reply = await self._relay_call(self.relay.data_end(empty=ev.empty))
+                self.awaiting_final_reply = True  # a stop waits for this (see serve_listening)
+                try:
+                    reply = await self._relay_call(self.relay.data_end(empty=ev.empty))
+                finally:
+                    self.awaiting_final_reply = False
                 self._log(logging.DEBUG, "message of %d bytes: %s", ev.size, reply)  # the relay logs the line
                 s.relay_reply(reply)
             elif isinstance(ev, DataRefused):

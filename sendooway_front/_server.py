@@ -293,6 +293,7 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     stop = asyncio.Event()
     tasks: set[asyncio.Task] = set()
     runners: set[SessionRunner] = set()
+    task_of: dict[SessionRunner, asyncio.Task] = {}
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -308,10 +309,12 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
             stream = Stream(reader, writer, frontend.config.timeout)
             runner = SessionRunner(frontend, stream, describe_peer(writer.get_extra_info("peername")))
             runners.add(runner)
+            task_of[runner] = task
             await runner.run()
         finally:
             tasks.discard(task)
             runners.discard(runner)
+            task_of.pop(runner, None)
 
     servers = []
     for s in sockets:
@@ -338,6 +341,15 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
             for runner in list(runners):
                 runner.request_stop()
             _done, pending = await asyncio.wait(pending, timeout=2)
+        # A message whose final dot went upstream waits for its answer (at
+        # most `timeout`): cut now, the upstream may deliver it while the
+        # client hears nothing and sends it again (a review).
+        answering = {task_of[r] for r in list(runners) if r.awaiting_final_reply} & pending
+        if answering:
+            log.info("stopping: %d sessions wait for the upstream's answer to a message",
+                     len(answering))
+            await asyncio.wait(answering, timeout=frontend.config.timeout + 1)
+            pending = {t for t in pending if not t.done()}
         for t in pending:
             t.cancel()
         if pending:

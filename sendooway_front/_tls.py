@@ -23,12 +23,10 @@ verifying connection skip its check.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import collections
 import hashlib
 import ipaddress
 import os
-import re
 import stat
 import time
 
@@ -197,43 +195,30 @@ def ca_identity(ca_file: str, ca_pem: str = "") -> str:
 
 MAX_CA_FILE = 1 << 20   # octets: as the users' files (Debian's whole bundle is ~220 KiB)
 MAX_CA_CERTS = 1000     # certificates in one CA file (Debian's bundle has ~140)
-_PEM_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,64})-----")
-_CERT_LABELS = ("CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE")  # as OpenSSL reads
 
 
-def pem_certificates(text: str, where: str) -> list[bytes]:
-    """The DER of every certificate block in `text` (CERTIFICATE, and the
-    TRUSTED CERTIFICATE of RHEL's bundles, whose trust data after the
-    certificate OpenSSL's DER reader leaves aside); other blocks (a CRL, a
-    key pasted in) are skipped. One pass over the lines: a file of lone
-    BEGIN lines cannot make it quadratic. A block without its END line, or
-    more than MAX_CA_CERTS, is an error naming `where`."""
-    found: list[bytes] = []
-    label, body = None, []
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if label is None:
-            m = _PEM_BEGIN.fullmatch(line)
-            if m:
-                label, body, start = m.group(1), [], number
-        elif line == f"-----END {label}-----":
-            if label in _CERT_LABELS:
-                try:
-                    found.append(binascii.a2b_base64("".join(body)))
-                except binascii.Error:
-                    raise TLSConfigError(f"{where}: cannot load CA certificates: bad base64"
-                                         f" in the block of line {start}") from None
-                if len(found) > MAX_CA_CERTS:
-                    raise TLSConfigError(f"{where}: more than {MAX_CA_CERTS} certificates")
-            label = None
-        elif line.startswith("-----"):
-            break
-        else:
-            body.append(line)
-    if label is not None:
-        raise TLSConfigError(f"{where}: cannot load CA certificates: the {label} block of"
-                             f" line {start} has no END line")
-    return found
+def _load_pem(ctx: SSL.Context, data: bytes, where: str) -> None:
+    """Trust the certificates of PEM `data` in `ctx`, read by OpenSSL's own
+    loader (as load_verify_locations reads a file: CERTIFICATE and TRUSTED
+    CERTIFICATE blocks with their trust settings, CRLs; one linear pass)
+    from a memfd, so the bytes checked and read once are the ones loaded.
+    Raises TLSConfigError naming `where`."""
+    if data.count(b"-----BEGIN ") > MAX_CA_CERTS:
+        raise TLSConfigError(f"{where}: cannot load CA certificates: more than {MAX_CA_CERTS}"
+                             " certificates")
+    fd = os.memfd_create("sendooway-ca", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        ctx.load_verify_locations(os.fsencode(f"/proc/self/fd/{fd}"))
+    except SSL.Error as e:
+        raise TLSConfigError(f"{where}: cannot load CA certificates ({_describe_openssl(e)})") from None
+    except OSError as e:  # (no /proc: the memfd cannot be named)
+        raise TLSConfigError(f"{where}: cannot load CA certificates: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 def _open_ca(ca_file: str) -> tuple[int, os.stat_result]:
@@ -280,17 +265,7 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
     failures are reported, not fatal."""
     ctx = _base_context(SSL.TLS_CLIENT_METHOD)
     if ca_pem:
-        blocks = pem_certificates(ca_pem, ca_file or "sslCA")
-        try:
-            store = ctx.get_cert_store()
-            for der in blocks:  # OpenSSL's own DER reader
-                store.add_cert(crypto.load_certificate(crypto.FILETYPE_ASN1, der))
-        except Exception as e:  # noqa: BLE001 - a user's file: whatever the parser says
-            raise TLSConfigError(f"{ca_file or 'sslCA'}: cannot load CA certificates"
-                                 f" ({type(e).__name__}: {str(e)[:200]})") from None
-        if not blocks:
-            raise TLSConfigError(f"{ca_file or 'sslCA'}: cannot load CA certificates:"
-                                 " no PEM certificate in it")
+        _load_pem(ctx, ca_pem.encode("latin-1", "replace"), ca_file or "sslCA")
     elif ca_file:
         return client_context(ca_file, verify, _pem_text(ca_file, read_ca_file(ca_file)))
     else:
@@ -301,7 +276,7 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
 
 
 def _pem_text(ca_file: str, data: bytes) -> str:
-    return data.decode("ascii", "replace")
+    return data.decode("latin-1")  # every octet kept: OpenSSL reads the bytes again
 
 
 # Client contexts are reused: loading the system store costs ~4 ms, a CA file
