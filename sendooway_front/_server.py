@@ -331,29 +331,48 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     log.info("listening on %s", where)
     await stop.wait()
     log.info("stopping: no new sessions, %d running", len(tasks))
+    # a second SIGTERM/SIGINT: no more waiting for anyone
+    hurry = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    hurried = asyncio.ensure_future(hurry.wait())
+
+    async def still_running(these: set, seconds: float) -> set:
+        """Wait until `these` are done, `seconds` passed or a second signal
+        came; those still running."""
+        deadline = loop.time() + seconds
+        left = {t for t in these if not t.done()}
+        while left and not hurry.is_set() and (remaining := deadline - loop.time()) > 0:
+            done, _ = await asyncio.wait(left | {hurried}, timeout=remaining,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            left -= done
+        return {t for t in left if not t.done()}
+
     for srv in servers:
         srv.close()
     if tasks:
-        _done, pending = await asyncio.wait(set(tasks), timeout=grace)
+        pending = await still_running(set(tasks), grace)
         if pending:
             # the grace is over: "421 4.3.2 shutting down" to every client
             # between two commands (not a silent close), the rest is cut
             for runner in list(runners):
                 runner.request_stop()
-            _done, pending = await asyncio.wait(pending, timeout=2)
-        # A message whose final dot went upstream waits for its answer (at
-        # most `timeout`): cut now, the upstream may deliver it while the
-        # client hears nothing and sends it again (a review).
+            pending = await still_running(pending, 2)
+        # A message whose final dot went upstream waits for its answer (the
+        # dot's write and the answer's read: at most `timeout` each): cut
+        # now, the upstream may deliver it while the client hears nothing
+        # and sends it again (a review). A second signal cuts it anyway.
         answering = {task_of[r] for r in list(runners) if r.awaiting_final_reply} & pending
-        if answering:
-            log.info("stopping: %d sessions wait for the upstream's answer to a message",
-                     len(answering))
-            await asyncio.wait(answering, timeout=frontend.config.timeout + 1)
+        if answering and not hurry.is_set():
+            log.info("stopping: %d sessions wait for the upstream's answer to a message"
+                     " (a second SIGTERM cuts them)", len(answering))
+            await still_running(answering, 2 * frontend.config.timeout + 1)
             pending = {t for t in pending if not t.done()}
         for t in pending:
             t.cancel()
         if pending:
             log.info("stopping: %d sessions cut after %ss", len(pending), grace)
             await asyncio.wait(pending, timeout=5)
+    hurried.cancel()
     await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT
     log.info("stopped")

@@ -206,16 +206,23 @@ def _load_pem(ctx: SSL.Context, data: bytes, where: str) -> None:
     if data.count(b"-----BEGIN ") > MAX_CA_CERTS:
         raise TLSConfigError(f"{where}: cannot load CA certificates: more than {MAX_CA_CERTS}"
                              " certificates")
-    fd = os.memfd_create("sendooway-ca", os.MFD_CLOEXEC)
+    try:
+        fd = os.memfd_create("sendooway-ca", os.MFD_CLOEXEC)
+    except OSError as e:
+        raise TLSConfigError(f"{where}: cannot load CA certificates: {e.strerror or e}") from None
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.lseek(fd, 0, os.SEEK_SET)
-        ctx.load_verify_locations(os.fsencode(f"/proc/self/fd/{fd}"))
+        name = f"/proc/self/fd/{fd}"
+        if not os.path.exists(name):
+            raise TLSConfigError(f"{where}: cannot load CA certificates: /proc is not"
+                                 " mounted (needed to hand them to OpenSSL)")
+        ctx.load_verify_locations(os.fsencode(name))
     except SSL.Error as e:
         raise TLSConfigError(f"{where}: cannot load CA certificates ({_describe_openssl(e)})") from None
-    except OSError as e:  # (no /proc: the memfd cannot be named)
+    except OSError as e:
         raise TLSConfigError(f"{where}: cannot load CA certificates: {e.strerror or e}") from None
     finally:
         os.close(fd)
