@@ -189,3 +189,45 @@ def converse(monkeypatch, script, steps: list, auth: bool = False, source: str =
         return out, up, handler.text
 
     return asyncio.run(go())
+
+
+class ListeningFrontend:
+    """`serve_listening` (as `sendooway -b` runs it) on a loopback port,
+    relaying through the Relay to `up`; the relay's log lines are kept.
+    Use in a coroutine: `async with ListeningFrontend(...) as lf`, then
+    lf.port, lf.server (the serve_listening task)."""
+
+    def __init__(self, monkeypatch, up: Upstream, timeout: int, grace: float) -> None:
+        self.monkeypatch, self.up, self.timeout, self.grace = monkeypatch, up, timeout, grace
+        self.handler = ListHandler()
+
+    async def __aenter__(self) -> "ListeningFrontend":
+        from sendooway_front import _server
+
+        lg = logging.getLogger(RELAY_LOG)
+        self._saved = (lg.level, lg.propagate)
+        lg.addHandler(self.handler)
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+        self.monkeypatch.setattr(_driver, "make_relay",
+                                 lambda cfg, log: Relay(cfg, logging.getLogger(RELAY_LOG), None))
+        route = Route(server="127.0.0.1", port=self.up.port, tls=TlsMode.PLAIN, ca_file="",
+                      user="", password=Secret(""), auth=False, source="review.conf:1")
+        cfg = Config(timeout=self.timeout, smarthostCache=0, localname="relay.test",
+                     addReceivedField=False)
+        fe = Frontend(cfg, connector=Connector(route), hostname="mx.test")
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)
+        lsock.setblocking(False)
+        self.port = lsock.getsockname()[1]
+        self.server = asyncio.ensure_future(_server.serve_listening(fe, [lsock], grace=self.grace,
+                                                                    max_sessions=10))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.up.server.close()
+        lg = logging.getLogger(RELAY_LOG)
+        lg.removeHandler(self.handler)
+        lg.setLevel(self._saved[0])
+        lg.propagate = self._saved[1]

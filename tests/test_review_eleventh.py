@@ -7,10 +7,8 @@ Each is fixed."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,14 +17,7 @@ import time
 import pytest
 import trustme
 
-from sendooway_front import _driver, _server
-from sendooway_front._driver import Frontend
-from sendooway_front._relay import Relay
-from sendooway_shared.config import Config
-from sendooway_shared.types import Route, Secret, TlsMode
-
-from .scripted_relay import LOGIN, RELAY_LOG, Connector, Upstream, careful
-from .upstream import ListHandler
+from .scripted_relay import LOGIN, ListeningFrontend, Upstream, careful
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,26 +54,12 @@ def test_a_second_sigterm_cuts_the_wait_for_an_upstreams_answer(monkeypatch):
 
     async def go():
         up = await Upstream(script).start()
-        handler = ListHandler()
-        lg = logging.getLogger(RELAY_LOG)
-        saved = (lg.level, lg.propagate)
-        lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG)
-        lg.propagate = False
-        monkeypatch.setattr(_driver, "make_relay",
-                            lambda cfg, log: Relay(cfg, logging.getLogger(RELAY_LOG), None))
-        route = Route(server="127.0.0.1", port=up.port, tls=TlsMode.PLAIN, ca_file="",
-                      user="", password=Secret(""), auth=False, source="review.conf:1")
-        cfg = Config(timeout=8, smarthostCache=0, localname="relay.test", addReceivedField=False)
-        fe = Frontend(cfg, connector=Connector(route), hostname="mx.test")
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(16)
-        lsock.setblocking(False)
-        port = lsock.getsockname()[1]
-        server = asyncio.ensure_future(_server.serve_listening(fe, [lsock], grace=0.3,
-                                                               max_sessions=10))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with ListeningFrontend(monkeypatch, up, timeout=8, grace=0.3) as lf:
+            return await session(lf)
+
+    async def session(lf):
+        server = lf.server
+        reader, writer = await asyncio.open_connection("127.0.0.1", lf.port)
         try:
             writer.write(LOGIN + b"MAIL FROM:<alice@example.org>\r\n"
                          b"RCPT TO:<bob@example.net>\r\nDATA\r\n")
@@ -106,10 +83,6 @@ def test_a_second_sigterm_cuts_the_wait_for_an_upstreams_answer(monkeypatch):
         finally:
             never.set()
             writer.close()
-            up.server.close()
-            lg.removeHandler(handler)
-            lg.setLevel(saved[0])
-            lg.propagate = saved[1]
 
     took = asyncio.run(go())
     assert took < 2.0, (

@@ -11,60 +11,21 @@ from __future__ import annotations
 import base64
 import os
 import smtplib
-import socket
-import threading
 import time
 
 import pytest
 
 from tests.auth_helpers import Daemon
-from tests.front_util import Frontend, front_config, login_plain, open_tmp
+from tests.front_util import Frontend, front_config, open_tmp
 from tests.hardening_util import RawClient
 from tests.upstream import FakeUpstream
+
+from .test_review_eighth import _ClosingListener, _give_to_bob, _session  # the same helpers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="users and nobody need root")
 
 
 # ------------------------------------------------------------ helpers
-
-
-class _ClosingListener:
-    """A TCP server that accepts and closes at once: a TLS route to it fails fast (454)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.sock.settimeout(0.2)
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            conn.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
-
-
-def _session(front: Frontend, world, user: str, timeout: float = 30.0) -> RawClient:
-    client = RawClient(front.host, front.port, timeout=timeout)
-    assert client.reply()[0] == 220
-    assert client.cmd(f"EHLO {user}.test\r\n".encode())[0] == 250
-    password = world.users[user].password
-    assert client.cmd(f"AUTH PLAIN {login_plain(user, password)}\r\n".encode())[0] == 235
-    return client
-
-
-def _give_to_bob(world, path: str) -> None:
-    os.chown(path, world.users["bob"].uid, world.users["bob"].gid)
-    os.chmod(path, 0o644)
 
 
 def _relabel(pem: bytes, label: str) -> bytes:

@@ -9,21 +9,17 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 
 import pytest
 import trustme
 
-from sendooway_front import _driver, _server, _tls
-from sendooway_front._driver import Frontend
-from sendooway_front._relay import Relay
+from sendooway_front import _tls
 from sendooway_front._upstream import UpstreamError, open_upstream
 from sendooway_shared.config import Config
-from sendooway_shared.types import Route, Secret, TlsMode
+from sendooway_shared.types import Route, TlsMode
 
-from .scripted_relay import LOGIN, RELAY_LOG, Connector, Upstream, careful, codes
-from .upstream import ListHandler
+from .scripted_relay import LOGIN, ListeningFrontend, Upstream, careful, codes
 
 
 # ------------------------------------------------------------ stopping with mail in flight
@@ -61,26 +57,12 @@ def test_stop_does_not_cut_a_session_waiting_for_the_upstreams_answer_to_the_dot
 
     async def go():
         up = await Upstream(script).start()
-        handler = ListHandler()
-        lg = logging.getLogger(RELAY_LOG)
-        saved = (lg.level, lg.propagate)
-        lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG)
-        lg.propagate = False
-        monkeypatch.setattr(_driver, "make_relay",
-                            lambda cfg, log: Relay(cfg, logging.getLogger(RELAY_LOG), None))
-        route = Route(server="127.0.0.1", port=up.port, tls=TlsMode.PLAIN, ca_file="",
-                      user="", password=Secret(""), auth=False, source="review.conf:1")
-        cfg = Config(timeout=10, smarthostCache=0, localname="relay.test", addReceivedField=False)
-        fe = Frontend(cfg, connector=Connector(route), hostname="mx.test")
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(16)
-        lsock.setblocking(False)
-        port = lsock.getsockname()[1]
-        server = asyncio.ensure_future(_server.serve_listening(fe, [lsock], grace=0.5,
-                                                               max_sessions=10))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with ListeningFrontend(monkeypatch, up, timeout=10, grace=0.5) as lf:
+            return await session(lf, up)
+
+    async def session(lf, up):
+        server = lf.server
+        reader, writer = await asyncio.open_connection("127.0.0.1", lf.port)
         writer.write(LOGIN + b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\n"
                      b"DATA\r\n")
         await writer.drain()
@@ -99,10 +81,6 @@ def test_stop_does_not_cut_a_session_waiting_for_the_upstreams_answer_to_the_dot
         writer.close()
         await asyncio.wait_for(server, 15)
         await asyncio.wait_for(answered.wait(), 5)
-        up.server.close()
-        lg.removeHandler(handler)
-        lg.setLevel(saved[0])
-        lg.propagate = saved[1]
         return out, up
 
     out, up = asyncio.run(go())
