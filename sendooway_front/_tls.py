@@ -30,7 +30,7 @@ import os
 import stat
 import time
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 # Imported now, not at first use: the frontend drops privileges after start-up
 # and the install tree may be unreadable to the frontend user by then.
 from service_identity import VerificationError
