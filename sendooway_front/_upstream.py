@@ -380,6 +380,11 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
         tried.append(f"{mech}: {reply.code}{' ' + reply.enhanced if reply.enhanced else ''}")
         if reply.code in _TRY_NEXT:
             continue
+        if mech not in offered and 500 <= reply.code < 600:
+            # tried only for alwaysTry: a server without it may well say 535
+            # (Postfix with Dovecot SASL does) and means "not this one"; the
+            # original went on to the next mechanism after any refusal
+            continue
         # A real refusal of the credentials (535) or a temporary failure:
         # trying the same password again by another mechanism only adds
         # failures to the upstream's counters.
