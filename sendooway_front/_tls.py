@@ -271,10 +271,10 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
     (a PEM file), else the system store. `verify=False` (noCertCheck):
     failures are reported, not fatal."""
     ctx = _base_context(SSL.TLS_CLIENT_METHOD)
+    if ca_file and not ca_pem:
+        ca_pem = _pem_text(read_ca_file(ca_file))
     if ca_pem:
         _load_pem(ctx, ca_pem.encode("latin-1", "replace"), ca_file or "sslCA")
-    elif ca_file:
-        return client_context(ca_file, verify, _pem_text(ca_file, read_ca_file(ca_file)))
     else:
         ctx.set_default_verify_paths()
     ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
@@ -282,7 +282,7 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
     return ctx
 
 
-def _pem_text(ca_file: str, data: bytes) -> str:
+def _pem_text(data: bytes) -> str:
     return data.decode("latin-1")  # every octet kept: OpenSSL reads the bytes again
 
 
@@ -363,7 +363,7 @@ async def client_context_for(ca_file: str = "", verify: bool = True,
 
 
 def _parse_file(ca_file: str, verify: bool, data: bytes) -> SSL.Context:
-    return client_context(ca_file, verify, _pem_text(ca_file, data))
+    return client_context(ca_file, verify, _pem_text(data))
 
 
 def _loaded(key: tuple, data: bytes, future: asyncio.Future) -> None:
@@ -375,9 +375,7 @@ def _loaded(key: tuple, data: bytes, future: asyncio.Future) -> None:
         return
     exc = future.exception()
     if isinstance(exc, TLSConfigError):
-        _failed_files[key] = str(exc)
-        while len(_failed_files) > _MAX_CACHED:
-            _failed_files.popitem(last=False)
+        _remember_failure(key, exc)
     elif exc is None:
         _remember_file(key, future.result(), len(data))
 
@@ -404,12 +402,17 @@ def _file_context(ca_file: str, verify: bool, data: bytes, key: tuple) -> SSL.Co
     try:
         ctx = _parse_file(ca_file, verify, data)
     except TLSConfigError as exc:
-        _failed_files[key] = str(exc)
-        while len(_failed_files) > _MAX_CACHED:
-            _failed_files.popitem(last=False)
+        _remember_failure(key, exc)
         raise
     _remember_file(key, ctx, len(data))
     return ctx
+
+
+def _remember_failure(key: tuple, exc: TLSConfigError) -> None:
+    """A file version whose content cannot be loaded: not tried again."""
+    _failed_files[key] = str(exc)
+    while len(_failed_files) > _MAX_CACHED:
+        _failed_files.popitem(last=False)
 
 
 def _remember_file(key: tuple, ctx: SSL.Context, size: int) -> None:
