@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from sendooway_shared.cli import to_devnull
 from sendooway_shared.config import AuthBackend, Config, config_warnings
 from sendooway_shared.protocol import ProtocolError
 from sendooway_shared.types import Route
@@ -73,10 +74,7 @@ def report_to_stdout(cfg: Config, name: str, sender: str | None) -> int:
         return code
     except _OutputError as failure:
         exc = failure.__cause__
-        # what is still buffered must not fail again at exit
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())
-        os.close(null)
+        to_devnull(sys.stdout.fileno())  # what is still buffered must not fail again at exit
         if not isinstance(exc, BrokenPipeError):
             print(f"sendooway-auth: cannot write the report: {exc.strerror or exc}",
                   file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 import time
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, to_devnull
 from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 
@@ -93,18 +93,6 @@ class _Startup:
                 pass
             _linger()
         return code
-
-
-def _mute_stderr() -> None:
-    """xinetd made the client's connection our stderr too: whatever Python
-    or a library might print there (a warning, a note that the log cannot
-    be written) would land in the SMTP dialogue. Point it at /dev/null."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    os.dup2(null, 2)
-    os.close(null)
 
 
 def _linger(seconds: float = 2.0, most: int = 65536) -> None:
@@ -206,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     one_session = not args.bind and "LISTEN_FDS" not in os.environ
     startup = _Startup(one_session)
     if startup.stderr_is_client:
-        _mute_stderr()
+        # xinetd made the client's connection our stderr too: whatever Python
+        # or a library might print there (a warning, a note that the log
+        # cannot be written) would land in the SMTP dialogue
+        to_devnull(2)
     if args.log in ("&2", "-") and startup.stderr_is_client:  # xinetd: stderr is the client
         return startup.fail(None, "-l '&2': stderr is the SMTP client here (xinetd makes the"
                                   " connection stderr too); log to a file or syslog (no -l)")
@@ -282,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     # read one user's file and would answer "no route" (550) for every
     # sender, so there a missing daemon is a 421 as for nobody
     sandboxed = os.environ.get("SENDOOWAY_PRIVATE_AUTH", "").lower() == "no"
-    if daemon_reachable(path, frontend_uid) or not is_root or sandboxed:
+    reachable = daemon_reachable(path, frontend_uid)
+    if reachable or not is_root or sandboxed:
         connector = SocketConnector(path, cfg.timeout, frontend_uid)
-        if (not is_root or sandboxed) and not daemon_reachable(path, frontend_uid):
+        if not reachable:
             log.warning("no authenticator at %s: sessions get 421 until it runs%s", path,
                         " (SENDOOWAY_PRIVATE_AUTH=no: none is started here; start"
                         " sendooway-auth.socket)" if is_root else "")

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = "/etc/sendooway.conf"
 EXIT_CONFIG = 2
+
+
+def to_devnull(fd: int) -> None:
+    """Point `fd` at /dev/null (what is written there is dropped)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def load_config_or_exit(path: str, program: str) -> Config:

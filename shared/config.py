@@ -298,8 +298,7 @@ MAX_SOCKET_PATH = 107  # octets a UNIX socket address holds on Linux (sun_path, 
 
 
 def _socket_path(value: str) -> str:
-    if not value:
-        raise ValueError("a value is required")
+    _non_empty(value)
     if len(os.fsencode(value)) > MAX_SOCKET_PATH:
         raise ValueError(f"path too long for a UNIX socket ({len(os.fsencode(value))} octets,"
                          f" at most {MAX_SOCKET_PATH})")
