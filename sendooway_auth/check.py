@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from sendooway_shared.cli import to_devnull
+from sendooway_shared.cli import EXIT_NOT_WRITTEN, tell_not_written
 from sendooway_shared.config import AuthBackend, Config, config_warnings
 from sendooway_shared.protocol import ProtocolError
 from sendooway_shared.types import Route
@@ -23,7 +23,6 @@ from .routes import UserRoutes
 EXIT_OK = 0
 EXIT_NO_MAPPING = 1
 EXIT_BAD_CONFIG = 2
-EXIT_NOT_WRITTEN = 3
 
 MASK = "********"
 
@@ -73,11 +72,7 @@ def report_to_stdout(cfg: Config, name: str, sender: str | None) -> int:
         out.flush()
         return code
     except _OutputError as failure:
-        exc = failure.__cause__
-        to_devnull(sys.stdout.fileno())  # what is still buffered must not fail again at exit
-        if not isinstance(exc, BrokenPipeError):
-            print(f"sendooway-auth: cannot write the report: {exc.strerror or exc}",
-                  file=sys.stderr)
+        tell_not_written(sys.stdout, failure.__cause__, "sendooway-auth", "the report")
         return EXIT_NOT_WRITTEN
 
 

@@ -7,15 +7,15 @@ import logging
 import sys
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, load_config_or_exit
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, load_config_or_exit
 from sendooway_shared.log import setup_logging
 
 DEFAULT_FAILURE_DELAY = 1.0
 DEFAULT_THREADS = 8
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="sendooway-auth",
         description="sendooway's root authenticator: checks passwords with PAM and reads"
         " the users' files. Runs in the foreground.",

@@ -8,7 +8,6 @@ client byte read.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ctypes
 import logging
@@ -20,15 +19,15 @@ import sys
 import time
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, to_devnull
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, to_devnull
 from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 
 EXIT_FAILURE = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="sendooway",
         description="Multi-user SMTP submission proxy (frontend). Without -b it serves"
         " one SMTP session on stdin/stdout (inetd, xinetd).",

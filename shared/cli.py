@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -9,6 +10,43 @@ from .config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = "/etc/sendooway.conf"
 EXIT_CONFIG = 2
+EXIT_NOT_WRITTEN = 3
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose --help, --version and usage messages fail without a
+    traceback: a reader that went away (`| head -1`) ends it quietly, another
+    write error (a full disk) is one line on stderr; exit EXIT_NOT_WRITTEN."""
+
+    def _print_message(self, message, file=None):  # argparse's one writer
+        if not message:
+            return
+        stream = file if file is not None else sys.stderr
+        if stream is None:  # started with that descriptor closed
+            return
+        try:
+            stream.write(message)
+            stream.flush()
+        except OSError as exc:
+            tell_not_written(stream, exc, self.prog, "the text")
+            if stream is not sys.stderr:  # a usage error keeps its own exit code
+                raise SystemExit(EXIT_NOT_WRITTEN) from None
+
+
+def tell_not_written(stream, exc: OSError, program: str, what: str) -> None:
+    """After a failed write of `what` to `stream`: drop what is still
+    buffered there (it must not fail again at exit) and say why on stderr,
+    unless the reader just went away (`| head -1`) or stderr itself failed."""
+    try:
+        to_devnull(stream.fileno())
+    except (OSError, ValueError):
+        pass
+    if stream is sys.stderr or isinstance(exc, BrokenPipeError):
+        return
+    try:
+        print(f"{program}: cannot write {what}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 def to_devnull(fd: int) -> None:

@@ -35,6 +35,39 @@ def test_help_lists_every_option(cmd, options):
 
 
 @pytest.mark.parametrize("cmd", [FRONT, AUTH])
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_help_to_a_full_disk_is_one_line_not_a_traceback(cmd, option):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([cmd, option], stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 3
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"{os.path.basename(cmd)}: cannot write the text:"
+                                " No space left on device")
+
+
+@pytest.mark.parametrize("cmd", [FRONT, AUTH])
+def test_help_to_a_reader_that_went_away_ends_quietly(cmd):
+    rd, wr = os.pipe()
+    os.close(rd)  # the reader is gone before the first write: EPIPE
+    try:
+        r = subprocess.run([cmd, "--help"], stdout=wr, stderr=subprocess.PIPE, text=True,
+                           timeout=30, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(wr)
+    assert r.returncode == 3
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("cmd", [FRONT, AUTH])
+def test_a_usage_error_keeps_exit_2_when_stderr_is_full(cmd):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([cmd, "--no-such-option"], stdout=subprocess.PIPE, stderr=full,
+                           timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2
+
+
+@pytest.mark.parametrize("cmd", [FRONT, AUTH])
 def test_version(cmd):
     r = run(cmd, "-V")
     assert r.returncode == 0
