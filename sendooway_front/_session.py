@@ -607,7 +607,7 @@ class Session:
         if exchange.mechanism == "PLAIN":
             parts = value.split("\0")
             if len(parts) != 3:
-                self._reply(R.AUTH_BAD_BASE64)
+                self._reply(R.AUTH_BAD_PLAIN)
                 return
             authzid, user, password = parts
             if authzid and authzid != user:

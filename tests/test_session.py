@@ -143,6 +143,20 @@ def test_auth_cancel_bad_base64_and_empty_response():
     assert not h.auth_seen
 
 
+def test_auth_plain_empty_or_malformed_response_is_named_as_such():
+    """`AUTH PLAIN =` is a zero-length initial response (RFC 4954 4): it
+    decodes fine but is no PLAIN message (RFC 4616 2), and the reply says
+    that instead of blaming the base64; likewise a PLAIN message without
+    its two NULs."""
+    two_fields = base64.b64encode(b"alice\0secret").decode()
+    c, h = talk(f"EHLO c\r\nAUTH PLAIN =\r\nAUTH PLAIN {two_fields}\r\nAUTH PLAIN\r\n=\r\n"
+                .encode())
+    assert c == [250, 501, 501, 334, 501]
+    out = h.feed(b"AUTH PLAIN =\r\n").decode()
+    assert out.startswith("501 5.5.2 ") and "PLAIN" in out and "base64" not in out
+    assert not h.auth_seen
+
+
 def test_auth_failures_close_the_session():
     bad = plain("alice", "wrong").encode()
     c, h = talk(b"EHLO c\r\n" + (b"AUTH PLAIN " + bad + b"\r\n") * 4)
