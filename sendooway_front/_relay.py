@@ -90,6 +90,7 @@ class Relay:
         self._sender = ""
         self._rcpts = 0
         self._bytes = 0
+        self._transactions = 0       # MAILs of this session: SID.N names the message
         self._in_data = False
         self._check = _LineEndCheck()
         self._held = b""             # message bytes not yet sent upstream (one chunk at most)
@@ -106,6 +107,11 @@ class Relay:
 
     def _sid(self) -> str:
         return self._info.session_id if self._info else "-"
+
+    def _message_id(self) -> str:
+        """The session id and the transaction's number in the session: the
+        Received: header's `id` and the message log line's `id=`."""
+        return f"{self._sid()}.{self._transactions}"
 
     def _drop(self) -> None:
         """Forget the upstream connection at once (no QUIT, no final dot)."""
@@ -164,9 +170,9 @@ class Relay:
         # escaped: the source is a file name a user chose (the server too)
         where = printable(f"{route.server}:{route.port} ({route.source or '-'})") if route else "-"
         info = self._info
-        self.log.info("%s: message user=%s from=<%s> rcpts=%d bytes=%d route=%s upstream=%s",
+        self.log.info("%s: message user=%s from=<%s> rcpts=%d bytes=%d id=%s route=%s upstream=%s",
                       self._sid(), info.user if info else "-", self._sender, self._rcpts,
-                      self._bytes, where, outcome)
+                      self._bytes, self._message_id(), where, outcome)
 
     def _fail_transport(self, exc: BaseException, doing: str) -> Reply:
         reply = _transport_failure(exc)
@@ -277,6 +283,7 @@ class Relay:
         self._sender = sender
         self._rcpts = 0
         self._bytes = 0
+        self._transactions += 1
         self._data_reply = None
         for attempt in range(2):
             from_pool = False
@@ -664,7 +671,7 @@ class Relay:
         user = re.sub(r"[^A-Za-z0-9._@+\-]", "?", info.user)
         date = email.utils.formatdate(localtime=True)
         text = (f"Received: from {helo}{tcp_info}\r\n"
-                f"\tby {self.localname} (sendooway) with {protocol} id {info.session_id}\r\n"
+                f"\tby {self.localname} (sendooway) with {protocol} id {self._message_id()}\r\n"
                 f"\t(authenticated user {user}); {date}\r\n")
         return text.encode("ascii", "replace")
 

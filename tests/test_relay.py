@@ -49,7 +49,7 @@ def test_delivery_every_tls_mode(upstream_factory, tls):
     assert m.mail_from == "alice@example.com" and m.rcpt_tos == ["rcpt@example.org"]
     assert body_after_received(m.data) == STORED
     assert m.data.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby relay.test (sendooway)"
-                             b" with ESMTPSA id S1\r\n\t(authenticated user alice); ")
+                             b" with ESMTPSA id S1.1\r\n\t(authenticated user alice); ")
     assert m.helo == "relay.test"
     assert m.tls == (tls != "plain")
     assert m.login == ("up-user" if tls != "plain" else None)
@@ -264,6 +264,26 @@ def test_same_route_reuses_connection_other_route_reopens(upstream_factory):
     assert a.logins == ["u", "u"] and b.logins == ["v"]
     assert [m.mail_from for m in a.messages] == ["s@x.y", "s@x.y", "s@x.y", "s2@x.y"]
     assert a.messages[-1].rcpt_tos == ["r2@x.y"]
+
+
+def test_each_message_of_a_session_has_its_own_received_id(upstream_factory):
+    """RFC 5321 4.4: the `id` names the message; two messages of one
+    session used to share the session id. The message log line names the
+    same id, so an admin finds the line from a Received: header."""
+    up = upstream_factory(tls="starttls", accounts={"u": PW})
+    log, handler = capture_log()
+    relay = Relay(config(), log)
+
+    async def go():
+        for _ in range(2):
+            assert (await send(relay, route_for(up), "s@x.y", ["r@x.y"], b"m"))["end"].code == 250
+        await relay.close()
+
+    run(go())
+    ids = [m.data.split(b" id ", 1)[1].split(b"\r\n", 1)[0] for m in up.messages]
+    assert ids == [b"S1.1", b"S1.2"]
+    lines = [x for x in handler.lines if ": message user=" in x]
+    assert [ln.split(" id=", 1)[1].split(" ", 1)[0] for ln in lines] == ["S1.1", "S1.2"]
 
 
 def test_data_abort_sends_no_final_dot(upstream_factory):
