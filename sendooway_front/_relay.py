@@ -13,6 +13,7 @@ smarthostCache pool, when enabled.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import ipaddress
 import logging
@@ -285,6 +286,11 @@ class Relay:
         self._bytes = 0
         self._transactions += 1
         self._data_reply = None
+        if params.size is not None and self.config.addReceivedField:
+            # SIZE= is the size the upstream will get (RFC 1870 4): with our
+            # Received: header, so an upstream's limit refuses at MAIL, not
+            # after the whole message went
+            params = dataclasses.replace(params, size=params.size + len(self.received_header(info)))
         for attempt in range(2):
             from_pool = False
             fresh = self._client is None
