@@ -646,7 +646,7 @@ class Session:
         size = None
         body8 = smtputf8 = False
         for key, value in params.items():
-            if key == "SIZE" and self.settings.size_limit is not None:
+            if key == "SIZE":  # known even where not offered (disable), as the original took it
                 if not (value and value.isascii() and value.isdigit() and len(value) <= 20):
                     self._reply(R.BAD_PARAMETER_VALUE)  # known, but not a size: 501
                     return

@@ -355,6 +355,18 @@ def test_declared_size_over_limit():
     assert c[-1] == 552
 
 
+def test_size_parameter_accepted_when_size_is_not_advertised():
+    """extMessageSize = disable: SIZE is not offered, yet a client that
+    declares a size anyway is served, as the original did (SIZE is a
+    parameter we know; 555 used to end such a client's mail). A malformed
+    value is still 501, and the declared size still reaches the relay."""
+    s = SessionSettings("h", size_limit=None)
+    c, h = talk(LOGIN_ALICE + b"MAIL FROM:<a@b.c> SIZE=999999999\r\nRSET\r\n"
+                b"MAIL FROM:<a@b.c> SIZE=x\r\n", settings=s)
+    assert c == [250, 235, 250, 250, 501]
+    assert [e.params.size for e in h.events if isinstance(e, MailRequested)] == [999999999]
+
+
 def test_message_over_size_limit_is_refused_after_the_end():
     s = SessionSettings("h", size_limit=100)
     c, h = talk(LOGIN_ALICE + TXN + b"x" * 50 + b"\r\n" + b"y" * 60 + b"\r\n.\r\nNOOP\r\n",
