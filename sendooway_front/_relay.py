@@ -29,7 +29,7 @@ from . import _pool
 from ._pool import PROBE_TIMEOUT, PoolKey, UpstreamPool
 from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
-from ._tls import TLSError, ca_identity
+from ._tls import TLSError, ca_identity, pin_ca_file
 from ._upstream import (
     BAD_UPSTREAM, DROPPED, TIMED_OUT, ReplyError, UpstreamClient, UpstreamError, open_upstream,
 )
@@ -79,6 +79,7 @@ class Relay:
         self.log = log
         self.pool = pool
         self.localname = default_localname(config)
+        pin_ca_file(config.sslCA)
         self._client: UpstreamClient | None = None
         self._key: PoolKey | None = None
         self._info: SessionInfo | None = None

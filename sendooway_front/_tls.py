@@ -415,14 +415,28 @@ def _remember_failure(key: tuple, exc: TLSConfigError) -> None:
         _failed_files.popitem(last=False)
 
 
+_pinned_file = ""  # the admin's sslCA: never evicted by the files users name
+
+
+def pin_ca_file(ca_file: str) -> None:
+    """Keep `ca_file` (the config's sslCA) out of the budget: a user naming
+    large CA files used to evict it, and every session of the global
+    routes paid its reparse (~8 ms for a 1 MiB bundle)."""
+    global _pinned_file
+    _pinned_file = ca_file
+
+
 def _remember_file(key: tuple, ctx: SSL.Context, size: int) -> None:
     for old in [k for k in _file_contexts if k[:2] == key[:2]]:  # older versions of the file
         del _file_contexts[old]
     _file_contexts[key] = (ctx, size)
-    while len(_file_contexts) > 1 and (
-            sum(n for _c, n in _file_contexts.values()) > CA_CACHE_BUDGET
-            or len(_file_contexts) > _MAX_CACHED):
-        _file_contexts.popitem(last=False)
+    users = [k for k in _file_contexts if k[0] != _pinned_file]  # oldest first
+    held = sum(_file_contexts[k][1] for k in users)
+    for k in users[:-1]:  # the newest stays, whatever its size
+        if held <= CA_CACHE_BUDGET and len(users) <= _MAX_CACHED:
+            break
+        held -= _file_contexts.pop(k)[1]
+        users.remove(k)
 
 
 def _remember_context(key: tuple, now: float, ctx: SSL.Context) -> None:

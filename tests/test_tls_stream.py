@@ -427,6 +427,30 @@ def test_client_contexts_are_reused_until_the_ca_file_changes(world, tmp_path):
         cached_client_context(str(ca), True)
 
 
+def test_the_admins_ca_file_is_never_evicted_by_files_users_name(world, tmp_path, monkeypatch):
+    """The CA contexts kept are bounded by a PEM budget, but the config's
+    sslCA is pinned: a user naming CA files of their own used to evict it,
+    and every global route then paid a reparse (~8 ms for a 1 MiB bundle)."""
+    from sendooway_front import _tls
+
+    monkeypatch.setattr(_tls, "_file_contexts", type(_tls._file_contexts)())
+    monkeypatch.setattr(_tls, "_pinned_file", "")
+    users = []
+    for i in range(4):
+        path = tmp_path / f"user{i}.pem"
+        trustme.CA().cert_pem.write_to_path(str(path))
+        users.append(str(path))
+    admin = str(tmp_path / "admin.pem")
+    trustme.CA().cert_pem.write_to_path(admin)
+    monkeypatch.setattr(_tls, "CA_CACHE_BUDGET", 2 * os.path.getsize(users[0]))
+    _tls.pin_ca_file(admin)
+    kept = _tls.cached_client_context(admin, True)
+    mine = [_tls.cached_client_context(u, True) for u in users]
+    assert _tls.cached_client_context(admin, True) is kept  # not parsed again
+    assert _tls.cached_client_context(users[-1], True) is mine[-1]
+    assert _tls.cached_client_context(users[0], True) is not mine[0]  # the budget still holds
+
+
 def test_certificates_passed_in_verify_like_their_file(world, tmp_path):
     """A user's own sslCA arrives as PEM text (read by the authenticator as
     the user): it verifies what its file would, a foreign CA refuses, and
