@@ -150,6 +150,8 @@ class SessionRunner:
             self.relay = make_relay(fe.config, log)
             await self._loop()
         except asyncio.CancelledError:
+            if self.stopping:
+                await self._cut_by_stop()
             raise
         except Exception:
             log.exception("%s client=%s: internal error, closing the session", self.sid,
@@ -158,6 +160,26 @@ class SessionRunner:
                 await self._quietly(self.relay.data_abort("internal error"))
         finally:
             await self._finish()
+
+    async def _cut_by_stop(self) -> None:
+        """The shutdown grace is over and this session is still in the
+        middle of something (AUTH, DATA, a relay step): a message in flight
+        is dropped without its final dot (and logged), and the client hears
+        "421 4.3.2 shutting down" (within a second) before the close."""
+        s = self.session
+        if self.awaiting_final_reply:  # a second signal hurried the stop
+            self._log(logging.WARNING, "cut by the stop before the upstream answered the final"
+                      " dot: the message may have been delivered")
+        elif self.relay is not None and s.state is State.DATA:
+            await self._quietly(self.relay.data_abort("server stopping"))
+        s.shutdown(R.SHUTTING_DOWN)
+        out = s.data_to_send()
+        if out:
+            self.stream.timeout = 1.0
+            try:
+                await self.stream.write(out)
+            except (OSError, asyncio.TimeoutError, TimeoutError):
+                pass
 
     async def _proxy_header(self) -> str | None:
         """Read the PROXY protocol header a trusted balancer sends first
