@@ -6,6 +6,7 @@ PathError/ParamError, which the session turns into catalogue replies.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 MAX_PATH = 256       # RFC 5321 4.5.3.1.3, brackets included
@@ -130,6 +131,24 @@ def _valid_domain(domain: str, utf8: bool) -> bool:
         return False
     text = _ascii_stand_in(domain) if utf8 else domain
     return bool(_DOMAIN.match(text))
+
+
+def is_ehlo_name(name: str) -> bool:
+    """A Domain (LDH labels of at most 63 octets) or an address literal
+    (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) as RFC 5321 4.1.2/4.1.3 write
+    them: what may be sent upstream in EHLO (cloneEhlo) or shown in a
+    Received: header. Windows computer names (`DESKTOP_4F2A`) are not."""
+    if not name or len(name) > MAX_DOMAIN or not name.isascii():
+        return False
+    if name.startswith("[") and name.endswith("]"):
+        inner = name[1:-1]
+        v6 = inner[:5].upper() == "IPV6:"
+        try:
+            address = ipaddress.ip_address(inner[5:] if v6 else inner)
+        except ValueError:
+            return False
+        return address.version == (6 if v6 else 4)
+    return bool(_DOMAIN.match(name)) and all(len(label) <= 63 for label in name.split("."))
 
 
 def parse_params(text: str) -> dict[str, str | None]:

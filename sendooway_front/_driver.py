@@ -150,8 +150,7 @@ class SessionRunner:
             self.relay = make_relay(fe.config, log)
             await self._loop()
         except asyncio.CancelledError:
-            if self.stopping:
-                await self._cut_by_stop()
+            await self._cut()
             raise
         except Exception:
             log.exception("%s client=%s: internal error, closing the session", self.sid,
@@ -161,17 +160,24 @@ class SessionRunner:
         finally:
             await self._finish()
 
-    async def _cut_by_stop(self) -> None:
-        """The shutdown grace is over and this session is still in the
-        middle of something (AUTH, DATA, a relay step): a message in flight
-        is dropped without its final dot (and logged), and the client hears
-        "421 4.3.2 shutting down" (within a second) before the close."""
+    async def _cut(self) -> None:
+        """The session's task is cancelled (the shutdown grace is over, or
+        the process ends): the upstream is left at once, a message in flight
+        without its final dot (and logged), no RSET or QUIT that a silent
+        upstream could hold for `timeout` (the stop waits for nobody); and
+        a stopping server's client hears "421 4.3.2 shutting down" (within a
+        second), even in mid-AUTH or mid-DATA, before the close."""
         s = self.session
-        if self.awaiting_final_reply:  # a second signal hurried the stop
-            self._log(logging.WARNING, "cut by the stop before the upstream answered the final"
-                      " dot: the message may have been delivered")
-        elif self.relay is not None and s.state is State.DATA:
-            await self._quietly(self.relay.data_abort("server stopping"))
+        if self.relay is not None:
+            if self.awaiting_final_reply:  # a second signal hurried the stop
+                self._log(logging.WARNING, "cut before the upstream answered the final dot:"
+                          " the message may have been delivered")
+            elif s.state is State.DATA:
+                await self._quietly(self.relay.data_abort("server stopping" if self.stopping
+                                                          else "session cut"))
+            self.relay.abort()
+        if not self.stopping:
+            return
         s.shutdown(R.SHUTTING_DOWN)
         out = s.data_to_send()
         if out:

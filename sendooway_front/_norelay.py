@@ -42,3 +42,6 @@ class NoRelay:
 
     async def close(self) -> None:
         return None
+
+    def abort(self) -> None:
+        return None

@@ -26,6 +26,7 @@ from sendooway_shared.log import printable
 from sendooway_shared.types import Route
 
 from . import _pool
+from ._address import is_ehlo_name
 from ._pool import PROBE_TIMEOUT, PoolKey, UpstreamPool
 from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
@@ -37,7 +38,6 @@ from ._upstream import (
 NO_TRANSACTION = Reply(503, ("5.5.1 No mail transaction in progress",))
 SMUGGLING = Reply(451, ("4.5.0 Message refused: bare CR or LF in the data",))
 MAIL_OK, RCPT_OK = "1.0", "1.5"  # RFC 3463 details for an upstream 2xx without its own
-_EHLO_NAME = re.compile(r"[A-Za-z0-9.\-\[\]:_]{1,255}")
 
 
 def _transport_failure(exc: BaseException) -> Reply:
@@ -103,7 +103,7 @@ class Relay:
     # ------------------------------------------------------------ helpers
 
     def _ehlo_name(self, info: SessionInfo) -> str:
-        if self.config.cloneEhlo and info.client_ehlo and _EHLO_NAME.fullmatch(info.client_ehlo):
+        if self.config.cloneEhlo and is_ehlo_name(info.client_ehlo or ""):
             return info.client_ehlo
         return self.localname
 
@@ -354,8 +354,12 @@ class Relay:
             if grouped:
                 replies = [reply, *(await self._group_replies(len(recipients), data))]
                 if self._overtalked("the group"):
+                    self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
                     return [BAD_UPSTREAM] * len(replies)
                 return replies
+            if self._overtalked("MAIL"):
+                self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
+                return BAD_UPSTREAM
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -433,6 +437,9 @@ class Relay:
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             return self._fail_transport(e, "RCPT")
         reply = self._upstream_reply(reply, RCPT_OK)
+        if self._overtalked("RCPT"):
+            self._broken = BAD_UPSTREAM
+            return BAD_UPSTREAM
         if reply.is_positive:
             self._rcpts += 1
         return reply
@@ -457,6 +464,9 @@ class Relay:
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             failure = self._fail_transport(e, "RCPT")
             replies += [failure] * (len(recipients) - len(replies))
+        if self._overtalked("the RCPTs"):  # which reply was whose is unknown
+            self._broken = BAD_UPSTREAM
+            return [BAD_UPSTREAM] * len(recipients)
         return replies
 
     async def data_start(self) -> Reply:
@@ -659,6 +669,9 @@ class Relay:
         if reply.code != 250:
             self._drop()
 
+    def abort(self) -> None:
+        self._drop()
+
     async def close(self) -> None:
         if self._waiting_for_message():
             self._drop()
@@ -670,7 +683,7 @@ class Relay:
     def received_header(self, info: SessionInfo) -> bytes:
         """RFC 5321 4.4 trace line; RFC 3848 ESMTPSA/ESMTPA for AUTH (+TLS)."""
         ip = _client_ip(info.client_address)
-        helo = info.client_ehlo if _EHLO_NAME.fullmatch(info.client_ehlo or "") else "unknown"
+        helo = info.client_ehlo if is_ehlo_name(info.client_ehlo or "") else "unknown"
         tcp_info = ""
         if ip is not None:
             tcp_info = f" ([IPv6:{ip}])" if ip.version == 6 else f" ([{ip}])"

@@ -79,3 +79,7 @@ class RelayBackend(Protocol):
 
     async def close(self) -> None:
         """The client session ends: QUIT upstream or hand the connection to the cache."""
+
+    def abort(self) -> None:
+        """The session is cut (cancelled): leave the upstream at once, no
+        final dot, no RSET or QUIT (a silent upstream must not hold the stop)."""

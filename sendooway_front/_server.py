@@ -371,7 +371,8 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         for t in pending:
             t.cancel()
         if pending:
-            log.info("stopping: %d sessions cut after %ss", len(pending), grace)
+            log.info("stopping: %d sessions cut %s", len(pending),
+                     "(a second signal)" if hurry.is_set() else f"after {grace}s")
             await asyncio.wait(pending, timeout=5)
     hurried.cancel()
     await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT

@@ -41,6 +41,7 @@ _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.S)
 # Unicode line and paragraph separators: never repeated to the client.
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 QUIT_WAIT = 5.0  # seconds a QUIT's reply is waited for (SIGTERM, cache expiry)
+REFUSED_QUIT_WAIT = 1.0  # the same after a refused login: the client waits for its 4xx meanwhile
 
 # Local replies (the upstream could not be used); the log has the detail.
 UNREACHABLE = Reply(451, ("4.4.1 Upstream server unreachable, try again later",))
@@ -58,9 +59,10 @@ NO_8BITMIME = Reply(550, ("5.6.3 Upstream server does not support 8BITMIME",))
 class UpstreamError(Exception):
     """The upstream cannot be used: `reply` for the client, str() for the log."""
 
-    def __init__(self, reply: Reply, detail: str) -> None:
+    def __init__(self, reply: Reply, detail: str, in_step: bool = False) -> None:
         super().__init__(detail)
         self.reply = reply
+        self.in_step = in_step  # a refusal in good order: QUIT before the close
 
 
 class ReplyError(Exception):
@@ -262,8 +264,15 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         # waiting for several `timeout`s (RFC 5321 4.5.3.2: it gives up at 5 min)
         async with asyncio.timeout(timeout):
             await _establish(client, config, log, prefix)
-    except UpstreamError:
-        client.abort()
+    except UpstreamError as e:
+        if e.in_step:
+            # the upstream refused in good order (a 554 greeting, EHLO, STARTTLS
+            # or AUTH refused): QUIT first (RFC 5321 4.1.1.10, 3.1); a reset
+            # counts against our address at postscreen or fail2ban
+            with client.stream.timeout_at_most(REFUSED_QUIT_WAIT):
+                await client.quit()
+        else:
+            client.abort()
         raise
     except (TimeoutError,) as e:
         client.abort()
@@ -299,14 +308,15 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
                                                                    resume=_resume_key(route))
     greeting = await client.read_reply()
     if greeting.code != 220:
-        raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}")
+        raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}", in_step=True)
     await _hello(client, where)
     if route.tls is TlsMode.STARTTLS:
         if not client.supports("STARTTLS"):
-            raise UpstreamError(NO_STARTTLS, f"{where}: STARTTLS not offered, refusing to go on in plain text")
+            raise UpstreamError(NO_STARTTLS, f"{where}: STARTTLS not offered, refusing to go on"
+                                " in plain text", in_step=True)
         reply = await client.command("STARTTLS")
         if reply.code != 220:
-            raise UpstreamError(TLS_FAILED, f"{where}: STARTTLS answered {reply}")
+            raise UpstreamError(TLS_FAILED, f"{where}: STARTTLS answered {reply}", in_step=True)
         if client.reader.buffered:
             # Bytes the upstream sent before the handshake must not be taken as
             # answers later (response injection, the mirror of CVE-2011-0411).
@@ -323,25 +333,36 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
                     prefix, where, "; ".join(client.tls_problems))
     if route.auth:
         await _login(client, config, log, prefix)
+        _no_surplus(client, "AUTH")
 
 
 def _resume_key(route: Route) -> tuple:
     return (route.server.strip("[]").rstrip(".").lower(), route.port)
 
 
+def _no_surplus(client: UpstreamClient, what: str) -> None:
+    """Reply text beyond the replies asked for (a multi-line reply whose
+    every line says "250 ", a command answered twice) would be read as the
+    next command's reply, every later one a step late. Raises ReplyError."""
+    if client.reader.buffered:
+        raise ReplyError(f"more than its reply to {what}")
+
+
 async def _hello(client: UpstreamClient, where: str) -> None:
     reply = await client.command(f"EHLO {client.ehlo_name}")
     if reply.code == 250:
+        _no_surplus(client, "EHLO")
         client.esmtp = True
         client.extensions = parse_ehlo(reply)
         return
     if reply.code >= 500:
         reply = await client.command(f"HELO {client.ehlo_name}")
         if reply.code == 250:
+            _no_surplus(client, "HELO")
             client.esmtp = False
             client.extensions = {}
             return
-    raise UpstreamError(NOT_READY, f"{where}: EHLO/HELO answered {reply}")
+    raise UpstreamError(NOT_READY, f"{where}: EHLO/HELO answered {reply}", in_step=True)
 
 
 # Order and config field of each mechanism we can do.
@@ -388,9 +409,10 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
         # A real refusal of the credentials (535) or a temporary failure:
         # trying the same password again by another mechanism only adds
         # failures to the upstream's counters.
-        raise UpstreamError(AUTH_FAILED, f"{where}: AUTH as {route.user!r} refused: {'; '.join(tried)}")
+        break
     if tried:
-        raise UpstreamError(AUTH_FAILED, f"{where}: AUTH as {route.user!r} refused: {'; '.join(tried)}")
+        raise UpstreamError(AUTH_FAILED, f"{where}: AUTH as {route.user!r} refused: {'; '.join(tried)}",
+                            in_step=True)
     # No mechanism we may use: go on without AUTH; the upstream decides.
     log.warning("%supstream %s: no usable AUTH mechanism (offered: %s), sending without AUTH",
                 prefix, where, " ".join(sorted(offered)) or "none")
