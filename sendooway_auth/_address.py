@@ -53,11 +53,26 @@ def specificity(pattern: str) -> Specificity:
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*\Z")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _local(local: str) -> str:
+    """A local part in the form it is compared in: a quoted one that needs
+    no quotes (`"alice"`, `"al\\ice"`) as the dot-atom it equals (RFC 5322
+    3.2.4, RFC 5321 4.1.2: the same mailbox); ASCII letters lower-cased."""
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        bare = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if _DOT_ATOM.match(bare):
+            local = bare
+    return local.translate(_ASCII_LOWER)
+
+
 def _split(address: str) -> tuple[str, str]:
     local, at, domain = address.rpartition("@")
     if not at:
-        return address.translate(_ASCII_LOWER), ""
-    return local.translate(_ASCII_LOWER), _domain(domain)
+        return _local(address), ""
+    return _local(local), _domain(domain)
 
 
 def _domain(domain: str) -> str:

@@ -3,26 +3,14 @@ strings come from the network and may hold spaces, newlines or '='."""
 
 from __future__ import annotations
 
-from sendooway_shared.log import printable
+from sendooway_shared.log import field as _field, printable
 
 _MAX = 96
 
 
 def field(value: str | None) -> str:
-    """One `key=value` value: printable ASCII without space, '=' or '"';
-    everything else as \\xHH (\\uHHHH); '-' when empty; long ones cut with '...'."""
-    if not value:
-        return "-"
-    out = []
-    for c in value[:_MAX]:
-        o = ord(c)
-        if 33 <= o < 127 and c not in '="\\':
-            out.append(c)
-        elif o < 256:
-            out.append(f"\\x{o:02x}")
-        else:
-            out.append(f"\\u{o:04x}")
-    return "".join(out) + ("..." if len(value) > _MAX else "")
+    """One `key=value` value (see shared.log.field), cut at 96 characters."""
+    return _field(value, _MAX)
 
 
 def text(value: str, limit: int = 500) -> str:

@@ -34,7 +34,7 @@ def _route_line(route: Route) -> str:
         who = f"user {route.user or '(none)'} password {MASK if route.password else '(empty)'}"
     check = "" if route.cert_check else " noCertCheck"
     ca = f" ca {route.ca_file}" if route.ca_file else ""
-    return f"{route.server}:{route.port} {route.tls.value}{check}{ca} {who}"
+    return f"{route.where} {route.tls.value}{check}{ca} {who}"
 
 
 class _OutputError(Exception):

@@ -100,7 +100,7 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             own_ca = found.ca_file = ""
     mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
     found.mappings = [("default" if m.filename == "(default)" else m.source,
-                       f"direct:{m.direct.address} {m.direct.route.server}:{m.direct.route.port}"
+                       f"direct:{m.direct.address} {m.direct.route.where}"
                        f" {m.direct.route.tls.value}" if m.direct
                        else f"{m.kind.value}:{m.path}") for m in mappings]
     wanted = list(dict.fromkeys(m.path for m in mappings if m.kind is not MappingKind.DIRECT))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+import idna
+
 MAX_PATH = 256       # RFC 5321 4.5.3.1.3, brackets included
 # No limit of its own on the local part: 4.5.3.1.1's 64 octets is exceeded
 # by real addresses (GitHub's reply+TOKEN@, mailing-list confirmations), and
@@ -131,6 +133,27 @@ def _valid_domain(domain: str, utf8: bool) -> bool:
         return False
     text = _ascii_stand_in(domain) if utf8 else domain
     return bool(_DOMAIN.match(text))
+
+
+def host_a_label(host: str) -> str:
+    """The server name as DNS knows it: an internationalized one (`straße.test`)
+    as its IDNA 2008 A-label (UTS #46, non-transitional: ß stays ß, so
+    xn--strae-oqa.test, not Python's IDNA 2003 strasse.test, another host),
+    the same rule the authenticator compares domains by. ASCII names and
+    address literals are kept. Raises ValueError for a name that cannot be
+    one (an empty label, a label over 63 octets)."""
+    host = host.strip("[]")
+    if host.isascii():
+        if ":" in host:  # an IPv6 address
+            return host
+        labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+        if not all(0 < len(label) <= 63 for label in labels) or len(host) > MAX_DOMAIN:
+            raise ValueError("empty or over-long label")
+        return host
+    try:
+        return idna.encode(host, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def is_ehlo_name(name: str) -> bool:

@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 
 from sendooway_shared.config import Config, default_localname
-from sendooway_shared.log import printable
+from sendooway_shared.log import field, printable
 from sendooway_shared.types import Route
 
 from . import _pool
@@ -170,10 +170,11 @@ class Relay:
     def _log_message(self, outcome: str) -> None:
         route = self._route
         # escaped: the source is a file name a user chose (the server too)
-        where = printable(f"{route.server}:{route.port} ({route.source or '-'})") if route else "-"
+        where = printable(f"{route.where} ({route.source or '-'})") if route else "-"
         info = self._info
         self.log.info("%s: message user=%s from=<%s> rcpts=%d bytes=%d id=%s route=%s upstream=%s",
-                      self._sid(), info.user if info else "-", self._sender, self._rcpts,
+                      self._sid(), info.user if info else "-",
+                      field(self._sender, 320) if self._sender else "", self._rcpts,
                       self._bytes, self._message_id(), where, outcome)
 
     def _fail_transport(self, exc: BaseException, doing: str) -> Reply:
@@ -303,7 +304,7 @@ class Relay:
                 except UpstreamError as e:
                     # escaped: the error may quote a path a user chose (sslCA)
                     self.log.warning("%s: upstream %s for <%s>: %s", info.session_id,
-                                     printable(f"{route.server}:{route.port}"), sender,
+                                     printable(route.where), sender,
                                      printable(str(e)))
                     self._log_message(f"not reached ({e.reply.code})")
                     return e.reply

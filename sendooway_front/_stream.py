@@ -19,6 +19,7 @@ from typing import Iterable
 from OpenSSL import SSL
 
 from . import _tls
+from ._address import host_a_label
 from ._tls import TLSHandshakeError, TLSVerifyError
 
 RAW_READ = 256 * 1024  # bytes asked of the transport at once
@@ -546,12 +547,18 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     black-holed address (typically IPv6) cannot eat the client's patience."""
     loop = asyncio.get_running_loop()
     try:
+        name = host_a_label(host)
+    except ValueError as e:
+        raise ConnectError(errno.EINVAL, f"{host}: not a valid host name ({e})") from None
+    try:
         infos = await asyncio.wait_for(
-            loop.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM), timeout)
+            loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), timeout)
     except (TimeoutError, asyncio.TimeoutError):
         raise ConnectError(errno.ETIMEDOUT, f"{host}: name lookup timed out") from None
     except socket.gaierror as e:
         raise ConnectError(errno.EHOSTUNREACH, f"{host}: {e.strerror or e}") from None
+    except (UnicodeError, ValueError) as e:  # what Python's own codec still refuses
+        raise ConnectError(errno.EINVAL, f"{host}: not a valid host name ({e})") from None
     tried: list[str] = []
     unique = []
     for family, type_, proto, _canon, addr in infos:

@@ -36,6 +36,8 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
+from ._address import host_a_label
+
 try:
     from OpenSSL._util import ffi as _ffi, lib as _lib  # X509_verify_cert_error_string
 except ImportError:  # pragma: no cover - private API moved
@@ -470,7 +472,12 @@ def client_connection(ctx: SSL.Context, server_hostname: str,
     state = _VerifyState(context_verifies(ctx))
     conn.set_app_data(state)
     if server_hostname and not is_ip_address(server_hostname):
-        conn.set_tlsext_host_name(server_hostname.rstrip(".").encode("idna"))
+        try:
+            sni = host_a_label(server_hostname).rstrip(".").encode("ascii")
+        except ValueError:  # (the connect refuses such a name first)
+            sni = None
+        if sni:
+            conn.set_tlsext_host_name(sni)
     if resume is not None:
         settings = ctx.get_app_data()
         state.key = (getattr(settings, "ca_file", None), state.verify, *resume)

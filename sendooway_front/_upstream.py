@@ -165,7 +165,7 @@ class UpstreamClient:
 
     @property
     def address(self) -> str:
-        return f"{self.route.server}:{self.route.port}"
+        return self.route.where
 
     async def command(self, line: str | bytes) -> Reply:
         """Send one command line (CRLF added) and return the upstream's reply."""
@@ -239,8 +239,8 @@ async def open_upstream(route: Route, config: Config, ehlo_name: str,
         return await _open_upstream(route, config, ehlo_name, log, session_id)
     except _ResumptionBroke:
         # the server failed a resumed handshake; it is not offered one again
-        log.info("%supstream %s:%s: TLS resumption refused, connecting afresh",
-                 f"{session_id}: " if session_id else "", route.server, route.port)
+        log.info("%supstream %s: TLS resumption refused, connecting afresh",
+                 f"{session_id}: " if session_id else "", route.where)
         return await _open_upstream(route, config, ehlo_name, log, session_id)
 
 
@@ -250,7 +250,7 @@ class _ResumptionBroke(Exception):
 
 async def _open_upstream(route: Route, config: Config, ehlo_name: str,
                          log: logging.Logger, session_id: str) -> UpstreamClient:
-    where = f"{route.server}:{route.port}"
+    where = route.where
     prefix = f"{session_id}: " if session_id else ""
     timeout = float(config.timeout)
     try:

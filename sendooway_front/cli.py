@@ -40,8 +40,9 @@ def build_parser() -> Parser:
                      help="the channel is already safe: no STARTTLS, counts as encrypted")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="CONFIG",
                    help=f"configuration file (default {DEFAULT_CONFIG}; /dev/null = defaults)")
-    p.add_argument("-b", "--bind", metavar="[ADDR:]PORT",
-                   help="listen for many sessions on [ADDR:]PORT instead of stdin/stdout")
+    p.add_argument("-b", "--bind", metavar="[ADDR:]PORT", action="append",
+                   help="listen for many sessions on [ADDR:]PORT instead of stdin/stdout"
+                   " (may be given more than once)")
     p.add_argument("-l", "--log", metavar="LOGFILE",
                    help="append the log to LOGFILE; '&2' or '-' for stderr, '&1' for stdout"
                    " (with -b only) (default: syslog, mail)")
@@ -250,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     activation = activated_sockets()
     if args.bind:
         try:
-            listening = listen_sockets(*parse_bind(args.bind))
+            for where in args.bind:
+                listening += listen_sockets(*parse_bind(where))
         except BindError as exc:
+            for sock in listening:
+                sock.close()
             return _fail(log, str(exc))
     elif activation is not None:
         listening, connection = activation.listening, activation.connection

@@ -39,6 +39,25 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
+def field(value: str | None, limit: int = 96) -> str:
+    """One `key=value` value that cannot forge a log line (a sender may hold
+    spaces, '=' or '>' in a quoted local part): printable ASCII without
+    space, '=', '"' or '\\'; everything else as \\xHH (\\uHHHH); '-' when
+    empty; longer than `limit`, cut with '...'."""
+    if not value:
+        return "-"
+    out = []
+    for c in value[:limit]:
+        o = ord(c)
+        if 33 <= o < 127 and c not in '="\\':
+            out.append(c)
+        elif o < 256:
+            out.append(f"\\x{o:02x}")
+        else:
+            out.append(f"\\u{o:04x}")
+    return "".join(out) + ("..." if len(value) > limit else "")
+
+
 def printable(value: str, limit: int = 500) -> str:
     """Free text for a log line (a file name, a parse error from a user's
     file): kept readable, control characters escaped so it stays one line

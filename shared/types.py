@@ -89,8 +89,17 @@ class Route:
     source: str = ""
     ca_pem: str = ""  # the certificates of a user's own sslCA, read as the user (else "")
 
+    @property
+    def where(self) -> str:
+        """server:port; an IPv6 server in brackets (`[::1]:25`), since
+        `::1:25` is itself an address (RFC 3986 3.2.2)."""
+        host = self.server
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
     def describe(self) -> str:
         """One line for logs and --check: never includes the password."""
         who = f" as {self.user}" if self.auth else " without AUTH"
         check = "" if self.cert_check else " noCertCheck"
-        return f"{self.server}:{self.port} {self.tls.value}{check}{who} ({self.source})"
+        return f"{self.where} {self.tls.value}{check}{who} ({self.source})"

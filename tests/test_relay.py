@@ -272,6 +272,26 @@ def test_same_route_reuses_connection_other_route_reopens(upstream_factory):
     assert a.messages[-1].rcpt_tos == ["r2@x.y"]
 
 
+def test_a_quoted_sender_cannot_add_fields_to_the_message_log_line(upstream_factory):
+    """A quoted local part may hold spaces and `=`: written as it is, a
+    user's sender forged `upstream=`/`route=` fields in its message line
+    (address review). It is escaped as the authenticator's fields are."""
+    up = upstream_factory(tls="plain")
+    log, handler = capture_log()
+    relay = Relay(config(), log)
+    forged = '"x> rcpts=9 upstream=250 ok"@x.y'
+
+    async def go():
+        assert (await send(relay, route_for(up), forged, ["r@x.y"], b"m"))["end"].code == 250
+        await relay.close()
+
+    run(go())
+    assert up.messages[0].mail_from == forged  # the upstream gets it as sent
+    [line] = [x for x in handler.lines if ": message user=" in x]
+    assert " rcpts=9" not in line and line.count(" upstream=") == 1, line
+    assert "from=<\\x22x>\\x20rcpts\\x3d9" in line, line
+
+
 def test_each_message_of_a_session_has_its_own_received_id(upstream_factory):
     """RFC 5321 4.4: the `id` names the message; two messages of one
     session used to share the session id. The message log line names the
