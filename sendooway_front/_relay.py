@@ -702,7 +702,10 @@ def _client_ip(address: str):
         return None
     for candidate in (address, address.rsplit(":", 1)[0]):
         try:
-            return ipaddress.ip_address(candidate.strip("[]"))
+            # without a link-local zone (fe80::1%eth0): RFC 5321's IPv6
+            # address literal has no place for one
+            ip = ipaddress.ip_address(candidate.strip("[]").split("%", 1)[0])
         except ValueError:
             continue
+        return getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:192.0.2.7 is 192.0.2.7
     return None

@@ -68,6 +68,21 @@ def test_ipv6_upstream_and_received_without_tls(upstream_factory):
     assert up.messages[0].data.startswith(b"Received: from c6 ([IPv6:::1])\r\n\tby relay.test (sendooway) with ESMTPA ")
 
 
+@pytest.mark.parametrize("client, literal", [
+    ("[fe80::1%eth0]:50000", b"[IPv6:fe80::1]"),
+    ("fe80::1%2", b"[IPv6:fe80::1]"),
+    ("[::ffff:192.0.2.7]:587", b"[192.0.2.7]"),
+    ("192.0.2.7:587", b"[192.0.2.7]"),
+])
+def test_received_address_literal_has_no_zone(upstream_factory, client, literal):
+    """RFC 5321 4.1.3: an IPv6 address literal has no room for a link-local
+    zone; `fe80::1%eth0` used to go into the Received: header as it was."""
+    up = upstream_factory(tls="plain")
+    replies, _ = _deliver(up, session=info(tls=False, client_address=client, client_ehlo="c"))
+    assert replies["end"].code == 250
+    assert up.messages[0].data.startswith(b"Received: from c (" + literal + b")\r\n")
+
+
 def test_no_received_field_when_disabled(upstream_factory):
     up = upstream_factory(tls="plain")
     replies, _ = _deliver(up, cfg=config(addReceivedField=False), chunk=7)
