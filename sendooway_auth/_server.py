@@ -149,10 +149,16 @@ def bind_socket(path: str, owner_uid: int | None) -> socket.socket:
         raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
-    if owner_uid is not None and os.geteuid() == 0:
-        os.chown(path, owner_uid, -1)
-    os.chmod(path, 0o600)
-    sock.listen(512)
+    try:
+        # the mode first: once the socket is the frontend user's, changing
+        # it needs CAP_FOWNER, which the shipped unit does not keep
+        os.chmod(path, 0o600)
+        if owner_uid is not None and os.geteuid() == 0:
+            os.chown(path, owner_uid, -1)
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot prepare the socket {path}: {exc.strerror or exc}") from None
     return sock
 
 

@@ -71,17 +71,29 @@ def _same(a, b) -> bool:
 
 
 class _Startup:
-    """Where a start-up error goes: stderr, and for an inetd client a 421."""
+    """Where a start-up error goes: stderr, and for an inetd client a 421.
+    Made first thing, before stderr may be muted: fd 0, 1 and 2 as they came."""
 
-    def __init__(self, one_session: bool) -> None:
-        st0 = _fstat(0)
-        # one session on stdin/stdout, or systemd's Accept=yes unit, whose
-        # connection is fd 0 and 1 as well (StandardInput/Output=socket)
-        self.client = (st0 is not None and stat.S_ISSOCK(st0.st_mode)
-                       and (one_session or _same(st0, _fstat(1))))
-        self.stderr_is_client = self.client and _same(st0, _fstat(2))
+    def __init__(self) -> None:
+        self._fds = (_fstat(0), _fstat(1), _fstat(2))
+        self.one_session = True  # until the command line says -b (or systemd a listener)
+
+    @property
+    def client(self) -> bool:
+        """fd 0 is the client's socket: one session on stdin/stdout, or
+        systemd's Accept=yes unit, whose connection is fd 0 and 1 as well
+        (StandardInput/Output=socket)."""
+        st0, st1, _st2 = self._fds
+        return (st0 is not None and stat.S_ISSOCK(st0.st_mode)
+                and (self.one_session or _same(st0, st1)))
+
+    @property
+    def stderr_is_client(self) -> bool:
+        return self.client and _same(self._fds[0], self._fds[2])
 
     def fail(self, log: logging.Logger | None, message: str, code: int = EXIT_CONFIG) -> int:
+        if log is None and self.client:
+            log = _syslog()  # the reason must reach the admin somewhere
         if log is not None:
             log.error("cannot start: %s", message)
         if not self.stderr_is_client:
@@ -93,6 +105,15 @@ class _Startup:
                 pass
             _linger()
         return code
+
+
+def _syslog() -> logging.Logger | None:
+    """syslog (mail), for a start-up error when the log asked for cannot
+    take it (a file nobody may open, '&2' that is the client)."""
+    try:
+        return setup_logging(None, "sendooway")
+    except OSError:
+        return None
 
 
 def _linger(seconds: float = 2.0, most: int = 65536) -> None:
@@ -190,14 +211,19 @@ def _uid_of(user: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     _not_dumpable_at_once()
-    args = build_parser().parse_args(argv)
-    one_session = not args.bind and "LISTEN_FDS" not in os.environ
-    startup = _Startup(one_session)
+    startup = _Startup()
     if startup.stderr_is_client:
         # xinetd made the client's connection our stderr too: whatever Python
         # or a library might print there (a warning, a note that the log
-        # cannot be written) would land in the SMTP dialogue
+        # cannot be written, argparse's usage text) would land in the SMTP
+        # dialogue
         to_devnull(2)
+    parser = build_parser()
+    if startup.client:  # a usage error is a start-up failure: 421, the reason to syslog
+        parser.fail = lambda message: startup.fail(None, message)
+    args = parser.parse_args(argv)
+    one_session = not args.bind and "LISTEN_FDS" not in os.environ
+    startup.one_session = one_session
     if args.log in ("&2", "-") and startup.stderr_is_client:  # xinetd: stderr is the client
         return startup.fail(None, "-l '&2': stderr is the SMTP client here (xinetd makes the"
                                   " connection stderr too); log to a file or syslog (no -l)")
@@ -212,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 log = setup_logging(args.log, "sendooway")
             except OSError:
-                pass
+                pass  # (fail falls back to syslog)
         return startup.fail(log, str(exc))
     try:
         setup_logging(args.log, "sendooway")

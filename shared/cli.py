@@ -16,7 +16,16 @@ EXIT_NOT_WRITTEN = 3
 class Parser(argparse.ArgumentParser):
     """argparse whose --help, --version and usage messages fail without a
     traceback: a reader that went away (`| head -1`) ends it quietly, another
-    write error (a full disk) is one line on stderr; exit EXIT_NOT_WRITTEN."""
+    write error (a full disk) is one line on stderr; exit EXIT_NOT_WRITTEN.
+    `fail`, when set, takes a usage error instead of stderr (an inetd
+    client must get a 421, not the usage text) and returns the exit code."""
+
+    fail = None
+
+    def error(self, message):
+        if self.fail is not None:
+            raise SystemExit(self.fail(f"{message} (see {self.prog} --help)"))
+        super().error(message)
 
     def _print_message(self, message, file=None):  # argparse's one writer
         if not message:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import ipaddress
 import os
 import re
@@ -645,9 +646,25 @@ def effective_mappings(global_cfg: Config, user_cfg: UserConfig | None) -> tuple
 
 
 def default_localname(cfg: Config) -> str:
-    """localname, or the host name when it is empty."""
-    if cfg.localname:
-        return cfg.localname
+    """localname, or this host's name when it is empty."""
+    return cfg.localname or host_name()
+
+
+@functools.lru_cache(maxsize=1)
+def host_name() -> str:
+    """This host's name as `hostname -f` finds it: gethostname(), or its
+    canonical name when that is a fuller one. Not socket.getfqdn(): it takes
+    the first name of the host's address in /etc/hosts, `localhost` on many
+    machines (127.0.0.1 localhost ... vm), which upstreams refuse in EHLO.
+    Looked up once (a name lookup per session would block the loop)."""
     import socket
 
-    return socket.getfqdn() or os.uname().nodename
+    name = socket.gethostname() or os.uname().nodename
+    if "." not in name:
+        try:
+            canonical = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3]
+        except (OSError, IndexError, UnicodeError):
+            canonical = ""
+        if "." in canonical and not canonical.lower().startswith("localhost"):
+            name = canonical
+    return name

@@ -2,7 +2,8 @@
 docs/deployment.md, the man pages and packaging/ say, and a migration from
 the original C sendooway (its sendooway.conf, its command line). Each test
 below failed on the code it was written against, for the reason its
-docstring gives; it passes once that defect is fixed."""
+docstring gives; it passes once that defect is fixed.
+All are fixed."""
 
 from __future__ import annotations
 
