@@ -21,8 +21,8 @@ from typing import Callable, Generator
 import msgpack
 
 from sendooway_shared.config import (
-    MAX_USER_ERRORS, ConfigError, Config, MappingKind, UserConfig, comment_cut_warning,
-    effective_mappings, expand_path, parse_user_config,
+    MAX_USER_ERRORS, ConfigError, Config, MappingKind, NotUtf8, UserConfig, comment_cut_warning,
+    decode_config_text, effective_mappings, expand_path, parse_user_config,
 )
 from sendooway_shared.protocol import RouteOk
 from sendooway_shared.types import Route, Secret, TlsMode
@@ -78,7 +78,7 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
         path = expand_path(cfg.userInclude, user.name, user.home)
         (read,) = yield (path,)
         found.files.append(("userInclude", read))
-        text = _text(read, found)
+        text = _text(read, found, config_grammar=True)
         if text is not None:
             user_cfg = _parse_include(text, path, found)
             if user_cfg.smarthostMapping and any(
@@ -326,8 +326,10 @@ def _take_ca(read: FileRead, found: UserRoutes) -> None:
     found.ca_pem = pem
 
 
-def _text(read: FileRead, found: UserRoutes) -> str | None:
-    """The file's text, or None (an error recorded; a missing file is normal)."""
+def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False) -> str | None:
+    """The file's text, or None (an error recorded; a missing file is normal).
+    `config_grammar` (a .sendoowayrc): a comment may hold other bytes than
+    UTF-8 (see decode_config_text)."""
     if read.status == "missing":
         return None
     if not read.ok:
@@ -338,7 +340,12 @@ def _text(read: FileRead, found: UserRoutes) -> str | None:
         found.errors.append(f"{read.path}:{line}: contains NUL bytes (not a text file)")
         return None
     try:
+        if config_grammar:
+            return decode_config_text(read.data)
         return read.data.decode("utf-8")
+    except NotUtf8 as exc:
+        found.errors.append(f"{read.path}:{exc.line}: not valid UTF-8 (outside a comment)")
+        return None
     except UnicodeDecodeError as exc:
         line = read.data[: exc.start].count(b"\n") + 1
         found.errors.append(f"{read.path}:{line}: not valid UTF-8 (not a text file?)")

@@ -404,6 +404,7 @@ def parse_direct(value: str) -> DirectRoute:
             f" ({len(tokens) + (1 if flags else 0)} fields given)"
         )
     _check_address_pattern(address)
+    _check_server(server)
     if "tls" in flags and "ssl" in flags:
         raise ValueError("tls and ssl exclude each other")
     mode = TlsMode.TLS if "ssl" in flags else TlsMode.STARTTLS if "tls" in flags else TlsMode.PLAIN
@@ -417,6 +418,25 @@ def parse_direct(value: str) -> DirectRoute:
         auth=not no_auth,
     )
     return DirectRoute(address, route)
+
+
+def _check_server(server: str) -> None:
+    """A host name or an IP address (an IPv6 one bracketed or not). The
+    port is a field of its own: `smtp.example.org:587` would be looked up
+    as a name (and the next field taken for the port or the user)."""
+    bare = server[1:-1] if server.startswith("[") and server.endswith("]") else server
+    try:
+        ipaddress.ip_address(bare)
+        return
+    except ValueError:
+        pass
+    if ":" in bare:
+        raise ValueError(f"server {server[:80]!r}: write the port as a field of its own"
+                         " (ADDRESS SERVER PORT USER PASS), not SERVER:PORT")
+    labels = bare[:-1].split(".") if bare.endswith(".") else bare.split(".")
+    if not all(0 < len(label) <= 63 for label in labels) or len(bare) > 253:
+        raise ValueError(f"server {server[:80]!r} is not a valid host name (an empty or"
+                         " over-long label)")
 
 
 def _is_flag_list(token: str) -> bool:
@@ -627,10 +647,37 @@ def read_text(path: str) -> str:
     if b"\0" in data:
         raise ConfigError(path, None, "contains NUL bytes (not a text file)")
     try:
+        return decode_config_text(data)
+    except NotUtf8 as exc:
+        raise ConfigError(path, exc.line, "not valid UTF-8 (outside a comment)") from None
+
+
+class NotUtf8(ValueError):
+    def __init__(self, line: int) -> None:
+        super().__init__(f"line {line}: not valid UTF-8")
+        self.line = line
+
+
+def decode_config_text(data: bytes) -> str:
+    """The text of a file in the config grammar (sendooway.conf, a user's
+    .sendoowayrc): UTF-8, but a comment may hold other bytes (the original
+    read bytes, and its configs were written in Latin-1 too: "# Größe"),
+    which become U+FFFD. The grammar drops everything from '#' on, even
+    in a password (that byte cannot be part of a UTF-8 sequence), so no
+    value changes. Raises NotUtf8 naming the first line whose text before
+    its '#' is not UTF-8."""
+    try:
         return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(path, line, "not valid UTF-8") from None
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        text, hash_, comment = raw.partition(b"#")
+        try:
+            lines.append(text.decode("utf-8") + hash_.decode() + comment.decode("utf-8", "replace"))
+        except UnicodeDecodeError:
+            raise NotUtf8(number) from None
+    return "\n".join(lines)
 
 
 def load_config(path: str) -> Config:

@@ -91,6 +91,19 @@ def test_fifo_huge_and_binary_files_are_reported_quickly(clean_homes):
     assert found.accounts == []
 
 
+def test_a_sendoowayrc_with_latin1_comments_is_read(clean_homes):
+    """A user's .sendoowayrc is in the config grammar: a Latin-1 comment
+    no longer makes the whole file unreadable; a fetchmailrc stays strict
+    (a '#' may sit inside its quoted password)."""
+    world = clean_homes
+    world.write_user_file("alice", ".sendoowayrc",
+                          b"# f\xfcr den Verein\nsmarthostMapping = direct:a@club.example"
+                          b" smtp.club.example 587 a pw tls # Vereinsserver f\xfcr a\n")
+    found = lookup(world, "alice", "userInclude = %h/.sendoowayrc\n")
+    assert found.errors == [], found.errors
+    assert [a.route.server for a in found.accounts] == ["smtp.club.example"]
+
+
 def test_unsafe_mode_is_used_but_warned(clean_homes):
     world = clean_homes
     path = world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC, mode=0o644)

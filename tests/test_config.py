@@ -239,6 +239,22 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path):
     assert ":2: unknown keyword 'timout'" in str(info.value)  # lines counted as before
 
 
+def test_an_original_config_with_latin1_comments_loads(tmp_path):
+    """The original read bytes; its configs carry comments in Latin-1
+    ("# Größe"). A comment's bytes no longer stop the service (they did:
+    "not valid UTF-8"); a value that is not UTF-8 is still an error with
+    its line, as the password it would be cannot be sent as it was written."""
+    conf = tmp_path / "latin1.conf"
+    conf.write_bytes("# Nachrichtengr\xf6\xdfe begrenzen\r\ntimeout = 30 # Sekunden f\xfcr".encode("latin-1")
+                     + b"\r\nlocalname = x.example\r\n")
+    cfg = load_config(str(conf))
+    assert cfg.timeout == 30 and cfg.localname == "x.example"
+    conf.write_bytes(b"timeout = 30\nlocalname = gr\xf6\xdfe.example # ok\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(conf))
+    assert ":2: not valid UTF-8" in str(info.value)
+
+
 def test_an_auth_socket_path_too_long_for_a_unix_socket_is_a_config_error(tmp_path):
     conf = tmp_path / "sock.conf"
     conf.write_text("authSocket = /run/" + "s" * 110 + "\n")
@@ -273,6 +289,21 @@ def test_direct_password_is_secret():
     d = parse_direct("a@b.c h u hunter2")
     assert "hunter2" not in repr(d)
     assert d.route.password.reveal() == "hunter2"
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("a@b.c smtp.b.c:587 u p tls", "write the port as a field of its own"),
+    ("a@b.c smtp..b.c 587 u p tls", "not a valid host name"),
+    ("a@b.c .b.c 587 u p", "not a valid host name"),
+])
+def test_direct_server_that_cannot_be_one_is_refused(value, fragment):
+    """`SERVER:PORT` was taken for a server name (and the next field for the
+    port or the user); a name with an empty label failed only at connect."""
+    with pytest.raises(ValueError, match=fragment):
+        parse_direct(value)
+    for fine in ("a@b.c [::1] 25 u p", "a@b.c ::1 25 u p", "a@b.c smtp.b.c. u p",
+                 "a@b.c stra\u00dfe.test u p"):
+        parse_direct(fine)
 
 
 def test_direct_tls_and_ssl_exclusive():
