@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sendooway_front._reply import Reply
-from sendooway_front._session import COLUMNS, COMMANDS, SessionSettings, State
+from sendooway_front._session import _NOT_DONE, COLUMNS, COMMANDS, SessionSettings, State
 
 from .front_harness import Harness, codes, plain
 
@@ -24,7 +24,7 @@ COMMAND_LINES = [
     b"AUTH PLAIN " + plain("alice", "alice-secret").encode(),
     b"AUTH PLAIN " + plain("alice", "nope").encode(),
     b"AUTH LOGIN", b"AUTH PLAIN", b"YWxpY2U=", b"*",
-    b"mail from:<x@y.z> BODY=8BITMIME", b"rcpt to:<bad>", b"BDAT 10 LAST",
+    b"mail from:<x@y.z> BODY=8BITMIME", b"rcpt to:<bad>", b"BDAT 10 LAST", b"XYZZY",
 ]
 MESSAGE_PARTS = [b"Subject: x\r\n", b"\r\n", b".\r\n", b"..x\r\n", b"\r\n.\r\n", b"a\nb", b"\r",
                  b"\n.\n", b"x" * 1200, b"line\r\n"]
@@ -60,7 +60,7 @@ class SessionMachine(RuleBasedStateMachine):
                 if isinstance(cell, Reply):
                     expected = cell.code
             elif verb not in ("YWXPY2U=", "*"):
-                expected = 502
+                expected = 502 if verb in _NOT_DONE else 500
         out = self._feed(line + b"\r\n", splits)
         if expected is not None and out:
             assert int(out[:3]) == expected, (line, out)
