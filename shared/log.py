@@ -126,6 +126,10 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
         fmt = f"%(asctime)s {program}[%(process)d]: %(message)s"
         where = "stdout" if target == "&1" else "stderr"
     elif target:
+        # a new log file is 0640, whatever the umask (xinetd's gives 0644):
+        # it names users, senders and client addresses
+        os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY
+                         | os.O_CLOEXEC, 0o640))
         handler = logging.FileHandler(target, mode="a", encoding="utf-8")
         fmt = f"%(asctime)s {program}[%(process)d]: %(message)s"
         where = target

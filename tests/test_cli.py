@@ -237,3 +237,32 @@ def test_a_log_that_cannot_be_written_is_one_short_note_on_stderr(cmd, tmp_path)
     assert len(notes) == 2, err
     assert notes[0].endswith("/dev/full (No space left on device): 1 line(s) lost")
     assert notes[1].endswith(" line(s) lost") and "Traceback" not in err
+
+
+def test_a_new_log_file_is_not_world_readable(tmp_path):
+    """A log names users, senders and client addresses: a file made by -l
+    (both programs' setup_logging) is 0640 even under a umask of 0
+    (xinetd's usual 022 made it 0644); an existing file keeps the mode its
+    admin gave it."""
+    import logging
+
+    from sendooway_shared.log import setup_logging
+
+    new, kept = tmp_path / "new.log", tmp_path / "kept.log"
+    kept.touch()
+    os.chmod(kept, 0o644)
+    old = os.umask(0)
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    try:
+        setup_logging(str(new), "test")
+        setup_logging(str(kept), "test")
+    finally:
+        os.umask(old)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved:
+            root.addHandler(h)
+    assert oct(os.stat(new).st_mode & 0o777) == oct(0o640)
+    assert oct(os.stat(kept).st_mode & 0o777) == oct(0o644)
