@@ -60,6 +60,11 @@ class AuthLink:
             self._broken = True
             raise AuthLinkError(f"authenticator link failed: {exc}") from None
 
+    @property
+    def broken(self) -> bool:
+        """A request failed: the link cannot be used any more."""
+        return self._broken
+
     def _unexpected(self, reply: Message) -> AuthLinkError:
         self._broken = True
         return AuthLinkError(f"unexpected {reply.TYPE!r} from the authenticator")

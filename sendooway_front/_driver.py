@@ -256,6 +256,14 @@ class SessionRunner:
                     self._log(logging.INFO, "server stopping: closing the session")
                     s.shutdown(R.SHUTTING_DOWN)
                     continue
+                if self.link is not None and self.link.broken and s.at_command_boundary:
+                    # each session has its own link, and a failed one stays
+                    # failed: after the 454 or 451 that answered the command,
+                    # 421 and close, so that the client comes back on a new
+                    # link instead of failing every later try in this session
+                    self._log(logging.INFO, "authenticator link lost: closing the session")
+                    s.shutdown(R.AUTH_BACKEND_DOWN)
+                    continue
                 if await self._send():
                     deadline = None  # replies went out: the client's input made progress
                 # `timeout` bounds each read and also a whole command line:

@@ -91,9 +91,6 @@ COMMANDS: dict[str, tuple[State | Reply, ...]] = {
     "QUIT":     (State.CLOSED,) * 5,
 }
 
-# Commands of SMTP and its extensions that are known but not done here: 502.
-_NOT_DONE = frozenset(("TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML", "XCLIENT",
-                       "XFORWARD", "BURL"))
 # Replies the client earns an error point with (RFC 5321 5yz for syntax/sequence).
 _ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
 # Commands that move nothing forward: these verbs, a command refused without
@@ -466,9 +463,9 @@ class Session:
         behind_refused_mail, self._mail_refused = self._mail_refused, False
         row = COMMANDS.get(verb)
         if row is None:
-            # RFC 5321 4.2.4: 502 for a command of the standard not done
-            # here, 500 for one that is no command at all (an empty line too)
-            self._reply(R.UNKNOWN_COMMAND if verb in _NOT_DONE else R.UNRECOGNIZED_COMMAND)
+            # an unknown verb: 502 (DESIGN.md, as Postfix); an empty line
+            # has no verb at all: 500 5.5.2 syntax error (RFC 5321 4.2.4)
+            self._reply(R.EMPTY_LINE if not text.strip(" ") else R.UNKNOWN_COMMAND)
             return
         cell = row[COLUMNS.index(self.state)]
         if isinstance(cell, Reply):

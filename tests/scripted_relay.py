@@ -104,6 +104,8 @@ async def careful(up: Upstream, c: Conn, ehlo: bytes = b"250-up.test\r\n250 PIPE
 
 
 class _Link:
+    broken = False  # never fails
+
     def __init__(self, route: Route) -> None:
         self._route = route
 

@@ -27,14 +27,17 @@ class FakeLink:
     def __init__(self, fail_auth=False, fail_route=False):
         self.fail_auth, self.fail_route = fail_auth, fail_route
         self.closed = False
+        self.broken = False  # as AuthLink: a failed request breaks the link
 
     async def auth(self, user, password):
         if self.fail_auth:
+            self.broken = True
             raise AuthLinkError("authenticator gone")
         return user if password.reveal() == "pw-" + user else None
 
     async def route(self, sender):
         if self.fail_route:
+            self.broken = True
             raise AuthLinkError("authenticator gone")
         return None if sender.endswith("@nowhere.example") else ROUTE
 
@@ -194,12 +197,18 @@ def test_client_vanishing_mid_data_aborts_upstream(monkeypatch):
 def test_no_route_and_link_failures(monkeypatch):
     out, _ = asyncio.run(converse(monkeypatch, LOGIN + b"MAIL FROM:<a@nowhere.example>\r\nQUIT\r\n"))
     assert codes(out) == [220, 250, 235, 550, 221] and b"5.7.1" in out
+    # the failed command gets its 454 or 451; then, as the link is gone for
+    # the session, 421 and close (every later try of the session failed
+    # the same way before a review), so the client comes back on a new link
+    # (a QUIT pipelined behind still gets its 221)
     out, _ = asyncio.run(converse(monkeypatch, LOGIN + b"QUIT\r\n",
                                   connector=FakeConnector(fail_auth=True)))
     assert codes(out) == [220, 250, 454, 221]
-    out, relay = asyncio.run(converse(monkeypatch, LOGIN + b"MAIL FROM:<a@b.c>\r\nQUIT\r\n",
+    out, _ = asyncio.run(converse(monkeypatch, LOGIN, connector=FakeConnector(fail_auth=True)))
+    assert codes(out) == [220, 250, 454, 421] and b"421 4.3.0 Authentication service" in out
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + b"MAIL FROM:<a@b.c>\r\n",
                                       connector=FakeConnector(fail_route=True)))
-    assert codes(out) == [220, 250, 235, 451, 221] and "mail" not in relay.calls
+    assert codes(out) == [220, 250, 235, 451, 421] and "mail" not in relay.calls
 
 
 def test_unreachable_authenticator_greets_421(monkeypatch):

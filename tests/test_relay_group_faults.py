@@ -98,6 +98,8 @@ class _Upstream:
 
 
 class _Link:
+    broken = False  # never fails
+
     def __init__(self, port):
         self.port = port
 
