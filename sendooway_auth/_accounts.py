@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sendooway_shared.config import server_problem
 from sendooway_shared.types import Route
 
 from ._address import Specificity, matches, specificity
@@ -72,6 +73,8 @@ def field_problem(server: str, user: str) -> str | None:
     name no control character (a quoted "\\n" would put a line into logs)."""
     if any(c.isspace() or not c.isprintable() for c in server):
         return "the server name holds white space or control characters"
+    if (problem := server_problem(server)) is not None:
+        return f"server {server[:80]!r}: {problem}"
     if not user.isprintable():
         return "the upstream user name holds control characters"
     return None

@@ -53,18 +53,18 @@ def specificity(pattern: str) -> Specificity:
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*\Z")
 _QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 def _local(local: str) -> str:
-    """A local part in the form it is compared in: a quoted one that needs
-    no quotes (`"alice"`, `"al\\ice"`) as the dot-atom it equals (RFC 5322
-    3.2.4, RFC 5321 4.1.2: the same mailbox); ASCII letters lower-cased."""
+    """A local part in the form it is compared in: a quoted one without its
+    quotes and backslash escapes (`"alice"`, `"al\\ice"`, `"abc."`, `"jörg"`
+    are the mailboxes alice, alice, abc. and jörg: RFC 5322 3.2.4, RFC 5321
+    4.1.2, RFC 6531; and the frontend takes `abc.@` unquoted too), ASCII
+    letters lower-cased. A pattern cannot hold a space, so a local part
+    that truly needs its quotes (`"a b"`) can only match `*@domain` or `*`."""
     if len(local) >= 2 and local[0] == local[-1] == '"':
-        bare = _QUOTED_PAIR.sub(r"\1", local[1:-1])
-        if _DOT_ATOM.match(bare):
-            local = bare
+        local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
     return local.translate(_ASCII_LOWER)
 
 

@@ -421,22 +421,30 @@ def parse_direct(value: str) -> DirectRoute:
 
 
 def _check_server(server: str) -> None:
-    """A host name or an IP address (an IPv6 one bracketed or not). The
-    port is a field of its own: `smtp.example.org:587` would be looked up
-    as a name (and the next field taken for the port or the user)."""
+    problem = server_problem(server)
+    if problem is not None:
+        raise ValueError(f"server {server[:80]!r}: {problem}")
+
+
+def server_problem(server: str) -> str | None:
+    """Why `server` cannot name an upstream (None: it can): a host name or
+    an IP address (an IPv6 one bracketed or not). The port is a field of
+    its own: `smtp.example.org:587` would be looked up as a name (and, in a
+    direct: mapping, the next field taken for the port or the user)."""
     bare = server[1:-1] if server.startswith("[") and server.endswith("]") else server
     try:
         ipaddress.ip_address(bare)
-        return
+        return None
     except ValueError:
         pass
+    if bare[:5].upper() == "IPV6:":
+        return "write an IPv6 address without the IPv6: prefix"
     if ":" in bare:
-        raise ValueError(f"server {server[:80]!r}: write the port as a field of its own"
-                         " (ADDRESS SERVER PORT USER PASS), not SERVER:PORT")
+        return "the port goes in a field of its own, not SERVER:PORT"
     labels = bare[:-1].split(".") if bare.endswith(".") else bare.split(".")
     if not all(0 < len(label) <= 63 for label in labels) or len(bare) > 253:
-        raise ValueError(f"server {server[:80]!r} is not a valid host name (an empty or"
-                         " over-long label)")
+        return "not a valid host name (an empty or over-long label)"
+    return None
 
 
 def _is_flag_list(token: str) -> bool:
@@ -664,8 +672,10 @@ def decode_config_text(data: bytes) -> str:
     read bytes, and its configs were written in Latin-1 too: "# Größe"),
     which become U+FFFD. The grammar drops everything from '#' on, even
     in a password (that byte cannot be part of a UTF-8 sequence), so no
-    value changes. Raises NotUtf8 naming the first line whose text before
-    its '#' is not UTF-8."""
+    value changes. A leading byte order mark is skipped. Raises NotUtf8
+    naming the first line whose text before its '#' is not UTF-8."""
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]  # a UTF-8 byte order mark (Notepad): the text after it counts
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

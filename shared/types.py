@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 
@@ -95,7 +96,11 @@ class Route:
         `::1:25` is itself an address (RFC 3986 3.2.2)."""
         host = self.server
         if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
+            try:
+                if ipaddress.ip_address(host.split("%", 1)[0]).version == 6:
+                    host = f"[{host}]"
+            except ValueError:
+                pass  # not an address: shown as it is
         return f"{host}:{self.port}"
 
     def describe(self) -> str:

@@ -292,7 +292,8 @@ def test_direct_password_is_secret():
 
 
 @pytest.mark.parametrize("value, fragment", [
-    ("a@b.c smtp.b.c:587 u p tls", "write the port as a field of its own"),
+    ("a@b.c smtp.b.c:587 u p tls", "the port goes in a field of its own"),
+    ("a@b.c [IPv6:2001:db8::1] u p", "without the IPv6: prefix"),
     ("a@b.c smtp..b.c 587 u p tls", "not a valid host name"),
     ("a@b.c .b.c 587 u p", "not a valid host name"),
 ])
