@@ -165,6 +165,8 @@ def is_ehlo_name(name: str) -> bool:
         return False
     if name.startswith("[") and name.endswith("]"):
         inner = name[1:-1]
+        if "%" in inner:  # ipaddress takes any text after % as a zone
+            return False
         v6 = inner[:5].upper() == "IPV6:"
         try:
             address = ipaddress.ip_address(inner[5:] if v6 else inner)

@@ -359,7 +359,8 @@ class Relay:
                     return [BAD_UPSTREAM] * len(replies)
                 return replies
             if self._overtalked("MAIL"):
-                self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
+                if reply.is_positive:  # (a refusal has its line already)
+                    self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
                 return BAD_UPSTREAM
             return reply
         raise AssertionError("unreachable")  # pragma: no cover

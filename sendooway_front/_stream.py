@@ -69,6 +69,7 @@ class Stream:
         self._writer = writer
         self.timeout = timeout
         self._conn: SSL.Connection | None = None
+        self._tls_ready = False    # the handshake on _conn finished
         self._eof = False          # the transport said EOF
         self._closed = False
         self._unread = b""         # given back by unread(): read before the transport
@@ -341,6 +342,10 @@ class Stream:
             await self._raw_write(bytes(data))
             return
         conn = self._conn
+        if not self._tls_ready:
+            # a handshake that never finished (cancelled, timed out): SSL_write
+            # would ask to read for ever, and this loop spun without yielding
+            raise ConnectionResetError("TLS handshake not finished")
         view = memoryview(data)
         pending = 0
         while view:
@@ -348,10 +353,9 @@ class Stream:
             # up to TLS_BATCH octets in the memory BIO, then hand them over at once.
             try:
                 n = conn.send(view[:RAW_READ])
-            except SSL.WantReadError:  # cannot happen with memory BIOs, kept for safety
+            except SSL.WantReadError:  # nothing is read here: never wait for it in a loop
                 await self._flush_tls()
-                pending = 0
-                continue
+                raise ConnectionResetError("TLS wants to read while writing") from None
             except SSL.Error as e:
                 raise ConnectionResetError(f"TLS error: {_tls._describe_openssl(e)}") from None
             view = view[n:]
@@ -371,6 +375,7 @@ class Stream:
 
     async def _handshake_steps(self, conn: SSL.Connection) -> None:
         self._conn = conn
+        self._tls_ready = False
         while True:
             try:
                 conn.do_handshake()
@@ -396,6 +401,7 @@ class Stream:
                 # (with noCertCheck the certificate problems were let through:
                 # the handshake failed for another reason, say which)
                 raise TLSHandshakeError(_tls._describe_openssl(e)) from None
+        self._tls_ready = True
         await self._flush_tls()
 
     async def start_tls_server(self, ctx: SSL.Context) -> None:

@@ -571,7 +571,9 @@ def check_server(conn: SSL.Connection, server_hostname: str, check_hostname: boo
             if is_ip_address(name):
                 verify_ip_address(conn, name)
             else:
-                verify_hostname(conn, name)
+                # the A-label the lookup and SNI used (service_identity's own
+                # IDNA 2008 refuses a capital in a U-label: Mail.Bücher.test)
+                verify_hostname(conn, host_a_label(name).rstrip("."))
         except VerificationError as e:
             problems.append(f"certificate does not match {name}: {_describe_mismatch(e)}")
         except Exception as e:  # service_identity's other refusals (e.g. no SAN at all)

@@ -269,8 +269,11 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
             # the upstream refused in good order (a 554 greeting, EHLO, STARTTLS
             # or AUTH refused): QUIT first (RFC 5321 4.1.1.10, 3.1); a reset
             # counts against our address at postscreen or fail2ban
-            with client.stream.timeout_at_most(REFUSED_QUIT_WAIT):
-                await client.quit()
+            try:
+                with client.stream.timeout_at_most(REFUSED_QUIT_WAIT):
+                    await client.quit()
+            finally:
+                client.abort()  # (a no-op after quit; else a cancelled QUIT left it open)
         else:
             client.abort()
         raise

@@ -42,14 +42,14 @@ class _Formatter(logging.Formatter):
 def field(value: str | None, limit: int = 96) -> str:
     """One `key=value` value that cannot forge a log line (a sender may hold
     spaces, '=' or '>' in a quoted local part): printable ASCII without
-    space, '=', '"' or '\\'; everything else as \\xHH (\\uHHHH); '-' when
+    space, '=', '"', '\\', '<' or '>'; everything else as \\xHH (\\uHHHH); '-' when
     empty; longer than `limit`, cut with '...'."""
     if not value:
         return "-"
     out = []
     for c in value[:limit]:
         o = ord(c)
-        if 33 <= o < 127 and c not in '="\\':
+        if 33 <= o < 127 and c not in '="\\<>':
             out.append(c)
         elif o < 256:
             out.append(f"\\x{o:02x}")
