@@ -304,7 +304,7 @@ def test_a_quoted_sender_cannot_add_fields_to_the_message_log_line(upstream_fact
     assert up.messages[0].mail_from == forged  # the upstream gets it as sent
     [line] = [x for x in handler.lines if ": message user=" in x]
     assert " rcpts=9" not in line and line.count(" upstream=") == 1, line
-    assert "from=<\\x22x>\\x20rcpts\\x3d9" in line, line
+    assert "from=<\\x22x\\x3e\\x20rcpts\\x3d9" in line, line
 
 
 def test_each_message_of_a_session_has_its_own_received_id(upstream_factory):
