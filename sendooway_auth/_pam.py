@@ -1,20 +1,34 @@
 """PAM in a bounded pool of long-lived threads, never on the event loop.
 
-python-pam's handle object is not thread-safe, so each worker thread keeps
-its own `pam.pam()`. Threads live as long as the pool: no fork per login
-(costly, and pam_wrapper in the tests has only 62 temp dirs).
+The login is python-pam's library bindings driven by our own sequence
+(pam_start, PAM_RHOST, pam_authenticate, pam_acct_mgmt, PAM_USER read
+back, pam_end) and conversation: python-pam's `authenticate` cannot set
+PAM_RHOST or read PAM_USER back, takes PAM_TTY and PAM_XDISPLAY from the
+daemon's own $DISPLAY or terminal, answers only a first password prompt
+and fails on a prompt that is not UTF-8 (a review). Threads live as long
+as the pool: no fork per login (costly, and pam_wrapper in the tests has
+only 62 temp dirs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import queue
 import threading
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 
-import pam
+from pam.__internals import PamAuthenticator, PamConv, PamHandle, PamResponse, conv_func
 
 from sendooway_shared.types import Secret
+
+# Linux-PAM items and message styles (security/_pam_types.h)
+PAM_USER, PAM_RHOST = 2, 4
+PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
+PAM_SUCCESS, PAM_BUF_ERR, PAM_CONV_ERR = 0, 5, 19
+MAX_PAM_MESSAGES = 8  # kept for the log, 200 characters each
 
 # Linux-PAM return codes (security/_pam_types.h) and what the log calls them.
 _REASONS = {
@@ -91,6 +105,103 @@ class _DaemonThreads(Executor):
                 t.join()
 
 
+@dataclass
+class PamLogin:
+    """What PAM said of one login."""
+
+    code: int                     # PAM_SUCCESS or the failing call's code
+    user: str = ""                # PAM_USER afterwards (a module may map the name)
+    messages: list[str] = field(default_factory=list)  # PAM_ERROR_MSG / PAM_TEXT_INFO
+
+
+class _Pam:
+    """python-pam's bindings of libpam (loaded once), and pam_get_item."""
+
+    _lock = threading.Lock()
+    _ready: "_Pam | None" = None
+
+    @classmethod
+    def get(cls) -> "_Pam":
+        with cls._lock:
+            if cls._ready is None:
+                PamAuthenticator._ensure_libs()
+                lib = cls()
+                lib.b = PamAuthenticator
+                get_item = ctypes.CDLL(ctypes.util.find_library("pam")).pam_get_item
+                get_item.restype = ctypes.c_int
+                get_item.argtypes = [PamHandle, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+                lib.get_item = get_item
+                cls._ready = lib
+            return cls._ready
+
+
+def pam_login(service: str, user: str, password: str, rhost: str = "") -> PamLogin:
+    """One login through PAM: authenticate and the account check. Blocking.
+    Raises ValueError for a NUL in a name or the password."""
+    for value in (service, user, password, rhost):
+        if "\0" in value:
+            raise ValueError("NUL in a PAM string")
+    lib = _Pam.get()
+    secret = password.encode("utf-8")
+    name = user.encode("utf-8")
+    result = PamLogin(code=PAM_SUCCESS, user=user)
+
+    def converse(count, messages, p_response, _appdata):
+        # called by a PAM module: nothing may escape (a traceback on stderr,
+        # a bogus return code); every echo-off prompt gets the password,
+        # every echo-on one the name (as the original did), wherever it is
+        try:
+            if count <= 0:
+                return PAM_CONV_ERR
+            block = lib.b.calloc(count, ctypes.sizeof(PamResponse))
+            if not block:
+                return PAM_BUF_ERR
+            responses = ctypes.cast(block, ctypes.POINTER(PamResponse))
+            p_response[0] = responses
+            for i in range(count):
+                message = messages[i].contents
+                if message.msg_style in (PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON):
+                    answer = secret if message.msg_style == PAM_PROMPT_ECHO_OFF else name
+                    copy = lib.b.calloc(len(answer) + 1, 1)
+                    if not copy:
+                        return PAM_BUF_ERR
+                    ctypes.memmove(copy, answer, len(answer))
+                    responses[i].resp = copy
+                elif len(result.messages) < MAX_PAM_MESSAGES:
+                    text = (message.msg or b"").decode("utf-8", "replace")
+                    result.messages.append(text[:200])
+                responses[i].resp_retcode = 0
+            return PAM_SUCCESS
+        except Exception:  # noqa: BLE001 - never into C
+            return PAM_CONV_ERR
+
+    callback = conv_func(converse)  # (kept alive until pam_end)
+    conv = PamConv(callback, 0)
+    handle = PamHandle()
+    code = lib.b.pam_start(service.encode("utf-8"), name, ctypes.byref(conv),
+                           ctypes.byref(handle))
+    if code != PAM_SUCCESS:
+        result.code = code
+        return result
+    try:
+        if rhost:  # the SMTP client: pam_access, pam_faillock and fail2ban's pam jail see it
+            host = ctypes.c_char_p(rhost.encode("utf-8"))
+            code = lib.b.pam_set_item(handle, PAM_RHOST, ctypes.cast(host, ctypes.c_void_p))
+        # PAM_TTY and PAM_XDISPLAY stay unset: this is no console login
+        if code == PAM_SUCCESS:
+            code = lib.b.pam_authenticate(handle, 0)
+        if code == PAM_SUCCESS:
+            code = lib.b.pam_acct_mgmt(handle, 0)
+        if code == PAM_SUCCESS:
+            item = ctypes.c_void_p()
+            if lib.get_item(handle, PAM_USER, ctypes.byref(item)) == PAM_SUCCESS and item.value:
+                result.user = ctypes.string_at(item.value).decode("utf-8", "replace")
+        result.code = code
+        return result
+    finally:
+        lib.b.pam_end(handle, code)
+
+
 class PamPool:
     """Worker threads for everything that may block during a login: NSS
     lookups (which may be LDAP/SSSD) and PAM. One job per login."""
@@ -98,20 +209,12 @@ class PamPool:
     def __init__(self, service: str, threads: int = 8) -> None:
         self.service = service
         self.threads = threads
-        self._local = threading.local()
         self._pool = _DaemonThreads(threads, "pam")
 
-    def check_here(self, user: str, password: Secret) -> tuple[bool, str]:
-        """(ok, reason) for authenticate + account check; call in a worker."""
-        handle = getattr(self._local, "pam", None)
-        if handle is None:
-            handle = self._local.pam = pam.pam()
-        try:
-            ok = handle.authenticate(user, password.reveal(), service=self.service,
-                                     resetcreds=False)
-        except (ValueError, TypeError, UnicodeError):
-            return False, "invalid-characters"
-        return (True, "") if ok else (False, reason_for(handle.code))
+    def check_here(self, user: str, password: Secret, rhost: str = "") -> PamLogin:
+        """authenticate + account check; call in a worker. Raises ValueError
+        for characters PAM cannot take (a NUL)."""
+        return pam_login(self.service, user, password.reveal(), rhost)
 
     async def run(self, fn, *args):
         """Run a blocking login job in a worker thread."""

@@ -50,6 +50,20 @@ class Penalty:
         self._accounts.pop(key, None)
         self._counts.pop(key, None)
 
+    # How long PAM takes to refuse a wrong password (a running average): an
+    # unknown name's refusal is held back as long, so timing tells nothing.
+    _pam_no: float | None = None
+
+    def pam_refusal(self) -> float | None:
+        return self._pam_no
+
+    def note_pam_refusal(self, took: float) -> None:
+        old = self.pam_refusal()
+        self._store_pam_refusal(took if old is None else 0.8 * old + 0.2 * took)
+
+    def _store_pam_refusal(self, seconds: float) -> None:
+        self._pam_no = seconds
+
     def _delay(self, n: int) -> float:
         return min(self.cap, self.base * (2 ** min(max(n, 0), 30))) if self.base > 0 else 0.0
 
@@ -185,6 +199,28 @@ class SharedPenalty(Penalty):
             os.unlink(self._path(key))
         except OSError:
             pass
+
+    # the figure in a file of its own (a name no key's hash can have), so
+    # that the next session's authenticator pads from its first login
+    _PAM_FILE = "pam-refusal"
+
+    def pam_refusal(self) -> float | None:
+        try:
+            with open(os.path.join(self.directory, self._PAM_FILE), "rb") as f:
+                seconds = float(f.read(32))
+        except (OSError, ValueError):
+            return None
+        return seconds if 0.0 <= seconds < 3600.0 else None
+
+    def _store_pam_refusal(self, seconds: float) -> None:
+        path = os.path.join(self.directory, self._PAM_FILE)
+        try:
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(f"{seconds:.3f}\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # (only weakens the padding)
 
     def _full(self, now: float) -> bool:
         """Too many files? Expired ones are removed first."""

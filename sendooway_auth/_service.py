@@ -19,7 +19,7 @@ from sendooway_shared.types import Route, Secret
 
 from . import _users
 from ._logfmt import field, text
-from ._pam import PamPool, is_temporary
+from ._pam import PAM_SUCCESS, PamPool, is_temporary, reason_for
 from ._penalty import Penalty, client_host, client_key, user_key
 from ._workers import WorkerPool
 
@@ -144,7 +144,6 @@ class AuthService:
         self.penalty = penalty
         self.clock = clock
         self._process_uid = os.geteuid()  # authBackend = none accepts only this account
-        self._pam_no: float | None = None  # seconds PAM takes to refuse a password (average)
         self._turns = _Turns()
         # user → (digest of the file errors and warnings last logged, when):
         # each MAIL FROM reads the files afresh, and logging the same 100
@@ -207,21 +206,24 @@ class AuthService:
         else:
             try:
                 async with asyncio.timeout(wait):  # no extra task per login, unlike wait_for
-                    user, reason = await self._check(name, password)
+                    user, reason = await self._check(name, password, peer.host)
             except TimeoutError:  # the worker stays stuck; this login is answered
                 user, reason = None, "pam-timeout"
         took = time.monotonic() - started
+        pam_no = self.penalty.pam_refusal()
         if reason == "wrong-password":
-            # how long PAM takes to say no (pam_faildelay, pam_unix: ~2 s)
-            self._pam_no = took if self._pam_no is None else 0.8 * self._pam_no + 0.2 * took
-        elif user is None and self._pam_no and not is_temporary(reason):
+            # how long PAM takes to say no (pam_faildelay, pam_unix: ~2 s),
+            # kept with the penalty counts: the socketpair mode's one-session
+            # authenticators share it (each began without it: no padding)
+            self.penalty.note_pam_refusal(took)
+        elif user is None and pam_no and not is_temporary(reason):
             # refused without PAM's delay (an unknown name, not a validUser,
             # an empty password) or after PAM took the password (an expired
             # account): as slow as a wrong password — and with the turn held
             # as long, so that a second login beside it cannot tell either —,
             # so the timing tells neither which accounts exist nor that a
             # password was right
-            await asyncio.sleep(max(0.0, min(self._pam_no, MAX_PAM_PAD) - took))
+            await asyncio.sleep(max(0.0, min(pam_no, MAX_PAM_PAD) - took))
         if user is None and is_temporary(reason):
             log.error("auth unavailable: user=%s client=%s reason=%s session=%s",
                       field(name), peer.client_field, reason, field(peer.session))
@@ -241,11 +243,13 @@ class AuthService:
                     field(name), peer.client_field, reason, field(peer.session), delay)
         return AuthResult(False, None, reason, delay), delay
 
-    async def _check(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
+    async def _check(self, name: str, password: Secret, rhost: str = ""
+                     ) -> tuple[_users.UserInfo | None, str]:
         # NSS (passwd, groups: maybe LDAP/SSSD) and PAM block: one worker job
-        return await self.pam.run(self._check_blocking, name, password)
+        return await self.pam.run(self._check_blocking, name, password, rhost)
 
-    def _check_blocking(self, name: str, password: Secret) -> tuple[_users.UserInfo | None, str]:
+    def _check_blocking(self, name: str, password: Secret, rhost: str = ""
+                        ) -> tuple[_users.UserInfo | None, str]:
         user = _users.lookup(name)
         if self.cfg.authBackend is AuthBackend.NONE:
             if user is None or user.uid != self._process_uid:
@@ -257,9 +261,27 @@ class AuthService:
         if not allowed:
             return None, "not-a-valid-user"
         if self.cfg.authBackend is not AuthBackend.NONE:
-            ok, reason = self.pam.check_here(name, password)
-            if not ok:
-                return None, reason
+            try:
+                said = self.pam.check_here(name, password, rhost)
+            except (ValueError, UnicodeError):
+                return None, "invalid-characters"
+            if said.code != PAM_SUCCESS:
+                if said.messages:  # (pam_faillock: "account locked", not a wrong password)
+                    log.info("pam: user=%s said: %s", field(name),
+                             text(" | ".join(said.messages)))
+                return None, reason_for(said.code)
+            if said.user != name:
+                # a module mapped the login name to another account
+                # (pam_set_item(3): PAM_USER is the one that gets to use the
+                # service): that account is served, its own files read, if
+                # it exists and may use this service
+                mapped = _users.lookup(said.user)
+                if mapped is None:
+                    return None, "pam-mapped-user-unknown"
+                if not _users.valid_user(self.cfg, mapped)[0]:
+                    return None, "not-a-valid-user"
+                log.info("pam: login name %s is the account %s", field(name), field(mapped.name))
+                return mapped, ""
         return user, ""
 
     def _log_anew(self, name: str, errors: list[str], warnings: list[str]) -> bool:
