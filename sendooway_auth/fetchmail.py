@@ -59,38 +59,59 @@ class _Directive:
     error: str = ""
 
 
-def _unescape(body: str) -> str:
+_SIMPLE_ESCAPES = {"n": 10, "t": 9, "r": 13, "b": 8}
+
+
+def _unescape(body: str, fetchmail: bool = True) -> str:
+    """fetchmail's backslash escapes (fetchmail(1), its lexer's escapes()):
+    \\n \\t \\r \\b; \\xhh hex (two digits at most); \\0oo octal (the 0 and two
+    more at most); \\nnn decimal, starting 1-9 (three digits at most: \\233 is
+    \\xE9); a backslash before anything else keeps that character. Each escape
+    is one byte, as fetchmail sends it: `caf\\xc3\\xa9` is "café". Raises
+    _Syntax when the bytes are not UTF-8 (they could not be sent as written).
+    `fetchmail=False`: a #sendooway: value, read as the original read it:
+    \\ooo is octal (three digits at most), \\8 and \\9 the digit."""
     if "\\" not in body:
         return body
-    out = []
+    out = bytearray()
     i = 0
-    simple = {"n": "\n", "t": "\t", "r": "\r", "b": "\b"}
-    while i < len(body):
+    size = len(body)
+
+    def digits(start: int, allowed: str, most: int) -> int:
+        j = start
+        while j < size and j < start + most and body[j] in allowed:
+            j += 1
+        return j
+
+    while i < size:
         c = body[i]
-        if c != "\\" or i + 1 == len(body):
-            out.append(c)
+        if c != "\\" or i + 1 == size:
+            out += c.encode("utf-8")
             i += 1
             continue
         n = body[i + 1]
-        if n in simple:
-            out.append(simple[n])
+        if n in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[n])
             i += 2
-        elif n in "xX" and i + 2 < len(body) and body[i + 2] in "0123456789abcdefABCDEF":
-            j = i + 2
-            while j < len(body) and j < i + 4 and body[j] in "0123456789abcdefABCDEF":
-                j += 1
-            out.append(chr(int(body[i + 2:j], 16)))
+        elif n in "xX" and (j := digits(i + 2, "0123456789abcdefABCDEF", 2)) > i + 2:
+            out.append(int(body[i + 2:j], 16))
             i = j
-        elif n in "01234567":
-            j = i + 1
-            while j < len(body) and j < i + 4 and body[j] in "01234567":
-                j += 1
-            out.append(chr(int(body[i + 1:j], 8) & 0xFF))
+        elif n == "0" or (n in "1234567" and not fetchmail):
+            j = digits(i + 1, "01234567", 3)
+            out.append(int(body[i + 1:j], 8) & 0xFF)
+            i = j
+        elif n in "123456789" and fetchmail:
+            j = digits(i + 1, "0123456789", 3)
+            out.append(int(body[i + 1:j]) & 0xFF)
             i = j
         else:
-            out.append(n)
+            out += n.encode("utf-8")
             i += 2
-    return "".join(out)
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Syntax("its backslash escapes make bytes that are not UTF-8: sendooway"
+                      " cannot send such a value") from None
 
 
 # fetchmail's own lines, token by token over the whole text (as its lexer
@@ -100,13 +121,14 @@ def _unescape(body: str) -> str:
 # swallow the #sendooway: lines below it), a remark (a `#` where a token
 # starts: at the start, after a blank or separator, or right after a closing
 # quote; group 3), a bare word (a quote or `#` inside it is part of it), or a
-# quote that never closes (group 5: an error). \s is exactly str.isspace();
-# the possessive quantifiers keep no backtracking state (a 1 MiB unclosed
+# quote that never closes (group 5: an error). The separators are
+# fetchmail's own: space, tab, CR, LF and , ; : (a no-break space is part
+# of a word, as fetchmail reads it); the possessive quantifiers keep no backtracking state (a 1 MiB unclosed
 # quote would otherwise cost over 100 MiB to fail).
-_TOKENS = re.compile(r"[\s,;:]++"
-                     r'|"((?:[^"\\\n]++|\\.|\n(?![^\S\n]*+#))*+)"'
-                     r"|'((?:[^'\\\n]++|\\.|\n(?![^\S\n]*+#))*+)'"
-                     r"""|#([^\n]*+)|([^\s,;:"'#][^\s,;:]*+)|(["'])""", re.S)
+_TOKENS = re.compile(r"[ \t\r\n,;:]++"
+                     r'|"((?:[^"\\\n]++|\\.|\n(?![ \t\r]*+#))*+)"'
+                     r"|'((?:[^'\\\n]++|\\.|\n(?![ \t\r]*+#))*+)'"
+                     r"""|#([^\n]*+)|([^ \t\r\n,;:"'#][^ \t\r\n,;:]*+)|(["'])""", re.S)
 _QUOTED_1, _QUOTED_2, _REMARK, _BARE, _UNCLOSED = 1, 2, 3, 4, 5
 # A #sendooway: value: a quoted string, or one word up to the next blank, as
 # the original read it (`#sendooway:pass My;Pass-77` is one value; no
@@ -129,7 +151,7 @@ def _directive_words(text: str) -> list[str]:
             continue
         if group == 4:
             raise _Syntax("unbalanced quote")
-        words.append(m[group] if group == 3 else _unescape(m[group]))
+        words.append(m[group] if group == 3 else _unescape(m[group], fetchmail=False))
     return words
 
 
@@ -154,7 +176,7 @@ def _remark_at(text: str) -> int:
                 continue
         elif c in "\"'":
             quote = c
-        elif c == "#" and (i == 0 or after_quote or text[i - 1].isspace()
+        elif c == "#" and (i == 0 or after_quote or text[i - 1] in " \t\r\n"
                            or text[i - 1] in _SEPARATORS):
             return i
         after_quote = False
@@ -188,10 +210,14 @@ def _lex(text: str) -> list[_Token | _Directive]:
             pos = size if end < 0 else end
             continue
         pos = m.end()
-        if group == _BARE:
-            items.append(_Token(line, _unescape(m[group])))
-        elif group in (_QUOTED_1, _QUOTED_2):
-            items.append(_Token(line, _unescape(_join_lines(m[group])), True))
+        if group in (_BARE, _QUOTED_1, _QUOTED_2):
+            try:
+                if group == _BARE:
+                    items.append(_Token(line, _unescape(m[group])))
+                else:
+                    items.append(_Token(line, _unescape(_join_lines(m[group])), True))
+            except _Syntax as exc:
+                items.append(_Directive(line, "", [], str(exc)))
         elif group == _REMARK:
             directive = _directive(line, m[group])
             if directive is not None:
@@ -202,9 +228,11 @@ def _lex(text: str) -> list[_Token | _Directive]:
 
 def _directive(line: int, comment: str) -> _Directive | None:
     """A `#sendooway:` remark as a directive (None: an ordinary remark)."""
-    body = comment.strip()
-    if not body.lower().startswith(PREFIX):
+    # right after the `#`, as the original read it: `# sendooway: ...` is
+    # prose, or a directive its user turned off (a review: it was obeyed)
+    if not comment[:len(PREFIX)].lower() == PREFIX:
         return None
+    body = comment.strip()
     # a remark after the directive (`#sendooway:tls  # STARTTLS`) is not a
     # value: a `#` starting a word, outside quotes (`pass s3cr#et` keeps it)
     rest = _cut_remark(body[len(PREFIX):])
@@ -284,6 +312,13 @@ def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
         elif word in _VALUE_WORDS and not (word == "envelope" and previous_word == "no"):
             if i < len(items) and isinstance(items[i], _Token):
                 i += 1  # its value, whatever word it is (`no envelope` has none)
+        elif (word in ("is", "to") and acc.fm_user is not None
+              and i < len(items) and isinstance(items[i], _Token)
+              and _plain_word(items, i + 1) == "there"):
+            # `is REMOTE there` among the user's options, wherever it stands
+            # (fetchmail's user_option): the name fetchmail logs in with
+            acc.fm_user = items[i].text
+            i += 2
         elif word in _USER_WORDS or word in _PASS_WORDS:
             if i < len(items) and isinstance(items[i], _Token):
                 value = items[i].text

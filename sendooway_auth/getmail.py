@@ -7,17 +7,22 @@
     password = secret
 
     [sender]
-    type = SimpleSMTPTLSSender      # or SimpleSMTPSender, SimpleSMTPSSLSender
-    server = smtp.example.org       # default: the retriever's server
-    port = 587                      # default: by type (25, 587, 465)
-    username = alice                # default: the retriever's; empty = no AUTH
-    password = secret               # default: the retriever's
-    address = alice@example.org     # repeatable, at least one
+    # or SimpleSMTPSender (port 25), SimpleSMTPSSLSender (465)
+    type = SimpleSMTPTLSSender
+    # server, port, username, password: default the retriever's, the type's;
+    # an empty username means no AUTH
+    server = smtp.example.org
+    port = 587
+    # at least one; more on the lines below it, indented (or after commas)
+    address = alice@example.org
+        alice.smith@example.org
     no_certificate_check = false
 
-A file is one account: any error skips the whole file (with file:line).
-Unknown [sender] keys are warned about and ignored; a repeated key other
-than `address` counts with its first value (both as in the original).
+(No remark after a value: ConfigParser, and getmail with it, would read it
+as part of the value.) A file is one account: any error skips the whole
+file (with file:line). Unknown [sender] keys are warned about and ignored;
+a repeated key other than `address` counts with its first value (both as
+in the original).
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ class _IniError(Exception):
         self.line = line
 
 
-def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
-    """Sections → lower-cased keys → [(line, value)...], in file order.
+def _read_ini(text: str, headers: dict[str, int] | None = None
+              ) -> dict[str, dict[str, list[tuple[int, str]]]]:
+    """Sections → lower-cased keys → [(line, value)...], in file order;
+    `headers` gets each section header's line.
     ConfigParser's syntax: `key = value` or `key: value`, `#`/`;` comment
     lines, continuation lines (indented deeper than their key: keys indented
     alike are keys, as Python 3's configparser, which getmail6 uses, reads
@@ -71,6 +78,8 @@ def _read_ini(text: str) -> dict[str, dict[str, list[tuple[int, str]]]]:
                 raise _IniError(number, "malformed section header (not an INI file?)")
             name = stripped[1:close].strip()
             current = sections.setdefault(name, {})
+            if headers is not None:
+                headers.setdefault(name, number)
             last = None
             continue
         if current is None:
@@ -97,7 +106,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     """The one account a getmail rc file describes, or an error."""
     result = ParseResult()
     try:
-        sections = _read_ini(text)
+        headers: dict[str, int] = {}
+        sections = _read_ini(text, headers)
     except _IniError as exc:
         result.errors.append(f"{filename}:{exc.line}: {exc}")
         return result
@@ -113,7 +123,7 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
         return result
     sender = sections[named[0]]
     retriever = sections.get("retriever", {})
-    header_line = min((line for values in sender.values() for line, _ in values), default=1)
+    header_line = headers.get(named[0], 1)
 
     def fail(line: int | None, message: str) -> ParseResult:
         result.errors.append(f"{filename}:{line or header_line}: [sender] {message}")
@@ -161,7 +171,13 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
                           " password_command is not supported)")
     if (problem := field_problem(server[1], username[1])) is not None:
         return fail(server[0], problem)
-    addresses = sender.get("address", [])
+    # one address per line of a value, or several after one another: the
+    # form getmail6 can read too (its strict parser stops at a repeated
+    # key, and getmail with it); a repeated key is taken as well
+    addresses = [(line + k, one.strip())
+                 for line, value in sender.get("address", [])
+                 for k, piece in enumerate(value.split("\n"))
+                 for one in piece.split(",") if one.strip()]
     if not addresses:
         return fail(None, "at least one 'address' is required")
     for line, address in addresses:

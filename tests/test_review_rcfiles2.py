@@ -8,6 +8,7 @@ real authenticator in the fake world (`sendooway-auth --fd` answering a
 route request after a PAM login, or `sendooway-auth --check`) or the parser
 the reader worker runs, and each failed against the code as reviewed for the
 reason its docstring gives.
+All are fixed.
 """
 
 from __future__ import annotations
