@@ -275,6 +275,11 @@ def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
 
     closed: _Pending | None = None  # the account the item before closed, if one did
     word = ""  # the last fetchmail word read
+    # a `defaults` block's user and password are every later poll's until
+    # that poll names its own (fetchmail's defaults, --configdump shows them)
+    in_defaults = False
+    default_user: str | None = None
+    default_pass: str | None = None
     while i < len(items):
         item = items[i]
         i += 1
@@ -306,7 +311,12 @@ def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
             continue
         previous_word, word = word, item.text.lower() if not item.quoted else ""
         if word in _BLOCK_WORDS:
-            acc.fm_user = acc.fm_pass = None
+            in_defaults = word == "defaults"
+            if in_defaults:
+                default_user = default_pass = None
+                acc.fm_user = acc.fm_pass = None
+            else:
+                acc.fm_user, acc.fm_pass = default_user, default_pass
             if word != "defaults" and i < len(items) and isinstance(items[i], _Token):
                 i += 1  # the host name
         elif word in _VALUE_WORDS and not (word == "envelope" and previous_word == "no"):
@@ -328,6 +338,8 @@ def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
                     acc.fm_user, acc.fm_pass = value, None
                 else:
                     acc.fm_pass = value
+                if in_defaults:
+                    default_user, default_pass = acc.fm_user, acc.fm_pass
             else:
                 err(item.line, f"'{word}' needs a value")
     if acc.values or acc.flags or acc.errors:

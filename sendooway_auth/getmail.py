@@ -131,7 +131,9 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
 
     for key, values in sender.items():
         if key not in _SENDER_KEYS:
-            shown = "".join(c for c in key[:40] if c.isprintable())
+            # its first word only: `password s3cr=t` (the `=` forgotten after
+            # the key) makes "password s3cr" the key
+            shown = "".join(c for c in key.split()[0][:40] if c.isprintable())
             result.warnings.append(f"{filename}:{values[0][0]}: [sender] unknown key '{shown}'"
                                    " ignored")
     kind = _one(sender, "type")

@@ -266,6 +266,29 @@ def test_getmail_unknown_key_warned_repeated_key_first_wins_service_port():
     assert r.warnings == [f"{G}:7: [sender] unknown key 'adress' ignored"]
 
 
+def test_getmail_unknown_key_warning_shows_its_first_word_only():
+    """`password s3cr=t` (the `=` forgotten) makes "password s3cr" the key:
+    the warning used to show it, and with it part of the password."""
+    text = ("[sender]\ntype = SimpleSMTPSSLSender\nserver = s.example\nusername =\n"
+            "password s3cr=t\naddress = a@x.org\n")
+    r = parse_getmailrc(text, G)
+    assert r.warnings == [f"{G}:5: [sender] unknown key 'password' ignored"]
+
+
+def test_fetchmail_defaults_credentials_serve_later_polls():
+    """fetchmail gives every later poll the `user`/`pass` of a `defaults`
+    block until the poll names its own (a review: they were dropped, and
+    such accounts had "no upstream password")."""
+    text = ('defaults user du pass dp\n'
+            'poll a.org proto imap\n#sendooway:server "s.a.org"\n#sendooway:address "x@a.org"\n'
+            'poll b.org user bu pass bp\n#sendooway:server "s.b.org"\n#sendooway:address "y@b.org"\n'
+            'poll c.org\n#sendooway:server "s.c.org"\n#sendooway:address "z@c.org"\n')
+    r = parse_fetchmailrc(text, F)
+    assert r.errors == []
+    assert [(a.route.server, a.route.user, a.route.password.reveal()) for a in r.accounts] == [
+        ("s.a.org", "du", "dp"), ("s.b.org", "bu", "bp"), ("s.c.org", "du", "dp")]
+
+
 def test_fetchmail_port_by_service_name():
     text = 'user u pass p\n#sendooway:server "s"\n#sendooway:port smtps\n#sendooway:address "a@b.c"\n'
     (a,) = parse_fetchmailrc(text, F).accounts
