@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sendooway_shared.config import Config, Ext8BitMime, MailerEncryption, default_localname
-from sendooway_shared.log import printable
+from sendooway_shared.log import field as log_field, printable
 
 from . import _catalogue as R
 from ._authlink import AuthLink, AuthLinkError
 from ._events import (
-    FLUSH, NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
+    FLUSH, NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
 from ._proxyproto import (
@@ -83,6 +83,20 @@ class Frontend:
         )
 
 
+def _sender(address: str) -> str:
+    """A sender in a log line: escaped as the message line's `from=` (a
+    quoted local part may hold spaces and `=`: no forged fields)."""
+    return log_field(address, 320) if address else ""
+
+
+def _failure(exc: BaseException, fe: "Frontend") -> str:
+    """A failed step's reason for the log: a timeout says so (its text is
+    empty, and the line used to end in "failed: ")."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"timed out (no answer within {fe.config.timeout}s)"
+    return str(exc) or type(exc).__name__
+
+
 def new_session_id() -> str:
     return os.urandom(5).hex()
 
@@ -144,7 +158,7 @@ class SessionRunner:
                 try:
                     await self.stream.start_tls_server(fe.tls_context)
                 except (TLSError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                    self._log(logging.INFO, "TLS handshake failed: %s", exc)
+                    self._log(logging.INFO, "TLS handshake failed: %s", _failure(exc, fe))
                     return
             await self._open_link()
             self.relay = make_relay(fe.config, log)
@@ -310,13 +324,17 @@ class SessionRunner:
                 self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", ev.name)
             elif isinstance(ev, AuthRequested):
                 await self._auth(ev)
+            elif isinstance(ev, AuthRefused):
+                self._log(logging.INFO, "login failed: user=%r mechanism=%s (%s, refused here)",
+                          ev.user, ev.mechanism, ev.reason)
             elif isinstance(ev, StartTls):
                 await self._send()
                 self.stream.timeout = limit
                 try:
                     await self.stream.start_tls_server(self.frontend.tls_context)
                 except (TLSError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                    self._log(logging.INFO, "STARTTLS handshake failed: %s", exc)
+                    self._log(logging.INFO, "STARTTLS handshake failed: %s",
+                              _failure(exc, self.frontend))
                     return
                 s.tls_started()
                 self._log(logging.INFO, "STARTTLS: %s %s", self.stream.tls_version(),
@@ -405,14 +423,15 @@ class SessionRunner:
         try:
             route = await self.link.route(ev.sender)
         except AuthLinkError as exc:
-            self._log(logging.ERROR, "route for <%s>: %s", ev.sender, exc)
+            self._log(logging.ERROR, "route for <%s>: %s", _sender(ev.sender), exc)
             s.relay_reply(R.ROUTE_TEMPFAIL)
             return
         if route is None:
-            self._log(logging.INFO, "sender=<%s>: no route", ev.sender)
+            self._log(logging.INFO, "sender=<%s>: no route", _sender(ev.sender))
             s.relay_reply(R.NO_ROUTE)
             return
-        self._log(logging.DEBUG, "sender=<%s> route=%s", ev.sender, printable(route.describe()))
+        self._log(logging.DEBUG, "sender=<%s> route=%s", _sender(ev.sender),
+                  printable(route.describe()))
         info = SessionInfo(self.sid, self.client, s.client_name, s.user or "",
                            s.encrypted, s.esmtp)
         group = getattr(self.relay, "mail_group", None)

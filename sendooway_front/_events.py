@@ -60,6 +60,16 @@ class AuthRequested(Event):
 
 
 @dataclass(frozen=True)
+class AuthRefused(Event):
+    """A login the session refused itself (535, counted): to be logged.
+    Needs no answer."""
+
+    mechanism: str
+    user: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class StartTls(Event):
     """STARTTLS accepted (the 220 is in data_to_send()): send it, run the
     server handshake, answer with Session.tls_started()."""

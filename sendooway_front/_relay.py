@@ -304,7 +304,7 @@ class Relay:
                 except UpstreamError as e:
                     # escaped: the error may quote a path a user chose (sslCA)
                     self.log.warning("%s: upstream %s for <%s>: %s", info.session_id,
-                                     printable(route.where), sender,
+                                     printable(route.where), field(sender, 320) if sender else "",
                                      printable(str(e)))
                     self._log_message(f"not reached ({e.reply.code})")
                     return e.reply

@@ -25,7 +25,7 @@ from sendooway_shared.types import Secret
 from . import _catalogue as R
 from ._address import NeedsUtf8, ParamError, PathError, parse_params, parse_path, split_path_argument
 from ._events import (
-    FLUSH, NEED_DATA, PAUSED, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
+    FLUSH, NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Event, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,
 )
 from ._relay_api import MailParams
@@ -119,6 +119,15 @@ class _Await(enum.Enum):
     RCPT = "rcpt"
     DATA = "data"
     DATA_END = "data_end"
+
+
+def _is_text(value: str) -> bool:
+    """No octet that was not UTF-8 (see _auth_step's surrogateescape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Session:
@@ -601,11 +610,10 @@ class Session:
             except (binascii.Error, ValueError, UnicodeEncodeError):
                 self._reply(R.AUTH_BAD_BASE64)
                 return
-        try:
-            value = decoded.decode("utf-8")
-        except UnicodeDecodeError:
-            self._reply(R.AUTH_BAD_BASE64)
-            return
+        # octets that are no UTF-8 (a cp1252 client's "ä") decode fine as
+        # base64: they make a failed login below (535, counted, logged), not
+        # a 501 (RFC 4954 4 keeps that for base64 that cannot be decoded)
+        value = decoded.decode("utf-8", "surrogateescape")
         if exchange.mechanism == "PLAIN":
             parts = value.split("\0")
             if len(parts) != 3:
@@ -613,7 +621,7 @@ class Session:
                 return
             authzid, user, password = parts
             if authzid and authzid != user:
-                self._auth_failed()  # no proxy authorization
+                self._auth_refused(exchange.mechanism, user, "authorization identity not allowed")
                 return
             self._auth_ask(exchange.mechanism, user, password)
         elif exchange.user is None:
@@ -624,12 +632,26 @@ class Session:
             self._auth_ask(exchange.mechanism, exchange.user, value)
 
     def _auth_ask(self, mech: str, user: str, password: str) -> None:
-        if (not user or len(user) > MAX_USER or "\0" in user or len(password) > MAX_PASSWORD
-                or "\0" in password or not password):
-            self._auth_failed()  # could never succeed: do not bother the authenticator
+        # what could never succeed does not bother the authenticator, but
+        # is a failed login all the same, and logged
+        why = ("empty user name" if not user else
+               "user name too long" if len(user) > MAX_USER else
+               "empty password" if not password else
+               "password too long" if len(password) > MAX_PASSWORD else
+               "NUL in the credentials" if "\0" in user or "\0" in password else
+               "credentials not UTF-8" if not (_is_text(user) and _is_text(password)) else "")
+        if why:
+            self._auth_refused(mech, user, why)
             return
         self._awaiting = _Await.AUTH
         self._events.append(AuthRequested(mech, user, Secret(password)))
+
+    def _auth_refused(self, mech: str, user: str, why: str) -> None:
+        """A login refused here, without the authenticator: 535 and counted,
+        as a wrong password; the driver logs it."""
+        shown = user.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        self._events.append(AuthRefused(mech, shown[:MAX_USER], why))
+        self._auth_failed()
 
     def _auth_failed(self) -> None:
         self.auth_failures += 1
