@@ -72,6 +72,8 @@ def _unescape(body: str, fetchmail: bool = True) -> str:
     `fetchmail=False`: a #sendooway: value, read as the original read it:
     \\ooo is octal (three digits at most), \\8 and \\9 the digit."""
     if "\\" not in body:
+        if not _is_text(body):
+            raise _Syntax("not valid UTF-8")
         return body
     out = bytearray()
     i = 0
@@ -86,7 +88,7 @@ def _unescape(body: str, fetchmail: bool = True) -> str:
     while i < size:
         c = body[i]
         if c != "\\" or i + 1 == size:
-            out += c.encode("utf-8")
+            out += c.encode("utf-8", "surrogateescape")  # (octets not UTF-8 stay octets)
             i += 1
             continue
         n = body[i + 1]
@@ -105,13 +107,23 @@ def _unescape(body: str, fetchmail: bool = True) -> str:
             out.append(int(body[i + 1:j]) & 0xFF)
             i = j
         else:
-            out += n.encode("utf-8")
+            out += n.encode("utf-8", "surrogateescape")
             i += 2
     try:
         return out.decode("utf-8")
     except UnicodeDecodeError:
-        raise _Syntax("its backslash escapes make bytes that are not UTF-8: sendooway"
-                      " cannot send such a value") from None
+        raise _Syntax("not valid UTF-8 (after its backslash escapes): sendooway cannot"
+                      " send such a value") from None
+
+
+def _is_text(value: str) -> bool:
+    """No octet that was not UTF-8 (the file is read with surrogateescape:
+    a remark may hold Latin-1, as fetchmail reads bytes; a value may not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # fetchmail's own lines, token by token over the whole text (as its lexer
@@ -219,6 +231,11 @@ def _lex(text: str) -> list[_Token | _Directive]:
             except _Syntax as exc:
                 items.append(_Directive(line, "", [], str(exc)))
         elif group == _REMARK:
+            if not _is_text(m[group]):
+                if m[group][:len(PREFIX)].lower() == PREFIX:
+                    items.append(_Directive(line, "", [], "not valid UTF-8"))
+                line += m[0].count("\n")
+                continue  # (an ordinary remark: fetchmail ignores its bytes too)
             directive = _directive(line, m[group])
             if directive is not None:
                 items.append(directive)

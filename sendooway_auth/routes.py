@@ -132,7 +132,7 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             continue  # skipped above (too many files, path too long)
         if m.path not in parsed:
             read = by_path[m.path]
-            text = _text(read, found)
+            text = _text(read, found, fetchmail=m.kind is MappingKind.FETCHMAIL)
             result = ParseResult()
             if text is not None:
                 if m.kind is MappingKind.FETCHMAIL:
@@ -326,10 +326,12 @@ def _take_ca(read: FileRead, found: UserRoutes) -> None:
     found.ca_pem = pem
 
 
-def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False) -> str | None:
+def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False,
+          fetchmail: bool = False) -> str | None:
     """The file's text, or None (an error recorded; a missing file is normal).
     `config_grammar` (a .sendoowayrc): a comment may hold other bytes than
-    UTF-8 (see decode_config_text)."""
+    UTF-8 (see decode_config_text). `fetchmail`: octets that are not UTF-8
+    are kept as surrogates, for its parser to allow them in remarks only."""
     if read.status == "missing":
         return None
     if not read.ok:
@@ -342,6 +344,8 @@ def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False) -> st
     try:
         if config_grammar:
             return decode_config_text(read.data)
+        if fetchmail:
+            return read.data.decode("utf-8", "surrogateescape")
         return read.data.decode("utf-8")
     except NotUtf8 as exc:
         found.errors.append(f"{read.path}:{exc.line}: not valid UTF-8 (outside a comment)")

@@ -104,6 +104,22 @@ def test_a_sendoowayrc_with_latin1_comments_is_read(clean_homes):
     assert [a.route.server for a in found.accounts] == ["smtp.club.example"]
 
 
+def test_a_fetchmailrc_with_latin1_remarks_is_read(clean_homes):
+    """fetchmail reads bytes: a Latin-1 remark (an old German rc file) no
+    longer makes the whole file "not valid UTF-8"; a value that is not UTF-8
+    is still an error at its line (it could not be sent as written)."""
+    world = clean_homes
+    world.write_user_file("alice", ".fetchmailrc",
+                          b"# Postfach f\xfcr den Verein\npoll pop.club.example user a pass pw\n"
+                          b'#sendooway:server "smtp.club.example"\n#sendooway:address "a@club.example"\n'
+                          b"poll pop.b.example user b pass gr\xfc\xdf\n"
+                          b'#sendooway:server "smtp.b.example"\n#sendooway:address "b@b.example"\n')
+    found = lookup(world, "alice", "")
+    assert [a.route.server for a in found.accounts] == ["smtp.club.example"]
+    assert any(e.endswith(":5: not valid UTF-8") for e in found.errors), found.errors
+    assert not any(":1:" in e for e in found.errors), found.errors
+
+
 def test_unsafe_mode_is_used_but_warned(clean_homes):
     world = clean_homes
     path = world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC, mode=0o644)
