@@ -131,6 +131,10 @@ class _Pam:
                 get_item.restype = ctypes.c_int
                 get_item.argtypes = [PamHandle, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
                 lib.get_item = get_item
+                free = PamAuthenticator.libc.free
+                free.restype = None
+                free.argtypes = [ctypes.c_void_p]
+                lib.free = free
                 cls._ready = lib
             return cls._ready
 
@@ -149,7 +153,12 @@ def pam_login(service: str, user: str, password: str, rhost: str = "") -> PamLog
     def converse(count, messages, p_response, _appdata):
         # called by a PAM module: nothing may escape (a traceback on stderr,
         # a bogus return code); every echo-off prompt gets the password,
-        # every echo-on one the name (as the original did), wherever it is
+        # every echo-on one the name (as the original did), wherever it is.
+        # pam_conv(3): the responses are handed over (the module frees them)
+        # only with PAM_SUCCESS; on an error nothing is, and ours are wiped
+        # and freed here (the password copy must not linger in root's heap)
+        block = None
+        copies: list[tuple[int, int]] = []
         try:
             if count <= 0:
                 return PAM_CONV_ERR
@@ -157,23 +166,33 @@ def pam_login(service: str, user: str, password: str, rhost: str = "") -> PamLog
             if not block:
                 return PAM_BUF_ERR
             responses = ctypes.cast(block, ctypes.POINTER(PamResponse))
-            p_response[0] = responses
             for i in range(count):
                 message = messages[i].contents
                 if message.msg_style in (PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON):
                     answer = secret if message.msg_style == PAM_PROMPT_ECHO_OFF else name
                     copy = lib.b.calloc(len(answer) + 1, 1)
                     if not copy:
-                        return PAM_BUF_ERR
+                        raise MemoryError
+                    copies.append((copy, len(answer)))
                     ctypes.memmove(copy, answer, len(answer))
                     responses[i].resp = copy
                 elif len(result.messages) < MAX_PAM_MESSAGES:
                     text = (message.msg or b"").decode("utf-8", "replace")
                     result.messages.append(text[:200])
                 responses[i].resp_retcode = 0
+            p_response[0] = responses
+            block = None  # the module's now
             return PAM_SUCCESS
+        except MemoryError:
+            return PAM_BUF_ERR
         except Exception:  # noqa: BLE001 - never into C
             return PAM_CONV_ERR
+        finally:
+            if block is not None:
+                for copy, size in copies:
+                    ctypes.memset(copy, 0, size)
+                    lib.free(copy)
+                lib.free(block)
 
     callback = conv_func(converse)  # (kept alive until pam_end)
     conv = PamConv(callback, 0)

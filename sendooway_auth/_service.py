@@ -275,12 +275,12 @@ class AuthService:
                 # (pam_set_item(3): PAM_USER is the one that gets to use the
                 # service): that account is served, its own files read, if
                 # it exists and may use this service
+                log.info("pam: login name %s is the account %s", field(name), field(said.user))
                 mapped = _users.lookup(said.user)
                 if mapped is None:
                     return None, "pam-mapped-user-unknown"
                 if not _users.valid_user(self.cfg, mapped)[0]:
-                    return None, "not-a-valid-user"
-                log.info("pam: login name %s is the account %s", field(name), field(mapped.name))
+                    return None, "not-a-valid-user"  # (the line above names the account)
                 return mapped, ""
         return user, ""
 

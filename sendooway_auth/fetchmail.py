@@ -49,6 +49,7 @@ class _Token:
     line: int
     text: str
     quoted: bool = False
+    error: str = ""  # why the value cannot be used (not UTF-8): said where it is used
 
 
 @dataclass
@@ -229,7 +230,9 @@ def _lex(text: str) -> list[_Token | _Directive]:
                 else:
                     items.append(_Token(line, _unescape(_join_lines(m[group])), True))
             except _Syntax as exc:
-                items.append(_Directive(line, "", [], str(exc)))
+                # an error only where sendooway uses the value (user, pass):
+                # an mda command's Latin-1 path is fetchmail's business
+                items.append(_Token(line, "", group != _BARE, str(exc)))
         elif group == _REMARK:
             if not _is_text(m[group]):
                 if m[group][:len(PREFIX)].lower() == PREFIX:
@@ -339,20 +342,33 @@ def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
         elif word in _VALUE_WORDS and not (word == "envelope" and previous_word == "no"):
             if i < len(items) and isinstance(items[i], _Token):
                 i += 1  # its value, whatever word it is (`no envelope` has none)
-        elif (word in ("is", "to") and acc.fm_user is not None
-              and i < len(items) and isinstance(items[i], _Token)
+        elif (word in ("is", "to") and i < len(items) and isinstance(items[i], _Token)
               and _plain_word(items, i + 1) == "there"):
-            # `is REMOTE there` among the user's options, wherever it stands
-            # (fetchmail's user_option): the name fetchmail logs in with
-            acc.fm_user = items[i].text
+            # `is REMOTE there` among the user's options, wherever it stands,
+            # with or without a `user` word before it (fetchmail's
+            # user_option): the name fetchmail logs in with
+            if items[i].error:
+                err(items[i].line, f"'is ... there': {items[i].error}")
+            else:
+                acc.fm_user = items[i].text
+                if in_defaults:
+                    default_user = acc.fm_user
             i += 2
         elif word in _USER_WORDS or word in _PASS_WORDS:
-            if i < len(items) and isinstance(items[i], _Token):
+            if i < len(items) and isinstance(items[i], _Token) and items[i].error:
+                err(items[i].line, f"'{word}': {items[i].error}")
+                i += 1
+            elif i < len(items) and isinstance(items[i], _Token):
                 value = items[i].text
                 i += 1
                 if word in _USER_WORDS:
-                    i, value = _remote_name(items, i, value)
-                    acc.fm_user, acc.fm_pass = value, None
+                    i, remote = _remote_name(items, i, value)
+                    if remote is None:
+                        err(item.line, "'is ... there': not valid UTF-8")
+                    value = remote or value
+                    # a new user: its own password follows, or the defaults'
+                    # (fetchmail fills each field from the defaults alone)
+                    acc.fm_user, acc.fm_pass = value, None if in_defaults else default_pass
                 else:
                     acc.fm_pass = value
                 if in_defaults:
@@ -373,21 +389,22 @@ def _plain_word(items: list, i: int) -> str:
     return item.text.lower() if isinstance(item, _Token) and not item.quoted else ""
 
 
-def _remote_name(items: list, i: int, name: str) -> tuple[int, str]:
+def _remote_name(items: list, i: int, name: str) -> tuple[int, str | None]:
     """After `user NAME` (items[i] is what follows): the name fetchmail logs
     in with. NAME is the remote name unless `here` follows it; then the name
     after `is`/`to` is (`user "alice" here is "a.smith@example.org" there`,
-    fetchmail(1)). Returns where to go on and the remote name."""
+    fetchmail(1)). Returns where to go on and the remote name (None: that
+    name is not UTF-8)."""
     if _plain_word(items, i) != "here":
         return i, name
     i += 1
     if _plain_word(items, i) in ("is", "to") and isinstance(
             items[i + 1] if i + 1 < len(items) else None, _Token):
-        remote = items[i + 1].text
+        remote = items[i + 1]
         i += 2
         if _plain_word(items, i) == "there":
             i += 1
-        return i, remote
+        return i, None if remote.error else remote.text
     return i, name
 
 

@@ -49,10 +49,12 @@ class _IniError(Exception):
         self.line = line
 
 
-def _read_ini(text: str, headers: dict[str, int] | None = None
+def _read_ini(text: str, headers: dict[str, int] | None = None,
+              pieces: dict[int, list[int]] | None = None
               ) -> dict[str, dict[str, list[tuple[int, str]]]]:
     """Sections → lower-cased keys → [(line, value)...], in file order;
-    `headers` gets each section header's line.
+    `headers` gets each section header's line, `pieces` the line of each
+    line of a value (by the key's line: comment lines are left out of it).
     ConfigParser's syntax: `key = value` or `key: value`, `#`/`;` comment
     lines, continuation lines (indented deeper than their key: keys indented
     alike are keys, as Python 3's configparser, which getmail6 uses, reads
@@ -60,16 +62,26 @@ def _read_ini(text: str, headers: dict[str, int] | None = None
     sections: dict[str, dict[str, list[tuple[int, list[str]]]]] = {}
     current: dict[str, list[tuple[int, list[str]]]] | None = None
     last: list[str] | None = None  # the pieces of the value being read
+    last_lines: list[int] = []     # their lines
+    blanks: list[int] = []         # blank lines since, kept if the value goes on
     indent = 0  # of its key
     for number, raw in enumerate(lines(text), start=1):
         stripped = raw.strip()
-        if not stripped or stripped[0] in "#;":
-            last = None if not stripped else last
+        if not stripped:
+            blanks.append(number)  # configparser: a value may go on after one
+            continue
+        if stripped[0] in "#;":
             continue
         depth = len(raw) - len(raw.lstrip())
         if last is not None and depth > indent:
+            for blank in blanks:
+                last.append("")
+                last_lines.append(blank)
+            blanks = []
             last.append(stripped)  # joined once at the end: linear in the file
+            last_lines.append(number)
             continue
+        blanks = []
         if stripped.startswith("["):
             # ConfigParser's rule: the name runs to the last ']' of the line,
             # whatever follows it (`[sender]  # for sendooway`) is ignored
@@ -81,6 +93,7 @@ def _read_ini(text: str, headers: dict[str, int] | None = None
             if headers is not None:
                 headers.setdefault(name, number)
             last = None
+            blanks = []
             continue
         if current is None:
             raise _IniError(number, "text before the first [section] (not an INI file?)")
@@ -89,6 +102,9 @@ def _read_ini(text: str, headers: dict[str, int] | None = None
             raise _IniError(number, "expected 'key = value' (not an INI file?)")
         key = raw[:cut].strip().lower()
         last = [raw[cut + 1:].strip()]
+        last_lines = [number]
+        if pieces is not None:
+            pieces[number] = last_lines
         indent = depth
         current.setdefault(key, []).append((number, last))
     return {name: {key: [(line, "\n".join(pieces)) for line, pieces in values]
@@ -107,7 +123,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     result = ParseResult()
     try:
         headers: dict[str, int] = {}
-        sections = _read_ini(text, headers)
+        pieces: dict[int, list[int]] = {}
+        sections = _read_ini(text, headers, pieces)
     except _IniError as exc:
         result.errors.append(f"{filename}:{exc.line}: {exc}")
         return result
@@ -176,7 +193,7 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     # one address per line of a value, or several after one another: the
     # form getmail6 can read too (its strict parser stops at a repeated
     # key, and getmail with it); a repeated key is taken as well
-    addresses = [(line + k, one.strip())
+    addresses = [(pieces.get(line, [])[k] if k < len(pieces.get(line, [])) else line, one.strip())
                  for line, value in sender.get("address", [])
                  for k, piece in enumerate(value.split("\n"))
                  for one in piece.split(",") if one.strip()]

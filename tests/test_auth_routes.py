@@ -87,7 +87,7 @@ def test_fifo_huge_and_binary_files_are_reported_quickly(clean_homes):
     assert f"{fifo}: not-regular (a FIFO)" in text
     assert f"{big}: too-large" in text
     assert f"{junk}:1: contains NUL bytes" in text
-    assert f"{latin}:2: not valid UTF-8" in text
+    assert f"{latin}:2: 'pass': not valid UTF-8" in text
     assert found.accounts == []
 
 
@@ -116,7 +116,7 @@ def test_a_fetchmailrc_with_latin1_remarks_is_read(clean_homes):
                           b'#sendooway:server "smtp.b.example"\n#sendooway:address "b@b.example"\n')
     found = lookup(world, "alice", "")
     assert [a.route.server for a in found.accounts] == ["smtp.club.example"]
-    assert any(e.endswith(":5: not valid UTF-8") for e in found.errors), found.errors
+    assert any(e.endswith(":5: 'pass': not valid UTF-8") for e in found.errors), found.errors
     assert not any(":1:" in e for e in found.errors), found.errors
 
 

@@ -44,7 +44,7 @@ class _Service(AuthService):
         self.pam_time = pam
         self.decided: list[tuple[str, float]] = []
 
-    async def _check(self, name: str, password: Secret):
+    async def _check(self, name: str, password: Secret, rhost: str = ""):
         self.decided.append((name, asyncio.get_running_loop().time()))
         await asyncio.sleep(self.pam_time)
         if name not in ACCOUNTS:
