@@ -270,21 +270,25 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
             stop.set()
 
 
-class _EarlyHangup:
-    """SIGHUP before the event loop takes it over (during start-up): noted,
-    and the reload done once serving, instead of the default (death)."""
+class _EarlySignals:
+    """Signals before the event loop takes them over (during start-up, with
+    the socket already bound): noted instead of the default (death, which
+    left the socket file behind). A SIGHUP is the reload done once serving
+    (only with a config file to read again), a SIGTERM or SIGINT the stop."""
 
-    def __init__(self) -> None:
-        self.seen = False
-        signal.signal(signal.SIGHUP, self._note)
+    def __init__(self, hangup: bool) -> None:
+        self.seen: set[int] = set()
+        sigs = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hangup else [])
+        for sig in sigs:
+            signal.signal(sig, self._note)
 
-    def _note(self, _signum, _frame) -> None:
-        self.seen = True
+    def _note(self, signum, _frame) -> None:
+        self.seen.add(signum)
 
 
 async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], where: str,
                         parent: int | None = None, config_path: str | None = None,
-                        hangup: _EarlyHangup | None = None) -> None:
+                        early: _EarlySignals | None = None) -> None:
     service = rt.make_service()
     tasks: set[asyncio.Task] = set()
     stop = asyncio.Event()
@@ -330,7 +334,9 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     log.info("started: listening on %s, PAM service %s, %d PAM threads, maxAuthFailures %d",
              where, rt.cfg.pamService, rt.pam.threads, rt.cfg.maxAuthFailures)
     notify("READY=1")
-    if hangup is not None and hangup.seen and config_path is not None:
+    if early is not None and early.seen & {signal.SIGTERM, signal.SIGINT}:
+        stop.set()
+    elif early is not None and signal.SIGHUP in early.seen and config_path is not None:
         _reloader(rt, config_path)()
     await stop.wait()
     if config_path is not None:  # stopping: a SIGHUP now neither reloads nor kills
@@ -376,7 +382,7 @@ def _reloader(rt: Runtime, config_path: str):
 
 def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int,
                exit_with_parent: bool = False, config_path: str | None = None) -> int:
-    hangup = _EarlyHangup() if config_path is not None else None
+    early = _EarlySignals(hangup=config_path is not None)
     check_backend(cfg)  # before the socket exists: nothing to clean up on refusal
     for warning in config_warnings(cfg):
         log.warning("%s", text(warning))
@@ -401,7 +407,7 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
             os.unlink(bound_path)
         raise
     try:
-        asyncio.run(_serve_daemon(rt, sock, allowed, where, parent, config_path, hangup))
+        asyncio.run(_serve_daemon(rt, sock, allowed, where, parent, config_path, early))
     finally:
         # the loop gave SIGHUP back to its default (death): not while stopping
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

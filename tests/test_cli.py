@@ -266,3 +266,29 @@ def test_a_new_log_file_is_not_world_readable(tmp_path):
             root.addHandler(h)
     assert oct(os.stat(new).st_mode & 0o777) == oct(0o640)
     assert oct(os.stat(kept).st_mode & 0o777) == oct(0o644)
+
+
+def test_a_stop_during_start_up_is_a_clean_stop(tmp_path):
+    """A SIGTERM between binding the socket and serving (systemctl stop, a
+    test harness, a second admin) killed sendooway-auth by the default
+    action: exit by signal and its socket file left behind. Now it is noted
+    and the daemon stops cleanly as soon as it serves."""
+    conf = tmp_path / "auth.conf"
+    sock = tmp_path / "run" / "auth.sock"
+    conf.write_text(f"authSocket = {sock}\n")
+    os.mkdir(tmp_path / "run", 0o755)
+    for attempt in range(5):
+        proc = subprocess.Popen([AUTH, "-c", str(conf), "-l", str(tmp_path / "auth.log")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert time.monotonic() < deadline and proc.poll() is None, attempt
+            time.sleep(0.001)
+        proc.terminate()  # at once: the daemon is most likely still starting
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, (attempt, proc.returncode, err)
+        assert not os.path.exists(sock), attempt
+    with open(tmp_path / "auth.log") as f:
+        log = f.read()
+    assert log.count("stopped") == 5, log
