@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
-      xinetd swaks msmtp groff-base groff fail2ban systemd haproxy postfix)
+      xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
+      fail2ban systemd haproxy postfix logrotate libpam0g-dev)
 
 missing=()
 for p in "${DEBS[@]}"; do
