@@ -12,6 +12,8 @@ connection only.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -150,23 +152,95 @@ class Penalty:
         return max(self._get(f"u:{user}", now), self._get(f"c:{client}", now) if client else 0)
 
 
+class KeyLocks:
+    """Turns that span processes: the socketpair mode's one-session
+    authenticators each decide a login only while holding an flock(2) on
+    one file per key (user name, client address) in a private directory, so
+    that logins side by side in many processes are still decided one at a
+    time per key, each meeting the backoff the one before it earned (without
+    this, N sessions at once read the same count and all went to PAM). A
+    holder removes its file before it lets go; one who locked a file that
+    is no longer the one at its path tries again. Never blocks: the caller
+    polls, so a wait is bounded by its own deadline."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:40])
+
+    def _try_one(self, path: str) -> int | None:
+        for _ in range(8):  # (each miss is a holder that let go just now)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return None
+                raise
+            try:
+                mine, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                there = None
+            if there is not None and (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+                return fd
+            os.close(fd)  # removed (and maybe made anew) after we opened it
+        return None
+
+    def try_take(self, keys: list[str]) -> list[tuple[str, int]] | None:
+        """All of `keys` locked (for `release`), or None when one is held
+        elsewhere (nothing is kept then). OSError: the store is unusable."""
+        held: list[tuple[str, int]] = []
+        try:
+            for key in sorted(set(keys)):
+                path = self._path(key)
+                fd = self._try_one(path)
+                if fd is None:
+                    self.release(held)
+                    return None
+                held.append((path, fd))
+        except OSError:
+            self.release(held)
+            raise
+        return held
+
+    @staticmethod
+    def release(held: list[tuple[str, int]]) -> None:
+        for path, fd in held:
+            try:
+                os.unlink(path)  # (still locked: no one can have taken it meanwhile)
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _private_directory(directory: str) -> None:
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{directory}: not a private directory of ours")
+
+
 class SharedPenalty(Penalty):
     """The counts in a root-only directory, one small file per key, so that
     the one-session authenticators of the socketpair mode (one process per
-    SMTP session) share them. Approximate under races, which is fine for a
-    delay; bounded in number of files."""
+    SMTP session) share them; `locks` (in its subdirectory "turns") make
+    their logins take turns per key as the daemon's do, so each count is
+    read and written by one decision at a time. Bounded in number of files."""
+
+    TURNS = "turns"
 
     def __init__(self, directory: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.directory = directory
+        self.locks = KeyLocks(os.path.join(directory, self.TURNS))
 
     @classmethod
     def open(cls, directory: str, **kwargs) -> "SharedPenalty":
         """The store in `directory` (created 0700), or OSError."""
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        st = os.lstat(directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise PermissionError(f"{directory}: not a private directory of ours")
+        _private_directory(directory)
+        _private_directory(os.path.join(directory, cls.TURNS))
         return cls(directory, **kwargs)
 
     def _path(self, key: str) -> str:
@@ -238,7 +312,7 @@ class SharedPenalty(Penalty):
             names = os.listdir(self.directory)
         except OSError:
             return True
-        names = [n for n in names if not n.startswith(self._PAM_FILE)]  # not a count
+        names = [n for n in names if not n.startswith((self._PAM_FILE, self.TURNS))]  # not counts
         if len(names) < self.max_keys:
             return False
         wall = time.time()  # (file ages: `now` is the caller's clock, maybe monotonic)
@@ -249,7 +323,8 @@ class SharedPenalty(Penalty):
                     os.unlink(p)
             except OSError:
                 pass
-        left = [n for n in os.listdir(self.directory) if not n.startswith(self._PAM_FILE)]
+        left = [n for n in os.listdir(self.directory)
+                if not n.startswith((self._PAM_FILE, self.TURNS))]
         return len(left) >= self.max_keys
 
 

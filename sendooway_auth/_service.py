@@ -20,7 +20,7 @@ from sendooway_shared.types import Route, Secret
 from . import _users
 from ._logfmt import field, text
 from ._pam import PAM_SUCCESS, PamPool, is_temporary, reason_for
-from ._penalty import Penalty, client_host, client_key, user_key
+from ._penalty import KeyLocks, Penalty, client_host, client_key, user_key
 from ._workers import WorkerPool
 
 log = logging.getLogger("sendooway-auth")
@@ -68,9 +68,14 @@ class _Turns:
     elsewhere). A user's logins also keep their order of arrival (`line`):
     one that sleeps a backoff hold stays first in its user's line, so later
     guesses cannot overtake it when the hold runs out. A key's count and
-    line live only while someone holds or waits for it."""
+    line live only while someone holds or waits for it. With `locks` (the
+    socketpair mode's shared store) a turn is also taken from the other
+    processes, polled every LOCK_POLL seconds within the same wait."""
 
-    def __init__(self) -> None:
+    LOCK_POLL = 0.02
+
+    def __init__(self, locks: KeyLocks | None = None) -> None:
+        self._locks = locks
         self._used: dict[str, int] = {}
         self._lines: dict[str, collections.deque] = {}
         self._tickets = itertools.count()
@@ -104,17 +109,24 @@ class _Turns:
     @contextlib.asynccontextmanager
     async def take(self, keys: list[tuple[str, int]], wait: float,
                    place: tuple[str, int] | None = None):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
         try:
-            async with asyncio.timeout(max(wait, 0.0)):
+            async with asyncio.timeout_at(deadline):
                 async with self._changed:
                     await self._changed.wait_for(lambda: self._room(keys, place))
         except TimeoutError:
             raise _NoTurn() from None
         for key, _n in keys:
             self._used[key] = self._used.get(key, 0) + 1
+        held: list = []
         try:
+            if self._locks is not None:
+                held = await self._lock(keys, deadline)
             yield
         finally:
+            if held:
+                self._locks.release(held)
             for key, _n in keys:
                 left = self._used[key] - 1
                 if left:
@@ -123,6 +135,23 @@ class _Turns:
                     del self._used[key]
             async with self._changed:  # (never held across an await: no wait here)
                 self._changed.notify_all()
+
+    async def _lock(self, keys: list[tuple[str, int]], deadline: float) -> list:
+        """The other processes' side of the turn (see KeyLocks)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                held = self._locks.try_take([key for key, _n in keys])
+            except OSError as exc:  # (only the turns across processes are lost)
+                log.warning("login turns kept per session only: %s: %s",
+                            self._locks.directory, exc.strerror or exc)
+                self._locks = None
+                return []
+            if held is not None:
+                return held
+            if loop.time() + self.LOCK_POLL >= deadline:
+                raise _NoTurn()
+            await asyncio.sleep(self.LOCK_POLL)
 
 
 MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
@@ -144,7 +173,7 @@ class AuthService:
         self.penalty = penalty
         self.clock = clock
         self._process_uid = os.geteuid()  # authBackend = none accepts only this account
-        self._turns = _Turns()
+        self._turns = _Turns(getattr(penalty, "locks", None))
         # user → (digest of the file errors and warnings last logged, when):
         # each MAIL FROM reads the files afresh, and logging the same 100
         # errors again for every one would let a user flood the log

@@ -304,6 +304,72 @@ def test_backoff_spans_sessions_of_a_root_started_inetd_frontend(world):
     assert 0.9 <= took[0] <= 1.6 and 1.8 <= took[1] <= 2.8, took
 
 
+def test_socketpair_logins_side_by_side_take_turns_across_processes(world):
+    """xinetd `user = root` with many sessions at once: five one-session
+    authenticators guessing one user's password at the same moment (PAM
+    taking 0.5 s to refuse, as pam_unix's delay does) are decided one at a
+    time, each meeting the delay the one before earned (answers at 1.5 s and
+    4 s, the third not before 8.5 s). Each process's turns were its own and
+    the counts were read by all at once: all five went to PAM together and
+    were answered at about 1.5 s."""
+    import select
+    import signal
+
+    from .auth_helpers import add_pam_service, build_test_pam_module
+
+    module = build_test_pam_module(world)
+    assert module, "the test PAM module could not be built"
+    service = add_pam_service(world, "slow-refusal", module, fail_sleep=0.5)
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, f"timeout = 20\npamService = {service}\n")
+        procs = [subprocess.Popen([FRONT, "-c", config, "-l", str(tmp / "front.log")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+                 for _ in range(5)]
+        seen = {p.stdout.fileno(): b"" for p in procs}
+
+        def read_until(done, seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and not done():
+                r, _, _ = select.select(list(seen), [], [], 0.02)
+                for fd in r:
+                    data = os.read(fd, 4096)
+                    seen[fd] += data
+                    if fd not in answered and re.search(rb"^[45]\d\d ", seen[fd], re.M):
+                        answered[fd] = time.monotonic() - start
+                    if not data:
+                        del seen[fd]
+
+        answered: dict[int, float] = {}
+        start = time.monotonic()
+        try:
+            for proc in procs:
+                proc.stdin.write(b"EHLO c\r\n")
+                proc.stdin.flush()
+            # every session ready (its authenticator forked and linked) first
+            read_until(lambda: all(b"250 " in seen.get(fd, b"") for fd in seen), 20)
+            assert len(seen) == 5 and all(b"250 " in v for v in seen.values()), seen
+            for i, proc in enumerate(procs):  # then all five guesses at once
+                proc.stdin.write(f"AUTH PLAIN {login_plain('dave', f'guess-{i}')}\r\n".encode())
+                proc.stdin.flush()
+            start = time.monotonic()
+            read_until(lambda: False, 5.0)
+            replies = [seen.get(p.stdout.fileno(), b"") for p in procs]
+        finally:
+            for proc in procs:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(20)
+                proc.stdin.close()
+                proc.stdout.close()
+    times = sorted(answered.values())
+    assert len(times) == 2, (times, replies)
+    assert 1.2 <= times[0] <= 2.2 and 3.6 <= times[1] <= 4.9, times
+    assert sum(b"\r\n535 5.7.8 " in r for r in replies) == 2, replies
+
+
 def test_reader_has_the_users_uid_gid_and_groups_not_roots(world, clean_homes):
     """Through the real daemon: a root-owned file of mode 0600 is unreadable
     in every user's lookup (root would read it), a root:mailusers 0640 file is
