@@ -91,7 +91,11 @@ class Stream:
         """Wrap an already connected socket (accepted, socket-activated, inherited)."""
         set_nodelay(sock)
         sock.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READER_LIMIT)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READER_LIMIT, loop=loop)
+        transport, protocol = await loop.create_connection(
+            lambda: _SalvagingProtocol(reader, loop=loop), sock=sock)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return cls(reader, writer, timeout)
 
     @classmethod
@@ -516,6 +520,47 @@ class Stream:
                 self._writer.transport.abort()
         except OSError:
             pass
+
+
+class _SalvagingProtocol(asyncio.StreamReaderProtocol):
+    """A socket stream's protocol that keeps the peer's last words. When a
+    write meets a reset, asyncio drops the connection at once and closes
+    the socket: an upstream's 552 sent just before its reset (it refused the
+    message and closed with our data unread) lay unread in the socket and
+    was lost, and the client got 451 for a permanent refusal. Here what the
+    socket still holds is read (SALVAGE octets at most) and handed to the
+    reader before the error: _raw_read gives it out first."""
+
+    SALVAGE = 1 << 20
+
+    def __init__(self, reader: asyncio.StreamReader, loop) -> None:
+        super().__init__(reader, loop=loop)
+        self._salvage_to = reader
+        self._salvage_from: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self._salvage_from = transport
+        super().connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        if exc is not None and self._salvage_from is not None:
+            self._salvage()
+        self._salvage_from = None
+        super().connection_lost(exc)
+
+    def _salvage(self) -> None:
+        sock = self._salvage_from.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        left = self.SALVAGE
+        while fd >= 0 and left > 0:
+            try:
+                data = os.read(fd, min(left, RAW_READ))
+            except OSError:  # (nothing more now, or the reset itself)
+                return
+            if not data:
+                return
+            left -= len(data)
+            self._salvage_to.feed_data(data)
 
 
 class _WritePipeProtocol(asyncio.streams.FlowControlMixin):

@@ -420,3 +420,66 @@ def test_an_upstream_answering_each_login_step_just_in_time_is_bounded_as_a_whol
     assert r.code == 451, r
     assert took < 3.5, f"MAIL answered after {took:.1f}s"
     assert PW not in handler.text
+
+
+def _refuse_midway_server(read_first: int) -> tuple[int, "threading.Thread", list]:
+    """An upstream in a thread of its own (its writes and close race the
+    relay's as another process's would): after 354 it reads `read_first`
+    octets, answers 552 and closes with the rest unread (a reset)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: list = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            f = conn.makefile("rb")
+            conn.sendall(b"220 fake ESMTP\r\n")
+            while True:
+                line = f.readline()
+                seen.append(line)
+                if not line or line.upper().startswith(b"QUIT"):
+                    return
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-fake\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go\r\n")
+                    f.read(read_first)
+                    conn.sendall(b"552 5.3.4 message too big\r\n")
+                    return  # closed with unread data: the kernel sends a reset
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, thread, seen
+
+
+def test_upstream_552_then_reset_while_the_relay_writes_fast_gets_its_5xx_through():
+    """As above, but the upstream is another thread and the message (5 MB)
+    goes as fast as the relay can write it: the reset came while a write was
+    under way, asyncio dropped the connection at the failed send, and the 552
+    waiting unread in the socket was lost: 451 4.4.2 instead of 552."""
+    from tests.test_upstream_faults import _route
+
+    async def go(port):
+        log, _ = capture_log()
+        relay = Relay(config(timeout=5), log)
+        assert (await relay.mail(info(), _route(port), "a@x.y", MailParams())).code == 250
+        assert (await relay.rcpt("r@x.y")).code == 250
+        assert (await relay.data_start()).code == 354
+        chunk = (b"y" * 998 + b"\r\n") * 128
+        for _ in range(40):
+            await relay.data_chunk(chunk)
+        return await relay.data_end()
+
+    for _ in range(5):  # (the reset's timing varies: every try must pass)
+        port, thread, _seen = _refuse_midway_server(100_000)
+        r = run(go(port))
+        thread.join(10)
+        assert r.code == 552, r
