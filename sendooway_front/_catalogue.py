@@ -25,6 +25,8 @@ TOO_MANY_ERRORS = _r(421, "4.7.0 Too many errors, closing connection")
 TOO_MANY_AUTH_FAILURES = _r(421, "4.7.0 Too many authentication failures, closing connection")
 SHUTTING_DOWN = _r(421, "4.3.2 Server shutting down, closing connection")
 TOO_MANY_SESSIONS = _r(421, "4.3.2 Too many connections, try again later")
+NOT_SMTP = _r(421, "4.7.0 Not an SMTP command, closing connection")
+TLS_ON_PLAIN_PORT = _r(421, "4.7.0 TLS handshake on a plaintext port (use STARTTLS), closing connection")
 BYE = _r(221, "2.0.0 Bye")
 
 # --- generic

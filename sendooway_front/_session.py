@@ -93,6 +93,8 @@ COMMANDS: dict[str, tuple[State | Reply, ...]] = {
 
 # Replies the client earns an error point with (RFC 5321 5yz for syntax/sequence).
 _ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
+# HTTP methods: no SMTP client sends them (Postfix refuses CONNECT, GET, POST)
+_NOT_SMTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
 # Commands that move nothing forward: these verbs, a command refused without
 # an error point (DATA before any recipient), and a MAIL, DATA or message
 # the relay refuses (each cost a lookup or an upstream round trip). Past
@@ -220,6 +222,13 @@ class Session:
                 continue
             if len(self._out) >= OUT_LIMIT:
                 return FLUSH  # replies wait: let the client take them first
+            if self._buf[:2] == b"\x16\x03" and self.state is State.CONNECTED and not self.encrypted:
+                # a TLS ClientHello (record type 22, version 3.x) where a
+                # command line belongs: a client set for implicit TLS (port
+                # 465) on the STARTTLS port. It waits for a ServerHello and
+                # never ends a line: said at once, not after `timeout`
+                self._close(R.TLS_ON_PLAIN_PORT, "refused: TLS handshake on a plaintext port")
+                continue
             line = self._next_line()
             if line is None:
                 if self._eof:
@@ -471,6 +480,12 @@ class Session:
         arg = arg.strip(" ")
         behind_refused_mail, self._mail_refused = self._mail_refused, False
         row = COMMANDS.get(verb)
+        if row is None and verb in _NOT_SMTP_VERBS:
+            # an HTTP request (a browser, a proxy probe, a cross-protocol
+            # attack through one): ended at once, as Postfix's
+            # smtpd_forbidden_commands does, not answered line by line
+            self._close(R.NOT_SMTP, f"refused: non-SMTP command {verb}")
+            return
         if row is None:
             # an unknown verb: 502 (DESIGN.md, as Postfix); an empty line
             # has no verb at all: 500 5.5.2 syntax error (RFC 5321 4.2.4)

@@ -162,6 +162,27 @@ def test_implicit_tls_and_both_address_families(world, tmp_path):
         daemon.stop()
 
 
+def test_implicit_tls_client_on_the_starttls_port_fails_at_once(world, tmp_path):
+    """A mail client set for port 465 (implicit TLS) pointed at the STARTTLS
+    port: its handshake fails at once and the log says why, instead of both
+    sides waiting `timeout` (300 s) for the other."""
+    config = front_config(tmp_path, world, "timeout = 60\n")
+    daemon = Daemon(tmp_path, config).start()
+    fe = Frontend(config, str(tmp_path / "front.log")).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            smtplib.SMTP_SSL(fe.host, fe.port, context=world.ssl_context(), timeout=20)
+        assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 5
+        while "TLS handshake on a plaintext port" not in fe.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "refused: TLS handshake on a plaintext port" in fe.log(), fe.log()
+    finally:
+        fe.stop()
+        daemon.stop()
+
+
 def test_sigterm_stops_accepting_and_lets_sessions_finish(world, tmp_path):
     config = front_config(tmp_path, world)
     daemon = Daemon(tmp_path, config).start()

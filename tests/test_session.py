@@ -251,6 +251,35 @@ def test_too_many_errors_closes():
     assert h.closed
 
 
+@pytest.mark.parametrize("request_line, verb, before", [
+    (b"GET / HTTP/1.1\r\nHost: mx.test\r\n\r\n", "GET", []),
+    (b"post /x HTTP/1.0\r\n", "POST", []),
+    (b"EHLO c\r\nCONNECT mx.test:25 HTTP/1.1\r\n", "CONNECT", [250]),
+])
+def test_an_http_request_ends_the_session_at_once(request_line, verb, before):
+    """A browser or an HTTP proxy probe (a cross-protocol attack rides on
+    one) was answered line by line until the error limit: one 421 now."""
+    c, h = talk(request_line + b"NOOP\r\n")
+    assert c == before + [421], c
+    assert h.closed.reason == "refused: non-SMTP command " + verb
+    assert b"Not an SMTP command" in bytes(h.out)
+
+
+def test_a_tls_clienthello_on_the_plain_port_is_answered_at_once():
+    """A client set for implicit TLS (port 465) on the STARTTLS port sends a
+    ClientHello and waits; it holds no line end, so the session waited for
+    one until `timeout`. Now: 421 and closed, the reason logged."""
+    hello = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]) + b"\x00" * 40
+    c, h = talk(hello)
+    assert c == [421], c
+    assert h.closed.reason == "refused: TLS handshake on a plaintext port"
+    # only before the first command, and only in plain text
+    c, h = talk(b"EHLO c\r\n" + hello[:2] + b"x\r\n")
+    assert c == [250, 502], c
+    h = Harness(settings=SessionSettings("mx.test", encrypted=True))
+    assert codes(h.feed(hello[:2] + b"x\r\n")) == [502]
+
+
 def test_junk_commands_past_the_limit_end_the_session():
     """NOOP, RSET, VRFY and HELP are free up to max_junk (100), then each
     earns an error point as well: a client cannot hold a session (and a
