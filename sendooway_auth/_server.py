@@ -303,13 +303,14 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     if rt.forks.pidfd >= 0:
         loop.add_reader(rt.forks.pidfd, _fork_server_gone, rt, stop)
 
+    refused = _RefusalNote(loop.time)
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         tasks.add(task)
         try:
             if len(tasks) > limit:
-                log.warning("connection refused: %d connections open (limit %d)",
-                            len(tasks) - 1, limit)
+                refused.note(len(tasks) - 1, limit)
                 writer.close()
                 return
             pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
@@ -352,6 +353,28 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _RefusalNote:
+    """The "connection refused: limit" warning, at most once per EVERY
+    seconds with the number refused since: a process filling the table and
+    connecting on wrote a line per attempt (300 lines a second in a review)."""
+
+    EVERY = 10.0
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.last = float("-inf")
+        self.unsaid = 0
+
+    def note(self, open_now: int, limit: int) -> None:
+        self.unsaid += 1
+        now = self.clock()
+        if now - self.last < self.EVERY:
+            return
+        log.warning("connection refused: %d connections open (limit %d); %d refused"
+                    " since the last such line", open_now, limit, self.unsaid)
+        self.last, self.unsaid = now, 0
 
 
 def _fork_server_gone(rt: Runtime, stop: asyncio.Event) -> None:

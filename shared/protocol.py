@@ -271,12 +271,23 @@ class FrameDecoder:
         return len(self._buf)
 
 
+def _map_once(pairs: list) -> dict:
+    """A map whose keys are all different: msgpack lets a key come twice and
+    keeps the last, so {type: hello, ..., type: route} was read as a route;
+    a frame means exactly the keys it lists, once each."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a key appears twice in a map")
+    return result
+
+
 def _unpack(body: bytes) -> object:
     try:
         return msgpack.unpackb(
             body, raw=False, strict_map_key=True, use_list=True,
             max_str_len=MAX_FRAME, max_bin_len=0,
             max_array_len=64, max_map_len=32, max_ext_len=0,
+            object_pairs_hook=_map_once,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, msgpack.UnpackException, RecursionError) as exc:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sendooway_shared.protocol import (
-    VERSION, AuthFail, AuthOk, AuthRequest, Error, Hello, NoRoute, RouteOk, RouteRequest,
+    VERSION, AuthFail, AuthOk, AuthRequest, Error, Hello, NoRoute, RouteOk, RouteRequest, encode,
 )
 from sendooway_shared.types import Secret, TlsMode
 from tests.auth_helpers import (  # noqa: F401 - daemon is a fixture
@@ -398,3 +398,45 @@ def test_a_crafted_user_name_cannot_frame_another_address(daemon):
     failregex = re.compile(r"auth failed: user=\S* client=(?P<host>[0-9a-fA-F.:]+)(?::\d+)? reason=")
     hosts = [m.group("host") for m in map(failregex.search, log.splitlines()) if m]
     assert hosts == ["192.0.2.7"]
+
+
+def test_connections_past_the_limit_are_refused_with_one_log_line_now_and_then(tmp_path,
+                                                                              tmp_config):
+    """With the descriptor limit at 260 the daemon serves 60 connections at
+    once (260 - 200 kept for PAM, NSS and workers). The connections past it
+    are closed at once; their warning came once per attempt (a flood of 300
+    lines a second from one process), now once per 10 s with a count."""
+    d = Daemon(tmp_path / "d", tmp_config("", "auth.conf"))
+    d.args = ["prlimit", "--nofile=260:260", "--", *d.args]
+    os.makedirs(d.dir)
+    d.start()
+    held = []
+    try:
+        for _ in range(60):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(d.socket_path)
+            held.append(s)
+        time.sleep(0.3)
+        closed = 0
+        for _ in range(40):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            s.connect(d.socket_path)
+            closed += s.recv(1) == b""  # closed at once by the daemon
+            s.close()
+        assert closed == 40
+        held[0].close()  # one slot free again: a new connection is served
+        time.sleep(0.3)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(d.socket_path)
+        s.sendall(encode(Hello(VERSION, "s1", "127.0.0.1")))
+        s.settimeout(5)
+        assert s.recv(4096)
+        s.close()
+    finally:
+        for s in held:
+            s.close()
+        d.stop()
+    lines = [line for line in d.log().splitlines() if "connection refused:" in line]
+    assert len(lines) == 1, lines
+    assert "(limit 60); 1 refused since the last such line" in lines[0], lines

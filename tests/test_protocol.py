@@ -137,6 +137,23 @@ def test_garbage_and_trailing_bytes():
         FrameDecoder(REQUESTS).feed(frame({1: 2}))
 
 
+def test_a_key_given_twice_is_refused():
+    """msgpack keeps the last of two equal keys: a hello whose map said
+    `type` twice was read as a route request. Every key once, or no frame."""
+    def key(k: str) -> bytes:
+        return bytes([0xA0 | len(k)]) + k.encode()
+
+    fields = [("type", "hello"), ("version", VERSION), ("session", "s"), ("client", "c"),
+              ("type", "route")]
+    body = bytes([0x80 | len(fields)]) + b"".join(
+        key(k) + msgpack.packb(v) for k, v in fields)
+    with pytest.raises(ProtocolError, match="undecodable"):
+        FrameDecoder(REQUESTS).feed(struct.pack(">I", len(body)) + body)
+    body = bytes([0x80 | 4]) + b"".join(key(k) + msgpack.packb(v) for k, v in fields[:4])
+    assert FrameDecoder(REQUESTS).feed(struct.pack(">I", len(body)) + body) == [
+        Hello(VERSION, "s", "c")]
+
+
 def test_decoder_is_dead_after_an_error():
     dec = FrameDecoder(REQUESTS)
     with pytest.raises(ProtocolError):
