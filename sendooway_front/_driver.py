@@ -394,10 +394,10 @@ class SessionRunner:
             try:
                 await self.stream.write(out)
             except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                self._log(logging.INFO, "write failed: %s", str(exc) or type(exc).__name__)
+                why = str(exc) or type(exc).__name__
+                self._log(logging.INFO, "write failed: %s", why)
                 self.session.receive_data(b"")
-                if not self.session.closed:
-                    self.session.shutdown(R.SERVICE_UNAVAILABLE)
+                self.session.connection_lost("connection lost: " + why)
                 self.session.data_to_send()
         return bool(out)
 

@@ -362,6 +362,13 @@ class Session:
         if not self.closed:
             self._close(R.TIMEOUT, "timeout")
 
+    def connection_lost(self, why: str) -> None:
+        """The client's connection broke (a write failed): closed with no
+        reply, `why` as the reason (it was logged as a shutdown with a 421
+        nobody could be sent)."""
+        if not self.closed:
+            self._close(None, why)
+
     def shutdown(self, reply: Reply = R.SHUTTING_DOWN) -> None:
         """Close now with `reply` (server stopping, backend gone)."""
         if not self.closed:

@@ -15,7 +15,7 @@ import pytest
 
 from .auth_helpers import Daemon
 from .front_util import Frontend, front_config, login_plain, open_tmp
-from .hardening_util import RawClient, ScriptedUpstream, rss_kib
+from .hardening_util import RawClient, ScriptedUpstream, rss_kib, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
 
@@ -137,3 +137,34 @@ def test_sigterm_tells_waiting_sessions_421(world):
         finally:
             front.stop()
             daemon.stop()
+
+
+def test_a_client_gone_after_its_final_dot_is_logged_as_gone_not_as_a_shutdown(fe, world):
+    """The client sends its message and resets at once: the message goes
+    (its dot arrived), the 250 cannot be written, and the log said
+    "closed: shutdown: 421 4.3.0 Service not available" — a 421 nobody was
+    sent, and no shutdown (an outside review)."""
+    import struct
+
+    def slow_dot(conn, rfile):
+        time.sleep(0.3)  # the client is gone by the time the answer comes
+        conn.sendall(b"250 2.0.0 delivered\r\n")
+
+    fe.up.replies["DOT"] = slow_dot
+    c = _client(fe)
+    _login(c, world)
+    c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
+    assert [c.reply()[0] for _ in range(3)] == [250, 250, 354]
+    c.send(b"Subject: gone\r\n\r\nbye\r\n.\r\n")
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.file.close()  # (the socket's descriptor lives as long as its file)
+    c.sock.close()
+    assert wait_for(lambda: fe.up.dots == 1)
+
+    def closing_line():
+        lines = fe.log().splitlines()
+        sent = [line.split()[3].rstrip(":") for line in lines if "upstream=250" in line]
+        return sent and [line for line in lines if line.split()[3] == sent[0] and " closed: " in line]
+
+    closing = wait_for(closing_line)
+    assert closing and "shutdown" not in closing[-1] and "421" not in closing[-1], fe.log()
