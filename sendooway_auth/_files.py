@@ -18,7 +18,8 @@ class FileRead:
     """The outcome of reading one path as the user.
 
     status: ok | missing | unreadable | not-regular | too-large. `data` is
-    only there inside the reader child; `size` travels back."""
+    only there inside the reader child; `size` travels back. `detail` says
+    why it failed, or for a file read what --check should know of it."""
 
     path: str
     status: str
@@ -34,7 +35,8 @@ class FileRead:
 
     def describe(self) -> str:
         if self.ok:
-            return f"found, {self.size} bytes, mode {self.mode & 0o7777:04o}"
+            return (f"found, {self.size} bytes, mode {self.mode & 0o7777:04o}"
+                    + (f"; {self.detail}" if self.detail else ""))
         return self.status + (f" ({self.detail})" if self.detail else "")
 
 

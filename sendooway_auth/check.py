@@ -18,7 +18,7 @@ from . import _users
 from ._connection import sendable
 from ._logfmt import text
 from ._reader import lookup_direct
-from .routes import UserRoutes
+from .routes import MODE_LABELS, UserRoutes
 
 EXIT_OK = 0
 EXIT_NO_MAPPING = 1
@@ -34,7 +34,7 @@ def _route_line(route: Route) -> str:
         who = f"user {route.user or '(none)'} password {MASK if route.password else '(empty)'}"
     check = "" if route.cert_check else " noCertCheck"
     ca = f" ca {route.ca_file}" if route.ca_file else ""
-    return f"{route.where} {route.tls.value}{check}{ca} {who}"
+    return f"{route.where} {MODE_LABELS[route.tls]}{check}{ca} {who}"
 
 
 class _OutputError(Exception):
@@ -120,6 +120,8 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
         for e in found.warnings:
             w(f"  {e}")
     if sender is not None:
+        if len(sender) >= 2 and sender[0] == "<" and sender[-1] == ">":
+            sender = sender[1:-1]  # pasted from a log or a MAIL FROM: the address inside
         shown = sender or "<>"
         account = found.route_for(sender)
         if account is None:
@@ -138,6 +140,13 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     if refusal is not None:
         w(f"result: {len(found.accounts)} account(s), but the config is refused (see error above)")
         return EXIT_BAD_CONFIG
+    if not allowed:
+        # the daemon refuses this user's login, so no route of theirs is
+        # ever asked for: the accounts above are what the files say, unused
+        unused = (f", so none of the {len(found.accounts)} account(s) above is used"
+                  if found.accounts else "")
+        w(f"result: no usable mapping: {user.name} is not a valid user{unused}")
+        return EXIT_NO_MAPPING
     if not found.accounts:
         w("result: no usable mapping")
         return EXIT_NO_MAPPING

@@ -20,9 +20,14 @@
 
 (No remark after a value: ConfigParser, and getmail with it, would read it
 as part of the value.) A file is one account: any error skips the whole
-file (with file:line). Unknown [sender] keys are warned about and ignored;
-a repeated key other than `address` counts with its first value (both as
-in the original).
+file (with file:line). A file without a [sender] section is one getmail
+alone uses (to fetch mail): it gives no account and no error. Unknown
+[sender] keys are warned about and ignored; a repeated key other than
+`address` counts with its first value (both as in the original).
+
+The text comes decoded with surrogateescape: comment lines, and values
+sendooway does not use (a Maildir path), may hold octets that are not
+UTF-8 (a Latin-1 "# für Büro"); a value it uses is an error at its line.
 """
 
 from __future__ import annotations
@@ -112,6 +117,16 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
             for name, section in sections.items()}
 
 
+def _is_text(value: str) -> bool:
+    """No octet that was not UTF-8 (they are surrogates here): such a value
+    could not be sent, nor compared with a sender, as written."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _one(section: dict[str, list[tuple[int, str]]], key: str) -> tuple[int, str] | None:
     """A key's value; when repeated, the first one counts (as in the original)."""
     values = section.get(key)
@@ -132,8 +147,7 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     # (as the original did); getmail's own sections keep ConfigParser's rule
     named = [name for name in sections if name.lower() == "sender"]
     if not named:
-        result.errors.append(f"{filename}: no [sender] section")
-        return result
+        return result  # getmail's own file, for fetching only: nothing to send with
     if len(named) > 1:
         result.errors.append(f"{filename}: more than one [sender] section"
                              f" ({', '.join('[' + n[:20] + ']' for n in named)})")
@@ -144,6 +158,19 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
 
     def fail(line: int | None, message: str) -> ParseResult:
         result.errors.append(f"{filename}:{line or header_line}: [sender] {message}")
+        return result
+
+    def not_text(key: str, given: tuple[int, str] | None) -> ParseResult | None:
+        """The error when a value sendooway uses is not UTF-8, at the line
+        of the piece that is not (the value may run over lines)."""
+        if given is None or _is_text(given[1]):
+            return None
+        where = "sender" if given in sender.get(key, ()) else "retriever"
+        rows = pieces.get(given[0], [given[0]])
+        line = next((n for n, piece in zip(rows, given[1].split("\n")) if not _is_text(piece)),
+                    given[0])
+        result.errors.append(f"{filename}:{line}: [{where}] {key}: not valid UTF-8 (only"
+                             " comment lines may hold other octets)")
         return result
 
     for key, values in sender.items():
@@ -157,6 +184,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     if kind is None:
         return fail(None, "type is required (SimpleSMTPSender, SimpleSMTPTLSSender"
                           " or SimpleSMTPSSLSender)")
+    if (failed := not_text("type", kind)) is not None:
+        return failed
     mode = SENDER_TYPES.get(kind[1].lower())
     if mode is None:
         # its first line only, cut short: a line indented below `type` by
@@ -164,10 +193,14 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
         return fail(kind[0], f"unknown type {kind[1].split(chr(10))[0][:40]!r} (SimpleSMTPSender,"
                              " SimpleSMTPTLSSender or SimpleSMTPSSLSender)")
     server = _one(sender, "server") or _one(retriever, "server")
+    if (failed := not_text("server", server)) is not None:
+        return failed
     if server is None or not server[1]:
         return fail(None, "no server (neither [sender] nor [retriever] names one)")
     port = DEFAULT_PORTS[mode]
     if (given := _one(sender, "port")) is not None:
+        if (failed := not_text("port", given)) is not None:
+            return failed
         try:
             port = port_number(given[1])
         except ValueError:
@@ -175,6 +208,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
             return fail(given[0], "port must be a number from 1 to 65535 or a service name")
     cert_check = True
     if (given := _one(sender, "no_certificate_check")) is not None:
+        if (failed := not_text("no_certificate_check", given)) is not None:
+            return failed
         v = given[1].lower()
         if v not in _TRUE | _FALSE:
             return fail(given[0], "no_certificate_check must be true or false")
@@ -183,8 +218,12 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     if username is None:
         return fail(None, "no username (neither [sender] nor [retriever];"
                           " an empty [sender] username means no AUTH)")
+    if (failed := not_text("username", username)) is not None:
+        return failed
     auth = username[1] != ""
     password = _one(sender, "password") or _one(retriever, "password")
+    if auth and (failed := not_text("password", password)) is not None:
+        return failed
     if auth and password is None:
         return fail(None, "no password (neither [sender] nor [retriever] has one;"
                           " password_command is not supported)")
@@ -200,6 +239,9 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     if not addresses:
         return fail(None, "at least one 'address' is required")
     for line, address in addresses:
+        if not _is_text(address):
+            return fail(line, "address: not valid UTF-8 (only comment lines may hold other"
+                              " octets)")
         try:
             check_pattern(address)
         except ValueError as exc:

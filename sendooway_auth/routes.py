@@ -37,6 +37,11 @@ MAX_INCLUDE_ERRORS = MAX_USER_ERRORS  # parse_user_config stops after one more
 MAX_ACCOUNTS = 1000
 MAX_MESSAGES = 100  # errors, and warnings, reported per lookup
 MAX_WIRE = 8 << 20
+# How --check names a TlsMode: in the files `tls` means STARTTLS, so the
+# implicit TLS of `ssl` and SimpleSMTPSSLSender must not be shown as "tls"
+MODE_LABELS = {TlsMode.PLAIN: "plain", TlsMode.STARTTLS: "starttls",
+               TlsMode.TLS: "implicit-tls"}
+NO_SENDER = "no [sender] section (for getmail alone): no account from it"
 
 
 @dataclass
@@ -101,7 +106,7 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     mappings = tuple(m.expand(user.name, user.home) for m in effective_mappings(cfg, user_cfg))
     found.mappings = [("default" if m.filename == "(default)" else m.source,
                        f"direct:{m.direct.address} {m.direct.route.where}"
-                       f" {m.direct.route.tls.value}" if m.direct
+                       f" {MODE_LABELS[m.direct.route.tls]}" if m.direct
                        else f"{m.kind.value}:{m.path}") for m in mappings]
     wanted = list(dict.fromkeys(m.path for m in mappings if m.kind is not MappingKind.DIRECT))
     for path in wanted[MAX_FILES:]:
@@ -121,6 +126,7 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
         found.files.append((kind.value, by_path[path]))
     own = len(user_cfg.smarthostMapping) if user_cfg else 0
     parsed: dict[str, ParseResult] = {}
+    fetch_only: set[str] = set()  # getmail rc files without a [sender] section
     admins = {m.source for m in mappings[own:] if m.kind is MappingKind.DIRECT}
     for index, m in enumerate(mappings):
         tier = 0 if index < own else 1
@@ -132,19 +138,27 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
             continue  # skipped above (too many files, path too long)
         if m.path not in parsed:
             read = by_path[m.path]
-            text = _text(read, found, fetchmail=m.kind is MappingKind.FETCHMAIL)
+            text = _text(read, found)
             result = ParseResult()
             if text is not None:
                 if m.kind is MappingKind.FETCHMAIL:
                     result = parse_fetchmailrc(text, m.path, login=user.name)
                 else:
                     result = parse_getmailrc(text, m.path)
+                    if not result.accounts and not result.errors:
+                        fetch_only.add(m.path)
                 found.errors.extend(result.errors)
                 found.warnings.extend(result.warnings)
                 if result.holds_password:
                     _check_mode(read, user, found)
             parsed[m.path] = result
         found.accounts.extend(replace(a, tier=tier) for a in parsed[m.path].accounts)
+    # Such a file is no error (getmail only fetches with it, and the
+    # daemon's log would say so on every message), but --check says why no
+    # account comes from it: a `[sendr]` typo looks the same.
+    found.files = [(role, replace(read, detail=NO_SENDER)
+                    if role == MappingKind.GETMAIL.value and read.path in fetch_only else read)
+                   for role, read in found.files]
     if found.ca_file:
         # The user's sslCA serves the user's routes, but a global direct:
         # mapping's password is the admin's: it goes only to a server the
@@ -326,12 +340,13 @@ def _take_ca(read: FileRead, found: UserRoutes) -> None:
     found.ca_pem = pem
 
 
-def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False,
-          fetchmail: bool = False) -> str | None:
+def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False) -> str | None:
     """The file's text, or None (an error recorded; a missing file is normal).
     `config_grammar` (a .sendoowayrc): a comment may hold other bytes than
-    UTF-8 (see decode_config_text). `fetchmail`: octets that are not UTF-8
-    are kept as surrogates, for its parser to allow them in remarks only."""
+    UTF-8 (see decode_config_text). Otherwise (fetchmail, getmail rc) octets
+    that are not UTF-8 are kept as surrogates, for the parser to allow them
+    where the programs do (remarks, values sendooway does not use) and to
+    name the line of a value it uses that holds them."""
     if read.status == "missing":
         return None
     if not read.ok:
@@ -341,18 +356,12 @@ def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False,
         line = read.data[: read.data.index(b"\0")].count(b"\n") + 1
         found.errors.append(f"{read.path}:{line}: contains NUL bytes (not a text file)")
         return None
+    if not config_grammar:
+        return read.data.decode("utf-8", "surrogateescape")
     try:
-        if config_grammar:
-            return decode_config_text(read.data)
-        if fetchmail:
-            return read.data.decode("utf-8", "surrogateescape")
-        return read.data.decode("utf-8")
+        return decode_config_text(read.data)
     except NotUtf8 as exc:
         found.errors.append(f"{read.path}:{exc.line}: not valid UTF-8 (outside a comment)")
-        return None
-    except UnicodeDecodeError as exc:
-        line = read.data[: exc.start].count(b"\n") + 1
-        found.errors.append(f"{read.path}:{line}: not valid UTF-8 (not a text file?)")
         return None
 
 

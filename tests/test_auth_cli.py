@@ -127,7 +127,8 @@ def test_check_report(tmp_config, clean_homes):
     assert f"{home}/.getmail/getmailrc [getmail]: missing" in out
     assert (f"{fm}:4: alice@example.org -> smtp.example.org:587 starttls user alice"
             " password ********") in out
-    assert f"{fm}:10: *@other.org -> smtp.other.org:4650 tls user alice2 password ********" in out
+    assert (f"{fm}:10: *@other.org -> smtp.other.org:4650 implicit-tls user alice2"
+            " password ********") in out
     assert f"{conf}:4: * -> fallback.example.com:587 starttls user du password ********" in out
     assert f"{fm}:11: unknown keyword '#sendooway:bogus'" in out
     assert f"{fm}: unsafe mode 0640" in out

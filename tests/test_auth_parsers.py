@@ -235,7 +235,6 @@ def test_getmail_sender_section_name_any_case_and_remark_after_headers():
 @pytest.mark.parametrize("text,where,what", [
     ("just some text\n", ":1:", "not an INI file"),
     ("\x7fELF\x01\x02garbage = 1\n", ":1:", "not an INI file"),
-    ("[retriever]\nserver = x\n", "", "no [sender] section"),
     ("[sender]\ntype = Carrier Pigeon\naddress = a@b.c\nserver=s\nusername=\n", ":2:", "unknown type"),
     ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername =\n", ":", "at least one 'address'"),
     ("[sender]\ntype = SimpleSMTPSender\nserver = s\nusername = u\naddress = a@b.c\n", ":", "no password"),

@@ -430,7 +430,7 @@ def test_getmail_address_lines_with_a_blank_line_between_them(tmp_config, clean_
     world.write_user_file("alice", ".getmail/getmailrc", text)
     out = _check(tmp_config, "a.smith@example.net")
     line = _route_line(out, "a.smith@example.net")
-    assert "smtp.example.net:465 tls" in line, out
+    assert "smtp.example.net:465 implicit-tls" in line, out
     assert "gm-Pw-55" not in out
 
 

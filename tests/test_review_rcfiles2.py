@@ -236,7 +236,7 @@ def test_getmail_several_addresses_in_a_form_getmail6_can_read(tmp_config, clean
     world.write_user_file("alice", ".getmail/getmailrc", text)
     out = _check(tmp_config, "a.smith@example.net")
     line = _route_line(out, "a.smith@example.net")
-    assert "smtp.example.net:465 tls" in line, out
+    assert "smtp.example.net:465 implicit-tls" in line, out
     assert "gm-Pw-55" not in out
 
 
