@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pwd
@@ -54,3 +55,43 @@ def _not_dumpable() -> None:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise PrivilegeError(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def acting_as(user: str):
+    """Within the block, file and socket access is checked as `user` would
+    be after drop_privileges (its uid and primary gid, no supplementary
+    groups): the effective ids are switched and switched back. For a start
+    as root only; otherwise (or with no such user, or root: the drop says
+    so) nothing changes. A root frontend used to probe the authenticator's
+    socket as root, found it, and then every session, as frontendUser,
+    got EACCES (an outside review). Raises PrivilegeError when root cannot
+    be taken back: the caller must not go on half-dropped."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        pw = None
+    if pw is None or pw.pw_uid == 0 or os.geteuid() != 0:
+        yield
+        return
+    groups, egid = os.getgroups(), os.getegid()
+    try:
+        os.setgroups([])
+        os.setegid(pw.pw_gid)
+        os.seteuid(pw.pw_uid)
+    except OSError as exc:
+        _back_to_root(groups, egid)
+        raise PrivilegeError(f"cannot act as {user} for a moment: {exc.strerror}") from None
+    try:
+        yield
+    finally:
+        _back_to_root(groups, egid)
+
+
+def _back_to_root(groups: list[int], egid: int) -> None:
+    try:
+        os.seteuid(0)  # first: the group ids may be set only as root
+        os.setegid(egid)
+        os.setgroups(groups)
+    except OSError as exc:
+        raise PrivilegeError(f"cannot become root again after a check: {exc.strerror}") from None

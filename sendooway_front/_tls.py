@@ -302,9 +302,46 @@ _file_contexts: collections.OrderedDict[tuple, tuple[SSL.Context, int]] = collec
 _failed_files: collections.OrderedDict[tuple, str] = collections.OrderedDict()
 
 
+# The config's sslCA, read at start (preload_ca_file), before the privilege
+# drop: its bytes by path, and (path, verify) -> its client context, made
+# from them once (the noCertCheck one at first use: a big bundle costs some
+# MB of OpenSSL objects per context).
+_preloaded_data: dict[str, bytes] = {}
+_preloaded: dict[tuple[str, bool], SSL.Context] = {}
+
+
+def preload_ca_file(ca_file: str) -> None:
+    """Read and load the config's sslCA now, while the frontend may still
+    read what root may, as sslCert and sslKey are: frontendUser often may
+    not (a 0600 file, a 0700 directory), and a missing or broken file then
+    passed the start and failed every TLS route at MAIL with 454 (an
+    outside review). Every route whose CA file is this path then uses these
+    certificates for the rest of the run, file unread. Raises
+    TLSConfigError naming the file."""
+    data = read_ca_file(ca_file)
+    if b"-----BEGIN " not in data:
+        raise TLSConfigError(f"{ca_file}: cannot load CA certificates: no certificate in it"
+                             " (PEM, -----BEGIN CERTIFICATE-----)")
+    _preloaded[(ca_file, True)] = client_context(ca_file, True, _pem_text(data))  # checks it
+    _preloaded_data[ca_file] = data
+    pin_ca_file(ca_file)
+
+
+def _preloaded_context(ca_file: str, verify: bool) -> SSL.Context | None:
+    """The context for the config's sslCA read at start, or None when
+    `ca_file` is not that file (or nothing was read at start)."""
+    ctx = _preloaded.get((ca_file, verify))
+    if ctx is None and ca_file in _preloaded_data:
+        ctx = _preloaded[(ca_file, verify)] = client_context(
+            ca_file, verify, _pem_text(_preloaded_data[ca_file]))
+    return ctx
+
+
 def cached_client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> SSL.Context:
     """client_context(ca_file, verify, ca_pem), made once and reused while
     valid (blocking: a CA file is read and parsed here when it changed)."""
+    if ca_file and not ca_pem and (ctx := _preloaded_context(ca_file, verify)) is not None:
+        return ctx
     now = time.monotonic()
     if ca_pem or not ca_file:
         key: tuple = (ca_identity(ca_file, ca_pem), verify) if ca_pem else ("", verify)
@@ -340,6 +377,8 @@ async def client_context_for(ca_file: str = "", verify: bool = True,
     MAILs, stalled everyone (reviews)."""
     if ca_pem or not ca_file:  # a few KiB from the authenticator, or the system store
         return cached_client_context(ca_file, verify, ca_pem)
+    if (ctx := _preloaded_context(ca_file, verify)) is not None:  # the config's, read at start
+        return ctx
     fd, st = _open_ca(ca_file)  # an error here is retried next time: not the content's
     try:
         key = _file_key(ca_file, verify, st)

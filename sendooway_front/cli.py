@@ -77,6 +77,8 @@ class _Startup:
     def __init__(self) -> None:
         self._fds = (_fstat(0), _fstat(1), _fstat(2))
         self.one_session = True  # until the command line says -b (or systemd a listener)
+        # xinetd's `wait = yes` passes its listening socket, not a connection
+        self.listening = _listening(0)
 
     @property
     def client(self) -> bool:
@@ -84,19 +86,24 @@ class _Startup:
         systemd's Accept=yes unit, whose connection is fd 0 and 1 as well
         (StandardInput/Output=socket)."""
         st0, st1, _st2 = self._fds
-        return (st0 is not None and stat.S_ISSOCK(st0.st_mode)
+        return (st0 is not None and stat.S_ISSOCK(st0.st_mode) and not self.listening
                 and (self.one_session or _same(st0, st1)))
 
     @property
     def stderr_is_client(self) -> bool:
         return self.client and _same(self._fds[0], self._fds[2])
 
+    @property
+    def stderr_is_listener(self) -> bool:
+        """xinetd with `wait = yes`: stderr is the listening socket (no one reads it)."""
+        return self.listening and _same(self._fds[0], self._fds[2])
+
     def fail(self, log: logging.Logger | None, message: str, code: int = EXIT_CONFIG) -> int:
-        if log is None and self.client:
+        if log is None and (self.client or self.listening):
             log = _syslog()  # the reason must reach the admin somewhere
         if log is not None:
             log.error("cannot start: %s", message)
-        if not self.stderr_is_client:
+        if not (self.stderr_is_client or self.stderr_is_listener):
             print(f"sendooway: {message}", file=sys.stderr)
         if self.client:
             try:
@@ -105,6 +112,25 @@ class _Startup:
                 pass
             _linger()
         return code
+
+
+def _listening(fd: int) -> bool:
+    """Is `fd` a listening socket (SO_ACCEPTCONN)?"""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:  # not a socket at all (a terminal, a pipe), or closed
+        return False
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+STDIN_LISTENING = ("stdin is a listening socket: sendooway serves the one connection inetd"
+                   " accepted; use wait = no in xinetd (nowait in inetd.conf), or -b / socket"
+                   " activation for a listening server")
 
 
 def _syslog() -> logging.Logger | None:
@@ -209,21 +235,74 @@ def _uid_of(user: str) -> int | None:
         return None
 
 
+def _connect_error(path: str) -> str:
+    """Why connecting to the UNIX socket `path` fails now ("" when it does not)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    finally:
+        probe.close()
+    return ""
+
+
+def _root_only_socket(path: str, user: str, reason: str, private: bool) -> str:
+    """The start-up error for an authenticator socket root may connect to
+    and frontendUser may not: what is wrong, what happens now, the fix."""
+    import grp
+    import pwd
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        found = ""
+    else:
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        found = f" (owner {owner}:{group}, mode {stat.S_IMODE(st.st_mode):04o})"
+    then = ("a private authenticator serves the sessions instead" if private else
+            "sessions get 421 (SENDOOWAY_PRIVATE_AUTH=no: no authenticator is started here)")
+    return (f"the authenticator's socket {path}{found} lets root connect but not frontendUser"
+            f" {user}, which every session runs as ({reason}): {then}; give the socket to"
+            f" {user} (sendooway-auth does; SocketUser= in sendooway-auth.socket), or make"
+            " frontendUser the user it belongs to")
+
+
 def main(argv: list[str] | None = None) -> int:
     _not_dumpable_at_once()
     startup = _Startup()
-    if startup.stderr_is_client:
+    if startup.stderr_is_client or startup.stderr_is_listener:
         # xinetd made the client's connection our stderr too: whatever Python
         # or a library might print there (a warning, a note that the log
         # cannot be written, argparse's usage text) would land in the SMTP
-        # dialogue
+        # dialogue (or fail on a listening socket, with a traceback)
         to_devnull(2)
     parser = build_parser()
-    if startup.client:  # a usage error is a start-up failure: 421, the reason to syslog
+    if startup.client or startup.listening:  # a usage error is a start-up failure: 421, syslog
         parser.fail = lambda message: startup.fail(None, message)
     args = parser.parse_args(argv)
     one_session = not args.bind and "LISTEN_FDS" not in os.environ
     startup.one_session = one_session
+    if one_session and startup.listening:
+        # Before anything else, an authenticator forked as root above all:
+        # taken for a session, it failed ("Transport endpoint is not
+        # connected") and xinetd started it again at once, dozens of times a
+        # second, each forking a root authenticator (an outside review).
+        log = None
+        if args.log != "&1" and not (args.log in ("&2", "-") and startup.stderr_is_listener):
+            try:
+                log = setup_logging(args.log, "sendooway")
+            except OSError:
+                pass  # (fail falls back to syslog)
+        return startup.fail(log, STDIN_LISTENING)
     if args.log in ("&2", "-") and startup.stderr_is_client:  # xinetd: stderr is the client
         return startup.fail(None, "-l '&2': stderr is the SMTP client here (xinetd makes the"
                                   " connection stderr too); log to a file or syslog (no -l)")
@@ -256,12 +335,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from ._authlink import AuthLinkError, SocketConnector, daemon_reachable, spawn_daemon, spawn_pair
     from ._driver import Frontend
-    from ._privileges import PrivilegeError, drop_privileges
+    from ._privileges import PrivilegeError, acting_as, drop_privileges
     from ._server import (
         BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
         serve_connection, serve_listening, serve_stdio,
     )
-    from ._tls import TLSConfigError, server_context
+    from ._tls import TLSConfigError, preload_ca_file, server_context
 
     # TLS: the key is read now, as root.
     tls_context = None
@@ -270,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             tls_context = server_context(cfg.sslCert, cfg.sslKey)
         except TLSConfigError as exc:
             return _fail(log, str(exc))
+    # and the upstreams' CA certificates (sslCA), which frontendUser may not
+    # be able to read: a bad file is a start-up error, as a bad key is
+    if cfg.sslCA:
+        try:
+            preload_ca_file(cfg.sslCA)
+        except TLSConfigError as exc:
+            return _fail(log, f"{cfg.where('sslCA')}: sslCA {exc}")
 
     # Where the clients come from.
     listening = []
@@ -302,10 +388,22 @@ def main(argv: list[str] | None = None) -> int:
     # read one user's file and would answer "no route" (550) for every
     # sender, so there a missing daemon is a 421 as for nobody
     sandboxed = os.environ.get("SENDOOWAY_PRIVATE_AUTH", "").lower() == "no"
-    reachable = daemon_reachable(path, frontend_uid)
+    try:
+        # asked as every session will connect: as frontendUser, after the drop
+        with acting_as(cfg.frontendUser):
+            reachable = daemon_reachable(path, frontend_uid)
+            refusal = "" if reachable or not is_root else _connect_error(path)
+        # root may reach what frontendUser may not (a root 0644 socket that
+        # systemd-socket-activate made, one of another frontendUser): a
+        # root probe alone said "there", and every session then got 421
+        root_only = bool(refusal) and daemon_reachable(path, frontend_uid)
+    except PrivilegeError as exc:
+        return _fail(log, str(exc), EXIT_FAILURE)
+    if root_only:
+        log.error("%s", _root_only_socket(path, cfg.frontendUser, refusal, private=not sandboxed))
     if reachable or not is_root or sandboxed:
         connector = SocketConnector(path, cfg.timeout, frontend_uid)
-        if not reachable:
+        if not reachable and not root_only:
             log.warning("no authenticator at %s: sessions get 421 until it runs%s", path,
                         " (SENDOOWAY_PRIVATE_AUTH=no: none is started here; start"
                         " sendooway-auth.socket)" if is_root else "")
@@ -323,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                                        stderr_is_client=startup.stderr_is_client)
         except AuthLinkError as exc:
             return _fail(log, str(exc), EXIT_FAILURE)
-        log.info("no authenticator at %s: started %s", path, connector.describe())
+        if root_only:
+            log.info("started %s instead of the authenticator at %s", connector.describe(), path)
+        else:
+            log.info("no authenticator at %s: started %s", path, connector.describe())
 
     frontend = Frontend(cfg, tls_context=tls_context, implicit_tls=args.ssl,
                         channel_safe=args.nossl, connector=connector)

@@ -295,6 +295,50 @@ def _non_empty(value: str) -> str:
     return value
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+
+
+def _localname(value: str) -> str:
+    """A host name (RFC 1123 labels; `_` too, as Postfix takes it) or an
+    address literal ([192.0.2.1], [IPv6:2001:db8::1]); empty means this
+    host's name. It goes into the greeting, the EHLO sent upstream and
+    Received:, where a name with blanks split the line (an outside review)."""
+    if not value:
+        return value
+    shown = repr(value[:80])
+    if value.startswith("["):
+        inner = value[1:-1] if value.endswith("]") else ""
+        bare = inner[5:] if inner[:5].lower() == "ipv6:" else inner
+        try:
+            address = ipaddress.ip_address(bare)
+        except ValueError:
+            raise ValueError(f"expected a host name or an address literal such as"
+                             f" [192.0.2.1] or [IPv6:2001:db8::1], got {shown}") from None
+        if address.version == 6 and bare == inner:
+            raise ValueError(f"write an IPv6 address literal as [IPv6:{bare}], got {shown}")
+        if address.version == 4 and bare != inner:
+            raise ValueError(f"write an IPv4 address literal as [{bare}], got {shown}")
+        return value
+    if not value.isascii():
+        raise ValueError(f"expected a host name in ASCII: write an internationalised name"
+                         f" as its A-labels (xn--...), got {shown}")
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:  # a bare address is no EHLO name (RFC 5321 4.1.3): its literal is
+        literal = f"[{value}]" if address.version == 4 else f"[IPv6:{value}]"
+        raise ValueError(f"write an address as the literal {literal}, got {shown}")
+    if value.endswith(".") and len(value) > 1:
+        raise ValueError(f"expected a host name without the trailing dot, got {shown}")
+    labels = value.split(".")
+    if len(value) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"expected a host name (letters, digits and '-' in dot-separated"
+                         f" labels of at most 63) or an address literal such as [192.0.2.1],"
+                         f" got {shown}")
+    return value
+
+
 MAX_SOCKET_PATH = 107  # octets a UNIX socket address holds on Linux (sun_path, NUL ended)
 
 
@@ -332,7 +376,7 @@ def _network(token: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 _KEYWORDS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     # lower-cased keyword: (field name, value parser, allowed in a user include)
-    "localname": ("localname", _string, False),
+    "localname": ("localname", _localname, False),
     "timeout": ("timeout", _number(1, 86400), False),
     "cloneehlo": ("cloneEhlo", _boolean, False),
     "addreceivedfield": ("addReceivedField", _boolean, False),
