@@ -423,6 +423,14 @@ def parse_direct(value: str) -> DirectRoute:
     """
     tokens = value.split()
     flags: set[str] = set()
+    # Where the last field can only be the flags (six fields, or five with no
+    # port), a list holding a known flag and an unknown one is the flags,
+    # mistyped: it used to be read as a field too many, or as the port
+    if (len(tokens) == 6 or (len(tokens) == 5 and not _is_port(tokens[2]))) and (
+            not _is_flag_list(tokens[-1])
+            and any(f.lower() in DIRECT_FLAGS for f in tokens[-1].split(","))):  # (never shown: had it been a password after all)
+        raise ValueError("the flags hold one sendooway does not know (flags: tls, ssl,"
+                         " noCertCheck, noAuth, comma-separated, no blanks)")
     if len(tokens) >= 3 and _is_flag_list(tokens[-1]):
         flags = {DIRECT_FLAGS[f.lower()] for f in tokens[-1].split(",") if f}
         tokens = tokens[:-1]
@@ -489,6 +497,14 @@ def server_problem(server: str) -> str | None:
     if not all(0 < len(label) <= 63 for label in labels) or len(bare) > 253:
         return "not a valid host name (an empty or over-long label)"
     return None
+
+
+def _is_port(token: str) -> bool:
+    try:
+        port_number(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_flag_list(token: str) -> bool:

@@ -307,6 +307,27 @@ def test_direct_server_that_cannot_be_one_is_refused(value, fragment):
         parse_direct(fine)
 
 
+@pytest.mark.parametrize("value", [
+    "a@b.c relay.lan 25 u s3cret tls,foo",   # six fields: the last are the flags
+    "a@b.c relay.lan u s3cret TLS,nocert",    # five, no port: the same
+])
+def test_direct_unknown_flag_is_named_as_such_without_the_field(value):
+    """An unknown flag beside a known one was "(6 fields given)" or "the
+    port must be a number" (an outside review): now it says what is wrong,
+    never showing the field (the password's neighbour)."""
+    with pytest.raises(ValueError, match="flags hold one sendooway does not know") as caught:
+        parse_direct(value)
+    assert "foo" not in str(caught.value) and "nocert" not in str(caught.value)
+
+
+def test_direct_password_with_a_comma_and_a_flag_word_is_still_a_password():
+    """Where the last field is the password by its place (a port before the
+    user), `p,tls` stays a password, as it was."""
+    for value in ("a@b.c relay.lan 25 u p,tls", "a@b.c relay.lan submission u p,tls"):
+        d = parse_direct(value)
+        assert d.route.password.reveal() == "p,tls" and d.route.tls is TlsMode.PLAIN
+
+
 def test_direct_tls_and_ssl_exclusive():
     with pytest.raises(ValueError, match="exclude"):
         parse_direct("a@b.c h u p tls,ssl")
