@@ -239,11 +239,28 @@ def _lex(text: str) -> list[_Token | _Directive]:
                     items.append(_Directive(line, "", [], "not valid UTF-8"))
                 line += m[0].count("\n")
                 continue  # (an ordinary remark: fetchmail ignores its bytes too)
-            directive = _directive(line, m[group])
-            if directive is not None:
-                items.append(directive)
+            items.extend(_directives(line, m[group]))
         line += m[0].count("\n")
     return items
+
+
+def _directives(line: int, comment: str) -> list[_Directive]:
+    """The directives of one remark: none (an ordinary remark), one, or more
+    when a `#sendooway:` follows another on its line (`#sendooway:server
+    "a.org" #sendooway:port 2525`), which the original read as two; the
+    second was taken for a remark and silently lost (an outside review)."""
+    found = []
+    while len(found) < 16:
+        directive = _directive(line, comment)
+        if directive is None:
+            break
+        found.append(directive)
+        body = comment.strip()[len(PREFIX):]
+        at = _remark_at(body)
+        if at < 0:
+            break
+        comment = body[at + 1:]
+    return found
 
 
 def _directive(line: int, comment: str) -> _Directive | None:

@@ -375,3 +375,20 @@ def test_fetchmail_quoting_round_trips(secret, quote, in_comment):
     assert r.errors == [], r.errors
     (a,) = r.accounts
     assert a.route.password.reveal() == secret
+
+
+def test_two_sendooway_directives_on_one_line_both_count():
+    """`#sendooway:server "x" #sendooway:port 2525` is two directives, as the
+    original read it; the second was taken for a remark and the route went
+    to port 587 without a word (an outside review). A plain remark after a
+    directive stays a remark."""
+    from sendooway_auth.fetchmail import parse_fetchmailrc
+
+    text = ('poll pop.b.org user "u" password "pw1"\n'
+            '#sendooway:server "smtp.b.org" #sendooway:port 2525 #sendooway:ssl\n'
+            '#sendooway:address "a@b.org"  # the work address\n')
+    r = parse_fetchmailrc(text, "/h/.fetchmailrc", login="u")
+    assert not r.errors and not r.warnings, (r.errors, r.warnings)
+    (account,) = r.accounts
+    assert (account.route.server, account.route.port, account.route.tls) == (
+        "smtp.b.org", 2525, TlsMode.TLS)
