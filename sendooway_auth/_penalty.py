@@ -16,10 +16,13 @@ import errno
 import fcntl
 import hashlib
 import ipaddress
+import logging
 import os
 import stat
 import time
 from collections import OrderedDict
+
+log = logging.getLogger("sendooway-auth")
 
 
 class Penalty:
@@ -183,6 +186,9 @@ class KeyLocks:
                 mine, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
                 there = None
+            except OSError:
+                os.close(fd)  # (never a lock kept by a descriptor no one holds)
+                raise
             if there is not None and (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
                 return fd
             os.close(fd)  # removed (and maybe made anew) after we opened it
@@ -234,14 +240,22 @@ class SharedPenalty(Penalty):
     def __init__(self, directory: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.directory = directory
-        self.locks = KeyLocks(os.path.join(directory, self.TURNS))
+        self.locks: KeyLocks | None = KeyLocks(os.path.join(directory, self.TURNS))
 
     @classmethod
     def open(cls, directory: str, **kwargs) -> "SharedPenalty":
-        """The store in `directory` (created 0700), or OSError."""
+        """The store in `directory` (created 0700), or OSError. A turns
+        directory that cannot serve costs the turns across processes only
+        (a warning), not the shared counts."""
         _private_directory(directory)
-        _private_directory(os.path.join(directory, cls.TURNS))
-        return cls(directory, **kwargs)
+        store = cls(directory, **kwargs)
+        try:
+            _private_directory(os.path.join(directory, cls.TURNS))
+        except OSError as exc:
+            log.warning("login turns kept per session only: %s: %s",
+                        os.path.join(directory, cls.TURNS), exc.strerror or exc)
+            store.locks = None
+        return store
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:40])

@@ -125,8 +125,8 @@ class _Turns:
                 held = await self._lock(keys, deadline)
             yield
         finally:
-            if held:
-                self._locks.release(held)
+            if held:  # (by the class: _lock may have given up self._locks meanwhile)
+                KeyLocks.release(held)
             for key, _n in keys:
                 left = self._used[key] - 1
                 if left:

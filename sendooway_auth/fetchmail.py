@@ -38,6 +38,7 @@ _FALSE = {"no", "false", "off", "0"}
 _FLAGS = {"tls": "tls", "ssl": "ssl", "nocertcheck": "noCertCheck", "noauth": "noAuth"}
 _STRINGS = {"server": "server", "user": "user", "pass": "pass", "password": "pass",
             "address": "address"}
+_KNOWN = frozenset(_FLAGS) | frozenset(_STRINGS) | {"port"}
 
 
 class _Syntax(Exception):
@@ -249,10 +250,14 @@ def _directives(line: int, comment: str) -> list[_Directive]:
     when a `#sendooway:` follows another on its line (`#sendooway:server
     "a.org" #sendooway:port 2525`), which the original read as two; the
     second was taken for a remark and silently lost (an outside review)."""
-    found = []
+    found: list[_Directive] = []
     while len(found) < 16:
         directive = _directive(line, comment)
         if directive is None:
+            break
+        if found and directive.keyword not in _KNOWN:
+            # a remark after a directive that only looks like one
+            # (`#sendooway: the work server`): prose, as it always was
             break
         found.append(directive)
         body = comment.strip()[len(PREFIX):]

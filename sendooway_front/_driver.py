@@ -394,10 +394,14 @@ class SessionRunner:
             try:
                 await self.stream.write(out)
             except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                why = str(exc) or type(exc).__name__
+                if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                    # a client that stopped reading: not a lost connection
+                    why = f"timeout: the client took no replies for {self.stream.timeout}s"
+                else:
+                    why = "connection lost: " + (str(exc) or type(exc).__name__)
                 self._log(logging.INFO, "write failed: %s", why)
                 self.session.receive_data(b"")
-                self.session.connection_lost("connection lost: " + why)
+                self.session.connection_lost(why)
                 self.session.data_to_send()
         return bool(out)
 

@@ -117,8 +117,10 @@ class _Startup:
 def _listening(fd: int) -> bool:
     """Is `fd` a listening socket (SO_ACCEPTCONN)?"""
     try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False  # a terminal, a pipe, /dev/null
         sock = socket.socket(fileno=os.dup(fd))
-    except OSError:  # not a socket at all (a terminal, a pipe), or closed
+    except OSError:  # closed
         return False
     try:
         return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))

@@ -326,11 +326,12 @@ def _localname(value: str) -> str:
         address = ipaddress.ip_address(value)
     except ValueError:
         pass
-    else:  # a bare address is no EHLO name (RFC 5321 4.1.3): its literal is
-        literal = f"[{value}]" if address.version == 4 else f"[IPv6:{value}]"
-        raise ValueError(f"write an address as the literal {literal}, got {shown}")
+    else:  # a bare address is no EHLO name (RFC 5321 4.1.3): its literal is,
+        # and an original's config that said `localname = 192.0.2.1` must
+        # keep working (DESIGN.md): taken as that literal
+        return f"[{value}]" if address.version == 4 else f"[IPv6:{address}]"
     if value.endswith(".") and len(value) > 1:
-        raise ValueError(f"expected a host name without the trailing dot, got {shown}")
+        value = value[:-1]  # the root's dot of a fully qualified name: not sent
     labels = value.split(".")
     if len(value) > 253 or not all(_LABEL.match(label) for label in labels):
         raise ValueError(f"expected a host name (letters, digits and '-' in dot-separated"

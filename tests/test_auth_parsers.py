@@ -386,7 +386,7 @@ def test_two_sendooway_directives_on_one_line_both_count():
 
     text = ('poll pop.b.org user "u" password "pw1"\n'
             '#sendooway:server "smtp.b.org" #sendooway:port 2525 #sendooway:ssl\n'
-            '#sendooway:address "a@b.org"  # the work address\n')
+            '#sendooway:address "a@b.org"  #sendooway: the work address\n')
     r = parse_fetchmailrc(text, "/h/.fetchmailrc", login="u")
     assert not r.errors and not r.warnings, (r.errors, r.warnings)
     (account,) = r.accounts

@@ -138,7 +138,7 @@ def test_penalty_memory_is_bounded(tmp_path):
     shared = SharedPenalty.open(str(tmp_path / "p"), max_keys=100, window=10)
     for i in range(300):
         shared.failure(f"u{i}", "", i, account=False)   # made-up names
-    assert len(os.listdir(tmp_path / "p")) <= 100
+    assert len(set(os.listdir(tmp_path / "p")) - {"turns"}) <= 100  # (turns: the login locks)
     # a real account's count is kept all the same (and there are only so many)
     shared.failure("carol", "", 300)
     assert shared.count("carol", "", 301) == 1
@@ -202,3 +202,57 @@ def test_penalty_counts_an_ipv6_client_by_its_64_and_a_user_whatever_the_case(ma
     assert pen.count("alice", "203.0.113.1", 20) == 4
     pen.success("Alice", "203.0.113.1", 21)
     assert pen.count("ALICE", "203.0.113.1", 22) == 0
+
+
+def test_login_turns_survive_their_store_failing_under_a_holder(tmp_path):
+    """The turns across processes (socketpair mode) give up when their store
+    fails (ENOSPC, the directory gone): a login holding a turn at that moment
+    still lets it go (it hit AttributeError and kept the flock for good),
+    and the one that met the failure goes on without."""
+    import asyncio
+
+    from sendooway_auth._penalty import KeyLocks
+    from sendooway_auth._service import _Turns
+
+    locks = KeyLocks(str(tmp_path))
+    real = locks.try_take
+    calls = []
+
+    def failing_second(keys):
+        calls.append(keys)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(keys)
+
+    locks.try_take = failing_second
+
+    async def main():
+        turns = _Turns(locks)
+
+        async def holder():
+            async with turns.take([("u:alice", 1)], 5):
+                assert len(os.listdir(tmp_path)) == 1  # alice's turn file
+                await asyncio.sleep(0.2)
+
+        async def other():
+            await asyncio.sleep(0.05)
+            async with turns.take([("c:192.0.2.1", 1)], 5):
+                return "decided"
+
+        return await asyncio.gather(holder(), other(), return_exceptions=True)
+
+    assert asyncio.run(main()) == [None, "decided"]
+    assert os.listdir(tmp_path) == []  # released and removed
+
+
+def test_a_turns_directory_that_cannot_serve_keeps_the_shared_counts(tmp_path):
+    """A `turns` directory that is not private (0755) cost the whole shared
+    store (counts kept per session); now only the turns across processes."""
+    d = tmp_path / "p"
+    os.makedirs(d / "turns", mode=0o700)
+    os.chmod(d, 0o700)
+    os.chmod(d / "turns", 0o755)
+    store = SharedPenalty.open(str(d))
+    assert store.locks is None
+    store.failure("alice", "192.0.2.1", 100)
+    assert SharedPenalty.open(str(d)).count("alice", "192.0.2.1", 101) == 1

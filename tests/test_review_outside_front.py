@@ -231,20 +231,32 @@ def test_localname_takes_a_host_name_or_an_address_literal(value):
     ("bad name with spaces", "host name"),
     ("mx..example", "host name"),
     ("-mx.example", "host name"),
-    ("mx.example.", "trailing dot"),
     ("mx.example:25", "host name"),
     ("x" * 64 + ".example", "host name"),
     ("[not an address]", "address literal"),
     ("[2001:db8::1]", "[IPv6:2001:db8::1]"),
-    ("192.0.2.1", "[192.0.2.1]"),
     ("bücher.example", "xn--"),
 ])
 def test_a_localname_that_is_no_host_name_is_an_error_naming_the_line(value, hint):
+    """(A bare address and a trailing dot are not errors: see below.)"""
     with pytest.raises(ConfigError) as info:
         parse_config(f"timeout = 30\nlocalname = {value}\n", "s.conf")
     text = str(info.value)
     assert text.startswith("s.conf:2: localname: "), text
     assert hint in text, text
+
+
+@pytest.mark.parametrize("value, taken", [
+    ("192.0.2.1", "[192.0.2.1]"),
+    ("2001:db8::1", "[IPv6:2001:db8::1]"),
+    ("mx.example.", "mx.example"),
+])
+def test_an_originals_bare_address_or_trailing_dot_is_taken_in_its_proper_form(value, taken):
+    """An original's sendooway.conf took any localname; a bare address and a
+    fully qualified name with its root dot are common and meant well: they
+    keep working, as the address literal and the name an EHLO wants (a
+    review of the validation: they had become start-up errors)."""
+    assert parse_config(f"localname = {value}\n", "s.conf").localname == taken
 
 
 def test_the_frontend_refuses_to_start_with_a_bad_localname(world, tmp_path):
