@@ -17,6 +17,7 @@ from sendooway_auth.routes import from_wire, run_plan, to_wire
 from sendooway_shared.config import parse_config
 from sendooway_shared.protocol import REPLIES, AuthOk, BlockingChannel, RouteOk
 from tests.auth_helpers import all_passwords, login, route
+from tests.test_review_fixes_auth import check, route_line
 
 AUTH = [sys.executable, "-m", "sendooway_auth.cli"]
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
@@ -44,15 +45,7 @@ def _lookup(files: dict[str, bytes], conf: str = ""):
 
 
 def _check(tmp_config, user: str, *args: str, conf: str = "") -> tuple[int, str]:
-    res = subprocess.run([*AUTH, "-c", tmp_config(conf), "--check", user, *args],
-                         capture_output=True, text=True, timeout=30)
-    return res.returncode, res.stdout + res.stderr
-
-
-def _route_line(out: str, sender: str) -> str:
-    lines = [line for line in out.splitlines() if line.startswith(f"route for {sender}:")]
-    assert lines, out
-    return lines[0]
+    return check(tmp_config(conf), user, *args)
 
 
 # ------------------------------------------------------------ getmail rc files
@@ -178,10 +171,10 @@ def test_check_takes_a_sender_in_angle_brackets(tmp_config, clean_homes):
     world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
     code, out = _check(tmp_config, "alice", "--sender", "<alice@example.org>")
     assert code == 0, out
-    assert "smtp.example.org:587" in _route_line(out, "alice@example.org"), out
+    assert "smtp.example.org:587" in route_line(out, "alice@example.org"), out
     code, out = _check(tmp_config, "alice", "--sender", "<>",
                        conf="smarthostMapping = direct:* smtp.any.example 25 noAuth\n")
-    assert "smtp.any.example:25" in _route_line(out, "<>"), out
+    assert "smtp.any.example:25" in route_line(out, "<>"), out
     assert "fm-Pw-8" not in out
 
 
@@ -197,7 +190,7 @@ def test_check_names_starttls_and_implicit_tls_unambiguously(tmp_config, clean_h
             "smarthostMapping = direct:*@club.example smtp.club.example 465 u Dir-Pw-85 ssl\n")
     code, out = _check(tmp_config, "alice", "--sender", "bob@other.net", conf=conf)
     assert code == 0, out
-    assert "smtp.other.net:465 implicit-tls user alice2" in _route_line(out, "bob@other.net")
+    assert "smtp.other.net:465 implicit-tls user alice2" in route_line(out, "bob@other.net")
     assert "-> smtp.example.org:587 starttls user alice" in out, out
     assert "direct:*@club.example smtp.club.example:465 implicit-tls" in out, out
     assert "-> smtp.club.example:465 implicit-tls user u" in out, out
@@ -218,7 +211,7 @@ def test_check_of_a_user_who_is_not_a_valid_user_has_no_usable_account(tmp_confi
     code, out = _check(tmp_config, "carol", "--sender", "carol@example.org",
                        conf="validUser = %mailusers\n")
     assert "valid user: no" in out, out
-    assert "smtp.example.org:587" in _route_line(out, "carol@example.org")  # what her files say
+    assert "smtp.example.org:587" in route_line(out, "carol@example.org")  # what her files say
     (result,) = [line for line in out.splitlines() if line.startswith("result:")]
     assert "usable account(s)" not in result and "no usable mapping" in result, result
     assert "not a valid user" in result, result
