@@ -107,7 +107,11 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
             and user.name != _users.process_user()):
         w(f"note: authBackend = none accepts only {_users.process_user()}")
     if os.geteuid() != 0 and user.uid != os.geteuid():
-        w("note: not running as root: this user's files cannot be read")
+        # the reader must become the user, which only root may: its failure
+        # read as "reader child died" and "no files" (an outside review)
+        w(f"result: not checked: only root may read {user.name}'s files"
+          f" (run sendooway-auth --check {user.name} as root)")
+        return EXIT_NO_MAPPING if refusal is None else EXIT_BAD_CONFIG
     found = lookup_direct(cfg, user)
     _files(found, w)
     _mappings(found, w)

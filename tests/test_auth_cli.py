@@ -240,3 +240,25 @@ def test_fd_mode_backoff_is_shared_between_sessions(tmp_path, tmp_config, world)
     st = os.stat(run / "penalty")
     assert st.st_mode & 0o777 == 0o700 and st.st_uid == 0
     assert "delay=0.6" in log.read_text()
+
+
+def test_check_of_another_user_without_root_says_it_needs_root(tmp_config, clean_homes):
+    """--check run by alice for bob: the reader cannot become bob, which read
+    as "lookup failed: reader child died" and "files: (none: only direct
+    mappings)" (an outside review). Now one clear result line, exit 1."""
+    world = clean_homes
+    conf = world.write_user_file("alice", "sendooway.conf", "")  # readable by her
+    alice = world.users["alice"]
+
+    def drop():
+        os.setgroups([])
+        os.setgid(alice.gid)
+        os.setuid(alice.uid)
+
+    res = subprocess.run([*AUTH, "-c", conf, "--check", "bob"], capture_output=True, text=True,
+                         timeout=30, preexec_fn=drop, cwd="/")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stdout.rstrip().endswith(
+        "result: not checked: only root may read bob's files (run sendooway-auth --check bob"
+        " as root)"), res.stdout
+    assert "reader child died" not in res.stdout + res.stderr
