@@ -155,6 +155,12 @@ class Penalty:
         return max(self._get(f"u:{user}", now), self._get(f"c:{client}", now) if client else 0)
 
 
+def key_path(directory: str, key: str) -> str:
+    """A key's file in `directory` (a count, or a turn): named by its hash,
+    so a user name or an address never makes a path."""
+    return os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:40])
+
+
 class KeyLocks:
     """Turns that span processes: the socketpair mode's one-session
     authenticators each decide a login only while holding an flock(2) on
@@ -170,7 +176,7 @@ class KeyLocks:
         self.directory = directory
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:40])
+        return key_path(self.directory, key)
 
     def _try_one(self, path: str) -> int | None:
         for _ in range(8):  # (each miss is a holder that let go just now)
@@ -258,7 +264,7 @@ class SharedPenalty(Penalty):
         return store
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:40])
+        return key_path(self.directory, key)
 
     # The files hold wall-clock times (they may outlive a boot, and the
     # caller's clock is monotonic, which starts again at each boot): turned

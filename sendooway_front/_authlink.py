@@ -194,13 +194,19 @@ class PairConnector:
 def daemon_reachable(path: str, also: int | None = None) -> bool:
     """True when an authenticator we may trust accepts connections on
     `path` (see trusted_peer: a local user's squatter is not one)."""
+    return not daemon_problem(path, also)
+
+
+def daemon_problem(path: str, also: int | None = None) -> str:
+    """Why no authenticator we may trust accepts connections on `path`
+    (connect's error, or trusted_peer's refusal); "" when one does."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
     try:
         probe.connect(path)
-        return trusted_peer(probe, also) is None
-    except OSError:
-        return False
+        return trusted_peer(probe, also) or ""
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
     finally:
         probe.close()
 

@@ -237,19 +237,6 @@ def _uid_of(user: str) -> int | None:
         return None
 
 
-def _connect_error(path: str) -> str:
-    """Why connecting to the UNIX socket `path` fails now ("" when it does not)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    finally:
-        probe.close()
-    return ""
-
-
 def _root_only_socket(path: str, user: str, reason: str, private: bool) -> str:
     """The start-up error for an authenticator socket root may connect to
     and frontendUser may not: what is wrong, what happens now, the fix."""
@@ -335,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.authBackend is AuthBackend.LDAP:  # no authenticator serves it: clients would get 454
         return _fail(log, cfg.backend_refusal(0) or "authBackend = LDAP")
 
-    from ._authlink import AuthLinkError, SocketConnector, daemon_reachable, spawn_daemon, spawn_pair
+    from ._authlink import (
+        AuthLinkError, SocketConnector, daemon_problem, daemon_reachable, spawn_daemon, spawn_pair,
+    )
     from ._driver import Frontend
     from ._privileges import PrivilegeError, acting_as, drop_privileges
     from ._server import (
@@ -393,12 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # asked as every session will connect: as frontendUser, after the drop
         with acting_as(cfg.frontendUser):
-            reachable = daemon_reachable(path, frontend_uid)
-            refusal = "" if reachable or not is_root else _connect_error(path)
+            refusal = daemon_problem(path, frontend_uid)
+        reachable = not refusal
         # root may reach what frontendUser may not (a root 0644 socket that
         # systemd-socket-activate made, one of another frontendUser): a
         # root probe alone said "there", and every session then got 421
-        root_only = bool(refusal) and daemon_reachable(path, frontend_uid)
+        root_only = bool(refusal) and is_root and daemon_reachable(path, frontend_uid)
     except PrivilegeError as exc:
         return _fail(log, str(exc), EXIT_FAILURE)
     if root_only:

@@ -169,21 +169,24 @@ def test_help_mentions_the_internal_fd_option():
     assert res.returncode == 0 and "--fd N" in res.stdout and "internal" in res.stdout
 
 
+def _run_as(user, argv: list[str]) -> subprocess.CompletedProcess:
+    """`argv` run as `user` (its uid and gid, no other groups), from /."""
+    def drop():
+        os.setgroups([])
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, preexec_fn=drop,
+                          cwd="/")
+
+
 def test_check_as_the_user_itself_without_root(tmp_config, clean_homes):
     """--check run by alice for alice (no root): her files are read as is."""
     world = clean_homes
     world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
     conf = world.write_user_file("alice", "sendooway.conf", "")  # readable by her
-    alice = world.users["alice"]
-
-    def drop():
-        os.setgroups([])
-        os.setgid(alice.gid)
-        os.setuid(alice.uid)
-
-    res = subprocess.run([*AUTH, "-c", conf, "--check", "alice", "--sender", "alice@example.org"],
-                         capture_output=True, text=True, timeout=30, preexec_fn=drop,
-                         cwd="/")
+    res = _run_as(world.users["alice"], [*AUTH, "-c", conf, "--check", "alice", "--sender",
+                                         "alice@example.org"])
     assert res.returncode == 0, res.stdout + res.stderr
     assert "route for alice@example.org: smtp.example.org:587" in res.stdout
     assert "fm-Secret-A1" not in res.stdout
@@ -248,15 +251,7 @@ def test_check_of_another_user_without_root_says_it_needs_root(tmp_config, clean
     mappings)" (an outside review). Now one clear result line, exit 1."""
     world = clean_homes
     conf = world.write_user_file("alice", "sendooway.conf", "")  # readable by her
-    alice = world.users["alice"]
-
-    def drop():
-        os.setgroups([])
-        os.setgid(alice.gid)
-        os.setuid(alice.uid)
-
-    res = subprocess.run([*AUTH, "-c", conf, "--check", "bob"], capture_output=True, text=True,
-                         timeout=30, preexec_fn=drop, cwd="/")
+    res = _run_as(world.users["alice"], [*AUTH, "-c", conf, "--check", "bob"])
     assert res.returncode == 1, res.stdout + res.stderr
     assert res.stdout.rstrip().endswith(
         "result: not checked: only root may read bob's files (run sendooway-auth --check bob"
