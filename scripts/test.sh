@@ -4,6 +4,33 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+
+# Some tests start sendooway as nobody (xinetd `user = nobody`, a stdio
+# session as nobody), which must reach .venv and the code. A checkout below
+# a 0700 directory (/root, `mktemp -d`) is made passable for others (search
+# only, no listing) for this run, and given its mode back at the end.
+restore=()
+if [ "$(id -u)" -eq 0 ] && command -v runuser >/dev/null 2>&1 \
+        && ! runuser -u nobody -- test -r "$PWD/.venv/bin/sendooway" 2>/dev/null; then
+    dir=$PWD
+    while [ "$dir" != / ]; do
+        if [ -n "$(find "$dir" -maxdepth 0 ! -perm -o+x)" ]; then
+            restore+=("$(stat -c %a "$dir")" "$dir")
+            chmod o+x "$dir"
+            echo "test: $dir made passable for others (o+x) for this run: tests run sendooway as nobody"
+        fi
+        dir=$(dirname "$dir")
+    done
+fi
+give_back() {
+    local i
+    for ((i = 0; i < ${#restore[@]}; i += 2)); do
+        chmod "${restore[i]}" "${restore[i + 1]}" \
+            && echo "test: ${restore[i + 1]} given back its mode ${restore[i]}"
+    done
+}
+trap give_back EXIT
+
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -55,7 +55,8 @@ def reason_for(code: int) -> str:
 
 def is_temporary(reason: str) -> bool:
     """Does this failure reason mean "try again later" rather than "no"?"""
-    if reason in ("pam-unavailable", "pam-timeout"):
+    if reason in ("pam-unavailable", "pam-timeout", "ldap-unavailable", "ldap-entry-incomplete",
+                  "ldap-root-account"):
         return True
     if reason.startswith("pam-error-"):
         try:

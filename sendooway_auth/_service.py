@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sendooway_shared.config import AuthBackend, Config
 from sendooway_shared.types import Route, Secret
 
-from . import _users
+from . import _ldap, _users
 from ._logfmt import field, text
 from ._pam import PAM_SUCCESS, PamPool, is_temporary, reason_for
 from ._penalty import KeyLocks, Penalty, client_host, client_key, user_key
@@ -279,6 +279,13 @@ class AuthService:
 
     def _check_blocking(self, name: str, password: Secret, rhost: str = ""
                         ) -> tuple[_users.UserInfo | None, str]:
+        if self.cfg.authBackend is AuthBackend.LDAP:
+            # the directory names the account (uid, ids, home): NSS need not
+            # know it; validUser is asked of that account after the bind
+            user, reason = _ldap.login(self.cfg, name, password)
+            if user is not None and not _users.valid_user(self.cfg, user)[0]:
+                return None, "not-a-valid-user"
+            return user, reason
         user = _users.lookup(name)
         if self.cfg.authBackend is AuthBackend.NONE:
             if user is None or user.uid != self._process_uid:

@@ -86,7 +86,7 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     if cfg.authBackend is AuthBackend.PAM:
         backend += f" (service {cfg.pamService})"
     elif cfg.authBackend is AuthBackend.LDAP:
-        backend += " (not supported: the daemon will not start; use PAM with pam_ldap or SSSD)"
+        backend += f" ({cfg.ldapUri or 'no ldapUri'}, bind as {cfg.ldapAuthDN or 'no ldapAuthDN'})"
     w(f"auth backend: {backend}")
     refusal = cfg.backend_refusal(os.geteuid())
     if refusal is not None:
@@ -97,6 +97,9 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     user = _users.lookup(name)
     if user is None:
         w(f"account: {name} does not exist")
+        if cfg.authBackend is AuthBackend.LDAP:
+            w("  (with authBackend = LDAP the account, its ids and home, come from the"
+              " directory at login, which needs the password: --check knows NSS accounts only)")
         w("result: no usable mapping")
         return EXIT_NO_MAPPING if refusal is None else EXIT_BAD_CONFIG
     w(f"account: {user.name} uid={user.uid} gid={user.gid} home={user.home}"

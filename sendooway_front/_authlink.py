@@ -191,6 +191,43 @@ class PairConnector:
             pass
 
 
+class AbsentLink:
+    """The link of a session that has no authenticator (see AbsentConnector):
+    every request fails, as a link that broke would."""
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+        self.broken = False
+
+    async def auth(self, user: str, password: Secret) -> str | None:
+        self.broken = True
+        raise AuthLinkError(self._why)
+
+    async def route(self, sender: str) -> Route | None:
+        self.broken = True
+        raise AuthLinkError(self._why)
+
+    def close(self) -> None:
+        pass
+
+
+class AbsentConnector:
+    """No authenticator at all: a test session typed or piped by a user
+    who is not root (`sendooway -c /dev/null -l '&2'`, as the original's
+    own checks ran it) with no daemon running. The session runs as far as
+    it can without one; a login gets 454 4.7.0 (a temporary failure, never
+    a wrong password) and then 421."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def describe(self) -> str:
+        return "no authenticator"
+
+    async def open(self, session_id: str, client: str) -> AbsentLink:
+        return AbsentLink(self.why)
+
+
 def daemon_reachable(path: str, also: int | None = None) -> bool:
     """True when an authenticator we may trust accepts connections on
     `path` (see trusted_peer: a local user's squatter is not one)."""

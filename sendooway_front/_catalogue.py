@@ -43,10 +43,9 @@ EMPTY_LINE = _r(500, "5.5.2 Syntax error: empty line")
 EXPN_REFUSED = _r(502, "5.5.1 EXPN not available")
 SYNTAX_NO_ARGS = _r(501, "5.5.4 Syntax error: no arguments allowed")
 SYNTAX_NEEDS_ARG = _r(501, "5.5.4 Syntax error: argument required")
-SYNTAX_DOMAIN = _r(501, "5.5.4 Syntax error: EHLO/HELO needs a domain or address literal")
+SYNTAX_DOMAIN = _r(501, "5.5.4 Syntax error: EHLO/HELO needs a name")
 
 # --- sequence
-NEED_EHLO = _r(503, "5.5.1 Send EHLO first")
 NEED_AUTH = _r(530, "5.7.0 Authentication required")
 NEED_MAIL = _r(503, "5.5.1 Need MAIL before RCPT")
 NEED_MAIL_DATA = _r(503, "5.5.1 Need MAIL before DATA")
@@ -110,10 +109,20 @@ def greeting(hostname: str) -> Reply:
     return Reply(220, (f"{hostname} {GREETING_TEXT}",))
 
 
+def _hello(hostname: str, client_name: str) -> str:
+    """The first line: the client's name echoed only when it is one word of
+    printable ASCII no longer than a domain may be (a name with spaces or
+    other octets is taken, not shown; a reply line stays within 512 octets)."""
+    if (len(client_name) <= 255 and client_name.isascii() and client_name.isprintable()
+            and " " not in client_name):
+        return f"{hostname} Hello {client_name}"
+    return f"{hostname} Hello"
+
+
 def ehlo(hostname: str, client_name: str, keywords: tuple[str, ...]) -> Reply:
     """The multi-line EHLO reply: greeting line, then one keyword a line."""
-    return Reply(250, (f"{hostname} Hello {client_name}", *keywords))
+    return Reply(250, (_hello(hostname, client_name), *keywords))
 
 
 def helo(hostname: str, client_name: str) -> Reply:
-    return Reply(250, (f"{hostname} Hello {client_name}",))
+    return Reply(250, (_hello(hostname, client_name),))

@@ -57,6 +57,7 @@ class Frontend:
     implicit_tls: bool = False        # -s: handshake before the greeting
     channel_safe: bool = False        # -S: the channel is already encrypted
     connector: Connector | None = None
+    tls_broken: bool = False          # sslCert/sslKey set but unusable (one session only)
     hostname: str = ""
     active: set = field(default_factory=set)
 
@@ -75,6 +76,8 @@ class Frontend:
             hostname=self.hostname,
             tls_available=(self.tls_context is not None and not self.channel_safe
                            and cfg.mailerEncryption is not MailerEncryption.FORBIDDEN),
+            tls_broken=(self.tls_broken and not self.channel_safe
+                        and cfg.mailerEncryption is not MailerEncryption.FORBIDDEN),
             encrypted=self.channel_safe or self.implicit_tls,
             require_encryption=cfg.mailerEncryption is MailerEncryption.REQUIRED,
             advertise_8bitmime=cfg.ext8BitMime is not Ext8BitMime.DISABLE,
@@ -321,7 +324,7 @@ class SessionRunner:
                     await self._linger()
                 return
             elif isinstance(ev, Greeted):
-                self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", ev.name)
+                self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", log_field(ev.name))
             elif isinstance(ev, AuthRequested):
                 await self._auth(ev)
             elif isinstance(ev, AuthRefused):

@@ -113,7 +113,7 @@ class Relay:
     def _message_id(self) -> str:
         """The session id and the transaction's number in the session: the
         Received: header's `id` and the message log line's `id=`."""
-        return f"{self._sid()}.{self._transactions}"
+        return f"{self._sid()}-{self._transactions}"  # an RFC 5322 atom: no "."
 
     def _drop(self) -> None:
         """Forget the upstream connection at once (no QUIT, no final dot)."""

@@ -59,6 +59,8 @@ class LocalProtocolError(Exception):
 class SessionSettings:
     hostname: str
     tls_available: bool = False       # STARTTLS may be offered (cert loaded, not forbidden, not -S)
+    tls_broken: bool = False          # STARTTLS offered but refused (454): the cert would not load;
+                                      # no login without TLS then (538), AUTH not advertised
     encrypted: bool = False           # channel already safe at the start (-s after handshake, -S)
     require_encryption: bool = False  # mailerEncryption = required
     advertise_8bitmime: bool = True   # ext8BitMime force | ignore
@@ -78,9 +80,9 @@ COMMANDS: dict[str, tuple[State | Reply, ...]] = {
     #  verb        CONNECTED          GREETED            AUTHENTICATED      MAIL             RCPT
     "EHLO":     (_G,                _G,                _A,                _A,              _A),
     "HELO":     (_G,                _G,                _A,                _A,              _A),
-    "STARTTLS": (R.NEED_EHLO,       _C,                _TLS_LATE,         _TLS_LATE,       _TLS_LATE),
-    "AUTH":     (R.NEED_EHLO,       _A,                R.AUTH_TWICE,      R.AUTH_IN_TRANSACTION, R.AUTH_IN_TRANSACTION),
-    "MAIL":     (R.NEED_EHLO,       R.NEED_AUTH,       _M,                R.NESTED_MAIL,   R.NESTED_MAIL),
+    "STARTTLS": (_C,                _C,                _TLS_LATE,         _TLS_LATE,       _TLS_LATE),
+    "AUTH":     (_A,                _A,                R.AUTH_TWICE,      R.AUTH_IN_TRANSACTION, R.AUTH_IN_TRANSACTION),
+    "MAIL":     (R.NEED_AUTH,       R.NEED_AUTH,       _M,                R.NESTED_MAIL,   R.NESTED_MAIL),
     "RCPT":     (R.NEED_MAIL,       R.NEED_MAIL,       R.NEED_MAIL,       _R,              _R),
     "DATA":     (R.NEED_MAIL_DATA,  R.NEED_MAIL_DATA,  R.NEED_MAIL_DATA,  R.NO_RECIPIENTS, State.DATA),
     "RSET":     (_C,                _G,                _A,                _A,              _A),
@@ -462,6 +464,10 @@ class Session:
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
+            if body[:5].upper() in (b"EHLO ", b"HELO "):
+                # a computer name in its code page (Latin-1, CP850): taken,
+                # never shown raw (see _greet)
+                return body.decode("utf-8", "surrogateescape")
             return R.NOT_UTF8
 
     def _handle_line(self, raw: bytes | Reply) -> None:
@@ -555,7 +561,11 @@ class Session:
         self._greet(arg, nxt, esmtp=False)
 
     def _greet(self, arg: str, nxt: State, esmtp: bool) -> None:
-        if not arg or len(arg) > 255 or not all(33 <= ord(c) <= 126 for c in arg):
+        # Any name is taken, as the original and Postfix take it (a Windows
+        # computer name, a name with a space, 505 octets): it is only shown.
+        # The relay uses it upstream (cloneEhlo) or in Received: only when it
+        # is a domain or address literal (is_ehlo_name), the log escapes it.
+        if not arg:
             self._reply(R.SYNTAX_DOMAIN)
             return
         self._end_transaction()
@@ -576,9 +586,9 @@ class Session:
         if s.advertise_8bitmime:
             ext.append("8BITMIME")
         ext.append("ENHANCEDSTATUSCODES")
-        if s.tls_available and not self.encrypted:
+        if (s.tls_available or s.tls_broken) and not self.encrypted:
             ext.append("STARTTLS")
-        if self.user is None and (self.encrypted or not s.require_encryption):
+        if self.user is None and (self.encrypted or not (s.require_encryption or s.tls_broken)):
             ext.append("AUTH PLAIN LOGIN")
             ext.append("AUTH=PLAIN LOGIN")  # for pre-RFC 2554 clients (old Outlook, scanners)
         ext.append("HELP")
@@ -664,6 +674,13 @@ class Session:
                "credentials not UTF-8" if not (_is_text(user) and _is_text(password)) else "")
         if why:
             self._auth_refused(mech, user, why)
+            return
+        if self.settings.tls_broken and not self.encrypted:
+            # the certificate would not load, so STARTTLS fails: a client
+            # that went on without it (an "if available" setting) is not
+            # logged in in clear, whatever mailerEncryption allows (AUTH was
+            # not advertised); its syntax errors got their replies above
+            self._reply(R.AUTH_NEEDS_TLS)
             return
         self._awaiting = _Await.AUTH
         self._events.append(AuthRequested(mech, user, Secret(password)))

@@ -66,7 +66,12 @@ class TLSError(Exception):
 
 
 class TLSConfigError(TLSError):
-    """A certificate or key that cannot be used (missing, unreadable, mismatched)."""
+    """A certificate or key that cannot be used (missing, unreadable, mismatched);
+    `keyword` is the config keyword that names the file at fault."""
+
+    def __init__(self, message: str, keyword: str = "sslCert") -> None:
+        super().__init__(message)
+        self.keyword = keyword
 
 
 class TLSHandshakeError(TLSError):
@@ -105,14 +110,14 @@ def _describe_openssl(exc: BaseException) -> str:
 def server_context(cert_file: str, key_file: str) -> SSL.Context:
     """A server context with the certificate chain and key loaded now (as root,
     before the privilege drop). Raises TLSConfigError naming the file."""
-    for what, path in (("certificate", cert_file), ("key", key_file)):
+    for what, path, keyword in (("certificate", cert_file, "sslCert"), ("key", key_file, "sslKey")):
         if not path:
-            raise TLSConfigError(f"no TLS {what} file configured")
+            raise TLSConfigError(f"no TLS {what} file configured ({keyword})", keyword)
         try:
             with open(path, "rb"):
                 pass
         except OSError as e:
-            raise TLSConfigError(f"{path}: cannot read TLS {what}: {e.strerror or e}") from None
+            raise TLSConfigError(f"{path}: cannot read TLS {what}: {e.strerror or e}", keyword) from None
     ctx = _base_context(SSL.TLS_SERVER_METHOD)
     ctx.set_options(_SERVER_OPTIONS)
     # and no server-side session cache either: with tickets off, every TLS
@@ -122,18 +127,21 @@ def server_context(cert_file: str, key_file: str) -> SSL.Context:
     try:
         ctx.use_certificate_chain_file(os.fsencode(cert_file))
     except SSL.Error as e:
-        raise TLSConfigError(f"{cert_file}: not a usable PEM certificate chain ({_describe_openssl(e)})") from None
+        raise TLSConfigError(f"{cert_file}: not a usable PEM certificate chain ({_describe_openssl(e)})",
+                             "sslCert") from None
     try:
         ctx.use_privatekey_file(os.fsencode(key_file))
     except SSL.Error as e:
         reason = _describe_openssl(e)
         if "mismatch" in reason:
-            raise TLSConfigError(f"{key_file}: the key does not match the certificate in {cert_file}") from None
-        raise TLSConfigError(f"{key_file}: not a usable PEM private key ({reason})") from None
+            raise TLSConfigError(f"{key_file}: the key does not match the certificate in {cert_file}",
+                                 "sslKey") from None
+        raise TLSConfigError(f"{key_file}: not a usable PEM private key ({reason})", "sslKey") from None
     try:
         ctx.check_privatekey()
     except SSL.Error:
-        raise TLSConfigError(f"{key_file}: the key does not match the certificate in {cert_file}") from None
+        raise TLSConfigError(f"{key_file}: the key does not match the certificate in {cert_file}",
+                             "sslKey") from None
     ctx.set_session_id(b"sendooway")
     return ctx
 

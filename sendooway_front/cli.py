@@ -20,7 +20,7 @@ import time
 
 from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, to_devnull
-from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
+from sendooway_shared.config import ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 
 EXIT_FAILURE = 1
@@ -319,11 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                     " memory; start sendooway as root (it drops to frontendUser) or as an"
                     " account of its own")
     _fail = startup.fail
-    if cfg.authBackend is AuthBackend.LDAP:  # no authenticator serves it: clients would get 454
-        return _fail(log, cfg.backend_refusal(0) or "authBackend = LDAP")
 
     from ._authlink import (
-        AuthLinkError, SocketConnector, daemon_problem, daemon_reachable, spawn_daemon, spawn_pair,
+        AbsentConnector, AuthLinkError, SocketConnector, daemon_problem, daemon_reachable,
+        spawn_daemon, spawn_pair,
     )
     from ._driver import Frontend
     from ._privileges import PrivilegeError, acting_as, drop_privileges
@@ -335,11 +334,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # TLS: the key is read now, as root.
     tls_context = None
+    tls_broken = False
     if cfg.sslCert or cfg.sslKey or args.ssl:
         try:
             tls_context = server_context(cfg.sslCert, cfg.sslKey)
         except TLSConfigError as exc:
-            return _fail(log, str(exc))
+            problem = f"{cfg.where(exc.keyword)}: {exc}"
+            if not one_session or args.ssl:
+                return _fail(log, problem)
+            # One session (inetd, a test session): served as the original
+            # served it, which loaded the files only at STARTTLS. STARTTLS
+            # is still offered and refused (454), so that a client set to
+            # use it stops instead of logging in without it; every session
+            # logs why.
+            log.error("%s; STARTTLS is refused in this session (454 4.7.0)", problem)
+            tls_broken = True
     # and the upstreams' CA certificates (sslCA), which frontendUser may not
     # be able to read: a bad file is a start-up error, as a bad key is
     if cfg.sslCA:
@@ -392,7 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(log, str(exc), EXIT_FAILURE)
     if root_only:
         log.error("%s", _root_only_socket(path, cfg.frontendUser, refusal, private=not sandboxed))
-    if reachable or not is_root or sandboxed:
+    by_hand = one_session and not startup.client and connection is None
+    if not reachable and not is_root and by_hand:
+        # a session typed or piped by a user (the original's own checks ran
+        # `sendooway -c /dev/null -l '&2'` so): served without authenticator
+        # rather than refused with 421 at once; an inetd client (a socket on
+        # stdin) still gets the 421, its service is down
+        why = f"no authenticator at {path} (sendooway runs as uid {os.geteuid()}, not root)"
+        connector = AbsentConnector(why)
+        log.warning("%s: a session without logins (AUTH gets 454); run it as root, or"
+                    " start sendooway-auth, for a real one", why)
+    elif reachable or not is_root or sandboxed:
         connector = SocketConnector(path, cfg.timeout, frontend_uid)
         if not reachable and not root_only:
             log.warning("no authenticator at %s: sessions get 421 until it runs%s", path,
@@ -418,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("no authenticator at %s: started %s", path, connector.describe())
 
     frontend = Frontend(cfg, tls_context=tls_context, implicit_tls=args.ssl,
-                        channel_safe=args.nossl, connector=connector)
+                        channel_safe=args.nossl, connector=connector, tls_broken=tls_broken)
     if (cfg.mailerEncryption is MailerEncryption.REQUIRED and tls_context is None
             and not args.nossl):
         log.warning("mailerEncryption = required but no sslCert/sslKey and no -S:"

@@ -177,8 +177,9 @@ class Config:
         this authBackend (checked at start-up by the daemon, and by a root
         frontend that starts its own authenticator), or None."""
         if self.authBackend is AuthBackend.LDAP:
-            return (f"{self.where('authBackend')}: authBackend = LDAP is not supported;"
-                    " use authBackend = PAM with pam_ldap or SSSD")
+            problems = ldap_problems(self)
+            if problems:
+                return f"{self.where('authBackend')}: authBackend = LDAP: " + "; ".join(problems)
         if self.authBackend is AuthBackend.NONE and authenticator_uid == 0:
             return (f"{self.where('authBackend')}: authBackend = none logs in the account"
                     " sendooway-auth runs as without a password, and that is root here;"
@@ -186,10 +187,69 @@ class Config:
         return None
 
 
+def ldap_problems(cfg: Config) -> list[str]:
+    """What keeps authBackend = LDAP from working (each with its file:line)."""
+    problems = []
+    if not cfg.ldapUri.strip():
+        problems.append(f"{cfg.where('ldapUri')}: ldapUri is not set")
+    else:
+        problems += [f"{cfg.where('ldapUri')}: {p}" for p in _ldap_uri_problems(cfg.ldapUri)]
+    if "%u" not in cfg.ldapAuthDN:
+        problems.append(f"{cfg.where('ldapAuthDN')}: ldapAuthDN must name the user's entry"
+                        " with %u (uid=%u,ou=people,dc=example,dc=org)")
+    return problems
+
+
+def _ldap_uri_problems(value: str) -> list[str]:
+    from urllib.parse import urlsplit
+
+    problems = []
+    for uri in value.split():
+        try:
+            parts = urlsplit(uri)
+            port = parts.port
+        except ValueError:
+            problems.append(f"{uri}: not an LDAP URI")
+            continue
+        if parts.scheme.lower() not in ("ldap", "ldaps"):
+            problems.append(f"{uri}: only ldap:// and ldaps:// are supported")
+        elif not parts.hostname:
+            problems.append(f"{uri}: no server name")
+        elif parts.path not in ("", "/") or parts.query or parts.fragment:
+            problems.append(f"{uri}: only a server and port may be given")
+        elif port == 0:
+            problems.append(f"{uri}: port 0")
+    return problems
+
+
+def _ldap_cleartext(cfg: Config) -> str | None:
+    """A warning for ldap:// URIs to another host: the users' passwords
+    cross the network in clear there."""
+    from urllib.parse import urlsplit
+
+    if cfg.authBackend is not AuthBackend.LDAP:
+        return None
+    clear = []
+    for uri in cfg.ldapUri.split():
+        try:
+            parts = urlsplit(uri)
+            host = (parts.hostname or "").lower()
+        except ValueError:
+            continue
+        if parts.scheme.lower() == "ldap" and host not in ("localhost", "127.0.0.1", "::1"):
+            clear.append(uri)
+    if not clear:
+        return None
+    return (f"{cfg.where('ldapUri')}: {' '.join(clear)}: the users' passwords go to the"
+            " directory in clear; use ldaps://")
+
+
 def config_warnings(cfg: Config) -> list[str]:
     """What is worth a warning in the global config (at start, at a reload,
     in --check)."""
     found = [comment_cut_warning(cfg.filename, n) for n in cfg.comment_cuts]
+    if (clear := _ldap_cleartext(cfg)) is not None:
+        found.append(clear)
     if (exposed := exposed_passwords(cfg)) is not None:
         found.append(exposed)
     return found

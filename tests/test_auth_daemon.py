@@ -294,7 +294,7 @@ def test_stale_socket_is_replaced_but_a_live_one_is_not(tmp_path, tmp_config, wo
         assert d1.stop() == 0
 
 
-def test_ldap_backend_is_refused_at_startup(tmp_path, tmp_config):
+def test_ldap_backend_without_its_settings_is_refused_at_startup(tmp_path, tmp_config):
     import subprocess
     import sys
     conf = tmp_config("authBackend = LDAP\n")
@@ -302,8 +302,8 @@ def test_ldap_backend_is_refused_at_startup(tmp_path, tmp_config):
                           "--socket", str(tmp_path / "s" / "auth.sock")],
                          capture_output=True, text=True, timeout=20)
     assert res.returncode == 2
-    assert "authBackend = LDAP is not supported; use authBackend = PAM with pam_ldap or SSSD" \
-        in res.stderr
+    assert "authBackend = LDAP: " in res.stderr and "ldapUri is not set" in res.stderr
+    assert "ldapAuthDN must name the user's entry with %u" in res.stderr
     assert not (tmp_path / "s" / "auth.sock").exists()
 
 

@@ -93,9 +93,10 @@ def test_missing_config_exits_2(cmd, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _inetd_run(args, stderr_is_client: bool):
+def _inetd_run(args, stderr_is_client: bool, send: bytes = b""):
     """Run the frontend as inetd would: fd 0 and 1 (and with xinetd 2) are
-    the client's socket. Returns (exit code, what the client read, stderr)."""
+    the client's socket; the client sends `send`. Returns (exit code, what
+    the client read, stderr)."""
     from .test_front_proxy_e2e import read_until_closed
 
     client, server = __import__("socket").socketpair()
@@ -103,6 +104,8 @@ def _inetd_run(args, stderr_is_client: bool):
     proc = subprocess.Popen([FRONT, *args], stdin=server.fileno(), stdout=server.fileno(),
                             stderr=err)
     server.close()
+    if send:
+        client.sendall(send)
     _out, stderr = proc.communicate(timeout=60)
     client.settimeout(10)
     seen = read_until_closed(client)
@@ -127,13 +130,22 @@ def test_inetd_start_up_error_gives_the_client_a_421_not_the_config(tmp_path, st
         assert f"{conf}:3: unknown keyword" in stderr
 
 
-def test_inetd_tls_key_error_gives_the_client_a_421(tmp_path):
+def test_inetd_tls_key_error_is_logged_and_no_login_goes_without_tls(tmp_path):
+    """A certificate that will not load, under inetd: the session is served
+    as the original served it (STARTTLS offered, 454), the log names the
+    config line at every session, and no login happens in clear instead
+    (AUTH not offered; it used to be a 421 and exit 2)."""
     conf = tmp_path / "tls.conf"
     conf.write_text(f"sslCert = {tmp_path}/none.pem\nsslKey = {tmp_path}/none.key\n")
     logfile = tmp_path / "front.log"
-    code, seen, stderr = _inetd_run(["-c", str(conf), "-l", str(logfile)], True)
-    assert code == 2 and seen.startswith(b"421 ") and b"none" not in seen
-    assert "cannot start:" in logfile.read_text() and "none.pem" in logfile.read_text()
+    code, seen, stderr = _inetd_run(["-c", str(conf), "-l", str(logfile)], True,
+                                    b"EHLO c\r\nSTARTTLS\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
+                                    b"QUIT\r\n")
+    assert seen.startswith(b"220 ") and b"none" not in seen, seen
+    assert b"250-STARTTLS" in seen and b"AUTH PLAIN" not in seen
+    assert b"\r\n454 4.7.0" in seen and b"\r\n538 5.7.11" in seen, seen
+    text = logfile.read_text()
+    assert f"{conf}:1: {tmp_path}/none.pem: cannot read TLS certificate" in text, text
 
 
 def test_default_log_is_syslog_facility_mail(tmp_path):

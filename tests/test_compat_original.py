@@ -25,7 +25,7 @@ from sendooway_front._stream import LfAsCrlf
 from sendooway_shared.config import parse_config
 from sendooway_shared.types import TlsMode
 
-from .front_util import FRONT, stdio_session
+from .front_util import FRONT, NOBODY, stdio_session
 
 F = "/home/alice/.fetchmailrc"
 G = "/home/alice/.getmail/getmailrc"
@@ -285,3 +285,150 @@ def test_socket_on_stdin_still_refuses_bare_lf(tmp_path):
         assert proc.wait(20) == 0
     assert b"500 5.5.2" in out and out.endswith(b"221 2.0.0 Bye\r\n"), out
     assert b"250-PIPELINING" not in out
+
+
+# ------------------------------------------------------------ the original's own test scripts
+# Its `make check` piped commands into `sendooway -c /dev/null -l '&2'` (or
+# -c with its sample config), one process per check, and read the reply
+# codes; monitoring scripts written against it do the same. The cases
+# below are those checks (commands and expected codes), as facts.
+
+_NO_EHLO_CASES = [
+    (["KUSPBV_IS_NO_VALID_KEYWORD"], "502"),
+    (["HELO Foo"], "250"),
+    (["EHLO bar"], "250"),
+    (["RSET"], "250"),
+    (["MAIL FROM: <alice>"], "530"),
+    (["RCPT TO: <bob>"], "503"),
+    (["DATA"], "503"),
+    (["AUTH ME"], "504"),
+    (["AUTH LOGIN"], "334"),
+    (["AUTH LOGIN", "*"], "501"),
+    (["AUTH PLAIN"], "334"),
+    (["AUTH PLAIN", "*"], "501"),
+    (["NOOP"], "250"),
+    (["QUIT"], "221"),
+]
+
+
+@pytest.mark.parametrize("user", [None, NOBODY], ids=["root", "not-root"])
+@pytest.mark.parametrize("lines, code", _NO_EHLO_CASES, ids=[c[0][-1] for c in _NO_EHLO_CASES])
+def test_the_originals_command_checks_without_ehlo(world, tmp_path, lines, code, user):
+    """Each command alone, no EHLO before it, LF line ends (echo): the
+    greeting is 220 and the last reply has the original's code, as root (an
+    authenticator of its own) and as an ordinary user with no daemon (the
+    original's `make check`). MAIL, AUTH and STARTTLS used to be refused
+    before EHLO (503 "Send EHLO first"): six of these fourteen checks failed
+    as root, and all of them as a user (421 at once)."""
+    out, err, rc = stdio_session(
+        [FRONT, "-c", "/dev/null", "-l", "&2", "--auth-socket", str(tmp_path / "none.sock")],
+        "".join(line + "\n" for line in lines).encode(), user=user)
+    replies = out.decode().split("\r\n")
+    assert replies[0].startswith("220 "), out
+    last = [r for r in replies[1:] if r][-1]
+    assert last[:3] == code, (out, err)
+
+
+def _sample_config(tmp_path) -> str:
+    """A config with the keywords and values of the original's sample
+    (etc/sendooway.conf), certificate paths that do not exist included."""
+    path = tmp_path / "sample.conf"
+    path.write_text(
+        "localname =\ntimeout = 30\ncloneEhlo = yes\naddReceivedField = yes\n"
+        f"sslCA   =\nsslCert = {tmp_path}/missing/sendooway.crt\n"
+        f"sslKey  = {tmp_path}/missing/sendooway.key\n"
+        "mailerEncryption = allowed\next8BitMime = ignore\nextMessageSize = 52428800\n"
+        "smarthostPlain   = ifAdvertised\nsmarthostLogin   = ifAdvertised\n"
+        "smarthostCramMD5 = alwaysTry\nValidUser = %users\n"
+        "smarthostMapping = fetchmail:%h/.fetchmailrc\n"
+        "smarthostMapping = getmail:%h/.getmail/getmailrc\n"
+        "smarthostMapping = direct:foobar@example.com smtp.example.com foo secret\n"
+        "userInclude = %h/.sendoowayrc\n")
+    return str(path)
+
+
+def _codes(out: bytes) -> list[str]:
+    return [r[:3] for r in out.decode("utf-8", "replace").split("\r\n")[1:] if r]
+
+
+def test_the_originals_sample_config_starts_without_its_certificate_files(world, tmp_path):
+    """`echo QUIT | sendooway -l '&2' -c sample.conf` (the original's
+    conftest) exits 0 although sslCert/sslKey name missing files: the
+    original loaded them only at STARTTLS. It used to exit 2 at once. The
+    session offers STARTTLS and refuses it (454), so that a client set to use
+    it stops rather than log in without it, and the log says which line of
+    which file is at fault."""
+    conf = _sample_config(tmp_path)
+    argv = [FRONT, "-c", conf, "-l", "&2", "--auth-socket", str(tmp_path / "none.sock")]
+    out, err, rc = stdio_session(argv, b"QUIT\n")
+    assert rc == 0 and out.startswith(b"220 ") and out.endswith(b"221 2.0.0 Bye\r\n"), (out, err)
+    assert f"{conf}:6: {tmp_path}/missing/sendooway.crt: cannot read TLS certificate".encode() in err
+    out, err, rc = stdio_session(argv, b"EHLO c\r\nSTARTTLS\r\nQUIT\r\n")
+    assert b"250-STARTTLS" in out and _codes(out)[-2:] == ["454", "221"], out
+
+
+def test_a_listening_frontend_still_refuses_to_start_without_its_certificate(world, tmp_path):
+    """A daemon (-b) with a missing certificate stops at start (exit 2), the
+    error naming the config line, so that the service manager shows it."""
+    conf = _sample_config(tmp_path)
+    r = subprocess.run([FRONT, "-c", conf, "-l", "&2", "-b", "127.0.0.1:0",
+                        "--auth-socket", str(tmp_path / "none.sock")],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 2, r
+    assert f"{conf}:6: {tmp_path}/missing/sendooway.crt: cannot read TLS certificate".encode() in r.stderr
+
+
+@pytest.mark.parametrize("script, code, name", [
+    (b"HELO B\x00B\r\n", "500", "garbage ident"),
+    (b"HELO " + b"a" * 505 + b"\r\n", "250", "longest command line"),
+    (b"HELO " + b"a" * 506 + b"\r\n", "500", "one octet too long"),
+    (b"AUTH PLAIN abc[]def\n\r", "501", "garbage base64"),
+])
+def test_the_originals_input_checks(world, tmp_path, script, code, name):
+    """The original's input checks, with its sample config: every reply
+    after the greeting has the expected code. A 512-octet HELO (505 a's)
+    used to get 501 (not a domain) and AUTH without EHLO 503."""
+    out, err, rc = stdio_session(
+        [FRONT, "-c", _sample_config(tmp_path), "-l", "&2",
+         "--auth-socket", str(tmp_path / "none.sock")], script)
+    codes = _codes(out)
+    assert codes and set(codes) == {code}, (name, out)
+    assert all(len(line) <= 510 for line in out.split(b"\r\n")), "a reply line over 512 octets"
+
+
+def test_any_ehlo_name_is_taken_and_shown_only_when_safe(world, tmp_path):
+    """Names that are no domain (a space, Latin-1 octets of a Windows
+    computer name) are taken as the original and Postfix take them (they
+    used to get 501 or 500, and the client could not send at all); the reply
+    echoes only a plain one and the log escapes them."""
+    out, err, rc = stdio_session(
+        [FRONT, "-c", "/dev/null", "-l", "&2", "--auth-socket", str(tmp_path / "none.sock")],
+        b"EHLO my host\r\nEHLO G\xfcnter-PC\r\nHELO DESKTOP_4F2A\r\nQUIT\r\n")
+    lines = out.split(b"\r\n")
+    assert _codes(out)[-1] == "221" and "500" not in _codes(out) and "501" not in _codes(out), out
+    hellos = [line for line in lines if b" Hello" in line]
+    assert [h.split(b" Hello")[1] for h in hellos] == [b"", b"", b" DESKTOP_4F2A"], out
+    assert b"\xfc" not in err
+
+
+@pytest.mark.parametrize("hello", [b"", b"EHLO my host\r\n", b"HELO G\xfcnter-PC\r\n"],
+                         ids=["no EHLO", "a space", "latin-1"])
+def test_a_message_without_ehlo_or_with_a_name_that_is_no_domain(monkeypatch, hello):
+    """AUTH and MAIL without any EHLO (the original took them), or after a
+    name that is no domain: the message goes through; upstream the relay
+    says its own name (cloneEhlo cannot send that one) and the Received:
+    header says `from unknown`."""
+    from tests.front_util import login_plain
+    from tests.scripted_relay import careful, converse
+
+    steps = [
+        hello + b"AUTH PLAIN " + login_plain("alice", "pw-alice").encode() + b"\r\n",
+        b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
+        b"Subject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n",
+    ]
+    out, up, _log = converse(monkeypatch, careful, steps, cloneEhlo=True, addReceivedField=True)
+    assert b"250 2.0.0 queued" in out, out
+    [message] = up.messages
+    ehlo = [line for line in up.lines if line[:4].upper() == b"EHLO"]
+    assert ehlo and all(b"host" not in line and b"PC" not in line for line in ehlo), ehlo
+    assert message.startswith(b"Received: from unknown ("), message[:200]

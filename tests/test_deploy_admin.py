@@ -90,7 +90,8 @@ def _send_as_alice(world, port: int) -> tuple[int, bytes]:
 
 def _ldap_config(tmp_path: Path) -> Path:
     """The shipped example with the original's authBackend = LDAP, as a
-    migrating admin's file reads (docs/deployment.md, section 5)."""
+    migrating admin's file reads (docs/deployment.md, section 5), but
+    without an ldapAuthDN: a config the authenticator refuses at start."""
     text = (PACKAGING / "sendooway.conf").read_text()
     text = re.sub(r"^sslCert =.*$", "sslCert =", text, flags=re.M)
     text = re.sub(r"^sslKey =.*$", "sslKey =", text, flags=re.M)
@@ -136,7 +137,7 @@ def test_socketpair_authenticator_never_writes_into_the_inetd_client_connection(
                          b"EHLO client.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nQUIT\r\n",
                          program=program)
     lines = seen.split(b"\r\n")
-    # (LDAP is now refused by the frontend itself at start: 421, nothing else)
+    # (this LDAP config is refused by the frontend itself at start: 421, nothing else)
     first = b"421 " if trigger == "authBackend-LDAP" else b"220 "
     assert lines[0].startswith(first) and lines[-1] == b"", seen
     junk = [line for line in lines[:-1] if not re.match(rb"^\d{3}[ -]", line)]
@@ -145,8 +146,8 @@ def test_socketpair_authenticator_never_writes_into_the_inetd_client_connection(
 
 
 def test_root_frontend_refuses_authbackend_ldap_at_start(tmp_path):
-    """sendooway.conf(5) and docs/deployment.md: "authBackend = LDAP is
-    refused at start-up". Only the daemon checks it (check_backend in
+    """An LDAP config the authenticator must refuse (no ldapAuthDN with %u)
+    is refused at start-up by a root frontend too. Only the daemon checked it (check_backend in
     sendooway_auth/_server.py). The original's own deployment - xinetd/inetd
     starting sendooway as root, the one a migrating admin keeps - greets
     220, offers AUTH and answers every login 454 "Temporary authentication

@@ -255,13 +255,23 @@ def test_rcpts_pipelined_behind_an_unrouted_mail_cost_no_error_points(world, tmp
     assert codes == [220, 250, 235, 550] + [503] * 25 + [503, 250, 221], out
 
 
-def test_stdio_non_root_without_daemon_says_421(world, tmp_path):
+def test_stdio_non_root_without_daemon_is_a_session_without_logins(world, tmp_path):
+    """A test session piped in by a user who is not root, no daemon: the
+    original's own checks ran `sendooway -c /dev/null -l '&2'` so, and all of
+    them failed on an at once 421. Now the session runs; a login is a
+    temporary failure (454, never 535: no password was checked), and the log
+    says why. (An inetd client, a socket on stdin, still gets the 421: see
+    test_xinetd_nobody_block_without_daemon_greets_421.)"""
     sock = tmp_path / "absent.sock"
     out, err, rc = stdio_session(
         [FRONT, "-c", "/dev/null", "-l", "&2", "--auth-socket", str(sock)],
-        b"EHLO x\r\n", user=NOBODY)
-    assert out.startswith(b"421 4.3.0"), (out, err)
-    assert str(sock).encode() in err
+        b"EHLO x\nMAIL FROM:<a@b.c>\nAUTH LOGIN\n*\nAUTH PLAIN AGFsaWNlAHB3\nQUIT\n",
+        user=NOBODY)
+    codes = [int(line[:3]) for line in out.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [220, 250, 530, 334, 501, 454, 221], (out, err)
+    assert rc == 0
+    assert f"no authenticator at {sock}".encode() in err
+    assert b"AUTH gets 454" in err
 
 
 def test_stdio_as_nobody_with_daemon(setup):
@@ -325,11 +335,19 @@ def test_bad_tls_key_is_a_clear_startup_error(world, tmp_path, cert, key, messag
     paths = {"cert": world.cert_file, "other": str(other)}
     cfg = tmp_path / "c.conf"
     cfg.write_text(f"sslCert = {paths.get(cert, cert)}\nsslKey = {paths.get(key, key)}\n")
-    r = subprocess.run([FRONT, "-c", str(cfg), "-l", "&2"], input=b"", capture_output=True,
-                       timeout=30)
+    # a listening frontend does not start: exit 2, the config line named
+    r = subprocess.run([FRONT, "-c", str(cfg), "-l", "&2", "-b", "127.0.0.1:0"], input=b"",
+                       capture_output=True, timeout=30)
     assert r.returncode == 2
-    assert message in r.stderr.decode()
+    assert message in r.stderr.decode() and f"{cfg}:2: " in r.stderr.decode()
     assert r.stdout == b""
+    # one session (inetd, by hand) is served as the original served it:
+    # the error logged, STARTTLS refused (454), no login without TLS
+    r = subprocess.run([FRONT, "-c", str(cfg), "-l", "&2"], input=b"EHLO c\r\nSTARTTLS\r\n",
+                       capture_output=True, timeout=30)
+    assert message in r.stderr.decode() and "STARTTLS is refused in this session" in r.stderr.decode()
+    assert r.stdout.startswith(b"220 ") and b"\r\n454 4.7.0" in r.stdout, r.stdout
+    assert b"AUTH PLAIN" not in r.stdout
 
 
 # ------------------------------------------------------------ unreadable installation

@@ -49,7 +49,7 @@ def test_delivery_every_tls_mode(upstream_factory, tls):
     assert m.mail_from == "alice@example.com" and m.rcpt_tos == ["rcpt@example.org"]
     assert body_after_received(m.data) == STORED
     assert m.data.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby relay.test (sendooway)"
-                             b" with ESMTPSA id S1.1\r\n\t(authenticated user alice); ")
+                             b" with ESMTPSA id S1-1\r\n\t(authenticated user alice); ")
     assert m.helo == "relay.test"
     assert m.tls == (tls != "plain")
     assert m.login == ("up-user" if tls != "plain" else None)
@@ -322,9 +322,9 @@ def test_each_message_of_a_session_has_its_own_received_id(upstream_factory):
 
     run(go())
     ids = [m.data.split(b" id ", 1)[1].split(b"\r\n", 1)[0] for m in up.messages]
-    assert ids == [b"S1.1", b"S1.2"]
+    assert ids == [b"S1-1", b"S1-2"]
     lines = [x for x in handler.lines if ": message user=" in x]
-    assert [ln.split(" id=", 1)[1].split(" ", 1)[0] for ln in lines] == ["S1.1", "S1.2"]
+    assert [ln.split(" id=", 1)[1].split(" ", 1)[0] for ln in lines] == ["S1-1", "S1-2"]
 
 
 def test_data_abort_sends_no_final_dot(upstream_factory):

@@ -94,7 +94,7 @@ def test_pipelined_replies_come_in_order():
 
 
 @pytest.mark.parametrize("script, expected", [
-    (b"MAIL FROM:<a@b.c>\r\n", [503]),
+    (b"MAIL FROM:<a@b.c>\r\n", [530]),  # no EHLO needed first, as in the original
     (b"EHLO c\r\nMAIL FROM:<a@b.c>\r\n", [250, 530]),
     (b"EHLO c\r\nRCPT TO:<a@b.c>\r\n", [250, 503]),
     (b"EHLO c\r\nDATA\r\n", [250, 503]),
@@ -102,7 +102,7 @@ def test_pipelined_replies_come_in_order():
     (LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nDATA\r\n", [250, 235, 250, 554]),
     (LOGIN_ALICE + b"MAIL FROM:<a@b.c>\r\nMAIL FROM:<a@b.c>\r\n", [250, 235, 250, 503]),
     (LOGIN_ALICE + b"AUTH PLAIN\r\n", [250, 235, 503]),
-    (b"AUTH PLAIN\r\n", [503]),
+    (b"AUTH PLAIN\r\n", [334]),
     (b"EHLO c\r\nAUTH CRAM-MD5\r\n", [250, 504]),
     (b"EHLO c\r\nAUTH\r\n", [250, 501]),
     (b"EHLO\r\nHELO\r\n", [501, 501]),
@@ -187,9 +187,13 @@ def test_required_encryption_never_sends_the_password():
 
 def test_starttls_resets_the_session():
     h = Harness()
-    out = h.feed(b"EHLO c\r\nSTARTTLS\r\n")
-    out += h.feed(b"MAIL FROM:<a@b.c>\r\nEHLO c\r\nSTARTTLS\r\n")
-    assert codes(out) == [250, 220, 503, 250, 503]
+    out = h.feed(b"EHLO c\r\n")
+    assert h.session.client_name == "c" and h.session.esmtp
+    out += h.feed(b"STARTTLS\r\n")
+    assert h.session.client_name == "" and not h.session.esmtp  # EHLO forgotten
+    out += h.feed(b"MAIL FROM:<a@b.c>\r\n")
+    out += h.feed(b"EHLO c\r\nSTARTTLS\r\n")
+    assert codes(out) == [250, 220, 530, 250, 503]
     assert h.session.encrypted
 
 

@@ -1,0 +1,154 @@
+"""authBackend = LDAP: the original's built-in LDAP login, with ldap3.
+
+A login binds to `ldapUri` as `ldapAuthDN` with %u replaced by the login
+name (escaped as an RDN value, RFC 4514: a name cannot change the DN's
+shape) and the password, then reads that entry's `uid`, `uidNumber`,
+`gidNumber` and `homeDirectory`: the account served, whose files are read
+as that uid and gid, whether or not NSS knows it (as the original did).
+`ldapSSLca` is the CA file that ldaps:// certificates are checked
+against (the system's CAs without it); the server's name is checked too.
+Several URIs (separated by blanks, as OpenLDAP's ldap_initialize takes
+them) are tried in order while a server cannot be reached.
+
+Runs in the PAM worker threads (it blocks), bounded by `timeout` on
+connect and on every read. What the directory refuses is a failed login;
+what keeps it from answering is a temporary failure (454), never a wrong
+password.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import ssl
+from urllib.parse import urlsplit
+
+from sendooway_shared.config import Config
+from sendooway_shared.log import field, printable
+from sendooway_shared.types import Secret
+
+from ._users import UserInfo
+
+log = logging.getLogger("sendooway-auth")
+
+ATTRIBUTES = ("uid", "uidNumber", "gidNumber", "homeDirectory")
+INVALID_CREDENTIALS = 49
+# bind results that say "no" to this account rather than "cannot answer":
+# inappropriateAuthentication, insufficientAccessRights, unwillingToPerform
+# (a disabled account, a password policy lock), constraintViolation
+REFUSALS = frozenset({19, 48, 50, 53})
+
+
+def user_dn(template: str, name: str) -> str:
+    from ldap3.utils.dn import escape_rdn
+
+    return template.replace("%u", escape_rdn(name))
+
+
+def _server(uri: str, cfg: Config):
+    from ldap3 import NONE, Server, Tls
+
+    parts = urlsplit(uri)
+    secure = parts.scheme.lower() == "ldaps"
+    tls = None
+    if secure:
+        tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=cfg.ldapSSLca or None,
+                  version=ssl.PROTOCOL_TLS_CLIENT)
+    host = parts.hostname or ""
+    return Server(host, port=parts.port or (636 if secure else 389), use_ssl=secure, tls=tls,
+                  get_info=NONE, connect_timeout=int(cfg.timeout))
+
+
+def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, str]:
+    """(the account, "") or (None, reason); reasons starting "ldap-unavailable"
+    are temporary."""
+    from ldap3 import BASE, SIMPLE, Connection
+    from ldap3.core.exceptions import LDAPException
+
+    secret = password.reveal()
+    if not secret or not name:  # an empty password is an anonymous bind: never a login
+        return None, "empty-password"
+    dn = user_dn(cfg.ldapAuthDN, name)
+    trouble = ""
+    for uri in cfg.ldapUri.split():
+        conn = None
+        try:
+            conn = Connection(_server(uri, cfg), user=dn, password=secret,
+                              authentication=SIMPLE, read_only=True, raise_exceptions=False,
+                              receive_timeout=int(cfg.timeout))
+            if not conn.bind():
+                code = (conn.result or {}).get("result")
+                if code == INVALID_CREDENTIALS:
+                    return None, "wrong-password"
+                if code in REFUSALS:
+                    log.info("ldap: user=%s refused by %s: %s", field(name), printable(uri),
+                             printable(str((conn.result or {}).get("description", code))))
+                    return None, "ldap-refused"
+                trouble = f"{uri}: bind answered {printable(str(conn.result))}"
+                continue
+            if not conn.search(dn, "(objectClass=*)", search_scope=BASE,
+                               attributes=list(ATTRIBUTES)) or not conn.response:
+                trouble = f"{uri}: the entry {printable(dn)} could not be read after the bind"
+                continue
+            entry = next((r for r in conn.response if r.get("type") == "searchResEntry"), None)
+            if entry is None:
+                trouble = f"{uri}: the entry {printable(dn)} could not be read after the bind"
+                continue
+            return _account(entry.get("attributes", {}), dn, name)
+        except (LDAPException, OSError, ssl.SSLError) as exc:
+            trouble = f"{uri}: {_describe(exc)}"
+        finally:
+            if conn is not None:
+                try:
+                    conn.unbind()
+                except Exception:  # noqa: BLE001 - closing a connection that broke
+                    pass
+    log.error("ldap: user=%s no directory answered: %s", field(name), trouble)
+    return None, "ldap-unavailable"
+
+
+def _describe(exc: BaseException) -> str:
+    """A connection failure in a few words (ldap3 puts the whole peer
+    certificate into a name mismatch's text)."""
+    text = str(exc) or type(exc).__name__
+    if "doesn't match any name" in text or "match_hostname" in text:
+        return "the server's certificate is not for this name"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "the server's certificate is not trusted (ldapSSLca)"
+    return printable(text, 300)
+
+
+def _one(attrs: dict, key: str):
+    value = attrs.get(key)
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value
+
+
+def _account(attrs: dict, dn: str, name: str) -> tuple[UserInfo | None, str]:
+    """The entry's account, refused when it is incomplete or would read the
+    files as root."""
+    uid_name, uid, gid, home = (_one(attrs, k) for k in ATTRIBUTES)
+    missing = [k for k, v in zip(ATTRIBUTES, (uid_name, uid, gid, home)) if v in (None, "", [])]
+    if missing:
+        log.error("ldap: user=%s entry %s lacks %s: check ldapAuthDN and the entry",
+                  field(name), printable(dn), ", ".join(missing))
+        return None, "ldap-entry-incomplete"
+    try:
+        uid, gid = int(uid), int(gid)
+    except (TypeError, ValueError):
+        log.error("ldap: user=%s entry %s: uidNumber/gidNumber are not numbers",
+                  field(name), printable(dn))
+        return None, "ldap-entry-incomplete"
+    home = str(home)
+    uid_name = str(uid_name)
+    if uid <= 0 or gid <= 0 or uid >= 2**32 - 1 or gid >= 2**32 - 1:
+        log.error("ldap: user=%s entry %s: uidNumber %d gidNumber %d refused (root or"
+                  " out of range: the user's files are read as that account)",
+                  field(name), printable(dn), uid, gid)
+        return None, "ldap-root-account"
+    if not posixpath.isabs(home) or "\0" in home or "\0" in uid_name or "/" in uid_name:
+        log.error("ldap: user=%s entry %s: unusable uid or homeDirectory", field(name),
+                  printable(dn))
+        return None, "ldap-entry-incomplete"
+    return UserInfo(uid_name, uid, gid, posixpath.normpath(home), (gid,)), ""
