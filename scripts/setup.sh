@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# (man-db: lexgrog for the man page test; python3-setuptools and git: the
+# sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
-      fail2ban systemd haproxy postfix logrotate libpam0g-dev slapd)
+      fail2ban systemd haproxy postfix logrotate libpam0g-dev slapd
+      man-db python3-setuptools curl git)
 
 missing=()
 for p in "${DEBS[@]}"; do

@@ -155,9 +155,12 @@ def test_default_log_is_syslog_facility_mail(tmp_path):
 
     if os.path.exists("/dev/log"):
         pytest.skip("this machine has a syslog daemon on /dev/log; the UDP fallback is not used")
-    rx = socketmod.socket(socketmod.AF_INET, socketmod.SOCK_DGRAM)
+    # where SysLogHandler(("localhost", 514)) sends: the first address of
+    # localhost, ::1 on a stock Debian /etc/hosts
+    family, _t, _p, _c, addr = socketmod.getaddrinfo("localhost", 514, 0, socketmod.SOCK_DGRAM)[0]
+    rx = socketmod.socket(family, socketmod.SOCK_DGRAM)
     try:
-        rx.bind(("127.0.0.1", 514))
+        rx.bind(addr)
     except OSError as exc:
         pytest.skip(f"UDP port 514 not available here: {exc}")
     rx.settimeout(10)

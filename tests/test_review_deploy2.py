@@ -198,9 +198,12 @@ def test_xinetd_log_target_refused_at_start_is_reported_somewhere(world, deploym
     conf = _xinetd_config(dep, _xinetd_block("submission-nobody"), port)
     target = str(root_log) if log_arg == "root-owned-file" else "&2"
     conf.write_text(conf.read_text().replace(str(dep.front_log), target))
-    rx = socketmod.socket(socketmod.AF_INET, socketmod.SOCK_DGRAM)
+    # where SysLogHandler(("localhost", 514)) sends: the first address of
+    # localhost, ::1 on a stock Debian /etc/hosts
+    family, _t, _p, _c, addr = socketmod.getaddrinfo("localhost", 514, 0, socketmod.SOCK_DGRAM)[0]
+    rx = socketmod.socket(family, socketmod.SOCK_DGRAM)
     try:
-        rx.bind(("127.0.0.1", 514))
+        rx.bind(addr)
     except OSError as exc:
         rx.close()
         pytest.skip(f"UDP port 514 not available here: {exc}")

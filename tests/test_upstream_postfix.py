@@ -287,7 +287,8 @@ class Sink:
         self._lock = threading.Lock()
         self.port = free_port()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port, decode_data=False,
-                                      enable_SMTPUTF8=True, data_size_limit=0, ready_timeout=10)
+                                      enable_SMTPUTF8=True, data_size_limit=0, ready_timeout=10,
+                                      server_hostname="sink.test")
 
     async def handle_DATA(self, server, session, envelope):
         with self._lock:

@@ -162,6 +162,8 @@ class FakeUpstream:
             auth_required=self.accounts is not None,
             auth_require_tls=False,
             ready_timeout=10,
+            # not socket.getfqdn() per connection: a name lookup that can stall 5 s
+            server_hostname="upstream.test",
             auth_exclude_mechanism=[m for m in ("LOGIN", "PLAIN", "CRAM-MD5")
                                     if m not in self.auth_mechanisms],
         )
