@@ -233,3 +233,20 @@ class ListeningFrontend:
         lg.removeHandler(self.handler)
         lg.setLevel(self._saved[0])
         lg.propagate = self._saved[1]
+
+
+def greeted_message(monkeypatch, greeting: bytes) -> tuple[bytes, bytes, list[bytes]]:
+    """alice sends one message after `greeting` (EHLO/HELO lines, or none)
+    with cloneEhlo and the Received: header on, through `careful`: (what
+    the client read, the message the upstream got, its EHLO lines)."""
+    from tests.front_util import login_plain
+
+    steps = [
+        greeting + b"AUTH PLAIN " + login_plain("alice", "pw-alice").encode() + b"\r\n",
+        b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
+        b"Subject: greeted\r\n\r\nhello\r\n.\r\nQUIT\r\n",
+    ]
+    out, up, _log = converse(monkeypatch, careful, steps, cloneEhlo=True, addReceivedField=True)
+    assert b"250 2.0.0 queued" in out, out
+    [message] = up.messages
+    return out, message, [line for line in up.lines if line[:4].upper() == b"EHLO"]

@@ -418,17 +418,8 @@ def test_a_message_without_ehlo_or_with_a_name_that_is_no_domain(monkeypatch, he
     name that is no domain: the message goes through; upstream the relay
     says its own name (cloneEhlo cannot send that one) and the Received:
     header says `from unknown`."""
-    from tests.front_util import login_plain
-    from tests.scripted_relay import careful, converse
+    from tests.scripted_relay import greeted_message
 
-    steps = [
-        hello + b"AUTH PLAIN " + login_plain("alice", "pw-alice").encode() + b"\r\n",
-        b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
-        b"Subject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n",
-    ]
-    out, up, _log = converse(monkeypatch, careful, steps, cloneEhlo=True, addReceivedField=True)
-    assert b"250 2.0.0 queued" in out, out
-    [message] = up.messages
-    ehlo = [line for line in up.lines if line[:4].upper() == b"EHLO"]
+    _out, message, ehlo = greeted_message(monkeypatch, hello)
     assert ehlo and all(b"host" not in line and b"PC" not in line for line in ehlo), ehlo
     assert message.startswith(b"Received: from unknown ("), message[:200]
