@@ -5,12 +5,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 MAX_FILE = 1 << 20          # bytes of one file
 MAX_TOTAL = 4 << 20         # bytes of all files of one lookup
 MAX_FILES = 32              # distinct files one lookup may read
 MAX_PATH = 4096
+# An empty file written less than this long ago is read again once, this
+# long after: an editor that saves in place (nano; vim with backupcopy=yes)
+# truncates first, and a lookup in between found no account at all: a
+# permanent 550 for a message sent while the user saved (a soak test).
+SETTLE = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,23 @@ class Budget:
         self.left = total
 
 
-def read_one(path: str, budget: Budget) -> FileRead:
+def read_one(path: str, budget: Budget, settle: bool = True) -> FileRead:
     """Read `path` with the rights of the calling process: never follow it
-    into a FIFO or device (O_NONBLOCK, then fstat), at most MAX_FILE bytes."""
+    into a FIFO or device (O_NONBLOCK, then fstat), at most MAX_FILE bytes.
+    An empty file that was written just now is read again once (SETTLE)."""
+    read = _read_one(path, budget)
+    if settle and read.ok and read.size == 0:
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except (OSError, ValueError):
+            return read
+        if -SETTLE < age < SETTLE:
+            time.sleep(SETTLE - max(age, 0.0))
+            return _read_one(path, budget)
+    return read
+
+
+def _read_one(path: str, budget: Budget) -> FileRead:
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)

@@ -114,6 +114,10 @@ class Penalty:
             self._save(k, c + 1, now, account=account and k.startswith("u:"))
         return self._delay(max(counts[:2]))
 
+    def client_failures(self, client: str, now: float) -> int:
+        """Recent failures counted for this address (its IPv6 /64)."""
+        return self._get(f"c:{client_key(client)}", now) if client else 0
+
     def hold(self, user: str, client: str, now: float) -> float:
         """How long a login for `user` from `client` must wait before it is
         decided: until the delay of the last failure counted for either has

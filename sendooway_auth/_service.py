@@ -78,16 +78,32 @@ class _Turns:
         self._locks = locks
         self._used: dict[str, int] = {}
         self._lines: dict[str, collections.deque] = {}
+        self._ranks: dict[int, int] = {}  # ticket → its address's failures when it came
         self._tickets = itertools.count()
         self._changed = asyncio.Condition()
 
-    def enter(self, key: str) -> int:
-        """A place in `key`'s line (left with `leave`)."""
+    def enter(self, key: str, rank: int = 0) -> int:
+        """A place in `key`'s line (left with `leave`): behind everyone of
+        the same or a lower `rank` (the failures of the login's address),
+        ahead of those of a higher one, but never ahead of the first (it may
+        be sleeping its hold). So an attacker's queued guesses from addresses
+        in backoff do not keep the user's own login from a clean address
+        waiting behind all of them until it is refused `busy` (a soak test:
+        five connections locked a named user out); each decision still
+        waits the user's delay, so guessing is no faster."""
         ticket = next(self._tickets)
-        self._lines.setdefault(key, collections.deque()).append(ticket)
+        line = self._lines.setdefault(key, collections.deque())
+        self._ranks[ticket] = rank
+        where = len(line)
+        for i in range(1, len(line)):
+            if self._ranks.get(line[i], 0) > rank:
+                where = i
+                break
+        line.insert(where, ticket)
         return ticket
 
     async def leave(self, key: str, ticket: int) -> None:
+        self._ranks.pop(ticket, None)
         line = self._lines.get(key)
         if line is not None:
             try:
@@ -192,7 +208,8 @@ class AuthService:
             keys.append(("c:" + client_key(peer.host), 1))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        place = (keys[0][0], self._turns.enter(keys[0][0]))
+        rank = self.penalty.client_failures(peer.host, self.clock())
+        place = (keys[0][0], self._turns.enter(keys[0][0], rank))
         try:
             while True:
                 async with self._turns.take(keys, deadline - loop.time(), place):

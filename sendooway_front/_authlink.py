@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 
+from sendooway_shared.log import printable
 from sendooway_shared.protocol import (
-    VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Hello, Message, NoRoute,
+    VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Error, Hello, Message, NoRoute,
     ProtocolError, RouteOk, RouteRequest, Welcome,
 )
 from sendooway_shared.types import Route, Secret
@@ -67,6 +68,8 @@ class AuthLink:
 
     def _unexpected(self, reply: Message) -> AuthLinkError:
         self._broken = True
+        if isinstance(reply, Error):  # its word before it closes (a busy login, a refused link)
+            return AuthLinkError(f"the authenticator answered: {printable(reply.reason, 200)}")
         return AuthLinkError(f"unexpected {reply.TYPE!r} from the authenticator")
 
     async def _exchange(self, msg: Message) -> Message:

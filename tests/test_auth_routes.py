@@ -265,3 +265,37 @@ def test_answer_from_a_reader_is_checked():
                 msgpack.packb({**good, "files": [["fetchmail", "/x"]]})):
         with pytest.raises(WireError):
             from_wire(bad, alice)
+
+
+def test_a_file_saved_in_place_during_a_lookup_is_read_whole(clean_homes):
+    """An editor that saves in place truncates the file, then writes it: a
+    lookup in between read an empty file and found no account (a soak test
+    saw 26 permanent 550s in 5,230 messages while a user kept saving). An
+    empty file written just now is read again a moment later."""
+    import threading
+
+    world = clean_homes
+    path = world.write_user_file("alice", ".fetchmailrc", "", mode=0o600)  # truncated just now
+
+    def finish_saving():
+        time.sleep(0.1)
+        with open(path, "w") as f:
+            f.write(FETCHMAILRC)
+
+    writer = threading.Thread(target=finish_saving)
+    writer.start()
+    try:
+        started = time.monotonic()
+        found = lookup(world, "alice")
+        took = time.monotonic() - started
+    finally:
+        writer.join()
+    assert len(found.accounts) == 1, found.errors
+    assert took < 2.0
+    # an empty file that has been so for a while is just empty: no wait
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    os.truncate(path, 0)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    started = time.monotonic()
+    assert lookup(world, "alice").accounts == []
+    assert time.monotonic() - started < 0.4

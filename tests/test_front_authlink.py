@@ -85,3 +85,22 @@ def test_connect_failure_is_still_reported_by_open(tmp_path):
             await SocketConnector(os.path.join(tmp_path, "none.sock"), 2).open("S3", "::1")
 
     asyncio.run(main())
+
+
+def test_an_error_answer_is_logged_with_its_reason_not_as_unexpected(tmp_path):
+    """A login the authenticator turns away before closing (busy: the user
+    is in backoff past the wait) used to be logged by the frontend as
+    "unexpected 'error' from the authenticator", which read as a bug (a
+    soak test); the reason it gave is what the log needs."""
+    async def main():
+        reason = "temporary failure: authentication is unavailable"
+        server, path, _seen = await scripted(tmp_path, [Welcome(VERSION), Error(reason)])
+        async with server:
+            link = await SocketConnector(path, 5).open("S3", "192.0.2.9")
+            with pytest.raises(AuthLinkError) as caught:
+                await link.auth("bob", Secret("pw"))
+            link.close()
+        return str(caught.value)
+
+    text = asyncio.run(main())
+    assert text == "the authenticator answered: temporary failure: authentication is unavailable"

@@ -312,3 +312,45 @@ def test_a_clock_stepped_back_locks_out_everyone_with_a_recent_failure():
         f"after the clock was stepped back 30 s, alice's right password (after one wrong"
         f" one whose refusal her phone waited for) got {second.reason or 'ok'!r} after"
         f" {took:.2f} s")
+
+
+def test_queued_guesses_from_addresses_in_backoff_do_not_lock_the_user_out():
+    """A soak test: five connections hammering wrong passwords at bob, each
+    from its own address, kept every login of bob's own from a fresh
+    address waiting behind all their queued guesses (one user delay each)
+    until it was refused `busy`: a named account locked out, no password
+    needed. A login from an address with no failures now queues ahead of
+    the guesses from addresses in backoff (never ahead of the one being
+    decided), so it is decided after at most two of the user's delays.
+
+    Scaled: base 0.1 s, cap 1.6 s, timeout 5 s (the wait window): five
+    attackers in a loop; once bob's delay is at the cap, his phone sends the
+    right password. Before: about six caps in line, refused busy. Guessing
+    is no faster: attackers' decisions stay one user delay apart."""
+    async def scenario():
+        penalty = Penalty(base=0.1, cap=1.6)
+        svc = _Service(penalty, timeout=5)
+
+        async def attacker(i: int) -> None:
+            while True:
+                await _login(svc, "bob", f"guess-{i}", f"203.0.113.{i + 1}")
+
+        attackers = [asyncio.ensure_future(attacker(i)) for i in range(5)]
+        try:
+            await _until_decided(svc, 6, 15)  # bob's count is past the cap's
+            phone = await _login(svc, "bob", "right-B", PHONE)
+        finally:
+            await _cancel(attackers)
+        guesses = [t for name, t in svc.decided if name == "bob"]
+        return phone, guesses
+
+    (phone, took), decided = asyncio.run(asyncio.wait_for(_quiet_then(scenario()), 40))
+    assert phone.ok, f"bob's right password from a clean address: {phone.reason!r} after {took:.1f} s"
+    assert took < 2 * 1.6 + 0.8, took
+    gaps = [b - a for a, b in zip(decided, decided[1:])][4:]
+    assert gaps and min(gaps) > 0.4, f"decisions for bob came faster than his delay: {gaps}"
+
+
+async def _quiet_then(coro):
+    _quiet()
+    return await coro
