@@ -220,8 +220,9 @@ def test_guide_troubleshooting_check_on_the_shipped_config(world, deployment):
 
 
 def test_authbackend_ldap_in_the_shipped_config_is_refused_at_start(world, deployment):
-    """The example config and sendooway.conf(5): LDAP is refused at start-up
-    (exit 2, a message pointing to PAM)."""
+    """The example config switched to LDAP without filling in its ldap*
+    lines: refused at start-up (exit 2), the message naming what is missing
+    with the config's lines."""
     dep = deployment
     text = dep.config.read_text()
     assert "authBackend = PAM" in text and "LDAP" in text
@@ -229,5 +230,6 @@ def test_authbackend_ldap_in_the_shipped_config_is_refused_at_start(world, deplo
     r = subprocess.run([command("sendooway-auth"), "-c", str(dep.config), "-l", str(dep.auth_log)],
                        env=dep.env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
-    assert "LDAP" in r.stderr and "PAM" in r.stderr
+    assert "authBackend = LDAP: " in r.stderr and "ldapUri is not set" in r.stderr
+    assert f"{dep.config}:" in r.stderr
     assert not dep.auth_socket.exists()

@@ -132,10 +132,10 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(daemon, world):
     assert login(ch, "bob", world.users["bob"].password) == AuthFail()
     ch.close()
 
-    # the start-up checks count as well: authBackend = LDAP is refused
+    # the start-up checks count as well: authBackend = LDAP without ldapUri is refused
     _rewrite(d, "validUser = bob\nauthBackend = LDAP\n")
     log = _hup(d, 2)
-    assert "reload failed, old config kept:" in log and "LDAP is not supported" in log
+    assert "reload failed, old config kept:" in log and "ldapUri is not set" in log
     ch = d.connect()
     assert login(ch, "bob", world.users["bob"].password) == AuthFail()
     ch.close()
