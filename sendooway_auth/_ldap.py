@@ -39,6 +39,13 @@ INVALID_CREDENTIALS = 49
 REFUSALS = frozenset({19, 48, 50, 53})
 
 
+def plain_name(name: str) -> bool:
+    """A login name as the directory stores it: printable ASCII without
+    blanks. Anything else (which the directory might fold onto a real name)
+    is refused before the bind."""
+    return name.isascii() and name.isprintable() and " " not in name
+
+
 def user_dn(template: str, name: str) -> str:
     from ldap3.utils.dn import escape_rdn
 
@@ -68,6 +75,11 @@ def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, st
     secret = password.reveal()
     if not secret or not name:  # an empty password is an anonymous bind: never a login
         return None, "empty-password"
+    if not plain_name(name):
+        # the directory matches loosely (spaces around it, a tab, full-width
+        # letters): each such spelling of a real name would bind as it with
+        # a backoff count and a login queue of its own (a review)
+        return None, "unknown-user"
     dn = user_dn(cfg.ldapAuthDN, name)
     trouble = ""
     for uri in cfg.ldapUri.split():

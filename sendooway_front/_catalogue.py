@@ -113,9 +113,10 @@ def _hello(hostname: str, client_name: str) -> str:
     """The first line: the client's name echoed only when it is one word of
     printable ASCII no longer than a domain may be (a name with spaces or
     other octets is taken, not shown; a reply line stays within 512 octets)."""
+    line = f"{hostname} Hello {client_name}"
     if (len(client_name) <= 255 and client_name.isascii() and client_name.isprintable()
-            and " " not in client_name):
-        return f"{hostname} Hello {client_name}"
+            and " " not in client_name and len(line) <= 512 - len("250-\r\n")):
+        return line
     return f"{hostname} Hello"
 
 

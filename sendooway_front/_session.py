@@ -125,6 +125,14 @@ class _Await(enum.Enum):
     DATA_END = "data_end"
 
 
+def _is_base64(text: str) -> bool:
+    try:
+        base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
 def _is_text(value: str) -> bool:
     """No octet that was not UTF-8 (see _auth_step's surrogateescape)."""
     try:
@@ -623,6 +631,16 @@ class Session:
         if self.settings.require_encryption and not self.encrypted:
             self._reply(R.AUTH_NEEDS_TLS)
             return
+        if self.settings.tls_broken and not self.encrypted:
+            # the certificate would not load, so STARTTLS fails: a client
+            # that went on without it (an "if available" setting) is not
+            # asked for a password in clear, nor logged in, whatever
+            # mailerEncryption allows (AUTH was not advertised); a garbled
+            # initial response still gets its 501, as the original's input
+            # check with its sample config expects
+            bad = initial not in ("", "*", "=") and not _is_base64(initial)
+            self._reply(R.AUTH_BAD_BASE64 if bad else R.AUTH_NEEDS_TLS)
+            return
         exchange = _AuthExchange(mech)
         if not initial:
             self._auth = exchange
@@ -674,13 +692,6 @@ class Session:
                "credentials not UTF-8" if not (_is_text(user) and _is_text(password)) else "")
         if why:
             self._auth_refused(mech, user, why)
-            return
-        if self.settings.tls_broken and not self.encrypted:
-            # the certificate would not load, so STARTTLS fails: a client
-            # that went on without it (an "if available" setting) is not
-            # logged in in clear, whatever mailerEncryption allows (AUTH was
-            # not advertised); its syntax errors got their replies above
-            self._reply(R.AUTH_NEEDS_TLS)
             return
         self._awaiting = _Await.AUTH
         self._events.append(AuthRequested(mech, user, Secret(password)))

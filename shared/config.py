@@ -197,6 +197,15 @@ def ldap_problems(cfg: Config) -> list[str]:
     if "%u" not in cfg.ldapAuthDN:
         problems.append(f"{cfg.where('ldapAuthDN')}: ldapAuthDN must name the user's entry"
                         " with %u (uid=%u,ou=people,dc=example,dc=org)")
+    if cfg.ldapSSLca:
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=cfg.ldapSSLca)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            problems.append(f"{cfg.where('ldapSSLca')}: {cfg.ldapSSLca}: cannot load CA"
+                            f" certificates ({why})")
     return problems
 
 

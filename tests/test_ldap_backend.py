@@ -122,10 +122,13 @@ def test_an_untrusted_certificate_is_refused(daemon, slapd, world):
 
 
 def test_entries_that_would_read_files_as_root_or_lack_attributes_are_refused(daemon, slapd):
+    """Refused like a wrong password (535, counted): a temporary failure
+    for a right password only told a client that it had guessed one (a
+    review)."""
     d = daemon(_conf(slapd))
     for name, pw in (("zero", "Zero-Ldap-Pw-1"), ("half", "Half-Ldap-Pw-1")):
         ch = d.connect()
-        assert isinstance(login(ch, name, pw), Error), name
+        assert login(ch, name, pw) == AuthFail(), name
         ch.close()
     log = d.wait_log("lacks uidNumber, gidNumber, homeDirectory")
     assert "uidNumber 0 gidNumber 0 refused" in log
@@ -193,3 +196,27 @@ def test_a_directory_user_sends_mail_through_the_frontend(world, slapd, tmp_path
         daemon_.stop()
     [message] = up.messages
     assert message.mail_from == "lena@example.org" and b"hello" in message.data
+
+
+@pytest.mark.parametrize("name", ["lena ", " lena", "\tlena", "\uff4c\uff45\uff4e\uff41", "\u2113ena"])
+def test_spellings_the_directory_folds_onto_a_name_are_refused_before_the_bind(daemon, slapd, name):
+    """slapd matches uid loosely (blanks around it, a tab, full-width
+    letters): each such spelling bound as lena with a backoff count and a
+    login queue of its own, so guesses from many addresses went N times
+    faster than the per-user backoff allows (a review). Only plain names
+    are bound; the others are unknown names."""
+    d = daemon(_conf(slapd))
+    ch = d.connect()
+    assert login(ch, name, LENA_PW) == AuthFail()
+    ch.close()
+    d.wait_log("reason=unknown-user")
+
+
+def test_an_unusable_ldapSSLca_stops_the_daemon_with_file_and_line(tmp_path, slapd):
+    conf = tmp_path / "ca.conf"
+    conf.write_text(_conf(slapd).replace(slapd.ca_file, str(tmp_path / "no-such-ca.pem")))
+    d = Daemon(tmp_path, str(conf))
+    os.makedirs(d.dir, exist_ok=True)
+    with pytest.raises(RuntimeError):
+        d.start(timeout=5)
+    assert f"{conf}:3: {tmp_path}/no-such-ca.pem: cannot load CA certificates" in d.log()

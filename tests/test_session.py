@@ -730,3 +730,27 @@ def test_nothing_goes_with_a_mail_once_it_is_answered():
     s = _awaiting_mail(b"RCPT TO:<a@x.y>\r\n")
     s.relay_reply(R.NO_ROUTE)
     assert s.pipelined_rcpt() is None and s.data_follows() is False
+
+
+def test_a_broken_certificate_asks_for_no_password_in_clear():
+    """sslCert/sslKey that would not load (tls_broken): STARTTLS is refused,
+    AUTH is not offered, and a client that tries it anyway is not prompted
+    for its user name and password in clear (it used to get both 334s before
+    the 538, a review); a garbled initial response still gets its 501."""
+    h = Harness(settings=SessionSettings("h", tls_broken=True))
+    out = h.feed(b"EHLO c\r\nSTARTTLS\r\nAUTH LOGIN\r\nAUTH PLAIN abc[]def\r\n"
+                 b"AUTH PLAIN AGFsaWNlAHB3\r\n")
+    assert codes(out) == [250, 454, 538, 501, 538], out
+    assert b"334" not in out and b"AUTH PLAIN" not in out and b"250-STARTTLS" in out
+
+
+def test_the_hello_line_stays_within_512_octets():
+    """A 253-octet localname and a 255-octet client name made a 521-octet
+    EHLO reply line (a review): the name is then not echoed."""
+    host = ".".join(["h" * 63] * 3 + ["h" * 61])
+    name = ".".join(["c" * 63] * 3 + ["c" * 63])
+    h = Harness(settings=SessionSettings(host))
+    out = h.feed(b"EHLO " + name.encode() + b"\r\nHELO short.test\r\n")
+    assert codes(out) == [250, 250]
+    assert all(len(line) + 2 <= 512 for line in out.split(b"\r\n")), out
+    assert out.split(b"\r\n")[-2].endswith(b" Hello short.test")
