@@ -92,12 +92,12 @@ def test_wrong_password_and_unknown_name_look_the_same(daemon, slapd):
 def test_an_unreachable_directory_is_a_temporary_failure_not_a_wrong_password(daemon, slapd):
     """No directory answers: the frontend is told 'temporarily unavailable'
     (Error), the log says why, no failure is counted against the user."""
-    d = daemon(_conf(slapd, uri="ldaps://localhost:1"))
+    d = daemon(_conf(slapd, uri="ldaps://127.0.0.1:1"))
     ch = d.connect()
     reply = login(ch, "lena", LENA_PW)
     assert isinstance(reply, Error), reply
     log = d.wait_log("no directory answered")
-    assert "ldaps://localhost:1: socket connection error" in log
+    assert "ldaps://127.0.0.1:1: socket connection error" in log
     assert "reason=ldap-unavailable" in log and "auth failed: user=lena" not in log
 
 

@@ -25,6 +25,7 @@ from sendooway_shared.protocol import VERSION, BlockingChannel, Hello, Welcome
 from . import deploy_world as dw
 from .deploy_world import deployment, upstream  # noqa: F401 - fixtures
 from .deploy_util import PACKAGING, command, rewrite_paths
+from .fakeworld import MACHINE_SKIP
 
 
 def _unit(name: str) -> configparser.ConfigParser:
@@ -189,7 +190,7 @@ def test_xinetd_log_target_refused_at_start_is_reported_somewhere(world, deploym
     from .test_deploy_front import _start_xinetd, _xinetd_block, _xinetd_config
 
     if os.path.exists("/dev/log"):
-        pytest.skip("this machine has a syslog daemon on /dev/log; the UDP fallback is not used")
+        pytest.skip(MACHINE_SKIP + "a syslog daemon listens on /dev/log, so the UDP fallback is not used")
     dep = deployment
     root_log = dep.root / "rootlogs" / "sendooway.log"  # /var/log: root's, 0755
     root_log.parent.mkdir(mode=0o755)
