@@ -230,8 +230,17 @@ class AuthService:
                     raise _NoTurn()
                 await asyncio.sleep(hold)  # holding no turn, keeping its place
         except _NoTurn:
-            log.error("auth unavailable: user=%s client=%s reason=busy session=%s",
-                      field(name), peer.client_field, field(peer.session))
+            if rank:
+                # from an address in backoff (it failed before): a guesser
+                # whose next try would wait past the window. The fail2ban
+                # line, so that its address is banned too: these used to be
+                # "unavailable" lines only, and an attacker hammering a user
+                # earned two or three countable failures per 30 s (a soak)
+                log.warning("auth failed: user=%s client=%s reason=busy session=%s delay=0.0",
+                            field(name), peer.client_field, field(peer.session))
+            else:
+                log.error("auth unavailable: user=%s client=%s reason=busy session=%s",
+                          field(name), peer.client_field, field(peer.session))
             return AuthResult(False, None, "busy", temporary=True)
         finally:
             await self._turns.leave(*place)

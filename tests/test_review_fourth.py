@@ -354,3 +354,45 @@ def test_queued_guesses_from_addresses_in_backoff_do_not_lock_the_user_out():
 async def _quiet_then(coro):
     _quiet()
     return await coro
+
+
+def test_busy_refusals_of_addresses_in_backoff_are_fail2ban_lines():
+    """A guesser whose next try would wait past the window is refused
+    `busy` without PAM; from an address that already failed, that refusal
+    is now logged as `auth failed: ... reason=busy` (the fail2ban filter's
+    line), so hammering from a few addresses gets them banned. It used to
+    be an `auth unavailable` line only: five connections earned two or
+    three countable failures per 30 s each (a soak test)."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    async def scenario():
+        penalty = Penalty(base=0.1, cap=1.6)
+        svc = _Service(penalty, timeout=2)
+
+        async def attacker(i: int) -> None:
+            while True:
+                await _login(svc, "bob", f"guess-{i}", f"203.0.113.{i + 1}")
+
+        attackers = [asyncio.ensure_future(attacker(i)) for i in range(5)]
+        try:
+            await asyncio.sleep(6)
+        finally:
+            await _cancel(attackers)
+
+    logger = logging.getLogger("sendooway-auth")
+    handler = Keep()
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    busy = [r for r in records if "reason=busy" in r]
+    assert any(r.startswith("auth failed: user=bob client=203.0.113.") for r in busy), busy[:5]
+    assert all("client=203.0.113." in r for r in busy)
