@@ -331,11 +331,7 @@ def test_queued_guesses_from_addresses_in_backoff_do_not_lock_the_user_out():
         penalty = Penalty(base=0.1, cap=1.6)
         svc = _Service(penalty, timeout=5)
 
-        async def attacker(i: int) -> None:
-            while True:
-                await _login(svc, "bob", f"guess-{i}", f"203.0.113.{i + 1}")
-
-        attackers = [asyncio.ensure_future(attacker(i)) for i in range(5)]
+        attackers = _hammering(svc, "bob", 5)
         try:
             await _until_decided(svc, 6, 15)  # bob's count is past the cap's
             phone = await _login(svc, "bob", "right-B", PHONE)
@@ -349,6 +345,15 @@ def test_queued_guesses_from_addresses_in_backoff_do_not_lock_the_user_out():
     assert took < 2 * 1.6 + 0.8, took
     gaps = [b - a for a, b in zip(decided, decided[1:])][4:]
     assert gaps and min(gaps) > 0.4, f"decisions for bob came faster than his delay: {gaps}"
+
+
+def _hammering(svc: AuthService, name: str, count: int) -> list:
+    """`count` guessers at `name`, each from its own address, in a loop."""
+    async def attacker(i: int) -> None:
+        while True:
+            await _login(svc, name, f"guess-{i}", f"203.0.113.{i + 1}")
+
+    return [asyncio.ensure_future(attacker(i)) for i in range(count)]
 
 
 async def _quiet_then(coro):
@@ -373,11 +378,7 @@ def test_busy_refusals_of_addresses_in_backoff_are_fail2ban_lines():
         penalty = Penalty(base=0.1, cap=1.6)
         svc = _Service(penalty, timeout=2)
 
-        async def attacker(i: int) -> None:
-            while True:
-                await _login(svc, "bob", f"guess-{i}", f"203.0.113.{i + 1}")
-
-        attackers = [asyncio.ensure_future(attacker(i)) for i in range(5)]
+        attackers = _hammering(svc, "bob", 5)
         try:
             await asyncio.sleep(6)
         finally:
