@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     frontend = Frontend(cfg, tls_context=tls_context, implicit_tls=args.ssl,
                         channel_safe=args.nossl, connector=connector, tls_broken=tls_broken)
     if (cfg.mailerEncryption is MailerEncryption.REQUIRED and tls_context is None
-            and not args.nossl):
+            and not args.nossl and not tls_broken):  # (a broken one was logged above)
         log.warning("mailerEncryption = required but no sslCert/sslKey and no -S:"
                     " no client can log in")
     frontend.settings()  # fail now, not in a session, if the settings are wrong
