@@ -10,8 +10,8 @@ against (the system's CAs without it); the server's name is checked too.
 Several URIs (separated by blanks, as OpenLDAP's ldap_initialize takes
 them) are tried in order while a server cannot be reached.
 
-Runs in the PAM worker threads (it blocks), bounded by `timeout` on
-connect and on every read. What the directory refuses is a failed login;
+Runs in the PAM worker threads (it blocks), bounded on connect and on
+every read by `timeout` or CONNECT_LIMIT/READ_LIMIT, whichever is lower. What the directory refuses is a failed login;
 what keeps it from answering is a temporary failure (454), never a wrong
 password.
 """
@@ -32,6 +32,12 @@ from ._users import UserInfo
 log = logging.getLogger("sendooway-auth")
 
 ATTRIBUTES = ("uid", "uidNumber", "gidNumber", "homeDirectory")
+# Seconds a directory may take to accept a connection and to answer, at
+# most (`timeout` if lower): a login holds one of the PAM worker threads
+# while it waits, and `timeout` (300 s by default) for a directory that
+# went silent would leave every thread stuck and every login waiting.
+CONNECT_LIMIT = 5
+READ_LIMIT = 10
 INVALID_CREDENTIALS = 49
 # bind results that say "no" to this account rather than "cannot answer":
 # inappropriateAuthentication, insufficientAccessRights, unwillingToPerform
@@ -63,7 +69,7 @@ def _server(uri: str, cfg: Config):
                   version=ssl.PROTOCOL_TLS_CLIENT)
     host = parts.hostname or ""
     return Server(host, port=parts.port or (636 if secure else 389), use_ssl=secure, tls=tls,
-                  get_info=NONE, connect_timeout=int(cfg.timeout))
+                  get_info=NONE, connect_timeout=min(int(cfg.timeout), CONNECT_LIMIT))
 
 
 def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, str]:
@@ -87,7 +93,7 @@ def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, st
         try:
             conn = Connection(_server(uri, cfg), user=dn, password=secret,
                               authentication=SIMPLE, read_only=True, raise_exceptions=False,
-                              receive_timeout=int(cfg.timeout))
+                              receive_timeout=min(int(cfg.timeout), READ_LIMIT))
             if not conn.bind():
                 code = (conn.result or {}).get("result")
                 if code == INVALID_CREDENTIALS:

@@ -222,3 +222,34 @@ def test_an_unusable_ldapSSLca_stops_the_daemon_with_file_and_line(tmp_path, sla
     with pytest.raises(RuntimeError):
         d.start(timeout=5)
     assert f"{conf}:3: {tmp_path}/no-such-ca.pem: cannot load CA certificates" in d.log()
+
+
+def test_a_silent_directory_holds_a_login_seconds_not_the_whole_timeout(world):
+    """A directory that accepts connections and then says nothing (hung,
+    or a firewall): each try is bounded by a few seconds, not by `timeout`
+    (300 s by default), during which the login held a PAM worker thread:
+    eight such logins left every other one waiting."""
+    import socket
+    import threading
+    import time
+
+    from sendooway_auth import _ldap
+    from sendooway_shared.config import parse_config
+    from sendooway_shared.types import Secret
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(2)],
+                     daemon=True).start()
+    cfg = parse_config(f"authBackend = LDAP\nldapUri = ldap://127.0.0.1:{listener.getsockname()[1]}\n"
+                       "ldapAuthDN = uid=%u,dc=example,dc=test\n", "silent.conf")  # timeout 300
+    started = time.monotonic()
+    try:
+        assert _ldap.login(cfg, "lena", Secret(LENA_PW)) == (None, "ldap-unavailable")
+    finally:
+        listener.close()
+        for conn, _addr in held:
+            conn.close()
+    assert time.monotonic() - started < _ldap.READ_LIMIT + 3
