@@ -40,6 +40,7 @@ fi
 # is stopped again (one that was there before is the admin's, left alone).
 slapd_new=no
 [[ " ${missing[*]} " == *" slapd "* ]] && slapd_new=yes
+installed_now=("${missing[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: need root to install: ${missing[*]}" >&2
@@ -66,10 +67,16 @@ if [ "$slapd_new" = yes ] && pidof slapd >/dev/null 2>&1 && [ -x /etc/init.d/sla
     /etc/init.d/slapd stop >/dev/null 2>&1 || true
 fi
 # xinetd, fail2ban, haproxy and slapd are only used by the tests (each runs its
-# own instance), never left running.
+# own instance), never left running; those installed just now are also not
+# started again at the next boot. A slapd that was there before is the
+# admin's directory: left alone.
 for svc in xinetd fail2ban haproxy slapd; do
+    [ "$svc" = slapd ] && [ "$slapd_new" != yes ] && continue
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
+    fi
+    if [[ " ${installed_now[*]} " == *" $svc "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable -q "$svc" 2>/dev/null || true
     fi
 done
 
