@@ -10,10 +10,13 @@ against (the system's CAs without it); the server's name is checked too.
 Several URIs (separated by blanks, as OpenLDAP's ldap_initialize takes
 them) are tried in order while a server cannot be reached.
 
-Runs in the PAM worker threads (it blocks), bounded on connect and on
-every read by `timeout` or CONNECT_LIMIT/READ_LIMIT, whichever is lower. What the directory refuses is a failed login;
-what keeps it from answering is a temporary failure (454), never a wrong
-password.
+Runs in the PAM worker threads (it blocks). All tries of a login share
+one budget (a little under the authenticator's wait), split among the
+URIs still to try, and each connect and read is bounded by CONNECT_LIMIT
+and READ_LIMIT too: a URI that hangs leaves time for the next, and is
+named in the log even when the next one answers. What the directory
+refuses is a failed login; what keeps it from answering is a temporary
+failure (454), never a wrong password.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import ssl
+import time
 from urllib.parse import urlsplit
 
 from sendooway_shared.config import Config
@@ -58,7 +62,14 @@ def user_dn(template: str, name: str) -> str:
     return template.replace("%u", escape_rdn(name))
 
 
-def _server(uri: str, cfg: Config):
+def budget(cfg: Config) -> float:
+    """Seconds all of a login's tries may take together: a little less than
+    the authenticator waits for it (min(timeout, 60 s)), so that a later URI
+    is still tried when an earlier one hung, and the reason is logged."""
+    return max(1.0, min(float(cfg.timeout), 60.0) - 2.0)
+
+
+def _server(uri: str, cfg: Config, connect: int):
     from ldap3 import NONE, Server, Tls
 
     parts = urlsplit(uri)
@@ -69,7 +80,7 @@ def _server(uri: str, cfg: Config):
                   version=ssl.PROTOCOL_TLS_CLIENT)
     host = parts.hostname or ""
     return Server(host, port=parts.port or (636 if secure else 389), use_ssl=secure, tls=tls,
-                  get_info=NONE, connect_timeout=min(int(cfg.timeout), CONNECT_LIMIT))
+                  get_info=NONE, connect_timeout=connect)
 
 
 def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, str]:
@@ -88,12 +99,17 @@ def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, st
         return None, "unknown-user"
     dn = user_dn(cfg.ldapAuthDN, name)
     trouble = ""
-    for uri in cfg.ldapUri.split():
+    uris = cfg.ldapUri.split()
+    deadline = time.monotonic() + budget(cfg)
+    for n, uri in enumerate(uris):
+        if trouble:  # the one before did not answer: said even if this one does
+            log.warning("ldap: %s", trouble)
+        share = max(1, int((deadline - time.monotonic()) / (len(uris) - n)))
         conn = None
         try:
-            conn = Connection(_server(uri, cfg), user=dn, password=secret,
-                              authentication=SIMPLE, read_only=True, raise_exceptions=False,
-                              receive_timeout=min(int(cfg.timeout), READ_LIMIT))
+            conn = Connection(_server(uri, cfg, min(share, CONNECT_LIMIT)), user=dn,
+                              password=secret, authentication=SIMPLE, read_only=True,
+                              raise_exceptions=False, receive_timeout=min(share, READ_LIMIT))
             if not conn.bind():
                 code = (conn.result or {}).get("result")
                 if code == INVALID_CREDENTIALS:

@@ -55,7 +55,7 @@ def reason_for(code: int) -> str:
 
 def is_temporary(reason: str) -> bool:
     """Does this failure reason mean "try again later" rather than "no"?"""
-    if reason in ("pam-unavailable", "pam-timeout", "ldap-unavailable"):
+    if reason in ("pam-unavailable", "pam-timeout", "ldap-unavailable", "ldap-timeout"):
         return True
     if reason.startswith("pam-error-"):
         try:

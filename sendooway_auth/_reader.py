@@ -136,12 +136,16 @@ def _lookup_wire(cfg: Config, user: UserInfo, sender: str | None = None) -> byte
     what may be 200,000 address patterns of a hostile user's files is made
     here, with the user's CPU, not on the daemon's event loop that serves
     every login (a review). The daemon checks the one account again."""
+    home_problem = ""
     try:
         os.chdir(user.home)  # every time: the home may have been replaced
-    except OSError:
+    except OSError as exc:
         os.chdir("/")
+        home_problem = f"home {user.home}: {exc.strerror or exc} (its files cannot be read)"
     budget = Budget()
     found = run_plan(cfg, user, lambda paths: [read_one(p, budget) for p in paths])
+    if home_problem:  # (an NFS share not mounted, a directory entry's home never made)
+        found.warnings.insert(0, home_problem)
     if sender is not None:
         account = choose(found.accounts, sender)
         found.accounts = [account] if account is not None else []

@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 
 from sendooway_shared.config import (
-    Config, ConfigError, config_warnings, parse_config, read_text,
+    AuthBackend, Config, ConfigError, config_warnings, parse_config, read_text,
 )
 from sendooway_shared.log import quiet_accept_errors
 
@@ -63,6 +63,15 @@ def connection_limit() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
     return max(8, min(MAX_CONNECTIONS, soft - FD_RESERVE))
+
+
+def backend_words(cfg: Config) -> str:
+    """Which backend serves logins, for the start and reload lines."""
+    if cfg.authBackend is AuthBackend.LDAP:
+        return f"auth backend LDAP ({text(cfg.ldapUri)}, bind as {text(cfg.ldapAuthDN)})"
+    if cfg.authBackend is AuthBackend.NONE:
+        return "auth backend none (this process's own account, no password)"
+    return f"PAM service {cfg.pamService}"
 
 
 def check_backend(cfg: Config) -> None:
@@ -250,7 +259,7 @@ class Runtime:
             log.warning("reload: %s changed; it takes effect only after a restart", name)
         for warning in config_warnings(new):
             log.warning("%s", text(warning))
-        log.info("reloaded %s", text(path))
+        log.info("reloaded %s: %s", text(path), backend_words(new))
         return True
 
     def close(self) -> None:
@@ -332,8 +341,8 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     # backlog: asyncio listens again on the socket (default 100), which would
     # undo listen(512) and systemd's Backlog=; a burst of sessions must queue
     server = await asyncio.start_unix_server(handle, sock=sock, limit=65536, backlog=512)
-    log.info("started: listening on %s, PAM service %s, %d PAM threads, maxAuthFailures %d",
-             where, rt.cfg.pamService, rt.pam.threads, rt.cfg.maxAuthFailures)
+    log.info("started: listening on %s, %s, %d PAM threads, maxAuthFailures %d",
+             where, backend_words(rt.cfg), rt.pam.threads, rt.cfg.maxAuthFailures)
     notify("READY=1")
     if early is not None and early.seen & {signal.SIGTERM, signal.SIGINT}:
         stop.set()

@@ -263,7 +263,8 @@ class AuthService:
                 async with asyncio.timeout(wait):  # no extra task per login, unlike wait_for
                     user, reason = await self._check(name, password, peer.host)
             except TimeoutError:  # the worker stays stuck; this login is answered
-                user, reason = None, "pam-timeout"
+                ldap = self.cfg.authBackend is AuthBackend.LDAP
+                user, reason = None, "ldap-timeout" if ldap else "pam-timeout"
         took = time.monotonic() - started
         pam_no = self.penalty.pam_refusal()
         if reason == "wrong-password":

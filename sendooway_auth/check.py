@@ -104,6 +104,10 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
         return EXIT_NO_MAPPING if refusal is None else EXIT_BAD_CONFIG
     w(f"account: {user.name} uid={user.uid} gid={user.gid} home={user.home}"
       f" groups={','.join(user.group_names())}")
+    if cfg.authBackend is AuthBackend.LDAP:
+        w("  note: with authBackend = LDAP the daemon serves the directory entry's uidNumber,"
+          " gidNumber and homeDirectory for this name, which may differ from this NSS account"
+          " (and %group in validUser is decided by gidNumber alone); shown: the NSS account")
     allowed, why = _users.valid_user(cfg, user)
     w(f"valid user: {'yes' if allowed else 'no'} ({why})")
     if (refusal is None and cfg.authBackend is AuthBackend.NONE

@@ -299,3 +299,16 @@ def test_a_file_saved_in_place_during_a_lookup_is_read_whole(clean_homes):
     started = time.monotonic()
     assert lookup(world, "alice").accounts == []
     assert time.monotonic() - started < 0.4
+
+
+def test_a_home_that_cannot_be_entered_is_a_warning_not_silence(clean_homes):
+    """A home that does not exist (an NFS share not mounted, a directory
+    account's homeDirectory never made): the lookup found nothing and said
+    only "result=none" (an admin's review); it now says why."""
+    import dataclasses
+
+    world = clean_homes
+    user = dataclasses.replace(_users.lookup("alice"), home="/nonexistent/alice")
+    found = lookup_direct(parse_config("", "test.conf"), user)
+    assert found.accounts == []
+    assert found.warnings[0] == "home /nonexistent/alice: No such file or directory (its files cannot be read)"

@@ -253,3 +253,44 @@ def test_a_silent_directory_holds_a_login_seconds_not_the_whole_timeout(world):
         for conn, _addr in held:
             conn.close()
     assert time.monotonic() - started < _ldap.READ_LIMIT + 3
+
+
+def test_a_hung_first_directory_leaves_time_for_the_next_and_is_named(daemon, slapd):
+    """ldapUri with a first server that accepts and then says nothing: with
+    timeout = 10 each try took up to 10 s, the login's whole wait, so the
+    good second server was never asked (454 for everyone) and the log named
+    neither (an admin's review). All tries now share one budget, and the
+    hung one is named even though the next one answered."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(4)],
+                     daemon=True).start()
+    hung = f"ldap://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        d = daemon(_conf(slapd, uri=f"{hung} {slapd.uri()}").replace("timeout = 5", "timeout = 10"))
+        ch = d.connect()
+        assert login(ch, "lena", LENA_PW) == AuthOk("lena")
+        log = d.wait_log("auth ok: user=lena")
+    finally:
+        listener.close()
+        for conn, _addr in held:
+            conn.close()
+    assert f"ldap: {hung}: " in log and "timed out" in log
+    assert "auth backend LDAP (" in log  # the start line says which backend serves
+
+
+def test_check_says_the_daemon_serves_the_directory_account(world, slapd, tmp_path):
+    """A name NSS knows too: --check shows the NSS account, and says that
+    the daemon serves the directory entry instead (an admin's review: its
+    uid, home and validUser verdict may all differ)."""
+    conf = tmp_path / "check.conf"
+    conf.write_text(_conf(slapd))
+    r = subprocess.run([os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", ".venv",
+                                     "bin", "sendooway-auth"), "-c", str(conf), "--check", "alice"],
+                       capture_output=True, text=True, timeout=30, env=world.env())
+    assert "the daemon serves the directory entry's uidNumber" in r.stdout, r.stdout
