@@ -51,6 +51,24 @@ def slapd(tmp_path_factory, world):
     shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.fixture
+def silent_directory():
+    """An ldap:// URI whose server accepts connections and never answers."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(4)],
+                     daemon=True).start()
+    yield f"ldap://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn, _addr in held:
+        conn.close()
+
+
 def _conf(slapd, uri=None, extra="") -> str:
     return (f"authBackend = LDAP\nldapUri = {uri or slapd.uri()}\nldapSSLca = {slapd.ca_file}\n"
             f"ldapAuthDN = {AUTH_DN}\ntimeout = 5\n{extra}")
@@ -224,62 +242,36 @@ def test_an_unusable_ldapSSLca_stops_the_daemon_with_file_and_line(tmp_path, sla
     assert f"{conf}:3: {tmp_path}/no-such-ca.pem: cannot load CA certificates" in d.log()
 
 
-def test_a_silent_directory_holds_a_login_seconds_not_the_whole_timeout(world):
+def test_a_silent_directory_holds_a_login_seconds_not_the_whole_timeout(world, silent_directory):
     """A directory that accepts connections and then says nothing (hung,
     or a firewall): each try is bounded by a few seconds, not by `timeout`
     (300 s by default), during which the login held a PAM worker thread:
     eight such logins left every other one waiting."""
-    import socket
-    import threading
     import time
 
     from sendooway_auth import _ldap
     from sendooway_shared.config import parse_config
     from sendooway_shared.types import Secret
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    held = []
-    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(2)],
-                     daemon=True).start()
-    cfg = parse_config(f"authBackend = LDAP\nldapUri = ldap://127.0.0.1:{listener.getsockname()[1]}\n"
+    cfg = parse_config(f"authBackend = LDAP\nldapUri = {silent_directory}\n"
                        "ldapAuthDN = uid=%u,dc=example,dc=test\n", "silent.conf")  # timeout 300
     started = time.monotonic()
-    try:
-        assert _ldap.login(cfg, "lena", Secret(LENA_PW)) == (None, "ldap-unavailable")
-    finally:
-        listener.close()
-        for conn, _addr in held:
-            conn.close()
+    assert _ldap.login(cfg, "lena", Secret(LENA_PW)) == (None, "ldap-unavailable")
     assert time.monotonic() - started < _ldap.READ_LIMIT + 3
 
 
-def test_a_hung_first_directory_leaves_time_for_the_next_and_is_named(daemon, slapd):
+def test_a_hung_first_directory_leaves_time_for_the_next_and_is_named(daemon, slapd,
+                                                                     silent_directory):
     """ldapUri with a first server that accepts and then says nothing: with
     timeout = 10 each try took up to 10 s, the login's whole wait, so the
     good second server was never asked (454 for everyone) and the log named
     neither (an admin's review). All tries now share one budget, and the
     hung one is named even though the next one answered."""
-    import socket
-    import threading
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    held = []
-    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(4)],
-                     daemon=True).start()
-    hung = f"ldap://127.0.0.1:{listener.getsockname()[1]}"
-    try:
-        d = daemon(_conf(slapd, uri=f"{hung} {slapd.uri()}").replace("timeout = 5", "timeout = 10"))
-        ch = d.connect()
-        assert login(ch, "lena", LENA_PW) == AuthOk("lena")
-        log = d.wait_log("auth ok: user=lena")
-    finally:
-        listener.close()
-        for conn, _addr in held:
-            conn.close()
+    hung = silent_directory
+    d = daemon(_conf(slapd, uri=f"{hung} {slapd.uri()}").replace("timeout = 5", "timeout = 10"))
+    ch = d.connect()
+    assert login(ch, "lena", LENA_PW) == AuthOk("lena")
+    log = d.wait_log("auth ok: user=lena")
     assert f"ldap: {hung}: " in log and "timed out" in log
     assert "auth backend LDAP (" in log  # the start line says which backend serves
 
