@@ -62,12 +62,12 @@ class Budget:
         self.left = total
 
 
-def read_one(path: str, budget: Budget, settle: bool = True) -> FileRead:
+def read_one(path: str, budget: Budget) -> FileRead:
     """Read `path` with the rights of the calling process: never follow it
     into a FIFO or device (O_NONBLOCK, then fstat), at most MAX_FILE bytes.
     An empty file that was written just now is read again once (SETTLE)."""
     read = _read_one(path, budget)
-    if settle and read.ok and read.size == 0:
+    if read.ok and read.size == 0:
         try:
             age = time.time() - os.stat(path).st_mtime
         except (OSError, ValueError):

@@ -84,8 +84,8 @@ def _server(uri: str, cfg: Config, connect: int):
 
 
 def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, str]:
-    """(the account, "") or (None, reason); reasons starting "ldap-unavailable"
-    are temporary."""
+    """(the account, "") or (None, reason); "ldap-unavailable" (no directory
+    answered) is a temporary failure, the other reasons refusals."""
     from ldap3 import BASE, SIMPLE, Connection
     from ldap3.core.exceptions import LDAPException
 
@@ -120,11 +120,10 @@ def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, st
                     return None, "ldap-refused"
                 trouble = f"{uri}: bind answered {printable(str(conn.result))}"
                 continue
-            if not conn.search(dn, "(objectClass=*)", search_scope=BASE,
-                               attributes=list(ATTRIBUTES)) or not conn.response:
-                trouble = f"{uri}: the entry {printable(dn)} could not be read after the bind"
-                continue
-            entry = next((r for r in conn.response if r.get("type") == "searchResEntry"), None)
+            found = conn.search(dn, "(objectClass=*)", search_scope=BASE,
+                                attributes=list(ATTRIBUTES))
+            entry = next((r for r in conn.response or () if r.get("type") == "searchResEntry"),
+                         None) if found else None
             if entry is None:
                 trouble = f"{uri}: the entry {printable(dn)} could not be read after the bind"
                 continue

@@ -67,11 +67,9 @@ def connection_limit() -> int:
 
 def backend_words(cfg: Config) -> str:
     """Which backend serves logins, for the start and reload lines."""
-    if cfg.authBackend is AuthBackend.LDAP:
-        return f"auth backend LDAP ({text(cfg.ldapUri)}, bind as {text(cfg.ldapAuthDN)})"
-    if cfg.authBackend is AuthBackend.NONE:
-        return "auth backend none (this process's own account, no password)"
-    return f"PAM service {cfg.pamService}"
+    if cfg.authBackend is AuthBackend.PAM:
+        return f"PAM service {cfg.pamService}"
+    return f"auth backend {text(cfg.describe_backend())}"
 
 
 def check_backend(cfg: Config) -> None:

@@ -82,12 +82,7 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     # files and must not reach the admin's terminal as control sequences.
     w = lambda line="": print(text(line, limit=20000), file=out)  # noqa: E731
     w(f"sendooway-auth --check {name} (config {cfg.filename or '(defaults)'})")
-    backend = cfg.authBackend.value
-    if cfg.authBackend is AuthBackend.PAM:
-        backend += f" (service {cfg.pamService})"
-    elif cfg.authBackend is AuthBackend.LDAP:
-        backend += f" ({cfg.ldapUri or 'no ldapUri'}, bind as {cfg.ldapAuthDN or 'no ldapAuthDN'})"
-    w(f"auth backend: {backend}")
+    w(f"auth backend: {cfg.describe_backend()}")
     refusal = cfg.backend_refusal(os.geteuid())
     if refusal is not None:
         w(f"error: {refusal}")

@@ -72,12 +72,11 @@ class Frontend:
 
     def settings(self) -> SessionSettings:
         cfg = self.config
+        starttls = not self.channel_safe and cfg.mailerEncryption is not MailerEncryption.FORBIDDEN
         return SessionSettings(
             hostname=self.hostname,
-            tls_available=(self.tls_context is not None and not self.channel_safe
-                           and cfg.mailerEncryption is not MailerEncryption.FORBIDDEN),
-            tls_broken=(self.tls_broken and not self.channel_safe
-                        and cfg.mailerEncryption is not MailerEncryption.FORBIDDEN),
+            tls_available=starttls and self.tls_context is not None,
+            tls_broken=starttls and self.tls_broken,
             encrypted=self.channel_safe or self.implicit_tls,
             require_encryption=cfg.mailerEncryption is MailerEncryption.REQUIRED,
             advertise_8bitmime=cfg.ext8BitMime is not Ext8BitMime.DISABLE,

@@ -172,6 +172,16 @@ class Config:
         line = self.lines.get(name)
         return f"{self.filename or 'config'}:{line}" if line else (self.filename or "config")
 
+    def describe_backend(self) -> str:
+        """The backend that checks logins, as --check and the daemon's log
+        name it."""
+        if self.authBackend is AuthBackend.PAM:
+            return f"PAM (service {self.pamService})"
+        if self.authBackend is AuthBackend.LDAP:
+            return (f"LDAP ({self.ldapUri or 'no ldapUri'}, bind as"
+                    f" {self.ldapAuthDN or 'no ldapAuthDN'})")
+        return self.authBackend.value
+
     def backend_refusal(self, authenticator_uid: int) -> str | None:
         """Why an authenticator running as `authenticator_uid` must not serve
         this authBackend (checked at start-up by the daemon, and by a root
@@ -209,15 +219,24 @@ def ldap_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _ldap_uri_problems(value: str) -> list[str]:
+def _split_uri(uri: str):
+    """urlsplit's parts of an ldapUri item, or None when it is no URI (a
+    bad port shows only when .port is read)."""
     from urllib.parse import urlsplit
 
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port
+    except ValueError:
+        return None
+    return parts
+
+
+def _ldap_uri_problems(value: str) -> list[str]:
     problems = []
     for uri in value.split():
-        try:
-            parts = urlsplit(uri)
-            port = parts.port
-        except ValueError:
+        parts = _split_uri(uri)
+        if parts is None:
             problems.append(f"{uri}: not an LDAP URI")
             continue
         if parts.scheme.lower() not in ("ldap", "ldaps"):
@@ -226,7 +245,7 @@ def _ldap_uri_problems(value: str) -> list[str]:
             problems.append(f"{uri}: no server name")
         elif parts.path not in ("", "/") or parts.query or parts.fragment:
             problems.append(f"{uri}: only a server and port may be given")
-        elif port == 0:
+        elif parts.port == 0:
             problems.append(f"{uri}: port 0")
     return problems
 
@@ -234,18 +253,13 @@ def _ldap_uri_problems(value: str) -> list[str]:
 def _ldap_cleartext(cfg: Config) -> str | None:
     """A warning for ldap:// URIs to another host: the users' passwords
     cross the network in clear there."""
-    from urllib.parse import urlsplit
-
     if cfg.authBackend is not AuthBackend.LDAP:
         return None
     clear = []
     for uri in cfg.ldapUri.split():
-        try:
-            parts = urlsplit(uri)
-            host = (parts.hostname or "").lower()
-        except ValueError:
-            continue
-        if parts.scheme.lower() == "ldap" and host not in ("localhost", "127.0.0.1", "::1"):
+        parts = _split_uri(uri)
+        if (parts is not None and parts.scheme.lower() == "ldap"
+                and (parts.hostname or "").lower() not in ("localhost", "127.0.0.1", "::1")):
             clear.append(uri)
     if not clear:
         return None
