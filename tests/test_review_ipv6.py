@@ -9,15 +9,17 @@ reviewed, for the reason its docstring gives."""
 from __future__ import annotations
 
 import os
+import shutil
 import smtplib
 import socket
 import time
 
 import pytest
 
-from tests.auth_helpers import Daemon
+from tests.auth_helpers import Daemon, login
 from tests.fakeworld import MACHINE_SKIP, free_port
 from tests.front_util import Frontend, front_config, open_tmp
+from tests.test_deploy_auth import _fail2ban_regex
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -105,3 +107,84 @@ def test_an_upstream_address_that_failed_before_the_one_that_answered_is_logged(
     assert lines, log
     assert "Connection refused" in lines[0] and f"127.0.0.1:{v6.up4.port}" in lines[0], lines
     assert f"dual.test:{v6.up4.port}" in lines[0], lines
+
+
+# ------------------------------------------------------------ the authenticator's address keys
+
+
+@pytest.fixture
+def auth_daemon(world):
+    with open_tmp() as tmp:
+        d = Daemon(tmp, front_config(tmp, world), failure_delay=0.1).start()
+        try:
+            yield d
+        finally:
+            d.stop()
+
+
+def _fail(d: Daemon, user: str, client: str, session: str) -> str:
+    """One wrong password from `client`; the daemon's fail2ban line for it."""
+    ch = d.connect()
+    try:
+        reply = login(ch, user, "not-the-password", client=client, session=session)
+        assert reply.TYPE == "auth_fail", reply
+    finally:
+        ch.close()
+    line = d.wait_log(f"session={session} ")
+    return next(l for l in line.splitlines() if f"session={session} " in l and "auth failed" in l)
+
+
+def _delay(line: str) -> float:
+    return float(line.rsplit("delay=", 1)[1].split()[0])
+
+
+def test_ipv4_clients_behind_the_well_known_nat64_prefix_each_have_their_own_backoff(auth_daemon):
+    """DEFECT (rule: docs/decisions/auth.md "IPv4 addresses count one by
+    one"). An IPv6-only server reaches IPv4 clients through a stateless
+    translator (SIIT-DC, RFC 7755) or NAT64: each IPv4 client arrives as
+    64:ff9b::a.b.c.d (RFC 6052's well-known prefix), all in one /64. The
+    per-/64 key made every IPv4 client in the world one site: a guesser's
+    failures slowed the next IPv4 user's first login. An address in
+    64:ff9b::/96 now counts as the IPv4 address it carries; the log keeps
+    the address the server saw (what its firewall bans)."""
+    d = auth_daemon
+    lines = [_fail(d, f"nosuch{i}", "64:ff9b::203.0.113.7", f"nat-a{i}") for i in range(4)]
+    assert "client=64:ff9b::cb00:7107 " in lines[0], lines[0]
+    assert [_delay(l) for l in lines] == [0.1, 0.2, 0.4, 0.8], lines  # the guesser's grows
+    other = _fail(d, "nosuch-other", "64:ff9b::198.51.100.20", "nat-b")
+    assert _delay(other) == 0.1, (other, lines)
+    # the IPv4 address itself, reached natively on a dual-stack server, is
+    # the same client as its translated form
+    same = _fail(d, "nosuch-native", "203.0.113.7", "nat-c")
+    assert _delay(same) > _delay(lines[0]), (same, lines)
+
+
+def test_the_mapped_and_plain_forms_of_one_ipv4_address_count_as_one(auth_daemon):
+    """(Kept working: a dual-stack socket shows an IPv4 client as
+    ::ffff:a.b.c.d; the frontend and the daemon both take it for the IPv4
+    address, in the backoff and in the fail2ban line.)"""
+    d = auth_daemon
+    first = _fail(d, "nosuch-m1", "::ffff:198.51.100.9", "map-1")
+    second = _fail(d, "nosuch-m2", "198.51.100.9", "map-2")
+    assert "client=198.51.100.9 " in first and "client=198.51.100.9 " in second, (first, second)
+    assert _delay(second) > _delay(first), (first, second)
+
+
+def test_a_link_local_client_is_logged_so_that_fail2ban_finds_it(auth_daemon, tmp_path):
+    """DEFECT (rule: docs/deployment.md "packaging/fail2ban/filter.d/
+    sendooway.conf matches [the failure lines]"; a careful admin expects
+    every failed login's address to be bannable). A client on the server's
+    own link may connect to its link-local address: the peer is then
+    fe80::...%eth0, and the daemon wrote the zone into the fail2ban line
+    (client=fe80::1%eth0), which fail2ban's <HOST> does not match: never
+    banned. The line now holds the address alone (ip6tables bans it; the
+    frontend's connect line keeps the zone)."""
+    d = auth_daemon
+    line = _fail(d, "nosuch-ll", "[fe80::1:2%eth0]:50123", "ll-1")
+    assert "client=fe80::1:2 " in line, line
+    if not shutil.which("fail2ban-regex"):
+        pytest.skip("fail2ban not installed")
+    log = tmp_path / "auth.log"
+    log.write_text(line + "\n")
+    r = _fail2ban_regex(log, tmp_path)
+    assert r.stdout.split() == ["fe80::1:2"], r.stdout + r.stderr
