@@ -16,10 +16,13 @@ import time
 
 import pytest
 
+from tests import deploy_world as dw
 from tests.auth_helpers import Daemon, login
+from tests.deploy_world import deployment, upstream  # noqa: F401 - fixtures
 from tests.fakeworld import MACHINE_SKIP, free_port
 from tests.front_util import Frontend, front_config, open_tmp
 from tests.test_deploy_auth import _fail2ban_regex
+from tests.test_deploy_front import _start_xinetd, _xinetd_block, _xinetd_config
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -188,3 +191,43 @@ def test_a_link_local_client_is_logged_so_that_fail2ban_finds_it(auth_daemon, tm
     log.write_text(line + "\n")
     r = _fail2ban_regex(log, tmp_path)
     assert r.stdout.split() == ["fe80::1:2"], r.stdout + r.stderr
+
+
+# ------------------------------------------------------------ the shipped xinetd blocks
+
+
+def _relay_from(world, host: str, port: int) -> None:
+    with smtplib.SMTP(host, port, local_hostname="client.test", timeout=30) as client:
+        client.starttls(context=world.ssl_context())
+        client.ehlo("client.test")
+        client.login("alice", world.users["alice"].password)
+        assert client.sendmail(dw.SENDER, ["bob@example.net"], BODY) == {}
+
+
+@needs_v6
+def test_the_shipped_xinetd_block_serves_ipv6_clients_too(world, upstream, deployment):
+    """DEFECT (rule: a careful admin on a dual-stack or IPv6-only server
+    expects the shipped /etc/xinetd.d/sendooway to take the submission
+    port's clients whatever their address family). xinetd opens an IPv4
+    socket unless a block says `flags = IPv6`: the shipped blocks answered
+    only IPv4 clients (an IPv6-only server: none). With the flag xinetd's
+    socket is dual-stack: an IPv6 client is [::1] in the log and
+    [IPv6:::1] in Received:, an IPv4 one (::ffff:127.0.0.1 on that socket)
+    stays 127.0.0.1."""
+    dep = deployment
+    attrs = _xinetd_block("submission-root")
+    assert attrs.get("flags") == "= IPv6", attrs
+    assert _xinetd_block("submission-nobody").get("flags") == "= IPv6"
+    port = free_port("::1")
+    proc = _start_xinetd(dep, _xinetd_config(dep, attrs, port, bind=None), port)
+    try:
+        _relay_from(world, "::1", port)
+        _relay_from(world, "127.0.0.1", port)
+    finally:
+        dw.stop(proc)
+    heads = [m.data.split(b"\r\n")[0] for m in upstream.messages]
+    assert heads == [b"Received: from client.test ([IPv6:::1])",
+                     b"Received: from client.test ([127.0.0.1])"], heads
+    log = dep.front_log.read_text()
+    assert "client=[::1]:" in log and "client=127.0.0.1:" in log, log
+    assert "::ffff:" not in log, log
