@@ -15,6 +15,7 @@ import socket
 import time
 
 import pytest
+import trustme
 
 from tests import deploy_world as dw
 from tests.auth_helpers import Daemon, login
@@ -51,6 +52,19 @@ def _wait(predicate, what: str, timeout: float = 10.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+UP_PW = "v6-upstream-Secret-41"
+
+
+class SniRecorder(FakeUpstream):
+    """An upstream that notes the server name each TLS client asked for."""
+
+    def _server_context(self):
+        ctx = super()._server_context()
+        self.sni: list[str | None] = []
+        ctx.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
+        return ctx
+
+
 class V6World:
     """A daemon, `sendooway -b [::1]:PORT` and upstreams, one config."""
 
@@ -65,13 +79,29 @@ def v6(world):
         # dual.test resolves to ::1 first, then 127.0.0.1; the upstream
         # listens on 127.0.0.1 only, and [::1] on its port refuses
         w.up4 = FakeUpstream(world, tls="plain").start()
+        # implicit TLS on [::1] from a CA of the test's own: a certificate
+        # for the IP address ::1, and one for the name localhost only
+        ca = trustme.CA()
+        for name, identity in (("ip", "::1"), ("name", "localhost")):
+            leaf = ca.issue_cert(identity)
+            leaf.private_key_pem.write_to_path(str(tmp / f"{name}.key"))
+            leaf.cert_chain_pems[0].write_to_path(str(tmp / f"{name}.pem"))
+        bundle = tmp / "ca-bundle.pem"
+        bundle.write_bytes(open(world.ca_file, "rb").read() + ca.cert_pem.bytes())
+        w.ip_cert = SniRecorder(world, tls="tls", host="::1", accounts={"u6": UP_PW},
+                                cert_file=str(tmp / "ip.pem"), key_file=str(tmp / "ip.key")).start()
+        w.name_cert = SniRecorder(world, tls="tls", host="::1", accounts={"u6": UP_PW},
+                                  cert_file=str(tmp / "name.pem"),
+                                  key_file=str(tmp / "name.key")).start()
         w.v6_refuser = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         w.v6_refuser.bind(("::1", w.up4.port))  # bound, never listening: refused
         hosts = tmp / "hosts"
         hosts.write_text("::1 dual.test\n127.0.0.1 dual.test\n")
         os.chmod(hosts, 0o644)
-        extra = (f"sslCA = {world.ca_file}\naddReceivedField = yes\n"
-                 f"smarthostMapping = direct:*@dual.example dual.test {w.up4.port} noAuth\n")
+        extra = (f"sslCA = {bundle}\naddReceivedField = yes\n"
+                 f"smarthostMapping = direct:*@dual.example dual.test {w.up4.port} noAuth\n"
+                 f"smarthostMapping = direct:*@ip.example [::1] {w.ip_cert.port} u6 {UP_PW} ssl\n"
+                 f"smarthostMapping = direct:*@name.example ::1 {w.name_cert.port} u6 {UP_PW} ssl\n")
         w.config = front_config(tmp, world, extra)
         env = world.env()
         env["NSS_WRAPPER_HOSTS"] = str(hosts)
@@ -82,7 +112,8 @@ def v6(world):
         finally:
             w.front.stop()
             w.daemon.stop()
-            w.up4.stop()
+            for up in (w.up4, w.ip_cert, w.name_cert):
+                up.stop()
             w.v6_refuser.close()
 
 
@@ -231,3 +262,20 @@ def test_the_shipped_xinetd_block_serves_ipv6_clients_too(world, upstream, deplo
     log = dep.front_log.read_text()
     assert "client=[::1]:" in log and "client=127.0.0.1:" in log, log
     assert "::ffff:" not in log, log
+
+
+def test_an_ip_literal_upstream_is_checked_against_its_ip_address_without_sni(v6):
+    """(Kept working.) A route naming [::1] with TLS: no SNI (RFC 6066 3
+    allows no IP address in it), and the certificate must hold the address
+    as an iPAddress SAN: one for ::1 is taken, one for the name localhost
+    alone is refused before any password goes out."""
+    with _session(v6) as s:
+        assert s.sendmail("alice@ip.example", ["rcpt@example.net"], BODY) == {}
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            s.sendmail("alice@name.example", ["rcpt@example.net"], BODY)
+    assert refused.value.smtp_code == 454, refused.value
+    assert v6.ip_cert.sni[1:] == [None], v6.ip_cert.sni  # (the first: the readiness probe)
+    assert v6.ip_cert.logins == ["u6"]
+    assert v6.name_cert.logins == [] and v6.name_cert.messages == []
+    log = v6.front.log()
+    assert "certificate does not match ::1" in log, log
