@@ -279,3 +279,29 @@ def test_an_ip_literal_upstream_is_checked_against_its_ip_address_without_sni(v6
     assert v6.name_cert.logins == [] and v6.name_cert.messages == []
     log = v6.front.log()
     assert "certificate does not match ::1" in log, log
+
+
+# ------------------------------------------------------------ -b
+
+
+def test_bind_to_an_ipv4_mapped_address_listens_on_that_ipv4_address(world):
+    """DEFECT (rule: DESIGN.md `-b [ADDR:]PORT`; a careful admin copying
+    the address `ss -lnt` shows for an IPv4 client of a dual-stack socket).
+    `-b [::ffff:127.0.0.1]:PORT` failed to start with "cannot listen on
+    127.0.0.1:PORT: Invalid argument": our IPv6 sockets are V6ONLY, which
+    refuses a mapped address, and the message named an address that would
+    have worked. The mapped address is now bound as the IPv4 address."""
+    port = free_port()
+    with open_tmp() as tmp:
+        config = front_config(tmp, world)
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, str(tmp / "front.log"), bind=f"[::ffff:127.0.0.1]:{port}", port=port,
+                      env=world.env())
+        try:
+            fe.start()
+            with fe.smtp() as s:
+                assert s.ehlo()[0] == 250
+            assert f"listening on 127.0.0.1:{port}" in fe.log(), fe.log()
+        finally:
+            fe.stop()
+            daemon.stop()
