@@ -305,3 +305,20 @@ def test_bind_to_an_ipv4_mapped_address_listens_on_that_ipv4_address(world):
         finally:
             fe.stop()
             daemon.stop()
+
+
+def test_the_shipped_socket_units_are_dual_stack_whatever_the_sysctl_says():
+    """DEFECT (rule: docs/decisions/frontend.md "-b PORT: one dual-stack
+    socket", which sendooway sets itself with IPV6_V6ONLY off). The shipped
+    sendooway.socket and sendooways.socket said `ListenStream=587` alone:
+    systemd then follows net.ipv6.bindv6only, and on a host where an admin
+    set it to 1 the units took IPv6 clients only. (A sysctl cannot be
+    changed by a test on a shared machine: the unit is read as systemd
+    reads it, and systemd-analyze verify checks it in test_packaging.)"""
+    import configparser
+
+    for name in ("sendooway.socket", "sendooways.socket"):
+        cp = configparser.ConfigParser(strict=False, interpolation=None)
+        cp.optionxform = str  # type: ignore[assignment]
+        cp.read_string((dw.PACKAGING / "systemd" / name).read_text())
+        assert cp["Socket"].get("BindIPv6Only") == "both", name
