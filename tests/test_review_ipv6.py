@@ -9,9 +9,11 @@ reviewed, for the reason its docstring gives."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import socket
+import subprocess
 import time
 
 import pytest
@@ -21,9 +23,10 @@ from tests import deploy_world as dw
 from tests.auth_helpers import Daemon, login
 from tests.deploy_world import deployment, upstream  # noqa: F401 - fixtures
 from tests.fakeworld import MACHINE_SKIP, free_port
-from tests.front_util import Frontend, front_config, open_tmp
+from tests.front_util import Frontend, front_config, open_tmp, wait_port
 from tests.test_deploy_auth import _fail2ban_regex
 from tests.test_deploy_front import _start_xinetd, _xinetd_block, _xinetd_config
+from tests.test_deploy_haproxy import HAPROXY
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -322,3 +325,74 @@ def test_the_shipped_socket_units_are_dual_stack_whatever_the_sysctl_says():
         cp.optionxform = str  # type: ignore[assignment]
         cp.read_string((dw.PACKAGING / "systemd" / name).read_text())
         assert cp["Socket"].get("BindIPv6Only") == "both", name
+
+
+# ------------------------------------------------------------ behind HAProxy over IPv6
+
+HAPROXY_V6 = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend submission
+    bind [::1]:{v6_port}
+    bind [::ffff:127.0.0.1]:{v4_port}
+    default_backend sendooway
+backend sendooway
+    server mx1 [::1]:{backend} {send_proxy}
+"""
+
+
+@needs_v6
+@pytest.mark.parametrize("send_proxy", ["send-proxy-v2", "send-proxy"])
+def test_haproxy_on_ipv6_passes_ipv6_and_mapped_ipv4_clients(world, send_proxy):
+    """(Kept working.) HAProxy reaching sendooway over ::1 sends TCP6
+    headers (v1 and v2); an IPv4 client on its dual-stack listener arrives
+    as ::ffff:127.0.0.1 inside the header. Each client's own address is the
+    one in the log, the fail2ban line and Received:, IPv4 shown as IPv4."""
+    if not os.access(HAPROXY, os.X_OK):
+        pytest.fail("haproxy is missing: scripts/setup.sh installs it")
+    with open_tmp() as tmp:
+        up = FakeUpstream(world, tls="plain").start()
+        config = front_config(tmp, world, "addReceivedField = yes\nproxyProtocol = ::1\n"
+                                          f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
+        daemon = Daemon(tmp, config).start()
+        front = Frontend(config, str(tmp / "front.log"), host="::1").start()
+        v6_port, v4_port = free_port("::1"), free_port()
+        (tmp / "haproxy.cfg").write_text(HAPROXY_V6.format(
+            v6_port=v6_port, v4_port=v4_port, backend=front.port, send_proxy=send_proxy))
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(tmp / "haproxy.cfg")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_port("::1", v6_port, proc)
+            wait_port("127.0.0.1", v4_port, proc)
+            for host, port in (("::1", v6_port), ("127.0.0.1", v4_port)):
+                with smtplib.SMTP(host, port, local_hostname="client.test", timeout=20) as s:
+                    s.starttls(context=world.ssl_context())
+                    s.ehlo()
+                    with pytest.raises(smtplib.SMTPAuthenticationError):
+                        s.login("carol", "not-carols-password")
+                with smtplib.SMTP(host, port, local_hostname="client.test", timeout=20) as s:
+                    s.starttls(context=world.ssl_context())
+                    s.ehlo()
+                    s.login("alice", world.users["alice"].password)
+                    s.sendmail("alice@example.org", ["friend@example.net"], BODY)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            front.stop()
+            daemon.stop()
+            up.stop()
+        heads = [m.data.split(b"\r\n")[0] for m in up.messages]
+        assert heads == [b"Received: from client.test ([IPv6:::1])",
+                         b"Received: from client.test ([127.0.0.1])"], heads
+        kind = "v2 TCP6" if send_proxy.endswith("v2") else "v1 TCP6"
+        log = front.log()
+        for shown in (r"\[::1\]", r"127\.0\.0\.1"):
+            assert re.search(rf"client={shown}:\d+: connect via \[::1\]:\d+ \(PROXY {kind}\)", log), log
+        failed = tmp / "failed.log"
+        failed.write_text(daemon.log())
+        hosts = _fail2ban_regex(failed, tmp).stdout.split()
+        assert set(hosts) == {"::1", "127.0.0.1"}, hosts
