@@ -23,7 +23,7 @@ from tests import deploy_world as dw
 from tests.auth_helpers import Daemon, login
 from tests.deploy_world import deployment, upstream  # noqa: F401 - fixtures
 from tests.fakeworld import MACHINE_SKIP, free_port
-from tests.front_util import Frontend, front_config, open_tmp, wait_port
+from tests.front_util import FRONT, Frontend, front_config, open_tmp, wait_port
 from tests.test_deploy_auth import _fail2ban_regex
 from tests.test_deploy_front import _start_xinetd, _xinetd_block, _xinetd_config
 from tests.test_deploy_haproxy import HAPROXY
@@ -396,3 +396,19 @@ def test_haproxy_on_ipv6_passes_ipv6_and_mapped_ipv4_clients(world, send_proxy):
         failed.write_text(daemon.log())
         hosts = _fail2ban_regex(failed, tmp).stdout.split()
         assert set(hosts) == {"::1", "127.0.0.1"}, hosts
+
+
+def test_localname_with_a_link_local_zone_is_a_config_error(tmp_path):
+    """DEFECT (rule: docs/decisions: localname is "a host name ... or an
+    address literal ([192.0.2.1], [IPv6:2001:db8::1])", RFC 5321 4.1.3,
+    whose IPv6 literal has no zone). An admin on a host with only a
+    link-local address wrote `localname = [IPv6:fe80::1%eth0]`: Python's
+    ipaddress takes the zone, so the greeting, the EHLO sent upstream and
+    Received: carried a literal every upstream refuses. It is now refused
+    at start, with file:line."""
+    conf = tmp_path / "sendooway.conf"
+    conf.write_text("localname = [IPv6:fe80::1%eth0]\n")
+    r = subprocess.run([FRONT, "-c", str(conf), "-l", "&2"], input=b"QUIT\r\n",
+                       capture_output=True, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"{conf}:1".encode() in r.stderr and b"220 " not in r.stdout, r.stderr
