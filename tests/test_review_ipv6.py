@@ -101,7 +101,7 @@ def v6(world):
         hosts = tmp / "hosts"
         hosts.write_text("::1 dual.test\n127.0.0.1 dual.test\n")
         os.chmod(hosts, 0o644)
-        extra = (f"sslCA = {bundle}\naddReceivedField = yes\n"
+        extra = (f"sslCA = {bundle}\naddReceivedField = yes\ncloneEhlo = yes\n"
                  f"smarthostMapping = direct:*@dual.example dual.test {w.up4.port} noAuth\n"
                  f"smarthostMapping = direct:*@ip.example [::1] {w.ip_cert.port} u6 {UP_PW} ssl\n"
                  f"smarthostMapping = direct:*@name.example ::1 {w.name_cert.port} u6 {UP_PW} ssl\n")
@@ -144,6 +144,21 @@ def test_an_upstream_address_that_failed_before_the_one_that_answered_is_logged(
     assert lines, log
     assert "Connection refused" in lines[0] and f"127.0.0.1:{v6.up4.port}" in lines[0], lines
     assert f"dual.test:{v6.up4.port}" in lines[0], lines
+
+
+def test_an_ipv6_client_named_by_its_address_literal(v6):
+    """(Kept working.) A client from ::1 that says EHLO [IPv6:::1] (what
+    msmtp and others send with no host name): cloneEhlo passes the literal
+    upstream as it is, and Received: shows it with the connection's address
+    in RFC 5321's form."""
+    with smtplib.SMTP("::1", v6.front.port, local_hostname="[IPv6:::1]", timeout=20) as s:
+        s.starttls(context=v6.world.ssl_context())
+        s.ehlo()
+        s.login("alice", v6.world.users["alice"].password)
+        assert s.sendmail("alice@dual.example", ["rcpt@example.net"], BODY) == {}
+    m = v6.up4.messages[-1]
+    assert m.helo == "[IPv6:::1]", m.helo
+    assert m.data.startswith(b"Received: from [IPv6:::1] ([IPv6:::1])\r\n"), m.data[:100]
 
 
 # ------------------------------------------------------------ the authenticator's address keys
