@@ -14,7 +14,6 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import time
 
 import pytest
 import trustme
@@ -26,7 +25,8 @@ from tests.fakeworld import MACHINE_SKIP, free_port
 from tests.front_util import FRONT, Frontend, front_config, open_tmp, wait_port
 from tests.test_deploy_auth import _fail2ban_regex
 from tests.test_deploy_front import _start_xinetd, _xinetd_block, _xinetd_config
-from tests.test_deploy_haproxy import HAPROXY
+from tests.test_deploy_haproxy import HAPROXY, HAPROXY_DEFAULTS
+from tests.test_review_addresses import _session  # (a fixture with .front and .world)
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -43,16 +43,6 @@ def _has_ipv6_loopback() -> bool:
 
 needs_v6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason=MACHINE_SKIP + "no ::1 (IPv6 loopback)")
 BODY = b"Subject: ipv6 review\r\n\r\nhello\r\n"
-
-
-def _wait(predicate, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 UP_PW = "v6-upstream-Secret-41"
@@ -120,14 +110,6 @@ def v6(world):
             w.v6_refuser.close()
 
 
-def _session(v6) -> smtplib.SMTP:
-    s = v6.front.smtp(timeout=20)
-    s.starttls(context=v6.world.ssl_context())
-    s.ehlo()
-    s.login("alice", v6.world.users["alice"].password)
-    return s
-
-
 def test_an_upstream_address_that_failed_before_the_one_that_answered_is_logged(v6):
     """DEFECT (rule: docs/decisions/relay.md "every address getaddrinfo
     returns (IPv6 and IPv4 ...) one after the other"; an admin needs to see
@@ -139,7 +121,8 @@ def test_an_upstream_address_that_failed_before_the_one_that_answered_is_logged(
     with _session(v6) as s:
         assert s.sendmail("alice@dual.example", ["rcpt@example.net"], BODY) == {}
     assert len(v6.up4.messages) == 1
-    log = _wait(lambda: "message user=alice" in v6.front.log() and v6.front.log(), "the message line")
+    log = dw.wait_for(lambda: "message user=alice" in v6.front.log() and v6.front.log(),
+                      what="the message line")
     lines = [l for l in log.splitlines() if f"[::1]:{v6.up4.port}" in l]
     assert lines, log
     assert "Connection refused" in lines[0] and f"127.0.0.1:{v6.up4.port}" in lines[0], lines
@@ -344,12 +327,7 @@ def test_the_shipped_socket_units_are_dual_stack_whatever_the_sysctl_says():
 
 # ------------------------------------------------------------ behind HAProxy over IPv6
 
-HAPROXY_V6 = """\
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
+HAPROXY_V6 = HAPROXY_DEFAULTS + """\
 frontend submission
     bind [::1]:{v6_port}
     bind [::ffff:127.0.0.1]:{v4_port}
