@@ -354,8 +354,9 @@ class SharedPenalty(Penalty):
 
 def client_host(client: str) -> str:
     """The address part of "ip", "ip:port" or "[v6]:port", normalised (IPv4
-    mapped into IPv6 shown as IPv4); "" when it is not an IP address (then
-    it is not used as a backoff key)."""
+    mapped into IPv6 shown as IPv4, a link-local zone such as %eth0 left
+    out: fail2ban bans the address, and cannot match one with a zone); ""
+    when it is not an IP address (then it is not used as a backoff key)."""
     text = client.strip()
     candidates = [text]
     if text.startswith("[") and "]" in text:
@@ -368,7 +369,7 @@ def client_host(client: str) -> str:
         except ValueError:
             continue
         mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:192.0.2.7 is 192.0.2.7
-        return str(mapped or address)
+        return str(mapped or address).split("%", 1)[0]
     return ""
 
 
@@ -379,13 +380,28 @@ def user_key(name: str) -> str:
     return name.casefold()
 
 
+# RFC 6052's well-known prefix and RFC 8215's local-use one: the translator
+# (NAT64, SIIT-DC) in front of an IPv6-only server gives each IPv4 client an
+# address of its own in there, so these count one by one, as IPv4 does.
+_WELL_KNOWN_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
 def client_key(host: str) -> str:
     """The address's backoff key: an IPv4 address as it is, an IPv6 address
     as its /64 (one site's subnet: a client given a /64 has 2**64 addresses
-    to take turns with, and would otherwise start afresh with each)."""
+    to take turns with, and would otherwise start afresh with each) — but an
+    IPv4 client translated into 64:ff9b::/96 as the IPv4 address it carries
+    (the whole IPv4 Internet is one /64 there), and one in 64:ff9b:1::/48
+    by its full address."""
     if ":" not in host:
         return host
     try:
-        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        address = ipaddress.IPv6Address(host)
     except ValueError:
         return host
+    if address in _WELL_KNOWN_NAT64:
+        return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address in _LOCAL_NAT64:
+        return str(address)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import logging
 import os
 import resource
@@ -80,7 +81,9 @@ class BindError(Exception):
 
 def parse_bind(value: str) -> tuple[str | None, int]:
     """'587' → (None, 587); '127.0.0.1:587', '[::1]:587', 'host:587';
-    'submission', '127.0.0.1:smtps' (service names)."""
+    'submission', '127.0.0.1:smtps' (service names). An IPv4-mapped
+    address ('[::ffff:192.0.2.1]:587') is the IPv4 address: bound as such
+    (an IPv6 socket of ours cannot take it: V6ONLY)."""
     host: str | None
     if value.startswith("["):
         end = value.find("]")
@@ -93,6 +96,13 @@ def parse_bind(value: str) -> tuple[str | None, int]:
         raise BindError(f"-b {value}: write an IPv6 address as [ADDRESS]:PORT")
     else:
         host, port_text = None, value
+    if host and ":" in host:
+        try:  # ::ffff:a.b.c.d, as ss and netstat show IPv4 on a dual-stack socket
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            host = str(mapped)
     try:  # a number or a service name (`-b submission`), as the original took
         port = port_number(port_text)
     except ValueError:

@@ -82,6 +82,8 @@ class Stream:
         self._fixed: float | None = None  # one deadline for a whole TLS read or handshake
         self.resumption_failed = False  # a handshake offering a kept session failed
         self.lf_lines: LfAsCrlf | None = None  # plain input's bare LFs as CRLF (by hand)
+        self.connect_failures: tuple[str, ...] = ()  # open_tcp: addresses tried before this one
+        self.connected_to = ""  # open_tcp: the address that answered, as logs show it
         set_nodelay(writer.get_extra_info("socket"))
 
     # ------------------------------------------------------------ constructors
@@ -593,7 +595,8 @@ class ConnectError(OSError):
 
 async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     """Connect to every address `host` resolves to (IPv4 and IPv6), one after
-    the other; the first that answers wins. Each try is bounded by `timeout`,
+    the other; the first that answers wins (the stream's connect_failures
+    lists the tries before it, for the log). Each try is bounded by `timeout`,
     but by at most CONNECT_TRY seconds while other addresses are left, so one
     black-holed address (typically IPv6) cannot eat the client's patience."""
     loop = asyncio.get_running_loop()
@@ -633,5 +636,7 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
             sock.close()
             tried.append(f"{shown} {os.strerror(e.errno) if e.errno else e}")
             continue
-        return await Stream.from_socket(sock, timeout)
+        stream = await Stream.from_socket(sock, timeout)
+        stream.connect_failures, stream.connected_to = tuple(tried), shown
+        return stream
     raise ConnectError(errno.ECONNREFUSED, "; ".join(tried) or f"{host}: no address")

@@ -257,6 +257,11 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         stream = await open_tcp(route.server, route.port, timeout)
     except ConnectError as e:
         raise UpstreamError(UNREACHABLE, f"cannot connect to {where}: {e.strerror or e}") from None
+    if stream.connect_failures:
+        # a broken path to one of the server's addresses (typically IPv6) is
+        # worked around, but costs each new connection: the admin should know
+        log.warning("%supstream %s: %s; connected to %s", prefix, where,
+                    "; ".join(stream.connect_failures), stream.connected_to)
     client = UpstreamClient(route, stream, ReplyReader(stream), ehlo_name)
     try:
         # each reply within `timeout`, and the whole login too: an upstream

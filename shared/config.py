@@ -393,6 +393,8 @@ def _localname(value: str) -> str:
         inner = value[1:-1] if value.endswith("]") else ""
         bare = inner[5:] if inner[:5].lower() == "ipv6:" else inner
         try:
+            if "%" in bare:  # a zone (fe80::1%eth0): ip_address takes it, RFC 5321 has no place for it
+                raise ValueError
             address = ipaddress.ip_address(bare)
         except ValueError:
             raise ValueError(f"expected a host name or an address literal such as"

@@ -116,19 +116,23 @@ def _inetd_block() -> dict[str, str]:
     return dict(re.findall(r"^\s*(\w+)\s*(\+?=\s*.*?)\s*$", m.group(2), re.M))
 
 
-def _xinetd_config(dep: dw.Deployment, attrs: dict[str, str], port: int) -> Path:
-    """A shipped block, enabled, on a loopback port, paths rewritten."""
+def _xinetd_config(dep: dw.Deployment, attrs: dict[str, str], port: int,
+                   bind: str | None = "127.0.0.1") -> Path:
+    """A shipped block, enabled, on a loopback port (bind None: every
+    address, as shipped), paths rewritten."""
     lines = []
     for key, op_value in attrs.items():
         if key == "disable":
             op_value = "= no"
+        if key == "flags" and bind and ":" not in bind:
+            continue  # as the block's comment says for an IPv4 bind (else xinetd takes every address)
         op_value = rewrite_paths(op_value)
         op_value = op_value.replace("/etc/sendooway.conf", str(dep.config))
         op_value = op_value.replace("/run/sendooway/auth.sock", str(dep.auth_socket))
         if key == "server_args":
             op_value += f" -l {dep.front_log}"  # the test reads the frontend's log
         lines.append(f"\t{key} {op_value}")
-    lines += ["\ttype = UNLISTED", f"\tport = {port}", "\tbind = 127.0.0.1"]
+    lines += ["\ttype = UNLISTED", f"\tport = {port}"] + ([f"\tbind = {bind}"] if bind else [])
     conf = dep.root / "xinetd.conf"
     conf.write_text("service sendooway-test\n{\n" + "\n".join(lines) + "\n}\n")
     return conf

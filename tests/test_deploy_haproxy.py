@@ -27,14 +27,17 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 BALANCER, CLIENT = "127.0.0.2", "127.0.0.3"
 
-HAPROXY_CFG = """\
-global
-    stats socket {stats} mode 600 level admin
+HAPROXY_DEFAULTS = """\
 defaults
     mode tcp
     timeout connect 5s
     timeout client 30s
     timeout server 30s
+"""
+HAPROXY_CFG = """\
+global
+    stats socket {stats} mode 600 level admin
+""" + HAPROXY_DEFAULTS + """\
 frontend submission
     bind 127.0.0.1:{port}
     default_backend sendooway
