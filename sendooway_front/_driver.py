@@ -60,6 +60,7 @@ class Frontend:
     tls_broken: bool = False          # sslCert/sslKey set but unusable (one session only)
     hostname: str = ""
     active: set = field(default_factory=set)
+    per_address: Any = None           # _limits.AddressLimit of a listening process
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -132,6 +133,7 @@ class SessionRunner:
         self.stopping = False          # the server stops: 421 at the next command
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
         self._waiting_for_command = False
+        self._address_key: str | None = None  # counted in frontend.per_address
 
     def request_stop(self) -> None:
         """The server is stopping: a client between two commands gets
@@ -154,6 +156,11 @@ class SessionRunner:
             if fe.behind_balancer(self.client_ip):
                 via = await self._proxy_header()
                 if via is None:
+                    return
+            if fe.per_address is not None:
+                admitted, self._address_key = fe.per_address.enter(self.client_ip)
+                if not admitted:  # (logged by the limit, once per burst)
+                    self.session.refuse(R.TOO_MANY_FROM_ADDRESS)
                     return
             self._log(logging.INFO, "connect%s%s", "" if self.client else " on stdin/stdout", via)
             if fe.implicit_tls:
@@ -490,6 +497,9 @@ class SessionRunner:
             log.exception("%s: relay cleanup failed", self.sid)
 
     async def _finish(self) -> None:
+        if self.frontend.per_address is not None:
+            self.frontend.per_address.leave(self._address_key)
+            self._address_key = None
         if self.relay is not None:
             await self._quietly(self.relay.close())
         if self.link is not None:
