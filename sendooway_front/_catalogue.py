@@ -21,6 +21,7 @@ GREETING_TEXT = "ESMTP sendooway ready"                       # 220 <host> ...
 SERVICE_UNAVAILABLE = _r(421, "4.3.0 Service not available, closing connection")
 AUTH_BACKEND_DOWN = _r(421, "4.3.0 Authentication service not available, closing connection")
 TIMEOUT = _r(421, "4.4.2 Timeout waiting for input, closing connection")
+NO_LOGIN_IN_TIME = _r(421, "4.4.2 No login in time, closing connection")
 TOO_MANY_ERRORS = _r(421, "4.7.0 Too many errors, closing connection")
 TOO_MANY_AUTH_FAILURES = _r(421, "4.7.0 Too many authentication failures, closing connection")
 SHUTTING_DOWN = _r(421, "4.3.2 Server shutting down, closing connection")

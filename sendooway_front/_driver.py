@@ -31,6 +31,11 @@ from ._tls import TLSError
 
 READ_SIZE = 256 * 1024
 LINGER = 1.0  # seconds to drain a client's input after closing on it
+# A session logs in within LOGIN_WITHIN x `timeout` of its start or is closed:
+# a real client logs in at once, and MAIL needs a login. It also keeps a
+# link within the authenticator's own limit (the next request before a
+# login within 4 x `timeout`, sendooway_auth._connection.LOGIN_IDLE).
+LOGIN_WITHIN = 4
 log = logging.getLogger("sendooway")
 
 
@@ -268,6 +273,7 @@ class SessionRunner:
         loop = asyncio.get_running_loop()
         limit = float(self.frontend.config.timeout)
         deadline: float | None = None  # by when the pending input must make progress
+        login_by = loop.time() + LOGIN_WITHIN * limit
         while True:
             ev = s.next_event()
             if ev is FLUSH:  # replies piled up: the client takes them before we read on
@@ -294,7 +300,10 @@ class SessionRunner:
                 now = loop.time()
                 if deadline is None:
                     deadline = now + limit
-                self.stream.timeout = max(0.0, min(limit, deadline - now))
+                wait = min(limit, deadline - now)
+                if s.user is None:
+                    wait = min(wait, login_by - now)
+                self.stream.timeout = max(0.0, wait)
                 self._waiting_for_command = s.at_command_boundary
                 try:
                     if self.stream.timeout <= 0:
@@ -303,6 +312,11 @@ class SessionRunner:
                 except (asyncio.TimeoutError, TimeoutError):
                     if self.stopping and s.at_command_boundary:
                         continue  # interrupted by request_stop: 421 above
+                    if s.user is None and loop.time() >= login_by - 0.05:
+                        self._log(logging.INFO, "timeout: no login within %gs of connecting",
+                                  LOGIN_WITHIN * limit)
+                        s.timed_out(R.NO_LOGIN_IN_TIME)
+                        continue
                     self._log(logging.INFO, "timeout: no complete input for %ss", limit)
                     s.timed_out()
                     continue

@@ -5,7 +5,9 @@ limit is hit: one line per burst, not one per connection."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import socket
 import time
 
@@ -16,7 +18,7 @@ from sendooway_shared.protocol import VERSION, AuthOk, AuthRequest, Hello, encod
 from sendooway_shared.types import Secret
 
 from .auth_helpers import Daemon, login
-from .front_util import Frontend, front_config, open_tmp
+from .front_util import Frontend, front_config, login_plain, open_tmp
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the programs drop to nobody: needs root")
 
@@ -51,6 +53,30 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _serving(world, extra: str, nofile: int | None = None):
+    """`sendooway -b` (under NOFILE `nofile`) and its authenticator, with
+    `extra` config lines; yields the frontend and a list whose sockets are
+    closed at the end. Both are stopped after the block, and the frontend's
+    whole log is then `fe.final_log`."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, extra)
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log"))
+        if nofile is not None:
+            fe.argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *fe.argv]
+        fe.start()
+        held: list[socket.socket] = []
+        try:
+            yield fe, held
+        finally:
+            for s in held:
+                s.close()
+            fe.stop()
+            daemon.stop()
+            fe.final_log = fe.log()
+
+
 def _proxied(port: int, source: str, header_source: str) -> socket.socket:
     """A connection from `source` carrying a PROXY v1 header for `header_source`."""
     family = "TCP6" if ":" in header_source else "TCP4"
@@ -67,40 +93,28 @@ def test_refusals_past_the_session_cap_are_counted_not_logged_one_by_one(world):
     connections (94 lines in 2 s here, without trying hard), in syslog.
     Correct, as the authenticator does with its own cap: one line at once,
     then at most one line per 10 s with the number refused since."""
-    with open_tmp() as tmp:
-        config = front_config(tmp, world, "timeout = 20\n")
-        daemon = Daemon(tmp, config).start()
-        fe = Frontend(config, os.path.join(str(tmp), "front.log"))
-        fe.argv = ["prlimit", "--nofile=64:64", "--", *fe.argv]  # session cap: 8
-        fe.start()
-        held: list[socket.socket] = []
-        try:
-            for _ in range(8):
-                s = socket.create_connection((fe.host, fe.port), timeout=10)
-                assert _greeting(s).startswith(b"220 ")
-                held.append(s)
-            replies = []
-            for _ in range(120):
-                with socket.create_connection((fe.host, fe.port), timeout=10) as s:
-                    replies.append(_greeting(s)[:9])
-            time.sleep(0.5)
-            assert replies == [b"421 4.3.2"] * 120
-            lines = [line for line in fe.log().splitlines() if "refus" in line]
-            assert 1 <= len(lines) <= 2, (
-                f"{len(lines)} log lines for 120 refused connections:\n" + "\n".join(lines[:5]))
-            assert "limit 8" in lines[0], lines[0]
-            for s in held:  # the cap frees up as sessions end
-                s.close()
-            time.sleep(0.5)
+    with _serving(world, "timeout = 20\n", nofile=64) as (fe, held):  # session cap: 8
+        for _ in range(8):
+            s = socket.create_connection((fe.host, fe.port), timeout=10)
+            assert _greeting(s).startswith(b"220 ")
+            held.append(s)
+        replies = []
+        for _ in range(120):
             with socket.create_connection((fe.host, fe.port), timeout=10) as s:
-                assert _greeting(s).startswith(b"220 ")
-        finally:
-            for s in held:
-                s.close()
-            fe.stop()
-            daemon.stop()
-        # the refusals not yet told are told when the server stops
-        assert "refused since the last such line" in fe.log()
+                replies.append(_greeting(s)[:9])
+        time.sleep(0.5)
+        assert replies == [b"421 4.3.2"] * 120
+        lines = [line for line in fe.log().splitlines() if "refus" in line]
+        assert 1 <= len(lines) <= 2, (
+            f"{len(lines)} log lines for 120 refused connections:\n" + "\n".join(lines[:5]))
+        assert "limit 8" in lines[0], lines[0]
+        for s in held:  # the cap frees up as sessions end
+            s.close()
+        time.sleep(0.5)
+        with socket.create_connection((fe.host, fe.port), timeout=10) as s:
+            assert _greeting(s).startswith(b"220 ")
+    # the refusals not yet told are told when the server stops
+    assert "refused since the last such line" in fe.final_log
 
 
 def test_one_address_cannot_take_every_session_of_the_server(world):
@@ -116,48 +130,38 @@ def test_one_address_cannot_take_every_session_of_the_server(world):
     as its sessions end. The address is the one a trusted balancer's PROXY
     header names (here, since the tests have only loopback); loopback
     clients themselves (a webmail on the host) are not limited."""
-    with open_tmp() as tmp:
-        config = front_config(tmp, world, "timeout = 20\nproxyProtocol = 127.0.0.2\n"
-                              "maxSessionsPerAddress = 4\n")
-        daemon = Daemon(tmp, config).start()
-        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        held: list[socket.socket] = []
-        try:
-            greetings = []
-            for i in range(10):
-                s = _proxied(fe.port, "127.0.0.2", "192.0.2.66")
-                greetings.append(_greeting(s)[:9])
-                held.append(s)
-            assert greetings[:4] == [b"220 mx.te"] * 4 and greetings[4:] == [b"421 4.7.0"] * 6, \
-                greetings
-            # one IPv6 /64 is one address; another /64 and another IPv4 address are served
-            v6 = [_proxied(fe.port, "127.0.0.2", f"2001:db8:1:2::{i + 1:x}") for i in range(2)]
-            v6 += [_proxied(fe.port, "127.0.0.2", f"2001:db8:1:2:ff::{i + 1:x}") for i in range(3)]
-            held += v6
-            assert [_greeting(s)[:3] for s in v6] == [b"220"] * 4 + [b"421"]
-            for source in ("192.0.2.67", "2001:db8:1:3::1"):
-                s = _proxied(fe.port, "127.0.0.2", source)
-                held.append(s)
-                assert _greeting(s).startswith(b"220 "), source
-            # loopback clients are not counted: a webmail on the host
-            for _ in range(6):
-                s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
-                held.append(s)
-                assert _greeting(s).startswith(b"220 ")
-            lines = [line for line in fe.log().splitlines() if "maxSessionsPerAddress" in line]
-            assert len(lines) == 1 and "192.0.2.66" in lines[0], lines
-            for s in held[:4]:  # the address's sessions end: it is served again
-                s.close()
-            time.sleep(0.5)
+    with _serving(world, "timeout = 20\nproxyProtocol = 127.0.0.2\n"
+                  "maxSessionsPerAddress = 4\n") as (fe, held):
+        greetings = []
+        for i in range(10):
             s = _proxied(fe.port, "127.0.0.2", "192.0.2.66")
+            greetings.append(_greeting(s)[:9])
+            held.append(s)
+        assert greetings[:4] == [b"220 mx.te"] * 4 and greetings[4:] == [b"421 4.7.0"] * 6, \
+            greetings
+        # one IPv6 /64 is one address; another /64 and another IPv4 address are served
+        v6 = [_proxied(fe.port, "127.0.0.2", f"2001:db8:1:2::{i + 1:x}") for i in range(2)]
+        v6 += [_proxied(fe.port, "127.0.0.2", f"2001:db8:1:2:ff::{i + 1:x}") for i in range(3)]
+        held += v6
+        assert [_greeting(s)[:3] for s in v6] == [b"220"] * 4 + [b"421"]
+        for source in ("192.0.2.67", "2001:db8:1:3::1"):
+            s = _proxied(fe.port, "127.0.0.2", source)
+            held.append(s)
+            assert _greeting(s).startswith(b"220 "), source
+        # loopback clients are not counted: a webmail on the host
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
             held.append(s)
             assert _greeting(s).startswith(b"220 ")
-        finally:
-            for s in held:
-                s.close()
-            fe.stop()
-            daemon.stop()
-        assert "6 refused since the last such line" in fe.log(), fe.log()[-2000:]
+        lines = [line for line in fe.log().splitlines() if "maxSessionsPerAddress" in line]
+        assert len(lines) == 1 and "192.0.2.66" in lines[0], lines
+        for s in held[:4]:  # the address's sessions end: it is served again
+            s.close()
+        time.sleep(0.5)
+        s = _proxied(fe.port, "127.0.0.2", "192.0.2.66")
+        held.append(s)
+        assert _greeting(s).startswith(b"220 ")
+    assert "6 refused since the last such line" in fe.final_log, fe.final_log[-2000:]
 
 
 def test_max_sessions_per_address_keyword():
@@ -207,3 +211,41 @@ def test_authenticator_connections_that_never_say_hello_or_log_in_are_closed(
     finally:
         d.stop()
     assert "no login request within 8s; " in d.log(), d.log()[-1500:]
+
+
+def test_a_session_that_never_logs_in_is_closed_after_four_timeouts(world):
+    """DEFECT: a client that never logs in kept its session (a slot of the
+    server's cap and of its address's, an authenticator connection) for as
+    long as it sent one harmless command per `timeout`: 100 of them before
+    the junk limit and 20 more errors, ~120 x `timeout` (10 hours with the
+    default 300 s), and the authenticator's own limit (the next request
+    within 4 x `timeout` before a login) then cut the link under it.
+    Correct: no session without a login for longer than 4 x `timeout` from
+    connect (a real client logs in within seconds; MAIL needs AUTH, so such
+    a session can do nothing else): "421 4.4.2" and one log line saying
+    why. A logged-in session keeps going as before."""
+    with _serving(world, "timeout = 2\n") as (fe, held):
+        idle = socket.create_connection((fe.host, fe.port), timeout=10)
+        user = socket.create_connection((fe.host, fe.port), timeout=10)
+        held += [idle, user]
+        for s in (idle, user):
+            assert _greeting(s).startswith(b"220 ")
+        user.sendall(b"AUTH PLAIN " + login_plain("alice", world.users["alice"].password)
+                     .encode() + b"\r\n")
+        assert _greeting(user).startswith(b"235 ")
+        start = time.monotonic()
+        replies = []
+        while time.monotonic() - start < 12:
+            for s in (idle, user):
+                if not select.select([s], [], [], 0)[0]:  # (not after its 421: a reset)
+                    s.sendall(b"NOOP\r\n")
+                replies.append((s is idle, _greeting(s, timeout=5)[:9],
+                                round(time.monotonic() - start, 1)))
+            if replies[-2][1] != b"250 2.0.0":
+                break
+            time.sleep(1)
+        idle_replies = [(r, t) for who, r, t in replies if who]
+        assert idle_replies[-1][0] == b"421 4.4.2", idle_replies
+        assert 6 <= idle_replies[-1][1] <= 10, idle_replies
+        assert [r for who, r, _t in replies if not who][-1] == b"250 2.0.0", replies
+        assert "no login within 8s of connecting" in fe.log(), fe.log()[-1500:]
