@@ -7,12 +7,11 @@ import dataclasses
 import logging
 from collections import deque
 
+from sendooway_shared.log import Tally
 from sendooway_shared.protocol import (
     REQUESTS, VERSION, AuthFail, AuthOk, AuthRequest, Error, FrameDecoder, Hello, Message,
     NoRoute, ProtocolError, RouteOk, RouteRequest, Welcome, encode,
 )
-
-from sendooway_shared.log import Tally
 
 from ._logfmt import field
 from ._permits import Outcome, Permits, State, Violation
