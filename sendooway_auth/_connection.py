@@ -7,17 +7,23 @@ import dataclasses
 import logging
 from collections import deque
 
+from sendooway_shared.log import Tally
 from sendooway_shared.protocol import (
     REQUESTS, VERSION, AuthFail, AuthOk, AuthRequest, Error, FrameDecoder, Hello, Message,
     NoRoute, ProtocolError, RouteOk, RouteRequest, Welcome, encode,
 )
 
 from ._logfmt import field
-from ._permits import Outcome, Permits, Violation
+from ._permits import Outcome, Permits, State, Violation
 from ._service import AuthService, Peer
 
 log = logging.getLogger("sendooway-auth")
 READ_SIZE = 65536
+HELLO_WITHIN = 30.0   # seconds at most (`timeout` if lower): a frontend sends it as it connects
+LOGIN_IDLE = 4        # x `timeout` between requests before a login (a client's way to AUTH)
+# Connections closed by those limits: a process of the frontend user's that
+# hoards connections would otherwise write a line for each
+SILENT = Tally(log, "silent connection closed: %s %s: %s; %d closed since the last such line")
 
 
 def sendable(route) -> RouteOk:
@@ -40,8 +46,12 @@ def sendable(route) -> RouteOk:
 
 class Connection:
     def __init__(self, service: AuthService, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, origin: str) -> None:
+                 writer: asyncio.StreamWriter, origin: str, limit_silence: bool = False) -> None:
         self.service = service
+        # the daemon's connections (anyone running as the frontend user may
+        # open them); not --fd's socketpair, whose hello waits for the client
+        # (a PROXY header, a TLS handshake) and which nobody else can reach
+        self.limit_silence = limit_silence
         self.reader = reader
         self.writer = writer
         self.origin = origin  # "uid=N pid=N" or "fd=N", for logs
@@ -55,7 +65,7 @@ class Connection:
         try:
             while not self.permits.closed:
                 if not pending:
-                    data = await self.reader.read(READ_SIZE)
+                    data = await self._read(decoder)
                     if not data:
                         return
                     try:
@@ -75,6 +85,34 @@ class Connection:
             return
         finally:
             self.writer.close()
+
+    def _silence_limit(self, decoder: FrameDecoder) -> tuple[float | None, str]:
+        """How long the peer may now stay silent, and what it then failed to do.
+        A logged-in connection is the frontend's SMTP session, whose length
+        the frontend bounds (its reads are timed); none of ours then."""
+        if not self.limit_silence:
+            return None, ""
+        timeout = float(self.service.cfg.timeout)
+        if decoder.pending:
+            return timeout, f"a frame left unfinished for {timeout:g}s"
+        if self.permits.state is State.EXPECT_HELLO:
+            limit = min(timeout, HELLO_WITHIN)
+            return limit, f"no hello within {limit:g}s"
+        if self.permits.state is State.EXPECT_AUTH:
+            return LOGIN_IDLE * timeout, f"no login request within {LOGIN_IDLE * timeout:g}s"
+        return None, ""
+
+    async def _read(self, decoder: FrameDecoder) -> bytes:
+        """The next bytes from the frontend, or b"" when it closed or stayed
+        silent past the limit (then told, without waiting for it to read)."""
+        limit, what = self._silence_limit(decoder)
+        try:
+            async with asyncio.timeout(limit):
+                return await self.reader.read(READ_SIZE)
+        except TimeoutError:
+            SILENT.note(self.origin, self.peer.fields(), what)
+            self.writer.write(encode(Error(f"closed: {what}")))
+            return b""
 
     async def _answer(self, msg: Message) -> None:
         if isinstance(msg, Hello):

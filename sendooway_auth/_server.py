@@ -21,9 +21,9 @@ from dataclasses import replace
 from sendooway_shared.config import (
     AuthBackend, Config, ConfigError, config_warnings, parse_config, read_text,
 )
-from sendooway_shared.log import quiet_accept_errors
+from sendooway_shared.log import Tally, quiet_accept_errors
 
-from ._connection import Connection
+from ._connection import SILENT, Connection
 from ._logfmt import text
 from ._pam import PamPool
 from ._penalty import Penalty, SharedPenalty
@@ -310,7 +310,10 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     if rt.forks.pidfd >= 0:
         loop.add_reader(rt.forks.pidfd, _fork_server_gone, rt, stop)
 
-    refused = _RefusalNote(loop)
+    # a process filling the table and connecting on wrote a line per
+    # attempt (300 lines a second in a review)
+    refused = Tally(log, "connection refused: %d connections open (limit %d); %d refused"
+                    " since the last such line")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -326,7 +329,8 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
                             uid, pid)
                 writer.close()
                 return
-            await Connection(service, reader, writer, f"uid={uid} pid={pid}").run()
+            await Connection(service, reader, writer, f"uid={uid} pid={pid}",
+                             limit_silence=True).run()
         except asyncio.CancelledError:
             writer.close()
             raise
@@ -351,7 +355,8 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
         loop.remove_signal_handler(signal.SIGHUP)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     notify("STOPPING=1")
-    refused.close()  # (what it had not told yet)
+    refused.close()  # (what they had not told yet)
+    SILENT.close()
     log.info("stopping")
     if rt.forks.pidfd >= 0:
         loop.remove_reader(rt.forks.pidfd)
@@ -361,46 +366,6 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class _RefusalNote:
-    """The "connection refused: limit" warning, at most once per EVERY
-    seconds with the number refused since: a process filling the table and
-    connecting on wrote a line per attempt (300 lines a second in a review).
-    Refusals not yet told are told EVERY seconds after the last line, so a
-    burst is never left half said."""
-
-    EVERY = 10.0
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.last = float("-inf")
-        self.unsaid = 0
-        self.limit = 0
-        self.open_now = 0
-        self.later: asyncio.TimerHandle | None = None
-
-    def note(self, open_now: int, limit: int) -> None:
-        self.unsaid += 1
-        self.open_now, self.limit = open_now, limit
-        wait = self.last + self.EVERY - self.loop.time()
-        if wait <= 0:
-            self._say()
-        elif self.later is None:
-            self.later = self.loop.call_later(wait, self._say)
-
-    def _say(self) -> None:
-        self.later = None
-        if not self.unsaid:
-            return
-        log.warning("connection refused: %d connections open (limit %d); %d refused"
-                    " since the last such line", self.open_now, self.limit, self.unsaid)
-        self.last, self.unsaid = self.loop.time(), 0
-
-    def close(self) -> None:
-        if self.later is not None:
-            self.later.cancel()
-        self._say()
 
 
 def _fork_server_gone(rt: Runtime, stop: asyncio.Event) -> None:

@@ -31,6 +31,11 @@ from ._tls import TLSError
 
 READ_SIZE = 256 * 1024
 LINGER = 1.0  # seconds to drain a client's input after closing on it
+# A session logs in within LOGIN_WITHIN x `timeout` of its start or is closed:
+# a real client logs in at once, and MAIL needs a login. It also keeps a
+# link within the authenticator's own limit (the next request before a
+# login within 4 x `timeout`, sendooway_auth._connection.LOGIN_IDLE).
+LOGIN_WITHIN = 4
 log = logging.getLogger("sendooway")
 
 
@@ -60,6 +65,7 @@ class Frontend:
     tls_broken: bool = False          # sslCert/sslKey set but unusable (one session only)
     hostname: str = ""
     active: set = field(default_factory=set)
+    per_address: Any = None           # _limits.AddressLimit of a listening process
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -132,6 +138,7 @@ class SessionRunner:
         self.stopping = False          # the server stops: 421 at the next command
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
         self._waiting_for_command = False
+        self._address_key: str | None = None  # counted in frontend.per_address
 
     def request_stop(self) -> None:
         """The server is stopping: a client between two commands gets
@@ -154,6 +161,11 @@ class SessionRunner:
             if fe.behind_balancer(self.client_ip):
                 via = await self._proxy_header()
                 if via is None:
+                    return
+            if fe.per_address is not None:
+                admitted, self._address_key = fe.per_address.enter(self.client_ip)
+                if not admitted:  # (logged by the limit, once per burst)
+                    self.session.refuse(R.TOO_MANY_FROM_ADDRESS)
                     return
             self._log(logging.INFO, "connect%s%s", "" if self.client else " on stdin/stdout", via)
             if fe.implicit_tls:
@@ -261,6 +273,7 @@ class SessionRunner:
         loop = asyncio.get_running_loop()
         limit = float(self.frontend.config.timeout)
         deadline: float | None = None  # by when the pending input must make progress
+        login_by = loop.time() + LOGIN_WITHIN * limit
         while True:
             ev = s.next_event()
             if ev is FLUSH:  # replies piled up: the client takes them before we read on
@@ -287,7 +300,10 @@ class SessionRunner:
                 now = loop.time()
                 if deadline is None:
                     deadline = now + limit
-                self.stream.timeout = max(0.0, min(limit, deadline - now))
+                wait = min(limit, deadline - now)
+                if s.user is None:
+                    wait = min(wait, login_by - now)
+                self.stream.timeout = max(0.0, wait)
                 self._waiting_for_command = s.at_command_boundary
                 try:
                     if self.stream.timeout <= 0:
@@ -296,6 +312,11 @@ class SessionRunner:
                 except (asyncio.TimeoutError, TimeoutError):
                     if self.stopping and s.at_command_boundary:
                         continue  # interrupted by request_stop: 421 above
+                    if s.user is None and loop.time() >= login_by - 0.05:
+                        self._log(logging.INFO, "timeout: no login within %gs of connecting",
+                                  LOGIN_WITHIN * limit)
+                        s.timed_out(R.NO_LOGIN_IN_TIME)
+                        continue
                     self._log(logging.INFO, "timeout: no complete input for %ss", limit)
                     s.timed_out()
                     continue
@@ -490,6 +511,9 @@ class SessionRunner:
             log.exception("%s: relay cleanup failed", self.sid)
 
     async def _finish(self) -> None:
+        if self.frontend.per_address is not None:
+            self.frontend.per_address.leave(self._address_key)
+            self._address_key = None
         if self.relay is not None:
             await self._quietly(self.relay.close())
         if self.link is not None:

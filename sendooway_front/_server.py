@@ -18,11 +18,12 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from sendooway_shared.log import quiet_accept_errors
+from sendooway_shared.log import Tally, quiet_accept_errors
 from sendooway_shared.types import port_number
 
 from . import _catalogue as R
 from ._driver import Frontend, SessionRunner, describe_peer
+from ._limits import AddressLimit
 from ._pool import close_shared_pool
 from ._stream import LfAsCrlf, Stream, set_nodelay
 
@@ -45,7 +46,7 @@ PRELOAD = (
     "sendooway_front._catalogue", "sendooway_front._authlink", "sendooway_front._norelay",
     "sendooway_front._tls", "sendooway_front._stream", "sendooway_front._driver",
     "sendooway_front._relay", "sendooway_front._upstream", "sendooway_front._pool",
-    "sendooway_front._proxyproto",
+    "sendooway_front._proxyproto", "sendooway_front._limits",
 )
 
 
@@ -305,12 +306,15 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     tasks: set[asyncio.Task] = set()
     runners: set[SessionRunner] = set()
     task_of: dict[SessionRunner, asyncio.Task] = {}
+    frontend.per_address = AddressLimit(frontend.config.maxSessionsPerAddress)
+    # one line per burst: a client reconnecting in a loop wrote one per try
+    refused = Tally(log, "%d sessions running (limit %d): refusing %s with 421;"
+                    " %d refused since the last such line")
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if len(tasks) >= max_sessions:
-            log.warning("%d sessions running: refusing %s", len(tasks),
-                        describe_peer(writer.get_extra_info("peername")))
+            refused.note(len(tasks), max_sessions, describe_peer(writer.get_extra_info("peername")))
             writer.write(R.TOO_MANY_SESSIONS.to_bytes())
             writer.close()
             return
@@ -342,6 +346,8 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     log.info("listening on %s", where)
     await stop.wait()
     log.info("stopping: no new sessions, %d running", len(tasks))
+    refused.close()  # (what they had not told yet)
+    frontend.per_address.refused.close()
     # a second SIGTERM/SIGINT: no more waiting for anyone
     hurry = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -367,10 +367,10 @@ class Session:
         if self._d_refusal is None:
             self._refuse_data(reply, reason)
 
-    def timed_out(self) -> None:
+    def timed_out(self, reply: Reply = R.TIMEOUT) -> None:
         """The driver's read timer fired: 421 and close."""
         if not self.closed:
-            self._close(R.TIMEOUT, "timeout")
+            self._close(reply, "timeout")
 
     def connection_lost(self, why: str) -> None:
         """The client's connection broke (a write failed): closed with no

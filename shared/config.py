@@ -161,6 +161,7 @@ class Config:
     pamService: str = "sendooway"
     maxAuthFailures: int = 3
     smarthostCache: int = 30
+    maxSessionsPerAddress: int = 50
     proxyProtocol: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     filename: str = ""
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # name → line
@@ -487,6 +488,7 @@ _KEYWORDS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "pamservice": ("pamService", _non_empty, False),
     "maxauthfailures": ("maxAuthFailures", _number(1, 1000), False),
     "smarthostcache": ("smarthostCache", _number(0, 86400), False),
+    "maxsessionsperaddress": ("maxSessionsPerAddress", _number(0, 100000), False),
     "proxyprotocol": ("proxyProtocol", _networks, False),
 }
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import logging.handlers
@@ -185,3 +186,47 @@ def quiet_accept_errors(loop, log: logging.Logger) -> None:
         state["count"] = 0
 
     loop.set_exception_handler(handler)
+
+
+class Tally:
+    """A warning about something a peer can repeat at will (a connection
+    refused at a limit, one closed for silence): the first at once, then at
+    most one line every EVERY seconds with how many happened since; those
+    not told yet are told EVERY seconds after the last line, or by close(),
+    so a burst is never left half said. `fmt` takes note()'s arguments (of
+    the latest event) and then the count. Used from the event loop."""
+
+    EVERY = 10.0
+
+    def __init__(self, log: logging.Logger, fmt: str) -> None:
+        self.log = log
+        self.fmt = fmt
+        self.args: tuple = ()
+        self.last = float("-inf")
+        self.unsaid = 0
+        self.later: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def note(self, *args) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # (a timer of a loop that has ended never runs)
+            self.loop, self.later = loop, None
+        self.unsaid += 1
+        self.args = args
+        wait = self.last + self.EVERY - loop.time()
+        if wait <= 0:
+            self._say()
+        elif self.later is None:
+            self.later = loop.call_later(wait, self._say)
+
+    def _say(self) -> None:
+        self.later = None
+        if not self.unsaid:
+            return
+        self.log.warning(self.fmt, *self.args, self.unsaid)
+        self.last, self.unsaid = time.monotonic(), 0
+
+    def close(self) -> None:
+        if self.later is not None:
+            self.later.cancel()
+        self._say()
