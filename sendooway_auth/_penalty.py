@@ -22,6 +22,8 @@ import stat
 import time
 from collections import OrderedDict
 
+from sendooway_shared.types import client_key
+
 log = logging.getLogger("sendooway-auth")
 
 
@@ -378,30 +380,3 @@ def user_key(name: str) -> str:
     "Alice" count against alice wherever NSS matches names without regard
     to case (LDAP, sssd's default) and PAM lets them in as her."""
     return name.casefold()
-
-
-# RFC 6052's well-known prefix and RFC 8215's local-use one: the translator
-# (NAT64, SIIT-DC) in front of an IPv6-only server gives each IPv4 client an
-# address of its own in there, so these count one by one, as IPv4 does.
-_WELL_KNOWN_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
-
-
-def client_key(host: str) -> str:
-    """The address's backoff key: an IPv4 address as it is, an IPv6 address
-    as its /64 (one site's subnet: a client given a /64 has 2**64 addresses
-    to take turns with, and would otherwise start afresh with each) — but an
-    IPv4 client translated into 64:ff9b::/96 as the IPv4 address it carries
-    (the whole IPv4 Internet is one /64 there), and one in 64:ff9b:1::/48
-    by its full address."""
-    if ":" not in host:
-        return host
-    try:
-        address = ipaddress.IPv6Address(host)
-    except ValueError:
-        return host
-    if address in _WELL_KNOWN_NAT64:
-        return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    if address in _LOCAL_NAT64:
-        return str(address)
-    return str(ipaddress.ip_network(f"{address}/64", strict=False))

@@ -8,15 +8,16 @@ import ipaddress
 import logging
 
 from sendooway_shared.log import Tally
+from sendooway_shared.types import client_key
 
 from ._proxyproto import unmapped
 
 log = logging.getLogger("sendooway")
-IPV6_PREFIX = 64  # one IPv6 client owns at least a /64: counted as one address
 
 
 class AddressLimit:
-    """At most `limit` sessions at once from one IPv4 address or IPv6 /64;
+    """At most `limit` sessions at once from one IPv4 address or IPv6 /64
+    (an IPv4 client behind NAT64 by its IPv4 address: client_key);
     loopback clients (a webmail on the host) and anything that is not an IP
     address are not counted. Refusals go to the log as a Tally."""
 
@@ -35,9 +36,7 @@ class AddressLimit:
             return None
         if ip.is_loopback:
             return None
-        if ip.version == 6:
-            return str(ipaddress.ip_network((ip, IPV6_PREFIX), strict=False))
-        return str(ip)
+        return client_key(str(ip))  # as the authenticator's backoff counts it
 
     def enter(self, client_ip: str) -> tuple[bool, str | None]:
         """(admitted, the key to leave() with when the session ends)."""

@@ -171,6 +171,23 @@ def test_max_sessions_per_address_keyword():
         parse_config("maxSessionsPerAddress = -1\n", "c")
 
 
+def test_max_sessions_per_address_counts_clients_as_the_backoff_does():
+    """One key for one client, the same as the authenticator's backoff: an
+    IPv6 /64, IPv4 mapped or plain, and an IPv4 client behind NAT64 by the
+    IPv4 address it carries (the whole IPv4 Internet shares one /64 in
+    64:ff9b::/96: keyed by /64, 50 sessions would be all IPv4 clients')."""
+    from sendooway_front._limits import AddressLimit
+
+    key = AddressLimit.key
+    assert key("2001:db8:1:2::5") == key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert key("2001:db8:1:3::5") != key("2001:db8:1:2::5")
+    assert key("::ffff:192.0.2.7") == key("192.0.2.7") == "192.0.2.7"
+    assert key("64:ff9b::c000:207") == "192.0.2.7"
+    assert key("64:ff9b::c000:208") == "192.0.2.8"
+    assert key("64:ff9b:1::c000:207") != key("64:ff9b:1::c000:208")
+    assert key("127.0.0.1") is None and key("::1") is None and key("unix") is None
+
+
 def test_authenticator_connections_that_never_say_hello_or_log_in_are_closed(
         tmp_path, tmp_config, world):
     """DEFECT: a process running as the frontend user (nobody: the frontend
