@@ -5,12 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # (man-db: lexgrog for the man page test; python3-setuptools and git: the
-# sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests)
+# sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests;
+# fetchmail and getmail6: the oracles of tests/test_review_parsers_oracle.py,
+# which run fetchmail -f FILE --check against a POP3 server of their own;
+# Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
       fail2ban systemd haproxy postfix logrotate libpam0g-dev slapd
-      man-db python3-setuptools curl git)
+      man-db python3-setuptools curl git fetchmail getmail6)
 
 missing=()
 for p in "${DEBS[@]}"; do

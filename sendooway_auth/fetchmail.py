@@ -5,8 +5,9 @@ before it (since the previous account) describe its upstream, and a missing
 `#sendooway:user`/`#sendooway:pass` falls back to fetchmail's `user` and
 `pass`/`password` given since then in the current `poll`/`skip`/`server`
 block. Nothing is carried from one account into the next. Quoting and
-escapes follow fetchmail: '...' or "..." with \\n \\t \\r \\b \\xHH \\ooo and
-backslash-anything-else standing for itself.
+escapes follow fetchmail's lexer: '...' or "..." (no escape for the quote
+itself) with \\n \\t \\r \\b \\xHH \\0oo \\nnn and backslash-anything-else
+standing for itself; a word that runs on past a closing quote is one word.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class _Token:
     text: str
     quoted: bool = False
     error: str = ""  # why the value cannot be used (not UTF-8): said where it is used
+    equals: str = ""  # a bare word with fetchmail's `=` in it: "in", or "end" (`a=`)
 
 
 @dataclass
@@ -69,7 +71,10 @@ def _unescape(body: str, fetchmail: bool = True) -> str:
     \\n \\t \\r \\b; \\xhh hex (two digits at most); \\0oo octal (the 0 and two
     more at most); \\nnn decimal, starting 1-9 (three digits at most: \\233 is
     \\xE9); a backslash before anything else keeps that character. Each escape
-    is one byte, as fetchmail sends it: `caf\\xc3\\xa9` is "café". Raises
+    is one byte, as fetchmail sends it: `caf\\xc3\\xa9` is "café". An escape
+    that makes the octet 0 (\\0, \\x00, \\x with no hex digit, \\256) ends
+    the value there, and a backslash at its very end is dropped: fetchmail
+    keeps C strings, and logs in with what comes before. Raises
     _Syntax when the bytes are not UTF-8 (they could not be sent as written).
     `fetchmail=False`: a #sendooway: value, read as the original read it:
     \\ooo is octal (three digits at most), \\8 and \\9 the digit."""
@@ -90,27 +95,37 @@ def _unescape(body: str, fetchmail: bool = True) -> str:
     while i < size:
         c = body[i]
         if c != "\\" or i + 1 == size:
+            if c == "\\" and fetchmail:
+                break  # a backslash at the end: fetchmail drops it
             out += c.encode("utf-8", "surrogateescape")  # (octets not UTF-8 stay octets)
             i += 1
             continue
         n = body[i + 1]
-        if n in _SIMPLE_ESCAPES:
-            out.append(_SIMPLE_ESCAPES[n])
+        octet = -1
+        if n == "\n" and fetchmail:
+            i += 2  # a backslash before a line end joins the lines
+        elif n in _SIMPLE_ESCAPES:
+            octet = _SIMPLE_ESCAPES[n]
             i += 2
-        elif n in "xX" and (j := digits(i + 2, "0123456789abcdefABCDEF", 2)) > i + 2:
-            out.append(int(body[i + 2:j], 16))
+        elif n in "xX" and ((j := digits(i + 2, "0123456789abcdefABCDEF", 2)) > i + 2
+                            or fetchmail):
+            octet = int(body[i + 2:j] or "0", 16)
             i = j
         elif n == "0" or (n in "1234567" and not fetchmail):
             j = digits(i + 1, "01234567", 3)
-            out.append(int(body[i + 1:j], 8) & 0xFF)
+            octet = int(body[i + 1:j], 8) & 0xFF
             i = j
         elif n in "123456789" and fetchmail:
             j = digits(i + 1, "0123456789", 3)
-            out.append(int(body[i + 1:j]) & 0xFF)
+            octet = int(body[i + 1:j]) & 0xFF
             i = j
         else:
             out += n.encode("utf-8", "surrogateescape")
             i += 2
+        if octet == 0 and fetchmail:
+            break  # the end of fetchmail's C string: what follows is never sent
+        if octet >= 0:
+            out.append(octet)
     try:
         return out.decode("utf-8")
     except UnicodeDecodeError:
@@ -128,22 +143,30 @@ def _is_text(value: str) -> bool:
     return True
 
 
-# fetchmail's own lines, token by token over the whole text (as its lexer
-# reads them): separators (skipped), a "..." or '...' string (a backslash
-# takes the next character with it; it may run over line ends, but not into
-# a line that starts with a remark, so a forgotten closing quote does not
-# swallow the #sendooway: lines below it), a remark (a `#` where a token
-# starts: at the start, after a blank or separator, or right after a closing
-# quote; group 3), a bare word (a quote or `#` inside it is part of it), or a
-# quote that never closes (group 5: an error). The separators are
-# fetchmail's own: space, tab, CR, LF and , ; : (a no-break space is part
-# of a word, as fetchmail reads it); the possessive quantifiers keep no backtracking state (a 1 MiB unclosed
-# quote would otherwise cost over 100 MiB to fail).
-_TOKENS = re.compile(r"[ \t\r\n,;:]++"
-                     r'|"((?:[^"\\\n]++|\\.|\n(?![ \t\r]*+#))*+)"'
-                     r"|'((?:[^'\\\n]++|\\.|\n(?![ \t\r]*+#))*+)'"
+# fetchmail's own lines, token by token over the whole text (as its lexer,
+# rcfile_l.l, reads them): separators (skipped), a "..." or '...' string
+# (up to the next such quote: a backslash does not escape it; it may run
+# over line ends, but not into a line that starts with a remark, so a
+# forgotten closing quote does not swallow the #sendooway: lines below it),
+# a remark (a `#` where a token starts; group 3), a bare word (a quote or
+# `#` inside it is part of it), or a quote that never closes (group 5).
+# The separators are fetchmail's own: space, tab, CR, LF and , ; : (a
+# no-break space is part of a word, as fetchmail reads it); the possessive
+# quantifiers keep no backtracking state (a 1 MiB unclosed quote would
+# otherwise cost over 100 MiB to fail). fetchmail's lexer takes the longest
+# match: where its bare word (_FM_WORD: up to a blank, , ; : or =) runs on
+# past the closing quote, the whole is one bare word, quotes and all
+# (`"abc"def`, `'it''s'`, `"a\"b"`); and a quote that closes nowhere in the
+# rest of the file starts a bare word (`'abc`).
+# A backslash before a line end, where a token would start, joins the lines
+# (it is no word: `pass \\<LF>secret` is secret).
+_TOKENS = re.compile(r"(?:[ \t\r\n,;:]|\\\n)++"
+                     r'|"((?:[^"\\\n]++|\\\n|\\|\n(?![ \t\r]*+#))*+)"'
+                     r"|'((?:[^'\\\n]++|\\\n|\\|\n(?![ \t\r]*+#))*+)'"
                      r"""|#([^\n]*+)|([^ \t\r\n,;:"'#][^ \t\r\n,;:]*+)|(["'])""", re.S)
 _QUOTED_1, _QUOTED_2, _REMARK, _BARE, _UNCLOSED = 1, 2, 3, 4, 5
+_FM_WORD = re.compile(r"[^=;:, \t\r\n]++")
+_WORD = re.compile(r"[^ \t\r\n,;:]++")  # sendooway's bare word (`=` in it: `pass abc=def`)
 # A #sendooway: value: a quoted string, or one word up to the next blank, as
 # the original read it (`#sendooway:pass My;Pass-77` is one value; no
 # escapes in a bare word).
@@ -151,10 +174,9 @@ _VALUES = re.compile(r"""\s++|"((?:[^"\\]++|\\.)*+)"|'((?:[^'\\]++|\\.)*+)'"""
                      r"""|([^\s"'][^\s]*+)|(["'])""", re.S)
 
 
-def _join_lines(body: str) -> str:
-    """A quoted string over several lines: a backslash before the line end
-    joins the lines; a plain line end stays in it (fetchmail(1))."""
-    return body.replace("\\\n", "") if "\n" in body else body
+def _ends_in_backslash(body: str) -> bool:
+    """The body of a quoted string ends in an odd run of backslashes."""
+    return (len(body) - len(body.rstrip("\\"))) % 2 == 1
 
 
 def _directive_words(text: str) -> list[str]:
@@ -218,18 +240,31 @@ def _lex(text: str) -> list[_Token | _Directive]:
         m = match(text, pos)
         assert m is not None  # every position starts one of the alternatives
         group = m.lastindex
+        if group in (_QUOTED_1, _QUOTED_2, _UNCLOSED):
+            word = _FM_WORD.match(text, pos)
+            if (word is not None and word.end() > m.end()) and (
+                    group != _UNCLOSED or text.find(text[pos], pos + 1) < 0):
+                m, group = _WORD.match(text, pos), _BARE  # fetchmail's longest match
         if group == _UNCLOSED:
             items.append(_Directive(line, "", [], "unbalanced quote"))
             end = text.find("\n", pos)
             pos = size if end < 0 else end
             continue
         pos = m.end()
-        if group in (_BARE, _QUOTED_1, _QUOTED_2):
+        if group in (_QUOTED_1, _QUOTED_2) and _ends_in_backslash(m[group]):
+            # fetchmail ends the string at that quote and drops the backslash
+            # (`"abc\"` is abc): surely a quote meant to be escaped, and cut
+            items.append(_Token(line, "", True, "a backslash before the closing quote"
+                                " (fetchmail does not read it as an escape; write"
+                                " \\x22 for \" and \\x27 for ')"))
+        elif group in (_BARE, _QUOTED_1, _QUOTED_2):
             try:
                 if group == _BARE:
-                    items.append(_Token(line, _unescape(m[group])))
+                    raw = m[0]
+                    items.append(_Token(line, _unescape(raw), equals="" if "=" not in raw
+                                        else "end" if raw.endswith("=") else "in"))
                 else:
-                    items.append(_Token(line, _unescape(_join_lines(m[group])), True))
+                    items.append(_Token(line, _unescape(m[group]), True))
             except _Syntax as exc:
                 # an error only where sendooway uses the value (user, pass):
                 # an mda command's Latin-1 path is fetchmail's business
@@ -364,39 +399,49 @@ def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
         elif word in _VALUE_WORDS and not (word == "envelope" and previous_word == "no"):
             if i < len(items) and isinstance(items[i], _Token):
                 i += 1  # its value, whatever word it is (`no envelope` has none)
-        elif (word in ("is", "to") and i < len(items) and isinstance(items[i], _Token)
-              and _plain_word(items, i + 1) == "there"):
+        elif word in ("is", "to", "=") and i < len(items) and isinstance(items[i], _Token):
+            # fetchmail reads the word after `is`, `to` or `=` as a name,
+            # whatever word it is (`is user here`: the local user "user").
             # `is REMOTE there` among the user's options, wherever it stands,
             # with or without a `user` word before it (fetchmail's
             # user_option): the name fetchmail logs in with
-            if items[i].error:
-                err(items[i].line, f"'is ... there': {items[i].error}")
-            else:
-                acc.fm_user = items[i].text
-                if in_defaults:
-                    default_user = acc.fm_user
-            i += 2
-        elif word in _USER_WORDS or word in _PASS_WORDS:
-            if i < len(items) and isinstance(items[i], _Token) and items[i].error:
-                err(items[i].line, f"'{word}': {items[i].error}")
-                i += 1
-            elif i < len(items) and isinstance(items[i], _Token):
-                value = items[i].text
-                i += 1
-                if word in _USER_WORDS:
-                    i, remote = _remote_name(items, i, value)
-                    if remote is None:
-                        err(item.line, "'is ... there': not valid UTF-8")
-                    value = remote or value
-                    # a new user: its own password follows, or the defaults'
-                    # (fetchmail fills each field from the defaults alone)
-                    acc.fm_user, acc.fm_pass = value, None if in_defaults else default_pass
+            if items[i].equals:
+                # `is LOCAL=OTHER`, `is LOCAL= OTHER`: a mapping of local
+                # names to fetchmail (its `=` is a token of its own)
+                i += 2 if items[i].equals == "end" else 1
+            elif word != "=" and _plain_word(items, there := _skip_noise(items, i + 1)) == "there":
+                if items[i].error:
+                    err(items[i].line, f"'is ... there': {items[i].error}")
                 else:
-                    acc.fm_pass = value
-                if in_defaults:
-                    default_user, default_pass = acc.fm_user, acc.fm_pass
+                    acc.fm_user = items[i].text
+                    if in_defaults:
+                        default_user = acc.fm_user
+                i = there + 1
             else:
+                i += 1
+        elif word in _USER_WORDS or word in _PASS_WORDS:
+            if not (i < len(items) and isinstance(items[i], _Token)):
                 err(item.line, f"'{word}' needs a value")
+                continue
+            value = items[i]
+            i += 1
+            if word in _USER_WORDS and (after := _local_names_end(items, i)) >= 0:
+                # `user NAME... here`: local names (fetchmail's mapping_list
+                # HERE); the remote name stays unset: the defaults', else the
+                # login name (`is REMOTE there` may still follow)
+                i = after
+                acc.fm_user = None if in_defaults else default_user
+                acc.fm_pass = None if in_defaults else default_pass
+            elif value.error:
+                err(value.line, f"'{word}': {value.error}")
+            elif word in _USER_WORDS:
+                # a new user: its own password follows, or the defaults'
+                # (fetchmail fills each field from the defaults alone)
+                acc.fm_user, acc.fm_pass = value.text, None if in_defaults else default_pass
+            else:
+                acc.fm_pass = value.text
+            if in_defaults:
+                default_user, default_pass = acc.fm_user, acc.fm_pass
     if acc.values or acc.flags or acc.errors:
         line = acc.first_line or 0
         result.errors.extend(acc.errors)
@@ -411,23 +456,49 @@ def _plain_word(items: list, i: int) -> str:
     return item.text.lower() if isinstance(item, _Token) and not item.quoted else ""
 
 
-def _remote_name(items: list, i: int, name: str) -> tuple[int, str | None]:
-    """After `user NAME` (items[i] is what follows): the name fetchmail logs
-    in with. NAME is the remote name unless `here` follows it; then the name
-    after `is`/`to` is (`user "alice" here is "a.smith@example.org" there`,
-    fetchmail(1)). Returns where to go on and the remote name (None: that
-    name is not UTF-8)."""
-    if _plain_word(items, i) != "here":
-        return i, name
-    i += 1
-    if _plain_word(items, i) in ("is", "to") and isinstance(
-            items[i + 1] if i + 1 < len(items) else None, _Token):
-        remote = items[i + 1]
-        i += 2
-        if _plain_word(items, i) == "there":
-            i += 1
-        return i, None if remote.error else remote.text
-    return i, name
+# fetchmail's keywords (rcfile_l.l), which end a list of local names; the
+# noise words (with, and, has, wants, options) are skipped by its lexer
+_FM_KEYWORDS = frozenset("""
+    set logfile idfile pidfile daemon syslog invisible showdots postmaster bouncemail
+    spambounce softbounce warnings tracepolls defaults server poll skip via aka local
+    localdomains proto protocol service port interval preauth preauthenticate auth
+    authenticate timeout idletimeout envelope qvirtual principal esmtpname esmtppassword
+    bad-header accept reject user username pass password folder folders smtp smtphost
+    fetchdomains smtpaddress smtpname antispam mda bsmtp lmtp pre preconnect post
+    postconnect interface monitor plugin plugout batchlimit fetchlimit fetchsizelimit
+    fastuidl expunge properties is here there to no keep flush limitflush fetchall rewrite
+    forcecr stripcr pass8 pass8bits dropstatus dropdelivered mimedec mimedecode idle
+    forceidle dns uidl ssl sslkey sslcert sslproto sslcertck sslcertfile sslcertpath
+    sslcommonname sslfingerprint checkalias limit auto pop2 sdps pop3 imap apop rpop etrn
+    odmr kpop""".split())
+_NOISE = frozenset({"with", "and", "has", "wants", "options"})
+
+
+def _skip_noise(items: list, i: int) -> int:
+    """The first item from i on that is not one of fetchmail's noise words
+    (its lexer drops them where it expects a keyword: `is R and there`)."""
+    while _plain_word(items, i) in _NOISE:
+        i += 1
+    return i
+
+
+def _local_names_end(items: list, i: int) -> int:
+    """After `user NAME` (items[i] is what follows): where the user's options
+    go on when NAME, with any more names after it, is followed by `here`
+    (fetchmail's `user mapping_list here`: local names, not the one it
+    logs in with); -1 when NAME is the remote name."""
+    j = i
+    while j < min(len(items), i + 64):
+        item = items[j]
+        word = _plain_word(items, j)
+        if word == "here":
+            return j + 1
+        if not isinstance(item, _Token) or (word in _FM_KEYWORDS and word not in _NOISE):
+            return -1
+        # after fetchmail's `=` (`local=other`, `local =`) comes a name,
+        # whatever word it is
+        j += 2 if isinstance(item, _Token) and item.equals == "end" else 1
+    return -1
 
 
 def _alias(acc: _Pending) -> _Pending:
@@ -489,8 +560,11 @@ def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult,
     if tls and ssl:
         err(d.line, "#sendooway:tls and #sendooway:ssl exclude each other")
     auth = not acc.flags.get("noAuth", False)
-    # fetchmail logs in as the login name when its poll gives no user
-    user = acc.values.get("user", acc.fm_user or (login if acc.fm_pass is not None else ""))
+    # fetchmail logs in as the login name when its poll gives no user; an
+    # empty `user ""` is an empty name to it (an error here, not the login)
+    fm_user = acc.fm_user if acc.fm_user is not None else (
+        login if acc.fm_pass is not None else "")
+    user = acc.values.get("user", fm_user)
     password = acc.values.get("pass", acc.fm_pass)
     if auth and not user:
         err(d.line, "account has no upstream user (#sendooway:user or fetchmail's user)")

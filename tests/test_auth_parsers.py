@@ -1,7 +1,7 @@
 """The user-file parsers, address patterns and route choice (pure functions)."""
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 
 from sendooway_auth._accounts import Account, choose
 from sendooway_auth._address import check_pattern, matches
@@ -19,7 +19,9 @@ G = "/home/alice/.getmail/getmailrc"
 def test_fetchmail_account_with_fetchmail_user_and_pass_fallback():
     text = (
         "poll pop.example.org with proto POP3\n"
-        "  user 'alice' there with password 'Se cr\\'et' is alice here\n"
+        # (fetchmail's quotes have no escape for the quote: \\x27 is one;
+        # `'Se cr\\'et'` is a syntax error to fetchmail 6.4.37)
+        "  user 'alice' there with password 'Se cr\\x27et' is alice here\n"
         '  #sendooway:server "smtp.example.org"\n'
         "  #sendooway:tls\n"
         '  #sendooway:address "alice@example.org"\n'
@@ -344,10 +346,15 @@ def test_bad_patterns_refused(bad):
         check_pattern(bad)
 
 
-def _fetchmail_quote(value: str, quote: str) -> str:
+def _fetchmail_quote(value: str, quote: str, fetchmail: bool = False) -> str:
+    """`value` quoted for a #sendooway: line, or (`fetchmail`) for fetchmail's
+    own lexer, whose quoted strings end at the first quote (no escape for
+    it: a hex escape instead) and hold no NUL (a C string)."""
     out = []
     for c in value:
-        if c in ("\\", quote):
+        if fetchmail and c == quote:
+            out.append(f"\\x{ord(c):02x}")
+        elif c in ("\\", quote):
             out.append("\\" + c)
         elif c == "\n":
             out.append("\\n")
@@ -366,7 +373,8 @@ def _fetchmail_quote(value: str, quote: str) -> str:
 @given(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
        st.sampled_from(['"', "'"]), st.booleans())
 def test_fetchmail_quoting_round_trips(secret, quote, in_comment):
-    q = _fetchmail_quote(secret, quote)
+    assume(in_comment or "\x00" not in secret)
+    q = _fetchmail_quote(secret, quote, fetchmail=not in_comment)
     if in_comment:
         text = f'user u\n#sendooway:server "s"\n#sendooway:pass {q}\n#sendooway:address "a@b.c"\n'
     else:
