@@ -7,15 +7,29 @@ left unnoticed by the rest of the suite. Each test names what it guards."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 import types
 
 import pytest
 
+from sendooway_auth._accounts import Account, choose
+from sendooway_auth._address import check_pattern, matches
 from sendooway_auth._connection import Connection
+from sendooway_auth._files import FileRead
+from sendooway_auth._penalty import Penalty
 from sendooway_auth._service import AuthResult
 from sendooway_auth._users import UserInfo
+from sendooway_auth.routes import MAX_ACCOUNTS, from_wire, run_plan, to_wire
+from sendooway_front import _catalogue as R
+from sendooway_front._events import (
+    NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished,
+    DataRequested, MailRequested, RcptRequested,
+)
+from sendooway_front._reply import Reply
+from sendooway_front._session import Session, SessionSettings, State
+from sendooway_shared.config import parse_config
 from sendooway_shared.protocol import (
     REPLIES, VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Error, Hello, NoRoute,
     RouteOk, RouteRequest,
@@ -23,6 +37,9 @@ from sendooway_shared.protocol import (
 from sendooway_shared.types import Route, Secret, TlsMode
 
 from .auth_helpers import raw_frame
+from .front_harness import LOGIN_ALICE, Harness, codes, plain
+
+TXN = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
 
 ALICE = UserInfo("alice", 1000, 1000, "/home/alice", (1000,))
 ROUTE = Route("smtp.example.org", 587, TlsMode.STARTTLS, user="a", password=Secret("Up-pw-93"),
@@ -168,3 +185,194 @@ def test_a_refusal_reason_cannot_close_the_quoted_log_field(caplog):
     [line] = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
     reason = line.split('reason="', 1)[1]
     assert reason.endswith('"') and '"' not in reason[:-1], line
+
+
+# ------------------------------------------------------------ who may send as which address
+
+
+def _account(pattern: str, server: str, tier: int = 1) -> Account:
+    return Account((pattern,), Route(server, 587, TlsMode.STARTTLS, source=f"{server}:1"), tier)
+
+
+def test_among_equally_specific_patterns_the_first_mapping_wins():
+    """_accounts.choose: "among equally specific ones the first in order"
+    (the order of the files, as the original took the first match)."""
+    accounts = [_account("*@example.org", "first.test"), _account("*@example.org", "second.test"),
+                _account("alice@example.org", "third.test"), _account("alice@example.org", "fourth.test")]
+    assert choose(accounts, "bob@example.org").route.server == "first.test"
+    assert choose(accounts, "alice@example.org").route.server == "third.test"
+    own = [_account("*", "own-a.test", tier=0), _account("*", "own-b.test", tier=0)]
+    assert choose(own + accounts, "alice@example.org").route.server == "own-a.test"
+
+
+def test_the_domain_is_what_follows_the_last_at_sign():
+    """A quoted local part may hold an "@": the domain, which `*@domain`
+    compares, is what follows the last one (RFC 5321 4.1.2)."""
+    sender = '"a@b.test"@example.org'
+    assert matches("*@example.org", sender)
+    assert not matches("*@b.test", sender)
+    assert matches('"a@b.test"@example.org', sender)
+
+
+@pytest.mark.parametrize("blank", ["\u00a0", "\u2028", "\u3000", "\x85"])
+def test_an_address_pattern_with_unicode_white_space_is_refused(blank):
+    """check_pattern refuses any white space (str.isspace()), not only the
+    ASCII kind: a no-break space in a pattern is a typo no sender matches."""
+    with pytest.raises(ValueError, match="white space"):
+        check_pattern(f"alice{blank}@example.org")
+
+
+# ------------------------------------------------------------ the session core (sans-IO)
+
+
+def _drive(session: Session, data: bytes, answers: dict) -> list:
+    """Feed `data`; answer each event whose type is in `answers` with that
+    Reply (relay_reply) and log in alice. Returns the events seen."""
+    seen = []
+    session.receive_data(data)
+    while (ev := session.next_event()) not in (NEED_DATA, PAUSED):
+        seen.append(ev)
+        if isinstance(ev, AuthRequested):
+            session.auth_result(ev.user)
+        elif type(ev) in answers:
+            session.relay_reply(answers[type(ev)])
+        if isinstance(ev, ConnectionClosed):
+            break
+    return seen
+
+
+def test_a_2xx_answer_to_data_does_not_start_reading_a_message():
+    """Only a 3xx answer to DATA makes what follows message data: after a
+    (nonsense) 250 the client's next line is a command again, never
+    swallowed into a message nobody will deliver."""
+    s = Session(SessionSettings("mx.test"))
+    s.start()
+    answers = {MailRequested: R.OK, RcptRequested: R.OK, DataRequested: R.OK}
+    _drive(s, LOGIN_ALICE + TXN, answers)
+    assert s.state is not State.DATA
+    s.data_to_send()
+    events = _drive(s, b"RSET\r\n", answers)
+    assert codes(s.data_to_send()) == [250]
+    assert not any(isinstance(ev, (DataChunk, DataFinished)) for ev in events)
+    assert s.state is State.AUTHENTICATED
+
+
+def test_plain_authzid_naming_someone_else_is_refused_without_asking_the_authenticator():
+    """AUTH PLAIN with an authorization identity other than the login name:
+    535 and counted, and the password never goes to the authenticator."""
+    h = Harness()
+    out = h.feed(b"EHLO c.test\r\nAUTH PLAIN "
+                 + base64.b64encode(b"bob\0alice\0alice-secret") + b"\r\n")
+    assert codes(out) == [250, 535]
+    assert h.auth_seen == [] and h.session.user is None
+    refused = [ev for ev in h.events if isinstance(ev, AuthRefused)]
+    assert [(ev.user, ev.reason) for ev in refused] == [("alice", "authorization identity not allowed")]
+    # the same identity twice is no other identity
+    out = h.feed(b"AUTH PLAIN " + base64.b64encode(b"alice\0alice\0alice-secret") + b"\r\n")
+    assert codes(out) == [235]
+
+
+def test_messages_the_upstream_refuses_count_as_junk_until_the_session_ends():
+    """A refused message (DATA end answered 5xx) moves nothing forward: past
+    max_junk of them each one earns an error point, and at max_errors the
+    session closes (421). An accepted message clears the count."""
+    settings = SessionSettings("mx.test", max_junk=2, max_errors=3)
+    refuse = Reply(554, ("5.7.1 Refused by the upstream",))
+    s = Session(settings)
+    s.start()
+    answers = {MailRequested: R.OK, RcptRequested: R.OK, DataRequested: R.START_DATA,
+               DataFinished: refuse}
+    _drive(s, LOGIN_ALICE, answers)
+    replies = []
+    for _ in range(8):
+        if s.closed:
+            break
+        _drive(s, TXN + b"x\r\n.\r\n", answers)
+        replies.append(codes(s.data_to_send()))
+    assert s.closed, replies
+    assert replies[-1][-1] == 421
+    # the same number of messages, accepted: the session goes on
+    s = Session(settings)
+    s.start()
+    _drive(s, LOGIN_ALICE, {**answers, DataFinished: R.OK})
+    for _ in range(8):
+        _drive(s, TXN + b"x\r\n.\r\n", {**answers, DataFinished: R.OK})
+    assert not s.closed and 421 not in codes(s.data_to_send())
+
+
+# ------------------------------------------------------------ the user's files
+
+
+def _lookup(files: dict[str, bytes], owner: int = ALICE.uid, mode: int = 0o100600,
+            conf: str = "userInclude = %h/.sendoowayrc\n"):
+    """run_plan on these files (as a reader child would read them), the
+    answer after its trip through to_wire/from_wire as the daemon sees it."""
+    def read(paths):
+        return [FileRead(p, "ok", "", mode, owner, len(files[p]), files[p])
+                if p in files else FileRead(p, "missing") for p in paths]
+    found = run_plan(parse_config(conf, "sendooway.conf"), ALICE, read)
+    return from_wire(to_wire(found), ALICE)
+
+
+FETCHMAILRC = (b'poll pop.example.org proto pop3 user "alice" password "fm-Secret-A1"\n'
+               b'#sendooway:server "smtp.example.org"\n#sendooway:address "alice@example.org"\n')
+
+
+def test_a_password_file_owned_by_someone_else_is_named_in_a_warning():
+    found = _lookup({"/home/alice/.fetchmailrc": FETCHMAILRC}, owner=4242)
+    assert [a.route.server for a in found.accounts] == ["smtp.example.org"]
+    assert "/home/alice/.fetchmailrc: owned by uid 4242, not by alice" in found.warnings
+    assert not _lookup({"/home/alice/.fetchmailrc": FETCHMAILRC}).warnings
+
+
+def test_a_password_file_readable_by_the_group_is_named_in_a_warning():
+    found = _lookup({"/home/alice/.fetchmailrc": FETCHMAILRC}, mode=0o100640)
+    assert any(w.startswith("/home/alice/.fetchmailrc: unsafe mode 0640: holds passwords")
+               for w in found.warnings), found.warnings
+
+
+def test_more_accounts_than_the_limit_keep_the_first_ones_and_the_lookup_works():
+    """Past MAX_ACCOUNTS the rest is dropped with an error, and the answer
+    still crosses from the reader child (one more would be refused there,
+    every message of the user a temporary failure)."""
+    text = b"".join(
+        b'poll pop.example.org proto pop3 user "alice" password "fm-Secret-A1"\n'
+        b'#sendooway:server "smtp%d.example.org"\n#sendooway:address "a%d@example.org"\n' % (i, i)
+        for i in range(MAX_ACCOUNTS + 1))
+    found = _lookup({"/home/alice/.fetchmailrc": text})
+    assert len(found.accounts) == MAX_ACCOUNTS
+    assert found.accounts[-1].route.server == f"smtp{MAX_ACCOUNTS - 1}.example.org"
+    assert f"more than {MAX_ACCOUNTS} accounts: the rest are ignored" in found.errors
+    assert found.route_for(f"a{MAX_ACCOUNTS}@example.org") is None
+
+
+# ------------------------------------------------------------ the backoff
+
+
+def test_failure_counts_fade_once_the_window_has_passed():
+    pen = Penalty(base=1.0, cap=64.0, window=60)
+    pen.failure("alice", "192.0.2.1", 0)
+    pen.failure("alice", "192.0.2.1", 1)
+    assert pen.count("alice", "192.0.2.1", 61) == 2     # 60 s after the last: still counted
+    assert pen.count("alice", "192.0.2.1", 61.5) == 0   # then gone
+    assert pen.failure("alice", "192.0.2.1", 100) == 1.0  # a first failure again
+    assert pen.hold("alice", "192.0.2.1", 300) == 0.0
+
+
+@pytest.mark.parametrize("user,password,asked", [
+    ("alice", "p" * 1024, True),
+    ("alice", "p" * 1025, False),     # more than the wire protocol carries
+    ("u" * 256, "pw", True),
+    ("u" * 257, "pw", False),
+])
+def test_credentials_longer_than_the_wire_allows_are_refused_here(user, password, asked):
+    """What could never pass the wire protocol (password 1024, user 256
+    characters at most) is a failed login here (535, counted), never a
+    request the frontend could not even encode."""
+    h = Harness()
+    out = h.feed(b"EHLO c.test\r\nAUTH PLAIN " + plain(user, password).encode() + b"\r\n")
+    assert codes(out) == [250, 535]
+    assert h.auth_seen == ([(user, password)] if asked else [])
+    if not asked:
+        assert [ev.reason for ev in h.events if isinstance(ev, AuthRefused)] == [
+            "password too long" if len(password) > 1024 else "user name too long"]
