@@ -27,6 +27,7 @@ from sendooway_front._events import (
     NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished,
     DataRequested, MailRequested, RcptRequested,
 )
+from sendooway_front._relay import Relay
 from sendooway_front._reply import Reply
 from sendooway_front._session import Session, SessionSettings, State
 from sendooway_shared.config import parse_config
@@ -38,6 +39,8 @@ from sendooway_shared.types import Route, Secret, TlsMode
 
 from .auth_helpers import raw_frame
 from .front_harness import LOGIN_ALICE, Harness, codes, plain
+from .scripted_relay import LOGIN as SCRIPTED_LOGIN, careful, converse, codes as scripted_codes
+from .upstream import capture_log, config as upstream_config, route_for, run, send
 
 TXN = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
 
@@ -376,3 +379,88 @@ def test_credentials_longer_than_the_wire_allows_are_refused_here(user, password
     if not asked:
         assert [ev.reason for ev in h.events if isinstance(ev, AuthRefused)] == [
             "password too long" if len(password) > 1024 else "user name too long"]
+
+
+@pytest.mark.parametrize("line", ["MA\u0131L FROM:<alice@example.org>", "R\u017fET", "QU\u0131T"])
+def test_a_verb_with_a_non_ascii_letter_is_unknown(line):
+    """Verbs compare in ASCII: str.upper() makes the dotless i "I" and the
+    long s "S", so "MA\u0131L" was taken for MAIL."""
+    h = Harness()
+    h.feed(LOGIN_ALICE)
+    out = h.feed(line.encode() + b"\r\n")
+    assert codes(out) == [502]
+    assert not h.closed and not any(isinstance(ev, MailRequested) for ev in h.events)
+
+
+def test_a_success_takes_only_that_users_own_failures_off_the_address():
+    """A right password clears the user's count and takes the user's own
+    failures (a mistyped password, twice) off the address's count; the
+    other names guessed from that address still count."""
+    pen = Penalty(base=1.0, cap=64.0, window=600)
+    pen.failure("alice", "192.0.2.1", 0)
+    pen.failure("alice", "192.0.2.1", 1)
+    pen.failure("bob", "192.0.2.1", 2)
+    assert pen.count("carol", "192.0.2.1", 3) == 3
+    pen.success("alice", "192.0.2.1", now=4)
+    assert pen.count("alice", "", 5) == 0
+    assert pen.count("carol", "192.0.2.1", 5) == 1
+    assert pen.failure("carol", "192.0.2.1", 6) == 2.0  # the address's one failure before it
+
+
+def test_guesses_from_many_addresses_never_push_an_accounts_count_out():
+    """Only user names go to the table of real accounts: the addresses a
+    guesser uses (free to change, as made-up names are) fill the other
+    table, so alice's count survives a thousand addresses guessing carol."""
+    pen = Penalty(max_keys=10, window=10_000)
+    pen.failure("alice", "192.0.2.1", 0)
+    for i in range(1000):
+        pen.failure("carol", f"10.0.{i // 250}.{i % 250}", 1 + i)
+    assert pen.count("alice", "", 2000) == 1
+    assert pen.count("carol", "", 2000) == 1000
+
+
+# ------------------------------------------------------------ the relay: never 250 unless the upstream said it
+
+
+def _relay_deliver(up, data: bytes, chunk: int):
+    log, handler = capture_log()
+    relay = Relay(upstream_config(), log)
+
+    async def go():
+        replies = await send(relay, route_for(up), "alice@example.com", ["rcpt@example.org"], data,
+                             chunk=chunk)
+        await relay.close()
+        return replies
+
+    return run(go()), handler
+
+
+@pytest.mark.parametrize("data,chunk", [
+    (b"abc\rdefg\r\nmore", 4),   # a bare CR that ends one chunk, the next not starting with LF
+    (b"line\r\nabc\r", 65536),   # a message that ends in a lone CR
+    (b"line\r\nabc\r", 1),
+])
+def test_a_bare_cr_at_a_chunk_border_never_reaches_the_upstream(upstream_factory, data, chunk):
+    """The relay's own line-end check (behind the session core's) sees a
+    CR that ends a chunk and is not followed by LF, also at the very end."""
+    up = upstream_factory(tls="plain")
+    replies, handler = _relay_deliver(up, data, chunk)
+    assert replies["end"].code == 451 and "bare CR or LF" in str(replies["end"])
+    assert up.messages == []
+
+
+def test_one_reply_too_many_to_the_final_dot_is_never_passed_on_as_250(monkeypatch):
+    """An upstream that answers the final dot twice: which reply was the
+    dot's is not known, so the client gets 451, never the 250."""
+    async def data(up, c):
+        await c.send(b"354 go ahead\r\n")
+        up.messages.append(await c.message())
+        await c.send(b"250 2.0.0 queued\r\n250 2.0.0 queued again\r\n")
+
+    steps = [SCRIPTED_LOGIN, b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
+             b"hello\r\n.\r\n", b"QUIT\r\n"]
+    out, up, log = converse(monkeypatch, lambda up, c: careful(up, c, data=data), steps)
+    got = scripted_codes(out)
+    assert got[:6] == [220, 250, 235, 250, 250, 354], out
+    assert got[6] == 451, out
+    assert "sent more than its replies to the end of the message" in log
