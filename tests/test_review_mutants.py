@@ -18,7 +18,7 @@ from sendooway_auth._accounts import Account, choose
 from sendooway_auth._address import check_pattern, matches
 from sendooway_auth._connection import Connection
 from sendooway_auth._files import FileRead
-from sendooway_auth._penalty import Penalty
+from sendooway_auth._penalty import Penalty, SharedPenalty
 from sendooway_auth._service import AuthResult
 from sendooway_auth._users import UserInfo
 from sendooway_auth.routes import MAX_ACCOUNTS, from_wire, run_plan, to_wire
@@ -32,8 +32,8 @@ from sendooway_front._reply import Reply
 from sendooway_front._session import Session, SessionSettings, State
 from sendooway_shared.config import parse_config
 from sendooway_shared.protocol import (
-    REPLIES, VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Error, Hello, NoRoute,
-    RouteOk, RouteRequest,
+    MAX_ADDRESS, MAX_PASSWORD, MAX_USER, REPLIES, REQUESTS, VERSION, AsyncChannel, AuthFail, AuthOk,
+    AuthRequest, Error, Hello, ProtocolError, RouteOk, RouteRequest, from_map, to_map,
 )
 from sendooway_shared.types import Route, Secret, TlsMode
 
@@ -464,3 +464,82 @@ def test_one_reply_too_many_to_the_final_dot_is_never_passed_on_as_250(monkeypat
     assert got[:6] == [220, 250, 235, 250, 250, 354], out
     assert got[6] == 451, out
     assert "sent more than its replies to the end of the message" in log
+
+
+def test_a_success_keeps_the_age_of_the_addresss_remaining_failures():
+    """What a success leaves of an address's count fades as it would have:
+    from the address's last failure, not from the success."""
+    pen = Penalty(base=1.0, cap=64.0, window=60)
+    pen.failure("bob", "192.0.2.1", 0)
+    pen.failure("alice", "192.0.2.1", 1)
+    pen.success("alice", "192.0.2.1", now=50)
+    assert pen.count("carol", "192.0.2.1", 55) == 1
+    assert pen.count("carol", "192.0.2.1", 62) == 0
+
+
+@pytest.mark.parametrize("stored", [b"-1\n", b"3600\n", b"1e9\n", b"nan\n"])
+def test_a_shared_pam_refusal_figure_out_of_range_is_not_used(tmp_path, stored):
+    """The shared store's PAM refusal time pads every unknown name's
+    refusal: a figure outside 0..3600 s (a corrupt file) is ignored, never
+    an hour's wait (or a negative one) for each such login."""
+    pen = SharedPenalty.open(str(tmp_path / "p"))
+    pen.note_pam_refusal(0.25)
+    assert pen.pam_refusal() == 0.25
+    with open(tmp_path / "p" / SharedPenalty._PAM_FILE, "wb") as f:
+        f.write(stored)
+    assert pen.pam_refusal() is None
+
+
+def test_one_reply_too_many_to_a_rcpt_is_never_passed_on_as_250(monkeypatch):
+    """An upstream without PIPELINING that answers a RCPT twice: every later
+    reply would be read one step late, so that RCPT is answered 451 and the
+    connection left, whatever the upstream said."""
+    async def script(up, c):
+        await c.send(b"220 up.test ESMTP\r\n")
+        while line := await c.line():
+            up.lines.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                await c.send(b"250 up.test\r\n")
+            elif verb == b"RCPT":
+                await c.send(b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n")
+            elif verb == b"QUIT":
+                await c.send(b"221 2.0.0 bye\r\n")
+                return
+            else:
+                await c.send(b"250 2.0.0 ok\r\n")
+
+    steps = [SCRIPTED_LOGIN, b"MAIL FROM:<alice@example.org>\r\n", b"RCPT TO:<bob@example.net>\r\n",
+             b"QUIT\r\n"]
+    out, up, log = converse(monkeypatch, script, steps)
+    assert scripted_codes(out)[:5] == [220, 250, 235, 250, 451], out
+    assert "sent more than its replies to RCPT" in log
+
+
+# ------------------------------------------------------------ the wire protocol's checks
+
+
+@pytest.mark.parametrize("cls,key,limit", [
+    (AuthRequest, "user", MAX_USER), (AuthRequest, "password", MAX_PASSWORD),
+    (RouteRequest, "sender", MAX_ADDRESS), (Hello, "session", 64), (Hello, "client", 128),
+])
+def test_a_string_field_is_taken_up_to_its_limit_and_refused_one_past_it(cls, key, limit):
+    base = {"type": cls.TYPE, **{f: "x" for f in ("user", "password", "sender", "session",
+                                                   "client") if f in cls.__dataclass_fields__}}
+    if cls is Hello:
+        base["version"] = VERSION
+    assert from_map({**base, key: "y" * limit}, REQUESTS)
+    with pytest.raises(ProtocolError, match=f"{cls.TYPE}.{key}: longer than {limit}"):
+        from_map({**base, key: "y" * (limit + 1)}, REQUESTS)
+
+
+@pytest.mark.parametrize("value", [0, 1])
+def test_a_boolean_field_takes_no_integer(value):
+    """route_ok's cert_check and auth are booleans: 0 or 1 where one
+    belongs (a frontend of another build, a bug) is a protocol error, not
+    quietly "no certificate check"."""
+    good = to_map(RouteOk.from_route(ROUTE))
+    for key in ("cert_check", "auth"):
+        with pytest.raises(ProtocolError, match=f"route_ok.{key}: expected a boolean"):
+            from_map({**good, key: value}, REPLIES)
+    assert from_map(good, REPLIES) == RouteOk.from_route(ROUTE)
