@@ -33,7 +33,8 @@ from sendooway_front._session import Session, SessionSettings, State
 from sendooway_shared.config import parse_config
 from sendooway_shared.protocol import (
     MAX_ADDRESS, MAX_PASSWORD, MAX_USER, REPLIES, REQUESTS, VERSION, AsyncChannel, AuthFail, AuthOk,
-    AuthRequest, Error, Hello, ProtocolError, RouteOk, RouteRequest, from_map, to_map,
+    AuthRequest, Error, FrameDecoder, Hello, ProtocolError, RouteOk, RouteRequest, encode, from_map,
+    to_map,
 )
 from sendooway_shared.types import Route, Secret, TlsMode
 
@@ -543,3 +544,70 @@ def test_a_boolean_field_takes_no_integer(value):
         with pytest.raises(ProtocolError, match=f"route_ok.{key}: expected a boolean"):
             from_map({**good, key: value}, REPLIES)
     assert from_map(good, REPLIES) == RouteOk.from_route(ROUTE)
+
+
+TRANSACTION = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+
+
+async def _early_250_then_reset(up, c):
+    """An upstream that says 250 before the message's end, then resets."""
+    await c.send(b"354 go ahead\r\n")
+    await c.line()
+    await c.send(b"250 2.0.0 ok\r\n")
+    await asyncio.sleep(0.1)
+    c.w.transport.abort()  # (unread data: the kernel answers with a reset)
+    return False
+
+
+async def _early_250_then_reads_on(up, c):
+    """An upstream that says 250 soon after its 354, then takes the message."""
+    await c.send(b"354 go ahead\r\n")
+    await asyncio.sleep(0.1)
+    await c.send(b"250 2.0.0 ok\r\n")
+    up.messages.append(await c.message())
+    await c.send(b"250 2.0.0 queued\r\n")
+
+
+@pytest.mark.parametrize("script,body", [
+    (_early_250_then_reset, b"first line\r\n" + (b"y" * 98 + b"\r\n") * 40000),
+    (_early_250_then_reads_on, b"first line\r\n"),
+])
+def test_a_250_before_the_end_of_the_message_is_never_the_answer(monkeypatch, script, body):
+    """A 2xx the upstream sends during the message answers nothing the
+    client asked: whether the write then fails (the upstream reset) or the
+    message reaches its end, the client gets a 451, never that 250."""
+    steps = [SCRIPTED_LOGIN, TRANSACTION, body, b"last line\r\n.\r\n", b"QUIT\r\n"]
+    # (no PIPELINING upstream: DATA goes on its own, when the client sends it)
+    out, up, log = converse(monkeypatch, lambda up, c: careful(up, c, ehlo=b"250 up.test\r\n",
+                                                               data=script), steps)
+    got = scripted_codes(out)
+    assert got[:6] == [220, 250, 235, 250, 250, 354], out
+    assert got[6] == 451, out
+
+
+def test_every_frame_encode_makes_is_one_the_decoder_takes():
+    """encode() refuses what the other side's decoder would refuse: around
+    MAX_FRAME, a route_ok either does not encode or decodes as it was."""
+    refused = taken = 0
+    for extra in range(1500, 1900):
+        reply = RouteOk("s" * 255, 587, "starttls", True, "/" + "c" * 4095, "u" * 1024,
+                        Secret("p" * 1024), True, "x" * extra, "m" * 8192)
+        try:
+            frame = encode(reply)
+        except ProtocolError as exc:
+            assert "exceeds" in str(exc)
+            refused += 1
+            continue
+        taken += 1
+        assert FrameDecoder(REPLIES).feed(frame) == [reply]
+    assert refused and taken
+
+
+@pytest.mark.parametrize("key,value,error", [
+    ("port", 0, "outside 1..65535"), ("port", 65536, "outside 1..65535"),
+    ("server", "", "route_ok.server: empty"), ("tls", "ssl", "unknown mode"),
+])
+def test_a_route_ok_that_names_no_usable_server_is_a_protocol_error(key, value, error):
+    good = to_map(RouteOk.from_route(ROUTE))
+    with pytest.raises(ProtocolError, match=error):
+        from_map({**good, key: value}, REPLIES)
