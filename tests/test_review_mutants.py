@@ -611,3 +611,43 @@ def test_a_route_ok_that_names_no_usable_server_is_a_protocol_error(key, value, 
     good = to_map(RouteOk.from_route(ROUTE))
     with pytest.raises(ProtocolError, match=error):
         from_map({**good, key: value}, REPLIES)
+
+
+def _rset_refused_on_the_first_connection(ehlo: bytes):
+    """A scripted upstream whose first connection refuses RSET (500) and
+    MAIL from refused@...; each EHLO is one connection."""
+    async def script(up, c):
+        first = not any(line[:4].upper() == b"EHLO" for line in up.lines)
+        await c.send(b"220 up.test ESMTP\r\n")
+        while line := await c.line():
+            up.lines.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                await c.send(ehlo)
+            elif verb == b"RSET":
+                await c.send(b"500 5.5.1 no RSET here\r\n" if first else b"250 2.0.0 reset\r\n")
+            elif verb == b"MAIL" and b"refused@" in line:
+                await c.send(b"550 5.7.1 not you\r\n")
+            elif verb == b"QUIT":
+                await c.send(b"221 2.0.0 bye\r\n")
+                return
+            else:
+                await c.send(b"250 2.0.0 ok\r\n")
+    return script
+
+
+@pytest.mark.parametrize("ehlo", [b"250-up.test\r\n250 PIPELINING\r\n", b"250 up.test\r\n"])
+@pytest.mark.parametrize("before", [
+    b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nRSET\r\n",  # the client's RSET
+    b"MAIL FROM:<refused@example.org>\r\n",          # the RSET that follows a refused MAIL
+])
+def test_a_connection_whose_rset_was_refused_is_not_used_again(monkeypatch, ehlo, before):
+    """An upstream that refuses RSET may keep the last transaction's sender
+    or recipients: the next MAIL goes over a new connection."""
+    steps = [SCRIPTED_LOGIN, before, b"MAIL FROM:<alice@example.org>\r\n", b"QUIT\r\n"]
+    out, up, log = converse(monkeypatch, _rset_refused_on_the_first_connection(ehlo), steps)
+    assert scripted_codes(out)[-2:] == [250, 221], out
+    ehlos = [i for i, line in enumerate(up.lines) if line[:4].upper() == b"EHLO"]
+    assert len(ehlos) == 2, up.lines
+    second = ehlos[1]
+    assert up.lines[second + 1].startswith(b"MAIL FROM:<alice@example.org>"), up.lines
