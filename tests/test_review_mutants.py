@@ -27,7 +27,9 @@ from sendooway_front._events import (
     NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished,
     DataRequested, MailRequested, RcptRequested,
 )
+from sendooway_front._pool import UpstreamPool
 from sendooway_front._relay import Relay
+from sendooway_front._relay_api import MailParams
 from sendooway_front._reply import Reply
 from sendooway_front._session import Session, SessionSettings, State
 from sendooway_shared.config import parse_config
@@ -40,8 +42,9 @@ from sendooway_shared.types import Route, Secret, TlsMode
 
 from .auth_helpers import raw_frame
 from .front_harness import LOGIN_ALICE, Harness, codes, plain
-from .scripted_relay import LOGIN as SCRIPTED_LOGIN, careful, converse, codes as scripted_codes
-from .upstream import capture_log, config as upstream_config, route_for, run, send
+from .scripted_relay import LOGIN as SCRIPTED_LOGIN, Upstream as ScriptedUpstream, careful, converse
+from .scripted_relay import codes as scripted_codes
+from .upstream import capture_log, config as upstream_config, info as upstream_info, route_for, run, send
 
 TXN = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
 
@@ -651,3 +654,28 @@ def test_a_connection_whose_rset_was_refused_is_not_used_again(monkeypatch, ehlo
     assert len(ehlos) == 2, up.lines
     second = ehlos[1]
     assert up.lines[second + 1].startswith(b"MAIL FROM:<alice@example.org>"), up.lines
+
+
+def test_a_connection_whose_closing_rset_was_refused_is_not_kept_in_the_cache():
+    """At the end of a session with a transaction open the relay sends
+    RSET; refused, the connection is QUIT, never kept for the next session."""
+    async def go():
+        up = await ScriptedUpstream(_rset_refused_on_the_first_connection(b"250 up.test\r\n")).start()
+        log, _ = capture_log()
+        pool = UpstreamPool(30, log)
+        relay = Relay(upstream_config(smarthostCache=30), log, pool)
+        route = Route("127.0.0.1", up.port, TlsMode.PLAIN, auth=False, source="review.conf:3")
+        try:
+            assert (await relay.mail(upstream_info(), route, "alice@example.org", MailParams())).code == 250
+            assert (await relay.rcpt("bob@example.net")).code == 250
+            await relay.close()
+            idle = pool.idle_count()
+            await pool.close_all()
+            await asyncio.sleep(0.1)
+        finally:
+            up.server.close()
+        return idle, up.lines
+
+    idle, lines = run(go())
+    assert idle == 0
+    assert [line[:4] for line in lines][-2:] == [b"RSET", b"QUIT"], lines
