@@ -498,24 +498,13 @@ def test_one_reply_too_many_to_a_rcpt_is_never_passed_on_as_250(monkeypatch):
     """An upstream without PIPELINING that answers a RCPT twice: every later
     reply would be read one step late, so that RCPT is answered 451 and the
     connection left, whatever the upstream said."""
-    async def script(up, c):
-        await c.send(b"220 up.test ESMTP\r\n")
-        while line := await c.line():
-            up.lines.append(line)
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                await c.send(b"250 up.test\r\n")
-            elif verb == b"RCPT":
-                await c.send(b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n")
-            elif verb == b"QUIT":
-                await c.send(b"221 2.0.0 bye\r\n")
-                return
-            else:
-                await c.send(b"250 2.0.0 ok\r\n")
+    def answer(line):
+        return b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n" if line.startswith(b"RCPT") else None
 
     steps = [SCRIPTED_LOGIN, b"MAIL FROM:<alice@example.org>\r\n", b"RCPT TO:<bob@example.net>\r\n",
              b"QUIT\r\n"]
-    out, up, log = converse(monkeypatch, script, steps)
+    out, up, log = converse(monkeypatch, lambda up, c: careful(up, c, ehlo=b"250 up.test\r\n",
+                                                               answer=answer), steps)
     assert scripted_codes(out)[:5] == [220, 250, 235, 250, 451], out
     assert "sent more than its replies to RCPT" in log
 
@@ -617,25 +606,17 @@ def test_a_route_ok_that_names_no_usable_server_is_a_protocol_error(key, value, 
 
 
 def _rset_refused_on_the_first_connection(ehlo: bytes):
-    """A scripted upstream whose first connection refuses RSET (500) and
-    MAIL from refused@...; each EHLO is one connection."""
+    """A scripted upstream whose first connection refuses RSET (500), and
+    which refuses MAIL from refused@...; each EHLO is one connection."""
     async def script(up, c):
         first = not any(line[:4].upper() == b"EHLO" for line in up.lines)
-        await c.send(b"220 up.test ESMTP\r\n")
-        while line := await c.line():
-            up.lines.append(line)
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                await c.send(ehlo)
-            elif verb == b"RSET":
-                await c.send(b"500 5.5.1 no RSET here\r\n" if first else b"250 2.0.0 reset\r\n")
-            elif verb == b"MAIL" and b"refused@" in line:
-                await c.send(b"550 5.7.1 not you\r\n")
-            elif verb == b"QUIT":
-                await c.send(b"221 2.0.0 bye\r\n")
-                return
-            else:
-                await c.send(b"250 2.0.0 ok\r\n")
+
+        def answer(line):
+            if line.startswith(b"RSET") and first:
+                return b"500 5.5.1 no RSET here\r\n"
+            return b"550 5.7.1 not you\r\n" if line.startswith(b"MAIL FROM:<refused@") else None
+
+        await careful(up, c, ehlo=ehlo, answer=answer)
     return script
 
 
