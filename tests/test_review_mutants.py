@@ -494,24 +494,44 @@ def test_a_shared_pam_refusal_figure_out_of_range_is_not_used(tmp_path, stored):
     assert pen.pam_refusal() is None
 
 
-@pytest.mark.parametrize("ehlo,rcpts,expected", [
-    (b"250 up.test\r\n", [b"RCPT TO:<bob@example.net>\r\n"], [451]),
+_NO_PIPELINING, _PIPELINING = b"250 up.test\r\n", b"250-up.test\r\n250 PIPELINING\r\n"
+_MAIL = b"MAIL FROM:<alice@example.org>\r\n"
+
+
+@pytest.mark.parametrize("ehlo,steps,expected", [
+    (_NO_PIPELINING, [_MAIL, b"RCPT TO:<bob@example.net>\r\n"], [250, 451]),
     # two RCPTs pipelined behind an answered MAIL: which reply was whose is unknown
-    (b"250-up.test\r\n250 PIPELINING\r\n",
-     [b"RCPT TO:<carol@example.net>\r\nRCPT TO:<bob@example.net>\r\n"], [451, 451]),
+    (_PIPELINING, [_MAIL, b"RCPT TO:<carol@example.net>\r\nRCPT TO:<bob@example.net>\r\n"],
+     [250, 451, 451]),
+    # MAIL and RCPT in one group upstream: the MAIL's 250 is not passed on either
+    (_PIPELINING, [_MAIL + b"RCPT TO:<bob@example.net>\r\n"], [451, 451]),
 ])
-def test_one_reply_too_many_to_a_rcpt_is_never_passed_on_as_250(monkeypatch, ehlo, rcpts, expected):
+def test_one_reply_too_many_to_a_rcpt_is_never_passed_on_as_250(monkeypatch, ehlo, steps, expected):
     """An upstream that answers a RCPT (bob's) twice: every later reply
-    would be read one step late, so the RCPTs are answered 451 and the
-    connection left, whatever the upstream said."""
+    would be read one step late, so the connection is left and the
+    commands whose replies may be misread are answered 451, whatever the
+    upstream said."""
     def answer(line):
         return b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n" if line.startswith(b"RCPT TO:<bob@") else None
 
-    steps = [SCRIPTED_LOGIN, b"MAIL FROM:<alice@example.org>\r\n", *rcpts, b"QUIT\r\n"]
     out, up, log = converse(monkeypatch, lambda up, c: careful(up, c, ehlo=ehlo, answer=answer),
-                            steps)
-    assert scripted_codes(out)[:4 + len(expected)] == [220, 250, 235, 250, *expected], out
+                            [SCRIPTED_LOGIN, *steps, b"QUIT\r\n"])
+    assert scripted_codes(out)[:3 + len(expected)] == [220, 250, 235, *expected], out
     assert "sent more than its replies to " in log
+
+
+def test_no_rcpt_goes_upstream_behind_a_refused_mail(monkeypatch):
+    """RCPTs the client pipelined behind a MAIL the upstream refused are
+    answered here (503) and never sent: a careless upstream could take
+    them into a transaction of its own."""
+    def answer(line):
+        return b"550 5.7.1 not you\r\n" if line.startswith(b"MAIL") else None
+
+    out, up, log = converse(monkeypatch, lambda up, c: careful(up, c, ehlo=_NO_PIPELINING,
+                                                               answer=answer),
+                            [SCRIPTED_LOGIN, _MAIL + b"RCPT TO:<bob@example.net>\r\n", b"QUIT\r\n"])
+    assert scripted_codes(out)[:5] == [220, 250, 235, 550, 503], out
+    assert not any(line.startswith(b"RCPT") for line in up.lines), up.lines
 
 
 # ------------------------------------------------------------ the wire protocol's checks
