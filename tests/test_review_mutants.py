@@ -685,3 +685,15 @@ def test_a_connection_whose_closing_rset_was_refused_is_not_kept_in_the_cache():
     idle, lines = run(go())
     assert idle == 0
     assert [line[:4] for line in lines][-2:] == [b"RSET", b"QUIT"], lines
+
+
+@pytest.mark.parametrize("user", ["evil\r\nBcc: all@example.org", "a b(c)", "alice\u2028x"])
+def test_the_received_header_shows_a_strange_user_name_as_one_harmless_word(user):
+    """The account name goes into the Received: header the upstream gets:
+    whatever NSS or LDAP calls an account, it can add no header line, no
+    comment and no white space there."""
+    header = Relay(upstream_config(), capture_log()[0]).received_header(upstream_info(user=user))
+    lines = header.decode("ascii").split("\r\n")
+    assert len(lines) == 4 and lines[-1] == "" and not lines[0].startswith("Bcc")
+    shown = lines[2].split("(authenticated user ", 1)[1].split(")", 1)[0]
+    assert all(c.isalnum() or c in "._@+-?" for c in shown), shown
