@@ -461,8 +461,7 @@ def test_one_reply_too_many_to_the_final_dot_is_never_passed_on_as_250(monkeypat
         up.messages.append(await c.message())
         await c.send(b"250 2.0.0 queued\r\n250 2.0.0 queued again\r\n")
 
-    steps = [SCRIPTED_LOGIN, b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n",
-             b"hello\r\n.\r\n", b"QUIT\r\n"]
+    steps = [SCRIPTED_LOGIN, TXN, b"hello\r\n.\r\n", b"QUIT\r\n"]
     out, up, log = converse(monkeypatch, lambda up, c: careful(up, c, data=data), steps)
     got = scripted_codes(out)
     assert got[:6] == [220, 250, 235, 250, 250, 354], out
@@ -563,9 +562,6 @@ def test_a_boolean_field_takes_no_integer(value):
     assert from_map(good, REPLIES) == RouteOk.from_route(ROUTE)
 
 
-TRANSACTION = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
-
-
 async def _early_250_then_reset(up, c):
     """An upstream that says 250 before the message's end, then resets."""
     await c.send(b"354 go ahead\r\n")
@@ -593,7 +589,7 @@ def test_a_250_before_the_end_of_the_message_is_never_the_answer(monkeypatch, sc
     """A 2xx the upstream sends during the message answers nothing the
     client asked: whether the write then fails (the upstream reset) or the
     message reaches its end, the client gets a 451, never that 250."""
-    steps = [SCRIPTED_LOGIN, TRANSACTION, body, b"last line\r\n.\r\n", b"QUIT\r\n"]
+    steps = [SCRIPTED_LOGIN, TXN, body, b"last line\r\n.\r\n", b"QUIT\r\n"]
     # (no PIPELINING upstream: DATA goes on its own, when the client sends it)
     out, up, log = converse(monkeypatch, lambda up, c: careful(up, c, ehlo=b"250 up.test\r\n",
                                                                data=script), steps)
@@ -697,3 +693,34 @@ def test_the_received_header_shows_a_strange_user_name_as_one_harmless_word(user
     assert len(lines) == 4 and lines[-1] == "" and not lines[0].startswith("Bcc")
     shown = lines[2].split("(authenticated user ", 1)[1].split(")", 1)[0]
     assert all(c.isalnum() or c in "._@+-?" for c in shown), shown
+
+
+# ------------------------------------------------------------ Secret
+
+
+def test_a_secret_is_never_pickled_and_holds_only_text():
+    """A Secret never lands by accident in a pickle (a cache file, a
+    multiprocessing queue), on its own or inside a Route; and it wraps only
+    a str, so a password is never bytes shown by a repr elsewhere."""
+    import pickle
+
+    with pytest.raises(TypeError, match="not picklable"):
+        pickle.dumps(Secret("Up-pw-93"))
+    with pytest.raises(TypeError, match="not picklable"):
+        pickle.dumps(ROUTE)
+    with pytest.raises(TypeError):
+        Secret(b"Up-pw-93")
+    assert "Up-pw-93" not in repr(ROUTE) and "Up-pw-93" not in ROUTE.describe()
+
+
+def test_a_file_without_a_password_gets_no_unsafe_mode_warning():
+    """An empty Secret is false: a world-readable ~/.fetchmailrc whose
+    account holds no password (noAuth) is no leak and gets no warning."""
+    text = (b'poll pop.example.org proto pop3 user "alice"\n'
+            b'#sendooway:server "smtp.example.org"\n#sendooway:noAuth\n'
+            b'#sendooway:address "alice@example.org"\n')
+    found = _lookup({"/home/alice/.fetchmailrc": text}, mode=0o100644)
+    [account] = found.accounts
+    assert not account.route.password and not account.route.auth
+    assert found.warnings == []
+    assert not Secret("") and Secret("x")
