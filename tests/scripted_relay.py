@@ -71,15 +71,19 @@ class Upstream:
 
 
 async def careful(up: Upstream, c: Conn, ehlo: bytes = b"250-up.test\r\n250 PIPELINING\r\n",
-                  data=None, mail=None, auth=None) -> None:
+                  data=None, mail=None, auth=None, answer=None) -> None:
     """A well-behaved upstream; `data(up, c)` (returning False ends the
     connection), `mail(line)` and `auth(up, c, line)` replace its handling
-    of DATA, MAIL and AUTH."""
+    of DATA, MAIL and AUTH; `answer(line)`, when it returns a reply, that
+    of any command but EHLO and QUIT."""
     await c.send(b"220 up.test ESMTP\r\n")
     while line := await c.line():
         up.lines.append(line)
         verb = line[:4].upper()
-        if verb == b"EHLO":
+        reply = answer(line) if answer is not None and verb not in (b"EHLO", b"QUIT") else None
+        if reply is not None:
+            await c.send(reply)
+        elif verb == b"EHLO":
             await c.send(ehlo)
         elif verb == b"AUTH" and auth is not None:
             await auth(up, c, line)
