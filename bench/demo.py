@@ -175,7 +175,7 @@ def demo() -> int:
         say(f"upstream smarthost: 127.0.0.1:{upstream.port} (aiosmtpd, STARTTLS required, AUTH required)")
         rc = world.write_user_file("alice", ".fetchmailrc", (
             f'poll pop.example.org proto imap user "{UPSTREAM_USER}" password "{UPSTREAM_PASSWORD}"\n'
-            f'#sendooway:server "localhost"\n#sendooway:port {upstream.port}\n#sendooway:tls\n'
+            f'#sendooway:server "127.0.0.1"\n#sendooway:port {upstream.port}\n#sendooway:tls\n'
             f'#sendooway:address "*@example.org"\n'))
         say(f"alice's {rc}: fetchmail's own lines plus #sendooway: lines naming that smarthost")
         config = os.path.join(work, "sendooway.conf")
