@@ -593,12 +593,49 @@ class ConnectError(OSError):
     """No address of the server accepted a connection; str() lists each try."""
 
 
+FAILED_FOR = 300.0  # seconds an address that failed goes after the server's others
+FAILED_KEPT = 1024  # addresses remembered at most
+
+
+class FailedAddresses:
+    """The addresses (with their port) a connection to failed lately, in
+    this process: tried after the server's other addresses while
+    remembered, so a broken path (typically IPv6 to the smarthost, each try
+    up to CONNECT_TRY when black-holed) costs one failed try, and one
+    warning, every FAILED_FOR seconds rather than every new connection. An
+    address is never skipped: when all have failed, all are tried."""
+
+    def __init__(self) -> None:
+        self._until: dict[tuple, float] = {}
+
+    def order(self, candidates: list, now: float) -> list:
+        """`candidates` (family, type, proto, addr) with the remembered ones last."""
+        bad = [c for c in candidates if self._until.get(c[3], 0.0) > now]
+        return [c for c in candidates if c not in bad] + bad
+
+    def failed(self, addr: tuple, now: float) -> None:
+        self._until.pop(addr, None)
+        if len(self._until) >= FAILED_KEPT:
+            for old in [a for a, until in self._until.items() if until <= now]:
+                del self._until[old]
+            while len(self._until) >= FAILED_KEPT:
+                del self._until[next(iter(self._until))]  # the oldest
+        self._until[addr] = now + FAILED_FOR
+
+    def answered(self, addr: tuple) -> None:
+        self._until.pop(addr, None)
+
+
+failed_addresses = FailedAddresses()
+
+
 async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     """Connect to every address `host` resolves to (IPv4 and IPv6), one after
     the other; the first that answers wins (the stream's connect_failures
     lists the tries before it, for the log). Each try is bounded by `timeout`,
     but by at most CONNECT_TRY seconds while other addresses are left, so one
-    black-holed address (typically IPv6) cannot eat the client's patience."""
+    black-holed address (typically IPv6) cannot eat the client's patience;
+    an address that failed lately goes last (FailedAddresses)."""
     loop = asyncio.get_running_loop()
     try:
         name = host_a_label(host)
@@ -618,6 +655,7 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     for family, type_, proto, _canon, addr in infos:
         if (family, addr) not in {(f, a) for f, _t, _p, a in unique}:
             unique.append((family, type_, proto, addr))
+    unique = failed_addresses.order(unique, loop.time())
     for i, (family, type_, proto, addr) in enumerate(unique):
         this_try = timeout
         if i < len(unique) - 1 and (timeout is None or timeout > CONNECT_TRY):
@@ -631,11 +669,14 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
         except (TimeoutError, asyncio.TimeoutError):
             sock.close()
             tried.append(f"{shown} timed out")
+            failed_addresses.failed(addr, loop.time())
             continue
         except OSError as e:
             sock.close()
             tried.append(f"{shown} {os.strerror(e.errno) if e.errno else e}")
+            failed_addresses.failed(addr, loop.time())
             continue
+        failed_addresses.answered(addr)
         stream = await Stream.from_socket(sock, timeout)
         stream.connect_failures, stream.connected_to = tuple(tried), shown
         return stream

@@ -129,6 +129,45 @@ def test_an_upstream_address_that_failed_before_the_one_that_answered_is_logged(
     assert f"dual.test:{v6.up4.port}" in lines[0], lines
 
 
+def test_an_upstream_address_that_failed_is_tried_last_for_a_while(v6):
+    """DEFECT (an admin's view of the warning above): every new upstream
+    connection tried the dead [::1] first again — one warning per message,
+    and a black-holed address costs each connection CONNECT_TRY (10 s). An
+    address that failed goes after the server's others for FAILED_FOR
+    seconds: two fresh connections (cloneEhlo = yes: another EHLO name is
+    another kept connection) try [::1] at most once between them and this
+    module's first test."""
+    refused = f"[::1]:{v6.up4.port} Connection refused"
+    for name in ("first.example", "second.example", "third.example"):
+        with v6.front.smtp(timeout=15) as s:
+            s.starttls(context=v6.world.ssl_context())
+            s.ehlo(name)
+            s.login("alice", v6.world.users["alice"].password)
+            assert s.sendmail("alice@dual.example", ["rcpt@example.net"], BODY) == {}
+    dw.wait_for(lambda: v6.front.log().count("message user=alice") >= 3, what="the message lines")
+    greeted = {m.helo for m in v6.up4.messages}  # three connections, each greeted anew
+    assert {"first.example", "second.example", "third.example"} <= greeted, greeted
+    assert v6.front.log().count(refused) == 1, v6.front.log()
+
+
+def test_failed_addresses_go_last_expire_and_are_never_skipped():
+    from sendooway_front._stream import FAILED_FOR, FAILED_KEPT, FailedAddresses
+
+    six, four = (10, 1, 6, ("::1", 25, 0, 0)), (2, 1, 6, ("127.0.0.1", 25))
+    memory = FailedAddresses()
+    assert memory.order([six, four], 0.0) == [six, four]
+    memory.failed(six[3], 100.0)
+    assert memory.order([six, four], 101.0) == [four, six]
+    assert memory.order([six, four], 100.0 + FAILED_FOR + 1) == [six, four]  # forgotten
+    memory.failed(four[3], 102.0)
+    assert memory.order([six, four], 103.0) == [six, four]  # both failed: both tried
+    memory.answered(four[3])
+    assert memory.order([six, four], 104.0) == [four, six]
+    for n in range(FAILED_KEPT + 10):
+        memory.failed(("192.0.2.1", n), 200.0)
+    assert len(memory._until) == FAILED_KEPT
+
+
 def test_an_ipv6_client_named_by_its_address_literal(v6):
     """(Kept working.) A client from ::1 that says EHLO [IPv6:::1] (what
     msmtp and others send with no host name): cloneEhlo passes the literal
