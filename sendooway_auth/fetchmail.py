@@ -493,11 +493,11 @@ def _local_names_end(items: list, i: int) -> int:
         word = _plain_word(items, j)
         if word == "here":
             return j + 1
-        if not isinstance(item, _Token) or (word in _FM_KEYWORDS and word not in _NOISE):
+        if not isinstance(item, _Token) or word in _FM_KEYWORDS:
             return -1
         # after fetchmail's `=` (`local=other`, `local =`) comes a name,
         # whatever word it is
-        j += 2 if isinstance(item, _Token) and item.equals == "end" else 1
+        j += 2 if item.equals == "end" else 1
     return -1
 
 

@@ -25,6 +25,7 @@ from . import _catalogue as R
 from ._driver import Frontend, SessionRunner, describe_peer
 from ._limits import AddressLimit
 from ._pool import close_shared_pool
+from ._proxyproto import unmapped
 from ._stream import LfAsCrlf, Stream, set_nodelay
 
 SD_LISTEN_FDS_START = 3
@@ -99,10 +100,10 @@ def parse_bind(value: str) -> tuple[str | None, int]:
         host, port_text = None, value
     if host and ":" in host:
         try:  # ::ffff:a.b.c.d, as ss and netstat show IPv4 on a dual-stack socket
-            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+            mapped = unmapped(ipaddress.IPv6Address(host))
         except ValueError:
             mapped = None
-        if mapped is not None:
+        if mapped is not None and mapped.version == 4:
             host = str(mapped)
     try:  # a number or a service name (`-b submission`), as the original took
         port = port_number(port_text)

@@ -224,7 +224,7 @@ class Tally:
         if not self.unsaid:
             return
         self.log.warning(self.fmt, *self.args, self.unsaid)
-        self.last, self.unsaid = time.monotonic(), 0
+        self.last, self.unsaid = self.loop.time(), 0  # (note() set it: unsaid > 0)
 
     def close(self) -> None:
         if self.later is not None:
