@@ -1,5 +1,6 @@
 """Benchmark sendooway-auth: auth checks/s, route lookup latency, and slow
 PAM checks side by side. Run: .venv/bin/python -m bench.bench_auth
+(or .venv/bin/python bench/bench_auth.py)
 
 Builds a throw-away fake world (nss_wrapper users, pam_wrapper + pam_matrix),
 re-executes itself inside it, starts the real daemon and talks to it over its
@@ -15,9 +16,16 @@ import asyncio
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+
+# run as a script (bench/bench_auth.py) as well as a module: the project's
+# root must be importable (tests.fakeworld, bench.*), also in the re-executed child
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 ROOT_FLAG = "SENDOOWAY_BENCH_WORLD"
 CLIENTS = 32
@@ -33,7 +41,7 @@ def _reexec_in_world() -> None:
     World.create(root)
     env = World.load(root).env()
     env[ROOT_FLAG] = root
-    code = os.spawnve(os.P_WAIT, sys.executable, [sys.executable, "-m", "bench.bench_auth"], env)
+    code = subprocess.call([sys.executable, "-m", "bench.bench_auth"], env=env, cwd=ROOT)
     shutil.rmtree(root, ignore_errors=True)
     sys.exit(code)
 
