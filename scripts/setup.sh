@@ -8,12 +8,19 @@ cd "$(dirname "$0")/.."
 # sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests;
 # fetchmail and getmail6: the oracles of tests/test_review_parsers_oracle.py,
 # which run fetchmail -f FILE --check against a POP3 server of their own;
-# Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so)
+# Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so;
+# s-nail, neomutt, git-email and the Perl modules git send-email needs for
+# AUTH and TLS (Authen::SASL, IO::Socket::SSL; Mail::Address from
+# libmailtools-perl, without which it does not start), and Cyrus SASL's
+# PLAIN/LOGIN client plugins for Postfix as a null client: the real clients
+# of tests/test_review_clients2.py)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
       fail2ban systemd haproxy postfix logrotate libpam0g-dev slapd
-      man-db python3-setuptools curl git fetchmail getmail6)
+      man-db python3-setuptools curl git fetchmail getmail6
+      s-nail neomutt git-email libauthen-sasl-perl libio-socket-ssl-perl libmailtools-perl
+      libsasl2-modules)
 
 missing=()
 for p in "${DEBS[@]}"; do

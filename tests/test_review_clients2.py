@@ -1,0 +1,387 @@
+"""Review: real mail software as the client of sendooway, beyond
+tests/test_review_realclients.py (swaks, msmtp, curl, smtplib).
+
+Clients here, each against a real `sendooway -b` (STARTTLS port) and
+`sendooway -b -s` (implicit-TLS port) next to a real `sendooway-auth`
+daemon in the fake world, relaying to an aiosmtpd upstream on loopback
+(`addReceivedField = yes`, so the upstream gets our Received: then the
+client's bytes):
+
+- Postfix as a null client (satellite): a private instance (its own
+  config_directory and queue, no smtpd, `maillog_file`) with `relayhost =
+  [127.0.0.1]:PORT`, `smtp_sasl_auth_enable`, a password map by sender,
+  `smtp_tls_security_level = encrypt` with the fake world's CA, and an
+  `smtps` transport with `smtp_tls_wrappermode = yes` towards the `-s`
+  port. Mail goes in with `sendmail -C DIR`; a 5xx from the upstream must
+  bounce in Postfix, a 4xx and a refused login must defer (sendooway never
+  converts one into the other);
+- s-nail (`mta=smtp://` with `smtp-use-starttls`, and `smtps://`);
+- neomutt in batch mode (`smtp_url`, GnuTLS and GNU SASL);
+- `git send-email` (Perl Net::SMTP, IO::Socket::SSL, Authen::SASL), two
+  patches in one session.
+
+Each checks the upstream's envelope and bytes, the AUTH mechanism the
+client chose (PLAIN with and without an initial response, LOGIN without
+one), and that no log holds a traceback or a password.
+
+Exim as a smarthost client is not here: see the review's report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .auth_helpers import Daemon
+from .front_util import Frontend, front_config, open_tmp
+from .upstream import FakeUpstream
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
+
+SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Clients run without the suite's nss_wrapper/pam_wrapper (they need the
+# system's users, not the fake world's).
+CLEAN_ENV = {"PATH": SBIN_PATH, "LANG": "C", "LC_ALL": "C"}
+
+REFUSED_RCPT = "nobody@example.net"     # the upstream answers 550 5.1.1
+LATER_RCPT = "later@example.net"        # the upstream answers 451 4.3.0
+REFUSED_SENDER = "refused@home.example"  # the upstream answers 550 5.7.1 to MAIL
+
+# Ours: the client's EHLO name (when a domain), our localname, the user.
+OUR_RECEIVED = re.compile(
+    rb"Received: from (?P<helo>[\w.]+) \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\tby mx\.test \(sendooway\) with (?P<proto>ESMTPS?A) id [^\s;]+\r\n"
+    rb"\t\(authenticated user (?P<user>\w+)\); \w{3}, \d+ \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n")
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=SBIN_PATH)
+    if path is None:
+        pytest.skip(f"{name} is not installed (scripts/setup.sh installs it)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cw(world):
+    """One daemon, a STARTTLS frontend and a -s frontend, one plain upstream
+    for every sender (`direct:*`, noAuth) with scripted refusals."""
+    with open_tmp() as tmp:
+        up = FakeUpstream(world, tls="plain", reject_rcpt={REFUSED_RCPT},
+                          temp_fail_rcpt={LATER_RCPT}, reject_mail={REFUSED_SENDER}).start()
+        config = front_config(tmp, world, "addReceivedField = yes\n"
+                                          f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
+        daemon = Daemon(tmp, config).start()
+        front = Frontend(config, str(tmp / "front.log")).start()
+        front_s = Frontend(config, str(tmp / "front-s.log"), args=["-s"]).start()
+        ns = type("CW", (), {})()
+        ns.world, ns.tmp, ns.up, ns.daemon, ns.front, ns.front_s = world, tmp, up, daemon, front, front_s
+        try:
+            yield ns
+        finally:
+            front.stop()
+            front_s.stop()
+            daemon.stop()
+            up.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean(cw):
+    cw.up.messages.clear()
+    yield
+    logs = cw.front.log() + cw.front_s.log() + cw.daemon.log()
+    assert "Traceback" not in logs
+    for u in cw.world.users.values():
+        assert u.password not in logs
+
+
+def _pw(cw, user: str) -> str:
+    return cw.world.users[user].password
+
+
+def _wait_messages(cw, n: int, timeout: float = 15.0) -> list:
+    deadline = time.monotonic() + timeout
+    while len(cw.up.messages) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(cw.up.messages) >= n, cw.up.messages
+    return list(cw.up.messages)
+
+
+def _split(m, user: str, helo: bytes = b"client.test") -> bytes:
+    """The upstream's message: our Received: (checked), then what is returned."""
+    ours = OUR_RECEIVED.match(m.data)
+    assert ours, m.data[:400]
+    assert ours.group("user").decode() == user and ours.group("helo") == helo, ours.group(0)
+    assert ours.group("proto") == b"ESMTPSA"
+    return m.data[ours.end():]
+
+
+def _logins(front: Frontend, since: int) -> list[str]:
+    return re.findall(r"login: mechanism=(\S+)", front.log()[since:])
+
+
+# ------------------------------------------------------------------ Postfix as a null client
+
+SAT_MASTER_CF = """\
+pickup     unix n - n 60 1 pickup
+cleanup    unix n - n - 0 cleanup
+qmgr       unix n - n 300 1 qmgr
+tlsmgr     unix - - n 1000? 1 tlsmgr
+rewrite    unix - - n - - trivial-rewrite
+bounce     unix - - n - 0 bounce
+defer      unix - - n - 0 bounce
+trace      unix - - n - 0 bounce
+verify     unix - - n - 1 verify
+flush      unix n - n 1000? 0 flush
+proxymap   unix - - n - - proxymap
+smtp       unix - - n - - smtp
+relay      unix - - n - - smtp
+smtps      unix - - n - - smtp
+  -o smtp_tls_wrappermode=yes
+  -o smtp_tls_security_level=encrypt
+showq      unix n - n - - showq
+error      unix - - n - - error
+retry      unix - - n - - error
+discard    unix - - n - - discard
+anvil      unix - - n - 1 anvil
+scache     unix - - n - 1 scache
+postlog    unix-dgram n - n - 1 postlogd
+"""
+
+
+def _sat_main_cf(d: Path, ca: str, port: int) -> str:
+    return f"""\
+compatibility_level = 3.6
+queue_directory = {d}/spool
+data_directory = {d}/data
+maillog_file_prefixes = {d}
+maillog_file = {d}/maillog
+myhostname = satellite.test
+mydomain = satellite.test
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+relay_domains =
+alias_maps =
+alias_database =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+master_service_disable = inet
+relayhost = [127.0.0.1]:{port}
+transport_maps = texthash:{d}/etc/transport
+smtp_helo_name = satellite.test
+smtp_host_lookup = native
+smtp_sasl_auth_enable = yes
+smtp_sasl_password_maps = texthash:{d}/etc/sasl_passwd
+smtp_sasl_security_options = noanonymous
+smtp_sasl_tls_security_options = noanonymous
+smtp_tls_security_level = encrypt
+smtp_tls_CAfile = {ca}
+smtp_tls_loglevel = 1
+smtp_connection_cache_destinations = [127.0.0.1]:{port}
+local_header_rewrite_clients =
+disable_mime_output_conversion = yes
+biff = no
+append_dot_mydomain = no
+queue_run_delay = 300s
+minimal_backoff_time = 300s
+maximal_backoff_time = 600s
+"""
+
+
+class Satellite:
+    """A private Postfix that only sends: relayhost sendooway's STARTTLS
+    port (as alice), *@wrap.example recipients through the `smtps`
+    transport (wrapper mode) to the -s port (as bob), *@badpw.example
+    recipients to the STARTTLS port as carol with a wrong password."""
+
+    def __init__(self, cw, root: Path) -> None:
+        from .test_upstream_postfix import _system_uid
+
+        self.dir = root
+        etc = root / "etc"
+        etc.mkdir(parents=True)
+        (root / "spool").mkdir()
+        (root / "data").mkdir()
+        os.chown(root / "data", _system_uid("postfix"), -1)
+        (etc / "main.cf").write_text(_sat_main_cf(root, cw.world.ca_file, cw.front.port))
+        (etc / "master.cf").write_text(SAT_MASTER_CF)
+        (etc / "transport").write_text(f"wrap.example smtps:[localhost]:{cw.front_s.port}\n"
+                                       f"badpw.example smtp:[localhost]:{cw.front.port}\n")
+        (etc / "sasl_passwd").write_text(
+            f"[127.0.0.1]:{cw.front.port} alice:{_pw(cw, 'alice')}\n"
+            f"[localhost]:{cw.front_s.port} bob:{_pw(cw, 'bob')}\n"
+            f"[localhost]:{cw.front.port} carol:not-{_pw(cw, 'carol')}\n")
+        os.chmod(etc / "sasl_passwd", 0o600)
+        self.log_path = root / "maillog"
+
+    def postfix(self, *args: str) -> tuple[int, str]:
+        from .test_upstream_postfix import _postfix
+
+        return _postfix(self.dir, *args)
+
+    def start(self) -> None:
+        status, out = self.postfix("start")
+        if status != 0:
+            raise RuntimeError(f"postfix -c {self.dir / 'etc'} start: exit {status}: {out.strip()} "
+                               f"{self.log()[-2000:]}")
+        deadline = time.monotonic() + 10
+        while "daemon started" not in self.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.postfix("stop")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def sendmail(self, sender: str, rcpts: list[str], body: bytes) -> str:
+        """Submit with Postfix's sendmail (postdrop); returns the queue id."""
+        before = set(re.findall(r"postfix/pickup\[\d+\]: ([0-9A-F]+):", self.log()))
+        r = subprocess.run(["/usr/sbin/sendmail", "-C", str(self.dir / "etc"), "-i", "-f", sender,
+                            "--", *rcpts], input=body, env=CLEAN_ENV, capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            new = set(re.findall(r"postfix/pickup\[\d+\]: ([0-9A-F]+):", self.log())) - before
+            if new:
+                return new.pop()
+            time.sleep(0.05)
+        raise AssertionError(f"pickup never took the message: {self.log()[-2000:]}")
+
+    def wait_status(self, qid: str, rcpt: str, timeout: float = 20.0) -> str:
+        """The delivery line of `rcpt` in message `qid` (sent, bounced, deferred)."""
+        pat = re.compile(rf"{qid}: to=<{re.escape(rcpt)}>,[^\n]*status=\w+[^\n]*")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = pat.search(self.log())
+            if m:
+                return m.group(0)
+            time.sleep(0.05)
+        raise AssertionError(f"no delivery status for {qid} to {rcpt}: {self.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def sat(cw):
+    _tool("postfix")
+    users = Path("/etc/passwd").read_text()
+    if not re.search(r"^postfix:", users, re.M) or not re.search(r"^postdrop:", Path("/etc/group").read_text(), re.M):
+        pytest.skip("postfix is installed but the system user postfix or group postdrop is missing")
+    s = Satellite(cw, cw.tmp / "satellite")
+    try:
+        s.start()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"the private Postfix instance did not start: {e}")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _sat_body(tag: str) -> bytes:
+    """Headers Postfix would otherwise add itself, dot lines, 8-bit text,
+    LF line ends (as a local program writes them) and no final newline."""
+    return (f"From: sender@home.example\nTo: r@example.net\nDate: Wed, 25 Nov 2026 12:00:00 +0000\n"
+            f"Message-ID: <{tag}@satellite.test>\nSubject: {tag}\nMIME-Version: 1.0\n"
+            "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n").encode() + (
+        b"first line\n.\n..two dots\n.three\n\xc3\xa4 8-bit\n" + b"y" * 990 + b"\nlast line")
+
+
+def _crlf(body: bytes) -> bytes:
+    return body.replace(b"\n", b"\r\n") + b"\r\n"
+
+
+PICKUP_RECEIVED = re.compile(
+    rb"Received: by satellite\.test \(Postfix, from userid 0\)\r\n"
+    rb"\tid (?P<qid>[0-9A-F]+); [^\r\n]+\r\n")
+
+
+def test_postfix_satellite_starttls_plain_exact_bytes(cw, sat):
+    """relayhost over STARTTLS, SASL (Cyrus, PLAIN with an initial response),
+    three messages: each arrives byte for byte with BODY=8BITMIME and SIZE.
+    (Postfix does not reuse a SASL-authenticated connection here: one
+    session per message.)"""
+    start = len(cw.front.log())
+    bodies = [_sat_body(f"sat{n}") for n in range(3)]
+    qids = [sat.sendmail("alice@home.example", ["r@example.net", "s@example.net"], b) for b in bodies]
+    for qid in qids:
+        for rcpt in ("r@example.net", "s@example.net"):
+            line = sat.wait_status(qid, rcpt)
+            assert "status=sent" in line and f"relay=127.0.0.1[127.0.0.1]:{cw.front.port}" in line, line
+    msgs = _wait_messages(cw, 3)
+    by_qid = {}
+    for m in msgs:
+        assert (m.mail_from, m.rcpt_tos) == ("alice@home.example", ["r@example.net", "s@example.net"])
+        rest = _split(m, "alice", helo=b"satellite.test")
+        pk = PICKUP_RECEIVED.match(rest)
+        assert pk, rest[:300]
+        by_qid[pk.group("qid").decode()] = rest[pk.end():]
+        assert "BODY=8BITMIME" in m.mail_options, m.mail_options
+        assert any(o.startswith("SIZE=") for o in m.mail_options), m.mail_options
+    assert by_qid == {q: _crlf(b) for q, b in zip(qids, bodies)}
+    assert "Trusted TLS connection established to 127.0.0.1" in sat.log()
+    assert _logins(cw.front, start).count("PLAIN") >= 1
+
+
+def test_postfix_satellite_wrappermode_refusals_bounce_or_defer(cw, sat):
+    """The `smtps` transport (smtp_tls_wrappermode) to the -s port, as bob:
+    a 5xx recipient refusal from the upstream bounces in Postfix, a 4xx
+    defers (the message stays queued), the accepted recipient is
+    delivered: sendooway passes each reply on and converts none."""
+    # (transport_maps chooses by recipient domain: all three in wrap.example)
+    ok, refused, later = "ok@wrap.example", "nobody@wrap.example", "later@wrap.example"
+    cw.up.reject_rcpt.add(refused)
+    cw.up.temp_fail_rcpt.add(later)
+    try:
+        body = _sat_body("wrapped")
+        qid = sat.sendmail("bob@home.example", [ok, refused, later], body)
+        sent, bounced, deferred = (sat.wait_status(qid, r) for r in (ok, refused, later))
+    finally:
+        cw.up.reject_rcpt.discard(refused)
+        cw.up.temp_fail_rcpt.discard(later)
+    port = cw.front_s.port
+    assert f"relay=localhost[127.0.0.1]:{port}" in sent and "status=sent" in sent, sent
+    assert "status=bounced" in bounced and "said: 550 5.1.1 no such user here" in bounced, bounced
+    assert "(in reply to RCPT TO command)" in bounced
+    assert "status=deferred" in deferred and "said: 451 4.3.0 try again later" in deferred, deferred
+    msgs = [m for m in _wait_messages(cw, 1) if m.mail_from == "bob@home.example"]
+    [m] = msgs
+    assert m.rcpt_tos == [ok]
+    rest = _split(m, "bob", helo=b"satellite.test")
+    pk = PICKUP_RECEIVED.match(rest)
+    assert pk and pk.group("qid").decode() == qid and rest[pk.end():] == _crlf(body)
+    # the deferred recipient keeps the message in Postfix's queue
+    q = subprocess.run(["/usr/sbin/postqueue", "-c", str(sat.dir / "etc"), "-p"], env=CLEAN_ENV,
+                       capture_output=True, text=True, timeout=30)
+    assert qid in q.stdout and later in q.stdout, q.stdout
+    subprocess.run(["/usr/sbin/postsuper", "-c", str(sat.dir / "etc"), "-d", qid], env=CLEAN_ENV,
+                   capture_output=True, timeout=30)
+
+
+def test_postfix_satellite_wrong_password_defers_and_refused_sender_bounces(cw, sat):
+    """carol's wrong password: Postfix hears 535 and defers (its
+    smtp_sasl_auth_soft_bounce), nothing reaches the upstream, the
+    frontend logs the failed login without the password. A sender the
+    upstream refuses (550 at MAIL) bounces in Postfix."""
+    start = len(cw.front.log())
+    qid = sat.sendmail("carol@home.example", ["x@badpw.example"], _sat_body("badpw"))
+    line = sat.wait_status(qid, "x@badpw.example")
+    assert "status=deferred" in line and "SASL authentication failed" in line and "535 5.7.8" in line, line
+    assert re.search(r"user='carol' mechanism=\w+", cw.front.log()[start:]), cw.front.log()[start:]
+    subprocess.run(["/usr/sbin/postsuper", "-c", str(sat.dir / "etc"), "-d", qid], env=CLEAN_ENV,
+                   capture_output=True, timeout=30)
+    qid = sat.sendmail(REFUSED_SENDER, ["r@example.net"], _sat_body("badsender"))
+    line = sat.wait_status(qid, "r@example.net")
+    assert "status=bounced" in line and "said: 550 5.7.1 sender refused by fake upstream" in line, line
+    assert "(in reply to MAIL FROM command)" in line
+    # only Postfix's bounce (null sender, to the refused sender) went upstream
+    time.sleep(0.5)
+    assert [m.mail_from for m in cw.up.messages if m.mail_from != "<>"] == []
