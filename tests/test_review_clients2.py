@@ -144,6 +144,7 @@ relay      unix - - n - - smtp
 smtps      unix - - n - - smtp
   -o smtp_tls_wrappermode=yes
   -o smtp_tls_security_level=encrypt
+  -o smtp_sasl_mechanism_filter=login
 showq      unix n - n - - showq
 error      unix - - n - - error
 retry      unix - - n - - error
@@ -332,12 +333,14 @@ def test_postfix_satellite_starttls_plain_exact_bytes(cw, sat):
 
 
 def test_postfix_satellite_wrappermode_refusals_bounce_or_defer(cw, sat):
-    """The `smtps` transport (smtp_tls_wrappermode) to the -s port, as bob:
+    """The `smtps` transport (smtp_tls_wrappermode, SASL LOGIN: Cyrus sends
+    no initial response) to the -s port, as bob:
     a 5xx recipient refusal from the upstream bounces in Postfix, a 4xx
     defers (the message stays queued), the accepted recipient is
     delivered: sendooway passes each reply on and converts none."""
     # (transport_maps chooses by recipient domain: all three in wrap.example)
     ok, refused, later = "ok@wrap.example", "nobody@wrap.example", "later@wrap.example"
+    start = len(cw.front_s.log())
     cw.up.reject_rcpt.add(refused)
     cw.up.temp_fail_rcpt.add(later)
     try:
@@ -362,6 +365,7 @@ def test_postfix_satellite_wrappermode_refusals_bounce_or_defer(cw, sat):
     q = subprocess.run(["/usr/sbin/postqueue", "-c", str(sat.dir / "etc"), "-p"], env=CLEAN_ENV,
                        capture_output=True, text=True, timeout=30)
     assert qid in q.stdout and later in q.stdout, q.stdout
+    assert _logins(cw.front_s, start) == ["LOGIN"]
     subprocess.run(["/usr/sbin/postsuper", "-c", str(sat.dir / "etc"), "-d", qid], env=CLEAN_ENV,
                    capture_output=True, timeout=30)
 
@@ -385,3 +389,162 @@ def test_postfix_satellite_wrong_password_defers_and_refused_sender_bounces(cw, 
     # only Postfix's bounce (null sender, to the refused sender) went upstream
     time.sleep(0.5)
     assert [m.mail_from for m in cw.up.messages if m.mail_from != "<>"] == []
+
+
+# ------------------------------------------------------------------ MUAs
+
+MUA_BODY = b"first line\n.\n..two dots\n.three\nlast line without newline"
+
+
+def _snail(cw, tmp_path, url: str, extra: list[str], sender: str, rcpts: list[str],
+           subject: str) -> subprocess.CompletedProcess:
+    s_nail = _tool("s-nail")
+    env = dict(CLEAN_ENV, HOME=str(tmp_path), MAILRC="/dev/null")
+    return subprocess.run(
+        [s_nail, "-n", "-#", "-v", "-S", "v15-compat", "-S", "ttycharset=utf-8", "-S", f"mta={url}",
+         "-S", f"tls-ca-file={cw.world.ca_file}", "-S", "tls-ca-no-defaults", "-S", "tls-verify=strict",
+         "-S", "hostname=client.test", "-S", f"from={sender}", "-S", f"DEAD={tmp_path}/dead.letter",
+         *extra, "-s", subject, *rcpts],
+        input=MUA_BODY, env=env, capture_output=True, timeout=30)
+
+
+def test_s_nail_starttls_plain_and_smtps_login(cw, tmp_path):
+    """s-nail over STARTTLS (AUTH PLAIN, then its initial response on a 334
+    line) and over smtps:// (AUTH LOGIN without an initial response), three
+    recipients of which the upstream refuses none; then a wrong password
+    (535) and a sender the upstream refuses (550), which s-nail reports."""
+    start, start_s = len(cw.front.log()), len(cw.front_s.log())
+    r = _snail(cw, tmp_path, f"smtp://alice:{_pw(cw, 'alice')}@localhost:{cw.front.port}",
+               ["-S", "smtp-use-starttls", "-S", "smtp-auth=plain"], "alice@home.example",
+               ["r@example.net", "s@example.net"], "s-nail starttls")
+    assert r.returncode == 0, r.stderr
+    r = _snail(cw, tmp_path, f"smtps://bob:{_pw(cw, 'bob')}@localhost:{cw.front_s.port}",
+               ["-S", "smtp-auth=login"], "bob@home.example", ["t@example.net"], "s-nail smtps")
+    assert r.returncode == 0, r.stderr
+    msgs = _wait_messages(cw, 2)
+    for m, user, rcpts in ((msgs[0], "alice", ["r@example.net", "s@example.net"]),
+                           (msgs[1], "bob", ["t@example.net"])):
+        assert (m.mail_from, m.rcpt_tos) == (f"{user}@home.example", rcpts)
+        rest = _split(m, user)
+        head, _, text = rest.partition(b"\r\n\r\n")
+        assert b"\r\nUser-Agent: s-nail" in head
+        # s-nail writes a "." line as quoted-printable =2E and ends the last
+        # line with a soft break; the rest is the body as typed, CRLF ends
+        assert text == b"first line\r\n=2E\r\n..two dots\r\n.three\r\nlast line without newline=\r\n", text
+    assert _logins(cw.front, start) == ["PLAIN"] and _logins(cw.front_s, start_s) == ["LOGIN"]
+    cw.up.messages.clear()
+    r = _snail(cw, tmp_path, f"smtp://carol:wrong-{_pw(cw, 'carol')}@localhost:{cw.front.port}",
+               ["-S", "smtp-use-starttls", "-S", "smtp-auth=login"], "carol@home.example",
+               ["r@example.net"], "wrong password")
+    assert r.returncode != 0 and b"535 5.7.8" in r.stderr, r.stderr
+    r = _snail(cw, tmp_path, f"smtp://alice:{_pw(cw, 'alice')}@localhost:{cw.front.port}",
+               ["-S", "smtp-use-starttls"], REFUSED_SENDER, ["r@example.net"], "refused sender")
+    assert r.returncode != 0 and b"550 5.7.1 sender refused by fake upstream" in r.stderr, r.stderr
+    assert cw.up.messages == []
+
+
+def _neomutt(cw, tmp_path, url: str, user: str, auth: str, rcpts: list[str],
+             subject: str, debug: Path) -> subprocess.CompletedProcess:
+    neomutt = _tool("neomutt")
+    home = tmp_path / "nm-home"
+    home.mkdir(exist_ok=True)
+    env = dict(CLEAN_ENV, HOME=str(home), TERM="dumb")
+    return subprocess.run(
+        [neomutt, "-n", "-F", "/dev/null", "-d", "2", "-l", str(debug),
+         "-e", f"set ssl_ca_certificates_file={cw.world.ca_file}",
+         "-e", f"set smtp_url={url}", "-e", f'set smtp_pass="{_pw(cw, user)}"',
+         "-e", f'set smtp_authenticators="{auth}"', "-e", "set ssl_starttls=yes ssl_force_tls=yes",
+         "-e", f"set from={user}@home.example hostname=client.test", "-e", "set record=",
+         "-s", subject, "--", *rcpts],
+        input=MUA_BODY, env=env, capture_output=True, timeout=40)
+
+
+def test_neomutt_batch_starttls_plain_and_smtps_login(cw, tmp_path):
+    """neomutt -n batch mode: smtp:// with STARTTLS (GNU SASL's PLAIN with
+    an initial response that names the user as authorization identity too,
+    which is allowed), then smtps:// with LOGIN (no initial response)."""
+    start, start_s = len(cw.front.log()), len(cw.front_s.log())
+    r = _neomutt(cw, tmp_path, f"smtp://alice@localhost:{cw.front.port}", "alice", "plain",
+                 ["r@example.net"], "neomutt starttls", tmp_path / "nm1.log")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    r = _neomutt(cw, tmp_path, f"smtps://bob@localhost:{cw.front_s.port}", "bob", "login",
+                 ["r@example.net", "s@example.net"], "neomutt smtps", tmp_path / "nm2.log")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    msgs = _wait_messages(cw, 2)
+    for m, user in zip(msgs, ("alice", "bob")):
+        assert m.mail_from == f"{user}@home.example"
+        head, _, text = _split(m, user).partition(b"\r\n\r\n")
+        assert b"\r\nSubject: neomutt " in head
+        # neomutt adds the final newline; dot lines arrive as typed
+        assert text == b"first line\r\n.\r\n..two dots\r\n.three\r\nlast line without newline\r\n", text
+    assert msgs[1].rcpt_tos == ["r@example.net", "s@example.net"]
+    assert _logins(cw.front, start) == ["PLAIN"] and _logins(cw.front_s, start_s) == ["LOGIN"]
+
+
+PATCH = b"""\
+From 1234567890abcdef1234567890abcdef12345678 Mon Sep 17 00:00:00 2001
+From: Alice <alice@home.example>
+Date: Wed, 25 Nov 2026 12:00:00 +0000
+Subject: [PATCH %d/2] change %d
+
+.a line with a leading dot
+.
+---
+ f | 1 +
+ 1 file changed, 1 insertion(+)
+
+diff --git a/f b/f
+--- a/f
++++ b/f
+@@ -0,0 +1 @@
++\xc3\xa4
+-- 
+2.39.5
+"""
+
+
+def _send_email(cw, tmp_path, port: int, encryption: str, auth: str, rcpts: list[str],
+                patches: list[Path]) -> subprocess.CompletedProcess:
+    git = _tool("git")
+    env = dict(CLEAN_ENV, HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1",
+               GIT_AUTHOR_NAME="Alice", GIT_AUTHOR_EMAIL="alice@home.example",
+               GIT_COMMITTER_NAME="Alice", GIT_COMMITTER_EMAIL="alice@home.example")
+    probe = subprocess.run([git, "send-email", "-h"], env=env, capture_output=True, timeout=30)
+    if b"--smtp-server" not in probe.stdout + probe.stderr:
+        pytest.skip(f"git send-email does not run (scripts/setup.sh installs git-email and "
+                    f"its Perl modules): {probe.stderr[-300:]!r}")
+    return subprocess.run(
+        [git, "send-email", "--no-validate", "--confirm=never", "--suppress-cc=all", "--no-chain-reply-to",
+         "--from", "Alice <alice@home.example>", *[f"--to={r}" for r in rcpts],
+         "--smtp-server=localhost", f"--smtp-server-port={port}", f"--smtp-encryption={encryption}",
+         "--smtp-user=alice", f"--smtp-pass={_pw(cw, 'alice')}", f"--smtp-auth={auth}",
+         f"--smtp-ssl-cert-path={cw.world.ca_file}", "--smtp-domain=client.test", "--smtp-debug=1",
+         *map(str, patches)],
+        env=env, capture_output=True, timeout=60)
+
+
+def test_git_send_email_two_patches_one_session(cw, tmp_path):
+    """git send-email (Net::SMTP): two patches in one session over STARTTLS
+    with AUTH PLAIN (initial response), then over implicit TLS with AUTH
+    LOGIN (no initial response); each patch arrives byte for byte (dot
+    lines, 8-bit text, no BODY= parameter: Net::SMTP sends none)."""
+    patches = []
+    for n in (1, 2):
+        p = tmp_path / f"000{n}.patch"
+        p.write_bytes(PATCH % (n, n))
+        patches.append(p)
+    start, start_s = len(cw.front.log()), len(cw.front_s.log())
+    r = _send_email(cw, tmp_path, cw.front.port, "tls", "PLAIN", ["r@example.net"], patches)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _send_email(cw, tmp_path, cw.front_s.port, "ssl", "LOGIN", ["s@example.net"], patches[:1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    msgs = _wait_messages(cw, 3)
+    for m, n, rcpt in zip(msgs, (1, 2, 1), ("r@example.net", "r@example.net", "s@example.net")):
+        assert (m.mail_from, m.rcpt_tos) == ("alice@home.example", [rcpt])
+        head, _, text = _split(m, "alice").partition(b"\r\n\r\n")
+        assert f"\r\nSubject: [PATCH {n}/2] change {n}\r\n".encode() in head, head
+        want = (PATCH % (n, n)).split(b"\n\n", 1)[1].replace(b"\n", b"\r\n")
+        assert text == want, text
+    # one session for both patches on the STARTTLS port
+    assert cw.front.log()[start:].count(": connect") == 1, cw.front.log()[start:]
+    assert _logins(cw.front, start) == ["PLAIN"] and _logins(cw.front_s, start_s) == ["LOGIN"]
