@@ -18,13 +18,15 @@ client's bytes):
 - s-nail (`mta=smtp://` with `smtp-use-starttls`, and `smtps://`);
 - neomutt in batch mode (`smtp_url`, GnuTLS and GNU SASL);
 - `git send-email` (Perl Net::SMTP, IO::Socket::SSL, Authen::SASL), two
-  patches in one session.
+  patches in one session;
+- Exim 4 as a smarthost client (manualroute, `hosts_require_tls`/`_auth`,
+  plaintext client authenticators PLAIN and LOGIN, `protocol = smtps`),
+  run from the unpacked Debian package (exim4 and postfix conflict in apt;
+  scripts/setup.sh unpacks it into .venv/exim4).
 
 Each checks the upstream's envelope and bytes, the AUTH mechanism the
 client chose (PLAIN with and without an initial response, LOGIN without
 one), and that no log holds a traceback or a password.
-
-Exim as a smarthost client is not here: see the review's report.
 """
 
 from __future__ import annotations
@@ -548,3 +550,158 @@ def test_git_send_email_two_patches_one_session(cw, tmp_path):
     # one session for both patches on the STARTTLS port
     assert cw.front.log()[start:].count(": connect") == 1, cw.front.log()[start:]
     assert _logins(cw.front, start) == ["PLAIN"] and _logins(cw.front_s, start_s) == ["LOGIN"]
+
+
+# ------------------------------------------------------------------ Exim as a smarthost client
+
+# Debian's exim4 conflicts with postfix: scripts/setup.sh unpacks
+# exim4-daemon-light into .venv/exim4 (apt-get download, dpkg-deb -x)
+# instead of installing it; the binary runs from there with -C.
+EXIM_PRIVATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            ".venv", "exim4", "usr", "sbin", "exim4")
+
+EXIM_CONF = """\
+exim_path = {binary}
+spool_directory = {d}/spool
+log_file_path = {d}/log/%slog
+primary_hostname = eximsat.test
+keep_environment = LD_PRELOAD : NSS_WRAPPER_PASSWD : NSS_WRAPPER_GROUP
+trusted_users = root
+message_size_limit = 10M
+retry_interval_max = 1h
+
+begin routers
+wrapped:
+  driver = manualroute
+  domains = wrap.example
+  transport = smarthost_smtps
+  route_list = * localhost::{sport} byname
+  self = send
+  no_more
+smarthost:
+  driver = manualroute
+  transport = smarthost_smtp
+  route_list = * localhost::{port} byname
+  self = send
+  no_more
+
+begin transports
+smarthost_smtp:
+  driver = smtp
+  helo_data = eximsat.test
+  hosts_require_tls = *
+  hosts_require_auth = *
+  tls_verify_certificates = {ca}
+  tls_verify_hosts = *
+smarthost_smtps:
+  driver = smtp
+  protocol = smtps
+  helo_data = eximsat.test
+  hosts_require_tls = *
+  hosts_require_auth = *
+  tls_verify_certificates = {ca}
+  tls_verify_hosts = *
+
+begin retry
+* * F,1h,1h
+
+begin authenticators
+plain_client:
+  driver = plaintext
+  public_name = PLAIN
+  client_condition = ${{if eq{{$host_port}}{{{port}}}}}
+  client_send = ^alice^{alice_pw}
+login_client:
+  driver = plaintext
+  public_name = LOGIN
+  client_condition = ${{if eq{{$host_port}}{{{sport}}}}}
+  client_send = : bob : {bob_pw}
+"""
+
+
+@pytest.fixture(scope="module")
+def exim(cw):
+    binary = shutil.which("exim4", path=SBIN_PATH) or (EXIM_PRIVATE if os.path.exists(EXIM_PRIVATE) else None)
+    if binary is None:
+        pytest.skip("no exim4 binary (scripts/setup.sh unpacks exim4-daemon-light into .venv/exim4)")
+    from .fakeworld import _find_lib
+
+    d = cw.tmp / "exim"
+    (d / "spool").mkdir(parents=True)
+    (d / "log").mkdir()
+    # Exim's delivery processes run as its compiled-in user Debian-exim, which
+    # exists only when the package is installed: nss_wrapper maps it to nobody
+    passwd = Path("/etc/passwd").read_text()
+    group = Path("/etc/group").read_text()
+    if not re.search(r"^Debian-exim:", passwd, re.M):
+        passwd += "Debian-exim:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
+    if not re.search(r"^Debian-exim:", group, re.M):
+        group += "Debian-exim:x:65534:\n"
+    (d / "passwd").write_text(passwd)
+    (d / "group").write_text(group)
+    os.chown(d / "spool", 65534, 65534)
+    os.chown(d / "log", 65534, 65534)
+    conf = d / "exim.conf"
+    conf.write_text(EXIM_CONF.format(binary=binary, d=d, port=cw.front.port, sport=cw.front_s.port, ca=cw.world.ca_file,
+                                     alice_pw=_pw(cw, "alice"), bob_pw=_pw(cw, "bob")))
+    # root's and readable: Exim's deliveries run as Debian-exim (nobody here)
+    # and read it again (the test world's passwords only, in a temp dir)
+    os.chmod(conf, 0o644)
+    env = dict(CLEAN_ENV, LD_PRELOAD=_find_lib("libnss_wrapper.so"),
+               NSS_WRAPPER_PASSWD=str(d / "passwd"), NSS_WRAPPER_GROUP=str(d / "group"))
+    r = subprocess.run([binary, "-C", str(conf), "-bV"], env=env, capture_output=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"exim4 -bV fails here: {r.stdout[-300:]!r} {r.stderr[-300:]!r}")
+    ns = type("Exim", (), {})()
+    ns.binary, ns.conf, ns.env, ns.dir = binary, conf, env, d
+
+    def run(*args, body: bytes = b""):
+        return subprocess.run([binary, "-C", str(conf), *args], env=env, input=body,
+                              capture_output=True, timeout=60)
+
+    def log() -> str:
+        p = d / "log" / "mainlog"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    ns.run, ns.log = run, log
+    yield ns
+
+
+def test_exim_smarthost_starttls_plain_and_smtps_login(cw, exim):
+    """Exim (-odi: delivers at once) to its smarthost: STARTTLS, certificate
+    verified, AUTH PLAIN with an initial response, SIZE passed on; a
+    second route over implicit TLS with LOGIN.
+    Byte-exact body; the upstream's 550 to one recipient becomes Exim's
+    bounce ("**"), its 451 a deferral ("==", still queued)."""
+    start, start_s = len(cw.front.log()), len(cw.front_s.log())
+    body = (b"From: alice@home.example\nTo: r@example.net\nDate: Wed, 25 Nov 2026 12:00:00 +0000\n"
+            b"Message-ID: <exim1@eximsat.test>\nSubject: exim\n\n"
+            b"first\n.\n..two\n.three\n" + b"z" * 990 + b"\nlast without newline")
+    r = exim.run("-odi", "-oi", "-f", "alice@home.example", "r@example.net", REFUSED_RCPT, LATER_RCPT,
+                 body=body)
+    assert r.returncode == 0, (r.stdout, r.stderr, exim.log()[-2000:])
+    body2 = body.replace(b"exim1@", b"exim2@")
+    r = exim.run("-odi", "-oi", "-f", "bob@home.example", "w@wrap.example", body=body2)
+    assert r.returncode == 0, (r.stdout, r.stderr, exim.log()[-2000:])
+    log = exim.log()
+    assert re.search(r"=> r@example\.net R=smarthost T=smarthost_smtp H=localhost \[127\.0\.0\.1\] "
+                     r"X=TLS[^\n]* CV=yes A=plain_client C=\"250 2\.0\.0 queued as FAKE\d+\"", log), log
+    assert re.search(rf"\*\* {REFUSED_RCPT} R=smarthost T=smarthost_smtp[^\n]*"
+                     r"550 5\.1\.1 no such user here", log), log
+    assert re.search(rf"== {LATER_RCPT} R=smarthost T=smarthost_smtp defer[^\n]*451 4\.3\.0 try again later",
+                     log), log
+    assert re.search(r"=> w@wrap\.example R=wrapped T=smarthost_smtps [^\n]*CV=yes A=login_client", log), log
+    q = exim.run("-bp")
+    assert LATER_RCPT in q.stdout.decode(), q.stdout
+    msgs = [m for m in _wait_messages(cw, 2) if m.mail_from != "<>"]
+    assert [(m.mail_from, m.rcpt_tos) for m in msgs] == [("alice@home.example", ["r@example.net"]),
+                                                         ("bob@home.example", ["w@wrap.example"])]
+    for m, user, b in ((msgs[0], "alice", body), (msgs[1], "bob", body2)):
+        assert any(o.startswith("SIZE=") for o in m.mail_options), m.mail_options
+        rest = _split(m, user, helo=b"eximsat.test")
+        exim_received = re.match(rb"Received: from root by eximsat\.test with local \(Exim 4\.\d+\)\r\n"
+                                 rb"\t\(envelope-from <[^>]+>\)\r\n(?:\t[^\r\n]*\r\n)+", rest)
+        assert exim_received, rest[:400]
+        assert rest[exim_received.end():] == _crlf(b), rest[exim_received.end():][:400]
+    # (Exim's bounce to alice went through the same route: a second PLAIN login)
+    assert set(_logins(cw.front, start)) == {"PLAIN"} and _logins(cw.front_s, start_s) == ["LOGIN"]
