@@ -705,3 +705,23 @@ def test_exim_smarthost_starttls_plain_and_smtps_login(cw, exim):
         assert rest[exim_received.end():] == _crlf(b), rest[exim_received.end():][:400]
     # (Exim's bounce to alice went through the same route: a second PLAIN login)
     assert set(_logins(cw.front, start)) == {"PLAIN"} and _logins(cw.front_s, start_s) == ["LOGIN"]
+
+
+def test_exim_queue_run_sends_several_messages_down_one_connection(cw, exim):
+    """Three messages queued (-odq), then a forced queue run: Exim passes its
+    open connection on from message to message (continued delivery), so
+    sendooway relays them all in one session."""
+    start = len(cw.front.log())
+    bodies = [b"Subject: queued %d\nMessage-ID: <q%d@eximsat.test>\n\nbody %d\n..\n" % (n, n, n) for n in range(3)]
+    for b in bodies:
+        r = exim.run("-odq", "-oi", "-f", "alice@home.example", "q@example.net", body=b)
+        assert r.returncode == 0, r.stderr
+    r = exim.run("-qqff")  # two-stage run: routing first, then one connection per host
+    assert r.returncode == 0, r.stderr
+    msgs = [m for m in _wait_messages(cw, 3) if m.rcpt_tos == ["q@example.net"]]
+    assert len(msgs) == 3
+    got = sorted(_split(m, "alice", helo=b"eximsat.test") for m in msgs)
+    for rest, b in zip(got, bodies):
+        assert rest.endswith(b"\r\n\r\n" + _crlf(b.split(b"\n\n", 1)[1][:-1])), rest
+    log = cw.front.log()[start:]
+    assert log.count(": connect") == 1, log
