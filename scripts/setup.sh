@@ -8,12 +8,20 @@ cd "$(dirname "$0")/.."
 # sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests;
 # fetchmail and getmail6: the oracles of tests/test_review_parsers_oracle.py,
 # which run fetchmail -f FILE --check against a POP3 server of their own;
-# Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so)
+# Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so;
+# s-nail, neomutt, git-email and the Perl modules git send-email needs for
+# AUTH and TLS (Authen::SASL, IO::Socket::SSL; Mail::Address from
+# libmailtools-perl, without which it does not start), and Cyrus SASL's
+# PLAIN/LOGIN client plugins for Postfix as a null client: the real clients
+# of tests/test_review_clients2.py)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
       fail2ban systemd haproxy postfix logrotate libpam0g-dev slapd
-      man-db python3-setuptools curl git fetchmail getmail6)
+      man-db python3-setuptools curl git fetchmail getmail6
+      s-nail neomutt git-email libauthen-sasl-perl libio-socket-ssl-perl libmailtools-perl
+      libsasl2-modules
+      libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -94,6 +102,22 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
+fi
+# Exim as a smarthost client (tests/test_review_clients2.py). exim4 and
+# postfix conflict in apt, so Exim is never installed: its daemon package is
+# only unpacked into .venv/exim4 (the libraries it links are in DEBS above)
+# and run from there with -C. Without the setuid bit: the test runs it as
+# root, its deliveries run as nobody.
+exim_private=.venv/exim4/usr/sbin/exim4
+if ! command -v exim4 >/dev/null 2>&1 && [ ! -x "$exim_private" ]; then
+    dl=$(mktemp -d)
+    if (cd "$dl" && apt-get download -qq exim4-daemon-light >/dev/null 2>&1) \
+            && dpkg-deb -x "$dl"/exim4-daemon-light_*.deb .venv/exim4; then
+        chmod u-s,g-s "$exim_private"
+    else
+        echo "setup: could not fetch exim4-daemon-light (the Exim test will skip)" >&2
+    fi
+    rm -rf "$dl"
 fi
 # A checkout below a 0700 directory (/root) is fine for the demo: the
 # frontend imports all its code before it drops to nobody. Some tests start
