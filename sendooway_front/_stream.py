@@ -660,7 +660,11 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
         this_try = timeout
         if i < len(unique) - 1 and (timeout is None or timeout > CONNECT_TRY):
             this_try = CONNECT_TRY
-        sock = socket.socket(family, type_, proto)
+        try:
+            sock = socket.socket(family, type_, proto)
+        except OSError as e:  # out of descriptors or memory here: no other address does better
+            raise ConnectError(e.errno or errno.EMFILE, "cannot open a socket:"
+                               f" {os.strerror(e.errno) if e.errno else e}") from None
         sock.setblocking(False)
         set_nodelay(sock)
         shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
