@@ -21,7 +21,7 @@ from dataclasses import replace
 from sendooway_shared.config import (
     AuthBackend, Config, ConfigError, config_warnings, parse_config, read_text,
 )
-from sendooway_shared.log import Tally, quiet_accept_errors
+from sendooway_shared.log import Tally, log_failure, quiet_accept_errors
 
 from ._connection import SILENT, Connection
 from ._logfmt import text
@@ -343,7 +343,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
             writer.close()
             raise
         except Exception:  # noqa: BLE001 - a bug must not take the others down
-            log.exception("internal error on one connection (closed it)")
+            log_failure(log, "internal error on one connection (closed it)")
             writer.close()
         finally:
             tasks.discard(task)

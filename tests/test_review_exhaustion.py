@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import smtplib
+import socket
 import subprocess
 import uuid
 
@@ -236,3 +237,103 @@ def test_no_descriptor_for_the_upstream_is_a_451_without_a_traceback(world, upst
         assert "Traceback" not in log and "relay failed" not in log, log[-3000:]
         assert "cannot open a socket: Too many open files" in log, log[-3000:]
         assert len(up.messages) == 1
+
+
+# ------------------------------------------------------------ memory
+
+
+def _vm_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmSize")).split()[1]) * 1024
+
+
+def _set_as(pid: int, soft: int | str) -> None:
+    """The running frontend's soft RLIMIT_AS, set as its own user (its
+    hard limit stays unlimited, so it can be given back)."""
+    subprocess.run(["prlimit", "--pid", str(pid), f"--as={soft}:unlimited"], check=True,
+                   user=NOBODY, group=NOBODY, extra_groups=[])
+
+
+def _answer(s: socket.socket, timeout: float = 10.0) -> bytes:
+    """All the peer says until it closes (or resets)."""
+    s.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def _first_line(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    data = b""
+    with contextlib.suppress(OSError):
+        while b"\n" not in data and (chunk := s.recv(4096)):
+            data += chunk
+    return data
+
+
+def test_out_of_memory_mid_message_ends_that_session_with_421_and_one_line(
+        world, upstream_factory):
+    """DEFECT: a MemoryError in `sendooway -b` (RLIMIT_AS or RLIMIT_DATA
+    reached while a client sends a message) ended the session with a
+    silent close — the client never heard why — and wrote tracebacks, one
+    from asyncio ("Fatal error: protocol.data_received() call failed") and
+    one "internal error, closing the session", for every session that met
+    the shortage; a session starting meanwhile (its hello to the
+    authenticator failing) was closed before its greeting. Correct (and
+    so it was: the process goes on, the upstream never gets the final
+    dot): the client gets 421 4.3.0 when it can be written (a new session
+    is greeted or refused with a word, never closed in silence), the log
+    one line per session saying it was memory, and once memory is back the
+    next message is delivered."""
+    up = upstream_factory(tls="plain", require_tls=False, accounts={"u": "p"},
+                          data_size_limit=0)
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "addReceivedField = no\nsmarthostMapping ="
+                              f" direct:*@example.org 127.0.0.1 {up.port} u p\n")
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log"))
+        fe.argv = ["prlimit", "--as=unlimited:unlimited", "--", *fe.argv]
+        fe.start()
+        try:
+            pid = fe.proc.pid
+            s = socket.create_connection((fe.host, fe.port), timeout=10)
+            s.sendall(b"EHLO client.test\r\nAUTH PLAIN "
+                      + login_plain("alice", world.users["alice"].password).encode()
+                      + b"\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<rcpt@example.net>\r\n"
+                      b"DATA\r\n")
+            said = b""
+            while b"354 " not in said:
+                said += s.recv(4096)
+            _set_as(pid, _vm_size(pid))  # not one more page
+            try:
+                line = b"x" * 998 + b"\r\n"
+                with contextlib.suppress(OSError):
+                    for _ in range(400):
+                        s.sendall(line * 10)
+                answer = _answer(s)
+                _set_as(pid, _vm_size(pid))  # (what that session held may be free again)
+                greetings = []
+                for _ in range(3):  # sessions starting meanwhile
+                    with socket.create_connection((fe.host, fe.port), timeout=10) as other:
+                        greetings.append(_first_line(other))
+            finally:
+                _set_as(pid, "unlimited")
+            s.close()
+            assert fe.proc.poll() is None, fe.log()[-3000:]
+            assert b"250" not in answer, answer
+            refusal = b"421 4.3.0 Service not available, closing connection\r\n"
+            assert answer in (b"", refusal), answer  # (b"": asyncio's read failed, it closed)
+            # greeted, or refused with a word; never closed in silence
+            assert all(g.startswith(b"220 ") or g == refusal for g in greetings), greetings
+            c = _smtp_login(fe, world, "alice")
+            assert _send(c, "alice@example.org")[0] == 250
+            c.quit()
+        finally:
+            fe.stop()
+            daemon.stop()
+        log = fe.log()
+        assert "Traceback" not in log, log[-3000:]
+        assert "out of memory" in log and "no final dot sent" in log, log[-3000:]
+        assert len(up.messages) == 1 and b"Subject: x" in up.messages[0].data
