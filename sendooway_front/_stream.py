@@ -642,14 +642,20 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     except ValueError as e:
         raise ConnectError(errno.EINVAL, f"{host}: not a valid host name ({e})") from None
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), timeout)
+        try:  # an address needs no lookup, and no thread of the loop's executor
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), timeout)
     except (TimeoutError, asyncio.TimeoutError):
         raise ConnectError(errno.ETIMEDOUT, f"{host}: name lookup timed out") from None
     except socket.gaierror as e:
         raise ConnectError(errno.EHOSTUNREACH, f"{host}: {e.strerror or e}") from None
     except (UnicodeError, ValueError) as e:  # what Python's own codec still refuses
         raise ConnectError(errno.EINVAL, f"{host}: not a valid host name ({e})") from None
+    except RuntimeError as e:  # the executor could start no thread (RLIMIT_NPROC of frontendUser)
+        raise ConnectError(errno.EAGAIN, f"{host}: cannot look the name up now ({e})") from None
     tried: list[str] = []
     unique = []
     for family, type_, proto, _canon, addr in infos:

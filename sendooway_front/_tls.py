@@ -406,7 +406,12 @@ async def client_context_for(ca_file: str = "", verify: bool = True,
 
             _loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ca-load")
         loop = asyncio.get_running_loop()
-        loading = _loads[key] = loop.run_in_executor(_loader, _parse_file, ca_file, verify, data)
+        try:
+            loading = _loads[key] = loop.run_in_executor(_loader, _parse_file, ca_file, verify,
+                                                         data)
+        except RuntimeError as exc:  # no thread could start (RLIMIT_NPROC): tried next time
+            raise TLSConfigError(f"{ca_file}: cannot load CA certificates now ({exc})",
+                                 "sslCA") from None
         loading.add_done_callback(lambda f: _loaded(key, data, f))
     return await asyncio.shield(loading)
 

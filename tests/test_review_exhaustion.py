@@ -15,6 +15,7 @@ import os
 import smtplib
 import socket
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -184,10 +185,22 @@ def test_the_first_login_needs_no_new_process(tmp_path, tmp_config, world):
 # ------------------------------------------------------------ descriptors
 
 
-def _set_nofile(pid: int, soft: int | str, hard: int | str) -> None:
-    """prlimit(2) on the running frontend, as its own user (nobody)."""
-    subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={soft}:{hard}"], check=True,
+def _prlimit(pid: int, limit: str) -> None:
+    """prlimit(2) on the running frontend, as its own user (nobody: root
+    may lack CAP_SYS_RESOURCE here), once it has dropped to it."""
+    deadline = time.monotonic() + 10
+    while True:
+        with open(f"/proc/{pid}/status") as f:
+            if next(line for line in f if line.startswith("Uid:")).split()[1:] == [str(NOBODY)] * 4:
+                break
+        assert time.monotonic() < deadline, "the frontend never dropped to nobody"
+        time.sleep(0.02)
+    subprocess.run(["prlimit", "--pid", str(pid), limit], check=True,
                    user=NOBODY, group=NOBODY, extra_groups=[])
+
+
+def _set_nofile(pid: int, soft: int | str, hard: int | str) -> None:
+    _prlimit(pid, f"--nofile={soft}:{hard}")
 
 
 def _full(pid: int) -> int:
@@ -248,10 +261,9 @@ def _vm_size(pid: int) -> int:
 
 
 def _set_as(pid: int, soft: int | str) -> None:
-    """The running frontend's soft RLIMIT_AS, set as its own user (its
-    hard limit stays unlimited, so it can be given back)."""
-    subprocess.run(["prlimit", "--pid", str(pid), f"--as={soft}:unlimited"], check=True,
-                   user=NOBODY, group=NOBODY, extra_groups=[])
+    """The running frontend's soft RLIMIT_AS (its hard limit stays
+    unlimited, so it can be given back)."""
+    _prlimit(pid, f"--as={soft}:unlimited")
 
 
 def _answer(s: socket.socket, timeout: float = 10.0) -> bytes:
@@ -337,3 +349,62 @@ def test_out_of_memory_mid_message_ends_that_session_with_421_and_one_line(
         assert "Traceback" not in log, log[-3000:]
         assert "out of memory" in log and "no final dot sent" in log, log[-3000:]
         assert len(up.messages) == 1 and b"Subject: x" in up.messages[0].data
+
+
+# ------------------------------------------------------------ threads
+
+
+def test_no_thread_to_spare_is_a_plain_temporary_failure(world, clean_homes, upstream_factory):
+    """DEFECT: the frontend runs as nobody, whose RLIMIT_NPROC counts every
+    process and thread of every daemon that runs as nobody. With none to
+    spare, asyncio's getaddrinfo (a thread of the loop's executor, started
+    at its first use) and the loader of a CA file the frontend opens
+    itself (a route's sslCA too big to travel with the route) raised
+    RuntimeError("can't start new thread"): every MAIL got 451 with
+    "relay failed" and a traceback in the log, even for an upstream named
+    by its address, which needs no lookup at all. Correct: an address is
+    taken as it is (no thread); a name that cannot be looked up now is a
+    plain temporary failure (451, "cannot look the name up now"), a CA
+    file that cannot be loaded now a 454, both logged in one line, and
+    tried again with the next MAIL, which works once threads are back."""
+    up = upstream_factory(tls="starttls", accounts={"u": "p"})
+    with open_tmp() as tmp:
+        bundle = tmp / "bundle.pem"  # more than a route carries (8 KiB): the frontend opens it
+        with open(world.ca_file) as f:
+            bundle.write_text(f.read() * 16)
+        os.chmod(bundle, 0o644)
+        world.write_user_file("bob", ".sendoowayrc", f"sslCA = {bundle}\nsmarthostMapping ="
+                              f" direct:bob@example.org 127.0.0.1 {up.port} u p tls\n")
+        config = front_config(tmp, world, f"sslCA = {world.ca_file}\naddReceivedField = no\n"
+                              "userInclude = %h/.sendoowayrc\nsmarthostMapping ="
+                              f" direct:*@example.org 127.0.0.1 {up.port} u p tls\n"
+                              f"smarthostMapping = direct:*@example.com localhost {up.port} u p tls\n")
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        try:
+            pid = fe.proc.pid
+            with open(f"/proc/{pid}/limits") as f:
+                hard = next(line for line in f if line.startswith("Max processes")).split()[3]
+            _prlimit(pid, f"--nproc=1:{hard}")
+            try:
+                alice = _smtp_login(fe, world, "alice")
+                assert _send(alice, "alice@example.org")[0] == 250  # by address: no thread
+                code, text = _send(alice, "alice@example.com")  # by name
+                assert code == 451, (code, text)
+                bob = _smtp_login(fe, world, "bob")
+                code, text = _send(bob, "bob@example.org")
+                assert code == 454, (code, text)
+            finally:
+                _prlimit(pid, f"--nproc={hard}:{hard}")
+            assert _send(alice, "alice@example.com")[0] == 250
+            assert _send(bob, "bob@example.org")[0] == 250
+            for c in (alice, bob):
+                c.quit()
+        finally:
+            fe.stop()
+            daemon.stop()
+        log = fe.log()
+        assert "Traceback" not in log and "relay failed" not in log, log[-3000:]
+        assert "localhost: cannot look the name up now (can't start new thread)" in log, log[-3000:]
+        assert f"{bundle}: cannot load CA certificates now" in log, log[-3000:]
+        assert len(up.messages) == 3
