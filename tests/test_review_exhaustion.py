@@ -23,7 +23,7 @@ import pytest
 from sendooway_shared.protocol import AuthOk, RouteOk
 
 from .auth_helpers import Daemon, fork_server, login, route, workers
-from .front_util import NOBODY, Frontend, front_config, login_plain, open_tmp
+from .front_util import FRONT, NOBODY, Frontend, front_config, login_plain, open_tmp
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real limits and users need root")
 
@@ -250,6 +250,44 @@ def test_no_descriptor_for_the_upstream_is_a_451_without_a_traceback(world, upst
         assert "Traceback" not in log and "relay failed" not in log, log[-3000:]
         assert "cannot open a socket: Too many open files" in log, log[-3000:]
         assert len(up.messages) == 1
+
+
+def test_an_inetd_session_at_any_descriptor_limit_gets_an_answer(world):
+    """DEFECT: `sendooway` under inetd/xinetd (one session on the accepted
+    socket, started as root: its own authenticator on a socketpair) with a
+    low descriptor limit (xinetd's `rlimit_files`): at some limits the
+    socketpair (`_authlink.spawn_pair`, outside its error handling) or,
+    after the privilege drop, the stream on stdin/stdout (`serve_stdio`,
+    os.dup) raised EMFILE: a traceback on stderr, nothing in the log, and
+    the client's connection closed without a word. Correct, at every
+    limit: the client hears a greeting or `421`, and the reason is in the
+    log, without a traceback."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "")  # no daemon at its authSocket: a socketpair
+        script = (f"EHLO client.test\r\nAUTH PLAIN {login_plain('alice', world.users['alice'].password)}"
+                  "\r\nQUIT\r\n").encode()
+        runs = {}
+        for limit in range(5, 17):  # side by side
+            ours, theirs = socket.socketpair()
+            runs[limit] = ours, subprocess.Popen(
+                ["prlimit", f"--nofile={limit}:{limit}", "--", FRONT, "-c", config,
+                 "-l", str(tmp / f"{limit}.log")], stdin=theirs, stdout=theirs,
+                stderr=subprocess.PIPE)
+            theirs.close()
+            with contextlib.suppress(OSError):
+                ours.sendall(script)
+        for limit, (ours, proc) in runs.items():
+            with ours:
+                said = _answer(ours, 20)
+            _out, err = proc.communicate(timeout=20)
+            log = tmp / f"{limit}.log"
+            text = log.read_text() if log.exists() else ""
+            err = "\n".join(line for line in err.decode().splitlines()
+                            if not line.startswith("PWRAP_ERROR"))  # (pam_wrapper's own dlopen)
+            assert said.startswith((b"220 ", b"421 ")), (limit, said, err, text)
+            assert "Traceback" not in err + text, (limit, err, text)
+            if said.startswith(b"421 "):
+                assert "Too many open files" in text, (limit, said, err, text)
 
 
 # ------------------------------------------------------------ memory
