@@ -23,7 +23,9 @@ import pytest
 from sendooway_shared.protocol import AuthOk, RouteOk
 
 from .auth_helpers import Daemon, fork_server, login, route, workers
-from .front_util import FRONT, NOBODY, Frontend, front_config, login_plain, open_tmp
+from .front_util import (
+    FRONT, NOBODY, Frontend, front_config, login_plain, open_tmp, stdio_session,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real limits and users need root")
 
@@ -288,6 +290,54 @@ def test_an_inetd_session_at_any_descriptor_limit_gets_an_answer(world):
             assert "Traceback" not in err + text, (limit, err, text)
             if said.startswith(b"421 "):
                 assert "Too many open files" in text, (limit, said, err, text)
+
+
+# ------------------------------------------------------------ disk
+
+
+@contextlib.contextmanager
+def _full_tmpfs(path):
+    """A 64 KiB tmpfs at `path` (made 0755), then filled up: a new file can
+    still be made, no byte can be written. Unmounted afterwards."""
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(path)],
+                   check=True)
+    try:
+        fd = os.open(os.path.join(path, ".filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_full_run_directory_leaves_no_half_written_backoff_files(world):
+    """DEFECT: the backoff store that the one-session authenticators of a
+    root-started inetd frontend share (`penalty/` next to authSocket, in
+    /run, a tmpfs that journald or a runaway program may fill) writes each
+    count to a temporary file `KEY.PID` and renames it; when the write
+    failed (ENOSPC) the temporary file stayed: one more empty file per
+    failed login and per process, which the store counts as keys until
+    it thinks itself full. Correct: a count that cannot be written only
+    weakens the backoff (as documented) and leaves nothing behind; the
+    sessions themselves go on (a right password logs in, a wrong one gets
+    535)."""
+    with open_tmp() as tmp, _full_tmpfs(tmp / "run") as run:
+        config = front_config(tmp, world, "")  # authSocket in run/: nothing listens there
+        replies = []
+        for password in ("wrong-Pw-1", "wrong-Pw-2", world.users["alice"].password):
+            script = (f"EHLO client.test\r\nAUTH PLAIN {login_plain('alice', password)}\r\n"
+                      "QUIT\r\n").encode()
+            out, err, rc = stdio_session([FRONT, "-c", config, "-l", str(tmp / "front.log")],
+                                         script)
+            replies.append([line[:3] for line in out.split(b"\r\n") if line[3:4] == b" "])
+        left = [name for name in os.listdir(run / "penalty") if "." in name]
+        assert replies == [[b"220", b"250", b"535", b"221"]] * 2 + [
+            [b"220", b"250", b"235", b"221"]], replies
+        assert left == [], left
+        assert "Traceback" not in (tmp / "front.log").read_text()
 
 
 # ------------------------------------------------------------ memory
