@@ -254,6 +254,48 @@ def test_no_descriptor_for_the_upstream_is_a_451_without_a_traceback(world, upst
         assert len(up.messages) == 1
 
 
+def test_the_system_ca_store_read_without_a_descriptor_is_not_kept(world, upstream_factory):
+    """DEFECT: a route verified against the system's CA store (no sslCA)
+    loads it into a client context that is kept for 5 minutes. OpenSSL's
+    set_default_verify_paths() says nothing when it cannot open the store
+    (EMFILE): the context was kept empty, and for 5 minutes every such
+    upstream's certificate was refused ("unable to get local issuer
+    certificate", 454) though descriptors were free again a moment later
+    (on systems whose CA directory has no hash links, e.g. Fedora's, or
+    with SSL_CERT_FILE naming the store, as here). Correct: a store that
+    could not be read is not kept: that MAIL gets 454 with the reason,
+    the next one reads it again and is delivered."""
+    up = upstream_factory(tls="starttls", accounts={"u": "p"})
+    with open_tmp() as tmp:
+        store = tmp / "system-ca.pem"  # the host's store, as SSL_CERT_FILE names it
+        with open(world.ca_file) as f:
+            store.write_text(f.read())
+        os.chmod(store, 0o644)
+        config = front_config(tmp, world, "addReceivedField = no\nsmarthostMapping ="
+                              f" direct:*@example.org 127.0.0.1 {up.port} u p tls\n")
+        daemon = Daemon(tmp, config).start()
+        fe = Frontend(config, os.path.join(str(tmp), "front.log"),
+                      env=dict(os.environ, SSL_CERT_FILE=str(store))).start()
+        try:
+            pid = fe.proc.pid
+            hard = _hard_nofile(pid)
+            c = _smtp_login(fe, world, "alice")
+            _set_nofile(pid, _full(pid) + 1, hard)  # one: the upstream's socket
+            code, text = c.docmd("MAIL FROM:<alice@example.org>")
+            _set_nofile(pid, hard, hard)
+            assert code == 454, (code, text)
+            assert c.docmd("RSET")[0] == 250
+            assert _send(c, "alice@example.org")[0] == 250, fe.log()[-2000:]
+            c.quit()
+        finally:
+            fe.stop()
+            daemon.stop()
+        log = fe.log()
+        assert "Traceback" not in log, log[-3000:]
+        assert "cannot read the system's CA certificates" in log, log[-3000:]
+        assert len(up.messages) == 1
+
+
 def test_an_inetd_session_at_any_descriptor_limit_gets_an_answer(world):
     """DEFECT: `sendooway` under inetd/xinetd (one session on the accepted
     socket, started as root: its own authenticator on a socketpair) with a
