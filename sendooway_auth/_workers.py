@@ -269,7 +269,8 @@ class WorkerPool:
         try:
             sock = self.forks.spawn(user)
         except OSError as exc:
-            return f"reader fork server not reachable ({exc.strerror or exc})"
+            # (no socketpair for it: out of descriptors; or the fork server is gone)
+            return f"cannot ask the reader fork server for a worker ({exc.strerror or exc})"
         worker = Worker(user, sock, now, self.generation)
         worker.timer = loop.call_later(self.idle, self._expire, worker)
         self._workers[user] = worker
