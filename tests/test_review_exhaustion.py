@@ -77,9 +77,10 @@ def _pids_cgroup(pids):
         with open(os.path.join(group, "pids.max"), "w") as f:
             f.write(str(more))
 
+    limit.procs = os.path.join(group, "cgroup.procs")
     try:
         for pid in pids:
-            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            with open(limit.procs, "w") as f:
                 f.write(str(pid))
         yield limit
     finally:
@@ -182,6 +183,25 @@ def test_the_first_login_needs_no_new_process(tmp_path, tmp_config, world):
         d.stop()
     log = d.log()
     assert "Traceback" not in log and "internal error" not in log, log[-2000:]
+
+
+def test_an_authenticator_that_cannot_fork_at_start_says_so(tmp_path, tmp_config):
+    """DEFECT: `sendooway-auth` started where no process may be added (the
+    unit's TasksMax= reached, a pids cgroup full) could not fork its reader
+    fork server and died with a traceback (BlockingIOError out of
+    ForkServer.start) on stderr, which systemd puts in the journal, and
+    nothing in its log. Correct: "cannot start: Resource temporarily
+    unavailable" in the log and on stderr, exit status 1 (a failure, for
+    Restart=on-failure)."""
+    d = Daemon(tmp_path, tmp_config(""))
+    with _pids_cgroup([]) as limit:
+        limit(1)  # the process itself, nothing more
+        res = subprocess.run(["sh", "-c", 'echo $$ > "$0" && exec "$@"', limit.procs, *d.args],
+                             capture_output=True, text=True, timeout=30, env=d.env)
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "cannot start: Resource temporarily unavailable" in res.stderr, res.stderr
+    assert "cannot start: Resource temporarily unavailable" in d.log(), d.log()
 
 
 # ------------------------------------------------------------ descriptors
