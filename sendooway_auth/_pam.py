@@ -139,6 +139,19 @@ class _Pam:
             return cls._ready
 
 
+def load_libpam() -> str:
+    """Load libpam now, at start-up: python-pam finds it with
+    ctypes.util.find_library, which runs `ldconfig -p` in a child process.
+    Left to the first login, that login needed a process and descriptors
+    to spare at that moment, and failed with a traceback without them (an
+    exhaustion review). Returns why it cannot be loaded, or ""."""
+    try:
+        _Pam.get()
+    except (OSError, AttributeError) as exc:  # (AttributeError: no pam_start where it looked)
+        return str(exc) or type(exc).__name__
+    return ""
+
+
 def pam_login(service: str, user: str, password: str, rhost: str = "") -> PamLogin:
     """One login through PAM: authenticate and the account check. Blocking.
     Raises ValueError for a NUL in a name or the password."""

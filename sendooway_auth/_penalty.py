@@ -233,6 +233,23 @@ class KeyLocks:
             os.close(fd)
 
 
+def _write_replace(path: str, text: str) -> None:
+    """`path` holds `text` afterwards, or (OSError) is as it was: written to
+    PATH.PID and renamed, and that file removed again when the write failed
+    (a full /run: ENOSPC), not left to pile up per process."""
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _private_directory(directory: str) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.lstat(directory)
@@ -294,10 +311,7 @@ class SharedPenalty(Penalty):
             # accounts); made-up names and addresses may fill the store
             if not account and not os.path.exists(path) and self._full(last):
                 return
-            tmp = f"{path}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(f"{count} {last + self._offset():.3f}\n")
-            os.replace(tmp, path)
+            _write_replace(path, f"{count} {last + self._offset():.3f}\n")
         except OSError:
             pass  # a delay store that cannot be written only weakens the delay
 
@@ -323,12 +337,8 @@ class SharedPenalty(Penalty):
         return seconds if 0.0 <= seconds < 3600.0 else None
 
     def _store_pam_refusal(self, seconds: float) -> None:
-        path = os.path.join(self.directory, self._PAM_FILE)
         try:
-            tmp = f"{path}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(f"{seconds:.3f}\n")
-            os.replace(tmp, path)
+            _write_replace(os.path.join(self.directory, self._PAM_FILE), f"{seconds:.3f}\n")
         except OSError:
             pass  # (only weakens the padding)
 

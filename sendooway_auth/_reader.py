@@ -23,7 +23,8 @@ in order, so every SPAWN sent after a CONFIG gets the new config.
 
 Worker protocol (daemon → worker on a SOCK_STREAM socketpair): first the
 fork server writes the worker's pid (4 bytes, big-endian) with a pidfd of
-it (SCM_RIGHTS) on the daemon's end; then per lookup the daemon writes
+it (SCM_RIGHTS) on the daemon's end, or when fork() failed a pid of 0 and
+the errno (4 bytes each); then per lookup the daemon writes
 REQUEST, the worker answers ACK at once (it took the request: from then on a
 death is the lookup's failure, not a stale worker) and then a 4-byte length
 and the answer.
@@ -32,6 +33,7 @@ and the answer.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import os
 import resource
@@ -459,22 +461,30 @@ def _serve(cfg: Config, sock: socket.socket) -> None:
             conn.close()
             continue
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        word, pidfd = b"", []
         try:
-            pid = os.fork()
-            if pid == 0:
-                sock.close()
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-                _worker(cfg, user, conn.fileno())
             try:
-                pidfd = [os.pidfd_open(pid)]
-            except OSError:  # Linux < 5.3: the daemon has only the pid
-                pidfd = []
+                pid = os.fork()
+            except OSError as exc:
+                # out of processes (a pids cgroup: TasksMax=) or memory: this
+                # worker is not made, the daemon is told why; we go on
+                word = LENGTH.pack(0) + LENGTH.pack(exc.errno or errno.EAGAIN)
+            else:
+                if pid == 0:
+                    sock.close()
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                    _worker(cfg, user, conn.fileno())
+                word = LENGTH.pack(pid)
+                try:
+                    pidfd = [os.pidfd_open(pid)]
+                except OSError:  # Linux < 5.3: the daemon has only the pid
+                    pidfd = []
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         try:
-            socket.send_fds(conn, [LENGTH.pack(pid)], pidfd)
+            socket.send_fds(conn, [word], pidfd)
         except OSError:
             pass  # the daemon gave up on it already; the worker sees EOF
         finally:

@@ -21,11 +21,11 @@ from dataclasses import replace
 from sendooway_shared.config import (
     AuthBackend, Config, ConfigError, config_warnings, parse_config, read_text,
 )
-from sendooway_shared.log import Tally, quiet_accept_errors
+from sendooway_shared.log import Tally, log_failure, quiet_accept_errors
 
 from ._connection import SILENT, Connection
 from ._logfmt import text
-from ._pam import PamPool
+from ._pam import PamPool, load_libpam
 from ._penalty import Penalty, SharedPenalty
 from ._reader import ForkServer
 from ._service import AuthService
@@ -77,6 +77,12 @@ def check_backend(cfg: Config) -> None:
     refusal = cfg.backend_refusal(os.geteuid())
     if refusal:
         raise StartupError(refusal)
+
+
+def load_backend(cfg: Config) -> None:
+    """Load what the backend needs before any login asks for it (libpam)."""
+    if cfg.authBackend is AuthBackend.PAM and (why := load_libpam()):
+        raise StartupError(f"cannot load the PAM library libpam: {why}")
 
 
 def frontend_uid(cfg: Config) -> int | None:
@@ -200,6 +206,7 @@ class Runtime:
         _harden()
         self.cfg = cfg
         self.forks = ForkServer(cfg).start()
+        load_backend(cfg)  # (after the fork server: it needs no libpam)
         self.readers = WorkerPool(self.forks)
         self.pam = PamPool(cfg.pamService, threads)  # NSS lookups need it with any backend
         self.penalty = Penalty(base=failure_delay)
@@ -235,6 +242,7 @@ class Runtime:
             source = read_text(path)
             new = parse_config(source, path)
             check_backend(new)
+            load_backend(new)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed, old config kept: %s", text(str(exc)))
             return False
@@ -335,7 +343,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
             writer.close()
             raise
         except Exception:  # noqa: BLE001 - a bug must not take the others down
-            log.exception("internal error on one connection (closed it)")
+            log_failure(log, "internal error on one connection (closed it)")
             writer.close()
         finally:
             tasks.discard(task)

@@ -55,6 +55,7 @@ class Worker:
         self.pidfd = -1
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
+        self.not_started = ""  # why the fork server could not fork it
 
     async def ask(self, timeout: float, sender: str | None = None) -> tuple[Outcome, bytes | str]:
         """One lookup (of the account for `sender` only, when given):
@@ -68,7 +69,7 @@ class Worker:
         try:
             async with asyncio.timeout(timeout):
                 if not self.pid and not await self._started(loop):
-                    return Outcome.GONE, "reader worker died before it started"
+                    return Outcome.GONE, self.not_started or "reader worker died before it started"
                 try:
                     await loop.sock_sendall(self.sock, request)
                     ack = await loop.sock_recv(self.sock, 1)
@@ -100,12 +101,17 @@ class Worker:
                 continue
 
     def _take_pid(self) -> bool:
-        data, fds, _flags, _addr = socket.recv_fds(self.sock, LENGTH.size, 1)
+        # the pid, or 0 and the errno of a fork() that failed (nothing else
+        # comes before the worker's ACK, which comes only after a request)
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, 2 * LENGTH.size, 1)
         if fds:
             self.pidfd = fds[0]
-        if len(data) != LENGTH.size:
+        if len(data) < LENGTH.size:
             return False
-        (self.pid,) = LENGTH.unpack(data)
+        (self.pid,) = LENGTH.unpack(data[:LENGTH.size])
+        if self.pid == 0 and len(data) == 2 * LENGTH.size:
+            (code,) = LENGTH.unpack(data[LENGTH.size:])
+            self.not_started = f"cannot fork a reader worker ({os.strerror(code)})"
         return self.pid > 0
 
     def kill(self) -> None:
@@ -263,7 +269,8 @@ class WorkerPool:
         try:
             sock = self.forks.spawn(user)
         except OSError as exc:
-            return f"reader fork server not reachable ({exc.strerror or exc})"
+            # (no socketpair for it: out of descriptors; or the fork server is gone)
+            return f"cannot ask the reader fork server for a worker ({exc.strerror or exc})"
         worker = Worker(user, sock, now, self.generation)
         worker.timer = loop.call_later(self.idle, self._expire, worker)
         self._workers[user] = worker

@@ -10,6 +10,8 @@ from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, load_config_or_exit
 from sendooway_shared.log import setup_logging
 
+EXIT_FAILURE = 1  # the host could not give the start what it needs (processes, descriptors)
+
 DEFAULT_FAILURE_DELAY = 1.0
 DEFAULT_THREADS = 8
 
@@ -91,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         print(f"sendooway-auth: {exc}", file=sys.stderr)
         code = EXIT_CONFIG
+    except (OSError, RuntimeError) as exc:
+        # out of processes, threads or descriptors while starting (the fork
+        # server, the PAM threads): a line saying so, not a traceback
+        why = getattr(exc, "strerror", None) or str(exc)
+        log.error("cannot start: %s", why)
+        print(f"sendooway-auth: cannot start: {why}", file=sys.stderr)
+        code = EXIT_FAILURE
     return code
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sendooway_shared.config import Config, Ext8BitMime, MailerEncryption, default_localname
-from sendooway_shared.log import field as log_field, printable
+from sendooway_shared.log import field as log_field, log_failure, printable
 
 from . import _catalogue as R
 from ._authlink import AuthLink, AuthLinkError
@@ -180,13 +180,28 @@ class SessionRunner:
         except asyncio.CancelledError:
             await self._cut()
             raise
-        except Exception:
-            log.exception("%s client=%s: internal error, closing the session", self.sid,
-                          self.client or "-")
+        except Exception as exc:
+            log_failure(log, "%s client=%s: internal error, closing the session", self.sid,
+                        self.client or "-")
             if self.relay is not None and self.session.state.value == "data":
-                await self._quietly(self.relay.data_abort("internal error"))
+                await self._quietly(self.relay.data_abort(
+                    "out of memory" if isinstance(exc, MemoryError) else "internal error"))
+            self._give_up()
         finally:
             await self._finish()
+
+    def _give_up(self) -> None:
+        """The session cannot go on (a bug, no memory): the client hears
+        421 (RFC 5321 3.8), not a silent close that leaves it guessing."""
+        s = self.session
+        try:
+            if not s.closed:
+                if s.started:
+                    s.shutdown(R.SERVICE_UNAVAILABLE)
+                else:
+                    s.refuse(R.SERVICE_UNAVAILABLE)
+        except Exception:  # noqa: BLE001 - the session's own state is what broke
+            pass
 
     async def _cut(self) -> None:
         """The session's task is cancelled (the shutdown grace is over, or
@@ -374,7 +389,7 @@ class SessionRunner:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("%s: relay failed during DATA", self.sid)
+                    log_failure(log, "%s: relay failed during DATA", self.sid)
                     s.fail_message(R.RELAY_FAILED, "relay failed during DATA")
             elif isinstance(ev, DataFinished):
                 self.awaiting_final_reply = True  # a stop waits for this (see serve_listening)
@@ -501,14 +516,14 @@ class SessionRunner:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s: relay failed", self.sid)
+            log_failure(log, "%s: relay failed", self.sid)
             return R.RELAY_FAILED
 
     async def _quietly(self, aw) -> None:
         try:
             await aw
         except Exception:
-            log.exception("%s: relay cleanup failed", self.sid)
+            log_failure(log, "%s: relay cleanup failed", self.sid)
 
     async def _finish(self) -> None:
         if self.frontend.per_address is not None:

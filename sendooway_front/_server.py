@@ -38,6 +38,7 @@ log = logging.getLogger("sendooway")
 PRELOAD = (
     "encodings.idna", "encodings.ascii", "encodings.latin_1", "stringprep", "unicodedata",
     "asyncio.unix_events", "asyncio.selector_events", "asyncio.sslproto", "selectors",
+    "concurrent.futures.thread",  # the loop's executor (getaddrinfo): asyncio imports it late
     "logging.handlers", "base64", "binascii", "hmac", "hashlib", "ipaddress", "email.utils",
     "ssl", "ctypes", "OpenSSL.SSL", "OpenSSL.crypto", "OpenSSL._util",
     "cryptography.x509", "cryptography.hazmat.bindings.openssl.binding",

@@ -208,6 +208,11 @@ class Session:
         return self.state is State.CLOSED
 
     @property
+    def started(self) -> bool:
+        """Greeted or refused: the client has been (or is being) answered."""
+        return self._started
+
+    @property
     def has_buffered_input(self) -> bool:
         return bool(self._buf)
 

@@ -642,14 +642,20 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
     except ValueError as e:
         raise ConnectError(errno.EINVAL, f"{host}: not a valid host name ({e})") from None
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), timeout)
+        try:  # an address needs no lookup, and no thread of the loop's executor
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), timeout)
     except (TimeoutError, asyncio.TimeoutError):
         raise ConnectError(errno.ETIMEDOUT, f"{host}: name lookup timed out") from None
     except socket.gaierror as e:
         raise ConnectError(errno.EHOSTUNREACH, f"{host}: {e.strerror or e}") from None
     except (UnicodeError, ValueError) as e:  # what Python's own codec still refuses
         raise ConnectError(errno.EINVAL, f"{host}: not a valid host name ({e})") from None
+    except RuntimeError as e:  # the executor could start no thread (RLIMIT_NPROC of frontendUser)
+        raise ConnectError(errno.EAGAIN, f"{host}: cannot look the name up now ({e})") from None
     tried: list[str] = []
     unique = []
     for family, type_, proto, _canon, addr in infos:
@@ -660,7 +666,11 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
         this_try = timeout
         if i < len(unique) - 1 and (timeout is None or timeout > CONNECT_TRY):
             this_try = CONNECT_TRY
-        sock = socket.socket(family, type_, proto)
+        try:
+            sock = socket.socket(family, type_, proto)
+        except OSError as e:  # out of descriptors or memory here: no other address does better
+            raise ConnectError(e.errno or errno.EMFILE, "cannot open a socket:"
+                               f" {os.strerror(e.errno) if e.errno else e}") from None
         sock.setblocking(False)
         set_nodelay(sock)
         shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"

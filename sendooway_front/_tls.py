@@ -27,6 +27,7 @@ import collections
 import hashlib
 import ipaddress
 import os
+import ssl
 import stat
 import time
 
@@ -287,9 +288,25 @@ def client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> 
         _load_pem(ctx, ca_pem.encode("latin-1", "replace"), ca_file or "sslCA")
     else:
         ctx.set_default_verify_paths()
+        if verify and not _system_store_loaded(ctx):
+            raise TLSConfigError("cannot read the system's CA certificates"
+                                 f" ({ssl.get_default_verify_paths().cafile}) now", "sslCA")
     ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
     ctx.set_app_data(_ClientSettings(verify, ca_identity(ca_file, ca_pem)))
     return ctx
+
+
+def _system_store_loaded(ctx: SSL.Context) -> bool:
+    """False when the system's CA file exists but nothing came of it:
+    set_default_verify_paths() says nothing of a file it could not open
+    (out of descriptors), and a context kept for SYSTEM_STORE_TTL would
+    then refuse every upstream's certificate that long."""
+    if _lib is None or not hasattr(_lib, "X509_STORE_get0_objects"):
+        return True  # (cannot tell: as before)
+    if not ssl.get_default_verify_paths().cafile:  # (None: no such file; a directory only)
+        return True
+    objects = _lib.X509_STORE_get0_objects(ctx.get_cert_store()._store)
+    return _lib.sk_X509_OBJECT_num(objects) > 0
 
 
 def _pem_text(data: bytes) -> str:
@@ -406,7 +423,12 @@ async def client_context_for(ca_file: str = "", verify: bool = True,
 
             _loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ca-load")
         loop = asyncio.get_running_loop()
-        loading = _loads[key] = loop.run_in_executor(_loader, _parse_file, ca_file, verify, data)
+        try:
+            loading = _loads[key] = loop.run_in_executor(_loader, _parse_file, ca_file, verify,
+                                                         data)
+        except RuntimeError as exc:  # no thread could start (RLIMIT_NPROC): tried next time
+            raise TLSConfigError(f"{ca_file}: cannot load CA certificates now ({exc})",
+                                 "sslCA") from None
         loading.add_done_callback(lambda f: _loaded(key, data, f))
     return await asyncio.shield(loading)
 

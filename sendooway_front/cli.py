@@ -268,6 +268,17 @@ def _root_only_socket(path: str, user: str, reason: str, private: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     _not_dumpable_at_once()
     startup = _Startup()
+    try:
+        return _main(argv, startup)
+    except OSError as exc:
+        # out of descriptors or processes where no step looked for it (an
+        # xinetd service with a low rlimit_files): the client hears 421 and
+        # the log why, never a traceback on a stderr no one reads
+        log = logging.getLogger("sendooway") if logging.getLogger().handlers else None
+        return startup.fail(log, exc.strerror or str(exc), EXIT_FAILURE)
+
+
+def _main(argv: list[str] | None, startup: _Startup) -> int:
     if startup.stderr_is_client or startup.stderr_is_listener:
         # xinetd made the client's connection our stderr too: whatever Python
         # or a library might print there (a warning, a note that the log

@@ -152,13 +152,25 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
     return logging.getLogger(program)
 
 
+def log_failure(log: logging.Logger, message: str, *args) -> None:
+    """log.exception(message, *args) in an `except` block: the traceback a
+    bug needs; but a MemoryError is a shortage (RLIMIT_AS, RLIMIT_DATA),
+    not a bug: one line saying so, without the dozens of lines a traceback
+    takes for each session it ends."""
+    if isinstance(sys.exc_info()[1], MemoryError):
+        log.error(message + ": out of memory", *args)
+    else:
+        log.exception(message, *args)
+
+
 ACCEPT_LOG_EVERY = 10.0  # seconds between two lines about failing accept()s
 
 
 def quiet_accept_errors(loop, log: logging.Logger) -> None:
     """Make the event loop's report of a failing accept() (out of file
     descriptors or memory) one line every ACCEPT_LOG_EVERY seconds with a
-    count, without a traceback. asyncio (3.11) logs an ERROR with a
+    count, without a traceback (and any MemoryError it reports one line,
+    without a traceback either). asyncio (3.11) logs an ERROR with a
     traceback for each of `backlog` tries in one pass, every second, for as
     long as the shortage lasts: thousands of lines a second into the log.
     Anything else goes to the handler there was."""
@@ -167,6 +179,11 @@ def quiet_accept_errors(loop, log: logging.Logger) -> None:
 
     def handler(loop, context) -> None:
         message = str(context.get("message", ""))
+        if isinstance(context.get("exception"), MemoryError):
+            # (a transport that could not take the data it read: asyncio
+            # closes it; its session ends with its own line)
+            log.error("%s: out of memory", message)
+            return
         if not message.startswith("socket.accept() out of system resource"):
             if previous is not None:
                 previous(loop, context)

@@ -237,6 +237,11 @@ def test_authenticator_connection_cap_ignores_its_descriptor_limit(tmp_path, tmp
         d.stop()
 
 
+def _status(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return f.read()
+
+
 def test_accept_out_of_descriptors_floods_the_log(world):
     """DEFECT: when accept() fails for lack of resources (EMFILE, ENFILE —
     the host's file table full —, ENOBUFS, ENOMEM under memory pressure),
@@ -274,6 +279,10 @@ def test_accept_out_of_descriptors_floods_the_log(world):
         as_nobody = dict(user=65534, group=65534, extra_groups=[])  # prlimit(2) on its own uid
         try:
             pid = fe.proc.pid
+            deadline = time.monotonic() + 10  # prlimit as nobody: once it has dropped to nobody
+            while "Uid:\t65534\t" not in _status(pid):
+                assert time.monotonic() < deadline, "the frontend never dropped to nobody"
+                time.sleep(0.02)
             with open(f"/proc/{pid}/limits") as f:
                 hard = next(line for line in f if line.startswith("Max open files")).split()[4]
             held = len(os.listdir(f"/proc/{pid}/fd"))
