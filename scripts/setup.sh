@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 
 # (man-db: lexgrog for the man page test; python3-setuptools and git: the
 # sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests;
+# dovecot-core and dovecot-submissiond: a real Dovecot submission service as
+# the upstream of tests/test_review_upstreams3.py, which runs its own
+# instance (dovecot -c CONF -F); the system's dovecot is stopped below;
+# libgnutls-dane0, libidn12, libdb5.3 and libnsl2: the libraries of Exim,
+# unpacked below, not installed; util-linux: its unshare;
 # fetchmail and getmail6: the oracles of tests/test_review_parsers_oracle.py,
 # which run fetchmail -f FILE --check against a POP3 server of their own;
 # Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so)
@@ -13,7 +18,8 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
       fail2ban systemd haproxy postfix logrotate libpam0g-dev slapd
-      man-db python3-setuptools curl git fetchmail getmail6)
+      man-db python3-setuptools curl git fetchmail getmail6
+      dovecot-core dovecot-submissiond libgnutls-dane0 libidn12 libdb5.3 libnsl2 util-linux)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -69,11 +75,11 @@ fi
 if [ "$slapd_new" = yes ] && pidof slapd >/dev/null 2>&1 && [ -x /etc/init.d/slapd ]; then
     /etc/init.d/slapd stop >/dev/null 2>&1 || true
 fi
-# xinetd, fail2ban, haproxy and slapd are only used by the tests (each runs its
+# xinetd, fail2ban, haproxy, slapd and dovecot are only used by the tests (each runs its
 # own instance), never left running; those installed just now are also not
 # started again at the next boot. A slapd that was there before is the
 # admin's directory: left alone.
-for svc in xinetd fail2ban haproxy slapd; do
+for svc in xinetd fail2ban haproxy slapd dovecot; do
     [ "$svc" = slapd ] && [ "$slapd_new" != yes ] && continue
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
@@ -94,6 +100,31 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
+fi
+# Exim is the other real upstream of tests/test_review_upstreams3.py. Its
+# Debian package conflicts with Postfix in apt (both are the
+# mail-transport-agent), so it is not installed: exim4-daemon-light's .deb is
+# unpacked under .venv/mta/exim4 (nothing is registered with dpkg, nothing
+# starts) and the test runs that binary with a private config.
+exim_dir=.venv/mta/exim4
+if [ ! -x "$exim_dir/usr/sbin/exim4" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: not unpacking exim4 (needs root for apt-get): its tests will skip" >&2
+    else
+        debs=$(mktemp -d)
+        chmod 755 "$debs"  # apt-get download fetches as _apt where it can
+        if (cd "$debs" && apt-get download -qq exim4-daemon-light >/dev/null 2>&1) \
+                || { apt-get update -qq && (cd "$debs" && apt-get download -qq exim4-daemon-light >/dev/null); }; then
+            mkdir -p "$exim_dir"
+            dpkg-deb -x "$debs"/exim4-daemon-light_*.deb "$exim_dir"
+            # no set-uid root binary left lying in a work tree: the test runs it as root
+            chmod u-s "$exim_dir/usr/sbin/exim4"
+            echo "setup: unpacked exim4-daemon-light under $exim_dir (not installed)"
+        else
+            echo "setup: could not download exim4-daemon-light: its tests will skip" >&2
+        fi
+        rm -rf "$debs"
+    fi
 fi
 # A checkout below a 0700 directory (/root) is fine for the demo: the
 # frontend imports all its code before it drops to nobody. Some tests start
