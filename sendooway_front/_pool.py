@@ -24,6 +24,10 @@ MAX_IDLE = 32          # idle connections in all
 MAX_IDLE_PER_KEY = 4   # idle connections for one identity
 PROBE_TIMEOUT = 5.0    # seconds an RSET probe may take before the connection is given up
 KEPT_IDLE = 10.0       # seconds a session's own connection may idle before its next MAIL probes it
+# Messages one upstream connection carries before it is QUIT: Exim delivers
+# only the first smtp_accept_queue_per_connection (default 10) messages of a
+# connection at once and merely queues the rest until its next queue run.
+MAX_MESSAGES = 10
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,9 @@ class UpstreamPool:
         return reply.code == 250
 
     async def release(self, key: PoolKey, client: UpstreamClient) -> None:
-        """Keep `client` (out of any transaction) for `ttl` seconds, or QUIT it."""
-        if not self.enabled:
+        """Keep `client` (out of any transaction) for `ttl` seconds, or QUIT it
+        (also once it carried MAX_MESSAGES)."""
+        if not self.enabled or client.messages >= MAX_MESSAGES:
             await client.quit()
             return
         entries = self._idle.setdefault(key, [])

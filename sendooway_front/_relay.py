@@ -270,7 +270,8 @@ class Relay:
             self.log.info("%s: upstream %s spoke between two messages; connection dropped",
                           info.session_id, self._client.address)
             self._drop()
-        if self._client is not None and self._key != key:
+        if self._client is not None and (self._key != key or self._client.messages >= _pool.MAX_MESSAGES):
+            # another route; or enough messages on this connection (the pool QUITs it)
             await self._release()
         elif self._client is not None and self._needs_rset():
             if not self._waiting_for_message() and self._client.supports("PIPELINING"):
@@ -638,6 +639,7 @@ class Relay:
         self._broken = None
         if reply.code == 250:
             self.messages += 1
+            self._client.messages += 1
         self._log_message(str(reply))
         return reply
 

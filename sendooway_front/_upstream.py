@@ -162,6 +162,7 @@ class UpstreamClient:
     extensions: dict[str, str] = field(default_factory=dict)
     auth_mechanism: str = ""   # "" = no AUTH done
     tls_problems: list[str] = field(default_factory=list)
+    messages: int = 0          # messages the upstream accepted over this connection
 
     @property
     def address(self) -> str:

@@ -18,18 +18,23 @@ for one upstream account (UP_USER / UP_PASS):
   scripts/setup.sh unpacks the .deb under .venv/mta/exim4 and nothing is
   installed): `exim4 -C CONF -bdf` inside a private mount namespace whose
   /etc/passwd names the compiled-in user Debian-exim (as nobody); its ACLs
-  refuse REFUSED/REFUSED_SENDER (multi-line for MULTI), its third port has
-  smtp_receive_timeout = IDLE_TIMEOUT; it queues and delivers to the
-  sink at once.
+  refuse REFUSED/REFUSED_SENDER (multi-line for MULTI), the DATA of
+  NODATA_SENDER (predata) and a "Subject: REJECT-ME" message at the dot
+  (two lines); its third port has smtp_receive_timeout = IDLE_TIMEOUT, its
+  fourth offers neither PIPELINING nor CRAM-MD5 (Exim enforces command
+  synchronisation). It queues and delivers to the sink at once — for the
+  first 10 messages of a connection (its default
+  smtp_accept_queue_per_connection), which found the one defect here.
 - OpenSMTPD is not here: its queue (/var/spool/smtpd), control socket and
   chroot are fixed at build time and it needs system users of its own, so
   a private instance beside the installed Postfix is more than a test
   should set up.
 
 Every server is the route's upstream through `sendooway -b` and a real
-`sendooway-auth`, via three frontends: smarthostCache = 0 with the default
-AUTH tristates (CRAM-MD5 chosen), smarthostCache = 30 with CRAM-MD5 never
-(PLAIN chosen), and smarthostCache = 0 with only LOGIN left. What arrives
+`sendooway-auth`, via five frontends (FRONTS): smarthostCache = 0 with the
+default AUTH tristates (CRAM-MD5 chosen), smarthostCache = 30 with CRAM-MD5
+never (PLAIN chosen), only LOGIN left, CRAM-MD5 alwaysTry, and no
+mechanism at all. What arrives
 at the sink is the server's own Received: (and nothing else of its own),
 then ours, then the client's bytes exactly.
 
@@ -83,6 +88,7 @@ REFUSED = "refused@example.net"
 LATER = "later@example.net"
 MULTI = "multi@example.net"
 REFUSED_SENDER = "refused-sender"  # local part; any of our domains
+NODATA_SENDER = "nodata"  # Exim refuses the DATA of its messages
 
 # Ours (addReceivedField = yes): the client's EHLO, our localname, the user.
 OUR_RECEIVED = re.compile(
@@ -276,7 +282,8 @@ spool_directory = @d@/spool
 log_file_path = @d@/log/%slog
 pid_file_path = @d@/exim.pid
 local_interfaces = 127.0.0.1
-daemon_smtp_ports = @port@ : @tls_port@ : @idle_port@
+daemon_smtp_ports = @port@ : @tls_port@ : @idle_port@ : @bare_port@
+pipelining_advertise_hosts = ${if eq{$received_port}{@bare_port@}{}{*}}
 tls_on_connect_ports = @tls_port@
 tls_certificate = @d@/cert.pem
 tls_privatekey = @d@/key.pem
@@ -288,6 +295,8 @@ host_lookup =
 rfc1413_hosts =
 acl_smtp_mail = acl_check_mail
 acl_smtp_rcpt = acl_check_rcpt
+acl_smtp_predata = acl_check_predata
+acl_smtp_data = acl_check_data
 
 begin acl
 acl_check_mail:
@@ -304,6 +313,16 @@ acl_check_rcpt:
        message = 4.2.0 <$local_part@$domain>: try again later
   deny recipients = @multi@
        message = 5.7.1 <$local_part@$domain>: refused, first line\n5.7.1 second line\n5.7.1 third line
+  accept
+
+acl_check_predata:
+  deny senders = ^@nodata_sender@@
+       message = 5.7.1 no message from <$sender_address> today
+  accept
+
+acl_check_data:
+  deny condition = ${if match{$h_Subject:}{REJECT-ME}}
+       message = 5.7.1 content refused by exim\n5.7.1 see the policy
   accept
 
 begin routers
@@ -335,6 +354,7 @@ login:
 cram:
   driver = cram_md5
   public_name = CRAM-MD5
+  server_advertise_condition = ${if eq{$received_port}{@bare_port@}{no}{yes}}
   server_secret = ${if eq{$auth1}{@user@}{@password@}fail}
   server_set_id = $auth1
 """
@@ -348,6 +368,7 @@ class EximInstance:
     def __init__(self, world, root: Path, sink_port: int) -> None:
         self.dir = root
         self.port, self.tls_port, self.idle_port = free_port(), free_port(), free_port()
+        self.bare_port = free_port()
         root.mkdir()
         for sub in ("spool", "log"):
             (root / sub).mkdir()
@@ -355,7 +376,8 @@ class EximInstance:
         self.conf = root / "exim.conf"
         conf = EXIM_CONF.lstrip()
         for key, value in dict(exim=EXIM, d=root, port=self.port, tls_port=self.tls_port,
-                               idle_port=self.idle_port, idle=IDLE_TIMEOUT, size=SIZE_LIMIT,
+                               idle_port=self.idle_port, bare_port=self.bare_port, idle=IDLE_TIMEOUT,
+                               size=SIZE_LIMIT, nodata_sender=NODATA_SENDER,
                                refused_sender=REFUSED_SENDER, refused=REFUSED, later=LATER, multi=MULTI,
                                sink_port=sink_port, user=UP_USER, password=UP_PASS).items():
             conf = conf.replace(f"@{key}@", str(value))
@@ -376,7 +398,7 @@ class EximInstance:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         try:
-            for port in (self.port, self.tls_port, self.idle_port):
+            for port in (self.port, self.tls_port, self.idle_port, self.bare_port):
                 wait_port("127.0.0.1", port, self.proc, timeout=15)
         except RuntimeError:
             out = self.proc.communicate(timeout=5)[0].decode(errors="replace") if self.proc.poll() is not None else ""
@@ -418,13 +440,20 @@ FRONTS = {
     "off": ("smarthostCache = 0\n", "CRAM-MD5"),
     "on": ("smarthostCache = 30\nsmarthostCramMD5 = never\n", "PLAIN"),
     "login": ("smarthostCache = 0\nsmarthostCramMD5 = never\nsmarthostPlain = never\n", "LOGIN"),
+    # CRAM-MD5 tried where it is not offered (Exim's bare port): on to PLAIN
+    "always": ("smarthostCache = 0\nsmarthostCramMD5 = alwaysTry\n", "CRAM-MD5"),
+    # no mechanism allowed: no AUTH at all, the upstream decides
+    "none": ("smarthostCache = 0\nsmarthostCramMD5 = never\nsmarthostPlain = never\nsmarthostLogin = never\n",
+             None),
 }
 
 
-def _routes(name: str, port: int, tls_port: int, idle_port: int | None = None) -> str:
+def _routes(name: str, port: int, tls_port: int, idle_port: int | None = None, bare_port: int | None = None) -> str:
     lines = [f"smarthostMapping = direct:*@{name}.example localhost {port} {UP_USER} {UP_PASS} tls\n",
              f"smarthostMapping = direct:*@{name}s.example localhost {tls_port} {UP_USER} {UP_PASS} ssl\n",
              f"smarthostMapping = direct:*@{name}bad.example localhost {port} {UP_USER} {WRONG_PASS} tls\n"]
+    if bare_port:
+        lines.append(f"smarthostMapping = direct:*@{name}bare.example localhost {bare_port} {UP_USER} {UP_PASS} tls\n")
     if idle_port:
         lines.append(f"smarthostMapping = direct:*@{name}idle.example localhost {idle_port} {UP_USER} {UP_PASS} tls\n")
     return "".join(lines)
@@ -464,7 +493,7 @@ def rig(world):
             if r.dovecot:
                 routes += _routes("dove", r.dovecot.port, r.dovecot.tls_port)
             if r.exim:
-                routes += _routes("exim", r.exim.port, r.exim.tls_port, r.exim.idle_port)
+                routes += _routes("exim", r.exim.port, r.exim.tls_port, r.exim.idle_port, r.exim.bare_port)
             base = f"sslCA = {world.ca_file}\naddReceivedField = yes\n" + routes
             r.config = front_config(tmp, world, base)
             r.daemon = Daemon(tmp, r.config).start()
@@ -557,7 +586,7 @@ def _mechanisms(up) -> list[str]:
     if up.name == "dovecot":
         return re.findall(r"submission-login: Info: Login: user=<\w+>, method=([\w-]+)", up.inst.log())
     names = {"plain": "PLAIN", "login": "LOGIN", "cram": "CRAM-MD5"}
-    return [names[a] for a in re.findall(r" A=(\w+):" + UP_USER, up.inst.log())]
+    return [names[a] for a in re.findall(r" <= .* A=(\w+):" + UP_USER, up.inst.log())]
 
 
 def _wait_for(pred, timeout: float = 10.0, what: str = "") -> None:
@@ -570,7 +599,7 @@ def _wait_for(pred, timeout: float = 10.0, what: str = "") -> None:
 # ------------------------------------------------------------------ tests
 
 
-@pytest.mark.parametrize("front", list(FRONTS))
+@pytest.mark.parametrize("front", ["off", "on", "login", "always"])
 def test_two_recipients_exact_bytes_and_the_mechanism(up, front):
     """End to end through each frontend: the message arrives byte-exact
     behind the server's Received: and ours, both recipients, and the
@@ -781,6 +810,202 @@ def test_dovecot_dying_on_a_multiline_relay_reply(dovecot_up, front):
     [m] = _wait_messages(rig, 1)
     _check(m, sender, ["m2@example.net"], b"Subject: m\r\n\r\nx\r\n", "dave")
     assert "assertion failed: (text[0] == '-')" in up.inst.log()
+
+
+def test_exim_without_pipelining_and_cram_md5_one_command_at_a_time(exim_up):
+    """Exim's fourth port offers neither PIPELINING nor CRAM-MD5, and Exim
+    enforces synchronisation (a command sent before the last reply is a
+    "synchronization error" and the end of the connection). A pipelining
+    client's group goes upstream one command at a time, every reply in its
+    place; with CRAM-MD5 = alwaysTry it is tried, refused, and PLAIN used;
+    through the cache the kept connection is probed without pipelining."""
+    up = exim_up
+    rig = up.rig
+    sender = f"dave@{up.domain}bare.example"
+    before = len(_mechanisms(up))
+    for n, front in enumerate(("always", "on", "on")):
+        with rig.fronts[front].smtp() as s:
+            _login(rig, s)
+            s.send(f"MAIL FROM:<{sender}>\r\nRCPT TO:<g{n}@example.net>\r\nRCPT TO:<{REFUSED}>\r\n"
+                   f"RCPT TO:<h{n}@example.net>\r\nDATA\r\n")
+            got = [s.getreply() for _ in range(5)]
+            assert [c for c, _ in got] == [250, 250, 550, 250, 354], got
+            s.send(b"Subject: bare %d\r\n\r\n..x\r\n.\r\n" % n)
+            assert s.getreply()[0] == 250
+    msgs = sorted(_wait_messages(rig, 3), key=lambda m: m.rcpt_tos)
+    for n, m in enumerate(msgs):
+        _check(m, sender, [f"g{n}@example.net", f"h{n}@example.net"], b"Subject: bare %d\r\n\r\n.x\r\n" % n, "dave")
+    _wait_for(lambda: len(_mechanisms(up)) >= before + 3, what=up.inst.log()[-2000:])
+    assert _mechanisms(up)[before:] == ["PLAIN"] * 3, up.inst.log()[-2000:]
+    assert "synchronization error" not in up.inst.log()
+    assert "CRAM-MD5: " not in rig.fronts["always"].log()  # an alwaysTry refusal is no failure worth a line
+
+
+def test_no_mechanism_allowed_the_upstream_decides(up):
+    """All three tristates `never`: no AUTH is sent and the upstream's
+    refusal reaches the client as its own 5xx; nothing is delivered."""
+    rig = up.rig
+    sender = f"dave@{up.domain}.example"
+    with rig.fronts["none"].smtp() as s:
+        _login(rig, s)
+        code, text = s.mail(sender)
+        if code == 250:  # Exim refuses at RCPT (its ACL), Dovecot at MAIL
+            code, text = s.rcpt("r@example.net")
+        assert code // 100 == 5, (code, text)
+        assert s.rset()[0] == 250
+    _nothing_more(rig, 0, settle=0.3)
+    assert "without AUTH" in rig.fronts["none"].log() or "no AUTH" in rig.fronts["none"].log(), \
+        rig.fronts["none"].log()[-1500:]
+
+
+@pytest.mark.parametrize("front", ["off", "on"])
+def test_exim_refuses_data_in_a_pipelined_group(exim_up, front):
+    """MAIL, RCPT, DATA in one write and Exim's predata ACL refuses the
+    DATA after accepting the recipient: its 550 reaches the client, no 354
+    ever, no message text goes anywhere; the next group goes through."""
+    up = exim_up
+    rig = up.rig
+    bad = f"{NODATA_SENDER}@{up.domain}.example"
+    with rig.fronts[front].smtp() as s:
+        _login(rig, s)
+        s.send(f"MAIL FROM:<{bad}>\r\nRCPT TO:<d@example.net>\r\nDATA\r\n")
+        got = [s.getreply() for _ in range(3)]
+        assert [c for c, _ in got[:2]] == [250, 250], got
+        assert got[2] == (550, f"5.7.1 no message from <{bad}> today".encode()), got
+        assert s.noop()[0] == 250  # in step: no message text was expected
+        assert s.rset()[0] == 250
+        ok = b"Subject: after predata\r\n\r\nbody\r\n"
+        assert s.sendmail(f"dave@{up.domain}.example", ["d2@example.net"], ok) == {}
+    [m] = _wait_messages(rig, 1)
+    _check(m, f"dave@{up.domain}.example", ["d2@example.net"], ok, "dave")
+    _nothing_more(rig, 1, settle=0.3)
+
+
+@pytest.mark.parametrize("front", ["off", "on"])
+def test_exim_refuses_content_at_the_dot_with_two_lines(exim_up, front):
+    up = exim_up
+    rig = up.rig
+    sender = f"dave@{up.domain}.example"
+    with rig.fronts[front].smtp() as s:
+        _login(rig, s)
+        assert s.mail(sender)[0] == 250
+        assert s.rcpt("c@example.net")[0] == 250
+        code, text = s.data(b"Subject: REJECT-ME now\r\n\r\nbody\r\n")
+        assert (code, text) == (550, b"5.7.1 content refused by exim\n5.7.1 see the policy")
+        ok = b"Subject: fine\r\n\r\nbody\r\n"
+        assert s.sendmail(sender, ["c2@example.net"], ok) == {}
+    [m] = _wait_messages(rig, 1)
+    _check(m, sender, ["c2@example.net"], ok, "dave")
+    _nothing_more(rig, 1, settle=0.3)
+
+
+def test_smtputf8(up):
+    """Exim offers SMTPUTF8: UTF-8 addresses and headers go through and
+    reach its next hop as such. Dovecot 2.3 does not: the MAIL gets our
+    553 5.6.7 (no silent downgrade) and the session goes on."""
+    rig = up.rig
+    sender = f"d\u00e5ve@{up.domain}.example"
+    body = "Subject: gr\u00fc\u00dfe\r\n\r\n\u00e4\u00f6\u00fc\r\n".encode()
+    with rig.fronts["off"].smtp() as s:
+        _login(rig, s)
+        s.send(f"MAIL FROM:<{sender}> SMTPUTF8 BODY=8BITMIME\r\nRCPT TO:<r\u00fc@example.net>\r\nDATA\r\n".encode())
+        got = [s.getreply() for _ in range(3)]
+        if up.name == "dovecot":
+            assert got[0][0] == 553 and got[0][1].startswith(b"5.6.7 "), got
+            assert [c for c, _ in got[1:]] == [503, 503], got
+            assert s.sendmail(f"dave@{up.domain}.example", ["u@example.net"], b"Subject: u\r\n\r\nx\r\n") == {}
+            [m] = _wait_messages(rig, 1)
+            _check(m, f"dave@{up.domain}.example", ["u@example.net"], b"Subject: u\r\n\r\nx\r\n", "dave")
+            return
+        assert [c for c, _ in got] == [250, 250, 354], got
+        s.send(body + b".\r\n")
+        assert s.getreply()[0] == 250
+    [m] = _wait_messages(rig, 1)
+    _check(m, sender, ["r\u00fc@example.net"], body, "dave")
+
+
+@pytest.mark.parametrize("front", ["off", "on"])
+def test_message_of_dot_lines_arrives_exactly(up, front):
+    """~150 KiB whose lines begin with dots everywhere (dot-stuffing meets
+    chunk and TLS record borders): exact at the far end."""
+    rig = up.rig
+    sender = f"dave@{up.domain}.example"
+    lines = [b"." * (n % 5) + (b"%06d " % n) + b"x" * (n % 61) for n in range(3500)]
+    body = b"Subject: dots\r\n\r\n" + b"\r\n".join(lines) + b"\r\n.\r\n..\r\nend\r\n"
+    assert len(body) < SIZE_LIMIT - 20_000
+    with rig.fronts[front].smtp() as s:
+        _login(rig, s)
+        assert s.sendmail(sender, ["dots@example.net"], body) == {}
+    [m] = _wait_messages(rig, 1)
+    _check(m, sender, ["dots@example.net"], body, "dave")
+
+
+def test_exim_delivers_at_once_past_ten_messages_through_the_cache(exim_up):
+    """DEFECT (found with a real Exim as the upstream): Exim delivers a
+    message at once only for the first smtp_accept_queue_per_connection
+    (default 10) messages of one SMTP connection; later ones are only
+    queued ("no immediate delivery: more than 10 messages received in one
+    connection") and wait for the next queue run (Debian's exim4 runs
+    one every 30 minutes). A client sends one message per connection; the
+    cache-on frontend kept one upstream connection for every session of
+    the identity, so from the eleventh message on, every user's mail sat in
+    the smarthost's queue: accepted (250), delivered up to 30 minutes late
+    (here: never, no queue runner). Fixed: an upstream connection carries
+    at most _pool.MAX_MESSAGES (10) messages, then it is QUIT and the next
+    message gets a fresh one."""
+    up = exim_up
+    rig = up.rig
+    fe = rig.fronts["on"]
+    sender = f"alice@{up.domain}.example"
+    start = len(up.inst.log())
+    for n in range(12):
+        with fe.smtp() as s:
+            _login(rig, s, "alice")
+            assert s.sendmail(sender, [f"n{n:02}@example.net"], b"Subject: %d\r\n\r\nx\r\n" % n) == {}
+    # and twelve messages in one client session (its own connection, kept between them)
+    with fe.smtp() as s:
+        _login(rig, s, "alice")
+        for n in range(12, 24):
+            assert s.sendmail(sender, [f"n{n:02}@example.net"], b"Subject: %d\r\n\r\nx\r\n" % n) == {}
+    msgs = sorted(_wait_messages(rig, 24, timeout=10), key=lambda m: m.rcpt_tos)
+    for n, m in enumerate(msgs):
+        _check(m, sender, [f"n{n:02}@example.net"], b"Subject: %d\r\n\r\nx\r\n" % n, "alice")
+    assert "no immediate delivery" not in up.inst.log()[start:]
+
+
+def test_an_upstream_connection_carries_at_most_max_messages(upstream_factory):
+    """The fix above without Exim (aiosmtpd as the upstream, in-process):
+    through the pool, 2 * MAX_MESSAGES + 1 sessions of one message each
+    log in three times; one session's 2 * MAX_MESSAGES + 1 messages too.
+    The retired connection is QUIT, never left idle."""
+    from sendooway_front import _pool
+    from sendooway_front._pool import UpstreamPool
+    from sendooway_front._relay import Relay
+    from tests.upstream import capture_log, config, route_for, run, send
+
+    up = upstream_factory(tls="starttls", accounts={"u": "upstream-Pw-3"})
+    n = 2 * _pool.MAX_MESSAGES + 1
+
+    async def go():
+        log, _ = capture_log()
+        pool = UpstreamPool(30, log)
+        for i in range(n):
+            relay = Relay(config(smarthostCache=30), log, pool)
+            r = await send(relay, route_for(up, user="u", password="upstream-Pw-3"), f"s{i}@x.y", ["r@x.y"], b"m")
+            assert r["end"].code == 250
+            await relay.close()
+        assert len(up.logins) == 3 and pool.idle_count() == 1
+        relay = Relay(config(smarthostCache=30), log, pool)
+        for i in range(n):
+            r = await send(relay, route_for(up, user="u", password="upstream-Pw-3"), f"t{i}@x.y", ["r@x.y"], b"m")
+            assert r["end"].code == 250
+        await relay.close()
+        await pool.close_all()
+
+    run(go())
+    # the session took the kept connection (1 message on it), then two fresh ones
+    assert len(up.logins) == 5, up.logins
+    assert len(up.messages) == 2 * n
 
 
 def _close_kept(up) -> None:
