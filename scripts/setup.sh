@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests;
 # dovecot-core and dovecot-submissiond: a real Dovecot submission service as
 # the upstream of tests/test_review_upstreams3.py, which runs its own
-# instance (dovecot -c CONF -F); the system's dovecot is stopped below;
+# instance (dovecot -c CONF -F); a system dovecot they start is stopped below;
 # libgnutls-dane0, libidn12, libdb5.3 and libnsl2: the libraries of Exim,
 # unpacked below, not installed; util-linux: its unshare;
 # fetchmail and getmail6: the oracles of tests/test_review_parsers_oracle.py,
@@ -49,6 +49,11 @@ fi
 # is stopped again (one that was there before is the admin's, left alone).
 slapd_new=no
 [[ " ${missing[*]} " == *" slapd "* ]] && slapd_new=yes
+# Dovecot's package starts the system's dovecot (with dovecot-submissiond:
+# a submission service on port 587) where no policy forbids it; the tests run
+# their own instance: one installed now is stopped again.
+dovecot_new=no
+[[ " ${missing[*]} " == *" dovecot-core "* ]] && dovecot_new=yes
 installed_now=("${missing[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -75,12 +80,16 @@ fi
 if [ "$slapd_new" = yes ] && pidof slapd >/dev/null 2>&1 && [ -x /etc/init.d/slapd ]; then
     /etc/init.d/slapd stop >/dev/null 2>&1 || true
 fi
+if [ "$dovecot_new" = yes ] && [ -f /run/dovecot/master.pid ] && [ -x /etc/init.d/dovecot ]; then
+    /etc/init.d/dovecot stop >/dev/null 2>&1 || true
+fi
 # xinetd, fail2ban, haproxy, slapd and dovecot are only used by the tests (each runs its
 # own instance), never left running; those installed just now are also not
-# started again at the next boot. A slapd that was there before is the
-# admin's directory: left alone.
+# started again at the next boot. A slapd or dovecot that was there before
+# is the admin's: left alone.
 for svc in xinetd fail2ban haproxy slapd dovecot; do
     [ "$svc" = slapd ] && [ "$slapd_new" != yes ] && continue
+    [ "$svc" = dovecot ] && [ "$dovecot_new" != yes ] && continue
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi
