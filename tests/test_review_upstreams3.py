@@ -120,9 +120,7 @@ class Sink:
         self.messages: list[Sunk] = []
         self._lock = threading.Lock()
         self.port = free_port()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, decode_data=False,
-                                      enable_SMTPUTF8=True, data_size_limit=0, ready_timeout=10,
-                                      server_hostname="sink.test")
+        self._controller: Controller | None = None
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if address.startswith(REFUSED_SENDER + "@"):
@@ -149,6 +147,10 @@ class Sink:
             return "250 2.0.0 sunk as SINK%d" % len(self.messages)
 
     def start(self) -> "Sink":
+        """Listen (again, after stop) on self.port."""
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, decode_data=False,
+                                      enable_SMTPUTF8=True, data_size_limit=0, ready_timeout=10,
+                                      server_hostname="sink.test")
         self._controller.start()
         return self
 
@@ -1024,6 +1026,32 @@ def test_an_upstream_connection_carries_at_most_max_messages(upstream_factory):
     assert len(up.messages) == 2 * n
 
 
+def test_dovecot_whose_relay_is_down(dovecot_up):
+    """Dovecot cannot reach its relay host: it answers AUTH 235, then 421
+    4.4.0 "Failed to connect to relay server" and closes. Every try gets
+    451 with Dovecot's words (never "answered nonsense": the race the test
+    below makes certain), through the cache too; once the relay is back,
+    the next message goes through."""
+    up = dovecot_up
+    rig = up.rig
+    sender = f"dave@{up.domain}.example"
+    rig.sink.stop()
+    try:
+        for front in ("off", "login", "on") * 3:
+            with rig.fronts[front].smtp() as s:
+                _login(rig, s)
+                code, text = s.mail(sender)
+                assert (code, text) == (451, b"4.4.0 dovecot.test Failed to connect to relay server (connect)"), \
+                    (front, code, text)
+    finally:
+        rig.sink.start()
+    for front in ("off", "on"):
+        with rig.fronts[front].smtp() as s:
+            _login(rig, s)
+            assert s.sendmail(sender, [f"back-{front}@example.net"], b"Subject: back\r\n\r\nx\r\n") == {}
+    assert len(_wait_messages(rig, 2)) == 2
+
+
 def _close_kept(up) -> None:
     """Make the server close the connection the cache keeps: Dovecot is
     kicked, Exim's idle port times out."""
@@ -1097,4 +1125,42 @@ def test_zz_no_password_or_traceback_in_logs(rig):
     if rig.dovecot:
         log = rig.dovecot.log()[rig.dovecot.start_offset:]
         reasons = set(re.findall(r"Disconnected: ([A-Za-z ]+)", log))
-        assert reasons <= {"Logged out ", "Aborted login by logging out ", "Shutting down "}, reasons
+        # (and its relay host gone: test_dovecot_whose_relay_is_down)
+        assert reasons <= {"Logged out ", "Aborted login by logging out ", "Shutting down ",
+                           "Failed to connect to relay server ", "Lost connection to relay server "}, reasons
+
+
+@pytest.mark.parametrize("after", ["AUTH", "EHLO"])
+def test_a_421_sent_right_behind_the_login_reply_is_passed_on(monkeypatch, after):
+    """DEFECT (found with a real Dovecot as the upstream, whose relay was
+    down): Dovecot's submission service answers AUTH 235, then finds it
+    cannot reach its relay host and says "421 4.4.0 ... Failed to connect
+    to relay server (connect)" at once and closes (RFC 5321 3.8: a 421 may
+    come "asynchronously from command receipt"). When the 421 came in the
+    same read as the 235 (about one login in eight here), _no_surplus took
+    it for reply text beyond the one asked for: the client got "451 4.5.0
+    Upstream server answered nonsense" and the log blamed the upstream's
+    protocol; otherwise it got 451 with Dovecot's own words. Deterministic
+    here with a scripted upstream writing both replies at once (after AUTH,
+    and after EHLO: a server shutting down). Fixed: a surplus that is a
+    421 is the upstream closing: 451 with its text, as a 421 to MAIL."""
+    from .scripted_relay import LOGIN, careful, codes, converse
+
+    closing = b"421 4.4.0 up.test Failed to connect to relay server (connect)\r\n"
+
+    async def auth(up, c, line):
+        await c.send(b"235 2.7.0 Logged in.\r\n" + closing)
+        c.w.close()
+
+    async def script(up, c):
+        ehlo = b"250-up.test\r\n250-AUTH PLAIN\r\n250 PIPELINING\r\n"
+        if after == "EHLO":
+            ehlo += closing
+        await careful(up, c, ehlo=ehlo, auth=auth)
+
+    out, up, log = converse(monkeypatch, script, [LOGIN + b"MAIL FROM:<a@b.c>\r\n", b"QUIT\r\n"],
+                            auth=after == "AUTH")
+    assert codes(out)[:3] == [220, 250, 235], out
+    assert b"\r\n451 4.4.0 up.test Failed to connect to relay server (connect)\r\n" in out, out
+    assert "nonsense" not in log and "more than its reply" not in log, log
+    assert "closing: 421 4.4.0 up.test Failed to connect to relay server" in log, log
