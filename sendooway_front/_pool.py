@@ -28,6 +28,9 @@ KEPT_IDLE = 10.0       # seconds a session's own connection may idle before its 
 # only the first smtp_accept_queue_per_connection (default 10) messages of a
 # connection at once and merely queues the rest until its next queue run.
 MAX_MESSAGES = 10
+# Pauses (s) before each new try after giving idle connections back to a
+# server that refused a connection at its greeting (a limit per client host).
+GIVE_BACK_PAUSES = (0.05, 0.2, 0.5)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,20 @@ class UpstreamPool:
             oldest_key, oldest = min(((k, e[0]) for k, e in self._idle.items() if e),
                                      key=lambda ke: ke[1].since)
             self._evict(oldest_key, oldest)
+
+    async def give_back(self, server: str) -> int:
+        """QUIT every idle connection to `server` (any port, any identity) and
+        wait for them: it refused a new connection at its greeting, maybe
+        because of the ones we keep (a limit per client host). How many."""
+        server = server.lower()
+        entries = [(k, e) for k, v in self._idle.items() if k.server == server for e in v]
+        for k, e in entries:
+            self._remove(k, e)
+        if entries:
+            await asyncio.wait([self.loop.create_task(e.client.quit()) for _k, e in entries], timeout=10)
+            for _k, e in entries:
+                e.client.abort()  # (a no-op after a QUIT that finished)
+        return len(entries)
 
     def _remove(self, key: PoolKey, entry: _Idle) -> bool:
         entries = self._idle.get(key)

@@ -60,10 +60,12 @@ NO_8BITMIME = Reply(550, ("5.6.3 Upstream server does not support 8BITMIME",))
 class UpstreamError(Exception):
     """The upstream cannot be used: `reply` for the client, str() for the log."""
 
-    def __init__(self, reply: Reply, detail: str, in_step: bool = False) -> None:
+    def __init__(self, reply: Reply, detail: str, in_step: bool = False,
+                 greeting: Reply | None = None) -> None:
         super().__init__(detail)
         self.reply = reply
         self.in_step = in_step  # a refusal in good order: QUIT before the close
+        self.greeting = greeting  # the upstream's refusing greeting, when that was it
 
 
 class ReplyError(Exception):
@@ -318,7 +320,7 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
                                                                    resume=_resume_key(route))
     greeting = await client.read_reply()
     if greeting.code != 220:
-        raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}", in_step=True)
+        raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}", in_step=True, greeting=greeting)
     await _hello(client, where)
     if route.tls is TlsMode.STARTTLS:
         if not client.supports("STARTTLS"):

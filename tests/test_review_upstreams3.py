@@ -22,15 +22,23 @@ for one upstream account (UP_USER / UP_PASS):
   NODATA_SENDER (predata) and a "Subject: REJECT-ME" message at the dot
   (two lines); its third port has smtp_receive_timeout = IDLE_TIMEOUT, its
   fourth offers neither PIPELINING nor CRAM-MD5 (Exim enforces command
-  synchronisation). It queues and delivers to the sink at once — for the
-  first 10 messages of a connection (its default
-  smtp_accept_queue_per_connection), which found the one defect here.
+  synchronisation), its fifth takes one connection per client host
+  (smtp_accept_max_per_host) and has a route for a second account
+  (UP_USER2). It queues and delivers to the sink at once — for the first
+  10 messages of a connection (its default
+  smtp_accept_queue_per_connection).
 - OpenSMTPD is not here: bookworm's 6.8.0p2 completes no TLS handshake
   with OpenSSL 3 (its privilege-separated key engine fails with
   "SSL routines::EVP lib", with an RSA as with an ECDSA key; known
   upstream, OpenSMTPD issues 1171 and 1239), and it offers AUTH only over
   TLS. (Started unpacked in a private mount namespace it ran; its queue,
   control socket and chroot paths are fixed at build time.)
+
+Three defects were found and fixed (each test says which): the cache
+kept one connection for more than Exim's 10 messages delivered at once;
+a 421 in the same read as the 235 (Dovecot with its relay down) was called
+nonsense; idle cached connections held the slots of a server's limit per
+client host.
 
 Every server is the route's upstream through `sendooway -b` and a real
 `sendooway-auth`, via five frontends (FRONTS): smarthostCache = 0 with the
@@ -83,6 +91,8 @@ UNSHARE = shutil.which("unshare", path=SBIN)
 
 UP_USER = "relayacct"
 UP_PASS = "Up-Secret-Zq81v"
+UP_USER2 = "otheracct"
+UP_PASS2 = "Up-Other-Secret-Mw27"
 WRONG_PASS = "Wrong-Secret-Xy55k"
 SIZE_LIMIT = 200_000
 IDLE_TIMEOUT = 2
@@ -289,7 +299,8 @@ spool_directory = @d@/spool
 log_file_path = @d@/log/%slog
 pid_file_path = @d@/exim.pid
 local_interfaces = 127.0.0.1
-daemon_smtp_ports = @port@ : @tls_port@ : @idle_port@ : @bare_port@
+daemon_smtp_ports = @port@ : @tls_port@ : @idle_port@ : @bare_port@ : @limit_port@
+smtp_accept_max_per_host = ${if eq{$received_port}{@limit_port@}{1}{}}
 pipelining_advertise_hosts = ${if eq{$received_port}{@bare_port@}{}{*}}
 tls_on_connect_ports = @tls_port@
 tls_certificate = @d@/cert.pem
@@ -351,19 +362,19 @@ plain:
   driver = plaintext
   public_name = PLAIN
   server_prompts = :
-  server_condition = ${if and{{eq{$auth2}{@user@}}{eq{$auth3}{@password@}}}}
+  server_condition = ${if or{{and{{eq{$auth2}{@user@}}{eq{$auth3}{@password@}}}}{and{{eq{$auth2}{@user2@}}{eq{$auth3}{@password2@}}}}}}
   server_set_id = $auth2
 login:
   driver = plaintext
   public_name = LOGIN
   server_prompts = Username:: : Password::
-  server_condition = ${if and{{eq{$auth1}{@user@}}{eq{$auth2}{@password@}}}}
+  server_condition = ${if or{{and{{eq{$auth1}{@user@}}{eq{$auth2}{@password@}}}}{and{{eq{$auth1}{@user2@}}{eq{$auth2}{@password2@}}}}}}
   server_set_id = $auth1
 cram:
   driver = cram_md5
   public_name = CRAM-MD5
   server_advertise_condition = ${if eq{$received_port}{@bare_port@}{no}{yes}}
-  server_secret = ${if eq{$auth1}{@user@}{@password@}fail}
+  server_secret = ${if eq{$auth1}{@user@}{@password@}{${if eq{$auth1}{@user2@}{@password2@}fail}}}
   server_set_id = $auth1
 """
 
@@ -376,7 +387,7 @@ class EximInstance:
     def __init__(self, world, root: Path, sink_port: int) -> None:
         self.dir = root
         self.port, self.tls_port, self.idle_port = free_port(), free_port(), free_port()
-        self.bare_port = free_port()
+        self.bare_port, self.limit_port = free_port(), free_port()
         root.mkdir()
         for sub in ("spool", "log"):
             (root / sub).mkdir()
@@ -384,7 +395,8 @@ class EximInstance:
         self.conf = root / "exim.conf"
         conf = EXIM_CONF.lstrip()
         for key, value in dict(exim=EXIM, d=root, port=self.port, tls_port=self.tls_port,
-                               idle_port=self.idle_port, bare_port=self.bare_port, idle=IDLE_TIMEOUT,
+                               idle_port=self.idle_port, bare_port=self.bare_port, limit_port=self.limit_port,
+                               user2=UP_USER2, password2=UP_PASS2, idle=IDLE_TIMEOUT,
                                size=SIZE_LIMIT, nodata_sender=NODATA_SENDER,
                                refused_sender=REFUSED_SENDER, refused=REFUSED, later=LATER, multi=MULTI,
                                sink_port=sink_port, user=UP_USER, password=UP_PASS).items():
@@ -406,14 +418,15 @@ class EximInstance:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         try:
-            for port in (self.port, self.tls_port, self.idle_port, self.bare_port):
+            for port in (self.port, self.tls_port, self.idle_port, self.bare_port, self.limit_port):
                 wait_port("127.0.0.1", port, self.proc, timeout=15)
         except RuntimeError:
             out = self.proc.communicate(timeout=5)[0].decode(errors="replace") if self.proc.poll() is not None else ""
             self.stop()
             raise RuntimeError(f"exim4 -C {self.conf} -bdf: {out.strip()} {self.log()[-1500:]}") from None
-        # the probes' connections (three lost, one TLS error) are not ours
-        _wait_for(lambda: self.log().count(" lost D=") >= 3 and "TLS error on connection" in self.log(), 5)
+        # the probes' connections (four lost or refused for the fifth port's
+        # limit while the others were still open, one TLS error) are not ours
+        _wait_for(lambda: self.log().count(" lost D=") + self.log().count("refused: too many connections") >= 4 and "TLS error on connection" in self.log(), 5)
         self.start_offset = len(self.log())
 
     def stop(self) -> None:
@@ -505,6 +518,11 @@ def rig(world):
                 routes += _routes("dove", r.dovecot.port, r.dovecot.tls_port)
             if r.exim:
                 routes += _routes("exim", r.exim.port, r.exim.tls_port, r.exim.idle_port, r.exim.bare_port)
+                # Exim's fifth port takes one connection from a host at a time
+                routes += (f"smarthostMapping = direct:*@eximlimit.example localhost {r.exim.limit_port}"
+                           f" {UP_USER} {UP_PASS} tls\n"
+                           f"smarthostMapping = direct:*@eximlimit2.example localhost {r.exim.limit_port}"
+                           f" {UP_USER2} {UP_PASS2} tls\n")
             base = f"sslCA = {world.ca_file}\naddReceivedField = yes\n" + routes
             r.config = front_config(tmp, world, base)
             r.daemon = Daemon(tmp, r.config).start()
@@ -1052,6 +1070,36 @@ def test_dovecot_whose_relay_is_down(dovecot_up):
     assert len(_wait_messages(rig, 2)) == 2
 
 
+def test_exim_refusing_for_too_many_connections_while_we_keep_idle_ones(exim_up):
+    """DEFECT (found with a real Exim as the upstream): servers limit the
+    connections one client host may hold (Exim's smtp_accept_max_per_host,
+    Postfix's smtpd_client_connection_count_limit, 50 by default), and all
+    of the proxy's users are one host to them. The cache keeps up to 32
+    idle connections, 4 per upstream identity: a new connection for
+    another identity got "421 Too many concurrent SMTP connections" at the
+    greeting, and its client 451 4.3.0, while the slots it needed were
+    held by our own idle connections. Here Exim's fifth port takes one
+    connection per host: the second identity's message failed while the
+    first identity's connection sat idle. Fixed: when a new connection's
+    greeting is refused with a 4xx and the pool keeps idle connections to
+    that server, they are QUIT and the connection is tried once more."""
+    up = exim_up
+    rig = up.rig
+    fe = rig.fronts["on"]
+    for n, sender in enumerate(("dave@eximlimit.example", "dave@eximlimit2.example", "dave@eximlimit.example")):
+        with fe.smtp() as s:
+            _login(rig, s)
+            code, text = s.mail(sender)
+            assert code == 250, (sender, code, text, fe.log()[-1500:])
+            assert s.rcpt(f"l{n}@example.net")[0] == 250
+            assert s.data(b"Subject: limit %d\r\n\r\nx\r\n" % n)[0] == 250
+    msgs = sorted(_wait_messages(rig, 3), key=lambda m: m.rcpt_tos)
+    assert [m.mail_from for m in msgs] == ["dave@eximlimit.example", "dave@eximlimit2.example",
+                                           "dave@eximlimit.example"]
+    assert "refused: too many connections from that IP address" in up.inst.log()[up.inst.start_offset:]
+    assert "idle ones to it were kept: those closed, connecting again" in fe.log()
+
+
 def _close_kept(up) -> None:
     """Make the server close the connection the cache keeps: Dovecot is
     kicked, Exim's idle port times out."""
@@ -1100,7 +1148,7 @@ def test_zz_no_password_or_traceback_in_logs(rig):
         assert fe.stop() == 0
     logs = rig.daemon.log() + "".join(fe.log() for fe in rig.fronts.values())
     assert logs
-    for secret in [UP_PASS, WRONG_PASS, *(u.password for u in rig.world.users.values())]:
+    for secret in [UP_PASS, UP_PASS2, WRONG_PASS, *(u.password for u in rig.world.users.values())]:
         assert secret not in logs
     assert "Traceback" not in logs and "internal error" not in logs
     # every connection of ours ended with QUIT (or by the server: its idle
@@ -1164,3 +1212,65 @@ def test_a_421_sent_right_behind_the_login_reply_is_passed_on(monkeypatch, after
     assert b"\r\n451 4.4.0 up.test Failed to connect to relay server (connect)\r\n" in out, out
     assert "nonsense" not in log and "more than its reply" not in log, log
     assert "closing: 421 4.4.0 up.test Failed to connect to relay server" in log, log
+
+
+def test_idle_connections_given_back_to_a_server_that_counts_them():
+    """The fix above without Exim: a scripted upstream (in-process, plain
+    text) that greets a client host's second concurrent connection with
+    421. One identity's connection is kept idle; another identity's
+    message goes through after that one is QUIT; a server that refuses
+    with no idle connection of ours to it still gets its 451."""
+    import asyncio
+
+    from sendooway_front._pool import UpstreamPool
+    from sendooway_front._relay import Relay
+    from sendooway_shared.types import Route, Secret, TlsMode
+    from tests.upstream import capture_log, config, run, send
+    from .scripted_relay import Upstream, careful
+
+    async def auth(up, c, line):
+        await c.send(b"235 2.7.0 ok\r\n")
+
+    async def script(up, c):
+        up.open += 1
+        try:
+            if up.open > 1:
+                up.refused += 1
+                await c.send(b"421 4.7.0 up.test Error: too many connections from 127.0.0.1\r\n")
+                return
+            await careful(up, c, ehlo=b"250-up.test\r\n250-AUTH PLAIN\r\n250 PIPELINING\r\n", auth=auth)
+        finally:
+            up.open -= 1
+
+    async def go():
+        up = await Upstream(script).start()
+        up.open = up.refused = 0
+        log, handler = capture_log()
+        pool = UpstreamPool(30, log)
+
+        def route(user):
+            return Route(server="127.0.0.1", port=up.port, tls=TlsMode.PLAIN, ca_file="", user=user,
+                         password=Secret("pw-" + user), auth=True, source="t.conf:1")
+
+        try:
+            for user in ("u1", "u2", "u1"):
+                relay = Relay(config(smarthostCache=30), log, pool)
+                r = await send(relay, route(user), f"{user}@x.y", ["r@x.y"], b"m")
+                assert r["end"].code == 250, (user, r, handler.text)
+                await relay.close()
+            assert up.refused == 2 and len(up.messages) == 3
+            assert handler.text.count("idle ones to it were kept: those closed, connecting again") == 2
+            # held by someone else (not kept by us): the refusal stands
+            await pool.close_all()
+            await asyncio.sleep(0.1)
+            other = await asyncio.open_connection("127.0.0.1", up.port)
+            await asyncio.sleep(0.1)
+            relay = Relay(config(smarthostCache=30), log, UpstreamPool(30, log))
+            r = await send(relay, route("u2"), "u2@x.y", ["r@x.y"], b"m")
+            assert r["mail"].code == 451 and r["mail"].lines[0].startswith("4.3.0 "), r
+            await relay.close()
+            other[1].close()
+        finally:
+            up.server.close()
+
+    run(go())
