@@ -144,7 +144,11 @@ class UpstreamPool:
         for k, e in entries:
             self._remove(k, e)
         if entries:
-            await asyncio.wait([self.loop.create_task(e.client.quit()) for _k, e in entries], timeout=10)
+            # each QUIT waits QUIT_WAIT s at most; whatever is left then is cut
+            _done, pending = await asyncio.wait(
+                [self.loop.create_task(e.client.quit()) for _k, e in entries], timeout=10)
+            for task in pending:
+                task.cancel()
             for _k, e in entries:
                 e.client.abort()  # (a no-op after a QUIT that finished)
         return len(entries)
