@@ -222,7 +222,7 @@ class Relay:
         except UpstreamError as e:
             # a server that limits the connections per client host (Exim's
             # smtp_accept_max_per_host, Postfix's anvil) counts the ones we
-            # keep idle: give them back and try once more
+            # keep idle: give them back and try again (GIVE_BACK_PAUSES)
             if (e.greeting is None or not 400 <= e.greeting.code < 500 or self.pool is None
                     or not (kept_there := await self.pool.give_back(route.server))):
                 raise
