@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 
 # (man-db: lexgrog for the man page test; python3-setuptools and git: the
 # sdist/wheel test; curl: a real client; slapd: authBackend = LDAP tests;
+# dovecot-core and dovecot-submissiond: a real Dovecot submission service as
+# the upstream of tests/test_review_upstreams3.py, which runs its own
+# instance (dovecot -c CONF -F); a system dovecot they start is stopped below;
+# libgnutls-dane0, libidn12, libdb5.3 and libnsl2: the libraries of Exim,
+# unpacked below, not installed; util-linux: its unshare;
 # fetchmail and getmail6: the oracles of tests/test_review_parsers_oracle.py,
 # which run fetchmail -f FILE --check against a POP3 server of their own;
 # Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so;
@@ -21,7 +26,9 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       man-db python3-setuptools curl git fetchmail getmail6
       s-nail neomutt git-email libauthen-sasl-perl libio-socket-ssl-perl libmailtools-perl
       libsasl2-modules
-      libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1)
+      dovecot-core dovecot-submissiond
+      libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
+      util-linux)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -51,6 +58,11 @@ fi
 # is stopped again (one that was there before is the admin's, left alone).
 slapd_new=no
 [[ " ${missing[*]} " == *" slapd "* ]] && slapd_new=yes
+# Dovecot's package starts the system's dovecot (with dovecot-submissiond:
+# a submission service on port 587) where no policy forbids it; the tests run
+# their own instance: one installed now is stopped again.
+dovecot_new=no
+[[ " ${missing[*]} " == *" dovecot-core "* ]] && dovecot_new=yes
 installed_now=("${missing[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -77,12 +89,16 @@ fi
 if [ "$slapd_new" = yes ] && pidof slapd >/dev/null 2>&1 && [ -x /etc/init.d/slapd ]; then
     /etc/init.d/slapd stop >/dev/null 2>&1 || true
 fi
-# xinetd, fail2ban, haproxy and slapd are only used by the tests (each runs its
+if [ "$dovecot_new" = yes ] && [ -f /run/dovecot/master.pid ] && [ -x /etc/init.d/dovecot ]; then
+    /etc/init.d/dovecot stop >/dev/null 2>&1 || true
+fi
+# xinetd, fail2ban, haproxy, slapd and dovecot are only used by the tests (each runs its
 # own instance), never left running; those installed just now are also not
-# started again at the next boot. A slapd that was there before is the
-# admin's directory: left alone.
-for svc in xinetd fail2ban haproxy slapd; do
+# started again at the next boot. A slapd or dovecot that was there before
+# is the admin's: left alone.
+for svc in xinetd fail2ban haproxy slapd dovecot; do
     [ "$svc" = slapd ] && [ "$slapd_new" != yes ] && continue
+    [ "$svc" = dovecot ] && [ "$dovecot_new" != yes ] && continue
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi
@@ -103,21 +119,31 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
 fi
-# Exim as a smarthost client (tests/test_review_clients2.py). exim4 and
-# postfix conflict in apt, so Exim is never installed: its daemon package is
-# only unpacked into .venv/exim4 (the libraries it links are in DEBS above)
-# and run from there with -C. Without the setuid bit: the test runs it as
-# root, its deliveries run as nobody.
-exim_private=.venv/exim4/usr/sbin/exim4
-if ! command -v exim4 >/dev/null 2>&1 && [ ! -x "$exim_private" ]; then
-    dl=$(mktemp -d)
-    if (cd "$dl" && apt-get download -qq exim4-daemon-light >/dev/null 2>&1) \
-            && dpkg-deb -x "$dl"/exim4-daemon-light_*.deb .venv/exim4; then
-        chmod u-s,g-s "$exim_private"
+# Exim: a real upstream (tests/test_review_upstreams3.py) and a real
+# smarthost client (tests/test_review_clients2.py). Its Debian package
+# conflicts with Postfix in apt (both are the mail-transport-agent), so it is
+# not installed: exim4-daemon-light's .deb is unpacked under .venv/mta/exim4
+# (nothing is registered with dpkg, nothing starts; the libraries it links
+# are in DEBS above) and the tests run that binary with private configs.
+exim_dir=.venv/mta/exim4
+if [ ! -x "$exim_dir/usr/sbin/exim4" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: not unpacking exim4 (needs root for apt-get): its tests will skip" >&2
     else
-        echo "setup: could not fetch exim4-daemon-light (the Exim test will skip)" >&2
+        debs=$(mktemp -d)
+        chmod 755 "$debs"  # apt-get download fetches as _apt where it can
+        if (cd "$debs" && apt-get download -qq exim4-daemon-light >/dev/null 2>&1) \
+                || { apt-get update -qq && (cd "$debs" && apt-get download -qq exim4-daemon-light >/dev/null); }; then
+            mkdir -p "$exim_dir"
+            dpkg-deb -x "$debs"/exim4-daemon-light_*.deb "$exim_dir"
+            # no set-uid root binary left lying in a work tree: the test runs it as root
+            chmod u-s,g-s "$exim_dir/usr/sbin/exim4"
+            echo "setup: unpacked exim4-daemon-light under $exim_dir (not installed)"
+        else
+            echo "setup: could not download exim4-daemon-light: its tests will skip" >&2
+        fi
+        rm -rf "$debs"
     fi
-    rm -rf "$dl"
 fi
 # A checkout below a 0700 directory (/root) is fine for the demo: the
 # frontend imports all its code before it drops to nobody. Some tests start

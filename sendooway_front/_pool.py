@@ -24,6 +24,13 @@ MAX_IDLE = 32          # idle connections in all
 MAX_IDLE_PER_KEY = 4   # idle connections for one identity
 PROBE_TIMEOUT = 5.0    # seconds an RSET probe may take before the connection is given up
 KEPT_IDLE = 10.0       # seconds a session's own connection may idle before its next MAIL probes it
+# Messages one upstream connection carries before it is QUIT: Exim delivers
+# only the first smtp_accept_queue_per_connection (default 10) messages of a
+# connection at once and merely queues the rest until its next queue run.
+MAX_MESSAGES = 10
+# Pauses (s) before each new try after giving idle connections back to a
+# server that refused a connection at its greeting (a limit per client host).
+GIVE_BACK_PAUSES = (0.05, 0.2, 0.5)
 
 
 @dataclass(frozen=True)
@@ -112,8 +119,9 @@ class UpstreamPool:
         return reply.code == 250
 
     async def release(self, key: PoolKey, client: UpstreamClient) -> None:
-        """Keep `client` (out of any transaction) for `ttl` seconds, or QUIT it."""
-        if not self.enabled:
+        """Keep `client` (out of any transaction) for `ttl` seconds, or QUIT it
+        (also once it carried MAX_MESSAGES)."""
+        if not self.enabled or client.messages >= MAX_MESSAGES:
             await client.quit()
             return
         entries = self._idle.setdefault(key, [])
@@ -126,6 +134,24 @@ class UpstreamPool:
             oldest_key, oldest = min(((k, e[0]) for k, e in self._idle.items() if e),
                                      key=lambda ke: ke[1].since)
             self._evict(oldest_key, oldest)
+
+    async def give_back(self, server: str) -> int:
+        """QUIT every idle connection to `server` (any port, any identity) and
+        wait for them: it refused a new connection at its greeting, maybe
+        because of the ones we keep (a limit per client host). How many."""
+        server = server.lower()
+        entries = [(k, e) for k, v in self._idle.items() if k.server == server for e in v]
+        for k, e in entries:
+            self._remove(k, e)
+        if entries:
+            # each QUIT waits QUIT_WAIT s at most; whatever is left then is cut
+            _done, pending = await asyncio.wait(
+                [self.loop.create_task(e.client.quit()) for _k, e in entries], timeout=10)
+            for task in pending:
+                task.cancel()
+            for _k, e in entries:
+                e.client.abort()  # (a no-op after a QUIT that finished)
+        return len(entries)
 
     def _remove(self, key: PoolKey, entry: _Idle) -> bool:
         entries = self._idle.get(key)

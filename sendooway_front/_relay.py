@@ -13,6 +13,7 @@ smarthostCache pool, when enabled.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email.utils
 import ipaddress
@@ -216,7 +217,28 @@ class Relay:
             client = await self.pool.acquire(key, probe=False)
             if client is not None:
                 return client, True
-        client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+        try:
+            client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+        except UpstreamError as e:
+            # a server that limits the connections per client host (Exim's
+            # smtp_accept_max_per_host, Postfix's anvil) counts the ones we
+            # keep idle: give them back and try again (GIVE_BACK_PAUSES)
+            if (e.greeting is None or not 400 <= e.greeting.code < 500 or self.pool is None
+                    or not (kept_there := await self.pool.give_back(route.server))):
+                raise
+            self.log.info("%s: upstream %s refused a connection (%s) while %d idle ones to it were kept:"
+                          " those closed, connecting again", info.session_id, route.where, e.greeting, kept_there)
+            # the server counts a connection until it has reaped the process
+            # that served it, a moment after its 221: a few short pauses
+            for pause in _pool.GIVE_BACK_PAUSES:
+                await asyncio.sleep(pause)
+                try:
+                    client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+                    break
+                except UpstreamError as again:
+                    if (again.greeting is None or not 400 <= again.greeting.code < 500
+                            or pause == _pool.GIVE_BACK_PAUSES[-1]):
+                        raise
         return client, False
 
     async def _probe_and_mail(self, client: UpstreamClient, group: list[str]) -> Reply | None:
@@ -270,7 +292,8 @@ class Relay:
             self.log.info("%s: upstream %s spoke between two messages; connection dropped",
                           info.session_id, self._client.address)
             self._drop()
-        if self._client is not None and self._key != key:
+        if self._client is not None and (self._key != key or self._client.messages >= _pool.MAX_MESSAGES):
+            # another route; or enough messages on this connection (the pool QUITs it)
             await self._release()
         elif self._client is not None and self._needs_rset():
             if not self._waiting_for_message() and self._client.supports("PIPELINING"):
@@ -638,6 +661,7 @@ class Relay:
         self._broken = None
         if reply.code == 250:
             self.messages += 1
+            self._client.messages += 1
         self._log_message(str(reply))
         return reply
 

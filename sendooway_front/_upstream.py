@@ -41,6 +41,7 @@ _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.S)
 # Unicode line and paragraph separators: never repeated to the client.
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 QUIT_WAIT = 5.0  # seconds a QUIT's reply is waited for (SIGTERM, cache expiry)
+SURPLUS_WAIT = 1.0  # seconds for the rest of a reply that came unasked after EHLO/AUTH (a 421?)
 REFUSED_QUIT_WAIT = 1.0  # the same after a refused login: the client waits for its 4xx meanwhile
 
 # Local replies (the upstream could not be used); the log has the detail.
@@ -59,10 +60,12 @@ NO_8BITMIME = Reply(550, ("5.6.3 Upstream server does not support 8BITMIME",))
 class UpstreamError(Exception):
     """The upstream cannot be used: `reply` for the client, str() for the log."""
 
-    def __init__(self, reply: Reply, detail: str, in_step: bool = False) -> None:
+    def __init__(self, reply: Reply, detail: str, in_step: bool = False,
+                 greeting: Reply | None = None) -> None:
         super().__init__(detail)
         self.reply = reply
         self.in_step = in_step  # a refusal in good order: QUIT before the close
+        self.greeting = greeting  # the upstream's refusing greeting, when that was it
 
 
 class ReplyError(Exception):
@@ -162,6 +165,7 @@ class UpstreamClient:
     extensions: dict[str, str] = field(default_factory=dict)
     auth_mechanism: str = ""   # "" = no AUTH done
     tls_problems: list[str] = field(default_factory=list)
+    messages: int = 0          # messages the upstream accepted over this connection
 
     @property
     def address(self) -> str:
@@ -316,7 +320,7 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
                                                                    resume=_resume_key(route))
     greeting = await client.read_reply()
     if greeting.code != 220:
-        raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}", in_step=True)
+        raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}", in_step=True, greeting=greeting)
     await _hello(client, where)
     if route.tls is TlsMode.STARTTLS:
         if not client.supports("STARTTLS"):
@@ -341,32 +345,45 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
                     prefix, where, "; ".join(client.tls_problems))
     if route.auth:
         await _login(client, config, log, prefix)
-        _no_surplus(client, "AUTH")
+        await _no_surplus(client, "AUTH")
 
 
 def _resume_key(route: Route) -> tuple:
     return (route.server.strip("[]").rstrip(".").lower(), route.port)
 
 
-def _no_surplus(client: UpstreamClient, what: str) -> None:
+async def _no_surplus(client: UpstreamClient, what: str) -> None:
     """Reply text beyond the replies asked for (a multi-line reply whose
     every line says "250 ", a command answered twice) would be read as the
-    next command's reply, every later one a step late. Raises ReplyError."""
-    if client.reader.buffered:
-        raise ReplyError(f"more than its reply to {what}")
+    next command's reply, every later one a step late. Raises ReplyError.
+    Except a 421: a server may say it at any moment, unasked, before it
+    closes (RFC 5321 3.8; Dovecot's submission service does right after
+    its 235 when its relay host is down): UpstreamError, 451 with its words,
+    as for a 421 to MAIL."""
+    if not client.reader.buffered:
+        return
+    try:
+        with client.stream.timeout_at_most(SURPLUS_WAIT):
+            reply = await client.read_reply()
+    except (OSError, TimeoutError, ReplyError, TLSError):
+        reply = None
+    if reply is not None and reply.code == 421:
+        raise UpstreamError(Reply(451, reply.lines).with_enhanced("0.0"),
+                            f"{client.address}: closing: {reply}")
+    raise ReplyError(f"more than its reply to {what}")
 
 
 async def _hello(client: UpstreamClient, where: str) -> None:
     reply = await client.command(f"EHLO {client.ehlo_name}")
     if reply.code == 250:
-        _no_surplus(client, "EHLO")
+        await _no_surplus(client, "EHLO")
         client.esmtp = True
         client.extensions = parse_ehlo(reply)
         return
     if reply.code >= 500:
         reply = await client.command(f"HELO {client.ehlo_name}")
         if reply.code == 250:
-            _no_surplus(client, "HELO")
+            await _no_surplus(client, "HELO")
             client.esmtp = False
             client.extensions = {}
             return

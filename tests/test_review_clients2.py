@@ -22,7 +22,7 @@ client's bytes):
 - Exim 4 as a smarthost client (manualroute, `hosts_require_tls`/`_auth`,
   plaintext client authenticators PLAIN and LOGIN, `protocol = smtps`),
   run from the unpacked Debian package (exim4 and postfix conflict in apt;
-  scripts/setup.sh unpacks it into .venv/exim4).
+  scripts/setup.sh unpacks it into .venv/mta/exim4).
 
 Each checks the upstream's envelope and bytes, the AUTH mechanism the
 client chose (PLAIN with and without an initial response, LOGIN without
@@ -590,10 +590,10 @@ def test_git_send_email_two_patches_one_session(cw, tmp_path):
 # ------------------------------------------------------------------ Exim as a smarthost client
 
 # Debian's exim4 conflicts with postfix: scripts/setup.sh unpacks
-# exim4-daemon-light into .venv/exim4 (apt-get download, dpkg-deb -x)
+# exim4-daemon-light into .venv/mta/exim4 (apt-get download, dpkg-deb -x)
 # instead of installing it; the binary runs from there with -C.
 EXIM_PRIVATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            ".venv", "exim4", "usr", "sbin", "exim4")
+                            ".venv", "mta", "exim4", "usr", "sbin", "exim4")
 
 EXIM_CONF = """\
 exim_path = {binary}
@@ -658,7 +658,7 @@ login_client:
 def exim(cw):
     binary = shutil.which("exim4", path=SBIN_PATH) or (EXIM_PRIVATE if os.path.exists(EXIM_PRIVATE) else None)
     if binary is None:
-        pytest.skip("no exim4 binary (scripts/setup.sh unpacks exim4-daemon-light into .venv/exim4)")
+        pytest.skip("no exim4 binary (scripts/setup.sh unpacks exim4-daemon-light into .venv/mta/exim4)")
     from .fakeworld import _find_lib
 
     d = cw.tmp / "exim"
