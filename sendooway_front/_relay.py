@@ -33,7 +33,8 @@ from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
 from ._tls import TLSError, ca_identity, pin_ca_file
 from ._upstream import (
-    BAD_UPSTREAM, DROPPED, TIMED_OUT, ReplyError, UpstreamClient, UpstreamError, open_upstream,
+    BAD_UPSTREAM, DROPPED, LOGIN_REFUSED_LATELY, TIMED_OUT, ReplyError, UpstreamClient, UpstreamError,
+    open_upstream,
 )
 
 NO_TRANSACTION = Reply(503, ("5.5.1 No mail transaction in progress",))
@@ -218,7 +219,7 @@ class Relay:
             if client is not None:
                 return client, True
         try:
-            client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+            client = await self._open(info, route, key)
         except UpstreamError as e:
             # a server that limits the connections per client host (Exim's
             # smtp_accept_max_per_host, Postfix's anvil) counts the ones we
@@ -233,13 +234,32 @@ class Relay:
             for pause in _pool.GIVE_BACK_PAUSES:
                 await asyncio.sleep(pause)
                 try:
-                    client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+                    client = await self._open(info, route, key)
                     break
                 except UpstreamError as again:
                     if (again.greeting is None or not 400 <= again.greeting.code < 500
                             or pause == _pool.GIVE_BACK_PAUSES[-1]):
                         raise
         return client, False
+
+    async def _open(self, info: SessionInfo, route: Route, key: PoolKey) -> UpstreamClient:
+        """A new upstream connection, logged in; not even tried while the
+        upstream refused these very credentials lately (RefusedLogins)."""
+        refused = _pool.refused_logins
+        now = asyncio.get_running_loop().time()
+        if (lately := refused.lately(key, now)) is not None:
+            ago, detail = lately
+            raise UpstreamError(LOGIN_REFUSED_LATELY,
+                                f"{detail} {ago:.0f} s ago; not tried again with the same password for"
+                                f" {refused.remember_for - ago:.0f} s")
+        try:
+            client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+        except UpstreamError as e:
+            if e.login_refused:
+                refused.refused(key, asyncio.get_running_loop().time(), str(e))
+            raise
+        refused.succeeded(key)
+        return client
 
     async def _probe_and_mail(self, client: UpstreamClient, group: list[str]) -> Reply | None:
         """RSET (is the kept connection alive and clean?) and MAIL (with the

@@ -53,6 +53,8 @@ NOT_READY = Reply(451, ("4.3.0 Upstream server not ready, try again later",))
 TLS_FAILED = Reply(454, ("4.7.0 TLS with the upstream server failed",))
 NO_STARTTLS = Reply(454, ("4.7.0 Upstream server does not offer STARTTLS",))
 AUTH_FAILED = Reply(454, ("4.7.0 Login at the upstream server failed",))
+LOGIN_REFUSED_LATELY = Reply(454, ("4.7.0 Login at the upstream server failed lately, not tried again"
+                                   " for a few minutes",))
 NO_SMTPUTF8 = Reply(553, ("5.6.7 Upstream server does not support SMTPUTF8",))
 NO_8BITMIME = Reply(550, ("5.6.3 Upstream server does not support 8BITMIME",))
 
@@ -61,11 +63,14 @@ class UpstreamError(Exception):
     """The upstream cannot be used: `reply` for the client, str() for the log."""
 
     def __init__(self, reply: Reply, detail: str, in_step: bool = False,
-                 greeting: Reply | None = None) -> None:
+                 greeting: Reply | None = None, login_refused: bool = False) -> None:
         super().__init__(detail)
         self.reply = reply
         self.in_step = in_step  # a refusal in good order: QUIT before the close
         self.greeting = greeting  # the upstream's refusing greeting, when that was it
+        # the upstream refused these credentials for good (a 5xx such as 535
+        # to an AUTH it offered): the relay does not try them again at once
+        self.login_refused = login_refused
 
 
 class ReplyError(Exception):
@@ -405,6 +410,7 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
     where = client.address
     offered = set(client.extensions.get("AUTH", "").upper().split())
     tried: list[str] = []
+    refused = False  # a 5xx that refuses the credentials, not only a mechanism
     for mech, setting in _MECHANISMS:
         mode = getattr(config, setting)
         if mode is SmarthostAuth.NEVER:
@@ -434,10 +440,11 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
         # A real refusal of the credentials (535) or a temporary failure:
         # trying the same password again by another mechanism only adds
         # failures to the upstream's counters.
+        refused = reply.code >= 500
         break
     if tried:
         raise UpstreamError(AUTH_FAILED, f"{where}: AUTH as {route.user!r} refused: {'; '.join(tried)}",
-                            in_step=True)
+                            in_step=True, login_refused=refused)
     # No mechanism we may use: go on without AUTH; the upstream decides.
     log.warning("%supstream %s: no usable AUTH mechanism (offered: %s), sending without AUTH",
                 prefix, where, " ".join(sorted(offered)) or "none")

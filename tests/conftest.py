@@ -64,6 +64,17 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"CI: a skipped test is a failure (setup should provide what it needs): {reason}"
 
 
+@pytest.fixture(autouse=True)
+def _forget_refused_upstream_logins():
+    """In-process relays share the process's memory of refused upstream
+    logins (_pool.refused_logins): each test starts without one."""
+    from sendooway_front import _pool
+
+    _pool.refused_logins.clear()
+    yield
+    _pool.refused_logins.clear()
+
+
 @pytest.fixture(scope="session")
 def world():
     from tests.fakeworld import World
