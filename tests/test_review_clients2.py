@@ -49,6 +49,7 @@ import pytest
 
 from .auth_helpers import Daemon
 from .front_util import Frontend, front_config, open_tmp
+from .mta_util import POSTFIX_SERVICES, system_uid
 from .upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -136,33 +137,13 @@ def _logins(front: Frontend, since: int) -> list[str]:
 
 # ------------------------------------------------------------------ Postfix as a null client
 
+# the null client's own transport for wrapper-mode TLS (to sendooway -s)
 SAT_MASTER_CF = """\
-pickup     unix n - n 60 1 pickup
-cleanup    unix n - n - 0 cleanup
-qmgr       unix n - n 300 1 qmgr
-tlsmgr     unix - - n 1000? 1 tlsmgr
-rewrite    unix - - n - - trivial-rewrite
-bounce     unix - - n - 0 bounce
-defer      unix - - n - 0 bounce
-trace      unix - - n - 0 bounce
-verify     unix - - n - 1 verify
-flush      unix n - n 1000? 0 flush
-proxymap   unix - - n - - proxymap
-smtp       unix - - n - - smtp
-relay      unix - - n - - smtp
 smtps      unix - - n - - smtp
   -o smtp_tls_wrappermode=yes
   -o smtp_tls_security_level=encrypt
   -o smtp_sasl_mechanism_filter=login
-showq      unix n - n - - showq
-tlsproxy   unix - - n - 0 tlsproxy
-error      unix - - n - - error
-retry      unix - - n - - error
-discard    unix - - n - - discard
-anvil      unix - - n - 1 anvil
-scache     unix - - n - 1 scache
-postlog    unix-dgram n - n - 1 postlogd
-"""
+""" + POSTFIX_SERVICES
 
 
 def _sat_main_cf(d: Path, ca: str, port: int) -> str:
@@ -214,14 +195,12 @@ class Satellite:
     recipients to the STARTTLS port as carol with a wrong password."""
 
     def __init__(self, cw, root: Path) -> None:
-        from .test_upstream_postfix import _system_uid
-
         self.dir = root
         etc = root / "etc"
         etc.mkdir(parents=True)
         (root / "spool").mkdir()
         (root / "data").mkdir()
-        os.chown(root / "data", _system_uid("postfix"), -1)
+        os.chown(root / "data", system_uid("postfix"), -1)
         (etc / "main.cf").write_text(_sat_main_cf(root, cw.world.ca_file, cw.front.port))
         (etc / "master.cf").write_text(SAT_MASTER_CF)
         (etc / "transport").write_text(f"wrap.example smtps:[localhost]:{cw.front_s.port}\n"

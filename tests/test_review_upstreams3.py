@@ -66,17 +66,16 @@ import shutil
 import smtplib
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
+from tests import mta_util
 from tests.front_util import Frontend, front_config, open_tmp, wait_port
+from tests.mta_util import Sunk
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="the frontend drops to nobody and the servers start as root: needs root")
@@ -114,23 +113,9 @@ ONE_RECEIVED = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 # ------------------------------------------------------------------ the sink
 
 
-@dataclass
-class Sunk:
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-    mail_options: list[str]
-
-
-class Sink:
+class Sink(mta_util.Sink):
     """The servers' next hop: aiosmtpd on loopback recording each message.
     For Dovecot, which relays live, it is also the one that refuses."""
-
-    def __init__(self) -> None:
-        self.messages: list[Sunk] = []
-        self._lock = threading.Lock()
-        self.port = free_port()
-        self._controller: Controller | None = None
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if address.startswith(REFUSED_SENDER + "@"):
@@ -150,35 +135,8 @@ class Sink:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 recipient ok"
 
-    async def handle_DATA(self, server, session, envelope):
-        with self._lock:
-            self.messages.append(Sunk(envelope.mail_from, list(envelope.rcpt_tos),
-                                      envelope.original_content or b"", list(envelope.mail_options)))
-            return "250 2.0.0 sunk as SINK%d" % len(self.messages)
-
-    def start(self) -> "Sink":
-        """Listen (again, after stop) on self.port."""
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, decode_data=False,
-                                      enable_SMTPUTF8=True, data_size_limit=0, ready_timeout=10,
-                                      server_hostname="sink.test")
-        self._controller.start()
-        return self
-
-    def stop(self) -> None:
-        self._controller.stop()
-
 
 # ------------------------------------------------------------------ Dovecot
-
-
-def _system_uid(name: str) -> int:
-    """The uid of a system user from /etc/passwd (nss_wrapper, in this
-    process, knows only the fake world's users)."""
-    for line in Path("/etc/passwd").read_text().splitlines():
-        fields = line.split(":")
-        if len(fields) > 2 and fields[0] == name:
-            return int(fields[2])
-    raise LookupError(f"no system user {name}")
 
 
 DOVECOT_CONF = """\
@@ -238,7 +196,7 @@ class DovecotInstance:
         self.conf.write_text(DOVECOT_CONF.format(d=root, port=self.port, tls_port=self.tls_port,
                                                  sink_port=sink_port, size=SIZE_LIMIT))
         (root / "passwd").write_text(f"{UP_USER}:{{PLAIN}}{UP_PASS}\n")
-        os.chown(root / "passwd", _system_uid("dovecot"), -1)  # its auth process reads it
+        os.chown(root / "passwd", mta_util.system_uid("dovecot"), -1)  # its auth process reads it
         os.chmod(root / "passwd", 0o600)
         shutil.copyfile(world.upstream_cert_file, root / "cert.pem")
         shutil.copyfile(world.upstream_key_file, root / "key.pem")
@@ -574,23 +532,15 @@ def dovecot_up(rig):
 
 
 def _wait_messages(rig, n: int, timeout: float = 15.0) -> list[Sunk]:
-    deadline = time.monotonic() + timeout
-    while len(rig.sink.messages) < n and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(rig.sink.messages) >= n, rig.sink.messages
-    return list(rig.sink.messages)
+    return rig.sink.wait(n, timeout)
 
 
 def _nothing_more(rig, n: int, settle: float = 0.5) -> None:
-    time.sleep(settle)
-    assert len(rig.sink.messages) == n, rig.sink.messages
+    rig.sink.nothing_more(n, settle)
 
 
 def _body(tag: str) -> bytes:
-    return (f"From: someone@example.org\r\nTo: r@example.net\r\nDate: Wed, 25 Nov 2026 12:00:00 +0000\r\n"
-            f"Message-ID: <{tag.replace(' ', '.')}@client.test>\r\nSubject: {tag}\r\n\r\nfirst line\r\n".encode()
-            + b"..a dot-stuffed line\r\n.\r\n" + b"\xc3\xa4 8-bit text\r\n" + b"y" * 998
-            + b"\r\n \r\n\tindented\r\nlast\r\n")
+    return mta_util.message_body(tag, "example.org")
 
 
 def _check(m: Sunk, sender: str, rcpts: list[str], body: bytes, user: str) -> None:

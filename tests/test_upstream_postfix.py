@@ -42,17 +42,15 @@ import re
 import shutil
 import smtplib
 import subprocess
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
 from tests.front_util import Frontend, front_config, open_tmp, wait_port
+from tests.mta_util import POSTFIX_SERVICES, Sink, message_body, system_uid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="the frontend drops to nobody and Postfix starts as root: needs root")
@@ -88,28 +86,7 @@ MASTER_CF = """\
 127.0.0.1:{bare_port} inet n - n - - smtpd
   -o syslog_name=postfix/bare
   -o smtpd_discard_ehlo_keywords=pipelining,enhancedstatuscodes,8bitmime,silent-discard
-pickup     unix n - n 60 1 pickup
-cleanup    unix n - n - 0 cleanup
-qmgr       unix n - n 300 1 qmgr
-tlsmgr     unix - - n 1000? 1 tlsmgr
-rewrite    unix - - n - - trivial-rewrite
-bounce     unix - - n - 0 bounce
-defer      unix - - n - 0 bounce
-trace      unix - - n - 0 bounce
-verify     unix - - n - 1 verify
-flush      unix n - n 1000? 0 flush
-proxymap   unix - - n - - proxymap
-proxywrite unix - - n - 1 proxymap
-smtp       unix - - n - - smtp
-relay      unix - - n - - smtp
-showq      unix n - n - - showq
-error      unix - - n - - error
-retry      unix - - n - - error
-discard    unix - - n - - discard
-anvil      unix - - n - 1 anvil
-scache     unix - - n - 1 scache
-postlog    unix-dgram n - n - 1 postlogd
-"""
+""" + POSTFIX_SERVICES
 
 
 def _main_cf(d: Path, port_sink: int) -> str:
@@ -154,16 +131,6 @@ maximal_backoff_time = 2s
 """
 
 
-def _system_uid(name: str) -> int:
-    """The uid of a system user from /etc/passwd (nss_wrapper, in this
-    process, knows only the fake world's users)."""
-    for line in Path("/etc/passwd").read_text().splitlines():
-        fields = line.split(":")
-        if len(fields) > 2 and fields[0] == name:
-            return int(fields[2])
-    raise LookupError(f"no system user {name}")
-
-
 def _postfix(d: Path, *args: str, timeout: float = 30) -> tuple[int, str]:
     """Run `postfix -c D/etc ARGS` with a clean environment; (status, output).
     Postfix's commands print their errors only to a terminal (else syslog,
@@ -200,7 +167,7 @@ class PostfixInstance:
         etc.mkdir(parents=True)
         (root / "spool").mkdir()
         (root / "data").mkdir()
-        os.chown(root / "data", _system_uid("postfix"), -1)
+        os.chown(root / "data", system_uid("postfix"), -1)
         (etc / "main.cf").write_text(_main_cf(root, sink_port))
         (etc / "master.cf").write_text(MASTER_CF.format(
             port=self.port, idle_port=self.idle_port, idle_timeout=IDLE_TIMEOUT,
@@ -268,43 +235,6 @@ class PostfixInstance:
         return len(re.findall(rf"{service}/smtpd\[\d+\]: connect from ", self.log()))
 
 
-@dataclass
-class Sunk:
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-    mail_options: list[str]
-    smtputf8: bool
-
-
-class Sink:
-    """The next hop of Postfix (its relayhost): aiosmtpd on loopback that
-    records every message as it came, SMTPUTF8 and 8BITMIME offered, no
-    size limit."""
-
-    def __init__(self) -> None:
-        self.messages: list[Sunk] = []
-        self._lock = threading.Lock()
-        self.port = free_port()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, decode_data=False,
-                                      enable_SMTPUTF8=True, data_size_limit=0, ready_timeout=10,
-                                      server_hostname="sink.test")
-
-    async def handle_DATA(self, server, session, envelope):
-        with self._lock:
-            self.messages.append(Sunk(envelope.mail_from, list(envelope.rcpt_tos),
-                                      envelope.original_content or b"", list(envelope.mail_options),
-                                      bool(envelope.smtp_utf8)))
-            return "250 2.0.0 sunk as SINK%d" % len(self.messages)
-
-    def start(self) -> "Sink":
-        self._controller.start()
-        return self
-
-    def stop(self) -> None:
-        self._controller.stop()
-
-
 class PfxWorld:
     pass
 
@@ -355,24 +285,15 @@ def _clear(pfx):
 
 def _wait_messages(pfx, n: int, timeout: float = 15.0) -> list:
     """Wait until the sink holds `n` messages (Postfix relays asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while len(pfx.sink.messages) < n and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(pfx.sink.messages) >= n, (pfx.sink.messages, pfx.postfix.log()[-3000:])
-    return list(pfx.sink.messages)
+    return pfx.sink.wait(n, timeout, detail=lambda: pfx.postfix.log()[-3000:])
 
 
 def _assert_nothing_more(pfx, n: int, settle: float = 1.0) -> None:
-    time.sleep(settle)
-    assert len(pfx.sink.messages) == n, pfx.sink.messages
+    pfx.sink.nothing_more(n, settle)
 
 
 def _body(tag: str) -> bytes:
-    # Date and Message-ID present, so no client adds its own
-    return (f"From: someone@pfx.example\r\nTo: r@example.net\r\nDate: Wed, 25 Nov 2026 12:00:00 +0000\r\n"
-            f"Message-ID: <{tag.replace(' ', '.')}@client.test>\r\nSubject: {tag}\r\n\r\nfirst line\r\n".encode()
-            + b"..a dot-stuffed line\r\n.\r\n" + b"\xc3\xa4 8-bit text\r\n" + b"y" * 998
-            + b"\r\n \r\n\tindented\r\nlast\r\n")
+    return message_body(tag, "pfx.example")
 
 
 def _check(m, sender: str, rcpts: list[str], body: bytes, user: str, proto: bytes = b"ESMTPS") -> str:
