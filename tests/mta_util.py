@@ -42,6 +42,29 @@ postlog    unix-dgram n - n - 1 postlogd
 """
 
 
+def postfix_main_cf(d, name: str, interfaces: str) -> str:
+    """The start of a private Postfix instance's main.cf: everything under
+    directory `d`, its log in d/maillog, myhostname `name`, delivering
+    nothing locally, listening on `interfaces` (IPv4)."""
+    return f"""\
+compatibility_level = 3.6
+queue_directory = {d}/spool
+data_directory = {d}/data
+maillog_file_prefixes = {d}
+maillog_file = {d}/maillog
+myhostname = {name}
+mydomain = {name}
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+relay_domains =
+alias_maps =
+alias_database =
+inet_interfaces = {interfaces}
+inet_protocols = ipv4
+"""
+
+
 def system_uid(name: str) -> int:
     """The uid of a system user from /etc/passwd (nss_wrapper, in this
     process, knows only the fake world's users)."""

@@ -49,7 +49,7 @@ import pytest
 
 from .auth_helpers import Daemon
 from .front_util import Frontend, front_config, open_tmp
-from .mta_util import POSTFIX_SERVICES, system_uid
+from .mta_util import POSTFIX_SERVICES, postfix_main_cf, system_uid
 from .upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -147,22 +147,7 @@ smtps      unix - - n - - smtp
 
 
 def _sat_main_cf(d: Path, ca: str, port: int) -> str:
-    return f"""\
-compatibility_level = 3.6
-queue_directory = {d}/spool
-data_directory = {d}/data
-maillog_file_prefixes = {d}
-maillog_file = {d}/maillog
-myhostname = satellite.test
-mydomain = satellite.test
-myorigin = $myhostname
-mydestination =
-local_recipient_maps =
-relay_domains =
-alias_maps =
-alias_database =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
+    return postfix_main_cf(d, "satellite.test", "loopback-only") + f"""\
 master_service_disable = inet
 relayhost = [127.0.0.1]:{port}
 transport_maps = texthash:{d}/etc/transport

@@ -182,7 +182,24 @@ service anvil {{
 """
 
 
-class DovecotInstance:
+class _Server:
+    """A private server process (`proc`) of a test module."""
+
+    proc: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class DovecotInstance(_Server):
     def __init__(self, world, root: Path, sink_port: int) -> None:
         self.dir = root
         self.port = free_port()
@@ -218,17 +235,6 @@ class DovecotInstance:
         # the probes' connections are not ours: what sendooway did starts after them
         _wait_for(lambda: self.log().count("(no auth attempts") >= 2, 5)
         self.start_offset = len(self.log())
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None and self.proc.stdout:
-            self.proc.stdout.close()
 
     def log(self) -> str:
         try:
@@ -337,7 +343,7 @@ cram:
 """
 
 
-class EximInstance:
+class EximInstance(_Server):
     """exim4 -bdf from the unpacked .deb, in a mount namespace of its own
     where /etc/passwd and /etc/group also name Debian-exim (the user its
     Debian build looks up first thing) as nobody."""
@@ -386,17 +392,6 @@ class EximInstance:
         # limit while the others were still open, one TLS error) are not ours
         _wait_for(lambda: self.log().count(" lost D=") + self.log().count("refused: too many connections") >= 4 and "TLS error on connection" in self.log(), 5)
         self.start_offset = len(self.log())
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None and self.proc.stdout:
-            self.proc.stdout.close()
 
     def settle(self, timeout: float = 10.0) -> None:
         """Wait until Exim's queue is empty (it delivers in the background)."""

@@ -50,7 +50,7 @@ import pytest
 from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
 from tests.front_util import Frontend, front_config, open_tmp, wait_port
-from tests.mta_util import POSTFIX_SERVICES, Sink, message_body, system_uid
+from tests.mta_util import POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, system_uid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="the frontend drops to nobody and Postfix starts as root: needs root")
@@ -90,22 +90,7 @@ MASTER_CF = """\
 
 
 def _main_cf(d: Path, port_sink: int) -> str:
-    return f"""\
-compatibility_level = 3.6
-queue_directory = {d}/spool
-data_directory = {d}/data
-maillog_file_prefixes = {d}
-maillog_file = {d}/maillog
-myhostname = pfx.test
-mydomain = pfx.test
-myorigin = $myhostname
-mydestination =
-local_recipient_maps =
-relay_domains =
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
+    return postfix_main_cf(d, "pfx.test", "127.0.0.1") + f"""\
 mynetworks = 127.0.0.0/8
 relayhost = [127.0.0.1]:{port_sink}
 smtpd_banner = $myhostname ESMTP Postfix
