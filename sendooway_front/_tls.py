@@ -305,7 +305,10 @@ def _system_store_loaded(ctx: SSL.Context) -> bool:
         return True  # (cannot tell: as before)
     if not ssl.get_default_verify_paths().cafile:  # (None: no such file; a directory only)
         return True
-    objects = _lib.X509_STORE_get0_objects(ctx.get_cert_store()._store)
+    try:
+        objects = _lib.X509_STORE_get0_objects(ctx.get_cert_store()._store)
+    except AttributeError:  # (a pyOpenSSL whose X509Store keeps it elsewhere: cannot tell)
+        return True
     return _lib.sk_X509_OBJECT_num(objects) > 0
 
 
