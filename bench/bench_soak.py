@@ -178,6 +178,11 @@ def snapshot(procs: dict[str, int], auth_pid: int, tables: dict | None = None) -
 # ------------------------------------------------------------ clients
 
 
+def login_plain(user: str, password: str) -> str:
+    import base64
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
 class ProxiedSMTP(smtplib.SMTP):
     """smtplib through a PROXY protocol v1 balancer claiming `client`."""
 
@@ -328,6 +333,47 @@ class Kinds:
                 got += chunk
         return "idle: " + got[:3].decode(errors="replace")
 
+    def gone_during_auth(self) -> str:
+        n = self._next()  # (from many addresses: the loopback one is every other kind's)
+        s = self._open("proxy", f"198.19.{n // 250 % 250}.{n % 250 + 1}")
+        s.send(f"AUTH PLAIN {login_plain(f'ghost{n}', 'wrong-Pw-zz')}\r\n")
+        s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        s.close()  # while the authenticator holds the refusal back
+        return "gone during AUTH"
+
+    def gone_during_mail(self) -> str:
+        s, user = self._login(self.rng.choice(("on", "off")))
+        s.send(f"MAIL FROM:<{user}@soak.example>\r\nRCPT TO:<rcpt@example.net>\r\n")
+        s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        s.close()  # while the route is looked up and the upstream is logged in to
+        return "gone during MAIL"
+
+    def idle_in_data(self) -> str:
+        s, user = self._login("on")
+        s.mail(f"{user}@soak.example")
+        s.rcpt("rcpt@example.net")
+        s.docmd("DATA")
+        s.send(b"Subject: slow\r\n\r\nand then nothing")
+        try:
+            return f"idle in DATA: {s.getreply()[0]}"  # the server's timeout
+        except smtplib.SMTPServerDisconnected:
+            return "idle in DATA: closed"
+        finally:
+            s.close()
+
+    def proxy_broken(self) -> str:
+        with socket.create_connection(("127.0.0.1", self.ports["proxy"])) as raw:
+            if self._next() % 2:
+                raw.sendall(b"PROXY TCP4 198.51.100.")  # and gone mid-header
+                return "gone mid PROXY header"
+            raw.sendall(b"PROXY UNKNOWN-ish garbage\r\n")
+            raw.settimeout(10)
+            try:
+                raw.recv(512)
+            except OSError:
+                pass
+            return "bad PROXY header"
+
     def proxied_ok(self) -> str:
         n = self._next()
         s = self._open("proxy", f"203.0.113.{n % 200 + 1}")
@@ -343,6 +389,7 @@ MIX = {  # kind: weight
     "ok_cache_on": 6, "ok_cache_off": 4, "proxied_ok": 1, "wrong_password": 3, "unrouted": 2,
     "rcpt_refused": 2, "data_refused": 2, "upstream_down": 2, "gone_mid_data": 2,
     "gone_at_once": 2, "gone_mid_tls": 2, "tls_failure": 2, "idle": 1,
+    "gone_during_auth": 2, "gone_during_mail": 2, "idle_in_data": 1, "proxy_broken": 1,
 }
 
 

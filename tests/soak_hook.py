@@ -33,6 +33,7 @@ def _ours(obj) -> bool:
 
 def sizes() -> dict[str, int]:
     out: dict[str, int] = collections.Counter()
+    gc.collect()  # what only waits for the collector is no leak
     for name, mod in list(sys.modules.items()):
         if not name.startswith("sendooway_") or mod is None:
             continue
