@@ -171,7 +171,7 @@ def snapshot(procs: dict[str, int], auth_pid: int, tables: dict | None = None) -
         for name, pid in [*procs.items(), ("fork server", fork_pid)]:
             if name != "upstream" and pid:
                 tables[name] = read_tables(pid)
-    out["(pam temp dirs)"] = (len([e for e in os.listdir("/tmp") if e.startswith("pam.")]),)
+    out["(/tmp/pam.X, anyone)"] = (len([e for e in os.listdir("/tmp") if e.startswith("pam.")]),)
     return out
 
 
