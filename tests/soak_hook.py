@@ -10,7 +10,10 @@ classes, by "module.Class.attribute" (summed over the instances, with
 the instance count under "module.Class"), and the asyncio tasks and
 threads of the process. Nothing is added to the product: the tests read
 its own state from outside, as a debugger would, and compare the sizes
-after a warm-up and after many more sessions.
+after a warm-up and after many more sessions. With
+SENDOOWAY_SOAK_TRACEMALLOC set, each dump also appends to
+OUTDIR/tracemalloc-PID.txt the allocations that grew most since the last
+one (tracemalloc), by traceback.
 """
 
 from __future__ import annotations
@@ -80,7 +83,28 @@ def main() -> None:
             json.dump(found, f)
         os.replace(path + ".tmp", path)
 
-    signal.signal(signal.SIGUSR2, dump)
+    if os.environ.get("SENDOOWAY_SOAK_TRACEMALLOC"):
+        import tracemalloc
+
+        tracemalloc.start(8)
+        previous = []
+
+        def dump_and_trace(sig, frame) -> None:
+            dump(sig, frame)
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)])
+            lines = []
+            if previous:
+                for stat in snap.compare_to(previous[0], "traceback")[:12]:
+                    lines.append(f"{stat.size_diff:+d} B {stat.count_diff:+d} blocks")
+                    lines += ["    " + line for line in stat.traceback.format()[-8:]]
+            previous[:] = [snap]
+            with open(os.path.join(outdir, f"tracemalloc-{os.getpid()}.txt"), "a") as f:
+                f.write("==== since the last dump\n" + "\n".join(lines) + "\n")
+
+        signal.signal(signal.SIGUSR2, dump_and_trace)
+    else:
+        signal.signal(signal.SIGUSR2, dump)
     import importlib
     import asyncio  # noqa: F401  (imported before any privilege drop)
     cli = importlib.import_module(module)
