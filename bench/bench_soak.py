@@ -1,6 +1,6 @@
 """Soak: do long-running daemons leak? N mixed sessions against real daemons.
 
-    .venv/bin/python bench/bench_soak.py [--sessions 3000] [--clients 8]
+    .venv/bin/python bench/bench_soak.py [--sessions 3000] [--clients 8] [--tables] [--keep]
 
 Starts an upstream (aiosmtpd, STARTTLS + AUTH, listening on every loopback
 address), `sendooway-auth` (with its fork server and reader workers) and
@@ -16,8 +16,13 @@ and a SIGHUP to the authenticator every few hundred sessions.
 It snapshots every process (descriptors, RSS, threads; the reader workers
 summed) after a warm-up, after half of the sessions and at the end, and
 prints the growth of each half: a leak grows in both halves alike, a
-cache or table filling up grows in the first only. Also zombies, leftover
-temp files and the warnings in the logs. Run as root: it builds a
+cache or table filling up grows in the first only. Also zombies, the
+pam_wrapper temp dirs and the logs' most frequent lines. --tables runs
+the daemons under tests/soak_hook.py and prints every container of the
+product whose size changed (with SENDOOWAY_SOAK_TRACEMALLOC=1 in the
+environment, also the Python allocations that grew, per process, in the
+world's soak/tables/ with --keep). Exit status 1 when descriptors or
+threads still grew in the second half, or a zombie is left. Run as root: it builds a
 throw-away fake world (users, PAM, certificates) and re-executes itself
 inside it, as the other benchmarks do.
 """
