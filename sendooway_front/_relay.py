@@ -247,7 +247,9 @@ class Relay:
         upstream refused these very credentials lately (RefusedLogins)."""
         refused = _pool.refused_logins
         now = asyncio.get_running_loop().time()
-        if (lately := refused.lately(key, now)) is not None:
+        # the credentials, whatever EHLO name (cloneEhlo) the client gave
+        credentials = dataclasses.replace(key, ehlo_name="")
+        if (lately := refused.lately(credentials, now)) is not None:
             ago, detail = lately
             raise UpstreamError(LOGIN_REFUSED_LATELY,
                                 f"{detail} {ago:.0f} s ago; not tried again with the same password for"
@@ -256,9 +258,9 @@ class Relay:
             client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
         except UpstreamError as e:
             if e.login_refused:
-                refused.refused(key, asyncio.get_running_loop().time(), str(e))
+                refused.refused(credentials, asyncio.get_running_loop().time(), str(e))
             raise
-        refused.succeeded(key)
+        refused.succeeded(credentials)
         return client
 
     async def _probe_and_mail(self, client: UpstreamClient, group: list[str]) -> Reply | None:

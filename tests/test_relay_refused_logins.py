@@ -123,10 +123,24 @@ def test_a_535_is_remembered_and_forgotten_after_its_time(monkeypatch):
     assert "not tried again with the same password" in log and "Up-Pw" not in log
     [(key, (when, detail))] = list(_pool.refused_logins._refused.items())
     assert key.user == "u" and "535 5.7.8" in detail and "Up-Pw" not in detail
+    assert key.ehlo_name == ""  # kept for the credentials, whatever name the client gave (cloneEhlo)
     ago, _ = _pool.refused_logins.lately(key, when + 10)
     assert ago == pytest.approx(10)
     assert _pool.refused_logins.lately(key, when + _pool.LOGIN_REFUSED_FOR) is None
     assert not _pool.refused_logins._refused  # an expired entry goes
+
+
+def test_clients_of_other_ehlo_names_share_the_memory(monkeypatch):
+    """With cloneEhlo each client's EHLO name makes its own pool key; the
+    refusal is the credentials', so a client greeting with another name
+    gets the remembered 454 too (one AUTH upstream in all)."""
+    script = _auth_refusing(b"535 5.7.8 no\r\n")
+    mail = b"MAIL FROM:<a@b.example>\r\n"
+    steps = [LOGIN, mail, b"RSET\r\n", b"EHLO other.test\r\n", mail, b"QUIT\r\n"]
+    out, up, log = converse(monkeypatch, script, steps, auth=True, cloneEhlo=True)
+    assert [ln for ln in up.lines if ln.upper().startswith(b"EHLO")] == [b"EHLO c.test\r\n"]
+    assert sum(1 for line in up.lines if line.upper().startswith(b"AUTH")) == 1
+    assert codes(out)[-2:] == [454, 221], out
 
 
 def test_the_memory_is_bounded_and_a_success_forgets():
