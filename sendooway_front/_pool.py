@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sendooway_shared.types import Route, Secret, TlsMode
 
+from ._stream import Lately
 from ._tls import TLSError
 from ._upstream import ReplyError, UpstreamClient
 
@@ -29,7 +30,7 @@ KEPT_IDLE = 10.0       # seconds a session's own connection may idle before its 
 # connection at once and merely queues the rest until its next queue run.
 MAX_MESSAGES = 10
 # Seconds a login the upstream refused (535) is not tried again with the same
-# credentials, and how many such refusals a process remembers (RefusedLogins).
+# credentials, and how many such refusals a process remembers (refused_logins).
 LOGIN_REFUSED_FOR = 300.0
 LOGIN_REFUSED_KEPT = 1024
 # Pauses (s) before each new try after giving idle connections back to a
@@ -59,51 +60,17 @@ class PoolKey:
         return f"PoolKey({self.server}:{self.port} {self.tls.value} user={self.user!r} ehlo={self.ehlo_name!r})"
 
 
-class RefusedLogins:
-    """Upstream logins refused lately (a 5xx to AUTH: wrong credentials), in
-    this process, by PoolKey (server, port, TLS, user, password...). While
-    one is remembered, a MAIL for that route is answered 454 here without
-    connecting: a stale password in a user's file used to cost a failed
-    login upstream for every retry of every client of that identity (a
-    satellite MTA flushing its queue: one per message), and a smarthost
-    counts failures per client address (fail2ban, Dovecot's auth penalty,
-    Exim's ratelimits), which is the proxy's address for all its users.
-    A changed password (another key) is tried at once; a login that
-    succeeds forgets the refusal."""
-
-    def __init__(self, remember_for: float = LOGIN_REFUSED_FOR, kept: int = LOGIN_REFUSED_KEPT) -> None:
-        self.remember_for = remember_for
-        self.kept = kept
-        self._refused: dict[PoolKey, tuple[float, str]] = {}  # key -> (when, what the upstream said)
-
-    def refused(self, key: PoolKey, now: float, detail: str) -> None:
-        self._refused.pop(key, None)
-        if len(self._refused) >= self.kept:
-            for old in [k for k, (when, _) in self._refused.items() if when + self.remember_for <= now]:
-                del self._refused[old]
-            while len(self._refused) >= self.kept:
-                del self._refused[next(iter(self._refused))]  # the oldest
-        self._refused[key] = (now, detail)
-
-    def lately(self, key: PoolKey, now: float) -> tuple[float, str] | None:
-        """(seconds since, the refusal's detail) while `key` is remembered."""
-        entry = self._refused.get(key)
-        if entry is None:
-            return None
-        when, detail = entry
-        if when + self.remember_for <= now:
-            del self._refused[key]
-            return None
-        return now - when, detail
-
-    def succeeded(self, key: PoolKey) -> None:
-        self._refused.pop(key, None)
-
-    def clear(self) -> None:
-        self._refused.clear()
-
-
-refused_logins = RefusedLogins()
+# Upstream logins refused lately (a 5xx to AUTH: wrong credentials), by
+# PoolKey without the EHLO name (server, port, TLS, user, password...), with
+# what the upstream said. While one is remembered, a MAIL for that route is
+# answered 454 without connecting: a stale password in a user's file used
+# to cost a failed login upstream for every retry of every client of that
+# identity (a satellite MTA flushing its queue: one per message), and a
+# smarthost counts failures per client address (fail2ban, Dovecot's auth
+# penalty, Exim's ratelimits), which is the proxy's address for all its
+# users. A changed password (another key) is tried at once; a login that
+# succeeds forgets the refusal.
+refused_logins = Lately(LOGIN_REFUSED_FOR, LOGIN_REFUSED_KEPT)
 
 
 @dataclass

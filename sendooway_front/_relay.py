@@ -244,23 +244,23 @@ class Relay:
 
     async def _open(self, info: SessionInfo, route: Route, key: PoolKey) -> UpstreamClient:
         """A new upstream connection, logged in; not even tried while the
-        upstream refused these very credentials lately (RefusedLogins)."""
+        upstream refused these very credentials lately (_pool.refused_logins)."""
         refused = _pool.refused_logins
         now = asyncio.get_running_loop().time()
         # the credentials, whatever EHLO name (cloneEhlo) the client gave
         credentials = dataclasses.replace(key, ehlo_name="")
-        if (lately := refused.lately(credentials, now)) is not None:
-            ago, detail = lately
+        if (lately := refused.get(credentials, now)) is not None:
+            left, detail = lately
             raise UpstreamError(LOGIN_REFUSED_LATELY,
-                                f"{detail} {ago:.0f} s ago; not tried again with the same password for"
-                                f" {refused.remember_for - ago:.0f} s")
+                                f"{detail} {refused.ttl - left:.0f} s ago; not tried again with the same"
+                                f" password for {left:.0f} s")
         try:
             client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
         except UpstreamError as e:
             if e.login_refused:
-                refused.refused(credentials, asyncio.get_running_loop().time(), str(e))
+                refused.note(credentials, asyncio.get_running_loop().time(), str(e))
             raise
-        refused.succeeded(credentials)
+        refused.forget(credentials)
         return client
 
     async def _probe_and_mail(self, client: UpstreamClient, group: list[str]) -> Reply | None:

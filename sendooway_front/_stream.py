@@ -597,7 +597,45 @@ FAILED_FOR = 300.0  # seconds an address that failed goes after the server's oth
 FAILED_KEPT = 1024  # addresses remembered at most
 
 
-class FailedAddresses:
+class Lately:
+    """What happened to a key in the last `ttl` seconds (with a value), in
+    this process, for at most `kept` keys: past the cap the expired go
+    first, then the oldest. The memory of failed upstream addresses and of
+    refused upstream logins."""
+
+    def __init__(self, ttl: float, kept: int) -> None:
+        self.ttl = ttl
+        self.kept = kept
+        self._until: dict = {}  # key -> (until, value), oldest first
+
+    def note(self, key, now: float, value=None) -> None:
+        self._until.pop(key, None)
+        if len(self._until) >= self.kept:
+            for old in [k for k, (until, _) in self._until.items() if until <= now]:
+                del self._until[old]
+            while len(self._until) >= self.kept:
+                del self._until[next(iter(self._until))]  # the oldest
+        self._until[key] = (now + self.ttl, value)
+
+    def get(self, key, now: float) -> tuple[float, object] | None:
+        """(seconds left, the value) while `key` is remembered, else None."""
+        entry = self._until.get(key)
+        if entry is None:
+            return None
+        until, value = entry
+        if until <= now:
+            del self._until[key]
+            return None
+        return until - now, value
+
+    def forget(self, key) -> None:
+        self._until.pop(key, None)
+
+    def clear(self) -> None:
+        self._until.clear()
+
+
+class FailedAddresses(Lately):
     """The addresses (with their port) a connection to failed lately, in
     this process: tried after the server's other addresses while
     remembered, so a broken path (typically IPv6 to the smarthost, each try
@@ -606,24 +644,18 @@ class FailedAddresses:
     address is never skipped: when all have failed, all are tried."""
 
     def __init__(self) -> None:
-        self._until: dict[tuple, float] = {}
+        super().__init__(FAILED_FOR, FAILED_KEPT)
 
     def order(self, candidates: list, now: float) -> list:
         """`candidates` (family, type, proto, addr) with the remembered ones last."""
-        bad = [c for c in candidates if self._until.get(c[3], 0.0) > now]
+        bad = [c for c in candidates if self._until.get(c[3], (0.0,))[0] > now]
         return [c for c in candidates if c not in bad] + bad
 
     def failed(self, addr: tuple, now: float) -> None:
-        self._until.pop(addr, None)
-        if len(self._until) >= FAILED_KEPT:
-            for old in [a for a, until in self._until.items() if until <= now]:
-                del self._until[old]
-            while len(self._until) >= FAILED_KEPT:
-                del self._until[next(iter(self._until))]  # the oldest
-        self._until[addr] = now + FAILED_FOR
+        self.note(addr, now)
 
     def answered(self, addr: tuple) -> None:
-        self._until.pop(addr, None)
+        self.forget(addr)
 
 
 failed_addresses = FailedAddresses()

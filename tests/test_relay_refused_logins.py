@@ -1,5 +1,5 @@
 """A login the upstream refused (535) is remembered for a few minutes per
-route and password (sendooway_front._pool.RefusedLogins): the client gets
+route and password (sendooway_front._pool.refused_logins): the client gets
 454 4.7.0 at once, the upstream sees no second failed login. Found after the
 real-Dovecot review (tests/test_review_upstreams3.py): Dovecot delays every
 login from an address after a failure there, fail2ban bans it, and the
@@ -113,7 +113,7 @@ def test_a_temporary_refusal_is_not_remembered(monkeypatch):
     got, auths, _ = _two_mails(monkeypatch, _auth_refusing(b"454 4.7.0 try later\r\n"))
     assert auths == 2
     assert got[-4:] == [454, 250, 454, 221], got
-    assert not _pool.refused_logins._refused
+    assert not _pool.refused_logins._until
 
 
 def test_a_535_is_remembered_and_forgotten_after_its_time(monkeypatch):
@@ -121,13 +121,14 @@ def test_a_535_is_remembered_and_forgotten_after_its_time(monkeypatch):
     assert auths == 1, log
     assert got[-4:] == [454, 250, 454, 221], got
     assert "not tried again with the same password" in log and "Up-Pw" not in log
-    [(key, (when, detail))] = list(_pool.refused_logins._refused.items())
+    [(key, (until, detail))] = list(_pool.refused_logins._until.items())
+    when = until - _pool.LOGIN_REFUSED_FOR
     assert key.user == "u" and "535 5.7.8" in detail and "Up-Pw" not in detail
     assert key.ehlo_name == ""  # kept for the credentials, whatever name the client gave (cloneEhlo)
-    ago, _ = _pool.refused_logins.lately(key, when + 10)
-    assert ago == pytest.approx(10)
-    assert _pool.refused_logins.lately(key, when + _pool.LOGIN_REFUSED_FOR) is None
-    assert not _pool.refused_logins._refused  # an expired entry goes
+    left, _ = _pool.refused_logins.get(key, when + 10)
+    assert _pool.LOGIN_REFUSED_FOR - left == pytest.approx(10)
+    assert _pool.refused_logins.get(key, when + _pool.LOGIN_REFUSED_FOR) is None
+    assert not _pool.refused_logins._until  # an expired entry goes
 
 
 def test_clients_of_other_ehlo_names_share_the_memory(monkeypatch):
@@ -146,13 +147,15 @@ def test_clients_of_other_ehlo_names_share_the_memory(monkeypatch):
 def test_the_memory_is_bounded_and_a_success_forgets():
     from sendooway_shared.types import Route, Secret, TlsMode
 
-    memory = _pool.RefusedLogins(remember_for=60, kept=4)
+    from sendooway_front._stream import Lately
+
+    memory = Lately(60, 4)
     keys = [_pool.PoolKey.of(Route(server="up.test", port=p, tls=TlsMode.STARTTLS, ca_file="", user="u",
                                    password=Secret("p"), auth=True, source="t:1"), "", "mx.test")
             for p in range(1, 7)]
     for i, k in enumerate(keys):
-        memory.refused(k, float(i), "535")
-    assert len(memory._refused) == 4 and memory.lately(keys[0], 6.0) is None
-    assert memory.lately(keys[5], 6.0) is not None
-    memory.succeeded(keys[5])
-    assert memory.lately(keys[5], 6.0) is None
+        memory.note(k, float(i), "535")
+    assert len(memory._until) == 4 and memory.get(keys[0], 6.0) is None
+    assert memory.get(keys[5], 6.0) is not None
+    memory.forget(keys[5])
+    assert memory.get(keys[5], 6.0) is None
