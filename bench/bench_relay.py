@@ -121,7 +121,8 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            said = proc.stderr.read()[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"process exited with {proc.returncode}: {said}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return

@@ -49,6 +49,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from bench.bench_relay import free_port, wait_port  # noqa: E402
+from tests.front_util import ClaimingSMTP, login_plain  # noqa: E402
+
 FLAG = "SENDOOWAY_SOAK_WORLD"
 BIN = os.path.dirname(sys.executable)
 UP_USER, UP_PW = "soak-up", "Soak-Up-Pw-31"
@@ -77,24 +80,6 @@ print(up.port, flush=True)
 sys.stdin.read()
 up.stop()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 # ------------------------------------------------------------ /proc
@@ -183,24 +168,6 @@ def snapshot(procs: dict[str, int], auth_pid: int, tables: dict | None = None) -
 # ------------------------------------------------------------ clients
 
 
-def login_plain(user: str, password: str) -> str:
-    import base64
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-
-
-class ProxiedSMTP(smtplib.SMTP):
-    """smtplib through a PROXY protocol v1 balancer claiming `client`."""
-
-    def __init__(self, client: str, *a, **kw) -> None:
-        self.client = client
-        super().__init__(*a, **kw)
-
-    def _get_socket(self, host, port, timeout):
-        s = super()._get_socket(host, port, timeout)
-        s.sendall(f"PROXY TCP4 {self.client} 127.0.0.1 40000 {port}\r\n".encode())
-        return s
-
-
 class Kinds:
     """One method per kind of session; each returns what happened, for the tally."""
 
@@ -220,7 +187,7 @@ class Kinds:
     def _open(self, which: str = "on", client: str | None = None) -> smtplib.SMTP:
         port = self.ports[which]
         if client:
-            s = ProxiedSMTP(client, "127.0.0.1", port, local_hostname="client.soak", timeout=30)
+            s = ClaimingSMTP(client, "127.0.0.1", port, local_hostname="client.soak", timeout=30)
         else:
             s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.soak", timeout=30)
         s.starttls(context=self.ctx)

@@ -122,6 +122,19 @@ def proc_ids(pid: int) -> dict[str, list[int]]:
     return out
 
 
+class ClaimingSMTP(smtplib.SMTP):
+    """smtplib behind a PROXY protocol v1 balancer claiming `client`."""
+
+    def __init__(self, client: str, *a, **kw) -> None:
+        self.client = client
+        super().__init__(*a, **kw)
+
+    def _get_socket(self, host, port, timeout):
+        s = super()._get_socket(host, port, timeout)
+        s.sendall(f"PROXY TCP4 {self.client} 127.0.0.1 40000 {port}\r\n".encode())
+        return s
+
+
 def login_plain(user: str, password: str) -> str:
     import base64
 

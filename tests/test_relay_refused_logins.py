@@ -12,7 +12,6 @@ upstream again (each test below failed that way).
 from __future__ import annotations
 
 import os
-import smtplib
 
 import pytest
 

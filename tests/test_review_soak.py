@@ -53,7 +53,7 @@ import pytest
 
 from .auth_helpers import Daemon, children, workers
 from .fakeworld import free_port
-from .front_util import Frontend, front_config, login_plain, open_tmp
+from .front_util import ClaimingSMTP, Frontend, front_config, login_plain, open_tmp
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real daemons and users need root")
 
@@ -123,19 +123,6 @@ def _grown(before: dict, after: dict, more_than: int, exempt=()) -> dict:
             if v - before.get(k, 0) > more_than and not k.startswith(tuple(exempt))}
 
 
-class _Proxied(smtplib.SMTP):
-    """smtplib behind a PROXY protocol v1 balancer claiming `client`."""
-
-    def __init__(self, client: str, *a, **kw) -> None:
-        self.client = client
-        super().__init__(*a, **kw)
-
-    def _get_socket(self, host, port, timeout):
-        s = super()._get_socket(host, port, timeout)
-        s.sendall(f"PROXY TCP4 {self.client} 127.0.0.1 40000 {port}\r\n".encode())
-        return s
-
-
 def _rst(s: smtplib.SMTP) -> None:
     s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
     s.close()
@@ -151,7 +138,7 @@ def _mixed(fe: Frontend, world, i: int) -> str:
     if kind == 0:  # gone right after connecting (before its PROXY header)
         socket.create_connection((fe.host, fe.port)).close()
         return "gone"
-    s = _Proxied(client, fe.host, fe.port, local_hostname="client.test", timeout=20)
+    s = ClaimingSMTP(client, fe.host, fe.port, local_hostname="client.test", timeout=20)
     try:
         if kind == 1:  # idles into the timeout
             s.sock.settimeout(10)
