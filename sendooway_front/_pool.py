@@ -159,16 +159,7 @@ class UpstreamPool:
         because of the ones we keep (a limit per client host). How many."""
         server = server.lower()
         entries = [(k, e) for k, v in self._idle.items() if k.server == server for e in v]
-        for k, e in entries:
-            self._remove(k, e)
-        if entries:
-            # each QUIT waits QUIT_WAIT s at most; whatever is left then is cut
-            _done, pending = await asyncio.wait(
-                [self.loop.create_task(e.client.quit()) for _k, e in entries], timeout=10)
-            for task in pending:
-                task.cancel()
-            for _k, e in entries:
-                e.client.abort()  # (a no-op after a QUIT that finished)
+        await self._quit(entries)
         return len(entries)
 
     def _remove(self, key: PoolKey, entry: _Idle) -> bool:
@@ -202,17 +193,21 @@ class UpstreamPool:
     async def close_all(self) -> None:
         """QUIT every idle connection (SIGTERM, end of the process). No more are kept."""
         self._closing = True
-        entries = [(k, e) for k, v in self._idle.items() for e in v]
+        await self._quit([(k, e) for k, v in self._idle.items() for e in v], also=list(self._tasks))
+
+    async def _quit(self, entries: list[tuple[PoolKey, _Idle]], also: list | None = None) -> None:
+        """Take `entries` out of the pool and QUIT them, waiting (with the
+        tasks `also`) 10 s at most: each QUIT waits QUIT_WAIT s for its
+        reply; whatever is left then is cut."""
         for k, e in entries:
             self._remove(k, e)
-        tasks = [self.loop.create_task(e.client.quit()) for _k, e in entries] + list(self._tasks)
+        tasks = [self.loop.create_task(e.client.quit()) for _k, e in entries] + (also or [])
         if tasks:
-            # each QUIT waits QUIT_WAIT s at most; whatever is left then is cut
             _done, pending = await asyncio.wait(tasks, timeout=10)
             for task in pending:
                 task.cancel()
             for _k, e in entries:
-                e.client.abort()
+                e.client.abort()  # (a no-op after a QUIT that finished)
 
 
 _pools: dict[asyncio.AbstractEventLoop, UpstreamPool] = {}

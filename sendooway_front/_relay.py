@@ -50,6 +50,11 @@ def _transport_failure(exc: BaseException) -> Reply:
     return DROPPED
 
 
+def _busy(e: UpstreamError) -> bool:
+    """The upstream refused the connection at its greeting, for now (4xx)."""
+    return e.greeting is not None and 400 <= e.greeting.code < 500
+
+
 class _LineEndCheck:
     """Defence in depth behind the session core: every CR and LF in the data
     must be part of a CRLF pair, across chunk borders too."""
@@ -224,7 +229,7 @@ class Relay:
             # a server that limits the connections per client host (Exim's
             # smtp_accept_max_per_host, Postfix's anvil) counts the ones we
             # keep idle: give them back and try again (GIVE_BACK_PAUSES)
-            if (e.greeting is None or not 400 <= e.greeting.code < 500 or self.pool is None
+            if (not _busy(e) or self.pool is None
                     or not (kept_there := await self.pool.give_back(route.server))):
                 raise
             self.log.info("%s: upstream %s refused a connection (%s) while %d idle ones to it were kept:"
@@ -237,8 +242,7 @@ class Relay:
                     client = await self._open(info, route, key)
                     break
                 except UpstreamError as again:
-                    if (again.greeting is None or not 400 <= again.greeting.code < 500
-                            or pause == _pool.GIVE_BACK_PAUSES[-1]):
+                    if not _busy(again) or pause == _pool.GIVE_BACK_PAUSES[-1]:
                         raise
         return client, False
 
