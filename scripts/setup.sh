@@ -18,7 +18,10 @@ cd "$(dirname "$0")/.."
 # AUTH and TLS (Authen::SASL, IO::Socket::SSL; Mail::Address from
 # libmailtools-perl, without which it does not start), and Cyrus SASL's
 # PLAIN/LOGIN client plugins for Postfix as a null client: the real clients
-# of tests/test_review_clients2.py)
+# of tests/test_review_clients2.py; sendemail, ruby (its net/smtp is a
+# bundled gem of ruby3.1), php-cli with libphp-phpmailer, and GNU mailutils:
+# the real clients of tests/test_review_clients3.py, which also uses Net::SMTP
+# from Perl's core with the IO::Socket::SSL and Authen::SASL above)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
@@ -26,6 +29,7 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       man-db python3-setuptools curl git fetchmail getmail6
       s-nail neomutt git-email libauthen-sasl-perl libio-socket-ssl-perl libmailtools-perl
       libsasl2-modules
+      sendemail ruby php-cli libphp-phpmailer mailutils
       dovecot-core dovecot-submissiond
       libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
       util-linux)

@@ -1,18 +1,27 @@
-"""What the tests with real MTAs share (Postfix, Exim, Dovecot as the
-upstream or as the client): the aiosmtpd sink behind them, waiting for what
-it received, a message body that exercises the edges, system uids, and the
-master.cf services every private Postfix instance needs."""
+"""What the tests with real MTAs and mail clients share (Postfix, Exim,
+Dovecot as the upstream or as the client; MUAs and libraries as clients):
+the aiosmtpd sink behind them, waiting for what it received, a message body
+that exercises the edges, system uids, the master.cf services every private
+Postfix instance needs, and the world of the real-client reviews (a daemon,
+a STARTTLS and a -s frontend, one upstream with scripted refusals)."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from aiosmtpd.controller import Controller
 
+from .auth_helpers import Daemon
 from .fakeworld import free_port
+from .front_util import Frontend, front_config, open_tmp
+from .upstream import FakeUpstream
 
 # master.cf: the internal services of a private Postfix instance (a test
 # puts its own smtpd listeners, or none, and extra transports before them)
@@ -135,3 +144,87 @@ def message_body(tag: str, domain: str) -> bytes:
             f"Message-ID: <{tag.replace(' ', '.')}@client.test>\r\nSubject: {tag}\r\n\r\nfirst line\r\n".encode()
             + b"..a dot-stuffed line\r\n.\r\n" + b"\xc3\xa4 8-bit text\r\n" + b"y" * 998
             + b"\r\n \r\n\tindented\r\nlast\r\n")
+
+
+# ------------------------------------------------------------------ real clients of sendooway
+
+SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Clients run without the suite's nss_wrapper/pam_wrapper (they need the
+# system's users, not the fake world's).
+CLEAN_ENV = {"PATH": SBIN_PATH, "LANG": "C", "LC_ALL": "C"}
+
+REFUSED_RCPT = "nobody@example.net"     # the upstream answers 550 5.1.1
+LATER_RCPT = "later@example.net"        # the upstream answers 451 4.3.0
+REFUSED_SENDER = "refused@home.example"  # the upstream answers 550 5.7.1 to MAIL
+
+# Ours: the client's EHLO name (when a domain), our localname, the user.
+OUR_RECEIVED = re.compile(
+    rb"Received: from (?P<helo>[\w.-]+) \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\tby mx\.test \(sendooway\) with (?P<proto>ESMTPS?A) id [^\s;]+\r\n"
+    rb"\t\(authenticated user (?P<user>\w+)\); \w{3}, \d+ \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n")
+
+
+def tool(name: str) -> str:
+    """The path of a client program scripts/setup.sh installs (skip without)."""
+    path = shutil.which(name, path=SBIN_PATH)
+    if path is None:
+        pytest.skip(f"{name} is not installed (scripts/setup.sh installs it)")
+    return path
+
+
+@contextlib.contextmanager
+def client_world(world):
+    """One daemon, a STARTTLS frontend (.front) and a -s frontend (.front_s),
+    one plain upstream (.up) for every sender (`direct:*`, noAuth) refusing
+    REFUSED_RCPT (550), LATER_RCPT (451) and REFUSED_SENDER (550 at MAIL);
+    `addReceivedField = yes`."""
+    with open_tmp() as tmp:
+        up = FakeUpstream(world, tls="plain", reject_rcpt={REFUSED_RCPT},
+                          temp_fail_rcpt={LATER_RCPT}, reject_mail={REFUSED_SENDER}).start()
+        config = front_config(tmp, world, "addReceivedField = yes\n"
+                                          f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
+        daemon = Daemon(tmp, config).start()
+        front = Frontend(config, str(tmp / "front.log")).start()
+        front_s = Frontend(config, str(tmp / "front-s.log"), args=["-s"]).start()
+        ns = type("ClientWorld", (), {})()
+        ns.world, ns.tmp, ns.up, ns.daemon, ns.front, ns.front_s = world, tmp, up, daemon, front, front_s
+        try:
+            yield ns
+        finally:
+            front.stop()
+            front_s.stop()
+            daemon.stop()
+            up.stop()
+
+
+def assert_logs_clean(cw) -> None:
+    """No traceback and no user's password in any log of a client world."""
+    logs = cw.front.log() + cw.front_s.log() + cw.daemon.log()
+    assert "Traceback" not in logs
+    for u in cw.world.users.values():
+        assert u.password not in logs
+
+
+def wait_upstream(cw, n: int, timeout: float = 15.0) -> list:
+    """The upstream's messages, once there are `n`."""
+    deadline = time.monotonic() + timeout
+    while len(cw.up.messages) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(cw.up.messages) >= n, cw.up.messages
+    return list(cw.up.messages)
+
+
+def split_ours(m, user: str, helo: bytes | None = b"client.test") -> bytes:
+    """The upstream's message: our Received: (checked: the user, ESMTPSA, the
+    client's EHLO name unless `helo` is None), then what is returned."""
+    ours = OUR_RECEIVED.match(m.data)
+    assert ours, m.data[:400]
+    assert ours.group("user").decode() == user, ours.group(0)
+    assert helo is None or ours.group("helo") == helo, ours.group(0)
+    assert ours.group("proto") == b"ESMTPSA"
+    return m.data[ours.end():]
+
+
+def logins(front: Frontend, since: int) -> list[str]:
+    """The mechanisms of the logins a frontend logged after offset `since`."""
+    return re.findall(r"login: mechanism=(\S+)", front.log()[since:])

@@ -47,92 +47,32 @@ from pathlib import Path
 
 import pytest
 
-from .auth_helpers import Daemon
-from .front_util import Frontend, front_config, open_tmp
-from .mta_util import POSTFIX_SERVICES, postfix_main_cf, system_uid
-from .upstream import FakeUpstream
+from .mta_util import (
+    CLEAN_ENV, LATER_RCPT, POSTFIX_SERVICES, REFUSED_RCPT, REFUSED_SENDER, SBIN_PATH, assert_logs_clean,
+    client_world, logins as _logins, postfix_main_cf, split_ours as _split, system_uid, tool as _tool,
+    wait_upstream as _wait_messages,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
-
-SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-# Clients run without the suite's nss_wrapper/pam_wrapper (they need the
-# system's users, not the fake world's).
-CLEAN_ENV = {"PATH": SBIN_PATH, "LANG": "C", "LC_ALL": "C"}
-
-REFUSED_RCPT = "nobody@example.net"     # the upstream answers 550 5.1.1
-LATER_RCPT = "later@example.net"        # the upstream answers 451 4.3.0
-REFUSED_SENDER = "refused@home.example"  # the upstream answers 550 5.7.1 to MAIL
-
-# Ours: the client's EHLO name (when a domain), our localname, the user.
-OUR_RECEIVED = re.compile(
-    rb"Received: from (?P<helo>[\w.]+) \(\[127\.0\.0\.1\]\)\r\n"
-    rb"\tby mx\.test \(sendooway\) with (?P<proto>ESMTPS?A) id [^\s;]+\r\n"
-    rb"\t\(authenticated user (?P<user>\w+)\); \w{3}, \d+ \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=SBIN_PATH)
-    if path is None:
-        pytest.skip(f"{name} is not installed (scripts/setup.sh installs it)")
-    return path
 
 
 @pytest.fixture(scope="module")
 def cw(world):
     """One daemon, a STARTTLS frontend and a -s frontend, one plain upstream
     for every sender (`direct:*`, noAuth) with scripted refusals."""
-    with open_tmp() as tmp:
-        up = FakeUpstream(world, tls="plain", reject_rcpt={REFUSED_RCPT},
-                          temp_fail_rcpt={LATER_RCPT}, reject_mail={REFUSED_SENDER}).start()
-        config = front_config(tmp, world, "addReceivedField = yes\n"
-                                          f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
-        daemon = Daemon(tmp, config).start()
-        front = Frontend(config, str(tmp / "front.log")).start()
-        front_s = Frontend(config, str(tmp / "front-s.log"), args=["-s"]).start()
-        ns = type("CW", (), {})()
-        ns.world, ns.tmp, ns.up, ns.daemon, ns.front, ns.front_s = world, tmp, up, daemon, front, front_s
-        try:
-            yield ns
-        finally:
-            front.stop()
-            front_s.stop()
-            daemon.stop()
-            up.stop()
+    with client_world(world) as ns:
+        yield ns
 
 
 @pytest.fixture(autouse=True)
 def _clean(cw):
     cw.up.messages.clear()
     yield
-    logs = cw.front.log() + cw.front_s.log() + cw.daemon.log()
-    assert "Traceback" not in logs
-    for u in cw.world.users.values():
-        assert u.password not in logs
+    assert_logs_clean(cw)
 
 
 def _pw(cw, user: str) -> str:
     return cw.world.users[user].password
-
-
-def _wait_messages(cw, n: int, timeout: float = 15.0) -> list:
-    deadline = time.monotonic() + timeout
-    while len(cw.up.messages) < n and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(cw.up.messages) >= n, cw.up.messages
-    return list(cw.up.messages)
-
-
-def _split(m, user: str, helo: bytes = b"client.test") -> bytes:
-    """The upstream's message: our Received: (checked), then what is returned."""
-    ours = OUR_RECEIVED.match(m.data)
-    assert ours, m.data[:400]
-    assert ours.group("user").decode() == user and ours.group("helo") == helo, ours.group(0)
-    assert ours.group("proto") == b"ESMTPSA"
-    return m.data[ours.end():]
-
-
-def _logins(front: Frontend, since: int) -> list[str]:
-    return re.findall(r"login: mechanism=(\S+)", front.log()[since:])
 
 
 # ------------------------------------------------------------------ Postfix as a null client
