@@ -614,3 +614,54 @@ def test_aiosmtplib_starttls_and_tls(cw):
     assert split_ours(msgs[2], "bob").endswith(b"\r\n\r\n\xc3\xa4 8-bit\r\n.\r\n")
     assert logins(cw.front, start) == ["PLAIN"] and logins(cw.front_s, start_s) == ["LOGIN"]
     assert "login failed: user='carol' mechanism=PLAIN" in cw.front.log()[start:]
+
+
+# ------------------------------------------------------------------ a refusal after the final dot
+
+def test_upstream_refusing_the_message_after_the_dot_reaches_every_client(cw, tmp_path):
+    """The upstream's 554 to the final dot (after MAIL, RCPT and DATA were
+    accepted) is what each client hears: never a 250. Each reports it as a
+    failure: sendEmail exits 1, Net::SMTP's dataend() is false with 554,
+    Ruby raises Net::SMTPFatalError, PHPMailer "data not accepted", Mailutils
+    exits 1, curl exits with an error, aiosmtplib raises SMTPDataError."""
+    import aiosmtplib
+
+    pw = _pw(cw, "alice")
+    reply = "554 5.6.0 content refused"
+    cw.up.fail_data = "content refused"
+    try:
+        r = _sendemail(cw, tmp_path, "alice", pw, "alice@home.example", ["r@example.net"], "refused data")
+        assert r.returncode == 1 and reply in _out(r), _out(r)
+        r = _net_smtp(cw, tmp_path, "ssl", cw.front_s.port, "alice", pw, "PLAIN", "alice@home.example",
+                      "r@example.net")
+        assert r.stdout.decode() == "data refused: 554\n", _out(r)
+        r = _ruby(cw, tmp_path, "starttls", cw.front.port, "alice", pw, "LOGIN", "alice@home.example",
+                  "r@example.net")
+        assert r.stdout.decode() == f"permanent: {reply}\n", _out(r)
+        r = _phpmailer(cw, tmp_path, "ssl", cw.front_s.port, "alice", pw, "PLAIN", "alice@home.example",
+                       "r@example.net")
+        assert r.returncode == 2 and "failed 1: SMTP Error: data not accepted." in r.stdout.decode(), _out(r)
+        r = _mail(cw, tmp_path, f"smtp://alice:{pw}@localhost:{cw.front.port}", "alice@home.example",
+                  ["r@example.net"], "refused data")
+        assert r.returncode == 1 and f"S: {reply}" in _out(r), _out(r)
+        ok = tmp_path / "ok.eml"
+        ok.write_bytes(b"Subject: ok\r\n\r\nok\r\n")
+        r = _curl(cw, cw.front.port, "smtp", "alice", pw, "alice@home.example", ["r@example.net"], ok)
+        assert r.returncode != 0 and f"< {reply}" in _out(r), _out(r)
+
+        async def aio() -> int:
+            async with aiosmtplib.SMTP(hostname="localhost", port=cw.front_s.port, use_tls=True, timeout=20,
+                                       tls_context=ssl.create_default_context(cafile=cw.world.ca_file),
+                                       local_hostname="client.test", username="alice", password=pw) as smtp:
+                try:
+                    await smtp.sendmail("alice@home.example", ["r@example.net"], b"Subject: x\r\n\r\nx\r\n")
+                except aiosmtplib.SMTPDataError as e:
+                    return e.code
+            return 0
+
+        assert asyncio.run(aio()) == 554
+    finally:
+        cw.up.fail_data = None
+    assert cw.up.messages == []
+    # each logged with the upstream's word
+    assert cw.front.log().count(f"upstream={reply}\n") == 4 and cw.front_s.log().count(f"upstream={reply}\n") == 3
