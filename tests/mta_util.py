@@ -172,6 +172,13 @@ def tool(name: str) -> str:
     return path
 
 
+class ClientWorld:
+    """What client_world() yields: .world, .tmp, .up, .daemon, .front, .front_s."""
+
+    def pw(self, user: str) -> str:
+        return self.world.users[user].password
+
+
 @contextlib.contextmanager
 def client_world(world):
     """One daemon, a STARTTLS frontend (.front) and a -s frontend (.front_s),
@@ -186,7 +193,7 @@ def client_world(world):
         daemon = Daemon(tmp, config).start()
         front = Frontend(config, str(tmp / "front.log")).start()
         front_s = Frontend(config, str(tmp / "front-s.log"), args=["-s"]).start()
-        ns = type("ClientWorld", (), {})()
+        ns = ClientWorld()
         ns.world, ns.tmp, ns.up, ns.daemon, ns.front, ns.front_s = world, tmp, up, daemon, front, front_s
         try:
             yield ns
@@ -197,8 +204,19 @@ def client_world(world):
             up.stop()
 
 
-def assert_logs_clean(cw) -> None:
-    """No traceback and no user's password in any log of a client world."""
+@pytest.fixture(scope="module")
+def cw(world):
+    """A module's client_world (import it, with clean_client_world, into the test module)."""
+    with client_world(world) as ns:
+        yield ns
+
+
+@pytest.fixture(autouse=True)
+def clean_client_world(cw):
+    """Each test starts with no upstream message and leaves no traceback
+    and no password in any log."""
+    cw.up.messages.clear()
+    yield
     logs = cw.front.log() + cw.front_s.log() + cw.daemon.log()
     assert "Traceback" not in logs
     for u in cw.world.users.values():

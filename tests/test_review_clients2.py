@@ -48,31 +48,12 @@ from pathlib import Path
 import pytest
 
 from .mta_util import (
-    CLEAN_ENV, LATER_RCPT, POSTFIX_SERVICES, REFUSED_RCPT, REFUSED_SENDER, SBIN_PATH, assert_logs_clean,
-    client_world, logins as _logins, postfix_main_cf, split_ours as _split, system_uid, tool as _tool,
-    wait_upstream as _wait_messages,
+    CLEAN_ENV, LATER_RCPT, POSTFIX_SERVICES, REFUSED_RCPT, REFUSED_SENDER, SBIN_PATH, logins as _logins,
+    postfix_main_cf, split_ours as _split, system_uid, tool as _tool, wait_upstream as _wait_messages,
 )
+from .mta_util import clean_client_world, cw  # noqa: F401  (this module's fixtures)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
-
-
-@pytest.fixture(scope="module")
-def cw(world):
-    """One daemon, a STARTTLS frontend and a -s frontend, one plain upstream
-    for every sender (`direct:*`, noAuth) with scripted refusals."""
-    with client_world(world) as ns:
-        yield ns
-
-
-@pytest.fixture(autouse=True)
-def _clean(cw):
-    cw.up.messages.clear()
-    yield
-    assert_logs_clean(cw)
-
-
-def _pw(cw, user: str) -> str:
-    return cw.world.users[user].password
 
 
 # ------------------------------------------------------------------ Postfix as a null client
@@ -138,9 +119,9 @@ class Satellite:
         (etc / "transport").write_text(f"wrap.example smtps:[127.0.0.1]:{cw.front_s.port}\n"
                                        f"badpw.example smtp:[localhost]:{cw.front.port}\n")
         (etc / "sasl_passwd").write_text(
-            f"[127.0.0.1]:{cw.front.port} alice:{_pw(cw, 'alice')}\n"
-            f"[127.0.0.1]:{cw.front_s.port} bob:{_pw(cw, 'bob')}\n"
-            f"[localhost]:{cw.front.port} carol:not-{_pw(cw, 'carol')}\n")
+            f"[127.0.0.1]:{cw.front.port} alice:{cw.pw('alice')}\n"
+            f"[127.0.0.1]:{cw.front_s.port} bob:{cw.pw('bob')}\n"
+            f"[localhost]:{cw.front.port} carol:not-{cw.pw('carol')}\n")
         os.chmod(etc / "sasl_passwd", 0o600)
         self.log_path = root / "maillog"
 
@@ -364,11 +345,11 @@ def test_s_nail_starttls_plain_and_smtps_login(cw, tmp_path):
     recipients of which the upstream refuses none; then a wrong password
     (535) and a sender the upstream refuses (550), which s-nail reports."""
     start, start_s = len(cw.front.log()), len(cw.front_s.log())
-    r = _snail(cw, tmp_path, f"smtp://alice:{_pw(cw, 'alice')}@localhost:{cw.front.port}",
+    r = _snail(cw, tmp_path, f"smtp://alice:{cw.pw('alice')}@localhost:{cw.front.port}",
                ["-S", "smtp-use-starttls", "-S", "smtp-auth=plain"], "alice@home.example",
                ["r@example.net", "s@example.net"], "s-nail starttls")
     assert r.returncode == 0, r.stderr
-    r = _snail(cw, tmp_path, f"smtps://bob:{_pw(cw, 'bob')}@localhost:{cw.front_s.port}",
+    r = _snail(cw, tmp_path, f"smtps://bob:{cw.pw('bob')}@localhost:{cw.front_s.port}",
                ["-S", "smtp-auth=login"], "bob@home.example", ["t@example.net"], "s-nail smtps")
     assert r.returncode == 0, r.stderr
     msgs = _wait_messages(cw, 2)
@@ -383,11 +364,11 @@ def test_s_nail_starttls_plain_and_smtps_login(cw, tmp_path):
         assert text == b"first line\r\n=2E\r\n..two dots\r\n.three\r\nlast line without newline=\r\n", text
     assert _logins(cw.front, start) == ["PLAIN"] and _logins(cw.front_s, start_s) == ["LOGIN"]
     cw.up.messages.clear()
-    r = _snail(cw, tmp_path, f"smtp://carol:wrong-{_pw(cw, 'carol')}@localhost:{cw.front.port}",
+    r = _snail(cw, tmp_path, f"smtp://carol:wrong-{cw.pw('carol')}@localhost:{cw.front.port}",
                ["-S", "smtp-use-starttls", "-S", "smtp-auth=login"], "carol@home.example",
                ["r@example.net"], "wrong password")
     assert r.returncode != 0 and b"535 5.7.8" in r.stderr, r.stderr
-    r = _snail(cw, tmp_path, f"smtp://alice:{_pw(cw, 'alice')}@localhost:{cw.front.port}",
+    r = _snail(cw, tmp_path, f"smtp://alice:{cw.pw('alice')}@localhost:{cw.front.port}",
                ["-S", "smtp-use-starttls"], REFUSED_SENDER, ["r@example.net"], "refused sender")
     assert r.returncode != 0 and b"550 5.7.1 sender refused by fake upstream" in r.stderr, r.stderr
     assert cw.up.messages == []
@@ -402,7 +383,7 @@ def _neomutt(cw, tmp_path, url: str, user: str, auth: str, rcpts: list[str],
     return subprocess.run(
         [neomutt, "-n", "-F", "/dev/null", "-d", "2", "-l", str(debug),
          "-e", f"set ssl_ca_certificates_file={cw.world.ca_file}",
-         "-e", f"set smtp_url={url}", "-e", f'set smtp_pass="{_pw(cw, user)}"',
+         "-e", f"set smtp_url={url}", "-e", f'set smtp_pass="{cw.pw(user)}"',
          "-e", f'set smtp_authenticators="{auth}"', "-e", "set ssl_starttls=yes ssl_force_tls=yes",
          "-e", f"set from={user}@home.example hostname=client.test", "-e", "set record=",
          "-s", subject, "--", *rcpts],
@@ -467,7 +448,7 @@ def _send_email(cw, tmp_path, port: int, encryption: str, auth: str, rcpts: list
         [git, "send-email", "--no-validate", "--confirm=never", "--suppress-cc=all", "--no-chain-reply-to",
          "--from", "Alice <alice@home.example>", *[f"--to={r}" for r in rcpts],
          "--smtp-server=localhost", f"--smtp-server-port={port}", f"--smtp-encryption={encryption}",
-         "--smtp-user=alice", f"--smtp-pass={_pw(cw, 'alice')}", f"--smtp-auth={auth}",
+         "--smtp-user=alice", f"--smtp-pass={cw.pw('alice')}", f"--smtp-auth={auth}",
          f"--smtp-ssl-cert-path={cw.world.ca_file}", "--smtp-domain=client.test", "--smtp-debug=1",
          *map(str, patches)],
         env=env, capture_output=True, timeout=60)
@@ -591,7 +572,7 @@ def exim(cw):
     os.chown(d / "log", 65534, 65534)
     conf = d / "exim.conf"
     conf.write_text(EXIM_CONF.format(binary=binary, d=d, port=cw.front.port, sport=cw.front_s.port, ca=cw.world.ca_file,
-                                     alice_pw=_pw(cw, "alice"), bob_pw=_pw(cw, "bob")))
+                                     alice_pw=cw.pw("alice"), bob_pw=cw.pw("bob")))
     # root's and readable: Exim's deliveries run as Debian-exim (nobody here)
     # and read it again (the test world's passwords only, in a temp dir)
     os.chmod(conf, 0o644)

@@ -50,9 +50,9 @@ from email.message import EmailMessage
 import pytest
 
 from .mta_util import (
-    CLEAN_ENV, LATER_RCPT, OUR_RECEIVED, REFUSED_RCPT, REFUSED_SENDER, assert_logs_clean, client_world, logins,
-    split_ours, tool, wait_upstream,
+    CLEAN_ENV, LATER_RCPT, OUR_RECEIVED, REFUSED_RCPT, REFUSED_SENDER, logins, split_ours, tool, wait_upstream,
 )
+from .mta_util import clean_client_world, cw  # noqa: F401  (this module's fixtures)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
 
@@ -61,23 +61,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to
 BODY = b"first line\n.\n..two dots\n.three\nlast line without newline"
 # ... and as every client that dot-stuffs and ends lines with CRLF delivers it
 BODY_CRLF = b"first line\r\n.\r\n..two dots\r\n.three\r\nlast line without newline\r\n"
-
-
-@pytest.fixture(scope="module")
-def cw(world):
-    with client_world(world) as ns:
-        yield ns
-
-
-@pytest.fixture(autouse=True)
-def _clean(cw):
-    cw.up.messages.clear()
-    yield
-    assert_logs_clean(cw)
-
-
-def _pw(cw, user: str) -> str:
-    return cw.world.users[user].password
 
 
 def _starts(cw) -> tuple[int, int]:
@@ -116,7 +99,7 @@ def test_sendemail_starttls_login_refusals_and_wrong_password(cw, tmp_path):
     The upstream's 550 to MAIL or RCPT and its 451 to RCPT end sendEmail
     with an error (it does not tell them apart), a wrong password too."""
     start, _ = _starts(cw)
-    r = _sendemail(cw, tmp_path, "alice", _pw(cw, "alice"), "alice@home.example",
+    r = _sendemail(cw, tmp_path, "alice", cw.pw("alice"), "alice@home.example",
                    ["r@example.net", "s@example.net"], "sendemail starttls")
     assert r.returncode == 0 and "Email was sent successfully" in _out(r), _out(r)
     [m] = wait_upstream(cw, 1)
@@ -129,9 +112,9 @@ def test_sendemail_starttls_login_refusals_and_wrong_password(cw, tmp_path):
     for sender, rcpt, reply in ((REFUSED_SENDER, "r@example.net", "550 5.7.1 sender refused"),
                                 ("alice@home.example", REFUSED_RCPT, "550 5.1.1 no such user here"),
                                 ("alice@home.example", LATER_RCPT, "451 4.3.0 try again later")):
-        r = _sendemail(cw, tmp_path, "alice", _pw(cw, "alice"), sender, [rcpt], "refused")
+        r = _sendemail(cw, tmp_path, "alice", cw.pw("alice"), sender, [rcpt], "refused")
         assert r.returncode == 1 and reply in _out(r), _out(r)
-    r = _sendemail(cw, tmp_path, "carol", f"not-{_pw(cw, 'carol')}", "carol@home.example", ["r@example.net"],
+    r = _sendemail(cw, tmp_path, "carol", f"not-{cw.pw('carol')}", "carol@home.example", ["r@example.net"],
                    "wrong password")
     assert r.returncode == 1 and "SMTP-AUTH: Authentication to localhost" in _out(r), _out(r)
     assert "login failed: user='carol' mechanism=LOGIN" in cw.front.log()[start:]
@@ -167,13 +150,19 @@ $smtp->quit or die "quit: " . $smtp->message;
 """
 
 
-def _net_smtp(cw, tmp_path, mode: str, port: int, user: str, password: str, mech: str,
-              *envelopes: str, body: bytes = BODY) -> subprocess.CompletedProcess:
-    script, msg = tmp_path / "net_smtp.pl", tmp_path / "net_smtp.msg"
-    script.write_text(NET_SMTP)
+def _script(cw, tmp_path, interpreter: str, source: str, mode: str, port: int, user: str, password: str,
+            mech: str, *envelopes: str, body: bytes = BODY, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the client scripts here: SCRIPT MODE PORT CA USER PASS MECH
+    MESSAGE-FILE FROM RCPTS [FROM RCPTS ...] (RCPTS comma-separated)."""
+    script, msg = tmp_path / f"client.{interpreter}", tmp_path / f"{interpreter}.msg"
+    script.write_text(source)
     msg.write_bytes(body)
-    return _run([tool("perl"), str(script), mode, str(port), cw.world.ca_file, user, password, mech, str(msg),
-                 *envelopes])
+    return _run([tool(interpreter), str(script), mode, str(port), cw.world.ca_file, user, password, mech, str(msg),
+                 *envelopes], env=env)
+
+
+def _net_smtp(cw, tmp_path, *args, **kw) -> subprocess.CompletedProcess:
+    return _script(cw, tmp_path, "perl", NET_SMTP, *args, **kw)
 
 
 def test_perl_net_smtp_starttls_and_ssl_several_messages(cw, tmp_path):
@@ -188,7 +177,7 @@ def test_perl_net_smtp_starttls_and_ssl_several_messages(cw, tmp_path):
     told apart by its code, QUIT."""
     start, start_s = _starts(cw)
     body = BODY + b"\n\xc3\xa4 8-bit"
-    r = _net_smtp(cw, tmp_path, "starttls", cw.front.port, "alice", _pw(cw, "alice"), "PLAIN",
+    r = _net_smtp(cw, tmp_path, "starttls", cw.front.port, "alice", cw.pw("alice"), "PLAIN",
                   "alice@home.example", "r@example.net,s@example.net",
                   "alice@home.example", f"t@example.net,{REFUSED_RCPT}",
                   REFUSED_SENDER, "r@example.net",
@@ -200,7 +189,7 @@ def test_perl_net_smtp_starttls_and_ssl_several_messages(cw, tmp_path):
         f"rcpt refused: 451 {LATER_RCPT}", "sent: 250"], _out(r)
     assert ">>> AUTH PLAIN YWxpY2UAYWxpY2UA" in _out(r)  # base64("alice\0alice\0...")
     assert re.search(r">>> MAIL FROM:<alice@home.example> SIZE=\d+ BODY=8BITMIME\r?\n", _out(r)), _out(r)
-    r = _net_smtp(cw, tmp_path, "ssl", cw.front_s.port, "bob", _pw(cw, "bob"), "LOGIN",
+    r = _net_smtp(cw, tmp_path, "ssl", cw.front_s.port, "bob", cw.pw("bob"), "LOGIN",
                   "bob@home.example", "r@example.net")
     assert r.returncode == 0 and r.stdout.decode() == "sent: 250\n", _out(r)
     msgs = wait_upstream(cw, 4)
@@ -242,10 +231,12 @@ begin
         puts "sent: #{s.send_message(body, from, *rcpts.split(',')).string.strip}"
       rescue Net::SMTPServerBusy => e
         puts "temporary: #{e.message.strip}"
-        s.rset
+        s.rset unless ENV["NO_RSET"]
       rescue Net::SMTPFatalError => e
         puts "permanent: #{e.message.strip}"
-        s.rset
+        s.rset unless ENV["NO_RSET"]
+      rescue Net::SMTPSyntaxError => e
+        puts "syntax: #{e.message.strip}"
       end
     end
   end
@@ -256,13 +247,8 @@ end
 """
 
 
-def _ruby(cw, tmp_path, mode: str, port: int, user: str, password: str, mech: str,
-          *envelopes: str) -> subprocess.CompletedProcess:
-    script, msg = tmp_path / "smtp.rb", tmp_path / "ruby.msg"
-    script.write_text(RUBY_SMTP)
-    msg.write_bytes(BODY)
-    return _run([tool("ruby"), str(script), mode, str(port), cw.world.ca_file, user, password, mech, str(msg),
-                 *envelopes])
+def _ruby(cw, tmp_path, *args, **kw) -> subprocess.CompletedProcess:
+    return _script(cw, tmp_path, "ruby", RUBY_SMTP, *args, **kw)
 
 
 def test_ruby_net_smtp_starttls_and_tls_temporary_and_permanent(cw, tmp_path):
@@ -275,7 +261,7 @@ def test_ruby_net_smtp_starttls_and_tls_temporary_and_permanent(cw, tmp_path):
     the open transaction and gets 503 "Nested MAIL command", as from
     Postfix.) A wrong password raises Net::SMTPAuthenticationError."""
     start, start_s = _starts(cw)
-    r = _ruby(cw, tmp_path, "starttls", cw.front.port, "alice", _pw(cw, "alice"), "PLAIN",
+    r = _ruby(cw, tmp_path, "starttls", cw.front.port, "alice", cw.pw("alice"), "PLAIN",
               "alice@home.example", "r@example.net,s@example.net",
               "alice@home.example", f"t@example.net,{LATER_RCPT}",
               "alice@home.example", f"{REFUSED_RCPT},t@example.net",
@@ -287,7 +273,7 @@ def test_ruby_net_smtp_starttls_and_tls_temporary_and_permanent(cw, tmp_path):
     assert lines[1:4] == ["temporary: 451 4.3.0 try again later", "permanent: 550 5.1.1 no such user here",
                           "permanent: 550 5.7.1 sender refused by fake upstream"], lines
     assert '<- "AUTH PLAIN AGFsaWNlAGFs' in _out(r)  # base64("\0alice\0...")
-    r = _ruby(cw, tmp_path, "tls", cw.front_s.port, "bob", _pw(cw, "bob"), "LOGIN",
+    r = _ruby(cw, tmp_path, "tls", cw.front_s.port, "bob", cw.pw("bob"), "LOGIN",
               "bob@home.example", "r@example.net")
     assert r.returncode == 0 and r.stdout.decode().startswith("sent: 250 "), _out(r)
     assert '<- "AUTH LOGIN\\r\\n"' in _out(r)
@@ -301,6 +287,11 @@ def test_ruby_net_smtp_starttls_and_tls_temporary_and_permanent(cw, tmp_path):
     r = _ruby(cw, tmp_path, "tls", cw.front_s.port, "carol", "wrong", "LOGIN", "carol@home.example",
               "r@example.net")
     assert r.returncode == 3 and r.stdout.decode() == "auth failed: 535 5.7.8 Authentication credentials invalid\n"
+    # net/smtp itself sends no RSET after a refusal: its next MAIL is nested
+    r = _ruby(cw, tmp_path, "starttls", cw.front.port, "alice", cw.pw("alice"), "PLAIN",
+              "alice@home.example", LATER_RCPT, "alice@home.example", "r@example.net", env={"NO_RSET": "1"})
+    assert r.stdout.decode().splitlines() == ["temporary: 451 4.3.0 try again later",
+                                              "syntax: 503 5.5.1 Nested MAIL command"], _out(r)
     assert len(cw.up.messages) == 3
 
 
@@ -338,13 +329,8 @@ exit($status);
 """
 
 
-def _phpmailer(cw, tmp_path, secure: str, port: int, user: str, password: str, mech: str,
-               *envelopes: str) -> subprocess.CompletedProcess:
-    script, msg = tmp_path / "phpmailer.php", tmp_path / "php.msg"
-    script.write_text(PHPMAILER)
-    msg.write_bytes(BODY)
-    return _run([tool("php"), str(script), secure, str(port), cw.world.ca_file, user, password, mech, str(msg),
-                 *envelopes])
+def _phpmailer(cw, tmp_path, *args, **kw) -> subprocess.CompletedProcess:
+    return _script(cw, tmp_path, "php", PHPMAILER, *args, **kw)
 
 
 def _php_message(secure: str, n: int, sender: str, rcpts: str) -> bytes:
@@ -364,14 +350,14 @@ def test_phpmailer_tls_and_ssl_keepalive(cw, tmp_path):
     not tell 4xx from 5xx); a refused sender fails the send(); the session
     goes on. A wrong password: "Could not authenticate"."""
     start, start_s = _starts(cw)
-    r = _phpmailer(cw, tmp_path, "tls", cw.front.port, "alice", _pw(cw, "alice"), "PLAIN",
+    r = _phpmailer(cw, tmp_path, "tls", cw.front.port, "alice", cw.pw("alice"), "PLAIN",
                    "alice@home.example", "r@example.net,s@example.net")
     assert r.returncode == 0 and r.stdout.decode() == "sent 1\n", _out(r)
     assert re.search(r"CLIENT -> SERVER: AUTH PLAIN\nSERVER -> CLIENT: 334 ?\n", _out(r)), _out(r)
     envelopes = [("bob@home.example", "r@example.net"), ("bob@home.example", f"s@example.net,{REFUSED_RCPT}"),
                  ("bob@home.example", f"t@example.net,{LATER_RCPT}"), (REFUSED_SENDER, "r@example.net"),
                  ("bob@home.example", "u@example.net")]
-    r = _phpmailer(cw, tmp_path, "ssl", cw.front_s.port, "bob", _pw(cw, "bob"), "LOGIN",
+    r = _phpmailer(cw, tmp_path, "ssl", cw.front_s.port, "bob", cw.pw("bob"), "LOGIN",
                    *[x for e in envelopes for x in e])
     assert r.returncode == 2, _out(r)
     out = r.stdout.decode()
@@ -418,7 +404,7 @@ def test_mailutils_mail_smtp_and_smtps(cw, tmp_path):
     setting for its TLS client; and with one recipient refused and one
     accepted it sends to the one and exits 0 without a word.)"""
     start, start_s = _starts(cw)
-    pw = _pw(cw, "alice")
+    pw = cw.pw("alice")
     r = _mail(cw, tmp_path, f"smtp://alice:{pw}@localhost:{cw.front.port}", "alice@home.example",
               ["r@example.net", "s@example.net"], "mailutils smtp")
     assert r.returncode == 0, _out(r)
@@ -427,7 +413,7 @@ def test_mailutils_mail_smtp_and_smtps(cw, tmp_path):
               ["t@example.net"], "mailutils plain")
     assert r.returncode == 0, _out(r)
     assert "mail: C: AUTH PLAIN\nmail: S: 334 \n" in _out(r), _out(r)
-    r = _mail(cw, tmp_path, f"smtps://bob:{_pw(cw, 'bob')}@localhost:{cw.front_s.port}", "bob@home.example",
+    r = _mail(cw, tmp_path, f"smtps://bob:{cw.pw('bob')}@localhost:{cw.front_s.port}", "bob@home.example",
               ["r@example.net"], "mailutils smtps")
     assert r.returncode == 0, _out(r)
     assert "STARTTLS" not in _out(r)
@@ -479,7 +465,7 @@ def test_curl_mail_auth_refused_rcpt_and_crlf(cw, tmp_path):
     5xx). --crlf turns the LF file into CRLF lines before curl's own
     dot-stuffing: the upstream stores the file exactly."""
     start, start_s = _starts(cw)
-    pw = _pw(cw, "alice")
+    pw = cw.pw("alice")
     ok = tmp_path / "crlf.eml"
     ok.write_bytes(b"Subject: curl\r\n\r\n.leading dot\r\nhi\r\n")
     r = _curl(cw, cw.front.port, "smtp", "alice", pw, "alice@home.example", ["r@example.net"], ok,
@@ -525,7 +511,7 @@ def test_curl_file_with_bare_lf_is_refused_never_smuggled(cw, tmp_path):
     with a lone-dot line, after which the rest could be commands, gets 421
     4.6.0 and the close, and what followed it (here a crafted MAIL/RCPT/DATA
     "message") is never read as commands. curl reports both (exit 8)."""
-    pw = _pw(cw, "alice")
+    pw = cw.pw("alice")
     plain = tmp_path / "lf-plain.eml"
     plain.write_bytes(b"Subject: lf\n\nfirst line\nlast line")
     r = _curl(cw, cw.front.port, "smtp", "alice", pw, "alice@home.example", ["r@example.net"], plain)
@@ -572,7 +558,7 @@ def test_aiosmtplib_starttls_and_tls(cw):
         smtp = aiosmtplib.SMTP(hostname="localhost", port=port, tls_context=ctx, local_hostname="client.test",
                                timeout=20, **tls)
         async with smtp:
-            await getattr(smtp, f"auth_{mechanism}")(user, _pw(cw, user))
+            await getattr(smtp, f"auth_{mechanism}")(user, cw.pw(user))
             results.append(await smtp.sendmail(f"{user}@home.example", ["r@example.net", REFUSED_RCPT], raw))
             for sender, rcpts in ((f"{user}@home.example", [LATER_RCPT, REFUSED_RCPT]),
                                   (REFUSED_SENDER, ["r@example.net"])):
@@ -626,7 +612,7 @@ def test_upstream_refusing_the_message_after_the_dot_reaches_every_client(cw, tm
     exits 1, curl exits with an error, aiosmtplib raises SMTPDataError."""
     import aiosmtplib
 
-    pw = _pw(cw, "alice")
+    pw = cw.pw("alice")
     reply = "554 5.6.0 content refused"
     cw.up.fail_data = "content refused"
     try:
