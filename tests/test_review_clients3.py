@@ -67,9 +67,10 @@ def _starts(cw) -> tuple[int, int]:
     return len(cw.front.log()), len(cw.front_s.log())
 
 
-def _run(argv: list[str], env: dict | None = None, body: bytes = b"") -> subprocess.CompletedProcess:
+def _run(argv: list[str], env: dict | None = None, body: bytes = b"",
+         executable: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(argv, input=body, env=dict(CLEAN_ENV, **(env or {})), capture_output=True,
-                          timeout=60)
+                          timeout=60, executable=executable)
 
 
 def _out(r: subprocess.CompletedProcess) -> str:
@@ -388,8 +389,11 @@ def test_phpmailer_tls_and_ssl_keepalive(cw, tmp_path):
 # ------------------------------------------------------------------ GNU Mailutils
 
 def _mail(cw, tmp_path, url: str, sender: str, rcpts: list[str], subject: str) -> subprocess.CompletedProcess:
-    return _run([tool("mail"), "--no-config", "-E", f"set sendmail={url}", "-r", sender, "-s", subject,
-                 "--debug-level=mailer.prot", *rcpts], env={"HOME": str(tmp_path)}, body=BODY)
+    # mail.mailutils, not `mail` (the mailx alternative may be another
+    # program), called `mail` (its messages start with that name)
+    return _run(["mail", "--no-config", "-E", f"set sendmail={url}", "-r", sender, "-s", subject,
+                 "--debug-level=mailer.prot", *rcpts], env={"HOME": str(tmp_path)}, body=BODY,
+                executable=tool("mail.mailutils"))
 
 
 def test_mailutils_mail_smtp_and_smtps(cw, tmp_path):
@@ -405,6 +409,8 @@ def test_mailutils_mail_smtp_and_smtps(cw, tmp_path):
     accepted it sends to the one and exits 0 without a word.)"""
     start, start_s = _starts(cw)
     pw = cw.pw("alice")
+    # (it is given no CA, and the frontend's certificate is the test CA's:
+    # it checks none)
     r = _mail(cw, tmp_path, f"smtp://alice:{pw}@localhost:{cw.front.port}", "alice@home.example",
               ["r@example.net", "s@example.net"], "mailutils smtp")
     assert r.returncode == 0, _out(r)
@@ -441,6 +447,11 @@ def test_mailutils_mail_smtp_and_smtps(cw, tmp_path):
               ["r@example.net"], "wrong password")
     assert r.returncode == 1 and "S: 535 5.7.8" in _out(r), _out(r)
     assert len(cw.up.messages) == 3
+    # one recipient refused, one accepted: sent to the one, exit 0, no word
+    r = _mail(cw, tmp_path, f"smtp://alice:{pw}@localhost:{cw.front.port}", "alice@home.example",
+              [REFUSED_RCPT, "w@example.net"], "one refused")
+    assert r.returncode == 0 and "S: 550 5.1.1 no such user here" in _out(r), _out(r)
+    assert [m.rcpt_tos for m in wait_upstream(cw, 4)][3:] == [["w@example.net"]]
 
 
 # ------------------------------------------------------------------ curl's edges
