@@ -171,6 +171,9 @@ class UpstreamClient:
     auth_mechanism: str = ""   # "" = no AUTH done
     tls_problems: list[str] = field(default_factory=list)
     messages: int = 0          # messages the upstream accepted over this connection
+    # a 4xx since the last accepted message: the refusal may be this
+    # connection's state (postscreen's test engine), so it is not reused
+    deferred: bool = False
 
     @property
     def address(self) -> str:
