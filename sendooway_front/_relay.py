@@ -213,10 +213,12 @@ class Relay:
             self._drop()
             self._broken = Reply(451, reply.lines)
             return self._broken
-        if 400 <= reply.code < 500 and self._client is not None:
-            # postscreen's test engine answers every RCPT 450 for as long as
-            # the connection lasts: a retry must come on a new one
-            self._client.deferred = True
+        if reply.code >= 400 and self._client is not None:
+            # a refusal may be the connection's state: postscreen's test
+            # engine answers every RCPT 450 for as long as the connection
+            # lasts; Postfix counts errors per connection until a message
+            # is accepted and then slows every reply down (and ends at 421)
+            self._client.refused = True
         return reply
 
     async def _connect(self, info: SessionInfo, route: Route, key: PoolKey,
@@ -322,10 +324,8 @@ class Relay:
             self.log.info("%s: upstream %s spoke between two messages; connection dropped",
                           info.session_id, self._client.address)
             self._drop()
-        if self._client is not None and (self._key != key or self._client.messages >= _pool.MAX_MESSAGES
-                                         or self._client.deferred):
-            # another route; or enough messages on this connection, or a
-            # temporary refusal that may be the connection's (the pool QUITs those)
+        if self._client is not None and (self._key != key or self._client.messages >= _pool.MAX_MESSAGES):
+            # another route; or enough messages on this connection (the pool QUITs it)
             await self._release()
         elif self._client is not None and self._needs_rset():
             if not self._waiting_for_message() and self._client.supports("PIPELINING"):
@@ -706,7 +706,7 @@ class Relay:
         if reply.code == 250:
             self.messages += 1
             self._client.messages += 1
-            self._client.deferred = False
+            self._client.refused = False
         self._log_message(str(reply))
         return reply
 

@@ -34,10 +34,18 @@ Postfix relays to an aiosmtpd `Sink`; what arrives there is Postfix's
 Received:, ours, then the client's bytes exactly. The private Postfix runs
 as in tests/test_upstream_postfix.py (postfix -c DIR, its log in DIR/maillog).
 
-One defect was found and fixed (see its test): a connection to postscreen's
-test engine was kept in the cache after its 450, so every retry within
-`smarthostCache` seconds met the same 450 and the proxy never passed
-postscreen's test while anyone used the route.
+Three defects were found and fixed (each test says which; decisions in
+docs/decisions/relay.md):
+- a connection to postscreen's test engine was kept in the cache after its
+  450, so every retry within `smarthostCache` seconds met the same 450 and
+  the proxy never passed postscreen's test while anyone used the route;
+- Postfix's error count of a kept connection went on from one user's
+  session to the next: past smtpd_soft_error_limit every reply of every
+  later session waited smtpd_error_sleep_time. Now a connection that
+  refused and accepted no message since is not kept for others;
+- smtp-sink -A 0 (354 and at once 550): a refusal in the same read as the
+  354 was called nonsense (451 4.5.0), for a pipelined group all three
+  replies; now it is DATA's answer with its class.
 """
 
 from __future__ import annotations
@@ -72,7 +80,8 @@ WRONG_PASS = "Wrong-Sasl-Secret-Qq17"
 RATE = 3  # smtpd_client_connection_rate_limit / message rate, per minute
 AUTH_RATE = 2
 
-SERVICES = ("screen", "sub", "smtps", "count", "rate", "msg", "authrate")
+SERVICES = ("screen", "sub", "smtps", "count", "rate", "msg", "authrate", "errs")
+REFUSED = "refused@example.net"
 # smtpd with SASL, relaying only for an authenticated client
 SASL_ONLY = ("  -o smtpd_sasl_auth_enable=yes\n  -o mynetworks=\n"
              "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n")
@@ -99,7 +108,11 @@ dnsblog unix - - n - 0 dnsblog
 127.0.0.1:{authrate} inet n - n - - smtpd
   -o syslog_name=postfix/authrate
   -o smtpd_client_auth_rate_limit={auth_rate}
-{sasl_only}""" + POSTFIX_SERVICES
+{sasl_only}127.0.0.1:{errs} inet n - n - - smtpd
+  -o syslog_name=postfix/errs
+  -o smtpd_soft_error_limit=1
+  -o smtpd_recipient_restrictions=check_recipient_access,texthash:{d}/etc/rcpt_access,permit_mynetworks,reject
+""" + POSTFIX_SERVICES
 
 
 def _main_cf(d: Path, sink_port: int) -> str:
@@ -152,7 +165,8 @@ class Postfix4:
         os.chmod(root, 0o755)  # smtpd (user postfix) opens the sasldb2 in it
         (etc / "main.cf").write_text(_main_cf(root, sink_port))
         (etc / "master.cf").write_text(MASTER_CF.format(sasl_only=SASL_ONLY, rate_limit=RATE,
-                                                        auth_rate=AUTH_RATE, **self.ports))
+                                                        auth_rate=AUTH_RATE, d=root, **self.ports))
+        (etc / "rcpt_access").write_text(f"{REFUSED} 550 5.1.1 no such user here\n")
         # Cyrus SASL: its own sasldb2 (not under etc: postfix-script wants
         # root's files there), readable by smtpd (user postfix)
         db = root / "sasldb2"
@@ -250,6 +264,7 @@ def _routes(pf: Postfix4, sink_ports: dict[str, int]) -> str:
         f"*@rate.example localhost {p['rate']} tls,noAuth",
         f"*@msg.example localhost {p['msg']} tls,noAuth",
         f"*@authrate.example localhost {p['authrate']} {UP_USER} {UP_PASS} tls",
+        f"*@errs.example localhost {p['errs']} tls,noAuth",
         *(f"*@{name}.sink.example 127.0.0.1 {port} noAuth" for name, port in sink_ports.items()),
     ]
     return "".join(f"smarthostMapping = direct:{ln}\n" for ln in lines)
@@ -562,6 +577,39 @@ def test_auth_rate_limit_is_temporary_and_not_remembered(rig):
     assert got[1] == got[2] == [(454, b"4.7.0 Login at the upstream server failed")], got
     assert len(rig.pf.lines(r"warning: AUTH command rate limit exceeded")) == 2
     assert re.search(r"PLAIN: 450 4\.7\.1", fe.log()), fe.log()[-1500:]
+
+
+def test_postfix_error_count_is_not_carried_from_one_session_to_the_next(rig):
+    """Postfix counts a client's errors per connection until it accepts a
+    message, and past smtpd_soft_error_limit (10 by default; 1 here) it
+    sleeps smtpd_error_sleep_time (1 s) before every reply; at
+    smtpd_hard_error_limit it says 421. Directly, a client's errors stay in
+    its own connection. Through the cache (one route, one connection for
+    every user) they were carried on: after one user's refused recipient
+    every later session on that connection, whoever's, waited 1 s for each
+    reply (and past the hard limit lost the connection).
+
+    Failed before the fix (also with the 4xx-only rule of the postscreen
+    fix): the second and third sessions took 2-3 s. Now a connection that
+    refused something and accepted no message since is not reused."""
+    fe = rig.fronts["on"]
+    connects = len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from"))
+    for user in ("dave", "alice", "bob"):
+        with fe.smtp() as s:
+            _login(rig, s, user)
+            t0 = time.monotonic()
+            assert s.mail(f"{user}@errs.example") == (250, b"2.1.0 Ok")
+            assert s.rcpt(REFUSED) == (550, f"5.1.1 <{REFUSED}>: Recipient address rejected: no such user here".encode())
+            took = time.monotonic() - t0
+            assert s.rset()[0] == 250  # (this one waits 1 s: Postfix's own, as directly)
+        assert took < 0.8, (user, took)
+    t0 = time.monotonic()
+    replies = _send(fe, rig, "carol@errs.example", "ok@example.net", b"Subject: e\r\n\r\nx\r\n", "carol")
+    assert [c for c, _ in replies] == [250, 250, 250] and time.monotonic() - t0 < 1.5, replies
+    rig.sink.wait(1)
+    # a fresh connection after each refusal; none slowed down
+    assert len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from")) - connects == 4
+    assert not rig.pf.lines("too many errors")
 
 
 # ------------------------------------------------------------------ smtp-sink faults
