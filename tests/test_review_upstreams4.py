@@ -16,10 +16,13 @@ Dovecot, Exim) did not cover:
   `smtpd_tls_wrappermode = yes` (*@smtps.example).
 - **Postfix's anvil limits** seen through the proxy, where every user is
   one client host: smtpd_client_connection_count_limit (1),
-  smtpd_client_connection_rate_limit, smtpd_client_message_rate_limit and
-  smtpd_client_auth_rate_limit, each on a port of its own (anvil counts
-  per service), with smtpd_client_event_limit_exceptions empty (it
-  defaults to mynetworks, which would exempt loopback).
+  smtpd_client_connection_rate_limit, smtpd_client_message_rate_limit,
+  smtpd_client_auth_rate_limit and smtpd_client_new_tls_session_rate_limit
+  (spared by our TLS session resumption), each on a port of its own
+  (anvil counts per service), with smtpd_client_event_limit_exceptions
+  empty (it defaults to mynetworks, which would exempt loopback); and
+  smtpd_soft_error_limit, whose per-connection error count the cache
+  carried from one user's session to the next.
 - **smtp-sink** (Postfix's test server) injecting faults: a command
   refused 4xx (-r) or 5xx (-f), a hang-up without reply (-q) or with 421
   (-Q) after a command or at connect, a delay (-w) longer than our
@@ -80,7 +83,7 @@ WRONG_PASS = "Wrong-Sasl-Secret-Qq17"
 RATE = 3  # smtpd_client_connection_rate_limit / message rate, per minute
 AUTH_RATE = 2
 
-SERVICES = ("screen", "sub", "smtps", "count", "rate", "msg", "authrate", "errs")
+SERVICES = ("screen", "sub", "smtps", "count", "rate", "msg", "authrate", "errs", "tlsrate")
 REFUSED = "refused@example.net"
 # smtpd with SASL, relaying only for an authenticated client
 SASL_ONLY = ("  -o smtpd_sasl_auth_enable=yes\n  -o mynetworks=\n"
@@ -112,6 +115,10 @@ dnsblog unix - - n - 0 dnsblog
   -o syslog_name=postfix/errs
   -o smtpd_soft_error_limit=1
   -o smtpd_recipient_restrictions=check_recipient_access,texthash:{d}/etc/rcpt_access,permit_mynetworks,reject
+127.0.0.1:{tlsrate} inet n - n - - smtpd
+  -o syslog_name=postfix/tlsrate
+  -o smtpd_client_new_tls_session_rate_limit={rate_limit}
+  -o smtpd_tls_loglevel=1
 """ + POSTFIX_SERVICES
 
 
@@ -265,6 +272,7 @@ def _routes(pf: Postfix4, sink_ports: dict[str, int]) -> str:
         f"*@msg.example localhost {p['msg']} tls,noAuth",
         f"*@authrate.example localhost {p['authrate']} {UP_USER} {UP_PASS} tls",
         f"*@errs.example localhost {p['errs']} tls,noAuth",
+        f"*@tlsrate.example localhost {p['tlsrate']} tls,noAuth",
         *(f"*@{name}.sink.example 127.0.0.1 {port} noAuth" for name, port in sink_ports.items()),
     ]
     return "".join(f"smarthostMapping = direct:{ln}\n" for ln in lines)
@@ -612,6 +620,34 @@ def test_postfix_error_count_is_not_carried_from_one_session_to_the_next(rig):
     # a fresh connection after each refusal; none slowed down
     assert len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from")) - connects == 4
     assert not rig.pf.lines("too many errors")
+
+
+def test_new_tls_session_rate_limit_spared_by_resumption(rig):
+    """smtpd_client_new_tls_session_rate_limit (RATE a minute) counts only
+    handshakes that resumed no session. Without the cache every message is
+    a new connection and STARTTLS, but we offer the last TLS session back:
+    2 * RATE messages all go (one full handshake), and the limit is still
+    there for clients that do not resume (smtplib): refused at the latest
+    on its RATE + 1st new session."""
+    fe = rig.fronts["off"]
+    for n in range(2 * RATE):
+        replies = _send(fe, rig, "dave@tlsrate.example", f"t{n}@example.net", b"Subject: t\r\n\r\nx\r\n")
+        assert [c for c, _ in replies] == [250, 250, 250], (n, replies)
+    assert len(rig.pf.lines(r"postfix/tlsrate/smtpd\[\d+\]: Anonymous TLS connection established")) == 2 * RATE
+    assert not rig.pf.lines("too many new TLS sessions")
+    refused = None
+    for k in range(RATE + 1):
+        try:
+            with smtplib.SMTP("127.0.0.1", rig.pf.ports["tlsrate"], local_hostname="direct.test", timeout=10) as s:
+                s.starttls(context=rig.world.ssl_context())
+                s.ehlo()
+        except smtplib.SMTPResponseException as e:
+            refused = (k, e.smtp_code, e.smtp_error)
+            break
+    # (454 to STARTTLS, or 421 right after the handshake: anvil's count may lag)
+    assert refused is not None and refused[1] in (421, 454), refused
+    assert b"Error: too many new TLS sessions from unknown[127.0.0.1]" in refused[2], refused
+    rig.sink.wait(2 * RATE)
 
 
 # ------------------------------------------------------------------ smtp-sink faults
