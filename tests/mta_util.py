@@ -5,6 +5,8 @@ master.cf services every private Postfix instance needs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -12,7 +14,9 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
+from .auth_helpers import Daemon
 from .fakeworld import free_port
+from .front_util import Frontend, front_config
 
 # master.cf: the internal services of a private Postfix instance (a test
 # puts its own smtpd listeners, or none, and extra transports before them)
@@ -62,6 +66,31 @@ alias_maps =
 alias_database =
 inet_interfaces = {interfaces}
 inet_protocols = ipv4
+"""
+
+
+def postfix_relay_cf(d, sink_port: int) -> str:
+    """More of a private Postfix's main.cf: STARTTLS with d/etc/cert.pem and
+    key.pem; everything relayed at once to the sink on `sink_port`, headers
+    left as they came (so any difference at the sink is sendooway's), retried
+    within seconds."""
+    return f"""\
+relayhost = [127.0.0.1]:{sink_port}
+smtpd_banner = $myhostname ESMTP Postfix
+smtpd_peername_lookup = no
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = {d}/etc/cert.pem
+smtpd_tls_key_file = {d}/etc/key.pem
+local_header_rewrite_clients =
+always_add_missing_headers = no
+disable_mime_output_conversion = yes
+smtp_tls_security_level = none
+smtp_helo_name = pfx.test
+biff = no
+append_dot_mydomain = no
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
 """
 
 
@@ -135,3 +164,25 @@ def message_body(tag: str, domain: str) -> bytes:
             f"Message-ID: <{tag.replace(' ', '.')}@client.test>\r\nSubject: {tag}\r\n\r\nfirst line\r\n".encode()
             + b"..a dot-stuffed line\r\n.\r\n" + b"\xc3\xa4 8-bit text\r\n" + b"y" * 998
             + b"\r\n \r\n\tindented\r\nlast\r\n")
+
+
+@contextlib.contextmanager
+def served(rig, base: str, extras: dict[str, str], timeouts: dict[str, int] | None = None):
+    """A real sendooway-auth on config `base` (rig.config, rig.daemon) and a
+    `sendooway -b` per name in `extras` with `base` + that extra and its
+    `timeouts` entry (default 30) as `timeout` (rig.fronts), all stopped
+    after; rig.tmp and rig.world say where and for whom."""
+    tmp, world = rig.tmp, rig.world
+    rig.config = front_config(tmp, world, base)
+    rig.daemon = Daemon(tmp, rig.config).start()
+    rig.fronts = {}
+    try:
+        for name, extra in extras.items():
+            conf = front_config(tmp, world, base + extra, name=f"front-{name}.conf",
+                                timeout=(timeouts or {}).get(name, 30))
+            rig.fronts[name] = Frontend(conf, os.path.join(str(tmp), f"front-{name}.log")).start()
+        yield rig
+    finally:
+        for fe in rig.fronts.values():
+            fe.stop()
+        rig.daemon.stop()

@@ -64,10 +64,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
-from tests.front_util import Frontend, front_config, open_tmp, wait_port
-from tests.mta_util import POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, system_uid
+from tests.front_util import open_tmp, wait_port
+from tests.mta_util import (POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, postfix_relay_cf, served,
+                            system_uid)
 from tests.test_review_upstreams3 import ONE_RECEIVED, OUR_RECEIVED
 from tests.test_upstream_postfix import POSTFIX, PostfixInstance, _postfix
 
@@ -123,14 +123,8 @@ dnsblog unix - - n - 0 dnsblog
 
 
 def _main_cf(d: Path, sink_port: int) -> str:
-    return postfix_main_cf(d, "pfx.test", "127.0.0.1") + f"""\
+    return postfix_main_cf(d, "pfx.test", "127.0.0.1") + postfix_relay_cf(d, sink_port) + f"""\
 mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:{sink_port}
-smtpd_banner = $myhostname ESMTP Postfix
-smtpd_peername_lookup = no
-smtpd_tls_security_level = may
-smtpd_tls_cert_file = {d}/etc/cert.pem
-smtpd_tls_key_file = {d}/etc/key.pem
 smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject
 smtpd_sasl_type = cyrus
 smtpd_sasl_path = smtpd
@@ -145,16 +139,6 @@ postscreen_bare_newline_enable = yes
 postscreen_cache_map = btree:$data_directory/postscreen_cache
 smtpd_client_event_limit_exceptions =
 anvil_rate_time_unit = 60s
-local_header_rewrite_clients =
-always_add_missing_headers = no
-disable_mime_output_conversion = yes
-smtp_tls_security_level = none
-smtp_helo_name = pfx.test
-biff = no
-append_dot_mydomain = no
-queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
 """
 
 
@@ -309,21 +293,9 @@ def rig(world):
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
                 pytest.skip(f"the private Postfix instance did not start: {e}")
             base = f"sslCA = {world.ca_file}\naddReceivedField = yes\n" + _routes(r.pf, r.sink_ports)
-            r.config = front_config(tmp, world, base)
-            r.daemon = Daemon(tmp, r.config).start()
-            r.fronts = {}
-            try:
-                for name, (extra, _mech) in FRONTS.items():
-                    conf = front_config(tmp, world, base + extra, name=f"front-{name}.conf")
-                    r.fronts[name] = Frontend(conf, str(tmp / f"front-{name}.log")).start()
-                conf = front_config(tmp, world, base + "smarthostCache = 30\n", name="front-slow.conf")
-                Path(conf).write_text(Path(conf).read_text().replace("timeout = 30", f"timeout = {SLOW_TIMEOUT}"))
-                r.fronts["slow"] = Frontend(conf, str(tmp / "front-slow.log")).start()
+            extras = {name: extra for name, (extra, _m) in FRONTS.items()}
+            with served(r, base, {**extras, "slow": "smarthostCache = 30\n"}, {"slow": SLOW_TIMEOUT}):
                 yield r
-            finally:
-                for fe in r.fronts.values():
-                    fe.stop()
-                r.daemon.stop()
         finally:
             r.pf.stop()
             r.sink.stop()
