@@ -353,7 +353,9 @@ def test_postscreen_first_contact_450_then_a_retry_delivers(rig):
     and the 1 s wait (the pregreet test) are sat out, RCPT gets its 450
     4.3.2 as a 450, a pipelining client's commands go one at a time (the
     engine offers no PIPELINING), and postscreen finds nothing to complain
-    about. A retry a moment later, in a new session, must deliver: the
+    about (also in a second transaction of the same session, which meets
+    the same 450, as it would directly). A retry a moment later, in a new
+    session, must deliver: the
     connection to the engine must not be kept for it (postscreen passes the
     client only when that connection ends).
 
@@ -369,6 +371,11 @@ def test_postscreen_first_contact_450_then_a_retry_delivers(rig):
         assert got[:2] == [(250, b"2.1.0 Ok"), (450, b"4.3.2 Service currently unavailable")], got
         assert got[2][0] in (503, 554), got  # never a 354: no recipient
         assert s.noop()[0] == 250
+        # again in the same session, as directly: the same 450 (our RSET and
+        # MAIL go one by one: the engine offers no PIPELINING)
+        assert s.rset()[0] == 250
+        assert s.mail("dave@screen.example") == (250, b"2.1.0 Ok")
+        assert s.rcpt("r@example.net") == (450, b"4.3.2 Service currently unavailable")
     assert fe.proc.poll() is None
     _wait_for(lambda: rig.pf.lines(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.1\]"),
               what=lambda: rig.pf.log()[-3000:])
