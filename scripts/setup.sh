@@ -21,14 +21,17 @@ cd "$(dirname "$0")/.."
 # of tests/test_review_clients2.py; sendemail, ruby (its net/smtp is a
 # bundled gem of ruby3.1), php-cli with libphp-phpmailer, and GNU mailutils:
 # the real clients of tests/test_review_clients3.py, which also uses Net::SMTP
-# from Perl's core with the IO::Socket::SSL and Authen::SASL above)
+# from Perl's core with the IO::Socket::SSL and Authen::SASL above; sasl2-bin:
+# saslpasswd2, which fills the sasldb2 of the Cyrus SASL Postfix in
+# tests/test_review_upstreams4.py (its saslauthd is not used: stopped and
+# disabled below))
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
       fail2ban systemd haproxy postfix logrotate libpam0g-dev slapd
       man-db python3-setuptools curl git fetchmail getmail6
       s-nail neomutt git-email libauthen-sasl-perl libio-socket-ssl-perl libmailtools-perl
-      libsasl2-modules
+      libsasl2-modules sasl2-bin
       sendemail ruby php-cli libphp-phpmailer mailutils
       dovecot-core dovecot-submissiond
       libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
@@ -67,6 +70,10 @@ slapd_new=no
 # their own instance: one installed now is stopped again.
 dovecot_new=no
 [[ " ${missing[*]} " == *" dovecot-core "* ]] && dovecot_new=yes
+# sasl2-bin brings saslauthd (off by default in Debian); one started now is
+# stopped again.
+saslauthd_new=no
+[[ " ${missing[*]} " == *" sasl2-bin "* ]] && saslauthd_new=yes
 installed_now=("${missing[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -96,13 +103,17 @@ fi
 if [ "$dovecot_new" = yes ] && [ -f /run/dovecot/master.pid ] && [ -x /etc/init.d/dovecot ]; then
     /etc/init.d/dovecot stop >/dev/null 2>&1 || true
 fi
-# xinetd, fail2ban, haproxy, slapd and dovecot are only used by the tests (each runs its
+if [ "$saslauthd_new" = yes ] && pidof saslauthd >/dev/null 2>&1 && [ -x /etc/init.d/saslauthd ]; then
+    /etc/init.d/saslauthd stop >/dev/null 2>&1 || true
+fi
+# xinetd, fail2ban, haproxy, slapd, dovecot and saslauthd are only used by the tests (each runs its
 # own instance), never left running; those installed just now are also not
 # started again at the next boot. A slapd or dovecot that was there before
 # is the admin's: left alone.
-for svc in xinetd fail2ban haproxy slapd dovecot; do
+for svc in xinetd fail2ban haproxy slapd dovecot saslauthd; do
     [ "$svc" = slapd ] && [ "$slapd_new" != yes ] && continue
     [ "$svc" = dovecot ] && [ "$dovecot_new" != yes ] && continue
+    [ "$svc" = saslauthd ] && [ "$saslauthd_new" != yes ] && continue
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi

@@ -213,6 +213,12 @@ class Relay:
             self._drop()
             self._broken = Reply(451, reply.lines)
             return self._broken
+        if reply.code >= 400 and self._client is not None:
+            # a refusal may be the connection's state: postscreen's test
+            # engine answers every RCPT 450 for as long as the connection
+            # lasts; Postfix counts errors per connection until a message
+            # is accepted and then slows every reply down (and ends at 421)
+            self._client.refused = True
         return reply
 
     async def _connect(self, info: SessionInfo, route: Route, key: PoolKey,
@@ -426,6 +432,17 @@ class Relay:
         self._drop()
         return True
 
+    async def _refused_behind_354(self) -> Reply | None:
+        """More than the 354 came: a refusal right behind it (smtp-sink -A
+        0 answers so, before any byte of the message) is DATA's answer, its
+        class kept, as when it comes during the message; anything else is
+        nonsense. Either way the connection is dropped and the answer kept
+        in _broken. None: nothing more came."""
+        if self._client is None or not self._client.reader.buffered:
+            return None
+        self._broken = await self._unasked_reply() or BAD_UPSTREAM
+        return self._broken
+
     async def _group_replies(self, rcpts: int, data: bool) -> list[Reply]:
         """The replies to the RCPTs (and DATA) sent in one group behind MAIL,
         whose reply has been read. Behind a refused MAIL no RCPT is accepted,
@@ -457,6 +474,8 @@ class Relay:
                 claimed = self._in_tx and self._rcpts > 0  # the client's DATA will ask for it
                 if reply.code == 354 and claimed:
                     self._data_reply = reply
+                    if await self._refused_behind_354() is not None:
+                        self._data_reply = None  # (data_start answers with _broken)
                 elif reply.code < 400:
                     # a 354 nobody will use (no recipient: the session answers
                     # the client's DATA itself), or nonsense: leave the connection
@@ -548,10 +567,9 @@ class Relay:
                 return BAD_UPSTREAM
             self._log_message(f"DATA refused: {reply}")
             return reply
-        if self._overtalked("DATA"):
-            self._broken = BAD_UPSTREAM
-            self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
-            return BAD_UPSTREAM
+        if (refused := await self._refused_behind_354()) is not None:
+            self._log_message(f"not delivered ({refused})")
+            return refused
         self._in_data = True
         self._check = _LineEndCheck()
         # One piece is held back until the next comes (or the end), so the
@@ -688,6 +706,7 @@ class Relay:
         if reply.code == 250:
             self.messages += 1
             self._client.messages += 1
+            self._client.refused = False
         self._log_message(str(reply))
         return reply
 

@@ -34,9 +34,9 @@ def open_tmp():
 
 
 def front_config(tmp, world, extra: str = "", tls: bool = True,
-                 name: str = "sendooway.conf") -> str:
+                 name: str = "sendooway.conf", timeout: int = 30) -> str:
     path = os.path.join(str(tmp), name)
-    lines = [f"authSocket = {os.path.join(str(tmp), 'run', 'auth.sock')}", "timeout = 30",
+    lines = [f"authSocket = {os.path.join(str(tmp), 'run', 'auth.sock')}", f"timeout = {timeout}",
              "localname = mx.test"]
     if tls:
         lines += [f"sslCert = {world.cert_file}", f"sslKey = {world.key_file}"]

@@ -8,6 +8,7 @@ a STARTTLS and a -s frontend, one upstream with scripted refusals)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import threading
@@ -71,6 +72,31 @@ alias_maps =
 alias_database =
 inet_interfaces = {interfaces}
 inet_protocols = ipv4
+"""
+
+
+def postfix_relay_cf(d, sink_port: int) -> str:
+    """More of a private Postfix's main.cf: STARTTLS with d/etc/cert.pem and
+    key.pem; everything relayed at once to the sink on `sink_port`, headers
+    left as they came (so any difference at the sink is sendooway's), retried
+    within seconds."""
+    return f"""\
+relayhost = [127.0.0.1]:{sink_port}
+smtpd_banner = $myhostname ESMTP Postfix
+smtpd_peername_lookup = no
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = {d}/etc/cert.pem
+smtpd_tls_key_file = {d}/etc/key.pem
+local_header_rewrite_clients =
+always_add_missing_headers = no
+disable_mime_output_conversion = yes
+smtp_tls_security_level = none
+smtp_helo_name = pfx.test
+biff = no
+append_dot_mydomain = no
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
 """
 
 
@@ -246,3 +272,25 @@ def split_ours(m, user: str, helo: bytes | None = b"client.test") -> bytes:
 def logins(front: Frontend, since: int) -> list[str]:
     """The mechanisms of the logins a frontend logged after offset `since`."""
     return re.findall(r"login: mechanism=(\S+)", front.log()[since:])
+
+
+@contextlib.contextmanager
+def served(rig, base: str, extras: dict[str, str], timeouts: dict[str, int] | None = None):
+    """A real sendooway-auth on config `base` (rig.config, rig.daemon) and a
+    `sendooway -b` per name in `extras` with `base` + that extra and its
+    `timeouts` entry (default 30) as `timeout` (rig.fronts), all stopped
+    after; rig.tmp and rig.world say where and for whom."""
+    tmp, world = rig.tmp, rig.world
+    rig.config = front_config(tmp, world, base)
+    rig.daemon = Daemon(tmp, rig.config).start()
+    rig.fronts = {}
+    try:
+        for name, extra in extras.items():
+            conf = front_config(tmp, world, base + extra, name=f"front-{name}.conf",
+                                timeout=(timeouts or {}).get(name, 30))
+            rig.fronts[name] = Frontend(conf, os.path.join(str(tmp), f"front-{name}.log")).start()
+        yield rig
+    finally:
+        for fe in rig.fronts.values():
+            fe.stop()
+        rig.daemon.stop()

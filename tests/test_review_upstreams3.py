@@ -71,10 +71,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
 from tests import mta_util
-from tests.front_util import Frontend, front_config, open_tmp, wait_port
+from tests.front_util import open_tmp, wait_port
 from tests.mta_util import Sunk
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
@@ -477,18 +476,8 @@ def rig(world):
                            f"smarthostMapping = direct:*@eximlimit2.example localhost {r.exim.limit_port}"
                            f" {UP_USER2} {UP_PASS2} tls\n")
             base = f"sslCA = {world.ca_file}\naddReceivedField = yes\n" + routes
-            r.config = front_config(tmp, world, base)
-            r.daemon = Daemon(tmp, r.config).start()
-            r.fronts = {}
-            try:
-                for name, (extra, _mech) in FRONTS.items():
-                    conf = front_config(tmp, world, base + extra, name=f"front-{name}.conf")
-                    r.fronts[name] = Frontend(conf, str(tmp / f"front-{name}.log")).start()
+            with mta_util.served(r, base, {name: extra for name, (extra, _m) in FRONTS.items()}):
                 yield r
-            finally:
-                for fe in r.fronts.values():
-                    fe.stop()
-                r.daemon.stop()
         finally:
             for inst in (r.dovecot, r.exim):
                 if inst is not None:

@@ -50,7 +50,7 @@ import pytest
 from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
 from tests.front_util import Frontend, front_config, open_tmp, wait_port
-from tests.mta_util import POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, system_uid
+from tests.mta_util import POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, postfix_relay_cf, system_uid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="the frontend drops to nobody and Postfix starts as root: needs root")
@@ -90,29 +90,13 @@ MASTER_CF = """\
 
 
 def _main_cf(d: Path, port_sink: int) -> str:
-    return postfix_main_cf(d, "pfx.test", "127.0.0.1") + f"""\
+    return postfix_main_cf(d, "pfx.test", "127.0.0.1") + postfix_relay_cf(d, port_sink) + f"""\
 mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:{port_sink}
-smtpd_banner = $myhostname ESMTP Postfix
-smtpd_peername_lookup = no
-smtpd_tls_security_level = may
-smtpd_tls_cert_file = {d}/etc/cert.pem
-smtpd_tls_key_file = {d}/etc/key.pem
 smtpd_tls_loglevel = 1
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_recipient_restrictions = check_recipient_access texthash:{d}/etc/rcpt_access, permit_mynetworks, reject
 header_checks = regexp:{d}/etc/header_checks
 message_size_limit = {SIZE_LIMIT}
-local_header_rewrite_clients =
-always_add_missing_headers = no
-disable_mime_output_conversion = yes
-smtp_tls_security_level = none
-smtp_helo_name = pfx.test
-biff = no
-append_dot_mydomain = no
-queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
 """
 
 
