@@ -104,15 +104,21 @@ class Daemon:
             os.unlink(notify_path)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
-        notify.settimeout(timeout)
+        notify.settimeout(0.1)
         env = dict(self.env, NOTIFY_SOCKET=notify_path)
         self.proc = subprocess.Popen(self.args, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
         try:
-            self.ready_message = notify.recv(256).decode()
-        except socket.timeout:
-            self.stop()
-            raise RuntimeError(f"daemon not ready; log: {self.log()}") from None
+            while True:
+                try:
+                    self.ready_message = notify.recv(256).decode()
+                    break
+                except socket.timeout:
+                    # a daemon that stopped (a config error) will never be ready
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError(f"daemon not ready; log: {self.log()}") from None
         finally:
             notify.close()
         return self
