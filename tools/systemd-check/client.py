@@ -35,6 +35,14 @@ def _connect(host: str, port: int, mode: str, source: str | None) -> smtplib.SMT
     return s
 
 
+def _login(s: smtplib.SMTP, user: str, password: str) -> None:
+    """AUTH PLAIN only: smtplib's login() tries the next mechanism after a
+    535, a second failed login that sendooway's backoff makes slow."""
+    s.ehlo_or_helo_if_needed()
+    s.user, s.password = user, password
+    s.auth("PLAIN", s.auth_plain)
+
+
 def _message(sender: str, subject: str) -> str:
     return f"From: <{sender}>\r\nTo: <bob@example.net>\r\nSubject: {subject}\r\n\r\nsystemd check\r\n"
 
@@ -46,13 +54,13 @@ def main() -> int:
             host, port, mode, user, password, sender = sys.argv[2:8]
             source = sys.argv[8] if len(sys.argv) > 8 else None
             s = _connect(host, int(port), mode, source)
-            s.login(user, password)
+            _login(s, user, password)
             s.sendmail(sender, ["bob@example.net"], _message(sender, f"port {port}"))
             s.quit()
         elif cmd == "hold":
             host, port, user, password, sender, action, unit = sys.argv[2:9]
             s = _connect(host, int(port), "starttls", None)
-            s.login(user, password)
+            _login(s, user, password)
             subprocess.run(["systemctl", action, unit], check=True)
             s.sendmail(sender, ["bob@example.net"], _message(sender, f"after {action} {unit}"))
             s.quit()
