@@ -18,7 +18,10 @@ cd "$(dirname "$0")/.."
 # AUTH and TLS (Authen::SASL, IO::Socket::SSL; Mail::Address from
 # libmailtools-perl, without which it does not start), and Cyrus SASL's
 # PLAIN/LOGIN client plugins for Postfix as a null client: the real clients
-# of tests/test_review_clients2.py)
+# of tests/test_review_clients2.py; systemd-container (systemd-nspawn) and
+# ssl-cert (the snakeoil certificate of the shipped sendooway.conf): the real
+# systemd of tests/test_review_systemd.py, a container booted from this
+# machine's own root, which starts nothing here)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
@@ -28,7 +31,7 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       libsasl2-modules
       dovecot-core dovecot-submissiond
       libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
-      util-linux)
+      util-linux systemd-container ssl-cert)
 
 missing=()
 for p in "${DEBS[@]}"; do

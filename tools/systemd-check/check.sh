@@ -38,6 +38,10 @@ trap cleanup EXIT
 "$PY" -m pip wheel -q -w "$WORK/wheels" "$REPO" 2>&1 | grep -v "is ignored" >&2 || true
 ls "$WORK"/wheels/sendooway-*.whl >/dev/null
 
+# Where systemd is PID 1, nspawn asks it for a scope of the container's
+# own; without (a CI container), it stays in the caller's cgroup.
+KEEP_UNIT=--keep-unit
+[ -d /run/systemd/system ] && KEEP_UNIT=
 # The boot: in a private mount namespace, an overlay of / (writes to a
 # tmpfs), the checkout bound at its own path (it may be on another mount).
 mkdir -p "$WORK/layer" "$WORK/root"
@@ -46,7 +50,7 @@ set -e
 mount -t tmpfs -o mode=0755 systemd-check "$WORK/layer"
 mkdir "$WORK/layer/upper" "$WORK/layer/work"
 mount -t overlay systemd-check -o lowerdir=/,upperdir=$WORK/layer/upper,workdir=$WORK/layer/work "$WORK/root"
-exec systemd-nspawn -q -D "$WORK/root" -M $NAME --register=no --keep-unit --private-network \
+exec systemd-nspawn -q -D "$WORK/root" -M $NAME --register=no $KEEP_UNIT --private-network \
     --bind-ro="$REPO:$REPO" --bind-ro="$WORK/wheels:/run/systemd-check-wheels" \
     -b --console=passive systemd.mask=postfix.service systemd.mask=dovecot.service \
     systemd.mask=haproxy.service systemd.mask=fail2ban.service systemd.mask=slapd.service \
@@ -69,7 +73,7 @@ fi
 state=
 for _ in $(seq 300); do  # until its manager answers, then until it has booted
     state=$(timeout 60 nsenter -t "$LEADER" -a systemctl is-system-running --wait 2>&1 || true)
-    case $state in running|degraded|maintenance|stopping|offline) break ;; esac
+    case $state in running|degraded|maintenance|stopping) break ;; esac
     sleep 0.2
 done
 echo "systemd-check: container booted ($state), $(nsenter -t "$LEADER" -a systemctl --version | head -n 1)"
