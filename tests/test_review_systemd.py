@@ -8,8 +8,9 @@ docs/deployment.md says, with the units copied to /etc/systemd/system, and
 checks what an admin would: mail on 587 and 465 (IPv4 and IPv6) through a
 real user's PAM login and his own ~/.sendoowayrc route and sslCA, a wrong
 password, `sendooway-auth --check`, `systemctl reload` (a broken config
-too), pam_faillock, restarts and stops while a session is open, and the
-journal (no traceback, no password). About 45 s.
+too), pam_faillock, restarts and stops while a session is open, the fork
+server killed (Restart=on-failure), and the journal (no traceback, no
+password). About 45 s.
 
 What it found, each fixed and pinned in tests/test_packaging.py as well:
 - `systemctl restart sendooway-auth.socket` restarted every running session

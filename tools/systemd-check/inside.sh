@@ -141,6 +141,18 @@ else
     fail "restart of the authenticator's socket: open session gets a clean 4xx" "$out"
 fi
 check "mail after the restarts" client send 127.0.0.1 587 starttls alice "$UNIXPW" alice@example.org
+# the fork server killed (the OOM killer): the daemon exits 1 and
+# Restart=on-failure starts a new one 2 s later
+main=$(systemctl show -p MainPID --value sendooway-auth.service)
+kill -KILL "$(ps -o pid= --ppid "$main" | head -n 1)"
+for _ in $(seq 100); do
+    now=$(systemctl show -p MainPID --value sendooway-auth.service)
+    [ "$now" != "$main" ] && [ "$now" != 0 ] && systemctl is-active -q sendooway-auth.service && break
+    sleep 0.1
+done
+check "fork server killed: Restart=on-failure brings the authenticator back" \
+    test "$(systemctl show -p NRestarts --value sendooway-auth.service)" -ge 1
+check "mail after the authenticator's restart" client send 127.0.0.1 587 starttls alice "$UNIXPW" alice@example.org
 out=$(client hold 127.0.0.1 587 alice "$UNIXPW" alice@example.org stop sendooway.socket)
 check "stop of sendooway.socket: open session goes on" grep -q "^sent" <<<"$out"
 systemctl start sendooway.socket
