@@ -22,17 +22,39 @@ command -v systemd-nspawn >/dev/null || { echo "systemd-check: systemd-nspawn mi
 
 WORK=$(mktemp -d /tmp/systemd-check.XXXXXX)
 NAME=sdcheck-$$
-NSPAWN_PID=
+NSPAWN_PID= LEADER= LEADER_NS= WATCHER=
+# The container's PID 1 outlives a killed systemd-nspawn (it has a PID
+# namespace of its own, and a systemd still booting ignores nspawn's
+# power-off signal): it is killed by its PID, once that PID is seen to be
+# still the container's (same PID namespace), which ends all in it.
+find_leader() {  # systemd-nspawn's child
+    local n
+    n=$(pgrep -f "^systemd-nspawn -q -D $WORK/root" || true)
+    [ -n "$n" ] && LEADER=$(pgrep -P "$n" | head -n 1 || true)
+    [ -n "$LEADER" ] && LEADER_NS=$(readlink "/proc/$LEADER/ns/pid" || true)
+    [ -n "$LEADER" ]
+}
+kill_leader() {
+    [ -n "$LEADER" ] || find_leader || true
+    if [ -n "$LEADER" ] && [ -n "$LEADER_NS" ] && [ "$(readlink "/proc/$LEADER/ns/pid" 2>/dev/null)" = "$LEADER_NS" ]; then
+        kill -KILL "$LEADER" 2>/dev/null || true
+    fi
+}
 cleanup() {
+    if [ -n "$WATCHER" ]; then kill -KILL "$WATCHER" 2>/dev/null || true; fi
+    [ -n "$LEADER" ] || find_leader || true
     if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
         kill -TERM "$NSPAWN_PID" 2>/dev/null || true       # nspawn: power the container off
-        for _ in $(seq 200); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$NSPAWN_PID" 2>/dev/null || true
+        for _ in $(seq 150); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.1; done
     fi
+    kill_leader
+    for _ in $(seq 50); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$NSPAWN_PID" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 1' TERM INT HUP
 
 # sendooway's wheel and its dependencies: the container has no network
 "$PY" -m pip wheel -q -w "$WORK/wheels" "$REPO" 2>&1 | grep -v "is ignored" >&2 || true
@@ -54,22 +76,29 @@ exec systemd-nspawn -q -D "$WORK/root" -M $NAME --register=no $KEEP_UNIT --priva
     --bind-ro="$REPO:$REPO" --bind-ro="$WORK/wheels:/run/systemd-check-wheels" \
     -b --console=passive systemd.mask=postfix.service systemd.mask=dovecot.service \
     systemd.mask=haproxy.service systemd.mask=fail2ban.service systemd.mask=slapd.service \
-    systemd.mask=xinetd.service
+    systemd.mask=xinetd.service systemd.mask=postgresql.service systemd.mask=postgresql@.service
 EOF
 unshare -m --propagation private bash "$WORK/boot.sh" >"$WORK/nspawn.log" 2>&1 &
 NSPAWN_PID=$!
-# the container's PID 1: systemd-nspawn's child
-LEADER=
+# the container's PID 1
 for _ in $(seq 100); do
-    n=$(pgrep -f "^systemd-nspawn -q -D $WORK/root" || true)
-    [ -n "$n" ] && LEADER=$(pgrep -P "$n" | head -n 1 || true)
-    [ -n "$LEADER" ] && break
+    find_leader && break
     sleep 0.1
 done
 if [ -z "$LEADER" ]; then
     echo "systemd-check: the container did not start:"; cat "$WORK/nspawn.log"
     echo "systemd-check: FAIL"; exit 1
 fi
+# and if this script is killed (SIGKILL: no trap runs), a watcher does it
+(
+    trap '' TERM INT HUP
+    while kill -0 $$ 2>/dev/null; do sleep 1; done
+    kill_leader
+    kill -KILL "$NSPAWN_PID" 2>/dev/null || true
+    rm -rf "$WORK"
+) </dev/null >/dev/null 2>&1 &
+WATCHER=$!
+disown "$WATCHER"  # no "Killed" notice from bash when cleanup ends it
 state=
 for _ in $(seq 300); do  # until its manager answers, then until it has booted
     state=$(timeout 60 nsenter -t "$LEADER" -a systemctl is-system-running --wait 2>&1 || true)
@@ -81,7 +110,7 @@ if [ "$state" != running ] && [ "$state" != degraded ]; then
     echo "systemd-check: FAIL"; exit 1
 fi
 rc=0
-nsenter -t "$LEADER" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+timeout 300 nsenter -t "$LEADER" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
     bash "$REPO/tools/systemd-check/inside.sh" "$REPO" /run/systemd-check-wheels "$PY" || rc=$?
 if [ "$rc" -ne 0 ]; then
     echo "--- the container's journal (sendooway units)"
