@@ -27,12 +27,20 @@ NSPAWN_PID= LEADER= LEADER_NS= WATCHER=
 # namespace of its own, and a systemd still booting ignores nspawn's
 # power-off signal): it is killed by its PID, once that PID is seen to be
 # still the container's (same PID namespace), which ends all in it.
-find_leader() {  # systemd-nspawn's child
-    local n
+find_leader() {  # systemd-nspawn's child in a PID namespace of its own
+    local n c own ns
     n=$(pgrep -f "^systemd-nspawn -q -D $WORK/root" || true)
-    [ -n "$n" ] && LEADER=$(pgrep -P "$n" | head -n 1 || true)
-    [ -n "$LEADER" ] && LEADER_NS=$(readlink "/proc/$LEADER/ns/pid" || true)
-    [ -n "$LEADER" ]
+    [ -n "$n" ] || return 1
+    own=$(readlink "/proc/$n/ns/pid" 2>/dev/null || true)
+    # (nspawn's first child, in nspawn's namespace, only starts the other)
+    for c in $(pgrep -P "$n" || true); do
+        ns=$(readlink "/proc/$c/ns/pid" 2>/dev/null || true)
+        if [ -n "$ns" ] && [ -n "$own" ] && [ "$ns" != "$own" ]; then
+            LEADER=$c LEADER_NS=$ns
+            return 0
+        fi
+    done
+    return 1
 }
 kill_leader() {
     [ -n "$LEADER" ] || find_leader || true
