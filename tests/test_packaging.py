@@ -207,6 +207,20 @@ def test_deployment_makes_the_venv_with_the_system_python():
     assert venv_lines and all(line.startswith("/usr/bin/python3 -m venv ") for line in venv_lines), venv_lines
 
 
+
+def test_deployment_says_how_the_units_log_to_a_file():
+    """`-l /var/log/...` under the shipped units (ProtectSystem=strict) made
+    every session 421 with "cannot open log ...: Read-only file system"
+    (found under a real systemd); section 4 now gives the drop-in, which
+    tools/systemd-check runs as written."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    section = text.split("## 4. Logging", 1)[1].split("\n## 5.", 1)[0]
+    for log in ("/var/log/sendooway-auth.log", "/var/log/sendooway.log"):
+        assert f"ReadWritePaths={log}" in section
+        assert f"install -m 0600 /dev/null {log}" in section
+    assert "Read-only file system" in section
+
+
 # ------------------------------------------------------------ man pages
 
 

@@ -19,6 +19,9 @@ What it found, each fixed and pinned in tests/test_packaging.py as well:
 - pam_faillock in common-auth never locked an account: the tally file
   belongs to the user (0600) and the authenticator's root had no
   CAP_DAC_OVERRIDE. It has now, and makes /run/faillock itself.
+- `-l /var/log/...` (deployment.md section 4) failed every session under
+  the units' read-only file system; the section now gives the drop-ins,
+  which the check applies as written.
 - `python3 -m venv` in deployment.md took pyenv's interpreter under /root
   on a machine that has one, which ProtectHome= hides: every session failed
   with 203/EXEC. The document names /usr/bin/python3.

@@ -157,7 +157,28 @@ out=$(client hold 127.0.0.1 587 alice "$UNIXPW" alice@example.org stop sendooway
 check "stop of sendooway.socket: open session goes on" grep -q "^sent" <<<"$out"
 systemctl start sendooway.socket
 
-# ---- 8. the journal: no traceback, no password, no failed unit
+# ---- 8. log files: the drop-ins of deployment.md section 4, as written
+/usr/bin/python3 - "$REPO/docs/deployment.md" <<'PY'
+import re, subprocess, sys
+text = open(sys.argv[1]).read().split("## 4. Logging", 1)[1].split("\n## 5.", 1)[0]
+sh = re.search(r"```sh\n(install -m 0600 .*?)```", text, re.S).group(1)
+ini = re.search(r"```ini\n(.*?)```", text, re.S).group(1)
+subprocess.run(["sh", "-ec", sh], check=True)
+for name, body in re.findall(r"^# (\S+\.service\.d)/override\.conf\n(.*?)(?=^# |\Z)", ini, re.S | re.M):
+    d = "/etc/systemd/system/" + name
+    subprocess.run(["mkdir", "-p", d], check=True)
+    open(d + "/override.conf", "w").write(body)
+PY
+systemctl daemon-reload
+systemctl restart sendooway-auth.service
+check "-l log files under the units (deployment.md's drop-ins)" client send 127.0.0.1 587 starttls alice "$UNIXPW" alice@example.org
+check "the frontend's log file has the message" grep -q "message user=alice" /var/log/sendooway.log
+check "the authenticator's log file has the login" grep -q "auth ok: user=alice" /var/log/sendooway-auth.log
+rm -rf /etc/systemd/system/sendooway-auth.service.d /etc/systemd/system/sendooway@.service.d
+systemctl daemon-reload
+systemctl restart sendooway-auth.service
+
+# ---- 9. the journal: no traceback, no password, no failed unit
 j=$(journal_since "$T0")
 check "no traceback in the journal" bash -c '! grep -q Traceback <<<"$1"' _ "$j"
 check "no password in the journal" bash -c '! grep -Eq "$2|$3|Wrong-Pw-" <<<"$1"' _ "$(journalctl --no-pager -o cat)" "$UNIXPW" "$UPPW"
