@@ -24,7 +24,10 @@ cd "$(dirname "$0")/.."
 # from Perl's core with the IO::Socket::SSL and Authen::SASL above; sasl2-bin:
 # saslpasswd2, which fills the sasldb2 of the Cyrus SASL Postfix in
 # tests/test_review_upstreams4.py (its saslauthd is not used: stopped and
-# disabled below))
+# disabled below); systemd-container (systemd-nspawn) and
+# ssl-cert (the snakeoil certificate of the shipped sendooway.conf): the real
+# systemd of tests/test_review_systemd.py, a container booted from this
+# machine's own root, which starts nothing here)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
@@ -35,7 +38,7 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       sendemail ruby php-cli libphp-phpmailer mailutils
       dovecot-core dovecot-submissiond
       libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
-      util-linux)
+      util-linux systemd-container ssl-cert)
 
 missing=()
 for p in "${DEBS[@]}"; do

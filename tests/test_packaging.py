@@ -148,8 +148,10 @@ def test_systemd_units_have_the_promised_shape():
     assert auth["PrivateTmp"] == "yes"
     # AF_NETLINK: libpam's audit records (CAP_AUDIT_WRITE), no network
     assert set(auth["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_NETLINK"}
+    # CAP_DAC_OVERRIDE: pam_faillock's tallies (test below)
     assert set(auth["CapabilityBoundingSet"].split()) == {
-        "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_AUDIT_WRITE"}
+        "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_AUDIT_WRITE",
+        "CAP_DAC_OVERRIDE"}
     cfg = load_config(str(PACKAGING / "sendooway.conf"))
     sock = _unit("sendooway-auth.socket")["Socket"]
     assert sock["ListenStream"] == cfg.authSocket
@@ -166,6 +168,57 @@ def test_systemd_units_have_the_promised_shape():
             "CAP_SETUID", "CAP_SETGID", "CAP_DAC_OVERRIDE"}
         assert svc["NoNewPrivileges"] == "yes"
         assert svc["StandardInput"] == "socket"
+
+
+
+def test_auth_unit_lets_pam_faillock_count():
+    """Under a real systemd (tools/systemd-check), pam_faillock in
+    common-auth never locked anyone: its tally file in /run/faillock belongs
+    to the user (0600), and root without CAP_DAC_OVERRIDE got EACCES at each
+    update, which pam_faillock ignores; and with no failed login since boot
+    there was no /run/faillock for `ReadWritePaths=-` to open up."""
+    auth = _unit("sendooway-auth.service")["Service"]
+    assert "CAP_DAC_OVERRIDE" in auth["CapabilityBoundingSet"].split()
+    assert "faillock" in auth["RuntimeDirectory"].split()
+    assert auth["RuntimeDirectoryPreserve"] == "yes"  # tallies outlive a restart
+
+
+def test_session_units_survive_a_restart_of_the_authenticator_socket():
+    """Requires= on sendooway-auth.socket made systemd restart every running
+    session unit with `systemctl restart sendooway-auth.socket` (found under
+    a real systemd): a second frontend on the same connection greeted a
+    client that was inside TLS, logged in, in clear text. Wants= starts the
+    socket just the same and never propagates a stop or restart."""
+    for name in ("sendooway@.service", "sendooways@.service"):
+        unit = _unit(name)["Unit"]
+        assert unit["Wants"] == "sendooway-auth.socket"
+        assert unit["After"] == "sendooway-auth.socket"
+        for key in ("Requires", "Requisite", "BindsTo", "PartOf"):
+            assert key not in unit, f"{name}: {key}= propagates stops and restarts"
+
+
+def test_deployment_makes_the_venv_with_the_system_python():
+    """`python3 -m venv` takes the first python3 in root's PATH: with pyenv's
+    under /root, the units' ProtectHome=yes hides the interpreter and every
+    session fails with "Failed to execute /usr/local/bin/sendooway: No such
+    file or directory" (status 203/EXEC; found under a real systemd)."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    venv_lines = [line for line in text.splitlines() if " -m venv " in line]
+    assert venv_lines and all(line.startswith("/usr/bin/python3 -m venv ") for line in venv_lines), venv_lines
+
+
+
+def test_deployment_says_how_the_units_log_to_a_file():
+    """`-l /var/log/...` under the shipped units (ProtectSystem=strict) made
+    every session 421 with "cannot open log ...: Read-only file system"
+    (found under a real systemd); section 4 now gives the drop-in, which
+    tools/systemd-check runs as written."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    section = text.split("## 4. Logging", 1)[1].split("\n## 5.", 1)[0]
+    for log in ("/var/log/sendooway-auth.log", "/var/log/sendooway.log"):
+        assert f"ReadWritePaths={log}" in section
+        assert f"install -m 0600 /dev/null {log}" in section
+    assert "Read-only file system" in section
 
 
 # ------------------------------------------------------------ man pages
