@@ -137,7 +137,7 @@ class _DeadAfterFirstMessage:
             writer.close()
 
 
-def test_a_kept_connection_escapes_its_probe_after_a_local_smtputf8_refusal():
+def test_a_kept_connection_escapes_its_probe_after_a_local_smtputf8_refusal(monkeypatch):
     """Finding: a kept connection is meant to be probed (RSET, answered
     within PROBE_TIMEOUT = 5 s) before its first use, so a link that went
     silently dead while idle costs 5 s, not the whole `timeout` (300 s by
@@ -151,6 +151,9 @@ def test_a_kept_connection_escapes_its_probe_after_a_local_smtputf8_refusal():
     (here 15 s) before the transparent reconnect."""
     import time
 
+    from sendooway_front import _relay
+
+    monkeypatch.setattr(_relay, "PROBE_TIMEOUT", 1.0)  # (5 s in the product)
     up = _DeadAfterFirstMessage()
 
     async def go():
@@ -184,4 +187,4 @@ def test_a_kept_connection_escapes_its_probe_after_a_local_smtputf8_refusal():
     refused, again, took = run(go(), timeout=60)
     assert refused.code == 553
     assert again.code == 250   # (transparent either way, once it reconnects)
-    assert took < 8, f"the retry's MAIL answered after {took:.1f}s: the kept connection was never probed"
+    assert took < 4, f"the retry's MAIL answered after {took:.1f}s: the kept connection was never probed"

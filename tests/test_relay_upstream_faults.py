@@ -79,14 +79,18 @@ async def _one_kept(port: int, timeout: int):
     return pool, log
 
 
-def test_silently_dead_kept_connection_costs_the_probe_timeout_not_timeout():
+def test_silently_dead_kept_connection_costs_the_probe_timeout_not_timeout(monkeypatch):
     """A kept connection whose upstream no longer answers (black-holed link):
-    the RSET probe must be given up after PROBE_TIMEOUT (5 s) and the message
-    sent on a fresh connection. The relay's pipelined probe waited the whole
-    `timeout` (here 20 s; 300 s by default) before reconnecting."""
+    the RSET probe must be given up after PROBE_TIMEOUT (5 s; 1 s here) and
+    the message sent on a fresh connection. The relay's pipelined probe
+    waited the whole `timeout` (here 20 s; 300 s by default) before
+    reconnecting."""
     import time
 
+    from sendooway_front import _relay
     from tests.test_upstream_faults import _route
+
+    monkeypatch.setattr(_relay, "PROBE_TIMEOUT", 1.0)
 
     script = _silent_on_second("RSET")
 
@@ -104,7 +108,7 @@ def test_silently_dead_kept_connection_costs_the_probe_timeout_not_timeout():
 
     r, took = run(go(), timeout=60)
     assert r.code == 250
-    assert took < 8, f"MAIL answered after {took:.1f}s"
+    assert took < 4, f"MAIL answered after {took:.1f}s"
 
 
 def test_close_all_with_an_upstream_that_never_answers_quit_does_not_raise():
@@ -324,10 +328,11 @@ def test_a_sessions_own_connection_idle_between_messages_is_probed(monkeypatch):
     connection after PROBE_TIMEOUT."""
     import time
 
-    from sendooway_front import _pool
+    from sendooway_front import _pool, _relay
     from tests.test_upstream_faults import _route
 
     monkeypatch.setattr(_pool, "KEPT_IDLE", 0.5)
+    monkeypatch.setattr(_relay, "PROBE_TIMEOUT", 1.0)  # (5 s in the product)
     script = _dead_after_one_message()
 
     async def go():
@@ -345,7 +350,7 @@ def test_a_sessions_own_connection_idle_between_messages_is_probed(monkeypatch):
 
     r, took, handler = run(go(), timeout=60)
     assert r["end"].code == 250, handler.text
-    assert took < 8, f"the second message took {took:.1f}s"
+    assert took < 4, f"the second message took {took:.1f}s"
     assert [m.endswith(b"two\r\n.\r\n") for m in script.messages] == [False, True]
     assert "went stale" in handler.text
 

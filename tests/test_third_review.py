@@ -206,8 +206,11 @@ def _accept_yes_session(world, dep, log_target: str, out_path) -> str:
         smtp.ehlo("client.test")
         smtp.starttls(context=world.ssl_context())
         smtp.ehlo("client.test")
+        # one wrong password, by PLAIN only (smtplib's login() would try
+        # LOGIN after the 535 and sit out a second, longer failure delay)
+        smtp.user, smtp.password = "alice", "not-her-password"
         with pytest.raises(smtplib.SMTPAuthenticationError):
-            smtp.login("alice", "not-her-password")
+            smtp.auth("PLAIN", smtp.auth_plain)
         smtp.quit()
         proc.wait(30)
     finally:
