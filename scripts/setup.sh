@@ -24,7 +24,11 @@ cd "$(dirname "$0")/.."
 # from Perl's core with the IO::Socket::SSL and Authen::SASL above; sasl2-bin:
 # saslpasswd2, which fills the sasldb2 of the Cyrus SASL Postfix in
 # tests/test_review_upstreams4.py (its saslauthd is not used: stopped and
-# disabled below))
+# disabled below); default-jdk-headless with libjakarta-mail-java (JSSE),
+# golang-go (crypto/tls, net/smtp; built offline, standard library only),
+# node-nodemailer (run by the nodejs it pulls in, or one already there),
+# gnutls-bin (gnutls-cli), libnss3-tools (NSS's tstclnt and certutil) and
+# openssl (s_client): the TLS stacks of tests/test_review_tlsclients.py)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
@@ -35,7 +39,9 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       sendemail ruby php-cli libphp-phpmailer mailutils
       dovecot-core dovecot-submissiond
       libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
-      util-linux)
+      util-linux
+      default-jdk-headless libjakarta-mail-java golang-go nodejs node-nodemailer gnutls-bin
+      libnss3-tools openssl)
 
 missing=()
 for p in "${DEBS[@]}"; do

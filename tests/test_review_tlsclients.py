@@ -1,0 +1,259 @@
+"""Review: the server side of sendooway's TLS and SMTP with real clients on
+TLS stacks other than OpenSSL and Python's ssl, and OpenSSL's s_client at
+the edges (tests/test_review_realclients.py, clients2 and clients3 cover
+smtplib, swaks, curl, msmtp, s-nail, neomutt, git send-email, Postfix,
+Exim, sendEmail, Net::SMTP, Ruby, PHPMailer, Mailutils and aiosmtplib).
+
+The world is tests/mta_util.client_world (a real `sendooway -b` for
+STARTTLS, a real `sendooway -b -s` for implicit TLS, a real
+sendooway-auth, an aiosmtpd upstream refusing some senders and recipients;
+`addReceivedField = yes`). Its certificate is an ECDSA P-256 leaf issued
+straight by the world's CA. A second pair of frontends (`chain`) serves an
+RSA leaf issued by an intermediate CA, sslCert holding the leaf and then
+the intermediate (as sendooway.conf(5) says), and the clients trust only
+the root: Go and Java fetch no intermediates, so they validate only what
+the server sends.
+
+Clients, each from Debian bookworm (scripts/setup.sh):
+
+- Java 17 JSSE via Jakarta Mail 2.0 (a tiny sender compiled once with
+  javac, cached by content under .venv/review-build): starttls.required
+  and ssl.enable, checkserveridentity on, the world's CA in an in-memory
+  PKCS12 truststore; AUTH PLAIN and LOGIN;
+- Go 1.19 net/smtp with crypto/tls (standard library only, built offline,
+  cached the same way): StartTLS and tls.Dial, smtp.PlainAuth;
+- nodemailer 6.8 on Node (its TLS is the system's OpenSSL 3.0, its SMTP
+  client its own): requireTLS and secure, PLAIN and LOGIN, a pooled
+  connection;
+- gnutls-cli 3.7 (--starttls-proto=smtp and implicit TLS; TLS 1.2 with
+  chosen groups) and NSS 3.87's tstclnt (implicit TLS only: it has no
+  STARTTLS) for the handshake and the EHLO behind it;
+- openssl s_client for TLS 1.0/1.1, CBC-only and DHE-only TLS 1.2 clients,
+  P-384-only and ffdhe-only key shares, a HelloRetryRequest, the chain the
+  server sends, implicit TLS spoken to the STARTTLS port and plaintext
+  spoken to the implicit-TLS port.
+
+Defect found (fixed in sendooway_front/_tls.py, docs/decisions/relay.md):
+the DHE-RSA suites of the TLS 1.2 list were never usable, because the
+server context had no Diffie-Hellman group: a TLS 1.2 client offering DHE
+only, or offering only the RFC 7919 ffdhe groups (no curve, so no ECDHE),
+failed with "no shared cipher" against an RSA certificate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from .front_util import Frontend, front_config
+from .mta_util import (
+    CLEAN_ENV, LATER_RCPT, REFUSED_RCPT, REFUSED_SENDER, logins, message_body, split_ours, tool, wait_upstream,
+)
+from .mta_util import clean_client_world, cw  # noqa: F401  (this module's fixtures)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
+
+BUILD = Path(__file__).resolve().parents[1] / ".venv" / "review-build"
+JAKARTA = "/usr/share/java/jakarta-mail.jar:/usr/share/java/jakarta-activation.jar"
+
+
+def _out(r: subprocess.CompletedProcess) -> str:
+    return r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
+
+
+def _parallel(*argvs: list[str], env: dict | None = None, stdin: bytes = b"",
+              timeout: float = 30) -> list[subprocess.CompletedProcess]:
+    """Run the client processes at once (JVM and Node start-ups overlap)."""
+    procs = [subprocess.Popen(a, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(CLEAN_ENV, **(env or {}))) for a in argvs]
+    done = []
+    for a, p in zip(argvs, procs):
+        out, err = p.communicate(stdin, timeout=timeout)
+        done.append(subprocess.CompletedProcess(a, p.returncode, out, err))
+    return done
+
+
+def _built(kind: str, source: str, build) -> Path:
+    """A directory holding `source` built by `build(dir)`, made once per
+    content (and compiler) under .venv/review-build."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    final = BUILD / f"{kind}-{digest}"
+    if (final / ".done").exists():
+        return final
+    work = BUILD / f"{kind}-{digest}.{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    build(work)
+    (work / ".done").touch()
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(work, final)
+    return final
+
+
+def _starts(cw) -> tuple[int, int]:
+    return len(cw.front.log()), len(cw.front_s.log())
+
+
+def _check_messages(cw, want: list[tuple[str, list[str]]], body: bytes, user_of: dict[str, str],
+                    options: list[str] | None) -> None:
+    """The upstream got exactly these envelopes (in any order: clients ran
+    at once), each with our Received: and then exactly `body`."""
+    msgs = wait_upstream(cw, len(want))
+    time.sleep(0.1)
+    assert sorted((m.mail_from, m.rcpt_tos) for m in cw.up.messages) == sorted(want)
+    for m in msgs:
+        assert split_ours(m, user_of[m.mail_from]) == body
+        if options is not None:
+            assert m.mail_options == options, m.mail_options
+
+
+# One message for every client: a lone "." line and a line starting with
+# dots (the client must stuff them), 8-bit text, a 998-octet line.
+BODY = message_body("tls clients", "home.example")
+SENDERS = {"alice@home.example": "alice", "bob@home.example": "bob"}
+
+
+# ------------------------------------------------------------------ Java: JSSE via Jakarta Mail
+
+JAVA_SENDER = r"""
+import com.sun.mail.smtp.*;
+import jakarta.mail.*;
+import jakarta.mail.internet.*;
+import java.io.*;
+import java.nio.file.*;
+import java.security.KeyStore;
+import java.security.cert.*;
+import java.util.*;
+import javax.net.ssl.*;
+
+/** One SMTP session through Jakarta Mail and JSSE, a message per FROM RCPTS pair.
+ *  Args: MODE(starttls|ssl) PORT CA-PEM USER PASS MECH MESSAGE-FILE FROM RCPTS [FROM RCPTS ...] */
+public class Sender {
+    public static void main(String[] a) throws Exception {
+        KeyStore trust = KeyStore.getInstance("PKCS12");
+        trust.load(null, null);
+        try (InputStream in = new FileInputStream(a[2])) {
+            int i = 0;
+            for (Certificate c : CertificateFactory.getInstance("X.509").generateCertificates(in))
+                trust.setCertificateEntry("ca" + i++, c);
+        }
+        TrustManagerFactory tmf = TrustManagerFactory.getInstance(TrustManagerFactory.getDefaultAlgorithm());
+        tmf.init(trust);
+        SSLContext ctx = SSLContext.getInstance("TLS");
+        ctx.init(null, tmf.getTrustManagers(), null);
+        SSLContext.setDefault(ctx);
+
+        boolean ssl = a[0].equals("ssl");
+        String proto = ssl ? "smtps" : "smtp", k = "mail." + proto + ".";
+        Properties p = new Properties();
+        p.put(k + "host", "localhost");
+        p.put(k + "port", a[1]);
+        p.put(k + "localhost", "client.test");
+        p.put(k + "auth", "true");
+        p.put(k + "auth.mechanisms", a[5]);
+        p.put(k + "allow8bitmime", "true");
+        p.put(k + "timeout", "20000");
+        p.put(k + "connectiontimeout", "20000");
+        p.put(k + "ssl.checkserveridentity", "true");
+        p.put(ssl ? k + "ssl.enable" : k + "starttls.required", "true");
+        Session session = Session.getInstance(p);
+        byte[] raw = Files.readAllBytes(Paths.get(a[6]));
+        SMTPTransport t = (SMTPTransport) session.getTransport(proto);
+        try {
+            t.connect(a[3], a[4]);
+        } catch (AuthenticationFailedException e) {
+            System.out.println("auth failed: " + t.getLastServerResponse());
+            System.exit(3);
+        } catch (MessagingException e) {
+            System.out.println("connect failed: " + e + " / " + e.getNextException());
+            System.exit(4);
+        }
+        for (int i = 7; i + 1 < a.length; i += 2) {
+            SMTPMessage m = new SMTPMessage(session, new ByteArrayInputStream(raw));
+            m.setEnvelopeFrom(a[i]);  // (the parsed headers stay as they are)
+            String[] rs = a[i + 1].split(",");
+            Address[] to = new Address[rs.length];
+            for (int j = 0; j < rs.length; j++) to[j] = new InternetAddress(rs[j]);
+            try {
+                t.sendMessage(m, to);
+                System.out.println("sent: " + t.getLastReturnCode());
+            } catch (SendFailedException e) {
+                Exception n = e;
+                while (!(n instanceof SMTPAddressFailedException || n instanceof SMTPSenderFailedException)
+                       && n instanceof MessagingException && ((MessagingException) n).getNextException() != null)
+                    n = ((MessagingException) n).getNextException();
+                int code = n instanceof SMTPAddressFailedException ? ((SMTPAddressFailedException) n).getReturnCode()
+                         : n instanceof SMTPSenderFailedException ? ((SMTPSenderFailedException) n).getReturnCode()
+                         : -1;
+                System.out.println("refused: " + code + " " + n.getClass().getSimpleName());
+            }
+        }
+        t.close();
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def java_sender() -> list[str]:
+    javac, java = tool("javac"), tool("java")
+    for jar in JAKARTA.split(":"):
+        if not os.path.exists(jar):
+            pytest.skip(f"{jar} is missing (scripts/setup.sh installs libjakarta-mail-java)")
+
+    def build(d: Path) -> None:
+        (d / "Sender.java").write_text(JAVA_SENDER)
+        r = subprocess.run([javac, "-cp", JAKARTA, "-d", str(d), str(d / "Sender.java")],
+                           capture_output=True, env=CLEAN_ENV, timeout=120)
+        assert r.returncode == 0, _out(r)
+
+    d = _built("java", JAVA_SENDER + JAKARTA, build)
+    return [java, "-Xshare:auto", "-XX:TieredStopAtLevel=1", "-cp", f"{JAKARTA}:{d}", "Sender"]
+
+
+def test_java_jakarta_mail_starttls_and_smtps(cw, tmp_path, java_sender):
+    """Jakarta Mail over JSSE. Port 587: EHLO client.test, STARTTLS (TLS
+    1.3, the server's name checked against the certificate), EHLO, AUTH
+    PLAIN with an initial response, MAIL FROM without BODY= (allow8bitmime
+    adds BODY=8BITMIME only when it turns a quoted-printable or base64 part
+    into 8bit: the 8-bit text here goes as it is), every RCPT, DATA with the message it parsed written back unchanged
+    (dot-stuffed, CRLF), four messages on one connection: one to two
+    recipients, one to a recipient the upstream refuses (550: Jakarta Mail
+    sends RSET and reports SMTPAddressFailedException with the code), one
+    from a sender it refuses (550 at MAIL: SMTPSenderFailedException), one
+    to a recipient it defers (451). Port 465 (TLS at connect): AUTH LOGIN
+    without initial response, one message. A wrong password: 535 and
+    AuthenticationFailedException."""
+    msg = tmp_path / "msg"
+    msg.write_bytes(BODY)
+    start, start_s = _starts(cw)
+    ca = cw.world.ca_file
+    r587, r465, wrong = _parallel(
+        [*java_sender, "starttls", str(cw.front.port), ca, "alice", cw.pw("alice"), "PLAIN", str(msg),
+         "alice@home.example", "r@example.net,s@example.net", "alice@home.example", REFUSED_RCPT,
+         REFUSED_SENDER, "r@example.net", "alice@home.example", LATER_RCPT],
+        [*java_sender, "ssl", str(cw.front_s.port), ca, "bob", cw.pw("bob"), "LOGIN", str(msg),
+         "bob@home.example", "t@example.net"],
+        [*java_sender, "ssl", str(cw.front_s.port), ca, "carol", "not-" + cw.pw("carol"), "LOGIN", str(msg),
+         "carol@home.example", "t@example.net"])
+    assert r587.returncode == 0 and r587.stdout.decode().splitlines() == [
+        "sent: 250", "refused: 550 SMTPAddressFailedException", "refused: 550 SMTPSenderFailedException",
+        "refused: 451 SMTPAddressFailedException"], _out(r587)
+    assert r465.returncode == 0 and r465.stdout.decode() == "sent: 250\n", _out(r465)
+    assert wrong.returncode == 3 and wrong.stdout.decode().startswith("auth failed: 535 5.7.8"), _out(wrong)
+    _check_messages(cw, [("alice@home.example", ["r@example.net", "s@example.net"]),
+                         ("bob@home.example", ["t@example.net"])], BODY, SENDERS, [])
+    assert logins(cw.front, start) == ["PLAIN"]
+    assert logins(cw.front_s, start_s) == ["LOGIN"]
+    assert "STARTTLS: TLSv1.3 " in cw.front.log()[start:]
+    assert "login failed: user='carol' mechanism=LOGIN" in cw.front_s.log()[start_s:]
