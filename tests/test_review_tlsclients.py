@@ -257,3 +257,232 @@ def test_java_jakarta_mail_starttls_and_smtps(cw, tmp_path, java_sender):
     assert logins(cw.front_s, start_s) == ["LOGIN"]
     assert "STARTTLS: TLSv1.3 " in cw.front.log()[start:]
     assert "login failed: user='carol' mechanism=LOGIN" in cw.front_s.log()[start_s:]
+
+
+# ------------------------------------------------------------------ Go: crypto/tls and net/smtp
+
+GO_SENDER = r"""
+// One SMTP session with net/smtp over crypto/tls, a message per FROM RCPTS pair.
+// Args: MODE(starttls|ssl) PORT CA-PEM USER PASS MESSAGE-FILE FROM RCPTS [FROM RCPTS ...]
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/smtp"
+	"net/textproto"
+	"os"
+	"strings"
+)
+
+func code(err error) string {
+	var te *textproto.Error
+	if errors.As(err, &te) {
+		return fmt.Sprint(te.Code)
+	}
+	return "error " + err.Error()
+}
+
+func main() {
+	a := os.Args[1:]
+	pem, err := os.ReadFile(a[2])
+	if err != nil {
+		panic(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	conf := &tls.Config{ServerName: "localhost", RootCAs: pool}
+	addr := net.JoinHostPort("localhost", a[1])
+	var c *smtp.Client
+	if a[0] == "ssl" {
+		conn, err := tls.Dial("tcp", addr, conf)
+		if err != nil {
+			fmt.Println("tls failed:", err)
+			os.Exit(4)
+		}
+		if c, err = smtp.NewClient(conn, "localhost"); err != nil {
+			panic(err)
+		}
+	} else if c, err = smtp.Dial(addr); err != nil {
+		panic(err)
+	}
+	if err := c.Hello("client.test"); err != nil {
+		panic(err)
+	}
+	if a[0] != "ssl" {
+		if err := c.StartTLS(conf); err != nil {
+			fmt.Println("tls failed:", err)
+			os.Exit(4)
+		}
+	}
+	state, _ := c.TLSConnectionState()
+	fmt.Printf("tls: %x %d certificates\n", state.Version, len(state.PeerCertificates))
+	if err := c.Auth(smtp.PlainAuth("", a[3], a[4], "localhost")); err != nil {
+		fmt.Println("auth failed:", code(err))
+		os.Exit(3)
+	}
+	body, err := os.ReadFile(a[5])
+	if err != nil {
+		panic(err)
+	}
+	for i := 6; i+1 < len(a); i += 2 {
+		if err := c.Mail(a[i]); err != nil {
+			fmt.Println("mail refused:", code(err))
+			c.Reset()
+			continue
+		}
+		ok := 0
+		for _, r := range strings.Split(a[i+1], ",") {
+			if err := c.Rcpt(r); err != nil {
+				fmt.Println("rcpt refused:", code(err), r)
+			} else {
+				ok++
+			}
+		}
+		if ok == 0 {
+			c.Reset()
+			continue
+		}
+		w, err := c.Data()
+		if err != nil {
+			fmt.Println("data refused:", code(err))
+			continue
+		}
+		w.Write(body)
+		if err := w.Close(); err != nil {
+			fmt.Println("message refused:", code(err))
+		} else {
+			fmt.Println("sent")
+		}
+	}
+	if err := c.Quit(); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def go_sender() -> list[str]:
+    go = tool("go")
+
+    def build(d: Path) -> None:
+        (d / "sender.go").write_text(GO_SENDER)
+        env = dict(CLEAN_ENV, GOCACHE=str(d / "cache"), GOPATH=str(d / "gopath"), GO111MODULE="off",
+                   GOPROXY="off", GOFLAGS="", CGO_ENABLED="0")
+        r = subprocess.run([go, "build", "-o", str(d / "sender"), str(d / "sender.go")],
+                           capture_output=True, env=env, timeout=180, cwd=str(d))
+        assert r.returncode == 0, _out(r)
+        shutil.rmtree(d / "cache", ignore_errors=True)
+
+    version = subprocess.run([go, "version"], capture_output=True, env=CLEAN_ENV).stdout.decode()
+    return [str(_built("go", GO_SENDER + version, build) / "sender")]
+
+
+def test_go_net_smtp_starttls_and_tls_dial(cw, tmp_path, go_sender):
+    """Go's net/smtp on crypto/tls (no OpenSSL anywhere). Port 587: EHLO
+    client.test, STARTTLS (TLS 1.3, chain and name checked by crypto/tls),
+    EHLO again, AUTH PLAIN with an initial response (smtp.PlainAuth, which
+    insists on TLS), MAIL FROM with BODY=8BITMIME (net/smtp adds it when
+    8BITMIME is offered), one RCPT each (a 550 reaches the program as a
+    textproto.Error with the code, the 451 too), DATA through textproto's
+    dot-writer, QUIT. Port 465: tls.Dial, then the same. A wrong password:
+    535."""
+    msg = tmp_path / "msg"
+    msg.write_bytes(BODY)
+    start, start_s = _starts(cw)
+    ca = cw.world.ca_file
+    r587, r465, wrong = _parallel(
+        [*go_sender, "starttls", str(cw.front.port), ca, "alice", cw.pw("alice"), str(msg),
+         "alice@home.example", f"r@example.net,{REFUSED_RCPT},s@example.net", REFUSED_SENDER, "r@example.net",
+         "alice@home.example", LATER_RCPT],
+        [*go_sender, "ssl", str(cw.front_s.port), ca, "bob", cw.pw("bob"), str(msg), "bob@home.example",
+         "t@example.net"],
+        [*go_sender, "ssl", str(cw.front_s.port), ca, "carol", "not-" + cw.pw("carol"), str(msg),
+         "carol@home.example", "t@example.net"])
+    assert r587.returncode == 0 and r587.stdout.decode().splitlines() == [
+        "tls: 304 1 certificates", f"rcpt refused: 550 {REFUSED_RCPT}", "sent", "mail refused: 550",
+        f"rcpt refused: 451 {LATER_RCPT}"], _out(r587)
+    assert r465.returncode == 0 and r465.stdout.decode().splitlines() == ["tls: 304 1 certificates", "sent"], \
+        _out(r465)
+    assert wrong.returncode == 3 and wrong.stdout.decode().splitlines()[-1] == "auth failed: 535", _out(wrong)
+    _check_messages(cw, [("alice@home.example", ["r@example.net", "s@example.net"]),
+                         ("bob@home.example", ["t@example.net"])], BODY, SENDERS, ["BODY=8BITMIME"])
+    assert logins(cw.front, start) == ["PLAIN"]
+    assert logins(cw.front_s, start_s) == ["PLAIN"]
+    assert "login failed: user='carol' mechanism=PLAIN" in cw.front_s.log()[start_s:]
+
+
+# ------------------------------------------------------------------ Node: nodemailer
+
+NODE_SENDER = r"""
+// nodemailer: one pooled connection, a message per FROM RCPTS pair.
+// Args: MODE(starttls|ssl) PORT CA-PEM USER PASS MECH MESSAGE-FILE FROM RCPTS [FROM RCPTS ...]
+const fs = require("fs");
+const nodemailer = require("nodemailer");
+const [mode, port, ca, user, pass, method, file, ...jobs] = process.argv.slice(2);
+const transport = nodemailer.createTransport({
+  host: "localhost", port: Number(port), secure: mode === "ssl", requireTLS: mode !== "ssl",
+  name: "client.test", auth: { user, pass, method }, tls: { ca: [fs.readFileSync(ca)] },
+  pool: true, maxConnections: 1, connectionTimeout: 20000, socketTimeout: 20000,
+});
+const raw = fs.readFileSync(file);
+(async () => {
+  for (let i = 0; i + 1 < jobs.length; i += 2) {
+    try {
+      const info = await transport.sendMail({ envelope: { from: jobs[i], to: jobs[i + 1].split(",") }, raw });
+      console.log("sent: " + info.response.slice(0, 3) + " rejected=" + info.rejected.join(","));
+    } catch (e) {
+      console.log("refused: " + (e.responseCode || e.code) + " " + (e.command || ""));
+    }
+  }
+  transport.close();
+})();
+"""
+
+
+@pytest.fixture(scope="module")
+def node_sender(tmp_path_factory) -> list[str]:
+    node = tool("node")
+    if not os.path.exists("/usr/share/nodejs/nodemailer/package.json"):
+        pytest.skip("nodemailer is not installed (scripts/setup.sh installs node-nodemailer)")
+    script = tmp_path_factory.mktemp("node") / "sender.js"
+    script.write_text(NODE_SENDER)
+    return [node, str(script)]
+
+
+def test_node_nodemailer_starttls_and_secure(cw, tmp_path, node_sender):
+    """nodemailer (Node 20, whose TLS is the system's OpenSSL: the SMTP
+    client is nodemailer's own). requireTLS on 587: EHLO client.test,
+    STARTTLS, EHLO, AUTH PLAIN with an initial response, MAIL FROM without
+    parameters (a raw message is not looked into for 8-bit octets), every
+    RCPT, the raw message as given, dot-stuffed. One refused
+    recipient of three is reported in `rejected` and the message goes to
+    the others; a refused sender (550 at MAIL) and a deferred recipient
+    (451) are errors with their codes. secure on 465: AUTH LOGIN. A wrong
+    password: 535."""
+    msg = tmp_path / "msg"
+    msg.write_bytes(BODY)
+    start, start_s = _starts(cw)
+    ca = cw.world.ca_file
+    env = {"NODE_PATH": "/usr/share/nodejs"}
+    r587, r465, wrong = _parallel(
+        [*node_sender, "starttls", str(cw.front.port), ca, "alice", cw.pw("alice"), "PLAIN", str(msg),
+         "alice@home.example", f"r@example.net,{REFUSED_RCPT},s@example.net", REFUSED_SENDER, "r@example.net",
+         "alice@home.example", LATER_RCPT],
+        [*node_sender, "ssl", str(cw.front_s.port), ca, "bob", cw.pw("bob"), "LOGIN", str(msg),
+         "bob@home.example", "t@example.net"],
+        [*node_sender, "ssl", str(cw.front_s.port), ca, "carol", "not-" + cw.pw("carol"), "LOGIN", str(msg),
+         "carol@home.example", "t@example.net"], env=env)
+    assert r587.returncode == 0 and r587.stdout.decode().splitlines() == [
+        f"sent: 250 rejected={REFUSED_RCPT}", "refused: 550 MAIL FROM", "refused: 451 RCPT TO"], _out(r587)
+    assert r465.returncode == 0 and r465.stdout.decode().splitlines() == ["sent: 250 rejected="], _out(r465)
+    assert wrong.stdout.decode().splitlines() == ["refused: 535 AUTH LOGIN"], _out(wrong)
+    _check_messages(cw, [("alice@home.example", ["r@example.net", "s@example.net"]),
+                         ("bob@home.example", ["t@example.net"])], BODY, SENDERS, [])
+    assert set(logins(cw.front, start)) == {"PLAIN"}
+    assert logins(cw.front_s, start_s) == ["LOGIN"]
+    assert "login failed: user='carol' mechanism=LOGIN" in cw.front_s.log()[start_s:]
