@@ -34,10 +34,11 @@ Clients, each from Debian bookworm (scripts/setup.sh):
   spoken to the implicit-TLS port.
 
 Defect found (fixed in sendooway_front/_tls.py, docs/decisions/relay.md):
-the DHE-RSA suites of the TLS 1.2 list were never usable, because the
-server context had no Diffie-Hellman group: a TLS 1.2 client offering DHE
-only, or offering only the RFC 7919 ffdhe groups (no curve, so no ECDHE),
-failed with "no shared cipher" against an RSA certificate.
+the DHE-RSA suites of the TLS 1.2 list were never chosen for a client that
+names no RFC 7919 group (most DHE clients: the groups extension then lists
+only curves), because the server context had no Diffie-Hellman group: a
+TLS 1.2 client offering DHE and no ECDHE suite failed with "no shared
+cipher" against an RSA certificate.
 """
 
 from __future__ import annotations
@@ -486,3 +487,128 @@ def test_node_nodemailer_starttls_and_secure(cw, tmp_path, node_sender):
     assert set(logins(cw.front, start)) == {"PLAIN"}
     assert logins(cw.front_s, start_s) == ["LOGIN"]
     assert "login failed: user='carol' mechanism=LOGIN" in cw.front_s.log()[start_s:]
+
+
+# ------------------------------------------------------------------ handshakes: chain, GnuTLS, NSS, OpenSSL
+
+class Chain:
+    """What the `chain` fixture yields: .ca (the root, PEM file), .front
+    (STARTTLS) and .front_s (-s) serving leaf + intermediate."""
+
+
+@pytest.fixture(scope="module")
+def chain(cw):
+    """A second STARTTLS and -s frontend on the same daemon: an RSA leaf
+    for localhost issued by an intermediate CA, sslCert = the leaf then
+    the intermediate; `timeout = 5` (the handshake of a client that sends
+    nothing ends that soon)."""
+    root = trustme.CA(key_type=trustme.KeyType.RSA)
+    leaf = root.create_child_ca(key_type=trustme.KeyType.RSA).issue_cert(
+        "localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+    ch = Chain()
+    ch.ca, cert, key = str(cw.tmp / "chain-ca.pem"), str(cw.tmp / "chain.pem"), str(cw.tmp / "chain.key")
+    root.cert_pem.write_to_path(ch.ca)
+    with open(cert, "wb") as f:
+        for blob in leaf.cert_chain_pems:
+            f.write(blob.bytes())
+    leaf.private_key_pem.write_to_path(key)
+    os.chmod(key, 0o600)
+    os.chmod(cert, 0o644)
+    conf = front_config(cw.tmp, cw.world, f"sslCert = {cert}\nsslKey = {key}\naddReceivedField = yes\n",
+                        tls=False, name="front-chain.conf", timeout=5)
+    ch.front = Frontend(conf, str(cw.tmp / "chain.log")).start()
+    ch.front_s = Frontend(conf, str(cw.tmp / "chain-s.log"), args=["-s"]).start()
+    try:
+        yield ch
+    finally:
+        ch.front.stop()
+        ch.front_s.stop()
+        logs = ch.front.log() + ch.front_s.log()
+        assert "Traceback" not in logs
+
+
+def _s_client(port: int, ca: str, *args: str, starttls: bool = True, say: bytes = b"EHLO client.test\nQUIT\n"):
+    """openssl s_client, lines ending in CRLF (-crlf), not stopping at the
+    end of its input (-ign_eof): it ends when the server closes."""
+    argv = [tool("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+            "-CAfile", ca, "-verify_return_error", "-crlf", "-ign_eof", *(["-starttls", "smtp"] if starttls else []),
+            *args]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, input=say, capture_output=True, env=CLEAN_ENV, timeout=20)
+    r.elapsed = time.monotonic() - t0
+    return r
+
+
+def _gnutls(port: int, ca: str, *args: str, starttls: bool = True):
+    argv = [tool("gnutls-cli"), "--x509cafile", ca, "-p", str(port), *args,
+            *(["--starttls-proto=smtp"] if starttls else []), "localhost"]
+    return subprocess.run(argv, input=b"EHLO client.test\r\nQUIT\r\n", capture_output=True, env=CLEAN_ENV,
+                          timeout=20)
+
+
+def _ehlo_after_tls(out: str) -> None:
+    """The session went on over TLS: EHLO offers AUTH, no STARTTLS, QUIT."""
+    assert "250-AUTH PLAIN LOGIN" in out and "STARTTLS" not in out.partition("250-AUTH")[2], out
+    assert "221 2.0.0" in out, out
+
+
+def _wait_log(fe: Frontend, since: int, needle: str, timeout: float = 5) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in fe.log()[since:] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    text = fe.log()[since:]
+    assert needle in text, text
+    return text
+
+
+def test_gnutls_cli_starttls_and_implicit_tls(cw, chain):
+    """gnutls-cli (GnuTLS 3.7): --starttls-proto=smtp reads the 220, says
+    EHLO and STARTTLS itself, then the handshake (TLS 1.3 X25519, the chain
+    and the name localhost checked); the EHLO after it offers AUTH and no
+    STARTTLS. On the -s port the handshake comes first. Against the chain
+    frontend it validates leaf + intermediate with only the root."""
+    for port, ca, starttls in ((cw.front.port, cw.world.ca_file, True), (cw.front_s.port, cw.world.ca_file, False),
+                               (chain.front.port, chain.ca, True), (chain.front_s.port, chain.ca, False)):
+        r = _gnutls(port, ca, starttls=starttls)
+        out = _out(r)
+        assert r.returncode == 0 and "- Status: The certificate is trusted." in out, out
+        assert "(TLS1.3-X.509)-(ECDHE-X25519)" in out, out
+        _ehlo_after_tls(out)
+        if ca == chain.ca:
+            assert "- Got a certificate list of 2 certificates." in out, out
+    # TLS 1.2 with P-384 only (the RSA leaf: in TLS 1.2 the groups a client
+    # names also bound the curve of an ECDSA certificate, the world's P-256)
+    r = _gnutls(chain.front_s.port, chain.ca, "--priority",
+                "NORMAL:-VERS-ALL:+VERS-TLS1.2:-GROUP-ALL:+GROUP-SECP384R1", starttls=False)
+    assert r.returncode == 0 and "(TLS1.2-X.509)-(ECDHE-SECP384R1)-(RSA" in _out(r), _out(r)
+    _ehlo_after_tls(_out(r))
+
+
+def test_gnutls_cli_tls12_ffdhe_only_gets_dhe_with_an_rsa_certificate(cw, chain):
+    """A TLS 1.2 client that offers only the RFC 7919 finite-field groups
+    (no curve, so no ECDHE) against an RSA certificate: the DHE-RSA suites
+    of _tls.CIPHERS are its only way in, on the group it names (OpenSSL 3
+    takes a named group without the server's own: this worked before the
+    fix of the next test too)."""
+    start = len(chain.front_s.log())
+    r = _gnutls(chain.front_s.port, chain.ca, "--priority",
+                "NORMAL:-VERS-ALL:+VERS-TLS1.2:-GROUP-ALL:+GROUP-FFDHE2048:+GROUP-FFDHE3072", starttls=False)
+    out = _out(r)
+    assert r.returncode == 0 and "(TLS1.2-X.509)-(DHE-FFDHE2048)-(RSA" in out, out
+    _ehlo_after_tls(out)
+    assert "handshake failed" not in chain.front_s.log()[start:]
+
+
+def test_openssl_dhe_only_tls12_client(cw, chain):
+    """openssl s_client offering TLS 1.2 with DHE-RSA-AES128-GCM-SHA256 and
+    nothing else (as some embedded clients do): a DHE key exchange on a
+    2048-bit group, over STARTTLS and -s. It names no finite-field group
+    (its groups extension lists curves only), so the server must bring
+    its own: before the fix it had none, and the client got alert 40 and
+    the log `TLS handshake failed: no shared cipher`."""
+    for port, starttls in ((chain.front.port, True), (chain.front_s.port, False)):
+        r = _s_client(port, chain.ca, "-tls1_2", "-cipher", "DHE-RSA-AES128-GCM-SHA256", starttls=starttls)
+        out = _out(r)
+        assert r.returncode == 0 and "Server Temp Key: DH, 2048 bits" in out, out
+        assert "Cipher is DHE-RSA-AES128-GCM-SHA256" in out, out
+        _ehlo_after_tls(out)
