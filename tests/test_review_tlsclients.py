@@ -612,3 +612,122 @@ def test_openssl_dhe_only_tls12_client(cw, chain):
         assert r.returncode == 0 and "Server Temp Key: DH, 2048 bits" in out, out
         assert "Cipher is DHE-RSA-AES128-GCM-SHA256" in out, out
         _ehlo_after_tls(out)
+
+
+def test_go_and_java_validate_the_intermediate_the_server_sends(cw, chain, tmp_path, go_sender, java_sender):
+    """Go's crypto/tls and Java's JSSE fetch no missing intermediate (no
+    AIA chasing; trustme's certificates name none anyway): trusting only the
+    root, they get through because sslCert's intermediate goes out after
+    the leaf. Go over tls.Dial to the chain's -s port, Jakarta Mail with
+    STARTTLS and checkserveridentity to its STARTTLS port; each sends a
+    message. openssl s_client -showcerts sees both certificates too."""
+    msg = tmp_path / "msg"
+    msg.write_bytes(BODY)
+    start, start_s = len(chain.front.log()), len(chain.front_s.log())
+    go, java = _parallel(
+        [*go_sender, "ssl", str(chain.front_s.port), chain.ca, "alice", cw.pw("alice"), str(msg),
+         "alice@home.example", "r@example.net"],
+        [*java_sender, "starttls", str(chain.front.port), chain.ca, "bob", cw.pw("bob"), "PLAIN", str(msg),
+         "bob@home.example", "t@example.net"])
+    assert go.returncode == 0 and go.stdout.decode().splitlines() == ["tls: 304 2 certificates", "sent"], _out(go)
+    assert java.returncode == 0 and java.stdout.decode().splitlines() == ["sent: 250"], _out(java)
+    _check_messages(cw, [("alice@home.example", ["r@example.net"]), ("bob@home.example", ["t@example.net"])],
+                    BODY, SENDERS, None)
+    assert logins(chain.front_s, start_s) == ["PLAIN"] and logins(chain.front, start) == ["PLAIN"]
+    r = _s_client(chain.front_s.port, chain.ca, "-showcerts", starttls=False)
+    assert r.returncode == 0 and "Verify return code: 0 (ok)" in _out(r), _out(r)
+    assert len(re.findall(r"^ ?\d s:", r.stdout.decode(), re.M)) == 2, _out(r)
+
+
+def _nss_db(tmp_path, ca: str) -> str:
+    db = tmp_path / "nssdb"
+    db.mkdir(parents=True)
+    certutil = tool("certutil")
+    for argv in (["-N", "--empty-password"], ["-A", "-n", "ca", "-t", "C,,", "-i", ca]):
+        r = subprocess.run([certutil, "-d", f"sql:{db}", *argv], capture_output=True, env=CLEAN_ENV, timeout=20)
+        assert r.returncode == 0, _out(r)
+    return f"sql:{db}"
+
+
+def _tstclnt(db: str, port: int, req: Path, *args: str):
+    return subprocess.run([tool("tstclnt"), "-h", "localhost", "-p", str(port), "-4", "-d", db, "-A", str(req),
+                           "-v", *args], stdin=subprocess.DEVNULL, capture_output=True, env=CLEAN_ENV, timeout=20)
+
+
+def _nss_out(r: subprocess.CompletedProcess) -> str:
+    return "\n".join(line for line in _out(r).splitlines() if "PR_Poll" not in line)
+
+
+def test_nss_tstclnt_implicit_tls(cw, chain, tmp_path):
+    """NSS's tstclnt (implicit TLS only: it has no STARTTLS), certificates
+    verified against an NSS database holding only the root: TLS 1.3 on
+    the world's -s port; the chain's -s port with leaf and intermediate;
+    TLS 1.3 and TLS 1.2 with only finite-field groups required (-I FF2048
+    -H: ffdhe2048, and DHE-RSA under TLS 1.2). TLS 1.0-1.1 only: the
+    server's protocol_version alert, and `TLS handshake failed:
+    unsupported protocol` in its log."""
+    req = tmp_path / "req"
+    req.write_bytes(b"EHLO client.test\r\nQUIT\r\n")
+    world_db, chain_db = _nss_db(tmp_path / "w", cw.world.ca_file), _nss_db(tmp_path / "c", chain.ca)
+    for db, port, args, want in (
+            (world_db, cw.front_s.port, ["-V", "tls1.2:tls1.3"], "SSL version 3.4 using 256-bit AES-GCM"),
+            (chain_db, chain.front_s.port, ["-V", "tls1.2:tls1.3"], "SSL version 3.4 using"),
+            (chain_db, chain.front_s.port, ["-V", "tls1.3:tls1.3", "-I", "FF2048", "-H"], "SSL version 3.4 using"),
+            (chain_db, chain.front_s.port, ["-V", "tls1.2:tls1.2", "-I", "FF2048", "-H"], "SSL version 3.3 using")):
+        r = _tstclnt(db, port, req, *args)
+        out = _nss_out(r)
+        assert r.returncode == 0 and want in out, (args, out)
+        assert "220 mx.test ESMTP" in out, out
+        _ehlo_after_tls(out)
+    start = len(cw.front_s.log())
+    r = _tstclnt(world_db, cw.front_s.port, req, "-V", "tls1.0:tls1.1")
+    assert r.returncode != 0 and "SSL_ERROR_PROTOCOL_VERSION_ALERT" in _nss_out(r), _nss_out(r)
+    _wait_log(cw.front_s, start, "TLS handshake failed: unsupported protocol")
+
+
+def test_openssl_tls10_and_tls11_clients_fail_cleanly(cw):
+    """A client that speaks TLS 1.0 or 1.1 at most (old Outlook, Android 4):
+    over STARTTLS and on the -s port the server answers protocol_version
+    (alert 70) at once and closes; its log says `STARTTLS handshake
+    failed: unsupported protocol` / `TLS handshake failed: unsupported
+    protocol`, and nothing hangs."""
+    start, start_s = _starts(cw)
+    for version in ("-tls1", "-tls1_1"):
+        for port, starttls in ((cw.front.port, True), (cw.front_s.port, False)):
+            r = _s_client(port, cw.world.ca_file, version, "-cipher", "DEFAULT:@SECLEVEL=0", starttls=starttls)
+            assert r.returncode != 0 and "alert protocol version" in _out(r), _out(r)
+            assert r.elapsed < 5, r.elapsed
+    text = _wait_log(cw.front, start, "STARTTLS handshake failed: unsupported protocol")
+    assert text.count("STARTTLS handshake failed: unsupported protocol") == 2, text
+    text = _wait_log(cw.front_s, start_s, "TLS handshake failed: unsupported protocol")
+    assert text.count("TLS handshake failed: unsupported protocol") == 2, text
+
+
+def test_openssl_cbc_only_tls12_client_is_refused(cw, chain):
+    """TLS 1.2 with CBC suites only (ECDHE and static RSA): no shared
+    cipher, alert 40 (handshake_failure), a log line saying so."""
+    for fe, ca in ((cw.front_s, cw.world.ca_file), (chain.front_s, chain.ca)):
+        start = len(fe.log())
+        r = _s_client(fe.port, ca, "-tls1_2", "-cipher",
+                      "ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA:AES128-SHA",
+                      starttls=False)
+        assert r.returncode != 0 and "alert handshake failure" in _out(r), _out(r)
+        _wait_log(fe, start, "TLS handshake failed: no shared cipher")
+
+
+def test_openssl_key_share_groups_and_hello_retry_request(cw):
+    """TLS 1.3 key shares: P-384 only and ffdhe2048 only are taken as they
+    are; a client whose one key share is ffdhe2048 (or P-384) while it
+    also lists X25519 gets a HelloRetryRequest for X25519 (the server's
+    preference) and a second ClientHello; the session then goes on (EHLO
+    over TLS, QUIT), over STARTTLS and on -s."""
+    for groups, temp, retry in (("P-384", "ECDH, secp384r1, 384 bits", False),
+                                ("ffdhe2048", "DH, 2048 bits", False),
+                                ("ffdhe2048:X25519", "X25519, 253 bits", True),
+                                ("P-384:X25519", "X25519, 253 bits", True)):
+        for port, starttls in ((cw.front.port, True), (cw.front_s.port, False)):
+            r = _s_client(port, cw.world.ca_file, "-tls1_3", "-groups", groups, "-msg", starttls=starttls)
+            out = _out(r)
+            assert r.returncode == 0 and f"Server Temp Key: {temp}" in out, (groups, out)
+            assert out.count(", ClientHello") == (2 if retry else 1), (groups, out)
+            _ehlo_after_tls(out)
