@@ -731,3 +731,66 @@ def test_openssl_key_share_groups_and_hello_retry_request(cw):
             assert r.returncode == 0 and f"Server Temp Key: {temp}" in out, (groups, out)
             assert out.count(", ClientHello") == (2 if retry else 1), (groups, out)
             _ehlo_after_tls(out)
+
+
+def test_implicit_tls_client_on_the_starttls_port(cw, tmp_path, go_sender, java_sender):
+    """A client set to implicit TLS on the STARTTLS port (a common
+    misconfiguration): its ClientHello meets our 220 greeting. Go's
+    tls.Dial says "first record does not look like a TLS handshake",
+    Jakarta Mail's smtps "Unsupported or unrecognized SSL message", openssl s_client
+    "wrong version number" — each at once; the server refuses the
+    ClientHello as a command line (421, `refused: TLS handshake on a
+    plaintext port` in its log) instead of answering 500s to binary."""
+    msg = tmp_path / "msg"
+    msg.write_bytes(BODY)
+    start = len(cw.front.log())
+    t0 = time.monotonic()
+    go, java = _parallel(
+        [*go_sender, "ssl", str(cw.front.port), cw.world.ca_file, "alice", cw.pw("alice"), str(msg),
+         "alice@home.example", "r@example.net"],
+        [*java_sender, "ssl", str(cw.front.port), cw.world.ca_file, "bob", cw.pw("bob"), "PLAIN", str(msg),
+         "bob@home.example", "t@example.net"])
+    assert time.monotonic() - t0 < 10
+    assert go.returncode == 4 and "first record does not look like a TLS handshake" in _out(go), _out(go)
+    assert java.returncode == 4 and "unrecognized SSL message" in _out(java), _out(java)
+    r = _s_client(cw.front.port, cw.world.ca_file, starttls=False)
+    assert r.returncode != 0 and "wrong version number" in _out(r) and r.elapsed < 5, _out(r)
+    deadline = time.monotonic() + 5
+    while cw.front.log()[start:].count("refused: TLS handshake on a plaintext port") < 3 \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cw.front.log()[start:].count("closed: refused: TLS handshake on a plaintext port") == 3, \
+        cw.front.log()[start:]
+    assert not cw.up.messages
+
+
+def test_plaintext_client_on_the_implicit_tls_port(cw, chain, tmp_path, go_sender):
+    """The reverse: plain SMTP spoken to the -s port. A client that sends
+    EHLO without waiting for a greeting is cut at once; OpenSSL's reason
+    is only "wrong version number", so the log line adds that the client
+    spoke plaintext and what (before the fix: the reason alone). A client
+    that waits for the greeting, as every SMTP client does (Go's smtp.Dial
+    here, set for STARTTLS), waits while the server waits for a
+    ClientHello: `timeout` (5 s here) ends the session, and the log line
+    says the client sent nothing (before: "timed out (no answer within
+    5s)" alone). Go reports the EOF."""
+    start = len(chain.front_s.log())
+    with socket.create_connection(("127.0.0.1", chain.front_s.port), timeout=10) as s:
+        s.sendall(b"EHLO client.test\r\n")
+        t0 = time.monotonic()
+        while s.recv(4096):
+            pass
+        assert time.monotonic() - t0 < 3
+    _wait_log(chain.front_s, start, "TLS handshake failed: wrong version number; the client spoke plaintext"
+                                    " ('EHLO'): set for STARTTLS or plain SMTP on this implicit-TLS port?\n")
+    msg = tmp_path / "msg"
+    msg.write_bytes(BODY)
+    start = len(chain.front_s.log())
+    t0 = time.monotonic()
+    [go] = _parallel([*go_sender, "starttls", str(chain.front_s.port), chain.ca, "alice", cw.pw("alice"),
+                      str(msg), "alice@home.example", "r@example.net"])
+    assert 4.5 < time.monotonic() - t0 < 10 and go.returncode != 0 and "EOF" in _out(go), _out(go)
+    _wait_log(chain.front_s, start, "TLS handshake failed: timed out (no answer within 5s); the client sent"
+                                    " nothing: one waiting for a greeting (set for STARTTLS or plain SMTP on"
+                                    " this implicit-TLS port?)\n")
+    assert not cw.up.messages
