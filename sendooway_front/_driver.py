@@ -196,6 +196,7 @@ class SessionRunner:
                     self._log(logging.INFO, "TLS handshake failed: %s%s", _failure(exc, fe),
                               _not_tls(exc, self.stream.handshake_start))
                     return
+                self._log(logging.INFO, "TLS: %s %s", self.stream.tls_version(), self.stream.tls_cipher())
             await self._open_link()
             self.relay = make_relay(fe.config, log)
             await self._loop()

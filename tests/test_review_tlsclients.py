@@ -257,6 +257,10 @@ def test_java_jakarta_mail_starttls_and_smtps(cw, tmp_path, java_sender):
     assert logins(cw.front, start) == ["PLAIN"]
     assert logins(cw.front_s, start_s) == ["LOGIN"]
     assert "STARTTLS: TLSv1.3 " in cw.front.log()[start:]
+    # -s logs the version too (it logged none before this review)
+    text = cw.front_s.log()[start_s:]
+    bob = re.search(r" (\w+) client=\S+ user=bob: login: mechanism=LOGIN", text).group(1)
+    assert re.search(rf" {bob} client=\S+: TLS: TLSv1\.3 TLS_AES_\w+\n", text), text
     assert "login failed: user='carol' mechanism=LOGIN" in cw.front_s.log()[start_s:]
 
 
