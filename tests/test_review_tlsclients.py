@@ -529,6 +529,8 @@ def chain(cw):
         ch.front_s.stop()
         logs = ch.front.log() + ch.front_s.log()
         assert "Traceback" not in logs
+        for u in cw.world.users.values():
+            assert u.password not in logs
 
 
 def _s_client(port: int, ca: str, *args: str, starttls: bool = True, say: bytes = b"EHLO client.test\nQUIT\n"):
