@@ -43,7 +43,6 @@ cipher" against an RSA certificate.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
