@@ -39,6 +39,12 @@ names no RFC 7919 group (most DHE clients: the groups extension then lists
 only curves), because the server context had no Diffie-Hellman group: a
 TLS 1.2 client offering DHE and no ECDHE suite failed with "no shared
 cipher" against an RSA certificate.
+
+Log lines made clearer (sendooway_front/_driver.py, docs/decisions/
+frontend.md): plain SMTP on the -s port was logged as "wrong version
+number" or "timed out (no answer within Ns)" alone, and now says the
+client spoke plaintext or sent nothing; and -s logs the TLS version and
+cipher of each handshake, as STARTTLS does (it logged none).
 """
 
 from __future__ import annotations
