@@ -27,7 +27,12 @@ cd "$(dirname "$0")/.."
 # disabled below); systemd-container (systemd-nspawn) and
 # ssl-cert (the snakeoil certificate of the shipped sendooway.conf): the real
 # systemd of tests/test_review_systemd.py, a container booted from this
-# machine's own root, which starts nothing here)
+# machine's own root, which starts nothing here; default-jdk-headless with
+# libjakarta-mail-java (JSSE), golang-go (crypto/tls, net/smtp; built offline,
+# standard library only), node-nodemailer (run by the nodejs it pulls in, or
+# one already there), gnutls-bin (gnutls-cli), libnss3-tools (NSS's tstclnt
+# and certutil) and openssl (s_client): the TLS stacks of
+# tests/test_review_tlsclients.py)
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
@@ -38,7 +43,9 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       sendemail ruby php-cli libphp-phpmailer mailutils
       dovecot-core dovecot-submissiond
       libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
-      util-linux systemd-container ssl-cert)
+      util-linux systemd-container ssl-cert
+      default-jdk-headless libjakarta-mail-java golang-go nodejs node-nodemailer gnutls-bin
+      libnss3-tools openssl)
 
 missing=()
 for p in "${DEBS[@]}"; do

@@ -105,6 +105,27 @@ def _failure(exc: BaseException, fe: "Frontend") -> str:
     return str(exc) or type(exc).__name__
 
 
+def _not_tls(exc: BaseException, start: bytes) -> str:
+    """What a failed implicit-TLS (-s) handshake adds when the client spoke
+    no TLS at all: a client set for STARTTLS or plain SMTP on port 465
+    either sends a command at once (OpenSSL then says only "wrong version
+    number") or, as every SMTP client does, waits for a greeting in
+    silence until `timeout` ends it. Both were logged without a word of
+    that (an outside review)."""
+    if not start:
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return ("; the client sent nothing: one waiting for a greeting"
+                    " (set for STARTTLS or plain SMTP on this implicit-TLS port?)")
+        return ""
+    if start[0] in _TLS_RECORD_TYPES or start[0] & 0x80:  # (a TLS record, an SSLv2 hello)
+        return ""
+    word = printable(start.split()[0].decode("ascii", "replace")) if start.strip() else ""
+    return f"; the client spoke plaintext ('{word}'): set for STARTTLS or plain SMTP on this implicit-TLS port?"
+
+
+_TLS_RECORD_TYPES = frozenset((20, 21, 22, 23, 24))  # change_cipher_spec .. heartbeat
+
+
 def new_session_id() -> str:
     return os.urandom(5).hex()
 
@@ -172,8 +193,10 @@ class SessionRunner:
                 try:
                     await self.stream.start_tls_server(fe.tls_context)
                 except (TLSError, OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                    self._log(logging.INFO, "TLS handshake failed: %s", _failure(exc, fe))
+                    self._log(logging.INFO, "TLS handshake failed: %s%s", _failure(exc, fe),
+                              _not_tls(exc, self.stream.handshake_start))
                     return
+                self._log(logging.INFO, "TLS: %s %s", self.stream.tls_version(), self.stream.tls_cipher())
             await self._open_link()
             self.relay = make_relay(fe.config, log)
             await self._loop()

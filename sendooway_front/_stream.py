@@ -81,6 +81,7 @@ class Stream:
         self._expired: asyncio.Task | None = None
         self._fixed: float | None = None  # one deadline for a whole TLS read or handshake
         self.resumption_failed = False  # a handshake offering a kept session failed
+        self.handshake_start = b""  # the peer's first octets in the TLS handshake (up to 8)
         self.lf_lines: LfAsCrlf | None = None  # plain input's bare LFs as CRLF (by hand)
         self.connect_failures: tuple[str, ...] = ()  # open_tcp: addresses tried before this one
         self.connected_to = ""  # open_tcp: the address that answered, as logs show it
@@ -392,6 +393,7 @@ class Stream:
                 if not data:
                     self._conn = None
                     raise TLSHandshakeError("connection closed during the TLS handshake")
+                self.handshake_start = self.handshake_start or data[:8]
                 conn.bio_write(data)
             except SSL.Error as e:
                 # tell the peer why (an alert), then give up

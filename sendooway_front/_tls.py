@@ -53,6 +53,19 @@ CIPHERS = (
     "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
 )
 
+# RFC 7919's ffdhe2048 (`openssl genpkey -genparam -algorithm DH -pkeyopt
+# group:ffdhe2048`): the server's group for DHE with TLS 1.2 clients that
+# name no finite-field group of their own (see _set_dh_group).
+FFDHE2048 = b"""-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
 _OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
 # Server side: no TLS 1.2 session tickets (RFC 5077). Their key would be made
 # once per context and never change in a long-running `sendooway -b`, and a
@@ -143,8 +156,30 @@ def server_context(cert_file: str, key_file: str) -> SSL.Context:
     except SSL.Error:
         raise TLSConfigError(f"{key_file}: the key does not match the certificate in {cert_file}",
                              "sslKey") from None
+    _set_dh_group(ctx)
     ctx.set_session_id(b"sendooway")
     return ctx
+
+
+def _set_dh_group(ctx: SSL.Context) -> None:
+    """Give the DHE-RSA suites their group (FFDHE2048). Without one
+    OpenSSL never chose them: a TLS 1.2 client offering DHE and no ECDHE
+    got "no shared cipher" (an outside review). A client that names RFC
+    7919 groups gets one it names all the same. pyOpenSSL reads DH
+    parameters only from a file (load_tmp_dh), hence OpenSSL's own calls."""
+    if _lib is None:  # pragma: no cover - private API moved: ECDHE only, as before
+        return
+    bio = _lib.BIO_new_mem_buf(FFDHE2048, len(FFDHE2048))
+    try:
+        dh = _lib.PEM_read_bio_DHparams(bio, _ffi.NULL, _ffi.NULL, _ffi.NULL)
+    finally:
+        _lib.BIO_free(bio)
+    if dh == _ffi.NULL:  # pragma: no cover - the constant is valid PEM
+        raise TLSError("cannot read the built-in Diffie-Hellman group")
+    try:
+        _lib.SSL_CTX_set_tmp_dh(ctx._context, dh)  # (OpenSSL keeps a copy)
+    finally:
+        _lib.DH_free(dh)
 
 
 def _record_verify(conn: SSL.Connection, cert, errnum: int, depth: int, ok: int) -> bool:
