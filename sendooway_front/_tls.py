@@ -165,21 +165,21 @@ def _set_dh_group(ctx: SSL.Context) -> None:
     """Give the DHE-RSA suites their group (FFDHE2048). Without one
     OpenSSL never chose them: a TLS 1.2 client offering DHE and no ECDHE
     got "no shared cipher" (an outside review). A client that names RFC
-    7919 groups gets one it names all the same. pyOpenSSL reads DH
-    parameters only from a file (load_tmp_dh), hence OpenSSL's own calls."""
-    if _lib is None:  # pragma: no cover - private API moved: ECDHE only, as before
+    7919 groups gets one it names all the same. pyOpenSSL's load_tmp_dh
+    reads a file: the group is handed to it from a memfd, as CA files are
+    (_load_pem). Should that fail (no /proc, no memory), the context keeps
+    ECDHE only, as before: the DHE suites stay unused, nothing else."""
+    try:
+        fd = os.memfd_create("sendooway-dh", os.MFD_CLOEXEC)
+    except OSError:
         return
-    bio = _lib.BIO_new_mem_buf(FFDHE2048, len(FFDHE2048))
     try:
-        dh = _lib.PEM_read_bio_DHparams(bio, _ffi.NULL, _ffi.NULL, _ffi.NULL)
+        os.write(fd, FFDHE2048)  # (under a page: one write)
+        ctx.load_tmp_dh(os.fsencode(f"/proc/self/fd/{fd}"))
+    except (OSError, SSL.Error):
+        pass
     finally:
-        _lib.BIO_free(bio)
-    if dh == _ffi.NULL:  # pragma: no cover - the constant is valid PEM
-        raise TLSError("cannot read the built-in Diffie-Hellman group")
-    try:
-        _lib.SSL_CTX_set_tmp_dh(ctx._context, dh)  # (OpenSSL keeps a copy)
-    finally:
-        _lib.DH_free(dh)
+        os.close(fd)
 
 
 def _record_verify(conn: SSL.Connection, cert, errnum: int, depth: int, ok: int) -> bool:
