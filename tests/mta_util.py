@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from aiosmtpd.controller import Controller
 
 from .auth_helpers import Daemon
 from .fakeworld import free_port
-from .front_util import Frontend, front_config, open_tmp
+from .front_util import Frontend, front_config, open_tmp, wait_port
 from .upstream import FakeUpstream
 
 # master.cf: the internal services of a private Postfix instance (a test
@@ -294,3 +295,51 @@ def served(rig, base: str, extras: dict[str, str], timeouts: dict[str, int] | No
         for fe in rig.fronts.values():
             fe.stop()
         rig.daemon.stop()
+
+
+# ------------------------------------------------------------------ private server processes
+
+
+def wait_for(pred, timeout: float = 10.0, what=lambda: "") -> None:
+    """Poll `pred` until true (assert it then; `what()` says why not)."""
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pred(), what()
+
+
+class ServerProcess:
+    """A private server started by a test: `argv` with a clean environment,
+    its output in `out_path`; started when every port in `ports` answers on
+    127.0.0.1; stopped with SIGTERM (SIGKILL after 15 s)."""
+
+    def __init__(self, argv: list[str], ports: list[int], out_path) -> None:
+        self.argv, self.ports, self.out_path = argv, ports, Path(out_path)
+        self.proc = None
+
+    def start(self) -> "ServerProcess":
+        with open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=CLEAN_ENV, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        try:
+            for port in self.ports:
+                wait_port("127.0.0.1", port, self.proc, timeout=15)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"{' '.join(self.argv)}: {self.output()[-1500:]}") from None
+        return self
+
+    def output(self) -> str:
+        try:
+            return self.out_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
