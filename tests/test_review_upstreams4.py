@@ -45,7 +45,8 @@ docs/decisions/relay.md):
 - Postfix's error count of a kept connection went on from one user's
   session to the next: past smtpd_soft_error_limit every reply of every
   later session waited smtpd_error_sleep_time. Now a connection that
-  refused and accepted no message since is not kept for others;
+  refused is not kept for others (since tests/test_review_upstreams5.py:
+  even when it accepted a message after);
 - smtp-sink -A 0 (354 and at once 550): a refusal in the same read as the
   354 was called nonsense (451 4.5.0), for a pipelined group all three
   replies; now it is DATA's answer with its class.
@@ -580,7 +581,7 @@ def test_postfix_error_count_is_not_carried_from_one_session_to_the_next(rig):
 
     Failed before the fix (also with the 4xx-only rule of the postscreen
     fix): the second and third sessions took 2-3 s. Now a connection that
-    refused something and accepted no message since is not reused."""
+    refused something is not reused."""
     fe = rig.fronts["on"]
     connects = len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from"))
     for user in ("dave", "alice", "bob"):
