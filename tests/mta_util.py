@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -309,18 +310,23 @@ def wait_for(pred, timeout: float = 10.0, what=lambda: "") -> None:
 
 
 class ServerProcess:
-    """A private server started by a test: `argv` with a clean environment,
-    its output in `out_path`; started when every port in `ports` answers on
-    127.0.0.1; stopped with SIGTERM (SIGKILL after 15 s)."""
+    """A private server started by a test: `argv` with a clean environment
+    in a session of its own, its output in `out_path`; started when every
+    port in `ports` answers on 127.0.0.1; stopped with SIGTERM to its whole
+    process group (the processes serving connections too; SIGKILL after
+    15 s; and the groups of its earlier starts), or to the first process
+    only (`daemon_only`)."""
 
     def __init__(self, argv: list[str], ports: list[int], out_path) -> None:
         self.argv, self.ports, self.out_path = argv, ports, Path(out_path)
         self.proc = None
+        self.groups: list[int] = []  # the process group of each start
 
     def start(self) -> "ServerProcess":
         with open(self.out_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, env=CLEAN_ENV, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT)
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.groups.append(self.proc.pid)
         try:
             for port in self.ports:
                 wait_port("127.0.0.1", port, self.proc, timeout=15)
@@ -335,11 +341,33 @@ class ServerProcess:
         except FileNotFoundError:
             return ""
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def stop(self, daemon_only: bool = False) -> None:
+        if self.proc is None:
+            return
+        if daemon_only:
             self.proc.terminate()
+        else:
+            self._signal_groups(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self._signal_groups(signal.SIGKILL)
+            self.proc.wait()
+        if not daemon_only:
+            deadline = time.monotonic() + 15  # the groups' others: gone too
+            while self._signal_groups(0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._signal_groups(signal.SIGKILL)
+            self.groups.clear()
+
+    def _signal_groups(self, sig: int) -> bool:
+        """Signal each process group of ours (its id is the pid its start
+        made): False when no process of them is left."""
+        left = False
+        for group in self.groups:
             try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                os.killpg(group, sig)
+                left = True
+            except ProcessLookupError:
+                pass
+        return left
