@@ -271,6 +271,31 @@ def split_ours(m, user: str, helo: bytes | None = b"client.test") -> bytes:
     return m.data[ours.end():]
 
 
+def instance(rig, name: str):
+    """rig.NAME, the module's private server of that name, or a skip that
+    says why there is none (rig.skips[NAME])."""
+    inst = getattr(rig, name)
+    if inst is None:
+        pytest.skip(rig.skips[name])
+    return inst
+
+
+def stop_all(rig, names: list[str]) -> None:
+    """Stop each private server rig.NAME there is, then the rig's sink."""
+    for name in names:
+        if getattr(rig, name) is not None:
+            getattr(rig, name).stop()
+    rig.sink.stop()
+
+
+def login(rig, s, user: str = "dave") -> None:
+    """STARTTLS and AUTH as fake-world `user` on a session with a frontend
+    (`rig.world`: the world)."""
+    s.starttls(context=rig.world.ssl_context())
+    s.ehlo()
+    s.login(user, rig.world.users[user].password)
+
+
 def logins(front: Frontend, since: int) -> list[str]:
     """The mechanisms of the logins a frontend logged after offset `since`."""
     return re.findall(r"login: mechanism=(\S+)", front.log()[since:])

@@ -67,8 +67,8 @@ import pytest
 
 from tests.fakeworld import free_port
 from tests.front_util import open_tmp, wait_port
-from tests.mta_util import (POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, postfix_relay_cf, served,
-                            system_uid)
+from tests.mta_util import (POSTFIX_SERVICES, Sink, login as _login, message_body, postfix_main_cf,
+                            postfix_relay_cf, served, system_uid)
 from tests.test_review_upstreams3 import ONE_RECEIVED, OUR_RECEIVED
 from tests.test_upstream_postfix import POSTFIX, PostfixInstance, _postfix
 
@@ -306,12 +306,6 @@ def rig(world):
 def _clear(rig):
     rig.sink.messages.clear()
     yield
-
-
-def _login(rig, s, user: str = "dave") -> None:
-    s.starttls(context=rig.world.ssl_context())
-    s.ehlo()
-    s.login(user, rig.world.users[user].password)
 
 
 def _check(m, sender: str, rcpts: list[str], body: bytes, user: str, proto: bytes) -> None:

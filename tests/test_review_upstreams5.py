@@ -69,7 +69,7 @@ import pytest
 from tests import mta_util
 from tests.fakeworld import free_port
 from tests.front_util import open_tmp
-from tests.mta_util import OUR_RECEIVED, SBIN_PATH, ServerProcess, wait_for
+from tests.mta_util import OUR_RECEIVED, SBIN_PATH, ServerProcess, login as _login, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="the frontend drops to nobody and the servers need mount namespaces: needs root")
@@ -147,7 +147,36 @@ def _fill(template: str, **values) -> str:
     return template
 
 
-class Sendmail:
+class _Instance:
+    """A private server of this module: `server` (a ServerProcess), its log
+    at `log_path` (each start's on its own: the last one's is renamed),
+    what it logged since it was started (`ours`)."""
+
+    dir: Path
+    log_path: Path
+    server: ServerProcess
+    start_offset = 0
+
+    def start(self) -> None:
+        if self.log_path.exists():
+            self.log_path.rename(self.dir / f"{self.log_path.name}.{time.monotonic_ns()}")
+        self.server.start()
+        self.start_offset = len(self.log())
+
+    def stop(self, daemon_only: bool = False) -> None:
+        self.server.stop(daemon_only)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def ours(self) -> str:
+        return self.log()[self.start_offset:]
+
+
+class Sendmail(_Instance):
     def __init__(self, world, root: Path, sink_port: int) -> None:
         self.dir = root
         self.port, self.tls_port, self.plain_port = free_port(), free_port(), free_port()
@@ -172,31 +201,16 @@ class Sendmail:
         with open(root / "sendmail.cf", "wb") as cf:
             subprocess.run([M4, str(SENDMAIL_CF / "m4" / "cf.m4"), str(root / "sendmail.mc")], stdout=cf,
                            env=mta_util.CLEAN_ENV, check=True, timeout=15)
-        self.trace = root / "trace"
+        self.log_path = root / "trace"
         mounts = " && ".join(f'mount --bind "{root / src}" {dst}' for src, dst in (
             ("sasl2", "/usr/lib/sasl2"), ("nsswitch.conf", "/etc/nsswitch.conf"), ("hosts", "/etc/hosts")))
         self.server = ServerProcess(
-            [UNSHARE, "-m", "sh", "-c", f'{mounts} && exec "{SENDMAIL}" -C "{root}/sendmail.cf" -bD -X "{self.trace}"'],
+            [UNSHARE, "-m", "sh", "-c", f'{mounts} && exec "{SENDMAIL}" -C "{root}/sendmail.cf" -bD -X "{self.log_path}"'],
             [self.port, self.tls_port, self.plain_port], root / "sendmail.out")
 
-    def start(self) -> None:
-        if self.trace.exists():  # sendmail -X starts its trace afresh: keep the last one's
-            self.trace.rename(self.dir / f"trace.{time.monotonic_ns()}")
-        self.server.start()
-        self.start_offset = len(self.log())
-
     def stop(self, daemon_only: bool = False) -> None:
-        self.server.stop(daemon_only)
+        super().stop(daemon_only)
         (self.dir / "sendmail.pid").unlink(missing_ok=True)
-
-    def log(self) -> str:
-        try:
-            return self.trace.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def ours(self) -> str:
-        return self.log()[self.start_offset:]
 
     def logins(self) -> list[str]:
         """The AUTH mechanisms tried, in order (one per connection that logged in)."""
@@ -238,7 +252,7 @@ exit 0
 """
 
 
-class Chasquid:
+class Chasquid(_Instance):
     RCPTS = ("r1", "r2", "r3")  # aliases of box-r1... (its refused: nobody@chasq.test)
 
     def __init__(self, world, root: Path) -> None:
@@ -267,24 +281,10 @@ class Chasquid:
             [self.port, self.tls_port, self.plain_port], root / "chasquid.out")
 
     def start(self) -> None:
-        if self.log_path.exists():  # each start's log on its own
-            self.log_path.rename(self.dir / f"chasquid.log.{time.monotonic_ns()}")
-        self.server.start()
+        super().start()
         # the probes of the start (one a port; its log is written behind) are not ours
         wait_for(lambda: len(re.findall(r": Connected, mode: ", self.log())) >= 3, 5, self.log)
         self.start_offset = len(self.log())
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def ours(self) -> str:
-        return self.log()[self.start_offset:]
 
     def logins(self) -> list[str]:
         """The replies to AUTH (its log hides the command itself)."""
@@ -324,7 +324,7 @@ match from any for any action "sink"
 """
 
 
-class OpenSMTPD:
+class OpenSMTPD(_Instance):
     def __init__(self, world, root: Path, sink_port: int) -> None:
         self.dir = root
         self.port = free_port()
@@ -341,21 +341,9 @@ class OpenSMTPD:
                               *(f"mount -t tmpfs -o mode=0755 none {d}" for d in ("/var/spool", "/run", "/var/lib")),
                               "mkdir -p /var/lib/opensmtpd/empty",
                               f'exec "{SMTPD}" -d -T smtp -f "{root}/smtpd.conf"'])
+        self.log_path = root / "smtpd.log"  # (its output, with -d -T smtp)
         self.server = ServerProcess([UNSHARE, "-m", "--propagation", "private", "sh", "-c", script],
-                                    [self.port], root / "smtpd.log")
-
-    def start(self) -> None:
-        self.server.start()
-        self.start_offset = len(self.log())
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def log(self) -> str:
-        return self.server.output()
-
-    def ours(self) -> str:
-        return self.log()[self.start_offset:]
+                                    [self.port], self.log_path)
 
     def connections(self) -> int:
         return len(re.findall(r"smtp: \S+ >>> 220 ", self.ours()))
@@ -425,16 +413,11 @@ def rig(world):
             with mta_util.served(r, base, FRONTS):
                 yield r
         finally:
-            for inst in (r.sendmail, r.chasquid, r.opensmtpd):
-                if inst is not None:
-                    inst.stop()
-            r.sink.stop()
+            mta_util.stop_all(r, list(wanted))
 
 
 def _up(rig, name: str):
-    inst = getattr(rig, name)
-    if inst is None:
-        pytest.skip(rig.skips[name])
+    inst = mta_util.instance(rig, name)
     rig.sink.messages.clear()
     if name == "chasquid":
         inst.clear()
@@ -454,12 +437,6 @@ def chasquid(rig):
 @pytest.fixture
 def opensmtpd(rig):
     return _up(rig, "opensmtpd")
-
-
-def _login(rig, s, user: str = "dave") -> None:
-    s.starttls(context=rig.world.ssl_context())
-    s.ehlo()
-    s.login(user, rig.world.users[user].password)
 
 
 def _body(tag: str) -> bytes:
