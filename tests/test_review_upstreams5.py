@@ -58,7 +58,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import smtplib
 import subprocess
 import sys
 import time
@@ -675,7 +674,8 @@ def test_chasquid_refusals_size_and_wrong_password(chasquid, rig, front):
     """An unknown local user: its 550 5.1.1; its hook's 451 at the dot
     (without an enhanced code: we add 4.0.0); SIZE= over its limit: it
     says 250 at MAIL (it reads no SIZE=) and 552 5.3.4 after the data; a
-    wrong password: 454. Each stays in its class, the session goes on."""
+    wrong password: 454. Each stays in its class, the session goes on; a
+    pipelined group gets every reply in its place."""
     big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 1100
     with rig.fronts[front].smtp() as s:
         _login(rig, s)
@@ -687,14 +687,21 @@ def test_chasquid_refusals_size_and_wrong_password(chasquid, rig, front):
         assert s.mail("dave@cq.example")[0] == 250
         assert s.rcpt(f"r2@{CQ_DOMAIN}")[0] == 250
         assert s.data(b"Subject: TEMPFAIL-ME\r\n\r\nx\r\n") == (451, b"4.0.0 try again later, says the hook")
-    # a new session (its connection carries no error of the last one)
+    # a new session (its connection carries no error of the last one): a
+    # pipelined group with a refused recipient (it offers PIPELINING), then
+    # the big message
     with rig.fronts[front].smtp() as s:
         _login(rig, s)
+        s.send(f"MAIL FROM:<dave@cq.example>\r\nRCPT TO:<nobody@{CQ_DOMAIN}>\r\nRCPT TO:<r2@{CQ_DOMAIN}>\r\n"
+               "DATA\r\n")
+        assert [s.getreply()[0] for _ in range(4)] == [250, 550, 250, 354]
+        s.send(b"Subject: piped\r\n\r\nx\r\n.\r\n")
+        assert s.getreply()[0] == 250
         assert s.mail("dave@cq.example", [f"SIZE={len(big)}"])[0] == 250
         assert s.rcpt(f"r3@{CQ_DOMAIN}")[0] == 250
         assert s.data(big) == (552, b"5.3.4 Message too big")
-    wait_for(lambda: len(chasquid.delivered()) == 1, 10, chasquid.ours)
-    assert [d[1] for d in chasquid.delivered()] == [f"box-r1@{CQ_DOMAIN}"]
+    wait_for(lambda: len(chasquid.delivered()) == 2, 10, chasquid.ours)
+    assert sorted(d[1] for d in chasquid.delivered()) == [f"box-r1@{CQ_DOMAIN}", f"box-r2@{CQ_DOMAIN}"]
     _client_log_clean(rig)
 
 
