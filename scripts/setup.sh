@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 # the upstream of tests/test_review_upstreams3.py, which runs its own
 # instance (dovecot -c CONF -F); a system dovecot they start is stopped below;
 # libgnutls-dane0, libidn12, libdb5.3 and libnsl2: the libraries of Exim,
-# unpacked below, not installed; util-linux: its unshare;
+# unpacked below, not installed; util-linux: its unshare; liblockfile1,
+# libldap-2.5-0, libwrap0, libsasl2-2 and m4 (its .cf is built from the
+# unpacked sendmail-cf): sendmail's; libevent-2.1-7: OpenSMTPD's (both
+# unpacked below too);
 # fetchmail and getmail6: the oracles of tests/test_review_parsers_oracle.py,
 # which run fetchmail -f FILE --check against a POP3 server of their own;
 # Debian's fetchmail starts no daemon unless /etc/default/fetchmail says so;
@@ -45,7 +48,8 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
       util-linux systemd-container ssl-cert
       default-jdk-headless libjakarta-mail-java golang-go nodejs node-nodemailer gnutls-bin
-      libnss3-tools openssl)
+      libnss3-tools openssl
+      liblockfile1 libldap-2.5-0 libwrap0 libsasl2-2 m4 libevent-2.1-7)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -144,32 +148,42 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
 fi
-# Exim: a real upstream (tests/test_review_upstreams3.py) and a real
-# smarthost client (tests/test_review_clients2.py). Its Debian package
-# conflicts with Postfix in apt (both are the mail-transport-agent), so it is
-# not installed: exim4-daemon-light's .deb is unpacked under .venv/mta/exim4
-# (nothing is registered with dpkg, nothing starts; the libraries it links
-# are in DEBS above) and the tests run that binary with private configs.
-exim_dir=.venv/mta/exim4
-if [ ! -x "$exim_dir/usr/sbin/exim4" ]; then
+# Servers whose Debian packages conflict with Postfix in apt (each is the
+# mail-transport-agent) or would start a system MTA are not installed: their
+# .debs are unpacked under .venv/mta/NAME (nothing is registered with dpkg,
+# nothing starts; the libraries they link are in DEBS above) and the tests
+# run those binaries with private configs: Exim (tests/test_review_upstreams3.py
+# as the upstream, tests/test_review_clients2.py as a smarthost client);
+# sendmail, chasquid and OpenSMTPD (tests/test_review_upstreams5.py).
+unpack_mta() {  # NAME BINARY PACKAGE...
+    local dir=.venv/mta/$1 binary=$2
+    shift 2
+    [ -x "$dir/$binary" ] && return 0
     if [ "$(id -u)" -ne 0 ]; then
-        echo "setup: not unpacking exim4 (needs root for apt-get): its tests will skip" >&2
-    else
-        debs=$(mktemp -d)
-        chmod 755 "$debs"  # apt-get download fetches as _apt where it can
-        if (cd "$debs" && apt-get download -qq exim4-daemon-light >/dev/null 2>&1) \
-                || { apt-get update -qq && (cd "$debs" && apt-get download -qq exim4-daemon-light >/dev/null); }; then
-            mkdir -p "$exim_dir"
-            dpkg-deb -x "$debs"/exim4-daemon-light_*.deb "$exim_dir"
-            # no set-uid root binary left lying in a work tree: the test runs it as root
-            chmod u-s,g-s "$exim_dir/usr/sbin/exim4"
-            echo "setup: unpacked exim4-daemon-light under $exim_dir (not installed)"
-        else
-            echo "setup: could not download exim4-daemon-light: its tests will skip" >&2
-        fi
-        rm -rf "$debs"
+        echo "setup: not unpacking $* (needs root for apt-get): its tests will skip" >&2
+        return 0
     fi
-fi
+    local debs
+    debs=$(mktemp -d)
+    chmod 755 "$debs"  # apt-get download fetches as _apt where it can
+    if (cd "$debs" && apt-get download -qq "$@" >/dev/null 2>&1) \
+            || { apt-get update -qq && (cd "$debs" && apt-get download -qq "$@" >/dev/null); }; then
+        mkdir -p "$dir"
+        for deb in "$debs"/*.deb; do
+            dpkg-deb -x "$deb" "$dir"
+        done
+        # no set-uid or set-gid binary left lying in a work tree: the tests run them as root
+        find "$dir" -type f -perm /6000 -exec chmod u-s,g-s {} +
+        echo "setup: unpacked $* under $dir (not installed)"
+    else
+        echo "setup: could not download $*: its tests will skip" >&2
+    fi
+    rm -rf "$debs"
+}
+unpack_mta exim4 usr/sbin/exim4 exim4-daemon-light
+unpack_mta sendmail usr/libexec/sendmail/sendmail sendmail-bin sendmail-cf
+unpack_mta chasquid usr/bin/chasquid chasquid
+unpack_mta opensmtpd usr/sbin/smtpd opensmtpd
 # A checkout below a 0700 directory (/root) is fine for the demo: the
 # frontend imports all its code before it drops to nobody. Some tests start
 # sendooway as nobody from the beginning (xinetd `user = nobody`):

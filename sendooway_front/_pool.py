@@ -138,8 +138,7 @@ class UpstreamPool:
 
     async def release(self, key: PoolKey, client: UpstreamClient) -> None:
         """Keep `client` (out of any transaction) for `ttl` seconds, or QUIT it
-        (also once it carried MAX_MESSAGES, or refused something and
-        accepted no message since: `refused`)."""
+        (also once it carried MAX_MESSAGES, or refused anything: `refused`)."""
         if not self.enabled or client.messages >= MAX_MESSAGES or client.refused:
             await client.quit()
             return

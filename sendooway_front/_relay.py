@@ -706,7 +706,6 @@ class Relay:
         if reply.code == 250:
             self.messages += 1
             self._client.messages += 1
-            self._client.refused = False
         self._log_message(str(reply))
         return reply
 

@@ -171,10 +171,11 @@ class UpstreamClient:
     auth_mechanism: str = ""   # "" = no AUTH done
     tls_problems: list[str] = field(default_factory=list)
     messages: int = 0          # messages the upstream accepted over this connection
-    # a refusal (4xx/5xx) since the last accepted message: it may be this
-    # connection's state (postscreen's test engine, Postfix's error count),
-    # so the pool keeps it for no other session (its own goes on with it,
-    # as a client connected directly would)
+    # a refusal (4xx/5xx) over this connection, ever: it may be the
+    # connection's state (postscreen's test engine, Postfix's and chasquid's
+    # error counts; chasquid's is not reset by a message it accepts), so the
+    # pool keeps it for no other session (its own goes on with it, as a
+    # client connected directly would)
     refused: bool = False
 
     @property

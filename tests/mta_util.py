@@ -11,6 +11,8 @@ import contextlib
 import os
 import re
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from aiosmtpd.controller import Controller
 
 from .auth_helpers import Daemon
 from .fakeworld import free_port
-from .front_util import Frontend, front_config, open_tmp
+from .front_util import Frontend, front_config, open_tmp, wait_port
 from .upstream import FakeUpstream
 
 # master.cf: the internal services of a private Postfix instance (a test
@@ -269,6 +271,31 @@ def split_ours(m, user: str, helo: bytes | None = b"client.test") -> bytes:
     return m.data[ours.end():]
 
 
+def instance(rig, name: str):
+    """rig.NAME, the module's private server of that name, or a skip that
+    says why there is none (rig.skips[NAME])."""
+    inst = getattr(rig, name)
+    if inst is None:
+        pytest.skip(rig.skips[name])
+    return inst
+
+
+def stop_all(rig, names: list[str]) -> None:
+    """Stop each private server rig.NAME there is, then the rig's sink."""
+    for name in names:
+        if getattr(rig, name) is not None:
+            getattr(rig, name).stop()
+    rig.sink.stop()
+
+
+def login(rig, s, user: str = "dave") -> None:
+    """STARTTLS and AUTH as fake-world `user` on a session with a frontend
+    (`rig.world`: the world)."""
+    s.starttls(context=rig.world.ssl_context())
+    s.ehlo()
+    s.login(user, rig.world.users[user].password)
+
+
 def logins(front: Frontend, since: int) -> list[str]:
     """The mechanisms of the logins a frontend logged after offset `since`."""
     return re.findall(r"login: mechanism=(\S+)", front.log()[since:])
@@ -294,3 +321,78 @@ def served(rig, base: str, extras: dict[str, str], timeouts: dict[str, int] | No
         for fe in rig.fronts.values():
             fe.stop()
         rig.daemon.stop()
+
+
+# ------------------------------------------------------------------ private server processes
+
+
+def wait_for(pred, timeout: float = 10.0, what=lambda: "") -> None:
+    """Poll `pred` until true (assert it then; `what()` says why not)."""
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pred(), what()
+
+
+class ServerProcess:
+    """A private server started by a test: `argv` with a clean environment
+    in a session of its own, its output in `out_path`; started when every
+    port in `ports` answers on 127.0.0.1; stopped with SIGTERM to its whole
+    process group (the processes serving connections too; SIGKILL after
+    15 s; and the groups of its earlier starts), or to the first process
+    only (`daemon_only`)."""
+
+    def __init__(self, argv: list[str], ports: list[int], out_path) -> None:
+        self.argv, self.ports, self.out_path = argv, ports, Path(out_path)
+        self.proc = None
+        self.groups: list[int] = []  # the process group of each start
+
+    def start(self) -> "ServerProcess":
+        with open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=CLEAN_ENV, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.groups.append(self.proc.pid)
+        try:
+            for port in self.ports:
+                wait_port("127.0.0.1", port, self.proc, timeout=15)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"{' '.join(self.argv)}: {self.output()[-1500:]}") from None
+        return self
+
+    def output(self) -> str:
+        try:
+            return self.out_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, daemon_only: bool = False) -> None:
+        if self.proc is None:
+            return
+        if daemon_only:
+            self.proc.terminate()
+        else:
+            self._signal_groups(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self._signal_groups(signal.SIGKILL)
+            self.proc.wait()
+        if not daemon_only:
+            deadline = time.monotonic() + 15  # the groups' others: gone too
+            while self._signal_groups(0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._signal_groups(signal.SIGKILL)
+            self.groups.clear()
+
+    def _signal_groups(self, sig: int) -> bool:
+        """Signal each process group of ours (its id is the pid its start
+        made): False when no process of them is left."""
+        left = False
+        for group in self.groups:
+            try:
+                os.killpg(group, sig)
+                left = True
+            except ProcessLookupError:
+                pass
+        return left

@@ -363,7 +363,9 @@ def test_pipelining_client_through_the_cache_delivers_every_message(world, upstr
     per session and over two sessions: through the real frontend they go
     upstream as groups (with the RSET of the previous transaction, or the
     probe of the kept connection, in front), and every message arrives with
-    exactly its envelope, one login for all."""
+    exactly its envelope, one login a session: within it one connection
+    carries both; each refused a recipient, so it is kept for no other
+    session (docs/decisions/relay.md, "A connection that refused")."""
     up = upstream_factory(tls="starttls", accounts={"u": "pipe-Up-Pw-3"}, pipelining=True,
                           reject_rcpt={"nobody@example.net"})
     with _front_to(world, up, "pipe-Up-Pw-3", "smarthostCache = 30\n") as fe:
@@ -380,7 +382,7 @@ def test_pipelining_client_through_the_cache_delivers_every_message(world, upstr
         assert envelopes == [(f"a{n}{m}@example.org", [f"r{m}@example.net"])
                              for n in range(2) for m in range(2)]
         assert all(msg.data.endswith(b"\r\n\r\nbody\r\n") for msg in up.messages)
-        assert up.logins == ["u"]
+        assert up.logins == ["u", "u"]
 
 
 def test_pipelining_client_whose_sender_the_upstream_refuses(world, upstream_factory):

@@ -74,7 +74,7 @@ import pytest
 from tests.fakeworld import free_port
 from tests import mta_util
 from tests.front_util import open_tmp, wait_port
-from tests.mta_util import Sunk
+from tests.mta_util import Sunk, login as _login
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="the frontend drops to nobody and the servers start as root: needs root")
@@ -479,16 +479,11 @@ def rig(world):
             with mta_util.served(r, base, {name: extra for name, (extra, _m) in FRONTS.items()}):
                 yield r
         finally:
-            for inst in (r.dovecot, r.exim):
-                if inst is not None:
-                    inst.stop()
-            r.sink.stop()
+            mta_util.stop_all(r, ["dovecot", "exim"])
 
 
 def _server(rig, name: str):
-    inst = getattr(rig, name)
-    if inst is None:
-        pytest.skip(rig.skips[name])
+    inst = mta_util.instance(rig, name)
     if name == "exim":
         inst.settle()  # the last test's messages delivered before the count starts
     rig.sink.messages.clear()
@@ -538,10 +533,6 @@ def _check(m: Sunk, sender: str, rcpts: list[str], body: bytes, user: str) -> No
     assert m.data[ours.end():] == body
 
 
-def _login(rig, s, user: str = "dave") -> None:
-    s.starttls(context=rig.world.ssl_context())
-    s.ehlo()
-    s.login(user, rig.world.users[user].password)
 
 
 def _mechanisms(up) -> list[str]:

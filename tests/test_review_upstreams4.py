@@ -45,7 +45,8 @@ docs/decisions/relay.md):
 - Postfix's error count of a kept connection went on from one user's
   session to the next: past smtpd_soft_error_limit every reply of every
   later session waited smtpd_error_sleep_time. Now a connection that
-  refused and accepted no message since is not kept for others;
+  refused is not kept for others (since tests/test_review_upstreams5.py:
+  even when it accepted a message after);
 - smtp-sink -A 0 (354 and at once 550): a refusal in the same read as the
   354 was called nonsense (451 4.5.0), for a pipelined group all three
   replies; now it is DATA's answer with its class.
@@ -66,8 +67,8 @@ import pytest
 
 from tests.fakeworld import free_port
 from tests.front_util import open_tmp, wait_port
-from tests.mta_util import (POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, postfix_relay_cf, served,
-                            system_uid)
+from tests.mta_util import (POSTFIX_SERVICES, Sink, login as _login, message_body, postfix_main_cf,
+                            postfix_relay_cf, served, system_uid)
 from tests.test_review_upstreams3 import ONE_RECEIVED, OUR_RECEIVED
 from tests.test_upstream_postfix import POSTFIX, PostfixInstance, _postfix
 
@@ -305,12 +306,6 @@ def rig(world):
 def _clear(rig):
     rig.sink.messages.clear()
     yield
-
-
-def _login(rig, s, user: str = "dave") -> None:
-    s.starttls(context=rig.world.ssl_context())
-    s.ehlo()
-    s.login(user, rig.world.users[user].password)
 
 
 def _check(m, sender: str, rcpts: list[str], body: bytes, user: str, proto: bytes) -> None:
@@ -580,7 +575,7 @@ def test_postfix_error_count_is_not_carried_from_one_session_to_the_next(rig):
 
     Failed before the fix (also with the 4xx-only rule of the postscreen
     fix): the second and third sessions took 2-3 s. Now a connection that
-    refused something and accepted no message since is not reused."""
+    refused something is not reused."""
     fe = rig.fronts["on"]
     connects = len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from"))
     for user in ("dave", "alice", "bob"):

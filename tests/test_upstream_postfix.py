@@ -50,7 +50,8 @@ import pytest
 from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
 from tests.front_util import Frontend, front_config, open_tmp, wait_port
-from tests.mta_util import POSTFIX_SERVICES, Sink, message_body, postfix_main_cf, postfix_relay_cf, system_uid
+from tests.mta_util import (POSTFIX_SERVICES, Sink, login as _login, message_body, postfix_main_cf,
+                            postfix_relay_cf, system_uid)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="the frontend drops to nobody and Postfix starts as root: needs root")
@@ -279,12 +280,6 @@ def _check(m, sender: str, rcpts: list[str], body: bytes, user: str, proto: byte
     assert ours.group(1).decode() == user
     assert m.data[ours.end():] == body
     return pf.group(1).decode()
-
-
-def _login(pfx, s, user: str = "dave") -> None:
-    s.starttls(context=pfx.world.ssl_context())
-    s.ehlo()
-    s.login(user, pfx.world.users[user].password)
 
 
 def _secret_file(tmp_path, secret: str) -> str:
