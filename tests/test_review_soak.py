@@ -97,6 +97,17 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What a process's descriptors are (for a failure's message)."""
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            out.append(f"{fd}:{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
 def _zombies(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
@@ -257,18 +268,29 @@ def test_upstream_pool_and_tls_sessions_stay_at_their_caps_over_many_upstream_na
         daemon = _hooked_daemon(tmp, config, out)
         fe = _hooked_frontend(tmp, config, out)
         try:
-            fd0 = _fds(fe.proc.pid)
             with fe.smtp() as c:
                 c.starttls(context=world.ssl_context())
                 c.ehlo()
                 c.login("alice", world.users["alice"].password)
+                # counted once the frontend is serving: its event loop's epoll
+                # and self-pipe and its link to the authenticator are made by
+                # then (counted before, as they sometimes were, the 3-4 of
+                # them ate the slack below); the client's socket is one too
+                fd0 = _fds(fe.proc.pid)
+                fd_start = _fd_targets(fe.proc.pid)
                 for n in range(names):
                     assert c.sendmail(f"a@d{n}.example", ["rcpt@example.net"], b"Subject: x\r\n\r\nx\r\n") == {}
             tables = _tables(fe.proc.pid, out)
             assert tables["sendooway_front._tls._sessions"] == MAX_SESSIONS
             assert tables["sendooway_front._pool.UpstreamPool._idle"] <= MAX_IDLE
             assert tables["sendooway_front._pool._Idle"] <= MAX_IDLE
-            assert _fds(fe.proc.pid) <= fd0 + MAX_IDLE + 2
+            # (a QUIT still under way in the background holds its socket a
+            # moment: a loaded full run once counted one more; a leak stays)
+            deadline = time.monotonic() + 5
+            while _fds(fe.proc.pid) > fd0 + MAX_IDLE + 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _fds(fe.proc.pid) <= fd0 + MAX_IDLE + 2, "\n".join(
+                ["at the start:", *fd_start, "now:", *_fd_targets(fe.proc.pid)])
         finally:
             fe.stop()
             daemon.stop()
