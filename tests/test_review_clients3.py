@@ -83,7 +83,7 @@ def _sendemail(cw, tmp_path, user: str, password: str, sender: str, rcpts: list[
                subject: str) -> subprocess.CompletedProcess:
     (tmp_path / "body.txt").write_bytes(BODY)
     return _run([tool("sendemail"), "-f", sender, "-t", *rcpts, "-u", subject,
-                 "-o", f"message-file={tmp_path / 'body.txt'}", "-s", f"localhost:{cw.front.port}",
+                 "-o", f"message-file={tmp_path / 'body.txt'}", "-s", f"127.0.0.1:{cw.front.port}",
                  "-xu", user, "-xp", password, "-o", "tls=yes", "-o", "fqdn=client.test", "-v"],
                 # IO::Socket::SSL's default CA store is OpenSSL's: SSL_CERT_FILE
                 env={"SSL_CERT_FILE": cw.world.ca_file})
@@ -117,7 +117,7 @@ def test_sendemail_starttls_login_refusals_and_wrong_password(cw, tmp_path):
         assert r.returncode == 1 and reply in _out(r), _out(r)
     r = _sendemail(cw, tmp_path, "carol", f"not-{cw.pw('carol')}", "carol@home.example", ["r@example.net"],
                    "wrong password")
-    assert r.returncode == 1 and "SMTP-AUTH: Authentication to localhost" in _out(r), _out(r)
+    assert r.returncode == 1 and "SMTP-AUTH: Authentication to 127.0.0.1" in _out(r), _out(r)
     assert "login failed: user='carol' mechanism=LOGIN" in cw.front.log()[start:]
     assert len(cw.up.messages) == 1
 

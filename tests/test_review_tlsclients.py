@@ -435,7 +435,7 @@ const fs = require("fs");
 const nodemailer = require("nodemailer");
 const [mode, port, ca, user, pass, method, file, ...jobs] = process.argv.slice(2);
 const transport = nodemailer.createTransport({
-  host: "localhost", port: Number(port), secure: mode === "ssl", requireTLS: mode !== "ssl",
+  host: "127.0.0.1", port: Number(port), secure: mode === "ssl", requireTLS: mode !== "ssl",
   name: "client.test", auth: { user, pass, method }, tls: { ca: [fs.readFileSync(ca)] },
   pool: true, maxConnections: 1, connectionTimeout: 20000, socketTimeout: 20000,
 });

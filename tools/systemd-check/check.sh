@@ -110,21 +110,21 @@ WATCHER=$!
 disown "$WATCHER"  # no "Killed" notice from bash when cleanup ends it
 state=
 for _ in $(seq 300); do  # until its manager answers, then until it has booted
-    state=$(timeout 60 nsenter -t "$LEADER" -a systemctl is-system-running --wait 2>&1 || true)
+    state=$(timeout 60 nsenter -t "$LEADER" -a -r -w systemctl is-system-running --wait 2>&1 || true)
     case $state in running|degraded|maintenance|stopping) break ;; esac
     sleep 0.2
 done
-echo "systemd-check: container booted ($state), $(nsenter -t "$LEADER" -a systemctl --version | head -n 1)"
+echo "systemd-check: container booted ($state), $(nsenter -t "$LEADER" -a -r -w systemctl --version | head -n 1)"
 if [ "$state" != running ] && [ "$state" != degraded ]; then
     # (sendooway is installed only after the boot: this is the machine)
     echo "systemd-check: NO CONTAINER (its systemd did not finish booting; nothing of sendooway was tried)"; exit 2
 fi
 rc=0
-timeout 300 nsenter -t "$LEADER" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+timeout 300 nsenter -t "$LEADER" -a -r -w env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
     bash "$REPO/tools/systemd-check/inside.sh" "$REPO" /run/systemd-check-wheels "$PY" || rc=$?
 if [ "$rc" -ne 0 ]; then
     echo "--- the container's journal (sendooway units)"
-    nsenter -t "$LEADER" -a journalctl --no-pager -o short-precise -u "sendooway*" | tail -n 25 || true
+    nsenter -t "$LEADER" -a -r -w journalctl --no-pager -o short-precise -u "sendooway*" | tail -n 25 || true
     echo "systemd-check: FAIL"; exit 1
 fi
 echo "systemd-check: PASS"
