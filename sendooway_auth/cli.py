@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import syslog
 
 from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, load_config_or_exit
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"sendooway-auth: cannot open log {args.log}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
+    # PAM modules log through libc's syslog(); without an ident of ours
+    # their lines (pam_unix's failures, pam_faillock's locks) would be
+    # tagged with the interpreter's name, python3
+    syslog.openlog("sendooway-auth", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
     log = logging.getLogger("sendooway-auth")
     try:
         if args.fd is not None:

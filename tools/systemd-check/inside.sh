@@ -127,6 +127,9 @@ if grep -q "^smtp 535" <<<"$out"; then
 else
     fail "pam_faillock: right password refused once locked" "$out; $(journal_since "$t" -t sendooway-auth | tail -n 4 | tr '\n' ' ')"
 fi
+# PAM's own lines carry the authenticator's name, not the interpreter's
+check "PAM's lines tagged sendooway-auth" grep -q "pam_unix(sendooway:auth): authentication failure" \
+    <<<"$(journal_since "$t" -t sendooway-auth)"
 faillock --user carol --reset
 mv /etc/pam.d/common-auth.orig /etc/pam.d/common-auth
 mv /etc/pam.d/common-account.orig /etc/pam.d/common-account
