@@ -11,6 +11,7 @@ otherwise."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import smtplib
 import socket
@@ -85,12 +86,22 @@ def _pids_cgroup(pids):
         yield limit
     finally:
         limit("max")
-        with open(os.path.join(group, "cgroup.procs")) as f:
-            left = f.read().split()
-        for pid in left:
-            with contextlib.suppress(OSError), open(os.path.join(parent, "cgroup.procs"), "w") as f:
-                f.write(pid)
-        os.rmdir(group)
+        # a process may fork (a reader worker, a PAM thread) while the
+        # others are moved out: move what is left until the group is empty
+        deadline = time.monotonic() + 5
+        while True:
+            with open(os.path.join(group, "cgroup.procs")) as f:
+                left = f.read().split()
+            for pid in left:
+                with contextlib.suppress(OSError), open(os.path.join(parent, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+            try:
+                os.rmdir(group)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 def _smtp_login(fe: Frontend, world, user: str) -> smtplib.SMTP:
