@@ -1,0 +1,253 @@
+"""Tests written from a second mutation-testing review, of the frontend's
+upstream side: the upstream client (_upstream.py), the smarthostCache
+(_pool.py), the TLS contexts and checks (_tls.py) and the relay's
+connection handling (_relay.py). Each pins down behaviour that a small
+change to that code left unnoticed by the rest of the suite; each names
+what it guards."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from sendooway_front._relay import Relay
+from sendooway_front._relay_api import MailParams
+from sendooway_front._reply import Reply
+from sendooway_front._stream import Stream
+from sendooway_front._upstream import (
+    MAX_REPLY_LINE, MAX_REPLY_LINES, QUIT_WAIT, ReplyError, ReplyReader, UpstreamClient, parse_ehlo,
+)
+from sendooway_shared.types import Route, Secret, TlsMode
+
+from .test_upstream_faults import Script
+from .upstream import capture_log, config, info, run, send
+
+ROUTE = Route("127.0.0.1", 25, TlsMode.PLAIN, auth=False, password=Secret(""), source="s:1")
+
+
+# ------------------------------------------------------------ reading the upstream's replies
+
+
+async def _reading(sent: bytes, then_close: bool = True):
+    """A ReplyReader over a socketpair whose far end wrote `sent` (and
+    closed, when `then_close`); returns (reader, client, far end)."""
+    a, b = socket.socketpair()
+    b.sendall(sent)
+    if then_close:
+        b.shutdown(socket.SHUT_WR)
+    stream = await Stream.from_socket(a, timeout=5)
+    reader = ReplyReader(stream)
+    return reader, UpstreamClient(ROUTE, stream, reader, "relay.test"), b
+
+
+def _replies(sent: bytes, count: int = 1):
+    """The first `count` replies read from `sent`, or the exception raised."""
+
+    async def go():
+        reader, client, far = await _reading(sent)
+        try:
+            return [await reader.read_reply() for _ in range(count)]
+        except (ReplyError, ConnectionError) as e:
+            return e
+        finally:
+            client.abort()
+            far.close()
+
+    return run(go())
+
+
+def test_a_reply_line_of_exactly_the_limit_is_taken_and_one_octet_more_is_refused():
+    """MAX_REPLY_LINE counts the whole line, CRLF included: a line of that
+    many octets is a reply, one octet more is refused (not read on)."""
+    at_limit = b"250 " + b"x" * (MAX_REPLY_LINE - 6) + b"\r\n"
+    assert len(at_limit) == MAX_REPLY_LINE
+    [reply] = _replies(at_limit)
+    assert reply.code == 250 and len(reply.lines[0]) == MAX_REPLY_LINE - 6
+    over = _replies(b"250 " + b"x" * (MAX_REPLY_LINE - 5) + b"\r\n")
+    assert isinstance(over, ReplyError) and "longer than" in str(over)
+
+
+def test_a_reply_line_without_its_end_is_refused_once_it_fills_the_limit():
+    """A line that has filled MAX_REPLY_LINE octets with no LF is refused
+    then, not read on until the upstream closes (or the buffer grows)."""
+    got = _replies(b"250 " + b"x" * (MAX_REPLY_LINE - 4))
+    assert isinstance(got, ReplyError) and "longer than" in str(got)
+    short = _replies(b"250 " + b"x" * (MAX_REPLY_LINE - 5))
+    assert isinstance(short, ConnectionError)  # shorter: waited for, until the close
+
+
+def test_a_reply_of_exactly_the_line_count_limit_is_taken_and_one_line_more_is_refused():
+    lines = [b"250-line %d\r\n" % i for i in range(MAX_REPLY_LINES - 1)] + [b"250 last\r\n"]
+    [reply] = _replies(b"".join(lines))
+    assert reply.code == 250 and len(reply.lines) == MAX_REPLY_LINES
+    got = _replies(b"250-one more\r\n" + b"".join(lines))
+    assert isinstance(got, ReplyError) and "lines" in str(got)
+
+
+def test_unicode_line_separators_and_c1_controls_never_reach_the_client():
+    """Reply text is repeated to the client: C1 controls (CSI U+009B, NEL
+    U+0085), DEL and U+2028/U+2029 become "?" like the C0 controls."""
+    text = "a\u009b[2Jb\u0085c\u2028d\u2029e\x7ff\tg".encode()
+    [reply] = _replies(b"550 " + text + b"\r\n")
+    assert reply.lines == ("a?[2Jb?c?d?e?f\tg",)
+
+
+def test_the_old_auth_equals_form_is_read_in_any_case_and_never_overrides_auth():
+    """AUTH=LOGIN (pre-RFC 2554) counts whatever its case, and only when
+    the server sent no proper AUTH line, before or after it."""
+    assert parse_ehlo(Reply(250, ("up", "auth=LOGIN PLAIN")))["AUTH"] == "LOGIN PLAIN"
+    both = parse_ehlo(Reply(250, ("up", "AUTH CRAM-MD5 PLAIN", "AUTH=LOGIN")))
+    assert both["AUTH"] == "CRAM-MD5 PLAIN"
+
+
+def test_bytes_left_behind_a_reply_make_the_connection_one_that_spoke_unasked():
+    """Two replies that came in one read: after the first, the second sits
+    in the ReplyReader (not in the stream): the connection spoke unasked
+    and must not be reused (the pool and the relay ask spoke_unasked)."""
+
+    async def go():
+        reader, client, far = await _reading(b"250 one\r\n421 closing\r\n", then_close=False)
+        try:
+            first = await reader.read_reply()
+            return first, reader.buffered, client.spoke_unasked()
+        finally:
+            client.abort()
+            far.close()
+
+    first, buffered, unasked = run(go())
+    assert first == Reply(250, ("one",)) and buffered > 0
+    assert unasked
+
+
+def test_a_command_line_with_cr_or_lf_is_never_sent():
+    """send_lines refuses a line with CR or LF in it (it would be two
+    commands upstream), before anything is written."""
+
+    async def go():
+        reader, client, far = await _reading(b"", then_close=False)
+        try:
+            for bad in ("RCPT TO:<a@b.c>\r\nDATA", b"RSET\rQUIT", "NOOP\n"):
+                with pytest.raises(ValueError):
+                    await client.send_lines(["NOOP", bad])
+            await client.send_lines(["NOOP"])
+            far.setblocking(False)
+            return await asyncio.get_running_loop().sock_recv(far, 1024)
+        finally:
+            client.abort()
+            far.close()
+
+    assert run(go()) == b"NOOP\r\n"
+
+
+# ------------------------------------------------------------ logging in upstream
+
+
+def _mail_via(script: Script, tls: TlsMode = TlsMode.PLAIN, user: str = "", cfg=None):
+    """One transaction through a Relay to the scripted upstream (`user`:
+    log in as that user, password UP_PW). Returns (replies, log text)."""
+
+    async def go():
+        server, port = await script.serve()
+        log, handler = capture_log()
+        route = Route("127.0.0.1", port, tls, auth=bool(user), user=user,
+                      password=Secret(UP_PW if user else ""), source="s:1")
+        async with server:
+            relay = Relay(cfg or config(timeout=2), log)
+            replies = await send(relay, route, "s@x.y", ["r@x.y"], b"m")
+            await relay.close()
+        return replies, handler.text
+
+    return run(go())
+
+
+UP_PW = "Up-Pw-mut2-58"
+
+
+def _by_line(script: Script, answers: dict[bytes, bytes]):
+    """A Script reply that depends on the whole command line (its start)."""
+
+    async def answer(writer):
+        line = script.commands[-1]
+        writer.write(next(v for k, v in answers.items() if line.startswith(k)))
+        await writer.drain()
+
+    return answer
+
+
+def test_a_reply_beyond_the_one_asked_for_after_auth_is_never_taken_for_mails():
+    """A surplus after the login's 235 (here a 250) is nonsense: 451
+    4.5.0 before MAIL goes. Taken for MAIL's reply, the client would get
+    250 for a sender the upstream refused, every later reply a step late."""
+    script = Script(EHLO=b"250-x\r\n250 AUTH PLAIN\r\n",
+                    AUTH=b"235 2.7.0 ok\r\n250 2.1.0 sender ok\r\n",
+                    MAIL=b"550 5.7.1 sender refused\r\n")
+    replies, log = _mail_via(script, user="u")
+    assert replies["mail"].code == 451 and replies["mail"].lines[0].startswith("4.5.0"), replies
+    assert "more than its reply to AUTH" in log and UP_PW not in log
+
+
+def test_a_greeting_other_than_220_is_not_a_welcome():
+    """Only 220 greets (RFC 5321 4.3.2): a 250 greeting is a server not
+    ready, 451 4.3.0, and no EHLO goes."""
+    script = Script(greeting=b"250 up.test hello\r\n")
+    replies, log = _mail_via(script)
+    assert replies["mail"].code == 451 and replies["mail"].lines[0].startswith("4.3.0")
+    assert "greeting 250" in log
+    assert not any(c.startswith(b"EHLO") for c in script.commands)
+
+
+def test_an_upstream_that_never_greets_is_a_timeout_not_a_lost_connection():
+    """The client is told what happened: 451 4.4.2 "timed out" (the
+    upstream is slow), not "connection lost"."""
+    replies, log = _mail_via(Script(greeting=b""), cfg=config(timeout=1))
+    assert replies["mail"].code == 451
+    assert replies["mail"].lines[0] == "4.4.2 Upstream server timed out, try again later"
+    assert "no answer within 1s" in log
+
+
+def test_ehlo_refused_for_now_is_not_retried_as_helo():
+    """HELO is the fallback of an EHLO the server does not know (5xx); a
+    4xx (421 shutting down, 450) is a server not ready: 451, no HELO."""
+    script = Script(EHLO=b"421 4.3.2 shutting down\r\n")
+    replies, log = _mail_via(script)
+    assert replies["mail"].code == 451 and "EHLO/HELO answered 421" in log
+    assert not any(c.startswith(b"HELO") for c in script.commands), script.commands
+
+
+def test_starttls_answered_other_than_220_is_refused_without_a_handshake():
+    """STARTTLS goes on only after its 220: another 2xx is a refusal of
+    TLS (454 4.7.0), not the start of a handshake the server is not in."""
+    script = Script(EHLO=b"250-x\r\n250 STARTTLS\r\n", STARTTLS=b"250 2.0.0 sure\r\n")
+    replies, log = _mail_via(script, tls=TlsMode.STARTTLS)
+    assert replies["mail"].code == 454 and replies["mail"].lines[0].startswith("4.7.0"), replies
+    assert "STARTTLS answered 250" in log
+
+
+def test_a_mechanism_answered_504_gives_way_to_the_next_one():
+    """504 (mechanism not supported, RFC 4954) refuses the mechanism, not
+    the credentials: the next mechanism is tried, and nothing is
+    remembered as a refused login."""
+    script = Script(EHLO=b"250-x\r\n250 AUTH CRAM-MD5 PLAIN\r\n")
+    script.replies["AUTH"] = _by_line(script, {b"AUTH CRAM-MD5": b"504 5.5.4 not that one\r\n",
+                                               b"AUTH PLAIN": b"235 2.7.0 ok\r\n"})
+    replies, log = _mail_via(script, user="u")
+    assert replies["end"].code == 250, (replies, log)
+    assert [c.split()[1] for c in script.commands if c.startswith(b"AUTH")] == [b"CRAM-MD5", b"PLAIN"]
+
+
+def test_quit_waits_for_its_reply_quit_wait_at_most():
+    """QUIT (cache expiry, SIGTERM, a refused login) waits QUIT_WAIT for
+    its reply at most, whatever longer `timeout` the stream had."""
+
+    async def go():
+        reader, client, far = await _reading(b"221 bye\r\n", then_close=False)
+        client.stream.timeout = 10 * QUIT_WAIT
+        try:
+            await client.quit()
+            return client.stream.timeout
+        finally:
+            far.close()
+
+    assert run(go()) == QUIT_WAIT
