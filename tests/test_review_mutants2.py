@@ -165,15 +165,27 @@ def _mail_via(script: Script, tls: TlsMode = TlsMode.PLAIN, user: str = "", cfg=
 UP_PW = "Up-Pw-mut2-58"
 
 
-def _by_line(script: Script, answers: dict[bytes, bytes]):
-    """A Script reply that depends on the whole command line (its start)."""
+def _in_sasl(script: Script, challenge: bytes, then: dict[bytes, bytes]) -> None:
+    """Makes `script` a server that keeps SASL state: each AUTH gets
+    `challenge` (a 334) unless `then` names its start; the line after a
+    334 is the client's answer: "*" gets 501, anything else 535. (Script
+    answers by verb: the answers it may see, "*" and user "u" in base64,
+    are verbs of their own.)"""
+    pending = [False]
 
     async def answer(writer):
         line = script.commands[-1]
-        writer.write(next(v for k, v in answers.items() if line.startswith(k)))
+        if pending[0]:
+            pending[0] = False
+            reply = b"501 5.7.0 cancelled\r\n" if line == b"*\r\n" else b"535 5.7.8 refused\r\n"
+        else:
+            reply = next((v for k, v in then.items() if line.startswith(k)), challenge)
+            pending[0] = reply.startswith(b"334")
+        writer.write(reply)
         await writer.drain()
 
-    return answer
+    for verb in ("AUTH", "*", "DQ=="):
+        script.replies[verb] = answer
 
 
 def test_a_reply_beyond_the_one_asked_for_after_auth_is_never_taken_for_mails():
@@ -230,7 +242,7 @@ def test_a_mechanism_answered_504_gives_way_to_the_next_one():
     the credentials: the next mechanism is tried, and nothing is
     remembered as a refused login."""
     script = Script(EHLO=b"250-x\r\n250 AUTH CRAM-MD5 PLAIN\r\n")
-    script.replies["AUTH"] = _by_line(script, {b"AUTH CRAM-MD5": b"504 5.5.4 not that one\r\n",
+    _in_sasl(script, b"334 PDEyQHVwPg==\r\n", {b"AUTH CRAM-MD5": b"504 5.5.4 not that one\r\n",
                                                b"AUTH PLAIN": b"235 2.7.0 ok\r\n"})
     replies, log = _mail_via(script, user="u")
     assert replies["end"].code == 250, (replies, log)
@@ -251,3 +263,38 @@ def test_quit_waits_for_its_reply_quit_wait_at_most():
             far.close()
 
     assert run(go()) == QUIT_WAIT
+
+
+def test_an_undecodable_cram_md5_challenge_is_cancelled_before_the_next_mechanism():
+    """RFC 4954 4: the client cancels an exchange with "*". Without it the
+    server takes the next AUTH line for the CRAM-MD5 answer and refuses
+    it: the login that PLAIN would have done fails."""
+    script = Script(EHLO=b"250-x\r\n250 AUTH CRAM-MD5 PLAIN\r\n")
+    _in_sasl(script, b"334 !!!notbase64\r\n", {b"AUTH PLAIN": b"235 2.7.0 ok\r\n"})
+    replies, log = _mail_via(script, user="u")
+    assert replies["end"].code == 250, (replies, log)
+    assert b"*\r\n" in script.commands
+
+
+def test_login_stops_when_the_user_name_is_not_answered_334():
+    """AUTH LOGIN sends the password only after the server asked for it
+    (334): a refusal of the user name ends the exchange, and the password
+    never goes, not even as a stray command line."""
+    import base64
+
+    script = Script(EHLO=b"250-x\r\n250 AUTH LOGIN\r\n")
+    _in_sasl(script, b"334 VXNlcm5hbWU6\r\n", {})
+    replies, log = _mail_via(script, user="u")
+    assert replies["mail"].code == 454, replies
+    sent = b"".join(script.commands)
+    assert base64.b64encode(b"u") in sent and base64.b64encode(UP_PW.encode()) not in sent, sent
+
+
+def test_mechanisms_advertised_in_lower_case_are_used():
+    """SMTP keywords are case-insensitive (RFC 5321 2.4): "AUTH plain"
+    offers PLAIN, so the route's credentials are used, not left out."""
+    script = Script(EHLO=b"250-x\r\n250 AUTH plain\r\n", AUTH=b"235 2.7.0 ok\r\n")
+    replies, log = _mail_via(script, user="u")
+    assert replies["end"].code == 250, replies
+    assert any(c.startswith(b"AUTH PLAIN ") for c in script.commands), script.commands
+    assert "no usable AUTH mechanism" not in log
