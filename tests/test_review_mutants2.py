@@ -22,7 +22,7 @@ from sendooway_front._upstream import (
 from sendooway_shared.types import Route, Secret, TlsMode
 
 from .test_upstream_faults import Script
-from .upstream import capture_log, config, info, run, send
+from .upstream import capture_log, config, route_for, run, send
 
 ROUTE = Route("127.0.0.1", 25, TlsMode.PLAIN, auth=False, password=Secret(""), source="s:1")
 
@@ -298,3 +298,160 @@ def test_mechanisms_advertised_in_lower_case_are_used():
     assert replies["end"].code == 250, replies
     assert any(c.startswith(b"AUTH PLAIN ") for c in script.commands), script.commands
     assert "no usable AUTH mechanism" not in log
+
+
+# ------------------------------------------------------------ TLS contexts and checks
+
+
+def _relay_to(up, route, cfg=None):
+    """One message to the FakeUpstream `up` over `route`; (replies, log text)."""
+    log, handler = capture_log()
+
+    async def go():
+        relay = Relay(cfg or config(), log)
+        replies = await send(relay, route, "alice@example.com", ["rcpt@example.org"], b"m\r\n")
+        await relay.close()
+        return replies
+
+    return run(go()), handler.text
+
+
+def test_the_upstreams_name_goes_as_sni(world):
+    """The route's server name is sent as SNI (DESIGN.md "STARTTLS/TLS
+    with SNI"): an upstream serving several names picks its certificate by it."""
+    from .test_review_ipv6 import SniRecorder
+
+    up = SniRecorder(world, tls="starttls", accounts={"u": UP_PW}).start()
+    try:
+        replies, _log = _relay_to(up, route_for(up, server="localhost"))
+    finally:
+        up.stop()
+    assert replies["end"].code == 250
+    assert up.sni == ["localhost"]
+
+
+def test_a_resumed_nocertcheck_connection_still_logs_the_chain_problems(upstream_factory, tmp_path):
+    """A resumed handshake shows no certificate: the chain problems found
+    when the session was made are logged again (noCertCheck), even when
+    the name matches and nothing else would be said."""
+    from sendooway_front import _tls
+
+    from .test_relay import _foreign_cert
+
+    _tls.forget_sessions()
+    cert, key, _ = _foreign_cert(tmp_path)  # for localhost, from a CA the route does not trust
+    up = upstream_factory(tls="starttls", accounts={"u": UP_PW}, cert_file=cert, key_file=key)
+    for _ in range(2):
+        replies, log = _relay_to(up, route_for(up, server="localhost", cert_check=False))
+        assert replies["end"].code == 250
+        assert "certificate problems ignored (noCertCheck)" in log
+        assert "unable to get local issuer certificate" in log and "does not match" not in log
+    assert up.tls_resumed == [False, True]
+
+
+def test_certificates_passed_in_get_a_verifying_context_whatever_a_nocertcheck_route_made(world):
+    """Client contexts for a user's own CA certificates are cached by
+    content AND the verify setting: a noCertCheck route's context must
+    never serve a verifying route with the same certificates."""
+    from sendooway_front import _tls
+
+    pem = open(world.ca_file).read()
+    lax = _tls.cached_client_context("", False, pem)
+    strict = _tls.cached_client_context("", True, pem)
+    assert not _tls.context_verifies(lax)
+    assert _tls.context_verifies(strict) and strict is not lax
+
+
+def test_the_configs_ca_file_read_at_start_serves_nocertcheck_routes_without_verifying(world, monkeypatch):
+    """preload_ca_file makes the verifying context of the config's sslCA;
+    a noCertCheck route naming that file gets a context of its own that
+    does not verify (taking the verifying one would refuse its upstream)."""
+    from sendooway_front import _tls
+
+    monkeypatch.setattr(_tls, "_preloaded", {})
+    monkeypatch.setattr(_tls, "_preloaded_data", {})
+    monkeypatch.setattr(_tls, "_pinned_file", "")
+    _tls.preload_ca_file(world.ca_file)
+
+    async def contexts():
+        return (await _tls.client_context_for(world.ca_file, True),
+                await _tls.client_context_for(world.ca_file, False))
+
+    strict, lax = run(contexts())
+    assert _tls.context_verifies(strict) and not _tls.context_verifies(lax)
+
+
+def test_the_system_store_context_is_renewed_after_its_time(monkeypatch):
+    """The system store's client context is reused for SYSTEM_STORE_TTL
+    only: a CA bundle updated by the system reaches the routes without a
+    restart."""
+    from sendooway_front import _tls
+
+    monkeypatch.setattr(_tls, "_client_contexts", {})
+    first = _tls.cached_client_context("", False)
+    assert _tls.cached_client_context("", False) is first
+    monkeypatch.setattr(_tls, "SYSTEM_STORE_TTL", 0.0)
+    assert _tls.cached_client_context("", False) is not first
+
+
+def _pump(a, b) -> None:
+    """Move what each of two memory-BIO connections wrote to the other."""
+    from OpenSSL import SSL
+
+    for src, dst in ((a, b), (b, a)):
+        try:
+            dst.bio_write(src.bio_read(1 << 16))
+        except SSL.WantReadError:
+            pass
+
+
+def _step(step) -> None:
+    from OpenSSL import SSL
+
+    try:
+        step()
+    except SSL.WantReadError:
+        pass
+
+
+def test_an_upstream_asking_for_renegotiation_gets_none(world):
+    """No renegotiation (OP_NO_RENEGOTIATION; CVE-2009-3555 lived there):
+    a TLS 1.2 upstream sending a HelloRequest after the handshake does not
+    get a new handshake from us. (A client's renegotiation is refused by
+    OpenSSL's own default since 3.0; a server's is not.)"""
+    from OpenSSL import SSL
+
+    from sendooway_front import _tls
+
+    sctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    sctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    sctx.use_certificate_chain_file(world.upstream_cert_file)
+    sctx.use_privatekey_file(world.upstream_key_file)
+    server = SSL.Connection(sctx, None)
+    server.set_accept_state()
+    client = _tls.client_connection(_tls.client_context(world.ca_file), "localhost")
+    for _ in range(6):
+        _step(client.do_handshake)
+        _pump(client, server)
+        _step(server.do_handshake)
+        _pump(client, server)
+    assert client.get_protocol_version_name() == "TLSv1.2"
+    assert server.renegotiate()
+    for _ in range(6):
+        _step(server.do_handshake)
+        _pump(client, server)
+        _step(lambda: client.recv(1024))
+        _pump(client, server)
+    assert client.total_renegotiations() == 0
+
+
+def test_the_server_context_keeps_no_session_cache(world):
+    """No server-side session cache (tickets are off: every TLS 1.3
+    handshake would leave sessions there for two hours, filled without a
+    login)."""
+    from OpenSSL import SSL
+
+    from sendooway_front import _tls
+
+    ctx = _tls.server_context(world.upstream_cert_file, world.upstream_key_file)
+    assert ctx.get_session_cache_mode() == SSL.SESS_CACHE_OFF
