@@ -455,3 +455,56 @@ def test_the_server_context_keeps_no_session_cache(world):
 
     ctx = _tls.server_context(world.upstream_cert_file, world.upstream_key_file)
     assert ctx.get_session_cache_mode() == SSL.SESS_CACHE_OFF
+
+
+# ------------------------------------------------------------ the smarthostCache
+
+
+def _kept_then(up, first: Route, second: Route):
+    """A message over `first`, its connection kept in a pool, then one over
+    `second`: (the second's replies, the pool's hits)."""
+    from sendooway_front._pool import UpstreamPool
+
+    async def go():
+        log, _ = capture_log()
+        pool = UpstreamPool(30, log)
+        try:
+            replies = []
+            for route in (first, second):
+                relay = Relay(config(smarthostCache=30), log, pool)
+                replies.append(await send(relay, route, "s@x.y", ["r@x.y"], b"m\r\n"))
+                await relay.close()
+            assert replies[0]["end"].code == 250, replies
+            return replies[1], pool.hits
+        finally:
+            await pool.close_all()
+
+    return run(go())
+
+
+def test_a_plain_connection_kept_is_never_used_for_a_tls_route(upstream_factory):
+    """The TLS mode is part of the cache's key: a message for a route that
+    says STARTTLS never goes over a kept plain-text connection to the same
+    server, port and user."""
+    up = upstream_factory(tls="starttls", require_tls=False, accounts={"u": UP_PW})
+    replies, hits = _kept_then(up, route_for(up, tls=TlsMode.PLAIN), route_for(up))
+    assert replies["end"].code == 250 and hits == 0
+    assert [m.tls for m in up.messages] == [False, True]
+
+
+@pytest.mark.parametrize("lax", ["noCertCheck", "another sslCA"])
+def test_a_connection_kept_under_a_laxer_check_is_never_used_for_a_verifying_route(
+        upstream_factory, tmp_path, lax):
+    """The certificate check (noCertCheck, the CA file) is part of the
+    cache's key: a connection to a server with a certificate the route's
+    CA does not vouch for, kept for a route that took it, is never used
+    for a route that would refuse it (454, no message)."""
+    from .test_relay import _foreign_cert
+
+    cert, key, foreign_ca = _foreign_cert(tmp_path)
+    up = upstream_factory(tls="starttls", accounts={"u": UP_PW}, cert_file=cert, key_file=key)
+    first = (route_for(up, server="localhost", cert_check=False) if lax == "noCertCheck"
+             else route_for(up, server="localhost", ca_file=foreign_ca))
+    replies, hits = _kept_then(up, first, route_for(up, server="localhost"))
+    assert replies["mail"].code == 454 and hits == 0, replies
+    assert len(up.messages) == 1
