@@ -508,3 +508,67 @@ def test_a_connection_kept_under_a_laxer_check_is_never_used_for_a_verifying_rou
     replies, hits = _kept_then(up, first, route_for(up, server="localhost"))
     assert replies["mail"].code == 454 and hits == 0, replies
     assert len(up.messages) == 1
+
+
+# ------------------------------------------------------------ the relay's connection
+
+
+def test_a_command_timing_out_upstream_is_told_as_a_timeout():
+    """A reply the upstream never sends (here to RCPT) is 451 4.4.2 "timed
+    out", not "connection lost": the client and the log say what happened."""
+
+    async def stall(writer):
+        await asyncio.sleep(30)
+
+    replies, log = _mail_via(Script(RCPT=stall), cfg=config(timeout=1))
+    assert replies["rcpt"][0].lines[0] == "4.4.2 Upstream server timed out, try again later"
+    assert "RCPT failed: TimeoutError" in log
+
+
+def _two_messages(script: Script, cfg=None) -> list[dict]:
+    """Two transactions of one client session to the scripted upstream."""
+
+    async def go():
+        server, port = await script.serve()
+        log, _handler = capture_log()
+        route = Route("127.0.0.1", port, TlsMode.PLAIN, auth=False, password=Secret(""), source="s:1")
+        async with server:
+            relay = Relay(cfg or config(timeout=2), log)
+            replies = [await send(relay, route, f"s{n}@x.y", ["r@x.y"], b"m") for n in range(2)]
+            await relay.close()
+        return replies
+
+    return run(go())
+
+
+def test_the_sessions_own_connection_is_probed_after_idling(monkeypatch):
+    """A client's next message after KEPT_IDLE seconds probes the
+    session's own upstream connection (RSET with its MAIL), as a kept one
+    is: a link that died silently costs PROBE_TIMEOUT, not `timeout`."""
+    from sendooway_front import _pool
+
+    monkeypatch.setattr(_pool, "KEPT_IDLE", -1.0)  # every pause is long
+    script = Script()
+    replies = _two_messages(script)
+    assert [r["end"].code for r in replies] == [250, 250]
+    verbs = [c.split()[0].split(b":")[0] for c in script.commands]
+    assert verbs[verbs.index(b"DATA") + 1:][:2] == [b"RSET", b"MAIL"], script.commands
+
+
+def test_a_refused_probe_is_never_followed_on_that_connection(monkeypatch):
+    """An RSET probe answered other than 250 (a server out of step, or
+    closing) leaves the connection: the next MAIL goes over a new one."""
+    rsets = []
+
+    async def rset(writer):
+        rsets.append(1)
+        writer.write(b"500 5.5.1 out of step\r\n")
+        await writer.drain()
+
+    from sendooway_front import _pool
+
+    monkeypatch.setattr(_pool, "KEPT_IDLE", -1.0)  # the second MAIL probes
+    script = Script(RSET=rset)
+    replies = _two_messages(script)
+    assert [r["end"].code for r in replies] == [250, 250] and rsets == [1]
+    assert script.commands.count(b"EHLO relay.test\r\n") == 2, script.commands
