@@ -297,7 +297,10 @@ class Chasquid(_Instance):
         out = []
         for eml in sorted((self.dir / "mbox").glob("*.eml")):
             stem = eml.name[:-len(".eml")]
-            sender = (self.dir / "mbox" / f"{stem}.from").read_text().strip()
+            try:  # (a delivery still finishing while clear() ran leaves an .eml alone)
+                sender = (self.dir / "mbox" / f"{stem}.from").read_text().strip()
+            except FileNotFoundError:
+                continue
             out.append((sender, stem.split(".", 1)[1], eml.read_bytes()))
         return out
 
