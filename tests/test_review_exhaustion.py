@@ -21,9 +21,9 @@ import uuid
 
 import pytest
 
-from sendooway_shared.protocol import AuthOk, RouteOk
+from sendooway_shared.protocol import AuthOk
 
-from .auth_helpers import Daemon, fork_server, login, route, workers
+from .auth_helpers import Daemon, fork_server, login, workers
 from .front_util import (
     FRONT, NOBODY, Frontend, front_config, login_plain, open_tmp, stdio_session,
 )
@@ -90,7 +90,7 @@ def _pids_cgroup(pids):
         # others are moved out: move what is left until the group is empty
         deadline = time.monotonic() + 5
         while True:
-            with open(os.path.join(group, "cgroup.procs")) as f:
+            with open(limit.procs) as f:
                 left = f.read().split()
             for pid in left:
                 with contextlib.suppress(OSError), open(os.path.join(parent, "cgroup.procs"), "w") as f:

@@ -13,18 +13,17 @@ import socket
 import pytest
 
 from sendooway_front._relay import Relay
-from sendooway_front._relay_api import MailParams
 from sendooway_front._reply import Reply
 from sendooway_front._stream import Stream
 from sendooway_front._upstream import (
     MAX_REPLY_LINE, MAX_REPLY_LINES, QUIT_WAIT, ReplyError, ReplyReader, UpstreamClient, parse_ehlo,
 )
-from sendooway_shared.types import Route, Secret, TlsMode
+from sendooway_shared.types import Route, TlsMode
 
-from .test_upstream_faults import Script
+from .test_upstream_faults import Script, _route
 from .upstream import capture_log, config, route_for, run, send
 
-ROUTE = Route("127.0.0.1", 25, TlsMode.PLAIN, auth=False, password=Secret(""), source="s:1")
+ROUTE = _route(25)
 
 
 # ------------------------------------------------------------ reading the upstream's replies
@@ -144,22 +143,29 @@ def test_a_command_line_with_cr_or_lf_is_never_sent():
 # ------------------------------------------------------------ logging in upstream
 
 
-def _mail_via(script: Script, tls: TlsMode = TlsMode.PLAIN, user: str = "", cfg=None):
-    """One transaction through a Relay to the scripted upstream (`user`:
-    log in as that user, password UP_PW). Returns (replies, log text)."""
+def _session_via(script: Script, tls: TlsMode = TlsMode.PLAIN, user: str = "", cfg=None,
+                 messages: int = 1):
+    """`messages` transactions of one client session through a Relay to
+    the scripted upstream (`user`: log in as that user, password UP_PW).
+    Returns (the replies of each, log text)."""
 
     async def go():
         server, port = await script.serve()
         log, handler = capture_log()
-        route = Route("127.0.0.1", port, tls, auth=bool(user), user=user,
-                      password=Secret(UP_PW if user else ""), source="s:1")
+        route = _route(port, tls, user, UP_PW if user else "")
         async with server:
             relay = Relay(cfg or config(timeout=2), log)
-            replies = await send(relay, route, "s@x.y", ["r@x.y"], b"m")
+            replies = [await send(relay, route, "s@x.y", ["r@x.y"], b"m") for _ in range(messages)]
             await relay.close()
         return replies, handler.text
 
     return run(go())
+
+
+def _mail_via(script: Script, tls: TlsMode = TlsMode.PLAIN, user: str = "", cfg=None):
+    """One transaction (see _session_via): (its replies, log text)."""
+    [replies], log = _session_via(script, tls, user, cfg)
+    return replies, log
 
 
 UP_PW = "Up-Pw-mut2-58"
@@ -525,22 +531,6 @@ def test_a_command_timing_out_upstream_is_told_as_a_timeout():
     assert "RCPT failed: TimeoutError" in log
 
 
-def _two_messages(script: Script, cfg=None) -> list[dict]:
-    """Two transactions of one client session to the scripted upstream."""
-
-    async def go():
-        server, port = await script.serve()
-        log, _handler = capture_log()
-        route = Route("127.0.0.1", port, TlsMode.PLAIN, auth=False, password=Secret(""), source="s:1")
-        async with server:
-            relay = Relay(cfg or config(timeout=2), log)
-            replies = [await send(relay, route, f"s{n}@x.y", ["r@x.y"], b"m") for n in range(2)]
-            await relay.close()
-        return replies
-
-    return run(go())
-
-
 def test_the_sessions_own_connection_is_probed_after_idling(monkeypatch):
     """A client's next message after KEPT_IDLE seconds probes the
     session's own upstream connection (RSET with its MAIL), as a kept one
@@ -549,7 +539,7 @@ def test_the_sessions_own_connection_is_probed_after_idling(monkeypatch):
 
     monkeypatch.setattr(_pool, "KEPT_IDLE", -1.0)  # every pause is long
     script = Script()
-    replies = _two_messages(script)
+    replies, _log = _session_via(script, messages=2)
     assert [r["end"].code for r in replies] == [250, 250]
     verbs = [c.split()[0].split(b":")[0] for c in script.commands]
     assert verbs[verbs.index(b"DATA") + 1:][:2] == [b"RSET", b"MAIL"], script.commands
@@ -569,6 +559,6 @@ def test_a_refused_probe_is_never_followed_on_that_connection(monkeypatch):
 
     monkeypatch.setattr(_pool, "KEPT_IDLE", -1.0)  # the second MAIL probes
     script = Script(RSET=rset)
-    replies = _two_messages(script)
+    replies, _log = _session_via(script, messages=2)
     assert [r["end"].code for r in replies] == [250, 250] and rsets == [1]
     assert script.commands.count(b"EHLO relay.test\r\n") == 2, script.commands

@@ -76,8 +76,10 @@ class Script:
         return server, server.sockets[0].getsockname()[1]
 
 
-def _route(port, tls=TlsMode.PLAIN):
-    return Route("127.0.0.1", port, tls, auth=False, password=Secret(""), source="s:1")
+def _route(port, tls=TlsMode.PLAIN, user="", password=""):
+    """A route to the scripted upstream; with `user`, one that logs in."""
+    return Route("127.0.0.1", port, tls, auth=bool(user), user=user, password=Secret(password),
+                 source="s:1")
 
 
 async def _transaction(script, cfg=None, data=b"hello", rcpts=("r@x.y",), params=None):
@@ -259,7 +261,7 @@ def test_cram_md5_undecodable_challenge_then_plain():
     async def go():
         server, port = await script.serve()
         log, handler = capture_log()
-        route = Route("127.0.0.1", port, TlsMode.PLAIN, user="u", password=Secret("pw-x"), source="s:1")
+        route = _route(port, user="u", password="pw-x")
         async with server:
             r = await Relay(config(), log).mail(info(), route, "s@x.y", MailParams())
         return r, handler
@@ -390,7 +392,7 @@ def test_old_style_auth_equals_advertisement_is_understood():
     async def go():
         server, port = await script.serve()
         log, _ = capture_log()
-        route = Route("127.0.0.1", port, TlsMode.PLAIN, user="u", password=Secret("pw-y"), source="s:1")
+        route = _route(port, user="u", password="pw-y")
         async with server:
             r = await send(Relay(config(), log), route, "s@x.y", ["r@x.y"], b"m")
         captured.append(r)
