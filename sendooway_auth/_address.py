@@ -14,7 +14,8 @@ import re
 
 import idna
 
-_BAD_CHAR = re.compile(r"[\s\x00-\x1f]")  # \s is str.isspace()
+from sendooway_shared.config import address_pattern_problem
+
 
 
 class Specificity(enum.IntEnum):
@@ -27,15 +28,9 @@ class Specificity(enum.IntEnum):
 
 def check_pattern(pattern: str) -> str:
     """The pattern itself, or ValueError naming what is wrong with it."""
-    if pattern == "*":
-        return pattern
-    if _BAD_CHAR.search(pattern):
-        raise ValueError("address contains white space or control characters")
-    local, at, domain = pattern.rpartition("@")
-    if not at or not local or not domain:
-        raise ValueError(f"address must be user@domain, *@domain or *, got {pattern[:80]!r}")
-    if "*" in domain or ("*" in local and local != "*"):
-        raise ValueError(f"'*' may only stand for a whole local part, got {pattern[:80]!r}")
+    problem = address_pattern_problem(pattern)
+    if problem is not None:
+        raise ValueError(problem)
     return pattern
 
 

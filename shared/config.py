@@ -276,6 +276,7 @@ def config_warnings(cfg: Config) -> list[str]:
         found.append(clear)
     if (exposed := exposed_passwords(cfg)) is not None:
         found.append(exposed)
+    found.extend(direct_pattern_warnings(cfg))
     return found
 
 
@@ -601,11 +602,45 @@ def _is_flag_list(token: str) -> bool:
 
 
 def _check_address_pattern(address: str) -> None:
+    # Only the form here: the original C sendooway loaded a global config
+    # with `*@*.example.org` in it, so that stays loadable (with a warning,
+    # direct_pattern_warnings); a user's include gets the whole rule
     if address == "*":
         return
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        raise ValueError(f"address must be user@domain, *@domain or *, got {address!r}")
+        raise ValueError(f"address must be user@domain, *@domain or *, got {address[:80]!r}")
+
+
+_PATTERN_BAD_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def address_pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` is not a sender pattern (user@domain, *@domain or *)
+    that matches as written; None when it is. The one rule for every file
+    that names senders (fetchmail, getmail, direct: mappings)."""
+    if pattern == "*":
+        return None
+    if _PATTERN_BAD_CHAR.search(pattern):
+        return "address contains white space or control characters"
+    local, at, domain = pattern.rpartition("@")
+    if not at or not local or not domain:
+        return f"address must be user@domain, *@domain or *, got {pattern[:80]!r}"
+    if "*" in domain or ("*" in local and local != "*"):
+        return f"'*' may only stand for a whole local part, got {pattern[:80]!r}"
+    return None
+
+
+def direct_pattern_warnings(cfg: Config) -> list[str]:
+    """The global config's direct: mappings whose address is no pattern
+    (`*@*.example.org`): kept, as the original kept them, but they match
+    only a sender spelled exactly so, so a warning says what the admin
+    meant does not happen (a user's include gets an error instead)."""
+    return [f"{m.source}: smarthostMapping: {problem}: the mapping is kept, but it matches"
+            " only a sender address spelled exactly so (wildcards: *@domain or *)"
+            for m in cfg.smarthostMapping
+            if m.direct is not None
+            and (problem := address_pattern_problem(m.direct.address)) is not None]
 
 
 def _parse_mapping(value: str, filename: str, line: int) -> Mapping:
@@ -767,7 +802,13 @@ def _user_line(line: str, filename: str, number: int):
         )
     if name == "smarthostMapping" and value == "":
         raise ConfigError(filename, number, f"{name}: a value is required")
-    return _parse_value(name, parser, value, filename, number)
+    one = _parse_value(name, parser, value, filename, number)
+    if isinstance(one, Mapping) and one.direct is not None:
+        # a user's file is held to the rule of the user's fetchmail and
+        # getmail files: a bad line is reported and skipped, not kept
+        if (problem := address_pattern_problem(one.direct.address)) is not None:
+            raise ConfigError(filename, number, f"{name}: {problem}")
+    return one
 
 
 _BOM = b"\xef\xbb\xbf"

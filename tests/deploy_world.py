@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .deploy_util import PACKAGING, command, pam_service_dir, rewrite_paths
+from .deploy_util import PACKAGING, command, pam_service_dir
 from .fakeworld import free_port
 
 SSL_CERT_GID = 41500  # the fake world's "ssl-cert" group
@@ -188,6 +188,26 @@ def start_auth_daemon(dep: Deployment, extra: list[str] | None = None) -> subpro
 
     wait_for(up, what="the authenticator's socket")
     return proc
+
+
+def serve_b(dep: Deployment) -> tuple[subprocess.Popen, int]:
+    """`sendooway -b 127.0.0.1:PORT` started as root on the deployment's
+    config (no daemon: it starts its private authenticator)."""
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        [command("sendooway"), "-c", str(dep.config), "-l", str(dep.front_log),
+         "-b", f"127.0.0.1:{port}"],
+        env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True)
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError("sendooway -b exited: " + proc.stderr.read().decode()
+                                 + dep.front_log.read_text())
+        return listening(port)
+
+    wait_for(up, timeout=30, what="sendooway -b to listen")
+    return proc, port
 
 
 # ------------------------------------------------------------ clients

@@ -50,26 +50,6 @@ def _inetd(args: list[str], env: dict | None, client_input: bytes,
     return proc.wait(30), seen
 
 
-def _serve_b(dep: dw.Deployment) -> tuple[subprocess.Popen, int]:
-    """`sendooway -b 127.0.0.1:PORT` started as root on the deployment's
-    config (no daemon: it starts its private authenticator)."""
-    port = dw.free_tcp_port()
-    proc = subprocess.Popen(
-        [command("sendooway"), "-c", str(dep.config), "-l", str(dep.front_log),
-         "-b", f"127.0.0.1:{port}"],
-        env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, start_new_session=True)
-
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError("sendooway -b exited: " + proc.stderr.read().decode()
-                                 + dep.front_log.read_text())
-        return dw.listening(port)
-
-    dw.wait_for(up, timeout=30, what="sendooway -b to listen")
-    return proc, port
-
-
 def _send_as_alice(world, port: int) -> tuple[int, bytes]:
     """STARTTLS, AUTH as alice, MAIL FROM her address: MAIL's reply."""
     ctx = world.ssl_context()
@@ -171,7 +151,7 @@ def _user_ca_session(world, dep: dw.Deployment, sslca_line: str) -> tuple[int, b
     world.write_user_file("alice", ".config/work-ca.pem", Path(world.ca_file).read_text(),
                           mode=0o644)
     world.write_user_file("alice", ".sendoowayrc", sslca_line + "\n", mode=0o644)
-    proc, port = _serve_b(dep)
+    proc, port = dw.serve_b(dep)
     try:
         return _send_as_alice(world, port)
     finally:
@@ -368,7 +348,7 @@ def test_root_b_frontend_leaves_no_private_directory_behind(world, deployment):
     frontend dies at once, sessions cut) the daemon also logs "cannot
     notify systemd at /tmp/sendooway-auth-XXXX/notify"."""
     dep = deployment
-    proc, _port = _serve_b(dep)
+    proc, _port = dw.serve_b(dep)
     try:
         m = dw.wait_for(lambda: re.search(r"started (/tmp/sendooway-auth-[^/\s]+)/auth\.sock",
                                           dep.front_log.read_text()),
@@ -391,6 +371,6 @@ def test_b_frontend_stopped_while_starting_up_stops_cleanly(world, deployment):
     it outright (status -15, its private authenticator's directory left)."""
     dep = deployment
     for _ in range(3):
-        proc, _port = _serve_b(dep)  # returns as soon as the port listens
+        proc, _port = dw.serve_b(dep)  # returns as soon as the port listens
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, dep.front_log.read_text()[-2000:]

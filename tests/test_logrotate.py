@@ -14,7 +14,6 @@ import pytest
 
 from tests import deploy_world as dw
 from tests.deploy_world import deployment, upstream  # noqa: F401 - fixtures
-from tests.test_deploy_admin import _serve_b
 
 PACKAGED = Path(__file__).resolve().parent.parent / "packaging" / "logrotate" / "sendooway"
 
@@ -39,7 +38,7 @@ def _sessions_in(path: Path) -> str:
 
 def test_rotating_the_log_of_a_running_sendooway_b(world, deployment):
     dep = deployment
-    proc, port = _serve_b(dep)
+    proc, port = dw.serve_b(dep)
     try:
         first = dw.smtp_session(world, port, body="Subject: one\r\n\r\nfirst\r\n")
         assert first["refused"] == {}

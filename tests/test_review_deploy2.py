@@ -24,7 +24,7 @@ from sendooway_shared.protocol import VERSION, BlockingChannel, Hello, Welcome
 
 from . import deploy_world as dw
 from .deploy_world import deployment, upstream  # noqa: F401 - fixtures
-from .deploy_util import PACKAGING, command, rewrite_paths
+from .deploy_util import PACKAGING, rewrite_paths
 from .fakeworld import MACHINE_SKIP
 
 
@@ -87,14 +87,8 @@ def test_empty_localname_greets_and_ehlos_with_this_hosts_name(world, deployment
     names = _host_names()
     assert "localhost" not in names, "this machine calls itself localhost: nothing to show"
 
-    port = dw.free_tcp_port()
-    proc = subprocess.Popen(
-        [command("sendooway"), "-c", str(dep.config), "-l", str(dep.front_log),
-         "-b", f"127.0.0.1:{port}"],
-        env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, start_new_session=True)
+    proc, port = dw.serve_b(dep)
     try:
-        dw.wait_for(lambda: dw.listening(port), timeout=30, what="sendooway -b to listen")
         ctx = world.ssl_context()
         with smtplib.SMTP("localhost", port, timeout=30) as client:
             client.ehlo("client.test")
