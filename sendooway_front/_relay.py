@@ -242,14 +242,16 @@ class Relay:
                           " those closed, connecting again", info.session_id, route.where, e.greeting, kept_there)
             # the server counts a connection until it has reaped the process
             # that served it, a moment after its 221: a few short pauses
+            last = e
             for pause in _pool.GIVE_BACK_PAUSES:
                 await asyncio.sleep(pause)
                 try:
-                    client = await self._open(info, route, key)
-                    break
+                    return await self._open(info, route, key), False
                 except UpstreamError as again:
-                    if not _busy(again) or pause == _pool.GIVE_BACK_PAUSES[-1]:
+                    if not _busy(again):
                         raise
+                    last = again
+            raise last  # still busy after the last pause: that refusal is the answer
         return client, False
 
     async def _open(self, info: SessionInfo, route: Route, key: PoolKey) -> UpstreamClient:

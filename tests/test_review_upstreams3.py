@@ -1199,3 +1199,58 @@ def test_idle_connections_given_back_to_a_server_that_counts_them():
             up.server.close()
 
     run(go())
+
+
+@pytest.mark.parametrize("later", [b"421 4.7.0 up.test Error: too many connections\r\n",
+                                   b"554 5.7.1 up.test no service for you\r\n"])
+def test_give_back_that_does_not_help_ends_with_the_last_refusal(later):
+    """The give-back above when it does not help: the server still refuses
+    after our idle connection was QUIT (others hold its slots). A busy 4xx
+    is tried again after each of the GIVE_BACK_PAUSES and no more, a 554
+    ends the tries at once; either way the client's MAIL gets a 451 with
+    the upstream's refusal in the log, and the session goes on."""
+    import asyncio
+
+    from sendooway_front._pool import GIVE_BACK_PAUSES, UpstreamPool
+    from sendooway_front._relay import Relay
+    from sendooway_shared.types import Route, Secret, TlsMode
+    from tests.upstream import capture_log, config, run, send
+    from .scripted_relay import Upstream, careful
+
+    async def auth(up, c, line):
+        await c.send(b"235 2.7.0 ok\r\n")
+
+    async def script(up, c):
+        up.greeted += 1
+        if up.greeted == 1:
+            await careful(up, c, ehlo=b"250-up.test\r\n250-AUTH PLAIN\r\n250 PIPELINING\r\n", auth=auth)
+            return
+        await c.send(b"421 4.7.0 up.test Error: too many connections\r\n" if up.greeted == 2 else later)
+
+    async def go():
+        up = await Upstream(script).start()
+        up.greeted = 0
+        log, handler = capture_log()
+        pool = UpstreamPool(30, log)
+
+        def route(user):
+            return Route(server="127.0.0.1", port=up.port, tls=TlsMode.PLAIN, ca_file="", user=user,
+                         password=Secret("pw-" + user), auth=True, source="t.conf:1")
+
+        try:
+            relay = Relay(config(smarthostCache=30), log, pool)
+            assert (await send(relay, route("u1"), "u1@x.y", ["r@x.y"], b"m"))["end"].code == 250
+            await relay.close()
+            relay = Relay(config(smarthostCache=30), log, pool)
+            r = await send(relay, route("u2"), "u2@x.y", ["r@x.y"], b"m")
+            assert r["mail"].code == 451, r
+            tries = 1 + (len(GIVE_BACK_PAUSES) if later.startswith(b"421") else 1)
+            assert up.greeted == 1 + tries, (up.greeted, handler.text)
+            assert handler.text.count("those closed, connecting again") == 1
+            assert later.split(b" ", 1)[0].decode() in handler.text
+            await relay.close()
+            await pool.close_all()
+        finally:
+            up.server.close()
+
+    run(go())
