@@ -336,6 +336,30 @@ def test_the_upstreams_name_goes_as_sni(world):
     assert up.sni == ["localhost"]
 
 
+def test_what_the_upstream_offered_before_starttls_is_forgotten_after_a_helo_fallback(world):
+    """RFC 3207 4.2: what the server said before STARTTLS is discarded.
+    An upstream that offers AUTH and SIZE in clear but refuses EHLO after
+    the handshake (so HELO it is) offers nothing: no AUTH, no SIZE= or
+    BODY= is used on what the plain-text EHLO said (a HELO server refuses
+    MAIL parameters; a man in the middle wrote that EHLO)."""
+    from .upstream import FakeUpstream
+
+    class EhloOnlyInClear(FakeUpstream):
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):
+            if server.transport.get_extra_info("ssl_object") is not None:
+                return ["502 5.5.1 EHLO not here"]  # (a str is pushed char by char)
+            return await super().handle_EHLO(server, session, envelope, hostname, responses)
+
+    up = EhloOnlyInClear(world, tls="starttls", accounts={"u": UP_PW}, require_tls=False).start()
+    try:
+        replies, log = _relay_to(up, route_for(up, server="localhost"))
+    finally:
+        up.stop()
+    assert "no usable AUTH mechanism (offered: none)" in log, log
+    assert up.logins == [] and up.mechanisms_used == []
+    assert replies["mail"].code == 530, replies  # the upstream's own answer: it wants AUTH
+
+
 def test_a_resumed_nocertcheck_connection_still_logs_the_chain_problems(upstream_factory, tmp_path):
     """A resumed handshake shows no certificate: the chain problems found
     when the session was made are logged again (noCertCheck), even when
