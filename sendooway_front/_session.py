@@ -293,6 +293,8 @@ class Session:
             else:
                 self._refused()
                 self._mail_refused = True
+            for _ in range(self._rcpts_asked):
+                self._count_rcpt()  # taken behind the MAIL: counted once its answer says where
             if self._rcpts_asked:
                 self._awaiting = _Await.RCPT  # RCPTs taken behind the MAIL come next
         elif kind is _Await.RCPT:
@@ -338,7 +340,8 @@ class Session:
             return None  # its refusal is answered in turn, after the others
         del buf[: lf + 1]
         self._rcpts_asked += 1
-        self._count_rcpt()
+        if self._awaiting is _Await.RCPT:  # (behind a MAIL not answered yet: see relay_reply)
+            self._count_rcpt()
         return RcptRequested(rcpt)
 
     def data_follows(self) -> bool:
