@@ -579,3 +579,70 @@ def test_the_hello_carries_at_most_what_the_wire_allows(tmp_path):
         return seen
     hello = asyncio.run(main())[0]
     assert (hello.session, hello.client) == ("S" * 64, "c" * 128)
+
+
+# ------------------------------------------------------------ who listens at authSocket
+
+
+def test_a_listener_of_another_user_is_refused_before_a_byte_is_sent(world):
+    """SocketConnector.open and daemon_problem check SO_PEERCRED themselves,
+    behind the socket-directory check that keeps a squatter from binding
+    the name at all (test_review_authboundary): a listener running as a
+    local user (carol, in a directory only she may write to, so only the
+    peer check stands) is refused, and it receives nothing, no hello and
+    no login; a uid the frontend was told to trust (`also`) is taken."""
+    import shutil
+    import socket
+    import tempfile
+
+    from sendooway_front._authlink import daemon_problem
+
+    carol = world.users["carol"]
+    base = tempfile.mkdtemp(prefix="sendooway-peer-")  # (pytest's tmp_path is root's alone)
+    os.chmod(base, 0o755)
+    home = os.path.join(base, "carol")
+    os.mkdir(home, 0o700)
+    os.chown(home, carol.uid, carol.gid)
+    path = os.path.join(home, "auth.sock")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # carol's listener: reports what any connection sent it
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(carol.gid, carol.gid, carol.gid)
+            os.setresuid(carol.uid, carol.uid, carol.uid)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(path)
+            s.listen(8)
+            os.write(w, b"R")
+            s.settimeout(10)
+            got = b""
+            for _ in range(3):  # daemon_problem's probe, open(), the `also` probe
+                conn, _ = s.accept()
+                conn.settimeout(1)
+                try:
+                    conn.sendall(encode(Welcome(VERSION)))  # play the authenticator
+                    while chunk := conn.recv(4096):
+                        got += chunk
+                except OSError:
+                    pass
+                conn.close()
+            os.write(w, b"got:" + got)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"R"
+        assert f"runs as uid {carol.uid}, not root" in daemon_problem(path)
+        with pytest.raises(AuthLinkError, match=f"refusing the authenticator at .*uid {carol.uid}"):
+            asyncio.run(SocketConnector(path, 5).open("S1", "192.0.2.1"))
+        assert daemon_problem(path, also=carol.uid) == ""
+        report = b""
+        while chunk := os.read(r, 65536):
+            report += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+        shutil.rmtree(base, ignore_errors=True)
+    assert report == b"got:", report
