@@ -30,18 +30,19 @@ class _Up(Upstream):
     closed it without one, "refused" at the greeting, None while open).
     `slow_quit`: the connections whose QUIT is answered after 0.2 s;
     `late`: those that send one reply too many 0.1 s after their message's
-    (while idle); `silent`: those that answer nothing after their first
-    message (a NAT forgot them); `limit`: connections counted at once, beyond which the
+    (while idle); `silent`: connection -> the verb after whose first reply
+    it answers nothing more (a NAT forgot it); `mail`: connection -> its
+    reply to MAIL (None: it closes instead); `limit`: connections counted at once, beyond which the
     greeting is `421 ... (N)`, N the connection's number; a connection is
     counted `reap` s after its end (a server counts one until it has reaped
     the process that served it); `auth`: connection -> (delay, reply) to
     AUTH PLAIN, offered when given; `rset`: the reply to RSET."""
 
-    def __init__(self, slow_quit: tuple[int, ...] = (), late: tuple[int, ...] = (), silent: tuple[int, ...] = (),
-                 limit: int = 0, reap: float = 0.0, auth: dict | None = None,
+    def __init__(self, slow_quit: tuple[int, ...] = (), late: tuple[int, ...] = (), silent: dict | None = None,
+                 mail: dict | None = None, limit: int = 0, reap: float = 0.0, auth: dict | None = None,
                  rset: bytes = b"250 2.0.0 reset\r\n") -> None:
         super().__init__(_Up._serve)
-        self.slow_quit, self.late, self.silent = slow_quit, late, silent
+        self.slow_quit, self.late, self.silent, self.mail = slow_quit, late, silent or {}, mail or {}
         self.limit, self.reap, self.auth = limit, reap, auth
         self.replies = {**REPLIES, b"RSET": rset,
                         b"EHLO": b"250-up.test\r\n" + (b"250-AUTH PLAIN\r\n" if auth else b"")
@@ -62,20 +63,25 @@ class _Up(Upstream):
             return
         self.counted += 1
         self.ended.append(None)
-        carried = False  # a message went over this connection
+        mute = False  # silent from now on
         try:
             await c.send(b"220 up.test ESMTP\r\n")
             while line := await c.line():
                 verb = line[:4].upper()
                 self.verbs.append((n, verb))
-                if n in self.silent and carried:
+                if mute:
                     continue
+                mute = self.silent.get(n) == verb
                 if verb == b"QUIT":
                     await asyncio.sleep(0.2 if n in self.slow_quit else 0)
                     self.ended[n] = "quit"
                     await c.send(b"221 2.0.0 bye\r\n")
                     return
-                if verb == b"AUTH":
+                if verb == b"MAIL" and n in self.mail:
+                    if self.mail[n] is None:
+                        return
+                    await c.send(self.mail[n])
+                elif verb == b"AUTH":
                     delay, reply = self.auth[n]
                     await asyncio.sleep(delay)
                     await c.send(reply)
@@ -85,7 +91,6 @@ class _Up(Upstream):
                     await c.send(b"354 go ahead\r\n")
                     self.messages.append(await c.message())
                     await c.send(b"250 2.0.0 queued\r\n")
-                    carried = True
                     if n in self.late:
                         asyncio.get_running_loop().call_later(0.1, c.w.write, b"250 2.0.0 late\r\n")
         finally:
@@ -435,7 +440,7 @@ def test_after_a_kept_connection_went_silent_the_retry_connects_afresh(monkeypat
     monkeypatch.setattr(_upstream, "QUIT_WAIT", 0.2)  # (close_all: the other one never answers)
 
     async def go():
-        up = _Up(silent=(0, 1))
+        up = _Up(silent={0: b"DATA", 1: b"DATA"})
         pool, log, handler = await _started(up)
         for relay in await _open_sessions(up, pool, log, ["c.test", "c.test"]):
             assert (await _message(relay)).code == 250
@@ -489,3 +494,91 @@ def test_a_kept_connection_whose_probe_gets_a_4xx_is_left_for_a_new_one():
 
     up = run(go())
     assert [n for n, verb in up.verbs if verb == b"DATA"] == [0, 1], up.verbs
+
+
+@pytest.mark.parametrize("answer", [None, b"421 4.3.2 up.test going down\r\n"])
+def test_a_new_connection_failing_its_first_mail_is_the_answer_not_tried_again(answer):
+    """Only a kept connection (or the session's own, from before) is
+    retried once on a new one when MAIL finds it gone or closing: a
+    connection made for this very MAIL that closes at it (or says 421) is
+    the upstream's answer, 451, with no second connection."""
+    async def go():
+        up = _Up(mail={0: answer})
+        log, handler = capture_log()
+        await up.start()
+        relay = Relay(config(), log)
+        reply = await relay.mail(info(), _at(up), "s@x.y", MailParams())
+        relay.abort()
+        return reply, len(up.ended), handler.text
+
+    reply, connections, text = run(go())
+    assert reply.code == 451 and connections == 1, (reply, text)
+    if answer:
+        assert reply.lines == ("4.3.2 up.test going down",), reply
+
+
+def test_after_a_message_dropped_mid_data_the_next_transactions_connection_is_kept():
+    """A message is dropped with its connection during DATA (a bare LF
+    reached the relay); the next transaction of the session goes over a
+    new connection, and at the session's end that one is RSET and kept,
+    not taken for one still waiting for a message and cut."""
+    async def go():
+        up = _Up()
+        pool, log, _ = await _started(up)
+        [relay] = await _open_sessions(up, pool, log, ["c.test"])
+        assert (await relay.rcpt("r@x.y")).code == 250
+        assert (await relay.data_start()).code == 354
+        await relay.data_chunk(b"a\nb\r\n")
+        assert (await relay.data_end()).code == 451
+        assert (await relay.mail(info(client_ehlo="c.test"), _at(up), "t@x.y", MailParams())).code == 250
+        assert (await relay.rcpt("r@x.y")).code == 250
+        await relay.close()
+        got = list(up.ended), pool.idle_count()
+        await pool.close_all()
+        return got
+
+    assert run(go()) == (["cut", None], 1)
+
+
+def test_a_mail_for_another_route_keeps_the_last_routes_connection():
+    """A session's MAIL for another upstream releases the connection it
+    had: kept in the pool for the next message on that route, not cut."""
+    async def go():
+        first, second = _Up(), _Up()
+        pool, log, _ = await _started(first)
+        await second.start()
+        [relay] = await _open_sessions(first, pool, log, ["c.test"])
+        assert (await _message(relay)).code == 250
+        assert (await relay.mail(info(client_ehlo="c.test"), _at(second), "t@x.y", MailParams())).code == 250
+        got = list(first.ended), pool.idle_count()
+        relay.abort()
+        await pool.close_all()
+        return got
+
+    assert run(go()) == ([None], 1)
+
+
+def test_a_client_rset_after_idling_on_a_dead_link_costs_the_probe_timeout(monkeypatch):
+    """The session's own connection idled past KEPT_IDLE with a transaction
+    open and died silently meanwhile: the client's RSET gives it up after
+    PROBE_TIMEOUT (here 0.3 s), not the whole `timeout` (here 5 s)."""
+    import time
+
+    from sendooway_front import _pool, _relay
+
+    monkeypatch.setattr(_pool, "KEPT_IDLE", 0.1)
+    monkeypatch.setattr(_relay, "PROBE_TIMEOUT", 0.3)
+
+    async def go():
+        up = _Up(silent={0: b"MAIL"})
+        pool, log, _ = await _started(up)
+        [relay] = await _open_sessions(up, pool, log, ["c.test"])
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        await relay.reset()
+        took = time.monotonic() - t0
+        relay.abort()
+        return took, up.on(0)
+
+    took, verbs = run(go())
+    assert took < 2 and verbs[-1] == b"RSET", (took, verbs)
