@@ -2,8 +2,9 @@
 
 A connection is only ever reused under the same upstream identity: the key
 holds server, port, TLS mode and checks, upstream user and password, and the
-EHLO name (which differs per client with cloneEhlo). Before reuse it is
-probed with RSET; a stale one is dropped and the caller connects afresh.
+EHLO name (which differs per client with cloneEhlo). One that spoke while
+idle is dropped; the taker probes the others with RSET (pipelined with its
+MAIL) and connects afresh when the probe fails.
 Idle connections are capped and expire after `smarthostCache` seconds; all
 of them are closed (QUIT) on shutdown.
 """
@@ -18,8 +19,7 @@ from dataclasses import dataclass
 from sendooway_shared.types import Route, Secret, TlsMode
 
 from ._stream import Lately
-from ._tls import TLSError
-from ._upstream import ReplyError, UpstreamClient
+from ._upstream import UpstreamClient
 
 MAX_IDLE = 32          # idle connections in all
 MAX_IDLE_PER_KEY = 4   # idle connections for one identity
@@ -103,9 +103,9 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    async def acquire(self, key: PoolKey, probe: bool = True) -> UpstreamClient | None:
-        """A ready connection for `key`, or None (connect afresh). With
-        probe=False the caller probes it (RSET pipelined with its MAIL)."""
+    def acquire(self, key: PoolKey) -> UpstreamClient | None:
+        """A kept connection for `key`, the most recently used first, or None
+        (connect afresh). Not probed: the caller sends RSET with its MAIL."""
         entries = self._idle.get(key)
         while entries:
             entry = entries.pop()  # the most recently used first
@@ -114,10 +114,7 @@ class UpstreamPool:
             if entry.timer is not None:
                 entry.timer.cancel()
             client = entry.client
-            if not probe and not client.spoke_unasked():
-                self.hits += 1
-                return client
-            if probe and await self._probe(client):
+            if not client.spoke_unasked():  # (a 421 before closing, a late reply)
                 self.hits += 1
                 return client
             self.log.info("upstream %s: cached connection went stale, reconnecting", client.address)
@@ -125,16 +122,6 @@ class UpstreamPool:
             entries = self._idle.get(key)
         self.misses += 1
         return None
-
-    async def _probe(self, client: UpstreamClient) -> bool:
-        if client.spoke_unasked():
-            return False  # (e.g. 421 before closing)
-        try:
-            with client.stream.timeout_at_most(PROBE_TIMEOUT):
-                reply = await client.command("RSET")
-        except (OSError, TimeoutError, ReplyError, TLSError):
-            return False
-        return reply.code == 250
 
     async def release(self, key: PoolKey, client: UpstreamClient) -> None:
         """Keep `client` (out of any transaction) for `ttl` seconds, or QUIT it

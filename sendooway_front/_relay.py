@@ -226,7 +226,7 @@ class Relay:
         """An upstream for `key`: kept in the pool (not yet probed; only when
         `kept`) or new and logged in. Returns (client, from_pool)."""
         if kept and self.pool is not None and self.pool.enabled:
-            client = await self.pool.acquire(key, probe=False)
+            client = self.pool.acquire(key)
             if client is not None:
                 return client, True
         try:
