@@ -580,7 +580,9 @@ def test_a_reload_the_fork_server_cannot_take_keeps_the_old_config_everywhere(da
     """A reload whose config cannot be handed to the reader fork server (its
     queue full: here it is stopped) is refused whole: logins keep the old
     config too, so they never use a config the route lookups do not (the
-    log says to send SIGHUP again)."""
+    log says to send SIGHUP again). And the daemon's end of the fork
+    server's socket never blocks: a stuck fork server must not stall the
+    event loop that serves every login."""
     from tests.auth_helpers import fork_server
 
     d = daemon("")
@@ -595,6 +597,8 @@ def test_a_reload_the_fork_server_cannot_take_keeps_the_old_config_everywhere(da
             deadline = time.monotonic() + 5
             while d.log().count("]: reload") == before and time.monotonic() < deadline:
                 time.sleep(0.001)
+            # (a blocking write to the stopped fork server would hang the event loop)
+            assert d.log().count("]: reload") > before, "the daemon stopped answering"
             if "cannot hand it to the reader fork server" in d.log():
                 break
         else:
@@ -610,3 +614,94 @@ def test_a_reload_the_fork_server_cannot_take_keeps_the_old_config_everywhere(da
         assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
     finally:
         os.kill(stuck, signal.SIGCONT)
+
+
+def test_an_empty_file_stamped_a_little_in_the_future_is_read_again(tmp_path):
+    """An empty file whose mtime is up to SETTLE ahead of the reader's clock
+    (an NFS server's clock a little ahead) counts as just written: it is
+    read again once SETTLE later, and the content saved meanwhile is seen."""
+    import threading
+
+    from sendooway_auth._files import Budget, read_one
+
+    path = tmp_path / "rc"
+    path.write_bytes(b"")
+    ahead = time.time() + 0.3
+    os.utime(path, (ahead, ahead))
+    saver = threading.Timer(0.2, path.write_bytes, [b"poll x\n"])
+    saver.start()
+    try:
+        read = read_one(str(path), Budget())
+    finally:
+        saver.join()
+    assert (read.status, read.data) == ("ok", b"poll x\n")
+
+
+# ------------------------------------------------------------ --check
+
+
+def test_check_shows_nocertcheck_and_a_file_owner_other_than_the_user(tmp_config, clean_homes):
+    """The admin's report says when an account skips the upstream's
+    certificate check, and when a file the user's routes come from is
+    owned by someone else (it is still used: the daemon warns too); the
+    password stays masked."""
+    from tests.test_auth_cli import check
+
+    rc = clean_homes.write_user_file("alice", ".fetchmailrc", (
+        'poll pop.example.org user "alice" password "fm-Secret-A1"\n'
+        '#sendooway:server "smtp.example.org"\n#sendooway:tls\n#sendooway:noCertCheck\n'
+        '#sendooway:address "alice@example.org"\n'))
+    os.chown(rc, 0, 0)
+    os.chmod(rc, 0o644)
+    code, out = check(tmp_config(""), "alice", "--sender", "alice@example.org")
+    assert code == 0, out
+    assert f"{rc} [fetchmail]: found, " in out and ", owner uid 0" in out, out
+    assert ("route for alice@example.org: smtp.example.org:587 starttls noCertCheck user alice"
+            " password ********") in out, out
+    assert "fm-Secret-A1" not in out
+
+
+def test_check_says_when_the_frontend_cannot_be_told_a_route(tmp_config, clean_homes):
+    """A route too big for the wire (a 2000-character upstream user name)
+    is refused by the daemon (no_route, 550): --check says so on the route
+    line instead of ending in a traceback."""
+    from tests.test_auth_cli import check
+
+    clean_homes.write_user_file("alice", ".fetchmailrc", (
+        "user " + "u" * 2000 + ' pass p\n#sendooway:server "s.x.org"\n'
+        '#sendooway:address "a@x.org"\n'))
+    code, out = check(tmp_config(""), "alice", "--sender", "a@x.org")
+    assert "error: the frontend cannot be told this route (" in out, out
+    assert "mail from a@x.org is refused" in out and "Traceback" not in out
+    assert code == 0
+
+
+def test_check_of_an_unknown_user_under_a_refused_config_exits_2(tmp_config):
+    """Exit 2 (bad config) wins over 1 (no usable mapping), also when the
+    account does not exist (auth.md "--check")."""
+    from tests.test_auth_cli import check
+
+    code, out = check(tmp_config("authBackend = none\n"), "nosuchuser")
+    assert "account: nosuchuser does not exist" in out and "error: " in out, out
+    assert code == 2, out
+
+
+# ------------------------------------------------------------ the fork server
+
+
+def test_the_fork_server_reaps_the_workers_that_end(daemon, world):
+    """Workers killed by their user (or retired) are reaped by the fork
+    server at once: no zombie per worker ever made, which over weeks would
+    fill the process table."""
+    from tests.auth_helpers import fork_server, route, workers
+
+    d = daemon()
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
+    (pid,) = workers(d, 1)
+    os.kill(pid, signal.SIGKILL)
+    assert route(ch, "alice@example.org").TYPE == "no_route"  # served by a new worker
+    deadline = time.monotonic() + 3
+    while pid in children(fork_server(d)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid not in children(fork_server(d)), "the killed worker is left a zombie"
