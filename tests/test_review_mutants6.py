@@ -25,7 +25,7 @@ from sendooway_shared.protocol import (
 )
 from sendooway_shared.types import Secret
 from tests.auth_helpers import (  # noqa: F401 - daemon is a fixture
-    Daemon, children, daemon, login,
+    Daemon, children, daemon, fd_authenticator, login,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
@@ -274,12 +274,8 @@ def test_an_fd_session_waits_for_its_hello_past_the_timeout_and_ignores_sighup(
     `timeout = 1` is still welcomed. And a SIGHUP (a reload of the
     system's daemons, a closing terminal) does not cut the session: it
     keeps the config it started with."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     conf = tmp_config(f"timeout = 1\nauthSocket = {tmp_path}/run/auth.sock\n")
-    proc = subprocess.Popen([*AUTH, "-c", conf, "-l", str(tmp_path / "fd.log"),
-                             "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
+    with fd_authenticator(conf, str(tmp_path / "fd.log")) as (proc, ours):
         time.sleep(1.5)
         ch = BlockingChannel(ours, REPLIES, timeout=10)
         assert ch.request(Hello(VERSION, "s", "192.0.2.7")).TYPE == "welcome"
@@ -289,10 +285,6 @@ def test_an_fd_session_waits_for_its_hello_past_the_timeout_and_ignores_sighup(
             == AuthOk("alice")
         ch.close()
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------ the reader workers
