@@ -190,8 +190,10 @@ def fd_authenticator(conf: str, log: str):
     started as root runs it; yields (process, the other end). Killed at the
     end if it is still running."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # SIGHUP as a frontend's child has it, even under a test run started by nohup
     proc = subprocess.Popen([sys.executable, "-m", "sendooway_auth.cli", "-c", conf, "-l", log,
-                             "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+                             "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     theirs.close()
     try:
         yield proc, ours
