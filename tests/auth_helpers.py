@@ -3,6 +3,7 @@ subprocess (inside the fake world), raw-frame clients, extra PAM services."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -181,6 +182,26 @@ def daemon(tmp_path, tmp_config, clean_homes):
             assert pw not in log, f"password leaked into the log: {pw}"
         # our own bugs fail loudly: no connection ever hit an internal error
         assert "internal error" not in log and "Traceback" not in log
+
+
+@contextlib.contextmanager
+def fd_authenticator(conf: str, log: str):
+    """`sendooway-auth --fd N` serving one end of a socketpair, as a frontend
+    started as root runs it; yields (process, the other end). Killed at the
+    end if it is still running."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # SIGHUP as a frontend's child has it, even under a test run started by nohup
+    proc = subprocess.Popen([sys.executable, "-m", "sendooway_auth.cli", "-c", conf, "-l", log,
+                             "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    theirs.close()
+    try:
+        yield proc, ours
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def children(pid: int) -> list[int]:

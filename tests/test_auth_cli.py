@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sendooway_shared.protocol import REPLIES, AuthOk, BlockingChannel, NoRoute, RouteOk
-from tests.auth_helpers import all_passwords, login, route
+from tests.auth_helpers import all_passwords, fd_authenticator, login, route
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
 
@@ -37,23 +37,15 @@ SECRETS = ["fm-Secret-A1", "fm-Secret-A2", "fm-Secret-A3", "d-Secret-D1"]
 def test_fd_mode_serves_one_socket_and_exits(tmp_path, tmp_config, clean_homes):
     world = clean_homes
     world.write_user_file("alice", ".fetchmailrc", FETCHMAILRC)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log = tmp_path / "fd.log"
     conf = tmp_config(f"authSocket = {tmp_path}/run/auth.sock\n")  # its penalty dir goes there
-    proc = subprocess.Popen([*AUTH, "-c", conf, "-l", str(log),
-                             "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
+    with fd_authenticator(conf, str(log)) as (proc, ours):
         ch = BlockingChannel(ours, REPLIES, timeout=10)
         assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")
         assert isinstance(route(ch, "alice@example.org"), RouteOk)
         assert route(ch, "bob@example.org") == NoRoute()
         ch.close()
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert "auth ok: user=alice" in text
     assert not any(pw in text for pw in all_passwords(world) + SECRETS)
