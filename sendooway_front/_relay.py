@@ -745,9 +745,8 @@ class Relay:
         self._drop()
 
     async def close(self) -> None:
-        if self._waiting_for_message():
-            self._drop()
-            return
+        """The session ends: keep or QUIT its connection (_release cuts one
+        that still waits for a message, so no half-written one gets its dot)."""
         await self._release()
 
     # ------------------------------------------------------------ Received:
