@@ -17,7 +17,6 @@ import idna
 from sendooway_shared.config import address_pattern_problem
 
 
-
 class Specificity(enum.IntEnum):
     """Lower wins: an exact pattern beats `*@domain`, which beats `*`."""
 
