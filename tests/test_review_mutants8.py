@@ -1,0 +1,249 @@
+"""Mutation review of the frontend's I/O layer (`_stream.py`, `_driver.py`):
+each test kills a hand-made mutant the rest of the suite let live. Real
+sockets on loopback (socketpairs), real pyOpenSSL TLS with the world's
+certificates, timeouts patched down."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from OpenSSL import SSL
+
+from sendooway_front._stream import Stream
+
+
+def run(coro, timeout: float = 15):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _pair(timeout: float | None):
+    """A Stream on one end of a socketpair, asyncio streams on the other."""
+    a, b = socket.socketpair()
+    s = await Stream.from_socket(a, timeout=timeout)
+    peer_r, peer_w = await asyncio.open_connection(sock=b)
+    return s, peer_r, peer_w
+
+
+def test_a_second_read_times_out_too():
+    """After one read timed out, the next read that waits too long times out
+    as well, and interrupt() still works: the timer's record of the task it
+    expired is cleared (`_wait` resets `_expired`), else every later wait of
+    that stream, a pooled upstream's probe included, waits for ever."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        s, _r, peer_w = await _pair(0.15)
+        for _ in range(2):
+            t0 = loop.time()
+            with pytest.raises(TimeoutError):
+                await s.read(10)
+            assert loop.time() - t0 < 1.5
+        s.timeout = 30
+        loop.call_later(0.1, s.interrupt)
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await s.read(10)
+        assert loop.time() - t0 < 1.5
+        await s.aclose()
+        peer_w.close()
+
+    run(go())
+
+
+def test_two_interrupts_in_one_tick_are_one_timeout():
+    """interrupt() twice before the waiting task runs (request_stop racing
+    itself, or the read deadline) cancels once: the read ends in
+    TimeoutError, not in a CancelledError that kills the session's task
+    without its 421 (`interrupt` checks `_expired` first)."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        s, _r, peer_w = await _pair(30)
+
+        def twice():
+            s.interrupt()
+            s.interrupt()
+
+        loop.call_later(0.05, twice)
+        with pytest.raises(TimeoutError):
+            await s.read(10)
+        await s.aclose()
+        peer_w.close()
+
+    run(go())
+
+
+def test_abort_lets_go_of_the_read_timer():
+    """abort() stops the stream's lazy timer, as aclose() does: a cancelled
+    handle no longer keeps the stream (and its buffers) alive until a
+    deadline minutes away."""
+
+    async def go():
+        s, _r, peer_w = await _pair(300)
+        peer_w.write(b"x")
+        assert await s.read(10) == b"x"
+        assert s._timer is not None
+        s.abort()
+        assert s._timer is None
+        peer_w.close()
+
+    run(go())
+
+
+async def _tls_pair(world, timeout: float = 10):
+    """Two of our Streams over a socketpair, in TLS: (server, client)."""
+    from sendooway_front._tls import client_context, server_context
+
+    a, b = socket.socketpair()
+    s = await Stream.from_socket(a, timeout=timeout)
+    c = await Stream.from_socket(b, timeout=timeout)
+    ctx = server_context(world.upstream_cert_file, world.upstream_key_file)
+    await asyncio.gather(s.start_tls_server(ctx),
+                         c.start_tls_client(client_context(world.ca_file), "localhost"))
+    return s, c
+
+
+async def _client_end(c: Stream) -> str:
+    """How the TLS client saw the end: close_notify or a bare EOF."""
+    while await c.read():
+        pass
+    return "close_notify" if c._conn.get_shutdown() & SSL.RECEIVED_SHUTDOWN else "bare EOF"
+
+
+@pytest.mark.parametrize("how", ["shutdown_write", "aclose"])
+def test_the_tls_end_is_a_close_notify(world, how):
+    """shutdown_write() (the lingering close after a 421) and aclose() end
+    the TLS stream with close_notify before the FIN: a client that tells a
+    truncation from an end (RFC 8446 6.1) reads a clean end, not an attack."""
+
+    async def go():
+        s, c = await _tls_pair(world)
+        if how == "shutdown_write":
+            await s.shutdown_write()
+        else:
+            await s.aclose()
+        assert await _client_end(c) == "close_notify"
+        await c.aclose()
+        await s.aclose()
+
+    run(go())
+
+
+def test_tls_guards_unread_and_a_second_handshake(world):
+    """unread() is refused once TLS runs (octets given back would skip the
+    decryption), and a second start_tls on a TLS stream is refused rather
+    than run over the first."""
+
+    async def go():
+        from sendooway_front._tls import server_context
+
+        s, c = await _tls_pair(world)
+        with pytest.raises(RuntimeError):
+            s.unread(b"x")
+        with pytest.raises(RuntimeError):
+            await s.start_tls_server(server_context(world.upstream_cert_file,
+                                                    world.upstream_key_file))
+        await c.aclose()
+        await s.aclose()
+
+    run(go())
+
+
+async def _session(monkeypatch, timeout: float, tls_context=None, relay=None, **config):
+    """A SessionRunner on one end of a socketpair (authenticator and relay
+    stand-ins as in test_front_driver); returns (task, reader, writer, relay)."""
+    from sendooway_front import _driver
+    from sendooway_shared.config import Config
+
+    from .test_front_driver import FakeConnector, RecordingRelay
+
+    relay = relay or RecordingRelay()
+    monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: relay)
+    fe = _driver.Frontend(Config(timeout=timeout, **config), tls_context=tls_context,
+                          connector=FakeConnector(), hostname="mx.test")
+    a, b = socket.socketpair()
+    stream = await Stream.from_socket(a, 10)
+    task = asyncio.ensure_future(_driver.SessionRunner(fe, stream, "192.0.2.1:4242").run())
+    reader, writer = await asyncio.open_connection(sock=b)
+    return task, reader, writer, relay
+
+
+async def _until(reader, marker: bytes) -> bytes:
+    buf = b""
+    while marker not in buf:
+        data = await reader.read(4096)
+        assert data, buf
+        buf += data
+    return buf
+
+
+def test_after_a_timeout_421_the_client_sees_the_end_at_once(monkeypatch):
+    """The 421 of a client timeout is followed at once by a half-close (FIN)
+    while the lingering close still reads (shutdown_write): the client sees
+    the end without waiting out LINGER; one that then closes ends the
+    session at once, one that never closes holds it LINGER seconds at most."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        for closes in (True, False):
+            task, reader, writer, _ = await _session(monkeypatch, 0.3)
+            writer.write(b"EHLO c.test\r\n")
+            await _until(reader, b"250 ")
+            assert b"421 " in await _until(reader, b"421 ")
+            t0 = loop.time()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert loop.time() - t0 < 0.6  # not LINGER (1 s) later
+            if closes:
+                writer.close()
+                await asyncio.wait_for(task, 5)
+                assert loop.time() - t0 < 0.6
+            else:
+                await asyncio.wait_for(task, 5)
+                assert loop.time() - t0 < 2.5
+                writer.close()
+
+    run(go())
+
+
+def test_a_refused_message_may_take_longer_than_timeout_to_end(monkeypatch):
+    """In DATA each read is bounded by `timeout`, the whole message is not,
+    also for a message already refused (too big) that is only read to its
+    end, which gives the session no event to note progress by: a client
+    sending the rest in pieces, each well within `timeout`, hears the 552,
+    not a 421, though that took several times `timeout`."""
+    from .test_front_driver import LOGIN, TXN
+
+    async def go():
+        task, reader, writer, relay = await _session(monkeypatch, 0.4, extMessageSize=100)
+        writer.write(LOGIN + TXN)
+        await _until(reader, b"354 ")
+        writer.write(b"x" * 200 + b"\r\n")  # over extMessageSize: refused from here
+        for _ in range(6):  # 1.2 s for the rest, a piece every 0.2 s
+            await asyncio.sleep(0.2)
+            writer.write(b"words\r\n")
+        writer.write(b".\r\nQUIT\r\n")
+        out = await asyncio.wait_for(reader.read(), 5)
+        assert out.startswith(b"552 ") and b"421 " not in out, out
+        assert relay.calls.count("data_abort") == 1
+        writer.close()
+        await asyncio.wait_for(task, 5)
+
+    run(go())
+
+
+def test_a_client_silent_after_starttls_is_timed_out(monkeypatch, world):
+    """The STARTTLS handshake is bounded by `timeout`: a client that reads
+    the 220 and then sends nothing does not hold its session for ever."""
+    from sendooway_front._tls import server_context
+
+    async def go():
+        ctx = server_context(world.cert_file, world.key_file)
+        task, reader, writer, _ = await _session(monkeypatch, 0.3, tls_context=ctx)
+        writer.write(b"EHLO c.test\r\nSTARTTLS\r\n")
+        await _until(reader, b"220 2.0.0")
+        await asyncio.wait_for(task, 3)
+        writer.close()
+
+    run(go())
