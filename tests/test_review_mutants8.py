@@ -247,3 +247,57 @@ def test_a_client_silent_after_starttls_is_timed_out(monkeypatch, world):
         writer.close()
 
     run(go())
+
+
+def test_a_peer_that_reads_nothing_makes_a_big_write_time_out():
+    """Flow control: past WRITE_BUFFER_HIGH unsent octets a write waits for
+    the peer, bounded by `timeout`: a client that takes no replies costs a
+    TimeoutError, not an ever-growing buffer or a wait for ever."""
+
+    async def go():
+        s, _r, peer_w = await _pair(0.3)
+        peer_w.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(s.write(b"x" * (8 << 20)), 3)
+        assert loop.time() - t0 < 2  # the stream's timeout, not the test's
+        s.abort()
+        peer_w.close()
+
+    run(go())
+
+
+def test_decrypted_octets_left_unread_count_as_said(world):
+    """said_something() (a kept connection the peer spoke on while idle)
+    also sees plaintext OpenSSL decrypted but nobody read yet."""
+
+    async def go():
+        s, c = await _tls_pair(world)
+        await c.write(b"421 4.4.2 idle too long\r\n")
+        assert await s.read(5) == b"421 4"
+        assert s.said_something()
+        await c.aclose()
+        await s.aclose()
+
+    run(go())
+
+
+@pytest.mark.parametrize("how", ["aclose", "abort"])
+def test_a_closed_stream_reads_the_end(how):
+    """After aclose() or abort() a read gives b"" (the end), not input that
+    still lay in the buffer: nothing is taken from a connection we left."""
+
+    async def go():
+        s, _r, peer_w = await _pair(5)
+        peer_w.write(b"late words\r\n")
+        await peer_w.drain()
+        await asyncio.sleep(0.05)  # (in the stream's buffer now)
+        if how == "aclose":
+            await s.aclose()
+        else:
+            s.abort()
+        assert await s.read(100) == b""
+        peer_w.close()
+
+    run(go())
