@@ -301,3 +301,36 @@ def test_a_closed_stream_reads_the_end(how):
         peer_w.close()
 
     run(go())
+
+
+def test_nested_bounded_reads_keep_the_outer_deadline(world):
+    """bounded() around many TLS reads (a whole SMTP reply) keeps ONE
+    deadline: the reads inside, bounded themselves, neither move it nor
+    drop it, so a peer sending a line a byte at a time, each byte in time,
+    still runs out of `timeout` for the whole."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        s, c = await _tls_pair(world, timeout=0.4)
+
+        async def dribble():
+            for b in b"250 slowly\r\n":
+                await asyncio.sleep(0.1)
+                await c.write(bytes([b]))
+
+        async def whole_line():
+            buf = b""
+            while not buf.endswith(b"\r\n"):
+                buf += await s.read(100)
+            return buf
+
+        sender = asyncio.ensure_future(dribble())
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await s.bounded(whole_line())
+        assert loop.time() - t0 < 1.0
+        sender.cancel()
+        await c.aclose()
+        await s.aclose()
+
+    run(go())
