@@ -334,3 +334,16 @@ def test_nested_bounded_reads_keep_the_outer_deadline(world):
         await s.aclose()
 
     run(go())
+
+
+def test_a_tls_peer_leaving_without_close_notify_is_the_end(world):
+    """A TLS peer that closes its socket without close_notify (most SMTP
+    clients after QUIT) gives the end of the stream, b"", not an error."""
+
+    async def go():
+        s, c = await _tls_pair(world)
+        c.abort()
+        assert await s.read(100) == b""
+        await s.aclose()
+
+    run(go())
