@@ -347,3 +347,33 @@ def test_a_tls_peer_leaving_without_close_notify_is_the_end(world):
         await s.aclose()
 
     run(go())
+
+
+def test_lf_lines_of_a_pipe_are_read_as_crlf():
+    """stdio mode on a pipe or terminal (`echo ... | sendooway`): the
+    stream's lf_lines turns bare LF into CRLF, also across two reads of one
+    CRLF and at the start of a read, and leaves a bare CR bare."""
+    import os
+
+    from sendooway_front._stream import LfAsCrlf
+
+    lf = LfAsCrlf()
+    assert lf.feed(b"abc\r") + lf.feed(b"\ndef\n") == b"abc\r\ndef\r\n"
+    assert LfAsCrlf().feed(b"\nx\ry") == b"\r\nx\ry"
+
+    async def go():
+        rfd, wfd = os.pipe()
+        rfd2, wfd2 = os.pipe()
+        s = await Stream.from_fds(rfd, wfd2, 5)
+        s.lf_lines = LfAsCrlf()
+        os.write(wfd, b"EHLO pipe\nQUIT\n")
+        os.close(wfd)
+        got = b""
+        while data := await s.read(100):
+            got += data
+        assert got == b"EHLO pipe\r\nQUIT\r\n"
+        await s.aclose()
+        for fd in (rfd, rfd2, wfd2):
+            os.close(fd)
+
+    run(go())
