@@ -377,3 +377,51 @@ def test_lf_lines_of_a_pipe_are_read_as_crlf():
             os.close(fd)
 
     run(go())
+
+
+def test_handshake_failure_reasons_for_the_log():
+    """The log line of a failed handshake: a timeout says so (its text is
+    empty), and only octets that are no TLS record at all (any record type,
+    an alert too, or an SSLv2 hello) are called plaintext."""
+    from sendooway_front._driver import Frontend, _failure, _not_tls
+    from sendooway_shared.config import Config
+
+    fe = Frontend(Config(timeout=7), hostname="mx.test")
+    assert _failure(TimeoutError(), fe) == "timed out (no answer within 7s)"
+    assert _failure(OSError("boom"), fe) == "boom"
+    err = OSError("wrong version number")
+    for record in (b"\x15\x03\x03\x00\x02", b"\x16\x03\x01\x02\x00", b"\x80\x2e\x01"):
+        assert _not_tls(err, record) == ""
+    assert "plaintext ('EHLO')" in _not_tls(err, b"EHLO client\r\n")
+    assert "sent nothing" in _not_tls(TimeoutError(), b"")
+
+
+def test_a_failed_handshake_leaves_the_stream_plain(world):
+    """A handshake that failed (the peer closed in the middle, or the
+    server's name did not match) leaves no half-made TLS behind: is_tls is
+    False again, so no close_notify or log line claims a TLS session."""
+    from sendooway_front._tls import TLSHandshakeError, TLSVerifyError, client_context, server_context
+
+    async def go():
+        s, peer_r, peer_w = await _pair(5)
+        peer_w.write(b"\x16\x03\x01")  # the start of a ClientHello, then the end
+        peer_w.close()
+        with pytest.raises(TLSHandshakeError):
+            await s.start_tls_server(server_context(world.upstream_cert_file,
+                                                    world.upstream_key_file))
+        assert not s.is_tls
+        await s.aclose()
+
+        a, b = socket.socketpair()
+        srv = await Stream.from_socket(a, timeout=5)
+        cli = await Stream.from_socket(b, timeout=5)
+        ctx = server_context(world.upstream_cert_file, world.upstream_key_file)
+        server = asyncio.ensure_future(srv.start_tls_server(ctx))
+        with pytest.raises(TLSVerifyError):
+            await cli.start_tls_client(client_context(world.ca_file), "not-this.example")
+        assert not cli.is_tls
+        await cli.aclose()
+        await asyncio.gather(server, return_exceptions=True)
+        await srv.aclose()
+
+    run(go())
