@@ -151,9 +151,11 @@ def test_tls_guards_unread_and_a_second_handshake(world):
     run(go())
 
 
-async def _session(monkeypatch, timeout: float, tls_context=None, relay=None, **config):
+async def _session(monkeypatch, timeout: float, tls_context=None, relay=None,
+                   implicit_tls=False, **config):
     """A SessionRunner on one end of a socketpair (authenticator and relay
-    stand-ins as in test_front_driver); returns (task, reader, writer, relay)."""
+    stand-ins as in test_front_driver); returns (task, reader, writer,
+    relay), the runner as task.runner."""
     from sendooway_front import _driver
     from sendooway_shared.config import Config
 
@@ -162,10 +164,12 @@ async def _session(monkeypatch, timeout: float, tls_context=None, relay=None, **
     relay = relay or RecordingRelay()
     monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: relay)
     fe = _driver.Frontend(Config(timeout=timeout, **config), tls_context=tls_context,
-                          connector=FakeConnector(), hostname="mx.test")
+                          implicit_tls=implicit_tls, connector=FakeConnector(), hostname="mx.test")
     a, b = socket.socketpair()
     stream = await Stream.from_socket(a, 10)
-    task = asyncio.ensure_future(_driver.SessionRunner(fe, stream, "192.0.2.1:4242").run())
+    runner = _driver.SessionRunner(fe, stream, "192.0.2.1:4242")
+    task = asyncio.ensure_future(runner.run())
+    task.runner = runner
     reader, writer = await asyncio.open_connection(sock=b)
     return task, reader, writer, relay
 
@@ -423,5 +427,59 @@ def test_a_failed_handshake_leaves_the_stream_plain(world):
         await cli.aclose()
         await asyncio.gather(server, return_exceptions=True)
         await srv.aclose()
+
+    run(go())
+
+
+def test_a_stop_421s_an_idle_client_at_once_and_lets_a_message_finish(monkeypatch):
+    """request_stop(): a client waiting between commands hears "421 4.3.2
+    shutting down" at once (not the timeout's 421); one in mid-DATA is not
+    interrupted: its message goes upstream whole, its 250 comes, then the
+    421."""
+    from .test_front_driver import LOGIN, TXN
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        task, reader, writer, relay = await _session(monkeypatch, 5)
+        writer.write(LOGIN)
+        await _until(reader, b"235 ")
+        t0 = loop.time()
+        task.runner.request_stop()
+        out = await asyncio.wait_for(reader.read(), 3)
+        assert out.startswith(b"421 4.3.2 ") and loop.time() - t0 < 1.5, out
+        writer.close()
+        await asyncio.wait_for(task, 3)
+
+        task, reader, writer, relay = await _session(monkeypatch, 5)
+        writer.write(LOGIN + TXN + b"first part\r\n")
+        await _until(reader, b"354 ")
+        await asyncio.sleep(0.1)
+        task.runner.request_stop()
+        await asyncio.sleep(0.1)
+        writer.write(b"second part\r\n.\r\n")
+        out = await asyncio.wait_for(reader.read(), 3)
+        assert out.startswith(b"250 2.0.0 upstream queued\r\n421 4.3.2 "), out
+        assert bytes(relay.data) == b"first part\r\nsecond part"
+        writer.close()
+        await asyncio.wait_for(task, 3)
+
+    run(go())
+
+
+def test_a_failed_implicit_tls_handshake_gets_no_plaintext_greeting(monkeypatch, world):
+    """-s (implicit TLS): a client that speaks plaintext fails the
+    handshake and the session ends there; no greeting goes out in clear."""
+    from sendooway_front._tls import server_context
+
+    async def go():
+        ctx = server_context(world.cert_file, world.key_file)
+        task, reader, writer, relay = await _session(monkeypatch, 2, tls_context=ctx,
+                                                     implicit_tls=True)
+        writer.write(b"EHLO plain.test\r\n")
+        out = await asyncio.wait_for(reader.read(), 3)
+        assert b"220" not in out
+        writer.close()
+        await asyncio.wait_for(task, 3)
+        assert relay.calls in ([], ["close"])
 
     run(go())
