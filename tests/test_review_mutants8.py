@@ -483,3 +483,33 @@ def test_a_failed_implicit_tls_handshake_gets_no_plaintext_greeting(monkeypatch,
         assert relay.calls in ([], ["close"])
 
     run(go())
+
+
+def test_an_internal_error_in_mid_data_aborts_upstream_and_says_421(monkeypatch):
+    """A bug in mid-DATA (here the session raising on the message text):
+    the upstream's message is aborted (never completed by a later dot) and
+    the client hears 421, not a silent close."""
+    from sendooway_front._session import Session
+
+    from .test_front_driver import LOGIN, TXN
+
+    real = Session.receive_data
+
+    def broken(self, data):
+        if b"boom" in data:
+            raise RuntimeError("a bug")
+        return real(self, data)
+
+    async def go():
+        task, reader, writer, relay = await _session(monkeypatch, 5)
+        writer.write(LOGIN + TXN)
+        await _until(reader, b"354 ")
+        monkeypatch.setattr(Session, "receive_data", broken)
+        writer.write(b"boom\r\n")
+        out = await asyncio.wait_for(reader.read(), 3)
+        assert out.startswith(b"421 "), out
+        assert "data_abort" in relay.calls and "data_end" not in relay.calls
+        writer.close()
+        await asyncio.wait_for(task, 3)
+
+    run(go())
