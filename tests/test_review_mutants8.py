@@ -513,3 +513,52 @@ def test_an_internal_error_in_mid_data_aborts_upstream_and_says_421(monkeypatch)
         await asyncio.wait_for(task, 3)
 
     run(go())
+
+
+def test_a_refused_certificate_is_told_to_the_server_by_an_alert(world):
+    """A client that refuses the server's chain says so with a TLS alert
+    before it gives up (the records OpenSSL made are flushed on failure):
+    the server's log shows "unknown ca", not a mere lost connection."""
+    import trustme
+
+    from sendooway_front._tls import TLSHandshakeError, TLSVerifyError, client_context, server_context
+
+    async def go():
+        a, b = socket.socketpair()
+        srv = await Stream.from_socket(a, timeout=5)
+        cli = await Stream.from_socket(b, timeout=5)
+        ctx = server_context(world.upstream_cert_file, world.upstream_key_file)
+        server = asyncio.ensure_future(srv.start_tls_server(ctx))
+        other_ca = trustme.CA().cert_pem.bytes().decode()
+        with pytest.raises(TLSVerifyError):
+            await cli.start_tls_client(client_context(ca_pem=other_ca), "localhost")
+        await asyncio.sleep(0.1)
+        cli.abort()
+        with pytest.raises(TLSHandshakeError, match="unknown ca"):
+            await server
+        await srv.aclose()
+
+    run(go())
+
+
+def test_handshake_start_is_the_peers_first_octets(world):
+    """handshake_start keeps the first octets of the handshake (what tells a
+    plaintext client on the implicit-TLS port from a TLS one), not the last
+    piece read before the failure."""
+    from sendooway_front._tls import TLSHandshakeError, server_context
+
+    async def go():
+        s, _r, peer_w = await _pair(5)
+        ctx = server_context(world.upstream_cert_file, world.upstream_key_file)
+        handshake = asyncio.ensure_future(s.start_tls_server(ctx))
+        peer_w.write(b"\x16\x03\x01")
+        await asyncio.sleep(0.1)
+        peer_w.write(b"\x00\x04GARBAGE\r\n")
+        await asyncio.sleep(0.1)
+        peer_w.close()
+        with pytest.raises(TLSHandshakeError):
+            await handshake
+        assert s.handshake_start == b"\x16\x03\x01"
+        await s.aclose()
+
+    run(go())
