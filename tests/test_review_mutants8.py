@@ -562,3 +562,27 @@ def test_handshake_start_is_the_peers_first_octets(world):
         await s.aclose()
 
     run(go())
+
+
+def test_a_cut_session_leaves_its_upstream_at_once(monkeypatch):
+    """A session task cancelled (the grace of a stop is over) drops its
+    upstream with relay.abort(), no polite RSET/QUIT a silent upstream
+    could hold; a message in flight is aborted first."""
+    from .test_front_driver import LOGIN, TXN, RecordingRelay
+
+    class AbortingRelay(RecordingRelay):
+        def abort(self):
+            self.calls.append("abort")
+
+    async def go():
+        task, reader, writer, relay = await _session(monkeypatch, 5, relay=AbortingRelay())
+        writer.write(LOGIN + TXN + b"half a message\r\n")
+        await _until(reader, b"354 ")
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert relay.calls[-3:] == ["data_abort", "abort", "close"], relay.calls
+        writer.close()
+
+    run(go())
