@@ -401,8 +401,8 @@ def test_handshake_failure_reasons_for_the_log():
 
 
 def test_a_failed_handshake_leaves_the_stream_plain(world):
-    """A handshake that failed (the peer closed in the middle, or the
-    server's name did not match) leaves no half-made TLS behind: is_tls is
+    """A handshake that failed (the peer closed or reset in the middle, or
+    the server's name did not match) leaves no half-made TLS behind: is_tls is
     False again, so no close_notify or log line claims a TLS session."""
     from sendooway_front._tls import TLSHandshakeError, TLSVerifyError, client_context, server_context
 
@@ -427,6 +427,18 @@ def test_a_failed_handshake_leaves_the_stream_plain(world):
         await cli.aclose()
         await asyncio.gather(server, return_exceptions=True)
         await srv.aclose()
+
+        # the server resets the connection in answer to the ClientHello
+        a, b = socket.socketpair()
+        cli = await Stream.from_socket(b, timeout=5)
+        client = asyncio.ensure_future(cli.start_tls_client(client_context(world.ca_file),
+                                                            "localhost"))
+        await asyncio.sleep(0.1)
+        a.close()  # (its ClientHello unread: a reset)
+        with pytest.raises(OSError):
+            await client
+        assert not cli.is_tls
+        await cli.aclose()
 
     run(go())
 
