@@ -598,3 +598,47 @@ def test_a_cut_session_leaves_its_upstream_at_once(monkeypatch):
         writer.close()
 
     run(go())
+
+
+def test_a_client_that_takes_no_replies_is_dropped(monkeypatch, caplog):
+    """A client that sends and sends but reads none of the replies: once a
+    write of replies has waited `timeout` the session ends, instead of going
+    on with its commands, each write waiting `timeout` again; the session is
+    told why, and its closing log line says so."""
+    import logging
+
+    from sendooway_front import _stream
+
+    from .test_front_driver import LOGIN
+
+    monkeypatch.setattr(_stream, "WRITE_BUFFER_HIGH", 0)  # (no 256 KiB of replies to fill)
+    caplog.set_level(logging.INFO, logger="sendooway")
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        task, reader, writer, relay = await _session(monkeypatch, 0.3)
+        writer.write(LOGIN + b"MAIL FROM:<alice@example.org>\r\n")
+        await _until(reader, b"250 2.1.0")
+        writer.transport.pause_reading()
+        for sock in (task.runner.stream._writer.get_extra_info("socket"),
+                     writer.get_extra_info("socket")):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        task.runner.stream._writer.transport.set_write_buffer_limits(high=1024)
+
+        async def flood():  # refused RCPTs: replies, no error points
+            for _ in range(40):
+                writer.write(b"RCPT TO:<nobody@example.net>\r\n" * 20)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(flood())
+        t0 = loop.time()
+        await asyncio.wait_for(asyncio.shield(task), 5)
+        assert loop.time() - t0 < 4
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.close()
+
+    run(go())
+    [closed] = [r.getMessage() for r in caplog.records if ": closed: " in r.getMessage()]
+    assert "took no replies" in closed, closed
