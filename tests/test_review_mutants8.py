@@ -642,3 +642,24 @@ def test_a_client_that_takes_no_replies_is_dropped(monkeypatch, caplog):
     run(go())
     [closed] = [r.getMessage() for r in caplog.records if ": closed: " in r.getMessage()]
     assert "took no replies" in closed, closed
+
+
+def test_a_client_that_never_logs_in_hears_why(monkeypatch):
+    """LOGIN_WITHIN: a client that keeps sending commands in time but never
+    logs in is closed after LOGIN_WITHIN x `timeout` with "No login in
+    time", not the idle timeout's 421."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        task, reader, writer, _ = await _session(monkeypatch, 0.25)
+        t0 = loop.time()
+        out = b""
+        while b"421 " not in out and loop.time() - t0 < 3:
+            writer.write(b"NOOP\r\n")
+            out += await asyncio.wait_for(reader.read(4096), 3)
+            await asyncio.sleep(0.1)
+        assert b"421 4.4.2 No login in time" in out, out
+        writer.close()
+        await asyncio.wait_for(task, 3)
+
+    run(go())
