@@ -663,3 +663,25 @@ def test_a_client_that_never_logs_in_hears_why(monkeypatch):
         await asyncio.wait_for(task, 3)
 
     run(go())
+
+
+def test_a_write_after_the_peer_reset_fails():
+    """Once the peer reset the connection, a write raises
+    ConnectionResetError instead of vanishing into a closed transport (the
+    driver then logs a lost connection rather than replies nobody got)."""
+
+    async def go():
+        a, b = socket.socketpair()
+        s = await Stream.from_socket(a, timeout=5)
+        await s.write(b"unread by the peer\r\n")
+        await asyncio.sleep(0.05)
+        b.close()  # with our octets unread: a reset
+        try:
+            await s.read(100)
+        except ConnectionError:
+            pass
+        with pytest.raises(ConnectionResetError):
+            await s.write(b"421 too late\r\n")
+        s.abort()
+
+    run(go())
