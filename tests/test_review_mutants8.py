@@ -685,3 +685,19 @@ def test_a_write_after_the_peer_reset_fails():
         s.abort()
 
     run(go())
+
+
+@pytest.mark.parametrize("script, level", [(b"", "INFO"), (b"PROXY TCP4 1.2.3.4", "WARNING")])
+def test_a_balancers_health_check_is_no_warning(monkeypatch, caplog, script, level):
+    """A trusted balancer's plain TCP check (connect, close, no header) is
+    logged at INFO; a broken header from it is a WARNING."""
+    import logging
+
+    from .test_front_driver import converse
+    from .test_front_proxyproto import BALANCER
+
+    caplog.set_level(logging.INFO, "sendooway")
+    out, _ = asyncio.run(converse(monkeypatch, script, config=BALANCER, half_close=True))
+    assert out == b""
+    [line] = [r for r in caplog.records if "PROXY protocol" in r.getMessage()]
+    assert line.levelname == level
