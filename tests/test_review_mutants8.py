@@ -701,3 +701,28 @@ def test_a_balancers_health_check_is_no_warning(monkeypatch, caplog, script, lev
     assert out == b""
     [line] = [r for r in caplog.records if "PROXY protocol" in r.getMessage()]
     assert line.levelname == level
+
+
+def test_the_421_survives_input_the_client_sent_behind_it(monkeypatch):
+    """Closing on a client that still sends (421 after too many errors,
+    with more pipelined input behind): the lingering close reads and drops
+    that input, so no reset destroys the 421 before the client read it."""
+
+    async def go():
+        task, reader, writer, _ = await _session(monkeypatch, 5)
+        writer.write(b"EHLO c.test\r\n" + b"XYZZY\r\n" * 30)
+        await writer.drain()
+        await asyncio.sleep(0.2)  # (the session closed: it reads no more commands)
+        writer.write(b"x" * 65536)
+        await asyncio.sleep(0.2)
+        out = b""
+        try:
+            while data := await asyncio.wait_for(reader.read(65536), 3):
+                out += data
+        except ConnectionError:
+            pass
+        assert b"421 " in out, out[-200:]
+        writer.close()
+        await asyncio.wait_for(task, 3)
+
+    run(go())
