@@ -726,3 +726,20 @@ def test_the_421_survives_input_the_client_sent_behind_it(monkeypatch):
         await asyncio.wait_for(task, 3)
 
     run(go())
+
+
+def test_a_read_deadline_never_cancels_a_task_no_longer_waiting():
+    """The lazy timer cancels only a task still waiting on the stream: a
+    read that finished in time leaves no deadline behind that later cancels
+    its task in the middle of something else (the stream forgets its
+    waiter after each wait)."""
+
+    async def go():
+        s, _r, peer_w = await _pair(0.1)
+        peer_w.write(b"x")
+        assert await s.read(10) == b"x"
+        await asyncio.sleep(0.4)  # past the deadline of that read: no CancelledError
+        await s.aclose()
+        peer_w.close()
+
+    run(go())
