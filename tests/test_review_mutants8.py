@@ -743,3 +743,57 @@ def test_a_read_deadline_never_cancels_a_task_no_longer_waiting():
         peer_w.close()
 
     run(go())
+
+
+def test_relay_answers_of_the_wrong_shape_and_failing_cleanups(monkeypatch):
+    """The relay's side of a transaction, kept honest: RSET reaches it; a
+    group answered with too few replies, or with no list at all, gives each
+    RCPT a temporary failure, never a stray 250; a cleanup (RSET) that raises
+    is logged and the session goes on. At the end the authenticator link is
+    closed and the address limit left."""
+    from .test_front_driver import LOGIN, FakeConnector, RecordingRelay, codes, converse
+
+    class OddRelay(RecordingRelay):
+        answers = iter([[RecordingRelay._rcpt_reply("a@example.net")], None])
+
+        async def rcpts(self, recipients):
+            self.calls.append("rcpts")
+            return next(self.answers)
+
+        async def reset(self):
+            self.calls.append("reset")
+            raise ConnectionResetError("upstream gone at RSET")
+
+    class Limit:
+        def __init__(self):
+            self.inside = 0
+            self.entered = []
+
+        def enter(self, ip):
+            self.inside += 1
+            self.entered.append(ip)
+            return True, ip
+
+        def leave(self, key):
+            self.inside -= 1
+
+    group = b"RCPT TO:<a@example.net>\r\nRCPT TO:<b@example.net>\r\n"
+    script = (LOGIN + b"MAIL FROM:<alice@example.org>\r\n" + group + group
+              + b"RSET\r\nNOOP\r\nQUIT\r\n")
+    connector = FakeConnector()
+    limit = Limit()
+
+    from . import test_front_driver
+    from sendooway_front._driver import Frontend
+
+    def frontend(*a, **kw):
+        fe = Frontend(*a, **kw)
+        fe.per_address = limit
+        return fe
+
+    monkeypatch.setattr(test_front_driver, "Frontend", frontend)
+    out, relay = asyncio.run(converse(monkeypatch, script, relay=OddRelay(), connector=connector))
+    assert limit.entered == ["192.0.2.1"]
+    assert codes(out) == [220, 250, 235, 250, 451, 451, 451, 451, 250, 250, 221], out
+    assert relay.calls.count("reset") == 1
+    assert connector.links[0].closed and limit.inside == 0
