@@ -797,3 +797,31 @@ def test_relay_answers_of_the_wrong_shape_and_failing_cleanups(monkeypatch):
     assert codes(out) == [220, 250, 235, 250, 451, 451, 451, 451, 250, 250, 221], out
     assert relay.calls.count("reset") == 1
     assert connector.links[0].closed and limit.inside == 0
+
+
+def test_a_failed_starttls_handshake_ends_the_session(monkeypatch, world):
+    """STARTTLS whose handshake fails (the client spoke plaintext after the
+    220) ends the session: nothing more is answered, least of all in clear
+    to a session that would then count as encrypted."""
+    from sendooway_front._tls import server_context
+
+    async def go():
+        ctx = server_context(world.cert_file, world.key_file)
+        task, reader, writer, relay = await _session(monkeypatch, 2, tls_context=ctx)
+        writer.write(b"EHLO c.test\r\nSTARTTLS\r\n")
+        await _until(reader, b"220 2.0.0")
+        writer.write(b"EHLO plain.test\r\n")
+        await asyncio.sleep(0.2)
+        try:
+            writer.write(b"EHLO again.test\r\n")
+        except ConnectionError:
+            pass
+        try:
+            out = await asyncio.wait_for(reader.read(), 3)
+        except ConnectionError:
+            out = b""
+        assert b"250" not in out, out
+        await asyncio.wait_for(task, 3)
+        writer.close()
+
+    run(go())
