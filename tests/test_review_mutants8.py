@@ -627,7 +627,7 @@ def test_a_client_that_takes_no_replies_is_dropped(monkeypatch, caplog):
         task.runner.stream._writer.transport.set_write_buffer_limits(high=1024)
 
         async def flood():  # refused RCPTs: replies, no error points
-            for _ in range(40):
+            for _ in range(15):
                 writer.write(b"RCPT TO:<nobody@example.net>\r\n" * 20)
                 await writer.drain()
 
@@ -825,3 +825,30 @@ def test_a_failed_starttls_handshake_ends_the_session(monkeypatch, world):
         writer.close()
 
     run(go())
+
+
+def test_a_client_over_its_address_limit_gets_only_the_refusal(monkeypatch):
+    """Over the per-address limit a client gets its 421 and the close:
+    no authenticator link, no session behind it."""
+    from . import test_front_driver
+    from sendooway_front._driver import Frontend
+
+    from .test_front_driver import FakeConnector, converse
+
+    class Full:
+        def enter(self, ip):
+            return False, None
+
+        def leave(self, key):
+            pass
+
+    def frontend(*a, **kw):
+        fe = Frontend(*a, **kw)
+        fe.per_address = Full()
+        return fe
+
+    monkeypatch.setattr(test_front_driver, "Frontend", frontend)
+    connector = FakeConnector()
+    out, _ = asyncio.run(converse(monkeypatch, b"", connector=connector))
+    assert out.startswith(b"421 ") and out.count(b"\r\n") == 1, out
+    assert connector.links == []
