@@ -783,8 +783,9 @@ def test_relay_answers_of_the_wrong_shape_and_failing_cleanups(monkeypatch):
     connector = FakeConnector()
     limit = Limit()
 
-    from . import test_front_driver
     from sendooway_front._driver import Frontend
+
+    from . import test_front_driver
 
     def frontend(*a, **kw):
         fe = Frontend(*a, **kw)
@@ -830,9 +831,9 @@ def test_a_failed_starttls_handshake_ends_the_session(monkeypatch, world):
 def test_a_client_over_its_address_limit_gets_only_the_refusal(monkeypatch):
     """Over the per-address limit a client gets its 421 and the close:
     no authenticator link, no session behind it."""
-    from . import test_front_driver
     from sendooway_front._driver import Frontend
 
+    from . import test_front_driver
     from .test_front_driver import FakeConnector, converse
 
     class Full:
