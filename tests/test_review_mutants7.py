@@ -243,14 +243,15 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def _root_b_serving(world):
     """A root `sendooway -b` with no daemon, serving: (the Frontend, the pid
-    of its private authenticator's watcher). Waits for "listening on": the
+    of its private authenticator's watcher). Waits for its "listening on": the
     port listens from early in the start-up on, before the authenticator
     and the drop, when a signal is only noted."""
     with open_tmp() as tmp:
         fe = Frontend(front_config(tmp, world, tls=False), str(tmp / "front.log")).start()
         try:
             deadline = time.monotonic() + 10
-            while "listening on" not in fe.log():
+            # (its own line: the private authenticator logs "listening on" too)
+            while f"sendooway[{fe.proc.pid}]: listening on" not in fe.log():
                 assert time.monotonic() < deadline, fe.log()
                 time.sleep(0.05)
             (watcher,) = children(fe.proc.pid)
