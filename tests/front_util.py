@@ -149,3 +149,31 @@ def stdio_session(argv, script: bytes, env=None, timeout: float = 30, user=None)
         kwargs = dict(user=user, group=user, extra_groups=[])
     r = subprocess.run(argv, input=script, capture_output=True, timeout=timeout, env=env, **kwargs)
     return r.stdout, r.stderr, r.returncode
+
+
+def socket_client_session(argv, send: bytes, stderr_is_client: bool = True,
+                          timeout: float = 20) -> tuple[bytes, int | None]:
+    """Run the frontend as inetd would, one end of a socketpair its fd 0 and
+    1 (and fd 2 too when `stderr_is_client`, as xinetd does), send `send`
+    from the other end and read until the frontend closes it (or `timeout`).
+    Returns (all the client read, the exit status)."""
+    client, server = socket.socketpair()
+    proc = subprocess.Popen(argv, stdin=server.fileno(), stdout=server.fileno(),
+                            stderr=server.fileno() if stderr_is_client else subprocess.DEVNULL)
+    server.close()
+    client.settimeout(timeout)
+    seen = b""
+    try:
+        client.sendall(send)
+        while chunk := client.recv(65536):
+            seen += chunk
+    except socket.timeout:
+        pass
+    finally:
+        client.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return seen, proc.returncode

@@ -27,7 +27,7 @@ from sendooway_shared.types import Route, Secret, TlsMode
 from sendooway_front import _authlink
 from sendooway_front._relay import Relay
 from sendooway_front._relay_api import MailParams
-from tests.front_util import FRONT
+from tests.front_util import FRONT, socket_client_session
 from tests.upstream import capture_log, config, info, run
 from tests.deploy_world import deployment, upstream  # noqa: F401 - fixtures
 
@@ -318,29 +318,12 @@ def test_log_to_stdout_refused_where_stdout_is_the_client_under_systemd(tmp_path
     conversation: the client reads "2026-... sendooway[PID]: ... connect"
     between the replies (paths, user names, routes of the session leak to
     it, and a client taking it for a reply line is desynchronised)."""
-    client, server = socket.socketpair()
     # systemd: the connection on fd 0 and 1 (StandardInput/Output=socket) and fd 3
     script = 'exec 3<&0; export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"'
-    proc = subprocess.Popen(
+    seen, _rc = socket_client_session(
         ["/bin/sh", "-c", script, "sh", FRONT, "-c", "/dev/null", "-l", "&1",
          "--auth-socket", str(tmp_path / "none.sock")],
-        stdin=server.fileno(), stdout=server.fileno(), stderr=subprocess.DEVNULL)
-    server.close()
-    client.settimeout(20)
-    seen = b""
-    try:
-        client.sendall(b"EHLO client.test\r\nQUIT\r\n")
-        while chunk := client.recv(65536):
-            seen += chunk
-    except socket.timeout:
-        pass
-    finally:
-        client.close()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        b"EHLO client.test\r\nQUIT\r\n", stderr_is_client=False)
     not_smtp = [line for line in seen.split(b"\n") if line and not re.match(rb"[2-5]\d\d[- \r]", line)]
     # refused at start (stdout is the client): one 421, no log line
     assert seen.startswith(b"421 4.3.0"), seen

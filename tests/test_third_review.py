@@ -254,30 +254,12 @@ def test_log_to_stderr_refused_where_stderr_is_the_client_as_under_xinetd(tmp_pa
     "client=...: connect", later user names and routes). The same rule
     as for '&1' should apply (the man page only says "do not")."""
     import re
-    import socket
 
-    from tests.front_util import FRONT
+    from tests.front_util import FRONT, socket_client_session
 
-    client, server = socket.socketpair()
-    proc = subprocess.Popen(
+    seen, _rc = socket_client_session(
         [FRONT, "-c", "/dev/null", "-l", "&2", "--auth-socket", str(tmp_path / "none.sock")],
-        stdin=server.fileno(), stdout=server.fileno(), stderr=server.fileno())
-    server.close()
-    client.settimeout(20)
-    seen = b""
-    try:
-        client.sendall(b"EHLO client.test\r\nQUIT\r\n")
-        while chunk := client.recv(65536):
-            seen += chunk
-    except socket.timeout:
-        pass
-    finally:
-        client.close()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        b"EHLO client.test\r\nQUIT\r\n")
     not_smtp = [line for line in seen.split(b"\n")
                 if line and not re.match(rb"[2-5]\d\d[- \r]", line)]
     assert not not_smtp, f"log lines sent to the SMTP client: {not_smtp[:5]}"
