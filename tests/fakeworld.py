@@ -227,6 +227,13 @@ class World:
         return ctx
 
 
+def become(user) -> None:
+    """In a forked child of a root test: be `user` (a world user) for good."""
+    os.setgroups([])
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

@@ -26,6 +26,7 @@ from sendooway_shared.protocol import (
     VERSION, AuthFail, AuthOk, AuthRequest, BlockingChannel, Hello, RouteOk, Welcome, encode,
 )
 from sendooway_shared.types import Secret
+from tests.fakeworld import become
 from tests.auth_helpers import (  # noqa: F401 - daemon is a fixture
     MATRIX, add_pam_service, build_test_pam_module, daemon, login, raw_frame, route,
 )
@@ -363,9 +364,7 @@ def test_a_local_user_cannot_squat_the_authenticator_socket(world, tmp_path):
         if pid == 0:  # carol's squatter
             try:
                 os.close(r)
-                os.setgroups([])
-                os.setresgid(carol.gid, carol.gid, carol.gid)
-                os.setresuid(carol.uid, carol.uid, carol.uid)
+                become(carol)
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.bind(path)
                 os.chmod(path, 0o777)  # the frontend, nobody by then, may connect

@@ -25,6 +25,7 @@ from sendooway_shared.protocol import (
 )
 from sendooway_shared.types import Secret
 
+from .fakeworld import become
 from .front_harness import LOGIN_ALICE, Harness, codes, plain
 
 MAIL = b"MAIL FROM:<alice@example.org>\r\n"
@@ -609,9 +610,7 @@ def test_a_listener_of_another_user_is_refused_before_a_byte_is_sent(world):
     if pid == 0:  # carol's listener: reports what any connection sent it
         try:
             os.close(r)
-            os.setgroups([])
-            os.setresgid(carol.gid, carol.gid, carol.gid)
-            os.setresuid(carol.uid, carol.uid, carol.uid)
+            become(carol)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.bind(path)
             s.listen(8)

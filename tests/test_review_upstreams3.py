@@ -1139,6 +1139,14 @@ def test_a_421_sent_right_behind_the_login_reply_is_passed_on(monkeypatch, after
     assert "closing: 421 4.4.0 up.test Failed to connect to relay server" in log, log
 
 
+def _login_route(port: int, user: str):
+    """A plain route to a scripted upstream, logging in as `user`."""
+    from sendooway_shared.types import Route, Secret, TlsMode
+
+    return Route(server="127.0.0.1", port=port, tls=TlsMode.PLAIN, ca_file="", user=user,
+                 password=Secret("pw-" + user), auth=True, source="t.conf:1")
+
+
 def test_idle_connections_given_back_to_a_server_that_counts_them():
     """The fix above without Exim: a scripted upstream (in-process, plain
     text) that greets a client host's second concurrent connection with
@@ -1149,7 +1157,6 @@ def test_idle_connections_given_back_to_a_server_that_counts_them():
 
     from sendooway_front._pool import UpstreamPool
     from sendooway_front._relay import Relay
-    from sendooway_shared.types import Route, Secret, TlsMode
     from tests.upstream import capture_log, config, run, send
     from .scripted_relay import Upstream, careful
 
@@ -1174,8 +1181,7 @@ def test_idle_connections_given_back_to_a_server_that_counts_them():
         pool = UpstreamPool(30, log)
 
         def route(user):
-            return Route(server="127.0.0.1", port=up.port, tls=TlsMode.PLAIN, ca_file="", user=user,
-                         password=Secret("pw-" + user), auth=True, source="t.conf:1")
+            return _login_route(up.port, user)
 
         try:
             for user in ("u1", "u2", "u1"):
@@ -1209,11 +1215,8 @@ def test_give_back_that_does_not_help_ends_with_the_last_refusal(later):
     is tried again after each of the GIVE_BACK_PAUSES and no more, a 554
     ends the tries at once; either way the client's MAIL gets a 451 with
     the upstream's refusal in the log, and the session goes on."""
-    import asyncio
-
     from sendooway_front._pool import GIVE_BACK_PAUSES, UpstreamPool
     from sendooway_front._relay import Relay
-    from sendooway_shared.types import Route, Secret, TlsMode
     from tests.upstream import capture_log, config, run, send
     from .scripted_relay import Upstream, careful
 
@@ -1234,8 +1237,7 @@ def test_give_back_that_does_not_help_ends_with_the_last_refusal(later):
         pool = UpstreamPool(30, log)
 
         def route(user):
-            return Route(server="127.0.0.1", port=up.port, tls=TlsMode.PLAIN, ca_file="", user=user,
-                         password=Secret("pw-" + user), auth=True, source="t.conf:1")
+            return _login_route(up.port, user)
 
         try:
             relay = Relay(config(smarthostCache=30), log, pool)
