@@ -101,11 +101,14 @@ def test_a_start_that_keeps_capabilities_across_the_uid_change_is_refused(world,
 
 
 def test_a_start_with_real_uid_root_and_another_effective_uid_is_refused(world):
-    """Real uid root, effective uid nobody (a wrapper that set only the euid):
+    """Real uid root, effective uid nobody (a wrapper that set only the euid,
+    and the egid: root's group would be refused a checkout below a 0701
+    directory such as mktemp -d's, which the test script opens only for others):
     the process could take root back with seteuid(0), so it is no
     "non-root start" to be served as it is: the drop is tried, fails, and the
     frontend refuses to serve (exit 1, no greeting)."""
-    proc = _start([FRONT, "-c", "/dev/null", "-l", "&2"], prefix=("setpriv", "--euid", "65534"))
+    proc = _start([FRONT, "-c", "/dev/null", "-l", "&2"],
+                  prefix=("setpriv", "--euid", "65534", "--egid", "65534", "--clear-groups"))
     out, err = _end(proc)
     assert proc.returncode == 1, (out, err)
     assert out == b""
