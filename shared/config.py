@@ -605,11 +605,18 @@ def _check_address_pattern(address: str) -> None:
     # Only the form here: the original C sendooway loaded a global config
     # with `*@*.example.org` in it, so that stays loadable (with a warning,
     # direct_pattern_warnings); a user's include gets the whole rule
-    if address == "*":
-        return
-    local, at, domain = address.rpartition("@")
+    if (problem := _pattern_form_problem(address)) is not None:
+        raise ValueError(problem)
+
+
+def _pattern_form_problem(pattern: str) -> str | None:
+    """Why `pattern` has not the form user@domain, *@domain or *; None when it has."""
+    if pattern == "*":
+        return None
+    local, at, domain = pattern.rpartition("@")
     if not at or not local or not domain:
-        raise ValueError(f"address must be user@domain, *@domain or *, got {address[:80]!r}")
+        return f"address must be user@domain, *@domain or *, got {pattern[:80]!r}"
+    return None
 
 
 _PATTERN_BAD_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -623,9 +630,9 @@ def address_pattern_problem(pattern: str) -> str | None:
         return None
     if _PATTERN_BAD_CHAR.search(pattern):
         return "address contains white space or control characters"
-    local, at, domain = pattern.rpartition("@")
-    if not at or not local or not domain:
-        return f"address must be user@domain, *@domain or *, got {pattern[:80]!r}"
+    if (problem := _pattern_form_problem(pattern)) is not None:
+        return problem
+    local, _at, domain = pattern.rpartition("@")
     if "*" in domain or ("*" in local and local != "*"):
         return f"'*' may only stand for a whole local part, got {pattern[:80]!r}"
     return None
