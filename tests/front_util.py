@@ -152,14 +152,15 @@ def stdio_session(argv, script: bytes, env=None, timeout: float = 30, user=None)
 
 
 def socket_client_session(argv, send: bytes, stderr_is_client: bool = True,
-                          timeout: float = 20) -> tuple[bytes, int | None]:
+                          timeout: float = 20, env=None) -> tuple[bytes, int | None]:
     """Run the frontend as inetd would, one end of a socketpair its fd 0 and
     1 (and fd 2 too when `stderr_is_client`, as xinetd does), send `send`
     from the other end and read until the frontend closes it (or `timeout`).
     Returns (all the client read, the exit status)."""
     client, server = socket.socketpair()
     proc = subprocess.Popen(argv, stdin=server.fileno(), stdout=server.fileno(),
-                            stderr=server.fileno() if stderr_is_client else subprocess.DEVNULL)
+                            stderr=server.fileno() if stderr_is_client else subprocess.DEVNULL,
+                            env=env)
     server.close()
     client.settimeout(timeout)
     seen = b""

@@ -23,31 +23,18 @@ from sendooway_shared.types import Secret
 from . import deploy_world as dw
 from .deploy_world import deployment, upstream  # noqa: F401 - fixtures
 from .deploy_util import PACKAGING, REPO, command, man_text
+from .front_util import socket_client_session
 
 BODY = "Subject: review\r\n\r\nsent through the shipped deployment\r\n"
 
 
 def _inetd(args: list[str], env: dict | None, client_input: bytes,
-           program: str | None = None) -> tuple[int, bytes]:
+           program: str | None = None) -> tuple[int | None, bytes]:
     """The frontend as inetd/xinetd start it: fd 0, 1 and 2 are the client's
     socket. Returns (exit code, every byte the client received)."""
-    client, server = socket.socketpair()
-    proc = subprocess.Popen([program or command("sendooway"), *args], stdin=server.fileno(),
-                            stdout=server.fileno(), stderr=server.fileno(), env=env)
-    server.close()
-    client.sendall(client_input)
-    client.settimeout(30)
-    seen = b""
-    try:
-        while True:
-            data = client.recv(65536)
-            if not data:
-                break
-            seen += data
-    except socket.timeout:
-        pass
-    client.close()
-    return proc.wait(30), seen
+    seen, code = socket_client_session([program or command("sendooway"), *args], client_input,
+                                       timeout=30, env=env)
+    return code, seen
 
 
 def _send_as_alice(world, port: int) -> tuple[int, bytes]:
