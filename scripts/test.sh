@@ -31,7 +31,12 @@ give_back() {
 }
 trap give_back EXIT
 
-.venv/bin/python -m pytest "$@"
+# The suite mostly waits (sockets, timers, child processes): one pytest
+# worker per CPU (pytest-xdist), each in a fake world of its own
+# (tests/conftest.py); a test file stays on one worker, so its module-wide
+# upstreams (Postfix, Exim, ...) start once. SENDOOWAY_TEST_JOBS=0 runs it in
+# one process.
+.venv/bin/python -m pytest -n "${SENDOOWAY_TEST_JOBS:-auto}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "test: pytest collected no tests: failing" >&2

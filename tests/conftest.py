@@ -20,8 +20,12 @@ from tests.fakeworld import MACHINE_SKIP
 _ENV_FLAG = "SENDOOWAY_TEST_WORLD"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     if os.environ.get(_ENV_FLAG):
+        workerinput = getattr(config, "workerinput", None)
+        if workerinput is not None:
+            _enter_worker_world(workerinput["workerid"])
         return
     if os.environ.get("SENDOOWAY_NO_REEXEC"):
         return
@@ -38,7 +42,36 @@ def pytest_configure(config):
     os.execve(sys.executable, args, env)
 
 
+# The world this process made for itself (a pytest-xdist worker), removed
+# by it at the end.
+_own_world: list[str] = []
+
+
+def _enter_worker_world(workerid: str) -> None:
+    """A pytest-xdist worker gets a world of its own: the same users, uids
+    and passwords, but its own homes, nss files, PAM services and
+    certificates, so tests running side by side never write into each
+    other's ~alice. nss_wrapper and pam_wrapper read their variables on
+    first use, which in a worker is after this; checked, not assumed."""
+    import pwd
+
+    from tests.fakeworld import World
+
+    root = tempfile.mkdtemp(prefix=f"sendooway-world-{workerid}-")
+    _own_world.append(root)
+    World.create(root)
+    world = World.load(root)
+    os.environ.update(world.env())
+    home = pwd.getpwnam("alice").pw_dir
+    if home != world.users["alice"].home:
+        raise pytest.UsageError(
+            f"worker {workerid}: nss_wrapper already answered from another world "
+            f"(~alice is {home}, not {world.users['alice'].home})")
+
+
 def pytest_unconfigure(config):
+    for root in _own_world:
+        shutil.rmtree(root, ignore_errors=True)
     root = os.environ.get(_ENV_FLAG)
     if root and os.environ.get("SENDOOWAY_WORLD_OWNER") and os.path.basename(root).startswith(
         "sendooway-world-"
