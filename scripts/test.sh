@@ -31,12 +31,13 @@ give_back() {
 }
 trap give_back EXIT
 
-# The suite mostly waits (sockets, timers, child processes): one pytest
-# worker per CPU (pytest-xdist), each in a fake world of its own
+# The suite mostly waits (sockets, timers, child processes): pytest-xdist
+# workers, one per CPU and one more, each in a fake world of its own
 # (tests/conftest.py); a test file stays on one worker, so its module-wide
-# upstreams (Postfix, Exim, ...) start once. SENDOOWAY_TEST_JOBS=0 runs it in
-# one process.
-.venv/bin/python -m pytest -n "${SENDOOWAY_TEST_JOBS:-auto}" --dist loadfile "$@"
+# upstreams (Postfix, Exim, ...) start once. SENDOOWAY_TEST_JOBS=N sets the
+# number of workers, 0 runs the suite in one process.
+jobs=${SENDOOWAY_TEST_JOBS:-$(( $(nproc 2>/dev/null || echo 1) + 1 ))}
+.venv/bin/python -m pytest -n "$jobs" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "test: pytest collected no tests: failing" >&2
