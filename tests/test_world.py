@@ -68,3 +68,40 @@ def test_fake_upstream_rejects_bad_login_and_scripted_rcpt(world, upstream_facto
         assert code == 550
     assert set(up.failed_logins) == {"u1"}
     assert up.logins == ["u1"]
+
+
+def test_each_test_process_lives_in_a_world_of_its_own(world, tmp_path):
+    """Under pytest-xdist each worker builds its own world (conftest.py):
+    its nss files, homes and PAM services, seen by the worker itself and by
+    the processes it starts, so two tests side by side never share ~alice."""
+    import subprocess
+    import sys
+
+    from tests.fakeworld import _find_pam_module
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        assert os.path.basename(world.root).startswith(f"sendooway-world-{worker}-")
+    assert os.environ["SENDOOWAY_TEST_WORLD"] == world.root
+    child = subprocess.run([sys.executable, "-c", "import pwd; print(pwd.getpwnam('dave').pw_dir)"],
+                           env=world.env(), capture_output=True, text=True, timeout=30)
+    assert child.stdout.strip() == world.users["dave"].home == pwd.getpwnam("dave").pw_dir
+    # PAM in the processes it starts reads this world's service folder: a
+    # service only this world has (pam_wrapper takes the services there are
+    # when a process first uses PAM, so a fresh process is asked)
+    passdb = tmp_path / "passdb"
+    passdb.write_text("dave:only-here-Pw-5:sendooway-own-world\n")
+    os.chmod(passdb, 0o600)
+    matrix = _find_pam_module("pam_matrix.so")
+    service = os.path.join(world.pam_dir, "sendooway-own-world")
+    with open(service, "w") as f:
+        f.write(f"auth required {matrix} passdb={passdb}\naccount required {matrix} passdb={passdb}\n")
+    check = ("import pam, sys; p = pam.pam(); print(p.authenticate('dave', sys.argv[1],"
+             " service='sendooway-own-world'))")
+    try:
+        for password, expected in (("only-here-Pw-5", "True"), (world.users["dave"].password, "False")):
+            child = subprocess.run([sys.executable, "-c", check, password], env=world.env(),
+                                   capture_output=True, text=True, timeout=30)
+            assert child.stdout.strip() == expected, child.stderr
+    finally:
+        os.unlink(service)
