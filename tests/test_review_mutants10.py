@@ -368,3 +368,100 @@ def test_a_421_the_upstream_says_during_the_message_reaches_the_client_as_451():
     end, _ = run(_message_with_a_pause(up))
     assert end.code == 451 and end.lines == ("4.3.2 System shutting down",), end
     assert up.messages == []
+
+
+def test_half_a_reply_during_the_message_is_nonsense_and_no_dot_follows():
+    """f05: "25" unasked, the rest never coming: not TLS housekeeping to
+    carry on after, but nonsense (451 4.5.0); the message gets no dot."""
+    up = _speaks_during_the_message(b"25")
+    end, log = run(_message_with_a_pause(up))
+    assert end.code == 451 and end.lines[0].startswith("4.5.0"), end
+    assert up.messages == []
+    assert "part of a reply" in log
+
+
+async def _in_the_message(up: Up):
+    relay, handler = await _relay(up)
+    assert (await _mail(relay, up)).code == 250
+    assert (await relay.rcpt("bob@example.net")).code == 250
+    assert (await relay.data_start()).code == 354
+    await relay.data_chunk(b"Subject: a\r\n\r\nfirst line\r\n")
+    await relay.data_chunk(b"second line")
+    return relay, handler
+
+
+def test_data_abort_cuts_the_upstream_connection_at_once():
+    """a03: a message aborted (client gone, bare LF) is cut right away,
+    not left open until the session ends, and never gets its dot."""
+    async def go():
+        up = Up()
+        relay, handler = await _in_the_message(up)
+        await relay.data_abort("client vanished")
+        await asyncio.sleep(0.3)
+        cut_before_close = up.cut
+        await relay.close()
+        up.server.close()
+        return cut_before_close, up, handler.text
+
+    cut, up, log = run(go())
+    assert cut and up.messages == []
+    assert "upstream=aborted (client vanished), no final dot sent" in log
+
+
+def test_reset_during_the_message_sends_no_rset_into_it():
+    """a04: RSET cannot leave a message without its dot: the connection
+    is dropped, nothing more is written."""
+    async def go():
+        up = Up()
+        relay, _ = await _in_the_message(up)
+        await relay.reset()
+        await asyncio.sleep(0.3)
+        await relay.close()
+        up.server.close()
+        return up
+
+    up = run(go())
+    assert up.got(b"RSET") == [] and up.messages == [] and up.cut
+
+
+def test_a_message_ending_in_a_lone_cr_is_refused_without_its_dot():
+    """e01: the last chunk ends in CR and the end marker follows: never
+    sent on (the CR would pair with our CRLF.CRLF)."""
+    async def go():
+        up = Up()
+        relay, handler = await _relay(up)
+        assert (await _mail(relay, up)).code == 250
+        assert (await relay.rcpt("bob@example.net")).code == 250
+        assert (await relay.data_start()).code == 354
+        await relay.data_chunk(b"Subject: a\r\n\r\nends in\r")
+        end = await relay.data_end()
+        await relay.close()
+        await asyncio.sleep(0.1)
+        up.server.close()
+        return end, up, handler.text
+
+    end, up, log = run(go())
+    assert end.code == 451 and end.lines[0].startswith("4.5.0"), end
+    assert up.messages == []
+    assert "aborted (bare CR at the end)" in log
+
+
+def test_two_replies_to_the_final_dot_are_never_passed_as_250():
+    """e09: which reply answered the dot is unknown: 451 4.5.0, and the
+    message is not counted as delivered."""
+    async def go():
+        up = Up(DOT=b"250 2.0.0 queued\r\n250 2.0.0 queued again\r\n")
+        relay, handler = await _relay(up)
+        assert (await _mail(relay, up)).code == 250
+        assert (await relay.rcpt("bob@example.net")).code == 250
+        assert (await relay.data_start()).code == 354
+        await relay.data_chunk(b"Subject: a\r\n\r\nbody")
+        end = await relay.data_end()
+        await relay.close()
+        up.server.close()
+        return end, relay.messages, handler.text
+
+    end, delivered, log = run(go())
+    assert end.code == 451 and end.lines[0].startswith("4.5.0"), end
+    assert delivered == 0
+    assert "sent more than its replies to the end of the message" in log
