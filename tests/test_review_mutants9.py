@@ -1,0 +1,207 @@
+"""Tests written from a mutation-testing review of the authenticator's
+decision logic: `_service.AuthService` (authenticate, _decide, _check,
+route), `_penalty` (the backoff by user and by address), `_pam`,
+`_accounts.choose` and `_users`. Each pins down behaviour that a small
+change to that code (a comparison flipped, a key or a condition dropped, a
+branch swapped) left unnoticed by the rest of the suite; each docstring
+names what it guards. Real parts throughout: the real AuthService with
+real PAM (pam_wrapper, pam_matrix) in worker threads and the real reader
+fork server, fake users from nss_wrapper, or the real Penalty with the
+clock passed in."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import pytest
+
+from sendooway_auth._pam import PamPool
+from sendooway_auth._penalty import Penalty
+from sendooway_auth._reader import ForkServer
+from sendooway_auth._service import AuthService, Peer
+from sendooway_auth._workers import WorkerPool
+from sendooway_shared.config import parse_config
+from sendooway_shared.types import Secret
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the reader switches users")
+
+
+@pytest.fixture(scope="module")
+def parts(world):
+    """The fork server and the PAM threads, shared by the module's services."""
+    forks = ForkServer(parse_config("", "m9.conf")).start()
+    pool = PamPool("sendooway", threads=4)
+    yield forks, pool
+    pool.shutdown()
+    forks.stop()
+
+
+@pytest.fixture
+def make_service(parts):
+    forks, pool = parts
+
+    def make(conf: str = "", penalty: Penalty | None = None) -> AuthService:
+        return AuthService(parse_config(conf, "m9.conf"), pool, WorkerPool(forks),
+                           penalty if penalty is not None else Penalty(base=0))
+    return make
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def auth_log():
+    """The authenticator's log lines, as formatted."""
+    handler = _Lines()
+    logger = logging.getLogger("sendooway-auth")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def _login(svc: AuthService, name: str, password: str, client: str = "192.0.2.7",
+                 session: str = "s"):
+    return await svc.authenticate(name, Secret(password), Peer(session, client))
+
+
+# ------------------------------------------------------------ turns per user
+
+
+def test_logins_for_one_user_under_names_differing_in_case_take_turns(make_service, world):
+    """The login turn is keyed by the case-folded name, as the backoff is:
+    "alice" and "ALICE" (one account wherever NSS ignores case) from two
+    addresses at once are decided one after the other, the second meeting
+    the backoff the first earned (here: past its deadline, so `busy`).
+    Keyed by the name as typed, both went to PAM side by side, and a
+    guesser doubled its rate by varying the case."""
+    svc = make_service("timeout = 1\n", Penalty(base=1.5, cap=1.5))
+
+    async def scenario():
+        return await asyncio.gather(_login(svc, "alice", "wrong-1", "192.0.2.10"),
+                                    _login(svc, "ALICE", "wrong-2", "198.51.100.10"))
+
+    results = run(scenario())
+    reasons = sorted(r.reason for r in results)
+    assert not any(r.ok for r in results)
+    assert "busy" in reasons, reasons
+
+
+def test_logins_from_one_ipv6_64_take_turns_as_one_address(make_service, world):
+    """The address's login turn is keyed by its /64, as its backoff is: two
+    hosts of one IPv6 /64 guessing at two accounts at once are decided one
+    after the other, the second meeting the backoff the first earned (past
+    its deadline here: `busy`). Keyed by the full address, each host of the
+    /64 (2**64 of them) had a turn of its own and guessed side by side."""
+    svc = make_service("timeout = 1\n", Penalty(base=1.5, cap=1.5))
+
+    async def scenario():
+        return await asyncio.gather(_login(svc, "bob", "wrong-1", "2001:db8:9:9::1"),
+                                    _login(svc, "carol", "wrong-2", "[2001:db8:9:9::2]:4711"))
+
+    results = run(scenario())
+    reasons = sorted(r.reason for r in results)
+    assert reasons == ["busy", "wrong-password"], reasons
+
+
+def test_a_login_from_an_address_in_backoff_refused_busy_gets_the_fail2ban_line(
+        make_service, auth_log):
+    """A login that cannot be decided within its deadline because of the
+    backoff is logged as a *failure* (the fail2ban line, `reason=busy`)
+    when its address failed before, so that a guesser hammering a user is
+    banned; from an address with a clean record it is only "auth
+    unavailable" (it may be the user's own login, waiting behind a guesser).
+    Taking every address for a clean one dropped the fail2ban line."""
+    penalty = Penalty(base=5.0, cap=5.0)
+    svc = make_service("timeout = 1\n", penalty)
+    import time
+    penalty.failure("alice", "203.0.113.66", time.monotonic())
+    guesser = run(_login(svc, "alice", "guess-2", "203.0.113.66"))
+    own = run(_login(svc, "alice", "also-held", "192.0.2.44"))
+    assert guesser.reason == own.reason == "busy" and guesser.temporary and own.temporary
+    failed = [line for line in auth_log if line.startswith("auth failed: ")]
+    assert failed == ["auth failed: user=alice client=203.0.113.66 reason=busy session=s "
+                      "delay=0.0"], auth_log
+    assert any(line.startswith("auth unavailable: user=alice client=192.0.2.44 reason=busy")
+               for line in auth_log), auth_log
+
+
+# ------------------------------------------------------------ validUser
+
+
+@pytest.mark.parametrize("valid, name, allowed", [
+    ("%mailusers", "alice", True),    # a supplementary group (not her primary one)
+    ("%mailusers", "carol", False),
+    ("%nosuchgroup\nvalidUser = bob", "bob", True),  # an unknown group is skipped
+    ("ALICE", "alice", True),         # names compared without case, as the original did
+    ("al", "alice", False),           # a name, not a part of one
+    ("alice2", "alice", False),
+])
+def test_valid_user_decides_who_may_log_in_with_a_right_password(make_service, world,
+                                                                 valid, name, allowed):
+    """validUser lets in the accounts named (without regard to case) and the
+    members of the groups named, also by supplementary membership, skips a
+    group that does not exist, and keeps everyone else out before PAM is
+    asked, with the reason `not-a-valid-user`."""
+    svc = make_service(f"validUser = {valid}\n")
+    result = run(_login(svc, name, world.users[name].password))
+    if allowed:
+        assert result.ok and result.user.name == name, result
+    else:
+        assert not result.ok and result.reason == "not-a-valid-user", result
+
+
+# ------------------------------------------------------------ what is counted, what is logged
+
+
+@pytest.mark.parametrize("password", ["", "made-up-guess"])
+def test_made_up_names_never_push_a_real_accounts_count_out(make_service, world, password):
+    """Failures for names that are no account (refused `unknown-user`) and
+    logins with an empty password (refused before the name is looked up)
+    are counted apart from real accounts': a flood of made-up names, free
+    to make up, can fill that table but never evicts alice's backoff."""
+    penalty = Penalty(base=0, max_keys=2)
+    svc = make_service("", penalty)
+
+    async def scenario():
+        first = await _login(svc, "alice", "wrong-Pw", "")
+        flood = [await _login(svc, f"nosuch{i}", password, "") for i in range(4)]
+        return first, flood
+
+    first, flood = run(scenario())
+    assert first.reason == "wrong-password"
+    assert {r.reason for r in flood} == {"empty-password" if not password else "unknown-user"}
+    import time
+    assert penalty.count("alice", "", time.monotonic()) == 1
+
+
+def test_the_fail2ban_line_names_the_address_without_its_port(make_service, auth_log):
+    """The failure line ("auth failed: user=U client=HOST reason=") names the
+    client's address alone, as fail2ban's filter expects, also when the
+    frontend passed "address:port" or "[v6]:port"."""
+    svc = make_service("")
+
+    async def scenario():
+        await _login(svc, "alice", "wrong-Pw", "192.0.2.7:4711", session="s1")
+        await _login(svc, "bob", "wrong-Pw", "[2001:db8::7]:4712", session="s2")
+
+    run(scenario())
+    failed = [line for line in auth_log if line.startswith("auth failed: ")]
+    assert failed == [
+        "auth failed: user=alice client=192.0.2.7 reason=wrong-password session=s1 delay=0.0",
+        "auth failed: user=bob client=2001:db8::7 reason=wrong-password session=s2 delay=0.0",
+    ], auth_log
