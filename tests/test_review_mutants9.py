@@ -24,6 +24,9 @@ from sendooway_auth._service import AuthService, Peer
 from sendooway_auth._workers import WorkerPool
 from sendooway_shared.config import parse_config
 from sendooway_shared.types import Secret
+from tests.auth_helpers import (  # noqa: F401 - daemon is a fixture
+    add_pam_service, build_test_pam_module, daemon, login,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the reader switches users")
 
@@ -205,3 +208,39 @@ def test_the_fail2ban_line_names_the_address_without_its_port(make_service, auth
         "auth failed: user=alice client=192.0.2.7 reason=wrong-password session=s1 delay=0.0",
         "auth failed: user=bob client=2001:db8::7 reason=wrong-password session=s2 delay=0.0",
     ], auth_log
+
+
+def test_a_pam_stuck_past_the_timeout_is_a_temporary_failure_counted_against_no_one(
+        world, daemon):
+    """PAM that does not answer within `timeout` (a dead LDAP server behind
+    pam_ldap) is `pam-timeout`: a temporary failure ("auth unavailable", no
+    fail2ban line). As a wrong password it would be a countable failure:
+    fail2ban banned the users' addresses for the server's fault."""
+    module = build_test_pam_module(world)
+    if module is None:
+        pytest.skip("no C compiler for the test PAM module")
+    service = add_pam_service(world, "m9-stuck", module, fail_sleep=1.6)
+    d = daemon(f"pamService = {service}\ntimeout = 1\n")
+    reply = login(d.connect(), "alice", "wrong-Pw-zz", client="192.0.2.81")
+    assert reply.TYPE != "auth-ok", reply
+    log = d.wait_log("reason=pam-timeout")
+    assert "auth unavailable: user=alice client=192.0.2.81 reason=pam-timeout" in log, log
+    assert "auth failed:" not in log, log
+
+
+def test_a_full_shared_store_keeps_fresh_counts_and_refuses_new_made_up_ones(tmp_path):
+    """The socketpair mode's shared store, when full, removes only counts
+    whose window ran out: fresh ones (alice's backoff) are kept, and the
+    count of one more made-up name is simply not stored. Removing every
+    file when full let a flood of made-up names wipe every backoff."""
+    import time
+    from sendooway_auth._penalty import SharedPenalty
+    store = SharedPenalty.open(str(tmp_path / "store"), base=1.0, max_keys=4, window=900)
+    now = time.monotonic()
+    store.failure("alice", "", now)
+    for i in range(3):
+        store.failure(f"made-up{i}", "", now, account=False)
+    store.failure("made-up-more", "", now, account=False)
+    assert store.count("alice", "", now) == 1
+    assert [store.count(f"made-up{i}", "", now) for i in range(3)] == [1, 1, 1]
+    assert store.count("made-up-more", "", now) == 0
