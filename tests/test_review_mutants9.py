@@ -244,3 +244,33 @@ def test_a_full_shared_store_keeps_fresh_counts_and_refuses_new_made_up_ones(tmp
     assert store.count("alice", "", now) == 1
     assert [store.count(f"made-up{i}", "", now) for i in range(3)] == [1, 1, 1]
     assert store.count("made-up-more", "", now) == 0
+
+
+# ------------------------------------------------------------ what is held back, what is not
+# (bounds with a wide margin: each answer comes at once on the real code, and
+# several seconds late on the mutants these guard against)
+
+
+def test_a_right_password_is_never_held_back_by_the_refusal_padding(make_service, world):
+    """Only refusals without PAM's delay (an unknown name, not a validUser,
+    an empty password) are padded to PAM's refusal time: a right password
+    is answered at once, however slow PAM's refusals are. Padding the
+    successes as well held every user's login back by PAM's failure delay
+    (pam_faildelay: ~2 s on each login)."""
+    penalty = Penalty(base=0)
+    penalty.note_pam_refusal(9.0)  # PAM takes 9 s to refuse
+    svc = make_service("", penalty)
+    result = run(asyncio.wait_for(_login(svc, "alice", world.users["alice"].password), 4.5))
+    assert result.ok and result.user.name == "alice"
+
+
+def test_a_login_whose_hold_runs_past_its_deadline_is_answered_busy_at_once(make_service):
+    """A login whose backoff hold lasts longer than the frontend waits for
+    it is answered `busy` at once (nothing would hear a later answer), not
+    after sleeping the hold out with a connection and a turn held."""
+    import time
+    penalty = Penalty(base=8.0, cap=8.0)
+    svc = make_service("timeout = 1\n", penalty)
+    penalty.failure("bob", "203.0.113.67", time.monotonic())
+    result = run(asyncio.wait_for(_login(svc, "bob", "guess-2", "203.0.113.67"), 4.0))
+    assert result.reason == "busy" and result.temporary, result
