@@ -274,3 +274,30 @@ def test_a_login_whose_hold_runs_past_its_deadline_is_answered_busy_at_once(make
     penalty.failure("bob", "203.0.113.67", time.monotonic())
     result = run(asyncio.wait_for(_login(svc, "bob", "guess-2", "203.0.113.67"), 4.0))
     assert result.reason == "busy" and result.temporary, result
+
+
+@pytest.mark.parametrize("code, reason, temporary", [
+    (9, "pam-unavailable", True),   # PAM_AUTHINFO_UNAVAIL: the directory is down
+    (1, "pam-error-1", True),       # PAM_OPEN_ERR: a module cannot be loaded
+    (7, "wrong-password", False),   # PAM_AUTH_ERR
+])
+def test_what_pam_says_decides_between_a_refusal_and_a_temporary_failure(
+        world, daemon, code, reason, temporary):
+    """PAM's codes that say the server side is broken are temporary
+    failures: "auth unavailable", no fail2ban line (users are not banned
+    for a dead LDAP server or a broken PAM stack); a wrong password is a
+    refusal with the fail2ban line."""
+    module = build_test_pam_module(world)
+    if module is None:
+        pytest.skip("no C compiler for the test PAM module")
+    service = f"m9-rc{code}"
+    with open(os.path.join(world.pam_dir, service), "w") as f:
+        f.write(f"auth requisite {module} rc={code}\naccount required {module} rc=0\n")
+    d = daemon(f"pamService = {service}\n")
+    reply = login(d.connect(), "alice", "wrong-Pw-zz", client="192.0.2.82")
+    assert reply.TYPE != "auth-ok", reply
+    log = d.wait_log(f"reason={reason}")
+    kind = "auth unavailable" if temporary else "auth failed"
+    assert f"{kind}: user=alice client=192.0.2.82 reason={reason} " in log, log
+    if temporary:
+        assert "auth failed:" not in log, log
