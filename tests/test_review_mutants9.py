@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -25,7 +27,7 @@ from sendooway_auth._workers import WorkerPool
 from sendooway_shared.config import parse_config
 from sendooway_shared.types import Secret
 from tests.auth_helpers import (  # noqa: F401 - daemon is a fixture
-    add_pam_service, build_test_pam_module, daemon, login,
+    MATRIX, add_pam_service, build_test_pam_module, daemon, login,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the reader switches users")
@@ -335,3 +337,86 @@ def test_a_password_with_a_nul_is_refused_and_never_cut_short_for_pam(make_servi
     svc = make_service("")
     result = run(_login(svc, "alice", world.users["alice"].password + "\0anything"))
     assert not result.ok and result.reason == "invalid-characters", result
+
+
+
+# ------------------------------------------------------------ a PAM module that maps the name
+
+# PAM_USER set to `to=NAME` (as pam_winbind or a site's own module may do);
+# the account check lets everyone through.
+_MAP_C = r"""
+#include <string.h>
+#include <security/pam_modules.h>
+int pam_sm_authenticate(pam_handle_t *h, int f, int argc, const char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (strncmp(argv[i], "to=", 3) == 0) return pam_set_item(h, PAM_USER, argv[i] + 3);
+    return PAM_SUCCESS;
+}
+int pam_sm_setcred(pam_handle_t *h, int f, int argc, const char **argv) { return PAM_SUCCESS; }
+int pam_sm_acct_mgmt(pam_handle_t *h, int f, int argc, const char **argv) { return PAM_SUCCESS; }
+"""
+
+
+@pytest.fixture
+def mapping_service(world):
+    """A PAM service that maps the login name to `to` and checks that
+    account's password with pam_matrix; its name."""
+    path = os.path.join(world.root, "pam_m9_map.so")
+    if not os.path.exists(path):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            pytest.skip("no C compiler for the test PAM module")
+        src = path[:-3] + ".c"
+        with open(src, "w") as f:
+            f.write(_MAP_C)
+        res = subprocess.run([cc, "-shared", "-fPIC", "-o", path + ".tmp", src, "-lpam"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"the test PAM module does not build: {res.stderr[:200]}")
+        os.rename(path + ".tmp", path)
+
+    def make(to: str, after: bool = False) -> str:
+        """after: the name typed is checked, then mapped."""
+        name = f"m9-map-{to}{'-after' if after else ''}"
+        lines = [f"auth required {path} to={to}", f"auth required {MATRIX} passdb={world.passdb}"]
+        with open(os.path.join(world.pam_dir, name), "w") as f:
+            f.write("\n".join(lines[::-1] if after else lines) + f"\naccount required {path}\n")
+        return name
+    return make
+
+
+def test_a_login_name_pam_maps_is_logged_in_as_the_account_it_maps_to(daemon, world,
+                                                                       mapping_service):
+    """When PAM maps the login name to another account, that account is the
+    one logged in, and the "auth ok" line names it (the account whose files
+    are read and whose mail is relayed), not the name typed."""
+    d = daemon(f"pamService = {mapping_service('bob')}\n")
+    reply = login(d.connect(), "alice", world.users["bob"].password, client="192.0.2.84")
+    assert reply.TYPE == "auth_ok" and reply.user == "bob", reply
+    log = d.wait_log("auth ok:")
+    assert "auth ok: user=bob client=192.0.2.84 " in log, log
+    assert "auth ok: user=alice" not in log, log
+
+
+def test_validuser_is_asked_of_the_account_pam_maps_to(daemon, world, mapping_service):
+    """validUser is asked of the account PAM maps the name to: with only
+    alice allowed, a login as "alice" that PAM maps to carol is refused
+    `not-a-valid-user`, whoever the typed name is."""
+    d = daemon(f"pamService = {mapping_service('carol')}\nvalidUser = alice\n")
+    reply = login(d.connect(), "alice", world.users["carol"].password, client="192.0.2.85")
+    assert reply.TYPE == "auth_fail", reply
+    log = d.wait_log("auth failed:")
+    assert "auth failed: user=alice client=192.0.2.85 reason=not-a-valid-user " in log, log
+
+
+def test_a_login_pam_maps_to_an_account_that_does_not_exist_is_refused(daemon, world,
+                                                                       mapping_service):
+    """A login that PAM authenticates and then maps to a name that is no
+    account here is refused (`pam-mapped-user-unknown`), never served as
+    the account of the name typed: PAM said who may use the service, and
+    it is not alice."""
+    d = daemon(f"pamService = {mapping_service('nosuchacct', after=True)}\n")
+    reply = login(d.connect(), "alice", world.users["alice"].password, client="192.0.2.86")
+    assert reply.TYPE == "auth_fail", reply
+    log = d.wait_log("auth failed:")
+    assert "reason=pam-mapped-user-unknown " in log, log
