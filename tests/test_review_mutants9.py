@@ -420,3 +420,33 @@ def test_a_login_pam_maps_to_an_account_that_does_not_exist_is_refused(daemon, w
     assert reply.TYPE == "auth_fail", reply
     log = d.wait_log("auth failed:")
     assert "reason=pam-mapped-user-unknown " in log, log
+
+
+def test_without_a_client_address_the_password_is_still_checked(make_service, world):
+    """A login whose client address is unknown (a frontend on a UNIX socket,
+    stdio mode) still goes through pam_authenticate: PAM_RHOST is merely
+    left unset, and a wrong password is a wrong password."""
+    svc = make_service("")
+
+    async def scenario():
+        return (await _login(svc, "alice", "wrong-Pw", ""),
+                await _login(svc, "alice", world.users["alice"].password, ""))
+
+    wrong, right = run(scenario())
+    assert not wrong.ok and wrong.reason == "wrong-password", wrong
+    assert right.ok and right.user.name == "alice", right
+
+
+def test_an_expired_account_is_refused_with_its_right_password(daemon, world):
+    """PAM's account check (pam_acct_mgmt) runs after the password check:
+    an expired or locked account is refused (`account-expired`) although
+    its password is right."""
+    module = build_test_pam_module(world)
+    if module is None:
+        pytest.skip("no C compiler for the test PAM module")
+    service = add_pam_service(world, "m9-expired", module, account_rc=13)
+    d = daemon(f"pamService = {service}\n")
+    reply = login(d.connect(), "dave", world.users["dave"].password, client="192.0.2.87")
+    assert reply.TYPE == "auth_fail", reply
+    assert "auth failed: user=dave client=192.0.2.87 reason=account-expired " in (
+        d.wait_log("auth failed:"))
