@@ -345,11 +345,48 @@ def test_a_password_with_a_nul_is_refused_and_never_cut_short_for_pam(make_servi
 # PAM_USER set to `to=NAME` (as pam_winbind or a site's own module may do);
 # the account check lets everyone through.
 _MAP_C = r"""
+#include <stdlib.h>
 #include <string.h>
 #include <security/pam_modules.h>
-int pam_sm_authenticate(pam_handle_t *h, int f, int argc, const char **argv) {
+#include <security/pam_appl.h>
+static const char *sarg(int argc, const char **argv, const char *key) {
+    size_t n = strlen(key);
     for (int i = 0; i < argc; i++)
-        if (strncmp(argv[i], "to=", 3) == 0) return pam_set_item(h, PAM_USER, argv[i] + 3);
+        if (strncmp(argv[i], key, n) == 0 && argv[i][n] == '=') return argv[i] + n + 1;
+    return NULL;
+}
+static int ask(pam_handle_t *h, int style, const char *text, char **answer) {
+    const struct pam_conv *conv = NULL;
+    struct pam_message msg = {style, text};
+    const struct pam_message *pm = &msg;
+    struct pam_response *resp = NULL;
+    int rc = pam_get_item(h, PAM_CONV, (const void **)&conv);
+    if (rc != PAM_SUCCESS || !conv) return PAM_CONV_ERR;
+    rc = conv->conv(1, &pm, &resp, conv->appdata_ptr);
+    if (rc == PAM_SUCCESS && resp) {
+        if (answer && resp->resp) *answer = strdup(resp->resp);
+        free(resp->resp);
+        free(resp);
+    }
+    return rc;
+}
+int pam_sm_authenticate(pam_handle_t *h, int f, int argc, const char **argv) {
+    const char *p;
+    if ((p = sarg(argc, argv, "say"))) {
+        const char *t = sarg(argc, argv, "times");
+        for (int i = 0; i < (t ? atoi(t) : 1); i++) ask(h, PAM_ERROR_MSG, p, NULL);
+        return PAM_AUTH_ERR;
+    }
+    if (sarg(argc, argv, "askname")) {
+        const void *user = NULL;
+        char *answer = NULL;
+        pam_get_item(h, PAM_USER, &user);
+        if (ask(h, PAM_PROMPT_ECHO_ON, "login: ", &answer) != PAM_SUCCESS) return PAM_AUTH_ERR;
+        int same = answer && user && strcmp(answer, (const char *)user) == 0;
+        free(answer);
+        return same ? PAM_SUCCESS : PAM_AUTH_ERR;
+    }
+    if ((p = sarg(argc, argv, "to"))) return pam_set_item(h, PAM_USER, p);
     return PAM_SUCCESS;
 }
 int pam_sm_setcred(pam_handle_t *h, int f, int argc, const char **argv) { return PAM_SUCCESS; }
@@ -358,9 +395,8 @@ int pam_sm_acct_mgmt(pam_handle_t *h, int f, int argc, const char **argv) { retu
 
 
 @pytest.fixture
-def mapping_service(world):
-    """A PAM service that maps the login name to `to` and checks that
-    account's password with pam_matrix; its name."""
+def m9_module(world) -> str:
+    """The module above, built once per world."""
     path = os.path.join(world.root, "pam_m9_map.so")
     if not os.path.exists(path):
         cc = shutil.which("cc") or shutil.which("gcc")
@@ -374,6 +410,20 @@ def mapping_service(world):
         if res.returncode != 0:
             pytest.skip(f"the test PAM module does not build: {res.stderr[:200]}")
         os.rename(path + ".tmp", path)
+    return path
+
+
+def pam_service(world, name: str, lines: list[str]) -> str:
+    with open(os.path.join(world.pam_dir, name), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return name
+
+
+@pytest.fixture
+def mapping_service(world, m9_module):
+    """A PAM service that maps the login name to `to` and checks that
+    account's password with pam_matrix; its name."""
+    path = m9_module
 
     def make(to: str, after: bool = False) -> str:
         """after: the name typed is checked, then mapped."""
@@ -450,3 +500,38 @@ def test_an_expired_account_is_refused_with_its_right_password(daemon, world):
     assert reply.TYPE == "auth_fail", reply
     assert "auth failed: user=dave client=192.0.2.87 reason=account-expired " in (
         d.wait_log("auth failed:"))
+
+
+
+def test_an_echo_on_prompt_gets_the_login_name_never_the_password(daemon, world, m9_module):
+    """The conversation answers a PAM_PROMPT_ECHO_ON prompt ("login: ")
+    with the login name and only a PAM_PROMPT_ECHO_OFF one with the
+    password: a module that asks for the name (and may echo or log the
+    answer as a name) never gets the password."""
+    name = pam_service(world, "m9-askname", [
+        f"auth required {m9_module} askname=1",
+        f"auth required {MATRIX} passdb={world.passdb}",
+        f"account required {m9_module}"])
+    d = daemon(f"pamService = {name}\n")
+    reply = login(d.connect(), "alice", world.users["alice"].password, client="192.0.2.88")
+    assert reply.TYPE == "auth_ok" and reply.user == "alice", (reply, d.log())
+
+
+def test_what_pam_says_on_a_refusal_is_logged_bounded(daemon, world, m9_module):
+    """The messages a module sends while refusing (pam_faillock: "the
+    account is locked") are logged with the refusal, so that the admin sees
+    why a right password failed: at most 8 of them, each cut at 200
+    characters, so that a module cannot flood the log."""
+    long = "L" * 300
+    name = pam_service(world, "m9-say", [
+        f"auth required {m9_module} say={long}",
+        f"auth required {m9_module} say=account-is-locked times=12",
+        f"account required {m9_module}"])
+    d = daemon(f"pamService = {name}\n")
+    reply = login(d.connect(), "alice", world.users["alice"].password, client="192.0.2.89")
+    assert reply.TYPE == "auth_fail", reply
+    log = d.wait_log("auth failed:")
+    said = [line for line in log.splitlines() if "pam: user=alice said: " in line]
+    assert len(said) == 1, log
+    parts = said[0].split("said: ", 1)[1].split(" | ")
+    assert parts == ["L" * 200] + ["account-is-locked"] * 7, said
