@@ -535,3 +535,37 @@ def test_what_pam_says_on_a_refusal_is_logged_bounded(daemon, world, m9_module):
     assert len(said) == 1, log
     parts = said[0].split("said: ", 1)[1].split(" | ")
     assert parts == ["L" * 200] + ["account-is-locked"] * 7, said
+
+
+# ------------------------------------------------------------ which account, which log lines
+
+
+def test_an_account_serves_each_of_its_addresses_not_only_its_first():
+    """An account listing several sender addresses serves each of them,
+    also one after a pattern that does not match; the most specific pattern
+    over all accounts still wins."""
+    from sendooway_auth._accounts import Account, choose
+    from sendooway_shared.types import Route, TlsMode
+    work = Account(("alice@work.example", "alice@home.example"), Route("work", 25, TlsMode.PLAIN))
+    other = Account(("*@home.example",), Route("other", 25, TlsMode.PLAIN))
+    assert choose([other, work], "alice@home.example").route.server == "work"
+    assert choose([other, work], "bob@home.example").route.server == "other"
+    assert choose([work], "carol@home.example") is None
+
+
+def test_a_users_file_errors_are_logged_again_when_they_change_or_after_a_while(make_service):
+    """The same file errors of a user are logged once per REPEAT_LOG_AFTER
+    (each MAIL FROM reads the files afresh: no log flood), but a different
+    set of errors is logged at once, and the same one again once that time
+    has passed."""
+    from sendooway_auth import _service
+    now = [1000.0]
+    svc = make_service("")
+    svc.clock = lambda: now[0]
+    first = svc._log_anew("alice", ["f:1: bad"], [])
+    again = svc._log_anew("alice", ["f:1: bad"], [])
+    changed = svc._log_anew("alice", ["f:2: bad"], [])
+    warning = svc._log_anew("alice", ["f:2: bad"], ["f:3: odd"])
+    now[0] += _service.REPEAT_LOG_AFTER + 1
+    later = svc._log_anew("alice", ["f:2: bad"], ["f:3: odd"])
+    assert (first, again, changed, warning, later) == (True, False, True, True, True)
