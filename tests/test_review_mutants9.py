@@ -26,9 +26,10 @@ from sendooway_auth._service import AuthService, Peer
 from sendooway_auth._workers import WorkerPool
 from sendooway_shared.config import parse_config
 from sendooway_shared.types import Secret
-from tests.auth_helpers import (  # noqa: F401 - daemon is a fixture
-    MATRIX, add_pam_service, build_test_pam_module, daemon, login,
-)
+from tests import auth_helpers
+from tests.auth_helpers import MATRIX, add_pam_service, build_test_pam_module, login
+
+daemon = auth_helpers.daemon  # a fixture: a real sendooway-auth daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the reader switches users")
 
