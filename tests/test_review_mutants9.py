@@ -569,3 +569,29 @@ def test_a_users_file_errors_are_logged_again_when_they_change_or_after_a_while(
     now[0] += _service.REPEAT_LOG_AFTER + 1
     later = svc._log_anew("alice", ["f:2: bad"], ["f:3: odd"])
     assert (first, again, changed, warning, later) == (True, False, True, True, True)
+
+
+def test_a_users_logins_are_decided_in_their_order_of_arrival_first_one_first(
+        make_service, world, auth_log):
+    """A user's logins wait in one line: the first, sleeping its backoff
+    hold, stays first (a login from a cleaner address does not overtake
+    it), and logins from addresses of the same record keep their order of
+    arrival (a later one never jumps ahead of an earlier one)."""
+    import time
+    penalty = Penalty(base=0.4, cap=0.4)
+    svc = make_service("", penalty)
+    penalty.failure("alice", "203.0.113.70", time.monotonic())  # her own typo, a moment ago
+    password = world.users["alice"].password
+
+    async def scenario():
+        first = asyncio.ensure_future(_login(svc, "alice", password, "203.0.113.70", "s1"))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(_login(svc, "alice", password, "192.0.2.91", "s2"))
+        await asyncio.sleep(0.05)
+        third = asyncio.ensure_future(_login(svc, "alice", password, "192.0.2.92", "s3"))
+        return await asyncio.gather(first, second, third)
+
+    results = run(scenario())
+    assert all(r.ok for r in results), results
+    order = [line.rsplit("session=", 1)[1] for line in auth_log if line.startswith("auth ok:")]
+    assert order == ["s1", "s2", "s3"], auth_log
