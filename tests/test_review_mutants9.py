@@ -595,3 +595,37 @@ def test_a_users_logins_are_decided_in_their_order_of_arrival_first_one_first(
     assert all(r.ok for r in results), results
     order = [line.rsplit("session=", 1)[1] for line in auth_log if line.startswith("auth ok:")]
     assert order == ["s1", "s2", "s3"], auth_log
+
+
+# ------------------------------------------------------------ the backoff's arithmetic
+
+
+def test_the_hold_is_the_longest_of_the_users_and_the_addresss_and_ends_with_the_delay():
+    """Before a login is decided it waits until the delay of the last
+    failure counted for its user *or* its address has run out, whichever is
+    later, and no longer: a client that waited for its refusal is decided
+    at once."""
+    pen = Penalty(base=1.0, cap=60.0, window=900)
+    for _ in range(3):  # alice guessed at from X: her delays 1, 2, 4
+        pen.failure("alice", "203.0.113.71", 100.0)
+    pen.failure("carol", "192.0.2.93", 100.0)  # Y: one failure, its delay 1
+    assert pen.hold("alice", "192.0.2.93", 100.5) == pytest.approx(3.5)  # alice's 4, not Y's 1
+    assert pen.hold("bob", "192.0.2.93", 100.5) == pytest.approx(0.5)
+    assert pen.hold("carol", "192.0.2.93", 101.0) == 0.0  # waited for its refusal: no more
+    assert pen.hold("alice", "", 104.0) == 0.0
+
+
+def test_an_ipv6_guessers_address_counts_by_its_64_for_the_busy_fail2ban_line(make_service,
+                                                                              auth_log):
+    """The failures an address earned are found for its whole IPv6 /64,
+    where the backoff keeps them: a guesser from 2001:db8:7:7::1 that
+    failed, retrying from ::2, is logged with the fail2ban line when its
+    login is refused `busy`, as an IPv4 guesser is."""
+    import time
+    penalty = Penalty(base=5.0, cap=5.0)
+    svc = make_service("timeout = 1\n", penalty)
+    penalty.failure("bob", "2001:db8:7:7::1", time.monotonic())
+    result = run(_login(svc, "bob", "guess-2", "2001:db8:7:7::2"))
+    assert result.reason == "busy", result
+    assert [line for line in auth_log if line.startswith("auth failed: ")] == [
+        "auth failed: user=bob client=2001:db8:7:7::2 reason=busy session=s delay=0.0"], auth_log
