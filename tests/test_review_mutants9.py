@@ -629,3 +629,29 @@ def test_an_ipv6_guessers_address_counts_by_its_64_for_the_busy_fail2ban_line(ma
     assert result.reason == "busy", result
     assert [line for line in auth_log if line.startswith("auth failed: ")] == [
         "auth failed: user=bob client=2001:db8:7:7::2 reason=busy session=s delay=0.0"], auth_log
+
+
+def test_the_pam_refusal_figure_rises_at_once_and_falls_only_slowly():
+    """PAM's refusal time (the padding of refusals PAM never saw) follows a
+    slower refusal a fifth of the way at once, and a faster one (pam_faillock
+    refusing a locked account at once) only by 2 % of the gap: fast
+    refusals cannot wear the padding down and bring the timing oracle back."""
+    pen = Penalty()
+    pen.note_pam_refusal(2.0)
+    pen.note_pam_refusal(3.0)
+    assert pen.pam_refusal() == pytest.approx(2.2)
+    pen.note_pam_refusal(0.0)
+    assert pen.pam_refusal() == pytest.approx(2.2 - 0.044)
+
+
+def test_backoff_keys_fold_case_and_name_an_address_as_fail2ban_bans_it():
+    """"ALICE" counts against alice; an IPv4 address mapped into IPv6 is
+    the IPv4 address, and a link-local zone is left out (fail2ban bans the
+    address, and cannot match one with a zone)."""
+    from sendooway_auth._penalty import client_host
+    pen = Penalty(base=1.0, cap=60.0)
+    pen.failure("ALICE", "", 100.0)
+    pen.failure("Alice", "", 100.0)
+    assert pen.count("alice", "", 100.0) == 2
+    assert client_host("[::ffff:192.0.2.7]:4711") == "192.0.2.7"
+    assert client_host("fe80::1%eth0") == "fe80::1"
