@@ -655,3 +655,13 @@ def test_backoff_keys_fold_case_and_name_an_address_as_fail2ban_bans_it():
     assert pen.count("alice", "", 100.0) == 2
     assert client_host("[::ffff:192.0.2.7]:4711") == "192.0.2.7"
     assert client_host("fe80::1%eth0") == "fe80::1"
+
+
+def test_a_failure_stamped_in_the_future_counts_as_now_and_locks_no_one_out():
+    """A clock stepped back (the failure's time now lies ahead) counts the
+    failure as made now: the hold is its ordinary delay, and the count fades
+    a window later, not the cap (nor a window after the future time)."""
+    pen = Penalty(base=1.0, cap=60.0, window=100)
+    pen.failure("alice", "203.0.113.72", 5000.0)
+    assert pen.hold("alice", "203.0.113.72", 1000.0) == pytest.approx(1.0)
+    assert pen.count("alice", "203.0.113.72", 1101.0) == 0
