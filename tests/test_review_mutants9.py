@@ -662,6 +662,6 @@ def test_a_failure_stamped_in_the_future_counts_as_now_and_locks_no_one_out():
     failure as made now: the hold is its ordinary delay, and the count fades
     a window later, not the cap (nor a window after the future time)."""
     pen = Penalty(base=1.0, cap=60.0, window=100)
-    pen.failure("alice", "203.0.113.72", 5000.0)
+    pen.failure("alice", "203.0.113.72", 1500.0)  # the clock then stepped back 500 s
     assert pen.hold("alice", "203.0.113.72", 1000.0) == pytest.approx(1.0)
     assert pen.count("alice", "203.0.113.72", 1101.0) == 0
