@@ -665,3 +665,20 @@ def test_a_failure_stamped_in_the_future_counts_as_now_and_locks_no_one_out():
     pen.failure("alice", "203.0.113.72", 1500.0)  # the clock then stepped back 500 s
     assert pen.hold("alice", "203.0.113.72", 1000.0) == pytest.approx(1.0)
     assert pen.count("alice", "203.0.113.72", 1101.0) == 0
+
+
+def test_empty_passwords_for_a_real_account_add_to_its_count(make_service):
+    """Once a real account has a count, its failures keep adding to that
+    count whatever refused them: empty passwords (counted as a made-up
+    name's, as they are refused before the name is looked up) after a wrong
+    password make alice's count 3, not a second count beside the first."""
+    import time
+    penalty = Penalty(base=0)
+    svc = make_service("", penalty)
+
+    async def scenario():
+        return [await _login(svc, "alice", pw, "") for pw in ("wrong-Pw", "", "")]
+
+    results = run(scenario())
+    assert [r.reason for r in results] == ["wrong-password", "empty-password", "empty-password"]
+    assert penalty.count("alice", "", time.monotonic()) == 3
