@@ -682,3 +682,13 @@ def test_empty_passwords_for_a_real_account_add_to_its_count(make_service):
     results = run(scenario())
     assert [r.reason for r in results] == ["wrong-password", "empty-password", "empty-password"]
     assert penalty.count("alice", "", time.monotonic()) == 3
+
+
+def test_a_full_count_table_forgets_its_oldest_count_never_the_newest():
+    """The in-process table is bounded: when full, the count that was
+    touched longest ago goes, so the newest failure (a guesser's latest
+    address) is always counted."""
+    pen = Penalty(base=1.0, max_keys=3)
+    for name in ("made-up1", "made-up2", "made-up3", "made-up4"):
+        pen.failure(name, "", 100.0, account=False)
+    assert [pen.count(f"made-up{i}", "", 100.0) for i in (1, 2, 3, 4)] == [0, 1, 1, 1]
