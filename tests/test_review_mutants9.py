@@ -692,3 +692,17 @@ def test_a_full_count_table_forgets_its_oldest_count_never_the_newest():
     for name in ("made-up1", "made-up2", "made-up3", "made-up4"):
         pen.failure(name, "", 100.0, account=False)
     assert [pen.count(f"made-up{i}", "", 100.0) for i in (1, 2, 3, 4)] == [0, 1, 1, 1]
+
+
+def test_a_full_shared_store_still_counts_a_real_accounts_first_failure(tmp_path):
+    """A real account's count is always stored, also when made-up names
+    and addresses have filled the shared store: there are only so many
+    accounts, and their backoff is what guards them."""
+    import time
+    from sendooway_auth._penalty import SharedPenalty
+    store = SharedPenalty.open(str(tmp_path / "store"), base=1.0, max_keys=2, window=900)
+    now = time.monotonic()
+    for i in range(3):
+        store.failure(f"made-up{i}", "", now, account=False)
+    store.failure("bob", "", now)
+    assert store.count("bob", "", now) == 1
