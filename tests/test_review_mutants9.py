@@ -706,3 +706,18 @@ def test_a_full_shared_store_still_counts_a_real_accounts_first_failure(tmp_path
         store.failure(f"made-up{i}", "", now, account=False)
     store.failure("bob", "", now)
     assert store.count("bob", "", now) == 1
+
+
+def test_logging_in_again_and_again_takes_ones_own_failures_off_the_address_once():
+    """A success takes the user's own failures off the address's count once
+    (and forgets them): logging in to one's own account again and again
+    between guesses at others' accounts never wears the address's record
+    of those guesses down."""
+    pen = Penalty(base=1.0, cap=60.0)
+    for _ in range(2):
+        pen.failure("alice", "203.0.113.73", 100.0)  # her own typos
+    for _ in range(3):
+        pen.failure("bob", "203.0.113.73", 100.0)    # guesses at bob
+    for _ in range(3):
+        pen.success("alice", "203.0.113.73", 101.0)
+    assert pen.client_failures("203.0.113.73", 101.0) == 3
