@@ -466,3 +466,23 @@ def test_an_empty_password_is_never_a_bind(directory):
     """A simple bind with a DN and no password is an unauthenticated bind
     (RFC 4513 5.1.2): refused before the directory is asked."""
     assert _ldap_login(directory, "nora", "") == (None, "empty-password")
+
+
+def test_a_directory_certificate_from_another_ca_is_named_as_such(directory, tmp_path, caplog):
+    """ldapSSLca not the directory's CA: a temporary failure, and the log
+    tells the admin it is the trust (ldapSSLca), not the name or a
+    network fault."""
+    import trustme
+
+    from sendooway_auth._ldap import login
+    from sendooway_shared.config import parse_config
+    from tests.ldap_world import AUTH_DN
+
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    cfg = parse_config(f"authBackend = LDAP\nldapUri = {directory.uri()}\nldapSSLca = {other}\n"
+                       f"ldapAuthDN = {AUTH_DN}\ntimeout = 5\n", "sendooway.conf")
+    caplog.set_level(logging.INFO, logger="sendooway-auth")
+    assert login(cfg, "nora", Secret(NORA_PW)) == (None, "ldap-unavailable")
+    assert "the server's certificate is not trusted (ldapSSLca)" in caplog.text, caplog.text
+    assert NORA_PW not in caplog.text
