@@ -117,6 +117,15 @@ def test_long_lines_and_long_replies_real_servers_send_are_taken():
     assert reply.code == 250 and len(reply.lines) == 60 and reply.lines[-1] == "SMTPUTF8"
 
 
+def test_utf8_reply_text_reaches_the_client_as_utf8(monkeypatch):
+    """P12: the upstream's text is decoded as UTF-8 and sent on as UTF-8
+    (a localised server, SMTPUTF8), not re-encoded as Latin-1 (invalid
+    UTF-8 for the client); an undecodable octet goes on as U+FFFD."""
+    nasty = "250 2.0.0 Nachricht angenommen, Empfänger ok ".encode() + b"\x9b\r\n"
+    out, _up, _log = converse(monkeypatch, _nasty_dot(nasty), MESSAGE_STEPS)
+    assert "250 2.0.0 Nachricht angenommen, Empfänger ok \ufffd\r\n".encode() in out, out
+
+
 def test_a_malformed_reply_line_goes_to_the_log_escaped():
     """R31: the log quotes a malformed line (repr): an upstream's ESC
     sequence or CR cannot move the admin's cursor or fake a log line."""
@@ -154,7 +163,8 @@ def test_reply_itself_refuses_a_code_outside_200_to_599_and_cr_lf_nul_in_its_tex
 # ------------------------------------------------------------ the message log line
 
 def test_the_message_log_line_has_what_an_admin_needs_at_info_and_no_password(monkeypatch):
-    """L01-L15: one line a message, at INFO (syslog's default keeps it), with
+    """L09/L11 (the other fields are guarded elsewhere too): one line a
+    message, at INFO (syslog's default keeps it), with
     the session's id, the user, the sender, the recipient count, the bytes
     the client sent (its last CRLF counted, our Received: header not), the
     message id, the route as server:port (mapping file:line) and the
@@ -217,3 +227,4 @@ def test_an_empty_auth_challenge_is_the_code_and_one_space():
     h.feed(b"EHLO c.test\r\n")
     assert h.feed(b"AUTH PLAIN\r\n") == b"334 \r\n"
     assert R.CHALLENGE_EMPTY.to_bytes() == b"334 \r\n"
+
