@@ -306,7 +306,7 @@ class Chasquid(_Instance):
 
     def clear(self) -> None:
         for f in (self.dir / "mbox").iterdir():
-            f.unlink()
+            f.unlink(missing_ok=True)  # a delivery may rename its .tmp away meanwhile
 
 
 # ------------------------------------------------------------------ OpenSMTPD
