@@ -291,25 +291,31 @@ def test_message_bytes_after_a_refused_data_are_never_written_as_commands():
 
 # ------------------------------------------------------------------ the message stream
 
-def test_a_cr_ending_one_chunk_and_no_lf_starting_the_next_is_refused():
-    """l01: a bare CR across a chunk border (CR at the end of one chunk,
-    no LF at the start of the next) is smuggling material: the message
-    is not delivered and gets no final dot."""
+def _message_of_chunks(*chunks: bytes):
+    """MAIL, RCPT, DATA, then the message in `chunks` and its end: the end's
+    reply, the upstream and the relay's log."""
     async def go():
         up = Up()
         relay, handler = await _relay(up)
         assert (await _mail(relay, up)).code == 250
         assert (await relay.rcpt("bob@example.net")).code == 250
         assert (await relay.data_start()).code == 354
-        await relay.data_chunk(b"Subject: a\r\n\r\nline\r")
-        await relay.data_chunk(b"X-Smuggled: yes\r\n")
+        for chunk in chunks:
+            await relay.data_chunk(chunk)
         end = await relay.data_end()
         await relay.close()
         await asyncio.sleep(0.1)
         up.server.close()
         return end, up, handler.text
 
-    end, up, log = run(go())
+    return run(go())
+
+
+def test_a_cr_ending_one_chunk_and_no_lf_starting_the_next_is_refused():
+    """l01: a bare CR across a chunk border (CR at the end of one chunk,
+    no LF at the start of the next) is smuggling material: the message
+    is not delivered and gets no final dot."""
+    end, up, log = _message_of_chunks(b"Subject: a\r\n\r\nline\r", b"X-Smuggled: yes\r\n")
     assert end.code == 451 and end.lines[0].startswith("4.5.0"), end
     assert up.messages == []
     assert "bare CR or LF in the data reached the relay" in log
@@ -427,20 +433,7 @@ def test_reset_during_the_message_sends_no_rset_into_it():
 def test_a_message_ending_in_a_lone_cr_is_refused_without_its_dot():
     """e01: the last chunk ends in CR and the end marker follows: never
     sent on (the CR would pair with our CRLF.CRLF)."""
-    async def go():
-        up = Up()
-        relay, handler = await _relay(up)
-        assert (await _mail(relay, up)).code == 250
-        assert (await relay.rcpt("bob@example.net")).code == 250
-        assert (await relay.data_start()).code == 354
-        await relay.data_chunk(b"Subject: a\r\n\r\nends in\r")
-        end = await relay.data_end()
-        await relay.close()
-        await asyncio.sleep(0.1)
-        up.server.close()
-        return end, up, handler.text
-
-    end, up, log = run(go())
+    end, up, log = _message_of_chunks(b"Subject: a\r\n\r\nends in\r")
     assert end.code == 451 and end.lines[0].startswith("4.5.0"), end
     assert up.messages == []
     assert "aborted (bare CR at the end)" in log
