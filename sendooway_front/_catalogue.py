@@ -2,8 +2,8 @@
 
 Codes follow RFC 5321, enhanced status codes RFC 3463/2034 (and RFC 4954 for
 AUTH). Handlers never build reply text of their own: they pick an entry
-here, or `with_text` for the few replies that carry a variable word (the
-host name in the greeting and in EHLO). Replies after MAIL come from the
+here, or a function of it for the few replies that carry a variable word
+(the host name in the greeting and in EHLO). Replies after MAIL come from the
 relay (the upstream's own) and are passed through unchanged.
 """
 
@@ -88,7 +88,6 @@ MESSAGE_TOO_BIG_DECLARED = _r(552, "5.3.4 Message size exceeds fixed maximum mes
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3 Too many recipients")
 NO_ROUTE = _r(550, "5.7.1 Sender address not allowed for this user")
 ROUTE_TEMPFAIL = _r(451, "4.3.0 Cannot look up the route for this sender, try again later")
-RELAY_NOT_AVAILABLE = _r(451, "4.3.0 Relay not available, try again later")
 
 # --- DATA
 START_DATA = _r(354, "End data with <CR><LF>.<CR><LF>")
@@ -98,13 +97,6 @@ DATA_LINE_TOO_LONG = _r(550, "5.6.0 Message refused: line longer than 1000 octet
 NUL_IN_DATA = _r(550, "5.6.0 Message refused: NUL character in message")
 MESSAGE_TOO_BIG = _r(552, "5.3.4 Message size exceeds fixed maximum message size")
 RELAY_FAILED = _r(451, "4.3.0 Relay failed, message not delivered")
-
-
-def with_text(reply: Reply, prefix: str) -> Reply:
-    """`reply` with `prefix` and a space put before its first line (the host
-    name of a greeting). The prefix comes from the config, not the client."""
-    first, *rest = reply.lines or ("",)
-    return Reply(reply.code, (f"{prefix} {first}".strip(), *rest))
 
 
 def greeting(hostname: str) -> Reply:

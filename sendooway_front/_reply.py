@@ -55,14 +55,6 @@ class Reply:
     def is_positive(self) -> bool:
         return 200 <= self.code < 400
 
-    @property
-    def is_transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
     def to_bytes(self) -> bytes:
         lines = self.lines or ("",)
         out = []

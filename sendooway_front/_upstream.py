@@ -89,9 +89,6 @@ class ReplyReader:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def discard(self) -> None:
-        self._buf.clear()
-
     async def _line(self) -> bytes:
         while True:
             nl = self._buf.find(b"\n")

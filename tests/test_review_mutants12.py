@@ -2,7 +2,7 @@
 left out: the upstream reply reader (_upstream.ReplyReader: line and reply
 bounds, multi-line parsing, scrubbing, one deadline a reply) and Reply;
 the Received: header and the message log line of _relay.py; the reply
-catalogue, _norelay.py and _relay_api.py. Each test pins down behaviour
+catalogue and _relay_api.py. Each test pins down behaviour
 that a small change to that code left unnoticed by the rest of the suite,
 and names the mutant it kills. Upstreams are scripted plain-text servers
 on loopback (or a socketpair's far end), the relay the real Relay."""
