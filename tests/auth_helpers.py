@@ -161,10 +161,10 @@ class Daemon:
                     stream.close()
 
 
-@pytest.fixture
-def daemon(tmp_path, tmp_config, clean_homes):
-    """start(conf, **Daemon kwargs) -> a started Daemon; at the end each is
-    stopped and its log checked for passwords and internal errors."""
+def checked_daemons(tmp_path, tmp_config, secrets: list[str]):
+    """The body of a daemon fixture: yields start(conf, **Daemon kwargs) ->
+    a started Daemon; at the end each is stopped and its log checked for
+    `secrets` and internal errors."""
     started = []
 
     def start(conf: str = "", **kwargs) -> Daemon:
@@ -178,10 +178,18 @@ def daemon(tmp_path, tmp_config, clean_homes):
     for d in started:
         d.stop()
         log = d.log()
-        for pw in all_passwords(clean_homes) + ["fm-Secret-A1", "wrong-Pw-zz"]:
+        for pw in secrets:
             assert pw not in log, f"password leaked into the log: {pw}"
         # our own bugs fail loudly: no connection ever hit an internal error
         assert "internal error" not in log and "Traceback" not in log
+
+
+@pytest.fixture
+def daemon(tmp_path, tmp_config, clean_homes):
+    """start(conf, **Daemon kwargs) -> a started Daemon; at the end each is
+    stopped and its log checked for passwords and internal errors."""
+    yield from checked_daemons(tmp_path, tmp_config,
+                               all_passwords(clean_homes) + ["fm-Secret-A1", "wrong-Pw-zz"])
 
 
 @contextlib.contextmanager

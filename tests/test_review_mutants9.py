@@ -85,6 +85,22 @@ async def _login(svc: AuthService, name: str, password: str, client: str = "192.
     return await svc.authenticate(name, Secret(password), Peer(session, client))
 
 
+def _side_by_side(svc: AuthService, *logins: tuple) -> list:
+    """The logins (_login's arguments after svc) started at once: their results."""
+    async def scenario():
+        return await asyncio.gather(*(_login(svc, *login) for login in logins))
+
+    return run(scenario())
+
+
+def _in_turn(svc: AuthService, *logins: tuple) -> list:
+    """The logins (_login's arguments after svc) one after the other: their results."""
+    async def scenario():
+        return [await _login(svc, *login) for login in logins]
+
+    return run(scenario())
+
+
 # ------------------------------------------------------------ turns per user
 
 
@@ -97,11 +113,8 @@ def test_logins_for_one_user_under_names_differing_in_case_take_turns(make_servi
     guesser doubled its rate by varying the case."""
     svc = make_service("timeout = 1\n", Penalty(base=1.3, cap=1.3))
 
-    async def scenario():
-        return await asyncio.gather(_login(svc, "alice", "wrong-1", "192.0.2.10"),
-                                    _login(svc, "ALICE", "wrong-2", "198.51.100.10"))
-
-    results = run(scenario())
+    results = _side_by_side(svc, ("alice", "wrong-1", "192.0.2.10"),
+                            ("ALICE", "wrong-2", "198.51.100.10"))
     reasons = sorted(r.reason for r in results)
     assert not any(r.ok for r in results)
     assert "busy" in reasons, reasons
@@ -115,11 +128,8 @@ def test_logins_from_one_ipv6_64_take_turns_as_one_address(make_service, world):
     /64 (2**64 of them) had a turn of its own and guessed side by side."""
     svc = make_service("timeout = 1\n", Penalty(base=1.3, cap=1.3))
 
-    async def scenario():
-        return await asyncio.gather(_login(svc, "bob", "wrong-1", "2001:db8:9:9::1"),
-                                    _login(svc, "carol", "wrong-2", "[2001:db8:9:9::2]:4711"))
-
-    results = run(scenario())
+    results = _side_by_side(svc, ("bob", "wrong-1", "2001:db8:9:9::1"),
+                            ("carol", "wrong-2", "[2001:db8:9:9::2]:4711"))
     reasons = sorted(r.reason for r in results)
     assert reasons == ["busy", "wrong-password"], reasons
 
@@ -201,11 +211,8 @@ def test_the_fail2ban_line_names_the_address_without_its_port(make_service, auth
     frontend passed "address:port" or "[v6]:port"."""
     svc = make_service("")
 
-    async def scenario():
-        await _login(svc, "alice", "wrong-Pw", "192.0.2.7:4711", session="s1")
-        await _login(svc, "bob", "wrong-Pw", "[2001:db8::7]:4712", session="s2")
-
-    run(scenario())
+    _in_turn(svc, ("alice", "wrong-Pw", "192.0.2.7:4711", "s1"),
+             ("bob", "wrong-Pw", "[2001:db8::7]:4712", "s2"))
     failed = [line for line in auth_log if line.startswith("auth failed: ")]
     assert failed == [
         "auth failed: user=alice client=192.0.2.7 reason=wrong-password session=s1 delay=0.0",
@@ -478,11 +485,8 @@ def test_without_a_client_address_the_password_is_still_checked(make_service, wo
     left unset, and a wrong password is a wrong password."""
     svc = make_service("")
 
-    async def scenario():
-        return (await _login(svc, "alice", "wrong-Pw", ""),
-                await _login(svc, "alice", world.users["alice"].password, ""))
-
-    wrong, right = run(scenario())
+    wrong, right = _in_turn(svc, ("alice", "wrong-Pw", ""),
+                            ("alice", world.users["alice"].password, ""))
     assert not wrong.ok and wrong.reason == "wrong-password", wrong
     assert right.ok and right.user.name == "alice", right
 
@@ -676,10 +680,7 @@ def test_empty_passwords_for_a_real_account_add_to_its_count(make_service):
     penalty = Penalty(base=0)
     svc = make_service("", penalty)
 
-    async def scenario():
-        return [await _login(svc, "alice", pw, "") for pw in ("wrong-Pw", "", "")]
-
-    results = run(scenario())
+    results = _in_turn(svc, *(("alice", pw, "") for pw in ("wrong-Pw", "", "")))
     assert [r.reason for r in results] == ["wrong-password", "empty-password", "empty-password"]
     assert penalty.count("alice", "", time.monotonic()) == 3
 
