@@ -539,6 +539,11 @@ def parse_direct(value: str) -> DirectRoute:
         user, password = rest
     elif not rest and no_auth:
         user, password = "", ""
+    elif len(tokens) == 6 and not flags:
+        # the full form's count, its last field no flag at all (`secure`,
+        # `[tls]`): "6 fields given" would blame the count (value not shown)
+        raise ValueError("the sixth field must be the flags (tls, ssl, noCertCheck, noAuth,"
+                         " comma-separated, no blanks)")
     else:
         raise ValueError(
             "direct mapping needs ADDRESS SERVER [PORT] USER PASS [FLAGS]"

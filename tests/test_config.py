@@ -320,6 +320,19 @@ def test_direct_unknown_flag_is_named_as_such_without_the_field(value):
     assert "foo" not in str(caught.value) and "nocert" not in str(caught.value)
 
 
+@pytest.mark.parametrize("value", [
+    "a@b.c relay.lan 25 u s3cret secure",     # a word that is no flag
+    "a@b.c relay.lan 25 u s3cret [tls]",      # the man page's brackets copied
+])
+def test_direct_sixth_field_that_is_no_flag_is_blamed_not_the_count(value):
+    """Six fields is the full form's count: a last field that is no flag at
+    all was answered "(6 fields given)", as if the count were wrong."""
+    with pytest.raises(ValueError, match="sixth field must be the flags") as caught:
+        parse_direct(value)
+    assert "fields given" not in str(caught.value)
+    assert "secure" not in str(caught.value) and "tls]" not in str(caught.value)
+
+
 def test_direct_password_with_a_comma_and_a_flag_word_is_still_a_password():
     """Where the last field is the password by its place (a port before the
     user), `p,tls` stays a password, as it was."""

@@ -301,7 +301,11 @@ def test_backoff_spans_sessions_of_a_root_started_inetd_frontend(world):
                                input=(f"EHLO c\r\nAUTH PLAIN {login_plain('dave', world.users['dave'].password)}"
                                       "\r\nQUIT\r\n").encode(), capture_output=True, timeout=30)
         assert b"235 " in right.stdout
-    assert 0.9 <= took[0] <= 1.6 and 1.8 <= took[1] <= 2.8, took
+    # The lower bounds are the delays; the upper ones only tell the first
+    # step of the doubling from the next (2 s, 4 s), so a loaded machine
+    # (two helpers' mutation runs and a suite on 2 CPUs: load ~10) that
+    # slows PAM and the process start does not fail it.
+    assert 0.9 <= took[0] < 1.9 and 1.8 <= took[1] < 3.8, took
 
 
 def test_socketpair_logins_side_by_side_take_turns_across_processes(world):
