@@ -570,7 +570,8 @@ def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult,
         err(d.line, "account has no upstream user (#sendooway:user or fetchmail's user)")
     if auth and password is None:
         err(d.line, "account has no upstream password (#sendooway:pass or fetchmail's pass)")
-    if (problem := field_problem(server, user)) is not None:
+    # (a missing server is said once above, not again as an empty host name)
+    if server and (problem := field_problem(server, user)) is not None:
         err(d.line, problem)
     if acc.errors:
         result.errors.extend(acc.errors)
