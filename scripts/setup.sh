@@ -58,7 +58,7 @@ done
 # Postfix is only the upstream of tests/test_upstream_postfix.py, which runs
 # its own instance (postfix -c DIR). Installed "No configuration": no
 # /etc/postfix/main.cf, so no system postfix ever starts (its systemd unit
-# needs main.cf). It would replace another MTA (exim4, ...): then it is left
+# needs main.cf; disabled below all the same). It would replace another MTA (exim4, ...): then it is left
 # out and those tests skip, saying postfix is not installed.
 postfix_new=no
 if [[ " ${missing[*]} " == *" postfix "* ]]; then
@@ -110,6 +110,15 @@ if [ "$postfix_new" = yes ]; then
     if [ -f /etc/postfix/main.cf ] && postfix status >/dev/null 2>&1; then
         postfix stop || true
     fi
+    # Under systemd the package enables postfix.service, which (its condition
+    # on main.cf notwithstanding) pulls in postfix@-.service from postfix's
+    # generator, and that fails for want of main.cf: at the install and at
+    # every boot after, leaving the machine "degraded" (seen on a freshly
+    # booted Debian 12). Not enabled, nothing pulls it in.
+    if [ -d /run/systemd/system ]; then
+        systemctl disable -q postfix 2>/dev/null || true
+        systemctl reset-failed postfix.service postfix@-.service 2>/dev/null || true
+    fi
 fi
 if [ "$slapd_new" = yes ] && pidof slapd >/dev/null 2>&1 && [ -x /etc/init.d/slapd ]; then
     /etc/init.d/slapd stop >/dev/null 2>&1 || true
@@ -123,7 +132,8 @@ fi
 # xinetd, fail2ban, haproxy, slapd, dovecot and saslauthd are only used by the tests (each runs its
 # own instance), never left running; those installed just now are also not
 # started again at the next boot. A slapd or dovecot that was there before
-# is the admin's: left alone.
+# is the admin's: left alone. (A unit whose start failed at the install,
+# fail2ban's with no sshd log to watch, is not left "failed" either.)
 for svc in xinetd fail2ban haproxy slapd dovecot saslauthd; do
     [ "$svc" = slapd ] && [ "$slapd_new" != yes ] && continue
     [ "$svc" = dovecot ] && [ "$dovecot_new" != yes ] && continue
@@ -131,8 +141,12 @@ for svc in xinetd fail2ban haproxy slapd dovecot saslauthd; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi
-    if [[ " ${installed_now[*]} " == *" $svc "* ]] && [ -d /run/systemd/system ]; then
+    pkg=$svc  # the package that brings the service
+    [ "$svc" = dovecot ] && pkg=dovecot-core
+    [ "$svc" = saslauthd ] && pkg=sasl2-bin
+    if [[ " ${installed_now[*]} " == *" $pkg "* ]] && [ -d /run/systemd/system ]; then
         systemctl disable -q "$svc" 2>/dev/null || true
+        systemctl reset-failed "$svc" 2>/dev/null || true
     fi
 done
 
