@@ -625,6 +625,10 @@ def _pattern_form_problem(pattern: str) -> str | None:
 
 
 _PATTERN_BAD_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
+# RFC 5321's specials: no sender holds one outside a quoted local part or
+# an address literal, so `<alice@x.org>` (as a header writes it),
+# `a@x.org,b@x.org` or `mailto:a@x.org` never matched (an outside review)
+_PATTERN_SPECIALS = re.compile(r'[<>()\[\]\\,;:@"]')
 
 
 def address_pattern_problem(pattern: str) -> str | None:
@@ -638,6 +642,12 @@ def address_pattern_problem(pattern: str) -> str | None:
     if (problem := _pattern_form_problem(pattern)) is not None:
         return problem
     local, _at, domain = pattern.rpartition("@")
+    quoted = len(local) >= 2 and local[0] == local[-1] == '"'
+    literal = domain.startswith("[") and domain.endswith("]")
+    if (not quoted and _PATTERN_SPECIALS.search(local)) or (
+            not literal and _PATTERN_SPECIALS.search(domain)):
+        return (f"address must be one bare address (no angle brackets, names or lists:"
+                f" one address a line), got {pattern[:80]!r}")
     if "*" in domain or ("*" in local and local != "*"):
         return f"'*' may only stand for a whole local part, got {pattern[:80]!r}"
     return None

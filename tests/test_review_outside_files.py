@@ -1,0 +1,101 @@
+"""An outside review from the side of a mail admin and of users editing
+their files (black-box first: `sendooway-auth --check`, fetchmail and
+getmail6 themselves as oracles).
+
+A sender address written as a mail header writes it (`<alice@example.org>`)
+or two addresses on one `#sendooway:address` line (`a@x.org,b@x.org`) were
+taken as exact patterns: no sender is ever spelled so (the frontend takes
+only RFC 5321 mailboxes, and the original compared the bare address too),
+so the account was listed by --check and the user's mail got 550 with no
+word of why. Such a pattern is now an error at its file:line, in every
+file that names senders (docs/decisions/auth.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sendooway_auth.fetchmail import parse_fetchmailrc
+from sendooway_auth.getmail import parse_getmailrc
+from sendooway_shared.config import address_pattern_problem, parse_user_config
+
+AUTH = [sys.executable, "-m", "sendooway_auth.cli"]
+F = "/home/alice/.fetchmailrc"
+G = "/home/alice/.getmail/getmailrc"
+
+NO_SENDER_SPELLS_SO = ["<alice@example.org>", "alice@example.org>", "<alice@example.org",
+                       "alice@example.org,bob@example.org", "alice@example.org;bob@example.org",
+                       "mailto:alice@example.org", "alice(work)@example.org",
+                       "alice@exam<ple.org", 'al"ice@example.org', "al\\ice@example.org"]
+SENDERS_CAN_BE = ["alice@example.org", "*@example.org", "*", "a.b+tag@example.org",
+                  "o'brien@example.org", "a=b/c?d@example.org", '"a,b"@example.org',
+                  '"<x>"@example.org', '"a@b"@example.org', "alice@[192.0.2.1]",
+                  "alice@[IPv6:2001:db8::1]", "jörg@bücher.example"]
+
+
+def _directive(pattern: str) -> str:
+    """A #sendooway:address line for `pattern`, written as it reads back:
+    bare when it holds a backslash (no escapes there), else in quotes."""
+    if "\\" in pattern:
+        return f"#sendooway:address {pattern}\n"
+    quote = '"' if "'" in pattern else "'"
+    return f"#sendooway:address {quote}{pattern}{quote}\n"
+
+
+@pytest.mark.parametrize("pattern", NO_SENDER_SPELLS_SO)
+def test_a_pattern_no_sender_is_spelled_as_is_an_error_in_a_fetchmailrc(pattern):
+    text = ('poll pop.example.org user "alice" pass "fm-Pw-9x"\n'
+            '#sendooway:server "smtp.example.org"\n'
+            + _directive(pattern))
+    result = parse_fetchmailrc(text, F)
+    assert result.accounts == []
+    assert len(result.errors) == 1 and result.errors[0].startswith(f"{F}:3: #sendooway:address:")
+    assert "fm-Pw-9x" not in result.errors[0]
+
+
+@pytest.mark.parametrize("pattern", ["<alice@example.org>", "alice@example.org;bob@example.org"])
+def test_a_pattern_no_sender_is_spelled_as_is_an_error_in_a_getmail_rc(pattern):
+    text = ("[retriever]\ntype = SimplePOP3SSLRetriever\nserver = pop.example.org\n"
+            "username = alice\npassword = gm-Pw-7y\n"
+            f"[sender]\ntype = SimpleSMTPTLSSender\naddress = {pattern}\n")
+    result = parse_getmailrc(text, G)
+    assert result.accounts == [] and len(result.errors) == 1
+    assert result.errors[0].startswith(f"{G}:8: [sender] address:")
+
+
+def test_a_pattern_no_sender_is_spelled_is_an_error_in_a_user_include():
+    errors: list = []
+    parsed = parse_user_config("smarthostMapping = direct:<alice@example.org> smtp.example.org"
+                               " 587 alice inc-Pw-5z tls\n", "/home/alice/.sendoowayrc", errors)
+    assert parsed.smarthostMapping == ()
+    assert [str(e).split(": smarthostMapping: ")[0] for e in errors] == [
+        "/home/alice/.sendoowayrc:1"]
+    assert "inc-Pw-5z" not in str(errors[0])
+
+
+@pytest.mark.parametrize("pattern", SENDERS_CAN_BE)
+def test_patterns_a_sender_can_be_spelled_as_stay_good(pattern):
+    assert address_pattern_problem(pattern) is None
+    text = ('poll pop.example.org user "alice" pass "x"\n#sendooway:server "smtp.example.org"\n'
+            + _directive(pattern))
+    result = parse_fetchmailrc(text, F)
+    assert result.errors == [] and result.accounts[0].addresses == (pattern,)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
+def test_check_names_the_line_of_an_address_in_angle_brackets(tmp_config, clean_homes):
+    """What the admin sees: the account is not listed, its line is."""
+    world = clean_homes
+    path = world.write_user_file("alice", ".fetchmailrc", (
+        'poll pop.example.org user "alice" pass "fm-Pw-9x"\n'
+        '#sendooway:server "smtp.example.org"\n'
+        '#sendooway:address "<alice@example.org>"\n'))
+    res = subprocess.run([*AUTH, "-c", tmp_config(""), "--check", "alice", "--sender",
+                          "alice@example.org"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"{path}:3: #sendooway:address:" in res.stdout
+    assert "route for alice@example.org: none" in res.stdout
+    assert "fm-Pw-9x" not in res.stdout + res.stderr
