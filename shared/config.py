@@ -167,6 +167,8 @@ class Config:
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # name → line
     # lines of smarthostMapping whose '#' comment is glued to a word (see comment_cuts)
     comment_cuts: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    # lines of validUser that name a list (`alice,bob`), see valid_user_list_warning
+    valid_user_lists: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def where(self, name: str) -> str:
         """file:line of the line that set `name` (the file alone when a default)."""
@@ -272,6 +274,7 @@ def config_warnings(cfg: Config) -> list[str]:
     """What is worth a warning in the global config (at start, at a reload,
     in --check)."""
     found = [comment_cut_warning(cfg.filename, n) for n in cfg.comment_cuts]
+    found.extend(valid_user_list_warning(cfg.filename, n) for n in cfg.valid_user_lists)
     if (clear := _ldap_cleartext(cfg)) is not None:
         found.append(clear)
     if (exposed := exposed_passwords(cfg)) is not None:
@@ -713,6 +716,17 @@ def comment_cuts(text: str) -> tuple[int, ...]:
     return tuple(found)
 
 
+def valid_user_list_warning(filename: str, number: int) -> str:
+    """`validUser = alice,bob`: no user or group is named with ',' or ':'
+    (passwd and group separate fields and members with them), so the line
+    lets nobody in, where the admin meant two. A warning, not an error: the
+    original loaded such a line (it did nothing there either), and a
+    migrated server must still start (as for direct_pattern_warnings)."""
+    return (f"{filename}:{number}: validUser: no user or group is named with ',' or ':', so"
+            " this line lets nobody in: write one user or %group a line (validUser may"
+            " be repeated)")
+
+
 def comment_cut_warning(filename: str, number: int) -> str:
     return (f"{filename}:{number}: the '#' right after a word starts a comment, so this"
             " mapping ends there (a password cannot hold '#'; the fields after it are"
@@ -767,10 +781,13 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
     values: dict[str, object] = {}
     lists: dict[str, list] = {"validUser": [], "smarthostMapping": []}
     lines: dict[str, int] = {}
+    valid_user_lists = []
     for number, line in _lines(text):
         key, value = _split(line, filename, number)
         name, parser, _user_ok = _lookup(key, filename, number, KEYWORD_NAMES)
         lines[name] = number
+        if name == "validUser" and ("," in value or ":" in value):
+            valid_user_lists.append(number)
         if name in _REPEATABLE:
             if value == "":
                 raise ConfigError(filename, number, f"{name}: a value is required")
@@ -782,6 +799,7 @@ def parse_config(text: str, filename: str = "sendooway.conf") -> Config:
     values["validUser"] = tuple(lists["validUser"])
     values["smarthostMapping"] = tuple(lists["smarthostMapping"])
     return Config(filename=filename, lines=lines, comment_cuts=comment_cuts(text),
+                  valid_user_lists=tuple(valid_user_lists),
                   **values)  # type: ignore[arg-type]
 
 

@@ -20,7 +20,10 @@ import pytest
 
 from sendooway_auth.fetchmail import parse_fetchmailrc
 from sendooway_auth.getmail import parse_getmailrc
-from sendooway_shared.config import address_pattern_problem, parse_user_config
+from sendooway_shared.config import (
+    address_pattern_problem, config_warnings, parse_config, parse_user_config,
+)
+from tests.auth_helpers import Daemon
 
 AUTH = [sys.executable, "-m", "sendooway_auth.cli"]
 F = "/home/alice/.fetchmailrc"
@@ -99,3 +102,34 @@ def test_check_names_the_line_of_an_address_in_angle_brackets(tmp_config, clean_
     assert f"{path}:3: #sendooway:address:" in res.stdout
     assert "route for alice@example.org: none" in res.stdout
     assert "fm-Pw-9x" not in res.stdout + res.stderr
+
+
+
+@pytest.mark.parametrize("value", ["alice,bob", "%mailusers,alice", "alice:bob"])
+def test_a_list_on_one_valid_user_line_is_warned_about_at_its_line(value):
+    """`validUser = alice,bob` was one name no account can have (passwd and
+    group files separate with `,` and `:`): nobody could log in, and the
+    log only said "not-a-valid-user". The line is kept, as the original
+    loaded it (a migrated server must start), with a warning naming it."""
+    cfg = parse_config(f"# who may log in\nvalidUser = {value}\nvalidUser = carol\n",
+                       "sendooway.conf")
+    assert cfg.validUser == (value, "carol")
+    (warning,) = config_warnings(cfg)
+    assert warning.startswith("sendooway.conf:2: validUser: no user or group is named with")
+    assert config_warnings(parse_config("validUser = alice\nvalidUser = %mailusers\n", "c")) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
+def test_check_and_the_daemon_warn_of_a_list_on_one_valid_user_line(tmp_path, tmp_config,
+                                                                     clean_homes):
+    conf = tmp_config("validUser = alice,bob\n")
+    res = subprocess.run([*AUTH, "-c", conf, "--check", "alice"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"warning: {conf}:1: validUser: no user or group is named with" in res.stdout
+    assert "alice is not a valid user" in res.stdout
+    daemon = Daemon(tmp_path, conf).start()
+    try:
+        daemon.wait_log(f"{conf}:1: validUser: no user or group is named with")
+    finally:
+        daemon.stop()
