@@ -59,7 +59,9 @@ def test_a_pattern_no_sender_is_spelled_as_is_an_error_in_a_fetchmailrc(pattern)
     assert "fm-Pw-9x" not in result.errors[0]
 
 
-@pytest.mark.parametrize("pattern", ["<alice@example.org>", "alice@example.org;bob@example.org"])
+@pytest.mark.parametrize("pattern", ["<alice@example.org>", "alice@example.org;bob@example.org",
+                                     # getmail6's own spelling of a list (its `mailboxes`)
+                                     '("alice@example.org", "a.smith@example.org")'])
 def test_a_pattern_no_sender_is_spelled_as_is_an_error_in_a_getmail_rc(pattern):
     text = ("[retriever]\ntype = SimplePOP3SSLRetriever\nserver = pop.example.org\n"
             "username = alice\npassword = gm-Pw-7y\n"
