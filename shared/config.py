@@ -275,6 +275,9 @@ def config_warnings(cfg: Config) -> list[str]:
     in --check)."""
     found = [comment_cut_warning(cfg.filename, n) for n in cfg.comment_cuts]
     found.extend(valid_user_list_warning(cfg.filename, n) for n in cfg.valid_user_lists)
+    if cfg.userInclude.startswith("~"):
+        found.append(tilde_warning(cfg.where("userInclude"), cfg.userInclude))
+    found.extend(tilde_warnings(cfg.smarthostMapping))
     if (clear := _ldap_cleartext(cfg)) is not None:
         found.append(clear)
     if (exposed := exposed_passwords(cfg)) is not None:
@@ -714,6 +717,23 @@ def comment_cuts(text: str) -> tuple[int, ...]:
             if raw.partition("=")[0].strip().lower() == "smarthostmapping":
                 found.append(number)
     return tuple(found)
+
+
+def tilde_warning(where: str, path: str) -> str:
+    """A path starting with `~`: no shell reads it, so it is taken as is, a
+    relative path below the user's home (`~/.fetchmailrc` is
+    HOME/~/.fetchmailrc), which is missing, and a missing file is no error:
+    the include or the mapping did nothing without a word (an outside
+    review). A warning, as the original took such paths too."""
+    return (f"{where}: {path[:80]!r} starts with '~', which is not expanded (it names a"
+            " directory '~' in the user's home, a file that is then silently missing):"
+            " write %h for the user's home")
+
+
+def tilde_warnings(mappings: tuple[Mapping, ...]) -> list[str]:
+    """tilde_warning for each fetchmail:/getmail: mapping whose path starts with `~`."""
+    return [tilde_warning(m.source, m.path) for m in mappings
+            if m.kind is not MappingKind.DIRECT and m.path.startswith("~")]
 
 
 def valid_user_list_warning(filename: str, number: int) -> str:

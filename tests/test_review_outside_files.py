@@ -135,3 +135,31 @@ def test_check_and_the_daemon_warn_of_a_list_on_one_valid_user_line(tmp_path, tm
         daemon.wait_log(f"{conf}:1: validUser: no user or group is named with")
     finally:
         daemon.stop()
+
+
+def test_a_path_starting_with_a_tilde_is_warned_about_at_its_line():
+    """No shell reads sendooway.conf: `~/.fetchmailrc` is taken as a path
+    below the home's directory `~`, a missing file, which is no error: the
+    mapping (or the include) did nothing without a word."""
+    cfg = parse_config("userInclude = ~/.sendoowayrc\n"
+                       "smarthostMapping = fetchmail:~/.fetchmailrc\n"
+                       "smarthostMapping = getmail:%h/.getmail/getmailrc\n"
+                       "smarthostMapping = direct:~x@example.org smtp.example.org 25 u p\n",
+                       "sendooway.conf")
+    warnings = [w for w in config_warnings(cfg) if "'~" in w]
+    assert [w.split(": ")[0] for w in warnings] == ["sendooway.conf:1", "sendooway.conf:2"]
+    assert all("write %h for the user's home" in w for w in warnings)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
+def test_check_warns_of_a_tilde_in_a_users_include(tmp_config, clean_homes):
+    world = clean_homes
+    include = world.write_user_file("alice", ".sendoowayrc",
+                                    "smarthostMapping = fetchmail:~/.fetchmailrc\n")
+    world.write_user_file("alice", ".fetchmailrc", (
+        'poll pop.example.org user "alice" pass "fm-Pw-9x"\n'
+        '#sendooway:server "smtp.example.org"\n#sendooway:address "alice@example.org"\n'))
+    res = subprocess.run([*AUTH, "-c", tmp_config("userInclude = %h/.sendoowayrc\n"),
+                          "--check", "alice"], capture_output=True, text=True, timeout=60)
+    assert f"  {include}:1: '~/.fetchmailrc' starts with '~', which is not expanded" in res.stdout
+    assert res.returncode == 1, res.stdout
