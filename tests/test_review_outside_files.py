@@ -163,3 +163,13 @@ def test_check_warns_of_a_tilde_in_a_users_include(tmp_config, clean_homes):
                           "--check", "alice"], capture_output=True, text=True, timeout=60)
     assert f"  {include}:1: '~/.fetchmailrc' starts with '~', which is not expanded" in res.stdout
     assert res.returncode == 1, res.stdout
+
+
+def test_the_global_config_keeps_such_a_direct_mapping_with_a_warning():
+    """As for `*@*.example.org`: the original loaded the line (it matched
+    nothing there either), so a migrated server still starts."""
+    cfg = parse_config("smarthostMapping = direct:<alice@example.org> smtp.example.org 587"
+                       " u p tls\n", "sendooway.conf")
+    assert len(cfg.smarthostMapping) == 1
+    (warning,) = config_warnings(cfg)
+    assert warning.startswith("sendooway.conf:1: smarthostMapping: address must be one bare")
