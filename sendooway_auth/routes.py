@@ -22,7 +22,7 @@ import msgpack
 
 from sendooway_shared.config import (
     MAX_USER_ERRORS, ConfigError, Config, MappingKind, NotUtf8, UserConfig, comment_cut_warning,
-    decode_config_text, effective_mappings, expand_path, parse_user_config, tilde_warnings,
+    decode_config_text, effective_mappings, expand_path, parse_user_config, shell_path_warnings,
 )
 from sendooway_shared.protocol import RouteOk
 from sendooway_shared.types import Route, Secret, TlsMode
@@ -374,7 +374,7 @@ def _parse_include(text: str, path: str, found: UserRoutes) -> UserConfig:
         found.errors.append(f"{path}: more than {MAX_INCLUDE_ERRORS} errors, file ignored")
         return UserConfig(filename=path)
     found.warnings.extend(comment_cut_warning(path, n) for n in parsed.comment_cuts)
-    found.warnings.extend(tilde_warnings(parsed.smarthostMapping))
+    found.warnings.extend(shell_path_warnings(parsed.smarthostMapping))
     return parsed
 
 

@@ -275,9 +275,9 @@ def config_warnings(cfg: Config) -> list[str]:
     in --check)."""
     found = [comment_cut_warning(cfg.filename, n) for n in cfg.comment_cuts]
     found.extend(valid_user_list_warning(cfg.filename, n) for n in cfg.valid_user_lists)
-    if cfg.userInclude.startswith("~"):
-        found.append(tilde_warning(cfg.where("userInclude"), cfg.userInclude))
-    found.extend(tilde_warnings(cfg.smarthostMapping))
+    if (warning := shell_path_warning(cfg.where("userInclude"), cfg.userInclude)) is not None:
+        found.append(warning)
+    found.extend(shell_path_warnings(cfg.smarthostMapping))
     if (clear := _ldap_cleartext(cfg)) is not None:
         found.append(clear)
     if (exposed := exposed_passwords(cfg)) is not None:
@@ -719,21 +719,28 @@ def comment_cuts(text: str) -> tuple[int, ...]:
     return tuple(found)
 
 
-def tilde_warning(where: str, path: str) -> str:
-    """A path starting with `~`: no shell reads it, so it is taken as is, a
-    relative path below the user's home (`~/.fetchmailrc` is
-    HOME/~/.fetchmailrc), which is missing, and a missing file is no error:
-    the include or the mapping did nothing without a word (an outside
-    review). A warning, as the original took such paths too."""
-    return (f"{where}: {path[:80]!r} starts with '~', which is not expanded (it names a"
-            " directory '~' in the user's home, a file that is then silently missing):"
-            " write %h for the user's home")
+def shell_path_warning(where: str, path: str) -> str | None:
+    """A path written as for a shell: no shell reads it, so `~/.fetchmailrc`
+    is HOME/~/.fetchmailrc and `getmailrc-*` a file named with a `*`, both
+    missing, and a missing file is no error: the include or the mapping
+    did nothing without a word (an outside review). A warning, not an
+    error: the original took such paths too. None for any other path."""
+    if path.startswith("~"):
+        why = ("starts with '~', which is not expanded (it names a directory '~' in the"
+               " user's home, a file that is then silently missing): write %h for the"
+               " user's home")
+    elif "*" in path or "?" in path:
+        why = ("holds '*' or '?', which match nothing here (no wildcards: a file of that very"
+               " name is looked for, and silently missing): one mapping a file")
+    else:
+        return None
+    return f"{where}: {path[:80]!r} {why}"
 
 
-def tilde_warnings(mappings: tuple[Mapping, ...]) -> list[str]:
-    """tilde_warning for each fetchmail:/getmail: mapping whose path starts with `~`."""
-    return [tilde_warning(m.source, m.path) for m in mappings
-            if m.kind is not MappingKind.DIRECT and m.path.startswith("~")]
+def shell_path_warnings(mappings: tuple[Mapping, ...]) -> list[str]:
+    """shell_path_warning for each fetchmail:/getmail: mapping that has one."""
+    return [w for m in mappings if m.kind is not MappingKind.DIRECT
+            and (w := shell_path_warning(m.source, m.path)) is not None]
 
 
 def valid_user_list_warning(filename: str, number: int) -> str:

@@ -151,6 +151,16 @@ def test_a_path_starting_with_a_tilde_is_warned_about_at_its_line():
     assert all("write %h for the user's home" in w for w in warnings)
 
 
+def test_a_mapping_path_with_a_wildcard_is_warned_about_at_its_line():
+    """getmail users keep one rc file an account (getmailrc-work, ...):
+    `getmail:%h/.getmail/getmailrc-*` looked for a file named with a `*`,
+    silently missing."""
+    cfg = parse_config("smarthostMapping = getmail:%h/.getmail/getmailrc-*\n"
+                       "smarthostMapping = getmail:%h/.getmail/getmailrc-work\n", "c")
+    (warning,) = config_warnings(cfg)
+    assert warning.startswith("c:1: '%h/.getmail/getmailrc-*' holds '*' or '?'")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
 def test_check_warns_of_a_tilde_in_a_users_include(tmp_config, clean_homes):
     world = clean_homes
