@@ -721,7 +721,8 @@ def comment_cuts(text: str) -> tuple[int, ...]:
 
 def shell_path_warning(where: str, path: str) -> str | None:
     """A path written as for a shell: no shell reads it, so `~/.fetchmailrc`
-    is HOME/~/.fetchmailrc and `getmailrc-*` a file named with a `*`, both
+    is HOME/~/.fetchmailrc, and `getmailrc-*`, `$HOME/.fetchmailrc` and
+    `"%h/.fetchmailrc"` name files with a `*`, a `$` or quotes, all
     missing, and a missing file is no error: the include or the mapping
     did nothing without a word (an outside review). A warning, not an
     error: the original took such paths too. None for any other path."""
@@ -732,6 +733,13 @@ def shell_path_warning(where: str, path: str) -> str | None:
     elif "*" in path or "?" in path:
         why = ("holds '*' or '?', which match nothing here (no wildcards: a file of that very"
                " name is looked for, and silently missing): one mapping a file")
+    elif "$" in path:
+        why = ("holds '$', which is not expanded (no variables: a file of that very name is"
+               " looked for, and silently missing): write %h for the home, %u for the user")
+    elif path.startswith(('"', "'")):
+        why = ("starts with a quote, which is part of the path here (nothing is quoted in"
+               " this file: a file of that very name is looked for, and silently missing):"
+               " write the path without quotes")
     else:
         return None
     return f"{where}: {path[:80]!r} {why}"

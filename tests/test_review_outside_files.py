@@ -161,6 +161,16 @@ def test_a_mapping_path_with_a_wildcard_is_warned_about_at_its_line():
     assert warning.startswith("c:1: '%h/.getmail/getmailrc-*' holds '*' or '?'")
 
 
+@pytest.mark.parametrize("path, why", [("$HOME/.fetchmailrc", "holds '$'"),
+                                       ('"%h/.fetchmailrc"', "starts with a quote"),
+                                       ("'%h/.fetchmailrc'", "starts with a quote")])
+def test_a_variable_or_quotes_in_a_mapping_path_are_warned_about_at_its_line(path, why):
+    cfg = parse_config(f"# users' files\nsmarthostMapping = fetchmail:{path}\n"
+                       f"userInclude = {path}\n", "c")
+    assert [w.split(": ")[0] for w in config_warnings(cfg)] == ["c:3", "c:2"]
+    assert all(why in w for w in config_warnings(cfg))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
 def test_check_warns_of_a_tilde_in_a_users_include(tmp_config, clean_homes):
     world = clean_homes
