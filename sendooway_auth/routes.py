@@ -42,6 +42,8 @@ MAX_WIRE = 8 << 20
 MODE_LABELS = {TlsMode.PLAIN: "plain", TlsMode.STARTTLS: "starttls",
                TlsMode.TLS: "implicit-tls"}
 NO_SENDER = "no [sender] section (for getmail alone): no account from it"
+NO_DIRECTIVES = ("no #sendooway: lines (for fetchmail alone; '# sendooway:' with a blank is a"
+                 " remark): no account from it")
 
 
 @dataclass
@@ -126,7 +128,7 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
         found.files.append((kind.value, by_path[path]))
     own = len(user_cfg.smarthostMapping) if user_cfg else 0
     parsed: dict[str, ParseResult] = {}
-    fetch_only: set[str] = set()  # getmail rc files without a [sender] section
+    fetch_only: dict[str, str] = {}  # files only getmail or fetchmail use: why, for --check
     admins = {m.source for m in mappings[own:] if m.kind is MappingKind.DIRECT}
     for index, m in enumerate(mappings):
         tier = 0 if index < own else 1
@@ -145,19 +147,22 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
                     result = parse_fetchmailrc(text, m.path, login=user.name)
                 else:
                     result = parse_getmailrc(text, m.path)
-                    if not result.accounts and not result.errors:
-                        fetch_only.add(m.path)
+                if not (result.accounts or result.errors or result.warnings):
+                    fetch_only[m.path] = (NO_DIRECTIVES if m.kind is MappingKind.FETCHMAIL
+                                          else NO_SENDER)
                 found.errors.extend(result.errors)
                 found.warnings.extend(result.warnings)
                 if result.holds_password:
                     _check_mode(read, user, found)
             parsed[m.path] = result
         found.accounts.extend(replace(a, tier=tier) for a in parsed[m.path].accounts)
-    # Such a file is no error (getmail only fetches with it, and the
-    # daemon's log would say so on every message), but --check says why no
-    # account comes from it: a `[sendr]` typo looks the same.
-    found.files = [(role, replace(read, detail=NO_SENDER)
-                    if role == MappingKind.GETMAIL.value and read.path in fetch_only else read)
+    # Such a file is no error (getmail or fetchmail only fetches with it,
+    # and the daemon's log would say so on every message), but --check says
+    # why no account comes from it: a `[sendr]` or `# sendooway:server`
+    # typo looks the same (the fetchmail half: an outside review).
+    found.files = [(role, replace(read, detail=fetch_only[read.path])
+                    if role in (MappingKind.FETCHMAIL.value, MappingKind.GETMAIL.value)
+                    and read.path in fetch_only else read)
                    for role, read in found.files]
     if found.ca_file:
         # The user's sslCA serves the user's routes, but a global direct:

@@ -193,3 +193,25 @@ def test_the_global_config_keeps_such_a_direct_mapping_with_a_warning():
     assert len(cfg.smarthostMapping) == 1
     (warning,) = config_warnings(cfg)
     assert warning.startswith("sendooway.conf:1: smarthostMapping: address must be one bare")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
+@pytest.mark.parametrize("directive", ['# sendooway:server "smtp.example.org"',
+                                       '#sendoway:server "smtp.example.org"', "# no directive"])
+def test_check_tells_a_fetchmailrc_without_directives_as_information(tmp_config, clean_homes,
+                                                                      directive):
+    """As for a getmailrc without [sender]: a .fetchmailrc with no
+    #sendooway: line (`# sendooway:` with a blank is a remark) gives no
+    account and no error, and --check said nothing beside it, so the typo
+    looked like a file sendooway had read and found fine."""
+    world = clean_homes
+    path = world.write_user_file("alice", ".fetchmailrc", (
+        'poll pop.example.org user "alice" pass "fm-Pw-9x"\n'
+        f'{directive}\n# sendooway:address "alice@example.org"\n'))
+    res = subprocess.run([*AUTH, "-c", tmp_config(""), "--check", "alice"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stdout
+    (line,) = [line for line in res.stdout.splitlines() if line.startswith(f"  {path} [fetchmail]")]
+    assert line.endswith("no #sendooway: lines (for fetchmail alone; '# sendooway:' with a blank"
+                         " is a remark): no account from it"), line
+    assert "errors:" not in res.stdout and "fm-Pw-9x" not in res.stdout
