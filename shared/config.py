@@ -280,10 +280,40 @@ def config_warnings(cfg: Config) -> list[str]:
     found.extend(shell_path_warnings(cfg.smarthostMapping))
     if (clear := _ldap_cleartext(cfg)) is not None:
         found.append(clear)
+    if (writable := writable_config(cfg)) is not None:
+        found.append(writable)
     if (exposed := exposed_passwords(cfg)) is not None:
         found.append(exposed)
     found.extend(direct_pattern_warnings(cfg))
     return found
+
+
+def writable_config(cfg: Config) -> str | None:
+    """A warning when someone besides root (and the account reading it) may
+    change the global config: its authBackend, ldapUri, pamService and
+    mappings decide who logs in as whom and where everyone's mail and
+    upstream passwords go, in a daemon that runs as root. A warning, not an
+    error, as Postfix's `postfix check` does: the original loaded such a
+    file (its man page only asked for root and no write access to others)."""
+    if not cfg.filename:
+        return None
+    try:
+        st = os.stat(cfg.filename)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None  # /dev/null: every default
+    who = []
+    # (a group-writable file of group root: only root's group, as root's own)
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
+        who.append(f"writable by group or others (mode {st.st_mode & 0o7777:04o})")
+    if st.st_uid not in (0, os.geteuid()):
+        who.append(f"owned by uid {st.st_uid}, not root")
+    if not who:
+        return None
+    return (f"{cfg.filename} is {' and '.join(who)}: whoever can change it decides who may"
+            " log in (authBackend, ldapUri, pamService) and where mail and the upstream"
+            " passwords go; make it root's, mode 0644 or stricter (chmod go-w)")
 
 
 def exposed_passwords(cfg: Config) -> str | None:

@@ -21,7 +21,7 @@ import pytest
 from sendooway_auth.fetchmail import parse_fetchmailrc
 from sendooway_auth.getmail import parse_getmailrc
 from sendooway_shared.config import (
-    address_pattern_problem, config_warnings, parse_config, parse_user_config,
+    address_pattern_problem, config_warnings, load_config, parse_config, parse_user_config,
 )
 from tests.auth_helpers import Daemon
 
@@ -215,3 +215,27 @@ def test_check_tells_a_fetchmailrc_without_directives_as_information(tmp_config,
     assert line.endswith("no #sendooway: lines (for fetchmail alone; '# sendooway:' with a blank"
                          " is a remark): no account from it"), line
     assert "errors:" not in res.stdout and "fm-Pw-9x" not in res.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_global_config_others_may_change_is_warned_about(tmp_path, tmp_config, clean_homes):
+    """sendooway-auth runs as root on this file: whoever may change it may
+    set authBackend = LDAP with an ldapUri of theirs and log in as anyone.
+    It was loaded without a word when writable by all or owned by a user."""
+    conf = tmp_config("validUser = alice\n")
+    assert config_warnings(load_config(conf)) == []
+    assert config_warnings(load_config("/dev/null")) == []
+    os.chmod(conf, 0o666)
+    (warning,) = config_warnings(load_config(conf))
+    assert warning.startswith(f"{conf} is writable by group or others (mode 0666): whoever")
+    res = subprocess.run([*AUTH, "-c", conf, "--check", "alice"], capture_output=True,
+                         text=True, timeout=60)
+    assert f"warning: {warning}" in res.stdout and res.returncode == 1, res.stdout
+    os.chmod(conf, 0o664)
+    assert config_warnings(load_config(conf)) == []  # (group root)
+    os.chown(conf, -1, clean_homes.users["bob"].gid)
+    assert "writable by group or others (mode 0664)" in config_warnings(load_config(conf))[0]
+    os.chmod(conf, 0o644)
+    os.chown(conf, clean_homes.users["bob"].uid, 0)
+    (warning,) = config_warnings(load_config(conf))
+    assert f"owned by uid {clean_homes.users['bob'].uid}, not root" in warning
