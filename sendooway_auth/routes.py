@@ -88,10 +88,10 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
         text = _text(read, found, config_grammar=True)
         if text is not None:
             user_cfg = _parse_include(text, path, found)
-            if user_cfg.smarthostMapping and any(
-                m.direct is not None and m.direct.route.password for m in user_cfg.smarthostMapping
-            ):
-                _check_mode(read, user, found)
+            if user_cfg.smarthostMapping or user_cfg.sslCA is not None:
+                _check_mode(read, user, found, holds_password=any(
+                    m.direct is not None and m.direct.route.password
+                    for m in user_cfg.smarthostMapping))
     found.ca_file = user_cfg.sslCA if user_cfg and user_cfg.sslCA is not None else cfg.sslCA
     own_ca = ""
     if user_cfg and user_cfg.sslCA:
@@ -152,8 +152,8 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
                                           else NO_SENDER)
                 found.errors.extend(result.errors)
                 found.warnings.extend(result.warnings)
-                if result.holds_password:
-                    _check_mode(read, user, found)
+                if result.accounts:
+                    _check_mode(read, user, found, result.holds_password)
             parsed[m.path] = result
         found.accounts.extend(replace(a, tier=tier) for a in parsed[m.path].accounts)
     # Such a file is no error (getmail or fetchmail only fetches with it,
@@ -383,9 +383,16 @@ def _parse_include(text: str, path: str, found: UserRoutes) -> UserConfig:
     return parsed
 
 
-def _check_mode(read: FileRead, user: UserInfo, found: UserRoutes) -> None:
+def _check_mode(read: FileRead, user: UserInfo, found: UserRoutes,
+                holds_password: bool) -> None:
+    """Warnings for a file that gives routes: readable by others when it
+    holds passwords; writable by others or owned by someone else whatever
+    it holds, since whoever may change it may send the user's mail (and,
+    by its server or sslCA, the upstream password) where they like (an
+    outside review: a writable ~/.sendoowayrc without passwords was not
+    warned about)."""
     mode = read.mode & 0o7777
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
+    if holds_password and mode & (stat.S_IRGRP | stat.S_IROTH):
         found.warnings.append(
             f"{read.path}: unsafe mode {mode:04o}: holds passwords and is readable by"
             " group or others (chmod 600)")

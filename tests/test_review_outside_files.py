@@ -239,3 +239,31 @@ def test_a_global_config_others_may_change_is_warned_about(tmp_path, tmp_config,
     os.chown(conf, clean_homes.users["bob"].uid, 0)
     (warning,) = config_warnings(load_config(conf))
     assert f"owned by uid {clean_homes.users['bob'].uid}, not root" in warning
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
+def test_a_users_file_others_may_change_is_warned_about_without_passwords(tmp_config,
+                                                                          clean_homes):
+    """docs/decisions/auth.md: a user's file "writable by group or others"
+    is warned about. Only files holding passwords were: a ~/.sendoowayrc
+    with an sslCA and a mapping (no password in it) anyone may rewrite, to
+    trust their own CA before alice's upstream (and hear her password), or
+    a noAuth account anyone may point at their server, went unmentioned."""
+    world = clean_homes
+    include = world.write_user_file("alice", ".sendoowayrc",
+                                    "sslCA = %h/ca.pem\nsmarthostMapping = fetchmail:%h/.fetchmailrc\n",
+                                    mode=0o666)
+    rc = world.write_user_file("alice", ".fetchmailrc", (
+        'poll pop.example.org user "alice"\n#sendooway:server "smtp.example.org"\n'
+        '#sendooway:noAuth\n#sendooway:address "alice@example.org"\n'), mode=0o646)
+    conf = tmp_config("userInclude = %h/.sendoowayrc\n")
+    res = subprocess.run([*AUTH, "-c", conf, "--check", "alice"], capture_output=True,
+                         text=True, timeout=60)
+    assert f"  {include}: unsafe mode 0666: writable by group or others" in res.stdout
+    assert f"  {rc}: unsafe mode 0646: writable by group or others" in res.stdout
+    assert "readable" not in res.stdout  # (no password in either)
+    os.chmod(include, 0o644)
+    os.chmod(rc, 0o644)
+    res = subprocess.run([*AUTH, "-c", conf, "--check", "alice"], capture_output=True,
+                         text=True, timeout=60)
+    assert "unsafe mode" not in res.stdout, res.stdout
