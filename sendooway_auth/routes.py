@@ -123,6 +123,8 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     if own_ca:
         found.files.append(("sslCA", by_path[own_ca]))
         _take_ca(by_path[own_ca], found)
+        if found.ca_pem:  # (a CA anyone may add to vouches for their server)
+            _check_mode(by_path[own_ca], user, found, holds_password=False)
     for path in paths:
         kind = next(m.kind for m in mappings if m.path == path)
         found.files.append((kind.value, by_path[path]))

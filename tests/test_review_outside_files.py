@@ -267,3 +267,18 @@ def test_a_users_file_others_may_change_is_warned_about_without_passwords(tmp_co
     res = subprocess.run([*AUTH, "-c", conf, "--check", "alice"], capture_output=True,
                          text=True, timeout=60)
     assert "unsafe mode" not in res.stdout, res.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--check of another user runs as root")
+def test_a_users_own_sslca_file_others_may_change_is_warned_about(tmp_config, clean_homes):
+    """Whoever may add a certificate to alice's own sslCA file may vouch
+    for a server of theirs before her upstream, and hear her password."""
+    world = clean_homes
+    with open(world.ca_file) as f:
+        ca = world.write_user_file("alice", "ca.pem", f.read(), mode=0o646)
+    world.write_user_file("alice", ".sendoowayrc", "sslCA = %h/ca.pem\n")
+    conf = tmp_config("userInclude = %h/.sendoowayrc\n")
+    res = subprocess.run([*AUTH, "-c", conf, "--check", "alice"], capture_output=True,
+                         text=True, timeout=60)
+    assert f"  {ca}: unsafe mode 0646: writable by group or others" in res.stdout, res.stdout
+    assert "errors:" not in res.stdout
