@@ -479,6 +479,11 @@ def run_fd(cfg: Config, fd: int, failure_delay: float) -> int:
     # authenticator reads the file anew. A hang-up is not a reason to cut it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     check_backend(cfg)
+    # each session is a start here (inetd, xinetd: the original's way, with
+    # no daemon to log them once), as the frontend logs an unusable sslCert
+    # at every session: else only --check ever showed them (an outside review)
+    for warning in config_warnings(cfg):
+        log.warning("%s", text(warning))
     sock = _inherited_socket(fd)  # before anything is set up
     rt = Runtime(cfg, failure_delay, threads=2, shared_penalty=True)
     try:

@@ -23,7 +23,7 @@ from sendooway_auth.getmail import parse_getmailrc
 from sendooway_shared.config import (
     address_pattern_problem, config_warnings, load_config, parse_config, parse_user_config,
 )
-from tests.auth_helpers import Daemon
+from tests.auth_helpers import Daemon, fd_authenticator
 
 AUTH = [sys.executable, "-m", "sendooway_auth.cli"]
 F = "/home/alice/.fetchmailrc"
@@ -282,3 +282,17 @@ def test_a_users_own_sslca_file_others_may_change_is_warned_about(tmp_config, cl
                          text=True, timeout=60)
     assert f"  {ca}: unsafe mode 0646: writable by group or others" in res.stdout, res.stdout
     assert "errors:" not in res.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
+def test_the_session_authenticator_of_an_inetd_frontend_logs_the_config_warnings(tmp_path,
+                                                                               tmp_config):
+    """sendooway started by xinetd as root (the original's deployment) runs
+    `sendooway-auth --fd` for each session, with no daemon to log the
+    config's warnings at its start: they reached no log at all."""
+    conf = tmp_config("validUser = alice,bob\n")
+    log = tmp_path / "fd.log"
+    with fd_authenticator(conf, str(log)) as (proc, ours):
+        ours.close()
+        assert proc.wait(10) == 0
+    assert f"{conf}:1: validUser: no user or group is named with" in log.read_text()
