@@ -602,7 +602,8 @@ class Session:
         if s.advertise_8bitmime:
             ext.append("8BITMIME")
         ext.append("ENHANCEDSTATUSCODES")
-        if (s.tls_available or s.tls_broken) and not self.encrypted:
+        if (s.tls_available or s.tls_broken) and not self.encrypted and self.user is None:
+            # (after a login in clear STARTTLS is refused, 503: not offered then)
             ext.append("STARTTLS")
         if self.user is None and (self.encrypted or not (s.require_encryption or s.tls_broken)):
             ext.append("AUTH PLAIN LOGIN")
