@@ -162,7 +162,7 @@ class Session:
         self._last_code = 0            # of the last reply made here (not relayed)
         self._buf = bytearray()
         self._eof = False
-        self._discarding = False       # dropping an over-long line up to its LF
+        self._discarding: Reply | None = None  # dropping an over-long line up to its LF: its reply
         self._out = bytearray()
         self._events: deque[Event] = deque()
         self._awaiting: _Await | None = None
@@ -356,7 +356,7 @@ class Session:
         offset of its LF, while a MAIL or RCPT answer is awaited; None
         otherwise (nothing taken)."""
         if (self._awaiting not in (_Await.MAIL, _Await.RCPT) or self._events
-                or self._auth is not None or self._discarding or self._closed_event is not None):
+                or self._auth is not None or self._discarding is not None or self._closed_event is not None):
             return None
         buf = self._buf
         lf = buf.find(b"\n", 0, MAX_COMMAND_LINE)
@@ -446,25 +446,29 @@ class Session:
             limit = MAX_AUTH_LINE + len(b"AUTH PLAIN ")
         else:
             limit = MAX_COMMAND_LINE
-        if self._discarding:
+        if self._discarding is not None:
             lf = buf.find(b"\n")
             if lf < 0:
                 buf.clear()
                 return None
             del buf[: lf + 1]
-            self._discarding = False
-            return R.AUTH_LINE_TOO_LONG if self._auth is not None else R.LINE_TOO_LONG
+            too_long, self._discarding = self._discarding, None
+            return too_long
         lf = buf.find(b"\n", 0, limit)
         if lf < 0:
             if len(buf) < limit:
                 return None
+            # an AUTH exchange line, the AUTH command's initial response
+            # included, gets RFC 4954 6's 5.5.6
+            too_long = (R.AUTH_LINE_TOO_LONG if self._auth is not None or buf[:5].upper() == b"AUTH "
+                        else R.LINE_TOO_LONG)
             lf = buf.find(b"\n", limit)
             if lf < 0:
-                self._discarding = True
+                self._discarding = too_long
                 buf.clear()
                 return None
             del buf[: lf + 1]
-            return R.AUTH_LINE_TOO_LONG if self._auth is not None else R.LINE_TOO_LONG
+            return too_long
         line = bytes(buf[: lf + 1])
         del buf[: lf + 1]
         return line
@@ -602,7 +606,8 @@ class Session:
         if s.advertise_8bitmime:
             ext.append("8BITMIME")
         ext.append("ENHANCEDSTATUSCODES")
-        if (s.tls_available or s.tls_broken) and not self.encrypted:
+        if (s.tls_available or s.tls_broken) and not self.encrypted and self.user is None:
+            # (after a login in clear STARTTLS is refused, 503: not offered then)
             ext.append("STARTTLS")
         if self.user is None and (self.encrypted or not (s.require_encryption or s.tls_broken)):
             ext.append("AUTH PLAIN LOGIN")

@@ -270,11 +270,12 @@ def test_an_auth_continuation_is_taken_up_to_2048_octets(start):
 
 def test_an_auth_initial_response_is_taken_up_to_2048_octets_past_the_verb():
     """AUTH with an initial response may be as long as "AUTH PLAIN " and a
-    continuation line; one octet more is refused as too long."""
+    continuation line; one octet more is refused as too long (RFC 4954 6's
+    5.5.6, as for a continuation line)."""
     h = Harness()
     taken = b"AUTH PLAIN " + _b64_line(2048)
     assert first_lines(h.feed(taken))[0].startswith("501 5.5.2 ")
-    assert first_lines(h.feed(b"AUTH PLAIN Q" + _b64_line(2048)))[0].startswith("500 5.5.2 ")
+    assert first_lines(h.feed(b"AUTH PLAIN Q" + _b64_line(2048)))[0].startswith("500 5.5.6 ")
 
 
 @pytest.mark.parametrize("verb", [b"MAIL", b"mail"])
