@@ -47,6 +47,25 @@ def front_config(tmp, world, extra: str = "", tls: bool = True,
     return path
 
 
+@contextlib.contextmanager
+def front_with_daemon(tmp, world, config: str, *upstreams):
+    """A `sendooway -b` on `config` next to its `sendooway-auth` daemon,
+    both in `tmp`; yields the Frontend (with .world and .up, the first of
+    `upstreams`) and stops all three, and the other upstreams, afterwards."""
+    from .auth_helpers import Daemon
+
+    daemon = Daemon(tmp, config).start()
+    front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+    front.world, front.up = world, upstreams[0] if upstreams else None
+    try:
+        yield front
+    finally:
+        front.stop()
+        daemon.stop()
+        for up in upstreams:
+            up.stop()
+
+
 def wait_port(host: str, port: int, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

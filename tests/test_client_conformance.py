@@ -15,9 +15,8 @@ import pytest
 
 from sendooway_front._reply import Reply
 
-from .auth_helpers import Daemon
 from .front_harness import LOGIN_ALICE, Harness, codes
-from .front_util import Frontend, front_config, login_plain, open_tmp
+from .front_util import front_config, front_with_daemon, login_plain, open_tmp
 from .hardening_util import RawClient, ScriptedUpstream
 from .upstream import FakeUpstream
 
@@ -58,16 +57,9 @@ def fe(world):
         extra = (f"smarthostMapping = direct:*@qmail.example 127.0.0.1 {qmail.port} noAuth\n"
                  f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
         config = front_config(tmp, world, extra)
-        daemon = Daemon(tmp, config).start()
-        front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        front.up, front.qmail, front.world = up, qmail, world
-        try:
+        with front_with_daemon(tmp, world, config, up, qmail) as front:
+            front.qmail = qmail
             yield front
-        finally:
-            front.stop()
-            daemon.stop()
-            up.stop()
-            qmail.stop()
 
 
 @pytest.fixture(autouse=True)

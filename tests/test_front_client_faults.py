@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from .auth_helpers import Daemon
-from .front_util import Frontend, front_config, login_plain, open_tmp
+from .front_util import front_config, front_with_daemon, login_plain, open_tmp
 from .hardening_util import RawClient, ScriptedUpstream, rss_kib, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -29,15 +28,8 @@ def fe(world):
         extra = (f"timeout = {TIMEOUT}\nextMessageSize = 10000\n"
                  f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
         config = front_config(tmp, world, extra)
-        daemon = Daemon(tmp, config).start()
-        front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        front.up = up
-        try:
+        with front_with_daemon(tmp, world, config, up) as front:
             yield front
-        finally:
-            front.stop()
-            daemon.stop()
-            up.stop()
 
 
 def _client(fe) -> RawClient:
@@ -125,18 +117,13 @@ def test_sigterm_tells_waiting_sessions_421(world):
     deliberate close from a network fault)."""
     with open_tmp() as tmp:
         config = front_config(tmp, world, "timeout = 120\n")
-        daemon = Daemon(tmp, config).start()
-        front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        try:
+        with front_with_daemon(tmp, world, config) as front:
             with RawClient(front.host, front.port, timeout=45) as c:
                 assert c.reply()[0] == 220
                 assert c.cmd(b"EHLO client.test\r\n")[0] == 250
                 front.proc.send_signal(signal.SIGTERM)
                 code, text = c.reply()
             assert code == 421, (code, text)
-        finally:
-            front.stop()
-            daemon.stop()
 
 
 def test_a_client_gone_after_its_final_dot_is_logged_as_gone_not_as_a_shutdown(fe, world):

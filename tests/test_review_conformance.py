@@ -11,8 +11,7 @@ import re
 
 import pytest
 
-from .auth_helpers import Daemon
-from .front_util import Frontend, front_config, login_plain, open_tmp
+from .front_util import front_config, front_with_daemon, login_plain, open_tmp
 from .hardening_util import RawClient, ScriptedUpstream
 
 ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |$)")
@@ -45,15 +44,8 @@ def fe(world):
         up.replies["RCPT"] = rcpt
         up.start()
         config = front_config(tmp, world, f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
-        daemon = Daemon(tmp, config).start()
-        front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        front.up, front.world = up, world
-        try:
+        with front_with_daemon(tmp, world, config, up) as front:
             yield front
-        finally:
-            front.stop()
-            daemon.stop()
-            up.stop()
 
 
 def _logged_in(fe) -> RawClient:

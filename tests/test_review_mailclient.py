@@ -10,8 +10,7 @@ import smtplib
 
 import pytest
 
-from .auth_helpers import Daemon
-from .front_util import Frontend, front_config, login_plain, open_tmp
+from .front_util import front_config, front_with_daemon, login_plain, open_tmp
 from .upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -22,15 +21,8 @@ def fe(world):
     with open_tmp() as tmp:
         up = FakeUpstream(world, tls="plain").start()
         config = front_config(tmp, world, f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
-        daemon = Daemon(tmp, config).start()
-        front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-        front.up, front.world = up, world
-        try:
+        with front_with_daemon(tmp, world, config, up) as front:
             yield front
-        finally:
-            front.stop()
-            daemon.stop()
-            up.stop()
 
 
 def test_ehlo_after_a_login_in_clear_does_not_offer_the_starttls_it_refuses(fe):
