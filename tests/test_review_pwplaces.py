@@ -72,3 +72,26 @@ def test_fetchmail_password_typed_into_the_address_line(tmp_config, clean_homes,
     code, out = check(conf, "alice", "--sender", "alice@example.org")
     assert ".fetchmailrc:3: #sendooway:address: address must" in out, out
     assert PW not in out, out
+
+
+def test_a_reload_refused_for_a_wrapped_mapping_does_not_log_its_password(tmp_path, world):
+    """The same wrapped direct: mapping brought in by a SIGHUP: "reload
+    failed, old config kept: ... unknown keyword '<the password>'" in the
+    daemon's log."""
+    import signal
+
+    from tests.auth_helpers import Daemon
+
+    conf = tmp_path / "sendooway.conf"
+    conf.write_text("smarthostMapping = direct:* smtp.example.org 587 alice other-pw\n")
+    os.chmod(tmp_path, 0o755)
+    d = Daemon(tmp_path, str(conf)).start()
+    try:
+        conf.write_text("smarthostMapping = direct:* smtp.example.org 587 alice\n"
+                        f"  {B64_PW}== tls\n")
+        d.proc.send_signal(signal.SIGHUP)
+        log = d.wait_log("reload failed")
+        assert f"{conf}:2: unknown keyword" in log, log
+        assert B64_PW not in log, log
+    finally:
+        d.stop()
