@@ -95,3 +95,16 @@ def test_a_reload_refused_for_a_wrapped_mapping_does_not_log_its_password(tmp_pa
         assert B64_PW not in log, log
     finally:
         d.stop()
+
+
+def test_getmail_password_on_a_line_of_its_own_below_its_key(tmp_config, clean_homes):
+    """getmail.py: `password =` with the password on the next line, not
+    indented (so no continuation): a base64 password's `=` makes that line
+    `KEY =`, warned about as "unknown key '<the password, lower-cased>'"."""
+    clean_homes.write_user_file("alice", ".getmail/getmailrc", (
+        "[sender]\ntype = SimpleSMTPTLSSender\nserver = smtp.example.org\n"
+        f"username = alice\naddress = alice@example.org\npassword =\n{B64_PW}=\n"))
+    conf = tmp_config("smarthostMapping = getmail:%h/.getmail/getmailrc\n")
+    code, out = check(conf, "alice", "--sender", "alice@example.org")
+    assert "getmailrc:7: [sender] unknown key" in out, out
+    assert B64_PW.lower() not in out.lower(), out
