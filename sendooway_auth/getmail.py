@@ -32,6 +32,8 @@ UTF-8 (a Latin-1 "# für Büro"); a value it uses is an error at its line.
 
 from __future__ import annotations
 
+import difflib
+
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
 from ._accounts import Account, ParseResult, field_problem, lines
@@ -178,7 +180,11 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
             # its first word only: `password s3cr=t` (the `=` forgotten after
             # the key) makes "password s3cr" the key
             shown = "".join(c for c in key.split()[0][:40] if c.isprintable())
-            result.warnings.append(f"{filename}:{values[0][0]}: [sender] unknown key '{shown}'"
+            # and only a near miss of a key (`adress`): a line of its own
+            # may be the password (`password =` and below it `c2VjcmV0=`)
+            said = (f"'{shown}'" if difflib.get_close_matches(shown, _SENDER_KEYS, n=1, cutoff=0.7)
+                    else "(the line is not shown)")
+            result.warnings.append(f"{filename}:{values[0][0]}: [sender] unknown key {said}"
                                    " ignored")
     kind = _one(sender, "type")
     if kind is None:

@@ -684,7 +684,10 @@ class Session:
                 return
             authzid, user, password = parts
             if authzid and authzid != user:
-                self._auth_refused(exchange.mechanism, user, "authorization identity not allowed")
+                # with nothing after it (`alice\0SECRET\0`, the fields one
+                # place off) the "user name" is the password: not shown
+                self._auth_refused(exchange.mechanism, user if password else "",
+                                   "authorization identity not allowed")
                 return
             self._auth_ask(exchange.mechanism, user, password)
         elif exchange.user is None:

@@ -376,9 +376,23 @@ async def _no_surplus(client: UpstreamClient, what: str) -> None:
     except (OSError, TimeoutError, ReplyError, TLSError):
         reply = None
     if reply is not None and reply.code == 421:
+        if what == "AUTH" and _echoes_credentials(client.route, reply):
+            # its words go to the log and to the client: not when they
+            # quote what we sent (a box that echoes the AUTH line it got)
+            reply = Reply(421, ("4.3.0 (text not shown: it quotes the credentials)",))
         raise UpstreamError(Reply(451, reply.lines).with_enhanced("0.0"),
                             f"{client.address}: closing: {reply}")
     raise ReplyError(f"more than its reply to {what}")
+
+
+def _echoes_credentials(route: Route, reply: Reply) -> bool:
+    """Does the reply text hold the password, or an AUTH line's base64 we
+    sent (PLAIN's token, LOGIN's password)?"""
+    password = route.password.reveal()
+    text = "\n".join(reply.lines)
+    sent = (password, _b64(password.encode("utf-8")),
+            _b64(b"\0" + route.user.encode("utf-8") + b"\0" + password.encode("utf-8")))
+    return any(s and s in text for s in sent)
 
 
 async def _hello(client: UpstreamClient, where: str) -> None:

@@ -656,7 +656,10 @@ def _pattern_form_problem(pattern: str) -> str | None:
         return None
     local, at, domain = pattern.rpartition("@")
     if not at or not local or not domain:
-        return f"address must be user@domain, *@domain or *, got {pattern[:80]!r}"
+        # the value is never repeated in an address error: a line that is no
+        # address may well be a password (`#sendooway:address SECRET`, or a
+        # getmail `password=...` line indented below `address`)
+        return "address must be user@domain, *@domain or *"
     return None
 
 
@@ -682,10 +685,10 @@ def address_pattern_problem(pattern: str) -> str | None:
     literal = domain.startswith("[") and domain.endswith("]")
     if (not quoted and _PATTERN_SPECIALS.search(local)) or (
             not literal and _PATTERN_SPECIALS.search(domain)):
-        return (f"address must be one bare address (no angle brackets, names or lists:"
-                f" one address a line), got {pattern[:80]!r}")
+        return ("address must be one bare address (no angle brackets, names or lists:"
+                " one address a line)")
     if "*" in domain or ("*" in local and local != "*"):
-        return f"'*' may only stand for a whole local part, got {pattern[:80]!r}"
+        return "'*' may only stand for a whole local part"
     return None
 
 
@@ -817,9 +820,12 @@ def _lookup(key: str, filename: str, number: int, allowed: tuple[str, ...]):
     spec = _KEYWORDS.get(key.lower())
     if spec is None:
         hint = difflib.get_close_matches(key.lower(), [k.lower() for k in allowed], n=1, cutoff=0.7)
-        suggestion = ""
-        if hint:
-            suggestion = f" (did you mean '{next(k for k in allowed if k.lower() == hint[0])}'?)"
+        if not hint:
+            # not shown unless it is a near miss of a keyword: the line may be
+            # the rest of a wrapped direct: mapping whose password holds '='
+            # (`...  alice` then `  c2VjcmV0= tls`: the key is the password)
+            raise ConfigError(filename, number, "unknown keyword (the line is not shown)")
+        suggestion = f" (did you mean '{next(k for k in allowed if k.lower() == hint[0])}'?)"
         raise ConfigError(filename, number, f"unknown keyword '{_shown_key(key)}'{suggestion}")
     return spec
 

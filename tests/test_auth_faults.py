@@ -84,7 +84,7 @@ def test_include_errors_name_the_line_an_editor_shows(clean_homes):
         "# a comment\x0cwith a form feed\n"
         "nonsense = 1\n"))
     found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
-    assert f"{inc}:2: unknown keyword 'nonsense'" in found.errors, found.errors
+    assert f"{inc}:2: unknown keyword (the line is not shown)" in found.errors, found.errors
 
 
 def test_a_long_unknown_include_keyword_is_an_error_not_a_temporary_failure(clean_homes):

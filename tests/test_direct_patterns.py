@@ -125,5 +125,4 @@ def test_parsers_differ_only_in_how_they_report():
     user = parse_user_config(line, "/home/a/.sendoowayrc", errors)
     assert not user.smarthostMapping
     assert [str(e) for e in errors] == [
-        "/home/a/.sendoowayrc:1: smarthostMapping: '*' may only stand for a whole local part,"
-        " got '*@*.example.org'"]
+        "/home/a/.sendoowayrc:1: smarthostMapping: '*' may only stand for a whole local part"]
