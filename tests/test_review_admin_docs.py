@@ -52,3 +52,74 @@ def test_troubleshooting_example_report_names_the_shipped_configs_lines(deployme
     assert r.returncode == 0, r.stdout + r.stderr
     real = re.findall(rf"^  {re.escape(str(dep.config))}:(\d+): (\w+):", r.stdout, re.M)
     assert doc_mappings == real, (doc_mappings, r.stdout)
+
+
+# ------------------------------------------------------------ fail2ban with -l
+
+
+def _inetd_session(dep: dw.Deployment, args: list[str], lines: list[bytes]) -> bytes:
+    """One session as inetd runs it: the accepted TCP connection on the
+    frontend's stdin and stdout, the frontend started as root."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname(), timeout=30)
+        conn, _ = listener.accept()
+        with conn, client:
+            proc = subprocess.Popen([command("sendooway"), *args], env=dep.env, stdin=conn,
+                                    stdout=conn, stderr=subprocess.DEVNULL)
+            conn.close()
+            client.sendall(b"".join(line + b"\r\n" for line in lines))
+            out = b""
+            while chunk := client.recv(65536):
+                out += chunk
+            proc.wait(60)
+    return out
+
+
+def test_guide_points_the_jail_at_the_log_file_the_failures_go_to(deployment, tmp_path):
+    """Section 4 tells how to log to files (`-l`, drop-ins) and then ships a
+    jail reading /var/log/mail.log or the journal, where sendooway-auth
+    writes nothing once it logs to a file: a careful admin following both
+    got a jail that never bans. The guide now gives the jail's logpath
+    for the file; the jail so changed loads in fail2ban and its filter
+    finds the failure a root frontend under inetd (with `-l`) had its
+    authenticator write into that file."""
+    if not shutil.which("fail2ban-client") or not os.path.isdir("/etc/fail2ban"):
+        pytest.skip("fail2ban not installed")
+    dep = deployment
+    section = _guide_section(4)
+    m = re.search(r"`/etc/fail2ban/jail\.d/sendooway\.local`:\n\n```ini\n(.*?)```", section, re.S)
+    assert m, "section 4 gives no jail for -l log files"
+    local = m.group(1)
+    assert "logpath = /var/log/sendooway-auth.log" in local and "backend = auto" in local
+
+    # a failed login in the xinetd/inetd way, logged with -l (TLS not required here)
+    config = dep.root / "plain.conf"
+    config.write_text(dep.config.read_text().replace("mailerEncryption = required",
+                                                     "mailerEncryption = allowed"))
+    log = tmp_path / "sendooway-auth.log"
+    out = _inetd_session(dep, ["-c", str(config), "-l", str(log)],
+                         [b"EHLO client.test", b"AUTH PLAIN AGFsaWNlAHdyb25n", b"QUIT"])
+    assert b"\r\n535 " in out, out
+    assert "sendooway-auth[" in log.read_text() and "auth failed: user=alice" in log.read_text()
+
+    # fail2ban's own configuration with the shipped jail, filter and the guide's .local
+    conf = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", conf, ignore=shutil.ignore_patterns("jail.d", "*.local"))
+    (conf / "jail.d").mkdir()
+    shutil.copy(PACKAGING / "fail2ban" / "jail.d" / "sendooway.conf", conf / "jail.d")
+    (conf / "jail.d" / "sendooway.local").write_text(
+        local.replace("/var/log/sendooway-auth.log", str(log)))
+    shutil.copy(PACKAGING / "fail2ban" / "filter.d" / "sendooway.conf", conf / "filter.d")
+    r = subprocess.run(["fail2ban-client", "-c", str(conf), "-d"], capture_output=True,
+                       text=True, timeout=60, env=system_env())
+    assert r.returncode == 0, r.stderr
+    assert "['add', 'sendooway', 'auto']" in r.stdout, r.stdout
+    assert f"['set', 'sendooway', 'addlogpath', '{log}'" in r.stdout, r.stdout
+    r = subprocess.run(["fail2ban-regex", "--out", "ip", str(log),
+                        str(conf / "filter.d" / "sendooway.conf")],
+                       capture_output=True, text=True, timeout=60, env=system_env())
+    assert r.stdout.split() == ["127.0.0.1"], r.stdout + r.stderr
