@@ -123,3 +123,27 @@ def test_guide_points_the_jail_at_the_log_file_the_failures_go_to(deployment, tm
                         str(conf / "filter.d" / "sendooway.conf")],
                        capture_output=True, text=True, timeout=60, env=system_env())
     assert r.stdout.split() == ["127.0.0.1"], r.stdout + r.stderr
+
+
+# ------------------------------------------------------------ unit hardening
+
+
+def test_docs_name_every_address_family_the_auth_unit_allows():
+    """deployment.md ("may open only UNIX sockets") and sendooway-auth(8)
+    ("allows only UNIX sockets") described sendooway-auth.service, whose
+    RestrictAddressFamilies= also allows AF_NETLINK (libpam's audit records,
+    docs/decisions/deployment.md): an admin auditing the unit against the
+    docs found a family the docs denied."""
+    unit = (PACKAGING / "systemd" / "sendooway-auth.service").read_text()
+    families = re.search(r"^RestrictAddressFamilies=(.*)$", unit, re.M).group(1).split()
+    assert families == ["AF_UNIX", "AF_NETLINK"], families
+    words = {"AF_UNIX": "UNIX", "AF_NETLINK": "netlink"}
+    guide = " ".join(_guide_section(2).split())
+    claim = re.search(r"\(`ProtectHome=read-only`\), may open only ([^,]*),", guide)
+    assert claim, "section 2c no longer says which sockets the authenticator may open"
+    page = " ".join(man_text("sendooway-auth.8").split("\n.SH SECURITY", 1)[1].split())
+    page_claim = re.search(r"allows only ([^.]*)\.", page)
+    assert page_claim, "sendooway-auth(8) SECURITY no longer says which sockets"
+    for text in (claim.group(1), page_claim.group(1)):
+        for family in families:
+            assert words[family] in text, (family, text)
