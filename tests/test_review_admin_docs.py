@@ -147,3 +147,15 @@ def test_docs_name_every_address_family_the_auth_unit_allows():
     for text in (claim.group(1), page_claim.group(1)):
         for family in families:
             assert words[family] in text, (family, text)
+
+
+# ------------------------------------------------------------ README
+
+
+def test_readme_layout_names_every_tool():
+    """README.md's Layout named tools/fuzz/ and tools/fresh-debian/ but not
+    tools/systemd-check/, the one deployment.md sends an admin to before
+    changing the units."""
+    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("```", 2)[1]
+    for tool in sorted(p.name for p in (REPO / "tools").iterdir() if p.is_dir()):
+        assert f"tools/{tool}/" in layout, tool
