@@ -159,3 +159,50 @@ def test_readme_layout_names_every_tool():
     layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("```", 2)[1]
     for tool in sorted(p.name for p in (REPO / "tools").iterdir() if p.is_dir()):
         assert f"tools/{tool}/" in layout, tool
+
+
+# ------------------------------------------------------------ migrating: -b
+
+
+def _listen_addresses(proc: subprocess.Popen, port: int) -> set[str]:
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError("sendooway -b exited: " + proc.stderr.read().decode())
+        return dw.listening(port)
+
+    dw.wait_for(up, timeout=30, what="sendooway -b to listen")
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.stdout.splitlines()}
+
+
+def test_migration_keeps_the_originals_b_port_and_says_how_it_differs(deployment):
+    """The original's last version had `-b PORT` (its --help: "bind and
+    listen on tcp port PORT", daemon.c: a socket on INADDR_ANY); section 5
+    listed the kept command line without it and called `-b` new, so an
+    admin with an init script running `sendooway -b submission` could not
+    tell whether it keeps working, nor that it now listens on IPv6 too.
+    The section now keeps `-b PORT` and names the difference and the
+    original's IPv4-only socket, `-b 0.0.0.0:PORT`, which really is."""
+    section = " ".join(_guide_section(5).split())
+    kept = section.split("What stays the same:", 1)[1].split("What is different:", 1)[0]
+    different = section.split("What is different:", 1)[1].split("New:", 1)[0]
+    new = section.split("New:", 1)[1]
+    assert "[-b PORT]" in kept, kept
+    assert "for a standalone server" not in new, new
+    assert "`-b PORT` listens on IPv6 as well as IPv4" in different, different
+    assert "`-b 0.0.0.0:PORT` is the original's IPv4-only socket" in different, different
+
+    dep = deployment
+    for bind, expected in ((None, {"*"}), ("0.0.0.0", {"0.0.0.0"})):
+        port = dw.free_tcp_port()
+        spec = f"{bind}:{port}" if bind else str(port)
+        proc = subprocess.Popen([command("sendooway"), "-c", str(dep.config), "-l",
+                                 str(dep.front_log), "-b", spec],
+                                env=dep.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            assert _listen_addresses(proc, port) == expected, spec
+        finally:
+            dw.stop(proc)
+
