@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -206,3 +207,42 @@ def test_migration_keeps_the_originals_b_port_and_says_how_it_differs(deployment
         finally:
             dw.stop(proc)
 
+
+# ------------------------------------------------------------ -b: a stop of the whole group
+
+
+def test_b_stopped_with_its_process_group_while_starting_stops_cleanly(deployment, tmp_path):
+    """A root `sendooway -b` starts its private authenticator (a /bin/sh
+    watcher and sendooway-auth) in its own process group. A stop of the
+    whole group right after the port is up — systemd's KillMode=
+    control-group for an admin's own `sendooway -b` unit, ^C in a
+    terminal, the test helpers' killpg — killed the authenticator before
+    it was ready: the watcher waited for the lifeline, the frontend 20 s
+    for a READY that never came, then exited 1 with "sendooway-auth did not
+    become ready" (or "exited with status -15 at start" when the watcher
+    itself died first, leaving its private directory behind). The man page
+    promises SIGTERM a clean stop, exit 0."""
+    dep = deployment
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = dict(dep.env, TMPDIR=str(private_tmp))  # where the private directory goes
+    for _ in range(4):
+        port = dw.free_tcp_port()
+        proc = subprocess.Popen([command("sendooway"), "-c", str(dep.config), "-l",
+                                 str(dep.front_log), "-b", f"127.0.0.1:{port}"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            dw.wait_for(lambda: dw.listening(port) or proc.poll() is not None, timeout=30,
+                        what="sendooway -b to listen")
+            os.killpg(proc.pid, signal.SIGTERM)
+            rc = proc.wait(12)
+        except subprocess.TimeoutExpired:
+            rc = "still running 12 s after the stop"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert rc == 0, (rc, dep.front_log.read_text()[-1500:])
+        dw.wait_for(lambda: not any(private_tmp.iterdir()), timeout=10,
+                    what="the private directory to go")
