@@ -317,17 +317,23 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float,
 
 
 # A root-side watcher made of /bin/sh alone (no frontend code runs as root):
-# it starts the daemon, waits for EOF on its stdin (the frontend's end of a pipe
-# closes when the frontend exits, however it exits) and then stops the daemon.
-# PR_SET_PDEATHSIG cannot do this: once the frontend has dropped to nobody,
-# the kernel does not let its death signal a root process. It ignores the
-# SIGTERM that systemd sends the whole group (the lifeline says when) — the
-# daemon itself starts with the default dispositions, so a stop while it is
-# still starting is not lost — and once the daemon is gone it removes the
-# private directory, which the frontend (nobody by then) cannot.
-_LIFELINE = ('trap "" INT HUP TERM; (trap - INT HUP TERM; exec "$0" "$@") </dev/null & d=$!;'
-             ' read _; kill -TERM $d; wait $d;'
-             ' s=$?; rm -f "$SENDOOWAY_PRIVATE_DIR/auth.sock" "$SENDOOWAY_PRIVATE_DIR/notify";'
+# it starts the daemon, and a reader of its stdin (fd 3: an asynchronous
+# list's stdin is /dev/null) stops the daemon at EOF (the frontend's end of
+# a pipe closes when the frontend exits, however it exits). PR_SET_PDEATHSIG
+# cannot do this: once the frontend has dropped to nobody, the kernel does
+# not let its death signal a root process. It ignores the SIGTERM that
+# systemd sends the whole group (the lifeline says when) — the daemon itself
+# starts with the default dispositions, so a stop while it is still starting
+# is not lost — and once the daemon is gone, whyever, it removes the private
+# directory, which the frontend (nobody by then) cannot, and exits with the
+# daemon's status: a daemon killed before it was ready (the same group stop)
+# ends the frontend's wait for it at once, where the watcher used to wait
+# for the lifeline and the frontend for 20 s (an admin-docs review).
+_LIFELINE = ('trap "" INT HUP TERM; exec 3<&0 </dev/null;'
+             ' (trap - INT HUP TERM; exec "$0" "$@") 3<&- & d=$!;'
+             ' (read _ <&3; kill -TERM $d 2>/dev/null) & r=$!; exec 3<&-;'
+             ' wait $d; s=$?; kill -KILL $r 2>/dev/null;'
+             ' rm -f "$SENDOOWAY_PRIVATE_DIR/auth.sock" "$SENDOOWAY_PRIVATE_DIR/notify";'
              ' rmdir "$SENDOOWAY_PRIVATE_DIR"; exit $s')
 
 
@@ -362,6 +368,9 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
             except socket.timeout:
                 pass
             if proc.poll() is not None:
+                # (killed before its trap, as by a stop of the whole group,
+                # the watcher could not remove the directory: we still can)
+                shutil.rmtree(directory, ignore_errors=True)
                 raise AuthLinkError(f"{program} exited with status {proc.returncode} at start")
             if time.monotonic() > deadline:
                 raise AuthLinkError(f"{program} did not become ready")  # lifeline closes: it stops

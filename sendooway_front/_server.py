@@ -63,6 +63,11 @@ def catch_early_signals() -> None:
         signal.signal(sig, lambda signum, _frame: _early.add(signum))
 
 
+def stop_requested() -> bool:
+    """A SIGTERM or SIGINT arrived before serve_listening took them over."""
+    return bool(_early & {signal.SIGTERM, signal.SIGINT})
+
+
 def preload() -> None:
     for name in PRELOAD:
         try:

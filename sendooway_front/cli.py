@@ -339,7 +339,7 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     from ._privileges import PrivilegeError, acting_as, drop_privileges
     from ._server import (
         BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
-        serve_connection, serve_listening, serve_stdio,
+        serve_connection, serve_listening, serve_stdio, stop_requested,
     )
     from ._tls import TLSConfigError, preload_ca_file, server_context
 
@@ -441,6 +441,12 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
                 connector = spawn_pair(config_path, args.log, cfg.timeout,
                                        stderr_is_client=startup.stderr_is_client)
         except AuthLinkError as exc:
+            if many and stop_requested():
+                # stopped while its authenticator was starting: a stop of the
+                # whole process group (systemd's KillMode=control-group, ^C)
+                # ended that too; a clean stop, not a failure to start
+                log.info("stopped while starting (%s)", exc)
+                return 0
             return _fail(log, str(exc), EXIT_FAILURE)
         if root_only:
             log.info("started %s instead of the authenticator at %s", connector.describe(), path)

@@ -363,7 +363,9 @@ def test_a_private_authenticator_that_died_makes_the_frontend_exit_1(world):
     import socket
 
     with _root_b_serving(world) as (fe, watcher):
-        (daemon,) = children(watcher)
+        # (the watcher's other child is the reader of its lifeline, a shell)
+        (daemon,) = [pid for pid in children(watcher)
+                     if b"sendooway-auth" in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[1]]
         os.kill(daemon, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while _alive(daemon):  # (its listening socket goes with it)

@@ -181,7 +181,28 @@ rm -rf /etc/systemd/system/sendooway-auth.service.d /etc/systemd/system/sendoowa
 systemctl daemon-reload
 systemctl restart sendooway-auth.service
 
-# ---- 9. the journal: no traceback, no password, no failed unit
+# ---- 9. the frontend as an account of its own (deployment.md 2c, as written:
+# adduser, then frontendUser and SocketUser=)
+adduser --quiet --system --group --no-create-home sendooway
+sed -i 's/^frontendUser = nobody$/frontendUser = sendooway/' /etc/sendooway.conf
+sed -i 's/^SocketUser=nobody$/SocketUser=sendooway/' /etc/systemd/system/sendooway-auth.socket
+systemctl daemon-reload
+systemctl stop sendooway-auth.service sendooway-auth.socket
+systemctl start sendooway-auth.socket
+check "own account: the auth socket is sendooway's, mode 0600" \
+    test "$(stat -c '%U %a' /run/sendooway/auth.sock)" = "sendooway 600"
+t=$(date +%s)
+check "own account: mail via 587 STARTTLS" client send 127.0.0.1 587 starttls alice "$UNIXPW" alice@example.org
+check "own account: mail via 465" client send 127.0.0.1 465 ssl alice "$UNIXPW" alice@example.org
+check "own account: no complaint about the socket's owner" \
+    bash -c '! grep -q "lets root connect but not frontendUser"' <<<"$(journal_since "$t")"
+sed -i 's/^frontendUser = sendooway$/frontendUser = nobody/' /etc/sendooway.conf
+sed -i 's/^SocketUser=sendooway$/SocketUser=nobody/' /etc/systemd/system/sendooway-auth.socket
+systemctl daemon-reload
+systemctl stop sendooway-auth.service sendooway-auth.socket
+systemctl start sendooway-auth.socket
+
+# ---- 10. the journal: no traceback, no password, no failed unit
 j=$(journal_since "$T0")
 # (the journals on stdin: as one argument, more than 128 KiB is E2BIG, and a
 # booted Debian's persistent journal, seen through the overlay, is more)
