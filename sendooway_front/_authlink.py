@@ -337,15 +337,44 @@ _LIFELINE = ('trap "" INT HUP TERM; exec 3<&0 </dev/null;'
              ' rmdir "$SENDOOWAY_PRIVATE_DIR"; exit $s')
 
 
+def _private_directory(frontend_user: str | None) -> str:
+    """A new directory (mode 0711) for the private authenticator's socket,
+    one `frontend_user` can reach: under $TMPDIR (tempfile's choice), else
+    /run, else /tmp. A TMPDIR the frontend user may not search (root's
+    TMPDIR=/root/tmp, mode 0700) used to hold it, and every session then got
+    421 "Permission denied" for as long as sendooway ran (an outside review)."""
+    from ._privileges import acting_as
+
+    tried = []
+    for base in dict.fromkeys((tempfile.gettempdir(), "/run", "/tmp")):
+        try:
+            directory = tempfile.mkdtemp(prefix="sendooway-auth-", dir=base)
+        except OSError as exc:
+            tried.append(f"{base} ({exc.strerror})")
+            continue
+        os.chmod(directory, 0o711)  # the frontend user may reach the socket, not list the dir
+        if frontend_user is None:
+            return directory
+        with acting_as(frontend_user):
+            reachable = os.access(directory, os.X_OK, effective_ids=True)
+        if reachable:
+            return directory
+        os.rmdir(directory)
+        tried.append(f"{base} (frontendUser {frontend_user} cannot reach it)")
+    raise AuthLinkError("no directory for the private authenticator's socket: "
+                        + ", ".join(tried))
+
+
 def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
-                 ready_timeout: float = 20.0) -> tuple[SocketConnector, subprocess.Popen, int]:
+                 ready_timeout: float = 20.0,
+                 frontend_user: str | None = None) -> tuple[SocketConnector, subprocess.Popen, int]:
     """Start a private `sendooway-auth --socket` child for a listening frontend
     started as root with no daemon running (a socketpair would serve only one
     session). Returns the connector, the watcher process and the write end of
-    its lifeline: keep it open while serving; the daemon stops once it closes."""
+    its lifeline: keep it open while serving; the daemon stops once it closes.
+    Its socket is put where `frontend_user` can reach it."""
     program = find_auth_program()
-    directory = tempfile.mkdtemp(prefix="sendooway-auth-")
-    os.chmod(directory, 0o711)  # the frontend user may reach the socket, not list the dir
+    directory = _private_directory(frontend_user)
     path = os.path.join(directory, "auth.sock")
     notify_path = os.path.join(directory, "notify")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -436,7 +436,8 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
         config_path = os.path.abspath(args.config)
         try:
             if many:
-                connector, spawned, lifeline = spawn_daemon(config_path, args.log, cfg.timeout)
+                connector, spawned, lifeline = spawn_daemon(
+                    config_path, args.log, cfg.timeout, frontend_user=cfg.frontendUser)
             else:
                 connector = spawn_pair(config_path, args.log, cfg.timeout,
                                        stderr_is_client=startup.stderr_is_client)

@@ -352,6 +352,36 @@ def test_root_b_frontend_leaves_no_private_directory_behind(world, deployment):
     assert leftover is None, f"{private} left behind with {leftover}"
 
 
+def test_root_b_with_a_private_tmpdir_still_serves(world, deployment, tmp_path):
+    """Root's TMPDIR may be a directory only root may search (pam_tmpdir,
+    TMPDIR=/root/tmp, mode 0700). `sendooway -b` started as root made its
+    private authenticator's directory there with tempfile.mkdtemp, and the
+    frontend, nobody once it serves, could not reach the socket: every
+    session got 421 "Permission denied" for as long as it ran, and since
+    that is not ECONNREFUSED/ENOENT it never stopped for a restart either.
+    Now the directory goes where the frontend user can reach it (/run)."""
+    dep = deployment
+    private_tmp = tmp_path / "roots-tmp"
+    private_tmp.mkdir(mode=0o700)
+    os.chmod(private_tmp, 0o700)
+    dep.env["TMPDIR"] = str(private_tmp)
+    proc, port = dw.serve_b(dep)
+    try:
+        m = dw.wait_for(lambda: re.search(r"started (\S+)/auth\.sock",
+                                          dep.front_log.read_text()),
+                        what="the private authenticator's socket in the log")
+        result = dw.smtp_session(world, port)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(60)
+    private = Path(m.group(1))
+    assert result["refused"] == {}
+    assert not private.is_relative_to(private_tmp), private
+    assert rc == 0
+    dw.wait_for(lambda: not private.exists(), what=f"{private} removed at the stop")
+    assert list(private_tmp.iterdir()) == []  # the first try there was removed
+
+
 def test_b_frontend_stopped_while_starting_up_stops_cleanly(world, deployment):
     """A service manager may stop `sendooway -b` right after its port is up,
     before the event loop took the signals over: that SIGTERM used to kill
