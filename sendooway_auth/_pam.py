@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import os
 import queue
 import threading
 from concurrent.futures import Executor, Future
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from pam.__internals import PamAuthenticator, PamConv, PamHandle, PamResponse, conv_func
 
+from sendooway_shared.config import AuthBackend, Config, config_warnings
 from sendooway_shared.types import Secret
 
 # Linux-PAM items and message styles (security/_pam_types.h)
@@ -255,3 +257,38 @@ class PamPool:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+# Where Linux-PAM looks for a service's file (the vendor directory only in
+# builds that have one); with no /etc/pam.d it reads /etc/pam.conf instead.
+PAM_DIRS = ("/etc/pam.d", "/usr/lib/pam.d")
+
+
+def service_file_warning(service: str) -> str | None:
+    """A warning when PAM has no file for `service`: Linux-PAM then uses its
+    `other` service, silently — on Debian the common-* stack, elsewhere often
+    pam_deny (every login refused, with nothing in our log to say why), and
+    never the stack the admin meant (packaging/pam.d/sendooway). Linux-PAM
+    lowercases the name; pam_wrapper (the tests) has a directory of its own."""
+    name = service.lower()
+    if os.environ.get("PAM_WRAPPER") == "1" and os.environ.get("PAM_WRAPPER_SERVICE_DIR"):
+        dirs: tuple[str, ...] = (os.environ["PAM_WRAPPER_SERVICE_DIR"],)
+    elif os.path.isdir(PAM_DIRS[0]):
+        dirs = PAM_DIRS
+    else:
+        return None  # /etc/pam.conf: one file for all services, not ours to parse
+    if "/" in name or any(os.path.exists(os.path.join(d, name)) for d in dirs):
+        return None
+    return (f"PAM service {service} has no file {os.path.join(dirs[0], name)}: PAM uses its"
+            f" 'other' service for it instead (install packaging/pam.d/sendooway as"
+            f" {os.path.join(dirs[0], name)}, or set pamService to a service that exists)")
+
+
+def auth_warnings(cfg: Config) -> list[str]:
+    """config_warnings, and what only the authenticator can tell (at start,
+    at a reload, in --check)."""
+    found = config_warnings(cfg)
+    if cfg.authBackend is AuthBackend.PAM:
+        if (missing := service_file_warning(cfg.pamService)) is not None:
+            found.append(missing)
+    return found

@@ -19,13 +19,13 @@ import time
 from dataclasses import replace
 
 from sendooway_shared.config import (
-    AuthBackend, Config, ConfigError, config_warnings, parse_config, read_text,
+    AuthBackend, Config, ConfigError, parse_config, read_text,
 )
 from sendooway_shared.log import Tally, log_failure, quiet_accept_errors
 
 from ._connection import SILENT, Connection
 from ._logfmt import text
-from ._pam import PamPool, load_libpam
+from ._pam import PamPool, auth_warnings, load_libpam
 from ._penalty import Penalty, SharedPenalty
 from ._reader import ForkServer
 from ._service import AuthService
@@ -263,7 +263,7 @@ class Runtime:
             self.service.cfg = new
         for name in changed:
             log.warning("reload: %s changed; it takes effect only after a restart", name)
-        for warning in config_warnings(new):
+        for warning in auth_warnings(new):
             log.warning("%s", text(warning))
         log.info("reloaded %s: %s", text(path), backend_words(new))
         return True
@@ -406,7 +406,7 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
                exit_with_parent: bool = False, config_path: str | None = None) -> int:
     early = _EarlySignals(hangup=config_path is not None)
     check_backend(cfg)  # before the socket exists: nothing to clean up on refusal
-    for warning in config_warnings(cfg):
+    for warning in auth_warnings(cfg):
         log.warning("%s", text(warning))
     parent = os.getppid() if exit_with_parent else None
     sock = activated_socket()
@@ -482,7 +482,7 @@ def run_fd(cfg: Config, fd: int, failure_delay: float) -> int:
     # each session is a start here (inetd, xinetd: the original's way, with
     # no daemon to log them once), as the frontend logs an unusable sslCert
     # at every session: else only --check ever showed them (an outside review)
-    for warning in config_warnings(cfg):
+    for warning in auth_warnings(cfg):
         log.warning("%s", text(warning))
     sock = _inherited_socket(fd)  # before anything is set up
     rt = Runtime(cfg, failure_delay, threads=2, shared_penalty=True)

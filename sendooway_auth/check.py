@@ -10,13 +10,14 @@ import os
 import sys
 
 from sendooway_shared.cli import EXIT_NOT_WRITTEN, tell_not_written
-from sendooway_shared.config import AuthBackend, Config, config_warnings
+from sendooway_shared.config import AuthBackend, Config
 from sendooway_shared.protocol import ProtocolError
 from sendooway_shared.types import Route
 
 from . import _users
 from ._connection import sendable
 from ._logfmt import text
+from ._pam import auth_warnings
 from ._reader import lookup_direct
 from .routes import MODE_LABELS, UserRoutes
 
@@ -87,7 +88,7 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     if refusal is not None:
         w(f"error: {refusal}")
         w("  (sendooway-auth will not start with this config; the report goes on)")
-    for warning in config_warnings(cfg):
+    for warning in auth_warnings(cfg):
         w(f"warning: {warning}")
     user = _users.lookup(name)
     if user is None:

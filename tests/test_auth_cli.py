@@ -249,3 +249,20 @@ def test_check_of_another_user_without_root_says_it_needs_root(tmp_config, clean
         "result: not checked: only root may read bob's files (run sendooway-auth --check bob"
         " as root)"), res.stdout
     assert "reader child died" not in res.stdout + res.stderr
+
+
+def test_check_warns_of_a_pam_service_with_no_file(tmp_config, clean_homes):
+    """pamService naming a service PAM has no file for: Linux-PAM silently
+    uses its `other` service (pam_deny on many systems: every login fails
+    and nothing says why). --check and the start say so; a name differing
+    only in case is the same service (Linux-PAM lowercases it)."""
+    world = clean_homes
+    code, out = check(tmp_config("pamService = sendoowy\n"), "alice")
+    missing = os.path.join(world.pam_dir, "sendoowy")
+    assert f"warning: PAM service sendoowy has no file {missing}" in out, out
+    assert "'other' service" in out
+    for fine in ("pamService = SendooWay\n", ""):
+        code, out = check(tmp_config(fine), "alice")
+        assert "has no file" not in out, out
+    code, out = check(tmp_config("pamService = sendoowy\nauthBackend = none\n"), "alice")
+    assert "has no file" not in out, out  # no PAM login at all
