@@ -285,6 +285,7 @@ def config_warnings(cfg: Config) -> list[str]:
     if (exposed := exposed_passwords(cfg)) is not None:
         found.append(exposed)
     found.extend(direct_pattern_warnings(cfg))
+    found.extend(direct_port_user_warnings(cfg))
     return found
 
 
@@ -702,6 +703,25 @@ def direct_pattern_warnings(cfg: Config) -> list[str]:
             for m in cfg.smarthostMapping
             if m.direct is not None
             and (problem := address_pattern_problem(m.direct.address)) is not None]
+
+
+# the submission ports an admin writes: a user name that is one of them is
+# most likely a port, with USER or PASS left out
+_PORT_LIKE_USERS = frozenset({"25", "465", "587", "2525"})
+
+
+def direct_port_user_warnings(cfg: Config) -> list[str]:
+    """The global config's direct: mappings whose upstream user name is a
+    submission port: `direct:* smtp.example.org 587 user` (the password left
+    out) is the original's port-less form, user "587" and password "user",
+    and fails only at the upstream's AUTH. A warning names the user field,
+    never the password."""
+    return [f"{m.source}: smarthostMapping: upstream user {m.direct.route.user!r} looks like a"
+            " port: the form with a port is ADDRESS SERVER PORT USER PASS [FLAGS] (is USER or"
+            " PASS missing?)"
+            for m in cfg.smarthostMapping
+            if m.direct is not None and m.direct.route.auth
+            and m.direct.route.user in _PORT_LIKE_USERS]
 
 
 def _parse_mapping(value: str, filename: str, line: int) -> Mapping:

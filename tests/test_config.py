@@ -445,3 +445,20 @@ def test_a_comment_glued_to_a_word_of_a_mapping_is_a_warning(tmp_path):
     warnings = config_warnings(cfg)
     assert len(warnings) == 1 and warnings[0].startswith(f"{conf}:2: the '#' right after a word")
     assert "ss-Word" not in warnings[0]
+
+
+def test_direct_user_that_looks_like_a_port_is_warned():
+    """`direct:* smtp.example.org 587 name` (the password left out) is the
+    original's port-less form: user "587", password "name". It fails only
+    at the upstream's AUTH; the config warning says so, without the
+    password field."""
+    from sendooway_shared.config import config_warnings
+
+    cfg = parse_config("smarthostMapping = direct:* smtp.example.org 587 someone\n"
+                       "smarthostMapping = direct:a@example.org smtp.example.org 587 u1 p1\n"
+                       "smarthostMapping = direct:b@example.org smtp.example.org 25 noAuth\n",
+                       "c.conf")
+    warned = [w for w in config_warnings(cfg) if "looks like a port" in w]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("c.conf:1: smarthostMapping: upstream user '587'")
+    assert "someone" not in warned[0]
