@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from sendooway_shared.config import Config, Ext8BitMime, SmarthostAuth
+from sendooway_shared.log import printable
 from sendooway_shared.types import Route, TlsMode
 
 from . import _tls
@@ -350,7 +351,7 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
         client.stream.remember_tls_session()  # a reply came over TLS: tickets are in
     if client.tls_problems:
         log.warning("%supstream %s: certificate problems ignored (noCertCheck): %s",
-                    prefix, where, "; ".join(client.tls_problems))
+                    prefix, where, printable("; ".join(client.tls_problems)))
     if route.auth:
         await _login(client, config, log, prefix)
         await _no_surplus(client, "AUTH")
@@ -464,7 +465,7 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
                             in_step=True, login_refused=refused)
     # No mechanism we may use: go on without AUTH; the upstream decides.
     log.warning("%supstream %s: no usable AUTH mechanism (offered: %s), sending without AUTH",
-                prefix, where, " ".join(sorted(offered)) or "none")
+                prefix, where, printable(" ".join(sorted(offered)), 200) or "none")
 
 
 async def _auth_cram_md5(client: UpstreamClient) -> Reply:
