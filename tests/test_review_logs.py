@@ -271,3 +271,42 @@ def test_no_password_in_any_log(swept):
         forms += [secret, b64(secret), b64(f"\0alice\0{secret}"), b64(f"\0{UP_USER}\0{secret}")]
     assert [f for f in forms if f in text] == []
     assert "PLAIN: 535 5.7.8" in text and "you said" not in text
+
+
+@pytest.mark.skipif(not shutil.which("fail2ban-regex"), reason="fail2ban not installed")
+def test_proxy_headers_cannot_forge_lines_and_their_client_is_the_one_banned(swept):
+    """Behind a trusted balancer (proxyProtocol): broken headers holding
+    escapes, a forged failure line or a bare LF make one printable line
+    each, matched by no filter; a wrong password from the client a v1 or a
+    v2 header names is banned as that client, not as the balancer."""
+    import ipaddress
+    import struct
+
+    from .front_util import Frontend
+
+    config = front_config(swept.tmp, swept.world, "proxyProtocol = 127.0.0.1/32\nmaxAuthFailures = 50\n",
+                          tls=False, name="proxy.conf")
+    front = Frontend(config, str(swept.tmp / "proxy.log")).start()
+    v2 = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x21]) + struct.pack("!H", 36)
+          + ipaddress.ip_address("2001:db8::7").packed + ipaddress.ip_address("::1").packed
+          + struct.pack("!HH", 40000, 587))
+    try:
+        for header in (b"PROXY TCP4 1.2.3.4\x1b[2J 127.0.0.1 1 2\r\n",
+                       f"PROXY TCP4 {FORGED}"[:100].encode() + b"\r\n",
+                       b"PROXY TCP6 \xc2\x9b\xe2\x80\xae ::1 1 2\r\n", b"PROXY TCP4 1.2.3.4\n"):
+            talk(front.port, [header, EHLO, b"QUIT\r\n"], pause=0.05)
+        for header in (b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 587\r\n", v2):
+            talk(front.port, [header, EHLO, plain("alice", WRONG), b"QUIT\r\n"])
+        time.sleep(0.5)
+    finally:
+        front.stop()
+    log = front.log()
+    broken = [li for li in log.splitlines() if "closing without a greeting" in li
+              and "closed before a PROXY header" not in li]  # (that one: Frontend.start's probe)
+    assert len(broken) == 4, log
+    for line in log.splitlines():
+        assert LINE.match(line) and line.isprintable(), repr(line)
+    auth = swept.daemon.log()
+    lines = [li + "\n" for li in (auth + log).splitlines()
+             if "198.51.100.9" in li or "2001:db8::7" in li or "PROXY" in li]
+    assert _fail2ban(swept, "".join(lines), "proxy-f2b.log") == ["198.51.100.9", "2001:db8::7"], lines
