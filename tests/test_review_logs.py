@@ -310,3 +310,48 @@ def test_proxy_headers_cannot_forge_lines_and_their_client_is_the_one_banned(swe
     lines = [li + "\n" for li in (auth + log).splitlines()
              if "198.51.100.9" in li or "2001:db8::7" in li or "PROXY" in li]
     assert _fail2ban(swept, "".join(lines), "proxy-f2b.log") == ["198.51.100.9", "2001:db8::7"], lines
+
+
+def test_users_files_cannot_forge_lines_and_errors_name_file_and_line(world, clean_homes):
+    """What a user writes into ~/.sendoowayrc, ~/.fetchmailrc and a getmail
+    rc (and the names of the files it points to) reaches the daemon's log
+    as one printable line per error, with FILE:LINE, without the
+    passwords in those files; no line matches the fail2ban filter."""
+    esc = "\x1b[2J\x9b31m\u202e"
+    secret = "File-Pw-3k9"
+    odd_dir = f"dir{esc}"
+    os.makedirs(os.path.join(world.users["alice"].home, odd_dir), exist_ok=True)
+    world.write_user_file("alice", ".sendoowayrc", (
+        "smarthostMapping = fetchmail:%h/.fetchmailrc\n"
+        "smarthostMapping = getmail:%h/.getmail/getmailrc\n"
+        f"smarthostMapping = fetchmail:%h/{odd_dir}\n"
+        f"bogus{esc} {FORGED} = 1\n").encode())
+    world.write_user_file("alice", ".fetchmailrc", (
+        f'poll pop.example.org user "al{esc}" pass "{secret}"\n'
+        f'#sendooway:server "a{esc}b"\n#sendooway:pass "{secret}"\n'
+        f'#sendooway:address "fm{esc}@x.test"\n'
+        f'#sendooway:{FORGED} {secret}\n').encode())
+    world.write_user_file("alice", ".getmail/getmailrc", (
+        f"[sender]\ntype = Simple{esc}\nserver = s{esc}\npassword = {secret}\n"
+        f"address = g{esc}@x.test\n{FORGED} = 1\n").encode())
+    pw = world.users["alice"].password
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "userInclude = %h/.sendoowayrc\n", tls=False)
+        with front_with_daemon(tmp, world, config) as front:
+            talk(front.port, [EHLO, plain("alice", pw), b"MAIL FROM:<a@x.test>\r\n", b"QUIT\r\n"])
+            time.sleep(0.5)
+            log = (tmp / "auth.log").read_text()
+            front_log = front.log()
+    errors = [li for li in log.splitlines() if "user file " in li]
+    for where in (".sendoowayrc:4: unknown keyword", ".fetchmailrc:4: #sendooway:address",
+                  ".fetchmailrc:5: unknown keyword", "getmailrc:2: [sender] unknown type",
+                  "alice/dir\\x1b[2J\\x9b31m\\u202e: not-regular"):
+        assert sum(where in li for li in errors) == 1, (where, log)
+    # the bad server name at the line that gave it (#sendooway:server), not
+    # at the #sendooway:address line that closes the account: an admin sent
+    # to line 4 found an address there and no server
+    assert sum(".fetchmailrc:2: the server name holds" in li for li in errors) == 1, log
+    for line in (log + front_log).splitlines():
+        assert LINE.match(line) and line.isprintable(), repr(line)
+        assert secret not in line, line
+        assert ": auth failed:" not in line, line
