@@ -355,3 +355,22 @@ def test_users_files_cannot_forge_lines_and_errors_name_file_and_line(world, cle
         assert LINE.match(line) and line.isprintable(), repr(line)
         assert secret not in line, line
         assert ": auth failed:" not in line, line
+
+
+def test_implicit_tls_to_a_plain_text_port_says_so(world):
+    """A route with `ssl` (implicit TLS) to a port that speaks plain SMTP
+    (587 or 25 instead of 465; a fetchmailrc's #sendooway:ssl where
+    #sendooway:tls was meant) was logged as OpenSSL's "TLS handshake
+    failed: wrong version number" only; the client side says what it
+    means since an earlier review, the upstream side did not."""
+    up = RawUpstream({})
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, f"smarthostMapping = direct:* 127.0.0.1 {up.port}"
+                              f" {UP_USER} {UP_PW} ssl\n", tls=False)
+        with front_with_daemon(tmp, world, config) as front:
+            talk(front.port, [EHLO, plain("alice", world.users["alice"].password),
+                              b"MAIL FROM:<a@x.test>\r\n", b"QUIT\r\n"])
+            log = front.log()
+    up.stop()
+    line = next(li for li in log.splitlines() if "TLS handshake failed" in li)
+    assert "plain text" in line and "STARTTLS" in line, line
