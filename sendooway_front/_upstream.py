@@ -308,7 +308,12 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         client.abort()
         if stream.resumption_failed:
             raise _ResumptionBroke() from None
-        raise UpstreamError(TLS_FAILED, f"{where}: TLS handshake failed: {e}") from None
+        hint = ""
+        if route.tls is TlsMode.TLS and "wrong version number" in str(e):
+            # (OpenSSL's words for a first answer that is no TLS record)
+            hint = ("; the server answered in plain text: a STARTTLS or plain port, not"
+                    " implicit TLS (use tls, not ssl, or the implicit-TLS port, 465)")
+        raise UpstreamError(TLS_FAILED, f"{where}: TLS handshake failed: {e}{hint}") from None
     except OSError as e:
         client.abort()
         raise UpstreamError(DROPPED, f"{where}: connection lost while logging in: {e}") from None
