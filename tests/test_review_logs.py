@@ -374,3 +374,47 @@ def test_implicit_tls_to_a_plain_text_port_says_so(world):
     up.stop()
     line = next(li for li in log.splitlines() if "TLS handshake failed" in li)
     assert "plain text" in line and "STARTTLS" in line, line
+
+
+def _self_signed(tmp, common_name: str) -> tuple[str, str]:
+    """A self-signed certificate whose subject says `common_name`."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_file, key_file = str(tmp / "evil-cert.pem"), str(tmp / "evil-key.pem")
+    with open(cert_file, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_an_upstream_certificate_cannot_forge_lines(world, upstream_factory):
+    """noCertCheck logs the certificate problems it tolerates, with the
+    subject of the certificate at fault, which the upstream writes: a CN
+    holding a newline and a forged failure line made a second log line
+    (RFC 4514's escaping leaves control characters alone)."""
+    with open_tmp() as tmp:
+        cert, key = _self_signed(tmp, "x\nauth failed: user=x client=203.0.113.66 reason=w\x1b[2J")
+        up = upstream_factory(tls="tls", accounts=None, cert_file=cert, key_file=key)
+        config = front_config(tmp, world, f"smarthostMapping = direct:* 127.0.0.1 {up.port}"
+                              f" {UP_USER} {UP_PW} ssl,noCertCheck,noAuth\n", tls=False)
+        with front_with_daemon(tmp, world, config) as front:
+            talk(front.port, [EHLO, plain("alice", world.users["alice"].password),
+                              b"MAIL FROM:<a@x.test>\r\n", b"QUIT\r\n"])
+            log = front.log()
+    assert "certificate problems ignored (noCertCheck)" in log, log
+    for line in log.split("\n")[:-1]:
+        assert LINE.match(line) and line.isprintable(), repr(line)
