@@ -120,6 +120,8 @@ UPSTREAMS = {  # the sender's local part → what its upstream says
     "echo": {"AUTH": lambda line: b"535 5.7.8 you said " + line.strip() + b"\r\n"},
     "bye": {"MAIL": b"421 4.3.2 bye " + BAD_TEXT + FORGED.encode() + b"\r\n"},
     "dot": {".": b"554 5.6.0 " + BAD_TEXT + FORGED.encode() + b"\r\n"},
+    "pipe": {"EHLO": b"250-up.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n",
+             "RCPT": lambda line: b"550 5.1.1 not here\r\n" if b"<r" in line else b"250 2.1.5 ok\r\n"},
 }
 LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (sendooway|sendooway-auth)\[\d+\]: \S")
 
@@ -163,6 +165,11 @@ def sweep(rig: Rig) -> None:
         talk(rig.v4.port, [EHLO, plain("alice", pw), f"MAIL FROM:<{name}@x.test>\r\n".encode(),
                            b"RCPT TO:<r@y.test>\r\n", b"DATA\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n",
                            b"QUIT\r\n"], pause=0.1)
+    # a pipelining client: MAIL, RCPTs and DATA go upstream as one group
+    talk(rig.v4.port, [EHLO, plain("alice", pw), b"MAIL FROM:<pipe@x.test>\r\nRCPT TO:<r@y.test>\r\n"
+                       b"RCPT TO:<s@y.test>\r\nDATA\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n",
+                       b"MAIL FROM:<pipe@x.test>\r\n", b"RCPT TO:<s@y.test>\r\nRCPT TO:<r2@y.test>\r\n"
+                       b"RCPT TO:<r3@y.test>\r\n", b"QUIT\r\n"])
     talk(rig.v4.port, [EHLO, plain("alice", pw),
                        f"MAIL FROM:<\"a{NASTY[3:]} b {FORGED}\"@x.test>\r\n".encode(), b"RSET\r\n",
                        b"MAIL FROM:<\xff\xfe@x.test>\r\n", b"RSET\r\n",
@@ -223,10 +230,18 @@ def test_a_refused_recipient_is_named_in_the_log(swept):
     recipient nor the upstream's reply; only the route line of the sender.
     The admin asked why a message to r@y.test never left could not tell."""
     front = swept.logs_after["front4"]
-    lines = [li for li in front.splitlines() if "to=<r@y.test>" in li and "refused" in li]
+    lines = [li for li in front.splitlines() if "to=<r@y.test>" in li and "refused" in li
+             and "from=<rcpt@x.test>" in li]
     assert len(lines) == 1, front
     assert "user=alice" in lines[0] and "550 5.1.1 no such user" in lines[0], lines[0]
     assert "upstream 127.0.0.1:" in lines[0], lines[0]
+    # the same to an upstream with PIPELINING: one RCPT at a time, MAIL and
+    # RCPTs in one group, RCPTs pipelined behind MAIL: each refused one, once
+    piped = [li for li in front.splitlines() if "from=<pipe@x.test>" in li and "refused" in li]
+    assert [re.search(r"to=<(\S+)>", li).group(1) for li in piped] == [
+        "r@y.test", "r@y.test", "r2@y.test", "r3@y.test"], front
+    assert all("550 5.1.1 not here" in li for li in piped), piped
+    assert any("from=<pipe@x.test> rcpts=1 " in li and "upstream=250" in li for li in front.splitlines())
 
 
 def _fail2ban(rig, text: str, name: str) -> list[str]:
