@@ -115,6 +115,7 @@ UPSTREAMS = {  # the sender's local part → what its upstream says
     "greet": {"": b"554 5.7.1 go away " + BAD_TEXT + FORGED.encode() + b"\r\n"},
     "big": {"MAIL": b"".join(b"550-5.1.0 " + b"x" * 4000 + b"\r\n" for _ in range(90))
             + b"550 5.1.0 end\r\n"},
+    "wide": {"MAIL": b"550 5.1.0 " + "\ue000\u200b".encode() * 600 + b"\r\n"},  # escaped: 6 each
     "rcpt": {"RCPT": b"550 5.1.1 no such user " + BAD_TEXT + FORGED.encode() + b"\r\n"},
     "ehlo": {"EHLO": b"250-up.test\r\n250 AUTH X" + BAD_TEXT + b"\r\n"},
     "echo": {"AUTH": lambda line: b"535 5.7.8 you said " + line.strip() + b"\r\n"},
@@ -222,6 +223,11 @@ def test_every_line_fits_what_syslog_keeps(swept):
             assert len(line.encode()) <= SYSLOG_MAX, (name, len(line), line[:200])
     line = next(li for li in swept.logs_after["front4"].splitlines() if "from=<big@x.test>" in li)
     assert "upstream=MAIL refused: 550 5.1.0 xxxx" in line and line.endswith("..."), line[:300]
+    # the cut is of what the line shows, escapes included (not of the text
+    # before escaping, which grew 6 times: 1000 characters became 6000)
+    line = next(li for li in swept.logs_after["front4"].splitlines() if "from=<wide@x.test>" in li)
+    shown = line.split("upstream=MAIL refused: ", 1)[1]
+    assert shown.startswith("550 5.1.0 \\ue000\\u200b") and len(shown) <= 1003, len(shown)
 
 
 def test_a_refused_recipient_is_named_in_the_log(swept):
