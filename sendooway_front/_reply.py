@@ -73,5 +73,6 @@ class Reply:
         """The reply as a log line shows it: an upstream's text escaped (a
         bidi override or an odd octet it sent cannot reorder or garble the
         line) and cut at LOG_TEXT characters (it may send 100 lines of 4
-        KiB: syslog cuts or drops such a line)."""
-        return printable(" / ".join(f"{self.code} {t}" for t in (self.lines or ("",))), LOG_TEXT)
+        KiB: syslog cuts or drops such a line), escapes counted."""
+        shown = printable(" / ".join(f"{self.code} {t}" for t in (self.lines or ("",))), LOG_TEXT)
+        return shown if len(shown) <= LOG_TEXT + 3 else shown[:LOG_TEXT] + "..."
