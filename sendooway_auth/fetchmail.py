@@ -334,6 +334,7 @@ class _Pending:
     errors: list[str] = field(default_factory=list)
     fm_user: str | None = None
     fm_pass: str | None = None
+    lines: dict[str, int] = field(default_factory=dict)  # where each value was given
 
 
 def parse_fetchmailrc(text: str, filename: str, login: str = "") -> ParseResult:
@@ -504,7 +505,7 @@ def _local_names_end(items: list, i: int) -> int:
 def _alias(acc: _Pending) -> _Pending:
     """The account `acc` described, afresh, for one more of its addresses."""
     return _Pending(acc.first_line, dict(acc.values), dict(acc.flags), [], acc.fm_user,
-                    acc.fm_pass)
+                    acc.fm_pass, dict(acc.lines))
 
 
 def _apply(acc: _Pending, d: _Directive, err) -> None:
@@ -533,6 +534,7 @@ def _apply(acc: _Pending, d: _Directive, err) -> None:
             err(d.line, f"#sendooway:{key} needs exactly one value")  # never the value itself
         else:
             acc.values[name] = d.values[0]
+            acc.lines[name] = d.line
         return
     # its leading letters only: a mistyped "pass=SECRET" must not be shown
     m = re.match(r"[a-z0-9_]{1,40}", key)
@@ -571,8 +573,11 @@ def _close(acc: _Pending, d: _Directive, filename: str, result: ParseResult,
     if auth and password is None:
         err(d.line, "account has no upstream password (#sendooway:pass or fetchmail's pass)")
     # (a missing server is said once above, not again as an empty host name)
-    if server and (problem := field_problem(server, user)) is not None:
-        err(d.line, problem)
+    # (at the line that gave the value at fault, when a #sendooway: line did)
+    if server and (problem := field_problem(server, "")) is not None:
+        err(acc.lines.get("server", d.line), problem)
+    elif server and (problem := field_problem(server, user)) is not None:
+        err(acc.lines.get("user", d.line), problem)
     if acc.errors:
         result.errors.extend(acc.errors)
         return

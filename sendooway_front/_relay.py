@@ -184,6 +184,15 @@ class Relay:
                       field(self._sender, 320) if self._sender else "", self._rcpts,
                       self._bytes, self._message_id(), where, outcome)
 
+    def _log_refused(self, address: str, recipient: str, reply: Reply) -> None:
+        """A recipient the upstream refused: the message line counts only
+        those accepted, and a transaction whose every RCPT was refused has
+        no message line at all."""
+        self.log.info("%s: recipient refused: user=%s from=<%s> to=<%s> id=%s upstream %s: %s",
+                      self._sid(), self._info.user if self._info else "-",
+                      field(self._sender, 320) if self._sender else "", field(recipient, 320),
+                      self._message_id(), address, reply)
+
     def _fail_transport(self, exc: BaseException, doing: str) -> Reply:
         reply = _transport_failure(exc)
         where = self._client.address if self._client else "-"
@@ -410,7 +419,7 @@ class Relay:
                 self._mail_refused = self._client is not None
                 self._log_message(f"MAIL refused: {reply}")
             if grouped:
-                replies = [reply, *(await self._group_replies(len(recipients), data))]
+                replies = [reply, *(await self._group_replies(recipients, data))]
                 if self._overtalked("the group"):
                     self._log_message(f"not delivered ({BAD_UPSTREAM.code})")
                     return [BAD_UPSTREAM] * len(replies)
@@ -445,7 +454,7 @@ class Relay:
         self._broken = await self._unasked_reply() or BAD_UPSTREAM
         return self._broken
 
-    async def _group_replies(self, rcpts: int, data: bool) -> list[Reply]:
+    async def _group_replies(self, recipients: list[str], data: bool) -> list[Reply]:
         """The replies to the RCPTs (and DATA) sent in one group behind MAIL,
         whose reply has been read. Behind a refused MAIL no RCPT is accepted,
         whatever the upstream says; DATA's reply is kept for data_start, or,
@@ -453,16 +462,20 @@ class Relay:
         the connection is left."""
         replies: list[Reply] = []
         careless = False  # the upstream accepted something behind a refused MAIL
+        rcpts = len(recipients)
         try:
-            for _ in range(rcpts):
+            for recipient in recipients:
                 if self._client is None:  # dropped (421, nonsense): the rest is lost with it
                     replies.append(self._broken or DROPPED)
                     continue
+                address = self._client.address
                 reply = await self._client.read_reply()
                 if self._in_tx:
                     reply = self._upstream_reply(reply, RCPT_OK)
                     if reply.is_positive:
                         self._rcpts += 1
+                    else:
+                        self._log_refused(address, recipient, reply)
                 elif reply.code == 421:
                     reply = self._upstream_reply(reply)
                 elif reply.code < 400:
@@ -504,6 +517,7 @@ class Relay:
             return self._broken
         if self._client is None or not self._in_tx or self._data_reply is not None:
             return NO_TRANSACTION
+        address = self._client.address
         try:
             reply = await self._client.command(f"RCPT TO:<{recipient}>")
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
@@ -514,6 +528,8 @@ class Relay:
             return BAD_UPSTREAM
         if reply.is_positive:
             self._rcpts += 1
+        else:
+            self._log_refused(address, recipient, reply)
         return reply
 
     async def rcpts(self, recipients: list[str]) -> list[Reply]:
@@ -525,13 +541,15 @@ class Relay:
         replies: list[Reply] = []
         try:
             await client.send_lines([f"RCPT TO:<{r}>" for r in recipients])
-            for _ in recipients:
+            for recipient in recipients:
                 if self._broken is not None:  # a 421 in the group: the rest is lost with it
                     replies.append(self._broken)
                     continue
                 reply = self._upstream_reply(await client.read_reply(), RCPT_OK)
                 if reply.is_positive:
                     self._rcpts += 1
+                else:
+                    self._log_refused(client.address, recipient, reply)
                 replies.append(reply)
         except (OSError, TimeoutError, ReplyError, TLSError) as e:
             failure = self._fail_transport(e, "RCPT")

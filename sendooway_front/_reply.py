@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sendooway_shared.log import printable
+
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _ENHANCED_WORD = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |\Z)")
+LOG_TEXT = 1000  # characters of a reply shown in a log line
 
 
 @dataclass(frozen=True)
@@ -67,4 +70,9 @@ class Reply:
         return "".join(out).encode("utf-8", "replace")
 
     def __str__(self) -> str:
-        return " / ".join(f"{self.code} {t}" for t in (self.lines or ("",)))
+        """The reply as a log line shows it: an upstream's text escaped (a
+        bidi override or an odd octet it sent cannot reorder or garble the
+        line) and cut at LOG_TEXT characters (it may send 100 lines of 4
+        KiB: syslog cuts or drops such a line), escapes counted."""
+        shown = printable(" / ".join(f"{self.code} {t}" for t in (self.lines or ("",))), LOG_TEXT)
+        return shown if len(shown) <= LOG_TEXT + 3 else shown[:LOG_TEXT] + "..."

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from sendooway_shared.config import Config, Ext8BitMime, SmarthostAuth
+from sendooway_shared.log import printable
 from sendooway_shared.types import Route, TlsMode
 
 from . import _tls
@@ -307,7 +308,12 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         client.abort()
         if stream.resumption_failed:
             raise _ResumptionBroke() from None
-        raise UpstreamError(TLS_FAILED, f"{where}: TLS handshake failed: {e}") from None
+        hint = ""
+        if route.tls is TlsMode.TLS and "wrong version number" in str(e):
+            # (OpenSSL's words for a first answer that is no TLS record)
+            hint = ("; the server answered in plain text: a STARTTLS or plain port, not"
+                    " implicit TLS (use tls, not ssl, or the implicit-TLS port, 465)")
+        raise UpstreamError(TLS_FAILED, f"{where}: TLS handshake failed: {e}{hint}") from None
     except OSError as e:
         client.abort()
         raise UpstreamError(DROPPED, f"{where}: connection lost while logging in: {e}") from None
@@ -350,7 +356,7 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
         client.stream.remember_tls_session()  # a reply came over TLS: tickets are in
     if client.tls_problems:
         log.warning("%supstream %s: certificate problems ignored (noCertCheck): %s",
-                    prefix, where, "; ".join(client.tls_problems))
+                    prefix, where, printable("; ".join(client.tls_problems)))
     if route.auth:
         await _login(client, config, log, prefix)
         await _no_surplus(client, "AUTH")
@@ -464,7 +470,7 @@ async def _login(client: UpstreamClient, config: Config, log: logging.Logger, pr
                             in_step=True, login_refused=refused)
     # No mechanism we may use: go on without AUTH; the upstream decides.
     log.warning("%supstream %s: no usable AUTH mechanism (offered: %s), sending without AUTH",
-                prefix, where, " ".join(sorted(offered)) or "none")
+                prefix, where, printable(" ".join(sorted(offered)), 200) or "none")
 
 
 async def _auth_cram_md5(client: UpstreamClient) -> Reply:
