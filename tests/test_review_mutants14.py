@@ -196,3 +196,83 @@ def test_check_says_no_directives_only_of_a_file_without_any(tmp_config, clean_h
     if note is not None:
         assert note in out, out
     assert "fm-Pw-9x" not in out
+
+
+# ------------------------------------------------------------------ an upstream quoting credentials
+
+UP_USER = "relayuser"
+UP_PW = "Up-Quoted-Pw-8q"
+
+
+def _b64(data: str) -> str:
+    import base64
+
+    return base64.b64encode(data.encode()).decode()
+
+
+def _quoting_upstream_mail(ehlo: bytes, **answers):
+    """MAIL through the real Relay to a scripted upstream that answers the
+    last AUTH line with 235 and, unasked, a 421 (as a broken box in front
+    of a server does): the client's reply and the relay's log."""
+    import asyncio
+
+    from sendooway_front._relay import Relay
+    from sendooway_front._relay_api import MailParams
+    from sendooway_shared.types import Route, Secret, TlsMode
+
+    from .test_review_mutants10 import Up
+    from .upstream import capture_log, config, info, run
+
+    async def go():
+        up = Up(ehlo=ehlo, **answers)
+        await up.start()
+        log, handler = capture_log("relay-m14")
+        relay = Relay(config(timeout=3), log)
+        route = Route("127.0.0.1", up.port, TlsMode.PLAIN, auth=True, user=UP_USER,
+                      password=Secret(UP_PW), source="m14.conf:1")
+        reply = await relay.mail(info(), route, "alice@example.org", MailParams())
+        await relay.close()
+        await asyncio.sleep(0.1)
+        up.server.close()
+        return reply, handler.text, up
+
+    return run(go())
+
+
+def _shown(reply, log: str) -> str:
+    return "\n".join([*reply.lines, log])
+
+
+def test_an_upstream_quoting_the_login_password_line_is_not_passed_on():
+    """U03: AUTH LOGIN sends the password as a base64 line of its own; a
+    421 quoting that line went, as a 451, to the client and to the log."""
+    pw_line = _b64(UP_PW)
+    reply, log, up = _quoting_upstream_mail(
+        b"250-up.test\r\n250 AUTH LOGIN\r\n",
+        AUTH=b"334 VXNlcm5hbWU6\r\n",
+        **{_b64(UP_USER)[:4].upper(): b"334 UGFzc3dvcmQ6\r\n",
+           pw_line[:4].upper(): b"235 2.7.0 ok\r\n421 4.3.0 you said " + pw_line.encode() + b"\r\n"})
+    assert [line.strip() for line in up.lines][-2:] == [_b64(UP_USER).encode(), pw_line.encode()]
+    assert reply.code == 451 and "closing: 421" in log, (reply, log)
+    assert pw_line not in _shown(reply, log) and UP_PW not in _shown(reply, log)
+
+
+def test_an_upstream_quoting_the_password_in_clear_is_not_passed_on():
+    """U02: a box that decodes what it got and says it back (`421 bad
+    password ...`): the password in clear went to the client and the log."""
+    reply, log, _up = _quoting_upstream_mail(
+        b"250-up.test\r\n250 AUTH PLAIN\r\n",
+        AUTH=b"235 2.7.0 ok\r\n421 4.3.0 relay down for " + UP_USER.encode() + b"/"
+        + UP_PW.encode() + b"\r\n")
+    assert reply.code == 451 and "closing: 421" in log, (reply, log)
+    assert UP_PW not in _shown(reply, log)
+
+
+def test_a_421_after_235_that_quotes_nothing_keeps_its_words():
+    """U07 (the check turned around): Dovecot's own `421 relay down` text
+    is no secret and tells the user and the admin what happened."""
+    reply, log, _up = _quoting_upstream_mail(
+        b"250-up.test\r\n250 AUTH PLAIN\r\n",
+        AUTH=b"235 2.7.0 ok\r\n421 4.3.2 relay host is down\r\n")
+    assert reply.code == 451 and "relay host is down" in "\n".join(reply.lines), reply
+    assert "relay host is down" in log
