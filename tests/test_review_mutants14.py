@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -276,3 +277,33 @@ def test_a_421_after_235_that_quotes_nothing_keeps_its_words():
         AUTH=b"235 2.7.0 ok\r\n421 4.3.2 relay host is down\r\n")
     assert reply.code == 451 and "relay host is down" in "\n".join(reply.lines), reply
     assert "relay host is down" in log
+
+
+# ------------------------------------------------------------------ the root -b watcher
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root frontend starts the private authenticator")
+def test_the_watchers_lifeline_reader_goes_with_a_dead_private_authenticator(world):
+    """A03: the root watcher of `sendooway -b` runs a reader of the
+    lifeline beside the daemon; once the daemon is gone the watcher exits,
+    and it must take the reader with it. Left behind, that root shell
+    waited for the frontend's end (the next login, maybe hours away) and
+    then ran `kill -TERM` on the dead daemon's pid, which by then may be
+    any other process's."""
+    import signal
+
+    from .auth_helpers import children
+    from .test_review_mutants7 import _alive, _root_b_serving
+
+    with _root_b_serving(world) as (_fe, watcher):
+        kids = children(watcher)
+        (daemon,) = [pid for pid in kids
+                     if b"sendooway-auth" in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[1]]
+        (reader,) = [pid for pid in kids if pid != daemon]
+        os.kill(daemon, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while _alive(watcher):  # (no login: the frontend does not look before one)
+            assert time.monotonic() < deadline, "the watcher outlived its daemon"
+            time.sleep(0.02)
+        while _alive(reader):
+            assert time.monotonic() < deadline, "the lifeline reader outlived its watcher"
+            time.sleep(0.02)
