@@ -19,6 +19,7 @@ from ._service import AuthService, Peer
 
 log = logging.getLogger("sendooway-auth")
 READ_SIZE = 65536
+CLOSE_WAIT = 1.0  # seconds a closing connection may take to flush our last answer
 HELLO_WITHIN = 30.0   # seconds at most (`timeout` if lower): a frontend sends it as it connects
 LOGIN_IDLE = 4        # x `timeout` between requests before a login (a client's way to AUTH)
 # Connections closed by those limits: a process of the frontend user's that
@@ -84,7 +85,19 @@ class Connection:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
-            self.writer.close()
+            await self._close()
+
+    async def _close(self) -> None:
+        """Close, and take the close's own error (EPIPE: the frontend left
+        first): left in its future, it could be logged at garbage collection
+        as "Future exception was never retrieved" with a traceback (seen
+        once under load, a log review). Bounded: a frontend that reads
+        nothing would hold the close while our last answer waits to go."""
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_WAIT)
+        except (OSError, asyncio.TimeoutError):
+            pass
 
     def _silence_limit(self, decoder: FrameDecoder) -> tuple[float | None, str]:
         """How long the peer may now stay silent, and what it then failed to do.

@@ -323,8 +323,9 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float,
 # cannot do this: once the frontend has dropped to nobody, the kernel does
 # not let its death signal a root process. It ignores the SIGTERM that
 # systemd sends the whole group (the lifeline says when) — the daemon itself
-# starts with the default dispositions, so a stop while it is still starting
-# is not lost — and once the daemon is gone, whyever, it removes the private
+# starts with SIGTERM's default disposition, so a stop while it is still
+# starting is not lost (SIGINT and SIGQUIT stay ignored, as sh leaves them
+# for a background job: a ^C reaches it through the lifeline) — and once the daemon is gone, whyever, it removes the private
 # directory, which the frontend (nobody by then) cannot, and exits with the
 # daemon's status: a daemon killed before it was ready (the same group stop)
 # ends the frontend's wait for it at once, where the watcher used to wait
