@@ -12,13 +12,13 @@ import os
 import re
 import shutil
 import socket
-import threading
 import time
 
 import pytest
 
 from .deploy_util import system_env
 from .front_util import front_config, front_with_daemon, open_tmp
+from .upstream import RawServer, talk
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
 
@@ -38,7 +38,7 @@ def b64(data: str | bytes) -> str:
                             else data).decode()
 
 
-class RawUpstream:
+class RawUpstream(RawServer):
     """A plain-text upstream on 127.0.0.1 that says what `replies` says:
     the greeting under "", each command's reply under its verb (EHLO, AUTH,
     MAIL, RCPT, DATA, "." for the final dot), or a function of the command
@@ -47,19 +47,7 @@ class RawUpstream:
     def __init__(self, replies: dict[str, bytes]) -> None:
         self.replies = {"": b"220 up.test ESMTP\r\n", "EHLO": b"250-up.test\r\n250 AUTH PLAIN LOGIN\r\n",
                         "AUTH": b"235 2.7.0 ok\r\n", "DATA": b"354 go\r\n", **replies}
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _one(self, conn: socket.socket) -> None:
         try:
@@ -80,27 +68,6 @@ class RawUpstream:
                         return
         except OSError:
             pass
-
-    def stop(self) -> None:
-        self.sock.close()
-
-
-def talk(port: int, lines: list[bytes], pause: float = 0.2, host: str = "127.0.0.1") -> bytes:
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.settimeout(3)
-        got = b""
-        try:
-            for line in lines:
-                s.sendall(line)
-                time.sleep(pause)
-        except OSError:  # closed by the frontend (too many errors)
-            pass
-        try:
-            while chunk := s.recv(65536):
-                got += chunk
-        except OSError:
-            pass
-        return got
 
 
 def plain(user: str | bytes, password: str | bytes, authzid: bytes = b"") -> bytes:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import base64
 import os
 import socket
-import threading
-import time
 
 import pytest
 
 from .front_util import front_config, front_with_daemon, open_tmp
+from .upstream import RawServer
+from .upstream import talk as upstream_talk
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
 
@@ -31,24 +31,9 @@ def forms(secret: str) -> list[str]:
     return [secret, b64(secret), b64(f"\0{UP_USER}\0{secret}"), b64(f"\0alice\0{secret}")]
 
 
-class EchoUpstream:
+class EchoUpstream(RawServer):
     """Greets, offers AUTH PLAIN, and answers the AUTH with 235 and, unasked,
     a 421 quoting the AUTH line it got (a broken box in front of a server)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def _one(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as f:
@@ -63,27 +48,13 @@ class EchoUpstream:
                     conn.sendall(b"221 bye\r\n")
                     return
 
-    def stop(self) -> None:
-        self.sock.close()
-
 
 def plain(authzid: bytes, user: bytes, password: bytes) -> bytes:
     return b"AUTH PLAIN " + b64(authzid + b"\0" + user + b"\0" + password).encode() + b"\r\n"
 
 
 def talk(port: int, lines: list[bytes], pause: float = 0.3) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.settimeout(3)
-        got = b""
-        for line in lines:
-            s.sendall(line)
-            time.sleep(pause)
-        try:
-            while chunk := s.recv(65536):
-                got += chunk
-        except OSError:
-            pass
-        return got
+    return upstream_talk(port, lines, pause)
 
 
 WRONG = "Wrong-Client-Pw-9z"

@@ -15,8 +15,10 @@ auth_mechanisms: the AUTH mechanisms offered (default PLAIN and LOGIN);
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
@@ -302,3 +304,49 @@ def body_after_received(raw: bytes) -> bytes:
 
 def with_cfg(cfg: Config, **kw) -> Config:
     return replace(cfg, **kw)
+
+
+class RawServer:
+    """A plain-text server on 127.0.0.1 (a thread per connection) whose
+    subclass's `_one(conn)` says, byte for byte, what an upstream does."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def talk(port: int, lines: list[bytes], pause: float = 0.2, host: str = "127.0.0.1") -> bytes:
+    """Send `lines` to a frontend, `pause` s apart, and return every byte it
+    sent back until it closed (or stayed silent for 3 s)."""
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.settimeout(3)
+        got = b""
+        try:
+            for line in lines:
+                s.sendall(line)
+                time.sleep(pause)
+        except OSError:  # closed by the frontend (too many errors)
+            pass
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except OSError:
+            pass
+        return got
