@@ -325,8 +325,9 @@ def spawn_pair(config_path: str, log_target: str | None, timeout: float,
 # systemd sends the whole group (the lifeline says when) — the daemon itself
 # starts with SIGTERM's default disposition, so a stop while it is still
 # starting is not lost (SIGINT and SIGQUIT stay ignored, as sh leaves them
-# for a background job: a ^C reaches it through the lifeline) — and once the daemon is gone, whyever, it removes the private
-# directory, which the frontend (nobody by then) cannot, and exits with the
+# for a background job: a ^C reaches it through the lifeline) — and once
+# the daemon is gone, whyever, it removes the private directory, which the
+# frontend (nobody by then) cannot, and exits with the
 # daemon's status: a daemon killed before it was ready (the same group stop)
 # ends the frontend's wait for it at once, where the watcher used to wait
 # for the lifeline and the frontend for 20 s (an admin-docs review).

@@ -178,20 +178,22 @@ class Relay:
         route = self._route
         # escaped: the source is a file name a user chose (the server too)
         where = printable(f"{route.where} ({route.source or '-'})") if route else "-"
-        info = self._info
-        self.log.info("%s: message user=%s from=<%s> rcpts=%d bytes=%d id=%s route=%s upstream=%s",
-                      self._sid(), info.user if info else "-",
-                      field(self._sender, 320) if self._sender else "", self._rcpts,
+        self.log.info("%s: message %s rcpts=%d bytes=%d id=%s route=%s upstream=%s",
+                      self._sid(), self._parties(), self._rcpts,
                       self._bytes, self._message_id(), where, outcome)
 
     def _log_refused(self, address: str, recipient: str, reply: Reply) -> None:
         """A recipient the upstream refused: the message line counts only
         those accepted, and a transaction whose every RCPT was refused has
         no message line at all."""
-        self.log.info("%s: recipient refused: user=%s from=<%s> to=<%s> id=%s upstream %s: %s",
-                      self._sid(), self._info.user if self._info else "-",
-                      field(self._sender, 320) if self._sender else "", field(recipient, 320),
+        self.log.info("%s: recipient refused: %s to=<%s> id=%s upstream %s: %s",
+                      self._sid(), self._parties(), field(recipient, 320),
                       self._message_id(), address, reply)
+
+    def _parties(self) -> str:
+        """`user=U from=<S>` of the transaction's log lines."""
+        user = self._info.user if self._info else "-"
+        return f"user={user} from=<{field(self._sender, 320) if self._sender else ''}>"
 
     def _fail_transport(self, exc: BaseException, doing: str) -> Reply:
         reply = _transport_failure(exc)

@@ -345,6 +345,16 @@ def test_users_files_cannot_forge_lines_and_errors_name_file_and_line(world, cle
         assert ": auth failed:" not in line, line
 
 
+def _log_of_one_mail(world, tmp, mapping: str) -> str:
+    """The frontend's log after alice logs in and gives a MAIL FROM that
+    `mapping` (the only smarthostMapping) routes."""
+    config = front_config(tmp, world, f"smarthostMapping = {mapping}\n", tls=False)
+    with front_with_daemon(tmp, world, config) as front:
+        talk(front.port, [EHLO, plain("alice", world.users["alice"].password),
+                          b"MAIL FROM:<a@x.test>\r\n", b"QUIT\r\n"])
+        return front.log()
+
+
 def test_implicit_tls_to_a_plain_text_port_says_so(world):
     """A route with `ssl` (implicit TLS) to a port that speaks plain SMTP
     (587 or 25 instead of 465; a fetchmailrc's #sendooway:ssl where
@@ -353,12 +363,7 @@ def test_implicit_tls_to_a_plain_text_port_says_so(world):
     means since an earlier review, the upstream side did not."""
     up = RawUpstream({})
     with open_tmp() as tmp:
-        config = front_config(tmp, world, f"smarthostMapping = direct:* 127.0.0.1 {up.port}"
-                              f" {UP_USER} {UP_PW} ssl\n", tls=False)
-        with front_with_daemon(tmp, world, config) as front:
-            talk(front.port, [EHLO, plain("alice", world.users["alice"].password),
-                              b"MAIL FROM:<a@x.test>\r\n", b"QUIT\r\n"])
-            log = front.log()
+        log = _log_of_one_mail(world, tmp, f"direct:* 127.0.0.1 {up.port} {UP_USER} {UP_PW} ssl")
     up.stop()
     line = next(li for li in log.splitlines() if "TLS handshake failed" in li)
     assert "plain text" in line and "STARTTLS" in line, line
@@ -397,12 +402,8 @@ def test_an_upstream_certificate_cannot_forge_lines(world, upstream_factory):
     with open_tmp() as tmp:
         cert, key = _self_signed(tmp, "x\nauth failed: user=x client=203.0.113.66 reason=w\x1b[2J")
         up = upstream_factory(tls="tls", accounts=None, cert_file=cert, key_file=key)
-        config = front_config(tmp, world, f"smarthostMapping = direct:* 127.0.0.1 {up.port}"
-                              f" {UP_USER} {UP_PW} ssl,noCertCheck,noAuth\n", tls=False)
-        with front_with_daemon(tmp, world, config) as front:
-            talk(front.port, [EHLO, plain("alice", world.users["alice"].password),
-                              b"MAIL FROM:<a@x.test>\r\n", b"QUIT\r\n"])
-            log = front.log()
+        log = _log_of_one_mail(world, tmp, f"direct:* 127.0.0.1 {up.port} {UP_USER} {UP_PW}"
+                               " ssl,noCertCheck,noAuth")
     assert "certificate problems ignored (noCertCheck)" in log, log
     for line in log.split("\n")[:-1]:
         assert LINE.match(line) and line.isprintable(), repr(line)
