@@ -85,6 +85,7 @@ class ReplyReader:
         self.stream = stream
         self._buf = bytearray()
         self.last_reply = time.monotonic()  # when the upstream last answered (or we connected)
+        self.heard = False  # any byte at all came from the upstream
 
     @property
     def buffered(self) -> int:
@@ -104,6 +105,7 @@ class ReplyReader:
             data = await self.stream.read(READ_SIZE)
             if not data:
                 raise ConnectionResetError("upstream closed the connection")
+            self.heard = True
             self._buf += data
 
     async def read_reply(self) -> Reply:
@@ -297,6 +299,12 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         raise
     except (TimeoutError,) as e:
         client.abort()
+        if route.tls is not TlsMode.TLS and not client.reader.heard:
+            # an implicit-TLS server (465) says nothing until the client's
+            # TLS handshake: the usual mistake behind a silent server
+            raise UpstreamError(TIMED_OUT, f"{where}: no greeting within {config.timeout}s; an"
+                                " implicit-TLS port (465) waits silently for a TLS handshake:"
+                                " use ssl, not tls, for one") from e
         raise UpstreamError(TIMED_OUT, f"{where}: no answer within {config.timeout}s") from e
     except ReplyError as e:
         client.abort()

@@ -222,7 +222,26 @@ def test_an_upstream_that_never_greets_is_a_timeout_not_a_lost_connection():
     replies, log = _mail_via(Script(greeting=b""), cfg=config(timeout=1))
     assert replies["mail"].code == 451
     assert replies["mail"].lines[0] == "4.4.2 Upstream server timed out, try again later"
-    assert "no answer within 1s" in log
+    assert "no greeting within 1s" in log
+
+
+def test_a_silent_server_on_a_starttls_route_is_named_as_an_implicit_tls_port_in_the_log():
+    """A STARTTLS (or plain) route to an implicit-TLS port (465 where 587
+    was meant) meets a server that waits silently for a TLS handshake: the
+    log used to say only "no answer within Ns" (the reverse mistake, ssl to
+    a plain port, has said what it means since a log review). A server
+    that greeted and then stalled gets no such hint."""
+    replies, log = _mail_via(Script(greeting=b""), tls=TlsMode.STARTTLS, cfg=config(timeout=1))
+    assert replies["mail"].code == 451 and replies["mail"].lines[0].startswith("4.4.2"), replies
+    line = next(li for li in log.splitlines() if "no greeting within 1s" in li)
+    assert "implicit-TLS port (465)" in line and "use ssl, not tls" in line, line
+
+    async def stall(writer):
+        await asyncio.sleep(3)
+
+    replies, log = _mail_via(Script(EHLO=stall), tls=TlsMode.STARTTLS, cfg=config(timeout=1))
+    assert replies["mail"].code == 451 and replies["mail"].lines[0].startswith("4.4.2"), replies
+    assert "no answer within 1s" in log and "implicit-TLS" not in log, log
 
 
 def test_ehlo_refused_for_now_is_not_retried_as_helo():
