@@ -333,6 +333,10 @@ class SessionRunner:
                     continue
                 if await self._send():
                     deadline = None  # replies went out: the client's input made progress
+                    if s.closed:
+                        # the write failed (logged): no read from a client
+                        # that is gone or took nothing for `timeout`
+                        continue
                 # `timeout` bounds each read and also a whole command line:
                 # a client trickling one byte at a time gets no more time.
                 now = loop.time()

@@ -1,0 +1,328 @@
+"""Interruption audit: a peer vanishing, or a signal arriving, at each step
+of a session. The frontend half runs serve_listening in-process with the
+smarthostCache on, against a scripted upstream that can stall or vanish at
+a chosen command; the authenticator half runs the real daemon with a slow
+PAM stack. After each interruption the next session (same route, pool on)
+must deliver exactly its own message, the dropped one never gets the
+upstream's final dot, and the logs have no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+from sendooway_front import _driver, _pool, _server
+from sendooway_front._driver import Frontend
+from sendooway_front._relay import Relay
+from sendooway_shared.config import Config
+from sendooway_shared.protocol import VERSION, AuthFail, AuthOk, AuthRequest, Hello
+from sendooway_shared.types import Route, Secret, TlsMode
+from tests.auth_helpers import Daemon, add_pam_service, all_passwords, build_test_pam_module, login
+from tests.scripted_relay import LOGIN, RELAY_LOG, Connector
+from tests.upstream import ListHandler
+
+PAM_DELAY = 1.0  # seconds a failed PAM check takes (pam_unix's failure delay)
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
+
+
+# ------------------------------------------------------------ authenticator
+
+
+@pytest.fixture
+def slow_daemon(tmp_path, tmp_config, world):
+    module = build_test_pam_module(world)
+    if module is None:
+        pytest.skip("needs a C compiler (cc) to build the slow test PAM module")
+    service = add_pam_service(world, "sendooway-intr", module, fail_sleep=PAM_DELAY)
+    d = Daemon(tmp_path, tmp_config(f"pamService = {service}\n"))
+    d.start()
+    yield d
+    d.stop()
+    log = d.log()
+    assert not any(pw in log for pw in all_passwords(world) + ["wrong-Pw-zz"])
+    assert "internal error" not in log and "Traceback" not in log, log
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@root_only
+def test_a_frontend_leaving_during_a_slow_pam_check_costs_one_failure_and_no_descriptor(
+        slow_daemon, world):
+    d = slow_daemon
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password) == AuthOk("alice")  # (warm)
+    ch.close()
+    time.sleep(0.3)
+    baseline = _fds(d.proc.pid)
+    gone = d.connect()
+    gone.request(Hello(VERSION, "s-gone", "192.0.2.40"))
+    gone.send(AuthRequest("alice", Secret("wrong-Pw-zz")))
+    time.sleep(0.2)  # the PAM check is under way
+    gone.close()
+    # the same user from elsewhere: served once the check in flight ends
+    t = time.monotonic()
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password, client="192.0.2.41") == AuthOk("alice")
+    assert time.monotonic() - t < PAM_DELAY + 2
+    ch.close()
+    d.wait_log("session=s-gone")
+    log = d.log()
+    assert log.count("auth failed: user=alice") == 1, log
+    deadline = time.monotonic() + 5
+    while _fds(d.proc.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _fds(d.proc.pid) <= baseline
+
+
+@root_only
+def test_sigterm_during_a_slow_pam_check_stops_the_daemon_at_once(slow_daemon, world):
+    d = slow_daemon
+    ch = d.connect()
+    ch.request(Hello(VERSION, "s-term", "192.0.2.42"))
+    ch.send(AuthRequest("bob", Secret("wrong-Pw-zz")))
+    time.sleep(0.2)
+    t = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(10) == 0
+    assert time.monotonic() - t < PAM_DELAY + 1
+    with pytest.raises((ConnectionError, OSError)):
+        ch.receive()
+    assert "stopped" in d.log()
+
+
+@root_only
+def test_sighup_during_a_slow_pam_check_answers_it_as_usual(slow_daemon, world):
+    d = slow_daemon
+    ch = d.connect()
+    ch.request(Hello(VERSION, "s-hup", "192.0.2.43"))
+    ch.send(AuthRequest("carol", Secret("wrong-Pw-zz")))
+    time.sleep(0.2)
+    d.proc.send_signal(signal.SIGHUP)
+    assert ch.receive() == AuthFail()
+    d.wait_log("reloaded")
+    ch.close()
+    ch = d.connect()
+    assert login(ch, "alice", world.users["alice"].password, client="192.0.2.44") == AuthOk("alice")
+    ch.close()
+    assert d.proc.poll() is None
+
+
+# ------------------------------------------------------------ frontend
+
+FOREVER = 100.0  # a stall nobody waits out
+MAIL = b"MAIL FROM:<alice@example.org>\r\n"
+RCPT = b"RCPT TO:<bob@example.net>\r\n"
+
+
+def _message(tag: bytes) -> list:
+    return [LOGIN, MAIL, RCPT, b"DATA\r\n", b"Subject: " + tag + b"\r\n\r\nbody\r\n.\r\nQUIT\r\n"]
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Vanish with a reset (SO_LINGER 0), as a crashed peer or a NAT does."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class _Upstream:
+    """A plain upstream with PIPELINING. `stall[VERB]` seconds before it
+    answers VERB ("GREET": the greeting, "DOT": the final dot), noticing
+    our close meanwhile; at `vanish` (a verb) it resets the connection
+    instead of answering. Each connection's lines, and the messages whose
+    final dot came (their Subject line)."""
+
+    def __init__(self) -> None:
+        self.stall: dict[str, float] = {}
+        self.vanish = ""
+        self.conns: list[dict] = []
+        self.subjects: list[bytes] = []
+        self.open = 0
+
+    async def start(self) -> "_Upstream":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _pause(self, reader, me: dict, verb: str) -> bool:
+        """The stall for `verb`; False when we closed meanwhile."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.stall.get(verb, 0)
+        try:
+            while (left := end - loop.time()) > 0:
+                if not await asyncio.wait_for(reader.read(1), left):
+                    me["closed_in_stall"] = loop.time()
+                    return False
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        return True
+
+    async def _handle(self, reader, writer) -> None:
+        me = {"lines": [], "partial": None}
+        self.conns.append(me)
+        self.open += 1
+        try:
+            if not await self._pause(reader, me, "GREET"):
+                return
+            writer.write(b"220 up.test ESMTP\r\n")
+            while line := await reader.readline():
+                me["lines"].append(line)
+                verb = line[:4].upper().decode()
+                if not await self._pause(reader, me, verb):
+                    return
+                if verb == self.vanish:
+                    _reset(writer)
+                    return
+                if verb == "EHLO":
+                    writer.write(b"250-up.test\r\n250 PIPELINING\r\n")
+                elif verb in ("MAIL", "RCPT", "RSET"):
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == "DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    body = b""
+                    while (part := await reader.readline()) != b".\r\n":
+                        if not part:
+                            me["partial"] = body  # (no final dot came)
+                            return
+                        body += part
+                    if not await self._pause(reader, me, "DOT"):
+                        return
+                    if self.vanish == "DOT":
+                        _reset(writer)
+                        return
+                    self.subjects.append(body.split(b"\r\n", 1)[0])
+                    writer.write(b"250 2.0.0 queued\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"502 5.5.2 what?\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+class _Front:
+    """serve_listening in this process, the Relay with the process's shared
+    smarthostCache pool, to `up`; the frontend's and relay's log lines."""
+
+    def __init__(self, monkeypatch, up: _Upstream, timeout: int = 8, grace: float = 0.3) -> None:
+        self.monkeypatch, self.up, self.timeout, self.grace = monkeypatch, up, timeout, grace
+        self.handler = ListHandler()
+        self.handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    async def __aenter__(self) -> "_Front":
+        for name in ("sendooway", RELAY_LOG):
+            lg = logging.getLogger(name)
+            self.monkeypatch.setattr(lg, "level", logging.DEBUG)
+            self.monkeypatch.setattr(lg, "propagate", False)
+            lg.addHandler(self.handler)
+        relay_log = logging.getLogger(RELAY_LOG)
+        self.monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: Relay(
+            cfg, relay_log, _pool.shared_pool(cfg.smarthostCache, relay_log)))
+        route = Route(server="127.0.0.1", port=self.up.port, tls=TlsMode.PLAIN, ca_file="",
+                      user="", password=Secret(""), auth=False, source="review.conf:1")
+        cfg = Config(timeout=self.timeout, smarthostCache=30, localname="relay.test",
+                     addReceivedField=False)
+        fe = Frontend(cfg, connector=Connector(route), hostname="mx.test")
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)
+        lsock.setblocking(False)
+        self.port = lsock.getsockname()[1]
+        self.server = asyncio.ensure_future(_server.serve_listening(fe, [lsock], grace=self.grace,
+                                                                    max_sessions=10))
+        return self
+
+    async def session(self, steps: list) -> bytes:
+        """Bytes are sent (0.15 s for the replies), a number is a pause,
+        "RST" vanishes; else all the client read until the close."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        out = b""
+        for step in steps:
+            if isinstance(step, (int, float)):
+                await asyncio.sleep(step)
+            elif step == "RST":
+                _reset(writer)
+                return out
+            else:
+                writer.write(step)
+                await writer.drain()
+                await asyncio.sleep(0.15)
+        try:
+            while chunk := await asyncio.wait_for(reader.read(4096), 15):
+                out += chunk
+        except ConnectionError:
+            pass
+        writer.close()
+        return out
+
+    async def stop(self) -> float:
+        """SIGTERM (serve_listening's handler); seconds until it stopped."""
+        t = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(self.server, 30)
+        return time.monotonic() - t
+
+    async def __aexit__(self, *exc) -> None:
+        if not self.server.done():
+            await self.stop()
+        self.up.server.close()
+        logging.getLogger("sendooway").removeHandler(self.handler)
+        logging.getLogger(RELAY_LOG).removeHandler(self.handler)
+        assert "Traceback" not in self.handler.text, self.handler.text
+
+
+def _after_interruption(monkeypatch, interrupted: list, stall=None, vanish=""):
+    """A message goes (its connection is kept), a session is interrupted as
+    `interrupted` says, then the next session sends its own message.
+    Returns (the next session's output, the upstream, the log)."""
+
+    async def go():
+        up = await _Upstream().start()
+        async with _Front(monkeypatch, up) as fe:
+            assert b"250 2.0.0 queued" in await fe.session(_message(b"first"))
+            up.stall, up.vanish = dict(stall or {}), vanish
+            await fe.session(interrupted)
+            await asyncio.sleep(0.5)
+            up.stall, up.vanish = {}, ""
+            out = await fe.session(_message(b"next"))
+        return out, up, fe.handler.text
+
+    return asyncio.run(go())
+
+
+def test_a_client_reset_while_its_mail_is_upstream_is_one_loss_and_the_kept_connection_is_clean(
+        monkeypatch):
+    """The client resets while the upstream has its MAIL: the 250 cannot be
+    written, and the session used to read from the dead connection anyway
+    ("write failed", then "read failed: Connection reset by peer", then
+    "closed"; a client that only stopped reading cost a second `timeout`
+    there). The connection, RSET, serves the next session."""
+    out, up, log = _after_interruption(monkeypatch, [LOGIN, MAIL, 0.1, "RST"], stall={"MAIL": 0.5})
+    assert b"250 2.0.0 queued" in out, out
+    assert up.subjects == [b"Subject: first", b"Subject: next"]
+    [conn] = up.conns  # the one kept connection carried all
+    lines = [ln.split(b" ", 1)[0].strip() for ln in conn["lines"]]
+    # the dropped session's transaction was RSET before the next MAIL
+    assert lines[lines.index(b"MAIL", 2) + 1] == b"RSET", lines
+    dropped = [ln for ln in log.splitlines() if "write failed" in ln]
+    assert len(dropped) == 1, log
+    sid = dropped[0].split()[2]
+    lines_of_it = [ln for ln in log.splitlines() if f" {sid} " in ln and "DEBUG" not in ln]
+    assert "read failed" not in log, log
+    assert len(lines_of_it) == 4, lines_of_it  # connect, login, write failed, closed
