@@ -19,12 +19,14 @@ import time
 import pytest
 
 from sendooway_front import _driver, _pool, _server
+from sendooway_front._authlink import SocketConnector
 from sendooway_front._driver import Frontend
 from sendooway_front._relay import Relay
 from sendooway_shared.config import Config
 from sendooway_shared.protocol import VERSION, AuthFail, AuthOk, AuthRequest, Hello
 from sendooway_shared.types import Route, Secret, TlsMode
 from tests.auth_helpers import Daemon, add_pam_service, all_passwords, build_test_pam_module, login
+from tests.front_util import login_plain
 from tests.scripted_relay import LOGIN, RELAY_LOG, Connector
 from tests.upstream import ListHandler
 
@@ -154,17 +156,16 @@ class _Upstream:
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def _pause(self, reader, me: dict, verb: str) -> bool:
-        """The stall for `verb`; False when we closed meanwhile."""
+    async def _pause(self, reader, writer, me: dict, verb: str) -> bool:
+        """The stall for `verb`, leaving what is pipelined behind it unread;
+        False when we closed meanwhile (EOF seen: the reader's own flag)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.stall.get(verb, 0)
-        try:
-            while (left := end - loop.time()) > 0:
-                if not await asyncio.wait_for(reader.read(1), left):
-                    me["closed_in_stall"] = loop.time()
-                    return False
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
+        while loop.time() < end:
+            if reader._eof or writer.transport.is_closing():
+                me["closed_in_stall"] = loop.time()
+                return False
+            await asyncio.sleep(0.02)
         return True
 
     async def _handle(self, reader, writer) -> None:
@@ -172,13 +173,13 @@ class _Upstream:
         self.conns.append(me)
         self.open += 1
         try:
-            if not await self._pause(reader, me, "GREET"):
+            if not await self._pause(reader, writer, me, "GREET"):
                 return
             writer.write(b"220 up.test ESMTP\r\n")
             while line := await reader.readline():
                 me["lines"].append(line)
                 verb = line[:4].upper().decode()
-                if not await self._pause(reader, me, verb):
+                if not await self._pause(reader, writer, me, verb):
                     return
                 if verb == self.vanish:
                     _reset(writer)
@@ -195,7 +196,7 @@ class _Upstream:
                             me["partial"] = body  # (no final dot came)
                             return
                         body += part
-                    if not await self._pause(reader, me, "DOT"):
+                    if not await self._pause(reader, writer, me, "DOT"):
                         return
                     if self.vanish == "DOT":
                         _reset(writer)
@@ -220,8 +221,10 @@ class _Front:
     """serve_listening in this process, the Relay with the process's shared
     smarthostCache pool, to `up`; the frontend's and relay's log lines."""
 
-    def __init__(self, monkeypatch, up: _Upstream, timeout: int = 8, grace: float = 0.3) -> None:
+    def __init__(self, monkeypatch, up: _Upstream, timeout: int = 8, grace: float = 0.3,
+                 connector=None) -> None:
         self.monkeypatch, self.up, self.timeout, self.grace = monkeypatch, up, timeout, grace
+        self.connector = connector
         self.handler = ListHandler()
         self.handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
 
@@ -238,7 +241,7 @@ class _Front:
                       user="", password=Secret(""), auth=False, source="review.conf:1")
         cfg = Config(timeout=self.timeout, smarthostCache=30, localname="relay.test",
                      addReceivedField=False)
-        fe = Frontend(cfg, connector=Connector(route), hostname="mx.test")
+        fe = Frontend(cfg, connector=self.connector or Connector(route), hostname="mx.test")
         lsock = socket.socket()
         lsock.bind(("127.0.0.1", 0))
         lsock.listen(16)
@@ -326,3 +329,106 @@ def test_a_client_reset_while_its_mail_is_upstream_is_one_loss_and_the_kept_conn
     lines_of_it = [ln for ln in log.splitlines() if f" {sid} " in ln and "DEBUG" not in ln]
     assert "read failed" not in log, log
     assert len(lines_of_it) == 4, lines_of_it  # connect, login, write failed, closed
+
+
+HALF = [LOGIN, MAIL, RCPT, b"DATA\r\n", b"Subject: dropped\r\n\r\nthe first half\r\n"]
+
+
+@pytest.mark.parametrize("interrupted,stall", [
+    pytest.param([LOGIN, MAIL, 0.1, "RST"], {"RSET": 0.5}, id="client-gone-in-the-rset-probe"),
+    pytest.param([LOGIN, MAIL, RCPT, 0.1, "RST"], {"RCPT": 0.5}, id="client-gone-in-rcpt"),
+    pytest.param([LOGIN, MAIL, RCPT, b"DATA\r\n", "RST"], {"DATA": 0.3}, id="client-gone-in-data"),
+    pytest.param(HALF + ["RST"], {}, id="client-gone-mid-message"),
+    pytest.param([LOGIN, MAIL + RCPT + b"DATA\r\nSubject: dropped\r\n\r\nhalf", "RST"], {"MAIL": 0.3},
+                 id="client-gone-in-a-pipelined-group"),
+    pytest.param([LOGIN, MAIL, RCPT, b"DATA\r\n", b"Subject: sent\r\n\r\nx\r\n.\r\n", 0.1, "RST"],
+                 {"DOT": 0.5}, id="client-gone-awaiting-the-dot-reply"),
+])
+def test_a_client_vanishing_leaves_the_kept_connection_clean(monkeypatch, interrupted, stall):
+    out, up, log = _after_interruption(monkeypatch, interrupted, stall=stall)
+    assert b"250 2.0.0 queued" in out, out
+    # a message the client ended is delivered; a dropped one never gets its dot
+    sent = [b"Subject: sent"] if "DOT" in stall else []
+    assert up.subjects == [b"Subject: first", *sent, b"Subject: next"]
+    if any(b"dropped" in step for step in interrupted if isinstance(step, bytes)):
+        assert "no final dot sent" in log, log
+    assert log.count("closed:") == 3, log
+
+
+@pytest.mark.parametrize("vanish", ["RSET", "MAIL", "RCPT", "DATA", "DOT", "QUIT"])
+def test_an_upstream_vanishing_at_each_step_costs_only_its_own_session(monkeypatch, vanish):
+    out, up, log = _after_interruption(monkeypatch, _message(b"x"), vanish=vanish)
+    assert b"250 2.0.0 queued" in out, out
+    # RSET is the kept connection's probe: the session reconnects and sends
+    # its message; QUIT is after it: delivered either way
+    x = [b"Subject: x"] if vanish in ("RSET", "QUIT") else []
+    assert up.subjects == [b"Subject: first", *x, b"Subject: next"]
+    if vanish in ("DATA", "DOT"):
+        assert "upstream=unknown, connection lost" in log or "not delivered" in log, log
+
+
+def _stopped_in(monkeypatch, interrupted: list, stall: dict, kept: bool = True):
+    """SIGTERM while a session is interrupted at a stalled upstream step:
+    (what the client read, the upstream, the log, seconds the stop took)."""
+
+    async def go():
+        up = await _Upstream().start()
+        async with _Front(monkeypatch, up) as fe:
+            if kept:
+                assert b"250 2.0.0 queued" in await fe.session(_message(b"first"))
+            up.stall = dict(stall)
+            client = asyncio.ensure_future(fe.session(interrupted))
+            await asyncio.sleep(0.8)
+            took = await fe.stop()
+            out = await asyncio.wait_for(client, 20)
+            await asyncio.sleep(0.2)
+        return out, up, fe.handler.text, took
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("interrupted,stall,kept", [
+    pytest.param([LOGIN, MAIL], {"GREET": FOREVER}, False, id="greeting"),
+    pytest.param([LOGIN, MAIL], {"RSET": FOREVER}, True, id="rset-probe"),
+    pytest.param([LOGIN, MAIL, RCPT, b"DATA\r\n"], {"DATA": FOREVER}, True, id="data"),
+    pytest.param(HALF + [1], {}, True, id="mid-message"),
+    # the client left mid-transaction: the session's RSET before keeping
+    # the connection is what the stop cuts
+    pytest.param([LOGIN, MAIL, RCPT, 0.2, "RST"], {"RSET": FOREVER}, False, id="release-rset"),
+])
+def test_sigterm_at_a_stalled_step_cuts_the_upstream_without_a_dot(monkeypatch, interrupted, stall, kept):
+    out, up, log, took = _stopped_in(monkeypatch, interrupted, stall, kept)
+    assert took < 5, took  # grace 0.3 s, 2 s for a 421 between commands, then the cut
+    if "RST" not in interrupted:
+        assert out.endswith(b"421 4.3.2 Server shutting down, closing connection\r\n"), out
+    assert up.open == 0  # every upstream connection closed, kept or cut
+    assert up.subjects == ([b"Subject: first"] if kept else [])
+    if any(b"dropped" in step for step in interrupted if isinstance(step, bytes)):
+        assert "no final dot sent" in log, log
+
+
+@root_only
+def test_a_client_gone_while_its_login_is_at_pam_is_one_failure_and_one_closed_session(
+        monkeypatch, slow_daemon, world):
+    """The real daemon behind the frontend: the client resets while PAM
+    checks its (wrong) password; the same user's next session logs in once
+    that check is done, the daemon counts one failure, the frontend logs
+    the lost session once."""
+    d = slow_daemon
+    good = login_plain("alice", world.users["alice"].password).encode()
+    bad = login_plain("alice", "wrong-Pw-zz").encode()
+
+    async def go():
+        up = await _Upstream().start()
+        async with _Front(monkeypatch, up, connector=SocketConnector(d.socket_path, 8)) as fe:
+            await fe.session([b"EHLO c.test\r\nAUTH PLAIN " + bad + b"\r\n", 0.1, "RST"])
+            out = await fe.session([b"EHLO c.test\r\nAUTH PLAIN " + good + b"\r\n", 1.5,
+                                    b"QUIT\r\n"])
+        return out, fe.handler.text
+
+    out, log = asyncio.run(go())
+    assert b"235 " in out, out
+    assert log.count("login failed: user='alice'") == 1, log
+    assert log.count("closed:") == 2 and "read failed" not in log, log
+    d.wait_log("auth ok: user=alice")
+    assert d.log().count("auth failed: user=alice") == 1, d.log()
