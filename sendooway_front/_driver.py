@@ -160,6 +160,7 @@ class SessionRunner:
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
         self._waiting_for_command = False
         self._address_key: str | None = None  # counted in frontend.per_address
+        self._closed_logged = False    # the session's "closed:" line is written
 
     def request_stop(self) -> None:
         """The server is stopping: a client between two commands gets
@@ -234,6 +235,7 @@ class SessionRunner:
         a stopping server's client hears "421 4.3.2 shutting down" (within a
         second), even in mid-AUTH or mid-DATA, before the close."""
         s = self.session
+        closed = s.close_reason  # closed already, its line due after a relay step
         if self.relay is not None:
             if self.awaiting_final_reply:  # a second signal hurried the stop
                 self._log(logging.WARNING, "cut before the upstream answered the final dot:"
@@ -242,6 +244,12 @@ class SessionRunner:
                 await self._quietly(self.relay.data_abort("server stopping" if self.stopping
                                                           else "session cut"))
             self.relay.abort()
+        if not self._closed_logged:
+            # its one closing line: a session cut in the middle of a step
+            # (an upstream that does not answer MAIL) used to end without any
+            self._closed_logged = True
+            self._log(logging.INFO, "closed: %s", f"{closed}; then cut by the stop" if closed
+                      else "cut by the stop")
         if not self.stopping:
             return
         s.shutdown(R.SHUTTING_DOWN)
@@ -380,6 +388,7 @@ class SessionRunner:
             if isinstance(ev, ConnectionClosed):
                 if ev.aborted_data and self.relay is not None:
                     await self._quietly(self.relay.data_abort())
+                self._closed_logged = True
                 self._log(logging.INFO, "closed: %s", ev.reason)
                 await self._send()
                 if ev.reason != "quit" and not self.stream_eof:

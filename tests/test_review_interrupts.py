@@ -274,6 +274,13 @@ class _Front:
         writer.close()
         return out
 
+    async def closed(self, sessions: int) -> None:
+        """Wait (10 s at most) until `sessions` sessions have logged their end."""
+        for _ in range(200):
+            if self.handler.text.count(": closed: ") >= sessions:
+                return
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> float:
         """SIGTERM (serve_listening's handler); seconds until it stopped."""
         t = time.monotonic()
@@ -301,7 +308,7 @@ def _after_interruption(monkeypatch, interrupted: list, stall=None, vanish=""):
             assert b"250 2.0.0 queued" in await fe.session(_message(b"first"))
             up.stall, up.vanish = dict(stall or {}), vanish
             await fe.session(interrupted)
-            await asyncio.sleep(0.5)
+            await fe.closed(2)  # the interrupted session is over
             up.stall, up.vanish = {}, ""
             out = await fe.session(_message(b"next"))
         return out, up, fe.handler.text
@@ -405,6 +412,12 @@ def test_sigterm_at_a_stalled_step_cuts_the_upstream_without_a_dot(monkeypatch, 
     assert up.subjects == ([b"Subject: first"] if kept else [])
     if any(b"dropped" in step for step in interrupted if isinstance(step, bytes)):
         assert "no final dot sent" in log, log
+    # every session has its one closing line, a cut one too (it had none)
+    sessions = {ln.split()[2] for ln in log.splitlines() if ln.endswith(": connect")}
+    assert len(sessions) == 1 + kept
+    for sid in sessions:
+        closing = [ln for ln in log.splitlines() if f" {sid} " in ln and ": closed: " in ln]
+        assert len(closing) == 1, log
 
 
 @root_only
