@@ -160,7 +160,8 @@ class SessionRunner:
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
         self._waiting_for_command = False
         self._address_key: str | None = None  # counted in frontend.per_address
-        self._closed_logged = False    # the session's "closed:" line is written
+        self._announced = False        # its "connect" line is written
+        self._closed_logged = False    # its "closed:" line is written
 
     def request_stop(self) -> None:
         """The server is stopping: a client between two commands gets
@@ -190,6 +191,7 @@ class SessionRunner:
                     self.session.refuse(R.TOO_MANY_FROM_ADDRESS)
                     return
             self._log(logging.INFO, "connect%s%s", "" if self.client else " on stdin/stdout", via)
+            self._announced = True
             if fe.implicit_tls:
                 try:
                     await self.stream.start_tls_server(fe.tls_context)
@@ -244,7 +246,7 @@ class SessionRunner:
                 await self._quietly(self.relay.data_abort("server stopping" if self.stopping
                                                           else "session cut"))
             self.relay.abort()
-        if not self._closed_logged:
+        if self._announced and not self._closed_logged:
             # its one closing line: a session cut in the middle of a step
             # (an upstream that does not answer MAIL) used to end without any
             self._closed_logged = True

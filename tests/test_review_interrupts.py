@@ -9,6 +9,7 @@ upstream's final dot, and the logs have no traceback."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -222,9 +223,10 @@ class _Front:
     smarthostCache pool, to `up`; the frontend's and relay's log lines."""
 
     def __init__(self, monkeypatch, up: _Upstream, timeout: int = 8, grace: float = 0.3,
-                 connector=None) -> None:
+                 connector=None, **cfg_kw) -> None:
         self.monkeypatch, self.up, self.timeout, self.grace = monkeypatch, up, timeout, grace
         self.connector = connector
+        self.cfg_kw = cfg_kw
         self.handler = ListHandler()
         self.handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
 
@@ -240,7 +242,7 @@ class _Front:
         route = Route(server="127.0.0.1", port=self.up.port, tls=TlsMode.PLAIN, ca_file="",
                       user="", password=Secret(""), auth=False, source="review.conf:1")
         cfg = Config(timeout=self.timeout, smarthostCache=30, localname="relay.test",
-                     addReceivedField=False)
+                     addReceivedField=False, **self.cfg_kw)
         fe = Frontend(cfg, connector=self.connector or Connector(route), hostname="mx.test")
         lsock = socket.socket()
         lsock.bind(("127.0.0.1", 0))
@@ -445,3 +447,24 @@ def test_a_client_gone_while_its_login_is_at_pam_is_one_failure_and_one_closed_s
     assert log.count("closed:") == 2 and "read failed" not in log, log
     d.wait_log("auth ok: user=alice")
     assert d.log().count("auth failed: user=alice") == 1, d.log()
+
+
+def test_a_balancer_connection_cut_before_its_proxy_header_logs_no_session_end(monkeypatch):
+    """The cut's closing line belongs to a session that logged its connect:
+    a balancer's connection still without its PROXY header (a health check
+    holding it open) has neither."""
+
+    async def go():
+        up = await _Upstream().start()
+        async with _Front(monkeypatch, up, timeout=30,
+                          proxyProtocol=(ipaddress.ip_network("127.0.0.0/8"),)) as fe:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", fe.port)
+            writer.write(b"PROXY TCP4 192.0.2.9 ")  # and no more
+            await asyncio.sleep(0.3)
+            took = await fe.stop()
+            writer.close()
+        return fe.handler.text, took
+
+    log, took = asyncio.run(go())
+    assert "sessions cut" in log and took < 5, log
+    assert "connect" not in log and "closed:" not in log, log
