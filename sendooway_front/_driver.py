@@ -160,6 +160,8 @@ class SessionRunner:
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
         self._waiting_for_command = False
         self._address_key: str | None = None  # counted in frontend.per_address
+        self._announced = False        # its "connect" line is written
+        self._closed_logged = False    # its "closed:" line is written
 
     def request_stop(self) -> None:
         """The server is stopping: a client between two commands gets
@@ -189,6 +191,7 @@ class SessionRunner:
                     self.session.refuse(R.TOO_MANY_FROM_ADDRESS)
                     return
             self._log(logging.INFO, "connect%s%s", "" if self.client else " on stdin/stdout", via)
+            self._announced = True
             if fe.implicit_tls:
                 try:
                     await self.stream.start_tls_server(fe.tls_context)
@@ -234,6 +237,7 @@ class SessionRunner:
         a stopping server's client hears "421 4.3.2 shutting down" (within a
         second), even in mid-AUTH or mid-DATA, before the close."""
         s = self.session
+        closed = s.close_reason  # closed already, its line due after a relay step
         if self.relay is not None:
             if self.awaiting_final_reply:  # a second signal hurried the stop
                 self._log(logging.WARNING, "cut before the upstream answered the final dot:"
@@ -242,6 +246,12 @@ class SessionRunner:
                 await self._quietly(self.relay.data_abort("server stopping" if self.stopping
                                                           else "session cut"))
             self.relay.abort()
+        if self._announced and not self._closed_logged:
+            # its one closing line: a session cut in the middle of a step
+            # (an upstream that does not answer MAIL) used to end without any
+            self._closed_logged = True
+            self._log(logging.INFO, "closed: %s", f"{closed}; then cut by the stop" if closed
+                      else "cut by the stop")
         if not self.stopping:
             return
         s.shutdown(R.SHUTTING_DOWN)
@@ -333,6 +343,10 @@ class SessionRunner:
                     continue
                 if await self._send():
                     deadline = None  # replies went out: the client's input made progress
+                    if s.closed:
+                        # the write failed (logged): no read from a client
+                        # that is gone or took nothing for `timeout`
+                        continue
                 # `timeout` bounds each read and also a whole command line:
                 # a client trickling one byte at a time gets no more time.
                 now = loop.time()
@@ -376,6 +390,7 @@ class SessionRunner:
             if isinstance(ev, ConnectionClosed):
                 if ev.aborted_data and self.relay is not None:
                     await self._quietly(self.relay.data_abort())
+                self._closed_logged = True
                 self._log(logging.INFO, "closed: %s", ev.reason)
                 await self._send()
                 if ev.reason != "quit" and not self.stream_eof:

@@ -208,6 +208,11 @@ class Session:
         return self.state is State.CLOSED
 
     @property
+    def close_reason(self) -> str | None:
+        """Why the session closed (its ConnectionClosed's reason); None while open."""
+        return self._closed_event.reason if self._closed_event is not None else None
+
+    @property
     def started(self) -> bool:
         """Greeted or refused: the client has been (or is being) answered."""
         return self._started
