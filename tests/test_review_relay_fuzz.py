@@ -1,0 +1,705 @@
+"""An outside review of the live relay path, end to end, by generated cases
+(seeded: every case is rebuilt from its number). The real `sendooway -b`
+and `sendooway-auth` relay to scripted raw upstreams (plain, or STARTTLS
+with Python's ssl) that record every command and every byte after their
+354 and answer each step as the case says: generated multi-line replies
+with and without enhanced codes, refusals, a 421, a hang-up at any step,
+replies cut into several TCP segments, a refusal in the middle of the
+message. Clients write in generated pieces (a CRLF or the end marker cut
+apart, a byte at a time), plain or after STARTTLS, command by command or
+pipelined.
+
+Invariants checked for every transaction:
+- the upstream got, after its 354, exactly the bytes the client sent after
+  its 354 (dot-stuffing as sent), behind our Received: header only when
+  addReceivedField = yes;
+- every reply of the upstream reaches the client with its code (421 as
+  451) and its text (an enhanced code may be put in front, nothing else);
+- the client is never told 250 for a message unless the upstream said 250
+  to that message's final dot;
+- behind a failure the session goes on, the frontend serves the next
+  session, and neither daemon logs a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from .auth_helpers import Daemon
+from .front_util import Frontend, front_config, login_plain, open_tmp
+from .upstream import RawServer
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
+
+USER = "alice"
+ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}")
+RECEIVED = re.compile(
+    rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+    rb"\tby mx\.test \(sendooway\) with (ESMTPS?A) id [^\s;]+\r\n"
+    rb"\t\(authenticated user alice\); [^\r\n]+\r\n")
+
+
+# ---------------------------------------------------------------- upstream
+
+@dataclasses.dataclass(frozen=True)
+class Say:
+    """Reply bytes, written in `pieces` (each its own TCP segment, nearly);
+    `close`: hang up right after."""
+    pieces: tuple[bytes, ...]
+    close: bool = False
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+HANG_UP = Say((), close=True)  # close instead of answering
+
+
+@dataclasses.dataclass
+class Plan:
+    """How an upstream answers one transaction (chosen by its sender)."""
+    mail: Say = Say((b"250 2.1.0 ok\r\n",))
+    rcpt: dict = dataclasses.field(default_factory=dict)   # recipient -> Say
+    data: Say = Say((b"354 go ahead\r\n",))
+    during: tuple | None = None   # ("close", after_octets) | ("refuse", after_octets, Say)
+    dot: Say = Say((b"250 2.0.0 queued\r\n",))
+
+
+RCPT_OK = Say((b"250 2.1.5 ok\r\n",))
+
+
+@dataclasses.dataclass
+class Tx:
+    sender: str
+    rcpts: list = dataclasses.field(default_factory=list)
+    data: bytes | None = None       # what came after the 354, end marker included
+    dot: bool = False               # the final dot arrived
+    dot_reply: bytes | None = None  # what the dot was answered
+    during: bool = False            # the plan's act during the message was done
+
+
+class _Hangup(Exception):
+    pass
+
+
+class _Conn:
+    """One upstream connection: a line reader over a socket that may turn TLS."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.tls = False
+
+    def fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def readline(self) -> bytes | None:
+        while (nl := self.buf.find(b"\n")) < 0:
+            if not self.fill():
+                return None
+        line = bytes(self.buf[:nl + 1])
+        del self.buf[:nl + 1]
+        return line
+
+    def say(self, what: Say) -> None:
+        for i, piece in enumerate(what.pieces):
+            if i:
+                time.sleep(0.001)
+            self.sock.sendall(piece)
+        if what.close:
+            raise _Hangup
+
+
+class FuzzUpstream(RawServer):
+    """A raw upstream answering each transaction as its plan (by sender)
+    says; records every command line and every transaction."""
+
+    def __init__(self, world, starttls: bool, pipelining: bool) -> None:
+        self.world = world
+        self.starttls = starttls
+        self.pipelining = pipelining
+        self.plans: dict[str, Plan] = {}
+        self.txs: list[Tx] = []
+        self.commands: list[bytes] = []
+        self.lock = threading.Lock()
+        if starttls:
+            self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ctx.load_cert_chain(world.upstream_cert_file, world.upstream_key_file)
+        super().__init__()
+
+    def tx(self, sender: str) -> list[Tx]:
+        with self.lock:
+            return [t for t in self.txs if t.sender == sender]
+
+    def _ehlo(self, c: _Conn) -> bytes:
+        ext = [b"upstream.test", b"8BITMIME", b"SIZE 100000000", b"ENHANCEDSTATUSCODES"]
+        if self.pipelining:
+            ext.append(b"PIPELINING")
+        if self.starttls and not c.tls:
+            ext.append(b"STARTTLS")
+        return b"".join(b"250-" + e + b"\r\n" for e in ext[:-1]) + b"250 " + ext[-1] + b"\r\n"
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c = _Conn(conn)
+        try:
+            self._converse(c)
+        except (OSError, _Hangup, ssl.SSLError):
+            pass
+        finally:
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+
+    def _converse(self, c: _Conn) -> None:
+        c.sock.sendall(b"220 upstream.test ESMTP\r\n")
+        plan, tx = Plan(), None
+        while (line := c.readline()) is not None:
+            with self.lock:
+                self.commands.append(line)
+            verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
+            if verb == b"EHLO":
+                c.sock.sendall(self._ehlo(c))
+            elif verb == b"STARTTLS" and self.starttls and not c.tls:
+                c.sock.sendall(b"220 2.0.0 go ahead\r\n")
+                c.sock = self.ctx.wrap_socket(c.sock, server_side=True)
+                c.tls = True
+            elif verb == b"MAIL":
+                sender = line[line.find(b"<") + 1:line.find(b">")].decode()
+                plan = self.plans.get(sender, Plan())
+                tx = Tx(sender)
+                with self.lock:
+                    self.txs.append(tx)
+                c.say(plan.mail)
+            elif verb == b"RCPT":
+                rcpt = line[line.find(b"<") + 1:line.find(b">")].decode()
+                if tx is not None:
+                    tx.rcpts.append(rcpt)
+                c.say(plan.rcpt.get(rcpt, RCPT_OK))
+            elif verb == b"DATA":
+                c.say(plan.data)
+                if plan.data.data.startswith(b"354"):
+                    self._message(c, plan, tx)
+            elif verb == b"RSET":
+                plan, tx = Plan(), None
+                c.sock.sendall(b"250 2.0.0 ok\r\n")
+            elif verb == b"QUIT":
+                c.sock.sendall(b"221 2.0.0 bye\r\n")
+                return
+            elif verb == b"NOOP":
+                c.sock.sendall(b"250 2.0.0 ok\r\n")
+            else:
+                c.sock.sendall(b"502 5.5.2 what\r\n")
+
+    def _message(self, c: _Conn, plan: Plan, tx: Tx | None) -> None:
+        tx = tx or Tx("?")
+        body = bytearray()
+        refused = False
+        while True:
+            line = c.readline()
+            if line is None:
+                tx.data = bytes(body)
+                raise _Hangup
+            body += line
+            if plan.during and not refused and len(body) >= plan.during[1]:
+                tx.during = True
+                if plan.during[0] == "close":
+                    tx.data = bytes(body)
+                    raise _Hangup
+                refused = True
+                c.say(plan.during[2])
+            if line == b".\r\n":
+                break
+        tx.data, tx.dot = bytes(body), True
+        if refused:  # it said its word: no second answer
+            raise _Hangup
+        if plan.dot is not HANG_UP:
+            tx.dot_reply = plan.dot.data
+        c.say(plan.dot)
+
+
+# ---------------------------------------------------------------- client
+
+class Client:
+    """A client that writes exactly the pieces it is given."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.tls = False
+
+    def send(self, pieces) -> None:
+        for i, piece in enumerate(pieces):
+            if i:
+                time.sleep(0.0005)
+            self.sock.sendall(piece)
+
+    def reply(self) -> tuple[int, list[bytes]]:
+        """One reply: (code, text of each line); (0, []) when closed."""
+        lines = []
+        while True:
+            while (nl := self.buf.find(b"\r\n")) < 0:
+                data = self.sock.recv(65536)
+                if not data:
+                    return 0, lines
+                self.buf += data
+            line = bytes(self.buf[:nl])
+            del self.buf[:nl + 2]
+            lines.append(line[4:])
+            if line[3:4] != b"-":
+                return int(line[:3]), lines
+
+    def cmd(self, line: bytes) -> tuple[int, list[bytes]]:
+        self.send([line])
+        return self.reply()
+
+    def starttls(self) -> None:
+        assert self.cmd(b"STARTTLS\r\n")[0] == 220
+        assert not self.buf
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
+        self.tls = True
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def login(fe, world, tls: bool) -> Client:
+    c = Client(fe.port)
+    assert c.reply()[0] == 220
+    assert c.cmd(b"EHLO client.test\r\n")[0] == 250
+    if tls:
+        c.starttls()
+        assert c.cmd(b"EHLO client.test\r\n")[0] == 250
+    plain = login_plain(USER, world.users[USER].password).encode()
+    assert c.cmd(b"AUTH PLAIN " + plain + b"\r\n")[0] == 235
+    return c
+
+
+# ---------------------------------------------------------------- generators
+
+TEXT = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+        b" \t<>()[]:;,.!?'\"\\/=+-_#$%&*@~^{}|`")
+UTF8 = ["\u00e9", "\u00fc", "\u65e5\u672c", "\u20ac", "\U0001f600"]
+
+
+def gen_text(rng: random.Random, most: int = 80) -> bytes:
+    n = rng.choice([0, 1, rng.randint(2, most), rng.randint(2, most), rng.randint(300, 500)])
+    out = bytearray(rng.choice(TEXT) for _ in range(n))
+    if rng.random() < 0.2:
+        out[rng.randint(0, len(out)):0] = rng.choice(UTF8).encode()
+    return bytes(out)
+
+
+def gen_reply(rng: random.Random, code: int) -> bytes:
+    lines = []
+    enhanced = rng.random() < 0.6
+    for _ in range(rng.choice([1, 1, 1, 2, 3, 6])):
+        text = gen_text(rng)
+        if enhanced and rng.random() < 0.9:
+            text = f"{code // 100}.{rng.randint(0, 7)}.{rng.randint(0, 20)} ".encode() + text
+        lines.append(text)
+    out = b""
+    for i, text in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and not text and rng.random() < 0.5:
+            out += b"%d\r\n" % code
+        else:
+            out += b"%d%s%s\r\n" % (code, b" " if last else b"-", text)
+    return out
+
+
+def gen_say(rng: random.Random, code: int, close_after: float = 0.0) -> Say:
+    data = gen_reply(rng, code)
+    return Say(split(rng, data, small=True), close=rng.random() < close_after)
+
+
+def split(rng: random.Random, data: bytes, small: bool = False) -> tuple[bytes, ...]:
+    """`data` in pieces: whole, at random cuts, at every CRLF or its middle,
+    inside each end marker, or a byte at a time (small data only)."""
+    how = rng.choice(["whole", "whole", "random", "crlf", "marker", "bytes"])
+    if not data or how == "whole":
+        return (data,)
+    if how == "bytes" and len(data) <= (80 if small else 300):
+        return tuple(data[i:i + 1] for i in range(len(data)))
+    cuts = set()
+    if how == "random" or how == "bytes":
+        cuts = {rng.randint(1, len(data) - 1) for _ in range(rng.randint(1, 8))} if len(data) > 1 else set()
+    elif how == "crlf":
+        for m in re.finditer(rb"\r\n", data):
+            cuts.add(m.start() + rng.choice([0, 1, 2]))
+    else:  # marker: "\r\n.\r\n" and "\r\n." cut at every place
+        for m in re.finditer(rb"\r\n\.", data):
+            cuts.add(m.start() + rng.randint(0, 4))
+    cuts = sorted(c for c in cuts if 0 < c < len(data))
+    if len(cuts) > 200:
+        cuts = sorted(rng.sample(cuts, 200))
+    return tuple(data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)]))
+
+
+def gen_message(rng: random.Random) -> bytes:
+    """A valid message as the client sends it after its 354 (dot-stuffed,
+    every line ending CRLF) with its end marker."""
+    lines: list[bytes] = []
+    if rng.random() < 0.7:
+        lines += [b"From: <a@one.example>", b"Subject: " + gen_text(rng, 40)]
+        if rng.random() < 0.5:
+            lines += [b"X-Folded: a", b"\tb"]
+        lines.append(b"")
+    big = rng.random() < 0.04
+    for _ in range(rng.randint(0, 6000 if big else 25)):
+        kind = rng.random()
+        if kind < 0.08:
+            line = b"."
+        elif kind < 0.14:
+            line = b".."
+        elif kind < 0.22:
+            line = b""
+        elif kind < 0.28:
+            line = b"." + gen_text(rng, 30)
+        elif kind < 0.34:  # longest legal lines: 998 octets (a leading dot is stuffed)
+            n = rng.choice([996, 997, 998])
+            line = (b"." if rng.random() < 0.3 else b"x") + b"y" * (n - 1)
+        elif kind < 0.44:
+            line = bytes(rng.choice([*range(0x80, 0x100), *b"abc \t"]) for _ in range(rng.randint(1, 60)))
+        else:
+            line = gen_text(rng)
+        lines.append(line)
+    if rng.random() < 0.1:
+        lines = []
+    wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    return wire + b".\r\n"
+
+
+# ---------------------------------------------------------------- the world
+
+@pytest.fixture(scope="module")
+def relay(world):
+    ups = {"one": FuzzUpstream(world, starttls=False, pipelining=True),
+           "two": FuzzUpstream(world, starttls=True, pipelining=False),
+           "three": FuzzUpstream(world, starttls=True, pipelining=True)}
+    maps = (f"smarthostMapping = direct:*@one.example 127.0.0.1 {ups['one'].port} noAuth\n"
+            f"smarthostMapping = direct:*@two.example localhost {ups['two'].port} noAuth,tls\n"
+            f"smarthostMapping = direct:*@three.example localhost {ups['three'].port} noAuth,tls\n")
+    with open_tmp() as tmp:
+        common = f"sslCA = {world.ca_file}\n{maps}"
+        config_a = front_config(tmp, world, "timeout = 5\naddReceivedField = no\nsmarthostCache = 0\n"
+                                + common)
+        config_b = front_config(tmp, world, "timeout = 5\naddReceivedField = yes\nsmarthostCache = 30\n"
+                                + common, name="b.conf")
+        daemon = Daemon(tmp, config_a).start()
+        fronts = {"nocache": Frontend(config_a, os.path.join(str(tmp), "a.log")).start(),
+                  "received": Frontend(config_b, os.path.join(str(tmp), "b.log")).start()}
+        env = dataclasses.make_dataclass("Env", ["fronts", "ups", "daemon", "world"])(
+            fronts, ups, daemon, world)
+        try:
+            yield env
+        finally:
+            for fe in fronts.values():
+                fe.stop()
+            daemon.stop()
+            for up in ups.values():
+                up.stop()
+            for fe in fronts.values():
+                assert "Traceback" not in fe.log(), fe.log()
+            assert "Traceback" not in daemon.log(), daemon.log()
+
+
+def alive(env) -> None:
+    for name, fe in env.fronts.items():
+        assert fe.proc.poll() is None, f"frontend {name} died: {fe.log()[-3000:]}"
+        assert "Traceback" not in fe.log(), fe.log()[-5000:]
+
+
+# ---------------------------------------------------------------- oracles
+
+def expected_code(up_code: int) -> int:
+    return 451 if up_code == 421 else up_code
+
+
+def reply_lines(data: bytes) -> tuple[int, list[bytes]]:
+    lines = data.split(b"\r\n")[:-1]
+    return int(lines[0][:3]), [line[4:] for line in lines]
+
+
+def assert_relayed(got: tuple[int, list[bytes]], said: Say, where: str) -> None:
+    """The client's reply is the upstream's: its code (421 as 451) and
+    every line's text, an enhanced code of the code's class maybe put in
+    front of a line that had none."""
+    code, lines = got
+    up_code, up_lines = reply_lines(said.data)
+    assert code == expected_code(up_code), (where, got, said.data)
+    assert len(lines) == len(up_lines), (where, got, said.data)
+    for mine, theirs in zip(lines, up_lines):
+        if mine == theirs:
+            continue
+        status, _, rest = mine.partition(b" ")
+        assert ENHANCED.fullmatch(status) and rest == theirs and status[:1] == b"%d" % (code // 100), \
+            (where, got, said.data)
+        assert not ENHANCED.match(theirs), (where, "an enhanced code added to a line that had one", got)
+
+
+def positive(code: int) -> bool:
+    return 200 <= code < 300
+
+
+# ---------------------------------------------------------------- a transaction
+
+@dataclasses.dataclass
+class Case:
+    seed: int
+    route: str
+    sender: str
+    rcpts: list
+    plan: Plan
+    message: bytes
+    pieces: tuple
+    pipelined: bool
+
+
+def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
+    plan = Plan()
+    if not hostile:
+        if rng.random() < 0.5:
+            plan.mail = gen_say(rng, 250)
+            plan.rcpt = {r: gen_say(rng, rng.choice([250, 250, 251])) for r in rcpts}
+            plan.data = gen_say(rng, 354)
+            plan.dot = gen_say(rng, 250)
+        return plan
+    r = rng.random()
+    plan.mail = (HANG_UP if r < 0.04 else gen_say(rng, rng.choice([421, 451, 452, 550, 553, 501]), 0.2)
+                 if r < 0.15 else gen_say(rng, 250))
+    for rc in rcpts:
+        r = rng.random()
+        plan.rcpt[rc] = (HANG_UP if r < 0.04 else
+                         gen_say(rng, rng.choice([421, 450, 451, 452, 550, 551, 553]), 0.1)
+                         if r < 0.3 else gen_say(rng, rng.choice([250, 251])))
+    r = rng.random()
+    plan.data = (HANG_UP if r < 0.05 else gen_say(rng, rng.choice([421, 451, 503, 554]), 0.2)
+                 if r < 0.15 else gen_say(rng, 354))
+    r = rng.random()
+    if r < 0.07:
+        plan.during = ("close", rng.randint(1, 200))
+    elif r < 0.14:
+        plan.during = ("refuse", rng.randint(1, 200),
+                       gen_say(rng, rng.choice([421, 451, 452, 552, 554]), 0.5))
+    r = rng.random()
+    plan.dot = (HANG_UP if r < 0.06 else
+                gen_say(rng, rng.choice([421, 450, 451, 452, 550, 552, 554]), 0.2)
+                if r < 0.3 else gen_say(rng, 250, 0.1))
+    return plan
+
+
+def gen_case(seed: int, hostile: bool, routes=("one", "two", "three")) -> Case:
+    rng = random.Random(seed)
+    route = rng.choice(routes)
+    rcpts = [f"r{seed}-{j}@dest.example" for j in range(rng.choice([1, 1, 2, 3]))]
+    sender = f"s{seed}@{route}.example"
+    message = gen_message(rng)
+    return Case(seed, route, sender, rcpts, gen_plan(rng, rcpts, hostile), message,
+                split(rng, message), rng.random() < 0.5)
+
+
+def group(case: Case) -> bytes:
+    """MAIL, RCPTs and DATA of `case` as one pipelined group."""
+    return (b"MAIL FROM:<" + case.sender.encode() + b">\r\n"
+            + b"".join(b"RCPT TO:<" + r.encode() + b">\r\n" for r in case.rcpts) + b"DATA\r\n")
+
+
+def run_transaction(env, c: Client, case: Case, received: bool,
+                    tail: bytes = b"", sent: bool = False) -> tuple[int, list[bytes]] | None:
+    """One transaction of `case` on the logged-in client `c`, checked
+    against its plan and what the upstream recorded; returns the client's
+    reply to the message (None when there was no message: `tail` is not
+    sent then). `tail` is sent in the same write as the message's end
+    (pipelined commands behind it); `sent`: the pipelined group went
+    already (as an earlier tail)."""
+    up = env.ups[case.route]
+    up.plans[case.sender] = case.plan
+    where = f"seed {case.seed}"
+    mail = b"MAIL FROM:<" + case.sender.encode() + b">\r\n"
+    rcpts = [b"RCPT TO:<" + r.encode() + b">\r\n" for r in case.rcpts]
+    if case.pipelined:
+        if not sent:
+            c.send(split(random.Random(case.seed + 1), group(case)))
+        got_mail = c.reply()
+        got_rcpts = [c.reply() for _ in rcpts]
+        got_data = c.reply()
+    else:
+        got_mail = c.cmd(mail)
+        got_rcpts = [c.cmd(r) for r in rcpts]
+        got_data = c.cmd(b"DATA\r\n")
+    assert got_mail[0] and all(r[0] for r in got_rcpts) and got_data[0], (where, "session closed")
+    plan = case.plan
+    # MAIL
+    if plan.mail is HANG_UP:
+        assert 400 <= got_mail[0] < 500, (where, got_mail)
+    else:
+        assert_relayed(got_mail, plan.mail, where + " MAIL")
+    # RCPT
+    gone = plan.mail is HANG_UP or plan.mail.close or reply_lines(plan.mail.data)[0] == 421
+    for rcpt, got in zip(case.rcpts, got_rcpts):
+        say = plan.rcpt.get(rcpt, RCPT_OK)
+        if not positive(got_mail[0]):
+            assert got[0] >= 400, (where, "RCPT behind a refused MAIL", got)
+        elif gone or say is HANG_UP:
+            assert 400 <= got[0] < 500, (where, "RCPT", got)
+            gone = True
+        else:
+            assert_relayed(got, say, where + " RCPT")
+            gone = say.close or reply_lines(say.data)[0] == 421
+    accepted = any(positive(r[0]) for r in got_rcpts)
+    # DATA
+    if not accepted:
+        assert got_data[0] in (503, 554), (where, "DATA without a recipient", got_data)
+    elif gone or plan.data is HANG_UP:
+        assert 400 <= got_data[0] < 500, (where, "DATA", got_data)
+    else:
+        assert_relayed(got_data, plan.data, where + " DATA")
+    txs = up.tx(case.sender)
+    if got_data[0] != 354:
+        assert all(not t.dot for t in txs), (where, "a final dot went upstream", txs)
+        return None
+    # the message
+    pieces = list(case.pieces)
+    pieces[-1] += tail
+    c.send(pieces)
+    got = c.reply()
+    txs = up.tx(case.sender)
+    assert len(txs) == 1, (where, txs)
+    tx = txs[0]
+    for name, other in env.ups.items():
+        assert name == case.route or not other.tx(case.sender), (where, "went to", name)
+    header = b""
+    if received and tx.dot:
+        m = RECEIVED.match(tx.data)
+        assert m, (where, tx.data[:300])
+        assert m.group(1) == (b"ESMTPSA" if c.tls else b"ESMTPA"), (where, m.group(0))
+        header = m.group(0)
+    if positive(got[0]):
+        assert tx.dot and tx.dot_reply is not None and tx.dot_reply.startswith(b"250"), \
+            (where, "250 without the upstream's 250", got, tx)
+    during = plan.during if tx.during else None  # (not reached in a short message)
+    if during is None and tx.dot_reply is not None:
+        assert tx.dot, (where, "no final dot upstream", got)
+        assert tx.data == header + case.message, (where, "message altered", len(tx.data), len(case.message))
+        assert_relayed(got, plan.dot, where + " dot")
+    elif during is None:  # hung up at the dot
+        assert tx.data == header + case.message, (where, "message altered")
+        assert 400 <= got[0] < 500, (where, "dot answered by nobody", got)
+    elif during[0] == "close":
+        assert got[0] >= 400, (where, got)
+        if tx.dot:  # the message was shorter than the point of closing
+            assert tx.data == header + case.message
+    else:  # a refusal during the message is its answer
+        assert_relayed(got, during[2], where + " refusal during DATA")
+    return got
+
+
+def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool | None = None) -> int:
+    rng = random.Random(seed * 7919)
+    front = front or rng.choice(list(env.fronts))
+    fe = env.fronts[front]
+    tls = rng.random() < 0.3 if tls is None else tls
+    c = login(fe, env.world, tls)
+    try:
+        case = gen_case(seed, hostile)
+        run_transaction(env, c, case, received=front == "received")
+        # the session goes on after whatever happened
+        assert c.cmd(b"RSET\r\n")[0] == 250, f"seed {seed}: RSET"
+        assert c.cmd(b"NOOP\r\n")[0] == 250, f"seed {seed}: NOOP"
+        assert c.cmd(b"QUIT\r\n")[0] == 221, f"seed {seed}: QUIT"
+    finally:
+        c.close()
+    return len(case.message)
+
+
+# ---------------------------------------------------------------- tests
+
+def test_message_bytes_reach_the_upstream_exactly(relay):
+    """Good upstreams, generated messages and write splits: the upstream
+    gets the client's bytes exactly, and the dot's reply reaches the client."""
+    for seed in range(1000, 1140):
+        session(relay, seed, hostile=False)
+    alive(relay)
+
+
+def test_upstream_replies_and_hangups_reach_the_client_as_they_were(relay):
+    """Generated refusals, 421s, hang-ups at every step and refusals during
+    the message: the client sees each reply as the upstream gave it and
+    never a 250 the upstream did not give."""
+    for seed in range(5000, 5200):
+        session(relay, seed, hostile=True)
+    alive(relay)
+    # and a good session goes through afterwards, on every frontend
+    for i, front in enumerate(relay.fronts):
+        for tls in (False, True):
+            c = login(relay.fronts[front], relay.world, tls)
+            case = gen_case(9000 + 2 * i + tls, hostile=False)
+            try:
+                assert positive(run_transaction(relay, c, case, received=front == "received")[0])
+            finally:
+                c.close()
+
+
+def test_pipelined_sessions_of_several_messages_keep_each_message_apart(relay):
+    """Sessions of 2 to 5 transactions over the three routes, the next
+    transaction's commands (or RSET, NOOP) often pipelined right behind
+    the previous message's end: each upstream gets exactly its own
+    messages, each reply goes to its own command."""
+    transactions = 0
+    for seed in range(20000, 20060):
+        rng = random.Random(seed)
+        front = rng.choice(list(relay.fronts))
+        c = login(relay.fronts[front], relay.world, rng.random() < 0.3)
+        try:
+            cases = [gen_case(seed * 10 + i, hostile=rng.random() < 0.3)
+                     for i in range(rng.randint(2, 5))]
+            for case in cases:  # before any of them is sent (pipelined behind a message)
+                relay.ups[case.route].plans[case.sender] = case.plan
+            sent = False
+            for i, case in enumerate(cases):
+                nxt = cases[i + 1] if i + 1 < len(cases) else None
+                between = rng.choice(["rset", "noop", "none", "group", "group"])
+                if between == "group" and nxt is not None and nxt.pipelined:
+                    tail = group(nxt)
+                elif between in ("rset", "noop"):
+                    tail = between.upper().encode() + b"\r\n"
+                else:
+                    tail = b""
+                got = run_transaction(relay, c, case, received=front == "received", tail=tail, sent=sent)
+                transactions += 1
+                if got is None:  # no message: the transaction may still be open
+                    sent = False
+                    assert c.cmd(b"RSET\r\n")[0] == 250, f"seed {case.seed}: RSET"
+                    continue
+                sent = tail.startswith(b"MAIL")
+                if tail and not sent:
+                    assert c.reply()[0] == 250, f"seed {case.seed}: {tail!r} behind the message"
+                if not sent and rng.random() < 0.3:
+                    assert c.cmd(b"RSET\r\n")[0] == 250
+            assert c.cmd(b"QUIT\r\n")[0] == 221
+        finally:
+            c.close()
+    alive(relay)
+    assert transactions > 150
