@@ -26,15 +26,17 @@ import dataclasses
 import os
 import random
 import re
+import select
 import socket
 import ssl
+import subprocess
 import threading
 import time
 
 import pytest
 
 from .auth_helpers import Daemon
-from .front_util import Frontend, front_config, login_plain, open_tmp
+from .front_util import FRONT, Frontend, front_config, login_plain, open_tmp
 from .upstream import RawServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to
 USER = "alice"
 ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}")
 RECEIVED = re.compile(
-    rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+    rb"Received: from client\.test(?: \(\[127\.0\.0\.1\]\))?\r\n"
     rb"\tby mx\.test \(sendooway\) with (ESMTPS?A) id [^\s;]+\r\n"
     rb"\t\(authenticated user alice\); [^\r\n]+\r\n")
 
@@ -52,16 +54,18 @@ RECEIVED = re.compile(
 @dataclasses.dataclass(frozen=True)
 class Say:
     """Reply bytes, written in `pieces` (each its own TCP segment, nearly);
-    `close`: hang up right after."""
+    `close`: hang up right after; `broken`: no reply the relay can use
+    (cut short, malformed, too long): the client must get a 4xx."""
     pieces: tuple[bytes, ...]
     close: bool = False
+    broken: bool = False
 
     @property
     def data(self) -> bytes:
         return b"".join(self.pieces)
 
 
-HANG_UP = Say((), close=True)  # close instead of answering
+HANG_UP = Say((), close=True, broken=True)  # close instead of answering
 
 
 @dataclasses.dataclass
@@ -81,6 +85,7 @@ RCPT_OK = Say((b"250 2.1.5 ok\r\n",))
 class Tx:
     sender: str
     rcpts: list = dataclasses.field(default_factory=list)
+    mail: bytes = b""               # the MAIL command line
     data: bytes | None = None       # what came after the 354, end marker included
     dot: bool = False               # the final dot arrived
     dot_reply: bytes | None = None  # what the dot was answered
@@ -181,7 +186,7 @@ class FuzzUpstream(RawServer):
             elif verb == b"MAIL":
                 sender = line[line.find(b"<") + 1:line.find(b">")].decode()
                 plan = self.plans.get(sender, Plan())
-                tx = Tx(sender)
+                tx = Tx(sender, mail=line)
                 with self.lock:
                     self.txs.append(tx)
                 c.say(plan.mail)
@@ -227,7 +232,7 @@ class FuzzUpstream(RawServer):
         tx.data, tx.dot = bytes(body), True
         if refused:  # it said its word: no second answer
             raise _Hangup
-        if plan.dot is not HANG_UP:
+        if not plan.dot.broken:
             tx.dot_reply = plan.dot.data
         c.say(plan.dot)
 
@@ -243,18 +248,24 @@ class Client:
         self.buf = bytearray()
         self.tls = False
 
+    def _write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _read(self) -> bytes:
+        return self.sock.recv(65536)
+
     def send(self, pieces) -> None:
         for i, piece in enumerate(pieces):
             if i:
                 time.sleep(0.0005)
-            self.sock.sendall(piece)
+            self._write(piece)
 
     def reply(self) -> tuple[int, list[bytes]]:
         """One reply: (code, text of each line); (0, []) when closed."""
         lines = []
         while True:
             while (nl := self.buf.find(b"\r\n")) < 0:
-                data = self.sock.recv(65536)
+                data = self._read()
                 if not data:
                     return 0, lines
                 self.buf += data
@@ -268,13 +279,17 @@ class Client:
         self.send([line])
         return self.reply()
 
-    def starttls(self) -> None:
-        assert self.cmd(b"STARTTLS\r\n")[0] == 220
-        assert not self.buf
+    @staticmethod
+    def _context() -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
+        return ctx
+
+    def starttls(self) -> None:
+        assert self.cmd(b"STARTTLS\r\n")[0] == 220
+        assert not self.buf
+        self.sock = self._context().wrap_socket(self.sock, server_hostname="localhost")
         self.tls = True
 
     def close(self) -> None:
@@ -284,8 +299,82 @@ class Client:
             pass
 
 
-def login(fe, world, tls: bool) -> Client:
-    c = Client(fe.port)
+class PipeClient(Client):
+    """The same client speaking to `sendooway` in inetd mode over a pipe
+    pair (its fd 0 and fd 1), TLS through memory BIOs."""
+
+    def __init__(self, argv) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self.buf = bytearray()
+        self.tls = False
+
+    def _raw_write(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def _raw_read(self) -> bytes:
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], 10)
+        assert ready, "inetd-mode frontend silent for 10 s"
+        return os.read(fd, 65536)
+
+    def _flush(self) -> None:
+        if data := self.outgoing.read():
+            self._raw_write(data)
+
+    def _write(self, data: bytes) -> None:
+        if not self.tls:
+            return self._raw_write(data)
+        self.tls_obj.write(data)
+        self._flush()
+
+    def _read(self) -> bytes:
+        if not self.tls:
+            return self._raw_read()
+        while True:
+            try:
+                return self.tls_obj.read(65536)
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self._raw_read()
+                if not data:
+                    return b""
+                self.incoming.write(data)
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    def starttls(self) -> None:
+        assert self.cmd(b"STARTTLS\r\n")[0] == 220
+        assert not self.buf
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls_obj = self._context().wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        while True:
+            try:
+                self.tls_obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self._raw_read()
+                assert data, "closed during the TLS handshake"
+                self.incoming.write(data)
+        self._flush()
+        self.tls = True
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def login(c: Client, world, tls: bool) -> Client:
     assert c.reply()[0] == 220
     assert c.cmd(b"EHLO client.test\r\n")[0] == 250
     if tls:
@@ -300,6 +389,7 @@ def login(fe, world, tls: bool) -> Client:
 
 TEXT = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
         b" \t<>()[]:;,.!?'\"\\/=+-_#$%&*@~^{}|`")
+BIG = 0.04  # share of messages of some 100 KiB to 1 MiB (past the session's 128 KiB chunks)
 UTF8 = ["\u00e9", "\u00fc", "\u65e5\u672c", "\u20ac", "\U0001f600"]
 
 
@@ -314,7 +404,9 @@ def gen_text(rng: random.Random, most: int = 80) -> bytes:
 def gen_reply(rng: random.Random, code: int) -> bytes:
     lines = []
     enhanced = rng.random() < 0.6
-    for _ in range(rng.choice([1, 1, 1, 2, 3, 6])):
+    if rng.random() < 0.03:  # the longest reply lines the relay takes: 4096 octets, CRLF included
+        return b"%d %s\r\n" % (code, b"L" * 4090)
+    for _ in range(rng.choice([1, 1, 1, 2, 3, 6, 100 if rng.random() < 0.1 else 1])):
         text = gen_text(rng)
         if enhanced and rng.random() < 0.9:
             text = f"{code // 100}.{rng.randint(0, 7)}.{rng.randint(0, 20)} ".encode() + text
@@ -331,7 +423,27 @@ def gen_reply(rng: random.Random, code: int) -> bytes:
 
 def gen_say(rng: random.Random, code: int, close_after: float = 0.0) -> Say:
     data = gen_reply(rng, code)
+    if rng.random() < 0.08:  # lines ended by LF alone: taken as they are
+        data = data.replace(b"\r\n", b"\n")
     return Say(split(rng, data, small=True), close=rng.random() < close_after)
+
+
+def gen_broken(rng: random.Random, code: int) -> Say:
+    """A reply the relay cannot use: cut short by a hang-up, its code
+    changing, not a reply at all, a line or a reply too long."""
+    kind = rng.choice(["cut", "cut", "code", "garbage", "line", "lines", "class"])
+    if kind == "class":  # a 354 where none belongs, a 250 to DATA
+        return Say(split(rng, gen_reply(rng, 250 if code == 354 else 354), small=True),
+                   close=rng.random() < 0.3, broken=True)
+    if kind == "cut":
+        full = gen_reply(rng, code)
+        part = full[:rng.randint(0, len(full) - 1)]
+        return Say(split(rng, part, small=True), close=True, broken=True)
+    data = {"code": b"%d-first\r\n%d second\r\n" % (code, code + 1),
+            "garbage": rng.choice([b"hello\r\n", b"2x0 ok\r\n", b"25\r\n", b"\r\n", b"-250 ok\r\n"]),
+            "line": b"%d %s\r\n" % (code, b"L" * 4091),
+            "lines": b"%d-x\r\n" % code * 100 + b"%d y\r\n" % code}[kind]
+    return Say(split(rng, data, small=True), close=rng.random() < 0.3, broken=True)
 
 
 def split(rng: random.Random, data: bytes, small: bool = False) -> tuple[bytes, ...]:
@@ -366,8 +478,8 @@ def gen_message(rng: random.Random) -> bytes:
         if rng.random() < 0.5:
             lines += [b"X-Folded: a", b"\tb"]
         lines.append(b"")
-    big = rng.random() < 0.04
-    for _ in range(rng.randint(0, 6000 if big else 25)):
+    big = rng.random() < BIG
+    for _ in range(rng.randint(2000, 20000) if big else rng.randint(0, 25)):
         kind = rng.random()
         if kind < 0.08:
             line = b"."
@@ -410,8 +522,9 @@ def relay(world):
         daemon = Daemon(tmp, config_a).start()
         fronts = {"nocache": Frontend(config_a, os.path.join(str(tmp), "a.log")).start(),
                   "received": Frontend(config_b, os.path.join(str(tmp), "b.log")).start()}
-        env = dataclasses.make_dataclass("Env", ["fronts", "ups", "daemon", "world"])(
-            fronts, ups, daemon, world)
+        env = dataclasses.make_dataclass("Env", ["fronts", "ups", "daemon", "world", "configs", "inetd_log"])(
+            fronts, ups, daemon, world, {"nocache": config_a, "received": config_b},
+            os.path.join(str(tmp), "inetd.log"))
         try:
             yield env
         finally:
@@ -422,6 +535,9 @@ def relay(world):
                 up.stop()
             for fe in fronts.values():
                 assert "Traceback" not in fe.log(), fe.log()
+            if os.path.exists(env.inetd_log):
+                with open(env.inetd_log) as f:
+                    assert "Traceback" not in f.read()
             assert "Traceback" not in daemon.log(), daemon.log()
 
 
@@ -438,7 +554,7 @@ def expected_code(up_code: int) -> int:
 
 
 def reply_lines(data: bytes) -> tuple[int, list[bytes]]:
-    lines = data.split(b"\r\n")[:-1]
+    lines = [line.removesuffix(b"\r") for line in data.split(b"\n")[:-1]]
     return int(lines[0][:3]), [line[4:] for line in lines]
 
 
@@ -474,7 +590,9 @@ class Case:
     plan: Plan
     message: bytes
     pieces: tuple
-    pipelined: bool
+    pipelined: bool     # MAIL, RCPTs and DATA in one write
+    rcpt_group: bool    # (not pipelined) MAIL alone, then RCPTs and DATA in one write
+    params: bytes       # MAIL parameters: SIZE=, BODY=8BITMIME
 
 
 def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
@@ -487,15 +605,17 @@ def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
             plan.dot = gen_say(rng, 250)
         return plan
     r = rng.random()
-    plan.mail = (HANG_UP if r < 0.04 else gen_say(rng, rng.choice([421, 451, 452, 550, 553, 501]), 0.2)
+    plan.mail = (HANG_UP if r < 0.03 else gen_broken(rng, 250) if r < 0.06 else
+                 gen_say(rng, rng.choice([421, 451, 452, 550, 553, 501]), 0.2)
                  if r < 0.15 else gen_say(rng, 250))
     for rc in rcpts:
         r = rng.random()
-        plan.rcpt[rc] = (HANG_UP if r < 0.04 else
+        plan.rcpt[rc] = (HANG_UP if r < 0.03 else gen_broken(rng, 250) if r < 0.06 else
                          gen_say(rng, rng.choice([421, 450, 451, 452, 550, 551, 553]), 0.1)
                          if r < 0.3 else gen_say(rng, rng.choice([250, 251])))
     r = rng.random()
-    plan.data = (HANG_UP if r < 0.05 else gen_say(rng, rng.choice([421, 451, 503, 554]), 0.2)
+    plan.data = (HANG_UP if r < 0.03 else gen_broken(rng, 354) if r < 0.06 else
+                 gen_say(rng, rng.choice([421, 451, 503, 554]), 0.2)
                  if r < 0.15 else gen_say(rng, 354))
     r = rng.random()
     if r < 0.07:
@@ -504,7 +624,7 @@ def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
         plan.during = ("refuse", rng.randint(1, 200),
                        gen_say(rng, rng.choice([421, 451, 452, 552, 554]), 0.5))
     r = rng.random()
-    plan.dot = (HANG_UP if r < 0.06 else
+    plan.dot = (HANG_UP if r < 0.04 else gen_broken(rng, 250) if r < 0.08 else
                 gen_say(rng, rng.choice([421, 450, 451, 452, 550, 552, 554]), 0.2)
                 if r < 0.3 else gen_say(rng, 250, 0.1))
     return plan
@@ -516,13 +636,15 @@ def gen_case(seed: int, hostile: bool, routes=("one", "two", "three")) -> Case:
     rcpts = [f"r{seed}-{j}@dest.example" for j in range(rng.choice([1, 1, 2, 3]))]
     sender = f"s{seed}@{route}.example"
     message = gen_message(rng)
-    return Case(seed, route, sender, rcpts, gen_plan(rng, rcpts, hostile), message,
-                split(rng, message), rng.random() < 0.5)
+    plan, pieces, pipelined = gen_plan(rng, rcpts, hostile), split(rng, message), rng.random() < 0.5
+    params = rng.choice([b"", b"", b" SIZE=%d" % len(message), b" BODY=8BITMIME",
+                         b" BODY=8BITMIME SIZE=%d" % len(message)])
+    return Case(seed, route, sender, rcpts, plan, message, pieces, pipelined, rng.random() < 0.5, params)
 
 
 def group(case: Case) -> bytes:
     """MAIL, RCPTs and DATA of `case` as one pipelined group."""
-    return (b"MAIL FROM:<" + case.sender.encode() + b">\r\n"
+    return (b"MAIL FROM:<" + case.sender.encode() + b">" + case.params + b"\r\n"
             + b"".join(b"RCPT TO:<" + r.encode() + b">\r\n" for r in case.rcpts) + b"DATA\r\n")
 
 
@@ -537,12 +659,17 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     up = env.ups[case.route]
     up.plans[case.sender] = case.plan
     where = f"seed {case.seed}"
-    mail = b"MAIL FROM:<" + case.sender.encode() + b">\r\n"
+    mail = b"MAIL FROM:<" + case.sender.encode() + b">" + case.params + b"\r\n"
     rcpts = [b"RCPT TO:<" + r.encode() + b">\r\n" for r in case.rcpts]
     if case.pipelined:
         if not sent:
             c.send(split(random.Random(case.seed + 1), group(case)))
         got_mail = c.reply()
+        got_rcpts = [c.reply() for _ in rcpts]
+        got_data = c.reply()
+    elif case.rcpt_group:
+        got_mail = c.cmd(mail)
+        c.send(split(random.Random(case.seed + 2), b"".join(rcpts) + b"DATA\r\n"))
         got_rcpts = [c.reply() for _ in rcpts]
         got_data = c.reply()
     else:
@@ -552,17 +679,17 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     assert got_mail[0] and all(r[0] for r in got_rcpts) and got_data[0], (where, "session closed")
     plan = case.plan
     # MAIL
-    if plan.mail is HANG_UP:
+    if plan.mail.broken:
         assert 400 <= got_mail[0] < 500, (where, got_mail)
     else:
         assert_relayed(got_mail, plan.mail, where + " MAIL")
     # RCPT
-    gone = plan.mail is HANG_UP or plan.mail.close or reply_lines(plan.mail.data)[0] == 421
+    gone = plan.mail.broken or plan.mail.close or reply_lines(plan.mail.data)[0] == 421
     for rcpt, got in zip(case.rcpts, got_rcpts):
         say = plan.rcpt.get(rcpt, RCPT_OK)
         if not positive(got_mail[0]):
             assert got[0] >= 400, (where, "RCPT behind a refused MAIL", got)
-        elif gone or say is HANG_UP:
+        elif gone or say.broken:
             assert 400 <= got[0] < 500, (where, "RCPT", got)
             gone = True
         else:
@@ -572,7 +699,7 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     # DATA
     if not accepted:
         assert got_data[0] in (503, 554), (where, "DATA without a recipient", got_data)
-    elif gone or plan.data is HANG_UP:
+    elif gone or plan.data.broken:
         assert 400 <= got_data[0] < 500, (where, "DATA", got_data)
     else:
         assert_relayed(got_data, plan.data, where + " DATA")
@@ -594,8 +721,15 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     if received and tx.dot:
         m = RECEIVED.match(tx.data)
         assert m, (where, tx.data[:300])
+        assert (b"[127.0.0.1]" in m.group(0)) == (not isinstance(c, PipeClient)), (where, m.group(0))
         assert m.group(1) == (b"ESMTPSA" if c.tls else b"ESMTPA"), (where, m.group(0))
         header = m.group(0)
+    if tx.dot:  # SIZE= and BODY= as the client gave them, SIZE= counting our header
+        size = re.search(rb" SIZE=(\d+)", case.params)
+        got_size = re.search(rb" SIZE=(\d+)", tx.mail)
+        assert bool(size) == bool(got_size), (where, case.params, tx.mail)
+        assert not size or int(got_size[1]) == int(size[1]) + len(header), (where, case.params, tx.mail)
+        assert (b"BODY=8BITMIME" in case.params) == (b"BODY=8BITMIME" in tx.mail), (where, tx.mail)
     if positive(got[0]):
         assert tx.dot and tx.dot_reply is not None and tx.dot_reply.startswith(b"250"), \
             (where, "250 without the upstream's 250", got, tx)
@@ -616,12 +750,17 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     return got
 
 
-def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool | None = None) -> int:
+def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool | None = None,
+            inetd: bool = False) -> int:
+    """One session of one generated transaction, on a `sendooway -b` or
+    (`inetd`) a `sendooway` of its own on a pipe pair."""
     rng = random.Random(seed * 7919)
     front = front or rng.choice(list(env.fronts))
-    fe = env.fronts[front]
     tls = rng.random() < 0.3 if tls is None else tls
-    c = login(fe, env.world, tls)
+    if inetd:
+        c = login(PipeClient([FRONT, "-c", env.configs[front], "-l", env.inetd_log]), env.world, tls)
+    else:
+        c = login(Client(env.fronts[front].port), env.world, tls)
     try:
         case = gen_case(seed, hostile)
         run_transaction(env, c, case, received=front == "received")
@@ -631,6 +770,8 @@ def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool |
         assert c.cmd(b"QUIT\r\n")[0] == 221, f"seed {seed}: QUIT"
     finally:
         c.close()
+    if inetd:
+        assert c.proc.returncode == 0, f"seed {seed}: inetd-mode frontend exit {c.proc.returncode}"
     return len(case.message)
 
 
@@ -654,7 +795,7 @@ def test_upstream_replies_and_hangups_reach_the_client_as_they_were(relay):
     # and a good session goes through afterwards, on every frontend
     for i, front in enumerate(relay.fronts):
         for tls in (False, True):
-            c = login(relay.fronts[front], relay.world, tls)
+            c = login(Client(relay.fronts[front].port), relay.world, tls)
             case = gen_case(9000 + 2 * i + tls, hostile=False)
             try:
                 assert positive(run_transaction(relay, c, case, received=front == "received")[0])
@@ -662,44 +803,61 @@ def test_upstream_replies_and_hangups_reach_the_client_as_they_were(relay):
                 c.close()
 
 
-def test_pipelined_sessions_of_several_messages_keep_each_message_apart(relay):
-    """Sessions of 2 to 5 transactions over the three routes, the next
-    transaction's commands (or RSET, NOOP) often pipelined right behind
-    the previous message's end: each upstream gets exactly its own
-    messages, each reply goes to its own command."""
+def multi_session(env, seed: int, hostile: float = 0.3) -> int:
+    """A session of 2 to 5 transactions over the three routes, the next
+    transaction's commands (or RSET, NOOP, QUIT) often pipelined right
+    behind the previous message's end. Returns the transactions run."""
+    rng = random.Random(seed)
+    front = rng.choice(list(env.fronts))
+    c = login(Client(env.fronts[front].port), env.world, rng.random() < 0.3)
     transactions = 0
-    for seed in range(20000, 20060):
-        rng = random.Random(seed)
-        front = rng.choice(list(relay.fronts))
-        c = login(relay.fronts[front], relay.world, rng.random() < 0.3)
-        try:
-            cases = [gen_case(seed * 10 + i, hostile=rng.random() < 0.3)
-                     for i in range(rng.randint(2, 5))]
-            for case in cases:  # before any of them is sent (pipelined behind a message)
-                relay.ups[case.route].plans[case.sender] = case.plan
-            sent = False
-            for i, case in enumerate(cases):
-                nxt = cases[i + 1] if i + 1 < len(cases) else None
-                between = rng.choice(["rset", "noop", "none", "group", "group"])
-                if between == "group" and nxt is not None and nxt.pipelined:
-                    tail = group(nxt)
-                elif between in ("rset", "noop"):
-                    tail = between.upper().encode() + b"\r\n"
-                else:
-                    tail = b""
-                got = run_transaction(relay, c, case, received=front == "received", tail=tail, sent=sent)
-                transactions += 1
-                if got is None:  # no message: the transaction may still be open
-                    sent = False
-                    assert c.cmd(b"RSET\r\n")[0] == 250, f"seed {case.seed}: RSET"
-                    continue
-                sent = tail.startswith(b"MAIL")
-                if tail and not sent:
-                    assert c.reply()[0] == 250, f"seed {case.seed}: {tail!r} behind the message"
-                if not sent and rng.random() < 0.3:
-                    assert c.cmd(b"RSET\r\n")[0] == 250
+    try:
+        cases = [gen_case(seed * 10 + i, hostile=rng.random() < hostile)
+                 for i in range(rng.randint(2, 5))]
+        for case in cases:  # before any of them is sent (pipelined behind a message)
+            env.ups[case.route].plans[case.sender] = case.plan
+        sent = False
+        for i, case in enumerate(cases):
+            nxt = cases[i + 1] if i + 1 < len(cases) else None
+            between = rng.choice(["rset", "noop", "ehlo", "none", "group", "group", "quit"])
+            if between == "group" and nxt is not None and nxt.pipelined:
+                tail = group(nxt)
+            elif between in ("rset", "noop") or (between == "quit" and nxt is None):
+                tail = between.upper().encode() + b"\r\n"
+            elif between == "ehlo":
+                tail = b"EHLO client.test\r\n"
+            else:
+                tail = b""
+            got = run_transaction(env, c, case, received=front == "received", tail=tail, sent=sent)
+            transactions += 1
+            if got is None:  # no message: the transaction may still be open
+                sent = False
+                assert c.cmd(b"RSET\r\n")[0] == 250, f"seed {case.seed}: RSET"
+                continue
+            sent = tail.startswith(b"MAIL")
+            if tail and not sent:
+                assert c.reply()[0] == (221 if tail == b"QUIT\r\n" else 250), \
+                    f"seed {case.seed}: {tail!r} behind the message"
+            if not sent and nxt is not None and rng.random() < 0.3:
+                assert c.cmd(b"RSET\r\n")[0] == 250
+        if tail != b"QUIT\r\n":
             assert c.cmd(b"QUIT\r\n")[0] == 221
-        finally:
-            c.close()
+    finally:
+        c.close()
+    return transactions
+
+
+def test_pipelined_sessions_of_several_messages_keep_each_message_apart(relay):
+    """Multi-message sessions (multi_session): each upstream gets exactly
+    its own messages, each reply goes to its own command."""
+    transactions = sum(multi_session(relay, seed) for seed in range(20000, 20060))
     alive(relay)
     assert transactions > 150
+
+
+def test_inetd_mode_on_a_pipe_pair_relays_the_same(relay):
+    """The same cases through `sendooway` in inetd mode (one process a
+    session, fd 0 and fd 1 a pipe pair, STARTTLS over them): the stream
+    code differs there, the invariants do not."""
+    for seed in range(30000, 30016):
+        session(relay, seed, hostile=seed % 2 == 1, inetd=True, tls=seed % 4 < 2)
