@@ -59,6 +59,7 @@ class Say:
     pieces: tuple[bytes, ...]
     close: bool = False
     broken: bool = False
+    trailer: bytes = b""  # unasked, right behind the reply in its last write (a 421 before closing)
 
     @property
     def data(self) -> bytes:
@@ -123,7 +124,7 @@ class _Conn:
         for i, piece in enumerate(what.pieces):
             if i:
                 time.sleep(0.001)
-            self.sock.sendall(piece)
+            self.sock.sendall(piece + (what.trailer if i == len(what.pieces) - 1 else b""))
         if what.close:
             raise _Hangup
 
@@ -627,6 +628,8 @@ def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
     plan.dot = (HANG_UP if r < 0.04 else gen_broken(rng, 250) if r < 0.08 else
                 gen_say(rng, rng.choice([421, 450, 451, 452, 550, 552, 554]), 0.2)
                 if r < 0.3 else gen_say(rng, 250, 0.1))
+    if rng.random() < 0.1 and not plan.dot.broken:  # then closes, saying so (RFC 5321 3.8)
+        plan.dot = dataclasses.replace(plan.dot, trailer=gen_reply(rng, 421), close=True)
     return plan
 
 
