@@ -133,10 +133,11 @@ class FuzzUpstream(RawServer):
     """A raw upstream answering each transaction as its plan (by sender)
     says; records every command line and every transaction."""
 
-    def __init__(self, world, starttls: bool, pipelining: bool) -> None:
+    def __init__(self, world, starttls: bool, pipelining: bool, esmtp: bool = True) -> None:
         self.world = world
         self.starttls = starttls
         self.pipelining = pipelining
+        self.esmtp = esmtp  # False: EHLO refused, HELO only (no SIZE, no 8BITMIME)
         self.plans: dict[str, Plan] = {}
         self.txs: list[Tx] = []
         self.commands: list[bytes] = []
@@ -179,7 +180,9 @@ class FuzzUpstream(RawServer):
                 self.commands.append(line)
             verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper()
             if verb == b"EHLO":
-                c.sock.sendall(self._ehlo(c))
+                c.sock.sendall(self._ehlo(c) if self.esmtp else b"502 5.5.2 EHLO? never heard of it\r\n")
+            elif verb == b"HELO":
+                c.sock.sendall(b"250 upstream.test\r\n")
             elif verb == b"STARTTLS" and self.starttls and not c.tls:
                 c.sock.sendall(b"220 2.0.0 go ahead\r\n")
                 c.sock = self.ctx.wrap_socket(c.sock, server_side=True)
@@ -214,6 +217,13 @@ class FuzzUpstream(RawServer):
     def _message(self, c: _Conn, plan: Plan, tx: Tx | None) -> None:
         tx = tx or Tx("?")
         body = bytearray()
+        try:
+            self._read_message(c, plan, tx, body)
+        finally:
+            if tx.data is None:  # (hung up, or the frontend did)
+                tx.data = bytes(body)
+
+    def _read_message(self, c: _Conn, plan: Plan, tx: Tx, body: bytearray) -> None:
         refused = False
         while True:
             line = c.readline()
@@ -223,6 +233,10 @@ class FuzzUpstream(RawServer):
             body += line
             if plan.during and not refused and len(body) >= plan.during[1]:
                 tx.during = True
+                if plan.during[0] == "pause":  # a slow reader: the frontend must wait, not lose bytes
+                    time.sleep(plan.during[2])
+                    refused = True  # (done: once)
+                    continue
                 if plan.during[0] == "close":
                     tx.data = bytes(body)
                     raise _Hangup
@@ -231,7 +245,7 @@ class FuzzUpstream(RawServer):
             if line == b".\r\n":
                 break
         tx.data, tx.dot = bytes(body), True
-        if refused:  # it said its word: no second answer
+        if refused and plan.during[0] == "refuse":  # it said its word: no second answer
             raise _Hangup
         if not plan.dot.broken:
             tx.dot_reply = plan.dot.data
@@ -510,10 +524,12 @@ def gen_message(rng: random.Random) -> bytes:
 def relay(world):
     ups = {"one": FuzzUpstream(world, starttls=False, pipelining=True),
            "two": FuzzUpstream(world, starttls=True, pipelining=False),
-           "three": FuzzUpstream(world, starttls=True, pipelining=True)}
+           "three": FuzzUpstream(world, starttls=True, pipelining=True),
+           "four": FuzzUpstream(world, starttls=False, pipelining=False, esmtp=False)}
     maps = (f"smarthostMapping = direct:*@one.example 127.0.0.1 {ups['one'].port} noAuth\n"
             f"smarthostMapping = direct:*@two.example localhost {ups['two'].port} noAuth,tls\n"
-            f"smarthostMapping = direct:*@three.example localhost {ups['three'].port} noAuth,tls\n")
+            f"smarthostMapping = direct:*@three.example localhost {ups['three'].port} noAuth,tls\n"
+            f"smarthostMapping = direct:*@four.example 127.0.0.1 {ups['four'].port} noAuth\n")
     with open_tmp() as tmp:
         common = f"sslCA = {world.ca_file}\n{maps}"
         config_a = front_config(tmp, world, "timeout = 5\naddReceivedField = no\nsmarthostCache = 0\n"
@@ -576,6 +592,15 @@ def assert_relayed(got: tuple[int, list[bytes]], said: Say, where: str) -> None:
         assert not ENHANCED.match(theirs), (where, "an enhanced code added to a line that had one", got)
 
 
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def positive(code: int) -> bool:
     return 200 <= code < 300
 
@@ -594,6 +619,7 @@ class Case:
     pipelined: bool     # MAIL, RCPTs and DATA in one write
     rcpt_group: bool    # (not pipelined) MAIL alone, then RCPTs and DATA in one write
     params: bytes       # MAIL parameters: SIZE=, BODY=8BITMIME
+    fault: tuple | None = None  # ("vanish", at): the client leaves mid-message; ("long",): a line too long
 
 
 def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
@@ -619,7 +645,9 @@ def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
                  gen_say(rng, rng.choice([421, 451, 503, 554]), 0.2)
                  if r < 0.15 else gen_say(rng, 354))
     r = rng.random()
-    if r < 0.07:
+    if r < 0.04:
+        plan.during = ("pause", rng.randint(1, 300000), rng.choice([0.05, 0.3]))
+    elif r < 0.07:
         plan.during = ("close", rng.randint(1, 200))
     elif r < 0.14:
         plan.during = ("refuse", rng.randint(1, 200),
@@ -633,7 +661,7 @@ def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
     return plan
 
 
-def gen_case(seed: int, hostile: bool, routes=("one", "two", "three")) -> Case:
+def gen_case(seed: int, hostile: bool, routes=("one", "two", "three", "four"), faults: bool = False) -> Case:
     rng = random.Random(seed)
     route = rng.choice(routes)
     rcpts = [f"r{seed}-{j}@dest.example" for j in range(rng.choice([1, 1, 2, 3]))]
@@ -642,7 +670,17 @@ def gen_case(seed: int, hostile: bool, routes=("one", "two", "three")) -> Case:
     plan, pieces, pipelined = gen_plan(rng, rcpts, hostile), split(rng, message), rng.random() < 0.5
     params = rng.choice([b"", b"", b" SIZE=%d" % len(message), b" BODY=8BITMIME",
                          b" BODY=8BITMIME SIZE=%d" % len(message)])
-    return Case(seed, route, sender, rcpts, plan, message, pieces, pipelined, rng.random() < 0.5, params)
+    case = Case(seed, route, sender, rcpts, plan, message, pieces, pipelined, rng.random() < 0.5, params)
+    r = rng.random()
+    if faults and hostile and r < 0.05:
+        case.fault = ("vanish", rng.randint(0, len(message) - 1))
+    elif faults and hostile and r < 0.1:
+        lines = message.split(b"\r\n")
+        at = rng.randint(0, len(lines) - 2)
+        lines.insert(at, b"z" * rng.randint(999, 1100))
+        case.message = b"\r\n".join(lines)
+        case.pieces, case.fault = split(rng, case.message), ("long",)
+    return case
 
 
 def group(case: Case) -> bytes:
@@ -682,6 +720,12 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     assert got_mail[0] and all(r[0] for r in got_rcpts) and got_data[0], (where, "session closed")
     plan = case.plan
     # MAIL
+    if case.route == "four" and b"BODY=8BITMIME" in case.params:
+        # an upstream without 8BITMIME cannot take it (ext8BitMime = force): refused here
+        assert got_mail == (550, [b"5.6.3 Upstream server does not support 8BITMIME"]), (where, got_mail)
+        assert all(not t.mail for t in up.tx(case.sender)), (where, "MAIL went upstream")
+        assert all(r[0] >= 500 for r in got_rcpts) and got_data[0] >= 500, (where, got_rcpts, got_data)
+        return None
     if plan.mail.broken:
         assert 400 <= got_mail[0] < 500, (where, got_mail)
     else:
@@ -711,11 +755,22 @@ def run_transaction(env, c: Client, case: Case, received: bool,
         assert all(not t.dot for t in txs), (where, "a final dot went upstream", txs)
         return None
     # the message
+    if case.fault is not None and case.fault[0] == "vanish":
+        c.send([case.message[:case.fault[1]]])
+        c.close()
+        assert wait_until(lambda: all(t.data is not None for t in up.tx(case.sender))), (where, "upstream kept")
+        assert not any(t.dot for t in up.tx(case.sender)), (where, "a final dot without the client's")
+        return None
     pieces = list(case.pieces)
     pieces[-1] += tail
     c.send(pieces)
     got = c.reply()
     txs = up.tx(case.sender)
+    if case.fault is not None:  # a line too long: refused here, and no final dot upstream
+        assert got == (550, [b"5.6.0 Message refused: line longer than 1000 octets"]), (where, got)
+        assert wait_until(lambda: all(t.data is not None for t in up.tx(case.sender))), (where, "upstream kept")
+        assert not any(t.dot for t in up.tx(case.sender)), (where, "a final dot for a refused message")
+        return None
     assert len(txs) == 1, (where, txs)
     tx = txs[0]
     for name, other in env.ups.items():
@@ -730,13 +785,15 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     if tx.dot:  # SIZE= and BODY= as the client gave them, SIZE= counting our header
         size = re.search(rb" SIZE=(\d+)", case.params)
         got_size = re.search(rb" SIZE=(\d+)", tx.mail)
+        if case.route == "four":  # no SIZE advertised: none passed on
+            size = None
         assert bool(size) == bool(got_size), (where, case.params, tx.mail)
         assert not size or int(got_size[1]) == int(size[1]) + len(header), (where, case.params, tx.mail)
         assert (b"BODY=8BITMIME" in case.params) == (b"BODY=8BITMIME" in tx.mail), (where, tx.mail)
     if positive(got[0]):
         assert tx.dot and tx.dot_reply is not None and tx.dot_reply.startswith(b"250"), \
             (where, "250 without the upstream's 250", got, tx)
-    during = plan.during if tx.during else None  # (not reached in a short message)
+    during = plan.during if tx.during and plan.during[0] != "pause" else None  # (or not reached)
     if during is None and tx.dot_reply is not None:
         assert tx.dot, (where, "no final dot upstream", got)
         assert tx.data == header + case.message, (where, "message altered", len(tx.data), len(case.message))
@@ -765,8 +822,10 @@ def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool |
     else:
         c = login(Client(env.fronts[front].port), env.world, tls)
     try:
-        case = gen_case(seed, hostile)
+        case = gen_case(seed, hostile, faults=True)
         run_transaction(env, c, case, received=front == "received")
+        if case.fault is not None and case.fault[0] == "vanish":
+            return len(case.message)
         # the session goes on after whatever happened
         assert c.cmd(b"RSET\r\n")[0] == 250, f"seed {seed}: RSET"
         assert c.cmd(b"NOOP\r\n")[0] == 250, f"seed {seed}: NOOP"
