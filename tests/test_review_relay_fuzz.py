@@ -790,6 +790,15 @@ def run_transaction(env, c: Client, case: Case, received: bool,
         assert bool(size) == bool(got_size), (where, case.params, tx.mail)
         assert not size or int(got_size[1]) == int(size[1]) + len(header), (where, case.params, tx.mail)
         assert (b"BODY=8BITMIME" in case.params) == (b"BODY=8BITMIME" in tx.mail), (where, tx.mail)
+    if positive(got[0]) and getattr(c, "log_path", None):
+        # the message's log line: the bytes as the client sent them (its last
+        # CRLF counted, not the end marker, not our header), the accepted recipients
+        with open(c.log_path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if f"from=<{case.sender}>" in line and ": message " in line]
+        assert len(lines) == 1, (where, lines)
+        m = re.search(r" rcpts=(\d+) bytes=(\d+) ", lines[0])
+        assert m and int(m[2]) == len(case.message) - 3, (where, lines[0], len(case.message))
+        assert int(m[1]) == sum(positive(r[0]) for r in got_rcpts), (where, lines[0])
     if positive(got[0]):
         assert tx.dot and tx.dot_reply is not None and tx.dot_reply.startswith(b"250"), \
             (where, "250 without the upstream's 250", got, tx)
@@ -819,8 +828,10 @@ def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool |
     tls = rng.random() < 0.3 if tls is None else tls
     if inetd:
         c = login(PipeClient([FRONT, "-c", env.configs[front], "-l", env.inetd_log]), env.world, tls)
+        c.log_path = env.inetd_log
     else:
         c = login(Client(env.fronts[front].port), env.world, tls)
+        c.log_path = env.fronts[front].log_path
     try:
         case = gen_case(seed, hostile, faults=True)
         run_transaction(env, c, case, received=front == "received")
@@ -872,6 +883,7 @@ def multi_session(env, seed: int, hostile: float = 0.3) -> int:
     rng = random.Random(seed)
     front = rng.choice(list(env.fronts))
     c = login(Client(env.fronts[front].port), env.world, rng.random() < 0.3)
+    c.log_path = env.fronts[front].log_path
     transactions = 0
     try:
         cases = [gen_case(seed * 10 + i, hostile=rng.random() < hostile)
