@@ -133,16 +133,18 @@ class FuzzUpstream(RawServer):
     """A raw upstream answering each transaction as its plan (by sender)
     says; records every command line and every transaction."""
 
-    def __init__(self, world, starttls: bool, pipelining: bool, esmtp: bool = True) -> None:
+    def __init__(self, world, starttls: bool, pipelining: bool, esmtp: bool = True,
+                 implicit: bool = False) -> None:
         self.world = world
         self.starttls = starttls
         self.pipelining = pipelining
         self.esmtp = esmtp  # False: EHLO refused, HELO only (no SIZE, no 8BITMIME)
+        self.implicit = implicit  # TLS from the first byte (port 465)
         self.plans: dict[str, Plan] = {}
         self.txs: list[Tx] = []
         self.commands: list[bytes] = []
         self.lock = threading.Lock()
-        if starttls:
+        if starttls or implicit:
             self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.ctx.load_cert_chain(world.upstream_cert_file, world.upstream_key_file)
         super().__init__()
@@ -163,6 +165,8 @@ class FuzzUpstream(RawServer):
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = _Conn(conn)
         try:
+            if self.implicit:
+                c.sock, c.tls = self.ctx.wrap_socket(conn, server_side=True), True
             self._converse(c)
         except (OSError, _Hangup, ssl.SSLError):
             pass
@@ -257,11 +261,13 @@ class FuzzUpstream(RawServer):
 class Client:
     """A client that writes exactly the pieces it is given."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, implicit: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
-        self.tls = False
+        self.tls = implicit
+        if implicit:  # sendooway -s: TLS from the first byte
+            self.sock = self._context().wrap_socket(self.sock, server_hostname="localhost")
 
     def _write(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -389,10 +395,16 @@ class PipeClient(Client):
             self.proc.wait()
 
 
+def connect(env, front: str) -> Client:
+    c = Client(env.fronts[front].port, implicit=front == "implicit")
+    c.log_path = env.fronts[front].log_path
+    return c
+
+
 def login(c: Client, world, tls: bool) -> Client:
     assert c.reply()[0] == 220
     assert c.cmd(b"EHLO client.test\r\n")[0] == 250
-    if tls:
+    if tls and not c.tls:
         c.starttls()
         assert c.cmd(b"EHLO client.test\r\n")[0] == 250
     plain = login_plain(USER, world.users[USER].password).encode()
@@ -525,11 +537,13 @@ def relay(world):
     ups = {"one": FuzzUpstream(world, starttls=False, pipelining=True),
            "two": FuzzUpstream(world, starttls=True, pipelining=False),
            "three": FuzzUpstream(world, starttls=True, pipelining=True),
-           "four": FuzzUpstream(world, starttls=False, pipelining=False, esmtp=False)}
+           "four": FuzzUpstream(world, starttls=False, pipelining=False, esmtp=False),
+           "five": FuzzUpstream(world, starttls=False, pipelining=True, implicit=True)}
     maps = (f"smarthostMapping = direct:*@one.example 127.0.0.1 {ups['one'].port} noAuth\n"
             f"smarthostMapping = direct:*@two.example localhost {ups['two'].port} noAuth,tls\n"
             f"smarthostMapping = direct:*@three.example localhost {ups['three'].port} noAuth,tls\n"
-            f"smarthostMapping = direct:*@four.example 127.0.0.1 {ups['four'].port} noAuth\n")
+            f"smarthostMapping = direct:*@four.example 127.0.0.1 {ups['four'].port} noAuth\n"
+            f"smarthostMapping = direct:*@five.example localhost {ups['five'].port} noAuth,ssl\n")
     with open_tmp() as tmp:
         common = f"sslCA = {world.ca_file}\n{maps}"
         config_a = front_config(tmp, world, "timeout = 5\naddReceivedField = no\nsmarthostCache = 0\n"
@@ -538,9 +552,10 @@ def relay(world):
                                 + common, name="b.conf")
         daemon = Daemon(tmp, config_a).start()
         fronts = {"nocache": Frontend(config_a, os.path.join(str(tmp), "a.log")).start(),
-                  "received": Frontend(config_b, os.path.join(str(tmp), "b.log")).start()}
+                  "received": Frontend(config_b, os.path.join(str(tmp), "b.log")).start(),
+                  "implicit": Frontend(config_a, os.path.join(str(tmp), "s.log"), args=("-s",)).start()}
         env = dataclasses.make_dataclass("Env", ["fronts", "ups", "daemon", "world", "configs", "inetd_log"])(
-            fronts, ups, daemon, world, {"nocache": config_a, "received": config_b},
+            fronts, ups, daemon, world, {"nocache": config_a, "received": config_b, "implicit": config_a},
             os.path.join(str(tmp), "inetd.log"))
         try:
             yield env
@@ -661,7 +676,8 @@ def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
     return plan
 
 
-def gen_case(seed: int, hostile: bool, routes=("one", "two", "three", "four"), faults: bool = False) -> Case:
+def gen_case(seed: int, hostile: bool, routes=("one", "two", "three", "four", "five"),
+             faults: bool = False) -> Case:
     rng = random.Random(seed)
     route = rng.choice(routes)
     rcpts = [f"r{seed}-{j}@dest.example" for j in range(rng.choice([1, 1, 2, 3]))]
@@ -830,8 +846,7 @@ def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool |
         c = login(PipeClient([FRONT, "-c", env.configs[front], "-l", env.inetd_log]), env.world, tls)
         c.log_path = env.inetd_log
     else:
-        c = login(Client(env.fronts[front].port), env.world, tls)
-        c.log_path = env.fronts[front].log_path
+        c = login(connect(env, front), env.world, tls)
     try:
         case = gen_case(seed, hostile, faults=True)
         run_transaction(env, c, case, received=front == "received")
@@ -868,7 +883,7 @@ def test_upstream_replies_and_hangups_reach_the_client_as_they_were(relay):
     # and a good session goes through afterwards, on every frontend
     for i, front in enumerate(relay.fronts):
         for tls in (False, True):
-            c = login(Client(relay.fronts[front].port), relay.world, tls)
+            c = login(connect(relay, front), relay.world, tls)
             case = gen_case(9000 + 2 * i + tls, hostile=False)
             try:
                 assert positive(run_transaction(relay, c, case, received=front == "received")[0])
@@ -882,8 +897,7 @@ def multi_session(env, seed: int, hostile: float = 0.3) -> int:
     behind the previous message's end. Returns the transactions run."""
     rng = random.Random(seed)
     front = rng.choice(list(env.fronts))
-    c = login(Client(env.fronts[front].port), env.world, rng.random() < 0.3)
-    c.log_path = env.fronts[front].log_path
+    c = login(connect(env, front), env.world, rng.random() < 0.3)
     transactions = 0
     try:
         cases = [gen_case(seed * 10 + i, hostile=rng.random() < hostile)
@@ -971,7 +985,7 @@ def test_a_421_right_behind_the_dots_250_keeps_the_250(relay, route):
     for i, (dot, code) in enumerate(answers):
         for front in relay.fronts:
             sender = f"closing{i}-{front}@{route}.example"
-            c = login(Client(relay.fronts[front].port), relay.world, False)
+            c = login(connect(relay, front), relay.world, False)
             try:
                 relay.ups[route].plans[sender] = Plan(dot=Say((dot,), close=True))
                 for line in (b"MAIL FROM:<" + sender.encode() + b">\r\n", b"RCPT TO:<r@dest.example>\r\n"):
