@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to
 USER = "alice"
 ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}")
 RECEIVED = re.compile(
-    rb"Received: from client\.test(?: \(\[127\.0\.0\.1\]\))?\r\n"
+    rb"Received: from client\.test(?: \(\[([0-9a-fA-F:.IPv]+)\]\))?\r\n"
     rb"\tby mx\.test \(sendooway\) with (ESMTPS?A) id [^\s;]+\r\n"
     rb"\t\(authenticated user alice\); [^\r\n]+\r\n")
 
@@ -261,8 +261,9 @@ class FuzzUpstream(RawServer):
 class Client:
     """A client that writes exactly the pieces it is given."""
 
-    def __init__(self, port: int, implicit: bool = False) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, implicit: bool = False, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.sock = socket.create_connection((host, port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.tls = implicit
@@ -325,6 +326,7 @@ class PipeClient(Client):
     pair (its fd 0 and fd 1), TLS through memory BIOs."""
 
     def __init__(self, argv) -> None:
+        self.host = ""  # no address: fd 0 and 1 are pipes
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         self.buf = bytearray()
@@ -396,7 +398,8 @@ class PipeClient(Client):
 
 
 def connect(env, front: str) -> Client:
-    c = Client(env.fronts[front].port, implicit=front == "implicit")
+    fe = env.fronts[front]
+    c = Client(fe.port, implicit=front == "implicit", host=fe.host)
     c.log_path = env.fronts[front].log_path
     return c
 
@@ -553,9 +556,11 @@ def relay(world):
         daemon = Daemon(tmp, config_a).start()
         fronts = {"nocache": Frontend(config_a, os.path.join(str(tmp), "a.log")).start(),
                   "received": Frontend(config_b, os.path.join(str(tmp), "b.log")).start(),
-                  "implicit": Frontend(config_a, os.path.join(str(tmp), "s.log"), args=("-s",)).start()}
+                  "implicit": Frontend(config_a, os.path.join(str(tmp), "s.log"), args=("-s",)).start(),
+                  "ipv6": Frontend(config_b, os.path.join(str(tmp), "v6.log"), host="::1").start()}
         env = dataclasses.make_dataclass("Env", ["fronts", "ups", "daemon", "world", "configs", "inetd_log"])(
-            fronts, ups, daemon, world, {"nocache": config_a, "received": config_b, "implicit": config_a},
+            fronts, ups, daemon, world, {"nocache": config_a, "received": config_b, "implicit": config_a,
+                                         "ipv6": config_b},
             os.path.join(str(tmp), "inetd.log"))
         try:
             yield env
@@ -795,8 +800,9 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     if received and tx.dot:
         m = RECEIVED.match(tx.data)
         assert m, (where, tx.data[:300])
-        assert (b"[127.0.0.1]" in m.group(0)) == (not isinstance(c, PipeClient)), (where, m.group(0))
-        assert m.group(1) == (b"ESMTPSA" if c.tls else b"ESMTPA"), (where, m.group(0))
+        literal = {"127.0.0.1": b"127.0.0.1", "::1": b"IPv6:::1", "": None}[c.host]
+        assert m.group(1) == literal, (where, m.group(0))
+        assert m.group(2) == (b"ESMTPSA" if c.tls else b"ESMTPA"), (where, m.group(0))
         header = m.group(0)
     if tx.dot:  # SIZE= and BODY= as the client gave them, SIZE= counting our header
         size = re.search(rb" SIZE=(\d+)", case.params)
@@ -849,7 +855,7 @@ def session(env, seed: int, hostile: bool, front: str | None = None, tls: bool |
         c = login(connect(env, front), env.world, tls)
     try:
         case = gen_case(seed, hostile, faults=True)
-        run_transaction(env, c, case, received=front == "received")
+        run_transaction(env, c, case, received=front in ("received", "ipv6"))
         if case.fault is not None and case.fault[0] == "vanish":
             return len(case.message)
         # the session goes on after whatever happened
@@ -886,7 +892,7 @@ def test_upstream_replies_and_hangups_reach_the_client_as_they_were(relay):
             c = login(connect(relay, front), relay.world, tls)
             case = gen_case(9000 + 2 * i + tls, hostile=False)
             try:
-                assert positive(run_transaction(relay, c, case, received=front == "received")[0])
+                assert positive(run_transaction(relay, c, case, received=front in ("received", "ipv6"))[0])
             finally:
                 c.close()
 
@@ -916,7 +922,7 @@ def multi_session(env, seed: int, hostile: float = 0.3) -> int:
                 tail = b"EHLO client.test\r\n"
             else:
                 tail = b""
-            got = run_transaction(env, c, case, received=front == "received", tail=tail, sent=sent)
+            got = run_transaction(env, c, case, received=front in ("received", "ipv6"), tail=tail, sent=sent)
             transactions += 1
             if got is None:  # no message: the transaction may still be open
                 sent = False
@@ -1003,7 +1009,7 @@ def test_a_421_right_behind_the_dots_250_keeps_the_250(relay, route):
                 nxt = Case(1, route, "next-" + sender, ["r@dest.example"], Plan(), b"x\r\n.\r\n",
                            (b"x\r\n.\r\n",), False, False, b"")
                 assert c.cmd(b"RSET\r\n")[0] == 250
-                assert run_transaction(relay, c, nxt, received=front == "received")[0] == 250
+                assert run_transaction(relay, c, nxt, received=front in ("received", "ipv6"))[0] == 250
             finally:
                 c.close()
     alive(relay)
