@@ -77,6 +77,7 @@ class Plan:
     data: Say = Say((b"354 go ahead\r\n",))
     during: tuple | None = None   # ("close", after_octets) | ("refuse", after_octets, Say)
     dot: Say = Say((b"250 2.0.0 queued\r\n",))
+    rset: Say = Say((b"250 2.0.0 ok\r\n",))   # the RSET that ends this transaction (before the next)
 
 
 RCPT_OK = Say((b"250 2.1.5 ok\r\n",))
@@ -208,8 +209,8 @@ class FuzzUpstream(RawServer):
                 if plan.data.data.startswith(b"354"):
                     self._message(c, plan, tx)
             elif verb == b"RSET":
-                plan, tx = Plan(), None
-                c.sock.sendall(b"250 2.0.0 ok\r\n")
+                rset, plan, tx = plan.rset, Plan(), None
+                c.say(rset)
             elif verb == b"QUIT":
                 c.sock.sendall(b"221 2.0.0 bye\r\n")
                 return
@@ -678,6 +679,9 @@ def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
                 if r < 0.3 else gen_say(rng, 250, 0.1))
     if rng.random() < 0.1 and not plan.dot.broken:  # then closes, saying so (RFC 5321 3.8)
         plan.dot = dataclasses.replace(plan.dot, trailer=gen_reply(rng, 421), close=True)
+    r = rng.random()  # the RSET before the next transaction: a refusal costs a new connection, nothing else
+    plan.rset = (HANG_UP if r < 0.05 else gen_broken(rng, 250) if r < 0.1 else
+                 gen_say(rng, rng.choice([421, 500, 451]), 0.3) if r < 0.2 else plan.rset)
     return plan
 
 
@@ -792,8 +796,10 @@ def run_transaction(env, c: Client, case: Case, received: bool,
         assert wait_until(lambda: all(t.data is not None for t in up.tx(case.sender))), (where, "upstream kept")
         assert not any(t.dot for t in up.tx(case.sender)), (where, "a final dot for a refused message")
         return None
-    assert len(txs) == 1, (where, txs)
-    tx = txs[0]
+    # a kept connection whose RSET probe failed may have had the MAIL group
+    # (pipelined behind the RSET) before it was left: never a byte of the message
+    assert txs and all(not t.data and not t.dot for t in txs[:-1]), (where, txs)
+    tx = txs[-1]
     for name, other in env.ups.items():
         assert name == case.route or not other.tx(case.sender), (where, "went to", name)
     header = b""
