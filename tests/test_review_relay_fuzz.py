@@ -641,6 +641,7 @@ class Case:
     rcpt_group: bool    # (not pipelined) MAIL alone, then RCPTs and DATA in one write
     params: bytes       # MAIL parameters: SIZE=, BODY=8BITMIME
     fault: tuple | None = None  # ("vanish", at): the client leaves mid-message; ("long",): a line too long
+    extra: tuple | None = None  # (before which RCPT, command, its local reply code): mixed in
 
 
 def gen_plan(rng: random.Random, rcpts: list[str], hostile: bool) -> Plan:
@@ -696,6 +697,10 @@ def gen_case(seed: int, hostile: bool, routes=("one", "two", "three", "four", "f
     params = rng.choice([b"", b"", b" SIZE=%d" % len(message), b" BODY=8BITMIME",
                          b" BODY=8BITMIME SIZE=%d" % len(message)])
     case = Case(seed, route, sender, rcpts, plan, message, pieces, pipelined, rng.random() < 0.5, params)
+    if rng.random() < 0.15:  # a command of the client's own among the RCPTs, answered here
+        case.extra = (rng.randint(0, len(rcpts)), *rng.choice([
+            (b"NOOP\r\n", 250), (b"RCPT TO:<no address>\r\n", 5), (b"RCPT TO:<a@b.example> NOTIFY=NEVER\r\n", 555),
+            (b"RCPT TO:<>\r\n", 5), (b"VRFY x\r\n", 252)]))
     r = rng.random()
     if faults and hostile and r < 0.05:
         case.fault = ("vanish", rng.randint(0, len(message) - 1))
@@ -708,10 +713,18 @@ def gen_case(seed: int, hostile: bool, routes=("one", "two", "three", "four", "f
     return case
 
 
+def rcpt_lines(case: Case) -> list[bytes]:
+    """The RCPT lines of `case`, its extra command among them."""
+    lines = [b"RCPT TO:<" + r.encode() + b">\r\n" for r in case.rcpts]
+    if case.extra is not None:
+        lines.insert(case.extra[0], case.extra[1])
+    return lines
+
+
 def group(case: Case) -> bytes:
     """MAIL, RCPTs and DATA of `case` as one pipelined group."""
     return (b"MAIL FROM:<" + case.sender.encode() + b">" + case.params + b"\r\n"
-            + b"".join(b"RCPT TO:<" + r.encode() + b">\r\n" for r in case.rcpts) + b"DATA\r\n")
+            + b"".join(rcpt_lines(case)) + b"DATA\r\n")
 
 
 def run_transaction(env, c: Client, case: Case, received: bool,
@@ -726,7 +739,7 @@ def run_transaction(env, c: Client, case: Case, received: bool,
     up.plans[case.sender] = case.plan
     where = f"seed {case.seed}"
     mail = b"MAIL FROM:<" + case.sender.encode() + b">" + case.params + b"\r\n"
-    rcpts = [b"RCPT TO:<" + r.encode() + b">\r\n" for r in case.rcpts]
+    rcpts = rcpt_lines(case)
     if case.pipelined:
         if not sent:
             c.send(split(random.Random(case.seed + 1), group(case)))
@@ -743,6 +756,14 @@ def run_transaction(env, c: Client, case: Case, received: bool,
         got_rcpts = [c.cmd(r) for r in rcpts]
         got_data = c.cmd(b"DATA\r\n")
     assert got_mail[0] and all(r[0] for r in got_rcpts) and got_data[0], (where, "session closed")
+    if case.extra is not None:  # answered here, in its turn; never sent upstream
+        got_extra = got_rcpts.pop(case.extra[0])
+        expected = case.extra[2]
+        if case.extra[1].startswith(b"RCPT") and not positive(got_mail[0]):
+            assert got_extra[0] == 503 or got_extra[0] // 100 == 5, (where, case.extra, got_extra)
+        else:  # (a single digit: any reply of that class)
+            assert (got_extra[0] // 100 if expected < 10 else got_extra[0]) == expected, (where, case.extra, got_extra)
+        assert all(case.extra[1] != line for line in up.commands), (where, "went upstream", case.extra)
     plan = case.plan
     # MAIL
     if case.route == "four" and b"BODY=8BITMIME" in case.params:
