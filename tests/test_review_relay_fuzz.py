@@ -1040,3 +1040,39 @@ def test_a_421_right_behind_the_dots_250_keeps_the_250(relay, route):
             finally:
                 c.close()
     alive(relay)
+
+
+def test_end_markers_and_stuffed_dots_at_chunk_borders(relay):
+    """Messages whose end marker, or a dot-stuffed line, sits a few octets
+    either side of the session's 128 KiB chunk border and of 64 KiB (TLS
+    and socket reads), sent whole or cut right there: the upstream gets
+    every byte, once."""
+    k = 128 * 1024
+    seed = 70000
+    for border in (64 * 1024, k, 2 * k):
+        for delta in range(-7, 8):
+            for tail in (b"..\r\n", b"..x\r\n", b""):
+                # 998-octet lines, one shorter line to land the tail at border + delta
+                # (+2: the CRLF that ended DATA counts in the session's buffer)
+                target = border + delta - 2 - len(tail)
+                body = bytearray()
+                while len(body) + 1000 <= target - 10:
+                    body += b"y" * 998 + b"\r\n"
+                if target - len(body) > 1000:
+                    body += b"w" * 500 + b"\r\n"
+                body += b"z" * (target - len(body) - 2) + b"\r\n"
+                wire = bytes(body) + tail + b".\r\n"
+                seed += 1
+                rng = random.Random(seed)
+                cut = border + delta - 2
+                case = Case(seed, rng.choice(["one", "three", "five"]), f"border{seed}@x.example", ["r@dest.example"],
+                            Plan(), wire, (wire[:cut], wire[cut:]) if rng.random() < 0.5 else (wire,),
+                            rng.random() < 0.5, False, b"")
+                case.sender = f"border{seed}@{case.route}.example"
+                front = rng.choice(["nocache", "received", "implicit"])
+                c = login(connect(relay, front), relay.world, rng.random() < 0.3)
+                try:
+                    assert run_transaction(relay, c, case, received=front == "received")[0] == 250
+                finally:
+                    c.close()
+    alive(relay)
