@@ -1,13 +1,19 @@
 """An outside review of the live relay path, end to end, by generated cases
 (seeded: every case is rebuilt from its number). The real `sendooway -b`
-and `sendooway-auth` relay to scripted raw upstreams (plain, or STARTTLS
-with Python's ssl) that record every command and every byte after their
-354 and answer each step as the case says: generated multi-line replies
-with and without enhanced codes, refusals, a 421, a hang-up at any step,
-replies cut into several TCP segments, a refusal in the middle of the
-message. Clients write in generated pieces (a CRLF or the end marker cut
-apart, a byte at a time), plain or after STARTTLS, command by command or
-pipelined.
+(plain with STARTTLS, with -s, on ::1; with and without addReceivedField
+and smarthostCache) and `sendooway` in inetd mode on a pipe pair, next to
+a real `sendooway-auth`, relay to five scripted raw upstreams (plain with
+PIPELINING, STARTTLS with and without it, HELO only, implicit TLS) that
+record every command and every byte after their 354 and answer each step
+as the case says: generated multi-line replies with and without enhanced
+codes (up to the 4096-octet line and the 100 lines the relay takes),
+refusals, 421s, broken replies, a hang-up at any step, replies cut into
+several TCP segments or TLS records, a refusal, a hang-up or a pause in the
+middle of the message, a 421 behind the final reply, a refused RSET
+between messages. Clients write in generated pieces (a CRLF or the end
+marker cut apart, a byte at a time), command by command or pipelined,
+several messages a session, several sessions at a time; some leave
+mid-message or send a line too long.
 
 Invariants checked for every transaction:
 - the upstream got, after its 354, exactly the bytes the client sent after
@@ -75,7 +81,8 @@ class Plan:
     mail: Say = Say((b"250 2.1.0 ok\r\n",))
     rcpt: dict = dataclasses.field(default_factory=dict)   # recipient -> Say
     data: Say = Say((b"354 go ahead\r\n",))
-    during: tuple | None = None   # ("close", after_octets) | ("refuse", after_octets, Say)
+    during: tuple | None = None   # after so many octets of the message: ("close", n),
+    #                               ("refuse", n, Say) or ("pause", n, seconds)
     dot: Say = Say((b"250 2.0.0 queued\r\n",))
     rset: Say = Say((b"250 2.0.0 ok\r\n",))   # the RSET that ends this transaction (before the next)
 
@@ -229,28 +236,23 @@ class FuzzUpstream(RawServer):
                 tx.data = bytes(body)
 
     def _read_message(self, c: _Conn, plan: Plan, tx: Tx, body: bytearray) -> None:
-        refused = False
         while True:
             line = c.readline()
             if line is None:
-                tx.data = bytes(body)
                 raise _Hangup
             body += line
-            if plan.during and not refused and len(body) >= plan.during[1]:
+            if plan.during and not tx.during and len(body) >= plan.during[1]:
                 tx.during = True
                 if plan.during[0] == "pause":  # a slow reader: the frontend must wait, not lose bytes
                     time.sleep(plan.during[2])
-                    refused = True  # (done: once)
-                    continue
-                if plan.during[0] == "close":
-                    tx.data = bytes(body)
+                elif plan.during[0] == "close":
                     raise _Hangup
-                refused = True
-                c.say(plan.during[2])
-            if line == b".\r\n":
+                else:  # "refuse"
+                    c.say(plan.during[2])
+            if line == b".\r\n":  # (a lone dot: every other line starting with one is stuffed)
                 break
         tx.data, tx.dot = bytes(body), True
-        if refused and plan.during[0] == "refuse":  # it said its word: no second answer
+        if tx.during and plan.during[0] == "refuse":  # it said its word: no second answer
             raise _Hangup
         if not plan.dot.broken:
             tx.dot_reply = plan.dot.data
