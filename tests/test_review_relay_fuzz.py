@@ -1016,6 +1016,7 @@ def test_a_421_right_behind_the_dots_250_keeps_the_250(relay, route):
                (b"250 2.0.0 queued as Q2\r\n421-4.3.2 shutting\r\n421 4.3.2 down\r\n", 250),
                (b"554 5.7.1 refused\r\n421 4.3.2 shutting down\r\n", 554),
                (b"250 2.0.0 queued as Q3\r\n250 2.0.0 queued again\r\n", 451),
+               (b"250 2.0.0 queued as Q5\r\n451 4.3.0 or not\r\n", 451),
                (b"250 2.0.0 queued as Q4\r\n421 4.3.2 bye\r\n250 what\r\n", 451)]
     for i, (dot, code) in enumerate(answers):
         for front in relay.fronts:
