@@ -33,8 +33,8 @@ from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
 from ._tls import TLSError, ca_identity, pin_ca_file
 from ._upstream import (
-    BAD_UPSTREAM, DROPPED, LOGIN_REFUSED_LATELY, TIMED_OUT, ReplyError, UpstreamClient, UpstreamError,
-    open_upstream,
+    BAD_UPSTREAM, DROPPED, LOGIN_REFUSED_LATELY, SURPLUS_WAIT, TIMED_OUT, ReplyError, UpstreamClient,
+    UpstreamError, open_upstream,
 )
 
 NO_TRANSACTION = Reply(503, ("5.5.1 No mail transaction in progress",))
@@ -445,6 +445,29 @@ class Relay:
         self._drop()
         return True
 
+    async def _closing_behind(self, what: str) -> bool:
+        """More reply text came behind the reply to `what`. A 421 and
+        nothing after it is the server closing (RFC 5321 3.8: it may say so
+        unasked): one that accepted a message and then shuts down sends its
+        250 and the 421 at once, as sendooway's own stop does to its
+        clients. Then the reply before it stands: True. Anything else is
+        nonsense (_overtalked): False. The connection is dropped either way."""
+        client = self._client
+        assert client is not None
+        try:
+            with client.stream.timeout_at_most(SURPLUS_WAIT):
+                closing = await client.read_reply()
+        except (OSError, TimeoutError, ReplyError, TLSError):
+            closing = None
+        self._drop()
+        if closing is not None and closing.code == 421 and not client.reader.buffered:
+            self.log.warning("%s: upstream %s closing after its reply to %s: %s", self._sid(),
+                             client.address, what, closing)
+            return True
+        self.log.warning("%s: upstream %s sent more than its replies to %s; connection dropped",
+                         self._sid(), client.address, what)
+        return False
+
     async def _refused_behind_354(self) -> Reply | None:
         """More than the 354 came: a refusal right behind it (smtp-sink -A
         0 answers so, before any byte of the message) is DATA's answer, its
@@ -720,14 +743,15 @@ class Relay:
             return reply
         self._in_data = False
         self._in_tx = False
-        if self._overtalked("the end of the message"):
+        if self._client.reader.buffered and not await self._closing_behind("the end of the message"):
             # which reply answered the dot is not known: never pass a 250 then
             reply = BAD_UPSTREAM
         reply = self._upstream_reply(reply)
         self._broken = None
         if reply.code == 250:
             self.messages += 1
-            self._client.messages += 1
+            if self._client is not None:  # (gone when the upstream said 421 behind its reply)
+                self._client.messages += 1
         self._log_message(str(reply))
         return reply
 
