@@ -164,7 +164,12 @@ def test_root_b_frontend_serves_421_forever_once_its_private_authenticator_dies(
             while time.monotonic() < deadline:
                 if fe.proc.poll() is not None:
                     return  # exited: a service manager restarts it (and its daemon)
-                last = logs_in()
+                try:
+                    last = logs_in()
+                except OSError as e:  # (it exited between the poll and the connect)
+                    last = repr(e)
+                    time.sleep(0.2)
+                    continue
                 if last == 235:
                     return
                 time.sleep(1)
