@@ -4,6 +4,7 @@ route serves this sender for the user logged in. The log says why."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import functools
@@ -61,6 +62,17 @@ class _NoTurn(Exception):
     """A login waited longer than it may for its turn."""
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A login waiting for room in `_Turns` (`serial`: its arrival there)."""
+
+    keys: list[tuple[str, int]]
+    place: tuple[str, int] | None
+    fut: asyncio.Future
+    serial: int
+    watched: list[str] | None = None  # the keys in whose waiting list it is
+
+
 class _Turns:
     """At most n logins under way per key; a login takes all its keys at
     once, when all have room, and holds none while it waits (a user's login
@@ -80,11 +92,11 @@ class _Turns:
         self._lines: dict[str, collections.deque] = {}
         self._ranks: dict[int, int] = {}  # ticket → its address's failures when it came
         self._tickets = itertools.count()
-        # key → the logins waiting for it, in order of arrival (by a serial):
-        # (their keys, their place, future); a login with a place in a key's
-        # line is found by its ticket instead (`_placed`)
-        self._waiting: dict[str, dict[int, tuple]] = {}
-        self._placed: dict[int, tuple] = {}
+        # key → the logins waiting for it, in order of arrival (by serial);
+        # a login with a place in a key's line is found there by its ticket
+        # (`_placed`), and in its other keys' lists only once it is first
+        self._waiting: dict[str, dict[int, _Waiter]] = {}
+        self._placed: dict[int, _Waiter] = {}
 
     def enter(self, key: str, rank: int = 0) -> int:
         """A place in `key`'s line (left with `leave`): behind everyone of
@@ -98,12 +110,10 @@ class _Turns:
         ticket = next(self._tickets)
         line = self._lines.setdefault(key, collections.deque())
         self._ranks[ticket] = rank
-        where = len(line)
-        for i in range(1, len(line)):
-            if self._ranks.get(line[i], 0) > rank:
-                where = i
-                break
-        line.insert(where, ticket)
+        # (behind the first the line is in order of rank, so the place is
+        # found by halving: walking it cost a burst of n logins n²/2 steps)
+        line.insert(bisect.bisect_right(line, rank, lo=min(1, len(line)),
+                                        key=self._ranks.__getitem__), ticket)
         return ticket
 
     async def leave(self, key: str, ticket: int) -> None:
@@ -125,50 +135,66 @@ class _Turns:
                 return False
         return all(self._used.get(key, 0) < n for key, n in keys)
 
+    def _watch(self, waiter: _Waiter) -> None:
+        """Puts `waiter` in the waiting lists of its keys (but its line's:
+        there it is found as the first)."""
+        place = waiter.place
+        waiter.watched = [key for key, _n in waiter.keys if place is None or key != place[0]]
+        for key in waiter.watched:
+            self._waiting.setdefault(key, {})[waiter.serial] = waiter
+
     def _wake(self, changed: list[str]) -> None:
         """For each of the `changed` keys, wakes the first login waiting
         for it that now has room (one unit freed, one login woken): waking
         them all made a burst of n logins at one name cost n² task
         switches and room checks (a Condition's notify_all: 400 logins at
         once took 0.47 s of the daemon's CPU, 0.26 s now). Of the logins
-        in a key's line only the first may go, so only it is looked at."""
+        in a key's line only the first may go, so only it is looked at;
+        the others are in no waiting list until they are first (they were:
+        a burst at one name from one address cost n²/2 room checks in
+        that address's list, 4.5 million for 3000)."""
         for key in changed:
             line = self._lines.get(key)
             first = self._placed.get(line[0]) if line else None
-            for keys, place, fut in itertools.chain((first,) if first else (),
-                                                    self._waiting.get(key, {}).values()):
-                if not fut.done() and self._room(keys, place):
-                    fut.set_result(None)
+            if first is not None and not first.fut.done():
+                if self._room(first.keys, first.place):
+                    first.fut.set_result(None)
+                    continue
+                if first.watched is None:  # first just now: waits for its other keys too
+                    self._watch(first)
+            for waiter in self._waiting.get(key, {}).values():
+                if not waiter.fut.done() and self._room(waiter.keys, waiter.place):
+                    waiter.fut.set_result(None)
                     break
 
     async def _wait_room(self, keys: list[tuple[str, int]], place: tuple[str, int] | None) -> None:
         loop = asyncio.get_running_loop()
-        # (found through its place in the line of that key, not in its waiting list)
-        watched = [key for key, _n in keys if place is None or key != place[0]]
         while not self._room(keys, place):
-            fut = loop.create_future()
-            serial = next(self._tickets)
-            entry = (keys, place, fut)
-            for key in watched:
-                self._waiting.setdefault(key, {})[serial] = entry
+            waiter = _Waiter(keys, place, loop.create_future(), next(self._tickets))
+            line = None
             if place is not None:
-                self._placed[place[1]] = entry
+                self._placed[place[1]] = waiter
+                line = self._lines.get(place[0])
+            if not line or line[0] == place[1]:  # (behind the first: watched once first, `_wake`)
+                self._watch(waiter)
             leaving = True
             try:
-                await fut
+                await waiter.fut
                 leaving = False
             finally:
-                for key in watched:
+                for key in waiter.watched or ():
                     waiting = self._waiting[key]
-                    del waiting[serial]
+                    del waiting[waiter.serial]
                     if not waiting:
                         del self._waiting[key]
                 if place is not None:
                     del self._placed[place[1]]
-                if fut.done() and not fut.cancelled() and (leaving or not self._room(keys, place)):
+                if waiter.fut.done() and not waiter.fut.cancelled() and (
+                        leaving or not self._room(keys, place)):
                     # woken, but gone (timed out as it was woken) or
                     # overtaken: the room it was woken for goes to the next
                     self._wake([key for key, _n in keys])
+
     @contextlib.asynccontextmanager
     async def take(self, keys: list[tuple[str, int]], wait: float,
                    place: tuple[str, int] | None = None):
