@@ -113,7 +113,7 @@ class _Turns:
         # (behind the first the line is in order of rank, so the place is
         # found by halving: walking it cost a burst of n logins n²/2 steps)
         line.insert(bisect.bisect_right(line, rank, lo=min(1, len(line)),
-                                        key=self._ranks.__getitem__), ticket)
+                                        key=lambda t: self._ranks.get(t, 0)), ticket)
         return ticket
 
     async def leave(self, key: str, ticket: int) -> None:

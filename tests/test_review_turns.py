@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
 
 import pytest
 
 from sendooway_auth._penalty import KeyLocks
 from sendooway_auth._service import _NoTurn, _Turns
+from sendooway_shared.protocol import VERSION, AuthOk, AuthRequest, Hello
+from sendooway_shared.types import Secret
+from tests.auth_helpers import Daemon
 
 
 def _registered(turns: _Turns) -> list:
@@ -288,3 +292,27 @@ def test_a_login_behind_the_first_is_woken_when_it_is_first_and_its_address_free
     (_c, *firsts), turns = asyncio.run(main())
     assert firsts == [True, True]
     _assert_empty(turns)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the authenticator runs as root")
+def test_the_daemon_decides_a_burst_of_every_users_logins_from_two_addresses(
+        tmp_path, tmp_config, world):
+    """600 connections at once, the fake world's users by turns, from two
+    addresses, two PAM threads: every login is decided (a lost wake-up
+    would leave some waiting until `busy`)."""
+    d = Daemon(tmp_path, tmp_config(""), extra_args=["--pam-threads", "2"]).start()
+    try:
+        names = sorted(world.users)
+        conns = [d.connect() for _ in range(600)]
+        for i, ch in enumerate(conns):
+            ch.send(Hello(VERSION, f"s{i}", "192.0.2.1" if i % 3 else "192.0.2.2"))
+        assert all(ch.receive().TYPE == "welcome" for ch in conns)
+        for i, ch in enumerate(conns):
+            name = names[i % len(names)]
+            ch.send(AuthRequest(name, Secret(world.users[name].password)))
+        got = [ch.receive() for ch in conns]
+        assert got == [AuthOk(names[i % len(names)]) for i in range(600)]
+        for ch in conns:
+            ch.close()
+    finally:
+        d.stop()
