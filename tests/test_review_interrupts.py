@@ -234,6 +234,10 @@ class _Front:
         for name in ("sendooway", RELAY_LOG):
             lg = logging.getLogger(name)
             self.monkeypatch.setattr(lg, "level", logging.DEBUG)
+            # and a fresh cache of the levels it is enabled for (the old one is
+            # given back with the level): one filled by an earlier test in this
+            # process, at the old level, kept every INFO line from the handler
+            self.monkeypatch.setattr(lg, "_cache", {})
             self.monkeypatch.setattr(lg, "propagate", False)
             lg.addHandler(self.handler)
         relay_log = logging.getLogger(RELAY_LOG)
