@@ -88,6 +88,7 @@ from sendooway_auth._service import _NoTurn, _Turns
 from sendooway_front._relay import Relay
 from sendooway_front._relay_api import MailParams
 from sendooway_shared.types import Route, Secret, TlsMode
+from tests.test_auth_turns import _counting
 from tests.test_review_interrupts import FOREVER, LOGIN, MAIL, RCPT, _Front, _stopped_in, _Upstream
 from tests.test_review_mutants10 import PLAIN_EHLO, Up, _mail, _relay
 from tests.upstream import capture_log, config, info, run
@@ -265,14 +266,7 @@ def test_logins_waiting_behind_a_hold_are_not_woken_over_and_over():
 
     async def main():
         turns = _Turns()
-        calls = [0]
-        real = turns._room
-
-        def room(keys, place):
-            calls[0] += 1
-            return real(keys, place)
-
-        turns._room = room
+        calls = _counting(turns)
         erin = await _hold(turns, [("u:erin", 1), ("c:1", 1)])
         firsts, seconds = {}, []
         for name in ("u:alice", "u:carol"):

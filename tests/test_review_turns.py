@@ -30,6 +30,7 @@ from sendooway_auth._penalty import KeyLocks
 from sendooway_auth._service import _NoTurn, _Turns
 from sendooway_shared.protocol import VERSION, AuthOk, AuthRequest, Hello
 from sendooway_shared.types import Secret
+from tests.test_auth_turns import _counting
 from tests.auth_helpers import Daemon
 
 
@@ -171,18 +172,6 @@ def test_random_interleavings_across_two_processes_sharing_the_store(tmp_path):
     assert total["decided"] > 100, total
 
 
-def _counting_room(turns: _Turns) -> list[int]:
-    calls = [0]
-    real = turns._room
-
-    def room(keys, place):
-        calls[0] += 1
-        return real(keys, place)
-
-    turns._room = room
-    return calls
-
-
 def test_a_burst_at_one_name_from_one_address_costs_linear_room_checks():
     """An attacker's connections from one address all guessing at bob: each
     freed address turn looked at every login behind the first."""
@@ -190,7 +179,7 @@ def test_a_burst_at_one_name_from_one_address_costs_linear_room_checks():
 
     async def main():
         turns = _Turns()
-        calls = _counting_room(turns)
+        calls = _counting(turns)
         order = []
 
         async def login(i: int, ticket: int):
