@@ -33,8 +33,8 @@ from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply
 from ._tls import TLSError, ca_identity, pin_ca_file
 from ._upstream import (
-    BAD_UPSTREAM, DROPPED, LOGIN_REFUSED_LATELY, SURPLUS_WAIT, TIMED_OUT, ReplyError, UpstreamClient,
-    UpstreamError, open_upstream,
+    BAD_UPSTREAM, DROPPED, LOGIN_REFUSED_LATELY, TIMED_OUT, ReplyError, UpstreamClient, UpstreamError,
+    open_upstream,
 )
 
 NO_TRANSACTION = Reply(503, ("5.5.1 No mail transaction in progress",))
@@ -454,11 +454,7 @@ class Relay:
         nonsense (_overtalked): False. The connection is dropped either way."""
         client = self._client
         assert client is not None
-        try:
-            with client.stream.timeout_at_most(SURPLUS_WAIT):
-                closing = await client.read_reply()
-        except (OSError, TimeoutError, ReplyError, TLSError):
-            closing = None
+        closing = await client.unasked_reply()
         self._drop()
         if closing is not None and closing.code == 421 and not client.reader.buffered:
             self.log.warning("%s: upstream %s closing after its reply to %s: %s", self._sid(),

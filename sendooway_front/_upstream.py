@@ -201,6 +201,15 @@ class UpstreamClient:
     async def read_reply(self) -> Reply:
         return await self.reader.read_reply()
 
+    async def unasked_reply(self) -> Reply | None:
+        """The reply that came behind the one asked for (its rest waited for
+        SURPLUS_WAIT at most); None when it breaks off or is no reply."""
+        try:
+            with self.stream.timeout_at_most(SURPLUS_WAIT):
+                return await self.read_reply()
+        except (OSError, TimeoutError, ReplyError, TLSError):
+            return None
+
     def spoke_unasked(self) -> bool:
         """Bytes arrived that no command asked for (or the end of them): a
         421 before closing, one reply too many. Such a connection must not
@@ -384,11 +393,7 @@ async def _no_surplus(client: UpstreamClient, what: str) -> None:
     as for a 421 to MAIL."""
     if not client.reader.buffered:
         return
-    try:
-        with client.stream.timeout_at_most(SURPLUS_WAIT):
-            reply = await client.read_reply()
-    except (OSError, TimeoutError, ReplyError, TLSError):
-        reply = None
+    reply = await client.unasked_reply()
     if reply is not None and reply.code == 421:
         if what == "AUTH" and _echoes_credentials(client.route, reply):
             # its words go to the log and to the client: not when they
