@@ -28,8 +28,11 @@ def _counting(turns: _Turns) -> list[int]:
     return calls
 
 
-def test_a_burst_at_one_name_is_decided_in_order_with_a_linear_number_of_room_checks():
-    n = 300
+def burst_at_one_name(n: int, address, rank: int = 0) -> tuple[list[int], int, _Turns]:
+    """n logins for bob at once, the i-th from `address(i)` (its address
+    key), all in bob's line with `rank`, each holding its turns for one
+    loop step: (the order they were decided in, the room checks, the
+    turns afterwards)."""
 
     async def main():
         turns = _Turns()
@@ -38,17 +41,22 @@ def test_a_burst_at_one_name_is_decided_in_order_with_a_linear_number_of_room_ch
 
         async def login(i: int, ticket: int):
             try:
-                async with turns.take([("u:bob", 1), (f"c:192.0.2.{i % 250}", 1)], 30, ("u:bob", ticket)):
+                async with turns.take([("u:bob", 1), (f"c:{address(i)}", 1)], 30, ("u:bob", ticket)):
                     order.append(i)
                     await asyncio.sleep(0)
             finally:
                 await turns.leave("u:bob", ticket)
 
-        tickets = [turns.enter("u:bob") for _ in range(n)]
+        tickets = [turns.enter("u:bob", rank) for _ in range(n)]
         await asyncio.gather(*(login(i, t) for i, t in enumerate(tickets)))
         return order, calls[0], turns
 
-    order, checks, turns = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_burst_at_one_name_is_decided_in_order_with_a_linear_number_of_room_checks():
+    n = 300
+    order, checks, turns = burst_at_one_name(n, lambda i: f"192.0.2.{i % 250}")
     assert order == list(range(n))  # their order of arrival
     assert checks < 10 * n, checks  # notify_all: ~n²/2 (45 000)
     assert turns._waiting == {} and turns._used == {} and turns._lines == {}

@@ -30,7 +30,7 @@ from sendooway_auth._penalty import KeyLocks
 from sendooway_auth._service import _NoTurn, _Turns
 from sendooway_shared.protocol import VERSION, AuthOk, AuthRequest, Hello
 from sendooway_shared.types import Secret
-from tests.test_auth_turns import _counting
+from tests.test_auth_turns import burst_at_one_name
 from tests.auth_helpers import Daemon
 
 
@@ -176,26 +176,8 @@ def test_a_burst_at_one_name_from_one_address_costs_linear_room_checks():
     """An attacker's connections from one address all guessing at bob: each
     freed address turn looked at every login behind the first."""
     n = 1000
-
-    async def main():
-        turns = _Turns()
-        calls = _counting(turns)
-        order = []
-
-        async def login(i: int, ticket: int):
-            try:
-                async with turns.take([("u:bob", 1), ("c:192.0.2.66", 1)], 30, ("u:bob", ticket)):
-                    order.append(i)
-                    await asyncio.sleep(0)
-            finally:
-                await turns.leave("u:bob", ticket)
-
-        tickets = [turns.enter("u:bob", 2) for _ in range(n)]
-        await asyncio.gather(*(login(i, t) for i, t in enumerate(tickets)))
-        _assert_empty(turns)
-        return order, calls[0]
-
-    order, checks = asyncio.run(main())
+    order, checks, turns = burst_at_one_name(n, lambda i: "192.0.2.66", rank=2)
+    _assert_empty(turns)
     assert order == list(range(n))
     assert checks < 10 * n, checks  # before: ~n²/2 (500 000)
 
