@@ -197,6 +197,25 @@ def converse(monkeypatch, script, steps: list, auth: bool = False, source: str =
     return asyncio.run(go())
 
 
+def plain_route(port: int) -> Route:
+    """The route of these reviews: plain SMTP to 127.0.0.1:`port`, no AUTH."""
+    return Route(server="127.0.0.1", port=port, tls=TlsMode.PLAIN, ca_file="",
+                 user="", password=Secret(""), auth=False, source="review.conf:1")
+
+
+def serve_on_loopback(fe: Frontend, grace: float) -> tuple[int, asyncio.Future]:
+    """`serve_listening` (as `sendooway -b` runs it) for `fe` on a free
+    loopback port, as a task: (the port, the task). Call in a coroutine."""
+    from sendooway_front import _server
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    server = asyncio.ensure_future(_server.serve_listening(fe, [lsock], grace=grace, max_sessions=10))
+    return lsock.getsockname()[1], server
+
+
 class ListeningFrontend:
     """`serve_listening` (as `sendooway -b` runs it) on a loopback port,
     relaying through the Relay to `up`; the relay's log lines are kept.
@@ -208,8 +227,6 @@ class ListeningFrontend:
         self.handler = ListHandler()
 
     async def __aenter__(self) -> "ListeningFrontend":
-        from sendooway_front import _server
-
         lg = logging.getLogger(RELAY_LOG)
         self._saved = (lg.level, lg.propagate)
         lg.addHandler(self.handler)
@@ -217,18 +234,10 @@ class ListeningFrontend:
         lg.propagate = False
         self.monkeypatch.setattr(_driver, "make_relay",
                                  lambda cfg, log: Relay(cfg, logging.getLogger(RELAY_LOG), None))
-        route = Route(server="127.0.0.1", port=self.up.port, tls=TlsMode.PLAIN, ca_file="",
-                      user="", password=Secret(""), auth=False, source="review.conf:1")
         cfg = Config(timeout=self.timeout, smarthostCache=0, localname="relay.test",
                      addReceivedField=False)
-        fe = Frontend(cfg, connector=Connector(route), hostname="mx.test")
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(16)
-        lsock.setblocking(False)
-        self.port = lsock.getsockname()[1]
-        self.server = asyncio.ensure_future(_server.serve_listening(fe, [lsock], grace=self.grace,
-                                                                    max_sessions=10))
+        fe = Frontend(cfg, connector=Connector(plain_route(self.up.port)), hostname="mx.test")
+        self.port, self.server = serve_on_loopback(fe, self.grace)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -19,16 +19,16 @@ import time
 
 import pytest
 
-from sendooway_front import _driver, _pool, _server
+from sendooway_front import _driver, _pool
 from sendooway_front._authlink import SocketConnector
 from sendooway_front._driver import Frontend
 from sendooway_front._relay import Relay
 from sendooway_shared.config import Config
 from sendooway_shared.protocol import VERSION, AuthFail, AuthOk, AuthRequest, Hello
-from sendooway_shared.types import Route, Secret, TlsMode
+from sendooway_shared.types import Secret
 from tests.auth_helpers import Daemon, add_pam_service, all_passwords, build_test_pam_module, login
 from tests.front_util import login_plain
-from tests.scripted_relay import LOGIN, RELAY_LOG, Connector
+from tests.scripted_relay import LOGIN, RELAY_LOG, Connector, plain_route, serve_on_loopback
 from tests.upstream import ListHandler
 
 PAM_DELAY = 1.0  # seconds a failed PAM check takes (pam_unix's failure delay)
@@ -243,18 +243,11 @@ class _Front:
         relay_log = logging.getLogger(RELAY_LOG)
         self.monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: Relay(
             cfg, relay_log, _pool.shared_pool(cfg.smarthostCache, relay_log)))
-        route = Route(server="127.0.0.1", port=self.up.port, tls=TlsMode.PLAIN, ca_file="",
-                      user="", password=Secret(""), auth=False, source="review.conf:1")
         cfg = Config(timeout=self.timeout, smarthostCache=30, localname="relay.test",
                      addReceivedField=False, **self.cfg_kw)
-        fe = Frontend(cfg, connector=self.connector or Connector(route), hostname="mx.test")
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(16)
-        lsock.setblocking(False)
-        self.port = lsock.getsockname()[1]
-        self.server = asyncio.ensure_future(_server.serve_listening(fe, [lsock], grace=self.grace,
-                                                                    max_sessions=10))
+        fe = Frontend(cfg, connector=self.connector or Connector(plain_route(self.up.port)),
+                      hostname="mx.test")
+        self.port, self.server = serve_on_loopback(fe, self.grace)
         return self
 
     async def session(self, steps: list) -> bytes:
