@@ -38,7 +38,6 @@ from ._upstream import (
 )
 
 NO_TRANSACTION = Reply(503, ("5.5.1 No mail transaction in progress",))
-SMUGGLING = Reply(451, ("4.5.0 Message refused: bare CR or LF in the data",))
 MAIL_OK, RCPT_OK = "1.0", "1.5"  # RFC 3463 details for an upstream 2xx without its own
 
 
@@ -53,29 +52,6 @@ def _transport_failure(exc: BaseException) -> Reply:
 def _busy(e: UpstreamError) -> bool:
     """The upstream refused the connection at its greeting, for now (4xx)."""
     return e.greeting is not None and 400 <= e.greeting.code < 500
-
-
-class _LineEndCheck:
-    """Defence in depth behind the session core: every CR and LF in the data
-    must be part of a CRLF pair, across chunk borders too."""
-
-    __slots__ = ("pending_cr",)
-
-    def __init__(self) -> None:
-        self.pending_cr = False
-
-    def ok(self, chunk: bytes) -> bool:
-        if self.pending_cr:
-            if not chunk.startswith(b"\n"):
-                return False
-            chunk = chunk[1:]
-            self.pending_cr = False
-        if chunk.endswith(b"\r"):
-            self.pending_cr = True
-            chunk = chunk[:-1]
-        # (a two-byte replace and two memchr scans: 4x cheaper than counting each byte)
-        rest = chunk.replace(b"\r\n", b"")
-        return b"\r" not in rest and b"\n" not in rest
 
 
 class Relay:
@@ -101,7 +77,6 @@ class Relay:
         self._bytes = 0
         self._transactions = 0       # MAILs of this session: SID.N names the message
         self._in_data = False
-        self._check = _LineEndCheck()
         self._held = b""             # message bytes not yet sent upstream (one chunk at most)
         self._held_header = False    # _held is only the Received: header so far
         self._data_reply: Reply | None = None  # DATA's reply, read with a pipelined group
@@ -612,7 +587,6 @@ class Relay:
             self._log_message(f"not delivered ({refused})")
             return refused
         self._in_data = True
-        self._check = _LineEndCheck()
         # One piece is held back until the next comes (or the end), so the
         # header goes with the first chunk and the last chunk with the final
         # dot: fewer TLS records and sends; a small message leaves in one
@@ -628,12 +602,6 @@ class Relay:
     async def data_chunk(self, chunk: bytes) -> None:
         if self._broken is not None or self._client is None or not self._in_data:
             return  # the failure is answered at data_end
-        if not self._check.ok(chunk):
-            self.log.warning("%s: bare CR or LF in the data reached the relay; message aborted",
-                             self._sid())
-            self._drop()
-            self._broken = SMUGGLING
-            return
         self._bytes += len(chunk)
         if self._held_header:  # the Received: header goes with the first chunk
             self._held += chunk
@@ -705,10 +673,6 @@ class Relay:
             return reply
         if self._client is None or not self._in_data:
             return NO_TRANSACTION
-        if self._check.pending_cr:  # the message ended in a lone CR: never send it on
-            self._drop()
-            self._log_message("aborted (bare CR at the end)")
-            return SMUGGLING
         if self._spoke_unasked():
             unasked = await self._unasked_reply()
             if unasked is not None:

@@ -61,7 +61,9 @@ class RelayBackend(Protocol):
 
     async def data_chunk(self, chunk: bytes) -> None:
         """Raw message bytes as received (dot-stuffing kept, CRLF line ends),
-        never including the final CRLF.CRLF; bounded size per call."""
+        never including the final CRLF.CRLF; bounded size per call. The
+        session core has checked them: no bare CR or LF, no NUL, no line
+        over 1000 octets, a CRLF never split between two calls."""
 
     async def data_end(self, empty: bool = False) -> Reply:
         """Send the terminating CRLF.CRLF: the upstream's final reply.

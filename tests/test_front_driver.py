@@ -59,10 +59,19 @@ class FakeConnector:
         return link
 
 
+def _unchecked(chunk: bytes) -> bool:
+    """Does `chunk` break what the relay is promised (RelayBackend.data_chunk):
+    a CR or LF outside a CRLF pair inside it, a CRLF split at its borders,
+    a NUL? (Checked here independently of the session core's own test.)"""
+    rest = chunk.replace(b"\r\n", b"")
+    return b"\r" in rest or b"\n" in rest or b"\0" in chunk
+
+
 class RecordingRelay:
     def __init__(self, fail_chunk=False, fail_mail=False):
         self.calls = []
         self.data = bytearray()
+        self.unchecked = []  # chunks handed over that break the data_chunk promise
         self.fail_chunk, self.fail_mail = fail_chunk, fail_mail
         self.info = None
 
@@ -93,6 +102,8 @@ class RecordingRelay:
 
     async def data_chunk(self, chunk):
         assert len(chunk) <= DATA_CHUNK
+        if _unchecked(chunk):
+            self.unchecked.append(chunk)
         if self.fail_chunk:
             raise ConnectionResetError("upstream vanished")
         self.data += chunk
@@ -160,7 +171,7 @@ def test_transaction_reaches_the_relay_exactly(monkeypatch, bytewise):
                                       bytewise=bytewise))
     assert codes(out) == [220, 250, 235, 250, 250, 354, 250, 221]
     assert b"250 2.0.0 upstream queued" in out
-    assert bytes(relay.data) == body
+    assert bytes(relay.data) == body and relay.unchecked == []
     assert relay.calls == ["mail", "rcpt", "data_start", "data_end", "close"]
     assert relay.info.user == "alice" and relay.info.client_address == "192.0.2.1:4242"
     assert relay.info.esmtp and not relay.info.tls and relay.info.client_ehlo == "c.test"
@@ -172,6 +183,36 @@ def test_smuggled_end_never_reaches_data_end(monkeypatch):
     assert "data_end" not in relay.calls and "data_abort" in relay.calls
     assert 250 not in codes(out)[5:]
     assert relay.calls.count("mail") == 1
+    assert relay.unchecked == []
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+@pytest.mark.parametrize("evil", [b"a\n.\nb", b"a\r.\r\nb", b"a\n.\r\nb", b"x\r", b"\n", b"x\r\r\n",
+                                  b"\r\n.\n", b"nul\0", b"a\rb"])
+def test_bare_line_ends_never_reach_the_relay(monkeypatch, evil, bytewise):
+    """The relay is handed only checked chunks (it no longer scans them
+    again): whatever the split, a message with a bare CR or LF (or a NUL)
+    is refused by the session core and nothing of its bad part, and no
+    final dot, reaches the relay."""
+    body = b"ok line\r\n" + evil + b"\r\nmore"
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + body + b"\r\n.\r\nQUIT\r\n",
+                                      bytewise=bytewise))
+    assert "data_end" not in relay.calls and "data_abort" in relay.calls
+    assert codes(out)[:6] == [220, 250, 235, 250, 250, 354] and 250 not in codes(out)[6:-1], out
+    assert codes(out)[6] == 421 or codes(out)[6] >= 500, out
+    assert relay.unchecked == [] and evil not in bytes(relay.data)
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_a_message_ending_in_a_lone_cr_never_reaches_data_end(monkeypatch, bytewise):
+    """A CR right before the end marker would pair with the CRLF.CRLF the
+    relay sends: the message is refused, no final dot."""
+    body = b"Subject: a\r\n\r\nends in\r"
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + body + b"\r\n.\r\nQUIT\r\n",
+                                      bytewise=bytewise))
+    assert "data_end" not in relay.calls and "data_abort" in relay.calls
+    assert codes(out)[6] >= 500 and codes(out)[-1] == 221, out
+    assert relay.unchecked == [] and not bytes(relay.data).endswith(b"\r")
 
 
 def test_relay_failing_mid_data_gives_451_after_the_end(monkeypatch):

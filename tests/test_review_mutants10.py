@@ -311,16 +311,6 @@ def _message_of_chunks(*chunks: bytes):
     return run(go())
 
 
-def test_a_cr_ending_one_chunk_and_no_lf_starting_the_next_is_refused():
-    """l01: a bare CR across a chunk border (CR at the end of one chunk,
-    no LF at the start of the next) is smuggling material: the message
-    is not delivered and gets no final dot."""
-    end, up, log = _message_of_chunks(b"Subject: a\r\n\r\nline\r", b"X-Smuggled: yes\r\n")
-    assert end.code == 451 and end.lines[0].startswith("4.5.0"), end
-    assert up.messages == []
-    assert "bare CR or LF in the data reached the relay" in log
-
-
 def _speaks_during_the_message(text: bytes):
     """An upstream that answers DATA with 354 and, 0.2 s later, unasked,
     with `text` (before the message has come)."""
@@ -428,15 +418,6 @@ def test_reset_during_the_message_sends_no_rset_into_it():
 
     up = run(go())
     assert up.got(b"RSET") == [] and up.messages == [] and up.cut
-
-
-def test_a_message_ending_in_a_lone_cr_is_refused_without_its_dot():
-    """e01: the last chunk ends in CR and the end marker follows: never
-    sent on (the CR would pair with our CRLF.CRLF)."""
-    end, up, log = _message_of_chunks(b"Subject: a\r\n\r\nends in\r")
-    assert end.code == 451 and end.lines[0].startswith("4.5.0"), end
-    assert up.messages == []
-    assert "aborted (bare CR at the end)" in log
 
 
 def test_two_replies_to_the_final_dot_are_never_passed_as_250():
