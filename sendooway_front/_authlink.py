@@ -82,10 +82,6 @@ class AuthLink:
         if not isinstance(reply, Welcome) or reply.version != VERSION:
             raise self._unexpected(reply)
 
-    async def hello(self, session_id: str, client: str) -> None:
-        """hello, and wait for the Welcome."""
-        self._check_welcome(await self._request(self._hello(session_id, client)))
-
     async def send_hello(self, session_id: str, client: str) -> None:
         """hello without waiting: the Welcome is read before the first
         request's answer. The client gets its greeting one round trip to the

@@ -178,7 +178,10 @@ def activated_sockets() -> Activation | None:
         return None
     listening, connection = [], None
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
-        s = socket.socket(fileno=fd)
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:  # not a socket (or closed): not usable, see the caller's error
+            continue
         os.set_inheritable(fd, False)
         if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             s.setblocking(False)

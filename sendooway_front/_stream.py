@@ -14,7 +14,6 @@ import contextlib
 import errno
 import os
 import socket
-from typing import Iterable
 
 from OpenSSL import SSL
 
@@ -131,10 +130,6 @@ class Stream:
     @property
     def peername(self):
         return self._writer.get_extra_info("peername")
-
-    @property
-    def sockname(self):
-        return self._writer.get_extra_info("sockname")
 
     def tls_version(self) -> str:
         return self._conn.get_protocol_version_name() if self._conn is not None else ""
@@ -371,9 +366,6 @@ class Stream:
                 await self._flush_tls()
                 pending = 0
         await self._flush_tls()
-
-    async def writelines(self, parts: Iterable[bytes]) -> None:
-        await self.write(b"".join(parts))
 
     # ------------------------------------------------------------ TLS
 

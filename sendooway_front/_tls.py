@@ -401,27 +401,19 @@ def _preloaded_context(ca_file: str, verify: bool) -> SSL.Context | None:
 
 
 def cached_client_context(ca_file: str = "", verify: bool = True, ca_pem: str = "") -> SSL.Context:
-    """client_context(ca_file, verify, ca_pem), made once and reused while
-    valid (blocking: a CA file is read and parsed here when it changed)."""
-    if ca_file and not ca_pem and (ctx := _preloaded_context(ca_file, verify)) is not None:
-        return ctx
+    """client_context(ca_file, verify, ca_pem) for a CA given as PEM text (a
+    route's own sslCA, from the authenticator; `ca_file` only names it) or
+    for the system store, made once and reused while valid. A CA file is
+    client_context_for's: read and parsed off the event loop."""
+    if ca_file and not ca_pem:
+        raise ValueError("a CA file is loaded by client_context_for")
     now = time.monotonic()
-    if ca_pem or not ca_file:
-        key: tuple = (ca_identity(ca_file, ca_pem), verify) if ca_pem else ("", verify)
-        hit = _client_contexts.get(key)
-        if hit is not None and (ca_pem or now - hit[0] < SYSTEM_STORE_TTL):
-            return hit[1]
-        ctx = client_context(ca_file, verify, ca_pem)
-        _remember_context(key, now, ctx)
-        return ctx
-    fd, st = _open_ca(ca_file)
-    try:
-        key = _file_key(ca_file, verify, st)
-        ctx = _known_file(key)
-        if ctx is None:
-            ctx = _file_context(ca_file, verify, _read_ca(fd, ca_file), key)
-    finally:
-        os.close(fd)
+    key: tuple = (ca_identity(ca_file, ca_pem), verify) if ca_pem else ("", verify)
+    hit = _client_contexts.get(key)
+    if hit is not None and (ca_pem or now - hit[0] < SYSTEM_STORE_TTL):
+        return hit[1]
+    ctx = client_context(ca_file, verify, ca_pem)
+    _remember_context(key, now, ctx)
     return ctx
 
 
@@ -505,16 +497,6 @@ def _known_file(key: tuple) -> SSL.Context | None:
     if failed is not None:
         raise TLSConfigError(failed)
     return None
-
-
-def _file_context(ca_file: str, verify: bool, data: bytes, key: tuple) -> SSL.Context:
-    try:
-        ctx = _parse_file(ca_file, verify, data)
-    except TLSConfigError as exc:
-        _remember_failure(key, exc)
-        raise
-    _remember_file(key, ctx, len(data))
-    return ctx
 
 
 def _remember_failure(key: tuple, exc: TLSConfigError) -> None:

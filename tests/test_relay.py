@@ -751,7 +751,7 @@ def test_the_name_is_checked_on_a_resumed_connection_too(upstream_factory, tmp_p
 
     async def handshake(name, check):
         s = await _stream.open_tcp("127.0.0.1", up.port, 5)
-        ctx = _tls.cached_client_context(ca, verify=True)
+        ctx = await _tls.client_context_for(ca, verify=True)
         try:
             await s.start_tls_client(ctx, name, check_hostname=check, resume=("mail.example", up.port))
             await s.read(100)  # the greeting: the tickets come before it

@@ -159,7 +159,12 @@ def test_the_preloaded_sslca_serves_both_verify_modes_without_the_file(world, tm
                                                                        monkeypatch):
     """The bytes read at start are all the sessions need: noCertCheck routes
     of the global CA too, once the file is gone (or unreadable)."""
+    import asyncio
+
     from sendooway_front import _tls
+
+    def for_file(path, verify):
+        return asyncio.run(_tls.client_context_for(path, verify))
 
     monkeypatch.setattr(_tls, "_preloaded", {})
     monkeypatch.setattr(_tls, "_preloaded_data", {})
@@ -168,12 +173,12 @@ def test_the_preloaded_sslca_serves_both_verify_modes_without_the_file(world, tm
     shutil.copy(world.ca_file, ca)
     _tls.preload_ca_file(str(ca))
     os.unlink(ca)
-    strict = _tls.cached_client_context(str(ca), True)
-    lax = _tls.cached_client_context(str(ca), False)
+    strict = for_file(str(ca), True)
+    lax = for_file(str(ca), False)
     assert _tls.context_verifies(strict) and not _tls.context_verifies(lax)
-    assert _tls.cached_client_context(str(ca), False) is lax
+    assert for_file(str(ca), False) is lax
     with pytest.raises(_tls.TLSConfigError):  # another path is read as before
-        _tls.cached_client_context(str(tmp_path / "other.pem"), True)
+        for_file(str(tmp_path / "other.pem"), True)
 
 
 # ------------------------------------------------------------ 3. xinetd wait = yes

@@ -408,22 +408,28 @@ def test_a_black_holed_address_costs_one_short_try(world, tmp_path):
 
 
 def test_client_contexts_are_reused_until_the_ca_file_changes(world, tmp_path):
+    import asyncio
     import shutil
 
-    from sendooway_front._tls import cached_client_context
+    from sendooway_front._tls import cached_client_context, client_context_for
+
+    def for_file(path, verify):
+        return asyncio.run(client_context_for(path, verify))
 
     ca = tmp_path / "ca.pem"
     shutil.copy(world.ca_file, ca)
-    a = cached_client_context(str(ca), True)
-    assert cached_client_context(str(ca), True) is a
-    assert cached_client_context(str(ca), False) is not a  # noCertCheck never shares a context
+    a = for_file(str(ca), True)
+    assert for_file(str(ca), True) is a
+    assert for_file(str(ca), False) is not a  # noCertCheck never shares a context
     assert cached_client_context("", True) is cached_client_context("", True)
     other = trustme.CA()
     other.cert_pem.write_to_path(str(ca))  # rotated: a new context with the new CA
-    b = cached_client_context(str(ca), True)
+    b = for_file(str(ca), True)
     assert b is not a
     os.unlink(ca)
     with pytest.raises(TLSConfigError):
+        for_file(str(ca), True)
+    with pytest.raises(ValueError):  # the blocking cache takes no file: a caller's bug
         cached_client_context(str(ca), True)
 
 
@@ -431,7 +437,12 @@ def test_the_admins_ca_file_is_never_evicted_by_files_users_name(world, tmp_path
     """The CA contexts kept are bounded by a PEM budget, but the config's
     sslCA is pinned: a user naming CA files of their own used to evict it,
     and every global route then paid a reparse (~8 ms for a 1 MiB bundle)."""
+    import asyncio
+
     from sendooway_front import _tls
+
+    def for_file(path, verify):
+        return asyncio.run(_tls.client_context_for(path, verify))
 
     monkeypatch.setattr(_tls, "_file_contexts", type(_tls._file_contexts)())
     monkeypatch.setattr(_tls, "_pinned_file", "")
@@ -444,11 +455,11 @@ def test_the_admins_ca_file_is_never_evicted_by_files_users_name(world, tmp_path
     trustme.CA().cert_pem.write_to_path(admin)
     monkeypatch.setattr(_tls, "CA_CACHE_BUDGET", 2 * os.path.getsize(users[0]))
     _tls.pin_ca_file(admin)
-    kept = _tls.cached_client_context(admin, True)
-    mine = [_tls.cached_client_context(u, True) for u in users]
-    assert _tls.cached_client_context(admin, True) is kept  # not parsed again
-    assert _tls.cached_client_context(users[-1], True) is mine[-1]
-    assert _tls.cached_client_context(users[0], True) is not mine[0]  # the budget still holds
+    kept = for_file(admin, True)
+    mine = [for_file(u, True) for u in users]
+    assert for_file(admin, True) is kept  # not parsed again
+    assert for_file(users[-1], True) is mine[-1]
+    assert for_file(users[0], True) is not mine[0]  # the budget still holds
 
 
 def test_certificates_passed_in_verify_like_their_file(world, tmp_path):
