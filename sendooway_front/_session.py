@@ -957,7 +957,11 @@ class Session:
     def _refuse_data(self, reply: Reply, reason: str) -> bool:
         self._d_refusal = reply
         self._events.append(DataRefused(reason))
-        # Keep enough context for the first end-of-data test.
+        if self._d_skip == 0 and (self._d_line == 0 or self._d_line == 1 and self._d_dot):
+            # The line the input left is in began in a chunk handed out, and
+            # is empty or "." so far: put back its CRLF (and dot), so that
+            # an end made with bare line ends (`\r\n.\n`) is still seen.
+            self._buf[:0] = b"\r\n." if self._d_line else b"\r\n"
         return True
 
     def _step_refused(self) -> bool:
