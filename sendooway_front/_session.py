@@ -242,11 +242,14 @@ class Session:
                 continue
             if len(self._out) >= OUT_LIMIT:
                 return FLUSH  # replies wait: let the client take them first
-            if self._buf[:2] == b"\x16\x03" and self.state is State.CONNECTED and not self.encrypted:
+            if (self._buf[:2] == b"\x16\x03" and self.state is State.CONNECTED and not self.encrypted
+                    and self._discarding is None):
                 # a TLS ClientHello (record type 22, version 3.x) where a
                 # command line belongs: a client set for implicit TLS (port
                 # 465) on the STARTTLS port. It waits for a ServerHello and
-                # never ends a line: said at once, not after `timeout`
+                # never ends a line: said at once, not after `timeout`.
+                # (Not the rest of an over-long line being dropped: a read
+                # may begin anywhere in it.)
                 self._close(R.TLS_ON_PLAIN_PORT, "refused: TLS handshake on a plaintext port")
                 continue
             line = self._next_line()
