@@ -16,8 +16,12 @@ Oracles:
   the end-of-data marker, and random;
 - split-invariance: the replies and relay calls must be the same whatever the
   split (needs no model, so it also runs on garbage mixed into the grammar);
-- the real driver (SessionRunner + RecordingRelay over a socketpair, with
-  writes split and paced) against the same model;
+- the same under tight limits (max_errors, max_junk, max_recipients,
+  max_auth_failures of 0 to 4), where RCPTs taken early by pipelined_rcpt
+  could move an error point or a 421;
+- the real driver (SessionRunner over a socketpair, writes split and paced,
+  with RecordingRelay and with a relay taking MAIL+RCPTs(+DATA) as one
+  group) against the same model;
 - STARTTLS over a real TLS handshake: bytes behind "STARTTLS\\r\\n" in the
   same write are never executed, before or after the handshake.
 
@@ -47,6 +51,7 @@ from hypothesis import strategies as st
 from sendooway_front._events import (
     AuthRequested, DataFinished, DataRequested, MailRequested, RcptRequested, TransactionReset,
 )
+from sendooway_front._reply import Reply
 from sendooway_front._session import SessionSettings
 
 from .front_harness import Harness, codes
@@ -399,14 +404,14 @@ def check_against_model(data: bytes, cuts) -> None:
     assert calls == want.calls, (data, cuts)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(split_input())
 def test_core_matches_the_model_whatever_the_split(case):
     data, cuts = case
     check_against_model(data, cuts)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(split_input(garbage=True))
 def test_replies_do_not_depend_on_the_read_split(case):
     data, cuts = case
@@ -416,6 +421,29 @@ def test_replies_do_not_depend_on_the_read_split(case):
     assert calls == whole_calls
     assert h.messages == wh.messages
     assert wh.closed.reason == h.closed.reason
+
+
+TIGHT = [SessionSettings("mx.test", max_junk=2, max_errors=4, max_recipients=2, max_auth_failures=2),
+         SessionSettings("mx.test", max_junk=0, max_errors=3, max_recipients=1),
+         SessionSettings("mx.test", max_junk=1, max_errors=50, max_recipients=3, size_limit=40)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(split_input(garbage=True), st.sampled_from(TIGHT))
+def test_tight_limits_do_not_depend_on_the_read_split(case, tight):
+    """Error points owed, junk, the recipient cap and auth failures: RCPTs
+    taken early (pipelined_rcpt) must not move a refusal or a 421."""
+    data, cuts = case
+
+    def run(cut_at):
+        h = Harness(settings=tight, no_route={NO_ROUTE_SENDER}, reject_rcpt={BAD_RCPT})
+        for piece in pieces(data, cut_at):
+            h.feed(piece)
+        h.eof()
+        kinds = [type(ev).__name__ for ev in h.events if type(ev).__name__ != "DataChunk"]
+        return bytes(h.out), kinds, h.messages, h.closed.reason
+
+    assert run([]) == run(cuts), (data, cuts)
 
 
 LINE_PIECES = [b"NOOP", b"NOOP\r\n", b"\r", b"\n", b"\r\n", b"\0", b"x" * 250, b"\x16\x03\x01", b"\x16\x03",
@@ -536,10 +564,22 @@ async def _drive(monkeypatch, chunks, relay):
     return out
 
 
+class GroupRelay(RecordingRelay):
+    """A relay that takes MAIL and the RCPTs pipelined behind it as one
+    group (the driver's other path, with pipelined_rcpt and data_follows)."""
+
+    async def mail_group(self, info, route, sender, params, recipients, data):
+        self.calls.append(("group", list(recipients), data))
+        self.info = info
+        return [Reply(250, ("2.1.0 upstream OK",)), *(self._rcpt_reply(r) for r in recipients)]
+
+
 def _driver_calls(relay) -> list:
     calls = []
     for c in relay.calls:
-        if isinstance(c, tuple):  # a pipelined RCPT group: one call each
+        if isinstance(c, tuple) and c[0] == "group":
+            calls += ["mail"] + ["rcpt"] * len(c[1])
+        elif isinstance(c, tuple):  # a pipelined RCPT group: one call each
             calls += ["rcpt"] * len(c[1])
         elif c != "close":
             calls.append(c)
@@ -564,11 +604,25 @@ def test_driver_matches_the_model(monkeypatch, data):
         want = model(script_bytes, lambda user: "pw-" + user)
     except OutOfScope:
         assume(False)
-    relay = RecordingRelay()
+    relay = data.draw(st.sampled_from([RecordingRelay, GroupRelay]))()
     out = asyncio.run(_drive(monkeypatch, pieces(script_bytes, cuts), relay))
     assert codes(out) == [220] + want.codes, (script_bytes, cuts)
     assert _driver_calls(relay) == _model_driver_calls(want)
     assert bytes(relay.data) == b"".join(c[1] for c in want.calls if c[0] == "data_end")
+
+
+def test_driver_sends_a_pipelined_group_at_once(monkeypatch):
+    """Control for the group path: MAIL, both RCPTs and the news that DATA
+    follows reach the relay as one group; the replies are the model's."""
+    script_bytes = (b"EHLO c\r\nAUTH PLAIN " + b64("\0alice\0pw-alice") + b"\r\n"
+                    b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\n"
+                    b"RCPT TO:<nobody@example.net>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n")
+    relay = GroupRelay()
+    out = asyncio.run(_drive(monkeypatch, [script_bytes], relay))
+    want = model(script_bytes, lambda user: "pw-" + user)
+    assert codes(out) == [220] + want.codes == [220, 250, 235, 250, 250, 550, 354, 250, 221]
+    assert relay.calls[0] == ("group", ["bob@example.net", "nobody@example.net"], True)
+    assert bytes(relay.data) == b"hi"
 
 
 # ------------------------------------------------------------ STARTTLS injection
