@@ -28,8 +28,8 @@ Oracles:
   (`expected_codes`, from the Relay's documented rules) gives, whatever the
   split; a 250 for the message only when the upstream said 250 to the dot;
   the upstream gets the message exactly; a second transaction on the same
-  Relay then gets its own replies (none read a step late).
-
+  Relay then gets its own replies (none read a step late), except behind
+  a stray reply (below), where only "no message reported delivered" holds.
 - EHLO's reply with an unasked 421 behind it, cut at every position: the
   client's MAIL gets 451 with the 421's words, whatever the split.
 
@@ -43,10 +43,11 @@ taken decides by its timing: the dot's answer may then be the stray one,
 and a reply still on its way when the next MAIL group goes is read by it a
 step late: DATA, answered 250 instead of 354, shows it, or the stale reply
 (the dot's 550, the upstream's 421) answers that MAIL, a 5xx for a MAIL the
-upstream accepted (seen under load); no message is reported delivered. Not changed: a 421 in the same read behind a group of
-RCPTs makes all of them 451 4.5.0 (surplus after a group is nonsense,
-docs/decisions/relay.md), where a moment later they keep their codes and
-DATA gets the 451; a temporary failure either way."""
+upstream accepted (seen under load); no message is reported delivered.
+Not changed: a 421 in the same read behind a group of RCPTs makes all of
+them 451 4.5.0 (surplus after a group is nonsense, docs/decisions/relay.md),
+where a moment later they keep their codes and DATA gets the 451; a
+temporary failure either way."""
 
 from __future__ import annotations
 
