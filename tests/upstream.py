@@ -112,7 +112,6 @@ class FakeUpstream:
 
     async def auth_CRAM__MD5(self, server, args):
         """AUTH CRAM-MD5 (RFC 2195): challenge, then "user hex(hmac-md5(password, challenge))"."""
-        import base64
         import hashlib
         import hmac
         import os as _os
