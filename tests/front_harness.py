@@ -144,3 +144,11 @@ def plain(user: str, password: str) -> str:
 
 
 LOGIN_ALICE = f"EHLO client.test\r\nAUTH PLAIN {plain('alice', 'alice-secret')}\r\n".encode()
+
+
+def unchecked_chunk(chunk: bytes) -> bool:
+    """Does `chunk` break what the relay is promised (RelayBackend.data_chunk):
+    a CR or LF outside a CRLF pair inside it, a CRLF split at its borders,
+    a NUL? (Checked here independently of the session core's own test.)"""
+    rest = chunk.replace(b"\r\n", b"")
+    return b"\r" in rest or b"\n" in rest or b"\0" in chunk

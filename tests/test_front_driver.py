@@ -18,6 +18,7 @@ from sendooway_front._stream import Stream
 from sendooway_shared.config import Config
 from sendooway_shared.types import Route, TlsMode
 
+from .front_harness import unchecked_chunk
 from .front_util import login_plain
 
 ROUTE = Route("smtp.example.net", 587, TlsMode.STARTTLS, user="u", source="test:1")
@@ -59,14 +60,6 @@ class FakeConnector:
         return link
 
 
-def _unchecked(chunk: bytes) -> bool:
-    """Does `chunk` break what the relay is promised (RelayBackend.data_chunk):
-    a CR or LF outside a CRLF pair inside it, a CRLF split at its borders,
-    a NUL? (Checked here independently of the session core's own test.)"""
-    rest = chunk.replace(b"\r\n", b"")
-    return b"\r" in rest or b"\n" in rest or b"\0" in chunk
-
-
 class RecordingRelay:
     def __init__(self, fail_chunk=False, fail_mail=False):
         self.calls = []
@@ -102,7 +95,7 @@ class RecordingRelay:
 
     async def data_chunk(self, chunk):
         assert len(chunk) <= DATA_CHUNK
-        if _unchecked(chunk):
+        if unchecked_chunk(chunk):
             self.unchecked.append(chunk)
         if self.fail_chunk:
             raise ConnectionResetError("upstream vanished")
