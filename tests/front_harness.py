@@ -152,3 +152,10 @@ def unchecked_chunk(chunk: bytes) -> bool:
     a NUL? (Checked here independently of the session core's own test.)"""
     rest = chunk.replace(b"\r\n", b"")
     return b"\r" in rest or b"\n" in rest or b"\0" in chunk
+
+
+def pieces(data: bytes, cuts) -> list[bytes]:
+    """`data` cut at the positions `cuts` (any order, repeats and the ends
+    allowed): the non-empty pieces, in order, as reads of that input."""
+    edges = [0, *sorted(set(cuts)), len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:]) if b > a]

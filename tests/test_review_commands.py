@@ -54,7 +54,7 @@ from sendooway_front._events import (
 from sendooway_front._reply import Reply
 from sendooway_front._session import SessionSettings
 
-from .front_harness import Harness, codes
+from .front_harness import Harness, codes, pieces
 
 ERROR_CODES = {500, 501, 502, 503, 504, 530, 538, 553, 555}
 NO_ROUTE_SENDER = "x@nowhere.example"
@@ -351,11 +351,6 @@ def split_input(draw, garbage=False):
         pool = interesting_cuts(data) if mode == "interesting" else list(range(1, len(data)))
         cuts = sorted(draw(st.sets(st.sampled_from(pool), max_size=12))) if pool else []
     return data, cuts
-
-
-def pieces(data: bytes, cuts) -> list[bytes]:
-    edges = [0, *sorted(set(cuts)), len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:]) if b > a]
 
 
 # ------------------------------------------------------------ the core

@@ -59,6 +59,7 @@ from sendooway_front._proxyproto import (
 from sendooway_front._stream import Stream
 from sendooway_shared.config import parse_config
 
+from .front_harness import pieces
 from .test_front_driver import FakeConnector
 
 
@@ -203,12 +204,11 @@ TAILS = st.one_of(st.sampled_from([b"", b"EHLO client.example\r\n", b"QUIT\r\n",
                   st.binary(max_size=40))
 
 
-def pieces(data, draw):
-    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))))
+def drawn_pieces(data, draw):
+    cuts = draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))
     if draw(st.booleans()) and len(data) < 200:  # sometimes octet by octet
-        cuts = list(range(1, len(data)))
-    bounds = [0, *[c for c in cuts if 0 < c < len(data)], len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        cuts = range(1, len(data))
+    return pieces(data, cuts)
 
 
 def product(parts):
@@ -236,7 +236,7 @@ def product(parts):
 def test_split_invariance_and_reference(raw, tail, data):
     stream = raw + tail
     whole = product([stream] if stream else [])
-    split = product(pieces(stream, data.draw) if stream else [])
+    split = product(drawn_pieces(stream, data.draw) if stream else [])
     assert split == whole
     ref = reference(stream)
     assert whole[:3] == ref, (stream, whole, ref)
@@ -337,7 +337,7 @@ def test_driver_split_invariance(caplog, raw, tail, pause, data):
     caplog.clear()
     caplog.set_level(logging.INFO, "sendooway")
     stream = raw + tail
-    parts = pieces(stream, data.draw) if stream else []
+    parts = drawn_pieces(stream, data.draw) if stream else []
     if pause:
         parts = parts[:12]
         stream = b"".join(parts)

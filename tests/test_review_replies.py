@@ -64,6 +64,7 @@ from sendooway_front._relay_api import MailParams
 from sendooway_front._stream import Stream
 from sendooway_front._upstream import ReplyError, ReplyReader, UpstreamClient
 
+from .front_harness import pieces
 from .scripted_relay import plain_route
 from .upstream import capture_log, config, info
 
@@ -208,11 +209,6 @@ def stream_and_cuts(draw, parts=None):
         if special:
             cuts |= set(draw(st.lists(st.sampled_from(special), max_size=6)))
     return data, sorted(cuts)
-
-
-def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 # ---------------------------------------------------------------- the reader, gated
