@@ -208,16 +208,17 @@ class ClientWorld:
 
 
 @contextlib.contextmanager
-def client_world(world):
+def client_world(world, timeout: int = 30):
     """One daemon, a STARTTLS frontend (.front) and a -s frontend (.front_s),
     one plain upstream (.up) for every sender (`direct:*`, noAuth) refusing
     REFUSED_RCPT (550), LATER_RCPT (451) and REFUSED_SENDER (550 at MAIL);
-    `addReceivedField = yes`."""
+    `addReceivedField = yes`; the frontends' `timeout`."""
     with open_tmp() as tmp:
         up = FakeUpstream(world, tls="plain", reject_rcpt={REFUSED_RCPT},
                           temp_fail_rcpt={LATER_RCPT}, reject_mail={REFUSED_SENDER}).start()
         config = front_config(tmp, world, "addReceivedField = yes\n"
-                                          f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
+                                          f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n",
+                              timeout=timeout)
         daemon = Daemon(tmp, config).start()
         front = Frontend(config, str(tmp / "front.log")).start()
         front_s = Frontend(config, str(tmp / "front-s.log"), args=["-s"]).start()
