@@ -52,7 +52,6 @@ from __future__ import annotations
 import ctypes
 import random
 import re
-import select
 import socket
 import ssl
 import struct
