@@ -131,6 +131,7 @@ class Talk:
         self.after_cut = b""
         self.closed_in = 0.0
         self.hello = b""  # the ClientHello record(s) as sent
+        self.ready = False  # the handshake is over (what comes after a cut is decrypted)
 
     # -- octets out
 
@@ -170,7 +171,7 @@ class Talk:
             pass
         self.closed_in = time.monotonic() - start
         self.sock.close()
-        if self.tls is not None:
+        if self.tls is not None and self.ready:
             self.incoming.write(got)
             try:
                 while data := self.tls.read(65536):
@@ -222,6 +223,7 @@ class Talk:
                     self.hello = self.hello or out
                     self.raw(out, "hello" if out is self.hello else "handshake")
                 self._fill()
+        self.ready = True
         out = self.outgoing.read()
         if out:
             self.raw(out, "finished")
