@@ -425,6 +425,7 @@ class Stream:
             await self._handshake(conn)
         except TLSHandshakeError:
             # the server broke a resumed handshake: never offer it one again
+            # (a full one failing too clears that: see _tls.resumption_failed)
             self.resumption_failed = _tls.resumption_failed(conn)
             raise
         except OSError as exc:

@@ -613,9 +613,23 @@ def _store(key: tuple, entry: tuple) -> None:
 def resumption_failed(conn: SSL.Connection) -> bool:
     """A handshake failed: if it offered a kept session (and never got to the
     certificates), that server is not offered one again (some servers break
-    on resumption). True when it was such a handshake."""
+    on resumption). True when it was such a handshake.
+
+    A full handshake to a server so marked that fails as well (the retry
+    without resumption, or a later connection) clears the mark: the server,
+    or the path to it, was down, and resumption was not to blame. (A server
+    cut for a moment, its resumed handshake and the retry cut short, was
+    never offered a session again while the context lived: for the config's
+    sslCA, until the frontend's restart.)"""
     state = conn.get_app_data()
-    if not isinstance(state, _VerifyState) or state.offered is None or state.checked:
+    if not isinstance(state, _VerifyState) or state.key is None:
+        return False
+    if state.offered is None:
+        old = _sessions.get(state.key)
+        if old is not None and old[1] is None and old[0] is conn.get_context():
+            del _sessions[state.key]
+        return False
+    if state.checked:
         return False
     _store(state.key, (conn.get_context(), None, ()))
     return True

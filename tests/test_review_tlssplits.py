@@ -754,7 +754,8 @@ class TlsUpstream:
     (the same, then FIN), "short+fin" / "short+rst" (the 250's record cut
     in half, then FIN or RST). `accepted` counts the 250s sent whole."""
 
-    def __init__(self, world, mode: str, act: str, segments: str, tls12: bool = False) -> None:
+    def __init__(self, world, mode: str, act: str, segments: str, tls12: bool = False,
+                 cut: frozenset = frozenset()) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(world.upstream_cert_file, world.upstream_key_file)
         if tls12:
@@ -763,6 +764,9 @@ class TlsUpstream:
         self.rng = random.Random(f"{mode}-{act}-{segments}")
         self.accepted = 0
         self.errors: list[BaseException] = []
+        self.cut = cut  # the connections (1, 2, ...) whose handshake is cut short, then FIN
+        self.connections = 0
+        self.resumed: list[bool] = []  # of each handshake that finished
         self.lsock = socket.socket()
         self.lsock.bind(("127.0.0.1", 0))
         self.lsock.listen(4)
@@ -775,7 +779,8 @@ class TlsUpstream:
                 conn, _ = self.lsock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
 
     def close(self) -> None:
         self.lsock.close()
@@ -790,7 +795,7 @@ class TlsUpstream:
             if self.segments != "whole":
                 time.sleep(0.0005 if self.segments == "random" else 0)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, number: int) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.settimeout(10)
         st = {"tls": None, "in": ssl.MemoryBIO(), "out": ssl.MemoryBIO(), "buf": b""}
@@ -839,12 +844,17 @@ class TlsUpstream:
                     st["tls"].do_handshake()
                     break
                 except ssl.SSLWantReadError:
+                    if number in self.cut and (raw := st["out"].read()):
+                        self._out(conn, raw[:len(raw) // 2])  # its first flight cut short
+                        conn.shutdown(socket.SHUT_WR)
+                        raise _Stop from None
                     flush()
                     data = conn.recv(65536)
                     if not data:
                         raise EOFError from None
                     st["in"].write(data)
             flush()
+            self.resumed.append(st["tls"].session_reused)
 
         try:
             if self.mode == "tls":
@@ -967,13 +977,17 @@ UP_TIMEOUT = 3
 _world_ca: list[str] = []
 
 
-def _check_upstream(world, mode: str, act: str, segments: str, tls12: bool = False) -> str:
+def run_relay(port: int, mode: str) -> tuple[dict, float, str]:
     from .upstream import run
 
+    return run(_relay_one(port, mode), timeout=4 * UP_TIMEOUT)
+
+
+def _check_upstream(world, mode: str, act: str, segments: str, tls12: bool = False) -> str:
     _world_ca[:] = [world.ca_file]
     up = TlsUpstream(world, mode, act, segments, tls12)
     try:
-        replies, took, log = run(_relay_one(up.port, mode), timeout=4 * UP_TIMEOUT)
+        replies, took, log = run_relay(up.port, mode)
     finally:
         up.close()
     where = (mode, act, segments, replies, log[-800:])
@@ -1037,3 +1051,25 @@ def test_openssl_and_gnutls_clients_through_the_resegmenting_relay(tw, name):
             assert not mitm.errors
         finally:
             mitm.close()
+
+
+def test_an_upstream_cut_during_a_resumed_handshake_and_its_retry_is_resumed_again_later(world):
+    """An implicit-TLS upstream that goes away for a moment: the resumed
+    handshake of the second connection is cut short (half its first
+    flight, then FIN), and so is the fresh one the relay retries at once
+    without resumption (454 for that message). A full handshake failed as
+    well, so resumption was not to blame: once the upstream is back, its
+    sessions are kept and resumed again."""
+    _world_ca[:] = [world.ca_file]
+    up = TlsUpstream(world, "tls", "accept", "whole", cut=frozenset({2, 3}))
+    try:
+        codes, log = [], ""
+        for _ in range(4):
+            replies, _took, text = run_relay(up.port, "tls")
+            codes.append(replies["mail"].code)
+            log += text
+    finally:
+        up.close()
+    assert codes == [250, 454, 250, 250], log
+    assert up.connections == 5 and "TLS resumption refused, connecting afresh" in log
+    assert up.resumed == [False, False, True], (up.resumed, log)
