@@ -66,8 +66,10 @@ class Connection:
         try:
             while not self.permits.closed:
                 if not pending:
-                    data = await self._read(decoder)
-                    if not data:
+                    # (a broken frame read behind good ones: refused once
+                    # they are answered, as when it comes in a read of its own)
+                    data = b"" if decoder.held else await self._read(decoder)
+                    if not data and not decoder.held:
                         return
                     try:
                         pending.extend(decoder.feed(data))
