@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import struct
+import time
 
 import msgpack
 import pytest
@@ -24,8 +25,10 @@ from sendooway_auth._service import AuthService
 from sendooway_auth._workers import WorkerPool
 from sendooway_shared.config import parse_config
 from sendooway_shared.protocol import REPLIES, FrameDecoder
+from tests import auth_helpers
 from tests.front_harness import pieces
 
+daemon = auth_helpers.daemon  # a fixture: real daemons, their logs checked at the end
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the reader switches users")
 
 RELAY = "relay.example.org"
@@ -387,3 +390,104 @@ def test_a_channel_reads_the_good_answer_before_a_broken_one_and_then_fails_at_o
     finally:
         ch.close()
         theirs.close()
+
+
+# ------------------------------------------------ the daemon's side, a real daemon
+
+
+def _answers(sock: socket.socket, timeout: float = 5.0) -> list:
+    """Every frame the daemon sends until it closes."""
+    sock.settimeout(timeout)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return FrameDecoder(REPLIES).feed(out)
+
+
+@ROOT_ONLY
+def test_a_real_daemon_answers_as_the_reference_in_any_cut(daemon, world):
+    """The same differential against the real daemon (its own socket,
+    SO_PEERCRED, log): random sequences in random pieces with real
+    pauses; its log is checked for passwords and tracebacks by the
+    fixture."""
+    d = daemon(CONF)
+    password = world.users["alice"].password
+    rng = random.Random(11)
+    problems = []
+    for _ in range(12):
+        stream = sequence(rng, password)
+        want = reference(stream, password)
+        for where in ([], cuts(rng, stream)):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket_path)
+            try:
+                for piece in pieces(stream, where):
+                    s.sendall(piece)
+                    time.sleep(0.002)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            s.shutdown(socket.SHUT_WR)
+            got = seen(_answers(s))
+            s.close()
+            if got != want:
+                problems.append(f"{stream.hex()} {where}:\n   got {got}\n  want {want}")
+    assert not problems, "\n".join(problems[:4])
+
+
+@ROOT_ONLY
+def test_a_trickled_frame_does_not_stretch_the_silence_limits(daemon, world):
+    """docs/protocol.md and security.md: the hello comes within `timeout`,
+    a frame begun is finished within `timeout`. A peer trickling one octet
+    per 0.3 s (here timeout = 1) must be cut about `timeout` after it
+    connected (the hello) or began the frame (a login), not `timeout` after
+    its last octet."""
+    d = daemon(CONF + "timeout = 1\n")
+    good = requests(world.users["alice"].password)
+    hello, login = frame(packed(good["hello"])), frame(packed(good["login"]))
+    before = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    before.connect(d.socket_path)
+    started = time.monotonic()
+    after = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    after.connect(d.socket_path)
+    after.sendall(hello)
+    assert _read_one(after).TYPE == "welcome"
+    trickles = {before: [hello, 0, None], after: [login, 0, None]}
+    while time.monotonic() - started < 3.5 and any(t[2] is None for t in trickles.values()):
+        for s, t in trickles.items():
+            if t[2] is not None:
+                continue
+            try:
+                s.sendall(t[0][t[1]:t[1] + 1])
+                t[1] += 1
+            except (BrokenPipeError, ConnectionResetError):
+                t[2] = time.monotonic() - started
+            else:
+                s.setblocking(False)
+                try:
+                    if s.recv(65536, socket.MSG_PEEK):
+                        t[2] = time.monotonic() - started
+                except BlockingIOError:
+                    pass
+                s.setblocking(True)
+        time.sleep(0.3)
+    waited = {name: trickles[s][2] for name, s in (("hello", before), ("login", after))}
+    assert all(w is not None and w < 2.2 for w in waited.values()), waited
+    assert _read_one(before).reason == "closed: no hello within 1s"
+    assert _read_one(after).reason == "closed: a frame left unfinished for 1s"
+    before.close()
+    after.close()
+
+
+def _read_one(sock: socket.socket):
+    decoder = FrameDecoder(REPLIES)
+    sock.settimeout(5)
+    while True:
+        got = decoder.feed(sock.recv(1))
+        if got:
+            return got[0]
