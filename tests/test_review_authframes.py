@@ -491,3 +491,313 @@ def _read_one(sock: socket.socket):
         got = decoder.feed(sock.recv(1))
         if got:
             return got[0]
+
+
+# ------------------------------------------------ the frontend's side: AuthLink
+
+REPLY_LIMITS = {"user": 1024, "password": 1024, "server": 255, "ca_file": 4096, "source": 4096,
+                "ca_pem": 8192, "reason": 1024}
+REPLY_SCHEMA = {
+    "welcome": {"version": int}, "auth_ok": {"user": str}, "auth_fail": {},
+    "route_ok": {"server": str, "port": int, "tls": str, "cert_check": bool, "ca_file": str,
+                 "user": str, "password": str, "auth": bool, "source": str, "ca_pem": str},
+    "no_route": {}, "error": {"reason": str},
+}
+
+
+def _reply(body: bytes) -> dict | None:
+    """The answer one frame body holds, as docs/protocol.md words it, or None."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, unicode_errors="surrogateescape",
+                              strict_map_key=False, object_pairs_hook=_Pairs)
+    except Exception:  # noqa: BLE001
+        return None
+    if not isinstance(obj, _Pairs) or len({repr(k) for k, _v in obj}) != len(obj):
+        return None
+    fields = dict(obj)
+    kind = fields.pop("type", None)
+    if not isinstance(kind, str) or kind not in REPLY_SCHEMA or set(fields) != set(
+            REPLY_SCHEMA[kind]):
+        return None
+    for key, want in REPLY_SCHEMA[kind].items():
+        value = fields[key]
+        if want is bool:
+            ok = type(value) is bool
+        elif want is int:
+            ok = type(value) is int and 0 <= value < 2**32
+        else:
+            limit = 256 if (kind, key) == ("auth_ok", "user") else REPLY_LIMITS.get(key, 1024)
+            ok = (type(value) is str and len(value) <= limit and "\0" not in value
+                  and not any(0xD800 <= ord(c) <= 0xDFFF for c in value))
+        if not ok:
+            return None
+    if kind == "route_ok" and (fields["tls"] not in ("plain", "starttls", "tls")
+                               or not 1 <= fields["port"] <= 65535 or not fields["server"]):
+        return None
+    return {"type": kind, **fields}
+
+
+def link_reference(stream: bytes, calls: list[str]) -> list[tuple]:
+    """What the frontend makes of the answers `stream` (then EOF) to hello
+    (not waited for) and `calls` ("auth" or "route"): each call's result,
+    ('broken',) for the first that fails, nothing after it."""
+    replies, at = [], 0
+    while len(stream) - at >= 4:
+        (length,) = struct.unpack_from(">I", stream, at)
+        if not 1 <= length <= 16384 or len(stream) - at - 4 < length:
+            break
+        reply = _reply(stream[at + 4:at + 4 + length])
+        if reply is None:
+            break
+        replies.append(reply)
+        at += 4 + length
+    replies.append(None)  # a broken frame, half a frame or EOF: all fail the link
+    out: list[tuple] = []
+    first = replies.pop(0)
+    if first is None or first["type"] != "welcome" or first["version"] != 2:
+        return [("broken",)]
+    for call in calls:
+        reply = replies.pop(0)
+        kinds = ("auth_ok", "auth_fail") if call == "auth" else ("route_ok", "no_route")
+        if reply is None or reply["type"] not in kinds:
+            return out + [("broken",)]
+        if reply["type"] == "auth_ok":
+            out.append(("auth_ok", reply["user"]))
+        elif reply["type"] == "route_ok":
+            out.append(("route_ok", reply["server"], reply["port"], reply["tls"],
+                        reply["password"]))
+        else:
+            out.append((reply["type"],))
+    return out
+
+
+def answers(rng: random.Random) -> bytes:
+    """A daemon's answers to hello, auth, route, route: good, out of
+    order, or spoilt."""
+    good = {
+        "welcome": [("type", "welcome"), ("version", 2)],
+        "auth_ok": [("type", "auth_ok"), ("user", "alice")],
+        "auth_fail": [("type", "auth_fail")],
+        "route_ok": [("type", "route_ok"), ("server", "smtp.example.org"), ("port", 587),
+                     ("tls", "starttls"), ("cert_check", True), ("ca_file", ""),
+                     ("user", "alice"), ("password", "up-Secret-4"), ("auth", True),
+                     ("source", "/home/alice/.fetchmailrc:4"), ("ca_pem", "")],
+        "no_route": [("type", "no_route")],
+        "error": [("type", "error"), ("reason", "temporary failure: x")],
+    }
+    names = rng.choice([["welcome", "auth_ok", "route_ok", "no_route"],
+                        ["welcome", "auth_fail", "auth_ok", "route_ok"],
+                        ["welcome", "auth_ok", "route_ok", "route_ok"]])
+    if rng.random() < 0.3:  # out of order: a right answer at the wrong place
+        i, j = rng.randrange(len(names)), rng.randrange(len(names))
+        names[i], names[j] = names[j], names[i]
+    if rng.random() < 0.2:
+        names.insert(rng.randrange(len(names) + 1), rng.choice(list(good)))
+    out = [frame(packed(good[n])) for n in names]
+    if rng.random() < 0.6:
+        i = rng.randrange(len(out))
+        fields = list(good[names[i]])
+        if len(fields) > 1 and rng.random() < 0.4:
+            k = rng.randrange(1, len(fields))
+            key = fields[k][0]
+            fields[k] = (key, rng.choice([
+                0, 65536, 2**32, True, 1, None, "", "ssl", "x" * 256, "é" * 257, "a\0b",
+                rstr(b"\xff"), msgpack.packb(b"bin", use_bin_type=True), [1], 2.5,
+                "x" * 1024, "x" * 1025, "x" * 4097, "x" * 8193]))
+            out[i] = frame(packed(fields))
+        else:
+            out[i] = _spoil(rng, good[names[i]])
+    stream = b"".join(out)
+    if rng.random() < 0.2:
+        stream = stream[:rng.randrange(len(stream) + 1)]  # the daemon goes away mid-answer
+    return stream
+
+
+async def _link_once(reads: list[bytes], calls: list[str]) -> list[tuple]:
+    """A real AuthLink on a socketpair whose other end sends `reads` with
+    pauses, then closes; the results of `calls`."""
+    from sendooway_front._authlink import AuthLink, AuthLinkError
+    from sendooway_shared.types import Secret
+
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    link = AuthLink(reader, writer, timeout=5)
+    loop = asyncio.get_running_loop()
+    theirs.setblocking(False)
+
+    async def daemon_side():
+        try:
+            for piece in reads:
+                await loop.sock_sendall(theirs, piece)
+                for _ in range(3):
+                    await asyncio.sleep(0)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        theirs.shutdown(socket.SHUT_WR)
+
+    feeding = asyncio.ensure_future(daemon_side())
+    out: list[tuple] = []
+    try:
+        await link.send_hello("S1", "192.0.2.7")
+        for call in calls:
+            if call == "auth":
+                user = await link.auth("alice", Secret("alice-pw"))
+                out.append(("auth_fail",) if user is None else ("auth_ok", user))
+            else:
+                route = await link.route("alice@example.org")
+                out.append(("no_route",) if route is None else (
+                    "route_ok", route.server, route.port, route.tls.value,
+                    route.password.reveal()))
+    except AuthLinkError:
+        out.append(("broken",))
+        assert link.broken
+    finally:
+        link.close()
+        await feeding
+        theirs.close()
+    return out
+
+
+def test_the_frontend_takes_only_the_answers_the_reference_takes_in_any_cut():
+    """Random answer streams (good, out of order, spoilt, cut short) to
+    hello, auth, route, route, fed to a real AuthLink whole, in random
+    pieces and one octet at a time: it returns what the reference says
+    and fails the link (AuthLinkError) where the reference does; so no
+    malformed or misplaced answer is ever a login or a route."""
+    rng = random.Random(4242)
+    calls = ["auth", "route", "route"]
+    problems, kinds = [], set()
+
+    async def main():
+        for _ in range(150):
+            stream = answers(rng)
+            want = link_reference(stream, calls)
+            kinds.update(w[0] for w in want)
+            splits = [[], cuts(rng, stream)] + ([range(len(stream))] if rng.random() < 0.1 else [])
+            for where in splits:
+                got = await _link_once(pieces(stream, where), calls)
+                if got != want:
+                    problems.append(f"{stream.hex()} {list(where)}:\n   got {got}\n  want {want}")
+
+    asyncio.run(main())
+    assert not problems, f"{len(problems)}:\n" + "\n".join(problems[:4])
+    assert kinds == {"auth_ok", "auth_fail", "route_ok", "no_route", "broken"}, kinds
+
+
+class _ScriptedDaemon:
+    """A fake authenticator on a UNIX socket (root's, so the frontend trusts
+    it) in a thread: to each request on a connection it sends the next of
+    `script`'s byte strings, cut in pieces with pauses; then it says EOF."""
+
+    def __init__(self, path: str, script: list[bytes], seed: int) -> None:
+        import threading
+
+        self.path, self.script, self.rng = path, script, random.Random(seed)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        os.chmod(path, 0o666)
+        self.listener.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:  # (the frontend probes the socket before its session connects)
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        from sendooway_shared.protocol import REQUESTS
+
+        conn.settimeout(10)
+        decoder, script = FrameDecoder(REQUESTS), list(self.script)
+        try:
+            while script:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                for _request in decoder.feed(data):
+                    if not script:
+                        break
+                    answer = script.pop(0)
+                    for piece in pieces(answer, cuts(self.rng, answer)):
+                        conn.sendall(piece)
+                        time.sleep(0.002)
+            conn.shutdown(socket.SHUT_WR)  # (half: a request still to come is no EPIPE)
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+
+def per_request(stream: bytes, requests: int) -> list[bytes]:
+    """`stream` as the answers to `requests` requests: a frame each (as its
+    length says), the rest with the last."""
+    out, at = [], 0
+    for _ in range(requests - 1):
+        if len(stream) - at < 4:
+            break
+        end = min(len(stream), at + 4 + struct.unpack_from(">I", stream, at)[0])
+        out.append(stream[at:end])
+        at = end
+    return out + [stream[at:]]
+
+
+@ROOT_ONLY
+def test_an_smtp_client_gets_the_designed_reply_whatever_the_daemon_answers(world):
+    """The real `sendooway` (stdio, dropping to nobody) against a scripted
+    authenticator whose answers, cut in pieces, are drawn as above: the
+    client's AUTH and MAIL get what DESIGN.md and the catalogue say for
+    the reference's outcome (235 / 535 / 454 at AUTH; 550 / 451 at MAIL,
+    530 without a login), never a login or a route the reference refuses,
+    and the frontend writes no traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.front_util import FRONT, login_plain, open_tmp, stdio_session
+
+    rng = random.Random(99)
+    wanted = {"broken": 2, "auth_fail": 1, "no_route": 1, "broken-at-route": 2}
+    scripts = []
+    while any(wanted.values()):
+        stream = answers(rng)
+        outcome = link_reference(stream, ["auth", "route"])
+        kind = outcome[0][0]
+        if kind == "auth_ok":  # (a route_ok would send MAIL upstream: not drawn)
+            kind = {"broken": "broken-at-route"}.get(outcome[1][0], outcome[1][0])
+        if wanted.get(kind):
+            wanted[kind] -= 1
+            scripts.append((stream, outcome))
+    client = (b"EHLO client.test\r\nAUTH PLAIN " + login_plain("alice", "pw").encode()
+              + b"\r\nMAIL FROM:<alice@example.org>\r\nQUIT\r\n")
+    with open_tmp() as tmp:
+        def session(i: int):
+            path = str(tmp / f"auth{i}.sock")
+            fake = _ScriptedDaemon(path, per_request(scripts[i][0], 3), seed=i)
+            try:
+                conf = tmp / f"front{i}.conf"
+                conf.write_text(f"timeout = 5\nauthSocket = {path}\n")
+                return stdio_session([FRONT, "-c", str(conf), "-l", "&2"], client, timeout=20)
+            finally:
+                fake.close()
+
+        with ThreadPoolExecutor(len(scripts)) as pool:
+            results = list(pool.map(session, range(len(scripts))))
+    for (stream, outcome), (out, err, _rc) in zip(scripts, results):
+        codes = [line[:3] for line in out.decode().split("\r\n") if line[3:4] == " "]
+        auth, mail = codes[2], codes[3]
+        want_auth = {"auth_ok": "235", "auth_fail": "535", "broken": "454"}[outcome[0][0]]
+        if outcome[0][0] == "auth_ok":
+            want_mail = {"no_route": "550", "broken": "451"}[outcome[1][0]]
+        else:
+            want_mail = "530"
+        assert (auth, mail) == (want_auth, want_mail), (stream.hex(), outcome, out, err)
+        assert b"Traceback" not in err and b"internal error" not in err, err
