@@ -801,3 +801,181 @@ def test_an_smtp_client_gets_the_designed_reply_whatever_the_daemon_answers(worl
             want_mail = "530"
         assert (auth, mail) == (want_auth, want_mail), (stream.hex(), outcome, out, err)
         assert b"Traceback" not in err and b"internal error" not in err, err
+
+
+# ------------------------------------------------ the daemon ⇄ reader worker pipe
+
+
+class _HostileForks:
+    """In place of the fork server: each spawn() gets a "worker" played by
+    a thread on the other end of the socketpair (a real process stands in
+    for its pid, so that the pool's kill hits something of ours). The
+    worker says its pid as the fork server would, then answers one lookup
+    with the next of `replies` (bytes), cut in pieces with pauses, and
+    leaves (EOF)."""
+
+    def __init__(self, replies: list[bytes], seed: int) -> None:
+        import subprocess
+
+        self.replies, self.rng = list(replies), random.Random(seed)
+        self.stand_ins: list = []
+        self.requests: list[bytes] = []
+        self._popen = subprocess.Popen
+
+    def spawn(self, user) -> socket.socket:
+        import threading
+
+        ours, theirs = socket.socketpair()
+        stand_in = self._popen(["sleep", "30"])
+        self.stand_ins.append(stand_in)
+        theirs.sendall(struct.pack(">I", stand_in.pid))
+        threading.Thread(target=self._worker, args=(theirs,), daemon=True).start()
+        ours.setblocking(False)
+        return ours
+
+    def _worker(self, sock: socket.socket) -> None:
+        from sendooway_auth._reader import REQUEST_FOR
+
+        sock.settimeout(15)
+        try:
+            kind = sock.recv(1)
+            if kind == REQUEST_FOR:
+                (size,) = struct.unpack(">H", sock.recv(2, socket.MSG_WAITALL))
+                self.requests.append(sock.recv(size, socket.MSG_WAITALL))
+            reply = self.replies.pop(0) if kind and self.replies else b""
+            for piece in pieces(reply, cuts(self.rng, reply)):
+                sock.sendall(piece)
+                time.sleep(0.001)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        for p in self.stand_ins:
+            p.kill()
+            p.wait()
+
+
+def _alice(world):
+    from sendooway_auth import _users
+
+    return _users.lookup("alice")
+
+
+def _wire(accounts: list[tuple[list[str], str]], **extra) -> bytes:
+    """A worker's answer (routes.to_wire's shape) with these accounts
+    (patterns, server)."""
+    return msgpack.packb({
+        "files": [], "mappings": [], "errors": [], "warnings": [], "ca_file": "", "ca_pem": "",
+        "accounts": [[patterns, server, 587, "starttls", True, "", "alice", "up-Secret-4", True,
+                      "/home/alice/.sendoowayrc:1", 0] for patterns, server in accounts],
+        **extra}, use_bin_type=True)
+
+
+def _lookup(world, replies: list[bytes], seed: int, sender: str = "alice@example.org"):
+    """pool.lookup(alice, sender) against hostile workers: (route server
+    or None, temporary failure?, seconds)."""
+    forks = _HostileForks(replies, seed)
+
+    async def main():
+        pool = WorkerPool(forks)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            found = await pool.lookup(_alice(world), sender, timeout=3)
+            account = found.route_for(sender)
+            return (account.route.server if account else None, found.incomplete,
+                    loop.time() - t0)
+        finally:
+            pool.close()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        forks.close()
+
+
+def pipe_reference(replies: list[bytes], sender: str) -> tuple[str | None, bool]:
+    """The pool's outcome as _workers' docstring and docs/security.md put
+    it: a worker that does not take the request (no ACK) is replaced and
+    the lookup asked once more; one that took it and then breaks (EOF, a
+    length over MAX_WIRE, a short answer) fails the lookup (temporary); an
+    answer is checked like protocol input (here: the accounts' shape) and
+    only the account chosen for the sender counts."""
+    from sendooway_auth.routes import MAX_WIRE
+
+    for attempt in range(2):
+        reply = replies[attempt] if attempt < len(replies) else b""
+        if reply[:1] != b"+":
+            continue  # gone before it took the request: a fresh one is asked
+        if len(reply) < 5:
+            return None, True
+        (size,) = struct.unpack_from(">I", reply, 1)
+        if size > MAX_WIRE or len(reply) - 5 < size:
+            return None, True
+        try:
+            obj = msgpack.unpackb(reply[5:5 + size], raw=False)
+            accounts = obj["accounts"]
+            assert len(accounts) <= 1  # one sender, one account (the worker chose it)
+            servers = [a[1] for a in accounts if sender in a[0] or "*" in a[0]]
+        except Exception:  # noqa: BLE001 - any garbage
+            return None, True
+        return (servers[0] if servers else None), False
+    return None, True
+
+
+def worker_replies(rng: random.Random) -> list[bytes]:
+    good = _wire([(["alice@example.org"], "smtp.example.org")])
+    none = _wire([])
+    body = rng.choice([good, good, none, b"\xc1", good[:-3], _wire([(["*"], "a.test")] * 2)])
+    reply = b"+" + struct.pack(">I", len(body)) + body
+    way = rng.randrange(8)
+    if way == 1:
+        reply = b"-" + reply[1:]  # not an ACK
+    elif way == 2:
+        reply = reply[:rng.randrange(len(reply))]  # it dies mid-answer
+    elif way == 3:
+        reply = b"+" + struct.pack(">I", (8 << 20) + 1)  # longer than MAX_WIRE
+    elif way == 4:
+        reply = b"+" + struct.pack(">I", len(body) + 1) + body  # one octet short, then EOF
+    elif way == 5:
+        reply = b""  # gone at once
+    return [reply, reply if rng.random() < 0.5 else b"+" + struct.pack(">I", len(good)) + good]
+
+
+@ROOT_ONLY
+def test_the_pool_reads_a_workers_answer_as_the_reference_however_it_is_cut(world):
+    """Workers answering good, garbage, cut-short, over-long and un-ACKed
+    replies in random pieces: the lookup's outcome is the reference's,
+    within the time limit, never an exception."""
+    rng = random.Random(5)
+    problems = []
+    for i in range(24):
+        replies = worker_replies(rng)
+        want = pipe_reference(replies, "alice@example.org")
+        server, temporary, took = _lookup(world, replies, seed=i)
+        if (server, temporary) != want or took > 3.5:
+            problems.append(f"{[r[:12].hex() for r in replies]}: got {server, temporary}"
+                            f" in {took:.2f}s, want {want}")
+    assert not problems, "\n".join(problems[:5])
+
+
+@ROOT_ONLY
+def test_a_worker_cannot_make_the_daemon_match_millions_of_patterns(world):
+    """A route lookup names the sender; the worker chooses the one account
+    for it (routes cap each at 1000 patterns) and the daemon checks that
+    one again. A worker that answers 8 MiB of accounts instead (400
+    accounts of 10,000 one-octet patterns: under the wire's limits) had
+    the daemon run the choice over all of them on its event loop: 5 s of
+    one CPU per route request, every login and route of every user
+    waiting meanwhile. Such an answer is not what was asked: a temporary
+    failure, found without matching them."""
+    from sendooway_auth.routes import MAX_WIRE
+
+    body = _wire([(["a"] * 10000, "a.test")] * 400)
+    assert len(body) <= MAX_WIRE
+    reply = b"+" + struct.pack(">I", len(body)) + body
+    server, temporary, took = _lookup(world, [reply, reply], seed=1, sender="z@example.org")
+    assert (server, temporary) == (None, True)
+    assert took < 1.0, f"{took:.2f}s on the event loop for one route request"
