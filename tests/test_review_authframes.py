@@ -342,6 +342,13 @@ def edges(password: str) -> list[bytes]:
     ]
 
 
+def drawn(rng: random.Random, password: str, count: int):
+    """`count` random sequences, each with the reference's answers."""
+    for _ in range(count):
+        stream = sequence(rng, password)
+        yield stream, reference(stream, password)
+
+
 def cuts(rng: random.Random, data: bytes) -> list[int]:
     n = rng.choice([1, 2, 4, 8, len(data)])
     return [rng.randrange(len(data) + 1) for _ in range(n)]
@@ -377,17 +384,9 @@ async def _serve_once(service, reads: list[bytes], pause: int) -> list:
         pass  # it closed after an error: what it said is read below
     ours.shutdown(socket.SHUT_WR)
     await asyncio.wait_for(task, 10)
-    out = b""
-    while True:
-        try:
-            chunk = await loop.sock_recv(ours, 65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        out += chunk
+    replies = await auth_helpers.replies_until_closed(ours)
     ours.close()
-    return FrameDecoder(REPLIES).feed(out)
+    return replies
 
 
 def _run_cases(make_service, cases) -> list[str]:
@@ -417,9 +416,7 @@ def test_answers_are_the_references_however_the_frames_are_cut(world, make_servi
     password = world.users["alice"].password
     rng = random.Random(20261129)
     cases = []
-    for _ in range(150):
-        stream = sequence(rng, password)
-        want = reference(stream, password)
+    for stream, want in drawn(rng, password, 150):
         splits = [[], cuts(rng, stream), cuts(rng, stream)]
         if len(stream) < 120 and rng.random() < 0.2:
             splits.append(range(len(stream)))
@@ -506,18 +503,9 @@ def test_a_channel_reads_the_good_answer_before_a_broken_one_and_then_fails_at_o
 
 
 def _answers(sock: socket.socket, timeout: float = 5.0) -> list:
-    """Every frame the daemon sends until it closes."""
-    sock.settimeout(timeout)
-    out = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    return FrameDecoder(REPLIES).feed(out)
+    """Every frame the daemon sends until it closes (within `timeout`)."""
+    sock.setblocking(False)
+    return asyncio.run(asyncio.wait_for(auth_helpers.replies_until_closed(sock), timeout))
 
 
 @ROOT_ONLY
@@ -530,9 +518,7 @@ def test_a_real_daemon_answers_as_the_reference_in_any_cut(daemon, world):
     password = world.users["alice"].password
     rng = random.Random(11)
     problems = []
-    for _ in range(20):
-        stream = sequence(rng, password)
-        want = reference(stream, password)
+    for stream, want in drawn(rng, password, 20):
         for where in ([], cuts(rng, stream)):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(d.socket_path)
@@ -1112,8 +1098,7 @@ def test_the_fd_authenticator_answers_as_the_reference(world, tmp_config, tmp_pa
     password = world.users["alice"].password
     rng = random.Random(3)
     conf = tmp_config(CONF)
-    for i in range(2):
-        stream = sequence(rng, password)
+    for i, (stream, want) in enumerate(drawn(rng, password, 2)):
         log = str(tmp_path / f"fd{i}.log")
         with fd_authenticator(conf, log) as (proc, sock):
             try:
@@ -1125,6 +1110,6 @@ def test_the_fd_authenticator_answers_as_the_reference(world, tmp_config, tmp_pa
             sock.shutdown(socket.SHUT_WR)
             got = seen(_answers(sock, timeout=10))
             assert proc.wait(10) == 0
-        assert got == reference(stream, password), stream.hex()
+        assert got == want, stream.hex()
         text = open(log).read()
         assert password not in text and "Traceback" not in text, text
