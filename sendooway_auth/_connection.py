@@ -59,21 +59,32 @@ class Connection:
         self.permits = Permits(service.cfg.maxAuthFailures)
         self.peer = Peer()
         self.user = None
+        # loop times the silence limits count from (see _silence_limit)
+        self._opened = self._answered = 0.0
+        self._frame_began: float | None = None
 
     async def run(self) -> None:
         decoder = FrameDecoder(REQUESTS)
         pending: deque[Message] = deque()
+        loop = asyncio.get_running_loop()
+        self._opened = self._answered = loop.time()
         try:
             while not self.permits.closed:
                 if not pending:
-                    data = await self._read(decoder)
-                    if not data:
+                    # (a broken frame read behind good ones: refused once
+                    # they are answered, as when it comes in a read of its own)
+                    data = b"" if decoder.held else await self._read()
+                    if not data and not decoder.held:
                         return
                     try:
                         pending.extend(decoder.feed(data))
                     except ProtocolError as exc:
                         await self._refuse(f"protocol error: {exc}")
                         return
+                    if not decoder.pending:
+                        self._frame_began = None
+                    elif self._frame_began is None:
+                        self._frame_began = loop.time()
                     continue
                 msg = pending.popleft()
                 try:
@@ -82,6 +93,7 @@ class Connection:
                     await self._refuse(f"not permitted: {exc}")
                     return
                 await self._answer(msg)
+                self._answered = loop.time()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
@@ -99,28 +111,35 @@ class Connection:
         except (OSError, asyncio.TimeoutError):
             pass
 
-    def _silence_limit(self, decoder: FrameDecoder) -> tuple[float | None, str]:
-        """How long the peer may now stay silent, and what it then failed to do.
-        A logged-in connection is the frontend's SMTP session, whose length
-        the frontend bounds (its reads are timed); none of ours then."""
+    def _silence_limit(self) -> tuple[float | None, str]:
+        """When (loop time) the peer's time is up, and what it then failed to
+        do: the earliest of the limits that apply. Each counts from the
+        connection's start, the frame's first octet or our last answer, not
+        from the peer's last octet: one octet per `timeout` trickled into a
+        frame held a connection for ever (a frames review). A logged-in
+        connection is the frontend's SMTP session, whose length the
+        frontend bounds (its reads are timed); none of ours then."""
         if not self.limit_silence:
             return None, ""
         timeout = float(self.service.cfg.timeout)
-        if decoder.pending:
-            return timeout, f"a frame left unfinished for {timeout:g}s"
+        limits = []
+        if self._frame_began is not None:
+            limits.append((self._frame_began + timeout,
+                           f"a frame left unfinished for {timeout:g}s"))
         if self.permits.state is State.EXPECT_HELLO:
             limit = min(timeout, HELLO_WITHIN)
-            return limit, f"no hello within {limit:g}s"
-        if self.permits.state is State.EXPECT_AUTH:
-            return LOGIN_IDLE * timeout, f"no login request within {LOGIN_IDLE * timeout:g}s"
-        return None, ""
+            limits.append((self._opened + limit, f"no hello within {limit:g}s"))
+        elif self.permits.state is State.EXPECT_AUTH:
+            limits.append((self._answered + LOGIN_IDLE * timeout,
+                           f"no login request within {LOGIN_IDLE * timeout:g}s"))
+        return min(limits, default=(None, ""))
 
-    async def _read(self, decoder: FrameDecoder) -> bytes:
-        """The next bytes from the frontend, or b"" when it closed or stayed
-        silent past the limit (then told, without waiting for it to read)."""
-        limit, what = self._silence_limit(decoder)
+    async def _read(self) -> bytes:
+        """The next bytes from the frontend, or b"" when it closed or its
+        time ran out (then told, without waiting for it to read)."""
+        deadline, what = self._silence_limit()
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout_at(deadline):
                 return await self.reader.read(READ_SIZE)
         except TimeoutError:
             SILENT.note(self.origin, self.peer.fields(), what)

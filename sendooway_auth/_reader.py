@@ -52,7 +52,7 @@ from ._users import UserInfo
 from .fetchmail import parse_fetchmailrc
 from .getmail import parse_getmailrc
 from ._accounts import choose
-from .routes import MAX_WIRE, UserRoutes, WireError, from_wire, run_plan, to_wire
+from .routes import MAX_ACCOUNTS, MAX_WIRE, UserRoutes, WireError, from_wire, run_plan, to_wire
 
 TIME_LIMIT = 5  # seconds one lookup may take
 WORKER_LIFETIME = 600  # seconds a worker serves at most
@@ -253,11 +253,11 @@ def _worker(cfg: Config, user: UserInfo, fd: int) -> None:
         os._exit(code)
 
 
-def _decode(data: bytes, user: UserInfo) -> UserRoutes:
+def _decode(data: bytes, user: UserInfo, max_accounts: int = MAX_ACCOUNTS) -> UserRoutes:
     if not data:
         return _failed(user, "reader child died")
     try:
-        return from_wire(data, user)
+        return from_wire(data, user, max_accounts)
     except WireError as exc:
         return _failed(user, f"reader child answered garbage: {exc}")
 

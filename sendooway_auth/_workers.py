@@ -27,7 +27,7 @@ from ._reader import (
     ForkServer, _decode, _failed,
 )
 from ._users import UserInfo
-from .routes import MAX_WIRE, UserRoutes
+from .routes import MAX_ACCOUNTS, MAX_WIRE, UserRoutes
 
 IDLE = 60.0
 MAX_WORKERS = 64
@@ -225,7 +225,8 @@ class WorkerPool:
                 worker.lock.release()
             if outcome is Outcome.ANSWERED:
                 assert isinstance(answer, bytes)
-                return _decode(answer, user)
+                # for one sender, the one account the worker chose for it
+                return _decode(answer, user, 1 if sender is not None else MAX_ACCOUNTS)
             self._drop(worker)
             assert isinstance(answer, str)
             if outcome is Outcome.GONE and not retried:

@@ -273,19 +273,23 @@ def _list(v, limit: int) -> list:
     return v
 
 
-def from_wire(data: bytes, user: UserInfo) -> UserRoutes:
-    """Check and rebuild what a reader child sent; raises WireError."""
+def from_wire(data: bytes, user: UserInfo, max_accounts: int = MAX_ACCOUNTS) -> UserRoutes:
+    """Check and rebuild what a reader child sent; raises WireError. The
+    bounds are what the reader sends at most (_cap): a lookup for one
+    sender gets one account (`max_accounts` = 1), whose patterns the
+    daemon matches again on its event loop."""
     try:
-        return _from_wire(data, user)
+        return _from_wire(data, user, max_accounts)
     except (ValueError, TypeError) as exc:  # e.g. a row with too few fields
         raise WireError(f"bad answer ({type(exc).__name__})") from None
 
 
-def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
+def _from_wire(data: bytes, user: UserInfo, max_accounts: int) -> UserRoutes:
     if len(data) > MAX_WIRE:
         raise WireError("answer too long")
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0,
+                              max_array_len=MAX_MAPPINGS + 1)  # (the longest list _cap leaves)
     except Exception:  # noqa: BLE001 - any decoding problem is the same problem
         raise WireError("undecodable answer") from None
     if not isinstance(obj, dict) or set(obj) != {"files", "mappings", "accounts", "errors",
@@ -297,10 +301,10 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
         found.files.append((_str(role), FileRead(_str(path), _str(status), _str(detail),
                                                  _int(mode, 0, 0o177777), _int(owner, -1, 2**32),
                                                  _int(size, 0, 2**32))))
-    for row in _list(obj["mappings"], 10000):
+    for row in _list(obj["mappings"], MAX_MAPPINGS + 1):
         where, what = _list(row, 2)
         found.mappings.append((_str(where), _str(what)))
-    for row in _list(obj["accounts"], MAX_ACCOUNTS):
+    for row in _list(obj["accounts"], max_accounts):
         addresses, server, port, tls, cert_check, ca_file, up_user, password, auth, source, tier \
             = _list(row, 11)
         try:
@@ -309,8 +313,8 @@ def _from_wire(data: bytes, user: UserInfo) -> UserRoutes:
             raise WireError("bad TLS mode") from None
         route = Route(_str(server), _int(port, 1, 65535), mode, _bool(cert_check), _str(ca_file),
                       _str(up_user), Secret(_str(password)), _bool(auth), _str(source))
-        found.accounts.append(Account(tuple(_str(a) for a in _list(addresses, 10000)), route,
-                                      _int(tier, 0, 1)))
+        patterns = tuple(_str(a) for a in _list(addresses, MAX_ADDRESSES))
+        found.accounts.append(Account(patterns, route, _int(tier, 0, 1)))
     found.errors = [_str(e) for e in _list(obj["errors"], MAX_MESSAGES + 1)]
     found.warnings = [_str(w) for w in _list(obj["warnings"], MAX_MESSAGES + 1)]
     return found

@@ -237,14 +237,26 @@ class FrameDecoder:
     """Sans-IO decoder: feed() bytes, get back the complete messages.
 
     After a ProtocolError the decoder is dead: the connection must close.
+    A broken frame behind complete ones is held back: feed() returns those,
+    and the next feed() (`held`: feed(b"") will do) raises its error, so
+    that a reader acts on the messages before it whatever the reads' cuts.
     """
 
     def __init__(self, allowed: dict[str, type[Message]]) -> None:
         self._allowed = allowed
         self._buf = bytearray()
         self._dead = False
+        self._held: ProtocolError | None = None
+
+    @property
+    def held(self) -> bool:
+        """A broken frame waits behind the messages already returned."""
+        return self._held is not None
 
     def feed(self, data: bytes) -> list[Message]:
+        if self._held is not None:
+            exc, self._held = self._held, None
+            raise exc
         if self._dead:
             raise ProtocolError("connection already broke the protocol")
         self._buf += data
@@ -259,10 +271,12 @@ class FrameDecoder:
                 body = bytes(self._buf[_HEADER.size:_HEADER.size + length])
                 del self._buf[:_HEADER.size + length]
                 out.append(from_map(_unpack(body), self._allowed))
-        except ProtocolError:
+        except ProtocolError as exc:
             self._dead = True
             self._buf.clear()
-            raise
+            if not out:
+                raise
+            self._held = exc
         return out
 
     @property
@@ -312,6 +326,8 @@ class BlockingChannel:
 
     def receive(self) -> Message:
         while not self._queue:
+            if self._decoder.held:
+                self._decoder.feed(b"")  # raises
             data = self.sock.recv(65536)
             if not data:
                 raise ConnectionError("peer closed the connection")
@@ -341,6 +357,8 @@ class AsyncChannel:
 
     async def receive(self) -> Message:
         while not self._queue:
+            if self._decoder.held:
+                self._decoder.feed(b"")  # raises
             data = await self.reader.read(65536)
             if not data:
                 raise ConnectionError("peer closed the connection")

@@ -3,6 +3,7 @@ subprocess (inside the fake world), raw-frame clients, extra PAM services."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -16,7 +17,7 @@ import msgpack
 import pytest
 
 from sendooway_shared.protocol import (
-    REPLIES, VERSION, AuthRequest, BlockingChannel, Hello, Message, RouteRequest,
+    REPLIES, VERSION, AuthRequest, BlockingChannel, FrameDecoder, Hello, Message, RouteRequest,
 )
 from sendooway_shared.types import Secret
 
@@ -304,6 +305,22 @@ def route(ch: BlockingChannel, sender: str) -> Message:
 def raw_frame(obj) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
+
+
+async def replies_until_closed(sock: socket.socket) -> list[Message]:
+    """Every frame the peer of `sock` (non-blocking, on the running loop)
+    sends until it closes the connection or resets it."""
+    loop = asyncio.get_running_loop()
+    out = b""
+    while True:
+        try:
+            chunk = await loop.sock_recv(sock, 65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return FrameDecoder(REPLIES).feed(out)
 
 
 def closed_after(ch: BlockingChannel, timeout: float = 5.0) -> bool:

@@ -20,8 +20,9 @@ from sendooway_auth._reader import ForkServer
 from sendooway_auth._service import AuthService
 from sendooway_auth._workers import WorkerPool
 from sendooway_shared.config import parse_config
-from sendooway_shared.protocol import REPLIES, VERSION, FrameDecoder, encode, Hello, AuthRequest, RouteRequest
+from sendooway_shared.protocol import VERSION, encode, Hello, AuthRequest, RouteRequest
 from sendooway_shared.types import Secret
+from tests.auth_helpers import replies_until_closed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the reader switches users")
 
@@ -93,17 +94,9 @@ async def _exchange(make_service, blobs, split):
         await asyncio.wait_for(task, 10)
     finally:
         service.readers.close()
-    out = b""
-    while True:
-        try:
-            chunk = await loop.sock_recv(ours, 65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        out += chunk
+    replies = await replies_until_closed(ours)
     ours.close()
-    return FrameDecoder(REPLIES).feed(out)
+    return replies
 
 
 def test_random_frames_keep_the_rules(world, service, caplog):
