@@ -382,7 +382,9 @@ class Relay:
                                   info.session_id, self._client.address, type(e).__name__)
                     self._drop()
                     continue
-                return self._fail_transport(e, "MAIL")
+                reply = self._fail_transport(e, "MAIL")
+                self._log_message(f"not delivered ({reply.code})")
+                return reply
             if reply.code == 421 and not fresh and attempt == 0:
                 # the kept connection timed out on the upstream's side meanwhile
                 self.log.info("%s: upstream %s: kept connection closing (%s), reconnecting",
