@@ -274,7 +274,9 @@ class Relay:
                 probe = await client.read_reply()
             else:
                 probe = await client.command("RSET")
-        if probe.code != 250:
+        if probe.code != 250 or (not pipelining and client.reader.buffered):
+            # (sent alone, RSET has one reply: more is a reply too many,
+            # which the MAIL would read as its own)
             return None
         if pipelining:
             return await client.read_reply()
