@@ -274,7 +274,9 @@ class Relay:
                 probe = await client.read_reply()
             else:
                 probe = await client.command("RSET")
-        if probe.code != 250:
+        if probe.code != 250 or (not pipelining and client.reader.buffered):
+            # (sent alone, RSET has one reply: more is a reply too many,
+            # which the MAIL would read as its own)
             return None
         if pipelining:
             return await client.read_reply()
@@ -382,7 +384,9 @@ class Relay:
                                   info.session_id, self._client.address, type(e).__name__)
                     self._drop()
                     continue
-                return self._fail_transport(e, "MAIL")
+                reply = self._fail_transport(e, "MAIL")
+                self._log_message(f"not delivered ({reply.code})")
+                return reply
             if reply.code == 421 and not fresh and attempt == 0:
                 # the kept connection timed out on the upstream's side meanwhile
                 self.log.info("%s: upstream %s: kept connection closing (%s), reconnecting",

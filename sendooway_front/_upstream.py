@@ -352,6 +352,7 @@ async def _establish(client: UpstreamClient, config: Config, log: logging.Logger
     greeting = await client.read_reply()
     if greeting.code != 220:
         raise UpstreamError(NOT_READY, f"{where}: greeting {greeting}", in_step=True, greeting=greeting)
+    await _no_surplus(client, "the greeting")
     await _hello(client, where)
     if route.tls is TlsMode.STARTTLS:
         if not client.supports("STARTTLS"):
