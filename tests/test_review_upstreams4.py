@@ -503,7 +503,9 @@ def test_connection_rate_limit_cache_spares_it_then_421_is_451(rig):
             assert s.rcpt(f"off{n}@example.net")[0] == 250 and s.data(b"Subject: r\r\n\r\nx\r\n")[0] == 250
     assert refused is not None and refused[0] == RATE - 1, refused
     assert refused[1:] == NOT_READY, refused
-    assert rig.pf.lines(r"postfix/rate/smtpd\[\d+\]: warning: Connection rate limit exceeded")
+    # (Postfix's log reaches the file through postlogd, after the 421 reached us)
+    _wait_for(lambda: rig.pf.lines(r"postfix/rate/smtpd\[\d+\]: warning: Connection rate limit exceeded"),
+              what=lambda: rig.pf.log()[-2000:])
     assert "421 4.7.0 pfx.test Error: too many connections from 127.0.0.1" in rig.fronts["off"].log()
     rig.sink.wait(2 * RATE + RATE - 1)
 
