@@ -326,7 +326,8 @@ def _battery() -> list[tuple[str, list[Step], str]]:
 
     # MAIL FROM forms (each with the tag recipient and a message)
     mails = ["MAIL FROM:<>", "MAIL FROM:<s@home.example>", "MAIL FROM: <s@home.example>",
-             "MAIL FROM:  <s@home.example>", "MAIL FROM:   <s@home.example> SIZE=10", "MAIL FROM:s@home.example", "MAIL FROM: s@home.example",
+             "MAIL FROM:  <s@home.example>", "MAIL FROM:   <s@home.example> SIZE=10", "MAIL FROM:s@home.example",
+             "MAIL FROM: s@home.example",
              'MAIL FROM:<"a b"@home.example>', 'MAIL FROM:<"s"@home.example>', "MAIL FROM:<@a,@b:s@home.example>",
              "MAIL FROM:<@a:s@home.example>", "MAIL FROM:<s@[127.0.0.1]>", "MAIL FROM:<s@[IPv6:::1]>",
              "MAIL FROM:<s>", "MAIL FROM:<s@home.example", "MAIL FROM:s@home.example>", "MAIL FROM:<s@home.example>x",
@@ -355,12 +356,14 @@ def _battery() -> list[tuple[str, list[Step], str]]:
     add("MAIL before EHLO", S("AUTH PLAIN {PLAIN}\r\n"), deliver())
 
     # RCPT TO forms
-    rcpts = ["RCPT TO:<postmaster>", "RCPT TO:<Postmaster>", "RCPT TO:<POSTMASTER>", "RCPT TO:<postmaster@home.example>",
-             "RCPT TO:<x@example.net>", "RCPT TO: <x@example.net>", "RCPT TO:x@example.net", 'RCPT TO:<"x y"@example.net>',
+    rcpts = ["RCPT TO:<postmaster>", "RCPT TO:<Postmaster>", "RCPT TO:<POSTMASTER>",
+             "RCPT TO:<postmaster@home.example>", "RCPT TO:<x@example.net>", "RCPT TO: <x@example.net>",
+             "RCPT TO:x@example.net", 'RCPT TO:<"x y"@example.net>',
              "RCPT TO:<@a,@b:x@example.net>", "RCPT TO:<x@[127.0.0.1]>", "RCPT TO:<x>", "RCPT TO:<>",
              "RCPT TO:<x@example.net> NOTIFY=NEVER", "RCPT TO:<x@example.net> NOTIFY=SUCCESS,FAILURE",
              "RCPT TO:<x@example.net> ORCPT=rfc822;x@example.net", "RCPT TO:<x@example.net> FOO=bar",
-             "RCPT TO:<x@example.net> ", "RCPT TO:  <x@example.net>", "rcpt to:<x@example.net>", "RCPT TO <x@example.net>", "RCPT TO:",
+             "RCPT TO:<x@example.net> ", "RCPT TO:  <x@example.net>", "rcpt to:<x@example.net>",
+             "RCPT TO <x@example.net>", "RCPT TO:",
              "RCPT FROM:<x@example.net>", "RCPT TO:<{T}>", "RCPT TO:<\xc3\xa4@example.net>", "RCPT TO:<x@example.net",
              "RCPT TO:<x@example.net> SIZE=10"]
     for r in rcpts:
@@ -382,16 +385,19 @@ def _battery() -> list[tuple[str, list[Step], str]]:
         "no headers": b"just text\r\n", "body without a header separator": b"Subject: x\r\nno blank line\r\n",
         "dot-stuffed line": b"Subject: d\r\n\r\n..one dot\r\n...two\r\n", "a dot line": b"Subject: d\r\n\r\n..\r\n",
         "dot inside": b"Subject: d\r\n\r\na.\r\n.a\r\n".replace(b"\r\n.a", b"\r\n..a"),
-        "8-bit text without BODY": b"Subject: d\r\n\r\n\xc3\xa4\xe4\r\n", "a line of 1000 octets with CRLF": long_line(1000),
+        "8-bit text without BODY": b"Subject: d\r\n\r\n\xc3\xa4\xe4\r\n",
+        "a line of 1000 octets with CRLF": long_line(1000),
         "a line of 1001 octets": long_line(1001), "a line of 1502 octets": long_line(1502),
         "a line of 5002 octets": long_line(5002),
         "1000-octet header": b"Subject: " + b"h" * 989 + b"\r\n\r\nx\r\n",
         "NUL in the body": b"Subject: d\r\n\r\na\x00b\r\n", "bare LF in the body": b"Subject: d\r\n\r\na\nb\r\n",
         "bare CR in the body": b"Subject: d\r\n\r\na\rb\r\n", "trailing spaces": b"Subject: d  \r\n\r\nx  \r\n",
-        "ends in an empty line": b"Subject: d\r\n\r\nx\r\n\r\n", "control octets": b"Subject: d\r\n\r\n\x01\x1b\x7f\r\n",
+        "ends in an empty line": b"Subject: d\r\n\r\nx\r\n\r\n",
+        "control octets": b"Subject: d\r\n\r\n\x01\x1b\x7f\r\n",
         "a From line": b"From x Mon Jan  1 00:00:00 2026\r\nSubject: d\r\n\r\nx\r\n",
         "a 1 MB message": b"Subject: big\r\n\r\n" + (b"z" * 76 + b"\r\n") * 13000,
-        "Received header of the client": b"Received: from x by y; Mon, 1 Jan 2026 00:00:00 +0000\r\nSubject: d\r\n\r\nx\r\n",
+        "Received header of the client":
+            b"Received: from x by y; Mon, 1 Jan 2026 00:00:00 +0000\r\nSubject: d\r\n\r\nx\r\n",
         "folded header": b"Subject: a\r\n b\r\n\tc\r\n\r\nx\r\n",
         "header without colon": b"Not a header\r\nSubject: d\r\n\r\nx\r\n",
     }
@@ -457,7 +463,8 @@ def _battery() -> list[tuple[str, list[Step], str]]:
 
     # STARTTLS
     add("STARTTLS", S(STARTTLS), EHLO, S("AUTH PLAIN {PLAIN}\r\n"), deliver())
-    add("MAIL after STARTTLS, before the login", EHLO, S(STARTTLS), S("MAIL FROM:<s@home.example>\r\n"), LOGIN, deliver())
+    add("MAIL after STARTTLS, before the login", EHLO, S(STARTTLS), S("MAIL FROM:<s@home.example>\r\n"), LOGIN,
+        deliver())
     add("STARTTLS twice", EHLO, S(STARTTLS), EHLO, S(STARTTLS), S("NOOP\r\n"))
     add("STARTTLS after login", LOGIN, S(STARTTLS), deliver())
     add("STARTTLS in a transaction", EHLO, S(STARTTLS), LOGIN, S("MAIL FROM:<s@home.example>\r\n"), S(STARTTLS))
