@@ -46,15 +46,14 @@ _ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
 def split_path_argument(arg: str, keyword: str) -> tuple[str, str]:
     """Split 'FROM:<path> params' into ('<path>', 'params').
 
-    `keyword` is FROM or TO (case-insensitive). One space after the colon is
-    tolerated, as many clients send it. Raises PathError.
+    `keyword` is FROM or TO (case-insensitive). Spaces after the colon are
+    tolerated, as many clients send one and the original sendooway and
+    Postfix take any number. Raises PathError.
     """
     head = arg[: len(keyword) + 1]
     if head.upper() != keyword + ":":
         raise PathError("missing " + keyword + ":")
-    rest = arg[len(keyword) + 1:]
-    if rest.startswith(" "):
-        rest = rest[1:]
+    rest = arg[len(keyword) + 1:].lstrip(" ")
     if not rest.startswith("<"):
         raise PathError("path must be in angle brackets")
     end = _closing_bracket(rest)

@@ -102,6 +102,44 @@ maximal_backoff_time = 2s
 """
 
 
+def postfix_tree(world, root: Path, main_cf: str, master_cf: str) -> Path:
+    """The directories and files of a private Postfix in `root` (its
+    etc, spool and data), the fake world's upstream certificate and key as
+    etc/cert.pem and key.pem; returns etc. `root` is world-readable: smtpd
+    (user postfix) opens a sasldb2 there (postfix_sasldb)."""
+    etc = root / "etc"
+    etc.mkdir(parents=True)
+    (root / "spool").mkdir()
+    (root / "data").mkdir()
+    os.chown(root / "data", system_uid("postfix"), -1)
+    os.chmod(root, 0o755)
+    (etc / "main.cf").write_text(main_cf)
+    (etc / "master.cf").write_text(master_cf)
+    shutil.copyfile(world.upstream_cert_file, etc / "cert.pem")
+    shutil.copyfile(world.upstream_key_file, etc / "key.pem")
+    os.chmod(etc / "key.pem", 0o600)
+    return etc
+
+
+def postfix_sasldb(root: Path, realm: str, user: str, password: str, mechs: str) -> None:
+    """Cyrus SASL for the private Postfix in `root` (smtpd_sasl_type cyrus,
+    cyrus_sasl_config_path root/etc/sasl): smtpd.conf offering `mechs`, and
+    root/sasldb2 (not under etc: postfix-script wants root's files there)
+    holding `user` in `realm`, filled by saslpasswd2 and readable by smtpd
+    (user postfix)."""
+    db = root / "sasldb2"
+    (root / "etc" / "sasl").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "sasl" / "smtpd.conf").write_text(
+        f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {db}\nmech_list: {mechs}\n")
+    saslpasswd2 = shutil.which("saslpasswd2", path=SBIN_PATH)
+    r = subprocess.run([saslpasswd2, "-f", str(db), "-c", "-p", "-u", realm, user], input=password.encode(),
+                       env={"PATH": SBIN_PATH, "LANG": "C"}, capture_output=True, timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"saslpasswd2: {r.stderr.decode(errors='replace')}")
+    os.chown(db, system_uid("postfix"), -1)
+    os.chmod(db, 0o600)
+
+
 def system_uid(name: str) -> int:
     """The uid of a system user from /etc/passwd (nss_wrapper, in this
     process, knows only the fake world's users)."""
