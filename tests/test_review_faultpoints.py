@@ -91,6 +91,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import re
@@ -576,6 +577,41 @@ def wire_body(pieces: list[bytes]) -> bytes:
 
 # ---------------------------------------------------------------- the world
 
+@contextlib.contextmanager
+def relay_fronts(world, up, maps: dict[str, str], tls: bool = False, keep: str = ""):
+    """One `sendooway -b` per entry of `maps` (world name: its mapping
+    lines; smarthostCache = 0 for "off", else 2; `timeout` TIMEOUT), each
+    beside its own sendooway-auth; yields Env(up, fronts, password), then
+    stops them and asserts no traceback in any log and a clean exit. With
+    `keep` (a directory) the frontends' logs are copied there."""
+    names = tuple(maps)
+    with contextlib.ExitStack() as stack:
+        fronts, daemons = {}, []
+        try:
+            for name in names:
+                tmp = stack.enter_context(open_tmp())
+                conf = front_config(tmp, world, f"smarthostCache = {0 if name == 'off' else 2}\n"
+                                    f"addReceivedField = no\n{maps[name]}", tls=tls, timeout=TIMEOUT)
+                daemons.append(Daemon(tmp, conf).start())
+                fronts[name] = Frontend(conf, os.path.join(str(tmp), "front.log")).start()
+            yield dataclasses.make_dataclass("Env", ["up", "fronts", "password"])(
+                up, fronts, world.users[USER].password)
+        finally:
+            codes = {k: fe.stop() for k, fe in fronts.items()}
+            if keep:
+                import shutil
+                for k, fe in fronts.items():
+                    shutil.copy(fe.log_path, os.path.join(keep, f"front-{k}.log"))
+            for d in daemons:
+                d.stop()
+            up.stop()
+        for fe in fronts.values():
+            assert "Traceback" not in fe.log(), fe.log()[-5000:]
+        for d in daemons:
+            assert "Traceback" not in d.log()
+        assert codes == {name: 0 for name in names}, codes
+
+
 @pytest.fixture(scope="module")
 def faultworld(world):
     """Two frontends (cache off, cache on), each beside its own
@@ -590,30 +626,8 @@ def faultworld(world):
     maps = {name: "".join(mapping(c, c.domain, f"u{c.n}", f"pw{c.n}") + (
         mapping(c, f"d{c.n}.test", f"v{c.n}", f"pw-v{c.n}") if c.cache else "")
         for c in CASES if c.world == name) for name in names}
-    with open_tmp() as tmp_off, open_tmp() as tmp_on, open_tmp() as tmp_nopipe:
-        fronts, daemons = {}, []
-        try:
-            for name, tmp in zip(names, (tmp_off, tmp_on, tmp_nopipe)):
-                conf = front_config(tmp, world, f"smarthostCache = {0 if name == 'off' else 2}\n"
-                                    f"addReceivedField = no\n{maps[name]}", tls=False, timeout=TIMEOUT)
-                daemons.append(Daemon(tmp, conf).start())
-                fronts[name] = Frontend(conf, os.path.join(str(tmp), "front.log")).start()
-            yield dataclasses.make_dataclass("Env", ["up", "fronts", "password"])(
-                up, fronts, world.users[USER].password)
-        finally:
-            codes = {k: fe.stop() for k, fe in fronts.items()}
-            if os.environ.get("FAULTPOINTS_KEEP"):
-                import shutil
-                for k, fe in fronts.items():
-                    shutil.copy(fe.log_path, os.path.join(os.environ["FAULTPOINTS_KEEP"], f"front-{k}.log"))
-            for d in daemons:
-                d.stop()
-            up.stop()
-        for fe in fronts.values():
-            assert "Traceback" not in fe.log(), fe.log()[-5000:]
-        for d in daemons:
-            assert "Traceback" not in d.log()
-        assert codes == {name: 0 for name in names}, codes
+    with relay_fronts(world, up, maps, keep=os.environ.get("FAULTPOINTS_KEEP", "")) as env:
+        yield env
 
 
 # ---------------------------------------------------------------- one case
