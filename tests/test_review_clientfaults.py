@@ -33,9 +33,11 @@ Checked for every case (`check`):
   a dot the client sent is delivered at most once, and its message line
   says what became of it;
 - every upstream connection is clean before each MAIL (the last
-  transaction ended with its dot or an RSET), so N arrives intact and
-  alone, whichever connection carries it (with the cache on: the kept one
-  given back, or a fresh one);
+  transaction ended with its dot or an RSET; no command inside a message),
+  and one still open once A's session ended is out of any transaction (a
+  kept one is given back clean, not only made clean by the next use's
+  RSET probe), so N arrives intact and alone, whichever connection carries
+  it (with the cache on: the kept one given back, or a fresh one);
 - a stalled or half-closed client's session ends within `timeout` (+1.5 s)
   and a half-closed one at once; after a half-close behind the dot the
   client still reads the dot's 250;
@@ -45,7 +47,8 @@ Checked for every case (`check`):
   one line;
 - no traceback in either log (nor the authenticators'); after all cases
   the frontends' open descriptors are back to their baseline (the cache-on
-  one's plus the connections it keeps, counted at the upstream).
+  one's plus the connections it keeps, counted at the upstream: none
+  without the cache, at most one a route with it).
 """
 
 from __future__ import annotations
@@ -149,15 +152,19 @@ class Recorder(Upstream):
                    for c in seen.conns if not c.writer.is_closing())
 
 
-def unclean(lines: list[bytes]) -> list[str]:
+def unclean(lines: list[bytes]) -> tuple[list[str], str]:
     """A MAIL inside an unfinished transaction (no dot, no RSET since the
-    last MAIL)."""
+    last MAIL), a command inside a message; and the state at the end."""
     bad, state = [], "idle"
     for line in lines:
         verb = line[:4].upper()
         if state == "data":
             if line == b".\r\n":
                 state = "idle"
+            elif verb in (b"MAIL", b"RCPT", b"DATA", b"RSET", b"QUIT", b"NOOP", b"EHLO"):
+                # (no message here has such a line: a command sent on a
+                # connection that still waited for a message)
+                bad.append(f"{line[:40]!r} inside a message")
         elif verb == b"MAIL":
             if state != "idle":
                 bad.append(f"{line[:40]!r} inside an unfinished transaction")
@@ -166,7 +173,7 @@ def unclean(lines: list[bytes]) -> list[str]:
             state = "idle"
         elif verb == b"DATA" and state == "mail":
             state = "data"
-    return bad
+    return bad, state
 
 
 # ---------------------------------------------------------------- the client
@@ -291,8 +298,11 @@ def run_case(env, case: Case) -> dict:
         out["W"] = plain_session(env, case, "W")
         time.sleep(0.05)  # (the connection is in the pool once the session is over)
     out["A"] = faulted_session(env, case)
-    if case.fault in ("fin", "rst"):
-        time.sleep(0.3)  # the frontend sees the end
+    time.sleep(0.3 if case.fault in ("fin", "rst") else 0.1)  # the frontend sees the end
+    # what the upstream holds open now waits for the next session: clean
+    seen, lines = env.up.seen[case.n], env.up.lines[case.n]
+    out["kept dirty"] = [c.no for c in seen.conns
+                         if not c.writer.is_closing() and unclean(lines[c.no])[1] != "idle"]
     out["N"] = plain_session(env, case, "N")
     return out
 
@@ -331,7 +341,9 @@ def check(env, case: Case, out: dict, log: str) -> list[str]:
     seen = env.up.seen[case.n]
     bad += [f"upstream: {p}" for p in seen.problems]
     for no, lines in enumerate(env.up.lines[case.n]):
-        bad += [f"upstream connection {no}: {p}" for p in unclean(lines)]
+        bad += [f"upstream connection {no}: {p}" for p in unclean(lines)[0]]
+    if out["kept dirty"]:
+        bad.append(f"after A, connections {out['kept dirty']} kept inside a transaction")
     a, sa = out["A"], case.sender("a")
     dots = seen.dots.times[sa]
     if case.point != "dot" and case.point != "quit" and dots:
@@ -413,3 +425,7 @@ def test_every_client_fault_at_every_point(clientworld):
             break
         time.sleep(0.1)
     assert now == {k: base[k] + kept[k] for k in base}, (base, now, kept)
+    # ... and those are the pool's: none without the cache, at most one a route
+    assert kept["off"] == 0, kept
+    assert all(sum(not c.writer.is_closing() for c in seen.conns) <= 1
+               for seen in env.up.seen.values()), kept
