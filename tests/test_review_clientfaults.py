@@ -49,6 +49,34 @@ Checked for every case (`check`):
   the frontends' open descriptors are back to their baseline (the cache-on
   one's plus the connections it keeps, counted at the upstream: none
   without the cache, at most one a route with it).
+
+Found: no product defect. What the frontend does was not all written
+down; docs/decisions/relay.md now says it: a client leaving right after
+its dot still has its message relayed once (its line gives the upstream's
+reply; a half-closed client still reads the 250), an unread dot is
+`aborted, no final dot sent`, and a transaction left before DATA's 354
+has no message line (as one ended by RSET). docs/deployment.md's log
+table now names a failed TLS handshake's line as that session's end line
+(it has no `closed:` line, as tests/test_review_tlssplits.py expects).
+
+Planted bugs (each undone after): 10, 8 caught — the dot sent upstream on
+the client's EOF in DATA; no RSET at all before a connection is given
+back (caught by the check right after A: the next use's RSET probe hid
+it); no `aborted` message line; an aborted message's connection kept
+(its QUIT or RSET sent inside the message, or the session held until the
+RSET timed out); that connection given back to the pool; `timeout`
+doubled for the client; the `closed` line logged twice; the upstream
+connection not closed at a session's end unless it QUIT (descriptors).
+Missed, both second guards these faults never reach: `_release` giving
+back a connection that waits for a message (`data_abort` always drops it
+first), and `_release`'s own RSET (the session core's TransactionReset
+sends one before it).
+
+Seen and left: a client stalled in the STARTTLS handshake gets no 421,
+only the close (a plaintext 421 inside a handshake would be noise to it;
+docs/decisions/frontend.md writes none there on a stop either); the
+session timeout is exact (2.0 s for `timeout` = 2), a
+half-close ends the session at once.
 """
 
 from __future__ import annotations
