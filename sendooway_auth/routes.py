@@ -284,16 +284,20 @@ def from_wire(data: bytes, user: UserInfo, max_accounts: int = MAX_ACCOUNTS) -> 
         raise WireError(f"bad answer ({type(exc).__name__})") from None
 
 
+_WIRE_KEYS = frozenset({"files", "mappings", "accounts", "errors", "warnings", "ca_file",
+                        "ca_pem"})
+
+
 def _from_wire(data: bytes, user: UserInfo, max_accounts: int) -> UserRoutes:
     if len(data) > MAX_WIRE:
         raise WireError("answer too long")
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0,
-                              max_array_len=MAX_MAPPINGS + 1)  # (the longest list _cap leaves)
+                              max_array_len=MAX_MAPPINGS + 1,  # (the longest list _cap leaves)
+                              max_map_len=len(_WIRE_KEYS))  # (the one map: the answer)
     except Exception:  # noqa: BLE001 - any decoding problem is the same problem
         raise WireError("undecodable answer") from None
-    if not isinstance(obj, dict) or set(obj) != {"files", "mappings", "accounts", "errors",
-                                                  "warnings", "ca_file", "ca_pem"}:
+    if not isinstance(obj, dict) or set(obj) != _WIRE_KEYS:
         raise WireError("bad answer")
     found = UserRoutes(user, ca_file=_str(obj["ca_file"]), ca_pem=_str(obj["ca_pem"], MAX_CA_PEM))
     for row in _list(obj["files"], MAX_FILES + 2):  # + the include and the own sslCA
