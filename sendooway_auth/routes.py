@@ -213,18 +213,22 @@ def _cap(found: UserRoutes) -> None:
         extra = len(found.mappings) - MAX_MAPPINGS
         del found.mappings[MAX_MAPPINGS:]
         found.mappings.append(("...", f"and {extra} more mappings"))
-    found.mappings[:] = [(_cut(a), _cut(b)) for a, b in found.mappings]
+    found.mappings[:] = [(cut_text(a), cut_text(b)) for a, b in found.mappings]
     for name in ("errors", "warnings"):
         items = getattr(found, name)
         if len(items) > MAX_MESSAGES:
             extra = len(items) - MAX_MESSAGES
             del items[MAX_MESSAGES:]
             items.append(f"... and {extra} more")
-        items[:] = [_cut(m) for m in items]
+        items[:] = [cut_text(m) for m in items]
 
 
-def _cut(text: str) -> str:
+def cut_text(text: str) -> str:
+    """One message or mapping line as a lookup reports it."""
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
+
+
+MAX_CUT = MAX_TEXT + len("...")  # the longest text cut_text leaves
 
 
 # ------------------------------------------------------------ across the pipe
@@ -307,7 +311,7 @@ def _from_wire(data: bytes, user: UserInfo, max_accounts: int) -> UserRoutes:
                                                  _int(size, 0, 2**32))))
     for row in _list(obj["mappings"], MAX_MAPPINGS + 1):
         where, what = _list(row, 2)
-        found.mappings.append((_str(where), _str(what)))
+        found.mappings.append((_str(where, MAX_CUT), _str(what, MAX_CUT)))
     for row in _list(obj["accounts"], max_accounts):
         addresses, server, port, tls, cert_check, ca_file, up_user, password, auth, source, tier \
             = _list(row, 11)
@@ -319,8 +323,8 @@ def _from_wire(data: bytes, user: UserInfo, max_accounts: int) -> UserRoutes:
                       _str(up_user), Secret(_str(password)), _bool(auth), _str(source))
         patterns = tuple(_str(a) for a in _list(addresses, MAX_ADDRESSES))
         found.accounts.append(Account(patterns, route, _int(tier, 0, 1)))
-    found.errors = [_str(e) for e in _list(obj["errors"], MAX_MESSAGES + 1)]
-    found.warnings = [_str(w) for w in _list(obj["warnings"], MAX_MESSAGES + 1)]
+    found.errors = [_str(e, MAX_CUT) for e in _list(obj["errors"], MAX_MESSAGES + 1)]
+    found.warnings = [_str(w, MAX_CUT) for w in _list(obj["warnings"], MAX_MESSAGES + 1)]
     return found
 
 

@@ -419,3 +419,64 @@ def test_a_certificate_refused_after_a_declined_session_does_not_mark_the_upstre
     codes = _relay_to(world, handle, attempts)
     assert codes[0] == codes[2] == "ok" and codes[1].startswith("4"), codes
     assert seen == ["full", "resuming", "resuming"], seen
+
+
+# ------------------------------------------------ a worker's messages (routes.cut_text)
+
+
+def test_a_workers_messages_are_held_to_what_a_lookup_reports(world):
+    """A lookup reports at most 100 messages and a count, each cut to
+    MAX_TEXT and "..." (routes._cap), and the daemon logs what it gets. A
+    worker taken over sent 101 errors and 101 warnings of 8192 characters
+    each (1.6 MB of log per MAIL FROM) and was believed; such an answer is
+    garbage now (a temporary failure), as an over-long list is, while
+    messages of the longest length cut_text leaves still pass."""
+    from sendooway_auth.routes import MAX_CUT, MAX_MESSAGES
+
+    route = [(["*@example.org"], "up.test")]
+    for length, wanted in ((MAX_CUT, ("up.test", False)), (MAX_CUT + 1, (None, True)),
+                           (8192, (None, True))):
+        texts = ["e" * length] * (MAX_MESSAGES + 1)
+        for key in ("errors", "warnings"):
+            answer = _wire(route, **{key: texts})
+            reply = b"+" + struct.pack(">I", len(answer)) + answer
+            assert _lookup(world, [reply, reply], seed=3)[:2] == wanted, (length, key)
+
+
+def test_a_missing_home_of_a_long_path_still_gives_an_answer_the_daemon_takes(world, monkeypatch):
+    """The reader adds "home PATH: why" to the warnings after the cap: a
+    home of 4000 octets that cannot be entered (an NFS share not mounted)
+    must not make an answer the daemon refuses as over-long, which would
+    turn every route of that user into a temporary failure; with 100
+    warnings already there, the list keeps its bound too."""
+    import os
+
+    from sendooway_auth import _reader
+    from sendooway_auth._users import UserInfo
+    from sendooway_auth.routes import MAX_CUT, MAX_MESSAGES, from_wire
+    from sendooway_shared.config import parse_config
+
+    cfg = parse_config("smarthostMapping = direct:*@example.org up.test 587 noAuth\n")
+    home = "/nonexistent/" + "h" * 3990
+    user = UserInfo("alice", os.getuid(), os.getgid(), home, (os.getgid(),))
+    cwd = os.getcwd()
+    try:
+        answer = _reader._lookup_wire(cfg, user, "alice@example.org")
+        found = from_wire(answer, user, 1)
+        assert found.route_for("alice@example.org").route.server == "up.test"
+        assert found.warnings[0].startswith("home /nonexistent/hhh")
+        assert len(found.warnings[0]) == MAX_CUT
+
+        crowded = _reader.run_plan  # 100 warnings of the lookup's own, then the home's
+
+        def run_plan(*args):
+            found = crowded(*args)
+            found.warnings[:] = [f"w{i}" for i in range(MAX_MESSAGES)] + ["... and 7 more"]
+            return found
+
+        monkeypatch.setattr(_reader, "run_plan", run_plan)
+        found = from_wire(_reader._lookup_wire(cfg, user, "alice@example.org"), user, 1)
+        assert len(found.warnings) == MAX_MESSAGES + 1
+        assert found.warnings[0].startswith("home ") and found.route_for("alice@example.org")
+    finally:
+        os.chdir(cwd)
