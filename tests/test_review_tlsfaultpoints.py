@@ -73,6 +73,7 @@ POINTS = {  # point: its faults
     "mail": TRANSPORT,
     "data": TRANSPORT,
     "dot": TRANSPORT,
+    "idle": ("fin", "notify", "r421notify"),  # a kept connection, while in the pool
 }
 LOGIN_POINTS = ("starttls", "hello", "cert", "ehlo", "auth")
 SECRET = "Zq9-upstream-secret"
@@ -111,7 +112,7 @@ class Case:
 def cases() -> list[Case]:
     out: list[Case] = []
     for mode, cache, (point, faults) in itertools.product(("tls", "ssl"), (False, True), POINTS.items()):
-        if mode == "ssl" and point == "starttls":
+        if mode == "ssl" and point == "starttls" or point == "idle" and not cache:
             continue
         for fault in faults:
             for nocert in ((False, True) if point == "cert" else (False,)):
@@ -171,6 +172,7 @@ class Wire:
         self.conn, self.tls = conn, None
         self.inb, self.outb = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.buf = self.pre = b""
+        self.done = False  # ended by the upstream while idle: no command may come
 
     def flush(self) -> None:
         if raw := self.outb.read():
@@ -228,6 +230,7 @@ class FaultUpstream(RawServer):
     def __init__(self, case: Case, certs: Certs) -> None:
         self.case, self.certs, self.seen = case, certs, Seen()
         self.lock = threading.Lock()
+        self.last: Wire | None = None  # the connection of the last message accepted
         super().__init__()
 
     def hit(self, point: str) -> str | None:
@@ -325,6 +328,8 @@ class FaultUpstream(RawServer):
         while True:
             cmd = w.line()
             verb = cmd[:4].upper()
+            if w.done:
+                self.seen.problems.append(f"{cmd[:20]!r} on a connection ended while idle")
             if w.tls is None and verb not in (b"EHLO", b"HELO", b"STAR", b"QUIT"):
                 w.send(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
                 continue
@@ -377,6 +382,7 @@ class FaultUpstream(RawServer):
                 w.until(b"\r\n.\r\n")
                 reply("dot", b"250 2.0.0 queued\r\n")
                 self.seen.accepted.add(sender)
+                self.last = w
             elif verb == b"QUIT":
                 w.send(b"221 2.0.0 bye\r\n")
                 if w.tls is not None:  # (as a good server: close_notify)
@@ -384,6 +390,22 @@ class FaultUpstream(RawServer):
                 raise _Stop
             else:
                 w.send(b"502 5.5.2 what\r\n")
+
+
+    def fault_idle(self) -> None:
+        """The case's fault on its kept connection, idle in the pool (its
+        owner thread waits in recv): FIN, close_notify, or 421 then
+        close_notify, the TCP connection left open."""
+        w, fault = self.last, self.case.fault
+        with self.lock:
+            self.seen.fired += 1
+        w.done = True
+        if fault == "fin":
+            w.conn.shutdown(socket.SHUT_WR)
+            return
+        if fault == "r421notify":
+            w.send(b"421 4.4.2 up.test idle timeout\r\n")
+        w.notify()
 
 
 class Upstreams:
@@ -438,9 +460,12 @@ def run_case(env, case: Case) -> dict:
         out.update(got)
         out["replies"] += c.replies
         time.sleep(0.05)
-        if case.point in LOGIN_POINTS:
+        if case.point == "idle":
+            up.fault_idle()
+            time.sleep(0.15)  # (its bytes reach the frontend)
+        elif case.point in LOGIN_POINTS:
             time.sleep(CACHE_TTL + 0.5)  # the kept connection expires (QUIT): the next is new, resumed
-    up.seen.armed = True
+    up.seen.armed = case.point != "idle"
     got, c = session(env, case, "AB")
     out.update(got)
     out["replies"] += c.replies
@@ -491,7 +516,7 @@ def check(env, case: Case, out: dict, log: str) -> list[str]:
                 ln for ln in log.splitlines() if case.domain in ln or f"u{case.n}" in ln
                 or f":{env.ups.by_case[case.n].port}" in ln):
             bad.append("the certificate problem is not logged")
-    elif case.cache and case.point == "mail":
+    elif case.cache and case.point in ("mail", "idle"):
         if code != 250:
             bad.append(f"A: a kept connection lost at MAIL is not tried afresh: {out['A']}")
     elif case.point == "ehlo" and case.fault == "noauth":
@@ -504,6 +529,10 @@ def check(env, case: Case, out: dict, log: str) -> list[str]:
         # a resumed handshake that fails: at once afresh without resumption
         if code != 250:
             bad.append(f"A: a failed resumed handshake is not tried afresh: {out['A']}")
+    elif case.point == "starttls" and case.fault in ("r421", "r454", "r502", "piped"):
+        # STARTTLS never falls back: anything but 220, or bytes behind it, is 454
+        if (step, code) != ("mail", 454):
+            bad.append(f"A: {step} {code}, expected 454 at MAIL: {out['A']}")
     elif case.point in LOGIN_POINTS:
         if step != "mail" or not 400 <= code < 500:
             bad.append(f"A: {step} {code}, expected 4xx at MAIL: {out['A']}")
