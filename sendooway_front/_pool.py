@@ -117,7 +117,7 @@ class UpstreamPool:
                 self.hits += 1
                 return client
             self.log.info("upstream %s: cached connection went stale, reconnecting", client.address)
-            client.abort()
+            client.abort(keep_session=True)  # (ended by the upstream while idle, or told so)
             entries = self._idle.get(key)
         return None
 

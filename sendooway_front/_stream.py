@@ -462,8 +462,12 @@ class Stream:
             self._timer.cancel()
             self._timer = None
 
-    def abort(self) -> None:
-        """Drop the connection at once (no close_notify, no flush)."""
+    def abort(self, keep_session: bool = False) -> None:
+        """Drop the connection at once (no close_notify, no flush). OpenSSL
+        spoils the TLS session of a connection freed without a shutdown;
+        `keep_session` (a healthy connection the peer ended) spares it."""
+        if keep_session and self._conn is not None:
+            self._conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
         self._closed = True
         self._stop_timer()
         transport = self._writer.transport

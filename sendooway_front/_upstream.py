@@ -252,8 +252,8 @@ class UpstreamClient:
             pass
         await self.stream.aclose()
 
-    def abort(self) -> None:
-        self.stream.abort()
+    def abort(self, keep_session: bool = False) -> None:
+        self.stream.abort(keep_session)
 
 
 async def open_upstream(route: Route, config: Config, ehlo_name: str,
