@@ -191,7 +191,7 @@ def global_setup(gen: Gen, variant: int, home_files: dict, ca_file: str
     accounts: list[Acct] = []
     if variant == 0:
         return conf, accounts  # the user's mappings, else the defaults
-    if gen.rng.random() < 0.6:
+    if variant == 1 or gen.rng.random() < 0.5:
         conf += f"sslCA = {ca_file}\n"
     for _ in range(gen.rng.randint(1, 3)):
         a = gen.account(1)
