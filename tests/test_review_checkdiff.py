@@ -13,8 +13,14 @@ a real `sendooway-auth` daemon after a real PAM login (pam_wrapper) asked
 by the frontend's protocol, and a model of DESIGN.md's rule (own mappings
 before global ones, then exact, `*@domain`, `*`, then order) that names
 the account by its server. --check never shows a password, and every
-file error the daemon logs is in --check's report with file:line.
-No disagreement was found on the code as reviewed."""
+file error the daemon logs is in --check's report with file:line. A
+second test adds the frontend: `sendooway -b`, its daemon and real
+upstreams (one port each), where a sender --check routes must reach that
+upstream and one it does not must get 550 at MAIL.
+No disagreement was found on the code as reviewed; nine bugs planted in
+check.py, the reader, the daemon's reply, the choice, the sslCA rule and
+address matching each failed the first test (the live-only ones the
+second as well)."""
 
 from __future__ import annotations
 
@@ -348,3 +354,61 @@ def test_check_names_the_route_the_daemon_serves(world, clean_homes, daemon, gen
                 assert all(f"  {e}" in out for out in checks), (e, checks[0])
         ch.close()
     assert compared >= 20 and nones >= 5 and n_setups == 3 * SETUPS_PER_DAEMON, (compared, nones)
+
+
+def test_check_names_the_upstream_a_real_frontend_uses(world, clean_homes, gen):
+    """The third view: `sendooway -b` and its daemon, real upstreams (plain,
+    no AUTH, one port each): a sender --check gives a route reaches that
+    upstream, a sender it gives none gets 550 at MAIL."""
+    from tests.front_util import front_config, front_with_daemon, open_tmp
+    from tests.upstream import FakeUpstream
+
+    ups = [FakeUpstream(world, tls="plain", require_tls=False).start() for _ in range(3)]
+    by_where = {f"127.0.0.1:{u.port}": u for u in ups}
+    patterns = lambda: tuple(gen.pattern() for _ in range(2))  # noqa: E731
+    glob = [(patterns()[0], gen.rng.choice(ups)) for _ in range(2)]
+    extra = "validUser = alice\nuserInclude = %h/.sendoowayrc\n" + "".join(
+        f"smarthostMapping = direct:{p} 127.0.0.1 {u.port} noAuth\n" for p, u in glob)
+    compared = 0
+    with open_tmp() as tmp:
+        conf = front_config(tmp, world, extra)
+        with front_with_daemon(tmp, world, conf, *ups) as front:
+            for _ in range(3):
+                world.clear_home("alice")
+                own = [(gen.pattern(), gen.rng.choice(ups)) for _ in range(gen.rng.randint(0, 2))]
+                rc = "".join(f"smarthostMapping = direct:{p} 127.0.0.1 {u.port} noAuth\n"
+                             for p, u in own[:1])
+                if own[1:]:
+                    (p, u), = own[1:]
+                    world.write_user_file("alice", "fm.rc", (
+                        f'poll pop.test user "a" password "b"\n#sendooway:server "127.0.0.1"\n'
+                        f'#sendooway:port {u.port}\n#sendooway:noAuth\n#sendooway:address "{p}"\n'))
+                    rc += "smarthostMapping = fetchmail:%h/fm.rc\n"
+                world.write_user_file("alice", ".sendoowayrc", rc)
+                accounts = [Acct((p,), t, "", 0, "", "", "") for t, pairs in ((0, own), (1, glob))
+                            for p, _u in pairs]
+                # (the frontend offers no SMTPUTF8: a client sends the A-label)
+                senders = [s for s in senders_for(gen, accounts) if s.isascii()][:4]
+                checks = run_checks(conf, senders)
+                with front.smtp() as client:
+                    client.starttls(context=world.ssl_context())
+                    client.login("alice", world.users["alice"].password)
+                    for sender, out in zip(senders, checks):
+                        shown = parse_check(out, sender)
+                        before = [len(u.messages) for u in ups]
+                        code, reply = client.mail(sender)
+                        if shown is None:
+                            assert code == 550, (sender, out, reply)
+                            client.rset()
+                            continue
+                        assert code == 250, (sender, out, reply)
+                        assert client.rcpt("bob@example.net")[0] == 250
+                        assert client.data(b"Subject: checkdiff\r\n\r\nhi\r\n")[0] == 250
+                        got = [u for u, n in zip(ups, before) if len(u.messages) > n]
+                        assert got == [by_where[f"{shown[0]}:{shown[1]}"]], (sender, out)
+                        # (a needlessly quoted local part goes on unquoted; aiosmtpd
+                        # records the null sender as "<>")
+                        received = got[0].messages[-1].mail_from
+                        assert _norm("" if received == "<>" else received) == _norm(sender)
+                        compared += 1
+    assert compared >= 3
