@@ -17,10 +17,12 @@ file error the daemon logs is in --check's report with file:line. A
 second test adds the frontend: `sendooway -b`, its daemon and real
 upstreams (one port each), where a sender --check routes must reach that
 upstream and one it does not must get 550 at MAIL.
-No disagreement was found on the code as reviewed; nine bugs planted in
-check.py, the reader, the daemon's reply, the choice, the sslCA rule and
-address matching each failed the first test (the live-only ones the
-second as well)."""
+The random setups found no disagreement on the code as reviewed; a
+probe of MAIL FROM spellings found one, a source route, which --check
+did not drop as the frontend does (the last test, fixed). Nine bugs
+planted in check.py, the reader, the daemon's reply, the choice, the
+sslCA rule and address matching each failed the first test (the
+live-only ones the second as well)."""
 
 from __future__ import annotations
 
@@ -412,3 +414,34 @@ def test_check_names_the_upstream_a_real_frontend_uses(world, clean_homes, gen):
                         assert _norm("" if received == "<>" else received) == _norm(sender)
                         compared += 1
     assert compared >= 3
+
+
+def test_check_drops_a_source_route_as_the_frontend_does(world, clean_homes):
+    """A MAIL FROM pasted with its source route (`<@relay.test:alice@ex.org>`,
+    RFC 5321 4.1.2, which the frontend accepts and drops): --check matched
+    `@relay.test:alice` as the local part, so it named the `*@ex.org`
+    route (or none: "550") while the mail went by alice@ex.org's."""
+    from tests.front_util import front_config, front_with_daemon, open_tmp
+    from tests.upstream import FakeUpstream
+
+    exact, domain = (FakeUpstream(world, tls="plain", require_tls=False).start()
+                     for _ in range(2))
+    extra = (f"validUser = alice\n"
+             f"smarthostMapping = direct:alice@ex.org 127.0.0.1 {exact.port} noAuth\n"
+             f"smarthostMapping = direct:*@ex.org 127.0.0.1 {domain.port} noAuth\n")
+    senders = ["@relay.test:alice@ex.org", "@a.test,@b.test:Alice@ex.org"]
+    with open_tmp() as tmp:
+        conf = front_config(tmp, world, extra)
+        with front_with_daemon(tmp, world, conf, exact, domain) as front:
+            checks = run_checks(conf, senders)
+            with front.smtp() as client:
+                client.starttls(context=world.ssl_context())
+                client.login("alice", world.users["alice"].password)
+                for sender in senders:
+                    assert client.mail(sender)[0] == 250
+                    assert client.rcpt("bob@example.net")[0] == 250
+                    assert client.data(b"Subject: checkdiff\r\n\r\nhi\r\n")[0] == 250
+    assert len(exact.messages) == 2 and not domain.messages
+    for out in checks:
+        line = next(line for line in out.splitlines() if line.startswith("route for "))
+        assert f"127.0.0.1:{exact.port} plain no AUTH" in line, line
