@@ -129,6 +129,10 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
     if sender is not None:
         if len(sender) >= 2 and sender[0] == "<" and sender[-1] == ">":
             sender = sender[1:-1]  # pasted from a log or a MAIL FROM: the address inside
+        if sender.startswith("@") and ":" in sender:
+            # a source route (<@a,@b:user@dom>), which the frontend drops:
+            # its route is the mailbox's (no sender it routes starts with @)
+            sender = sender.split(":", 1)[1]
         shown = sender or "<>"
         account = found.route_for(sender)
         if account is None:
