@@ -28,13 +28,17 @@ EXIT_BAD_CONFIG = 2
 MASK = "********"
 
 
-def _route_line(route: Route) -> str:
+def _route_line(route: Route, default_ca: str) -> str:
+    """One route as the admin reads it; `default_ca` is the config's sslCA,
+    which the frontend checks a route without a CA file of its own against
+    (a global direct: route showed none while fetchmail routes showed it)."""
     if not route.auth:
         who = "no AUTH"
     else:
         who = f"user {route.user or '(none)'} password {MASK if route.password else '(empty)'}"
     check = "" if route.cert_check else " noCertCheck"
-    ca = f" ca {route.ca_file}" if route.ca_file else ""
+    ca_file = route.ca_file or default_ca
+    ca = f" ca {ca_file}" if ca_file else ""
     return f"{route.where} {MODE_LABELS[route.tls]}{check}{ca} {who}"
 
 
@@ -117,7 +121,7 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
         return EXIT_NO_MAPPING if refusal is None else EXIT_BAD_CONFIG
     found = lookup_direct(cfg, user)
     _files(found, w)
-    _mappings(found, w)
+    _mappings(found, w, cfg.sslCA)
     if found.errors:
         w("errors:")
         for e in found.errors:
@@ -139,7 +143,7 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
             w(f"route for {shown}: none (no address pattern of the {len(found.accounts)}"
               f" account(s) matches)")
         else:
-            w(f"route for {shown}: {_route_line(account.route)} (from {account.source},"
+            w(f"route for {shown}: {_route_line(account.route, cfg.sslCA)} (from {account.source},"
               f" address {' '.join(account.addresses)})")
             try:
                 if not sendable(account.route).ca_pem and account.route.ca_pem:
@@ -176,7 +180,7 @@ def _files(found: UserRoutes, w) -> None:
         w(f"  {read.path} [{role}]: {read.describe()}{owner}")
 
 
-def _mappings(found: UserRoutes, w) -> None:
+def _mappings(found: UserRoutes, w, default_ca: str) -> None:
     w("mappings (in order; user's first, then global):")
     for where, what in found.mappings:
         w(f"  {where}: {what}")
@@ -184,4 +188,4 @@ def _mappings(found: UserRoutes, w) -> None:
     if not found.accounts:
         w("  (none)")
     for a in found.accounts:
-        w(f"  {a.source}: {' '.join(a.addresses)} -> {_route_line(a.route)}")
+        w(f"  {a.source}: {' '.join(a.addresses)} -> {_route_line(a.route, default_ca)}")

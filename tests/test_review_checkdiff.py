@@ -311,7 +311,8 @@ def test_check_names_the_route_the_daemon_serves(world, clean_homes, daemon, gen
             files, accounts = user_setup(gen, global_accounts, "global" in marks, variant != 2)
             for rel, body in files.items():
                 world.write_user_file("alice", rel, body)
-            ca_by_setup = world.ca_file if "sslCA" in conf_text else ""
+            global_ca = world.ca_file if "sslCA" in conf_text else ""
+            ca_by_setup = global_ca
             if "sslCA" in files.get(".sendoowayrc", ""):
                 with open(world.ca_file) as f:
                     ca_by_setup = world.write_user_file("alice", "own-ca.pem", f.read())
@@ -338,11 +339,15 @@ def test_check_names_the_route_the_daemon_serves(world, clean_homes, daemon, gen
                     assert live.password.reveal() == expected.password, setup
                 server, port, mode, cert_check, ca, user, password, source = shown
                 assert (server, port, mode, user) == want, setup
-                assert (cert_check, ca) == (live.cert_check, live.ca_file), (setup, live)
+                # --check names the CA file the frontend checks against: the
+                # route's, or else its own sslCA (route.ca_file or config.sslCA)
+                assert (cert_check, ca) == (live.cert_check, live.ca_file or global_ca), \
+                    (setup, live)
                 assert cert_check == expected.cert_check, setup
-                # a global direct: route names no file: the frontend's own sslCA
-                # (route.ca_file or config.sslCA), never the user's
-                assert ca == ("" if expected.global_direct else ca_by_setup), setup
+                # a global direct: route carries no file (the frontend's own
+                # sslCA serves it), never the user's
+                assert live.ca_file == ("" if expected.global_direct else ca_by_setup), setup
+                assert ca == (global_ca if expected.global_direct else ca_by_setup), setup
                 assert password == ("********" if expected.password else "(empty)") or not user
                 assert source == live.source, (setup, live)
                 compared += 1
