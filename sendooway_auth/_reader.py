@@ -52,10 +52,7 @@ from ._users import UserInfo
 from .fetchmail import parse_fetchmailrc
 from .getmail import parse_getmailrc
 from ._accounts import choose
-from .routes import (
-    MAX_ACCOUNTS, MAX_MESSAGES, MAX_WIRE, UserRoutes, WireError, cut_text, from_wire, run_plan,
-    to_wire,
-)
+from .routes import MAX_ACCOUNTS, MAX_WIRE, UserRoutes, WireError, from_wire, run_plan, to_wire
 
 TIME_LIMIT = 5  # seconds one lookup may take
 WORKER_LIFETIME = 600  # seconds a worker serves at most
@@ -148,10 +145,9 @@ def _lookup_wire(cfg: Config, user: UserInfo, sender: str | None = None) -> byte
         os.chdir("/")
         home_problem = f"home {user.home}: {exc.strerror or exc} (its files cannot be read)"
     budget = Budget()
-    found = run_plan(cfg, user, lambda paths: [read_one(p, budget) for p in paths])
-    if home_problem:  # (an NFS share not mounted, a directory entry's home never made)
-        found.warnings.insert(0, cut_text(home_problem))  # (a home path of 4000 octets)
-        del found.warnings[MAX_MESSAGES + 1:]  # (_cap's bound; with 100 others, the last goes)
+    # (a home not entered: an NFS share not mounted, a directory entry's home never made)
+    found = run_plan(cfg, user, lambda paths: [read_one(p, budget) for p in paths],
+                     (home_problem,) if home_problem else ())
     if sender is not None:
         account = choose(found.accounts, sender)
         found.accounts = [account] if account is not None else []

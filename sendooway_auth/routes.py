@@ -178,8 +178,11 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
 
 
 def run_plan(cfg: Config, user: UserInfo,
-             read_paths: Callable[[tuple[str, ...]], list[FileRead]]) -> UserRoutes:
-    """Run the lookup with a blocking reader of paths."""
+             read_paths: Callable[[tuple[str, ...]], list[FileRead]],
+             first_warnings: tuple[str, ...] = ()) -> UserRoutes:
+    """Run the lookup with a blocking reader of paths. `first_warnings`
+    (the reader's own, e.g. a home it cannot enter) go before the lookup's
+    and are held to the same bounds."""
     gen = plan(cfg, user)
     try:
         paths = next(gen)
@@ -187,6 +190,7 @@ def run_plan(cfg: Config, user: UserInfo,
             paths = gen.send(read_paths(paths))
     except StopIteration as done:
         found = done.value
+    found.warnings[:0] = first_warnings
     _cap(found)
     return found
 

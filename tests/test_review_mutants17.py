@@ -451,7 +451,7 @@ def test_a_missing_home_of_a_long_path_still_gives_an_answer_the_daemon_takes(wo
     warnings already there, the list keeps its bound too."""
     import os
 
-    from sendooway_auth import _reader
+    from sendooway_auth import _reader, routes
     from sendooway_auth._users import UserInfo
     from sendooway_auth.routes import MAX_CUT, MAX_MESSAGES, from_wire
     from sendooway_shared.config import parse_config
@@ -467,16 +467,16 @@ def test_a_missing_home_of_a_long_path_still_gives_an_answer_the_daemon_takes(wo
         assert found.warnings[0].startswith("home /nonexistent/hhh")
         assert len(found.warnings[0]) == MAX_CUT
 
-        crowded = _reader.run_plan  # 100 warnings of the lookup's own, then the home's
+        capped = routes._cap  # 150 warnings of the lookup's own behind the home's
 
-        def run_plan(*args):
-            found = crowded(*args)
-            found.warnings[:] = [f"w{i}" for i in range(MAX_MESSAGES)] + ["... and 7 more"]
-            return found
+        def crowded(found):
+            found.warnings.extend(f"w{i}" for i in range(150))
+            capped(found)
 
-        monkeypatch.setattr(_reader, "run_plan", run_plan)
+        monkeypatch.setattr(routes, "_cap", crowded)
         found = from_wire(_reader._lookup_wire(cfg, user, "alice@example.org"), user, 1)
         assert len(found.warnings) == MAX_MESSAGES + 1
         assert found.warnings[0].startswith("home ") and found.route_for("alice@example.org")
+        assert found.warnings[-1] == "... and 51 more"
     finally:
         os.chdir(cwd)
