@@ -341,13 +341,19 @@ def test_a_fresh_handshake_failing_beside_a_good_one_leaves_its_session(world):
     the context cleared: one full handshake more after every such pair)."""
     seen: list[str] = []
     server = _upstream_tls(world)
-    first_done = asyncio.Event()
+    first_done, second_hello = asyncio.Event(), asyncio.Event()
 
     async def handle(hello, s, writer):
         seen.append("resuming" if review_tls._offers_resumption(hello) else "full")
         if len(seen) == 2:  # the second side by side: cut once the first one is done
+            second_hello.set()
             await asyncio.wait_for(first_done.wait(), 5)
             return
+        if len(seen) == 1:
+            # both ClientHellos out before the first keeps its session: on a
+            # loaded machine the second was sent after it, offering that
+            # session, and its cut was a failed resumption, retried
+            await asyncio.wait_for(second_hello.wait(), 5)
         s.unread(hello)
         await s.start_tls_server(server)
         await review_tls._smtp_over(s)
