@@ -100,7 +100,7 @@ def _descendants(pid: int) -> list[int]:
         try:
             with open(f"/proc/{p}/task/{p}/children") as f:
                 kids = [int(k) for k in f.read().split()]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             kids = []
         out += kids
         todo += kids
@@ -111,7 +111,7 @@ def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return ""
 
 

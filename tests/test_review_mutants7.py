@@ -19,7 +19,7 @@ import pytest
 
 from sendooway_front._server import listen_sockets, parse_bind
 
-from .auth_helpers import children
+from .auth_helpers import alive as _alive, children
 from .fakeworld import free_port
 from .front_util import (
     FRONT, Frontend, front_config, open_tmp, proc_ids, socket_client_session, wait_port,
@@ -232,15 +232,6 @@ def test_the_session_cap_stays_at_max_sessions_with_many_descriptors():
     assert r.returncode == 0, r.stderr
     got, cap = map(int, r.stdout.split())
     assert got == cap == 4000
-
-
-def _alive(pid: int) -> bool:
-    """Is `pid` still running (neither gone nor a zombie)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @contextlib.contextmanager

@@ -116,7 +116,7 @@ def _zombies(pid: int) -> list[int]:
                 with open(f"/proc/{c}/stat") as f:
                     if f.read().rsplit(")", 1)[1].split()[0] == "Z":
                         found.append(c)
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 continue
             todo.append(c)
     return found
