@@ -46,7 +46,14 @@ def _ldif(people: list[Person]) -> str:
 
 
 class Slapd:
-    def __init__(self, directory: str, people: list[Person]) -> None:
+    def __init__(self, directory: str, people: list[Person], *,
+                 schemas: tuple[str, ...] = ("core", "cosine", "nis", "inetorgperson"),
+                 extra_schema: str = "", extra_ldif: str = "", extra_conf: str = "",
+                 check_schema: bool = True) -> None:
+        """`extra_schema` (slapd.conf schema lines), `extra_ldif` (entries
+        added after the people), `extra_conf` (lines before `database`) and
+        `check_schema=False` (slapadd -s: values are stored unchecked) let a
+        test build a directory that the standard schema would refuse."""
         import trustme
 
         self.dir = directory
@@ -65,11 +72,12 @@ class Slapd:
         self.conf = os.path.join(directory, "slapd.conf")
         schema = "/etc/ldap/schema"
         with open(self.conf, "w") as f:
-            f.write("".join(f"include {schema}/{s}.schema\n"
-                            for s in ("core", "cosine", "nis", "inetorgperson")))
+            f.write("".join(f"include {schema}/{s}.schema\n" for s in schemas))
+            f.write(extra_schema)
             f.write(f"modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
                     f"pidfile {directory}/slapd.pid\n"
                     f"TLSCertificateFile {self.cert}\nTLSCertificateKeyFile {self.key}\n"
+                    f"{extra_conf}"
                     f"database mdb\nmaxsize 10485760\nsuffix \"{SUFFIX}\"\n"
                     f"rootdn \"cn=admin,{SUFFIX}\"\nrootpw admin-Secret-9\n"
                     f"directory {directory}/db\n"
@@ -77,9 +85,10 @@ class Slapd:
                     "access to * by self read by users read by * none\n")
         ldif = os.path.join(directory, "people.ldif")
         with open(ldif, "w") as f:
-            f.write(_ldif(people))
+            f.write(_ldif(people) + ("\n" + extra_ldif if extra_ldif else ""))
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        r = subprocess.run([SLAPADD, "-f", self.conf, "-l", ldif], capture_output=True,
+        r = subprocess.run([SLAPADD, *(() if check_schema else ("-s",)), "-f", self.conf,
+                            "-l", ldif], capture_output=True,
                            env=env, timeout=60)
         if r.returncode:
             raise RuntimeError(f"slapadd failed: {r.stderr.decode(errors='replace')}")
