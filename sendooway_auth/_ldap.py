@@ -2,9 +2,10 @@
 
 A login binds to `ldapUri` as `ldapAuthDN` with %u replaced by the login
 name (escaped as an RDN value, RFC 4514: a name cannot change the DN's
-shape) and the password, then reads that entry's `uid`, `uidNumber`,
-`gidNumber` and `homeDirectory`: the account served, whose files are read
-as that uid and gid, whether or not NSS knows it (as the original did).
+shape) and the password (the bytes typed: no SASLprep), then reads that
+entry's `uid`, `uidNumber`, `gidNumber` and `homeDirectory`: the account
+served, whose files are read as that uid and gid, whether or not NSS
+knows it (as the original did).
 `ldapSSLca` is the CA file that ldaps:// certificates are checked
 against (the system's CAs without it); the server's name is checked too.
 Several URIs (separated by blanks, as OpenLDAP's ldap_initialize takes
@@ -12,18 +13,23 @@ them) are tried in order while a server cannot be reached.
 
 Runs in the PAM worker threads (it blocks). All tries of a login share
 one budget (a little under the authenticator's wait), split among the
-URIs still to try, and each connect and read is bounded by CONNECT_LIMIT
-and READ_LIMIT too: a URI that hangs leaves time for the next, and is
-named in the log even when the next one answers. What the directory
-refuses is a failed login; what keeps it from answering is a temporary
-failure (454), never a wrong password.
+URIs still to try: a watchdog shuts a try's socket at the end of its
+share, and each connect and read is bounded by CONNECT_LIMIT and
+READ_LIMIT too: a URI that hangs or trickles leaves time for the next, and
+is named in the log even when the next one answers. Referrals are not
+followed (the password would go to whatever host they name). What the
+directory refuses is a failed login; what keeps it from answering (a referral, an
+answer it cannot read) is a temporary failure (454), never a wrong
+password.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
+import socket
 import ssl
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -86,9 +92,6 @@ def _server(uri: str, cfg: Config, connect: int):
 def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, str]:
     """(the account, "") or (None, reason); "ldap-unavailable" (no directory
     answered) is a temporary failure, the other reasons refusals."""
-    from ldap3 import BASE, SIMPLE, Connection
-    from ldap3.core.exceptions import LDAPException
-
     secret = password.reveal()
     if not secret or not name:  # an empty password is an anonymous bind: never a login
         return None, "empty-password"
@@ -97,6 +100,13 @@ def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, st
         # letters): each such spelling of a real name would bind as it with
         # a backoff count and a login queue of its own (a review)
         return None, "unknown-user"
+    try:
+        # the bytes as typed, as libldap (the original) and PAM send them:
+        # ldap3 would SASLprep a str (NFKC: "ｗide" bound as "wide", and a
+        # tab a 454 "no directory answered")
+        raw = secret.encode("utf-8")
+    except UnicodeError:
+        return None, "invalid-characters"
     dn = user_dn(cfg.ldapAuthDN, name)
     trouble = ""
     uris = cfg.ldapUri.split()
@@ -105,42 +115,100 @@ def login(cfg: Config, name: str, password: Secret) -> tuple[UserInfo | None, st
         if trouble:  # the one before did not answer: said even if this one does
             log.warning("ldap: %s", trouble)
         share = max(1, int((deadline - time.monotonic()) / (len(uris) - n)))
-        conn = None
-        try:
-            conn = Connection(_server(uri, cfg, min(share, CONNECT_LIMIT)), user=dn,
-                              password=secret, authentication=SIMPLE, read_only=True,
-                              raise_exceptions=False, receive_timeout=min(share, READ_LIMIT))
-            if not conn.bind():
-                code = (conn.result or {}).get("result")
-                if code == INVALID_CREDENTIALS:
-                    return None, "wrong-password"
-                if code in REFUSALS:
-                    log.info("ldap: user=%s refused by %s: %s", field(name), printable(uri),
-                             printable(str((conn.result or {}).get("description", code))))
-                    return None, "ldap-refused"
-                trouble = f"{uri}: bind answered {printable(str(conn.result))}"
-                continue
-            found = conn.search(dn, "(objectClass=*)", search_scope=BASE,
-                                attributes=list(ATTRIBUTES))
-            entry = next((r for r in conn.response or () if r.get("type") == "searchResEntry"),
-                         None) if found else None
-            if entry is None:
-                trouble = f"{uri}: the entry {printable(dn)} could not be read after the bind"
-                continue
-            return _account(entry.get("attributes", {}), dn, name)
-        except (LDAPException, OSError, ssl.SSLError) as exc:
-            trouble = f"{uri}: {_describe(exc)}"
-        finally:
-            if conn is not None:
-                try:
-                    conn.unbind()
-                except Exception:  # noqa: BLE001 - closing a connection that broke
-                    pass
+        done, outcome = _try(cfg, uri, share, dn, name, raw, secret)
+        if done:
+            return outcome
+        trouble = outcome
     log.error("ldap: user=%s no directory answered: %s", field(name), trouble)
     return None, "ldap-unavailable"
 
 
-def _describe(exc: BaseException) -> str:
+def _try(cfg: Config, uri: str, share: int, dn: str, name: str, raw: bytes, secret: str):
+    """(True, the login's result) when this directory answered, or (False,
+    why it did not) to try the next URI. Takes `share` seconds at most, all
+    of it: a watchdog shuts the connection at the end of its share (each
+    read is bounded, but a directory that trickles its answer, a byte at a
+    time, held the worker thread for ever — a review)."""
+    from ldap3 import BASE, SIMPLE, Connection
+    from ldap3.core.exceptions import LDAPException
+
+    conn = None
+    cut = threading.Event()
+
+    def watchdog() -> None:
+        cut.set()
+        sock = getattr(conn, "socket", None)
+        if sock is not None:
+            try:  # the plain socket's: an SSL one's would drop its state under the reader
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+    timer = threading.Timer(share, watchdog)
+    timer.daemon = True
+    try:
+        # auto_referrals off: ldap3 follows a referral to any host it names,
+        # binding there with the DN and password (ldap:// in clear even from
+        # ldaps://), and that host's entry became the account (a review)
+        conn = Connection(_server(uri, cfg, min(share, CONNECT_LIMIT)), user=dn,
+                          password=raw, authentication=SIMPLE, read_only=True,
+                          raise_exceptions=False, auto_referrals=False,
+                          receive_timeout=min(share, READ_LIMIT))
+        timer.start()
+        if not conn.bind():
+            code = (conn.result or {}).get("result")
+            if cut.is_set():
+                return False, f"{uri}: timed out: no complete answer within {share} s"
+            if code == INVALID_CREDENTIALS:
+                return True, (None, "wrong-password")
+            if code in REFUSALS:
+                log.info("ldap: user=%s refused by %s: %s", field(name), printable(uri),
+                         _answer(conn.result, secret))
+                return True, (None, "ldap-refused")
+            return False, f"{uri}: bind answered {_answer(conn.result, secret)}"
+        found = conn.search(dn, "(objectClass=*)", search_scope=BASE,
+                            attributes=list(ATTRIBUTES))
+        entries = [r for r in conn.response or () if r.get("type") == "searchResEntry"]
+        if cut.is_set():
+            return False, f"{uri}: timed out: no complete answer within {share} s"
+        # (ldap3's search says True for any entry, whatever the result
+        # after it: an entry followed by an error was served)
+        if not found or not entries or (conn.result or {}).get("result") != 0:
+            return False, (f"{uri}: the entry {printable(dn)} could not be read after the bind"
+                           f" ({_answer(conn.result, secret)})")
+        if len(entries) > 1:  # a base search: one entry at most
+            return False, f"{uri}: answered {len(entries)} entries for {printable(dn)}"
+        return True, _account(entries[0].get("attributes", {}), dn, name)
+    except (LDAPException, OSError, ssl.SSLError) as exc:
+        if cut.is_set():
+            return False, f"{uri}: timed out: no complete answer within {share} s"
+        return False, f"{uri}: {_describe(exc, secret)}"
+    except Exception as exc:  # noqa: BLE001 - ldap3's decoder fails anyhow on a malformed answer
+        # (a bind answer with a referral: KeyError; it was an internal error)
+        return False, f"{uri}: an answer that could not be read ({type(exc).__name__})"
+    finally:
+        timer.cancel()
+        if conn is not None:
+            try:
+                conn.unbind()
+            except Exception:  # noqa: BLE001 - closing a connection that broke
+                pass
+
+
+def _answer(result, secret: str) -> str:
+    """A directory's answer for the log: its code, and its message without
+    the password (a directory may quote what it refused)."""
+    result = result or {}
+    text = f"{result.get('result')} {result.get('description', '')}".strip()
+    message = str(result.get("message") or "")
+    if message:
+        text += ": " + message
+    referrals = result.get("referrals")
+    if referrals:
+        text += " (referral to " + " ".join(str(r) for r in referrals) + ")"
+    return printable(text.replace(secret, "<password>"), 300)
+
+
+def _describe(exc: BaseException, secret: str = "") -> str:
     """A connection failure in a few words (ldap3 puts the whole peer
     certificate into a name mismatch's text)."""
     text = str(exc) or type(exc).__name__
@@ -148,7 +216,7 @@ def _describe(exc: BaseException) -> str:
         return "the server's certificate is not for this name"
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return "the server's certificate is not trusted (ldapSSLca)"
-    return printable(text, 300)
+    return printable(text.replace(secret, "<password>") if secret else text, 300)
 
 
 def _one(attrs: dict, key: str):
