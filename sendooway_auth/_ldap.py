@@ -18,7 +18,8 @@ share, and each connect and read is bounded by CONNECT_LIMIT and
 READ_LIMIT too: a URI that hangs or trickles leaves time for the next, and
 is named in the log even when the next one answers. Referrals are not
 followed (the password would go to whatever host they name). What the
-directory refuses is a failed login; what keeps it from answering (a referral, an
+directory refuses is a failed login, and so is an entry that does not
+name one account plainly; what keeps it from answering (a referral, an
 answer it cannot read) is a temporary failure (454), never a wrong
 password.
 """
@@ -48,6 +49,8 @@ ATTRIBUTES = ("uid", "uidNumber", "gidNumber", "homeDirectory")
 # went silent would leave every thread stuck and every login waiting.
 CONNECT_LIMIT = 5
 READ_LIMIT = 10
+# PATH_MAX less its NUL: a longer homeDirectory names no directory
+MAX_HOME = 4095
 INVALID_CREDENTIALS = 49
 # bind results that say "no" to this account rather than "cannot answer":
 # inappropriateAuthentication, insufficientAccessRights, unwillingToPerform
@@ -219,36 +222,60 @@ def _describe(exc: BaseException, secret: str = "") -> str:
     return printable(text.replace(secret, "<password>") if secret else text, 300)
 
 
-def _one(attrs: dict, key: str):
+def _values(attrs: dict, key: str) -> list:
     value = attrs.get(key)
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else None
-    return value
+    if value is None:
+        return []
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [v for v in values if v not in (None, "", b"")]
+
+
+def _number(value) -> int | None:
+    """RFC 4517's INTEGER, non-negative: ASCII digits only (int() takes
+    "٤٠٣٠٣", "4_0303", " 40303", "+40303": none is a uid to NSS)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 def _account(attrs: dict, dn: str, name: str) -> tuple[UserInfo | None, str]:
-    """The entry's account, refused when it is incomplete or would read the
-    files as root."""
-    uid_name, uid, gid, home = (_one(attrs, k) for k in ATTRIBUTES)
-    missing = [k for k, v in zip(ATTRIBUTES, (uid_name, uid, gid, home)) if v in (None, "", [])]
+    """The entry's account, refused when it is incomplete, ambiguous (two
+    values where one account is meant: which one a directory sends first is
+    not defined) or would read the files as root."""
+    found = {k: _values(attrs, k) for k in ATTRIBUTES}
+    missing = [k for k in ATTRIBUTES if not found[k]]
     if missing:
         log.error("ldap: user=%s entry %s lacks %s: check ldapAuthDN and the entry",
                   field(name), printable(dn), ", ".join(missing))
         return None, "ldap-entry-incomplete"
-    try:
-        uid, gid = int(uid), int(gid)
-    except (TypeError, ValueError):
+    uids = found["uid"]
+    if len(uids) > 1:
+        # the value bound as (uid=%u), or none: another value first
+        # (an alias) renamed the account, for validUser and %u (a review)
+        uids = sorted((u for u in uids if isinstance(u, str) and u.lower() == name.lower()),
+                      key=lambda u: u != name) or uids
+    several = [k for k in ATTRIBUTES if len(uids if k == "uid" else found[k]) > 1]
+    if several:
+        log.error("ldap: user=%s entry %s has several values of %s: which account is"
+                  " meant is not known", field(name), printable(dn), ", ".join(several))
+        return None, "ldap-entry-incomplete"
+    uid_name, home = uids[0], found["homeDirectory"][0]
+    uid, gid = (_number(found[k][0]) for k in ("uidNumber", "gidNumber"))
+    if uid is None or gid is None:
         log.error("ldap: user=%s entry %s: uidNumber/gidNumber are not numbers",
                   field(name), printable(dn))
         return None, "ldap-entry-incomplete"
-    home = str(home)
-    uid_name = str(uid_name)
     if uid <= 0 or gid <= 0 or uid >= 2**32 - 1 or gid >= 2**32 - 1:
         log.error("ldap: user=%s entry %s: uidNumber %d gidNumber %d refused (root or"
                   " out of range: the user's files are read as that account)",
                   field(name), printable(dn), uid, gid)
         return None, "ldap-root-account"
-    if not posixpath.isabs(home) or "\0" in home or "\0" in uid_name or "/" in uid_name:
+    # text (ldap3 gives bytes what is not UTF-8: str() made "b'le\\xffna'"
+    # an account), a name that is one path component, a home that is a path
+    if (not isinstance(uid_name, str) or not isinstance(home, str)
+            or not uid_name.isprintable() or "/" in uid_name or uid_name in (".", "..")
+            or not posixpath.isabs(home) or "\0" in home
+            or len(home.encode("utf-8", "surrogateescape")) > MAX_HOME):
         log.error("ldap: user=%s entry %s: unusable uid or homeDirectory", field(name),
                   printable(dn))
         return None, "ldap-entry-incomplete"
