@@ -31,7 +31,7 @@ file failed on the code as it was)
      was not. The daemon answered 454 at `timeout`, but eight such logins
      left no worker for anyone, a second, healthy ldapUri was never tried,
      and a huge answer ground on after the 454 (ldap3 joins reads
-     quadratically): test_a_trickle_is_cut_at_the_budget[ldap-answer],
+     quadratically): test_a_trickle_is_cut_...[ldap-answer, ldaps-answer],
      test_a_trickling_first_directory_..., test_a_huge_answer_is_bounded.
   D4 Several values of uidNumber, gidNumber or homeDirectory: the first one
      the directory sent was served (values are a set: any of them); several
@@ -76,7 +76,8 @@ at a time, against this file; all 16 killed)
   M02 the backend's empty-password guard dropped (the daemon's own guard
       still there): test_an_empty_password_never_reaches_the_directory.
   M03 auto_referrals back to ldap3's default: test_a_referral_after_...
-  M04 the watchdog never started: test_a_trickle_...[ldap-answer].
+  M04 the watchdog never started: test_a_trickle_...[ldap-answer] and
+      [ldaps-answer] (each alone).
   M05 no several-values check: test_hostile_entries_...
   M06 int() again for the numbers: test_hostile_entries_...
   M07 the uid value matching the name not preferred: test_a_second_uid_...
@@ -261,8 +262,9 @@ class Scripted:
     connection; `requests` records (operation tag, its fields) in order,
     `binds` each bind's (dn, password)."""
 
-    def __init__(self, script) -> None:
+    def __init__(self, script, tls=None) -> None:
         self.script = script
+        self.tls = tls  # an ssl.SSLContext: ldaps://
         self.requests: list = []
         self.binds: list[tuple[bytes, bytes]] = []
         self.conns: list[socket.socket] = []
@@ -283,6 +285,9 @@ class Scripted:
 
     def _play(self, conn) -> None:
         try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                self.conns.append(conn)
             self.script(self, conn)
         except (EOFError, OSError):
             pass
@@ -325,8 +330,8 @@ class Scripted:
 def scripted():
     made = []
 
-    def make(script) -> Scripted:
-        made.append(Scripted(script))
+    def make(script, tls=None) -> Scripted:
+        made.append(Scripted(script, tls))
         return made[-1]
     yield make
     for s in made:
@@ -650,19 +655,27 @@ def _trickle_tls(s, conn):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["ldap-answer", "ldaps-handshake"])
-def test_a_trickle_is_cut_at_the_budget(scripted, tls):
-    """A byte every 0.2 s, in the entry's answer or in the TLS handshake:
-    each read is quick, the answer never ends. The try ends with the
-    login's budget (timeout - 2 s), not with the answer (it took for
-    ever)."""
+@pytest.mark.parametrize("where", ["ldap-answer", "ldaps-answer", "ldaps-handshake"])
+def test_a_trickle_is_cut_at_the_budget(scripted, lax, where):
+    """A byte every 0.2 s, in the entry's answer (in clear or over TLS) or
+    in the TLS handshake: each read is quick, the answer never ends. The
+    try ends with the login's budget (timeout - 2 s), not with the answer
+    (it took for ever)."""
+    import ssl
+
     from sendooway_auth import _ldap
     from sendooway_shared.config import parse_config
     from sendooway_shared.types import Secret
 
-    directory = scripted(_trickle_tls if tls else _bind_then(_trickle))
-    uri = directory.uri.replace("ldap://127.0.0.1", "ldaps://localhost") if tls else directory.uri
-    cfg = parse_config(_conf(uri), "trickle.conf")
+    tls = None
+    if where == "ldaps-answer":
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(lax.cert, lax.key)
+    directory = scripted(_trickle_tls if where == "ldaps-handshake" else _bind_then(_trickle), tls)
+    uri = directory.uri
+    if where != "ldap-answer":
+        uri = uri.replace("ldap://127.0.0.1", "ldaps://localhost")
+    cfg = parse_config(_conf(uri, ca=lax.ca_file), "trickle.conf")
     got: list = []
     worker = threading.Thread(target=lambda: got.append(_ldap.login(cfg, "lena", Secret(PW))),
                               daemon=True)
@@ -726,7 +739,9 @@ def test_ldaps_to_a_server_that_does_not_speak_tls(daemon, lax):
 
 def test_a_referral_directory_through_the_frontend_is_454(world, scripted, tmp_path):
     """End to end: an SMTP client with a right password against a directory
-    that refers the search elsewhere gets 454 and the other host nothing."""
+    that refers the search elsewhere gets 454 and the other host nothing;
+    one with an empty password (AUTH PLAIN "\\0lena\\0") gets 535 and the
+    directory, which takes any bind, gets none."""
     from tests.auth_helpers import Daemon
     from tests.front_util import Frontend, front_config
 
@@ -755,10 +770,17 @@ def test_a_referral_directory_through_the_frontend_is_454(world, scripted, tmp_p
         code, text = c.docmd("AUTH", f"PLAIN {blob}")  # (smtplib's login tries LOGIN next)
         c.close()  # (the session ends with a 421: its authenticator link is spent)
         assert (code, text[:5]) == (454, b"4.7.0"), (code, text)
+        binds = list(directory.binds)
+        c = fe.smtp()
+        c.starttls(context=world.ssl_context())
+        c.ehlo()
+        code, text = c.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0lena\0").decode())
+        c.close()
+        assert code == 535, (code, text)
     finally:
         fe.stop()
         auth.stop()
-    assert elsewhere.requests == []
+    assert elsewhere.requests == [] and directory.binds == binds
     assert PW not in auth.log()
 
 
