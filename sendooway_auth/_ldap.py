@@ -234,7 +234,9 @@ def _number(value) -> int | None:
     """RFC 4517's INTEGER, non-negative: ASCII digits only (int() takes
     "٤٠٣٠٣", "4_0303", " 40303", "+40303": none is a uid to NSS)."""
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+        # (int() refuses more than 4300 digits: a 454 "could not be read";
+        # any number of 20 digits is out of range already)
+        return int(value) if len(value) <= 20 else 2**64
     return None
 
 

@@ -70,7 +70,7 @@ is normalised and served (the directory may name any home; files are
 read as the entry's uid).
 
 MUTANTS (planted by hand in sendooway_auth/_ldap.py after the fixes, one
-at a time, against this file; all 16 killed)
+at a time, against this file; all 17 killed)
   M01 escape_rdn dropped from user_dn: "le\\6ea" logged in as lena
       (test_names_that_would_reshape_...).
   M02 the backend's empty-password guard dropped (the daemon's own guard
@@ -79,7 +79,8 @@ at a time, against this file; all 16 killed)
   M04 the watchdog never started: test_a_trickle_...[ldap-answer] and
       [ldaps-answer] (each alone).
   M05 no several-values check: test_hostile_entries_...
-  M06 int() again for the numbers: test_hostile_entries_...
+  M06 a looser digits test (blanks and "+" stripped, any Unicode digit):
+      test_hostile_entries_...
   M07 the uid value matching the name not preferred: test_a_second_uid_...
   M08 the password given to ldap3 as text again: test_the_password_...
   M09 the password not masked in the logged answer: test_a_password_echoed_...
@@ -92,6 +93,8 @@ at a time, against this file; all 16 killed)
   M15 the watchdog 60 s late: test_a_trickle_...[ldap-answer].
   M16 the search's result code not checked:
       test_a_broken_answer_...[entry-then-error].
+  M17 the digit-count bound dropped from _number (int() then raises on
+      5000 digits: a 454 instead of a refusal): test_hostile_entries_...
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ HOSTILE = {
     "negative": ({"uidNumber": [b"-40303"]}, "are not numbers"),
     "wrapped": ({"uidNumber": [b"4294967296"]}, "root or out of range"),  # 2**32: 0 for a C uid_t
     "huge": ({"gidNumber": [b"9" * 400]}, "root or out of range"),
+    "vast": ({"uidNumber": [b"9" * 5000]}, "root or out of range"),  # int() refuses > 4300 digits
     "nouidn": ({"uidNumber": None}, "lacks uidNumber"),
     "nogidn": ({"gidNumber": None}, "lacks gidNumber"),
     "nohome": ({"homeDirectory": None}, "lacks homeDirectory"),
