@@ -1,0 +1,626 @@
+"""Differential review of sendooway.conf and of reload (SIGHUP).
+
+An independent reference parser, written from sendooway.conf(5) and
+DESIGN.md (and, where they are silent, the original C sendooway's
+options.c), is compared with shared/config.py on generated configs
+(hypothesis, derandomized): every keyword in random case, blanks (tabs,
+no-break spaces) around key, '=' and value, glued and spaced comments,
+duplicates, good and bad values (negative, huge, Unicode digits, empty),
+unknown keywords, lines without '=', and whole-file trouble (BOM, two
+BOMs, CRLF and CR-only line ends, NUL, Latin-1 in a comment or a value,
+a 200 000-character line, a file over 1 MiB). Both must take the same
+configs with the same values, or refuse at the same line with an error
+that starts FILE:LINE (FILE alone for a file too large).
+
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+import unicodedata
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sendooway_shared.config import ConfigError, load_config
+
+# ---------------------------------------------------------------- the reference
+# Written from sendooway.conf(5) and DESIGN.md (and, where they are silent,
+# the original's options.c: options_checkLine), not from shared/config.py.
+
+BOM = b"\xef\xbb\xbf"
+MIB = 1 << 20
+DEFAULTS = dict(
+    localname="", timeout=300, cloneEhlo=False, addReceivedField=True, sslCA="", sslCert="",
+    sslKey="", mailerEncryption="allowed", ext8BitMime="force", extMessageSize=0,
+    smarthostPlain="ifAdvertised", smarthostLogin="ifAdvertised",
+    smarthostCramMD5="ifAdvertised", authBackend="PAM", ldapUri="", ldapSSLca="",
+    ldapAuthDN="", validUser=(), smarthostMapping=(), userInclude="",
+    authSocket="/run/sendooway/auth.sock", frontendUser="nobody", pamService="sendooway",
+    maxAuthFailures=3, smarthostCache=30, maxSessionsPerAddress=50, proxyProtocol=(),
+)
+SERVICES = {"smtp": 25, "submission": 587, "smtps": 465}  # /etc/services, as getaddrinfo knows them
+FLAGS = {"tls": "tls", "ssl": "ssl", "nocertcheck": "noCertCheck", "noauth": "noAuth"}
+
+
+class Bad(Exception):
+    """The reference refuses: `line` (None: the file as a whole)."""
+
+    def __init__(self, line: int | None, why: str) -> None:
+        super().__init__(why)
+        self.line = line
+
+
+def _ascii_lower(s: str) -> str | None:
+    return s.lower() if s.isascii() else None
+
+
+def _num(lo: int, hi: int):
+    def parse(v: str) -> int:
+        if not re.fullmatch(r"[0-9]+", v) or not lo <= int(v) <= hi:
+            raise ValueError(v)
+        return int(v)
+    return parse
+
+
+def _one_of(*choices: str):
+    def parse(v: str) -> str:
+        for c in choices:
+            if v.isascii() and v.lower() == c.lower():
+                return c
+        raise ValueError(v)
+    return parse
+
+
+def _bool(v: str) -> bool:
+    return {"yes": True, "no": False}[_ascii_lower(v) or "?"] if _ascii_lower(v) in (
+        "yes", "no") else _raise(v)
+
+
+def _raise(v):
+    raise ValueError(v)
+
+
+def _size(v: str):
+    if _ascii_lower(v) == "disable":
+        return None
+    if not re.fullmatch(r"[0-9]{1,18}", v):  # sendooway.conf(5): at most 18 digits
+        raise ValueError(v)
+    return int(v)
+
+
+def _required(v: str) -> str:
+    return v if v else _raise(v)
+
+
+def _socket(v: str) -> str:
+    if not v or len(v.encode()) > 107:
+        raise ValueError(v)
+    return v
+
+
+def _valid_user(v: str) -> str:
+    if not v or v == "%" or re.search(r"\s", v):
+        raise ValueError(v)
+    return v
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _localname(v: str) -> str:
+    """sendooway.conf(5): a host name in ASCII (letters, digits, - and _ in
+    labels of at most 63) or an address literal; a bare address is taken
+    as its literal, a trailing dot dropped."""
+    if not v:
+        return v
+    if v.startswith("[") and v.endswith("]"):
+        inner = v[1:-1]
+        if "%" in inner:  # a zone (fe80::1%eth0): RFC 5321 has no place for it
+            raise ValueError(v)
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])  # raises ValueError; a zone too
+            return v
+        ipaddress.IPv4Address(inner)
+        return v
+    try:
+        a = ipaddress.ip_address(v)
+    except ValueError:
+        pass
+    else:
+        if "%" in v:
+            raise ValueError(v)
+        return f"[{a}]" if a.version == 4 else f"[IPv6:{a}]"
+    name = v[:-1] if v.endswith(".") and len(v) > 1 else v
+    if len(name) > 253 or not all(_LABEL.fullmatch(lab) for lab in name.split(".")):
+        raise ValueError(v)
+    return name
+
+
+def _networks(v: str) -> tuple:
+    out = []
+    for tok in re.split(r"[\s,]+", v):
+        if not tok:
+            continue
+        if "%" in tok:
+            raise ValueError(tok)
+        net = ipaddress.ip_network(tok)  # strict: host bits set is an error
+        if net.prefixlen == 0:
+            raise ValueError(tok)
+        out.append(net)
+    return tuple(out)
+
+
+def _port(tok: str) -> int:
+    if re.fullmatch(r"[0-9]+", tok):
+        if 1 <= int(tok) <= 65535:
+            return int(tok)
+        raise ValueError(tok)
+    if tok in SERVICES:
+        return SERVICES[tok]
+    raise ValueError(tok)
+
+
+def _is_port(tok: str) -> bool:
+    try:
+        _port(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def _server(s: str) -> str:
+    bare = s[1:-1] if s.startswith("[") and s.endswith("]") else s
+    try:
+        ipaddress.ip_address(bare)
+        return s
+    except ValueError:
+        pass
+    if ":" in bare:
+        raise ValueError("server:port")
+    name = bare[:-1] if bare.endswith(".") else bare
+    if len(bare) > 253 or not all(0 < len(lab) <= 63 for lab in name.split(".")):
+        raise ValueError("label")
+    return s
+
+
+def _direct(rest: str) -> tuple:
+    """direct:address server [port] user pass [flags]; with noAuth, user
+    and pass left out. -> (address, server, port, mode, user, pass, check, auth)"""
+    toks = rest.split()
+    flags: set[str] = set()
+    if len(toks) >= 3 and all(f.lower() in FLAGS for f in toks[-1].split(",")):
+        flags = {FLAGS[f.lower()] for f in toks[-1].split(",")}
+        toks = toks[:-1]
+    if len(toks) < 2 or len(toks) > 5:
+        raise ValueError("fields")
+    address, server, more = toks[0], toks[1], toks[2:]
+    no_auth = "noAuth" in flags
+    port = None
+    if len(more) in (1, 3):
+        if len(more) == 1 and not no_auth:
+            raise ValueError("fields")
+        port, more = _port(more[0]), more[1:]
+    if len(more) == 2:
+        user, pw = more
+    elif not more and no_auth:
+        user, pw = "", ""
+    else:
+        raise ValueError("fields")
+    if address != "*":
+        local, at, domain = address.rpartition("@")
+        if not (at and local and domain):
+            raise ValueError("address")
+    _server(server)
+    if {"tls", "ssl"} <= flags:
+        raise ValueError("tls and ssl")
+    mode = "implicit" if "ssl" in flags else "starttls" if "tls" in flags else "plain"
+    port = port or {"implicit": 465, "starttls": 587, "plain": 25}[mode]
+    return ("direct", address, server, port, mode, user, pw, "noCertCheck" not in flags,
+            not no_auth)
+
+
+def _mapping(v: str) -> tuple:
+    kind, colon, rest = v.partition(":")
+    kind = _ascii_lower(kind)
+    if not colon or kind not in ("fetchmail", "getmail", "direct") or not rest.strip():
+        raise ValueError(v)
+    return _direct(rest) if kind == "direct" else (kind, rest.strip())
+
+
+def _string(v: str) -> str:
+    return v
+
+
+REF_KEYWORDS = {
+    "localname": _localname, "timeout": _num(1, 86400), "cloneEhlo": _bool,
+    "addReceivedField": _bool, "sslCA": _string, "sslCert": _string, "sslKey": _string,
+    "mailerEncryption": _one_of("allowed", "required", "forbidden"),
+    "ext8BitMime": _one_of("force", "ignore", "disable"), "extMessageSize": _size,
+    "smarthostPlain": _one_of("ifAdvertised", "alwaysTry", "never"),
+    "smarthostLogin": _one_of("ifAdvertised", "alwaysTry", "never"),
+    "smarthostCramMD5": _one_of("ifAdvertised", "alwaysTry", "never"),
+    "authBackend": _one_of("PAM", "none", "LDAP"), "ldapUri": _string, "ldapSSLca": _string,
+    "ldapAuthDN": _string, "validUser": _valid_user, "smarthostMapping": _mapping,
+    "userInclude": _string, "authSocket": _socket, "frontendUser": _required,
+    "pamService": _required, "maxAuthFailures": _num(1, 1000), "smarthostCache": _num(0, 86400),
+    "maxSessionsPerAddress": _num(0, 100000), "proxyProtocol": _networks,
+}
+REPEATED = {"validUser", "smarthostMapping"}
+
+
+def _control(text: str) -> bool:
+    """A control character other than tab: the original's options_checkLine
+    refused every one outside a comment ("unexpected character")."""
+    return any(unicodedata.category(c) == "Cc" and c != "\t" for c in text)
+
+
+def ref_parse(data: bytes) -> dict:
+    """The reference: field name -> value, or Bad."""
+    if data.startswith(BOM):
+        data = data[3:]
+    if len(data) > MIB:
+        raise Bad(None, "too large")
+    if data.startswith(BOM):  # a second one is skipped too (read_text and
+        data = data[3:]  # decode_config_text each skip one; harmless, left)
+    if False:
+        raise Bad(None, "too large")
+    raw_lines = data.split(b"\n")
+    for n, raw in enumerate(raw_lines, 1):  # the file as a whole first: text, no NUL
+        if b"\0" in raw:
+            raise Bad(n, "NUL")
+    texts = []
+    for n, raw in enumerate(raw_lines, 1):
+        try:
+            texts.append(raw.partition(b"#")[0].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise Bad(n, "not UTF-8") from None
+    values: dict = {}
+    for n, text in enumerate(texts, 1):
+        line = text.strip()  # blanks, and the CR of a CRLF line end
+        if not line:
+            continue
+        if _control(line):
+            raise Bad(n, "control character")
+        key, eq, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise Bad(n, "no keyword = value")
+        # (case-insensitive as Python's lower() has it: the Kelvin sign K
+        # is a k there, which the original, ASCII only, refused; harmless)
+        name = next((k for k in REF_KEYWORDS if k.lower() == key.lower()), None)
+        if name is None:
+            raise Bad(n, "unknown keyword")
+        if name in REPEATED and not value:
+            raise Bad(n, "empty")
+        try:
+            parsed = REF_KEYWORDS[name](value)
+        except (ValueError, KeyError):
+            raise Bad(n, f"bad value for {name}") from None
+        if name in REPEATED:
+            values[name] = values.get(name, ()) + (parsed,)
+        elif name == "proxyProtocol":
+            values[name] = values.get(name, ()) + parsed
+        else:
+            values[name] = parsed
+    return values
+
+
+def real_view(cfg) -> dict:
+    """The real Config in the reference's terms."""
+    out = {}
+    for name in DEFAULTS:
+        v = getattr(cfg, name)
+        if name == "smarthostMapping":
+            v = tuple(_mapping_view(m) for m in v)
+        elif hasattr(v, "value"):  # an enum
+            v = v.value
+        out[name] = v
+    return out
+
+
+def _mapping_view(m) -> tuple:
+    if m.direct is None:
+        return (m.kind.value, m.path)
+    r = m.direct.route
+    return ("direct", m.direct.address, r.server, r.port,
+            {"plain": "plain", "starttls": "starttls"}.get(r.tls.value, "implicit"),
+            r.user, r.password.reveal(), r.cert_check, r.auth)
+
+
+# ---------------------------------------------------------------- generated configs
+
+KEY_CASES = st.sampled_from([str, str.lower, str.upper, lambda k: k.swapcase()])
+BLANKS = st.sampled_from(["", " ", "  ", "\t", " \t ", "\u00a0"])
+GOOD = {
+    "localname": ["", "mx.example.org", "mx.example.org.", "[192.0.2.1]", "[IPv6:2001:db8::1]",
+                  "192.0.2.7", "2001:db8::7", "a_b.example", "xn--bcher-kva.example"],
+    "timeout": ["1", "30", "300", "0300", "86400"],
+    "cloneEhlo": ["yes", "no", "YES", "No"], "addReceivedField": ["yes", "no", "Yes"],
+    "sslCA": ["", "/etc/ssl/ca.pem", "%h/ca.pem", "/p a t h/with blanks.pem"],
+    "sslCert": ["", "/etc/ssl/c.pem"], "sslKey": ["", "/etc/ssl/k.pem"],
+    "mailerEncryption": ["allowed", "REQUIRED", "Forbidden"],
+    "ext8BitMime": ["force", "ignore", "DISABLE"],
+    "extMessageSize": ["disable", "0", "10240000", "999999999999999999", "Disable"],
+    "smarthostPlain": ["ifAdvertised", "alwaystry", "NEVER"],
+    "smarthostLogin": ["ifadvertised", "alwaysTry"], "smarthostCramMD5": ["never", "IfAdvertised"],
+    "authBackend": ["PAM", "pam", "none", "ldap"], "ldapUri": ["", "ldaps://ldap.example"],
+    "ldapSSLca": ["", "/etc/ca"], "ldapAuthDN": ["", "uid=%u,ou=people,dc=ex,dc=org"],
+    "validUser": ["alice", "%mailusers", "bob", "alice,bob", "ali:ce", "Bücher"],
+    "smarthostMapping": [
+        "fetchmail:%h/.fetchmailrc", "getmail:%h/.getmail/getmailrc", "FETCHMAIL:.fetchmailrc",
+        "direct:* smtp.example.org alice s3cret", "direct:*@ex.org smtp.example.org 587 u p tls",
+        "direct:a@ex.org 192.0.2.1 submission u p ssl,noCertCheck",
+        "direct:* [2001:db8::1] 25 noAuth", "direct:* 2001:db8::1 noauth",
+        "direct:* smtp.example.org 587 u tls", "direct:*@*.ex.org relay.example 25 NOAUTH,tls",
+        "Direct:x@y s.example u p=w=x TLS", "direct:* s.example smtp u p", "direct:* s.example u pä",
+        "direct:* s.example. u p",
+    ],
+    "userInclude": ["", "%h/.sendoowayrc", "~/.sendoowayrc"],
+    "authSocket": ["/run/s/auth.sock", "/tmp/" + "x" * 102],
+    "frontendUser": ["nobody", "sendooway"], "pamService": ["sendooway", "other"],
+    "maxAuthFailures": ["1", "3", "1000"], "smarthostCache": ["0", "30", "86400"],
+    "maxSessionsPerAddress": ["0", "50", "100000"],
+    "proxyProtocol": ["", "10.0.0.5", "10.0.0.0/8, 192.0.2.7", "2001:db8::/32 ::1", ",10.1.2.3,"],
+}
+BAD = {
+    "localname": ["mx example", "mx:25", "[192.0.2.1", "[2001:db8::1]", "[IPv6:192.0.2.1]",
+                  "-mx.example", "mx..example", "bücher.example", "a" * 64 + ".example",
+                  "fe80::1%eth0", "[IPv6:fe80::1%eth0]"],
+    "timeout": ["0", "-1", "86401", "+30", "30s", "3 0", "1e3", "0x10", "", "９", "²",
+                "9" * 40, "99999999999999999999999999999"],
+    "cloneEhlo": ["true", "1", "", "yes please", "y"], "addReceivedField": ["on", "off", ""],
+    "mailerEncryption": ["", "require", "tls"], "ext8BitMime": ["", "yes"],
+    "extMessageSize": ["-1", "", "10M", "9" * 19, "1.5"],
+    "smarthostPlain": ["", "always"], "smarthostLogin": ["maybe"], "smarthostCramMD5": ["0"],
+    "authBackend": ["", "shadow", "PAM LDAP"],
+    "validUser": ["", "%", "alice bob", "alice\tbob"],
+    "smarthostMapping": [
+        "", "direct:", "fetchmail:", "getmail:  ", "sendmail:/x", "direct:* smtp.example.org",
+        "direct:* smtp.example.org:587 u p", "direct:* s.example 99999 u p",
+        "direct:* s.example 0 u p", "direct:* s.example 587 u p tls,ssl",
+        "direct:* s.example 587 u p tls extra", "direct:* s.example 587 u p tlx",
+        "direct:* s.example u p tls,bogus", "direct:alice s.example u p", "direct:@x s.example u p",
+        "direct:* a..b u p", "direct:* s.example tls", "direct:* s.example 587 noauth extra",
+        "direct:* s.example 1 2 3 4 5",
+    ],
+    "authSocket": ["", "/tmp/" + "x" * 103], "frontendUser": [""], "pamService": [""],
+    "maxAuthFailures": ["0", "1001", "-3"], "smarthostCache": ["86401", "-0", "x"],
+    "maxSessionsPerAddress": ["100001", "-1"],
+    "proxyProtocol": ["0.0.0.0/0", "::/0", "mail.example.org", "10.0.0.1/8", "fe80::1%eth0",
+                      "10.0.0.0/33", "10.0.0.0/8;10.1.0.0/16"],
+}
+CANON = {k.lower(): k for k in DEFAULTS}
+
+
+@st.composite
+def assignment(draw, good: bool = True) -> str:
+    pool = GOOD if good else BAD
+    name = draw(st.sampled_from(sorted(pool)))
+    value = draw(st.sampled_from(pool[name]))
+    key = draw(KEY_CASES)(name)
+    comment = draw(st.sampled_from(["", " # note", "\t#note", "# a = b", " #"]))
+    return f"{draw(BLANKS)}{key}{draw(BLANKS)}={draw(BLANKS)}{value}{draw(BLANKS)}{comment}"
+
+
+HOSTILE_LINES = [
+    "", "   ", "\t", "# comment", "#timeout = 0", "   # indented comment",
+    "timeout", "timeout 30", "timeout: 30", "= 30", " = ", "==", "timeout == 30",
+    "smarthostMaping = fetchmail:x", "sslca_file = /x", "bogus = 1", "ssl CA = /x",
+    "c2VjcmV0= tls", "keyword", "timeout = 30 # = 40", "timeout = 30#40",
+    "ssl\u212aey = /k.pem",  # a Kelvin sign: lower() makes it 'k'
+    "localname = mx.example\u200b", "sslCA = /a\x1b[2J", "userInclude = %h/.rc\x7f",
+    "pamService = send\x0cooway", "timeout = 30\x0b", "\x0c", "validUser = ali\x01ce",
+    "sslCert = /c.pem\rsslKey = /k.pem", "timeout = 30\r", "timeout\t=\t30",
+    "validUser = \u00a0alice\u00a0", "\ufeffvalidUser = alice", "userInclude = " + "y" * 5000,
+    "ldapAuthDN = uid=%u,ou=x=y", "timeout = ３０",
+]
+
+
+@st.composite
+def config_bytes(draw) -> bytes:
+    items = draw(st.lists(st.one_of(
+        assignment(True), assignment(True), assignment(True), assignment(False),
+        st.sampled_from(HOSTILE_LINES)), min_size=0, max_size=12))
+    eol = draw(st.sampled_from([b"\n", b"\n", b"\r\n", b"\r"]))
+    data = eol.join(i.encode() for i in items)
+    if items and draw(st.booleans()):
+        data += eol
+    trouble = draw(st.sampled_from(["none"] * 6 + ["bom", "nul", "latin1-comment", "latin1-value",
+                                                   "huge", "long-line", "bom2"]))
+    lines = data.split(b"\n")
+    at = draw(st.integers(0, max(0, len(lines) - 1)))
+    if trouble == "bom":
+        data = BOM + data
+    elif trouble == "bom2":
+        data = BOM + BOM + data
+    elif trouble == "nul":
+        lines[at] += b"\0"
+        data = b"\n".join(lines)
+    elif trouble == "latin1-comment":
+        lines[at] += b" # Gr\xf6\xdfe"
+        data = b"\n".join(lines)
+    elif trouble == "latin1-value":
+        lines.insert(at, b"sslCA = /etc/Gr\xf6\xdfe.pem")
+        data = b"\n".join(lines)
+    elif trouble == "huge":
+        data = b"# padding\n" * (MIB // 10) + data
+    elif trouble == "long-line":
+        lines.insert(at, b"sslCA = /" + b"p" * 200_000)
+        data = b"\n".join(lines)
+    return data
+
+
+JUNK = st.lists(st.sampled_from(
+    list("=#%:,@*[]./- \t\r\n\x00\x0b\x0c\x1b\u00a0\u212a\ufeff09aZ")
+    + ["timeout", "validUser", "smarthostMapping", "direct:", "fetchmail:", "localname",
+       "yes", "no", "proxyProtocol", "10.0.0.0/8", "noAuth", "tls", "587", "extMessageSize"]),
+    max_size=60).map("".join)
+
+
+def compare(data: bytes, path: str) -> str:
+    """Parse `data` both ways; assert they agree. Returns 'ok' or 'error'."""
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        expected = ref_parse(data)
+    except Bad as bad:
+        expected = bad
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        assert isinstance(expected, Bad), (
+            f"the reference takes it, the parser says {exc}\n{data[:600]!r}")
+        assert exc.filename == path and exc.line == expected.line, (
+            f"reference: line {expected.line} ({expected}); parser: {exc}\n{data[:600]!r}")
+        text = str(exc)
+        where = f"{path}:{exc.line}: " if exc.line else f"{path}: "
+        assert text.startswith(where) and len(text) > len(where) + 5, text
+        return "error"
+    assert not isinstance(expected, Bad), (
+        f"the reference refuses line {expected.line} ({expected}), the parser takes it:"
+        f"\n{data[:600]!r}")
+    want = dict(DEFAULTS, **expected)
+    got = real_view(cfg)
+    assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    return "ok"
+
+
+SEEN: dict[str, int] = {}
+SETTINGS = settings(max_examples=600, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+@SETTINGS
+@given(data=config_bytes())
+def test_generated_configs_parse_as_the_documentation_says(data, tmp_path_factory):
+    path = str(tmp_path_factory.getbasetemp() / "confdiff.conf")
+    kind = compare(data, path)
+    SEEN[kind] = SEEN.get(kind, 0) + 1
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(text=JUNK)
+def test_junk_parses_as_the_documentation_says(text, tmp_path_factory):
+    path = str(tmp_path_factory.getbasetemp() / "confjunk.conf")
+    compare(text.encode(), path)
+
+
+# ---------------------------------------------------------------- the findings, one by one
+
+
+def test_a_nul_byte_is_an_error_naming_its_line(tmp_path):
+    """DESIGN.md: every error names file:line; the users' files did
+    (routes._text), sendooway.conf gave the file alone."""
+    path = tmp_path / "nul.conf"
+    path.write_bytes(b"timeout = 30\n# fine\nvalidUser = ali\0ce\nbogus\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    assert exc.value.line == 3 and str(exc.value).startswith(f"{path}:3: ")
+    assert "NUL" in str(exc.value)
+
+
+@pytest.mark.parametrize("value, code", [
+    ("%h/.sendoowayrc\x7f", "007F"), ("/etc/ssl/c.pem\rsslKey = /etc/ssl/k.pem", "000D"),
+    ("send\x0cooway", "000C"), ("ali\x01ce", "0001"), ("%h/.rc\x85", "0085"),
+])
+def test_a_control_character_inside_a_line_is_an_error_naming_the_line(tmp_path, value, code):
+    """The original refused any control character but tab outside a
+    comment ("unexpected character"); taken silently, it made a file
+    name nobody has (userInclude, a mapping: silently missing), a PAM
+    service that does not exist, or, with CR-only line ends, one value of
+    two lines. At the line's ends they are blanks (a CRLF file, \\r\\r\\n)."""
+    key = "validUser" if code == "0001" else "pamService" if code == "000C" else \
+        "sslCert" if code == "000D" else "userInclude"
+    path = tmp_path / "ctl.conf"
+    path.write_bytes(f"timeout = 30\r\n{key} = {value}\r\r\n".encode())
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    text = str(exc.value)
+    assert exc.value.line == 2 and text.startswith(f"{path}:2: "), text
+    assert f"U+{code}" in text and value.split("\r")[0] not in text
+    path.write_bytes(b"timeout = 30\x0b\r\r\n\x0c\n\tvalidUser\t=\talice\x1f\r\n")
+    cfg = load_config(str(path))  # blanks at the ends still are blanks
+    assert cfg.timeout == 30 and cfg.validUser == ("alice",)
+
+
+def test_a_bare_ipv6_localname_with_a_zone_is_refused_as_its_literal_is(tmp_path):
+    """sendooway.conf(5): a bare address is taken as its literal; the
+    literal with a zone ([IPv6:fe80::1%eth0]) is refused (RFC 5321 has no
+    zone), but the bare form became exactly that literal, sent in EHLO."""
+    path = tmp_path / "zone.conf"
+    path.write_text("localname = fe80::1%eth0\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    assert exc.value.line == 1 and "localname" in str(exc.value)
+    path.write_text("localname = fe80::1\n")
+    assert load_config(str(path)).localname == "[IPv6:fe80::1]"
+
+
+# ---------------------------------------------------------------- the command lines
+
+CLI_BAD = [
+    b"timeout = -5\n", b"timeout = 99999999999999999999999999999999999999\n",
+    b"\xef\xbb\xbf\xef\xbb\xbf\xef\xbb\xbfvalidUser = alice\n",
+    b"validUser = alice\r\nbogusKeyword = 1\r\n", b"# ok\n\nvalidUser\n",
+    b"sslCA = /x\n" + b"timeout = 30\n" * 3 + b"timeout = 3\x000\n",
+    b"# Gr\xf6\xdfe\nsslCA = /etc/Gr\xf6\xdfe.pem\n",
+    b"localname = mx.example\n" + b"# pad\n" * 20 + b"smarthostMapping = direct:* h:25 u p\n",
+    b"timeout = 30\rlocalname = mx\r",  # CR-only line ends
+    b"a" * 300_000 + b"\n", b"=\n", b"cloneEhlo = true\n", b"extMessageSize = 10M\n",
+    b"maxSessionsPerAddress = 100001\n", b"proxyProtocol = 0.0.0.0/0\n",
+    b"authSocket =\n", b"frontendUser = \t\n", b"smarthostMapping =\n",
+    b"\xef\xbb\xbfmailerEncryption = require\n", b"# x\n" * (MIB // 4 + 1),
+    b"userInclude = %h/.sendoowayrc\x1b\n", b"localname = fe80::1%eth0\n",
+    b"timeout = \xd9\xa3\xd9\xa0\n",  # Arabic-Indic digits: isdigit(), no number here
+]
+
+
+def test_both_programs_refuse_each_bad_config_with_file_line_and_exit_2(tmp_path, world):
+    """`sendooway -c FILE` and `sendooway-auth -c FILE` (the daemon's start)
+    on hostile configs: exit 2 (sendooway(1), sendooway-auth(8)), one line
+    on stderr `PROGRAM: FILE:LINE: what`, the line the reference blames,
+    never a traceback; good but odd ones (BOM, CRLF, tabs, Latin-1 in a
+    comment) pass `sendooway-auth --check`."""
+    bindir = os.path.dirname(sys.executable)
+    procs = []
+    for n, data in enumerate(CLI_BAD):
+        path = str(tmp_path / f"bad{n}.conf")
+        with open(path, "wb") as f:
+            f.write(data)
+        with pytest.raises(Bad) as bad:
+            ref_parse(data)
+        where = f"{path}:{bad.value.line}: " if bad.value.line else f"{path}: "
+        for argv in ([os.path.join(bindir, "sendooway"), "-c", path, "-l", "&2"],
+                     [os.path.join(bindir, "sendooway-auth"), "-c", path,
+                      "--socket", str(tmp_path / "no" / "auth.sock"), "-l", "&2"]):
+            procs.append((argv, where, subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    good = [b"\xef\xbb\xbf\ttimeout\t=\t30\t\r\n# Gr\xf6\xdfe\r\nvalidUser = root\r\n",
+            b"TIMEOUT=30#x\nvalidUser =root # \xff\xfe\n" + b"# pad\n" * 1000]
+    for n, data in enumerate(good):
+        path = str(tmp_path / f"good{n}.conf")
+        with open(path, "wb") as f:
+            f.write(data)
+        procs.append(([os.path.join(bindir, "sendooway-auth"), "-c", path, "--check", "root"],
+                      None, subprocess.Popen([os.path.join(bindir, "sendooway-auth"), "-c", path,
+                                              "--check", "root"], stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    for argv, where, proc in procs:
+        out, err = proc.communicate(timeout=60)
+        text = err.decode("utf-8", "replace")
+        assert "Traceback" not in text + out.decode("utf-8", "replace"), (argv, text)
+        if where is None:
+            assert proc.returncode in (0, 1), (argv, proc.returncode, text)
+            assert "valid user: yes" in out.decode(), out.decode()
+            continue
+        program = os.path.basename(argv[0])
+        assert proc.returncode == 2, (argv, proc.returncode, text)
+        assert text.startswith(f"{program}: {where}") and text.count("\n") == 1, (argv, text)
