@@ -451,6 +451,9 @@ def _localname(value: str) -> str:
     except ValueError:
         pass
     else:  # a bare address is no EHLO name (RFC 5321 4.1.3): its literal is,
+        if "%" in value:  # a zone: no literal holds one (refused above in brackets)
+            raise ValueError(f"expected a host name or an address without a zone"
+                             f" (%...), got {shown}")
         # and an original's config that said `localname = 192.0.2.1` must
         # keep working (DESIGN.md): taken as that literal
         return f"[{value}]" if address.version == 4 else f"[IPv6:{address}]"
@@ -821,7 +824,19 @@ def comment_cut_warning(filename: str, number: int) -> str:
             " not read): put a blank before a comment")
 
 
+# C0 controls but tab, DEL and C1: the original refused each outside a
+# comment ("unexpected character"); at a line's ends strip() takes them as
+# blanks (the CR of CRLF, \r\r\n), inside they made a value nobody meant
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
 def _split(line: str, filename: str, number: int) -> tuple[str, str]:
+    if (bad := _CONTROL.search(line)) is not None:
+        code = ord(bad.group())
+        hint = (": a carriage return inside a line (CR-only line ends? save the file with"
+                " LF or CRLF)" if code == 0x0D else "")
+        raise ConfigError(filename, number, f"control character U+{code:04X} in the line"
+                          f" (only tab is allowed; the line is not shown){hint}")
     key, eq, value = line.partition("=")
     key = key.strip()
     if not eq:
@@ -972,8 +987,9 @@ def read_text(path: str) -> str:
         data = data[len(_BOM):]  # a UTF-8 byte order mark (Notepad): the text after it counts
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, None, f"larger than {MAX_CONFIG_BYTES} bytes")
-    if b"\0" in data:
-        raise ConfigError(path, None, "contains NUL bytes (not a text file)")
+    if b"\0" in data:  # (its line, as the users' files name it: routes._text)
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise ConfigError(path, line, "contains NUL bytes (not a text file)")
     try:
         return decode_config_text(data)
     except NotUtf8 as exc:
