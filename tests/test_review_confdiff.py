@@ -19,15 +19,22 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sendooway_shared.config import ConfigError, load_config
+from tests.auth_helpers import Daemon, children, fork_server, workers
+from tests.front_util import Frontend, front_config, login_plain, open_tmp
+from sendooway_shared.config import (
+    ConfigError, NotUtf8, decode_config_text, load_config, parse_user_config,
+)
 
 # ---------------------------------------------------------------- the reference
 # Written from sendooway.conf(5) and DESIGN.md (and, where they are silent,
@@ -512,6 +519,74 @@ def test_junk_parses_as_the_documentation_says(text, tmp_path_factory):
     compare(text.encode(), path)
 
 
+# ---------------------------------------------------------------- a user's include
+
+
+def ref_include(data: bytes) -> tuple[list, object, list[int]]:
+    """A .sendoowayrc as sendooway.conf(5) has it: the same syntax, only
+    smarthostMapping and sslCA, a bad line reported (file:line) and
+    skipped; a direct: address with any other '*' than a whole local part
+    or address is an error there. -> (mappings, sslCA or None, error lines)"""
+    if data.startswith(BOM):
+        data = data[3:]
+    mappings, ssl_ca, errors = [], None, []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.partition(b"#")[0].decode("utf-8").strip()
+        if not line:
+            continue
+        key, eq, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        name = {"smarthostmapping": "smarthostMapping", "sslca": "sslCA"}.get(key.lower())
+        try:
+            if _control(line) or not eq or name is None:
+                raise ValueError(line)
+            if name == "sslCA":
+                ssl_ca = value
+                continue
+            m = _mapping(value)
+            if m[0] == "direct" and m[1] != "*":
+                local, _, domain = m[1].rpartition("@")
+                if "*" in domain or ("*" in local and local != "*"):
+                    raise ValueError(m[1])
+            mappings.append(m)
+        except ValueError:
+            errors.append(n)
+    return mappings, ssl_ca, errors
+
+
+INCLUDE_LINES = st.one_of(
+    st.sampled_from(HOSTILE_LINES),
+    st.sampled_from(["smarthostMapping = direct:*@*.ex.org relay.example 25 noAuth",
+                     "smarthostMapping = direct:a*@ex.org relay.example 25 noAuth",
+                     "sslCA = %h/ca.pem", "SSLca =", "timeout = 30", "validUser = alice",
+                     "userInclude = %h/x"]),
+    st.builds(lambda k, v, c: f"{k} = {v}{c}",
+              st.sampled_from(["smarthostMapping", "SMARTHOSTMAPPING", "sslCA"]),
+              st.sampled_from(GOOD["smarthostMapping"] + BAD["smarthostMapping"]),
+              st.sampled_from(["", " # x", "#x"])))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(INCLUDE_LINES, max_size=10),
+       eol=st.sampled_from(["\n", "\r\n"]), bom=st.booleans())
+def test_generated_includes_parse_as_the_documentation_says(lines, eol, bom):
+    data = (BOM if bom else b"") + eol.join(lines).encode()
+    try:
+        want = ref_include(data)
+    except UnicodeDecodeError:
+        with pytest.raises(NotUtf8):
+            decode_config_text(data)
+        return
+    errors: list[ConfigError] = []
+    got = parse_user_config(decode_config_text(data), "/home/u/.sendoowayrc", errors)
+    assert [e.line for e in errors] == want[2], (errors, want[2], data)
+    for e in errors:
+        assert str(e).startswith(f"/home/u/.sendoowayrc:{e.line}: "), str(e)
+    assert [_mapping_view(m) for m in got.smarthostMapping] == want[0], data
+    assert got.sslCA == want[1], data
+
+
 # ---------------------------------------------------------------- the findings, one by one
 
 
@@ -623,3 +698,311 @@ def test_both_programs_refuse_each_bad_config_with_file_line_and_exit_2(tmp_path
         program = os.path.basename(argv[0])
         assert proc.returncode == 2, (argv, proc.returncode, text)
         assert text.startswith(f"{program}: {where}") and text.count("\n") == 1, (argv, text)
+
+
+# ---------------------------------------------------------------- reload under load
+
+
+class Smtp:
+    """A raw SMTP client: one command at a time, replies as (code, text)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, str]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            assert line, f"connection closed after {lines}"
+            lines.append(line.decode().rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    def cmd(self, line: str) -> tuple[int, str]:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def login(self, user: str, password: str) -> int:
+        assert self.cmd("EHLO client.test")[0] == 250
+        return self.cmd("AUTH PLAIN " + login_plain(user, password))[0]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _front_and_daemon(tmp, world, text: str):
+    config = front_config(tmp, world, text, tls=False)
+    daemon = Daemon(tmp, config).start()
+    front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+    return config, daemon, front
+
+
+def _hup_daemon(d: Daemon, reloads: int) -> str:
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:
+        log = d.log()
+        if log.count("reloaded ") + log.count("reload failed") >= reloads:
+            return log
+        assert d.proc.poll() is None and time.monotonic() < deadline, log
+        time.sleep(0.02)
+
+
+def _write(path: str, data: bytes) -> None:
+    tmp = path + ".new"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _mapping_to(up) -> str:
+    return f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n"
+
+
+def test_sessions_in_flight_finish_across_a_reload_of_both_programs(world, upstream_factory):
+    """sendooway-auth(8), SIGHUP: every request after the reload uses the
+    new file, on connections opened before too, and a login accepted stays
+    accepted; sendooway(1): `-b` serves on with the configuration it read at
+    start. So a message in DATA and a transaction opened before finish at
+    the old upstream; a session logged in before gets the new route at its
+    next MAIL (not the old upstream's connection kept by smarthostCache); a
+    login after it obeys the new validUser; the greeting keeps the old
+    localname."""
+    a = upstream_factory(tls="plain", require_tls=False)
+    b = upstream_factory(tls="plain", require_tls=False)
+    alice, bob = world.users["alice"], world.users["bob"]
+    with open_tmp() as tmp:
+        config, d, fe = _front_and_daemon(
+            tmp, world, "validUser = alice\nvalidUser = bob\n" + _mapping_to(a))
+        try:
+            in_data, opened, logged_in, not_yet = (Smtp(fe.port) for _ in range(4))
+            for s in (in_data, opened, logged_in):
+                assert s.login("alice", alice.password) == 235
+            assert not_yet.cmd("EHLO client.test")[0] == 250
+            for s in (in_data, opened):
+                assert s.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+                assert s.cmd("RCPT TO:<carol@example.net>")[0] == 250
+            assert in_data.cmd("DATA")[0] == 354
+            in_data.sock.sendall(b"Subject: before\r\n\r\nfirst half\r\n")
+
+            _write(config, (open(config).read().replace("mx.test", "other.test")
+                            .replace("validUser = bob\n", "")
+                            .replace(_mapping_to(a), _mapping_to(b))).encode())
+            assert f"reloaded {config}" in _hup_daemon(d, 1)
+            fe.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while "SIGHUP ignored" not in fe.log():
+                assert fe.proc.poll() is None and time.monotonic() < deadline, fe.log()
+                time.sleep(0.02)
+
+            in_data.sock.sendall(b"second half\r\n.\r\n")
+            assert in_data.reply()[0] == 250
+            assert opened.cmd("DATA")[0] == 354
+            assert opened.cmd("Subject: opened\r\n\r\nbody\r\n.")[0] == 250
+            assert [m.data.count(b"second half") for m in a.messages] == [1, 0]
+            assert not b.messages
+            # logged in before the reload: still logged in, the new route
+            assert logged_in.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+            assert logged_in.cmd("RCPT TO:<carol@example.net>")[0] == 250
+            assert logged_in.cmd("DATA")[0] == 354
+            assert logged_in.cmd("Subject: after\r\n\r\nbody\r\n.")[0] == 250
+            assert len(b.messages) == 1 and len(a.messages) == 2
+            # a login after it: bob is no longer a valid user
+            assert not_yet.cmd("AUTH PLAIN " + login_plain("bob", bob.password))[0] == 535
+            fresh = Smtp(fe.port)
+            assert "mx.test" in fresh.greeting[1] and "other.test" not in fresh.greeting[1]
+            assert fresh.login("alice", alice.password) == 235
+            fresh.close()
+            for s in (in_data, opened, logged_in, not_yet):
+                s.close()
+            assert d.proc.poll() is None and fe.proc.poll() is None
+        finally:
+            front_code, auth_code = fe.stop(), d.stop()
+        assert (front_code, auth_code) == (0, 0)
+        for log in (fe.log(), d.log()):
+            assert "Traceback" not in log and "internal error" not in log
+            for user in (alice, bob):
+                assert user.password not in log
+
+
+def _send_one(port: int, user, subject: str) -> None:
+    s = Smtp(port)
+    try:
+        assert s.login(user.name, user.password) == 235
+        assert s.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        assert s.cmd("RCPT TO:<carol@example.net>")[0] == 250
+        assert s.cmd("DATA")[0] == 354
+        code, text = s.cmd(f"Subject: {subject}\r\n\r\nbody\r\n.")
+        assert code == 250, text
+        s.cmd("QUIT")
+    finally:
+        s.close()
+
+
+def test_a_reload_to_a_hostile_config_keeps_the_old_one_and_names_file_and_line(
+        world, upstream_factory):
+    """Each broken file (NUL, Latin-1 in a value, a control character, two
+    BOMs before an unknown keyword, a zone in localname, over 1 MiB, a
+    directory, a FIFO, no file at all) is refused at SIGHUP with `reload
+    failed, old config kept: FILE:LINE: ...` (FILE alone when the file as a
+    whole is wrong), the line the reference blames; nothing of it is taken
+    (its validUser and mapping would show), the daemon neither hangs nor
+    dies, and a message in DATA since before the first reload goes through."""
+    a = upstream_factory(tls="plain", require_tls=False)
+    b = upstream_factory(tls="plain", require_tls=False)
+    alice, bob = world.users["alice"], world.users["bob"]
+    with open_tmp() as tmp:
+        config, d, fe = _front_and_daemon(tmp, world, "validUser = alice\n" + _mapping_to(a))
+        good = open(config, "rb").read()
+        taken = good.replace(b"validUser = alice", b"validUser = bob").replace(
+            _mapping_to(a).encode(), _mapping_to(b).encode())
+        broken = [taken + b"timeout = 3\x000\n", taken + b"sslCA = /etc/Gr\xf6\xdfe.pem\n",
+                  taken + b"userInclude = %h/.sendoowayrc\x1b\n",
+                  BOM + BOM + b"\xef\xbb\xbfvalidUser = bob\n" + taken,
+                  taken + b"localname = fe80::1%eth0\n", taken + b"# pad\n" * (MIB // 6 + 1)]
+        try:
+            flight = Smtp(fe.port)
+            assert flight.login("alice", alice.password) == 235
+            assert flight.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+            assert flight.cmd("RCPT TO:<carol@example.net>")[0] == 250
+            assert flight.cmd("DATA")[0] == 354
+            flight.sock.sendall(b"Subject: in flight\r\n\r\n")
+            failures = 0
+            for data in broken + ["directory", "fifo", "missing"]:
+                os.unlink(config) if os.path.isfile(config) else None
+                if data == "directory":
+                    os.mkdir(config)
+                    where = f"{config}: "
+                elif data == "fifo":
+                    os.rmdir(config)
+                    os.mkfifo(config)
+                    where = f"{config}: "
+                elif data == "missing":
+                    os.unlink(config)
+                    where = f"{config}: cannot read"
+                else:
+                    _write(config, data)
+                    with pytest.raises(Bad) as bad:
+                        ref_parse(data)
+                    line = bad.value.line
+                    where = f"{config}:{line}: " if line else f"{config}: "
+                failures += 1
+                log = _hup_daemon(d, failures)
+                last = [x for x in log.splitlines() if "reload failed" in x][-1]
+                assert f"reload failed, old config kept: {where}" in last, (data[:80], last)
+                assert "reloaded" not in log
+                flight.sock.sendall(b"a line\r\n")
+                # the old config serves: bob is no valid user, alice's mail goes to a
+                s = Smtp(fe.port)
+                assert s.login("bob", bob.password) == 535
+                s.close()
+            _send_one(fe.port, alice, "during")
+            flight.sock.sendall(b".\r\n")
+            assert flight.reply()[0] == 250
+            assert sorted(m.data.count(b"a line") for m in a.messages) == [0, 9] and not b.messages
+            _write(config, taken)  # fixed: taken
+            assert f"reloaded {config}" in _hup_daemon(d, failures + 1)
+            _send_one(fe.port, bob, "fixed")
+            assert len(b.messages) == 1 and len(a.messages) == 2
+            flight.close()
+        finally:
+            fe.stop()
+            d.stop()
+        log = d.log()
+        assert "Traceback" not in log and "internal error" not in log
+        assert "\x1b" not in log and "\x00" not in log
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _zombies(pid: int) -> list[int]:
+    out = []
+    for child in children(pid):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    out.append(child)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _quiet_fds(d: Daemon, fe: Frontend) -> tuple[int, int, int]:
+    """The descriptor counts of the daemon, its fork server and the
+    frontend once they stayed the same for 0.3 s (a session's sockets are
+    closed a little after its QUIT)."""
+    last, since = None, time.monotonic()
+    while True:
+        now = (_fds(d.proc.pid), _fds(fork_server(d)), _fds(fe.proc.pid))
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > 0.3:
+            return now
+        time.sleep(0.05)
+
+
+def _settled(d: Daemon) -> str:
+    """The daemon's log once no reload line came for 0.3 s."""
+    last, since = None, time.monotonic()
+    while True:
+        log = d.log()
+        n = log.count("reloaded ") + log.count("reload failed")
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since > 0.3:
+            return log
+        time.sleep(0.05)
+
+
+def test_fast_sighups_crash_nothing_and_leak_no_descriptors_or_processes(
+        world, upstream_factory):
+    """SIGHUPs in bursts (good and broken files in turn, sessions between)
+    to `sendooway-auth` and `sendooway -b`: both serve on, and once quiet
+    their descriptors (the daemon's, its reader fork server's, the
+    frontend's) and processes (one reader worker, no zombie) are what they
+    were before. Each reload hands the fork server a memfd: one left open
+    per reload would grow it by one."""
+    up = upstream_factory(tls="plain", require_tls=False)
+    alice = world.users["alice"]
+    with open_tmp() as tmp:
+        config, d, fe = _front_and_daemon(
+            tmp, world, "smarthostCache = 0\nvalidUser = alice\n" + _mapping_to(up))
+        good = open(config, "rb").read()
+        variants = [good, good.replace(b"smarthostCache = 0", b"smarthostCache = 0\nlocalname = y"),
+                    good + b"timeout = -1\n", good + b"x\x00\n"]
+        try:
+            _send_one(fe.port, alice, "warm")
+            workers(d, 1)
+            base = _quiet_fds(d, fe)
+            sent = 0
+            for burst in range(12):
+                _write(config, variants[burst % len(variants)])
+                for _ in range(8):
+                    d.proc.send_signal(signal.SIGHUP)
+                    fe.proc.send_signal(signal.SIGHUP)
+                    sent += 1
+                if burst % 3 == 2:
+                    _send_one(fe.port, alice, f"burst {burst}")
+            _write(config, good)
+            d.proc.send_signal(signal.SIGHUP)
+            log = _settled(d)
+            assert 1 <= log.count("reloaded ") + log.count("reload failed") <= sent + 1
+            assert log.count("reload failed") >= 1
+            _send_one(fe.port, alice, "after")
+            assert d.proc.poll() is None and fe.proc.poll() is None
+            assert list(workers(d, 1).values()) == [alice.uid]
+            assert _quiet_fds(d, fe) == base
+            assert not _zombies(d.proc.pid) and not _zombies(fork_server(d))
+            assert len(up.messages) == 6
+            assert fe.log().count("SIGHUP ignored") >= 1
+        finally:
+            fe.stop()
+            d.stop()
+        for log in (d.log(), fe.log()):
+            assert "Traceback" not in log and "internal error" not in log
