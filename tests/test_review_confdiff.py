@@ -309,6 +309,13 @@ def ref_parse(data: bytes) -> dict:
             parsed = REF_KEYWORDS[name](value)
         except (ValueError, KeyError):
             raise Bad(n, f"bad value for {name}") from None
+        if (name == "smarthostMapping" and b"#" in raw_lines[n - 1]
+                and not text[-1:].isspace()):
+            # sendooway.conf(5): a '#' right after a word of a mapping is warned about
+            values["comment_cuts"] = values.get("comment_cuts", ()) + (n,)
+        if name == "validUser" and ("," in value or ":" in value):
+            # a list on one line names nobody: warned about at its file:line
+            values["valid_user_lists"] = values.get("valid_user_lists", ()) + (n,)
         if name in REPEATED:
             values[name] = values.get(name, ()) + (parsed,)
         elif name == "proxyProtocol":
@@ -320,7 +327,7 @@ def ref_parse(data: bytes) -> dict:
 
 def real_view(cfg) -> dict:
     """The real Config in the reference's terms."""
-    out = {}
+    out = {"comment_cuts": cfg.comment_cuts, "valid_user_lists": cfg.valid_user_lists}
     for name in DEFAULTS:
         v = getattr(cfg, name)
         if name == "smarthostMapping":
@@ -426,6 +433,8 @@ HOSTILE_LINES = [
     "sslCert = /c.pem\rsslKey = /k.pem", "timeout = 30\r", "timeout\t=\t30",
     "validUser = \u00a0alice\u00a0", "\ufeffvalidUser = alice", "userInclude = " + "y" * 5000,
     "ldapAuthDN = uid=%u,ou=x=y", "timeout = ３０",
+    "smarthostMapping = direct:* s.example u pa#ss tls", "smarthostMapping = getmail:x\t#y",
+    "SmartHostMapping=fetchmail:%h/x#y", "validUser = ali:ce # b,c",
 ]
 
 
@@ -492,7 +501,7 @@ def compare(data: bytes, path: str) -> str:
     assert not isinstance(expected, Bad), (
         f"the reference refuses line {expected.line} ({expected}), the parser takes it:"
         f"\n{data[:600]!r}")
-    want = dict(DEFAULTS, **expected)
+    want = {**DEFAULTS, "comment_cuts": (), "valid_user_lists": (), **expected}
     got = real_view(cfg)
     assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
     return "ok"
