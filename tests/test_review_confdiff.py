@@ -434,15 +434,28 @@ HOSTILE_LINES = [
     "validUser = \u00a0alice\u00a0", "\ufeffvalidUser = alice", "userInclude = " + "y" * 5000,
     "ldapAuthDN = uid=%u,ou=x=y", "timeout = ３０",
     "smarthostMapping = direct:* s.example u pa#ss tls", "smarthostMapping = getmail:x\t#y",
-    "SmartHostMapping=fetchmail:%h/x#y", "validUser = ali:ce # b,c",
+    "SmartHostMapping=fetchmail:%h/x#y", "validUser = ali:ce # b,c", "timeout_ = 30",
+    "_sslCA = /x",
 ]
 
 
+FINE_LINES = ["", "   ", "\t", "# comment", "#timeout = 0", "   # indented comment", "\x0c",
+              "timeout = 30 # = 40", "timeout = 30#40", "timeout = 30\x0b", "timeout\t=\t30",
+              "validUser = \u00a0alice\u00a0", "ldapAuthDN = uid=%u,ou=x=y",
+              "smarthostMapping = direct:* s.example u pa#ss tls",
+              "SmartHostMapping=fetchmail:%h/x#y", "validUser = ali:ce # b,c"]
+
+
 @st.composite
-def config_bytes(draw) -> bytes:
-    items = draw(st.lists(st.one_of(
-        assignment(True), assignment(True), assignment(True), assignment(False),
-        st.sampled_from(HOSTILE_LINES)), min_size=0, max_size=12))
+def config_bytes(draw, bad: bool = True) -> bytes:
+    """A config's bytes; with bad=False, its lines are all good ones (the
+    file as a whole may still be in trouble)."""
+    if bad:
+        item = st.one_of(assignment(True), assignment(True), assignment(True),
+                         assignment(False), st.sampled_from(HOSTILE_LINES))
+    else:
+        item = st.one_of(assignment(True), assignment(True), st.sampled_from(FINE_LINES))
+    items = draw(st.lists(item, min_size=0, max_size=12))
     eol = draw(st.sampled_from([b"\n", b"\n", b"\r\n", b"\r"]))
     data = eol.join(i.encode() for i in items)
     if items and draw(st.booleans()):
@@ -518,6 +531,14 @@ def test_generated_configs_parse_as_the_documentation_says(data, tmp_path_factor
     path = str(tmp_path_factory.getbasetemp() / "confdiff.conf")
     kind = compare(data, path)
     SEEN[kind] = SEEN.get(kind, 0) + 1
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(data=config_bytes(bad=False))
+def test_generated_good_configs_give_the_documented_values(data, tmp_path_factory):
+    path = str(tmp_path_factory.getbasetemp() / "confgood.conf")
+    compare(data, path)
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None,
