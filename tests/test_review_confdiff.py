@@ -31,7 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.auth_helpers import Daemon, children, fork_server, workers
-from tests.front_util import Frontend, front_config, login_plain, open_tmp
+from tests.front_util import (
+    Frontend, front_config, login_plain, open_tmp, socket_client_session, wait_port,
+)
 from sendooway_shared.config import (
     ConfigError, NotUtf8, decode_config_text, load_config, parse_user_config,
 )
@@ -1036,3 +1038,84 @@ def test_fast_sighups_crash_nothing_and_leak_no_descriptors_or_processes(
             d.stop()
         for log in (d.log(), fe.log()):
             assert "Traceback" not in log and "internal error" not in log
+
+
+def test_inetd_sessions_on_a_hostile_config_get_421_and_the_log_names_file_and_line(world):
+    """sendooway(1): started by inetd or xinetd (stdin, stdout and stderr the
+    client's socket), a failure to start answers 421 4.3.0 and logs
+    `cannot start:` with the reason; a client never sees the configuration.
+    Each session reads the file anew, so each hostile file must do that."""
+    with open_tmp() as tmp:
+        cases = [b"validUser = alice\nsmarthostMapping = direct:* s 25 u Conf-Secret-1\x00\n",
+                 b"smarthostMapping = direct:* s 25 u Conf\x1bSecret-2\n",
+                 b"validUser = alice\r\n\r\nsslCA = /etc/Conf-Secret-3\xf6.pem\r\n",
+                 BOM + b"Conf-Secret-4 = 1\n"]
+        for n, data in enumerate(cases):
+            path, log = os.path.join(str(tmp), f"c{n}.conf"), os.path.join(str(tmp), f"l{n}.log")
+            _write(path, data)
+            with pytest.raises(Bad) as bad:
+                ref_parse(data)
+            seen, code = socket_client_session(
+                [os.path.join(os.path.dirname(sys.executable), "sendooway"), "-c", path,
+                 "-l", log], b"EHLO client.test\r\n")
+            assert seen.startswith(b"421 4.3.0") and seen.count(b"\r\n") == 1, seen
+            assert b"Conf" not in seen and path.encode() not in seen, seen
+            assert code == 2
+            text = open(log).read()
+            assert f"cannot start: {path}:{bad.value.line}: " in text, text
+            assert "Secret" not in text and "Traceback" not in text, text
+
+
+def test_a_hangup_of_a_listening_frontends_group_changes_nothing_of_its_config(
+        world, upstream_factory):
+    """sendooway(1): with -b, SIGHUP is logged and otherwise ignored, the
+    server goes on with the configuration it read at start. A root
+    `sendooway -b` with no daemon runs a private authenticator; a SIGHUP to
+    the process group (the terminal it ran in closed, `kill -HUP -PGID`,
+    `systemctl kill -s HUP` of the unit) reached it too, and it re-read the
+    file: logins and routes switched to the new validUser and mappings
+    while the frontend's log said `restart it to apply changes`, half a
+    reload. Now the private one ignores SIGHUP, as `sendooway-auth --fd`
+    does for a one-session frontend."""
+    a = upstream_factory(tls="plain", require_tls=False)
+    b = upstream_factory(tls="plain", require_tls=False)
+    alice, bob = world.users["alice"], world.users["bob"]
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "validUser = alice\n" + _mapping_to(a), tls=False)
+        fe = Frontend(config, os.path.join(str(tmp), "front.log"))
+        fe.proc = subprocess.Popen(fe.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            wait_port(fe.host, fe.port, fe.proc)
+            deadline = time.monotonic() + 5
+            while "no authenticator at" not in fe.log():  # the private one serves
+                assert time.monotonic() < deadline, fe.log()
+                time.sleep(0.02)
+            flight = Smtp(fe.port)
+            assert flight.login("alice", alice.password) == 235
+            _write(config, open(config, "rb").read().replace(
+                b"validUser = alice", b"validUser = bob").replace(
+                _mapping_to(a).encode(), _mapping_to(b).encode()))
+            for _ in range(3):
+                os.killpg(fe.proc.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while fe.log().count("SIGHUP ignored") < 1:
+                assert time.monotonic() < deadline, fe.log()
+                time.sleep(0.02)
+            time.sleep(0.3)  # (a reload, had there been one, is logged by now)
+            assert fe.proc.poll() is None and len(children(fe.proc.pid)) == 1
+            assert flight.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+            assert flight.cmd("RCPT TO:<carol@example.net>")[0] == 250
+            assert flight.cmd("DATA")[0] == 354
+            assert flight.cmd("Subject: s\r\n\r\nb\r\n.")[0] == 250
+            flight.close()
+            _send_one(fe.port, alice, "after")
+            s = Smtp(fe.port)
+            assert s.login("bob", bob.password) == 535
+            s.close()
+            assert len(a.messages) == 2 and not b.messages
+            assert "reloaded" not in fe.log() and "reload failed" not in fe.log()
+        finally:
+            code = fe.stop()
+        assert code == 0, fe.log()
+        assert "Traceback" not in fe.log() and "internal error" not in fe.log()
