@@ -694,9 +694,11 @@ def test_both_programs_refuse_each_bad_config_with_file_line_and_exit_2(tmp_path
     on hostile configs: exit 2 (sendooway(1), sendooway-auth(8)), one line
     on stderr `PROGRAM: FILE:LINE: what`, the line the reference blames,
     never a traceback; good but odd ones (BOM, CRLF, tabs, Latin-1 in a
-    comment) pass `sendooway-auth --check`."""
+    comment) pass `sendooway-auth --check`. A directory, a FIFO (no hang), a
+    missing file and /dev/zero (a device, as /dev/null is) likewise; --check
+    on a bad config exits 2 too."""
     bindir = os.path.dirname(sys.executable)
-    procs = []
+    procs, paths = [], []
     for n, data in enumerate(CLI_BAD):
         path = str(tmp_path / f"bad{n}.conf")
         with open(path, "wb") as f:
@@ -704,9 +706,17 @@ def test_both_programs_refuse_each_bad_config_with_file_line_and_exit_2(tmp_path
         with pytest.raises(Bad) as bad:
             ref_parse(data)
         where = f"{path}:{bad.value.line}: " if bad.value.line else f"{path}: "
+        paths.append((path, where))
+    os.mkdir(tmp_path / "a-directory")
+    os.mkfifo(tmp_path / "a-fifo")
+    for path in (str(tmp_path / "a-directory"), str(tmp_path / "a-fifo"),
+                 str(tmp_path / "missing"), "/dev/zero"):
+        paths.append((path, f"{path}: "))  # (/dev/zero: larger than 1 MiB)
+    for path, where in paths:
         for argv in ([os.path.join(bindir, "sendooway"), "-c", path, "-l", "&2"],
                      [os.path.join(bindir, "sendooway-auth"), "-c", path,
-                      "--socket", str(tmp_path / "no" / "auth.sock"), "-l", "&2"]):
+                      "--socket", str(tmp_path / "no" / "auth.sock"), "-l", "&2"],
+                     [os.path.join(bindir, "sendooway-auth"), "-c", path, "--check", "root"]):
             procs.append((argv, where, subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
     good = [b"\xef\xbb\xbf\ttimeout\t=\t30\t\r\n# Gr\xf6\xdfe\r\nvalidUser = root\r\n",
