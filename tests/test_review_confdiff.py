@@ -437,7 +437,9 @@ HOSTILE_LINES = [
     "ldapAuthDN = uid=%u,ou=x=y", "timeout = ３０",
     "smarthostMapping = direct:* s.example u pa#ss tls", "smarthostMapping = getmail:x\t#y",
     "SmartHostMapping=fetchmail:%h/x#y", "validUser = ali:ce # b,c", "timeout_ = 30",
-    "_sslCA = /x",
+    "_sslCA = /x", "cloneEhlo = " + "y" * 5000, "authBackend = " + "P" * 5000,
+    "validUser = a " + "b" * 5000, "proxyProtocol = 10.0.0.1 " + "1" * 5000,
+    "proxyProtocol = 10.0.0.1/8" + "0" * 5000,
 ]
 
 
@@ -512,6 +514,8 @@ def compare(data: bytes, path: str) -> str:
         text = str(exc)
         where = f"{path}:{exc.line}: " if exc.line else f"{path}: "
         assert text.startswith(where) and len(text) > len(where) + 5, text
+        # one line a log can hold: the value shown in part, as elsewhere
+        assert len(text) < len(where) + 400 and "\n" not in text, (len(text), text[:300])
         return "error"
     assert not isinstance(expected, Bad), (
         f"the reference refuses line {expected.line} ({expected}), the parser takes it:"
@@ -668,6 +672,24 @@ def test_a_bare_ipv6_localname_with_a_zone_is_refused_as_its_literal_is(tmp_path
     assert exc.value.line == 1 and "localname" in str(exc.value)
     path.write_text("localname = fe80::1\n")
     assert load_config(str(path)).localname == "[IPv6:fe80::1]"
+
+
+@pytest.mark.parametrize("line", [
+    "cloneEhlo = " + "y" * 100_000, "mailerEncryption = " + "r" * 100_000,
+    "validUser = alice " + "b" * 100_000, "proxyProtocol = 10.0.0.1 " + "1" * 100_000,
+    "proxyProtocol = 10.0.0.1/8" + "0" * 100_000,
+])
+def test_an_error_shows_a_long_value_in_part_only(tmp_path, line):
+    """Errors for numbers, localname, servers and keywords show at most 40
+    or 80 characters of what was written; booleans, enumerations,
+    validUser and proxyProtocol showed all of it: a pasted blob made a
+    100 000-character `reload failed` line (syslog and journald cut or
+    split such lines) and start-up message."""
+    path = tmp_path / "long.conf"
+    path.write_text(f"timeout = 30\n{line}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    assert exc.value.line == 2 and len(str(exc.value)) < len(str(path)) + 300, len(str(exc.value))
 
 
 # ---------------------------------------------------------------- the command lines
