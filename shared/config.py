@@ -356,6 +356,12 @@ def _path_or_empty(value: str) -> str:
     return value
 
 
+def _shown(value: str, limit: int = 80) -> str:
+    """What an error shows of a value: its repr, cut at `limit` characters
+    (a pasted blob must not make a 100 000-character log line)."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
 def _digits(value: str) -> bool:
     """ASCII digits, few enough for any limit here (`²` is isdigit() but no
     number, and 5000 digits make int() complain about Python internals)."""
@@ -380,7 +386,7 @@ def _boolean(value: str) -> bool:
         return True
     if v == "no":
         return False
-    raise ValueError(f"expected yes or no, got {value!r}")
+    raise ValueError(f"expected yes or no, got {_shown(value)}")
 
 
 def _enum(kind: type[enum.Enum]) -> Callable[[str], enum.Enum]:
@@ -391,7 +397,7 @@ def _enum(kind: type[enum.Enum]) -> Callable[[str], enum.Enum]:
             return by_name[value.lower()]
         except KeyError:
             choices = " | ".join(m.value for m in kind)
-            raise ValueError(f"expected {choices}, got {value!r}") from None
+            raise ValueError(f"expected {choices}, got {_shown(value)}") from None
 
     return parse
 
@@ -407,7 +413,7 @@ def _message_size(value: str) -> int | None:
 
 def _valid_user(value: str) -> str:
     if not value or value == "%" or any(c.isspace() for c in value):
-        raise ValueError(f"expected a user name or %group, got {value!r}")
+        raise ValueError(f"expected a user name or %group, got {_shown(value)}")
     return value
 
 
@@ -485,20 +491,20 @@ def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def _network(token: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if "%" in token:  # no zone index: ip_network would take it
-        raise ValueError(f"expected IP addresses or networks (CIDR), got {token!r}")
+        raise ValueError(f"expected IP addresses or networks (CIDR), got {_shown(token)}")
     try:
         net = ipaddress.ip_network(token)
     except ValueError:
         try:
             loose = ipaddress.ip_network(token, strict=False)
         except ValueError:
-            raise ValueError(f"expected IP addresses or networks (CIDR), got {token!r}") from None
-        raise ValueError(f"{token!r} has host bits set: write {loose}") from None
+            raise ValueError(f"expected IP addresses or networks (CIDR), got {_shown(token)}") from None
+        raise ValueError(f"{_shown(token)} has host bits set: write {loose}") from None
     if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
         # ::ffff:a.b.c.d/96+ is an IPv4 network (peers are matched as IPv4)
         net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
     if net.prefixlen == 0:
-        raise ValueError(f"{token!r} would trust every address: list the balancers")
+        raise ValueError(f"{_shown(token)} would trust every address: list the balancers")
     return net
 
 
