@@ -30,7 +30,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.auth_helpers import Daemon, children, fork_server, workers
+from tests.auth_helpers import (
+    Daemon, all_passwords, checked_daemons, children, fork_server, login, route, workers,
+)
 from tests.front_util import (
     Frontend, front_config, login_plain, open_tmp, socket_client_session, wait_port,
 )
@@ -799,9 +801,9 @@ class Smtp:
 
 def _front_and_daemon(tmp, world, text: str):
     config = front_config(tmp, world, text, tls=False)
-    daemon = Daemon(tmp, config).start()
+    auth = Daemon(tmp, config).start()
     front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
-    return config, daemon, front
+    return config, auth, front
 
 
 def _hup_daemon(d: Daemon, reloads: int) -> str:
@@ -1151,3 +1153,69 @@ def test_a_hangup_of_a_listening_frontends_group_changes_nothing_of_its_config(
             code = fe.stop()
         assert code == 0, fe.log()
         assert "Traceback" not in fe.log() and "internal error" not in fe.log()
+
+
+@pytest.fixture
+def auth_daemon(tmp_path, tmp_config, clean_homes):
+    """start(conf) -> a started sendooway-auth; logs checked at the end."""
+    yield from checked_daemons(tmp_path, tmp_config, all_passwords(clean_homes))
+
+
+def test_route_answers_during_a_storm_of_reloads_are_whole_configs(auth_daemon, world):
+    """sendooway-auth(8): a reload runs in one go, so a request sees the old
+    or the new configuration whole; a lookup under way finishes with the
+    old one. Four clients log in and ask routes without pause while the
+    file flips between two configs (and a broken one) under SIGHUPs every
+    20 ms: every login is taken, every answer is a route of one of the two
+    configs, with its port and user as that config has them (never a mix,
+    never a temporary failure from a worker killed under a lookup)."""
+    import threading
+
+    from sendooway_shared.protocol import AuthOk, RouteOk
+
+    configs = {
+        "one.example": "validUser = alice\nsmarthostMapping = direct:* one.example 2525 u1 p1\n",
+        "two.example": "validUser = alice\nsmarthostMapping = direct:* two.example 587 u2 p2 tls\n",
+    }
+    expect = {"one.example": (2525, "u1"), "two.example": (587, "u2")}
+    d = auth_daemon(configs["one.example"])
+    password = world.users["alice"].password
+    stop, seen, problems = threading.Event(), {}, []
+
+    def client(n: int) -> None:
+        while not stop.is_set():
+            ch = d.connect()
+            try:
+                ok = login(ch, "alice", password, session=f"c{n}")
+                if ok != AuthOk("alice"):
+                    problems.append(ok)
+                    continue
+                for _ in range(5):
+                    answer = route(ch, "alice@example.org")
+                    if not isinstance(answer, RouteOk) or expect.get(answer.server) != (
+                            answer.port, answer.user):
+                        problems.append(answer)
+                    else:
+                        seen[answer.server] = seen.get(answer.server, 0) + 1
+            finally:
+                ch.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        texts = [configs["two.example"], configs["one.example"],
+                 configs["two.example"] + "timeout = 0\n"]
+        for i in range(60):
+            _write(d.config_path, texts[i % 3].encode())
+            d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    log = _settled(d)
+    assert not problems, problems[:5]
+    assert set(seen) == {"one.example", "two.example"} and sum(seen.values()) > 40, seen
+    assert log.count("reload failed") >= 1 and log.count("reloaded ") >= 2
+    assert d.proc.poll() is None
