@@ -1288,3 +1288,15 @@ def test_route_answers_during_a_storm_of_reloads_are_whole_configs(auth_daemon, 
     assert set(seen) == {"one.example", "two.example"} and sum(seen.values()) > 40, seen
     assert log.count("reload failed") >= 1 and log.count("reloaded ") >= 2
     assert d.proc.poll() is None
+
+
+def test_private_is_an_internal_option_of_the_daemon_alone():
+    """--private (the fix above) is not in -h, and with --fd or --check it
+    is a usage error (exit 2), as --exit-with-parent is."""
+    auth = os.path.join(os.path.dirname(sys.executable), "sendooway-auth")
+    helptext = subprocess.run([auth, "-h"], capture_output=True, text=True, timeout=30)
+    assert helptext.returncode == 0 and "--private" not in helptext.stdout
+    for extra in (["--fd", "3"], ["--check", "root"]):
+        res = subprocess.run([auth, "-c", "/dev/null", "--private", *extra],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and "--private is for the daemon" in res.stderr, res.stderr
