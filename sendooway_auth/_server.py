@@ -404,6 +404,10 @@ def _reloader(rt: Runtime, config_path: str):
 
 def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int,
                exit_with_parent: bool = False, config_path: str | None = None) -> int:
+    """The daemon; it re-reads `config_path` on SIGHUP. Without one (the
+    private authenticator of sendooway -b, --private) SIGHUP is ignored."""
+    if config_path is None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     early = _EarlySignals(hangup=config_path is not None)
     check_backend(cfg)  # before the socket exists: nothing to clean up on refusal
     for warning in auth_warnings(cfg):

@@ -41,6 +41,11 @@ def build_parser() -> Parser:
     # exits (for sendooway -b started as root and its private authenticator;
     # see docs/decisions/auth.md)
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    # internal, not in -h: the private authenticator of a listening frontend
+    # (sendooway -b as root, no daemon): it ignores SIGHUP as the frontend
+    # does, which serves on with the config read at start (sendooway(1));
+    # a SIGHUP to their process group used to reload this half alone
+    p.add_argument("--private", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--failure-delay", type=float, default=DEFAULT_FAILURE_DELAY, metavar="SECONDS",
                    help="base delay before answering a failed login; doubles with each recent"
                    f" failure of the user or client address, up to 15 s (default {DEFAULT_FAILURE_DELAY})")
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--socket needs a path")
     if args.exit_with_parent and (args.fd is not None or checking):
         parser.error("--exit-with-parent is for the daemon (--fd exits when its socket closes)")
+    if args.private and (args.fd is not None or checking):
+        parser.error("--private is for the daemon of a listening sendooway")
     if not 0 <= args.failure_delay <= 60:
         parser.error("--failure-delay must be from 0 to 60 seconds")
     if not 1 <= args.pam_threads <= 256:
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             code = run_fd(cfg, args.fd, args.failure_delay)
         else:
             code = run_daemon(cfg, args.socket, args.failure_delay, args.pam_threads,
-                              args.exit_with_parent, config_path=args.config)
+                              args.exit_with_parent,
+                              config_path=None if args.private else args.config)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         print(f"sendooway-auth: {exc}", file=sys.stderr)

@@ -382,7 +382,7 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
     os.set_inheritable(life_w, False)
     try:
         proc = subprocess.Popen(
-            ["/bin/sh", "-c", _LIFELINE, program, "--socket", path,
+            ["/bin/sh", "-c", _LIFELINE, program, "--socket", path, "--private",
              *_auth_args(config_path, log_target)],
             stdin=life_r, stdout=None if log_target == "&1" else subprocess.DEVNULL,
             close_fds=True, env=env)

@@ -356,6 +356,12 @@ def _path_or_empty(value: str) -> str:
     return value
 
 
+def _shown(value: str, limit: int = 80) -> str:
+    """What an error shows of a value: its repr, cut at `limit` characters
+    (a pasted blob must not make a 100 000-character log line)."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
 def _digits(value: str) -> bool:
     """ASCII digits, few enough for any limit here (`²` is isdigit() but no
     number, and 5000 digits make int() complain about Python internals)."""
@@ -380,7 +386,7 @@ def _boolean(value: str) -> bool:
         return True
     if v == "no":
         return False
-    raise ValueError(f"expected yes or no, got {value!r}")
+    raise ValueError(f"expected yes or no, got {_shown(value)}")
 
 
 def _enum(kind: type[enum.Enum]) -> Callable[[str], enum.Enum]:
@@ -391,7 +397,7 @@ def _enum(kind: type[enum.Enum]) -> Callable[[str], enum.Enum]:
             return by_name[value.lower()]
         except KeyError:
             choices = " | ".join(m.value for m in kind)
-            raise ValueError(f"expected {choices}, got {value!r}") from None
+            raise ValueError(f"expected {choices}, got {_shown(value)}") from None
 
     return parse
 
@@ -407,7 +413,7 @@ def _message_size(value: str) -> int | None:
 
 def _valid_user(value: str) -> str:
     if not value or value == "%" or any(c.isspace() for c in value):
-        raise ValueError(f"expected a user name or %group, got {value!r}")
+        raise ValueError(f"expected a user name or %group, got {_shown(value)}")
     return value
 
 
@@ -451,6 +457,9 @@ def _localname(value: str) -> str:
     except ValueError:
         pass
     else:  # a bare address is no EHLO name (RFC 5321 4.1.3): its literal is,
+        if "%" in value:  # a zone: no literal holds one (refused above in brackets)
+            raise ValueError(f"expected a host name or an address without a zone"
+                             f" (%...), got {shown}")
         # and an original's config that said `localname = 192.0.2.1` must
         # keep working (DESIGN.md): taken as that literal
         return f"[{value}]" if address.version == 4 else f"[IPv6:{address}]"
@@ -482,20 +491,20 @@ def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def _network(token: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if "%" in token:  # no zone index: ip_network would take it
-        raise ValueError(f"expected IP addresses or networks (CIDR), got {token!r}")
+        raise ValueError(f"expected IP addresses or networks (CIDR), got {_shown(token)}")
     try:
         net = ipaddress.ip_network(token)
     except ValueError:
         try:
             loose = ipaddress.ip_network(token, strict=False)
         except ValueError:
-            raise ValueError(f"expected IP addresses or networks (CIDR), got {token!r}") from None
-        raise ValueError(f"{token!r} has host bits set: write {loose}") from None
+            raise ValueError(f"expected IP addresses or networks (CIDR), got {_shown(token)}") from None
+        raise ValueError(f"{_shown(token)} has host bits set: write {loose}") from None
     if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
         # ::ffff:a.b.c.d/96+ is an IPv4 network (peers are matched as IPv4)
         net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
     if net.prefixlen == 0:
-        raise ValueError(f"{token!r} would trust every address: list the balancers")
+        raise ValueError(f"{_shown(token)} would trust every address: list the balancers")
     return net
 
 
@@ -821,7 +830,19 @@ def comment_cut_warning(filename: str, number: int) -> str:
             " not read): put a blank before a comment")
 
 
+# C0 controls but tab, DEL and C1: the original refused each outside a
+# comment ("unexpected character"); at a line's ends strip() takes them as
+# blanks (the CR of CRLF, \r\r\n), inside they made a value nobody meant
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
 def _split(line: str, filename: str, number: int) -> tuple[str, str]:
+    if (bad := _CONTROL.search(line)) is not None:
+        code = ord(bad.group())
+        hint = (": a carriage return inside a line (CR-only line ends? save the file with"
+                " LF or CRLF)" if code == 0x0D else "")
+        raise ConfigError(filename, number, f"control character U+{code:04X} in the line"
+                          f" (only tab is allowed; the line is not shown){hint}")
     key, eq, value = line.partition("=")
     key = key.strip()
     if not eq:
@@ -972,8 +993,9 @@ def read_text(path: str) -> str:
         data = data[len(_BOM):]  # a UTF-8 byte order mark (Notepad): the text after it counts
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, None, f"larger than {MAX_CONFIG_BYTES} bytes")
-    if b"\0" in data:
-        raise ConfigError(path, None, "contains NUL bytes (not a text file)")
+    if b"\0" in data:  # (its line, as the users' files name it: routes._text)
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise ConfigError(path, line, "contains NUL bytes (not a text file)")
     try:
         return decode_config_text(data)
     except NotUtf8 as exc:
