@@ -283,7 +283,13 @@ def test_a_users_file_name_puts_terminal_control_bytes_into_the_frontends_log(wo
     followed by a made-up line about alice; the frontend's log then holds those bytes as they
     are, so `cat`/`tail -f` of the log shows an alice line that bob wrote. Correct: the
     frontend escapes the route's text as the authenticator does (\\x1b, \\x0d), so no control
-    byte from a user's file reaches its log."""
+    byte from a user's file reaches its log.
+
+    Since a later review (test_review_confdiff, docs/decisions/foundation.md) a control
+    character inside a line of a sendooway.conf or a user's include is refused at FILE:LINE,
+    as the original refused it, so bob's mapping line no longer names that file: MAIL gets
+    550, the authenticator names the line, and still no control byte of his reaches either
+    log. (The frontend's escape of the route's source stays; test_review_mutants12 pins it.)"""
     forged = "\x1b[2K\rsendooway: message user=alice from=<alice@example.org> upstream=accepted"
     name = "rc" + forged.replace("/", "_")
     port = free_port()  # nothing listens: the upstream is not reached
@@ -303,17 +309,20 @@ def test_a_users_file_name_puts_terminal_control_bytes_into_the_frontends_log(wo
                 user = world.users["bob"]
                 assert bob.cmd(f"AUTH PLAIN {login_plain('bob', user.password)}\r\n".encode())[0] == 235
                 code = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")[0]
-                assert code in (421, 451, 454), code
+                assert code == 550, code
                 bob.cmd(b"QUIT\r\n")
             deadline = time.monotonic() + 5
-            while "message user=bob" not in front.log() and time.monotonic() < deadline:
+            while "no route" not in front.log() and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             front.stop()
             daemon.stop()
         with open(front.log_path, "rb") as f:  # (text mode would turn the CR into a line end)
             log = f.read()
-    assert b"message user=bob" in log, log
-    line = log[log.index(b"message user=bob"):].split(b"\n")[0]
-    assert b"\x1b" not in line and b"\r" not in line, (
-        f"control bytes from bob's file name reached the frontend's log: {line!r}")
+        with open(daemon.log_path, "rb") as f:
+            auth_log = f.read()
+    assert b"sender=<bob@example.org>: no route" in log, log
+    assert b".sendoowayrc:1: control character U+001B" in auth_log, auth_log
+    for line in (log + auth_log).split(b"\n"):
+        assert b"\x1b" not in line and b"\r" not in line, (
+            f"control bytes from bob's file name reached a log: {line!r}")

@@ -48,7 +48,13 @@ def test_a_users_sslca_path_puts_terminal_control_bytes_into_the_frontends_log(w
     bob's ~/.sendoowayrc says `sslCA = /tmp/x<ESC>[2K<CR>forged line` (parse_user_config keeps
     ESC and CR inside a value); after his MAIL FROM the frontend's log holds ESC [2K CR and bob's
     made-up line as they are. Correct: every line that carries text from a user's file is
-    escaped (shared/log.printable), so no control byte from bob's config reaches the log."""
+    escaped (shared/log.printable), so no control byte from bob's config reaches the log.
+
+    Since a later review (test_review_confdiff, docs/decisions/foundation.md) a control
+    character inside a line of a user's include is refused at FILE:LINE, as the original
+    refused it: bob's sslCA line is no CA path any more; the authenticator names the line,
+    his route is checked against the config's trust instead (the TLS fails here), and no
+    control byte of his reaches either log."""
     forged = "\x1b[2K\rsendooway: message user=alice upstream=accepted"
     with open_tmp() as tmp:
         listener = socket.create_server(("127.0.0.1", 0))  # bob's "upstream"
@@ -74,9 +80,12 @@ def test_a_users_sslca_path_puts_terminal_control_bytes_into_the_frontends_log(w
             listener.close()
         with open(front.log_path, "rb") as f:
             log = f.read()
-    assert b"cannot read CA certificates" in log, log
-    bad = [line for line in log.split(b"\n") if b"\x1b" in line or b"\r" in line]
-    assert not bad, f"control bytes from bob's sslCA reached the frontend's log: {bad!r}"
+        with open(daemon.log_path, "rb") as f:
+            auth_log = f.read()
+    assert b".sendoowayrc:1: control character U+001B" in auth_log, auth_log
+    assert b"message user=bob" in log and b"cannot read CA certificates" not in log, log
+    bad = [line for line in (log + auth_log).split(b"\n") if b"\x1b" in line or b"\r" in line]
+    assert not bad, f"control bytes from bob's sslCA reached a log: {bad!r}"
 
 
 # ------------------------------------------------------------ the frontend's event loop
