@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from .deploy_util import system_env
 from .front_util import front_config, front_with_daemon, open_tmp
 from .upstream import RawServer, talk
 

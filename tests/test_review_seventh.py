@@ -209,7 +209,6 @@ def test_the_root_started_unit_serves_mail_through_a_private_authenticator_blind
     authenticator of its own in the unit's sandbox (e.g. only under inetd, or an option the
     units pass), and a session during an authenticator outage gets a 4yz reply."""
     import shlex
-    import subprocess
 
     from tests.front_util import FRONT, stdio_session
 
