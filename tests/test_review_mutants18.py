@@ -8,8 +8,8 @@ matches; routes.plan, _cap, _take_ca, _text, _check_mode), the file reader
 (_files.read_one), the backoff (_penalty: Penalty, SharedPenalty, KeyLocks,
 _private_directory, client_host, user_key), the permit table (_permits),
 shared/log.py (field, printable, the formatter, _quiet_failures, Tally,
-log_failure, the new log file's mode) and sendooway_auth/check.py (the
---check report). Each test pins down behaviour that a small change to that
+log_failure, the new log file's mode), sendooway_auth/check.py (the
+--check report) and a spot check of sendooway_front/_proxyproto.py. Each test pins down behaviour that a small change to that
 code left unnoticed by the suite, and names the mutant it kills. Real
 parts: the parsers on real file text, with fetchmail 6.4.37 itself as the
 oracle where it decides (test_review_parsers_oracle's recording POP3
@@ -32,8 +32,9 @@ _authframes, test_auth_daemon, test_auth_fuzz; log: test_auth_permits,
 _mutants11, test_cli, _fixes_front, _seventh, test_auth_faults,
 _authboundary, _logs; check: test_auth_cli,
 _mutants{6,14}, _checkdiff, _fixes_auth, _admin, _addresses, _pwplaces,
-_sixth, test_direct_patterns, test_auth_second_review).
-128 mutants: 86 killed by the suite; 42 survived, of which this file
+_sixth, test_direct_patterns, test_auth_second_review; PROXY header:
+test_front_proxyproto, _proxyheader, _mutants{3,8}).
+138 mutants: 96 killed by the suite; 42 survived, of which this file
 kills 31 and 11 are equivalent (reasons below).
 
 fetchmail.py (40):
@@ -160,6 +161,11 @@ check.py (10):
   ", owner uid -1" for a file that was not read; C08 a user who is no
   valid user reported with usable accounts, exit 0 (sendooway-auth(8):
   exit 1, the daemon refuses that login).
+_proxyproto.py (10): all killed (X01 an IPv4-mapped peer not trusted as
+  IPv4; X02 a bare LF taken; X03/X10 the 107-octet bound one off; X04 a
+  port over 65535; X05 an IPv4 address in a TCP6 line; X06 2049 octets;
+  X07 an address block one octet short; X08 source and destination
+  swapped; X09 a LOCAL header's family checked).
 
 Defects: none. Every survivor was a gap in the tests, not a behaviour
 contradicting DESIGN.md, the man pages or docs/decisions; the mutants'
