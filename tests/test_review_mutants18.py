@@ -156,8 +156,10 @@ check.py (10):
   --sender; C05 a source route kept; C07 the "only root may" note also
   for the user itself; C09 exit 1 for an unknown user under a refused
   config; C10 no warning for a route too big to go with its CA.
-  Survived, killed here: C03 report lines not escaped (alice's sslCA
-  path cleared the admin's screen and forged a "result:" line); C06
+  Survived, killed here: C03 report lines not escaped (a home named by
+  NSS with ESC and CR cleared the admin's screen and forged a "result:"
+  line; first written with alice's sslCA path, which the config's
+  control-character rule now refuses at its line); C06
   ", owner uid -1" for a file that was not read; C08 a user who is no
   valid user reported with usable accounts, exit 0 (sendooway-auth(8):
   exit 1, the daemon refuses that login).
@@ -179,6 +181,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -650,23 +653,48 @@ def test_a_memory_shortage_is_one_line_without_a_traceback(caplog):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--check reads alice's files as alice")
-def test_check_shows_control_characters_from_a_users_file_escaped(tmp_config, clean_homes):
-    """C03, C06: --check prints paths and messages from users' files to the
-    admin's terminal: each line escaped (_logfmt.text), so alice's
-    `sslCA = /tmp/x<ESC>[2J<CR>result: 9 usable account(s)` neither
-    clears the screen nor forges a line of the report."""
+def test_check_shows_control_characters_from_a_users_file_escaped(tmp_config, clean_homes, tmp_path):
+    """C03, C06: --check prints paths and messages to the admin's terminal:
+    each line escaped (_logfmt.text), so a home whose name holds
+    `<ESC>[2J<CR>result 9 usable accounts` neither clears the screen nor
+    forges a line of the report. (This review first put those bytes into
+    alice's sslCA line; since test_review_confdiff a control character
+    inside a line of a ~/.sendoowayrc is refused at its line, as the
+    original refused it, and the users' parsers refuse them in names and
+    addresses: what is left is a home that NSS names, here through a
+    passwd file of this test's own.)"""
     world = clean_homes
-    world.write_user_file("alice", ".sendoowayrc",
-                          b"sslCA = /tmp/x\x1b[2J\rresult: 9 usable account(s)\n")
-    conf = tmp_config("userInclude = %h/.sendoowayrc\n")
-    res = subprocess.run([sys.executable, "-m", "sendooway_auth.cli", "-c", conf, "--check",
-                          "alice"], capture_output=True, timeout=30)
-    out = res.stdout.decode()
-    assert b"\x1b" not in res.stdout and b"\r" not in res.stdout
-    assert "sslCA /tmp/x\\x1b[2J\\x0dresult: 9 usable account(s): missing" in out, out
-    # C06: a file that was not read has no owner to name
-    assert "  /tmp/x\\x1b[2J\\x0dresult: 9 usable account(s) [sslCA]: missing" in out.splitlines()
-    assert out.splitlines()[-1] == "result: no usable mapping"
+    alice = world.users["alice"]
+    # (beside the world's homes, which alice can reach; no colon: passwd's separator)
+    home = os.path.join(os.path.dirname(alice.home), "c03\x1b[2J\rresult 9 usable accounts")
+    os.makedirs(home, exist_ok=True)
+    try:
+        os.chown(home, alice.uid, alice.gid)
+        rc = os.path.join(home, ".sendoowayrc")
+        with open(rc, "w") as f:
+            f.write("sslCA = ca.pem\n")
+        os.chown(rc, alice.uid, alice.gid)
+        os.chmod(rc, 0o600)
+        passwd = tmp_path / "passwd"
+        with open(world.passwd) as f:
+            passwd.write_text("".join(
+                f"alice:x:{alice.uid}:{alice.gid}:alice:{home}:/bin/sh\n"
+                if line.startswith("alice:") else line for line in f))
+        os.chmod(passwd, 0o644)
+        env = world.env()
+        env["NSS_WRAPPER_PASSWD"] = str(passwd)
+        conf = tmp_config("userInclude = %h/.sendoowayrc\n")
+        res = subprocess.run([sys.executable, "-m", "sendooway_auth.cli", "-c", conf, "--check",
+                              "alice"], capture_output=True, timeout=30, env=env)
+        out = res.stdout.decode()
+        assert "c03\\x1b[2J\\x0dresult 9 usable accounts" in out, out  # it is alice's home
+        assert b"\x1b" not in res.stdout and b"\r" not in res.stdout, out
+        # C06: a file that was not read has no owner to name
+        assert f"  {home}/ca.pem [sslCA]: missing".replace("\x1b", "\\x1b").replace(
+            "\r", "\\x0d") in out.splitlines(), out
+        assert out.splitlines()[-1] == "result: no usable mapping"
+    finally:
+        shutil.rmtree(home)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--check reads alice's files as alice")
