@@ -89,6 +89,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -236,10 +237,31 @@ def body(case: Case, tag: str) -> list[bytes]:
             b"last line\r\n.\r\n"]
 
 
+# Every session's (world, client port), in the order of their connects. On
+# loopback Linux reuses a port in TIME_WAIT at once (tcp_tw_reuse = 2), or one
+# closed by RST, so one client port may name several sessions of a run (a CI
+# run matched a stalled session's port to an earlier session cut at
+# connect). Sessions from one port follow each other (the next connect only
+# after the one before closed, and accepted after it): the log's n-th session
+# from a port is its n-th connect here.
+_CONNECTS: list[tuple[str, int]] = []
+_CONNECTS_LOCK = threading.Lock()
+
+
+def connect(env, case: Case) -> Client:
+    c = Client(env.fronts[case.world].port)
+    key = (case.world, c.sock.getsockname()[1])
+    with _CONNECTS_LOCK:
+        _CONNECTS.append(key)
+        c.nth = _CONNECTS.count(key) - 1
+    return c
+
+
 def faulted_session(env, case: Case) -> dict:
     """Message A, with the client's fault at the case's point."""
-    c = Client(env.fronts[case.world].port)
+    c = connect(env, case)
     out: dict = {"port": c.sock.getsockname()[1]}
+    out["nth"] = c.nth
 
     def at(point: str) -> bool:
         if case.point != point:
@@ -313,7 +335,7 @@ def faulted_session(env, case: Case) -> dict:
 
 def plain_session(env, case: Case, tag: str) -> dict:
     """One whole session sending message `tag`; returns the client's codes."""
-    c = Client(env.fronts[case.world].port)
+    c = connect(env, case)
     c.login(env.password)
     got = c.message(tag, case.sender(tag.lower()), ["r1@dest.test"], case.pipe, body(case, tag))
     got["quit"] = c.quit()
@@ -358,10 +380,12 @@ def message_lines(log: str, sender: str) -> list[str]:
     return [ln for ln in log.splitlines() if f": message user={USER} from=<{sender}>" in ln]
 
 
-def session_lines(log: str, port: int) -> list[str]:
-    """The log lines of the session from client port `port`."""
-    sid = re.search(r"\]: (\S+) client=127\.0\.0\.1:%d[: ]" % port, log)
-    return [ln for ln in log.splitlines() if sid and re.search(r"\]: %s[: ]" % sid.group(1), ln)]
+def session_lines(log: str, port: int, nth: int = 0) -> list[str]:
+    """The log lines of the `nth` session from client port `port` (connect())."""
+    sids = re.findall(r"\]: (\S+) client=127\.0\.0\.1:%d: connect$" % port, log, re.M)
+    if len(sids) <= nth:
+        return []
+    return [ln for ln in log.splitlines() if re.search(r"\]: %s[: ]" % sids[nth], ln)]
 
 
 def check(env, case: Case, out: dict, log: str) -> list[str]:
@@ -402,7 +426,7 @@ def check(env, case: Case, out: dict, log: str) -> list[str]:
         bad.append(f"A: delivered, logged {lines[0]}")
     # the session's lines: its connect, one end line (a failed STARTTLS
     # handshake's is its own: tests/test_review_tlssplits.py), no error
-    mine = session_lines(log, a["port"])
+    mine = session_lines(log, a["port"], a["nth"])
     ends = [ln for ln in mine if re.search(r": (closed: |STARTTLS handshake failed: )", ln)]
     why = {"stall": "time", "fin": "clos|lost", "shutwr": "clos|lost", "rst": ""}[case.fault]
     if len([ln for ln in mine if ln.endswith(": connect")]) != 1 or len(ends) != 1 \
@@ -437,7 +461,8 @@ def test_every_client_fault_at_every_point(clientworld):
         bad = check(env, case, out, logs[case.world])
         if os.environ.get("CLIENTFAULTS_DUMP"):
             print(case, out["A"].get("took"), out["A"].get("said", b"")[:60],
-                  *session_lines(logs[case.world], out["A"]["port"]), sep="\n  ")
+                  *session_lines(logs[case.world], out["A"]["port"], out["A"]["nth"]),
+                      sep="\n  ")
         if bad:
             said = [ln[ln.find(": ") + 2:][:200] for ln in logs[case.world].splitlines()
                     if f"@{case.domain}" in ln or case.host + ":" in ln]
