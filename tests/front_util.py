@@ -154,7 +154,7 @@ class Frontend:
                     self.proc.kill()
                 out, err = self.proc.communicate(timeout=5)
             text = err.decode(errors="replace")
-            if self._picked and attempt < 3 and "Address already in use" in text:
+            if self._picked and attempt < 3 and f":{self.port}: Address already in use" in text:
                 self.port = free_port(self.host)
                 self.argv = self._argv(self._bind_for(self.port))
                 continue
