@@ -24,6 +24,8 @@ that no two processes pick their folder at the same time. Without the
 lock file (not creatable, not openable) or after 10 s of waiting, the
 load goes on unlocked, as before."""
 
+from __future__ import annotations
+
 import os
 
 
