@@ -372,6 +372,11 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     listening = []
     connection = None
     activation = activated_sockets()
+    if args.bind or (activation is not None and activation.listening):
+        # before the sockets listen: a stop request as soon as the port is
+        # up (a service manager, a script polling for it) is a clean stop,
+        # also when this process is descheduled right after listen()
+        catch_early_signals()
     if args.bind:
         try:
             for where in args.bind:
@@ -385,8 +390,6 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
         if not listening and connection is None:
             return _fail(log, "systemd passed no usable socket")
     many = bool(listening)
-    if many:
-        catch_early_signals()  # from here on a stop request is a clean stop
 
     # The authenticator.
     path = args.auth_socket or cfg.authSocket

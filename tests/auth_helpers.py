@@ -137,7 +137,7 @@ class Daemon:
         except FileNotFoundError:
             return ""
 
-    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
+    def wait_log(self, needle: str, timeout: float = 15.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()

@@ -112,9 +112,17 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def listening(port: int) -> bool:
+def listening(port: int, proc: subprocess.Popen | None = None) -> bool:
+    """Something listens on `port`; with `proc`: that process (or a child
+    of it), not another one that took the port free_port() picked."""
     out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
-    return bool(out.stdout.strip())
+    if not out.stdout.strip():
+        return False
+    if proc is None:
+        return True
+    from .front_util import _listener_is
+
+    return _listener_is(proc, port)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -193,21 +201,28 @@ def start_auth_daemon(dep: Deployment, extra: list[str] | None = None) -> subpro
 def serve_b(dep: Deployment) -> tuple[subprocess.Popen, int]:
     """`sendooway -b 127.0.0.1:PORT` started as root on the deployment's
     config (no daemon: it starts its private authenticator)."""
-    port = free_tcp_port()
-    proc = subprocess.Popen(
-        [command("sendooway"), "-c", str(dep.config), "-l", str(dep.front_log),
-         "-b", f"127.0.0.1:{port}"],
-        env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, start_new_session=True)
+    for attempt in range(4):
+        # free_port()'s pick may be taken by another process before this one
+        # binds it: then it exits "Address already in use", and another pick
+        port = free_tcp_port()
+        proc = subprocess.Popen(
+            [command("sendooway"), "-c", str(dep.config), "-l", str(dep.front_log),
+             "-b", f"127.0.0.1:{port}"],
+            env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True)
 
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError("sendooway -b exited: " + proc.stderr.read().decode()
-                                 + dep.front_log.read_text())
-        return listening(port)
+        def up():
+            if proc.poll() is not None:
+                return "exited"
+            return listening(port, proc)
 
-    wait_for(up, timeout=30, what="sendooway -b to listen")
-    return proc, port
+        if wait_for(up, timeout=30, what="sendooway -b to listen") is True:
+            return proc, port
+        err = proc.stderr.read().decode()
+        if attempt < 3 and f"127.0.0.1:{port}: Address already in use" in err:
+            continue
+        raise AssertionError("sendooway -b exited: " + err + dep.front_log.read_text())
+    raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------ clients

@@ -188,6 +188,10 @@ class World:
         env["PAM_WRAPPER_SERVICE_DIR"] = self.pam_dir
         env.pop("PAM_WRAPPER_DEBUGLEVEL", None)  # level >= 3 prints passwords
         env["SENDOOWAY_TEST_WORLD"] = self.root
+        # tests/worldsite/sitecustomize.py: pam_wrapper's start-up one process at a time
+        site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worldsite")
+        pypath = [p for p in env.get("PYTHONPATH", "").split(":") if p and p != site]
+        env["PYTHONPATH"] = ":".join([site, *pypath])
         return env
 
     def write_user_file(self, user: str, relpath: str, text: str | bytes, mode: int = 0o600) -> str:

@@ -81,28 +81,85 @@ def wait_port(host: str, port: int, proc: subprocess.Popen | None = None, timeou
     raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
+def _listener_is(proc: subprocess.Popen, port: int) -> bool:
+    """Does `proc` (or a child of it) hold the socket listening on `port`?
+    True when /proc cannot tell (not root: the frontend runs as nobody)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except OSError:
+            return True
+    pids = [proc.pid]
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            pids += [int(c) for c in f.read().split()]
+    except (OSError, ProcessLookupError):
+        pass
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        except OSError:
+            return True  # (not ours to read)
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 class Frontend:
     """`sendooway -b` as a subprocess."""
 
     def __init__(self, config: str, log: str, args=(), host: str = "127.0.0.1",
                  port: int | None = None, bind: str | None = None, env=None, argv0=None) -> None:
         self.host = host
+        # a port free_port() picked here may be taken by another process (an
+        # xdist worker's server, a client's source port) before the frontend
+        # binds it: start() then tries another. A port or -b the test chose
+        # is kept as it is.
+        self._picked = port is None and bind is None
         self.port = port or free_port(host if host != "::1" else "::1")
         self.log_path = log
-        bind = bind or (f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}")
-        self.argv = [*(argv0 or [FRONT]), "-c", config, "-l", log, "-b", bind, *args]
+        self._argv = lambda bind: [*(argv0 or [FRONT]), "-c", config, "-l", log, "-b", bind, *args]
+        self.argv = self._argv(bind or self._bind_for(self.port))
         self.env = env
         self.proc: subprocess.Popen | None = None
 
+    def _bind_for(self, port: int) -> str:
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
     def start(self) -> "Frontend":
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            wait_port(self.host, self.port, self.proc)
-        except RuntimeError:
-            out, err = self.proc.communicate(timeout=5)
-            raise RuntimeError(f"frontend did not start: {err.decode()} {self.log()}") from None
-        return self
+        for attempt in range(4):
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                wait_port(self.host, self.port, self.proc)
+                if not self._picked or _listener_is(self.proc, self.port):
+                    return self
+                # another process listens on the port we picked: ours fails
+                self.proc.wait(15)
+                out, err = self.proc.communicate(timeout=5)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                out, err = self.proc.communicate(timeout=5)
+            text = err.decode(errors="replace")
+            if self._picked and attempt < 3 and f":{self.port}: Address already in use" in text:
+                self.port = free_port(self.host)
+                self.argv = self._argv(self._bind_for(self.port))
+                continue
+            raise RuntimeError(f"frontend did not start: {text} {self.log()}")
+        raise AssertionError("unreachable")
 
     def smtp(self, timeout: float = 20) -> smtplib.SMTP:
         return smtplib.SMTP(self.host, self.port, local_hostname="client.test", timeout=timeout)

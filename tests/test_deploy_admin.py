@@ -210,8 +210,15 @@ def test_auth_daemon_sighup_reloads_instead_of_dying_silently(world, deployment)
         r = subprocess.run([command("sendooway-auth"), "-c", str(dep.config), "--check", "alice"],
                            env=dep.env, capture_output=True, text=True, timeout=60)
         assert "valid user: no" in r.stdout, r.stdout + r.stderr
+        reloads = dep.auth_log.read_text().count("reloaded ")
         os.kill(daemon.pid, signal.SIGHUP)
-        time.sleep(1.0)
+        # until the reload is logged (it was a fixed 1 s: on a loaded machine
+        # the login below could still meet the old config), or the daemon ended
+        deadline = time.monotonic() + 30
+        while (daemon.poll() is None and dep.auth_log.read_text().count("reloaded ") == reloads
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        time.sleep(0.2)  # (and a SIGHUP that kills does so within this, too)
         assert daemon.poll() is None, (
             f"SIGHUP ended the daemon (status {daemon.returncode}); its log:\n"
             + dep.auth_log.read_text())

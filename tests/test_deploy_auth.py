@@ -24,7 +24,8 @@ from .deploy_util import command
 from .deploy_util import PACKAGING, rewrite_paths, system_env
 
 WORLD_VARS = ("LD_PRELOAD", "LD_LIBRARY_PATH", "NSS_WRAPPER_PASSWD", "NSS_WRAPPER_GROUP",
-              "PAM_WRAPPER", "PAM_WRAPPER_SERVICE_DIR", "SENDOOWAY_TEST_WORLD", "PATH")
+              "PAM_WRAPPER", "PAM_WRAPPER_SERVICE_DIR", "SENDOOWAY_TEST_WORLD", "PATH",
+              "PYTHONPATH")  # (tests/worldsite: pam_wrapper's start-up one process at a time)
 CLIENTS = ("192.0.2.7", "2001:db8::9")
 UPSTREAM_PORT = 2587  # only looked up, never connected to
 

@@ -18,7 +18,7 @@ import pytest
 
 from .auth_helpers import Daemon
 from .fakeworld import free_port
-from .front_util import Frontend, front_config, open_tmp, wait_port
+from .front_util import Frontend, _listener_is, front_config, open_tmp, wait_port
 from .test_front_proxy_e2e import FAIL2BAN, wait_for
 from .upstream import FakeUpstream
 
@@ -43,6 +43,7 @@ frontend submission
     default_backend sendooway
 backend sendooway
     option smtpchk EHLO haproxy.test
+    timeout check 5s
     server mx1 127.0.0.1:{backend} source {balancer} send-proxy-v2 check inter 300ms
 """
 
@@ -74,16 +75,33 @@ def deployment(world):
         config = front_config(tmp, world, f"proxyProtocol = {BALANCER}\n"
                                            f"smarthostMapping = direct:* 127.0.0.1 {up.port} noAuth\n")
         daemon = Daemon(tmp, config).start()
-        front = Frontend(config, os.path.join(str(tmp), "front.log"), port=free_port()).start()
-        port = free_port()
+        front = Frontend(config, os.path.join(str(tmp), "front.log")).start()  # (its own port)
         stats = os.path.join(str(tmp), "haproxy.stats")
         cfg = os.path.join(str(tmp), "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write(HAPROXY_CFG.format(stats=stats, port=port, backend=front.port, balancer=BALANCER))
-        proc = subprocess.Popen([HAPROXY, "-db", "-f", cfg], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for attempt in range(4):
+            # free_port()'s pick may be taken before HAProxy binds it: another
+            port = free_port()
+            with open(cfg, "w") as f:
+                f.write(HAPROXY_CFG.format(stats=stats, port=port, backend=front.port,
+                                           balancer=BALANCER))
+            proc = subprocess.Popen([HAPROXY, "-db", "-f", cfg], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                wait_port("127.0.0.1", port, proc)
+                if _listener_is(proc, port):
+                    break
+                proc.wait(15)  # another process's listener: HAProxy cannot bind
+                raise RuntimeError("taken")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if proc.poll() is None:
+                    proc.kill()
+                out = proc.communicate(timeout=10)[0].decode(errors="replace")
+                if attempt == 3 or "cannot bind socket" not in out:
+                    front.stop()
+                    daemon.stop()
+                    up.stop()
+                    raise RuntimeError(f"haproxy did not start: {out}") from None
         try:
-            wait_port("127.0.0.1", port, proc)
             yield {"port": port, "stats": stats, "up": up, "daemon": daemon, "front": front,
                    "haproxy": proc}
         finally:
@@ -105,7 +123,10 @@ def client(dep) -> smtplib.SMTP:
 def test_smtp_health_check_sees_the_server_up(deployment):
     """HAProxy sends its checks a v2 LOCAL header: they keep the balancer's
     address, get the greeting and the EHLO answer smtpchk wants."""
-    wait_for(lambda: server_status(deployment["stats"]) == "UP", "HAProxy to mark mx1 UP")
+    # (without `timeout check`, a whole check - connect, greeting, EHLO -
+    # had `inter`, 300 ms: a loaded machine failed three in a row, mx1 DOWN)
+    wait_for(lambda: server_status(deployment["stats"]) == "UP", "HAProxy to mark mx1 UP",
+             timeout=30)
     log = deployment["front"].log()
     assert re.search(rf"client={re.escape(BALANCER)}:\d+: connect \(PROXY v2 LOCAL: the"
                      r" balancer's own connection\)", log), log[-2000:]

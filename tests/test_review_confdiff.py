@@ -1063,7 +1063,7 @@ def _zombies(pid: int) -> list[int]:
             with open(f"/proc/{child}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":
                     out.append(child)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # reaped between open and read
             pass
     return out
 

@@ -189,6 +189,13 @@ def test_after_a_timeout_421_the_client_sees_the_end_at_once(monkeypatch):
     the end without waiting out LINGER; one that then closes ends the
     session at once, one that never closes holds it LINGER seconds at most."""
 
+    from sendooway_front import _driver
+
+    # LINGER 3 s instead of 1 s: "at once" (< 1.5 s) still tells the FIN
+    # from one sent after LINGER, with room for a loaded machine's stall
+    # (the bound was 0.6 s against 1 s; a stall of 0.5 s made it fail)
+    monkeypatch.setattr(_driver, "LINGER", 3.0)
+
     async def go():
         loop = asyncio.get_running_loop()
         for closes in (True, False):
@@ -197,15 +204,15 @@ def test_after_a_timeout_421_the_client_sees_the_end_at_once(monkeypatch):
             await _until(reader, b"250 ")
             assert b"421 " in await _until(reader, b"421 ")
             t0 = loop.time()
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-            assert loop.time() - t0 < 0.6  # not LINGER (1 s) later
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert loop.time() - t0 < 1.5  # not LINGER (3 s) later
             if closes:
                 writer.close()
-                await asyncio.wait_for(task, 5)
-                assert loop.time() - t0 < 0.6
+                await asyncio.wait_for(task, 10)
+                assert loop.time() - t0 < 1.5
             else:
-                await asyncio.wait_for(task, 5)
-                assert loop.time() - t0 < 2.5
+                await asyncio.wait_for(task, 10)
+                assert loop.time() - t0 < 4.5  # LINGER, and not much more
                 writer.close()
 
     run(go())
@@ -220,11 +227,14 @@ def test_a_refused_message_may_take_longer_than_timeout_to_end(monkeypatch):
     from .test_front_driver import LOGIN, TXN
 
     async def go():
-        task, reader, writer, relay = await _session(monkeypatch, 0.4, extMessageSize=100)
+        # timeout 1 s, a piece every 0.2 s (each read has 0.8 s to spare on a
+        # loaded machine: with 0.4 s it had 0.2 s, and a stall gave a 421),
+        # 3 s for the rest: still three times `timeout` for the whole
+        task, reader, writer, relay = await _session(monkeypatch, 1.0, extMessageSize=100)
         writer.write(LOGIN + TXN)
         await _until(reader, b"354 ")
         writer.write(b"x" * 200 + b"\r\n")  # over extMessageSize: refused from here
-        for _ in range(6):  # 1.2 s for the rest, a piece every 0.2 s
+        for _ in range(15):
             await asyncio.sleep(0.2)
             writer.write(b"words\r\n")
         writer.write(b".\r\nQUIT\r\n")
@@ -651,12 +661,15 @@ def test_a_client_that_never_logs_in_hears_why(monkeypatch):
 
     async def go():
         loop = asyncio.get_running_loop()
-        task, reader, writer, _ = await _session(monkeypatch, 0.25)
+        # timeout 1 s (LOGIN_WITHIN x 1 s = 4 s to the 421); a NOOP every
+        # 0.1 s leaves 0.9 s of each `timeout` to a loaded machine's stall
+        # (with 0.25 s it left 0.15 s, and a stall gave the idle timeout's 421)
+        task, reader, writer, _ = await _session(monkeypatch, 1.0)
         t0 = loop.time()
         out = b""
-        while b"421 " not in out and loop.time() - t0 < 3:
+        while b"421 " not in out and loop.time() - t0 < 12:
             writer.write(b"NOOP\r\n")
-            out += await asyncio.wait_for(reader.read(4096), 3)
+            out += await asyncio.wait_for(reader.read(4096), 5)
             await asyncio.sleep(0.1)
         assert b"421 4.4.2 No login in time" in out, out
         writer.close()

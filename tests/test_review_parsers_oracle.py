@@ -96,9 +96,14 @@ class Pop3Recorder:
                 self.logins.clear()
             res = subprocess.run(
                 ["fetchmail", "-f", path, "--check", "-N", "--nosyslog", "--sslproto", "",
-                 "-p", "POP3", "-P", str(self.port), "-t", "5"],
+                 "-p", "POP3", "-P", str(self.port), "-t", "30",
+                 # as root its pid file is /var/run/fetchmail.pid: a second
+                 # fetchmail at once (another xdist worker, another suite)
+                 # "can't check mail while another fetchmail to same host is
+                 # running" and logs in with nothing
+                 "--pidfile", os.path.join(home, "fetchmail.pid")],
                 env={"HOME": home, "PATH": "/usr/bin:/bin", "LC_ALL": "C"},
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=90)
             refused = b"syntax error" in res.stderr
             with self._lock:
                 return list(self.logins), refused

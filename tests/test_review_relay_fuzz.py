@@ -615,7 +615,7 @@ def assert_relayed(got: tuple[int, list[bytes]], said: Say, where: str) -> None:
         assert not ENHANCED.match(theirs), (where, "an enhanced code added to a line that had one", got)
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:
+def wait_until(predicate, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -563,7 +563,7 @@ def _ehlo_after_tls(out: str) -> None:
     assert "221 2.0.0" in out, out
 
 
-def _wait_log(fe: Frontend, since: int, needle: str, timeout: float = 5) -> str:
+def _wait_log(fe: Frontend, since: int, needle: str, timeout: float = 15) -> str:
     deadline = time.monotonic() + timeout
     while needle not in fe.log()[since:] and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -540,6 +540,9 @@ def test_auth_rate_limit_is_temporary_and_not_remembered(rig):
            for n in range(3)]
     assert [c for c, _ in got[0]] == [250, 250, 250], got
     assert got[1] == got[2] == [(454, b"4.7.0 Login at the upstream server failed")], got
+    # (Postfix's log reaches the file through postlogd, after the reply reached us)
+    _wait_for(lambda: len(rig.pf.lines(r"warning: AUTH command rate limit exceeded")) >= 2,
+              what=lambda: rig.pf.log()[-2000:])
     assert len(rig.pf.lines(r"warning: AUTH command rate limit exceeded")) == 2
     assert re.search(r"PLAIN: 450 4\.7\.1", fe.log()), fe.log()[-1500:]
 
@@ -573,6 +576,8 @@ def test_postfix_error_count_is_not_carried_from_one_session_to_the_next(rig):
     assert [c for c, _ in replies] == [250, 250, 250] and time.monotonic() - t0 < 1.5, replies
     rig.sink.wait(1)
     # a fresh connection after each refusal; none slowed down
+    _wait_for(lambda: len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from")) - connects >= 4,
+              what=lambda: rig.pf.log()[-2000:])  # (postlogd: the log lags the replies)
     assert len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from")) - connects == 4
     assert not rig.pf.lines("too many errors")
 
@@ -588,6 +593,8 @@ def test_new_tls_session_rate_limit_spared_by_resumption(rig):
     for n in range(2 * RATE):
         replies = _send(fe, rig, "dave@tlsrate.example", f"t{n}@example.net", b"Subject: t\r\n\r\nx\r\n")
         assert [c for c, _ in replies] == [250, 250, 250], (n, replies)
+    _wait_for(lambda: len(rig.pf.lines(r"postfix/tlsrate/smtpd\[\d+\]: Anonymous TLS connection established"))
+              >= 2 * RATE, what=lambda: rig.pf.log()[-2000:])  # (postlogd: the log lags the replies)
     assert len(rig.pf.lines(r"postfix/tlsrate/smtpd\[\d+\]: Anonymous TLS connection established")) == 2 * RATE
     assert not rig.pf.lines("too many new TLS sessions")
     refused = None

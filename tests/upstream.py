@@ -15,6 +15,7 @@ auth_mechanisms: the AUTH mechanisms offered (default PLAIN and LOGIN);
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 import threading
@@ -155,8 +156,21 @@ class FakeUpstream:
         return ctx
 
     def start(self) -> "FakeUpstream":
-        if not self.port:
-            self.port = free_port(self.host)
+        picked = not self.port
+        for attempt in range(4):
+            if picked:
+                self.port = free_port(self.host)
+            try:
+                return self._start()
+            except OSError as exc:
+                # free_port()'s pick taken by another process before the bind
+                # (aiosmtpd re-raises create_server's error after ready_timeout)
+                self._controller = None
+                if not picked or attempt == 3 or exc.errno != errno.EADDRINUSE:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self) -> "FakeUpstream":
         kwargs: dict = dict(
             hostname=self.host, port=self.port, decode_data=False,
             authenticator=self._authenticator if self.accounts is not None else None,
