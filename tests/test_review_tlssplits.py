@@ -144,6 +144,14 @@ class Cut(Exception):
     """The connection was ended at the chosen octet."""
 
 
+# Sessions of Talk per (frontend port, client port). On loopback Linux
+# reuses a client port at once (tcp_tw_reuse = 2, or after an RST), so one
+# port may name several sessions of a run (it did in test_review_clientfaults
+# in CI); they follow each other, so the log's n-th session from a port is
+# the n-th Talk from it.
+_CONNECTS: dict[tuple[int, int], int] = {}
+
+
 class Talk:
     """An SMTP client of the frontend whose TLS is Python's ssl over memory
     BIOs: `sent` counts the octets sent, `marks` says which step sent which
@@ -157,6 +165,8 @@ class Talk:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.local = self.sock.getsockname()[1]
+        # the how-manieth session from this client port (see session_lines)
+        self.nth = _CONNECTS[port, self.local] = _CONNECTS.get((port, self.local), -1) + 1
         self.ctx, self.cut, self.how = ctx, cut, how
         self.sent = 0
         self.marks: list[tuple[str, int, int]] = []
@@ -308,17 +318,22 @@ def session(tw, port: int, starttls: bool, text: bytes, **kw) -> Talk:
 FRONTS = {"starttls": lambda tw: (tw.front, True), "-s": lambda tw: (tw.front_s, False)}
 
 
-def session_lines(front, local_port: int) -> list[str]:
-    mine = re.compile(rf"client=127\.0\.0\.1:{local_port}[: ]")
-    return [line for line in front.log().splitlines() if mine.search(line)]
+def session_lines(front, local_port: int, nth: int = 0) -> list[str]:
+    """The log lines of the `nth` session from client port `local_port`."""
+    log = front.log()
+    sids = re.findall(rf"\]: (\S+) client=127\.0\.0\.1:{local_port}: connect", log)
+    if len(sids) <= nth:
+        return []
+    mine = re.compile(rf"\]: {re.escape(sids[nth])} client=127\.0\.0\.1:{local_port}[: ]")
+    return [line for line in log.splitlines() if mine.search(line)]
 
 
-def ended(front, local_port: int, within: float = 3.0) -> list[str]:
-    """The frontend's log lines of the session from `local_port`, once it
-    logged the session's end (asserted: within `within` s)."""
+def ended(front, t: "Talk", within: float = 3.0) -> list[str]:
+    """The frontend's log lines of the session of `t`, once it logged the
+    session's end (asserted: within `within` s)."""
     deadline = time.monotonic() + within
     while True:
-        lines = session_lines(front, local_port)
+        lines = session_lines(front, t.local, t.nth)
         if any(re.search(r": (closed: |TLS handshake failed|STARTTLS handshake failed)", x) for x in lines):
             return lines
         assert time.monotonic() < deadline, ("session not ended", lines)
@@ -348,7 +363,7 @@ def cut_points(marks, rng: random.Random) -> list[tuple[int, str, int]]:
 def _check_cut(tw, front, starttls: bool, ref: Talk, cut: int, step: str, end: int, how: str) -> str:
     tag = f"cut-{how}-{cut}-{starttls}"
     t = session(tw, front.port, starttls, body(tag), cut=cut, how=how)
-    lines = ended(front, t.local)
+    lines = ended(front, t)
     whole = cut == end  # the step's last octet went out: it may be answered
     where = f"cut {how} at {cut} in {step} ({'whole' if whole else 'partial'}): {lines}"
     if how == "fin":
@@ -610,7 +625,7 @@ def the_end(t: Talk, front, within: float = 2.0) -> tuple[bytes, list[str]]:
     except socket.timeout:
         raise AssertionError(f"still open after {within}s") from None
     assert time.monotonic() - start < within
-    return got, ended(front, t.local)
+    return got, ended(front, t)
 
 
 @pytest.mark.parametrize("name", FRONTS)
