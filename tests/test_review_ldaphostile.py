@@ -538,12 +538,9 @@ def test_a_password_echoed_by_the_directory_is_never_logged(daemon, scripted, co
     assert directory.binds and secret not in log
 
 
-def test_a_referral_after_the_bind_is_not_followed_with_the_password(daemon, scripted):
-    """The bind succeeds and the entry's search answers a referral to
-    another server (ldap://, in clear): nothing is sent there — it used
-    to get the DN and the password, and its entry was the account."""
-    elsewhere = scripted(_serving(dict(GOOD, uid=[b"mallory"], uidNumber=[b"4242"])))
-
+def _referring(elsewhere):
+    """A directory's script: every bind succeeds, every search answers a
+    referral (result 10) to `elsewhere`."""
     def script(s, conn):
         while True:
             msgid, op, _f = s.read(conn)
@@ -553,7 +550,15 @@ def test_a_referral_after_the_bind_is_not_followed_with_the_password(daemon, scr
                 conn.sendall(done_reply(msgid, 10, referral=[elsewhere.uri.encode() + b"/"]))
             else:
                 return
-    directory = scripted(script)
+    return script
+
+
+def test_a_referral_after_the_bind_is_not_followed_with_the_password(daemon, scripted):
+    """The bind succeeds and the entry's search answers a referral to
+    another server (ldap://, in clear): nothing is sent there — it used
+    to get the DN and the password, and its entry was the account."""
+    elsewhere = scripted(_serving(dict(GOOD, uid=[b"mallory"], uidNumber=[b"4242"])))
+    directory = scripted(_referring(elsewhere))
     d = daemon(_conf(directory.uri))
     reply = _outcome(d, "lena", PW)
     assert isinstance(reply, Error), reply
@@ -750,17 +755,7 @@ def test_a_referral_directory_through_the_frontend_is_454(world, scripted, tmp_p
     from tests.front_util import Frontend, front_config
 
     elsewhere = scripted(_serving(GOOD))
-
-    def script(s, conn):
-        while True:
-            msgid, op, _f = s.read(conn)
-            if op == 0x60:
-                conn.sendall(bind_reply(msgid))
-            elif op == 0x63:
-                conn.sendall(done_reply(msgid, 10, referral=[elsewhere.uri.encode() + b"/"]))
-            else:
-                return
-    directory = scripted(script)
+    directory = scripted(_referring(elsewhere))
     conf = front_config(tmp_path, world, _conf(directory.uri))
     auth = Daemon(tmp_path / "d", conf)
     os.makedirs(auth.dir, exist_ok=True)
