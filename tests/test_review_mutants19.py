@@ -1,8 +1,90 @@
 """Tests written from a mutation-testing review of the product code changed
-since 1ae966c (work in progress: the counts follow)."""
+since 1ae966c: sendooway_auth/_ldap.py (referrals not followed, the
+watchdog timer per try, the password sent as the bytes typed, the checks
+of the directory's answer, _answer/_describe, _values, _number and
+_account's value checks, MAX_HOME); shared/config.py (_CONTROL in _split
+and its CR hint, the NUL error with its line, _shown cutting a value at
+80 characters, a bare IPv6 localname with a zone refused); --private
+(sendooway_auth/cli.py, _server.run_daemon ignoring SIGHUP,
+sendooway_front/_authlink.spawn_daemon passing it); sendooway_front/cli.py
+installing the early signal handlers before the sockets listen. Each test
+pins down behaviour that a small change to that code left unnoticed by the
+suite, and names the mutants it kills. Real parts: the sendooway-auth
+daemon against test_review_ldaphostile's scripted directories on loopback
+(BER by hand, for what slapd never says), the real config parser, and a
+root sendooway started by socket activation with a fake authenticator
+beside it (as test_third_review does).
+
+40 mutants of the code as it was, one at a time, each against the test
+files that exercise it (_ldap: test_review_ldaphostile, test_ldap_backend,
+test_review_mutants11; config: test_review_confdiff, test_config,
+test_auth_faults, test_compat_original; --private and the signals:
+test_review_confdiff, test_third_review, test_deploy_admin,
+test_front_e2e): 26 killed, 14 survived. This file kills 10 of them; 4
+are equivalent.
+
+MUTANTS ("killed" means by the suite before this file)
+_ldap.py:
+  killed: L01 auto_referrals=True; L02 the password bound as the str
+  (SASLprep); L03 the watchdog never started; L06 the search's result
+  code not checked (an entry then an error served); L08 two entries
+  taken (> 2); L09 isascii() dropped from _number (Arabic-Indic digits a
+  uid); L12 the uid choice only from three values on; L15 ".." taken as a
+  uid; L16 isprintable() dropped (a newline in a uid); L19 the password
+  left in _answer's text; L21 the password encoded as Latin-1; L22 the
+  watchdog not setting `cut`; L23 only KeyError caught from the decoder.
+  Killed only here: L07 `not entries` dropped (a search reference and
+  success read entries[0] of nothing: IndexError, logged as an answer that
+  could not be read); L11 empty values kept (uid "" served as the account
+  "", a home beside an empty value refused as two); L14 the uid values
+  compared with the name case-sensitively (login "Lena", bound by the
+  directory to uid "lena", refused as several values); L17 `>= MAX_HOME`
+  and L18 MAX_HOME = 4096 (a home of 4095 octets refused, one of 4096
+  served); L24 the referral left out of the logged answer.
+  Equivalent: L04/L05 the `cut` test after the bind/after the search
+  dropped: a watchdog's shutdown makes ldap3 raise (session terminated),
+  and the except clause tests `cut` itself; bind() and search() return
+  normally after a cut only when the whole answer had arrived just before
+  it, a race in which the mutant uses that complete answer (a wrong
+  password, an entry) instead of a timeout: no deterministic test, and no
+  worse. L13 the sort key inverted (the exact spelling last): the order
+  of the values kept decides nothing, since two kept values are refused
+  as several and one is one.
+  L20 the password not cut out of an exception's text (_describe): with
+  raise_exceptions=False and auto_referrals=False the exceptions ldap3
+  can raise here carry its own fixed words or a socket error
+  (strategy/base.py, sync.py: "session terminated by server", "no
+  response from server", last_error of a socket): never the
+  directory's message nor the bind request, so there is no password to
+  cut (the directory's own text goes through _answer, whose cut L19
+  test_review_ldaphostile kills). Defence in depth, not reachable.
+config.py:
+  killed: C01 DEL allowed; C02 tab refused; C07 the value shown whole;
+  C08 the NUL's line one less; C09 the NUL error without its line; C10
+  the zone check dropped; C11 match() for search() (a control inside the
+  line taken); C12 validUser's error shown whole.
+  Killed only here: C04 the CR hint given for U+000A instead; C05 _shown's
+  limit 81; C06 the dots from 80 characters on (>=).
+--private and the signals:
+  killed: S01 run_daemon without SIG_IGN for SIGHUP; S02 --private
+  ignored (config_path passed); S03 --private beside --fd/--check
+  accepted; S04 spawn_daemon without --private; S06 the early handlers
+  for activation alone (-b killed by SIGHUP).
+  Killed only here: S05 the early handlers for -b alone: an activated
+  frontend (Accept=no) stopped while its private authenticator starts
+  died of the SIGTERM (status -15) instead of stopping cleanly.
+
+No product defect was found: each survivor killed here was a gap in the
+tests, the product right."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +93,7 @@ from sendooway_shared.config import ConfigError, load_config
 from sendooway_shared.protocol import AuthFail, AuthOk, Error
 from tests import test_review_ldaphostile as hostile
 from tests.test_review_ldaphostile import (
-    GOOD, PW, _conf, _outcome, _serving, bind_reply, done_reply, entry_reply,
+    GOOD, PW, _conf, _outcome, _serving, bind_reply, done_reply,
 )
 
 # the hostile review's fixtures: the real daemon (its logs checked for the
@@ -119,61 +201,6 @@ def test_empty_values_are_no_values(daemon, scripted, change, got, said):
         assert said in d.wait_log("reason=ldap-entry-incomplete")
 
 
-def _trickled(bind_slow: bool):
-    """A script: the bind's answer (bind_slow) or the entry's trickles, a
-    byte every 0.1 s, well past a try's share."""
-    def script(s, conn):
-        while True:
-            msgid, op, _f = s.read(conn)
-            if op == 0x60:
-                reply = bind_reply(msgid, diag=b"x" * 300) if bind_slow else bind_reply(msgid)
-            elif op == 0x63:
-                reply = entry_reply(msgid, dict(GOOD, description=[b"x" * 300])) + done_reply(msgid)
-            else:
-                return
-            if bind_slow == (op == 0x60):
-                for byte in reply:
-                    conn.sendall(bytes([byte]))
-                    time.sleep(0.1)
-            else:
-                conn.sendall(reply)
-    return script
-
-
-@ldap_marks[0]
-@ldap_marks[1]
-@pytest.mark.parametrize("bind_slow", [True, False], ids=["bind", "search"])
-def test_a_trickle_cut_by_the_watchdog_is_logged_as_a_timeout(daemon, scripted, bind_slow):
-    """ldapUri = a directory trickling its bind answer (or its entry), then
-    a good one: the first try is cut at its share and logged as timed out
-    (not as whatever the cut socket made of the answer), the second logs
-    in (kills L04/L05: the cut not checked after the bind/search, L22: the
-    watchdog not marking its cut)."""
-    slow = scripted(_trickled(bind_slow))
-    good = scripted(_serving(GOOD))
-    d = daemon(_conf(f"{slow.uri} {good.uri}", timeout=5))
-    started = time.monotonic()
-    assert _outcome(d, "lena", PW) == AuthOk("lena")
-    assert time.monotonic() - started < 3
-    log = d.wait_log("auth ok: user=lena")
-    assert f"ldap: {slow.uri}: timed out: no complete answer within 1 s" in log, log
-
-
-# -- sendooway-auth --private ----------------------------------------------------
-
-@pytest.mark.parametrize("args", [["--fd", "3", "--private"], ["--check", "alice", "--private"]])
-def test_private_is_refused_beside_fd_and_check(capsys, args):
-    """--private is the daemon's (the private authenticator of a listening
-    sendooway): with --fd or --check it is a usage error, exit 2 (kills
-    S03: the check dropped, --private silently meaningless there)."""
-    from sendooway_auth import cli as auth_cli
-
-    with pytest.raises(SystemExit) as exc:
-        auth_cli.main(["-c", "/dev/null", *args])
-    assert exc.value.code == 2
-    assert "--private is for the daemon of a listening sendooway" in capsys.readouterr().err
-
-
 @ldap_marks[0]
 @ldap_marks[1]
 def test_a_search_reference_instead_of_the_entry_is_not_followed(daemon, scripted):
@@ -205,3 +232,82 @@ def test_a_search_reference_instead_of_the_entry_is_not_followed(daemon, scripte
     assert "could not be read after the bind" in log and "IndexError" not in log, log
     time.sleep(0.2)
     assert elsewhere.requests == [] and "auth ok" not in log
+
+
+
+@ldap_marks[0]
+@ldap_marks[1]
+def test_a_referral_is_named_in_the_log(daemon, scripted):
+    """A referral in answer to the entry's search is not followed, and the
+    log names where it pointed: what an admin needs to see why the
+    directory "did not answer" (kills L24: the referral left out of the
+    directory's answer as logged)."""
+    def script(s, conn):
+        while True:
+            msgid, op, _f = s.read(conn)
+            if op == 0x60:
+                conn.sendall(bind_reply(msgid))
+            elif op == 0x63:
+                conn.sendall(done_reply(msgid, 10, referral=[b"ldap://elsewhere.invalid/"]))
+            else:
+                return
+    directory = scripted(script)
+    d = daemon(_conf(directory.uri))
+    assert isinstance(_outcome(d, "lena", PW), Error)
+    log = d.wait_log("no directory answered")
+    assert "could not be read after the bind (10 " in log, log
+    assert "(referral to ldap://elsewhere.invalid/)" in log, log
+
+# -- sendooway_front/cli.py: the early signal handlers ---------------------------
+
+_SLOW_TO_START_AUTH = """\
+import os, signal, socket, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+open(os.environ["FAKE_AUTH_STARTED"], "w").close()
+time.sleep(2)  # starting: the frontend waits for READY=1
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the private authenticator)")
+def test_a_stop_while_an_activated_frontend_starts_is_a_clean_stop(tmp_path):
+    """Socket activation (Accept=no: a listening socket on fd 3, as systemd
+    passes it), sendooway as root, its private authenticator slow to
+    start: a SIGTERM while the frontend waits for it (systemctl stop at
+    once) is noted and the frontend stops cleanly, exit 0, as with -b
+    (kills S05: the early handlers installed for -b alone, the activated
+    frontend killed by the signal, status -15)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # find_auth_program looks next to argv[0] first: a fake authenticator there
+    shutil.copy(os.path.join(os.path.dirname(sys.executable), "sendooway"), bindir / "sendooway")
+    fake = bindir / "sendooway-auth"
+    fake.write_text(f"#!{sys.executable}\n{_SLOW_TO_START_AUTH}")
+    fake.chmod(0o755)
+    started = tmp_path / "auth-started"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    script = 'exec 3<&0 0</dev/null; export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"'
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", script, "sh", str(bindir / "sendooway"), "-c", "/dev/null", "-l", "&2",
+         "--auth-socket", str(tmp_path / "none" / "auth.sock")],
+        stdin=listener.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dict(os.environ, FAKE_AUTH_STARTED=str(started)), start_new_session=True)
+    listener.close()
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists(), proc.stderr.read() if proc.poll() is not None else "no start"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    err = proc.stderr.read().decode(errors="replace")
+    assert code == 0, f"the activated sendooway ended with {code}:\n{err}"
