@@ -342,9 +342,9 @@ def scripted():
         s.close()
 
 
-def _serving(attrs: dict, entries: int = 1, pause: float = 0.0):
+def _searched(answer, pause: float = 0.0):
     """A script: any bind succeeds (a directory with unauthenticated binds
-    allowed), the search answers `entries` copies of the entry."""
+    allowed), a search is answered with `answer(msgid)`."""
     def script(s, conn):
         while True:
             msgid, op, _f = s.read(conn)
@@ -352,11 +352,17 @@ def _serving(attrs: dict, entries: int = 1, pause: float = 0.0):
             if op == 0x60:
                 conn.sendall(bind_reply(msgid))
             elif op == 0x63:
-                conn.sendall(b"".join(entry_reply(msgid, attrs) for _ in range(entries))
-                             + done_reply(msgid))
+                conn.sendall(answer(msgid))
             else:
                 return
     return script
+
+
+def _serving(attrs: dict, entries: int = 1, pause: float = 0.0):
+    """A script: any bind succeeds, the search answers `entries` copies of
+    the entry."""
+    return _searched(lambda msgid: b"".join(entry_reply(msgid, attrs) for _ in range(entries))
+                     + done_reply(msgid), pause)
 
 
 GOOD = {"uid": [b"lena"], "uidNumber": [b"40101"], "gidNumber": [b"40101"],
@@ -463,17 +469,8 @@ def test_several_entries_for_one_dn_are_a_broken_directory(daemon, scripted):
     """A base search has one entry at most: two (different accounts) is a
     directory to distrust, a temporary failure, never the first of them."""
     other = dict(GOOD, uidNumber=[b"40999"])
-
-    def script(s, conn):
-        while True:
-            msgid, op, _f = s.read(conn)
-            if op == 0x60:
-                conn.sendall(bind_reply(msgid))
-            elif op == 0x63:
-                conn.sendall(entry_reply(msgid, GOOD) + entry_reply(msgid, other)
-                             + done_reply(msgid))
-            else:
-                return
+    script = _searched(lambda msgid: entry_reply(msgid, GOOD) + entry_reply(msgid, other)
+                       + done_reply(msgid))
     directory = scripted(script)
     d = daemon(_conf(directory.uri))
     assert isinstance(_outcome(d, "lena", PW), Error)
@@ -541,16 +538,7 @@ def test_a_password_echoed_by_the_directory_is_never_logged(daemon, scripted, co
 def _referring(elsewhere):
     """A directory's script: every bind succeeds, every search answers a
     referral (result 10) to `elsewhere`."""
-    def script(s, conn):
-        while True:
-            msgid, op, _f = s.read(conn)
-            if op == 0x60:
-                conn.sendall(bind_reply(msgid))
-            elif op == 0x63:
-                conn.sendall(done_reply(msgid, 10, referral=[elsewhere.uri.encode() + b"/"]))
-            else:
-                return
-    return script
+    return _searched(lambda msgid: done_reply(msgid, 10, referral=[elsewhere.uri.encode() + b"/"]))
 
 
 def test_a_referral_after_the_bind_is_not_followed_with_the_password(daemon, scripted):

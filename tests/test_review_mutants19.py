@@ -93,7 +93,7 @@ from sendooway_shared.config import ConfigError, load_config
 from sendooway_shared.protocol import AuthFail, AuthOk, Error
 from tests import test_review_ldaphostile as hostile
 from tests.test_review_ldaphostile import (
-    GOOD, PW, _conf, _outcome, _serving, bind_reply, done_reply,
+    GOOD, PW, _conf, _outcome, _searched, _serving, done_reply,
 )
 
 # the hostile review's fixtures: the real daemon (its logs checked for the
@@ -213,18 +213,9 @@ def test_a_search_reference_instead_of_the_entry_is_not_followed(daemon, scripte
     from tests.test_review_ldaphostile import _msg, _str, _tlv
 
     elsewhere = scripted(_serving(GOOD))
-
-    def script(s, conn):
-        while True:
-            msgid, op, _f = s.read(conn)
-            if op == 0x60:
-                conn.sendall(bind_reply(msgid))
-            elif op == 0x63:
-                ref = _msg(msgid, _tlv(0x73, _str(elsewhere.uri.encode() + b"/")))
-                conn.sendall(ref + done_reply(msgid))
-            else:
-                return
-    directory = scripted(script)
+    # (a search result reference, 0x73, then the search's end)
+    directory = scripted(_searched(lambda msgid: _msg(msgid, _tlv(0x73, _str(
+        elsewhere.uri.encode() + b"/"))) + done_reply(msgid)))
     d = daemon(_conf(directory.uri))
     reply = _outcome(d, "lena", PW)
     assert isinstance(reply, Error), reply
@@ -242,16 +233,8 @@ def test_a_referral_is_named_in_the_log(daemon, scripted):
     log names where it pointed: what an admin needs to see why the
     directory "did not answer" (kills L24: the referral left out of the
     directory's answer as logged)."""
-    def script(s, conn):
-        while True:
-            msgid, op, _f = s.read(conn)
-            if op == 0x60:
-                conn.sendall(bind_reply(msgid))
-            elif op == 0x63:
-                conn.sendall(done_reply(msgid, 10, referral=[b"ldap://elsewhere.invalid/"]))
-            else:
-                return
-    directory = scripted(script)
+    directory = scripted(_searched(
+        lambda msgid: done_reply(msgid, 10, referral=[b"ldap://elsewhere.invalid/"])))
     d = daemon(_conf(directory.uri))
     assert isinstance(_outcome(d, "lena", PW), Error)
     log = d.wait_log("no directory answered")
