@@ -137,6 +137,7 @@ def _try(cfg: Config, uri: str, share: int, dn: str, name: str, raw: bytes, secr
 
     conn = None
     cut = threading.Event()
+    late = f"{uri}: timed out: no complete answer within {share} s"  # (once the watchdog cut)
 
     def watchdog() -> None:
         cut.set()
@@ -160,7 +161,7 @@ def _try(cfg: Config, uri: str, share: int, dn: str, name: str, raw: bytes, secr
         if not conn.bind():
             code = (conn.result or {}).get("result")
             if cut.is_set():
-                return False, f"{uri}: timed out: no complete answer within {share} s"
+                return False, late
             if code == INVALID_CREDENTIALS:
                 return True, (None, "wrong-password")
             if code in REFUSALS:
@@ -172,7 +173,7 @@ def _try(cfg: Config, uri: str, share: int, dn: str, name: str, raw: bytes, secr
                             attributes=list(ATTRIBUTES))
         entries = [r for r in conn.response or () if r.get("type") == "searchResEntry"]
         if cut.is_set():
-            return False, f"{uri}: timed out: no complete answer within {share} s"
+            return False, late
         # (ldap3's search says True for any entry, whatever the result
         # after it: an entry followed by an error was served)
         if not found or not entries or (conn.result or {}).get("result") != 0:
@@ -183,7 +184,7 @@ def _try(cfg: Config, uri: str, share: int, dn: str, name: str, raw: bytes, secr
         return True, _account(entries[0].get("attributes", {}), dn, name)
     except (LDAPException, OSError, ssl.SSLError) as exc:
         if cut.is_set():
-            return False, f"{uri}: timed out: no complete answer within {share} s"
+            return False, late
         return False, f"{uri}: {_describe(exc, secret)}"
     except Exception as exc:  # noqa: BLE001 - ldap3's decoder fails anyhow on a malformed answer
         # (a bind answer with a referral: KeyError; it was an internal error)
