@@ -80,11 +80,9 @@ tests, the product right."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -263,20 +261,16 @@ def test_a_stop_while_an_activated_frontend_starts_is_a_clean_stop(tmp_path):
     once) is noted and the frontend stops cleanly, exit 0, as with -b
     (kills S05: the early handlers installed for -b alone, the activated
     frontend killed by the signal, status -15)."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    # find_auth_program looks next to argv[0] first: a fake authenticator there
-    shutil.copy(os.path.join(os.path.dirname(sys.executable), "sendooway"), bindir / "sendooway")
-    fake = bindir / "sendooway-auth"
-    fake.write_text(f"#!{sys.executable}\n{_SLOW_TO_START_AUTH}")
-    fake.chmod(0o755)
+    from tests.test_third_review import sendooway_beside_a_fake_authenticator
+
+    front = sendooway_beside_a_fake_authenticator(tmp_path, _SLOW_TO_START_AUTH)
     started = tmp_path / "auth-started"
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     script = 'exec 3<&0 0</dev/null; export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"'
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", script, "sh", str(bindir / "sendooway"), "-c", "/dev/null", "-l", "&2",
+        ["/bin/sh", "-c", script, "sh", front, "-c", "/dev/null", "-l", "&2",
          "--auth-socket", str(tmp_path / "none" / "auth.sock")],
         stdin=listener.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=dict(os.environ, FAKE_AUTH_STARTED=str(started)), start_new_session=True)

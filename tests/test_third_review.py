@@ -9,6 +9,7 @@ reason its docstring gives."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -104,6 +105,39 @@ while True:
 """
 
 
+def sendooway_beside_a_fake_authenticator(tmp_path, script: str) -> str:
+    """A copy of the installed `sendooway` in a directory of its own, with a
+    fake `sendooway-auth` running `script` beside it (find_auth_program
+    looks next to argv[0] first); the copy's path."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(sys.executable), "sendooway"), bindir / "sendooway")
+    fake = bindir / "sendooway-auth"
+    fake.write_text(f"#!{sys.executable}\n{script}")
+    fake.chmod(0o755)
+    return str(bindir / "sendooway")
+
+
+@contextlib.contextmanager
+def _listening_b(argv: list[str], port: int):
+    """`argv` (a `sendooway -b` on 127.0.0.1:`port`) started in a session of
+    its own, stderr kept; yields the process once it listens. Killed, with
+    its process group, if it still runs at the end."""
+    from tests import deploy_world as dw
+
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        dw.wait_for(lambda: proc.poll() is not None or dw.listening(port, proc), timeout=30,
+                    what="sendooway -b to listen")
+        assert proc.poll() is None, proc.stderr.read()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 @root_only
 def test_sighup_while_sendooway_b_stops_does_not_kill_it(tmp_path):
     """sendooway -b documents SIGHUP as "logged, changes nothing", and
@@ -121,32 +155,17 @@ def test_sighup_while_sendooway_b_stops_does_not_kill_it(tmp_path):
     SIGTERM."""
     from tests import deploy_world as dw
 
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    # find_auth_program looks next to argv[0] first: a fake authenticator there
-    shutil.copy(os.path.join(os.path.dirname(sys.executable), "sendooway"), bindir / "sendooway")
-    fake = bindir / "sendooway-auth"
-    fake.write_text(f"#!{sys.executable}\n{_SLOW_TO_STOP_AUTH}")
-    fake.chmod(0o755)
+    front = sendooway_beside_a_fake_authenticator(tmp_path, _SLOW_TO_STOP_AUTH)
     port = dw.free_tcp_port()
-    proc = subprocess.Popen(
-        [str(bindir / "sendooway"), "-c", "/dev/null", "-l", "&2", "-b", f"127.0.0.1:{port}",
-         "--auth-socket", str(tmp_path / "none" / "auth.sock")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True)
     try:
-        dw.wait_for(lambda: proc.poll() is not None or dw.listening(port, proc), timeout=30,
-                    what="sendooway -b to listen")
-        assert proc.poll() is None, proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)
-        assert proc.poll() is None, "stopped before the watcher was done (test premise)"
-        proc.send_signal(signal.SIGHUP)
-        code = proc.wait(30)
+        with _listening_b([front, "-c", "/dev/null", "-l", "&2", "-b", f"127.0.0.1:{port}",
+                           "--auth-socket", str(tmp_path / "none" / "auth.sock")], port) as proc:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert proc.poll() is None, "stopped before the watcher was done (test premise)"
+            proc.send_signal(signal.SIGHUP)
+            code = proc.wait(30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
         time.sleep(4.5)  # the watcher stops the fake and removes its directory
     err = proc.stderr.read().decode(errors="replace")
     assert code == 0, f"sendooway -b ended with {code} (SIGHUP while stopping):\n{err}"
@@ -181,21 +200,11 @@ def test_sigterm_as_soon_as_the_port_is_up_stops_sendooway_b_cleanly(tmp_path):
     from tests import deploy_world as dw
 
     port = dw.free_tcp_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _STALL_AFTER_LISTEN, "-c", "/dev/null", "-l", "&2",
-         "-b", f"127.0.0.1:{port}", "--auth-socket", str(tmp_path / "none" / "auth.sock")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True)
-    try:
-        dw.wait_for(lambda: proc.poll() is not None or dw.listening(port, proc), timeout=30,
-                    what="sendooway -b to listen")
-        assert proc.poll() is None, proc.stderr.read()
+    with _listening_b([sys.executable, "-c", _STALL_AFTER_LISTEN, "-c", "/dev/null", "-l", "&2",
+                       "-b", f"127.0.0.1:{port}",
+                       "--auth-socket", str(tmp_path / "none" / "auth.sock")], port) as proc:
         proc.send_signal(signal.SIGTERM)  # within the stall
         code = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     err = proc.stderr.read().decode(errors="replace")
     assert code == 0, f"sendooway -b ended with {code} (SIGTERM right after listen):\n{err}"
 
