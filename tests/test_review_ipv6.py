@@ -276,6 +276,16 @@ def _relay_from(world, host: str, port: int) -> None:
 
 
 @needs_v6
+def _free_dual_stack_port() -> int:
+    """A port free for a dual-stack socket on [::], the one xinetd opens with
+    `flags = IPv6` (one free on ::1 alone may be held on 127.0.0.1 by
+    another test: xinetd then never listened, a CI run)."""
+    with socket.socket(socket.AF_INET6) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        return s.getsockname()[1]
+
+
 def test_the_shipped_xinetd_block_serves_ipv6_clients_too(world, upstream, deployment):
     """DEFECT (rule: a careful admin on a dual-stack or IPv6-only server
     expects the shipped /etc/xinetd.d/sendooway to take the submission
@@ -289,7 +299,7 @@ def test_the_shipped_xinetd_block_serves_ipv6_clients_too(world, upstream, deplo
     attrs = _xinetd_block("submission-root")
     assert attrs.get("flags") == "= IPv6", attrs
     assert _xinetd_block("submission-nobody").get("flags") == "= IPv6"
-    port = free_port("::1")
+    port = _free_dual_stack_port()
     proc = _start_xinetd(dep, _xinetd_config(dep, attrs, port, bind=None), port)
     try:
         _relay_from(world, "::1", port)
