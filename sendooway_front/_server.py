@@ -203,6 +203,13 @@ def _hangup() -> None:
                 " before dropping privileges; restart it to apply changes")
 
 
+def _hangup_soon(loop: asyncio.AbstractEventLoop) -> None:
+    """SIGHUP's handler: _hangup on the loop, or nothing once it is closed
+    (the server stopping)."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(_hangup)
+
+
 async def serve_stdio(frontend: Frontend) -> None:
     """One session on fd 0 (input) and fd 1 (output)."""
     peer = ""
@@ -347,7 +354,10 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024, backlog=512))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _hangup)
+    # SIGHUP by a plain handler, not add_signal_handler: loop.close() gives a
+    # signal it handled back to SIG_DFL (death), and a SIGHUP in the moment
+    # between that and main()'s SIG_IGN killed a stopping server
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _hangup_soon(loop))
     if _early & {signal.SIGTERM, signal.SIGINT}:
         stop.set()  # asked to stop while starting up
     if signal.SIGHUP in _early:

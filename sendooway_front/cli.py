@@ -485,8 +485,8 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        loop.close()  # (it gave SIGHUP back to its default: death)
-        if many:
+        loop.close()
+        if many:  # (serve_listening's SIGHUP handler does nothing once the loop is closed)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # "SIGHUP changes nothing", also now
         reap = getattr(connector, "reap", None)
         if reap is not None:
