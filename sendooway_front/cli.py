@@ -20,7 +20,7 @@ import time
 
 from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, to_devnull
-from sendooway_shared.config import ConfigError, MailerEncryption, load_config
+from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 
 EXIT_FAILURE = 1
@@ -332,8 +332,8 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     _fail = startup.fail
 
     from ._authlink import (
-        AbsentConnector, AuthLinkError, SocketConnector, daemon_problem, daemon_reachable,
-        spawn_daemon, spawn_pair,
+        TRUST_WORDS, AbsentConnector, AuthLinkError, SocketConnector, daemon_problem,
+        daemon_reachable, spawn_daemon, spawn_pair,
     )
     from ._driver import Frontend
     from ._privileges import PrivilegeError, acting_as, drop_privileges
@@ -402,19 +402,26 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     # read one user's file and would answer "no route" (550) for every
     # sender, so there a missing daemon is a 421 as for nobody
     sandboxed = os.environ.get("SENDOOWAY_PRIVATE_AUTH", "").lower() == "no"
+    # Only authBackend = none has a daemon running as an ordinary account
+    # (the frontend's own): with any other, a listener that is not root is
+    # a squatter (nobody is shared by other services), never trusted.
+    only_root = cfg.authBackend is not AuthBackend.NONE
     try:
         # asked as every session will connect: as frontendUser, after the drop
         with acting_as(cfg.frontendUser):
-            refusal = daemon_problem(path, frontend_uid)
+            refusal = daemon_problem(path, frontend_uid, only_root)
         reachable = not refusal
         # root may reach what frontendUser may not (a root 0644 socket that
         # systemd-socket-activate made, one of another frontendUser): a
         # root probe alone said "there", and every session then got 421
-        root_only = bool(refusal) and is_root and daemon_reachable(path, frontend_uid)
+        root_only = bool(refusal) and is_root and daemon_reachable(path, frontend_uid, only_root)
     except PrivilegeError as exc:
         return _fail(log, str(exc), EXIT_FAILURE)
     if root_only:
         log.error("%s", _root_only_socket(path, cfg.frontendUser, refusal, private=not sandboxed))
+    elif refusal.endswith(TRUST_WORDS):  # a squatter, or a daemon run as the wrong account
+        log.warning("authSocket %s: %s; it gets no logins (with authBackend = %s only a root"
+                    " authenticator does)", path, refusal, cfg.authBackend.value)
     by_hand = one_session and not startup.client and connection is None
     if not reachable and not is_root and by_hand:
         # a session typed or piped by a user (the original's own checks ran
@@ -426,7 +433,7 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
         log.warning("%s: a session without logins (AUTH gets 454); run it as root, or"
                     " start sendooway-auth, for a real one", why)
     elif reachable or not is_root or sandboxed:
-        connector = SocketConnector(path, cfg.timeout, frontend_uid)
+        connector = SocketConnector(path, cfg.timeout, frontend_uid, only_root=only_root)
         if not reachable and not root_only:
             log.warning("no authenticator at %s: sessions get 421 until it runs%s", path,
                         " (SENDOOWAY_PRIVATE_AUTH=no: none is started here; start"
