@@ -107,13 +107,29 @@ def activated_socket() -> socket.socket | None:
         return None
     if count > 1:
         log.warning("systemd passed %d sockets; using the first", count)
+        # the others stay open but reach no child (a PAM helper, pam_exec)
+        for fd in range(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + min(count, 1 << 20)):
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                break  # the first one not open: none beyond it is systemd's
     try:
         sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     except OSError:
         raise StartupError("the descriptor systemd passed (fd 3) is not a socket") from None
+    os.set_inheritable(sock.fileno(), False)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         raise StartupError("the socket systemd passed is not a UNIX stream socket")
-    os.set_inheritable(sock.fileno(), False)
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        try:
+            sock.getpeername()
+        except OSError:
+            pass  # bound, not listening yet: listen() below makes it so
+        else:
+            # listen() on it failed with a bare "Invalid argument" (exit 1,
+            # and Restart=on-failure started it again and again)
+            raise StartupError("the socket systemd passed is a connection, not a listening"
+                               " socket: sendooway-auth.socket must not have Accept=yes")
     return sock
 
 
@@ -187,7 +203,7 @@ def notify(state: str) -> None:
             s.connect(address)
             s.sendall(state.encode())
     except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address.lstrip("\0"), exc.strerror)
+        log.warning("cannot notify systemd at %s: %s", address.lstrip("\0"), exc.strerror or exc)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -289,7 +289,9 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     if startup.client or startup.listening:  # a usage error is a start-up failure: 421, syslog
         parser.fail = lambda message: startup.fail(None, message)
     args = parser.parse_args(argv)
-    one_session = not args.bind and "LISTEN_FDS" not in os.environ
+    from ._server import socket_activated
+
+    one_session = not args.bind and not socket_activated()
     startup.one_session = one_session
     if one_session and startup.listening:
         # Before anything else, an authenticator forked as root above all:
@@ -338,7 +340,7 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     from ._driver import Frontend
     from ._privileges import PrivilegeError, acting_as, drop_privileges
     from ._server import (
-        BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
+        ActivationError, BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
         serve_connection, serve_listening, serve_stdio, stop_requested,
     )
     from ._tls import TLSConfigError, preload_ca_file, server_context
@@ -371,7 +373,10 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     # Where the clients come from.
     listening = []
     connection = None
-    activation = activated_sockets()
+    try:
+        activation = activated_sockets()
+    except ActivationError as exc:
+        return _fail(log, str(exc))
     if args.bind or (activation is not None and activation.listening):
         # before the sockets listen: a stop request as soon as the port is
         # up (a service manager, a script polling for it) is a clean stop,

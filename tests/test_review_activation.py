@@ -16,13 +16,17 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import types
 
 import pytest
 
+from sendooway_shared.cli import EXIT_CONFIG
 from sendooway_shared.protocol import VERSION, Welcome, encode
 from tests.fakeworld import become
 from tests.front_util import FRONT, NOBODY, front_config, login_plain
+
+AUTH = os.path.join(os.path.dirname(FRONT), "sendooway-auth")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the programs as root")
 
@@ -108,3 +112,179 @@ def test_a_squatter_running_as_the_frontend_user_gets_no_password(world, tmp_pat
     assert b"\r\n235 " in res.stdout, res.stdout  # her login, by the frontend's own authenticator
     log = (tmp_path / "front.log").read_text()
     assert password not in log
+
+
+# ------------------------------------------------------------ socket activation
+
+
+def _activated(argv, fds, count: str, **kwargs) -> subprocess.Popen:
+    """`argv` started as systemd starts it: `fds` become 3, 4, ... and
+    LISTEN_PID is its own pid (the shell's, which then execs)."""
+    script = f'export LISTEN_PID=$$ LISTEN_FDS={count}; exec "$@"'
+
+    def place():
+        for i, fd in enumerate(fds):
+            os.dup2(fd, 3 + i)
+
+    return subprocess.Popen(["sh", "-c", script, "sh", *argv], preexec_fn=place,
+                            pass_fds=[3 + i for i in range(len(fds))], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _finish(proc: subprocess.Popen, seconds: float = 30) -> tuple[int | None, str, str]:
+    """(status, stdout, stderr); status None when it was still running after
+    `seconds` (then killed)."""
+    try:
+        out, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return None, out, err
+    return proc.returncode, out, err
+
+
+def _udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return [s], "1"
+
+
+def _unconnected():
+    return [socket.socket(socket.AF_INET, socket.SOCK_STREAM)], "1"
+
+
+def _too_many():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(4)
+    return [s], "100000000"
+
+
+@pytest.mark.parametrize("make,said", [
+    (_udp, "systemd passed no usable socket: fd 3 is not a TCP or UNIX stream socket"),
+    (_unconnected, "systemd passed no usable socket: fd 3 is neither listening nor connected"),
+    (_too_many, "systemd passed 100000000 descriptors: fd 4 is not open"),
+    (lambda: ([], "many"), "LISTEN_FDS='many' is not a number of sockets"),
+    (lambda: ([], "-1"), "LISTEN_FDS='-1' is not a number of sockets"),
+], ids=["udp", "unconnected", "huge-count", "garbage", "negative"])
+def test_the_frontend_refuses_what_systemd_passed_that_it_cannot_serve(world, tmp_path, make, said):
+    """DEFECT: the frontend took every descriptor from systemd that was a
+    socket but not listening for the one connection (Accept=yes): a UDP
+    socket (a unit with ListenDatagram=) ended in a traceback
+    ("A Stream Socket was expected"), a socket neither listening nor
+    connected was "served" (a session that wrote its greeting nowhere, exit
+    0); LISTEN_FDS=100000000 with one socket made it try every number up to
+    there (it never started); a LISTEN_FDS that is no number was taken for
+    0 and a session served on stdin (/dev/null under systemd).
+    Now: one line naming the descriptor (or the variable), exit 2, before
+    any authenticator is started."""
+    socks, count = make()
+    config = front_config(tmp_path, world, tls=False)
+    proc = _activated([FRONT, "-c", config, "-l", "&2"], [s.fileno() for s in socks], count)
+    for s in socks:
+        s.close()
+    status, out, err = _finish(proc)
+    assert status == EXIT_CONFIG, (status, err)
+    assert f"sendooway: {said}" in err
+    assert "Traceback" not in err and "sendooway-auth" not in err
+    assert out == ""
+
+
+def test_listen_variables_of_another_process_leave_the_inetd_checks_in_place(world, tmp_path):
+    """DEFECT: whether the frontend serves one session (inetd) was decided
+    by LISTEN_FDS alone, though the variables count only when LISTEN_PID
+    is its own pid (sd_listen_fds(3); activated_sockets did look). With
+    variables a socket-activated parent left behind, xinetd's `wait = yes`
+    (a listening socket on stdin) was no longer refused at start: the
+    frontend forked a root authenticator and sat on the listening socket
+    (the loop the outside review ended). Now the same refusal as without
+    those variables."""
+    config = front_config(tmp_path, world, tls=False)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    env = dict(os.environ, LISTEN_PID="1", LISTEN_FDS="1")
+    proc = subprocess.Popen([FRONT, "-c", config, "-l", "&2"], stdin=listener.fileno(), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listener.close()
+    status, _out, err = _finish(proc)
+    assert status == EXIT_CONFIG, (status, err)
+    assert "stdin is a listening socket" in err
+    assert "sendooway-auth" not in err
+
+
+def test_the_authenticator_refuses_a_connection_for_its_listening_socket(tmp_path, tmp_config):
+    """DEFECT: a connected socket as fd 3 (sendooway-auth.socket with
+    Accept=yes, a sendooway-auth@.service made after the frontend's) made
+    the daemon stop with "cannot start: Invalid argument" (listen() on a
+    connection), exit 1: Restart=on-failure starts it again and again and
+    nothing says what is wrong. Now exit 2 saying so."""
+    ours, theirs = socket.socketpair()
+    proc = _activated([AUTH, "-c", tmp_config(""), "-l", "&2", "--socket",
+                       str(tmp_path / "own" / "x.sock")], [theirs.fileno()], "1")
+    theirs.close()
+    status, _out, err = _finish(proc)
+    ours.close()
+    assert status == EXIT_CONFIG, (status, err)
+    assert ("sendooway-auth: the socket systemd passed is a connection, not a listening socket:"
+            " sendooway-auth.socket must not have Accept=yes") in err
+    assert "Invalid argument" not in err and "Traceback" not in err
+    assert not (tmp_path / "own").exists()
+
+
+def _cloexec(pid: int, fd: int) -> bool:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        flags = next(line for line in f if line.startswith("flags:")).split()[1]
+    return bool(int(flags, 8) & 0o2000000)
+
+
+def test_the_sockets_the_authenticator_does_not_use_reach_no_child(tmp_path, tmp_config):
+    """DEFECT: given two sockets, the daemon serves the first and says so,
+    but left the second inheritable: every program it or PAM executes
+    (unix_chkpwd, a pam_exec script) got a listening socket of the
+    authenticator's. Now close-on-exec, like the first."""
+    listeners = []
+    for name in ("first.sock", "second.sock"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(tmp_path / name))
+        s.listen(4)
+        listeners.append(s)
+    log = tmp_path / "auth.log"
+    proc = _activated([AUTH, "-c", tmp_config(""), "-l", str(log)],
+                      [s.fileno() for s in listeners], "2")
+    for s in listeners:
+        s.close()
+    try:
+        deadline = time.monotonic() + 20
+        while "started: listening on the socket from systemd" not in (
+                log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        assert _cloexec(proc.pid, 3)
+        assert _cloexec(proc.pid, 4), "the second socket would reach the daemon's children"
+    finally:
+        proc.terminate()
+        assert _finish(proc)[0] == 0
+
+
+def test_a_notify_socket_path_too_long_is_named_with_its_reason(tmp_path, tmp_config):
+    """DEFECT: NOTIFY_SOCKET longer than a UNIX socket path may be (a
+    mistyped drop-in) was logged as "cannot notify systemd at PATH: None":
+    that OSError has no strerror. Now the reason; the daemon serves on."""
+    long_path = "/run/" + "n" * 120
+    log = tmp_path / "auth.log"
+    proc = subprocess.Popen([AUTH, "-c", tmp_config(""), "-l", str(log), "--socket",
+                             str(tmp_path / "run" / "auth.sock")],
+                            env=dict(os.environ, NOTIFY_SOCKET=long_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "cannot notify systemd" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        assert (tmp_path / "run" / "auth.sock").exists()
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    line = next(x for x in log.read_text().splitlines() if "cannot notify systemd" in x)
+    assert line.endswith(f"cannot notify systemd at {long_path}: AF_UNIX path too long"), line
