@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+from sendooway_shared.config import MAX_SOCKET_PATH
 from sendooway_shared.log import printable
 from sendooway_shared.protocol import (
     VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Error, Hello, Message, NoRoute,
@@ -350,6 +351,12 @@ def _private_directory(frontend_user: str | None) -> str:
 
     tried = []
     for base in dict.fromkeys((tempfile.gettempdir(), "/run", "/tmp")):
+        # a long TMPDIR: the socket's path would not fit in a socket address
+        # ("cannot start: AF_UNIX path too long", with /run and /tmp untried)
+        longest = os.path.join(base, "sendooway-auth-" + "x" * 8, "auth.sock")
+        if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+            tried.append(f"{base} (too long a path for a socket in it)")
+            continue
         try:
             directory = tempfile.mkdtemp(prefix="sendooway-auth-", dir=base)
         except OSError as exc:

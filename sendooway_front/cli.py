@@ -19,7 +19,7 @@ import sys
 import time
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, to_devnull
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, socket_path_arg, to_devnull
 from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 
@@ -46,7 +46,7 @@ def build_parser() -> Parser:
     p.add_argument("-l", "--log", metavar="LOGFILE",
                    help="append the log to LOGFILE; '&2' or '-' for stderr, '&1' for stdout"
                    " (with -b only) (default: syslog, mail)")
-    p.add_argument("--auth-socket", metavar="PATH",
+    p.add_argument("--auth-socket", metavar="PATH", type=socket_path_arg,
                    help="the sendooway-auth daemon's socket (default: authSocket from the config)")
     return p
 

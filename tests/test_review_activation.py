@@ -288,3 +288,55 @@ def test_a_notify_socket_path_too_long_is_named_with_its_reason(tmp_path, tmp_co
         assert proc.wait(15) == 0
     line = next(x for x in log.read_text().splitlines() if "cannot notify systemd" in x)
     assert line.endswith(f"cannot notify systemd at {long_path}: AF_UNIX path too long"), line
+
+
+# ------------------------------------------------------------ socket paths
+
+
+def test_socket_path_options_too_long_are_usage_errors(world, tmp_path, tmp_config):
+    """DEFECT: `--auth-socket` longer than a socket address may be (the
+    config's authSocket is refused so, the option was not) was a daemon
+    "not there": a root frontend served with an authenticator of its own,
+    silently ignoring the option (under the units: 421 for every session),
+    and `sendooway-auth --socket` made that path's directory (as root)
+    before failing to bind in it. Now both are usage errors, nothing made."""
+    where = tmp_path / ("d" * 110)
+    long_path = str(where / "auth.sock")
+    config = front_config(tmp_path, world, tls=False)
+    res = subprocess.run([FRONT, "-c", config, "-l", "&2", "--auth-socket", long_path],
+                         input=b"QUIT\r\n", capture_output=True, timeout=30)
+    assert res.returncode == EXIT_CONFIG, res
+    assert b"argument --auth-socket: path too long for a UNIX socket" in res.stderr
+    assert b"220 " not in res.stdout and b"sendooway-auth" not in res.stderr
+    res = subprocess.run([AUTH, "-c", tmp_config(""), "-l", "&2", "--socket", long_path],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == EXIT_CONFIG, res
+    assert "argument --socket: path too long for a UNIX socket" in res.stderr
+    assert not where.exists()
+
+
+def test_a_long_tmpdir_does_not_keep_a_listening_frontend_from_starting(world, tmp_path):
+    """DEFECT: `sendooway -b` started as root with no daemon puts its
+    private authenticator's socket in a new directory under $TMPDIR; a
+    TMPDIR of some 80 characters made that path too long for a socket and
+    the start failed ("cannot start: AF_UNIX path too long"), /run and
+    /tmp untried. Now a base too long is skipped like one frontendUser
+    cannot reach."""
+    from tests.front_util import Frontend
+
+    base = tempfile.mkdtemp(prefix="sendooway-rv-act-")  # (tmp_path: root's alone)
+    try:
+        os.chmod(base, 0o755)  # frontendUser may reach what is made in it
+        long_tmp = os.path.join(base, "t" * 80)
+        os.mkdir(long_tmp, 0o755)
+        config = front_config(tmp_path, world, tls=False)
+        front = Frontend(config, str(tmp_path / "front.log"), env=dict(os.environ, TMPDIR=long_tmp))
+        try:
+            front.start()
+            with front.smtp() as client:
+                assert client.ehlo()[0] == 250
+        finally:
+            assert front.stop() == 0, front.log()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert "no authenticator at" in front.log() and "started /" in front.log()
