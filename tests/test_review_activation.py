@@ -340,3 +340,38 @@ def test_a_long_tmpdir_does_not_keep_a_listening_frontend_from_starting(world, t
     finally:
         shutil.rmtree(base, ignore_errors=True)
     assert "no authenticator at" in front.log() and "started /" in front.log()
+
+
+def test_the_real_socket_activate_with_accept_gets_the_clear_refusal(tmp_path, tmp_config):
+    """The same as a unit would do it: `systemd-socket-activate --accept`
+    (sendooway-auth.socket with Accept=yes, as the frontend's socket has)
+    starts the daemon per connection with that connection as fd 3: each
+    start logs why it cannot serve it (was: "cannot start: Invalid
+    argument") and the connection is closed without a byte."""
+    if not shutil.which("systemd-socket-activate"):
+        pytest.skip("systemd-socket-activate not installed")
+    path, log = tmp_path / "auth.sock", tmp_path / "auth.log"
+    proc = subprocess.Popen(["systemd-socket-activate", "--accept", "-l", str(path),
+                             AUTH, "-c", tmp_config(""), "-l", str(log)],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.settimeout(30)
+        assert client.recv(64) == b""  # closed by the daemon's exit, nothing sent
+        client.close()
+        while "cannot start" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    text = log.read_text()
+    assert ("cannot start: the socket systemd passed is a connection, not a listening socket:"
+            " sendooway-auth.socket must not have Accept=yes") in text, text
+    assert "Invalid argument" not in text and "Traceback" not in text
