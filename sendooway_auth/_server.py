@@ -338,6 +338,10 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     # attempt (300 lines a second in a review)
     refused = Tally(log, "connection refused: %d connections open (limit %d); %d refused"
                     " since the last such line")
+    # another local user connecting in a loop (a socket unit without
+    # SocketMode=, whose default is 0666) wrote a line per attempt
+    strangers = Tally(log, "peer refused: uid=%d pid=%d (only root and frontendUser may"
+                      " connect); %d refused since the last such line")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -349,8 +353,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
                 return
             pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
             if uid not in allowed:
-                log.warning("peer refused: uid=%d pid=%d (only root and frontendUser may connect)",
-                            uid, pid)
+                strangers.note(uid, pid)
                 writer.close()
                 return
             await Connection(service, reader, writer, f"uid={uid} pid={pid}",
@@ -380,6 +383,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     notify("STOPPING=1")
     refused.close()  # (what they had not told yet)
+    strangers.close()
     SILENT.close()
     log.info("stopping")
     if rt.forks.pidfd >= 0:

@@ -375,3 +375,49 @@ def test_the_real_socket_activate_with_accept_gets_the_clear_refusal(tmp_path, t
     assert ("cannot start: the socket systemd passed is a connection, not a listening socket:"
             " sendooway-auth.socket must not have Accept=yes") in text, text
     assert "Invalid argument" not in text and "Traceback" not in text
+
+
+# ------------------------------------------------------------ the daemon's peers
+
+
+def test_a_stranger_connecting_in_a_loop_writes_no_line_per_attempt(world, tmp_path, tmp_config):
+    """DEFECT: every connection of a uid neither root nor frontendUser was
+    refused with a line of its own. Where others may connect at all (a
+    socket unit written without SocketMode=, whose default is 0666; the
+    shipped one has 0600), a local user connecting in a loop filled the
+    log (and syslog's disk) at thousands of lines a second. Now a Tally,
+    like the other refusals a peer can repeat: the first at once, then at
+    most one line every 10 s with the count (and the rest at the stop)."""
+    from tests.auth_helpers import Daemon
+
+    base = tempfile.mkdtemp(prefix="sendooway-rv-act-")  # (tmp_path: root's alone)
+    os.chmod(base, 0o755)
+    d = Daemon(tmp_path, tmp_config(""), socket_path=os.path.join(base, "auth.sock")).start()
+    attempts = 200
+    try:
+        os.chmod(d.socket_path, 0o666)
+        carol = world.users["carol"]
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                become(carol)
+                for _ in range(attempts):
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(d.socket_path)
+                    s.settimeout(10)
+                    assert s.recv(16) == b""  # refused: closed without a byte
+                    s.close()
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        assert d.stop() == 0
+        shutil.rmtree(base, ignore_errors=True)
+    lines = [x for x in d.log().splitlines() if "peer refused: " in x]
+    assert 1 <= len(lines) <= 3, f"{len(lines)} lines for {attempts} attempts"
+    assert all(f"peer refused: uid={carol.uid} pid=" in x for x in lines)
+    told = sum(int(x.rsplit("; ", 1)[1].split()[0]) for x in lines)
+    assert told == attempts, lines
+    assert "auth failed" not in d.log()  # not her login failures
