@@ -170,9 +170,11 @@ class ActivationError(Exception):
 
 def socket_activated() -> bool:
     """Are the LISTEN_* variables meant for this process (sd_listen_fds(3):
-    LISTEN_PID is our pid)? Those of another (a socket-activated parent's,
-    left in the environment) are not."""
-    return os.environ.get("LISTEN_PID") == str(os.getpid()) and "LISTEN_FDS" in os.environ
+    LISTEN_PID is our pid) and do they pass anything (LISTEN_FDS=0 does
+    not)? Those of another (a socket-activated parent's, left in the
+    environment) are not ours."""
+    return (os.environ.get("LISTEN_PID") == str(os.getpid())
+            and os.environ.get("LISTEN_FDS", "0") != "0")
 
 
 def activated_sockets() -> Activation | None:
