@@ -190,7 +190,7 @@ def activated_sockets() -> Activation | None:
         os.environ.pop(name, None)
     if not mine:
         return None
-    if not text.isdigit() or len(text) > 9:  # (isdigit: no sign, no spaces)
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:  # (no sign, no spaces, no "²")
         raise ActivationError(f"LISTEN_FDS={text[:20]!r} is not a number of sockets")
     count = int(text)
     if count < 1:

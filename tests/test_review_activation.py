@@ -7,6 +7,34 @@ process that runs as the frontend's own account (nobody, which other
 services share).
 
 What it found (each fixed, each test below failed before its fix):
+- The frontend trusted a listener at authSocket running as its own account
+  (frontendUser, nobody) whatever the authBackend: another service running
+  as nobody that could bind the name got every password. Now only root,
+  but for authBackend = none (docs/security.md said so already).
+- The frontend took what systemd passed without looking: a UDP socket was
+  a traceback, an unconnected socket a session going nowhere (exit 0), a
+  huge LISTEN_FDS a loop that never ended, a LISTEN_FDS that is no number
+  a session on /dev/null. Now one line naming the descriptor, exit 2.
+  Whether it serves one inetd session now also looks at LISTEN_PID.
+- sendooway-auth given a connection (Accept=yes) stopped with "Invalid
+  argument", exit 1 (a restart loop); its second and later sockets stayed
+  inheritable (PAM helpers got them); a NOTIFY_SOCKET too long was logged
+  as ": None".
+- --auth-socket / --socket too long for a socket address were not refused
+  (the frontend silently used an authenticator of its own, the daemon made
+  the directory first); a long TMPDIR kept `sendooway -b` as root from
+  starting at all (its private authenticator's socket path).
+- A stranger connecting to the daemon in a loop (a socket unit without
+  SocketMode=) wrote one log line per attempt.
+
+Seen and fine: LISTEN_PID of another process ignored (and the variables
+removed before any child starts: none reaches the private authenticator),
+UNIX and dual-stack listening sockets served (an IPv4 client logged as
+IPv4), fd 3 a file, a socket given to the daemon with the wrong family,
+NOTIFY_SOCKET missing, abstract, a file or absent, READY=1 only after
+listen(), RELOADING=1/READY=1 on SIGHUP, STOPPING=1 on SIGTERM, a symlink
+or a file at the daemon's socket path refused, a directory of another
+user's refused.
 """
 
 from __future__ import annotations
@@ -166,7 +194,8 @@ def _too_many():
     (_too_many, "systemd passed 100000000 descriptors: fd 4 is not open"),
     (lambda: ([], "many"), "LISTEN_FDS='many' is not a number of sockets"),
     (lambda: ([], "-1"), "LISTEN_FDS='-1' is not a number of sockets"),
-], ids=["udp", "unconnected", "huge-count", "garbage", "negative"])
+    (lambda: ([], "\u00b2"), "LISTEN_FDS='\u00b2' is not a number of sockets"),
+], ids=["udp", "unconnected", "huge-count", "garbage", "negative", "superscript"])
 def test_the_frontend_refuses_what_systemd_passed_that_it_cannot_serve(world, tmp_path, make, said):
     """DEFECT: the frontend took every descriptor from systemd that was a
     socket but not listening for the one connection (Accept=yes): a UDP
