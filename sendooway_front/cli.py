@@ -79,19 +79,24 @@ class _Startup:
         self.one_session = True  # until the command line says -b (or systemd a listener)
         # xinetd's `wait = yes` passes its listening socket, not a connection
         self.listening = _listening(0)
+        # systemd Accept=yes without StandardInput=socket: the connection is
+        # fd 3 alone (it closed without a word where inetd's client gets 421)
+        self.client_fd = 3 if _activated_connection(self._fds[0]) else 0
 
     @property
     def client(self) -> bool:
         """fd 0 is the client's socket: one session on stdin/stdout, or
         systemd's Accept=yes unit, whose connection is fd 0 and 1 as well
-        (StandardInput/Output=socket)."""
+        (StandardInput/Output=socket), or fd 3 alone (client_fd)."""
+        if self.client_fd == 3:
+            return True
         st0, st1, _st2 = self._fds
         return (st0 is not None and stat.S_ISSOCK(st0.st_mode) and not self.listening
                 and (self.one_session or _same(st0, st1)))
 
     @property
     def stderr_is_client(self) -> bool:
-        return self.client and _same(self._fds[0], self._fds[2])
+        return self.client and self.client_fd == 0 and _same(self._fds[0], self._fds[2])
 
     @property
     def stderr_is_listener(self) -> bool:
@@ -107,11 +112,21 @@ class _Startup:
             print(f"sendooway: {message}", file=sys.stderr)
         if self.client:
             try:
-                os.write(1, STARTUP_421)
+                os.write(1 if self.client_fd == 0 else self.client_fd, STARTUP_421)
             except OSError:
                 pass
-            _linger()
+            _linger(self.client_fd)
         return code
+
+
+def _activated_connection(st0) -> bool:
+    """Did systemd pass one connection as fd 3 (LISTEN_FDS=1 for this
+    process) with stdin not a socket (no StandardInput=socket)?"""
+    if (os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1"
+            or (st0 is not None and stat.S_ISSOCK(st0.st_mode))):
+        return False
+    st3 = _fstat(3)
+    return st3 is not None and stat.S_ISSOCK(st3.st_mode) and not _listening(3)
 
 
 def _listening(fd: int) -> bool:
@@ -144,12 +159,13 @@ def _syslog() -> logging.Logger | None:
         return None
 
 
-def _linger(seconds: float = 2.0, most: int = 65536) -> None:
-    """Close the client's socket gently: what it sent already (a pipelining
-    client's EHLO) is read and dropped for a moment (`seconds` in all), so
-    that closing does not reset the connection and throw away the 421."""
+def _linger(fd: int = 0, seconds: float = 2.0, most: int = 65536) -> None:
+    """Close the client's socket (`fd`) gently: what it sent already (a
+    pipelining client's EHLO) is read and dropped for a moment (`seconds`
+    in all), so that closing does not reset the connection and throw away
+    the 421."""
     try:
-        sock = socket.socket(fileno=os.dup(0))
+        sock = socket.socket(fileno=os.dup(fd))
     except OSError:
         return
     deadline = time.monotonic() + seconds

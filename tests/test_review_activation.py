@@ -15,7 +15,9 @@ What it found (each fixed, each test below failed before its fix):
   a traceback, an unconnected socket a session going nowhere (exit 0), a
   huge LISTEN_FDS a loop that never ended, a LISTEN_FDS that is no number
   a session on /dev/null. Now one line naming the descriptor, exit 2.
-  Whether it serves one inetd session now also looks at LISTEN_PID.
+  Whether it serves one inetd session now also looks at LISTEN_PID. On a
+  connection passed as fd 3 alone, a start-up failure closed it without
+  the 421 an inetd client gets.
 - sendooway-auth given a connection (Accept=yes) stopped with "Invalid
   argument", exit 1 (a restart loop); its second and later sockets stayed
   inheritable (PAM helpers got them); a NOTIFY_SOCKET too long was logged
@@ -450,3 +452,24 @@ def test_a_stranger_connecting_in_a_loop_writes_no_line_per_attempt(world, tmp_p
     told = sum(int(x.rsplit("; ", 1)[1].split()[0]) for x in lines)
     assert told == attempts, lines
     assert "auth failed" not in d.log()  # not her login failures
+
+
+def test_a_start_up_failure_on_an_activated_connection_tells_the_client(world, tmp_path):
+    """DEFECT: with systemd's Accept=yes and no StandardInput=socket (the
+    connection is fd 3 alone, a mode the frontend serves and documents), a
+    start-up failure (a config error after an edit) closed the client's
+    connection without a word, where an inetd client or the shipped
+    units' (fd 0) gets `421 4.3.0 Service not available`. Now the same
+    421 on fd 3."""
+    bad = tmp_path / "bad.conf"
+    bad.write_text("localname = mx.test\nnoSuchKeyword = 1\n")
+    ours, theirs = socket.socketpair()
+    proc = _activated([FRONT, "-c", str(bad), "-l", "&2"], [theirs.fileno()], "1")
+    theirs.close()
+    status, _out, err = _finish(proc)
+    ours.settimeout(10)
+    heard = ours.recv(4096)
+    ours.close()
+    assert status == EXIT_CONFIG, err
+    assert heard == b"421 4.3.0 Service not available, closing connection\r\n"
+    assert "bad.conf:2: unknown keyword" in err
