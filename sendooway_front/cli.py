@@ -398,6 +398,11 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
         # up (a service manager, a script polling for it) is a clean stop,
         # also when this process is descheduled right after listen()
         catch_early_signals()
+    if args.bind and activation is not None:
+        # systemd's sockets would be held and never served: their clients
+        # wait in the backlog for ever (or -b fails: "Address already in use")
+        return _fail(log, "-b and the sockets systemd passed (LISTEN_FDS) exclude each other:"
+                          " remove -b from ExecStart=, or the .socket unit")
     if args.bind:
         try:
             for where in args.bind:

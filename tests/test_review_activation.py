@@ -17,7 +17,8 @@ What it found (each fixed, each test below failed before its fix):
   a session on /dev/null. Now one line naming the descriptor, exit 2.
   Whether it serves one inetd session now also looks at LISTEN_PID. On a
   connection passed as fd 3 alone, a start-up failure closed it without
-  the 421 an inetd client gets.
+  the 421 an inetd client gets. With -b as well, systemd's sockets were
+  held and never served.
 - sendooway-auth given a connection (Accept=yes) stopped with "Invalid
   argument", exit 1 (a restart loop); its second and later sockets stayed
   inheritable (PAM helpers got them); a NOTIFY_SOCKET too long was logged
@@ -473,3 +474,24 @@ def test_a_start_up_failure_on_an_activated_connection_tells_the_client(world, t
     assert status == EXIT_CONFIG, err
     assert heard == b"421 4.3.0 Service not available, closing connection\r\n"
     assert "bad.conf:2: unknown keyword" in err
+
+
+def test_bind_and_systemds_sockets_together_are_refused(world, tmp_path):
+    """DEFECT: `-b` given to a service that systemd also passes sockets to
+    (a socket unit with Accept=no and an ExecStart= copied from a -b set-up)
+    took systemd's listening socket, never served it and listened on -b:
+    clients of the unit's port waited in its backlog for ever (or -b on the
+    same port failed with "Address already in use"). Now a start-up error
+    saying to drop one of the two."""
+    from tests.fakeworld import free_port
+
+    unit_port = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    unit_port.bind(("127.0.0.1", 0))
+    unit_port.listen(4)
+    config = front_config(tmp_path, world, tls=False)
+    proc = _activated([FRONT, "-c", config, "-l", "&2", "-b", f"127.0.0.1:{free_port()}"],
+                      [unit_port.fileno()], "1")
+    unit_port.close()
+    status, _out, err = _finish(proc, 20)
+    assert status == EXIT_CONFIG, (status, err)
+    assert "sendooway: -b and the sockets systemd passed (LISTEN_FDS) exclude each other" in err
