@@ -22,6 +22,7 @@ from sendooway_shared.config import (
     AuthBackend, Config, ConfigError, parse_config, read_text,
 )
 from sendooway_shared.log import Tally, log_failure, quiet_accept_errors
+from sendooway_shared.paths import closed_directory
 
 from ._connection import SILENT, Connection
 from ._logfmt import text
@@ -441,6 +442,12 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
         sock = bind_socket(path, owner)
         bound_path = path
         where = path
+        closed = closed_directory(path, cfg.frontendUser)
+        if closed is not None:  # (an existing directory: one made here is 0755)
+            log.warning("frontendUser %s cannot reach %s: the directory %s (mode %04o) is"
+                        " closed to it; every frontend finds no authenticator until it may"
+                        " search it (chmod o+x %s, or 0755)", cfg.frontendUser, path,
+                        closed[0], stat.S_IMODE(closed[1].st_mode), closed[0])
     else:
         owner = frontend_uid(cfg)
         where = "the socket from systemd"

@@ -22,6 +22,7 @@ from sendooway_shared import __version__
 from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, socket_path_arg, to_devnull
 from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
+from sendooway_shared.paths import closed_directory
 
 EXIT_FAILURE = 1
 
@@ -275,6 +276,15 @@ def _root_only_socket(path: str, user: str, reason: str, private: bool) -> str:
         found = f" (owner {owner}:{group}, mode {stat.S_IMODE(st.st_mode):04o})"
     then = ("a private authenticator serves the sessions instead" if private else
             "sessions get 421 (SENDOOWAY_PRIVATE_AUTH=no: no authenticator is started here)")
+    closed = closed_directory(path, user)
+    if closed is not None:
+        # the socket may well be frontendUser's already: its directory is
+        # what keeps it out, and "give the socket to nobody" misled
+        directory, dst = closed
+        return (f"the authenticator's socket {path}{found} lets root connect but not"
+                f" frontendUser {user}, which every session runs as ({reason}): {then};"
+                f" the directory {directory} (mode {stat.S_IMODE(dst.st_mode):04o}) is closed"
+                f" to {user}: let it search it (chmod o+x {directory}, or 0755)")
     return (f"the authenticator's socket {path}{found} lets root connect but not frontendUser"
             f" {user}, which every session runs as ({reason}): {then}; give the socket to"
             f" {user} (sendooway-auth does; SocketUser= in sendooway-auth.socket), or make"

@@ -29,6 +29,9 @@ What it found (each fixed, each test below failed before its fix):
   starting at all (its private authenticator's socket path).
 - A stranger connecting to the daemon in a loop (a socket unit without
   SocketMode=) wrote one log line per attempt.
+- A socket directory closed to frontendUser (root 0700) was accepted
+  without a word, and the frontend advised giving the socket to nobody,
+  whose it already was. Both now name the directory.
 
 Seen and fine: LISTEN_PID of another process ignored (and the variables
 removed before any child starts: none reaches the private authenticator),
@@ -495,3 +498,39 @@ def test_bind_and_systemds_sockets_together_are_refused(world, tmp_path):
     status, _out, err = _finish(proc, 20)
     assert status == EXIT_CONFIG, (status, err)
     assert "sendooway: -b and the sockets systemd passed (LISTEN_FDS) exclude each other" in err
+
+
+def test_a_socket_directory_closed_to_the_frontend_user_is_named(world, tmp_path, tmp_config):
+    """DEFECT: the daemon accepted an existing socket directory of root's
+    mode 0700 (not writable by others: safe) without a word, though
+    frontendUser cannot search it and so never reaches the socket; the
+    frontend then said the socket "lets root connect but not frontendUser
+    nobody" and advised to "give the socket to nobody" — which it already
+    was (owner nobody, 0600). An admin following that changed nothing.
+    Now the daemon warns at start and the frontend names the directory."""
+    from tests.auth_helpers import Daemon
+
+    base = tempfile.mkdtemp(prefix="sendooway-rv-act-")
+    try:
+        os.chmod(base, 0o755)
+        closed = os.path.join(base, "run")
+        os.mkdir(closed, 0o700)
+        sock = os.path.join(closed, "auth.sock")
+        d = Daemon(tmp_path, tmp_config(f"authSocket = {sock}\n"), socket_path=sock).start()
+        try:
+            warning = d.wait_log("cannot reach")
+            config = front_config(tmp_path, world, f"authSocket = {sock}\n", tls=False,
+                                  name="front.conf")
+            res = subprocess.run([FRONT, "-c", config, "-l", "&2"], input=b"QUIT\r\n",
+                                 capture_output=True, text=False, timeout=30)
+        finally:
+            assert d.stop() == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert (f"frontendUser nobody cannot reach {sock}: the directory {closed} (mode 0700) is"
+            " closed to it") in warning
+    err = res.stderr.decode()
+    assert (f"the directory {closed} (mode 0700) is closed to nobody: let it search it"
+            f" (chmod o+x {closed}, or 0755)") in err, err
+    assert "give the socket to" not in err
+    assert b"\r\n221 " in res.stdout  # served, by an authenticator of its own
