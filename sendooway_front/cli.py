@@ -456,9 +456,9 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     if root_only:
         log.error("%s", _root_only_socket(path, cfg.frontendUser, refusal, private=not sandboxed))
     elif refusal.endswith(TRUST_WORDS):  # a squatter, or a daemon run as the wrong account
-        log.warning("authSocket %s: %s; it gets no logins (%s)", path, refusal,
-                    f"with authBackend = {cfg.authBackend.value} only a root authenticator does"
-                    if only_root else f"only one running as root or as frontendUser {cfg.frontendUser}")
+        whom = (f"with authBackend = {cfg.authBackend.value} only a root authenticator does"
+                if only_root else f"only one running as root or frontendUser {cfg.frontendUser}")
+        log.warning("authSocket %s: %s; it gets no logins (%s)", path, refusal, whom)
     by_hand = one_session and not startup.client and connection is None
     if not reachable and not is_root and by_hand:
         # a session typed or piped by a user (the original's own checks ran
