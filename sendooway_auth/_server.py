@@ -22,6 +22,7 @@ from sendooway_shared.config import (
     AuthBackend, Config, ConfigError, parse_config, read_text,
 )
 from sendooway_shared.log import Tally, log_failure, quiet_accept_errors
+from sendooway_shared.paths import closed_directory
 
 from ._connection import SILENT, Connection
 from ._logfmt import text
@@ -107,13 +108,29 @@ def activated_socket() -> socket.socket | None:
         return None
     if count > 1:
         log.warning("systemd passed %d sockets; using the first", count)
+        # the others stay open but reach no child (a PAM helper, pam_exec)
+        for fd in range(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + min(count, 1 << 20)):
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                break  # the first one not open: none beyond it is systemd's
     try:
         sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     except OSError:
         raise StartupError("the descriptor systemd passed (fd 3) is not a socket") from None
+    os.set_inheritable(sock.fileno(), False)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         raise StartupError("the socket systemd passed is not a UNIX stream socket")
-    os.set_inheritable(sock.fileno(), False)
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        try:
+            sock.getpeername()
+        except OSError:
+            pass  # bound, not listening yet: listen() below makes it so
+        else:
+            # listen() on it failed with a bare "Invalid argument" (exit 1,
+            # and Restart=on-failure started it again and again)
+            raise StartupError("the socket systemd passed is a connection, not a listening"
+                               " socket: sendooway-auth.socket must not have Accept=yes")
     return sock
 
 
@@ -187,7 +204,7 @@ def notify(state: str) -> None:
             s.connect(address)
             s.sendall(state.encode())
     except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address.lstrip("\0"), exc.strerror)
+        log.warning("cannot notify systemd at %s: %s", address.lstrip("\0"), exc.strerror or exc)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -322,6 +339,10 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
     # attempt (300 lines a second in a review)
     refused = Tally(log, "connection refused: %d connections open (limit %d); %d refused"
                     " since the last such line")
+    # another local user connecting in a loop (a socket unit without
+    # SocketMode=, whose default is 0666) wrote a line per attempt
+    strangers = Tally(log, "peer refused: uid=%d pid=%d (only root and frontendUser may"
+                      " connect); %d refused since the last such line")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -333,8 +354,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
                 return
             pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
             if uid not in allowed:
-                log.warning("peer refused: uid=%d pid=%d (only root and frontendUser may connect)",
-                            uid, pid)
+                strangers.note(uid, pid)
                 writer.close()
                 return
             await Connection(service, reader, writer, f"uid={uid} pid={pid}",
@@ -364,6 +384,7 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     notify("STOPPING=1")
     refused.close()  # (what they had not told yet)
+    strangers.close()
     SILENT.close()
     log.info("stopping")
     if rt.forks.pidfd >= 0:
@@ -421,6 +442,12 @@ def run_daemon(cfg: Config, path: str | None, failure_delay: float, threads: int
         sock = bind_socket(path, owner)
         bound_path = path
         where = path
+        closed = closed_directory(path, cfg.frontendUser)
+        if closed is not None:  # (an existing directory: one made here is 0755)
+            log.warning("frontendUser %s cannot reach %s: the directory %s (mode %04o) is"
+                        " closed to it; every frontend finds no authenticator until it may"
+                        " search it (chmod o+x %s, or 0755)", cfg.frontendUser, path,
+                        closed[0], stat.S_IMODE(closed[1].st_mode), closed[0])
     else:
         owner = frontend_uid(cfg)
         where = "the socket from systemd"

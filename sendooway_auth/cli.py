@@ -8,7 +8,9 @@ import sys
 import syslog
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, load_config_or_exit
+from sendooway_shared.cli import (
+    DEFAULT_CONFIG, EXIT_CONFIG, Parser, load_config_or_exit, socket_path_arg,
+)
 from sendooway_shared.log import setup_logging
 
 EXIT_FAILURE = 1  # the host could not give the start what it needs (processes, descriptors)
@@ -28,7 +30,7 @@ def build_parser() -> Parser:
                    help=f"configuration file (default {DEFAULT_CONFIG})")
     p.add_argument("-l", "--log", metavar="LOGFILE",
                    help="append the log to LOGFILE; '&2' or '-' for stderr (default: syslog, mail)")
-    p.add_argument("--socket", metavar="PATH",
+    p.add_argument("--socket", metavar="PATH", type=socket_path_arg,
                    help="listen on this UNIX socket (default: authSocket from the config)")
     p.add_argument("--check", metavar="USER",
                    help="print what USER's files say (files, mappings, errors) and exit")

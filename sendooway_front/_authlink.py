@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+from sendooway_shared.config import MAX_SOCKET_PATH
 from sendooway_shared.log import printable
 from sendooway_shared.protocol import (
     VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Error, Hello, Message, NoRoute,
@@ -32,6 +33,7 @@ from sendooway_shared.types import Route, Secret
 log = logging.getLogger("sendooway")
 
 AUTH_PROGRAM = "sendooway-auth"
+TRUST_WORDS = ": not trusted with passwords"  # how trusted_peer's refusals end
 
 
 class AuthLinkError(Exception):
@@ -128,10 +130,11 @@ class SocketConnector:
     """Links to the sendooway-auth daemon on a UNIX socket."""
 
     def __init__(self, path: str, timeout: float, also: int | None = None,
-                 private: bool = False) -> None:
+                 private: bool = False, only_root: bool = False) -> None:
         self.path = path
         self.timeout = timeout
         self.also = also  # a uid trusted besides root and our own (trusted_peer)
+        self.only_root = only_root  # or root alone (trusted_peer)
         # our own daemon (spawn_daemon): if it is gone, nobody will start it
         # again while we run, so we stop (exit 1) for the service manager to
         # restart both, instead of greeting every client with 421 for ever
@@ -154,7 +157,7 @@ class SocketConnector:
                           " it can be started again with sendooway", self.path)
                 os.kill(os.getpid(), signal.SIGTERM)  # the graceful stop of serve_listening
             raise AuthLinkError(f"cannot connect to the authenticator at {self.path}: {reason}") from None
-        why = trusted_peer(writer.get_extra_info("socket"), self.also)
+        why = trusted_peer(writer.get_extra_info("socket"), self.also, self.only_root)
         if why is not None:
             writer.transport.abort()
             raise AuthLinkError(f"refusing the authenticator at {self.path}: {why}")
@@ -227,41 +230,44 @@ class AbsentConnector:
         return AbsentLink(self.why)
 
 
-def daemon_reachable(path: str, also: int | None = None) -> bool:
+def daemon_reachable(path: str, also: int | None = None, only_root: bool = False) -> bool:
     """True when an authenticator we may trust accepts connections on
     `path` (see trusted_peer: a local user's squatter is not one)."""
-    return not daemon_problem(path, also)
+    return not daemon_problem(path, also, only_root)
 
 
-def daemon_problem(path: str, also: int | None = None) -> str:
+def daemon_problem(path: str, also: int | None = None, only_root: bool = False) -> str:
     """Why no authenticator we may trust accepts connections on `path`
     (connect's error, or trusted_peer's refusal); "" when one does."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
     try:
         probe.connect(path)
-        return trusted_peer(probe, also) or ""
+        return trusted_peer(probe, also, only_root) or ""
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     finally:
         probe.close()
 
 
-def trusted_peer(sock: socket.socket, also: int | None = None) -> str | None:
+def trusted_peer(sock: socket.socket, also: int | None = None,
+                 only_root: bool = False) -> str | None:
     """None when the process at the other end of `sock` may hear logins:
     root (the authenticator), our own user or `also` (frontendUser's uid,
     asked before the drop to it: authBackend = none, where the daemon runs
-    as the frontend's account); else why not. Whoever could bind the
-    authSocket name (a local user, in a directory others may write to)
-    would otherwise receive every user's password."""
+    as the frontend's account); with `only_root` (any other authBackend,
+    whose daemon is root's) root alone; else why not. Whoever could bind
+    the authSocket name (a local user, in a directory others may write to;
+    another service running as nobody, the default frontendUser) would
+    otherwise receive every user's password."""
     try:
         data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError as exc:
-        return f"cannot tell who listens there ({exc.strerror or exc})"
+        return f"cannot tell who listens there ({exc.strerror or exc}){TRUST_WORDS}"
     _pid, uid, _gid = struct.unpack("3i", data)
-    if uid in (0, os.geteuid()) or (also is not None and uid == also):
+    if uid == 0 or (not only_root and (uid == os.geteuid() or (also is not None and uid == also))):
         return None
-    return f"the process listening there runs as uid {uid}, not root"
+    return f"the process listening there runs as uid {uid}, not root{TRUST_WORDS}"
 
 
 def find_auth_program() -> str:
@@ -345,6 +351,12 @@ def _private_directory(frontend_user: str | None) -> str:
 
     tried = []
     for base in dict.fromkeys((tempfile.gettempdir(), "/run", "/tmp")):
+        # a long TMPDIR: the socket's path would not fit in a socket address
+        # ("cannot start: AF_UNIX path too long", with /run and /tmp untried)
+        longest = os.path.join(base, "sendooway-auth-" + "x" * 8, "auth.sock")
+        if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+            tried.append(f"{base} (too long a path for a socket in it)")
+            continue
         try:
             directory = tempfile.mkdtemp(prefix="sendooway-auth-", dir=base)
         except OSError as exc:
@@ -410,6 +422,6 @@ def spawn_daemon(config_path: str, log_target: str | None, timeout: float,
         raise AuthLinkError(f"cannot start {program}: {exc.strerror}") from None
     finally:
         os.close(life_r)
-    connector = SocketConnector(path, timeout, private=True)
+    connector = SocketConnector(path, timeout, private=True, only_root=True)
     connector.notify = notify  # stays bound: the daemon also says STOPPING=1 there
     return connector, proc, life_w

@@ -164,32 +164,73 @@ class Activation:
     connection: socket.socket | None
 
 
+class ActivationError(Exception):
+    """What systemd passed cannot be served; the message says why."""
+
+
+def socket_activated() -> bool:
+    """Are the LISTEN_* variables meant for this process (sd_listen_fds(3):
+    LISTEN_PID is our pid) and do they pass anything (LISTEN_FDS=0 does
+    not)? Those of another (a socket-activated parent's, left in the
+    environment) are not ours."""
+    return (os.environ.get("LISTEN_PID") == str(os.getpid())
+            and os.environ.get("LISTEN_FDS", "0") != "0")
+
+
 def activated_sockets() -> Activation | None:
-    """Sockets from systemd (LISTEN_PID/LISTEN_FDS), or None."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        count = 0
+    """Sockets from systemd (LISTEN_PID/LISTEN_FDS), or None. The variables
+    are removed either way (children never see them). Every descriptor
+    passed must be a TCP or UNIX stream socket, listening (Accept=no) or
+    connected (Accept=yes), else ActivationError: a unit passing something
+    else (ListenDatagram=, a FIFO, a LISTEN_FDS larger than what is open)
+    is refused at start, not served in part or with a traceback."""
+    mine = socket_activated()
+    text = os.environ.get("LISTEN_FDS", "")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
+    if not mine:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:  # (no sign, no spaces, no "²")
+        raise ActivationError(f"LISTEN_FDS={text[:20]!r} is not a number of sockets")
+    count = int(text)
     if count < 1:
         return None
     listening, connection = [], None
+    taken: list[socket.socket] = []
+
+    def refuse(fd: int, why: str) -> ActivationError:
+        for s in taken:
+            s.close()
+        what = "no usable socket" if count == 1 else f"{count} descriptors"
+        return ActivationError(f"systemd passed {what}: fd {fd} {why}")
+
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
         try:
-            s = socket.socket(fileno=fd)
-        except OSError:  # not a socket (or closed): not usable, see the caller's error
-            continue
+            mode = os.fstat(fd).st_mode
+        except OSError:  # stop at the first: a huge LISTEN_FDS ends here
+            raise refuse(fd, "is not open") from None
+        if not stat.S_ISSOCK(mode):
+            raise refuse(fd, "is not a socket")
+        s = socket.socket(fileno=fd)
+        taken.append(s)
         os.set_inheritable(fd, False)
+        if s.type != socket.SOCK_STREAM or s.family not in (
+                socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            raise refuse(fd, "is not a TCP or UNIX stream socket (ListenStream= is what"
+                             " sendooway serves)")
         if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             s.setblocking(False)
             listening.append(s)
-        elif connection is None:
-            connection = s
-        else:
-            s.close()
+            continue
+        try:
+            s.getpeername()
+        except OSError:
+            raise refuse(fd, "is neither listening nor connected") from None
+        if connection is not None:
+            raise refuse(fd, "is a second connection (Accept=yes passes one)")
+        connection = s
+    if listening and connection is not None:
+        raise refuse(connection.fileno(), "is a connection among listening sockets")
     return Activation(listening, connection)
 
 

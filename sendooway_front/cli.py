@@ -19,9 +19,10 @@ import sys
 import time
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, to_devnull
-from sendooway_shared.config import ConfigError, MailerEncryption, load_config
+from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, socket_path_arg, to_devnull
+from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
+from sendooway_shared.paths import closed_directory
 
 EXIT_FAILURE = 1
 
@@ -46,7 +47,7 @@ def build_parser() -> Parser:
     p.add_argument("-l", "--log", metavar="LOGFILE",
                    help="append the log to LOGFILE; '&2' or '-' for stderr, '&1' for stdout"
                    " (with -b only) (default: syslog, mail)")
-    p.add_argument("--auth-socket", metavar="PATH",
+    p.add_argument("--auth-socket", metavar="PATH", type=socket_path_arg,
                    help="the sendooway-auth daemon's socket (default: authSocket from the config)")
     return p
 
@@ -79,19 +80,24 @@ class _Startup:
         self.one_session = True  # until the command line says -b (or systemd a listener)
         # xinetd's `wait = yes` passes its listening socket, not a connection
         self.listening = _listening(0)
+        # systemd Accept=yes without StandardInput=socket: the connection is
+        # fd 3 alone (it closed without a word where inetd's client gets 421)
+        self.client_fd = 3 if _activated_connection(self._fds[0]) else 0
 
     @property
     def client(self) -> bool:
         """fd 0 is the client's socket: one session on stdin/stdout, or
         systemd's Accept=yes unit, whose connection is fd 0 and 1 as well
-        (StandardInput/Output=socket)."""
+        (StandardInput/Output=socket), or fd 3 alone (client_fd)."""
+        if self.client_fd == 3:
+            return True
         st0, st1, _st2 = self._fds
         return (st0 is not None and stat.S_ISSOCK(st0.st_mode) and not self.listening
                 and (self.one_session or _same(st0, st1)))
 
     @property
     def stderr_is_client(self) -> bool:
-        return self.client and _same(self._fds[0], self._fds[2])
+        return self.client and self.client_fd == 0 and _same(self._fds[0], self._fds[2])
 
     @property
     def stderr_is_listener(self) -> bool:
@@ -107,11 +113,21 @@ class _Startup:
             print(f"sendooway: {message}", file=sys.stderr)
         if self.client:
             try:
-                os.write(1, STARTUP_421)
+                os.write(1 if self.client_fd == 0 else self.client_fd, STARTUP_421)
             except OSError:
                 pass
-            _linger()
+            _linger(self.client_fd)
         return code
+
+
+def _activated_connection(st0) -> bool:
+    """Did systemd pass one connection as fd 3 (LISTEN_FDS=1 for this
+    process) with stdin not a socket (no StandardInput=socket)?"""
+    if (os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1"
+            or (st0 is not None and stat.S_ISSOCK(st0.st_mode))):
+        return False
+    st3 = _fstat(3)
+    return st3 is not None and stat.S_ISSOCK(st3.st_mode) and not _listening(3)
 
 
 def _listening(fd: int) -> bool:
@@ -144,12 +160,13 @@ def _syslog() -> logging.Logger | None:
         return None
 
 
-def _linger(seconds: float = 2.0, most: int = 65536) -> None:
-    """Close the client's socket gently: what it sent already (a pipelining
-    client's EHLO) is read and dropped for a moment (`seconds` in all), so
-    that closing does not reset the connection and throw away the 421."""
+def _linger(fd: int = 0, seconds: float = 2.0, most: int = 65536) -> None:
+    """Close the client's socket (`fd`) gently: what it sent already (a
+    pipelining client's EHLO) is read and dropped for a moment (`seconds`
+    in all), so that closing does not reset the connection and throw away
+    the 421."""
     try:
-        sock = socket.socket(fileno=os.dup(0))
+        sock = socket.socket(fileno=os.dup(fd))
     except OSError:
         return
     deadline = time.monotonic() + seconds
@@ -259,6 +276,15 @@ def _root_only_socket(path: str, user: str, reason: str, private: bool) -> str:
         found = f" (owner {owner}:{group}, mode {stat.S_IMODE(st.st_mode):04o})"
     then = ("a private authenticator serves the sessions instead" if private else
             "sessions get 421 (SENDOOWAY_PRIVATE_AUTH=no: no authenticator is started here)")
+    closed = closed_directory(path, user)
+    if closed is not None:
+        # the socket may well be frontendUser's already: its directory is
+        # what keeps it out, and "give the socket to nobody" misled
+        directory, dst = closed
+        return (f"the authenticator's socket {path}{found} lets root connect but not"
+                f" frontendUser {user}, which every session runs as ({reason}): {then};"
+                f" the directory {directory} (mode {stat.S_IMODE(dst.st_mode):04o}) is closed"
+                f" to {user}: let it search it (chmod o+x {directory}, or 0755)")
     return (f"the authenticator's socket {path}{found} lets root connect but not frontendUser"
             f" {user}, which every session runs as ({reason}): {then}; give the socket to"
             f" {user} (sendooway-auth does; SocketUser= in sendooway-auth.socket), or make"
@@ -289,7 +315,9 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     if startup.client or startup.listening:  # a usage error is a start-up failure: 421, syslog
         parser.fail = lambda message: startup.fail(None, message)
     args = parser.parse_args(argv)
-    one_session = not args.bind and "LISTEN_FDS" not in os.environ
+    from ._server import socket_activated
+
+    one_session = not args.bind and not socket_activated()
     startup.one_session = one_session
     if one_session and startup.listening:
         # Before anything else, an authenticator forked as root above all:
@@ -332,13 +360,13 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     _fail = startup.fail
 
     from ._authlink import (
-        AbsentConnector, AuthLinkError, SocketConnector, daemon_problem, daemon_reachable,
-        spawn_daemon, spawn_pair,
+        TRUST_WORDS, AbsentConnector, AuthLinkError, SocketConnector, daemon_problem,
+        daemon_reachable, spawn_daemon, spawn_pair,
     )
     from ._driver import Frontend
     from ._privileges import PrivilegeError, acting_as, drop_privileges
     from ._server import (
-        BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
+        ActivationError, BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
         serve_connection, serve_listening, serve_stdio, stop_requested,
     )
     from ._tls import TLSConfigError, preload_ca_file, server_context
@@ -371,12 +399,20 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     # Where the clients come from.
     listening = []
     connection = None
-    activation = activated_sockets()
+    try:
+        activation = activated_sockets()
+    except ActivationError as exc:
+        return _fail(log, str(exc))
     if args.bind or (activation is not None and activation.listening):
         # before the sockets listen: a stop request as soon as the port is
         # up (a service manager, a script polling for it) is a clean stop,
         # also when this process is descheduled right after listen()
         catch_early_signals()
+    if args.bind and activation is not None:
+        # systemd's sockets would be held and never served: their clients
+        # wait in the backlog for ever (or -b fails: "Address already in use")
+        return _fail(log, "-b and the sockets systemd passed (LISTEN_FDS) exclude each other:"
+                          " remove -b from ExecStart=, or the .socket unit")
     if args.bind:
         try:
             for where in args.bind:
@@ -402,19 +438,27 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     # read one user's file and would answer "no route" (550) for every
     # sender, so there a missing daemon is a 421 as for nobody
     sandboxed = os.environ.get("SENDOOWAY_PRIVATE_AUTH", "").lower() == "no"
+    # Only authBackend = none has a daemon running as an ordinary account
+    # (the frontend's own): with any other, a listener that is not root is
+    # a squatter (nobody is shared by other services), never trusted.
+    only_root = cfg.authBackend is not AuthBackend.NONE
     try:
         # asked as every session will connect: as frontendUser, after the drop
         with acting_as(cfg.frontendUser):
-            refusal = daemon_problem(path, frontend_uid)
+            refusal = daemon_problem(path, frontend_uid, only_root)
         reachable = not refusal
         # root may reach what frontendUser may not (a root 0644 socket that
         # systemd-socket-activate made, one of another frontendUser): a
         # root probe alone said "there", and every session then got 421
-        root_only = bool(refusal) and is_root and daemon_reachable(path, frontend_uid)
+        root_only = bool(refusal) and is_root and daemon_reachable(path, frontend_uid, only_root)
     except PrivilegeError as exc:
         return _fail(log, str(exc), EXIT_FAILURE)
     if root_only:
         log.error("%s", _root_only_socket(path, cfg.frontendUser, refusal, private=not sandboxed))
+    elif refusal.endswith(TRUST_WORDS):  # a squatter, or a daemon run as the wrong account
+        whom = (f"with authBackend = {cfg.authBackend.value} only a root authenticator does"
+                if only_root else f"only one running as root or frontendUser {cfg.frontendUser}")
+        log.warning("authSocket %s: %s; it gets no logins (%s)", path, refusal, whom)
     by_hand = one_session and not startup.client and connection is None
     if not reachable and not is_root and by_hand:
         # a session typed or piped by a user (the original's own checks ran
@@ -426,7 +470,7 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
         log.warning("%s: a session without logins (AUTH gets 454); run it as root, or"
                     " start sendooway-auth, for a real one", why)
     elif reachable or not is_root or sandboxed:
-        connector = SocketConnector(path, cfg.timeout, frontend_uid)
+        connector = SocketConnector(path, cfg.timeout, frontend_uid, only_root=only_root)
         if not reachable and not root_only:
             log.warning("no authenticator at %s: sessions get 421 until it runs%s", path,
                         " (SENDOOWAY_PRIVATE_AUTH=no: none is started here; start"

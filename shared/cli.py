@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, socket_path_fits
 
 DEFAULT_CONFIG = "/etc/sendooway.conf"
 EXIT_CONFIG = 2
@@ -40,6 +40,14 @@ class Parser(argparse.ArgumentParser):
             tell_not_written(stream, exc, self.prog, "the text")
             if stream is not sys.stderr:  # a usage error keeps its own exit code
                 raise SystemExit(EXIT_NOT_WRITTEN) from None
+
+
+def socket_path_arg(value: str) -> str:
+    """argparse type of a UNIX socket path option (--socket, --auth-socket)."""
+    try:
+        return socket_path_fits(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def tell_not_written(stream, exc: OSError, program: str, what: str) -> None:

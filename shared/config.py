@@ -476,12 +476,18 @@ def _localname(value: str) -> str:
 MAX_SOCKET_PATH = 107  # octets a UNIX socket address holds on Linux (sun_path, NUL ended)
 
 
-def _socket_path(value: str) -> str:
-    _non_empty(value)
+def socket_path_fits(value: str) -> str:
+    """`value` when a UNIX socket address can hold it, else ValueError (also
+    for --socket and --auth-socket: a socket that cannot be, said at once)."""
     if len(os.fsencode(value)) > MAX_SOCKET_PATH:
         raise ValueError(f"path too long for a UNIX socket ({len(os.fsencode(value))} octets,"
                          f" at most {MAX_SOCKET_PATH})")
     return value
+
+
+def _socket_path(value: str) -> str:
+    _non_empty(value)
+    return socket_path_fits(value)
 
 
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
