@@ -22,7 +22,8 @@ import msgpack
 
 from sendooway_shared.config import (
     MAX_USER_ERRORS, ConfigError, Config, MappingKind, NotUtf8, UserConfig, comment_cut_warning,
-    decode_config_text, effective_mappings, expand_path, parse_user_config, shell_path_warnings,
+    decode_config_text, effective_mappings, expand_path, from_home, parse_user_config,
+    shell_path_warnings,
 )
 from sendooway_shared.protocol import RouteOk
 from sendooway_shared.types import Route, Secret, TlsMode
@@ -82,7 +83,8 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     found = UserRoutes(user)
     user_cfg: UserConfig | None = None
     if cfg.userInclude:
-        path = expand_path(cfg.userInclude, user.name, user.home)
+        # a relative path counts from the home, where it is read: named in full
+        path = from_home(expand_path(cfg.userInclude, user.name, user.home), user.home)
         (read,) = yield (path,)
         found.files.append(("userInclude", read))
         text = _text(read, found, config_grammar=True)

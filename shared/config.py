@@ -89,10 +89,13 @@ class Mapping:
         return f"{self.filename}:{self.line}"
 
     def expand(self, user: str, home: str) -> "Mapping":
-        """This mapping with %h and %u replaced for one user."""
+        """This mapping with %h and %u replaced for one user, and a relative
+        path (`fetchmail:.fetchmailrc`) made absolute from the home it is
+        read in: the file:line of its accounts and errors, in the logs and
+        --check, then names the file (it said `.fetchmailrc:6`, whose?)."""
         if self.kind is MappingKind.DIRECT:
             return self
-        return replace(self, path=expand_path(self.path, user, home))
+        return replace(self, path=from_home(expand_path(self.path, user, home), home))
 
     def __str__(self) -> str:
         if self.direct is not None:
@@ -105,6 +108,12 @@ DEFAULT_MAPPINGS = (
     Mapping(MappingKind.GETMAIL, "%h/.getmail/getmailrc", filename="(default)", line=0),
     Mapping(MappingKind.FETCHMAIL, "%h/.fetchmailrc", filename="(default)", line=0),
 )
+
+
+def from_home(path: str, home: str) -> str:
+    """`path` as read from the home: a relative one joined to an absolute
+    home (the reader works in the home, so the file is the same)."""
+    return os.path.join(home, path) if os.path.isabs(home) else path
 
 
 def expand_path(template: str, user: str, home: str) -> str:

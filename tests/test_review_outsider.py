@@ -34,6 +34,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +46,7 @@ from tests.upstream import FakeUpstream
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
 
 AUTH = [sys.executable, "-m", "sendooway_auth.cli"]
+REPO = Path(__file__).resolve().parent.parent
 BODY = b"Subject: outsider\r\n\r\nhello\r\n"
 
 
@@ -92,6 +95,14 @@ def _send(ow, sender: str) -> dict[str, list[str]]:
     return {name: [m.mail_from for m in u.messages] for name, u in ow.ups.items() if u.messages}
 
 
+def _wait_lines(read, needle: str, timeout: float = 15) -> list[str]:
+    """The lines of the log `read()` returns that hold `needle`, once one does."""
+    deadline = time.monotonic() + timeout
+    while not (lines := [x for x in read().splitlines() if needle in x]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines
+
+
 def _check_port(ow, sender: str) -> str:
     out = subprocess.run([*AUTH, "-c", ow.config, "--check", "alice", "--sender", sender],
                          capture_output=True, text=True, timeout=60, env=ow.world.env())
@@ -118,3 +129,85 @@ def test_capital_umlaut_in_a_pattern_domain_serves_that_domain(ow):
     assert _send(ow, "x@xn--rzte-koa.example") == {"idn": ["x@xn--rzte-koa.example"]}
     assert "address *@ÄRZTE.example" in _check_port(ow, "x@xn--rzte-koa.example")
     assert "address *@ÄRZTE.example" in _check_port(ow, "x@ärzte.example")
+
+
+def _fetchmailrc(port: int, address: str) -> str:
+    return ("poll imap.example.org protocol imap\n"
+            '    user "bob" pass "Fetch-Pw-55"\n'
+            '#sendooway:server "127.0.0.1"\n'
+            f"#sendooway:port {port}\n"
+            "#sendooway:noAuth\n"
+            f'#sendooway:address "{address}"\n')
+
+
+def test_a_relative_mapping_path_is_named_in_full_in_logs_and_check(ow):
+    """DEFECT (rule: STYLE/working rules "file:line in errors about files";
+    sendooway.conf(5) MAPPINGS: "A relative path (fetchmail:.fetchmailrc) is
+    taken from the user's home directory"): a user's own
+    `smarthostMapping = fetchmail:.fetchmailrc`, the documented relative
+    form, was reported by that relative path everywhere: the daemon's
+    `user file error: user=bob .fetchmailrc:7: ...`, the route in its
+    `route:` line and in the frontend's message line (`route=HOST:PORT
+    (.fetchmailrc:6)`), and --check's accounts, errors and route (which
+    listed the file a second time under its full name when the default
+    global fetchmail mapping read it too, with every error twice).
+    `Mapping.expand` (shared/config.py) and the userInclude path in
+    routes.py `plan` only replaced %h/%u; the reader found the file by
+    working in the home. Correct: a relative path is joined to the
+    (absolute) home once expanded, so every file:line names the file, and
+    one file named twice is read and reported once."""
+    home = ow.world.users["bob"].home
+    ow.world.write_user_file("bob", ".sendoowayrc", "smarthostMapping = fetchmail:.fetchmailrc\n")
+    ow.world.write_user_file("bob", ".fetchmailrc", _fetchmailrc(ow.ups["idn"].port, "bob@rel.example")
+                             + "#sendooway:bogus 1\n")
+    try:
+        with ow.front.smtp(timeout=15) as s:
+            s.starttls(context=ow.world.ssl_context())
+            s.ehlo()
+            s.login("bob", ow.world.users["bob"].password)
+            assert s.sendmail("bob@rel.example", ["rcpt@example.net"], BODY) == {}
+        assert [m.mail_from for m in ow.ups["idn"].messages] == ["bob@rel.example"]
+        full = f"{home}/.fetchmailrc"
+        ow.daemon.wait_log("route: user=bob")
+        front_log = _wait_lines(ow.front.log, "message user=bob")
+        assert len(front_log) == 1 and f"({full}:6)" in front_log[0], front_log
+        auth_log = [x for x in ow.daemon.log().splitlines() if "user=bob" in x and "fetchmailrc" in x]
+        assert auth_log and all(full in x for x in auth_log), auth_log
+        out = subprocess.run([*AUTH, "-c", ow.config, "--check", "bob", "--sender", "bob@rel.example"],
+                             capture_output=True, text=True, timeout=60, env=ow.world.env()).stdout
+        assert f"(from {full}:6, address bob@rel.example)" in out, out
+        assert out.count("unknown keyword") == 1 and f"{full}:7: unknown keyword" in out, out
+    finally:
+        ow.world.clear_home("bob")
+
+
+def test_deployment_guides_star_account_for_bounces_keeps_the_exact_routes(ow):
+    """DOC DEFECT (docs/deployment.md section 8): for an MTA client's bounces
+    (null sender `<>`, served only by a `*` mapping) the guide said "Give
+    that login a `*` account (e.g. a `direct:*` line in its ~/.sendoowayrc,
+    with userInclude)". A user's own mappings win over every global one,
+    and the shipped config's `fetchmail:%h/.fetchmailrc` line is global:
+    the advice, followed as written, made the `*` carry every sender of that
+    login, the address its ~/.fetchmailrc routes to its own smarthost
+    included (`--check` named the `*` route for it). The guide now shows
+    the two lines (the login's fetchmail file first, in the same file, so
+    the exact address beats `*`); this runs its example through the real
+    daemon's --check."""
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    section = guide.split("## 8.", 1)[1].split("double bounces", 1)[1]
+    block = section.split("```\n", 2)[1]
+    lines = [x.split("#", 1)[0].strip() for x in block.splitlines() if x.strip()]
+    assert lines[0] == "smarthostMapping = fetchmail:.fetchmailrc", lines
+    assert lines[1].startswith("smarthostMapping = direct:* "), lines
+    star = f"smarthostMapping = direct:* 127.0.0.1 {ow.ups['other'].port} noAuth"
+    ow.world.write_user_file("bob", ".sendoowayrc", f"{lines[0]}\n{star}\n")
+    ow.world.write_user_file("bob", ".fetchmailrc", _fetchmailrc(ow.ups["idn"].port, "bob@rel.example"))
+    try:
+        def route(sender):
+            out = subprocess.run([*AUTH, "-c", ow.config, "--check", "bob", "--sender", sender],
+                                 capture_output=True, text=True, timeout=60, env=ow.world.env()).stdout
+            return next(x for x in out.splitlines() if x.startswith("route for "))
+        assert f":{ow.ups['idn'].port} " in route("bob@rel.example")
+        assert f":{ow.ups['other'].port} " in route("<>")
+    finally:
+        ow.world.clear_home("bob")
