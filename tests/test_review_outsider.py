@@ -39,8 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.auth_helpers import Daemon
-from tests.front_util import Frontend, front_config, open_tmp
+from tests.front_util import front_config, front_with_daemon, open_tmp
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the frontend drops to nobody: needs root")
@@ -66,15 +65,11 @@ def ow(world):
             f"smarthostMapping = direct:*@ÄRZTE.example 127.0.0.1 {w.ups['idn'].port} noAuth\n"
             f"smarthostMapping = direct:* 127.0.0.1 {w.ups['other'].port} noAuth\n"), mode=0o644)
         w.config = front_config(tmp, world, "userInclude = %h/.sendoowayrc\n")
-        w.daemon = Daemon(tmp, w.config).start()
-        w.front = Frontend(w.config, os.path.join(str(tmp), "front.log")).start()
+        w.auth_log = os.path.join(str(tmp), "auth.log")  # the Daemon's log
         try:
-            yield w
+            with front_with_daemon(tmp, world, w.config, *w.ups.values()) as w.front:
+                yield w
         finally:
-            w.front.stop()
-            w.daemon.stop()
-            for u in w.ups.values():
-                u.stop()
             world.clear_home("alice")
 
 
@@ -168,10 +163,11 @@ def test_a_relative_mapping_path_is_named_in_full_in_logs_and_check(ow):
             assert s.sendmail("bob@rel.example", ["rcpt@example.net"], BODY) == {}
         assert [m.mail_from for m in ow.ups["idn"].messages] == ["bob@rel.example"]
         full = f"{home}/.fetchmailrc"
-        ow.daemon.wait_log("route: user=bob")
         front_log = _wait_lines(ow.front.log, "message user=bob")
         assert len(front_log) == 1 and f"({full}:6)" in front_log[0], front_log
-        auth_log = [x for x in ow.daemon.log().splitlines() if "user=bob" in x and "fetchmailrc" in x]
+        _wait_lines(Path(ow.auth_log).read_text, "route: user=bob")
+        auth_log = [x for x in Path(ow.auth_log).read_text().splitlines()
+                    if "user=bob" in x and "fetchmailrc" in x]
         assert auth_log and all(full in x for x in auth_log), auth_log
         out = subprocess.run([*AUTH, "-c", ow.config, "--check", "bob", "--sender", "bob@rel.example"],
                              capture_output=True, text=True, timeout=60, env=ow.world.env()).stdout
