@@ -207,3 +207,46 @@ def test_deployment_guides_star_account_for_bounces_keeps_the_exact_routes(ow):
         assert f":{ow.ups['other'].port} " in route("<>")
     finally:
         ow.world.clear_home("bob")
+
+
+@pytest.mark.parametrize("pasted", [
+    "Dr. X <x@xn--rzte-koa.example>",   # the From: header of a bounced mail
+    "from=<x@xn--rzte-koa.example>",    # the frontend's own log field
+    "x@xn--rzte-koa.example.",          # a trailing dot
+    "x@xn--rzte-koa.example ",          # a blank pasted along
+])
+def test_check_gives_no_route_to_a_sender_the_frontend_refuses(ow, pasted):
+    """DEFECT (rule: sendooway-auth(8) --sender "the route chosen for
+    envelope sender addr"; the brief: --check must agree with the route
+    actually used): `--check --sender` matched whatever it was given as it
+    was, after stripping one pair of angle brackets and a leading source
+    route (sendooway_auth/check.py). A header's `Dr. X <x@...>`, a log's
+    `from=<...>`, a trailing dot or blank are no address the frontend takes
+    (MAIL FROM gets 553 or 501, nothing is relayed), yet only `*` could
+    match them, so --check named the `*` route (another upstream and login
+    than the address's own `*@ÄRZTE.example` one; with no `*`, "none" for
+    an address that has a route). Correct: --check reads the address with
+    the frontend's own MAIL FROM parser (moved to
+    sendooway_shared.smtp_syntax for it) and says the frontend refuses it."""
+    line = _check_port(ow, pasted)
+    assert "none: the frontend refuses this address at MAIL FROM" in line, line
+    if pasted.endswith("."):  # one a client could send: the frontend refuses it too
+        with ow.front.smtp(timeout=15) as s:
+            s.starttls(context=ow.world.ssl_context())
+            s.ehlo()
+            s.login("alice", ow.world.users["alice"].password)
+            code, _ = s.mail(pasted)
+        assert code == 553
+        assert not any(u.messages for u in ow.ups.values())
+
+
+def test_check_still_reads_what_the_frontend_takes(ow):
+    """The other side of the test above: the spellings the frontend takes,
+    which --check took before, keep their route (angle brackets, a source
+    route with and without them, a quoted local part, non-ASCII as under
+    SMTPUTF8; `<>` and '' are the null sender, which only `*` serves)."""
+    for spelling in ("<x@xn--rzte-koa.example>", "@relay.example:x@xn--rzte-koa.example",
+                     "<@a.example,@b.example:x@XN--RZTE-KOA.example>", '"x"@ärzte.example'):
+        assert "address *@ÄRZTE.example)" in _check_port(ow, spelling), spelling
+    for null in ("<>", ""):
+        assert _check_port(ow, null).startswith("route for <>: ") and "address *)" in _check_port(ow, null)
