@@ -250,3 +250,18 @@ def test_check_still_reads_what_the_frontend_takes(ow):
         assert "address *@ÄRZTE.example)" in _check_port(ow, spelling), spelling
     for null in ("<>", ""):
         assert _check_port(ow, null).startswith("route for <>: ") and "address *)" in _check_port(ow, null)
+
+
+def test_the_daemon_logs_the_null_sender_as_angle_brackets(ow):
+    """DEFECT (rule: docs/decisions/frontend.md "Logging" and the frontend's
+    own `from=<>`: a log line an admin can grep; the brief: "is the log line
+    right"): an MTA's bounce (`MAIL FROM:<>`, served by alice's `*` route)
+    was logged by the daemon as `route: user=alice ... sender=\\x3c\\x3e
+    result=...`: sendooway_auth/_service.py wrote `field(sender or "<>")`,
+    and field() escapes < and > (they may stand in a quoted local part), so
+    `grep 'sender=<>'` found no bounce. Correct: the null sender is written
+    `<>` as it is; every other sender still goes through field()."""
+    assert _send(ow, "") == {"other": ["<>"]}  # aiosmtpd records the null path so
+    lines = _wait_lines(Path(ow.auth_log).read_text, "route: user=alice")
+    null = [x for x in lines if " sender=<> result=" in x]
+    assert len(null) == 1 and "\\x3c" not in Path(ow.auth_log).read_text(), lines
