@@ -26,8 +26,16 @@ mid-message (one log line, no dot); Received: per addReceivedField; one
 log line per message, no password in either log; mailerEncryption =
 required (538 before any password, AUTH not offered in clear).
 
-Each test below failed on the code as reviewed, for the reason its
-docstring gives."""
+Found (each test below failed on the code as reviewed, for the reason its
+docstring gives; all fixed): a capital non-ASCII letter in a pattern's
+domain (`*@ÄRZTE.example`) made the pattern match nothing; a relative
+mapping path (`fetchmail:.fetchmailrc`, documented) was named relative in
+every log line and in --check, and read twice under the shipped config;
+--check --sender gave the `*` route to spellings the frontend refuses
+(a pasted `Name <a@b>`, `from=<a@b>`, a trailing dot or blank); the daemon
+logged the null sender as `sender=\x3c\x3e`; and deployment.md's advice
+for an MTA client's bounces (a `direct:*` alone in ~/.sendoowayrc) made
+that `*` carry every sender of the login."""
 
 from __future__ import annotations
 
