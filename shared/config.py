@@ -1017,14 +1017,16 @@ class NotUtf8(ValueError):
         self.line = line
 
 
-def decode_config_text(data: bytes) -> str:
+def decode_config_text(data: bytes, bad_lines: list[int] | None = None) -> str:
     """The text of a file in the config grammar (sendooway.conf, a user's
     .sendoowayrc): UTF-8, but a comment may hold other bytes (the original
     read bytes, and its configs were written in Latin-1 too: "# Größe"),
     which become U+FFFD. The grammar drops everything from '#' on, even
     in a password (that byte cannot be part of a UTF-8 sequence), so no
     value changes. A leading byte order mark is skipped. Raises NotUtf8
-    naming the first line whose text before its '#' is not UTF-8."""
+    naming the first line whose text before its '#' is not UTF-8; with
+    `bad_lines` (a user's include, whose bad lines are skipped one by one)
+    such a line becomes empty and its number is added there instead."""
     if data.startswith(_BOM):
         data = data[len(_BOM):]  # a UTF-8 byte order mark (Notepad): the text after it counts
     try:
@@ -1037,7 +1039,10 @@ def decode_config_text(data: bytes) -> str:
         try:
             lines.append(text.decode("utf-8") + hash_.decode() + comment.decode("utf-8", "replace"))
         except UnicodeDecodeError:
-            raise NotUtf8(number) from None
+            if bad_lines is None:
+                raise NotUtf8(number) from None
+            bad_lines.append(number)
+            lines.append("")
     return "\n".join(lines)
 
 

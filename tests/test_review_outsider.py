@@ -273,3 +273,32 @@ def test_the_daemon_logs_the_null_sender_as_angle_brackets(ow):
     lines = _wait_lines(Path(ow.auth_log).read_text, "route: user=alice")
     null = [x for x in lines if " sender=<> result=" in x]
     assert len(null) == 1 and "\\x3c" not in Path(ow.auth_log).read_text(), lines
+
+
+def test_a_latin1_line_in_a_users_include_skips_that_line_only(ow):
+    """DEFECT (rule: docs/decisions/auth.md "Sender patterns": a mapping line
+    of a user's .sendoowayrc that is wrong "is an error at file:line and the
+    line is skipped", like a bad address in the user's fetchmail or getmail
+    file): one line whose value is not UTF-8 (a `*@b\\xfccher.example`
+    written on a Latin-1 terminal) made the whole include "not valid
+    UTF-8" (routes.py `_text` gave up on the file at decode_config_text's
+    first bad line): every other mapping of the user was dropped with it,
+    so mail that line 2 routes got 550 5.7.1 (or took a global route).
+    Correct: that line is reported at file:line and skipped, the rest of
+    the file serves as before; a file of more bad lines than the include's
+    error cap is still ignored whole."""
+    path = ow.world.write_user_file("bob", ".sendoowayrc", (
+        b"smarthostMapping = direct:*@b\xfccher.example 127.0.0.1 1 noAuth\n"
+        + f"smarthostMapping = direct:* 127.0.0.1 {ow.ups['idn'].port} noAuth\n".encode()))
+    try:
+        with ow.front.smtp(timeout=15) as s:
+            s.starttls(context=ow.world.ssl_context())
+            s.ehlo()
+            s.login("bob", ow.world.users["bob"].password)
+            assert s.sendmail("bob@example.net", ["rcpt@example.net"], BODY) == {}
+        assert [m.mail_from for m in ow.ups["idn"].messages] == ["bob@example.net"]
+        out = subprocess.run([*AUTH, "-c", ow.config, "--check", "bob"],
+                             capture_output=True, text=True, timeout=60, env=ow.world.env()).stdout
+        assert f"{path}:1: not valid UTF-8 (outside a comment), line skipped" in out, out
+    finally:
+        ow.world.clear_home("bob")
