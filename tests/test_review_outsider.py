@@ -302,3 +302,31 @@ def test_a_latin1_line_in_a_users_include_skips_that_line_only(ow):
         assert f"{path}:1: not valid UTF-8 (outside a comment), line skipped" in out, out
     finally:
         ow.world.clear_home("bob")
+
+
+def test_deployments_postfix_snippet_gives_postfix_the_values_it_shows(tmp_path):
+    """DOC DEFECT (docs/deployment.md section 8, the Postfix null client): the
+    main.cf lines carried remarks behind their values (`smtp_tls_security_level
+    = encrypt   # or an smtps transport with`). main.cf has no such
+    remarks (postconf(5): only a line whose first non-blank character is
+    `#` is a comment), so Postfix took `encrypt # or an smtps transport
+    with` as the security level, `noanonymous # the default also forbids
+    PLAIN/LOGIN` as the SASL options and `texthash:/etc/postfix/sasl_passwd
+    # [mail.example.org]:587 alice:PASSWORD` as four lookup tables: an admin
+    pasting the guide got a Postfix that defers every message. The remarks
+    now stand on lines of their own; the real postconf reads the snippet."""
+    postconf = "/usr/sbin/postconf"
+    if not os.path.exists(postconf):
+        pytest.skip("postfix is not installed (scripts/setup.sh installs it)")
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    section = guide.split("## 8.", 1)[1]
+    block = section.split("```\n", 2)[1]
+    assert "relayhost" in block, block
+    (tmp_path / "main.cf").write_text(block)
+    (tmp_path / "master.cf").write_text("")
+    out = subprocess.run([postconf, "-c", str(tmp_path), "-h", "relayhost", "smtp_sasl_auth_enable",
+                          "smtp_sasl_password_maps", "smtp_sasl_tls_security_options",
+                          "smtp_tls_security_level"], capture_output=True, text=True, timeout=30)
+    assert out.stdout.splitlines() == [
+        "[mail.example.org]:587", "yes", "texthash:/etc/postfix/sasl_passwd", "noanonymous",
+        "encrypt"], out.stdout + out.stderr
