@@ -33,9 +33,11 @@ mapping path (`fetchmail:.fetchmailrc`, documented) was named relative in
 every log line and in --check, and read twice under the shipped config;
 --check --sender gave the `*` route to spellings the frontend refuses
 (a pasted `Name <a@b>`, `from=<a@b>`, a trailing dot or blank); the daemon
-logged the null sender as `sender=\x3c\x3e`; and deployment.md's advice
-for an MTA client's bounces (a `direct:*` alone in ~/.sendoowayrc) made
-that `*` carry every sender of the login."""
+logged the null sender as `sender=\x3c\x3e`; one line of a user's
+.sendoowayrc that is not UTF-8 dropped the whole file; deployment.md's
+advice for an MTA client's bounces (a `direct:*` alone in ~/.sendoowayrc)
+made that `*` carry every sender of the login, and its Postfix main.cf
+lines had remarks behind values, which Postfix takes as part of them."""
 
 from __future__ import annotations
 
