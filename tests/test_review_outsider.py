@@ -90,12 +90,12 @@ def _clear(ow):
     yield
 
 
-def _send(ow, sender: str) -> dict[str, list[str]]:
-    """Send as alice from `sender`; which upstream got it: {name: [senders]}."""
+def _send(ow, sender: str, user: str = "alice") -> dict[str, list[str]]:
+    """Send as `user` from `sender`; which upstream got it: {name: [senders]}."""
     with ow.front.smtp(timeout=15) as s:
         s.starttls(context=ow.world.ssl_context())
         s.ehlo()
-        s.login("alice", ow.world.users["alice"].password)
+        s.login(user, ow.world.users[user].password)
         assert s.sendmail(sender, ["rcpt@example.net"], BODY) == {}
     return {name: [m.mail_from for m in u.messages] for name, u in ow.ups.items() if u.messages}
 
@@ -166,12 +166,7 @@ def test_a_relative_mapping_path_is_named_in_full_in_logs_and_check(ow):
     ow.world.write_user_file("bob", ".fetchmailrc", _fetchmailrc(ow.ups["idn"].port, "bob@rel.example")
                              + "#sendooway:bogus 1\n")
     try:
-        with ow.front.smtp(timeout=15) as s:
-            s.starttls(context=ow.world.ssl_context())
-            s.ehlo()
-            s.login("bob", ow.world.users["bob"].password)
-            assert s.sendmail("bob@rel.example", ["rcpt@example.net"], BODY) == {}
-        assert [m.mail_from for m in ow.ups["idn"].messages] == ["bob@rel.example"]
+        assert _send(ow, "bob@rel.example", "bob") == {"idn": ["bob@rel.example"]}
         full = f"{home}/.fetchmailrc"
         front_log = _wait_lines(ow.front.log, "message user=bob")
         assert len(front_log) == 1 and f"({full}:6)" in front_log[0], front_log
@@ -293,12 +288,7 @@ def test_a_latin1_line_in_a_users_include_skips_that_line_only(ow):
         b"smarthostMapping = direct:*@b\xfccher.example 127.0.0.1 1 noAuth\n"
         + f"smarthostMapping = direct:* 127.0.0.1 {ow.ups['idn'].port} noAuth\n".encode()))
     try:
-        with ow.front.smtp(timeout=15) as s:
-            s.starttls(context=ow.world.ssl_context())
-            s.ehlo()
-            s.login("bob", ow.world.users["bob"].password)
-            assert s.sendmail("bob@example.net", ["rcpt@example.net"], BODY) == {}
-        assert [m.mail_from for m in ow.ups["idn"].messages] == ["bob@example.net"]
+        assert _send(ow, "bob@example.net", "bob") == {"idn": ["bob@example.net"]}
         out = subprocess.run([*AUTH, "-c", ow.config, "--check", "bob"],
                              capture_output=True, text=True, timeout=60, env=ow.world.env()).stdout
         assert f"{path}:1: not valid UTF-8 (outside a comment), line skipped" in out, out
