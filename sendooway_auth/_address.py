@@ -69,15 +69,27 @@ def _split(address: str) -> tuple[str, str]:
     return _local(local), _domain(domain)
 
 
+def _case_pair_lower(c: str) -> str:
+    """`c` lower-cased when it is the capital of one lower-case letter that
+    capitalizes back to it (Ü/ü, Σ/σ); else `c` itself. U+212A KELVIN SIGN
+    (lower "k", whose capital is K) and U+0130 (two characters) stay."""
+    low = c.lower()
+    return low if len(low) == 1 and low != c and low.upper() == c else c
+
+
 def _domain(domain: str) -> str:
     """A domain in the form it is compared in: an internationalized one as
     its A-label (bücher.example and xn--bcher-kva.example are one domain,
     RFC 5890: a user writes the first, a client without SMTPUTF8 sends the
-    second). IDNA 2008 without mappings: a domain it does not accept (one
+    second), capitals lower-cased first as for ASCII (BÜCHER.example is
+    bücher.example: a domain's case never matters, and IDNA 2008 refuses
+    capitals, so a pattern `*@ÄRZTE.example` served no sender at all).
+    IDNA 2008 without other mappings: a domain it does not accept (one
     with U+212A KELVIN SIGN, which the older IDNA 2003 would map onto "k")
     stays as written, so nothing but the same domain ever matches."""
     domain = domain.translate(_ASCII_LOWER)
     if not domain.isascii():
+        domain = "".join(_case_pair_lower(c) for c in domain)
         try:
             # strict: no U+3002 and the like taken for a dot
             domain = idna.encode(domain, strict=True).decode("ascii")

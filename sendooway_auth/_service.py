@@ -442,6 +442,9 @@ class AuthService:
         found and some file could not be read for an internal reason."""
         found = await self.readers.lookup(user, sender)
         who = f"user={field(user.name)}"
+        # the null sender as `<>`: through field() it was `\x3c\x3e`, which
+        # no admin greps for (field escapes < and > of real addresses)
+        shown = field(sender) if sender else "<>"
         # a failed lookup (the reader timed out, died) is said every time
         if found.failure or self._log_anew(user.name, found.errors, found.warnings):
             for message in found.errors:
@@ -452,9 +455,9 @@ class AuthService:
         if account is None:
             temporary = found.incomplete
             log.info("route: %s %s sender=%s result=%s", who, peer.fields(),
-                     field(sender or "<>"), "temporary-failure" if temporary else "none")
+                     shown, "temporary-failure" if temporary else "none")
             return None, temporary
         # escaped: the server and user come from the user's own files
         log.info("route: %s %s sender=%s result=%s", who, peer.fields(),
-                 field(sender or "<>"), text(account.route.describe()))
+                 shown, text(account.route.describe()))
         return account.route, False

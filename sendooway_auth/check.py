@@ -12,6 +12,7 @@ import sys
 from sendooway_shared.cli import EXIT_NOT_WRITTEN, tell_not_written
 from sendooway_shared.config import AuthBackend, Config
 from sendooway_shared.protocol import ProtocolError
+from sendooway_shared.smtp_syntax import PathError, parse_path
 from sendooway_shared.types import Route
 
 from . import _users
@@ -131,27 +132,7 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
         for e in found.warnings:
             w(f"  {e}")
     if sender is not None:
-        if len(sender) >= 2 and sender[0] == "<" and sender[-1] == ">":
-            sender = sender[1:-1]  # pasted from a log or a MAIL FROM: the address inside
-        if sender.startswith("@") and ":" in sender:
-            # a source route (<@a,@b:user@dom>), which the frontend drops:
-            # its route is the mailbox's (no sender it routes starts with @)
-            sender = sender.split(":", 1)[1]
-        shown = sender or "<>"
-        account = found.route_for(sender)
-        if account is None:
-            w(f"route for {shown}: none (no address pattern of the {len(found.accounts)}"
-              f" account(s) matches)")
-        else:
-            w(f"route for {shown}: {_route_line(account.route, cfg.sslCA)} (from {account.source},"
-              f" address {' '.join(account.addresses)})")
-            try:
-                if not sendable(account.route).ca_pem and account.route.ca_pem:
-                    w("  warning: too big to send with its sslCA certificates: the frontend"
-                      " has to open the sslCA file itself")
-            except ProtocolError as exc:
-                w(f"  error: the frontend cannot be told this route ({exc}): mail from"
-                  f" {shown} is refused")
+        _route_report(found, sender, cfg, w)
     if refusal is not None:
         w(f"result: {len(found.accounts)} account(s), but the config is refused (see error above)")
         return EXIT_BAD_CONFIG
@@ -167,6 +148,36 @@ def report(cfg: Config, name: str, sender: str | None, out) -> int:
         return EXIT_NO_MAPPING
     w(f"result: {len(found.accounts)} usable account(s)")
     return EXIT_OK
+
+
+def _route_report(found: UserRoutes, sender: str, cfg: Config, w) -> None:
+    """The `route for` line of --sender. The address is read as the frontend
+    reads a MAIL FROM path (with or without its angle brackets; a source
+    route <@a,@b:user@dom> dropped; non-ASCII taken, as with SMTPUTF8), so
+    one it refuses is never given the route of `*` (`from=<a@b>` or
+    `Name <a@b>` pasted, `a@b.`)."""
+    path = sender if len(sender) >= 2 and sender[0] == "<" and sender[-1] == ">" else f"<{sender}>"
+    try:
+        sender = parse_path(path, allow_null=True, allow_postmaster=False, utf8=True)
+    except PathError as exc:
+        w(f"route for {sender}: none: the frontend refuses this address at MAIL FROM"
+          f" ({exc})")
+        return
+    shown = sender or "<>"
+    account = found.route_for(sender)
+    if account is None:
+        w(f"route for {shown}: none (no address pattern of the {len(found.accounts)}"
+          f" account(s) matches)")
+        return
+    w(f"route for {shown}: {_route_line(account.route, cfg.sslCA)} (from {account.source},"
+      f" address {' '.join(account.addresses)})")
+    try:
+        if not sendable(account.route).ca_pem and account.route.ca_pem:
+            w("  warning: too big to send with its sslCA certificates: the frontend"
+              " has to open the sslCA file itself")
+    except ProtocolError as exc:
+        w(f"  error: the frontend cannot be told this route ({exc}): mail from"
+          f" {shown} is refused")
 
 
 def _files(found: UserRoutes, w) -> None:

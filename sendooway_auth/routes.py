@@ -21,8 +21,9 @@ from typing import Callable, Generator
 import msgpack
 
 from sendooway_shared.config import (
-    MAX_USER_ERRORS, ConfigError, Config, MappingKind, NotUtf8, UserConfig, comment_cut_warning,
-    decode_config_text, effective_mappings, expand_path, parse_user_config, shell_path_warnings,
+    MAX_USER_ERRORS, ConfigError, Config, MappingKind, UserConfig, comment_cut_warning,
+    decode_config_text, effective_mappings, expand_path, from_home, parse_user_config,
+    shell_path_warnings,
 )
 from sendooway_shared.protocol import RouteOk
 from sendooway_shared.types import Route, Secret, TlsMode
@@ -82,7 +83,8 @@ def plan(cfg: Config, user: UserInfo) -> Plan:
     found = UserRoutes(user)
     user_cfg: UserConfig | None = None
     if cfg.userInclude:
-        path = expand_path(cfg.userInclude, user.name, user.home)
+        # a relative path counts from the home, where it is read: named in full
+        path = from_home(expand_path(cfg.userInclude, user.name, user.home), user.home)
         (read,) = yield (path,)
         found.files.append(("userInclude", read))
         text = _text(read, found, config_grammar=True)
@@ -381,11 +383,17 @@ def _text(read: FileRead, found: UserRoutes, config_grammar: bool = False) -> st
         return None
     if not config_grammar:
         return read.data.decode("utf-8", "surrogateescape")
-    try:
-        return decode_config_text(read.data)
-    except NotUtf8 as exc:
-        found.errors.append(f"{read.path}:{exc.line}: not valid UTF-8 (outside a comment)")
+    # each such line skipped, as any other bad line of the include: one
+    # Latin-1 "*@b\xfccher.example" used to cost the user every mapping
+    bad: list[int] = []
+    text = decode_config_text(read.data, bad)
+    if len(bad) > MAX_INCLUDE_ERRORS:
+        found.errors.append(f"{read.path}: more than {MAX_INCLUDE_ERRORS} lines not valid UTF-8"
+                            " (outside a comment), file ignored")
         return None
+    found.errors.extend(f"{read.path}:{n}: not valid UTF-8 (outside a comment), line skipped"
+                        for n in bad)
+    return text
 
 
 def _parse_include(text: str, path: str, found: UserRoutes) -> UserConfig:

@@ -24,10 +24,10 @@ from contextlib import nullcontext
 
 from sendooway_shared.config import Config, default_localname
 from sendooway_shared.log import field, printable
+from sendooway_shared.smtp_syntax import is_ehlo_name
 from sendooway_shared.types import Route
 
 from . import _pool
-from ._address import is_ehlo_name
 from ._pool import PROBE_TIMEOUT, PoolKey, UpstreamPool
 from ._relay_api import MailParams, SessionInfo
 from ._reply import Reply

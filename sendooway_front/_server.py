@@ -44,7 +44,7 @@ PRELOAD = (
     "cryptography.x509", "cryptography.hazmat.bindings.openssl.binding",
     "service_identity", "service_identity.pyopenssl", "service_identity.hazmat",
     "msgpack", "idna", "idna.core", "idna.idnadata", "idna.uts46data",
-    "sendooway_front._session", "sendooway_front._address",
+    "sendooway_front._session", "sendooway_shared.smtp_syntax",
     "sendooway_front._catalogue", "sendooway_front._authlink",
     "sendooway_front._tls", "sendooway_front._stream", "sendooway_front._driver",
     "sendooway_front._relay", "sendooway_front._upstream", "sendooway_front._pool",

@@ -20,10 +20,12 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
+from sendooway_shared.smtp_syntax import (
+    NeedsUtf8, ParamError, PathError, parse_params, parse_path, split_path_argument,
+)
 from sendooway_shared.types import Secret
 
 from . import _catalogue as R
-from ._address import NeedsUtf8, ParamError, PathError, parse_params, parse_path, split_path_argument
 from ._events import (
     FLUSH, NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
     DataRequested, Event, Greeted, MailRequested, RcptRequested, StartTls, TransactionReset,

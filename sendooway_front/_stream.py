@@ -17,8 +17,9 @@ import socket
 
 from OpenSSL import SSL
 
+from sendooway_shared.smtp_syntax import host_a_label
+
 from . import _tls
-from ._address import host_a_label
 from ._tls import TLSHandshakeError, TLSVerifyError
 
 RAW_READ = 256 * 1024  # bytes asked of the transport at once

@@ -37,7 +37,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
-from ._address import host_a_label
+from sendooway_shared.smtp_syntax import host_a_label
 
 try:
     from OpenSSL._util import ffi as _ffi, lib as _lib  # X509_verify_cert_error_string

@@ -89,10 +89,13 @@ class Mapping:
         return f"{self.filename}:{self.line}"
 
     def expand(self, user: str, home: str) -> "Mapping":
-        """This mapping with %h and %u replaced for one user."""
+        """This mapping with %h and %u replaced for one user, and a relative
+        path (`fetchmail:.fetchmailrc`) made absolute from the home it is
+        read in: the file:line of its accounts and errors, in the logs and
+        --check, then names the file (it said `.fetchmailrc:6`, whose?)."""
         if self.kind is MappingKind.DIRECT:
             return self
-        return replace(self, path=expand_path(self.path, user, home))
+        return replace(self, path=from_home(expand_path(self.path, user, home), home))
 
     def __str__(self) -> str:
         if self.direct is not None:
@@ -105,6 +108,12 @@ DEFAULT_MAPPINGS = (
     Mapping(MappingKind.GETMAIL, "%h/.getmail/getmailrc", filename="(default)", line=0),
     Mapping(MappingKind.FETCHMAIL, "%h/.fetchmailrc", filename="(default)", line=0),
 )
+
+
+def from_home(path: str, home: str) -> str:
+    """`path` as read from the home: a relative one joined to an absolute
+    home (the reader works in the home, so the file is the same)."""
+    return os.path.join(home, path) if os.path.isabs(home) else path
 
 
 def expand_path(template: str, user: str, home: str) -> str:
@@ -1014,14 +1023,16 @@ class NotUtf8(ValueError):
         self.line = line
 
 
-def decode_config_text(data: bytes) -> str:
+def decode_config_text(data: bytes, bad_lines: list[int] | None = None) -> str:
     """The text of a file in the config grammar (sendooway.conf, a user's
     .sendoowayrc): UTF-8, but a comment may hold other bytes (the original
     read bytes, and its configs were written in Latin-1 too: "# Größe"),
     which become U+FFFD. The grammar drops everything from '#' on, even
     in a password (that byte cannot be part of a UTF-8 sequence), so no
     value changes. A leading byte order mark is skipped. Raises NotUtf8
-    naming the first line whose text before its '#' is not UTF-8."""
+    naming the first line whose text before its '#' is not UTF-8; with
+    `bad_lines` (a user's include, whose bad lines are skipped one by one)
+    such a line becomes empty and its number is added there instead."""
     if data.startswith(_BOM):
         data = data[len(_BOM):]  # a UTF-8 byte order mark (Notepad): the text after it counts
     try:
@@ -1034,7 +1045,10 @@ def decode_config_text(data: bytes) -> str:
         try:
             lines.append(text.decode("utf-8") + hash_.decode() + comment.decode("utf-8", "replace"))
         except UnicodeDecodeError:
-            raise NotUtf8(number) from None
+            if bad_lines is None:
+                raise NotUtf8(number) from None
+            bad_lines.append(number)
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -183,7 +183,7 @@ def test_sendoowayrc_not_utf8_outside_a_comment_is_an_error_and_gives_no_route(c
         b"smarthostMapping = direct:alice@example.org smtp.example.org 587 alice p\xe9ss tls\n")
     cfg = parse_config("userInclude = %h/.sendoowayrc\n", "test.conf")
     found = lookup_direct(cfg, _users.lookup("alice"))
-    assert f"{path}:2: not valid UTF-8 (outside a comment)" in found.errors
+    assert f"{path}:2: not valid UTF-8 (outside a comment), line skipped" in found.errors
     assert not any(a.route.server == "smtp.example.org" for a in found.accounts)
 
 

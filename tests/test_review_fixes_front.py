@@ -112,7 +112,7 @@ def test_ehlo_name_with_an_ipv6_zone_and_junk_is_not_cloned_or_put_in_received(m
     "[IPv6:" IPv6-addr "]", with no zone and certainly no ';' or
     parentheses — and 4.4 (the Received: From-domain is a Domain or an
     address literal); RFC 5322 3.6.7 (';' ends the received tokens and
-    starts the date); the fix's own rule in sendooway_front/_address.py
+    starts the date); the fix's own rule in shared/smtp_syntax.py
     `is_ehlo_name`, which says it admits only what RFC 5321 4.1.2/4.1.3
     write): `is_ehlo_name` hands the inside of `[IPv6:...]` to
     `ipaddress.ip_address`, which since Python 3.9 takes a scope id of any
@@ -137,7 +137,7 @@ def test_ehlo_name_with_an_ipv6_zone_and_junk_is_not_cloned_or_put_in_received(m
 
 def test_internationalized_server_name_written_with_a_capital_passes_the_certificate_check(world):
     """DEFECT (rule: RFC 5891 5 / UTS #46 — the fix's own rule in
-    sendooway_front/_address.py `host_a_label`: a server name is looked up
+    shared/smtp_syntax.py `host_a_label`: a server name is looked up
     and sent as SNI by its UTS #46 A-label, and test_review_addresses asks
     for the same name "for the lookup, SNI and the certificate check alike";
     DNS names are case-insensitive, RFC 4343): a route whose server is

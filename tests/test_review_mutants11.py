@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from sendooway_front._address import (
+from sendooway_shared.smtp_syntax import (
     PathError, host_a_label, is_ehlo_name, parse_params, parse_path, split_path_argument,
 )
 from sendooway_front._limits import AddressLimit

@@ -20,7 +20,7 @@ from sendooway_auth.getmail import parse_getmailrc
 from sendooway_auth.routes import (
     MAX_CA_PATH, MAX_CA_PEM, MAX_INCLUDE_ERRORS, UserRoutes, WireError, from_wire, to_wire,
 )
-from sendooway_front._address import (
+from sendooway_shared.smtp_syntax import (
     NeedsUtf8, ParamError, PathError, host_a_label, is_ehlo_name, parse_params,
     parse_path, split_path_argument,
 )

@@ -19,8 +19,8 @@ import re
 
 from _common import SECRET, atheris, run
 
-with atheris.instrument_imports(include=["sendooway_front", "tests"]):
-    from sendooway_front._address import (
+with atheris.instrument_imports(include=["sendooway_front", "sendooway_shared", "tests"]):
+    from sendooway_shared.smtp_syntax import (
         ParamError, PathError, parse_params, parse_path, split_path_argument,
     )
     from sendooway_front._session import MAX_AUTH_LINE, SessionSettings, State

@@ -1,7 +1,9 @@
 """MAIL FROM / RCPT TO arguments: RFC 5321 paths and ESMTP parameters.
 
 Pure functions on already-decoded command arguments; they raise
-PathError/ParamError, which the session turns into catalogue replies.
+PathError/ParamError, which the frontend's session turns into catalogue
+replies. Shared so that `sendooway-auth --check --sender` reads an address
+as the frontend does, without running frontend code as root.
 """
 
 from __future__ import annotations
