@@ -1,0 +1,294 @@
+"""inetd/stdio mode against daemon mode, a differential review.
+
+The same scripted client sessions go through (a) xinetd's root block (the
+frontend forks its own authenticator over a socketpair, then drops to
+nobody), (b) xinetd's nobody block with the sendooway-auth daemon and
+(c) `sendooway -b` with the same daemon; the replies, what the upstream got
+and the log lines are compared. Mode (a)'s process hygiene is checked after
+every kind of session end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from . import deploy_world as dw
+from .deploy_util import command
+from .upstream import FakeUpstream
+
+PASSWORD_B64_CACHE: dict = {}
+
+
+@dataclass
+class Modes:
+    dep: dw.Deployment
+    upstream: FakeUpstream
+    ports: dict[str, int]
+    logs: dict[str, Path]
+    xinetd: subprocess.Popen
+    daemon: subprocess.Popen
+    listener: subprocess.Popen
+
+
+def _config(dep: dw.Deployment, **changes: str) -> None:
+    text = dep.config.read_text()
+    for keyword, value in changes.items():
+        text, n = re.subn(rf"^{keyword} =.*$", f"{keyword} = {value}", text, flags=re.M)
+        assert n == 1, keyword
+    dep.config.write_text(text)
+
+
+def _xinetd_conf(dep: dw.Deployment, ports: dict[str, int], logs: dict[str, Path]) -> Path:
+    front = command("sendooway")
+    # (a) must not find the daemon (b) and (c) use: it forks its own
+    configs = {"a": dep.root / "sendooway-a.conf", "b": dep.config}
+    configs["a"].write_text(re.sub(r"^authSocket =.*$", f"authSocket = {dep.root}/none/auth.sock",
+                                   dep.config.read_text(), flags=re.M))
+    os.chmod(configs["a"], 0o644)
+    blocks = []
+    for mode, user, extra in (("a", "root", ""),
+                              ("b", "nobody", f" --auth-socket {dep.auth_socket}")):
+        blocks.append(
+            f"service sendooway-{mode}\n{{\n\ttype = UNLISTED\n\tport = {ports[mode]}\n"
+            f"\tbind = 127.0.0.1\n\tsocket_type = stream\n\tprotocol = tcp\n\twait = no\n"
+            f"\tuser = {user}\n" + ("\tgroup = ssl-cert\n" if user == "nobody" else "")
+            + f"\tserver = {front}\n\tserver_args = -c {configs[mode]} -l {logs[mode]}{extra}\n"
+            "\tinstances = 50\n}\n")
+    conf = dep.root / "xinetd.conf"
+    conf.write_text("".join(blocks))
+    return conf
+
+
+class SlowUpstream(FakeUpstream):
+    """The fake upstream, which may be told to hold its answer to the final
+    dot for `answer_delay` seconds after it took the message (as an MTA
+    whose queue has it already); `dot_seen` is set when a dot arrives."""
+
+    answer_delay = 0.0
+
+    async def handle_DATA(self, server, session, envelope):
+        answer = await super().handle_DATA(server, session, envelope)
+        self.dot_seen.set()
+        if self.answer_delay:
+            await asyncio.sleep(self.answer_delay)
+        return answer
+
+
+@pytest.fixture(scope="module")
+def modes(world):
+    up = SlowUpstream(world, tls="starttls", accounts={dw.UPSTREAM_USER: dw.UPSTREAM_PASSWORD})
+    up.dot_seen = threading.Event()
+    up.start()
+    dep = dw.build(world, up.port)
+    _config(dep, mailerEncryption="allowed", timeout="4", smarthostCache="0")
+    logs = {m: dep.root / f"front-{m}.log" for m in "abc"}
+    for log in logs.values():
+        log.touch()
+        os.chown(log, dw.NOBODY_UID, -1)
+        os.chmod(log, 0o600)
+    ports = {"a": dw.free_tcp_port(), "b": dw.free_tcp_port()}
+    daemon = dw.start_auth_daemon(dep, ["--failure-delay", "0"])
+    conf = _xinetd_conf(dep, ports, logs)
+    xinetd = subprocess.Popen(
+        ["xinetd", "-dontfork", "-f", str(conf), "-pidfile", str(dep.root / "xinetd.pid"),
+         "-filelog", str(dep.root / "xinetd.log")],
+        env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    dw.wait_for(lambda: dw.listening(ports["a"]) and dw.listening(ports["b"]),
+                what="xinetd to listen")
+    dep.front_log = logs["c"]
+    listener, ports["c"] = dw.serve_b(dep)
+    yield Modes(dep, up, ports, logs, xinetd, daemon, listener)
+    for proc in (listener, xinetd, daemon):
+        dw.stop(proc)
+    up.stop()
+    dep.cleanup()
+    world.clear_home("alice")
+
+
+# ------------------------------------------------------------ the scripted client
+
+
+def _read_all(sock: socket.socket, quiet: float) -> tuple[bytes, str]:
+    """Everything until EOF or `quiet` seconds of silence; how it ended."""
+    out = b""
+    sock.settimeout(quiet)
+    while True:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            return out, "open"
+        except ConnectionResetError:
+            return out, "reset"
+        if not data:
+            return out, "eof"
+        out += data
+
+
+def run_script(port: int, steps, quiet: float = 1.5) -> tuple[bytes, str]:
+    """steps: bytes to send, or ("wait", seconds), ("read", quiet),
+    ("shut",) for SHUT_WR, ("rst",) to reset. Returns the replies and how
+    the connection ended."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    got = b""
+    ended = "open"
+    try:
+        for step in steps:
+            if isinstance(step, bytes):
+                try:
+                    sock.sendall(step)
+                except OSError:
+                    ended = "send-failed"
+                    break
+            elif step[0] == "wait":
+                time.sleep(step[1])
+            elif step[0] == "read":
+                data, ended = _read_all(sock, step[1])
+                got += data
+            elif step[0] == "shut":
+                sock.shutdown(socket.SHUT_WR)
+            elif step[0] == "rst":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                sock.close()
+                return got, "rst"
+        data, ended = _read_all(sock, quiet)
+        got += data
+    finally:
+        sock.close()
+    return got, ended
+
+
+def normalise(replies: bytes) -> bytes:
+    return re.sub(rb"queued as FAKE\d+", b"queued as FAKE", replies)
+
+
+def _login(world) -> bytes:
+    token = base64.b64encode(b"\0alice\0" + world.users["alice"].password.encode())
+    return b"EHLO c.test\r\nAUTH PLAIN " + token + b"\r\n"
+
+
+ENVELOPE = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+
+
+def _frontend_of(modes: Modes, mode: str) -> int:
+    """The pid of the one frontend xinetd runs for `mode` now."""
+    def find():
+        found = []
+        for pid in dw.descendants(modes.xinetd.pid):
+            try:
+                info = dw.credentials(pid)
+            except OSError:
+                continue
+            if str(modes.logs[mode]) in info["cmdline"] and info["cmdline"][1].endswith("/sendooway"):
+                found.append(pid)
+        return found
+
+    pids = dw.wait_for(find, what=f"the frontend of mode {mode}")
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def _until(sock: socket.socket, marker: bytes, seconds: float = 20) -> bytes:
+    got = b""
+    sock.settimeout(seconds)
+    while marker not in got:
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError(f"closed before {marker!r}: {got!r}")
+        got += data
+    return got
+
+
+def _log_since(path: Path, start: int) -> str:
+    return path.read_bytes()[start:].decode()
+
+
+# ------------------------------------------------------------ SIGTERM to a per-connection frontend
+
+
+@pytest.mark.parametrize("mode", ["a", "b"])
+def test_sigterm_after_the_final_dot_passes_the_upstreams_answer_on(modes, world, mode):
+    """SIGTERM to xinetd's child (systemctl stop xinetd: a SIGTERM to the
+    whole control group) after the message's final dot went upstream: the
+    frontend waits for the upstream's answer, passes it on, logs the
+    message, then says 421 4.3.2. Before the fix the process ended at once:
+    the upstream delivered the message, the client never heard 250 (it
+    sends it again: a duplicate) and the log had no line for it at all,
+    where `sendooway -b` waits for that answer (a review)."""
+    up = modes.upstream
+    start = modes.logs[mode].stat().st_size
+    count = len(up.messages)
+    up.dot_seen.clear()
+    up.answer_delay = 3.0
+    try:
+        with socket.create_connection(("127.0.0.1", modes.ports[mode]), timeout=20) as sock:
+            sock.sendall(_login(world) + ENVELOPE)
+            _until(sock, b"354 ")
+            pid = _frontend_of(modes, mode)
+            sock.sendall(b"Subject: stopped\r\n\r\nwhile the upstream thinks\r\n.\r\n")
+            assert up.dot_seen.wait(10)
+            os.kill(pid, signal.SIGTERM)
+            replies, ended = _read_all(sock, 15)
+    finally:
+        up.answer_delay = 0.0
+    assert len(up.messages) == count + 1
+    assert replies.startswith(b"250 2.0.0 queued as FAKE"), replies
+    assert replies.endswith(b"421 4.3.2 Server shutting down, closing connection\r\n"), replies
+    assert ended == "eof"
+    log = _log_since(modes.logs[mode], start)
+    assert re.search(r": message user=alice .* upstream=250 2\.0\.0 queued as FAKE", log), log
+
+
+@pytest.mark.parametrize("mode", ["a", "b"])
+def test_sigterm_in_mid_data_aborts_the_message_with_its_log_line(modes, world, mode):
+    """SIGTERM to a per-connection frontend while the client sends the
+    message text: the upstream never gets a final dot, the message has its
+    one log line (aborted) and the session its closing line, and the client
+    hears 421 4.3.2 instead of a silent close. Before the fix: a silent
+    close and neither line."""
+    up = modes.upstream
+    start = modes.logs[mode].stat().st_size
+    count = len(up.messages)
+    with socket.create_connection(("127.0.0.1", modes.ports[mode]), timeout=20) as sock:
+        sock.sendall(_login(world) + ENVELOPE)
+        _until(sock, b"354 ")
+        sock.sendall(b"Subject: cut\r\n\r\nhalf a mess")
+        pid = _frontend_of(modes, mode)
+        time.sleep(0.5)  # (the text reached the upstream: not needed for the outcome)
+        os.kill(pid, signal.SIGTERM)
+        replies, ended = _read_all(sock, 15)
+    assert replies == b"421 4.3.2 Server shutting down, closing connection\r\n", replies
+    assert ended == "eof"
+    assert len(up.messages) == count
+    log = _log_since(modes.logs[mode], start)
+    assert re.search(r": message user=alice .* upstream=aborted", log), log
+    assert "closed: cut by the stop" in log, log
+
+
+@pytest.mark.parametrize("mode", ["a", "b"])
+def test_sigterm_between_commands_says_421(modes, world, mode):
+    """SIGTERM to a per-connection frontend waiting for a command: 421 4.3.2
+    and a closing line at once (the stop must stay prompt: no grace here, the
+    process serves no one else). Before the fix: a silent close, no line."""
+    start = modes.logs[mode].stat().st_size
+    with socket.create_connection(("127.0.0.1", modes.ports[mode]), timeout=20) as sock:
+        sock.sendall(_login(world))
+        _until(sock, b"235 ")
+        os.kill(_frontend_of(modes, mode), signal.SIGTERM)
+        replies, ended = _read_all(sock, 10)
+    assert replies == b"421 4.3.2 Server shutting down, closing connection\r\n", replies
+    assert ended == "eof"
+    assert "server stopping: closing the session" in _log_since(modes.logs[mode], start)
