@@ -184,6 +184,13 @@ class PairConnector:
         return link
 
     def reap(self) -> None:
+        if self.sock is not None:
+            # the session ended before it opened its link (a failed TLS
+            # handshake with -s): the child exits when its end closes; it
+            # used to wait for the frontend's exit, and the frontend 5 s
+            # for the child, the client's connection open all that time
+            self.sock.close()
+            self.sock = None
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # it exits when the link closes; do not wait forever

@@ -58,8 +58,11 @@ def _xinetd_conf(dep: dw.Deployment, ports: dict[str, int], logs: dict[str, Path
                                    dep.config.read_text(), flags=re.M))
     os.chmod(configs["a"], 0o644)
     blocks = []
+    configs["as"], configs["bs"] = configs["a"], configs["b"]
     for mode, user, extra in (("a", "root", ""),
-                              ("b", "nobody", f" --auth-socket {dep.auth_socket}")):
+                              ("b", "nobody", f" --auth-socket {dep.auth_socket}"),
+                              ("as", "root", " -s"),
+                              ("bs", "nobody", f" --auth-socket {dep.auth_socket} -s")):
         blocks.append(
             f"service sendooway-{mode}\n{{\n\ttype = UNLISTED\n\tport = {ports[mode]}\n"
             f"\tbind = 127.0.0.1\n\tsocket_type = stream\n\tprotocol = tcp\n\twait = no\n"
@@ -93,12 +96,12 @@ def modes(world):
     up.start()
     dep = dw.build(world, up.port)
     _config(dep, mailerEncryption="allowed", timeout="4", smarthostCache="0")
-    logs = {m: dep.root / f"front-{m}.log" for m in "abc"}
+    logs = {m: dep.root / f"front-{m}.log" for m in ("a", "b", "c", "as", "bs", "cs")}
     for log in logs.values():
         log.touch()
         os.chown(log, dw.NOBODY_UID, -1)
         os.chmod(log, 0o600)
-    ports = {"a": dw.free_tcp_port(), "b": dw.free_tcp_port()}
+    ports = {m: dw.free_tcp_port() for m in ("a", "b", "as", "bs")}
     daemon = dw.start_auth_daemon(dep, ["--failure-delay", "0"])
     conf = _xinetd_conf(dep, ports, logs)
     xinetd = subprocess.Popen(
@@ -106,12 +109,19 @@ def modes(world):
          "-filelog", str(dep.root / "xinetd.log")],
         env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
-    dw.wait_for(lambda: dw.listening(ports["a"]) and dw.listening(ports["b"]),
+    dw.wait_for(lambda: all(dw.listening(ports[m]) for m in ("a", "b", "as", "bs")),
                 what="xinetd to listen")
     dep.front_log = logs["c"]
     listener, ports["c"] = dw.serve_b(dep)
+    ports["cs"] = dw.free_tcp_port()
+    tls_listener = subprocess.Popen(
+        [command("sendooway"), "-c", str(dep.config), "-l", str(logs["cs"]), "-s",
+         "-b", f"127.0.0.1:{ports['cs']}"],
+        env=dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    dw.wait_for(lambda: dw.listening(ports["cs"], tls_listener), what="sendooway -b -s")
     yield Modes(dep, up, ports, logs, xinetd, daemon, listener)
-    for proc in (listener, xinetd, daemon):
+    for proc in (tls_listener, listener, xinetd, daemon):
         dw.stop(proc)
     up.stop()
     dep.cleanup()
@@ -292,3 +302,47 @@ def test_sigterm_between_commands_says_421(modes, world, mode):
     assert replies == b"421 4.3.2 Server shutting down, closing connection\r\n", replies
     assert ended == "eof"
     assert "server stopping: closing the session" in _log_since(modes.logs[mode], start)
+
+
+# ------------------------------------------------------------ process hygiene of mode (a)
+
+
+def _children_named(parent: int, name: str) -> list[int]:
+    out = []
+    for pid in dw.descendants(parent):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == name:
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """The process exists (a zombie counts: nobody reaped it yet)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def test_a_failed_implicit_tls_handshake_leaves_no_root_authenticator_behind(modes):
+    """xinetd's root block with -s: a client whose TLS handshake fails (a
+    plain-text client, a scanner) ended the session before it used its
+    link to the private authenticator, and nothing closed that link: the
+    frontend then waited 5 s for the root child to exit, the child waited
+    for the link to close, and the client's connection stayed open all
+    that time (a scanner kept a root process per connection). Now the
+    unused link is closed first: by the time the client sees the close,
+    the authenticator is gone (reaped)."""
+    with socket.create_connection(("127.0.0.1", modes.ports["as"]), timeout=20) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00")  # a ClientHello record's header: 512 octets due
+        front = dw.wait_for(lambda: [p for p in _children_named(modes.xinetd.pid, "sendooway")
+                                     if str(modes.logs["as"]) in dw.credentials(p)["cmdline"]],
+                            what="the frontend")
+        auth = dw.wait_for(lambda: _children_named(front[0], "sendooway-auth"),
+                           what="its private authenticator")
+        assert dw.credentials(auth[0])["Uid"][0] == 0
+        sock.sendall(b"\r\n" * 256)  # no ClientHello: the handshake fails
+        replies, ended = _read_all(sock, 20)
+    assert ended == "eof" and replies.startswith(b"\x15"), replies  # a TLS alert, then the close
+    assert [p for p in auth if _alive(p)] == []
+    assert "TLS handshake failed" in modes.logs["as"].read_text()
