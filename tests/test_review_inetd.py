@@ -15,6 +15,7 @@ import base64
 import os
 import re
 import signal
+import struct
 import socket
 import subprocess
 import threading
@@ -147,42 +148,47 @@ def _read_all(sock: socket.socket, quiet: float) -> tuple[bytes, str]:
         out += data
 
 
-def run_script(port: int, steps, quiet: float = 1.5) -> tuple[bytes, str]:
-    """steps: bytes to send, or ("wait", seconds), ("read", quiet),
-    ("shut",) for SHUT_WR, ("rst",) to reset. Returns the replies and how
-    the connection ended."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def run_script(port: int, steps) -> tuple[bytes, str]:
+    """steps: bytes to send, or ("until", marker) to read up to a reply,
+    ("shut",) for SHUT_WR, ("rst",) to reset and stop. Then everything
+    up to the server's close (or 3 s of silence). Returns the replies and
+    how the connection ended (eof, reset, open, rst)."""
     got = b""
-    ended = "open"
-    try:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for step in steps:
             if isinstance(step, bytes):
-                try:
-                    sock.sendall(step)
-                except OSError:
-                    ended = "send-failed"
-                    break
-            elif step[0] == "wait":
-                time.sleep(step[1])
-            elif step[0] == "read":
-                data, ended = _read_all(sock, step[1])
-                got += data
+                sock.sendall(step)
+            elif step[0] == "until":
+                got += _until(sock, step[1])
             elif step[0] == "shut":
                 sock.shutdown(socket.SHUT_WR)
             elif step[0] == "rst":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                sock.close()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return got, "rst"
-        data, ended = _read_all(sock, quiet)
-        got += data
-    finally:
-        sock.close()
-    return got, ended
+        rest, ended = _read_all(sock, 3)
+    return got + rest, ended
 
 
 def normalise(replies: bytes) -> bytes:
     return re.sub(rb"queued as FAKE\d+", b"queued as FAKE", replies)
+
+
+LOG_LINE = re.compile(r"^\S+ \S+ sendooway\[\d+\]: ([0-9a-f]{10})[ :](.*)$")
+
+
+def session_lines(text: str) -> list[str]:
+    """The frontend's lines about sessions, without what differs by
+    design from one session to the next (time, pid, session and message
+    ids, the client's port, the upstream's queue id)."""
+    out = []
+    for line in text.splitlines():
+        m = LOG_LINE.match(line)
+        if m:
+            rest = m.group(2).replace(m.group(1), "ID")
+            rest = re.sub(r"127\.0\.0\.1:\d+", "CLIENT", rest)
+            out.append(re.sub(r"queued as FAKE\d+", "queued as FAKE", rest))
+    return out
 
 
 def _login(world) -> bytes:
@@ -346,3 +352,64 @@ def test_a_failed_implicit_tls_handshake_leaves_no_root_authenticator_behind(mod
     assert ended == "eof" and replies.startswith(b"\x15"), replies  # a TLS alert, then the close
     assert [p for p in auth if _alive(p)] == []
     assert "TLS handshake failed" in modes.logs["as"].read_text()
+
+
+# ------------------------------------------------------------ the differential
+
+
+def _scripts(world) -> dict[str, list]:
+    login = _login(world)
+    text = b"Subject: differential\r\n\r\n..a dot-stuffed line\r\nhello\r\n.\r\n"
+    return {
+        # pipelined burst: login, two messages (one recipient refused
+        # upstream), an unrouted sender, RSET, QUIT
+        "pipelined": [login + ENVELOPE, ("until", b"354 "), text
+                      + b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<refused@example.net>\r\n"
+                      b"RCPT TO:<carol@example.net>\r\nDATA\r\n", ("until", b"354 "),
+                      b"x\r\n.\r\nMAIL FROM:<mallory@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+                      b"DATA\r\nRSET\r\nQUIT\r\n"],
+        # one byte a write; an over-long line, NUL, bare CR and bare LF
+        "bytewise_junk": [bytes([c]) for c in b"EHLO c.test\r\nNOOP\r\n"]
+        + [b"NOOP " + b"x" * 600 + b"\r\nNO\0OP\r\nNOOP\rx\r\nNOOP\nNOOP\r\nQUIT\r\n"],
+        # STARTTLS with a command injected behind it, then half-closed
+        "starttls_injected": [b"EHLO c.test\r\nSTARTTLS\r\nNOOP\r\n", ("until", b"250 2.0.0"),
+                              ("shut",)],
+        # the client half-closes in mid-DATA: the message is dropped
+        "shut_in_data": [login + ENVELOPE, ("until", b"354 "), b"Subject: half\r\n\r\nhal",
+                         ("shut",)],
+        # the client half-closes in mid-command
+        "shut_in_command": [login + b"NOO", ("until", b"235 "), ("shut",)],
+    }
+
+
+@pytest.mark.parametrize("name", ["pipelined", "bytewise_junk", "starttls_injected",
+                                  "shut_in_data", "shut_in_command"])
+def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
+    """The same session through xinetd's root block (private authenticator),
+    its nobody block (daemon) and `sendooway -b`: the same replies, the same
+    messages upstream (never a half one), the same session log lines."""
+    modes.upstream.reject_rcpt.add("refused@example.net")
+    script = _scripts(world)[name]
+    seen = {}
+    for mode in "abc":
+        start = modes.logs[mode].stat().st_size
+        count = len(modes.upstream.messages)
+        replies, ended = run_script(modes.ports[mode], script)
+        got = [(m.rcpt_tos, re.sub(rb"^Received: .*?\r\n(?![ \t])", b"", m.data, flags=re.S))
+               for m in modes.upstream.messages[count:]]
+        # the closing line is written as the session ends, maybe after our EOF
+        lines = dw.wait_for(lambda: (lambda ls: ls if ls and "closed: " in ls[-1] else None)(
+            session_lines(_log_since(modes.logs[mode], start))), what="the closing line")
+        seen[mode] = (normalise(replies), ended, got, lines)
+    assert seen["a"] == seen["b"] == seen["c"]
+    replies, ended, got, lines = seen["a"]
+    assert ended == "eof"
+    if name == "pipelined":
+        assert got == [(["bob@example.net"],
+                        b"Subject: differential\r\n\r\n.a dot-stuffed line\r\nhello\r\n"),
+                       (["carol@example.net"], b"x\r\n")]
+        assert sum(l.startswith(" message user=alice ") for l in lines) == 2
+    else:
+        assert got == []
+    if name == "shut_in_data":
+        assert any("upstream=aborted, no final dot sent" in l for l in lines), lines
