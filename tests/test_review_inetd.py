@@ -413,3 +413,78 @@ def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
         assert got == []
     if name == "shut_in_data":
         assert any("upstream=aborted, no final dot sent" in l for l in lines), lines
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _fds(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def _listening_inodes() -> set[str]:
+    """The socket inodes of every listening TCP and UNIX socket."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as f:
+            for row in list(f)[1:]:
+                cols = row.split()
+                if cols[3] == "0A":  # LISTEN
+                    found.add(cols[9])
+    with open("/proc/net/unix") as f:
+        for row in list(f)[1:]:
+            cols = row.split()
+            if int(cols[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                found.add(cols[6])
+    return found
+
+
+@pytest.mark.parametrize("end", ["quit", "rst_in_data", "sigkill", "sigterm_in_data"])
+def test_mode_a_leaves_nothing_running_and_holds_nothing_it_should_not(modes, world, end):
+    """xinetd's root block: while a session runs, the frontend is nobody
+    through and through (four uids and gids, no groups, no capabilities)
+    and holds neither the config, the key nor a listening socket; its
+    root authenticator (and that one's helpers) hold no copy of the client's
+    socket. However the session ends (QUIT, a reset in mid-DATA, the
+    frontend SIGKILLed or SIGTERMed), every process it had is gone."""
+    with socket.create_connection(("127.0.0.1", modes.ports["a"]), timeout=20) as sock:
+        sock.sendall(_login(world) + ENVELOPE)
+        _until(sock, b"354 ")
+        sock.sendall(b"Subject: hygiene\r\n\r\nhalf")
+        front = _frontend_of(modes, "a")
+        helpers = dw.descendants(front)
+        assert helpers, "no private authenticator"
+        st = _status(front)
+        assert st["Uid"].split() == [str(dw.NOBODY_UID)] * 4
+        assert st["Gid"].split() == [str(dw.NOBODY_UID)] * 4
+        assert st["Groups"].split() in ([], [str(dw.NOBODY_UID)])
+        assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+        fds = _fds(front)
+        client = fds[0]
+        assert client.startswith("socket:") and fds[1] == client
+        assert not {str(modes.dep.config), str(modes.dep.root / "sendooway-a.conf"),
+                    str(modes.dep.key)} & set(fds.values()), fds
+        listening = {f"socket:[{i}]" for i in _listening_inodes()}
+        assert not listening & set(fds.values()), fds
+        for pid in helpers:
+            assert client not in _fds(pid).values(), (pid, _fds(pid))
+        if end == "quit":
+            sock.sendall(b"\r\n.\r\nQUIT\r\n")
+            _until(sock, b"221 ")
+        elif end == "rst_in_data":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif end == "sigkill":
+            os.kill(front, signal.SIGKILL)
+        else:
+            os.kill(front, signal.SIGTERM)
+            _until(sock, b"421 4.3.2")
+    dw.wait_for(lambda: not [p for p in [front, *helpers] if _alive(p)], timeout=15,
+                what="the session's processes to be gone")
