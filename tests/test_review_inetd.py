@@ -96,6 +96,10 @@ def modes(world):
     up.dot_seen = threading.Event()
     up.start()
     dep = dw.build(world, up.port)
+    # a sender whose upstream does not answer: a port nobody listens on
+    world.write_user_file("alice", ".sendoowayrc", f"sslCA = {world.ca_file}\n"
+                          f"smarthostMapping = direct:down@example.org 127.0.0.1"
+                          f" {dw.free_tcp_port()} alice-up pw noAuth\n", mode=0o644)
     _config(dep, mailerEncryption="allowed", timeout="4", smarthostCache="0")
     logs = {m: dep.root / f"front-{m}.log" for m in ("a", "b", "c", "as", "bs", "cs")}
     for log in logs.values():
@@ -379,11 +383,19 @@ def _scripts(world) -> dict[str, list]:
                          ("shut",)],
         # the client half-closes in mid-command
         "shut_in_command": [login + b"NOO", ("until", b"235 "), ("shut",)],
+        # the client resets the connection in mid-DATA
+        "reset_in_data": [login + ENVELOPE, ("until", b"354 "), b"Subject: reset\r\n\r\nha",
+                          ("rst",)],
+        # the upstream of the sender is down; then another sender's message goes
+        "upstream_down": [login + b"MAIL FROM:<down@example.org>\r\n", ("until", b" 4.4.1 "),
+                          b"RSET\r\n" + ENVELOPE, ("until", b"354 "),
+                          b"after the refusal\r\n.\r\nQUIT\r\n"],
     }
 
 
 @pytest.mark.parametrize("name", ["pipelined", "bytewise_junk", "starttls_injected",
-                                  "shut_in_data", "shut_in_command"])
+                                  "shut_in_data", "shut_in_command", "reset_in_data",
+                                  "upstream_down"])
 def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
     """The same session through xinetd's root block (private authenticator),
     its nobody block (daemon) and `sendooway -b`: the same replies, the same
@@ -403,15 +415,18 @@ def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
         seen[mode] = (normalise(replies), ended, got, lines)
     assert seen["a"] == seen["b"] == seen["c"]
     replies, ended, got, lines = seen["a"]
-    assert ended == "eof"
+    assert ended == ("rst" if name == "reset_in_data" else "eof")
     if name == "pipelined":
         assert got == [(["bob@example.net"],
                         b"Subject: differential\r\n\r\n.a dot-stuffed line\r\nhello\r\n"),
                        (["carol@example.net"], b"x\r\n")]
         assert sum(l.startswith(" message user=alice ") for l in lines) == 2
+    elif name == "upstream_down":
+        assert got == [(["bob@example.net"], b"after the refusal\r\n")]
+        assert re.search(rb"\r\n4\d\d 4\.\d\.\d [^\r]*\r\n250 2\.0\.0 OK", replies), replies
     else:
         assert got == []
-    if name == "shut_in_data":
+    if name in ("shut_in_data", "reset_in_data"):
         assert any("upstream=aborted, no final dot sent" in l for l in lines), lines
 
 
