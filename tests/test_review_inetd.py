@@ -14,6 +14,7 @@ import asyncio
 import base64
 import os
 import re
+import shutil
 import signal
 import struct
 import socket
@@ -591,3 +592,52 @@ def test_a_stdout_whose_reader_went_away_is_logged_without_a_traceback(modes, wo
     assert re.search(r": message user=alice .* upstream=250 2\.0\.0 queued as FAKE", text), text
     assert "write failed" in text, text
     assert "Traceback" not in text and b"Traceback" not in err, (text, err)
+
+
+@pytest.mark.parametrize("passing", ["--inetd", "LISTEN_FDS"])
+def test_sigterm_to_a_systemd_accept_yes_session_says_421_and_finishes_the_message(
+        modes, world, passing):
+    """systemd's Accept=yes (systemd-socket-activate --accept), the
+    connection on stdin/stdout or as fd 3: a SIGTERM (systemctl stop, a
+    shutdown) while the upstream holds its answer to the final dot is
+    answered as under xinetd: the upstream's 250, then 421 4.3.2, and the
+    message's log line. It ended at once before the fix, the message
+    delivered unheard and unlogged."""
+    if not shutil.which("systemd-socket-activate"):
+        pytest.skip("systemd-socket-activate not installed")
+    up = modes.upstream
+    log = modes.logs["a"]
+    start = log.stat().st_size
+    count = len(up.messages)
+    port = dw.free_tcp_port()
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--accept",
+         *(["--inetd"] if passing == "--inetd" else []),
+         *[a for k, v in modes.dep.env.items() if re.match(r"(LD_|NSS_|PAM_|PATH$)", k)
+           for a in ("-E", f"{k}={v}")],
+         command("sendooway"), "-c", str(modes.dep.root / "sendooway-a.conf"), "-l", str(log)],
+        env=modes.dep.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    up.dot_seen.clear()
+    up.answer_delay = 3.0
+    try:
+        dw.wait_for(lambda: dw.listening(port, proc), what="systemd-socket-activate")
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(_login(world) + ENVELOPE)
+            _until(sock, b"354 ")
+            front = dw.wait_for(lambda: [p for p in dw.descendants(proc.pid)
+                                         if dw.credentials(p)["Uid"][0] == dw.NOBODY_UID],
+                                what="the frontend")
+            sock.sendall(b"Subject: accept=yes\r\n\r\nstopped\r\n.\r\n")
+            assert up.dot_seen.wait(10)
+            os.kill(front[0], signal.SIGTERM)
+            replies, ended = _read_all(sock, 15)
+    finally:
+        up.answer_delay = 0.0
+        dw.stop(proc)
+    assert len(up.messages) == count + 1
+    assert replies.startswith(b"250 2.0.0 queued as FAKE"), replies
+    assert replies.endswith(b"421 4.3.2 Server shutting down, closing connection\r\n"), replies
+    assert ended == "eof"
+    assert re.search(r": message user=alice .* upstream=250 2\.0\.0 queued as FAKE",
+                     _log_since(log, start))
