@@ -641,3 +641,32 @@ def test_sigterm_to_a_systemd_accept_yes_session_says_421_and_finishes_the_messa
     assert ended == "eof"
     assert re.search(r": message user=alice .* upstream=250 2\.0\.0 queued as FAKE",
                      _log_since(log, start))
+
+
+@pytest.mark.parametrize("client", ["tls", "plain"])
+def test_the_three_modes_serve_implicit_tls_alike(modes, world, client):
+    """-s (port 465) through xinetd's two blocks and `sendooway -b -s`: a TLS
+    client's whole session, and a plain-text client on the TLS port (its
+    handshake fails, the connection closes), answer and log alike."""
+    ctx = world.ssl_context()
+    seen = {}
+    for mode in ("as", "bs", "cs"):
+        start = modes.logs[mode].stat().st_size
+        count = len(modes.upstream.messages)
+        with socket.create_connection(("127.0.0.1", modes.ports[mode]), timeout=20) as raw:
+            if client == "tls":
+                with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+                    sock.sendall(_login(world) + ENVELOPE)
+                    replies = _until(sock, b"354 ")
+                    sock.sendall(b"Subject: 465\r\n\r\nimplicit\r\n.\r\nQUIT\r\n")
+                    replies += _until(sock, b"221 ")
+            else:
+                raw.sendall(b"EHLO c.test\r\n")
+                replies, ended = _read_all(raw, 10)
+                assert ended == "eof", replies
+        lines = dw.wait_for(lambda: (lambda ls: ls if ls and re.search(
+            "closed: |TLS handshake failed", ls[-1]) else None)(
+            session_lines(_log_since(modes.logs[mode], start))), what="the last line")
+        seen[mode] = (normalise(replies), len(modes.upstream.messages) - count, lines)
+    assert seen["as"] == seen["bs"] == seen["cs"]
+    assert seen["as"][1] == (1 if client == "tls" else 0)
