@@ -387,6 +387,9 @@ def _scripts(world) -> dict[str, list]:
         # the client resets the connection in mid-DATA
         "reset_in_data": [login + ENVELOPE, ("until", b"354 "), b"Subject: reset\r\n\r\nha",
                           ("rst",)],
+        # a 4 MB message (lines of 998 octets, one starting with a dot)
+        "huge": [login + ENVELOPE, ("until", b"354 "), b"Subject: big\r\n\r\n..dot\r\n"
+                 + (b"y" * 998 + b"\r\n") * 4000 + b".\r\nQUIT\r\n"],
         # the upstream of the sender is down; then another sender's message goes
         "upstream_down": [login + b"MAIL FROM:<down@example.org>\r\n", ("until", b" 4.4.1 "),
                           b"RSET\r\n" + ENVELOPE, ("until", b"354 "),
@@ -396,7 +399,7 @@ def _scripts(world) -> dict[str, list]:
 
 @pytest.mark.parametrize("name", ["pipelined", "bytewise_junk", "starttls_injected",
                                   "shut_in_data", "shut_in_command", "reset_in_data",
-                                  "upstream_down"])
+                                  "upstream_down", "huge"])
 def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
     """The same session through xinetd's root block (private authenticator),
     its nobody block (daemon) and `sendooway -b`: the same replies, the same
@@ -422,6 +425,9 @@ def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
                         b"Subject: differential\r\n\r\n.a dot-stuffed line\r\nhello\r\n"),
                        (["carol@example.net"], b"x\r\n")]
         assert sum(l.startswith(" message user=alice ") for l in lines) == 2
+    elif name == "huge":
+        assert got == [(["bob@example.net"], b"Subject: big\r\n\r\n.dot\r\n"
+                        + (b"y" * 998 + b"\r\n") * 4000)]
     elif name == "upstream_down":
         assert got == [(["bob@example.net"], b"after the refusal\r\n")]
         assert re.search(rb"\r\n4\d\d 4\.\d\.\d [^\r]*\r\n250 2\.0\.0 OK", replies), replies
@@ -670,3 +676,30 @@ def test_the_three_modes_serve_implicit_tls_alike(modes, world, client):
         seen[mode] = (normalise(replies), len(modes.upstream.messages) - count, lines)
     assert seen["as"] == seen["bs"] == seen["cs"]
     assert seen["as"][1] == (1 if client == "tls" else 0)
+
+
+def test_the_three_modes_time_an_idle_client_out_alike(modes, world):
+    """A client that logs in and then says nothing for longer than `timeout`
+    (4 s here): 421 4.4.2 and the same closing line in every mode (the three
+    sessions run side by side)."""
+    seen = {}
+
+    def one(mode: str) -> None:
+        start = modes.logs[mode].stat().st_size
+        replies, ended = run_script(modes.ports[mode], [_login(world), ("until", b"235 "),
+                                                        ("until", b"421 ")])
+        lines = dw.wait_for(lambda: (lambda ls: ls if ls and "closed: " in ls[-1] else None)(
+            session_lines(_log_since(modes.logs[mode], start))), what="the closing line")
+        seen[mode] = (replies, ended, lines)
+
+    threads = [threading.Thread(target=one, args=(mode,)) for mode in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert seen["a"] == seen["b"] == seen["c"]
+    replies, ended, lines = seen["a"]
+    assert replies.endswith(b"235 2.7.0 Authentication successful\r\n"
+                            b"421 4.4.2 Timeout waiting for input, closing connection\r\n")
+    assert ended == "eof"
+    assert lines[-1].endswith("closed: timeout"), lines
