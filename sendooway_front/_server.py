@@ -275,7 +275,7 @@ async def serve_one(frontend: Frontend, stream: Stream, peer: str) -> None:
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            log.info("stopping: the session is closed")
+            log.info("stopping on a signal: the session ends")
             await _wind_down(frontend, {task}, {runner}, {runner: task}, 0)
             if not task.done():  # (it did not end within the wait for it)
                 task.cancel()
