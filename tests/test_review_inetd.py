@@ -382,6 +382,10 @@ def _scripts(world) -> dict[str, list]:
         # the client half-closes in mid-DATA: the message is dropped
         "shut_in_data": [login + ENVELOPE, ("until", b"354 "), b"Subject: half\r\n\r\nhal",
                          ("shut",)],
+        # the client half-closes right after the final dot (`nc -N`): the
+        # message goes and the client still hears its 250
+        "shut_after_dot": [login + ENVELOPE, ("until", b"354 "), b"Subject: nc\r\n\r\nn\r\n.\r\n",
+                           ("shut",)],
         # the client half-closes in mid-command
         "shut_in_command": [login + b"NOO", ("until", b"235 "), ("shut",)],
         # the client resets the connection in mid-DATA
@@ -399,7 +403,7 @@ def _scripts(world) -> dict[str, list]:
 
 @pytest.mark.parametrize("name", ["pipelined", "bytewise_junk", "starttls_injected",
                                   "shut_in_data", "shut_in_command", "reset_in_data",
-                                  "upstream_down", "huge"])
+                                  "upstream_down", "huge", "shut_after_dot"])
 def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
     """The same session through xinetd's root block (private authenticator),
     its nobody block (daemon) and `sendooway -b`: the same replies, the same
@@ -425,6 +429,10 @@ def test_the_three_modes_answer_deliver_and_log_alike(modes, world, name):
                         b"Subject: differential\r\n\r\n.a dot-stuffed line\r\nhello\r\n"),
                        (["carol@example.net"], b"x\r\n")]
         assert sum(l.startswith(" message user=alice ") for l in lines) == 2
+    elif name == "shut_after_dot":
+        assert got == [(["bob@example.net"], b"Subject: nc\r\n\r\nn\r\n")]
+        assert replies.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                                b"250 2.0.0 queued as FAKE\r\n"), replies
     elif name == "huge":
         assert got == [(["bob@example.net"], b"Subject: big\r\n\r\n.dot\r\n"
                         + (b"y" * 998 + b"\r\n") * 4000)]
