@@ -24,8 +24,8 @@ import time
 
 from sendooway_shared.log import printable
 from sendooway_shared.protocol import (
-    VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Error, Hello, Message, NoRoute,
-    ProtocolError, RouteOk, RouteRequest, Welcome,
+    MAX_FAILURE_DELAY, MAX_REFUSAL_PAD, VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest,
+    Error, Hello, Message, NoRoute, ProtocolError, RouteOk, RouteRequest, Welcome,
 )
 from sendooway_shared.types import Route, Secret
 
@@ -48,11 +48,14 @@ class AuthLink:
         self._broken = False
         self._welcome_due = False  # hello sent, its Welcome not read yet
 
-    async def _request(self, msg: Message) -> Message:
+    async def _request(self, msg: Message, held_back: float = 0.0) -> Message:
+        """`msg`'s answer, waited for `timeout` (plus `held_back`: what the
+        authenticator may hold it back on purpose)."""
         if self._broken:
             raise AuthLinkError("link already failed")
         try:
-            async with asyncio.timeout(self._timeout):  # (no task per request, unlike wait_for)
+            # (no task per request, unlike wait_for)
+            async with asyncio.timeout(self._timeout + held_back):
                 return await self._exchange(msg)
         except asyncio.TimeoutError:
             self._broken = True
@@ -101,7 +104,8 @@ class AuthLink:
 
     async def auth(self, user: str, password: Secret) -> str | None:
         """The account name on success, None when the login failed."""
-        reply = await self._request(AuthRequest(user, password))
+        reply = await self._request(AuthRequest(user, password),
+                                    held_back=MAX_REFUSAL_PAD + MAX_FAILURE_DELAY)
         if isinstance(reply, AuthOk):
             return reply.user
         if isinstance(reply, AuthFail):

@@ -711,3 +711,33 @@ def test_the_three_modes_time_an_idle_client_out_alike(modes, world):
                             b"421 4.4.2 Timeout waiting for input, closing connection\r\n")
     assert ended == "eof"
     assert lines[-1].endswith("closed: timeout"), lines
+
+
+def test_the_three_modes_refuse_wrong_passwords_up_to_max_auth_failures_alike(modes, world):
+    """maxAuthFailures (3) wrong passwords: 535, 535, then 421 and the close,
+    in every mode. Mode (a)'s authenticator holds each refusal back by its
+    failure delay (1, 2, 4 s: the default, which a private one always has);
+    the third outlasted the frontend's `timeout` (4 s here), and the
+    client heard 454 "temporary authentication failure" and 421
+    "authentication service not available" for a wrong password, logged as
+    an authenticator that does not answer. Now the frontend waits for an
+    auth answer `timeout` plus what the authenticator may hold one back
+    (padding and failure delay, shared/protocol.py)."""
+    bad = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0not-her-password") + b"\r\n"
+    seen = {}
+    for mode in "abc":
+        start = modes.logs[mode].stat().st_size
+        steps = [b"EHLO c.test\r\n" + bad, ("until", b"535 "), bad, ("until", b"535 5.7.8 A"), bad,
+                 ("until", b"\r\n")]
+        replies, ended = run_script(modes.ports[mode], steps)
+        lines = dw.wait_for(lambda: (lambda ls: ls if ls and "closed: " in ls[-1] else None)(
+            session_lines(_log_since(modes.logs[mode], start))), what="the closing line")
+        seen[mode] = (replies, ended, lines)
+        # (a success clears the backoff of alice and of this address for the next tests)
+        run_script(modes.ports[mode], [_login(world), ("until", b"235 "), b"QUIT\r\n"])
+    assert seen["a"] == seen["b"] == seen["c"]
+    replies, ended, lines = seen["a"]
+    assert replies.endswith(b"535 5.7.8 Authentication credentials invalid\r\n" * 2
+                            + b"421 4.7.0 Too many authentication failures, closing connection\r\n")
+    assert ended == "eof"
+    assert lines[-1].endswith("closed: too many authentication failures"), lines
