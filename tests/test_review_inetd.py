@@ -4,8 +4,28 @@ The same scripted client sessions go through (a) xinetd's root block (the
 frontend forks its own authenticator over a socketpair, then drops to
 nobody), (b) xinetd's nobody block with the sendooway-auth daemon and
 (c) `sendooway -b` with the same daemon; the replies, what the upstream got
-and the log lines are compared. Mode (a)'s process hygiene is checked after
-every kind of session end.
+and the log lines are compared; -s through the same three. Mode (a)'s
+process hygiene is checked after every kind of session end, and stdin and
+stdout as two pipes, closed, or with their reader gone.
+
+Pipelined bursts, byte-by-byte commands, over-long lines, NUL, bare CR/LF,
+STARTTLS with an injected command, half-closes, resets, a 4 MB message, an
+unrouted sender, a refused recipient, a dead upstream and an idle client
+gave the same bytes, messages and log lines everywhere. Found and fixed:
+- SIGTERM (systemctl stop xinetd, a shutdown) ended a per-connection
+  frontend at once: a message whose final dot had gone upstream was
+  delivered unheard and unlogged, one in mid-DATA had no log line, and the
+  client saw a silent close; `sendooway -b` did all three right. Now the
+  one session stops as -b's do, with no grace.
+- A stdio session that never opened its socketpair link (a failed -s
+  handshake) kept the root authenticator and the client's connection 5 s:
+  each waited for the other to close first.
+- With stdout closed at start the log file became fd 1: the SMTP replies
+  went into the log while the message was relayed.
+- The frontend waited `timeout` for an auth answer that the authenticator
+  holds back by its failure delay: with a small `timeout` a wrong password
+  was answered 454 and 421 "authentication service not available" (seen
+  in mode (a), whose private authenticator always has the default delay).
 """
 
 from __future__ import annotations
