@@ -257,7 +257,7 @@ async def _wind_down(frontend: Frontend, tasks: set, runners: set, task_of: dict
 
 async def serve_one(frontend: Frontend, stream: Stream, peer: str) -> None:
     """The one session of a per-connection process (inetd, xinetd, systemd
-    Accept=yes). SIGTERM/SIGINT stop it as `sendooway -b` stops its
+    Accept=yes). SIGTERM/SIGINT/SIGHUP stop it as `sendooway -b` stops its
     sessions, with no grace (the process serves no one else, and whoever
     stops it wants it gone): 421 4.3.2 between two commands, a message in
     mid-DATA cut without its final dot (and logged), one whose final dot
@@ -268,7 +268,10 @@ async def serve_one(frontend: Frontend, stream: Stream, peer: str) -> None:
     runner = SessionRunner(frontend, stream, peer)
     task = asyncio.ensure_future(runner.run())
     stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
+    # SIGHUP too: `pkill -HUP sendooway` (an admin's reload habit; -b logs
+    # and ignores it) or a terminal that went away ended the session at
+    # once, with the same loss as SIGTERM did
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     stopped = asyncio.ensure_future(stop.wait())
