@@ -22,6 +22,7 @@ import stat
 import time
 from collections import OrderedDict
 
+from sendooway_shared.protocol import MAX_FAILURE_DELAY
 from sendooway_shared.types import client_key
 
 log = logging.getLogger("sendooway-auth")
@@ -30,7 +31,7 @@ log = logging.getLogger("sendooway-auth")
 class Penalty:
     """The counts, kept in this process (the daemon serves every session)."""
 
-    def __init__(self, base: float = 1.0, cap: float = 15.0, window: float = 900.0,
+    def __init__(self, base: float = 1.0, cap: float = MAX_FAILURE_DELAY, window: float = 900.0,
                  max_keys: int = 10000) -> None:
         self.base = base
         self.cap = cap

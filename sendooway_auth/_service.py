@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from sendooway_shared.config import AuthBackend, Config
+from sendooway_shared.protocol import MAX_REFUSAL_PAD
 from sendooway_shared.types import Route, Secret
 
 from . import _ldap, _users
@@ -244,7 +245,7 @@ class _Turns:
 MAX_AUTH_WAIT = 60.0  # seconds; `timeout` from the config if lower
 REPEAT_LOG_AFTER = 600.0  # seconds before unchanged file errors of a user are logged again
 MAX_REMEMBERED = 4096     # users whose last logged file errors are remembered
-MAX_PAM_PAD = 10.0    # seconds an unknown user's refusal is held back at most
+MAX_PAM_PAD = MAX_REFUSAL_PAD  # seconds an unknown user's refusal is held back at most
 
 
 class AuthService:

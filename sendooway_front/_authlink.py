@@ -25,8 +25,8 @@ import time
 from sendooway_shared.config import MAX_SOCKET_PATH
 from sendooway_shared.log import printable
 from sendooway_shared.protocol import (
-    VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest, Error, Hello, Message, NoRoute,
-    ProtocolError, RouteOk, RouteRequest, Welcome,
+    MAX_FAILURE_DELAY, MAX_REFUSAL_PAD, VERSION, AsyncChannel, AuthFail, AuthOk, AuthRequest,
+    Error, Hello, Message, NoRoute, ProtocolError, RouteOk, RouteRequest, Welcome,
 )
 from sendooway_shared.types import Route, Secret
 
@@ -50,11 +50,14 @@ class AuthLink:
         self._broken = False
         self._welcome_due = False  # hello sent, its Welcome not read yet
 
-    async def _request(self, msg: Message) -> Message:
+    async def _request(self, msg: Message, held_back: float = 0.0) -> Message:
+        """`msg`'s answer, waited for `timeout` (plus `held_back`: what the
+        authenticator may hold it back on purpose)."""
         if self._broken:
             raise AuthLinkError("link already failed")
         try:
-            async with asyncio.timeout(self._timeout):  # (no task per request, unlike wait_for)
+            # (no task per request, unlike wait_for)
+            async with asyncio.timeout(self._timeout + held_back):
                 return await self._exchange(msg)
         except asyncio.TimeoutError:
             self._broken = True
@@ -103,7 +106,8 @@ class AuthLink:
 
     async def auth(self, user: str, password: Secret) -> str | None:
         """The account name on success, None when the login failed."""
-        reply = await self._request(AuthRequest(user, password))
+        reply = await self._request(AuthRequest(user, password),
+                                    held_back=MAX_REFUSAL_PAD + MAX_FAILURE_DELAY)
         if isinstance(reply, AuthOk):
             return reply.user
         if isinstance(reply, AuthFail):
@@ -187,6 +191,13 @@ class PairConnector:
         return link
 
     def reap(self) -> None:
+        if self.sock is not None:
+            # the session ended before it opened its link (a failed TLS
+            # handshake with -s): the child exits when its end closes; it
+            # used to wait for the frontend's exit, and the frontend 5 s
+            # for the child, the client's connection open all that time
+            self.sock.close()
+            self.sock = None
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # it exits when the link closes; do not wait forever

@@ -251,6 +251,92 @@ def _hangup_soon(loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon_threadsafe(_hangup)
 
 
+async def _wind_down(frontend: Frontend, tasks: set, runners: set, task_of: dict,
+                     grace: float) -> None:
+    """After SIGTERM/SIGINT: the running sessions (`tasks`, each running
+    the runner `task_of` maps to it) may go on for `grace` seconds; then a
+    client between two commands gets 421 4.3.2 and the rest is cut 2 s
+    later, except a session whose final dot went upstream: it waits for the
+    upstream's answer first. A second SIGTERM/SIGINT ends every wait."""
+    loop = asyncio.get_running_loop()
+    # a second SIGTERM/SIGINT: no more waiting for anyone
+    hurry = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    hurried = asyncio.ensure_future(hurry.wait())
+
+    async def still_running(these: set, seconds: float) -> set:
+        """Wait until `these` are done, `seconds` passed or a second signal
+        came; those still running."""
+        deadline = loop.time() + seconds
+        left = {t for t in these if not t.done()}
+        while left and not hurry.is_set() and (remaining := deadline - loop.time()) > 0:
+            done, _ = await asyncio.wait(left | {hurried}, timeout=remaining,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            left -= done
+        return {t for t in left if not t.done()}
+
+    if tasks:
+        pending = await still_running(set(tasks), grace)
+        if pending:
+            # the grace is over: "421 4.3.2 shutting down" to every client
+            # between two commands (not a silent close), the rest is cut
+            for runner in list(runners):
+                runner.request_stop()
+            pending = await still_running(pending, 2)
+        # A message whose final dot went upstream waits for its answer (the
+        # dot's write and the answer's read: at most `timeout` each): cut
+        # now, the upstream may deliver it while the client hears nothing
+        # and sends it again (a review). A second signal cuts it anyway.
+        answering = {task_of[r] for r in list(runners) if r.awaiting_final_reply} & pending
+        if answering and not hurry.is_set():
+            log.info("stopping: %d sessions wait for the upstream's answer to a message"
+                     " (a second SIGTERM cuts them)", len(answering))
+            await still_running(answering, 2 * frontend.config.timeout + 1)
+            pending = {t for t in pending if not t.done()}
+        for t in pending:
+            t.cancel()
+        if pending:
+            log.info("stopping: %d sessions cut %s", len(pending),
+                     "(a second signal)" if hurry.is_set() else f"after {grace}s")
+            await asyncio.wait(pending, timeout=5)
+    hurried.cancel()
+
+
+async def serve_one(frontend: Frontend, stream: Stream, peer: str) -> None:
+    """The one session of a per-connection process (inetd, xinetd, systemd
+    Accept=yes). SIGTERM/SIGINT/SIGHUP stop it as `sendooway -b` stops its
+    sessions, with no grace (the process serves no one else, and whoever
+    stops it wants it gone): 421 4.3.2 between two commands, a message in
+    mid-DATA cut without its final dot (and logged), one whose final dot
+    went upstream first gets the upstream's answer. The process used to end
+    at once: the upstream could deliver that message while the client never
+    heard it and there was no log line for it (a differential review)."""
+    loop = asyncio.get_running_loop()
+    runner = SessionRunner(frontend, stream, peer)
+    task = asyncio.ensure_future(runner.run())
+    stop = asyncio.Event()
+    # SIGHUP too: `pkill -HUP sendooway` (an admin's reload habit; -b logs
+    # and ignores it) or a terminal that went away ended the session at
+    # once, with the same loss as SIGTERM did
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            log.info("stopping on a signal: the session ends")
+            await _wind_down(frontend, {task}, {runner}, {runner: task}, 0)
+            if not task.done():  # (it did not end within the wait for it)
+                task.cancel()
+    finally:
+        stopped.cancel()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    await asyncio.wait({task})
+
+
 async def serve_stdio(frontend: Frontend) -> None:
     """One session on fd 0 (input) and fd 1 (output)."""
     peer = ""
@@ -275,7 +361,7 @@ async def serve_stdio(frontend: Frontend) -> None:
     # still refused (inetd, xinetd and systemd give a socket).
     if not stat.S_ISSOCK(os.fstat(0).st_mode):
         stream.lf_lines = LfAsCrlf()
-    await SessionRunner(frontend, stream, peer).run()
+    await serve_one(frontend, stream, peer)
     await close_shared_pool()
     for fd in {rfd, wfd} - {0, 1}:
         try:
@@ -330,7 +416,7 @@ async def serve_connection(frontend: Frontend, sock: socket.socket) -> None:
     except OSError:
         peer = ""
     stream = await Stream.from_socket(sock, frontend.config.timeout)
-    await SessionRunner(frontend, stream, peer).run()
+    await serve_one(frontend, stream, peer)
     await close_shared_pool()
 
 
@@ -409,49 +495,8 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     log.info("stopping: no new sessions, %d running", len(tasks))
     refused.close()  # (what they had not told yet)
     frontend.per_address.refused.close()
-    # a second SIGTERM/SIGINT: no more waiting for anyone
-    hurry = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, hurry.set)
-    hurried = asyncio.ensure_future(hurry.wait())
-
-    async def still_running(these: set, seconds: float) -> set:
-        """Wait until `these` are done, `seconds` passed or a second signal
-        came; those still running."""
-        deadline = loop.time() + seconds
-        left = {t for t in these if not t.done()}
-        while left and not hurry.is_set() and (remaining := deadline - loop.time()) > 0:
-            done, _ = await asyncio.wait(left | {hurried}, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            left -= done
-        return {t for t in left if not t.done()}
-
     for srv in servers:
         srv.close()
-    if tasks:
-        pending = await still_running(set(tasks), grace)
-        if pending:
-            # the grace is over: "421 4.3.2 shutting down" to every client
-            # between two commands (not a silent close), the rest is cut
-            for runner in list(runners):
-                runner.request_stop()
-            pending = await still_running(pending, 2)
-        # A message whose final dot went upstream waits for its answer (the
-        # dot's write and the answer's read: at most `timeout` each): cut
-        # now, the upstream may deliver it while the client hears nothing
-        # and sends it again (a review). A second signal cuts it anyway.
-        answering = {task_of[r] for r in list(runners) if r.awaiting_final_reply} & pending
-        if answering and not hurry.is_set():
-            log.info("stopping: %d sessions wait for the upstream's answer to a message"
-                     " (a second SIGTERM cuts them)", len(answering))
-            await still_running(answering, 2 * frontend.config.timeout + 1)
-            pending = {t for t in pending if not t.done()}
-        for t in pending:
-            t.cancel()
-        if pending:
-            log.info("stopping: %d sessions cut %s", len(pending),
-                     "(a second signal)" if hurry.is_set() else f"after {grace}s")
-            await asyncio.wait(pending, timeout=5)
-    hurried.cancel()
+    await _wind_down(frontend, tasks, runners, task_of, grace)
     await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT
     log.info("stopped")

@@ -78,6 +78,7 @@ class _Startup:
     def __init__(self) -> None:
         self._fds = (_fstat(0), _fstat(1), _fstat(2))
         self.one_session = True  # until the command line says -b (or systemd a listener)
+        self.closed: set[int] = set()  # of fd 0, 1, 2: came closed (now /dev/null)
         # xinetd's `wait = yes` passes its listening socket, not a connection
         self.listening = _listening(0)
         # systemd Accept=yes without StandardInput=socket: the connection is
@@ -109,8 +110,8 @@ class _Startup:
             log = _syslog()  # the reason must reach the admin somewhere
         if log is not None:
             log.error("cannot start: %s", message)
-        if not (self.stderr_is_client or self.stderr_is_listener):
-            print(f"sendooway: {message}", file=sys.stderr)
+        if not (self.stderr_is_client or self.stderr_is_listener) and sys.stderr is not None:
+            print(f"sendooway: {message}", file=sys.stderr)  # (None: fd 2 came closed)
         if self.client:
             try:
                 os.write(1 if self.client_fd == 0 else self.client_fd, STARTUP_421)
@@ -291,9 +292,31 @@ def _root_only_socket(path: str, user: str, reason: str, private: bool) -> str:
             " frontendUser the user it belongs to")
 
 
+def _reopen_closed_std_fds() -> set[int]:
+    """Which of fd 0, 1 and 2 came closed; each is /dev/null now. Else the
+    first descriptor opened takes the number: with stdout closed the log
+    file became fd 1 and the session wrote its SMTP replies into the log
+    (or into syslog's socket), and the session went on and relayed the
+    message of a client that never heard a reply (a differential review)."""
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.add(fd)
+    for fd in sorted(closed):  # (the lowest free number: this one)
+        got = os.open(os.devnull, os.O_RDWR)
+        if got != fd:
+            os.dup2(got, fd)
+            os.close(got)
+    return closed
+
+
 def main(argv: list[str] | None = None) -> int:
+    closed = _reopen_closed_std_fds()
     _not_dumpable_at_once()
     startup = _Startup()
+    startup.closed = closed
     try:
         return _main(argv, startup)
     except OSError as exc:
@@ -352,6 +375,10 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     except OSError as exc:
         return startup.fail(None, f"cannot open log {args.log}: {exc.strerror}")
     log = logging.getLogger("sendooway")
+    if one_session and startup.closed & {0, 1}:
+        names = " and ".join(("stdin", "stdout")[fd] for fd in sorted(startup.closed & {0, 1}))
+        return startup.fail(log, f"{names} closed: no SMTP client to serve (without -b the session"
+                          " is on stdin and stdout)", EXIT_FAILURE)
     if os.geteuid() != 0 and _name_of(os.geteuid()) == "nobody":
         log.warning("started as nobody, an account other services may share: until this"
                     " process made itself non-dumpable, their processes could open its"

@@ -23,6 +23,16 @@ VERSION = 2  # 2: route_ok carries ca_pem
 MAX_FRAME = 16 * 1024
 _HEADER = struct.Struct(">I")
 
+# How long the authenticator may hold the answer to an auth request back
+# once it has decided it, in seconds: a refusal that skipped PAM is padded
+# to PAM's usual time (at most MAX_REFUSAL_PAD) and every refusal waits its
+# failure delay (at most MAX_FAILURE_DELAY). The frontend waits `timeout`
+# plus both for that answer: waiting `timeout` alone, it gave up on a grown
+# delay (4 s, 8 s with a `timeout` of 4 or 10) and answered a wrong
+# password 454 and 421, logged as an authenticator that does not answer.
+MAX_REFUSAL_PAD = 10.0
+MAX_FAILURE_DELAY = 15.0
+
 # Upper bounds on string fields, in characters.
 MAX_USER = 256
 MAX_PASSWORD = 1024
