@@ -155,6 +155,9 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    # Nor the caller's file, line or function: no walk up the stack per line
+    # (the logging HOWTO's "Optimization"; the formats above show none).
+    logging._srcfile = None
     root.addHandler(handler)
     root.setLevel(level)
     return logging.getLogger(program)

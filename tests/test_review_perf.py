@@ -16,7 +16,7 @@ that each fast path gives exactly what the slow path it skips gives:
 
 from __future__ import annotations
 
-
+import logging
 import os
 
 from hypothesis import given, settings, strategies as st
@@ -105,3 +105,39 @@ def test_fast_paths_on_edge_values_and_str_subclasses():
 
     for got in (shared_log.field(Odd("alice")), shared_log.printable(Odd("alice"))):
         assert type(got) is str and got == "alice" and f"{got}" == "alice"
+
+
+def test_log_lines_unchanged_without_the_callers_file_and_line(tmp_path):
+    """setup_logging turns off the per-record stack walk for the caller's
+    file, line and function (logging._srcfile = None): the line written is
+    still date, program[pid] and the message, and log.exception still
+    writes the traceback (it comes from the exception, not the stack walk)."""
+    target = tmp_path / "x.log"
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging._srcfile, logging.logThreads,
+             logging.logProcesses, logging.logMultiprocessing)
+    try:
+        log = shared_log.setup_logging(str(target), "perf-test")
+        assert logging._srcfile is None
+        log.info("%s client=%s: %s", "0123456789", "127.0.0.1:1", "connect")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        for h in root.handlers:
+            h.flush()
+        lines = target.read_text().splitlines()
+        assert lines[0].endswith(f" perf-test[{os.getpid()}]: 0123456789 client=127.0.0.1:1: connect")
+        assert lines[1].endswith(f" perf-test[{os.getpid()}]: failed")
+        assert lines[2] == "Traceback (most recent call last):"
+        assert lines[-1] == "ValueError: boom"
+        assert any("test_review_perf.py" in line for line in lines[3:])
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+            h.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        (logging._srcfile, logging.logThreads, logging.logProcesses,
+         logging.logMultiprocessing) = saved[2:]
