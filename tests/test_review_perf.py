@@ -16,11 +16,16 @@ that each fast path gives exactly what the slow path it skips gives:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 
+import pytest
 from hypothesis import given, settings, strategies as st
+from OpenSSL import SSL
 
+from sendooway_front import _stream, _tls
 from sendooway_shared import log as shared_log
 
 
@@ -141,3 +146,188 @@ def test_log_lines_unchanged_without_the_callers_file_and_line(tmp_path):
         root.setLevel(saved[1])
         (logging._srcfile, logging.logThreads, logging.logProcesses,
          logging.logMultiprocessing) = saved[2:]
+
+
+# ------------------------------------------------------------ the TLS stream's fast paths
+
+
+class _Reader:
+    """What the transport delivers: scripted chunks, b"" for the end."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.reads = 0
+
+    async def read(self, n: int) -> bytes:
+        self.reads += 1
+        return await self.queue.get()
+
+
+class _Writer:
+    """What the stream sends goes straight into the peer's TLS connection."""
+
+    class _Transport:
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    def __init__(self, peer) -> None:
+        self.peer = peer
+        self.transport = self._Transport()
+        self.writes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(len(data))
+        self.peer.take(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+class _Peer:
+    """A TLS client on memory BIOs facing the stream."""
+
+    def __init__(self, ca_file: str) -> None:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.load_verify_locations(ca_file)
+        self.conn = SSL.Connection(ctx, None)
+        self.conn.set_connect_state()
+        self.conn.set_tlsext_host_name(b"localhost")
+        self.plain = b""
+        self.ready = False
+
+    def take(self, data: bytes) -> None:
+        self.conn.bio_write(data)
+        if not self.ready:
+            try:
+                self.conn.do_handshake()
+                self.ready = True
+            except SSL.WantReadError:
+                return
+        while True:
+            try:
+                self.plain += self.conn.recv(1 << 20)
+            except (SSL.WantReadError, SSL.ZeroReturnError):
+                return
+
+    def output(self) -> bytes:
+        out = b""
+        while True:
+            try:
+                out += self.conn.bio_read(1 << 20)
+            except SSL.WantReadError:
+                return out
+
+    def hello(self) -> bytes:
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            pass
+        return self.output()
+
+
+class _SlowStream(_stream.Stream):
+    """The stream without the WantRead memory: every read asks OpenSSL first."""
+
+    _rx_empty = property(lambda self: False, lambda self, value: None)
+
+
+def _scenario(world, seed: int, slow: bool):
+    """A client sends records of random sizes (its Finished, the records and
+    its close_notify cut at random places, some cuts inside a record, some
+    chunks holding several), the stream reads them with random limits and
+    answers each read: the reads' results and how often the transport was
+    read."""
+    rng = random.Random(seed)
+
+    async def go():
+        peer = _Peer(world.ca_file)
+        reader, writer = _Reader(), _Writer(peer)
+        stream = (_SlowStream if slow else _stream.Stream)(reader, writer, timeout=3)
+        ctx = _tls.server_context(world.cert_file, world.key_file)
+        reader.queue.put_nowait(peer.hello())
+        handshake = asyncio.ensure_future(stream.start_tls_server(ctx))
+        while not peer.ready:
+            await asyncio.sleep(0)
+        for _ in range(rng.randint(1, 12)):
+            peer.conn.send(bytes(rng.randrange(256) for _ in range(rng.choice([1, 7, 100, 3000, 20000]))))
+        if rng.random() < 0.8:
+            peer.conn.shutdown()
+        blob = peer.output()
+        cuts = sorted(rng.sample(range(1, len(blob)), min(len(blob) - 1, rng.randint(0, 8))))
+        for a, b in zip([0, *cuts], [*cuts, len(blob)]):
+            reader.queue.put_nowait(blob[a:b])
+        reader.queue.put_nowait(b"")
+        await handshake
+        recvs = [0]
+        real_recv = stream._conn.recv
+
+        def counted(*args):
+            recvs[0] += 1
+            return real_recv(*args)
+
+        stream._conn.recv = counted
+        got = []
+        while True:
+            data = await stream.read(rng.choice([1, 5, 512, 16384, 1 << 18]))
+            got.append(data)
+            if not data:
+                break
+            await stream.write(b"ok %d\r\n" % len(data))
+        return got, reader.reads, peer.plain, recvs[0]
+
+    return asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_tls_read_without_a_second_wantread_gives_what_asking_again_gives(world):
+    """_read_tls no longer asks OpenSSL for data when its last recv said
+    WantRead and nothing was fed in since (it said so again, through an
+    exception, every time): the stream reads the transport at once. Over 40
+    random cuttings of a client's records (whole, split, several in a
+    chunk, with and without close_notify) and random read sizes, the reads
+    give the same octets in the same pieces, the transport is read as often,
+    and the client decrypts the same answers, with and without that memory."""
+    skipped = 0
+    for seed in range(40):
+        *fast, fast_recvs = _scenario(world, seed, slow=False)
+        *slow, slow_recvs = _scenario(world, seed, slow=True)
+        assert fast == slow, seed
+        assert fast[0][-1] == b"" and fast[2].count(b"ok") == len(fast[0]) - 1
+        assert fast_recvs <= slow_recvs
+        skipped += slow_recvs - fast_recvs
+    assert skipped >= 40  # (the memory was used: at least a recv a scenario saved)
+
+
+def test_flush_gives_all_the_records_also_past_one_read_of_the_bio(world):
+    """_flush_tls stops after a BIO read shorter than asked (the memory BIO
+    was emptied by it) and goes on after one as long as asked: 1.5 MiB of
+    records made without a flush all reach the peer, in one write, and
+    the BIO is empty afterwards."""
+
+    async def go():
+        peer = _Peer(world.ca_file)
+        reader, writer = _Reader(), _Writer(peer)
+        stream = _stream.Stream(reader, writer, timeout=10)
+        reader.queue.put_nowait(peer.hello())
+        handshake = asyncio.ensure_future(
+            stream.start_tls_server(_tls.server_context(world.cert_file, world.key_file)))
+        while not peer.ready:
+            await asyncio.sleep(0)
+        reader.queue.put_nowait(peer.output())
+        await handshake
+        writer.writes.clear()
+        body = bytes(range(256)) * (6 * 1024)  # 1.5 MiB
+        view = memoryview(body)
+        while view:
+            view = view[stream._conn.send(view[:16384]):]
+        await stream._flush_tls()
+        assert len(writer.writes) == 1 and writer.writes[0] > _stream.TLS_BATCH + _stream.RAW_READ
+        assert peer.plain == body
+        with pytest.raises(SSL.WantReadError):
+            stream._conn.bio_read(1)
+        await stream.write(b"x" * 100)  # one short record: one read of the BIO, one write
+        assert len(writer.writes) == 2 and peer.plain == body + b"x" * 100
+
+    asyncio.run(asyncio.wait_for(go(), 20))
