@@ -527,7 +527,8 @@ class Stream:
                     self._writer.write(b"".join(out))
             self._writer.close()
             try:
-                await asyncio.wait_for(self._writer.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):  # (no task per close, unlike wait_for)
+                    await self._writer.wait_closed()
             except (OSError, TimeoutError, asyncio.TimeoutError):
                 # a peer that never takes what is left (a zero window, for
                 # ever) would keep the socket and its buffers: cut it
@@ -719,7 +720,8 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
         set_nodelay(sock)
         shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), this_try)
+            async with asyncio.timeout(this_try):  # (no task per connection, unlike wait_for)
+                await loop.sock_connect(sock, addr)
         except (TimeoutError, asyncio.TimeoutError):
             sock.close()
             tried.append(f"{shown} timed out")
