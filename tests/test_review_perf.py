@@ -25,8 +25,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 
-from sendooway_front import _stream, _tls
+from sendooway_front import _driver, _stream, _tls
 from sendooway_shared import log as shared_log
+from tests import test_front_driver
 
 
 # ------------------------------------------------------------ the slow paths, as they were
@@ -331,3 +332,43 @@ def test_flush_gives_all_the_records_also_past_one_read_of_the_bio(world):
         assert len(writer.writes) == 2 and peer.plain == body + b"x" * 100
 
     asyncio.run(asyncio.wait_for(go(), 20))
+
+
+# ------------------------------------------------------------ DEBUG lines at the usual level
+
+
+def _session_lines(monkeypatch, caplog, level):
+    LOGIN, TXN, codes, converse = (test_front_driver.LOGIN, test_front_driver.TXN,
+                                   test_front_driver.codes, test_front_driver.converse)
+
+    built = []
+    real = _driver.printable
+    monkeypatch.setattr(_driver, "printable", lambda *a: built.append(a) or real(*a))
+    caplog.clear()
+    caplog.set_level(level, logger="sendooway")
+    out, relay = asyncio.run(converse(monkeypatch, LOGIN + TXN + b"Subject: t\r\n\r\nhi\r\n.\r\nQUIT\r\n"))
+    assert codes(out) == [220, 250, 235, 250, 250, 354, 250, 221]
+    # (the session id is random: the rest of each line is compared)
+    lines = [(r.levelno, r.getMessage().split(" ", 1)[1]) for r in caplog.records if r.name == "sendooway"]
+    return lines, built
+
+
+def test_debug_lines_are_not_built_at_the_usual_level_and_unchanged_at_debug(monkeypatch, caplog):
+    """The driver's three DEBUG lines (EHLO, the route chosen, the message's
+    reply) were formatted on every session at the usual INFO level and then
+    dropped, the route's description escaped character by character each
+    time. Now nothing is built for them unless DEBUG is on: at INFO the
+    lines written are the same as the INFO lines of a DEBUG run, and no
+    route text is escaped; at DEBUG the three lines are there as before."""
+    debug, built_debug = _session_lines(monkeypatch, caplog, logging.DEBUG)
+    info, built_info = _session_lines(monkeypatch, caplog, logging.INFO)
+    assert info == [line for line in debug if line[0] >= logging.INFO]
+    assert len(info) >= 3 and all(level >= logging.INFO for level, _ in info)
+    shown = [text for level, text in debug if level == logging.DEBUG]
+    assert shown == [
+        "client=192.0.2.1:4242: EHLO c.test",
+        "client=192.0.2.1:4242 user=alice: sender=<alice@example.org> route="
+        + shared_log.printable(test_front_driver.ROUTE.describe()),
+        "client=192.0.2.1:4242 user=alice: message of 18 bytes: 250 2.0.0 upstream queued",
+    ], shown
+    assert built_info == [] and len(built_debug) == 1
