@@ -17,6 +17,7 @@ that each fast path gives exactly what the slow path it skips gives:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import random
@@ -25,7 +26,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 
-from sendooway_front import _driver, _stream, _tls
+from sendooway_front import _driver, _relay, _stream, _tls
 from sendooway_shared import log as shared_log
 from tests import test_front_driver
 
@@ -372,3 +373,53 @@ def test_debug_lines_are_not_built_at_the_usual_level_and_unchanged_at_debug(mon
         "client=192.0.2.1:4242 user=alice: message of 18 bytes: 250 2.0.0 upstream queued",
     ], shown
     assert built_info == [] and len(built_debug) == 1
+
+
+# ------------------------------------------------------------ the Received: line's client address
+
+
+def _client_ip_slow(address: str):
+    if not address:
+        return None
+    for candidate in (address, address.rsplit(":", 1)[0]):
+        try:
+            ip = ipaddress.ip_address(candidate.strip("[]").split("%", 1)[0])
+        except ValueError:
+            continue
+        return getattr(ip, "ipv4_mapped", None) or ip
+    return None
+
+
+_OCTET = st.one_of(st.integers(0, 255).map(str), st.integers(256, 999).map(str),
+                   st.sampled_from(["00", "01", "007", "", "a", "\u0661", "-1"]))
+_V4 = st.tuples(_OCTET, _OCTET, _OCTET, _OCTET).map(".".join)
+_ADDRESS = st.one_of(
+    st.tuples(_V4, st.integers(0, 99999)).map(lambda t: f"{t[0]}:{t[1]}"),
+    _V4,
+    st.ip_addresses(v=6).map(str),
+    st.tuples(st.ip_addresses(v=6).map(str), st.integers(0, 65535)).map(lambda t: f"[{t[0]}]:{t[1]}"),
+    st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"),
+    st.tuples(st.ip_addresses(v=4).map(str), st.sampled_from([":", ":x", "::1", ":1:2", "%eth0:1"]))
+    .map("".join),
+    st.text(st.sampled_from("0123456789.:[]%abf"), max_size=24),
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(_ADDRESS)
+def test_received_client_ip_fast_path_gives_what_the_slow_path_gives(address):
+    """_client_ip takes "a.b.c.d:port" (nearly every client) straight to
+    its IPv4 address instead of failing to parse the whole string as an
+    IPv4 and then as an IPv6 address first (two exceptions, ~10 us a
+    message); an octet the parser refuses goes the long way. Same result
+    as before for IPv4 with and without a port, IPv6 bracketed or not,
+    mapped addresses, zones and junk."""
+    assert _relay._client_ip(address) == _client_ip_slow(address)
+    assert type(_relay._client_ip(address)) is type(_client_ip_slow(address))
+
+
+def test_received_client_ip_fast_path_edges():
+    for address in ["192.0.2.7:4242", "0.0.0.0:0", "255.255.255.255:65535", "256.1.1.1:25",
+                    "01.2.3.4:25", "1.2.3.4:", "1.2.3.4", "1.2.3.4:25:26", "::ffff:1.2.3.4:25",
+                    "[::1]:25", "::1", "fe80::1%eth0", "", "1.2.3.4\n:25", "1.2.3.\u0664:25"]:
+        assert _relay._client_ip(address) == _client_ip_slow(address), address
