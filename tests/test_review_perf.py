@@ -31,34 +31,21 @@ from sendooway_shared import log as shared_log
 from tests import test_front_driver
 
 
-# ------------------------------------------------------------ the slow paths, as they were
+# ------------------------------------------------------------ the log's escaping
+
+
+class _Str(str):
+    """A str subclass: field() and printable() take it the slow way (their
+    fast path is for an exact str), so the slow path of the same code is
+    the oracle of the fast one."""
 
 
 def _field_slow(value, limit: int = 96) -> str:
-    if not value:
-        return "-"
-    out = []
-    for c in value[:limit]:
-        o = ord(c)
-        if 33 <= o < 127 and c not in '="\\<>':
-            out.append(c)
-        elif o < 256:
-            out.append(f"\\x{o:02x}")
-        else:
-            out.append(f"\\u{o:04x}")
-    return "".join(out) + ("..." if len(value) > limit else "")
+    return shared_log.field(_Str(value) if value else value, limit)
 
 
 def _printable_slow(value: str, limit: int = 500) -> str:
-    out = []
-    for c in value[:limit]:
-        if c.isprintable():
-            out.append(c)
-        elif ord(c) < 256:
-            out.append(f"\\x{ord(c):02x}")
-        else:
-            out.append(f"\\u{ord(c):04x}")
-    return "".join(out) + ("..." if len(value) > limit else "")
+    return shared_log.printable(_Str(value), limit)
 
 
 # every character class the two functions treat apart: plain ASCII, the
