@@ -1,17 +1,23 @@
 """Performance review (issue 6, CPU per relayed session): the frontend and the
 authenticator profiled under a loop of cache-on sessions (cProfile, py-spy,
-perf, strace; figures in docs/decisions/relay.md, "CPU per session, looked
-at function by function"). The changes remove work without changing what
-either program does, so there is no defect to pin; what is pinned here is
-that each fast path gives exactly what the slow path it skips gives:
+perf, strace; figures in docs/decisions/relay.md, "CPU per session, function
+by function"). The changes remove work without changing what either program
+does, so there is no defect to pin; what is pinned here is that each fast
+path gives exactly what the slow path it skips gives:
 
 - shared/log.py: field() and printable() return a plain, short value as it
-  is, without escaping it character by character;
+  is, without escaping it character by character (compared with their own
+  slow path on random text);
 - both daemons' logging no longer looks up the caller's file and line per
-  record (logging._srcfile), which the log formats never showed;
-- _stream.Stream._flush_tls stops after a memory BIO read that came back
-  shorter than asked (the BIO is empty then) instead of reading again to
-  be told so by an exception.
+  record (logging._srcfile): the lines and a traceback are as before;
+- _stream: a TLS read goes to the transport at once after a WantRead with
+  nothing fed in since, and _flush_tls stops after a memory BIO read that
+  came back shorter than asked (random cuttings of a client's records read
+  the same with and without the shortcut);
+- _driver: DEBUG lines are not built at INFO (the same INFO lines, and the
+  DEBUG ones unchanged at DEBUG);
+- _relay._client_ip: "a.b.c.d:port" straight to its IPv4 address (the same
+  result as the old function on generated addresses).
 """
 
 from __future__ import annotations
