@@ -307,7 +307,10 @@ def run(args) -> int:
             return path
 
         conf_off, conf_on = config("off.conf", 0), config("on.conf", 30)
-        auth = subprocess.Popen([os.path.join(BIN, "sendooway-auth"), "-c", conf_off, "-l",
+        auth_cmd = [os.path.join(BIN, "sendooway-auth")]
+        if args.profile_auth:
+            auth_cmd = [sys.executable, "-m", "cProfile", "-o", args.profile_auth, "-m", "sendooway_auth.cli"]
+        auth = subprocess.Popen([*auth_cmd, "-c", conf_off, "-l",
                                  os.path.join(work, "auth.log"), "--socket", sock_path],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs.append(auth)
@@ -320,7 +323,7 @@ def run(args) -> int:
         def frontend(conf: str, tag: str) -> tuple[subprocess.Popen, int]:
             port = free_port()
             cmd = [os.path.join(BIN, "sendooway")]
-            if args.profile_front and tag == "off":
+            if args.profile_front and tag == args.profile_kind:
                 cmd = [sys.executable, "-m", "cProfile", "-o", args.profile_front, "-m", "sendooway_front.cli"]
             p = subprocess.Popen([*cmd, "-c", conf, "-l",
                                   os.path.join(work, f"front-{tag}.log"), "-b", f"127.0.0.1:{port}"],
@@ -510,6 +513,10 @@ def main() -> int:
                          " to FILE and wait (for bench/relay_sessions.py), instead of measuring")
     ap.add_argument("--profile-front", metavar="FILE",
                     help="run the cache-off frontend under cProfile, stats to FILE (writable by nobody)")
+    ap.add_argument("--profile-kind", choices=("off", "on"), default="off",
+                    help="the frontend --profile-front profiles: cache off (the default) or on")
+    ap.add_argument("--profile-auth", metavar="FILE",
+                    help="run sendooway-auth under cProfile (its main process), stats to FILE")
     args = ap.parse_args()
     if os.environ.get(FLAG):
         return run(args)

@@ -107,7 +107,8 @@ class Connection:
         nothing would hold the close while our last answer waits to go."""
         self.writer.close()
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_WAIT)
+            async with asyncio.timeout(CLOSE_WAIT):  # (no task per connection, unlike wait_for)
+                await self.writer.wait_closed()
         except (OSError, asyncio.TimeoutError):
             pass
 

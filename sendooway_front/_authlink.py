@@ -93,8 +93,8 @@ class AuthLink:
         authenticator sooner; a refusal (version, peer uid) then shows at
         AUTH, as a temporary failure, instead of in the greeting."""
         try:
-            await asyncio.wait_for(self._channel.send(self._hello(session_id, client)),
-                                   self._timeout)
+            async with asyncio.timeout(self._timeout):  # (no task, unlike wait_for)
+                await self._channel.send(self._hello(session_id, client))
         except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
             self._broken = True
             raise AuthLinkError(f"authenticator link failed: {exc or type(exc).__name__}") from None
@@ -150,8 +150,8 @@ class SocketConnector:
 
     async def open(self, session_id: str, client: str) -> AuthLink:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.path, limit=65536), self.timeout)
+            async with asyncio.timeout(self.timeout):  # (no task per session, unlike wait_for)
+                reader, writer = await asyncio.open_unix_connection(self.path, limit=65536)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             if (self.private and not self.gone

@@ -173,6 +173,8 @@ class SessionRunner:
 
     def _log(self, level: int, msg: str, *args: Any) -> None:
         """One line: session id, client address, user once logged in."""
+        if not log.isEnabledFor(level):
+            return  # (a DEBUG line at the usual level: nothing formatted)
         user = f" user={self.session.user}" if self.session.user else ""
         log.log(level, "%s client=%s%s: " + msg, self.sid, self.client or "-", user, *args)
 
@@ -397,7 +399,8 @@ class SessionRunner:
                     await self._linger()
                 return
             elif isinstance(ev, Greeted):
-                self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", log_field(ev.name))
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", log_field(ev.name))
             elif isinstance(ev, AuthRequested):
                 await self._auth(ev)
             elif isinstance(ev, AuthRefused):
@@ -510,8 +513,9 @@ class SessionRunner:
             self._log(logging.INFO, "sender=<%s>: no route", _sender(ev.sender))
             s.relay_reply(R.NO_ROUTE)
             return
-        self._log(logging.DEBUG, "sender=<%s> route=%s", _sender(ev.sender),
-                  printable(route.describe()))
+        if log.isEnabledFor(logging.DEBUG):  # (the route's text is built for nothing otherwise)
+            self._log(logging.DEBUG, "sender=<%s> route=%s", _sender(ev.sender),
+                      printable(route.describe()))
         info = SessionInfo(self.sid, self.client, s.client_name, s.user or "",
                            s.encrypted, s.esmtp)
         group = getattr(self.relay, "mail_group", None)

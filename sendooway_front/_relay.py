@@ -775,9 +775,21 @@ class Relay:
         return text.encode("ascii", "replace")
 
 
+# "192.0.2.7:4242", the usual client address: neither an IPv4 nor an IPv6
+# address as a whole (a port after an IPv4 address is neither), so the
+# loop below would find its IPv4 part second, after two failed parses
+_IPV4_AND_PORT = re.compile(r"([0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}):[0-9]+")
+
+
 def _client_ip(address: str):
     if not address:
         return None
+    plain = _IPV4_AND_PORT.fullmatch(address)
+    if plain is not None:
+        try:
+            return ipaddress.IPv4Address(plain.group(1))
+        except ValueError:
+            pass  # (an octet over 255, a leading zero: the long way says what)
     for candidate in (address, address.rsplit(":", 1)[0]):
         try:
             # without a link-local zone (fe80::1%eth0): RFC 5321's IPv6

@@ -70,6 +70,9 @@ class Stream:
         self.timeout = timeout
         self._conn: SSL.Connection | None = None
         self._tls_ready = False    # the handshake on _conn finished
+        # _conn's last recv said WantRead and no octet was fed to it since:
+        # a recv now would only say it again (see _read_tls)
+        self._rx_empty = False
         self._eof = False          # the transport said EOF
         self._closed = False
         self._unread = b""         # given back by unread(): read before the transport
@@ -269,6 +272,10 @@ class Stream:
             if not chunk:
                 break
             out.append(chunk)
+            if len(chunk) < TLS_BATCH + RAW_READ:
+                # a memory BIO hands over all it holds up to the size asked:
+                # it is empty now (asking again only raises WantReadError)
+                break
         if out:
             await self._raw_write(b"".join(out))
 
@@ -299,27 +306,29 @@ class Stream:
         conn = self._conn
         assert conn is not None
         while True:
-            try:
-                data = conn.recv(max)
-            except SSL.WantReadError:
-                data = None
-            except SSL.ZeroReturnError:
-                return b""
-            except SSL.SysCallError:
-                return b""  # EOF without close_notify: the end, whatever the peer meant
-            except SSL.Error as e:
-                raise ConnectionResetError(f"TLS error: {_tls._describe_openssl(e)}") from None
+            data = None
+            if not self._rx_empty:
+                try:
+                    data = conn.recv(max)
+                except SSL.WantReadError:
+                    self._rx_empty = True
+                except SSL.ZeroReturnError:
+                    return b""
+                except SSL.SysCallError:
+                    return b""  # EOF without close_notify: the end, whatever the peer meant
+                except SSL.Error as e:
+                    raise ConnectionResetError(f"TLS error: {_tls._describe_openssl(e)}") from None
             if data is not None:
                 return self._more_records(conn, data, max)
             await self._flush_tls()  # e.g. a key update the peer asked for
             data = await self._raw_read()
+            self._rx_empty = False
             if data:
                 conn.bio_write(data)
             else:
                 conn.bio_shutdown()
 
-    @staticmethod
-    def _more_records(conn: SSL.Connection, data: bytes, max: int) -> bytes:
+    def _more_records(self, conn: SSL.Connection, data: bytes, max: int) -> bytes:
         """recv gives one TLS record at a time: add what else is already
         decryptable, up to `max`, so big transfers move in fewer, larger reads."""
         if len(data) >= max or not data:
@@ -329,7 +338,10 @@ class Stream:
         while got < max:
             try:
                 more = conn.recv(max - got)
-            except SSL.Error:  # WantRead, close_notify, EOF: the next read sees it
+            except SSL.WantReadError:
+                self._rx_empty = True  # (the next read goes straight to the transport)
+                break
+            except SSL.Error:  # close_notify, EOF: the next read sees it
                 break
             if not more:
                 break
@@ -376,6 +388,7 @@ class Stream:
     async def _handshake_steps(self, conn: SSL.Connection) -> None:
         self._conn = conn
         self._tls_ready = False
+        self._rx_empty = False
         while True:
             try:
                 conn.do_handshake()
@@ -515,7 +528,8 @@ class Stream:
                     self._writer.write(b"".join(out))
             self._writer.close()
             try:
-                await asyncio.wait_for(self._writer.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):  # (no task per close, unlike wait_for)
+                    await self._writer.wait_closed()
             except (OSError, TimeoutError, asyncio.TimeoutError):
                 # a peer that never takes what is left (a zero window, for
                 # ever) would keep the socket and its buffers: cut it
@@ -707,7 +721,8 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
         set_nodelay(sock)
         shown = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), this_try)
+            async with asyncio.timeout(this_try):  # (no task per connection, unlike wait_for)
+                await loop.sock_connect(sock, addr)
         except (TimeoutError, asyncio.TimeoutError):
             sock.close()
             tried.append(f"{shown} timed out")

@@ -40,6 +40,10 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
+# the characters field() keeps as they are: printable ASCII but space and ="\\<>
+_FIELD_PLAIN = "".join(chr(o) for o in range(33, 127) if chr(o) not in '="\\<>')
+
+
 def field(value: str | None, limit: int = 96) -> str:
     """One `key=value` value that cannot forge a log line (a sender may hold
     spaces, '=' or '>' in a quoted local part): printable ASCII without
@@ -47,6 +51,8 @@ def field(value: str | None, limit: int = 96) -> str:
     empty; longer than `limit`, cut with '...'."""
     if not value:
         return "-"
+    if type(value) is str and len(value) <= limit and not value.strip(_FIELD_PLAIN):
+        return value  # (the common case: nothing to escape, nothing to cut)
     out = []
     for c in value[:limit]:
         o = ord(c)
@@ -63,6 +69,8 @@ def printable(value: str, limit: int = 500) -> str:
     """Free text for a log line (a file name, a parse error from a user's
     file): kept readable, control characters escaped so it stays one line
     and cannot move a terminal's cursor."""
+    if type(value) is str and len(value) <= limit and value.isprintable():
+        return value  # (the common case: nothing to escape, nothing to cut)
     out = []
     for c in value[:limit]:
         if c.isprintable():
@@ -147,6 +155,9 @@ def setup_logging(target: str | None, program: str, level: int = logging.INFO) -
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    # Nor the caller's file, line or function: no walk up the stack per line
+    # (the logging HOWTO's "Optimization"; the formats above show none).
+    logging._srcfile = None
     root.addHandler(handler)
     root.setLevel(level)
     return logging.getLogger(program)
