@@ -400,7 +400,8 @@ class SessionRunner:
                 return
             elif isinstance(ev, Greeted):
                 if log.isEnabledFor(logging.DEBUG):
-                    self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO", log_field(ev.name))
+                    self._log(logging.DEBUG, "%s %s", "EHLO" if ev.esmtp else "HELO",
+                              log_field(ev.name))
             elif isinstance(ev, AuthRequested):
                 await self._auth(ev)
             elif isinstance(ev, AuthRefused):

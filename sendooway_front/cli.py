@@ -393,8 +393,8 @@ def _main(argv: list[str] | None, startup: _Startup) -> int:
     from ._driver import Frontend
     from ._privileges import PrivilegeError, acting_as, drop_privileges
     from ._server import (
-        ActivationError, BindError, activated_sockets, catch_early_signals, listen_sockets, parse_bind, preload,
-        serve_connection, serve_listening, serve_stdio, stop_requested,
+        ActivationError, BindError, activated_sockets, catch_early_signals, listen_sockets,
+        parse_bind, preload, serve_connection, serve_listening, serve_stdio, stop_requested,
     )
     from ._tls import TLSConfigError, preload_ca_file, server_context
 
