@@ -42,9 +42,7 @@ authenticator (_server, _service, _address, check, cli, routes):
   FROM:<Postmaster> gets 553); D04 the refusal followed by the `*` route
   (two "route for" lines); F01 userInclude without from_home; F02 and F04
   the include's cap of bad lines: `>=`, and the file used although
-  "ignored"; J02 from_home joining a relative home (the file not found
-  from within that home); J04 a skipped line removed instead of emptied
-  (every later file:line one less).
+  "ignored".
 frontend (_server, cli, _authlink):
   killed: G01 frontendUser trusted with any backend; H02 isascii()
   dropped (int('²')); H04 a closed fd skipped (a huge LISTEN_FDS looped);
@@ -66,8 +64,15 @@ frontend (_server, cli, _authlink):
   stderr taken for the client when only stdin and stderr are /dev/null;
   I08 root_only probed without only_root and I09 the "it gets no logins"
   warning dropped (a squatter reported as a socket mode problem); X1
-  the two `whom` texts swapped; J03 `>=` in socket_path_fits (107
-  octets, which bind() takes, refused).
+  the two `whom` texts swapped.
+shared/config.py:
+  killed: J01 Mapping.expand without from_home; J05 bad_lines ignored
+  (the whole include refused again); X3 from_home's join arguments
+  swapped.
+  Killed only here: J02 from_home joining a relative home (the file not
+  found from within that home); J03 `>=` in socket_path_fits (107
+  octets, which bind() takes, refused); J04 a skipped line removed
+  instead of emptied (every later file:line one less).
 shared/paths.py closed_directory:
   Killed only here: K01 the supplementary groups ignored; K02 the chain
   walked from the socket up (the deeper directory named); K03 the
@@ -97,10 +102,16 @@ Equivalent: A03 len(low) == 1 dropped: U+0130 is the only character
   Python runs the handler in the main thread between bytecodes and the
   logging lock is re-entrant; no difference a test can see.
 
-No product defect was found: each survivor killed here was a gap in the
-tests, the product right. Seen and left: LISTEN_FDS="00" counts as
-activated in socket_activated (a string compare) but passes nothing, as
-H01's mutant did for "0"; systemd never writes it."""
+One product defect, found through H01 (fixed, pinned by
+test_listen_fds_zero_...[00]): socket_activated compared LISTEN_FDS with
+the string "0", so LISTEN_FDS=00 with our LISTEN_PID (a zero count to
+sd_listen_fds, which reads a number) made the frontend take itself for
+socket-activated although activated_sockets found nothing: the refusal of
+a listening socket on stdin (xinetd `wait = yes`) was skipped, as with
+H01's mutant for "0". Every other survivor killed here was a gap in the
+tests, the product right. Seen and left: _activated_connection (cli.py)
+compares LISTEN_FDS with "1" as a string too ("01": a start-up failure
+on fd 3 is not answered with 421); systemd writes plain decimal."""
 
 from __future__ import annotations
 
@@ -538,18 +549,23 @@ def test_a_file_passed_as_fd_3_is_refused_without_a_traceback(world, tmp_path):
     assert "Traceback" not in err
 
 
-def test_listen_fds_zero_for_this_process_leaves_the_inetd_checks_in_place(world, tmp_path):
+@pytest.mark.parametrize("zero", ["0", "00"])
+def test_listen_fds_zero_for_this_process_leaves_the_inetd_checks_in_place(world, tmp_path, zero):
     """Kills H01 (socket_activated without its LISTEN_FDS != "0" test):
     LISTEN_FDS=0 passes nothing (sd_listen_fds(3)), even with LISTEN_PID
     our own, so the frontend is still an inetd service: xinetd's
     `wait = yes` (a listening socket on stdin) is refused at start. The
     mutant took the process for socket-activated, skipped that refusal,
-    forked an authenticator and sat on the listening socket."""
+    forked an authenticator and sat on the listening socket.
+    DEFECT for "00" (the same for sd_listen_fds: a number, zero): the
+    product compared the text with "0" and did just what the mutant did
+    (the test stalled 30 s and the frontend was killed); now any spelling
+    of zero is no activation."""
     config = front_config(tmp_path, world, tls=False)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
-    proc = _activated([FRONT, "-c", config, "-l", "&2"], [], "0", stdin=listener.fileno())
+    proc = _activated([FRONT, "-c", config, "-l", "&2"], [], zero, stdin=listener.fileno())
     listener.close()
     status, _out, err = _finish(proc)
     assert status == EXIT_CONFIG, (status, err)
