@@ -171,10 +171,11 @@ class ActivationError(Exception):
 def socket_activated() -> bool:
     """Are the LISTEN_* variables meant for this process (sd_listen_fds(3):
     LISTEN_PID is our pid) and do they pass anything (LISTEN_FDS=0 does
-    not)? Those of another (a socket-activated parent's, left in the
-    environment) are not ours."""
-    return (os.environ.get("LISTEN_PID") == str(os.getpid())
-            and os.environ.get("LISTEN_FDS", "0") != "0")
+    not, nor 00: sd_listen_fds reads a number)? Those of another (a
+    socket-activated parent's, left in the environment) are not ours."""
+    text = os.environ.get("LISTEN_FDS", "0")
+    zero = text.isascii() and text.isdigit() and not text.strip("0")  # "0", "00": sd_listen_fds' 0
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and not zero
 
 
 def activated_sockets() -> Activation | None:

@@ -151,7 +151,8 @@ def test_a_squatter_running_as_the_frontend_user_gets_no_password(world, tmp_pat
 # ------------------------------------------------------------ socket activation
 
 
-def _activated(argv, fds, count: str, **kwargs) -> subprocess.Popen:
+def _activated(argv, fds, count: str, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+               **kwargs) -> subprocess.Popen:
     """`argv` started as systemd starts it: `fds` become 3, 4, ... and
     LISTEN_PID is its own pid (the shell's, which then execs)."""
     script = f'export LISTEN_PID=$$ LISTEN_FDS={count}; exec "$@"'
@@ -161,8 +162,8 @@ def _activated(argv, fds, count: str, **kwargs) -> subprocess.Popen:
             os.dup2(fd, 3 + i)
 
     return subprocess.Popen(["sh", "-c", script, "sh", *argv], preexec_fn=place,
-                            pass_fds=[3 + i for i in range(len(fds))], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            pass_fds=[3 + i for i in range(len(fds))], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, **kwargs)
 
 
 def _finish(proc: subprocess.Popen, seconds: float = 30) -> tuple[int | None, str, str]:
