@@ -123,8 +123,11 @@ class _Startup:
 
 def _activated_connection(st0) -> bool:
     """Did systemd pass one connection as fd 3 (LISTEN_FDS=1 for this
-    process) with stdin not a socket (no StandardInput=socket)?"""
-    if (os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1"
+    process) with stdin not a socket (no StandardInput=socket)? LISTEN_FDS
+    read as sd_listen_fds reads it, a number: 01 is 1."""
+    count = os.environ.get("LISTEN_FDS", "")
+    one = count.isascii() and count.isdigit() and count.lstrip("0") == "1"
+    if (os.environ.get("LISTEN_PID") != str(os.getpid()) or not one
             or (st0 is not None and stat.S_ISSOCK(st0.st_mode))):
         return False
     st3 = _fstat(3)
