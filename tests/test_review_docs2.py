@@ -1,0 +1,226 @@
+"""Second docs review (a review named "docs2"): the admin-facing docs held
+against what the programs do after the day's changes (socket activation
+checks, a frontend that trusts only a root authenticator, socket path
+lengths, closed socket directories, serve_one's SIGTERM/SIGHUP, closed
+stdin/stdout at start, the login wait, --check --sender, the null sender
+logged as <>, a Latin-1 line of a user's include, LISTEN_FDS read as a
+number). Each claim that could be run was run against the real programs:
+the quoted log lines, exit codes and signals' effects below.
+
+What it found (docs fixed; each test below failed before):
+- sendooway(1) EXIT STATUS had no code for a closed stdin or stdout
+  without -b (exit 1, `cannot start: stdout closed`), nor for what systemd
+  passed that cannot be served (exit 2); its 421-on-a-failed-start
+  paragraph named inetd and xinetd only, not systemd's Accept=yes on fd 3;
+  its SIGHUP entry named standard input only, where a connection systemd
+  passes (Accept=yes) stops alike.
+- sendooway(1) did not say that the frontend trusts only a root listener
+  at authSocket (but for authBackend = none), nor the warning it logs;
+  deployment.md's troubleshooting table had no row for that warning, nor
+  for `cannot start: stdout closed`.
+- sendooway-auth(8) EXIT STATUS 2 did not name a socket path too long or a
+  connection from systemd (Accept=yes), both exit 2; its LOG section
+  listed the once-per-burst lines without `peer refused`, which is one
+  now (protocol.md has it), and its Daemon section still said each
+  stranger is logged.
+
+Seen and fine: fail2ban's filter against real failures (existing tests
+cover wrong passwords, PROXY v1/v2 clients and forged lines), the null
+sender's `sender=<>` in both logs, protocol.md's route line, the wait of
+`timeout` + 25 s (MAX_REFUSAL_PAD + MAX_FAILURE_DELAY), conf(5)'s IDNA and
+local-part rule, the by-hand session of deployment.md section 6 as root
+and as nobody, man pages clean under `groff -man -ww`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.front_util import FRONT, NOBODY, front_config
+
+AUTH = os.path.join(os.path.dirname(FRONT), "sendooway-auth")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the programs as root")
+
+
+def _man_section(page: str, name: str) -> str:
+    text = (DOCS / "man" / page).read_text()
+    return text.split(f"\n.SH {name}\n", 1)[1].split("\n.SH ", 1)[0]
+
+
+def _exit_codes(page: str) -> dict[int, str]:
+    """EXIT STATUS of a man page: {code: its paragraph, troff removed}."""
+    section = _man_section(page, "EXIT STATUS").split("\n.PP\n", 1)[0]
+    codes = {}
+    for item in section.split(".TP\n")[1:]:
+        head, _, body = item.partition("\n")
+        code = int(head.split()[-1])
+        codes[code] = re.sub(r"\\-", "-", re.sub(r"\n\.[A-Z]+ ?", " ", "\n" + body))
+    return codes
+
+
+def _code_saying(page: str, *words: str) -> list[int]:
+    return [c for c, text in _exit_codes(page).items() if all(w in text for w in words)]
+
+
+def _doc_regex(quoted: str) -> re.Pattern:
+    """A line the docs quote, its placeholders (PATH, N) as patterns."""
+    out = re.escape(quoted)
+    return re.compile(out.replace("PATH", r"\S+").replace("N", r"\d+"))
+
+
+def test_a_closed_stdout_exits_as_the_man_page_and_the_guide_say(world, tmp_path):
+    """DOC DEFECT: without -b a closed stdout (or stdin) is a start-up error
+    (docs/decisions/deployment.md: exit 1), but sendooway(1) EXIT STATUS
+    named no code for it: 1 was the private authenticator and the
+    privilege drop, 2 every other start-up error. The guide's
+    troubleshooting table now quotes the log line with its exit status."""
+    config = front_config(tmp_path, world, tls=False)
+    log = tmp_path / "front.log"
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", FRONT, "-c", config, "-l", str(log)],
+        input=b"QUIT\r\n", capture_output=True, timeout=30)
+    said = "cannot start: stdout closed: no SMTP client to serve"
+    assert said in log.read_text(), log.read_text()
+    assert _code_saying("sendooway.1", "closed") == [proc.returncode]
+    guide = (DOCS / "deployment.md").read_text()
+    assert f"| `{said}` (exit {proc.returncode}) |" in guide
+
+
+def test_the_authenticators_refusals_at_start_exit_as_its_man_page_says(tmp_path, tmp_config):
+    """DOC DEFECT: sendooway-auth(8) EXIT STATUS 2 listed the reasons the
+    daemon cannot start without today's two: a --socket (or authSocket)
+    too long for a socket address, and a connection passed by systemd (a
+    socket unit with Accept=yes). Both exit 2; the page now says so."""
+    config = tmp_config(f"authSocket = {tmp_path}/run/auth.sock\n")
+    long_path = str(tmp_path / ("x" * 120) / "auth.sock")
+    r = subprocess.run([AUTH, "-c", config, "-l", "-", "--socket", long_path],
+                       capture_output=True, text=True, timeout=30)
+    assert "too long" in r.stderr, r.stderr
+    assert _code_saying("sendooway-auth.8", "too long") == [r.returncode]
+    ours, theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&4 4<&-', "sh",
+             AUTH, "-c", config, "-l", "-"],
+            pass_fds=[4], preexec_fn=lambda: os.dup2(theirs.fileno(), 4),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        ours.close()
+        theirs.close()
+    assert "Accept=yes" in err, err
+    assert _code_saying("sendooway-auth.8", "Accept=yes") == [proc.returncode]
+    assert "(exit 2)" in _man_section("sendooway-auth.8", "ENVIRONMENT") and proc.returncode == 2
+
+
+def test_the_authenticators_man_page_lists_every_line_it_logs_once_per_burst():
+    """DOC DEFECT: since the activation review a refused peer is counted in
+    a Tally (protocol.md: `peer refused: ...; N refused since the last such
+    line`, at most one line per 10 s), but sendooway-auth(8) LOG listed
+    only the connection cap and the silent connection as lines logged once
+    per burst, and its Daemon section said strangers are "logged and
+    dropped", as if each one were."""
+    proto = (DOCS / "protocol.md").read_text()
+    kinds = {m.group(1) for m in re.finditer(r"`([a-z ]+): [^`]*since the last such line`", proto)}
+    assert {"peer refused", "connection refused", "silent connection closed"} <= kinds, kinds
+    log = _man_section("sendooway-auth.8", "LOG")
+    burst = log.split("most one line every 10 seconds", 1)[1].split(".EE", 1)[0]
+    assert {k for k in kinds if f"\n{k}: " not in burst} == set()
+    assert "logged and dropped" not in _man_section("sendooway-auth.8", "DESCRIPTION")
+
+
+@pytest.fixture
+def squatter():
+    """A process running as nobody that listens where authSocket points
+    (a directory anyone may write to) and never answers; its path."""
+    shared = tempfile.mkdtemp(prefix="sendooway-docs2-")
+    os.chmod(shared, 0o1777)
+    path = os.path.join(shared, "auth.sock")
+    code = ("import os, socket, time\n"
+            f"s = socket.socket(socket.AF_UNIX); s.bind({path!r}); os.chmod({path!r}, 0o777)\n"
+            "s.listen(8); time.sleep(60)\n")
+    proc = subprocess.Popen(["python3", "-c", code], user=NOBODY, group=NOBODY, extra_groups=[])
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_the_untrusted_listener_warning_is_the_one_the_docs_quote(world, tmp_path, squatter):
+    """DOC DEFECT: a frontend trusts only a root listener at authSocket (but
+    for authBackend = none) and logs any other at start; neither
+    sendooway(1) nor the guide's troubleshooting table said so, and an
+    admin seeing the warning (or a root frontend starting its own
+    authenticator next to a running "daemon") had nothing to look it up
+    in. Both now quote the line; this runs a squatter as nobody and checks
+    that the real warning is the one quoted, and that the session is still
+    served (by the root frontend's private authenticator)."""
+    config = front_config(tmp_path, world, f"authSocket = {squatter}\n", tls=False)
+    log = tmp_path / "front.log"
+    r = subprocess.run([FRONT, "-c", config, "-l", str(log)], input=b"EHLO c.test\r\nQUIT\r\n",
+                       capture_output=True, timeout=30, env=world.env())
+    assert b"\r\n221 " in r.stdout, r.stdout
+    text = log.read_text()
+    guide = (DOCS / "deployment.md").read_text()
+    quoted = re.search(r"\| `(authSocket PATH: [^`]*)` at start \|", guide)
+    assert quoted, "deployment.md's troubleshooting table has no row for the untrusted listener"
+    assert _doc_regex(quoted.group(1)).search(text), text
+    man = _man_section("sendooway.1", "EXIT STATUS")
+    man_quote = re.search(r'\.RB \( "(authSocket [^"]*)" \)', man)
+    assert man_quote, man
+    plain = re.sub(r"\\f[BIR]", "", man_quote.group(1))
+    assert _doc_regex(plain.replace("path", "PATH")).search(text), text
+    assert "started socketpair" in text
+
+
+def test_sighup_to_a_systemd_connection_on_fd_3_stops_as_the_man_page_says(world, tmp_path):
+    """DOC DEFECT: sendooway(1) SIGNALS said of SIGHUP "One session
+    (standard input): it ends the session as SIGTERM does", next to a
+    SIGTERM entry naming standard input and systemd Accept=yes: serve_one
+    handles both signals for both, so a connection systemd passes as fd 3
+    alone (no StandardInput=socket) hears 421 4.3.2 on SIGHUP too. The
+    page now names Accept=yes for SIGHUP as well."""
+    signals = _man_section("sendooway.1", "SIGNALS")
+    hup = signals.split("\n.B SIGHUP\n", 1)[1]
+    one = hup[hup.index("One session"):]
+    assert "Accept=yes" in one.split(")", 1)[0], one
+    config = front_config(tmp_path, world, tls=False)
+    client, server = socket.socketpair()
+    proc = subprocess.Popen(
+        ["sh", "-c", 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&4 4<&-', "sh",
+         FRONT, "-c", config, "-l", str(tmp_path / "front.log")],
+        pass_fds=[4], preexec_fn=lambda: os.dup2(server.fileno(), 4),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=world.env())
+    server.close()
+    client.settimeout(20)
+    try:
+        got = b""
+        while b"\r\n" not in got:
+            got += client.recv(4096)
+        assert got.startswith(b"220 "), got
+        proc.send_signal(signal.SIGHUP)
+        while chunk := client.recv(4096):
+            got += chunk
+    finally:
+        client.close()
+        rc = proc.wait(20)
+    assert b"\r\n421 4.3.2 " in got, got
+    assert rc == 0
