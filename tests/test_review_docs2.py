@@ -23,6 +23,11 @@ What it found (docs fixed; each test below failed before):
   listed the once-per-burst lines without `peer refused`, which is one
   now (protocol.md has it), and its Daemon section still said each
   stranger is logged.
+- sendooway.conf(5) said nothing of a bad line in a user's include but
+  that it is an error (and of the file, "UTF-8 text"): each such line,
+  a Latin-1 one included since today, is skipped and the rest counts.
+- deployment.md's "421 in the greeting" row did not quote the daemon's
+  line for a socket directory closed to frontendUser.
 
 Seen and fine: fail2ban's filter against real failures (existing tests
 cover wrong passwords, PROXY v1/v2 clients and forged lines), the null
@@ -224,3 +229,66 @@ def test_sighup_to_a_systemd_connection_on_fd_3_stops_as_the_man_page_says(world
         rc = proc.wait(20)
     assert b"\r\n421 4.3.2 " in got, got
     assert rc == 0
+
+
+def test_bad_lines_of_a_users_include_are_skipped_as_conf5_says(world, tmp_path):
+    """DOC DEFECT: sendooway.conf(5) said of this file "at most 1 MiB of
+    UTF-8 text", and of a user's include only that a keyword it may not
+    hold "is an error naming the file and line", so an admin read a
+    user's include with a Latin-1 line as refused whole (as it was until
+    today's outside review). Each bad line of a user's include is skipped
+    with its error and the other lines count; the page now says so. Run
+    through the real --check: a Latin-1 value, a keyword not allowed, a
+    bad port, an unknown mapping kind, and the good line after them."""
+    conf5 = (DOCS / "man" / "sendooway.conf.5").read_text()
+    user_include = conf5.split('.BR userInclude " = \\fIpath\\fR"', 1)[1].split(".TP", 1)[0]
+    assert "not\nUTF-8" in user_include and "skipped" in user_include, user_include
+    config = front_config(tmp_path, world, "userInclude = %h/.sendoowayrc\n", tls=False)
+    world.write_user_file("alice", ".sendoowayrc", (
+        b"smarthostMapping = direct:x@b.example h.example 587 u p\xfc tls\n"
+        b"timeout = 5\n"
+        b"smarthostMapping = direct:y@b.example h.example 5x87 u p tls\n"
+        b"smarthostMapping = bogus:zz\n"
+        b"smarthostMapping = direct:c@b.example h.example 587 u p tls\n"))
+    try:
+        r = subprocess.run([AUTH, "-c", config, "--check", "alice", "--sender", "c@b.example"],
+                           capture_output=True, text=True, timeout=60, env=world.env())
+    finally:
+        world.clear_home("alice")
+    errors = r.stdout.split("\nerrors:\n", 1)[1].split("\nroute for", 1)[0].splitlines()
+    assert [e.rsplit(".sendoowayrc:", 1)[1].split(":")[0] for e in errors] == ["1", "2", "3", "4"], r.stdout
+    assert "not valid UTF-8 (outside a comment), line skipped" in errors[0]
+    assert re.search(r"route for c@b\.example: h\.example:587 .*\.sendoowayrc:5,", r.stdout), r.stdout
+    assert r.returncode == 0
+
+
+def test_a_socket_directory_closed_to_frontenduser_is_logged_as_the_guide_quotes(world, tmp_path):
+    """DOC DEFECT: the guide's "421 in the greeting" row sent the admin to
+    authSocket and frontendUser only; since today the daemon names a
+    directory above its socket that frontendUser may not search (root's
+    0700 /run/x, accepted as safe, yet every frontend running as nobody
+    found no authenticator). The row now quotes that line; this starts the
+    real daemon in such a directory and matches the line it logs."""
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    os.chmod(closed, 0o700)
+    config = front_config(tmp_path, world, tls=False)
+    log = tmp_path / "auth.log"
+    proc = subprocess.Popen([AUTH, "-c", config, "-l", str(log), "--socket", str(closed / "auth.sock")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=world.env())
+    try:
+        deadline = time.monotonic() + 20
+        while not (closed / "auth.sock").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    guide = (DOCS / "deployment.md").read_text()
+    quoted = re.search(r"`(frontendUser U cannot reach PATH: [^`]*)`", guide)
+    assert quoted, "the guide quotes no line for a closed socket directory"
+    pattern = re.escape(quoted.group(1))
+    for word, regex in (("U", r"\S+"), ("PATH", r"\S+"), ("DIR", r"\S+"), ("M", r"0[0-7]{3}")):
+        pattern = re.sub(rf"\b{word}\b", regex.replace("\\", "\\\\"), pattern)
+    assert re.search(pattern, log.read_text()), (pattern, log.read_text())
