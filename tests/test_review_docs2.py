@@ -28,6 +28,9 @@ What it found (docs fixed; each test below failed before):
   a Latin-1 one included since today, is skipped and the rest counts.
 - deployment.md's "421 in the greeting" row did not quote the daemon's
   line for a socket directory closed to frontendUser.
+- protocol.md's "Log lines" said only `=`, `"` and `\\` of printable ASCII
+  are escaped (space, `<` and `>` are too) and not how the null sender
+  is written (`sender=<>`, since today).
 
 Seen and fine: fail2ban's filter against real failures (existing tests
 cover wrong passwords, PROXY v1/v2 clients and forged lines), the null
@@ -292,3 +295,47 @@ def test_a_socket_directory_closed_to_frontenduser_is_logged_as_the_guide_quotes
     for word, regex in (("U", r"\S+"), ("PATH", r"\S+"), ("DIR", r"\S+"), ("M", r"0[0-7]{3}")):
         pattern = re.sub(rf"\b{word}\b", regex.replace("\\", "\\\\"), pattern)
     assert re.search(pattern, log.read_text()), (pattern, log.read_text())
+
+
+def _doc_escaped() -> set[str]:
+    """The printable ASCII characters protocol.md says the log escapes."""
+    proto = (DOCS / "protocol.md").read_text()
+    rule = proto.split("anything but printable ASCII other than", 1)[1].split("becomes", 1)[0]
+    chars = set(re.findall(r"`(.)`", rule))
+    return chars | ({" "} if re.search(r"\bspace\b", rule) else set())
+
+
+def test_the_log_escapes_what_protocol_md_says_and_shows_the_null_sender(world, tmp_path):
+    """DOC DEFECT: protocol.md's "Log lines" said values from the network
+    keep every printable ASCII character but `=`, `"` and `\\`; the daemon
+    (shared/log.py field) escapes space, `<` and `>` as well, and since
+    today writes the null sender as `sender=<>` (not `-`, the empty value,
+    nor `\\x3c\\x3e`). A user name made of every printable ASCII character
+    goes through the real frontend and daemon; the characters escaped in
+    its `auth failed` line are the ones the page lists, and a MAIL FROM:<>
+    is logged `sender=<>`."""
+    from tests.front_util import front_with_daemon, login_plain, open_tmp
+
+    name = "".join(chr(c) for c in range(32, 127))
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "mailerEncryption = allowed\n", tls=False)
+        with front_with_daemon(tmp, world, config) as front:
+            with front.smtp() as s:
+                code, _ = s.docmd("AUTH", "PLAIN " + login_plain(name, "wrong"))
+                assert code == 535
+                s.login("alice", world.users["alice"].password)
+                assert s.mail("<>")[0] == 550
+            auth_log = tmp / "auth.log"
+            deadline = time.monotonic() + 15
+            while "sender=<>" not in auth_log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            text = auth_log.read_text()
+    failed = [x for x in text.splitlines() if "auth failed: user=" in x]
+    assert len(failed) == 1, text
+    value = failed[0].split("auth failed: user=", 1)[1].split(" client=", 1)[0]
+    kept = set(re.sub(r"\\x[0-9a-f]{2}", "", value))
+    escaped = {chr(int(h, 16)) for h in re.findall(r"\\x([0-9a-f]{2})", value)}
+    assert kept | escaped == set(name) and not kept & escaped, value
+    assert escaped == _doc_escaped(), (escaped, _doc_escaped())
+    assert re.search(r"route: user=alice client=\S+ session=\S+ sender=<> result=none", text), text
+    assert "the null\nsender is `sender=<>`" in (DOCS / "protocol.md").read_text()
