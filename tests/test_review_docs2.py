@@ -31,6 +31,10 @@ What it found (docs fixed; each test below failed before):
 - protocol.md's "Log lines" said only `=`, `"` and `\\` of printable ASCII
   are escaped (space, `<` and `>` are too) and not how the null sender
   is written (`sender=<>`, since today).
+- The jail's comment and the guide's section 4 named, as the -l files
+  that hold the failures, sendooway-auth's and a root frontend's under
+  xinetd/inetd, not a root `sendooway -b`'s, whose private authenticator
+  writes into it too.
 
 Seen and fine: fail2ban's filter against real failures (existing tests
 cover wrong passwords, PROXY v1/v2 clients and forged lines), the null
@@ -339,3 +343,52 @@ def test_the_log_escapes_what_protocol_md_says_and_shows_the_null_sender(world, 
     assert escaped == _doc_escaped(), (escaped, _doc_escaped())
     assert re.search(r"route: user=alice client=\S+ session=\S+ sender=<> result=none", text), text
     assert "the null\nsender is `sender=<>`" in (DOCS / "protocol.md").read_text()
+
+
+@pytest.mark.skipif(not shutil.which("fail2ban-regex") or not os.path.exists(
+    "/etc/fail2ban/filter.d/common.conf"), reason="fail2ban not installed")
+def test_fail2ban_finds_a_root_listening_frontends_failures_in_its_log_file(world, tmp_path):
+    """DOC DEFECT: the jail's comment and the guide's section 4 said that
+    with -l FILE the failures are in FILE for sendooway-auth's own -l and
+    for a root frontend under xinetd or inetd, whose authenticator writes
+    into the frontend's file; a root `sendooway -b` with no daemon starts a
+    private authenticator that does the same (spawn_daemon passes -l on),
+    and an admin running it so was not told where the jail must look. Run
+    for real: `sendooway -b -l FILE` as root behind a PROXY balancer,
+    wrong passwords from two clients the headers name (v1 TCP4, v1 TCP6);
+    the shipped filter on FILE finds exactly those two clients, not the
+    frontend's own `login failed` lines nor the balancer."""
+    from tests.deploy_util import PACKAGING, system_env
+    from tests.front_util import Frontend, login_plain
+
+    jail = (PACKAGING / "fail2ban" / "jail.d" / "sendooway.conf").read_text()
+    guide = (DOCS / "deployment.md").read_text().split("## 4.", 1)[1].split("## 5.", 1)[0]
+    where = guide.split("With `-l` files (", 1)[1].split("jail.d/sendooway.local", 1)[0]
+    assert 'root "sendooway -b"' in jail and "root `sendooway -b`" in where
+    config = front_config(tmp_path, world, "mailerEncryption = allowed\nproxyProtocol = 127.0.0.1\n",
+                          tls=False)
+    log = tmp_path / "sendooway.log"
+    front = Frontend(config, str(log)).start()
+    try:
+        for header in (b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 587\r\n",
+                       b"PROXY TCP6 2001:db8::9 ::1 40001 587\r\n"):
+            with socket.create_connection(("127.0.0.1", front.port), timeout=20) as s:
+                s.sendall(header + b"EHLO c.test\r\nAUTH PLAIN "
+                          + login_plain("alice", "wrong").encode() + b"\r\nQUIT\r\n")
+                got = b""
+                while chunk := s.recv(4096):
+                    got += chunk
+            assert b"\r\n535 " in got, got
+    finally:
+        front.stop()
+    text = log.read_text()
+    assert text.count("sendooway-auth[") and text.count("auth failed: user=alice") == 2, text
+    assert text.count("login failed: user='alice'") == 2, text
+    filter_dir = tmp_path / "filter.d"
+    filter_dir.mkdir()
+    shutil.copy("/etc/fail2ban/filter.d/common.conf", filter_dir)
+    shutil.copy(PACKAGING / "fail2ban" / "filter.d" / "sendooway.conf", filter_dir)
+    r = subprocess.run(["fail2ban-regex", "--out", "ip", str(log), str(filter_dir / "sendooway.conf")],
+                       capture_output=True, text=True, timeout=60, env=system_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["198.51.100.7", "2001:db8::9"], r.stdout + r.stderr
