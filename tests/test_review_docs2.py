@@ -14,8 +14,9 @@ What it found (docs fixed; each test below failed before):
   paragraph named inetd and xinetd only, not systemd's Accept=yes on fd 3;
   its SIGHUP entry named standard input only, where a connection systemd
   passes (Accept=yes) stops alike.
-- sendooway(1) did not say that the frontend trusts only a root listener
-  at authSocket (but for authBackend = none), nor the warning it logs;
+- sendooway(1) and sendooway.conf(5) (authSocket) did not say that the
+  frontend trusts only a root listener at authSocket (but for
+  authBackend = none), nor the warning it logs;
   deployment.md's troubleshooting table had no row for that warning, nor
   for `cannot start: stdout closed`.
 - sendooway-auth(8) EXIT STATUS 2 did not name a socket path too long or a
@@ -200,6 +201,9 @@ def test_the_untrusted_listener_warning_is_the_one_the_docs_quote(world, tmp_pat
     plain = re.sub(r"\\f[BIR]", "", man_quote.group(1))
     assert _doc_regex(plain.replace("path", "PATH")).search(text), text
     assert "started socketpair" in text
+    conf5 = (DOCS / "man" / "sendooway.conf.5").read_text()
+    auth_socket = conf5.split('.BR authSocket " = \\fIpath\\fR"', 1)[1].split(".TP", 1)[0]
+    assert "root" in auth_socket and "authBackend = none" in auth_socket, auth_socket
 
 
 def test_sighup_to_a_systemd_connection_on_fd_3_stops_as_the_man_page_says(world, tmp_path):
