@@ -28,7 +28,9 @@ What it found (docs fixed; each test below failed before):
   that it is an error (and of the file, "UTF-8 text"): each such line,
   a Latin-1 one included since today, is skipped and the rest counts.
 - deployment.md's "421 in the greeting" row did not quote the daemon's
-  line for a socket directory closed to frontendUser.
+  line for a socket directory closed to frontendUser, and its "lets root
+  connect but not frontendUser" row advised only SocketUser=, where the
+  frontend's message now names a closed directory instead.
 - protocol.md's "Log lines" said only `=`, `"` and `\\` of printable ASCII
   are escaped (space, `<` and `>` are too) and not how the null sender
   is written (`sender=<>`, since today).
@@ -288,21 +290,31 @@ def test_a_socket_directory_closed_to_frontenduser_is_logged_as_the_guide_quotes
     proc = subprocess.Popen([AUTH, "-c", config, "-l", str(log), "--socket", str(closed / "auth.sock")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=world.env())
+    front_log = tmp_path / "front.log"
     try:
         deadline = time.monotonic() + 20
         while not (closed / "auth.sock").exists() and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.05)
+        # a root frontend pointed at it: root reaches the socket, nobody does not
+        front_config(tmp_path, world, f"authSocket = {closed / 'auth.sock'}\n", tls=False,
+                     name="front.conf")
+        r = subprocess.run([FRONT, "-c", str(tmp_path / "front.conf"), "-l", str(front_log)],
+                           input=b"QUIT\r\n", capture_output=True, timeout=30, env=world.env())
+        assert r.stdout.startswith(b"220 "), r.stdout
     finally:
         proc.terminate()
         proc.wait(20)
     guide = (DOCS / "deployment.md").read_text()
-    quoted = re.search(r"`(frontendUser U cannot reach PATH: [^`]*)`", guide)
-    assert quoted, "the guide quotes no line for a closed socket directory"
-    pattern = re.escape(quoted.group(1))
-    for word, regex in (("U", r"\S+"), ("PATH", r"\S+"), ("DIR", r"\S+"), ("M", r"0[0-7]{3}")):
-        pattern = re.sub(rf"\b{word}\b", regex.replace("\\", "\\\\"), pattern)
-    assert re.search(pattern, log.read_text()), (pattern, log.read_text())
+    for quote, text in ((r"`(frontendUser U cannot reach PATH: [^`]*)`", log.read_text()),
+                        (r"goes on `(the directory DIR \(mode M\) is closed to U)`",
+                         front_log.read_text())):
+        quoted = re.search(quote, guide)
+        assert quoted, f"the guide quotes no {quote}"
+        pattern = re.escape(quoted.group(1))
+        for word, regex in (("U", r"\S+"), ("PATH", r"\S+"), ("DIR", r"\S+"), ("M", r"0[0-7]{3}")):
+            pattern = re.sub(rf"\b{word}\b", regex.replace("\\", "\\\\"), pattern)
+        assert re.search(pattern, text), (pattern, text)
 
 
 def _doc_escaped() -> set[str]:
