@@ -19,6 +19,8 @@ What it found (docs fixed; each test below failed before):
   authBackend = none), nor the warning it logs;
   deployment.md's troubleshooting table had no row for that warning, nor
   for `cannot start: stdout closed`.
+- sendooway(1)'s xinetd example lacked the shipped block's `flags = IPv6`
+  (without it xinetd listens on IPv4 only).
 - sendooway-auth(8) EXIT STATUS 2 did not name a socket path too long or a
   connection from systemd (Accept=yes), both exit 2; its LOG section
   listed the once-per-burst lines without `peer refused`, which is one
@@ -408,3 +410,27 @@ def test_fail2ban_finds_a_root_listening_frontends_failures_in_its_log_file(worl
                        capture_output=True, text=True, timeout=60, env=system_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["198.51.100.7", "2001:db8::9"], r.stdout + r.stderr
+
+
+def _xinetd_settings(block: str) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, _, v in (
+        line.partition("=") for line in block.replace("\\-", "-").splitlines()) if _ and "+" not in k}
+
+
+def test_the_man_pages_xinetd_block_is_the_shipped_root_block():
+    """DOC DEFECT: sendooway(1)'s EXAMPLES showed the root xinetd block
+    without `flags = IPv6`, which the shipped block and deployment.md
+    (section 2a) carry because without it xinetd listens on IPv4 only (an
+    IPv6 client of the submission port gets no answer). Every setting the
+    example shows is now the shipped block's, the flag included."""
+    man = _man_section("sendooway.1", "EXAMPLES")
+    example = _xinetd_settings(man.split("service submission\n{", 1)[1].split("}", 1)[0])
+    shipped_text = (Path(__file__).resolve().parent.parent / "packaging" / "xinetd" / "sendooway").read_text()
+    root = next(b for b in shipped_text.split("service submission\n{")[1:] if "submission-root" in b)
+    shipped = _xinetd_settings(root.split("}", 1)[0])
+    guide = (DOCS / "deployment.md").read_text().split("### a.", 1)[1]
+    guide_block = _xinetd_settings(guide.split("service submission\n{", 1)[1].split("}", 1)[0])
+    guide_block.pop("...", None)
+    for shown in (example, guide_block):
+        assert {k: shipped.get(k) for k in shown} == shown
+        assert shown.get("flags") == "IPv6"
