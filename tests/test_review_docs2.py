@@ -63,7 +63,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.front_util import FRONT, NOBODY, front_config
+from tests.deploy_util import PACKAGING, man_section, system_env
+from tests.front_util import (
+    FRONT, NOBODY, Frontend, front_config, front_with_daemon, login_plain, open_tmp,
+)
 
 AUTH = os.path.join(os.path.dirname(FRONT), "sendooway-auth")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -71,14 +74,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the programs as root")
 
 
-def _man_section(page: str, name: str) -> str:
-    text = (DOCS / "man" / page).read_text()
-    return text.split(f"\n.SH {name}\n", 1)[1].split("\n.SH ", 1)[0]
-
-
 def _exit_codes(page: str) -> dict[int, str]:
     """EXIT STATUS of a man page: {code: its paragraph, troff removed}."""
-    section = _man_section(page, "EXIT STATUS").split("\n.PP\n", 1)[0]
+    section = man_section(page, "EXIT STATUS").split("\n.PP\n", 1)[0]
     codes = {}
     for item in section.split(".TP\n")[1:]:
         head, _, body = item.partition("\n")
@@ -139,7 +137,7 @@ def test_the_authenticators_refusals_at_start_exit_as_its_man_page_says(tmp_path
         theirs.close()
     assert "Accept=yes" in err, err
     assert _code_saying("sendooway-auth.8", "Accept=yes") == [proc.returncode]
-    assert "(exit 2)" in _man_section("sendooway-auth.8", "ENVIRONMENT") and proc.returncode == 2
+    assert "(exit 2)" in man_section("sendooway-auth.8", "ENVIRONMENT") and proc.returncode == 2
 
 
 def test_the_authenticators_man_page_lists_every_line_it_logs_once_per_burst():
@@ -152,10 +150,10 @@ def test_the_authenticators_man_page_lists_every_line_it_logs_once_per_burst():
     proto = (DOCS / "protocol.md").read_text()
     kinds = {m.group(1) for m in re.finditer(r"`([a-z ]+): [^`]*since the last such line`", proto)}
     assert {"peer refused", "connection refused", "silent connection closed"} <= kinds, kinds
-    log = _man_section("sendooway-auth.8", "LOG")
+    log = man_section("sendooway-auth.8", "LOG")
     burst = log.split("most one line every 10 seconds", 1)[1].split(".EE", 1)[0]
     assert {k for k in kinds if f"\n{k}: " not in burst} == set()
-    assert "logged and dropped" not in _man_section("sendooway-auth.8", "DESCRIPTION")
+    assert "logged and dropped" not in man_section("sendooway-auth.8", "DESCRIPTION")
 
 
 @pytest.fixture
@@ -199,7 +197,7 @@ def test_the_untrusted_listener_warning_is_the_one_the_docs_quote(world, tmp_pat
     quoted = re.search(r"\| `(authSocket PATH: [^`]*)` at start \|", guide)
     assert quoted, "deployment.md's troubleshooting table has no row for the untrusted listener"
     assert _doc_regex(quoted.group(1)).search(text), text
-    man = _man_section("sendooway.1", "EXIT STATUS")
+    man = man_section("sendooway.1", "EXIT STATUS")
     man_quote = re.search(r'\.RB \( "(authSocket [^"]*)" \)', man)
     assert man_quote, man
     plain = re.sub(r"\\f[BIR]", "", man_quote.group(1))
@@ -217,7 +215,7 @@ def test_sighup_to_a_systemd_connection_on_fd_3_stops_as_the_man_page_says(world
     handles both signals for both, so a connection systemd passes as fd 3
     alone (no StandardInput=socket) hears 421 4.3.2 on SIGHUP too. The
     page now names Accept=yes for SIGHUP as well."""
-    signals = _man_section("sendooway.1", "SIGNALS")
+    signals = man_section("sendooway.1", "SIGNALS")
     hup = signals.split("\n.B SIGHUP\n", 1)[1]
     one = hup[hup.index("One session"):]
     assert "Accept=yes" in one.split(")", 1)[0], one
@@ -271,9 +269,11 @@ def test_bad_lines_of_a_users_include_are_skipped_as_conf5_says(world, tmp_path)
     finally:
         world.clear_home("alice")
     errors = r.stdout.split("\nerrors:\n", 1)[1].split("\nroute for", 1)[0].splitlines()
-    assert [e.rsplit(".sendoowayrc:", 1)[1].split(":")[0] for e in errors] == ["1", "2", "3", "4"], r.stdout
+    lines = [e.rsplit(".sendoowayrc:", 1)[1].split(":")[0] for e in errors]
+    assert lines == ["1", "2", "3", "4"], r.stdout
     assert "not valid UTF-8 (outside a comment), line skipped" in errors[0]
-    assert re.search(r"route for c@b\.example: h\.example:587 .*\.sendoowayrc:5,", r.stdout), r.stdout
+    route = r"route for c@b\.example: h\.example:587 .*\.sendoowayrc:5,"
+    assert re.search(route, r.stdout), r.stdout
     assert r.returncode == 0
 
 
@@ -289,7 +289,8 @@ def test_a_socket_directory_closed_to_frontenduser_is_logged_as_the_guide_quotes
     os.chmod(closed, 0o700)
     config = front_config(tmp_path, world, tls=False)
     log = tmp_path / "auth.log"
-    proc = subprocess.Popen([AUTH, "-c", config, "-l", str(log), "--socket", str(closed / "auth.sock")],
+    proc = subprocess.Popen([AUTH, "-c", config, "-l", str(log), "--socket",
+                             str(closed / "auth.sock")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=world.env())
     front_log = tmp_path / "front.log"
@@ -336,8 +337,6 @@ def test_the_log_escapes_what_protocol_md_says_and_shows_the_null_sender(world, 
     goes through the real frontend and daemon; the characters escaped in
     its `auth failed` line are the ones the page lists, and a MAIL FROM:<>
     is logged `sender=<>`."""
-    from tests.front_util import front_with_daemon, login_plain, open_tmp
-
     name = "".join(chr(c) for c in range(32, 127))
     with open_tmp() as tmp:
         config = front_config(tmp, world, "mailerEncryption = allowed\n", tls=False)
@@ -376,15 +375,12 @@ def test_fail2ban_finds_a_root_listening_frontends_failures_in_its_log_file(worl
     wrong passwords from two clients the headers name (v1 TCP4, v1 TCP6);
     the shipped filter on FILE finds exactly those two clients, not the
     frontend's own `login failed` lines nor the balancer."""
-    from tests.deploy_util import PACKAGING, system_env
-    from tests.front_util import Frontend, login_plain
-
     jail = (PACKAGING / "fail2ban" / "jail.d" / "sendooway.conf").read_text()
     guide = (DOCS / "deployment.md").read_text().split("## 4.", 1)[1].split("## 5.", 1)[0]
     where = guide.split("With `-l` files (", 1)[1].split("jail.d/sendooway.local", 1)[0]
     assert 'root "sendooway -b"' in jail and "root `sendooway -b`" in where
-    config = front_config(tmp_path, world, "mailerEncryption = allowed\nproxyProtocol = 127.0.0.1\n",
-                          tls=False)
+    config = front_config(tmp_path, world,
+                          "mailerEncryption = allowed\nproxyProtocol = 127.0.0.1\n", tls=False)
     log = tmp_path / "sendooway.log"
     front = Frontend(config, str(log)).start()
     try:
@@ -406,15 +402,16 @@ def test_fail2ban_finds_a_root_listening_frontends_failures_in_its_log_file(worl
     filter_dir.mkdir()
     shutil.copy("/etc/fail2ban/filter.d/common.conf", filter_dir)
     shutil.copy(PACKAGING / "fail2ban" / "filter.d" / "sendooway.conf", filter_dir)
-    r = subprocess.run(["fail2ban-regex", "--out", "ip", str(log), str(filter_dir / "sendooway.conf")],
+    r = subprocess.run(["fail2ban-regex", "--out", "ip", str(log),
+                        str(filter_dir / "sendooway.conf")],
                        capture_output=True, text=True, timeout=60, env=system_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["198.51.100.7", "2001:db8::9"], r.stdout + r.stderr
 
 
 def _xinetd_settings(block: str) -> dict[str, str]:
-    return {k.strip(): v.strip() for k, _, v in (
-        line.partition("=") for line in block.replace("\\-", "-").splitlines()) if _ and "+" not in k}
+    pairs = (line.partition("=") for line in block.replace("\\-", "-").splitlines())
+    return {k.strip(): v.strip() for k, eq, v in pairs if eq and "+" not in k}
 
 
 def test_the_man_pages_xinetd_block_is_the_shipped_root_block():
@@ -423,10 +420,11 @@ def test_the_man_pages_xinetd_block_is_the_shipped_root_block():
     (section 2a) carry because without it xinetd listens on IPv4 only (an
     IPv6 client of the submission port gets no answer). Every setting the
     example shows is now the shipped block's, the flag included."""
-    man = _man_section("sendooway.1", "EXAMPLES")
+    man = man_section("sendooway.1", "EXAMPLES")
     example = _xinetd_settings(man.split("service submission\n{", 1)[1].split("}", 1)[0])
-    shipped_text = (Path(__file__).resolve().parent.parent / "packaging" / "xinetd" / "sendooway").read_text()
-    root = next(b for b in shipped_text.split("service submission\n{")[1:] if "submission-root" in b)
+    shipped_text = (PACKAGING / "xinetd" / "sendooway").read_text()
+    blocks = shipped_text.split("service submission\n{")[1:]
+    root = next(b for b in blocks if "submission-root" in b)
     shipped = _xinetd_settings(root.split("}", 1)[0])
     guide = (DOCS / "deployment.md").read_text().split("### a.", 1)[1]
     guide_block = _xinetd_settings(guide.split("service submission\n{", 1)[1].split("}", 1)[0])
