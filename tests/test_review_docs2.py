@@ -372,9 +372,11 @@ def test_fail2ban_finds_a_root_listening_frontends_failures_in_its_log_file(worl
     private authenticator that does the same (spawn_daemon passes -l on),
     and an admin running it so was not told where the jail must look. Run
     for real: `sendooway -b -l FILE` as root behind a PROXY balancer,
-    wrong passwords from two clients the headers name (v1 TCP4, v1 TCP6);
-    the shipped filter on FILE finds exactly those two clients, not the
-    frontend's own `login failed` lines nor the balancer."""
+    wrong passwords from two clients the headers name (v1 TCP4, v1 TCP6),
+    then a root frontend the inetd way (-l the same FILE) behind the same
+    balancer; the shipped filter on FILE finds exactly those three
+    clients, not the frontend's own `login failed` lines nor the
+    balancer."""
     jail = (PACKAGING / "fail2ban" / "jail.d" / "sendooway.conf").read_text()
     guide = (DOCS / "deployment.md").read_text().split("## 4.", 1)[1].split("## 5.", 1)[0]
     where = guide.split("With `-l` files (", 1)[1].split("jail.d/sendooway.local", 1)[0]
@@ -395,9 +397,25 @@ def test_fail2ban_finds_a_root_listening_frontends_failures_in_its_log_file(worl
             assert b"\r\n535 " in got, got
     finally:
         front.stop()
+    # and the inetd way into the same file: a root frontend on an accepted
+    # TCP connection (stdin, stdout, stderr), its socketpair authenticator
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=20)
+        conn, _ = listener.accept()
+    with client:
+        proc = subprocess.Popen([FRONT, "-c", config, "-l", str(log)], stdin=conn.fileno(),
+                                stdout=conn.fileno(), stderr=conn.fileno(), env=world.env())
+        conn.close()
+        client.sendall(b"PROXY TCP4 203.0.113.44 127.0.0.1 40002 587\r\nEHLO c.test\r\n"
+                       b"AUTH PLAIN " + login_plain("alice", "wrong").encode() + b"\r\nQUIT\r\n")
+        got = b""
+        while chunk := client.recv(4096):
+            got += chunk
+        assert proc.wait(20) == 0 and b"\r\n535 " in got, got
     text = log.read_text()
-    assert text.count("sendooway-auth[") and text.count("auth failed: user=alice") == 2, text
-    assert text.count("login failed: user='alice'") == 2, text
+    assert "started socketpair" in text and "connect via" in text, text
+    assert text.count("auth failed: user=alice") == 3, text
+    assert text.count("login failed: user='alice'") == 3, text
     filter_dir = tmp_path / "filter.d"
     filter_dir.mkdir()
     shutil.copy("/etc/fail2ban/filter.d/common.conf", filter_dir)
@@ -406,7 +424,7 @@ def test_fail2ban_finds_a_root_listening_frontends_failures_in_its_log_file(worl
                         str(filter_dir / "sendooway.conf")],
                        capture_output=True, text=True, timeout=60, env=system_env())
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.split() == ["198.51.100.7", "2001:db8::9"], r.stdout + r.stderr
+    assert r.stdout.split() == ["198.51.100.7", "2001:db8::9", "203.0.113.44"], r.stdout + r.stderr
 
 
 def _xinetd_settings(block: str) -> dict[str, str]:
