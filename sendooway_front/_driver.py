@@ -15,6 +15,7 @@ from sendooway_shared.config import Config, Ext8BitMime, MailerEncryption, defau
 from sendooway_shared.log import field as log_field, log_failure, printable
 
 from . import _catalogue as R
+from . import _loops
 from ._authlink import AuthLink, AuthLinkError
 from ._events import (
     FLUSH, NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
@@ -487,6 +488,15 @@ class SessionRunner:
 
     async def _auth(self, ev: AuthRequested) -> None:
         user = ev.user
+        if _loops.from_ourselves(self.stream.peername):
+            # one of this process's own upstream connections logs in: a route
+            # leads back here by a way its upstream side could not see (a
+            # port redirect); checked here, not at accept: by now that side
+            # has surely noted its connection (_loops)
+            self._log(logging.WARNING, "login of %r from this server's own upstream connection:"
+                      " a route leads back to this server (routing loop): closing", user)
+            self.session.shutdown(R.ROUTE_LOOP)
+            return
         try:
             account = await self.link.auth(user, ev.password)
         except AuthLinkError as exc:

@@ -135,6 +135,15 @@ class Stream:
     def peername(self):
         return self._writer.get_extra_info("peername")
 
+    @property
+    def sockname(self):
+        return self._writer.get_extra_info("sockname")
+
+    @property
+    def closing(self) -> bool:
+        """Closed, or closing: the connection is no more, or soon."""
+        return self._closed or self._writer.is_closing()
+
     def tls_version(self) -> str:
         return self._conn.get_protocol_version_name() if self._conn is not None else ""
 

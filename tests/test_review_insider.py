@@ -1,0 +1,124 @@
+"""Adversarial review: an authenticated but hostile local user (bob, with a
+shell account: he logs in to sendooway and writes his own ~/.sendoowayrc,
+~/.fetchmailrc and getmail rc files) against the real `sendooway -b` and
+`sendooway-auth` in the fake world.
+
+Found: a route pointing back at sendooway itself (`direct:* 127.0.0.1
+<sendooway's port> bob <his password> tls` with the world's CA as his
+sslCA) made one MAIL FROM log in to sendooway, whose MAIL logged in again,
+and so on: 3660 sessions in 20 s from the one MAIL (loopback clients are
+not counted by maxSessionsPerAddress), as many PAM logins and route
+lookups at the authenticator, every one held until the timeout; at the
+process's session limit every other user got 421. Fixed by
+sendooway_front/_loops.py (docs/decisions/relay.md "A route back to this
+server").
+
+Looked at and left alone: see the report of this review (the tarpit
+upstream, RCPT and transaction counts per session, route lookups per MAIL,
+users' files as weapons were covered by test_review_localuser,
+test_review_limits, test_review_exhaustion and test_pool_proxy_review)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+
+import pytest
+
+from sendooway_front import _loops
+from sendooway_front._stream import open_tcp
+from tests.auth_helpers import Daemon
+from tests.front_util import Frontend, front_config, login_plain, open_tmp
+from tests.hardening_util import RawClient
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="users and nobody need root")
+
+
+def _self_route(world, front: Frontend, host: str = "127.0.0.1") -> None:
+    bob = world.users["bob"]
+    world.write_user_file("bob", ".sendoowayrc",
+                          f"sslCA = {world.ca_file}\n"
+                          f"smarthostMapping = direct:* {host} {front.port} bob {bob.password} tls\n")
+
+
+@needs_root
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_route_back_to_sendooway_itself_takes_every_session(world, clean_homes, host):
+    """DEFECT: bob's route names sendooway's own address and port, with his own
+    login (direct:, or a fetchmailrc/getmail rc naming the host). His MAIL FROM
+    makes the frontend connect to itself and log in as bob; that session's MAIL
+    asks for the same route and connects again, and so on, each hop waiting for
+    the next. Loopback clients are not counted by maxSessionsPerAddress, so
+    nothing stops it before the process's session limit (up to 4000): observed
+    3660 sessions (and as many PAM logins) in 20 s from one MAIL, all held until
+    the timeout; other users got 421 "Too many connections"; bob got 451 4.4.2
+    (timed out) only after `timeout`, and can repeat it. Correct: the frontend
+    sees that the upstream is itself and answers bob's MAIL with 451 4.4.6 at
+    once, with no second session and a log line naming his file:line."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "timeout = 6\nuserInclude = %h/.sendoowayrc\n")
+        daemon = Daemon(tmp, config).start()
+        front = Frontend(config, os.path.join(str(tmp), "front.log"))
+        _self_route(world, front, host)
+        front.start()
+        try:
+            with RawClient(front.host, front.port, timeout=30) as bob:
+                assert bob.reply()[0] == 220
+                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
+                password = world.users["bob"].password
+                assert bob.cmd(f"AUTH PLAIN {login_plain('bob', password)}\r\n".encode())[0] == 235
+                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+                assert bob.cmd(b"NOOP\r\n")[0] == 250  # the session goes on
+        finally:
+            front.stop()
+            daemon.stop()
+        log = front.log()
+        logins = len(re.findall(r"user=bob: login: ", log))
+        assert logins == 1, f"{logins} logins from one MAIL"
+        assert (code, lines[0][:5]) == (451, b"4.4.6"), (code, lines)
+        assert "leads back to this server" in log and ".sendoowayrc:2" in log
+        assert password not in log
+
+
+def test_a_connection_from_our_own_upstream_side_is_known(tmp_path):
+    """The second check of _loops (a route that reaches us by a way the
+    upstream side cannot see, such as a kernel port redirect): a client whose
+    address is the local end of one of this process's open upstream
+    connections is recognised, and no longer once that connection is closed.
+    Real sockets on loopback."""
+    async def scenario():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            stream = await open_tcp("127.0.0.1", port, 5)
+            local = stream.sockname
+            _loops.outgoing(local, stream)
+            seen = _loops.from_ourselves(local), _loops.from_ourselves(("127.0.0.1", 1))
+            mapped = _loops.from_ourselves((f"::ffff:{local[0]}", local[1], 0, 0))
+            stream.abort()
+            after = _loops.from_ourselves(local)
+        finally:
+            server.close()
+            _loops.reset()
+        return seen, mapped, after
+
+    seen, mapped, after = asyncio.run(scenario())
+    assert seen == (True, False) and mapped is True and after is False
+
+
+def test_only_our_own_service_address_leads_back():
+    """leads_back: our address and port, or any local address when we listen
+    on a wildcard; another port, or another host's address, is not us."""
+    try:
+        _loops.serving(("127.0.0.1", 2525))
+        assert _loops.leads_back(("127.0.0.1", 2525), ("127.0.0.1", 40000))
+        assert not _loops.leads_back(("127.0.0.1", 2526), ("127.0.0.1", 40000))
+        assert not _loops.leads_back(("127.0.0.2", 2525), ("127.0.0.1", 40000))
+        _loops.serving(("::", 587, 0, 0))
+        assert _loops.leads_back(("::1", 587, 0, 0), ("::1", 40000, 0, 0))
+        assert _loops.leads_back(("192.0.2.5", 587), ("192.0.2.5", 40000))  # our own address
+        assert not _loops.leads_back(("192.0.2.9", 587), ("192.0.2.5", 40000))
+    finally:
+        _loops.reset()
