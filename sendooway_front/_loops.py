@@ -37,13 +37,20 @@ def _key(sockaddr) -> tuple[str, int] | None:
     return str(ip), port
 
 
-def serving(sockname) -> None:
-    """This process listens on, or was reached at, `sockname`."""
+def serving(sockname) -> tuple[str | None, int] | None:
+    """This process listens on, or was reached at, `sockname`; returns the
+    key to give unserve() when that ends (an in-process server of the tests)."""
     key = _key(sockname)
     if key is None:
-        return
+        return None
     ip, port = key
-    _serving.add((None if ipaddress.ip_address(ip).is_unspecified else ip, port))
+    served = (None if ipaddress.ip_address(ip).is_unspecified else ip, port)
+    _serving.add(served)
+    return served
+
+
+def unserve(served) -> None:
+    _serving.discard(served)
 
 
 def leads_back(peername, sockname) -> bool:

@@ -480,8 +480,9 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
             task_of.pop(runner, None)
 
     servers = []
+    served = []
     for s in sockets:
-        _loops.serving(s.getsockname())
+        served.append(_loops.serving(s.getsockname()))
         # backlog: asyncio listens again (default 100, undoing listen(512))
         servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024, backlog=512))
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -504,4 +505,6 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         srv.close()
     await _wind_down(frontend, tasks, runners, task_of, grace)
     await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT
+    for key in served:
+        _loops.unserve(key)
     log.info("stopped")
