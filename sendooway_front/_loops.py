@@ -15,11 +15,11 @@ timeout. Two checks, both in this process (docs/decisions/relay.md
 from __future__ import annotations
 
 import ipaddress
+import socket
 import weakref
 
-# (address, port) this process listens on or was reached at; address None
-# for a wildcard listener (0.0.0.0, ::), which serves every local address
-_serving: set[tuple[str | None, int]] = set()
+# (address, port) this process listens on or was reached at (serving)
+_serving: set[tuple[str, int]] = set()
 # the local ends of this process's upstream connections, while they are open
 _outgoing: "weakref.WeakValueDictionary[tuple[str, int], object]" = weakref.WeakValueDictionary()
 
@@ -37,16 +37,24 @@ def _key(sockaddr) -> tuple[str, int] | None:
     return str(ip), port
 
 
-def serving(sockname) -> tuple[str | None, int] | None:
-    """This process listens on, or was reached at, `sockname`; returns the
-    key to give unserve() when that ends (an in-process server of the tests)."""
-    key = _key(sockname)
+def serving(sock: socket.socket) -> tuple[str, int] | None:
+    """This process listens on, or was reached at, `sock`'s address; returns
+    the key to give unserve() when that ends (an in-process server of the
+    tests). A wildcard listener is kept as 0.0.0.0 (IPv4 only), :: with
+    IPV6_V6ONLY (IPv6 only) or "*" (both: a dual-stack ::)."""
+    try:
+        key = _key(sock.getsockname())
+        dual = (sock.family == socket.AF_INET6
+                and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    except OSError:
+        return None
     if key is None:
         return None
     ip, port = key
-    served = (None if ipaddress.ip_address(ip).is_unspecified else ip, port)
-    _serving.add(served)
-    return served
+    if ipaddress.ip_address(ip).is_unspecified and dual:
+        ip = "*"
+    _serving.add((ip, port))
+    return ip, port
 
 
 def unserve(served) -> None:
@@ -62,10 +70,12 @@ def leads_back(peername, sockname) -> bool:
     if peer in _serving:
         return True
     ip = ipaddress.ip_address(peer[0])
+    wildcards = {"*", "0.0.0.0" if ip.version == 4 else "::"}
     # a wildcard listener: any address of this host (loopback, or the one
     # the kernel took as our own source address for it)
-    return (None, peer[1]) in _serving and (ip.is_loopback or ip.is_unspecified
-                                           or (local is not None and local[0] == peer[0]))
+    return (any((w, peer[1]) in _serving for w in wildcards)
+            and (ip.is_loopback or ip.is_unspecified
+                 or (local is not None and local[0] == peer[0])))
 
 
 def outgoing(sockname, stream) -> None:

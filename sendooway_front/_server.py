@@ -347,7 +347,7 @@ async def serve_stdio(frontend: Frontend) -> None:
         try:
             set_nodelay(s)
             peer = describe_peer(s.getpeername())
-            _loops.serving(s.getsockname())
+            _loops.serving(s)
         except OSError:
             pass
         finally:
@@ -416,7 +416,7 @@ async def serve_connection(frontend: Frontend, sock: socket.socket) -> None:
     """One session on an already connected socket (systemd Accept=yes)."""
     try:
         peer = describe_peer(sock.getpeername())
-        _loops.serving(sock.getsockname())
+        _loops.serving(sock)
     except OSError:
         peer = ""
     stream = await Stream.from_socket(sock, frontend.config.timeout)
@@ -482,7 +482,7 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
     servers = []
     served = []
     for s in sockets:
-        served.append(_loops.serving(s.getsockname()))
+        served.append(_loops.serving(s))
         # backlog: asyncio listens again (default 100, undoing listen(512))
         servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024, backlog=512))
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 
 import pytest
 
@@ -107,17 +108,40 @@ def test_a_connection_from_our_own_upstream_side_is_known(tmp_path):
     assert seen == (True, False) and mapped is True and after is False
 
 
+def _listener(family: int, addr: str, v6only: bool | None = None) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    if v6only is not None:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    s.bind((addr, 0))
+    s.listen(1)
+    return s
+
+
 def test_only_our_own_service_address_leads_back():
     """leads_back: our address and port, or any local address when we listen
-    on a wildcard; another port, or another host's address, is not us."""
+    on a wildcard of that family; another port, another host's address, or
+    an IPv4 address while we listen on an IPv6-only :: (a local Postfix on
+    127.0.0.1 with the same port) is not us. Real listening sockets."""
+    socks = [_listener(socket.AF_INET, "127.0.0.1"), _listener(socket.AF_INET6, "::", True),
+             _listener(socket.AF_INET6, "::", False), _listener(socket.AF_INET, "0.0.0.0")]
     try:
-        _loops.serving(("127.0.0.1", 2525))
-        assert _loops.leads_back(("127.0.0.1", 2525), ("127.0.0.1", 40000))
-        assert not _loops.leads_back(("127.0.0.1", 2526), ("127.0.0.1", 40000))
-        assert not _loops.leads_back(("127.0.0.2", 2525), ("127.0.0.1", 40000))
-        _loops.serving(("::", 587, 0, 0))
-        assert _loops.leads_back(("::1", 587, 0, 0), ("::1", 40000, 0, 0))
-        assert _loops.leads_back(("192.0.2.5", 587), ("192.0.2.5", 40000))  # our own address
-        assert not _loops.leads_back(("192.0.2.9", 587), ("192.0.2.5", 40000))
+        served = [_loops.serving(s) for s in socks]
+        exact, v6only, dual, v4any = (k[1] for k in served)
+        here = ("127.0.0.1", 40000)
+        assert _loops.leads_back(("127.0.0.1", exact), here)
+        assert not _loops.leads_back(("127.0.0.1", exact + 1 if exact + 1 not in
+                                      (v6only, dual, v4any) else exact + 2), here)
+        assert not _loops.leads_back(("127.0.0.2", exact), here)
+        assert _loops.leads_back(("::1", v6only, 0, 0), ("::1", 40000, 0, 0))
+        assert not _loops.leads_back(("127.0.0.1", v6only), here)  # not ours: IPv6 only
+        assert _loops.leads_back(("127.0.0.1", dual), here)
+        assert _loops.leads_back(("::ffff:127.0.0.1", dual, 0, 0), here)
+        assert _loops.leads_back(("192.0.2.5", v4any), ("192.0.2.5", 40000))  # our own address
+        assert not _loops.leads_back(("192.0.2.9", v4any), ("192.0.2.5", 40000))
+        for key in served:
+            _loops.unserve(key)
+        assert not _loops.leads_back(("127.0.0.1", exact), here)
     finally:
         _loops.reset()
+        for s in socks:
+            s.close()
