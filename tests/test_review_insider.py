@@ -23,14 +23,18 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
 
 import pytest
 
 from sendooway_front import _loops
 from sendooway_front._stream import open_tcp
 from tests.auth_helpers import Daemon
-from tests.front_util import Frontend, front_config, login_plain, open_tmp
+from tests.fakeworld import free_port
+from tests.front_util import FRONT, Frontend, front_config, login_plain, open_tmp, wait_port
 from tests.hardening_util import RawClient
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="users and nobody need root")
@@ -145,3 +149,47 @@ def test_only_our_own_service_address_leads_back():
         _loops.reset()
         for s in socks:
             s.close()
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate")
+def test_a_route_back_to_sendooway_under_accept_yes_forks_a_process_per_hop(world, clean_homes):
+    """DEFECT, as above, with one process per connection (systemd Accept=yes,
+    the connection on stdin as inetd passes it): each hop of the loop was a
+    new `sendooway` process and a PAM login, one after the other until
+    `timeout` (bounded only by systemd's MaxConnections=). Correct: the
+    process knows the address it was reached at and refuses a route to it:
+    bob's MAIL gets 451 4.4.6 at once, and there is no second login."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "timeout = 6\nuserInclude = %h/.sendoowayrc\n")
+        log = os.path.join(str(tmp), "front.log")
+        daemon = Daemon(tmp, config).start()
+        port = free_port()
+        env = world.env()
+        front = Frontend(config, log, port=port)  # (only for _self_route's port and the log)
+        _self_route(world, front)
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--accept", "--inetd",
+             *[a for k, v in env.items() if re.match(r"(LD_|NSS_|PAM_|PATH$)", k)
+               for a in ("-E", f"{k}={v}")],
+             FRONT, "-c", config, "-l", log],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_port("127.0.0.1", port, proc)
+            with RawClient("127.0.0.1", port, timeout=30) as bob:
+                assert bob.reply()[0] == 220
+                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
+                password = world.users["bob"].password
+                assert bob.cmd(f"AUTH PLAIN {login_plain('bob', password)}\r\n".encode())[0] == 235
+                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+                bob.cmd(b"QUIT\r\n")
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+            daemon.stop()
+        text = front.log()
+        logins = len(re.findall(r"user=bob: login: ", text))
+        assert logins == 1, f"{logins} logins from one MAIL"
+        assert (code, lines[0][:5]) == (451, b"4.4.6"), (code, lines)
+        assert "leads back to this server" in text
