@@ -193,3 +193,65 @@ def test_a_route_back_to_sendooway_under_accept_yes_forks_a_process_per_hop(worl
         assert logins == 1, f"{logins} logins from one MAIL"
         assert (code, lines[0][:5]) == (451, b"4.4.6"), (code, lines)
         assert "leads back to this server" in text
+
+
+HAPROXY_CFG = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend submission
+    bind 127.0.0.1:{port}
+    default_backend sendooway
+backend sendooway
+    server mx1 127.0.0.1:{backend} source 127.0.0.2 send-proxy-v2
+"""
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("haproxy"), reason="no haproxy")
+def test_a_route_back_to_sendooway_through_its_balancer_loops_through_it(world, clean_homes):
+    """DEFECT, as above, with the route naming the HAProxy in front of
+    sendooway (proxyProtocol): the upstream side sees only HAProxy's address,
+    and each hop came back through it as a new session with bob's login, until
+    `timeout`. Correct: the balancer's PROXY header names the hop's source,
+    which is one of the frontend's own upstream connections: that login is
+    refused with 421 4.4.6 and the loop ends at the second session (bob's MAIL
+    gets the upstream-login failure, 454), with a log line saying why."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "timeout = 6\nuserInclude = %h/.sendoowayrc\n"
+                                          "proxyProtocol = 127.0.0.2\n")
+        daemon = Daemon(tmp, config).start()
+        front = Frontend(config, os.path.join(str(tmp), "front.log")).start()
+        port = free_port()
+        cfg = os.path.join(str(tmp), "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(HAPROXY_CFG.format(port=port, backend=front.port))
+        bob_user = world.users["bob"]
+        world.write_user_file("bob", ".sendoowayrc",
+                              f"sslCA = {world.ca_file}\n"
+                              f"smarthostMapping = direct:* 127.0.0.1 {port} bob"
+                              f" {bob_user.password} tls\n")
+        proc = subprocess.Popen([shutil.which("haproxy"), "-db", "-f", cfg],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_port("127.0.0.1", port, proc)
+            with RawClient(front.host, front.port, timeout=30) as bob:
+                assert bob.reply()[0] == 220
+                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
+                login = login_plain("bob", bob_user.password)
+                assert bob.cmd(f"AUTH PLAIN {login}\r\n".encode())[0] == 235
+                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            front.stop()
+            daemon.stop()
+        log = front.log()
+        logins = len(re.findall(r"user=bob: login: ", log))
+        assert logins == 1, f"{logins} logins from one MAIL"
+        assert code == 454, (code, lines)
+        assert "a route leads back to this server (routing loop)" in log
+        assert bob_user.password not in log
