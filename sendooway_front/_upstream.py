@@ -260,15 +260,15 @@ class UpstreamClient:
 
 
 async def open_upstream(route: Route, config: Config, ehlo_name: str,
-                        log: logging.Logger, session_id: str = "") -> UpstreamClient:
+                        log: logging.Logger, session_id: str = "", who: str = "") -> UpstreamClient:
     """Connect, greet, secure and log in as `route` says. Raises UpstreamError."""
     try:
-        return await _open_upstream(route, config, ehlo_name, log, session_id)
+        return await _open_upstream(route, config, ehlo_name, log, session_id, who)
     except _ResumptionBroke:
         # the server failed a resumed handshake; it is not offered one again
         log.info("%supstream %s: TLS resumption refused, connecting afresh",
                  f"{session_id}: " if session_id else "", route.where)
-        return await _open_upstream(route, config, ehlo_name, log, session_id)
+        return await _open_upstream(route, config, ehlo_name, log, session_id, who)
 
 
 class _ResumptionBroke(Exception):
@@ -276,12 +276,12 @@ class _ResumptionBroke(Exception):
 
 
 async def _open_upstream(route: Route, config: Config, ehlo_name: str,
-                         log: logging.Logger, session_id: str) -> UpstreamClient:
+                         log: logging.Logger, session_id: str, who: str = "") -> UpstreamClient:
     where = route.where
     prefix = f"{session_id}: " if session_id else ""
     timeout = float(config.timeout)
     try:
-        stream = await open_tcp(route.server, route.port, timeout)
+        stream = await open_tcp(route.server, route.port, timeout, who)
     except ConnectError as e:
         raise UpstreamError(UNREACHABLE, f"cannot connect to {where}: {e.strerror or e}") from None
     if stream.connect_failures:

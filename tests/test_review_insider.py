@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -30,12 +31,13 @@ import subprocess
 
 import pytest
 
-from sendooway_front import _loops
+from sendooway_front import _loops, _stream
 from sendooway_front._stream import open_tcp
 from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
 from tests.front_util import FRONT, Frontend, front_config, login_plain, open_tmp, wait_port
-from tests.hardening_util import RawClient
+from tests.hardening_util import RawClient, wait_for
+from tests.upstream import FakeUpstream
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="users and nobody need root")
 
@@ -255,3 +257,79 @@ def test_a_route_back_to_sendooway_through_its_balancer_loops_through_it(world, 
         assert code == 454, (code, lines)
         assert "a route leads back to this server (routing loop)" in log
         assert bob_user.password not in log
+
+
+def _queries(sock: socket.socket, seen: list[int]) -> int:
+    """How many datagrams came to `sock` (the name server that never
+    answers) so far; `seen` keeps the count."""
+    while select.select([sock], [], [], 0)[0]:
+        sock.recv(4096)
+        seen[0] += 1
+    return seen[0]
+
+
+@needs_root
+def test_a_users_route_to_a_name_nobody_answers_for_stalls_everyones_lookups(world, clean_homes):
+    """DEFECT: bob's route names a host whose name servers never answer
+    (his own domain, a lame delegation). The frontend looks each upstream name
+    up with getaddrinfo in the event loop's default executor: CPUs + 4 threads
+    (6 on this 2-CPU machine), shared by every session of `sendooway -b`. Each
+    of bob's MAILs holds a thread for the resolver's whole timeout (5 s x 2
+    tries per server by default; also after the session's own `timeout` gave
+    up on it), so a few of his sessions hold every thread and every other
+    user's lookup (here alice's route names `localhost`) waits behind them:
+    alice's MAIL was answered only after bob's first lookups gave up (4 s
+    with a 4 s resolver timeout; with the defaults and bob sending on, her
+    MAILs get 451 at `timeout`). Correct: one user's lookups take at most a
+    few threads at once (his others wait for his own turn), from a pool
+    large enough for the others: alice's MAIL is answered while all of
+    bob's are still waiting. The name server is a UDP socket that never
+    answers, the frontend's /etc/resolv.conf a bind mount naming it."""
+    dns_ip = f"127.86.{os.getpid() % 250 + 1}.{os.getpid() // 250 % 250 + 1}"
+    tarpit = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tarpit.bind((dns_ip, 53))
+    up = FakeUpstream(world, tls="plain", require_tls=False).start()
+    bobs: list[RawClient] = []
+    with open_tmp() as tmp:
+        (tmp / "resolv.conf").write_text(f"nameserver {dns_ip}\noptions timeout:3 attempts:1\n")
+        os.chmod(tmp / "resolv.conf", 0o644)
+        config = front_config(tmp, world, "timeout = 5\nuserInclude = %h/.sendoowayrc\n")
+        daemon = Daemon(tmp, config).start()
+        argv0 = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                 f'mount --bind "{tmp}/resolv.conf" /etc/resolv.conf && exec "$0" "$@"', FRONT]
+        front = Frontend(config, os.path.join(str(tmp), "front.log"), argv0=argv0).start()
+        world.write_user_file("bob", ".sendoowayrc",
+                              "smarthostMapping = direct:* smtp.never-answers.example 25 noAuth\n")
+        world.write_user_file("alice", ".sendoowayrc",
+                              f"smarthostMapping = direct:* localhost {up.port} noAuth\n")
+        try:
+            # more than the default executor's threads, and than the lookup pool's
+            for _ in range(max(min(32, (os.cpu_count() or 1) + 4), _stream.LOOKUP_THREADS) + 2):
+                c = RawClient(front.host, front.port, timeout=30)
+                bobs.append(c)
+                assert c.reply()[0] == 220
+                assert c.cmd(b"EHLO bob.test\r\n")[0] == 250
+                login = login_plain("bob", world.users["bob"].password)
+                assert c.cmd(f"AUTH PLAIN {login}\r\n".encode())[0] == 235
+            for c in bobs:
+                c.send(b"MAIL FROM:<bob@example.org>\r\n")
+            # every MAIL of bob's has its route: each lookup is started or waits
+            wait_for(lambda: daemon.log().count("route: user=bob ") >= len(bobs), 20)
+            seen = [0]
+            wait_for(lambda: _queries(tarpit, seen) >= 2, 10)
+            with RawClient(front.host, front.port, timeout=30) as alice:
+                assert alice.reply()[0] == 220
+                assert alice.cmd(b"EHLO alice.test\r\n")[0] == 250
+                login = login_plain("alice", world.users["alice"].password)
+                assert alice.cmd(f"AUTH PLAIN {login}\r\n".encode())[0] == 235
+                code = alice.cmd(b"MAIL FROM:<alice@example.org>\r\n")[0]
+                answered = select.select([c.sock for c in bobs], [], [], 0)[0]
+        finally:
+            for c in bobs:
+                c.close()
+            front.stop()
+            daemon.stop()
+            up.stop()
+            tarpit.close()
+        assert code == 250
+        assert not answered, "alice's lookup waited for bob's to give up"
