@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import functools
 import os
 import socket
 
@@ -708,39 +707,53 @@ async def _lookup(name: str, port: int, who: str) -> list:
     if _lookup_pool is None:
         _lookup_pool = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS,
                                                              thread_name_prefix="lookup")
-    call = functools.partial(socket.getaddrinfo, name, port, type=socket.SOCK_STREAM)
-    if not who:
-        return await loop.run_in_executor(_lookup_pool, call)
-    key = (loop, who)
-    turn = _lookup_turns.get(key)
-    if turn is None:
-        turn = _lookup_turns[key] = [asyncio.Semaphore(LOOKUPS_PER_USER), 0]
-    turn[1] += 1
-    started = False
-    try:
-        await turn[0].acquire()
+    turn = None
+    if who:
+        key = (loop, who)
+        turn = _lookup_turns.get(key)
+        if turn is None:
+            turn = _lookup_turns[key] = [asyncio.Semaphore(LOOKUPS_PER_USER), 0]
+        turn[1] += 1
+
+    def leave() -> None:
+        turn[1] -= 1
+        if not turn[1] and _lookup_turns.get(key) is turn:
+            del _lookup_turns[key]
+
+    answer = loop.create_future()
+
+    def settle(done: concurrent.futures.Future) -> None:  # in the loop, once the thread is free
+        if turn is not None:
+            turn[0].release()
+            leave()
+        if not answer.done():  # (else its session stopped waiting)
+            exc = done.exception()
+            if exc is not None:
+                answer.set_exception(exc)
+            else:
+                answer.set_result(done.result())
+
+    def finished(done: concurrent.futures.Future) -> None:  # in the thread
         try:
-            fut = loop.run_in_executor(_lookup_pool, call)
-        except BaseException:
-            turn[0].release()
-            raise
-        started = True
+            loop.call_soon_threadsafe(settle, done)
+        except RuntimeError:  # the loop is closed (the process ends): nobody waits
+            pass
 
-        def done(f: asyncio.Future) -> None:  # the thread is free: the turn too
-            if not f.cancelled():
-                f.exception()  # (retrieved: a lookup nobody waits for any more)
+    try:
+        if turn is not None:
+            await turn[0].acquire()
+    except BaseException:
+        leave()
+        raise
+    try:
+        _lookup_pool.submit(socket.getaddrinfo, name, port,
+                            type=socket.SOCK_STREAM).add_done_callback(finished)
+    except BaseException:  # no thread could be started (RLIMIT_NPROC): open_tcp says so
+        if turn is not None:
             turn[0].release()
-            turn[1] -= 1
-            if not turn[1] and _lookup_turns.get(key) is turn:
-                del _lookup_turns[key]
-
-        fut.add_done_callback(done)
-        return await asyncio.shield(fut)
-    finally:
-        if not started:
-            turn[1] -= 1
-            if not turn[1] and _lookup_turns.get(key) is turn:
-                del _lookup_turns[key]
+            leave()
+        raise
+    return await answer
 
 
 async def open_tcp(host: str, port: int, timeout: float | None, who: str = "") -> Stream:
