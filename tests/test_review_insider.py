@@ -35,7 +35,9 @@ from sendooway_front import _loops, _stream
 from sendooway_front._stream import open_tcp
 from tests.auth_helpers import Daemon
 from tests.fakeworld import free_port
-from tests.front_util import FRONT, Frontend, front_config, login_plain, open_tmp, wait_port
+from tests.front_util import (
+    FRONT, Frontend, front_config, login_plain, open_tmp, socket_client_session, wait_port,
+)
 from tests.hardening_util import RawClient, wait_for
 from tests.upstream import FakeUpstream
 
@@ -333,3 +335,37 @@ def test_a_users_route_to_a_name_nobody_answers_for_stalls_everyones_lookups(wor
             tarpit.close()
         assert code == 250
         assert not answered, "alice's lookup waited for bob's to give up"
+
+
+@needs_root
+def test_an_inetd_session_ending_during_a_name_lookup_ends_quietly(world, clean_homes):
+    """A guard, not a defect found: with lookups in their own pool (above), a
+    lookup still blocked in its thread when an inetd session's event loop has
+    closed must not break the end of the process (its answer is dropped, not
+    handed to the closed loop; under xinetd stderr is the client's socket).
+    The session (`timeout = 1`, the name server silent for 3 s) answers the
+    MAIL 451 and QUIT 221, then the process ends with status 0 and nothing
+    else said."""
+    dns_ip = f"127.87.{os.getpid() % 250 + 1}.{os.getpid() // 250 % 250 + 1}"
+    tarpit = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tarpit.bind((dns_ip, 53))
+    with open_tmp() as tmp:
+        (tmp / "resolv.conf").write_text(f"nameserver {dns_ip}\noptions timeout:3 attempts:1\n")
+        os.chmod(tmp / "resolv.conf", 0o644)
+        config = front_config(tmp, world, "timeout = 1\nuserInclude = %h/.sendoowayrc\n")
+        daemon = Daemon(tmp, config).start()
+        world.write_user_file("bob", ".sendoowayrc",
+                              "smarthostMapping = direct:* smtp.never-answers.example 25 noAuth\n")
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                f'mount --bind "{tmp}/resolv.conf" /etc/resolv.conf && exec "$0" "$@"', FRONT,
+                "-c", config, "-l", os.path.join(str(tmp), "front.log")]
+        login = login_plain("bob", world.users["bob"].password)
+        try:
+            seen, status = socket_client_session(
+                argv, b"EHLO bob.test\r\nAUTH PLAIN " + login.encode()
+                + b"\r\nMAIL FROM:<bob@example.org>\r\nQUIT\r\n", timeout=30)
+        finally:
+            daemon.stop()
+            tarpit.close()
+    assert status == 0, seen
+    assert b"\r\n451 4.4.1 " in seen and seen.endswith(b"221 2.0.0 Bye\r\n"), seen
