@@ -15,6 +15,7 @@ from sendooway_shared.config import Config, Ext8BitMime, MailerEncryption, defau
 from sendooway_shared.log import field as log_field, log_failure, printable
 
 from . import _catalogue as R
+from . import _loops
 from ._authlink import AuthLink, AuthLinkError
 from ._events import (
     FLUSH, NEED_DATA, PAUSED, AuthRefused, AuthRequested, ConnectionClosed, DataChunk, DataFinished, DataRefused,
@@ -155,6 +156,7 @@ class SessionRunner:
         self.link: AuthLink | None = None
         self.relay: RelayBackend | None = None
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
+        self.client_address = stream.peername  # (or the PROXY header's source)
         self.stream_eof = False
         self.stopping = False          # the server stops: 421 at the next command
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
@@ -302,6 +304,7 @@ class SessionRunner:
         balancer = self.client
         self.client = describe_peer(header.source)
         self.client_ip = header.source[0]
+        self.client_address = header.source
         return f" via {balancer} (PROXY {header.describe()})"
 
     async def _open_link(self) -> None:
@@ -487,6 +490,16 @@ class SessionRunner:
 
     async def _auth(self, ev: AuthRequested) -> None:
         user = ev.user
+        if _loops.from_ourselves(self.client_address):
+            # one of this process's own upstream connections logs in: a route
+            # leads back here by a way its upstream side could not see (a
+            # balancer's PROXY header names it, or a port redirect); checked
+            # here, not at accept: by now that side has surely noted its
+            # connection (_loops)
+            self._log(logging.WARNING, "login of %r from this server's own upstream connection:"
+                      " a route leads back to this server (routing loop): closing", user)
+            self.session.shutdown(R.ROUTE_LOOP)
+            return
         try:
             account = await self.link.auth(user, ev.password)
         except AuthLinkError as exc:

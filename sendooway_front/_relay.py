@@ -253,7 +253,8 @@ class Relay:
                                 f"{detail} {refused.ttl - left:.0f} s ago; not tried again with the same"
                                 f" password for {left:.0f} s")
         try:
-            client = await open_upstream(route, self.config, key.ehlo_name, self.log, info.session_id)
+            client = await open_upstream(route, self.config, key.ehlo_name, self.log,
+                                         info.session_id, who=info.user)
         except UpstreamError as e:
             if e.login_refused:
                 refused.note(credentials, asyncio.get_running_loop().time(), str(e))

@@ -22,6 +22,7 @@ from sendooway_shared.log import Tally, quiet_accept_errors
 from sendooway_shared.types import port_number
 
 from . import _catalogue as R
+from . import _loops
 from ._driver import Frontend, SessionRunner, describe_peer
 from ._limits import AddressLimit
 from ._pool import close_shared_pool
@@ -346,6 +347,7 @@ async def serve_stdio(frontend: Frontend) -> None:
         try:
             set_nodelay(s)
             peer = describe_peer(s.getpeername())
+            _loops.serving(s)
         except OSError:
             pass
         finally:
@@ -414,6 +416,7 @@ async def serve_connection(frontend: Frontend, sock: socket.socket) -> None:
     """One session on an already connected socket (systemd Accept=yes)."""
     try:
         peer = describe_peer(sock.getpeername())
+        _loops.serving(sock)
     except OSError:
         peer = ""
     stream = await Stream.from_socket(sock, frontend.config.timeout)
@@ -477,7 +480,9 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
             task_of.pop(runner, None)
 
     servers = []
+    served = []
     for s in sockets:
+        served.append(_loops.serving(s))
         # backlog: asyncio listens again (default 100, undoing listen(512))
         servers.append(await asyncio.start_server(on_client, sock=s, limit=128 * 1024, backlog=512))
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -500,4 +505,6 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         srv.close()
     await _wind_down(frontend, tasks, runners, task_of, grace)
     await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT
+    for key in served:
+        _loops.unserve(key)
     log.info("stopped")

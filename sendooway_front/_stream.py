@@ -10,6 +10,7 @@ handshake; an expired one raises TimeoutError.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -29,6 +30,16 @@ READER_LIMIT = RAW_READ // 2
 TLS_BATCH = 256 * 1024  # plaintext octets encrypted before the records are sent
 WRITE_BUFFER_HIGH = 256 * 1024  # unsent bytes kept before a write waits for the peer
 CONNECT_TRY = 10.0  # seconds one address may take while others are left to try
+# Name lookups (getaddrinfo, blocking, in a thread) of one user at once, and
+# threads for them in all. A user's route may name a host whose name servers
+# never answer: each lookup then holds its thread for the resolver's whole
+# timeout (5 s x 2 tries x each server), after our own `timeout` gave up on
+# it. In the loop's default executor (CPUs + 4 threads: 6 here) a few of his
+# sessions held every thread and everyone's lookups queued behind them (an
+# insider review). A turn is given back when the thread is done, not when
+# the session stops waiting for it.
+LOOKUPS_PER_USER = 2
+LOOKUP_THREADS = 32
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -134,6 +145,15 @@ class Stream:
     @property
     def peername(self):
         return self._writer.get_extra_info("peername")
+
+    @property
+    def sockname(self):
+        return self._writer.get_extra_info("sockname")
+
+    @property
+    def closing(self) -> bool:
+        """Closed, or closing: the connection is no more, or soon."""
+        return self._closed or self._writer.is_closing()
 
     def tls_version(self) -> str:
         return self._conn.get_protocol_version_name() if self._conn is not None else ""
@@ -675,7 +695,68 @@ class FailedAddresses(Lately):
 failed_addresses = FailedAddresses()
 
 
-async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
+_lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_lookup_turns: dict[tuple, list] = {}  # (loop, user) -> [Semaphore, holders and waiters]
+
+
+async def _lookup(name: str, port: int, who: str) -> list:
+    """getaddrinfo in a thread of the lookup pool, at most LOOKUPS_PER_USER
+    of `who`'s at once (`who` "": no turn needed)."""
+    global _lookup_pool
+    loop = asyncio.get_running_loop()
+    if _lookup_pool is None:
+        _lookup_pool = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS,
+                                                             thread_name_prefix="lookup")
+    turn = None
+    if who:
+        key = (loop, who)
+        turn = _lookup_turns.get(key)
+        if turn is None:
+            turn = _lookup_turns[key] = [asyncio.Semaphore(LOOKUPS_PER_USER), 0]
+        turn[1] += 1
+
+    def leave() -> None:
+        turn[1] -= 1
+        if not turn[1] and _lookup_turns.get(key) is turn:
+            del _lookup_turns[key]
+
+    answer = loop.create_future()
+
+    def settle(done: concurrent.futures.Future) -> None:  # in the loop, once the thread is free
+        if turn is not None:
+            turn[0].release()
+            leave()
+        if not answer.done():  # (else its session stopped waiting)
+            exc = done.exception()
+            if exc is not None:
+                answer.set_exception(exc)
+            else:
+                answer.set_result(done.result())
+
+    def finished(done: concurrent.futures.Future) -> None:  # in the thread
+        try:
+            loop.call_soon_threadsafe(settle, done)
+        except RuntimeError:  # the loop is closed (the process ends): nobody waits
+            pass
+
+    try:
+        if turn is not None:
+            await turn[0].acquire()
+    except BaseException:
+        leave()
+        raise
+    try:
+        _lookup_pool.submit(socket.getaddrinfo, name, port,
+                            type=socket.SOCK_STREAM).add_done_callback(finished)
+    except BaseException:  # no thread could be started (RLIMIT_NPROC): open_tcp says so
+        if turn is not None:
+            turn[0].release()
+            leave()
+        raise
+    return await answer
+
+
+async def open_tcp(host: str, port: int, timeout: float | None, who: str = "") -> Stream:
     """Connect to every address `host` resolves to (IPv4 and IPv6), one after
     the other; the first that answers wins (the stream's connect_failures
     lists the tries before it, for the log). Each try is bounded by `timeout`,
@@ -692,8 +773,7 @@ async def open_tcp(host: str, port: int, timeout: float | None) -> Stream:
             infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_NUMERICHOST)
         except socket.gaierror:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), timeout)
+            infos = await asyncio.wait_for(_lookup(name, port, who), timeout)
     except (TimeoutError, asyncio.TimeoutError):
         raise ConnectError(errno.ETIMEDOUT, f"{host}: name lookup timed out") from None
     except socket.gaierror as e:

@@ -27,7 +27,7 @@ from sendooway_shared.config import Config, Ext8BitMime, SmarthostAuth
 from sendooway_shared.log import printable
 from sendooway_shared.types import Route, TlsMode
 
-from . import _tls
+from . import _loops, _tls
 from ._relay_api import MailParams
 from ._reply import Reply
 from ._stream import ConnectError, Stream, open_tcp
@@ -56,6 +56,9 @@ NO_STARTTLS = Reply(454, ("4.7.0 Upstream server does not offer STARTTLS",))
 AUTH_FAILED = Reply(454, ("4.7.0 Login at the upstream server failed",))
 LOGIN_REFUSED_LATELY = Reply(454, ("4.7.0 Login at the upstream server failed lately, not tried again"
                                    " for a few minutes",))
+# a route that leads back to this frontend (_loops): the user's file must change
+ROUTE_LOOP = Reply(451, ("4.4.6 The route for this sender leads back to this server"
+                         " (routing loop), try again later",))
 NO_SMTPUTF8 = Reply(553, ("5.6.7 Upstream server does not support SMTPUTF8",))
 NO_8BITMIME = Reply(550, ("5.6.3 Upstream server does not support 8BITMIME",))
 
@@ -257,15 +260,15 @@ class UpstreamClient:
 
 
 async def open_upstream(route: Route, config: Config, ehlo_name: str,
-                        log: logging.Logger, session_id: str = "") -> UpstreamClient:
+                        log: logging.Logger, session_id: str = "", who: str = "") -> UpstreamClient:
     """Connect, greet, secure and log in as `route` says. Raises UpstreamError."""
     try:
-        return await _open_upstream(route, config, ehlo_name, log, session_id)
+        return await _open_upstream(route, config, ehlo_name, log, session_id, who)
     except _ResumptionBroke:
         # the server failed a resumed handshake; it is not offered one again
         log.info("%supstream %s: TLS resumption refused, connecting afresh",
                  f"{session_id}: " if session_id else "", route.where)
-        return await _open_upstream(route, config, ehlo_name, log, session_id)
+        return await _open_upstream(route, config, ehlo_name, log, session_id, who)
 
 
 class _ResumptionBroke(Exception):
@@ -273,12 +276,12 @@ class _ResumptionBroke(Exception):
 
 
 async def _open_upstream(route: Route, config: Config, ehlo_name: str,
-                         log: logging.Logger, session_id: str) -> UpstreamClient:
+                         log: logging.Logger, session_id: str, who: str = "") -> UpstreamClient:
     where = route.where
     prefix = f"{session_id}: " if session_id else ""
     timeout = float(config.timeout)
     try:
-        stream = await open_tcp(route.server, route.port, timeout)
+        stream = await open_tcp(route.server, route.port, timeout, who)
     except ConnectError as e:
         raise UpstreamError(UNREACHABLE, f"cannot connect to {where}: {e.strerror or e}") from None
     if stream.connect_failures:
@@ -286,6 +289,11 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         # worked around, but costs each new connection: the admin should know
         log.warning("%supstream %s: %s; connected to %s", prefix, where,
                     "; ".join(stream.connect_failures), stream.connected_to)
+    if _loops.leads_back(stream.peername, stream.sockname):
+        stream.abort()
+        raise UpstreamError(ROUTE_LOOP, f"{where}: this route leads back to this server"
+                            " (a routing loop): not used")
+    _loops.outgoing(stream.sockname, stream)
     client = UpstreamClient(route, stream, ReplyReader(stream), ehlo_name)
     try:
         # each reply within `timeout`, and the whole login too: an upstream
