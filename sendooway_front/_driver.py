@@ -157,7 +157,6 @@ class SessionRunner:
         self.relay: RelayBackend | None = None
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
         self.client_address = stream.peername  # (or the PROXY header's source)
-        self.client_destination = stream.sockname  # (or the PROXY header's destination)
         self.stream_eof = False
         self.stopping = False          # the server stops: 421 at the next command
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
@@ -306,7 +305,6 @@ class SessionRunner:
         self.client = describe_peer(header.source)
         self.client_ip = header.source[0]
         self.client_address = header.source
-        self.client_destination = header.destination
         return f" via {balancer} (PROXY {header.describe()})"
 
     async def _open_link(self) -> None:
@@ -492,10 +490,10 @@ class SessionRunner:
 
     async def _auth(self, ev: AuthRequested) -> None:
         user = ev.user
-        if _loops.from_ourselves(self.client_address, self.client_destination):
+        if _loops.from_ourselves(self.client_address):
             # one of this process's own upstream connections logs in: a route
             # leads back here by a way its upstream side could not see (a
-            # balancer: its PROXY header names both ends); checked
+            # balancer's PROXY header names it, or a port redirect); checked
             # here, not at accept: by now that side has surely noted its
             # connection (_loops)
             self._log(logging.WARNING, "login of %r from this server's own upstream connection:"

@@ -8,11 +8,9 @@ timeout. Two checks, both in this process (docs/decisions/relay.md
 
 - on connecting upstream: the upstream is an address and port this process
   listens on or was reached at (`leads_back`);
-- on a client's login: the client is one of this process's own upstream
-  connections (`from_ourselves`: its source and destination are the two
-  ends of one of them), whatever name or balancer (a PROXY header gives
-  both) the route took to get here. A kernel port redirect changes the
-  destination and is not seen."""
+- on accepting a client: the client is one of this process's own upstream
+  connections (`from_ourselves`), whatever name, address or port forward
+  the route took to get here."""
 
 from __future__ import annotations
 
@@ -87,21 +85,13 @@ def outgoing(sockname, stream) -> None:
         _outgoing[key] = stream
 
 
-def from_ourselves(peername, destination) -> bool:
-    """Is a client at `peername` that connected to `destination` one of this
-    process's own upstream connections? Both ends must match a connection
-    the kernel still holds: on loopback the kernel hands out a local port
-    again at once after a reset, and shares one among connections to
-    different destinations, so a local client (a webmail) can come from
-    the very address of an upstream connection of ours to another server
-    (a local MTA), or of one reset a moment ago; matched on the source
-    alone, its login got 421 (a CI run)."""
+def from_ourselves(peername) -> bool:
+    """Is a client at `peername` one of this process's own upstream connections?"""
     key = _key(peername)
-    if key is None or destination is None:
+    if key is None:
         return False
     stream = _outgoing.get(key)
-    return (stream is not None and _key(stream.peername) == _key(destination)
-            and stream.connected())
+    return stream is not None and not stream.closing
 
 
 def reset() -> None:

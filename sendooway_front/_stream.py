@@ -155,18 +155,6 @@ class Stream:
         """Closed, or closing: the connection is no more, or soon."""
         return self._closed or self._writer.is_closing()
 
-    def connected(self) -> bool:
-        """The kernel still holds this connection: not closed here, not reset
-        or closed by the peer unnoticed (getpeername fails then)."""
-        sock = self._writer.get_extra_info("socket")
-        if sock is None or self.closing:
-            return False
-        try:
-            sock.getpeername()
-        except OSError:
-            return False
-        return True
-
     def tls_version(self) -> str:
         return self._conn.get_protocol_version_name() if self._conn is not None else ""
 
