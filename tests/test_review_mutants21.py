@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import shutil
 import smtplib
 import socket
@@ -18,6 +19,7 @@ import pytest
 from sendooway_front import _loops, _stream
 from tests.auth_helpers import Daemon
 from tests.front_util import FRONT, Frontend, front_config, login_plain, open_tmp
+from tests.hardening_util import RawClient, wait_for
 from tests.upstream import FakeUpstream
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="users and nobody need root")
@@ -347,3 +349,40 @@ def test_a_lookup_answered_after_its_loop_closed_is_dropped_quietly(monkeypatch,
             time.sleep(0.01)
         time.sleep(0.2)  # the thread's done callback runs after getaddrinfo returned
     assert "exception calling callback" not in caplog.text, caplog.text
+
+
+@needs_root
+def test_a_route_back_closes_its_connection_to_ourselves_at_once(world, clean_homes):
+    """Kills U02 (the connection that leads back not aborted when the route
+    is refused: the hop's session on our own side waits for a greeting
+    answer until `timeout`, holding a session slot). bob's MAIL gets 451
+    4.4.6; the hop session ends while bob's session still runs."""
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, "timeout = 30\nuserInclude = %h/.sendoowayrc\n")
+        daemon = Daemon(tmp, config).start()
+        front = Frontend(config, os.path.join(str(tmp), "front.log"))
+        bob_user = world.users["bob"]
+        world.write_user_file("bob", ".sendoowayrc",
+                              f"smarthostMapping = direct:* 127.0.0.1 {front.port} noAuth\n")
+        front.start()
+        try:
+            with RawClient(front.host, front.port, timeout=30) as bob:
+                assert bob.reply()[0] == 220
+                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
+                login = login_plain("bob", bob_user.password)
+                assert bob.cmd(f"AUTH PLAIN {login}\r\n".encode())[0] == 235
+                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+                # every session but bob's has ended (the start's probe, the hop)
+                ended = wait_for(lambda: _others_closed(front.log()), 10)
+        finally:
+            front.stop()
+            daemon.stop()
+        log = front.log()
+    assert (code, lines[0][:5]) == (451, b"4.4.6"), (code, lines)
+    assert ended, log
+
+
+def _others_closed(log: str) -> bool:
+    sessions = re.findall(r" (\w+) client=\S+: connect$", log, re.M)
+    closed = set(re.findall(r" (\w+) client=\S+(?: user=\S+)?: closed: ", log))
+    return len(sessions) >= 2 and len(set(sessions) - closed) == 1
