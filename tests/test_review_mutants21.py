@@ -1,4 +1,73 @@
-"""DOCSTRING PLACEHOLDER"""
+"""Mutation and false-positive review of the routing-loop checks
+(sendooway_front/_loops.py, their calls in _upstream, _driver, _server) and
+the name-lookup pool (_stream._lookup), as of abaff9d.
+
+False positives (a legitimate route refused as a loop), real setups:
+- DEFECT: a client was taken for one of our own upstream connections by
+  its address alone. Linux gives one ephemeral port to connections to
+  different destinations at once: a local client leaving from the address
+  and port of our open connection to the local MTA (kept in the
+  smarthostCache or in use) had its AUTH refused with 421 4.4.6. Fixed:
+  both ends must match (the client's address and the address it reached,
+  the PROXY header's source and destination, or the destination before a
+  kernel port redirect). Pinned in a network namespace of the test's own
+  with one ephemeral port (the kernel's choice made certain).
+- no false positive found in: -b 127.0.0.1:P1 with a local MTA on P2;
+  127.0.0.2:P or [::1]:P (IPv6 only) beside ours on 127.0.0.1:P or
+  0.0.0.0:P; a dual-stack [::]:P with an upstream on another host's
+  address and port P; HAProxy in front with a route to another local MTA
+  (the PROXY source is the remote client); inetd and Accept=yes (the
+  accepted socket's own address only). The weak dict of our connections
+  drops an entry when its stream goes, and a closed or closing stream does
+  not count. A user with many parallel sessions to a slow name server only
+  waits for his turn (2 lookups at once), within `timeout` (300 s).
+
+MUTANTS (each run against test_review_insider and this file; "killed"
+means by test_review_insider)
+_loops: killed: L01 IPv4-mapped not unmapped; L03 every unspecified
+  listener taken as dual-stack; L04 IPV6_V6ONLY read inverted; L05 unserve
+  a no-op; L06 the exact (address, port) not looked at; L07 the wildcard
+  families swapped; L08 no "*" (dual-stack); L09 `and` -> `or`; L11 any
+  local address taken as the host's own; L12 a wildcard never covers a
+  non-loopback address; L13 the (local, peer) key swapped; L14 a closing
+  connection still counted; L15 only the first destination looked at;
+  N03 the peer's end not in the key.
+  Killed only here: L02 the %scope kept instead of the address (a
+  link-local upstream never ours); L10 loopback not covered by a wildcard
+  listener (127.0.0.2:P with us on 0.0.0.0:P: the kernel's source is
+  127.0.0.1); L16 SO_ORIGINAL_DST's port read little-endian.
+  Equivalent: L17 the None-key test dropped (a (None, dest) key is never
+  stored: the same False).
+_stream._lookup: killed: S01 no per-user turns; S05 one turn for all
+  users; S10 a pool of 2 threads; S11 the user not passed (no turn).
+  Killed only here: S02 a finished lookup keeps its turn (the user's third
+  lookup never starts); S03/S04 the cap off by one (3, 1 at once); S06 an
+  answer handed to a session that stopped waiting (InvalidStateError in
+  the loop's exception handler); S07 a lookup given up while waiting for
+  its turn keeps its count (the user's entry stays); S08 the user's entry
+  dropped while lookups of his still hold or wait for turns (his next
+  start beside them: 4 at once); S09 the closed loop's RuntimeError not
+  caught (a traceback logged by concurrent.futures).
+_upstream, _driver, _server: killed: U01 leads_back's arguments swapped;
+  U03 our connection not noted; U04 the user not passed to open_tcp; D01
+  the PROXY destination not kept; D02 the PROXY source not kept; N02 the
+  PROXY source taken as the destination; V01 the inetd socket not noted;
+  V04 the -b listeners not noted.
+  Killed only here: U02 the connection that leads back not aborted (the
+  hop's session on our side held until `timeout`); D03 no return after
+  the 421 (the authenticator still asked: a PAM login per hop); V02 the
+  Accept=yes socket on fd 3 not noted (the route to its address
+  connected and waited until `timeout`).
+  Equivalent: V03 no unserve at the stop (the process ends after
+  serve_listening; only in-process servers of tests would see it); N01
+  the client's own address not among its destinations (a direct
+  connection to us is refused by leads_back before it logs in; it stays
+  as a second line for a source-preserving path leads_back cannot see).
+
+42 mutants: 26 killed by the suite, 16 survived; this file kills 13, 3
+are equivalent. Not tested here: a real kernel port redirect (no
+iptables on this machine; SO_ORIGINAL_DST's parsing is tested on the
+kernel's struct as bytes)."""
 
 from __future__ import annotations
 
