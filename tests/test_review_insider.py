@@ -263,6 +263,8 @@ def test_a_route_back_to_sendooway_through_its_balancer_loops_through_it(world, 
         log = front.log()
         logins = len(re.findall(r"user=bob: login: ", log))
         assert logins == 1, f"{logins} logins from one MAIL"
+        # the hop's login refused before the authenticator is asked (mutants21: D03)
+        assert daemon.log().count("auth ok: user=bob") == 1
         assert code == 454, (code, lines)
         assert "a route leads back to this server (routing loop)" in log
         assert bob_user.password not in log
