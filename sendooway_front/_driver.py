@@ -157,6 +157,9 @@ class SessionRunner:
         self.relay: RelayBackend | None = None
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
         self.client_address = stream.peername  # (or the PROXY header's source)
+        # where it reached us: our address, before a port redirect, or the
+        # PROXY header's destination (_loops.from_ourselves)
+        self.client_destinations = [stream.sockname, _loops.original_destination(stream.socket)]
         self.stream_eof = False
         self.stopping = False          # the server stops: 421 at the next command
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
@@ -305,6 +308,7 @@ class SessionRunner:
         self.client = describe_peer(header.source)
         self.client_ip = header.source[0]
         self.client_address = header.source
+        self.client_destinations = [header.destination]
         return f" via {balancer} (PROXY {header.describe()})"
 
     async def _open_link(self) -> None:
@@ -490,7 +494,7 @@ class SessionRunner:
 
     async def _auth(self, ev: AuthRequested) -> None:
         user = ev.user
-        if _loops.from_ourselves(self.client_address):
+        if _loops.from_ourselves(self.client_address, self.client_destinations):
             # one of this process's own upstream connections logs in: a route
             # leads back here by a way its upstream side could not see (a
             # balancer's PROXY header names it, or a port redirect); checked

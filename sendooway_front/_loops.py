@@ -8,9 +8,10 @@ timeout. Two checks, both in this process (docs/decisions/relay.md
 
 - on connecting upstream: the upstream is an address and port this process
   listens on or was reached at (`leads_back`);
-- on accepting a client: the client is one of this process's own upstream
-  connections (`from_ourselves`), whatever name, address or port forward
-  the route took to get here."""
+- on a client's AUTH: the client is one of this process's own upstream
+  connections (`from_ourselves`: both ends, or the PROXY header's source
+  and destination, or the destination before a kernel port redirect), whatever
+  name, balancer or port redirect the route took to get here."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import weakref
 
 # (address, port) this process listens on or was reached at (serving)
 _serving: set[tuple[str, int]] = set()
-# the local ends of this process's upstream connections, while they are open
-_outgoing: "weakref.WeakValueDictionary[tuple[str, int], object]" = weakref.WeakValueDictionary()
+# (local end, peer) of this process's upstream connections, while they are open
+_outgoing: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h (and IP6T_SO_ORIGINAL_DST)
 
 
 def _key(sockaddr) -> tuple[str, int] | None:
@@ -78,20 +80,44 @@ def leads_back(peername, sockname) -> bool:
                  or (local is not None and local[0] == peer[0])))
 
 
-def outgoing(sockname, stream) -> None:
-    """`stream`, an upstream connection, leaves from `sockname`."""
-    key = _key(sockname)
-    if key is not None:
-        _outgoing[key] = stream
+def outgoing(sockname, peername, stream) -> None:
+    """`stream`, an upstream connection, leaves from `sockname` to `peername`."""
+    local, peer = _key(sockname), _key(peername)
+    if local is not None and peer is not None:
+        _outgoing[local, peer] = stream
 
 
-def from_ourselves(peername) -> bool:
-    """Is a client at `peername` one of this process's own upstream connections?"""
+def original_destination(sock) -> tuple[str, int] | None:
+    """The address a connection accepted on `sock` was sent to before a
+    kernel port redirect (netfilter's SO_ORIGINAL_DST), or None (none, or
+    no conntrack)."""
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+            return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
+    except (OSError, AttributeError, ValueError):
+        pass
+    return None
+
+
+def from_ourselves(peername, destinations) -> bool:
+    """Is a client at `peername` that reached us at one of `destinations`
+    (our address as it sees it, or the PROXY header's destination) one of
+    this process's own upstream connections? Both ends must match: Linux
+    gives one ephemeral port to connections to different destinations at
+    once, so a local client may share the local end of one of ours."""
     key = _key(peername)
     if key is None:
         return False
-    stream = _outgoing.get(key)
-    return stream is not None and not stream.closing
+    for destination in destinations:
+        dest = _key(destination) if destination else None
+        stream = _outgoing.get((key, dest)) if dest is not None else None
+        if stream is not None and not stream.closing:
+            return True
+    return False
 
 
 def reset() -> None:

@@ -151,6 +151,10 @@ class Stream:
         return self._writer.get_extra_info("sockname")
 
     @property
+    def socket(self):
+        return self._writer.get_extra_info("socket")
+
+    @property
     def closing(self) -> bool:
         """Closed, or closing: the connection is no more, or soon."""
         return self._closed or self._writer.is_closing()

@@ -293,7 +293,7 @@ async def _open_upstream(route: Route, config: Config, ehlo_name: str,
         stream.abort()
         raise UpstreamError(ROUTE_LOOP, f"{where}: this route leads back to this server"
                             " (a routing loop): not used")
-    _loops.outgoing(stream.sockname, stream)
+    _loops.outgoing(stream.sockname, stream.peername, stream)
     client = UpstreamClient(route, stream, ReplyReader(stream), ehlo_name)
     try:
         # each reply within `timeout`, and the whole login too: an upstream

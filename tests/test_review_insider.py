@@ -107,12 +107,13 @@ def test_a_connection_from_our_own_upstream_side_is_known(tmp_path):
         port = server.sockets[0].getsockname()[1]
         try:
             stream = await open_tcp("127.0.0.1", port, 5)
-            local = stream.sockname
-            _loops.outgoing(local, stream)
-            seen = _loops.from_ourselves(local), _loops.from_ourselves(("127.0.0.1", 1))
-            mapped = _loops.from_ourselves((f"::ffff:{local[0]}", local[1], 0, 0))
+            local, peer = stream.sockname, stream.peername
+            _loops.outgoing(local, peer, stream)
+            seen = (_loops.from_ourselves(local, [None, peer]),
+                    _loops.from_ourselves(("127.0.0.1", 1), [peer]))
+            mapped = _loops.from_ourselves((f"::ffff:{local[0]}", local[1], 0, 0), [peer])
             stream.abort()
-            after = _loops.from_ourselves(local)
+            after = _loops.from_ourselves(local, [peer])
         finally:
             server.close()
             _loops.reset()
@@ -262,6 +263,8 @@ def test_a_route_back_to_sendooway_through_its_balancer_loops_through_it(world, 
         log = front.log()
         logins = len(re.findall(r"user=bob: login: ", log))
         assert logins == 1, f"{logins} logins from one MAIL"
+        # the hop's login refused before the authenticator is asked (mutants21: D03)
+        assert daemon.log().count("auth ok: user=bob") == 1
         assert code == 454, (code, lines)
         assert "a route leads back to this server (routing loop)" in log
         assert bob_user.password not in log
