@@ -67,6 +67,21 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the programs a
 NOBODY_USER = types.SimpleNamespace(uid=NOBODY, gid=NOBODY)
 
 
+
+def welcome_and_listen(conn: socket.socket) -> bytes:
+    """A squatter's answer on one connection: Welcome, then all the frontend
+    sends (a password among it, if it trusted us) until it closes; closed."""
+    got = b""
+    conn.settimeout(2)
+    try:
+        conn.sendall(encode(Welcome(VERSION)))
+        while chunk := conn.recv(4096):
+            got += chunk
+    except OSError:
+        pass
+    conn.close()
+    return got
+
 def _squat(path: str, as_user) -> tuple[int, int]:
     """Fork a process running as `as_user` that listens at `path`, plays
     the authenticator (a welcome) and reports what its connections sent.
@@ -87,14 +102,7 @@ def _squat(path: str, as_user) -> tuple[int, int]:
             try:
                 for _ in range(4):  # probes first, then the session's link
                     conn, _ = s.accept()
-                    conn.settimeout(2)
-                    try:
-                        conn.sendall(encode(Welcome(VERSION)))
-                        while chunk := conn.recv(4096):
-                            got += chunk
-                    except OSError:
-                        pass
-                    conn.close()
+                    got += welcome_and_listen(conn)
             except OSError:
                 pass
             os.write(w, got)

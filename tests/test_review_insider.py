@@ -57,6 +57,15 @@ def _self_route(world, front: Frontend, host: str = "127.0.0.1") -> None:
                           f"smarthostMapping = direct:* {host} {front.port} bob {bob.password} tls\n")
 
 
+def _bob_mails(bob: RawClient, password: str) -> tuple[int, list]:
+    """Greeting, EHLO and bob's login on `bob` (each checked), then his MAIL;
+    MAIL's reply."""
+    assert bob.reply()[0] == 220
+    assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
+    assert bob.cmd(f"AUTH PLAIN {login_plain('bob', password)}\r\n".encode())[0] == 235
+    return bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+
+
 @needs_root
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_a_route_back_to_sendooway_itself_takes_every_session(world, clean_homes, host):
@@ -79,11 +88,8 @@ def test_a_route_back_to_sendooway_itself_takes_every_session(world, clean_homes
         front.start()
         try:
             with RawClient(front.host, front.port, timeout=30) as bob:
-                assert bob.reply()[0] == 220
-                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
                 password = world.users["bob"].password
-                assert bob.cmd(f"AUTH PLAIN {login_plain('bob', password)}\r\n".encode())[0] == 235
-                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+                code, lines = _bob_mails(bob, password)
                 assert bob.cmd(b"NOOP\r\n")[0] == 250  # the session goes on
         finally:
             front.stop()
@@ -189,11 +195,8 @@ def test_a_route_back_to_sendooway_under_accept_yes_forks_a_process_per_hop(worl
         try:
             wait_port("127.0.0.1", port, proc)
             with RawClient("127.0.0.1", port, timeout=30) as bob:
-                assert bob.reply()[0] == 220
-                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
                 password = world.users["bob"].password
-                assert bob.cmd(f"AUTH PLAIN {login_plain('bob', password)}\r\n".encode())[0] == 235
-                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+                code, lines = _bob_mails(bob, password)
                 bob.cmd(b"QUIT\r\n")
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -250,11 +253,7 @@ def test_a_route_back_to_sendooway_through_its_balancer_loops_through_it(world, 
         try:
             wait_port("127.0.0.1", port, proc)
             with RawClient(front.host, front.port, timeout=30) as bob:
-                assert bob.reply()[0] == 220
-                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
-                login = login_plain("bob", bob_user.password)
-                assert bob.cmd(f"AUTH PLAIN {login}\r\n".encode())[0] == 235
-                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+                code, lines = _bob_mails(bob, bob_user.password)
         finally:
             proc.terminate()
             proc.wait(10)

@@ -127,10 +127,9 @@ import time
 import pytest
 
 from sendooway_shared.cli import EXIT_CONFIG
-from sendooway_shared.protocol import VERSION, Welcome, encode
 from tests.fakeworld import become
 from tests.front_util import FRONT, NOBODY, front_config, login_plain
-from tests.test_review_activation import _activated, _finish
+from tests.test_review_activation import _activated, _finish, welcome_and_listen
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the programs as root")
 
@@ -171,14 +170,7 @@ class _Squatter:
                 got = b""
                 while s in select.select([s, stop_r], [], [], 60)[0]:  # until told
                     conn, _ = s.accept()
-                    conn.settimeout(2)
-                    try:
-                        conn.sendall(encode(Welcome(VERSION)))
-                        while chunk := conn.recv(4096):
-                            got += chunk
-                    except OSError:
-                        pass
-                    conn.close()
+                    got += welcome_and_listen(conn)
                 os.write(w, got)
             finally:
                 os._exit(0)

@@ -91,6 +91,7 @@ from tests.auth_helpers import Daemon
 from tests.front_util import FRONT, Frontend, front_config, login_plain, open_tmp
 from tests.hardening_util import RawClient, wait_for
 from tests.upstream import FakeUpstream
+from tests.test_review_insider import _bob_mails
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="users and nobody need root")
 CLONE_NEWNET = 0x40000000
@@ -437,11 +438,7 @@ def test_a_route_back_closes_its_connection_to_ourselves_at_once(world, clean_ho
         front.start()
         try:
             with RawClient(front.host, front.port, timeout=30) as bob:
-                assert bob.reply()[0] == 220
-                assert bob.cmd(b"EHLO bob.test\r\n")[0] == 250
-                login = login_plain("bob", bob_user.password)
-                assert bob.cmd(f"AUTH PLAIN {login}\r\n".encode())[0] == 235
-                code, lines = bob.cmd(b"MAIL FROM:<bob@example.org>\r\n")
+                code, lines = _bob_mails(bob, bob_user.password)
                 # every session but bob's has ended (the start's probe, the hop)
                 ended = wait_for(lambda: _others_closed(front.log()), 10)
         finally:
