@@ -497,14 +497,18 @@ async def serve_listening(frontend: Frontend, sockets: list[socket.socket],
         _hangup()
     where = ", ".join(describe_peer(s.getsockname()) for s in sockets)
     log.info("listening on %s", where)
-    await stop.wait()
-    log.info("stopping: no new sessions, %d running", len(tasks))
-    refused.close()  # (what they had not told yet)
-    frontend.per_address.refused.close()
-    for srv in servers:
-        srv.close()
-    await _wind_down(frontend, tasks, runners, task_of, grace)
-    await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT
-    for key in served:
-        _loops.unserve(key)
+    try:
+        await stop.wait()
+        log.info("stopping: no new sessions, %d running", len(tasks))
+        refused.close()  # (what they had not told yet)
+        frontend.per_address.refused.close()
+        for srv in servers:
+            srv.close()
+        await _wind_down(frontend, tasks, runners, task_of, grace)
+        await close_shared_pool()  # the smarthostCache's idle upstream connections: QUIT
+    finally:
+        # also when cancelled (an in-process server of the tests): an address
+        # left here made a later upstream on that port "this server" (451)
+        for key in served:
+            _loops.unserve(key)
     log.info("stopped")

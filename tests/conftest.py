@@ -108,6 +108,18 @@ def _forget_refused_upstream_logins():
     _pool.refused_logins.clear()
 
 
+@pytest.fixture(autouse=True)
+def _forget_served_addresses():
+    """In-process servers and relays share the process's routing-loop
+    tables (_loops): each test starts with none (a port an earlier test's
+    server noted could be an upstream's now)."""
+    from sendooway_front import _loops
+
+    _loops.reset()
+    yield
+    _loops.reset()
+
+
 @pytest.fixture(scope="session")
 def world():
     from tests.fakeworld import World

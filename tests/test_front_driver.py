@@ -266,6 +266,37 @@ def test_421_is_readable_even_with_pipelined_input_behind_it(monkeypatch):
     assert codes(out)[-1] == 421 and b"4.7.0 Too many errors" in out
 
 
+def test_a_cancelled_listening_server_forgets_its_address():
+    """serve_listening notes its address for the routing-loop check
+    (_loops) and forgets it when it stops, also when cancelled (as
+    in-process servers of the tests are): a CI run's relay test got 451 for
+    an upstream that a cancelled server of an earlier test in the same
+    process had listened on (a port handed out again), taken for this
+    server."""
+    from sendooway_front import _loops
+    from sendooway_front._server import serve_listening
+
+    async def main():
+        fe = Frontend(Config(), connector=FakeConnector(), hostname="mx.test")
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(4)
+        lsock.setblocking(False)
+        here = lsock.getsockname()
+        server = asyncio.ensure_future(serve_listening(fe, [lsock]))
+        for _ in range(200):
+            if _loops.leads_back(here, ("127.0.0.1", 1)):
+                break
+            await asyncio.sleep(0.01)
+        serving = _loops.leads_back(here, ("127.0.0.1", 1))
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        return serving, _loops.leads_back(here, ("127.0.0.1", 1))
+
+    serving, after = asyncio.run(main())
+    assert serving is True and after is False
+
+
 def test_listening_server_caps_concurrent_sessions(monkeypatch):
     from sendooway_front._server import serve_listening
 
