@@ -18,6 +18,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from sendooway_shared.cli import listen_fds
 from sendooway_shared.log import Tally, quiet_accept_errors
 from sendooway_shared.types import port_number
 
@@ -174,9 +175,8 @@ def socket_activated() -> bool:
     LISTEN_PID is our pid) and do they pass anything (LISTEN_FDS=0 does
     not, nor 00: sd_listen_fds reads a number)? Those of another (a
     socket-activated parent's, left in the environment) are not ours."""
-    text = os.environ.get("LISTEN_FDS", "0")
-    zero = text.isascii() and text.isdigit() and not text.strip("0")  # "0", "00": sd_listen_fds' 0
-    return os.environ.get("LISTEN_PID") == str(os.getpid()) and not zero
+    passed = listen_fds()
+    return passed is not None and passed[1] != 0
 
 
 def activated_sockets() -> Activation | None:
@@ -186,15 +186,14 @@ def activated_sockets() -> Activation | None:
     connected (Accept=yes), else ActivationError: a unit passing something
     else (ListenDatagram=, a FIFO, a LISTEN_FDS larger than what is open)
     is refused at start, not served in part or with a traceback."""
-    mine = socket_activated()
-    text = os.environ.get("LISTEN_FDS", "")
+    passed = listen_fds()
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    if not mine:
+    if passed is None:
         return None
-    if not (text.isascii() and text.isdigit()) or len(text) > 9:  # (no sign, no spaces, no "²")
+    text, count = passed
+    if count is None or len(text) > 9:
         raise ActivationError(f"LISTEN_FDS={text[:20]!r} is not a number of sockets")
-    count = int(text)
     if count < 1:
         return None
     listening, connection = [], None

@@ -19,7 +19,9 @@ import sys
 import time
 
 from sendooway_shared import __version__
-from sendooway_shared.cli import DEFAULT_CONFIG, EXIT_CONFIG, Parser, socket_path_arg, to_devnull
+from sendooway_shared.cli import (
+    DEFAULT_CONFIG, EXIT_CONFIG, Parser, listen_fds, socket_path_arg, to_devnull,
+)
 from sendooway_shared.config import AuthBackend, ConfigError, MailerEncryption, load_config
 from sendooway_shared.log import setup_logging
 from sendooway_shared.paths import closed_directory
@@ -125,9 +127,8 @@ def _activated_connection(st0) -> bool:
     """Did systemd pass one connection as fd 3 (LISTEN_FDS=1 for this
     process) with stdin not a socket (no StandardInput=socket)? LISTEN_FDS
     read as sd_listen_fds reads it, a number: 01 is 1."""
-    count = os.environ.get("LISTEN_FDS", "")
-    one = count.isascii() and count.isdigit() and count.lstrip("0") == "1"
-    if (os.environ.get("LISTEN_PID") != str(os.getpid()) or not one
+    passed = listen_fds()
+    if (passed is None or passed[1] != 1
             or (st0 is not None and stat.S_ISSOCK(st0.st_mode))):
         return False
     st3 = _fstat(3)

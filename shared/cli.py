@@ -42,6 +42,22 @@ class Parser(argparse.ArgumentParser):
                 raise SystemExit(EXIT_NOT_WRITTEN) from None
 
 
+def listen_fds() -> tuple[str, int | None] | None:
+    """systemd's LISTEN_FDS when LISTEN_PID names this process (sd_listen_fds(3);
+    those of another, left in the environment, are not ours), else None: its
+    text and the number it is (None when it is no plain ASCII number: no
+    sign, no blank, no "²"; 00 is 0 and 01 is 1, as sd_listen_fds reads it)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    text = os.environ.get("LISTEN_FDS", "0")
+    if not (text.isascii() and text.isdigit()):
+        return text, None
+    try:
+        return text, int(text.lstrip("0") or "0")
+    except ValueError:  # (more digits than int() takes from a string)
+        return text, None
+
+
 def socket_path_arg(value: str) -> str:
     """argparse type of a UNIX socket path option (--socket, --auth-socket)."""
     try:
