@@ -724,12 +724,15 @@ async def _lookup(name: str, port: int, who: str) -> list:
         if not turn[1] and _lookup_turns.get(key) is turn:
             del _lookup_turns[key]
 
-    answer = loop.create_future()
-
-    def settle(done: concurrent.futures.Future) -> None:  # in the loop, once the thread is free
+    def give_back() -> None:  # the turn taken, and the place in the table
         if turn is not None:
             turn[0].release()
             leave()
+
+    answer = loop.create_future()
+
+    def settle(done: concurrent.futures.Future) -> None:  # in the loop, once the thread is free
+        give_back()
         if not answer.done():  # (else its session stopped waiting)
             exc = done.exception()
             if exc is not None:
@@ -753,9 +756,7 @@ async def _lookup(name: str, port: int, who: str) -> list:
         _lookup_pool.submit(socket.getaddrinfo, name, port,
                             type=socket.SOCK_STREAM).add_done_callback(finished)
     except BaseException:  # no thread could be started (RLIMIT_NPROC): open_tcp says so
-        if turn is not None:
-            turn[0].release()
-            leave()
+        give_back()
         raise
     return await answer
 
