@@ -266,6 +266,17 @@ def test_421_is_readable_even_with_pipelined_input_behind_it(monkeypatch):
     assert codes(out)[-1] == 421 and b"4.7.0 Too many errors" in out
 
 
+def _frontend_and_listener() -> tuple[Frontend, socket.socket]:
+    """A Frontend with a fake authenticator, and a non-blocking listening
+    socket on a free loopback port for serve_listening."""
+    fe = Frontend(Config(), connector=FakeConnector(), hostname="mx.test")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    return fe, lsock
+
+
 def test_a_cancelled_listening_server_forgets_its_address():
     """serve_listening notes its address for the routing-loop check
     (_loops) and forgets it when it stops, also when cancelled (as
@@ -277,11 +288,7 @@ def test_a_cancelled_listening_server_forgets_its_address():
     from sendooway_front._server import serve_listening
 
     async def main():
-        fe = Frontend(Config(), connector=FakeConnector(), hostname="mx.test")
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(4)
-        lsock.setblocking(False)
+        fe, lsock = _frontend_and_listener()
         here = lsock.getsockname()
         server = asyncio.ensure_future(serve_listening(fe, [lsock]))
         for _ in range(200):
@@ -303,11 +310,7 @@ def test_listening_server_caps_concurrent_sessions(monkeypatch):
     monkeypatch.setattr(_driver, "make_relay", lambda cfg, log: RecordingRelay())
 
     async def main():
-        fe = Frontend(Config(), connector=FakeConnector(), hostname="mx.test")
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(16)
-        lsock.setblocking(False)
+        fe, lsock = _frontend_and_listener()
         port = lsock.getsockname()[1]
         server = asyncio.ensure_future(serve_listening(fe, [lsock], max_sessions=2))
         conns = []
