@@ -157,9 +157,9 @@ class SessionRunner:
         self.relay: RelayBackend | None = None
         self.client_ip = client.rsplit(":", 1)[0].strip("[]") if client else ""
         self.client_address = stream.peername  # (or the PROXY header's source)
-        # where it reached us: our address, before a port redirect, or the
-        # PROXY header's destination (_loops.from_ourselves)
-        self.client_destinations = [stream.sockname, _loops.original_destination(stream.socket)]
+        # where it reached us, for _loops.from_ourselves: the PROXY header's
+        # destination; None: the stream's own (looked up at AUTH only)
+        self.client_destinations: list | None = None
         self.stream_eof = False
         self.stopping = False          # the server stops: 421 at the next command
         self.awaiting_final_reply = False  # the final dot went upstream, its answer not yet
@@ -494,7 +494,10 @@ class SessionRunner:
 
     async def _auth(self, ev: AuthRequested) -> None:
         user = ev.user
-        if _loops.from_ourselves(self.client_address, self.client_destinations):
+        destinations = self.client_destinations
+        if destinations is None:  # our address, and the one before a port redirect
+            destinations = [self.stream.sockname, _loops.original_destination(self.stream.socket)]
+        if _loops.from_ourselves(self.client_address, destinations):
             # one of this process's own upstream connections logs in: a route
             # leads back here by a way its upstream side could not see (a
             # balancer's PROXY header names it, or a port redirect); checked
