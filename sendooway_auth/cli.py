@@ -24,6 +24,12 @@ def build_parser() -> Parser:
         prog="sendooway-auth",
         description="sendooway's root authenticator: checks passwords with PAM and reads"
         " the users' files. Runs in the foreground.",
+        epilog="Under systemd socket activation (LISTEN_FDS) it serves the listening"
+        " socket passed (Accept=no; a connection passed, Accept=yes, is refused)."
+        " Exit status: 0 done; 1 --check found no usable mapping, or the daemon"
+        " lost a part of itself; 2 bad command line, configuration, log file, or"
+        " the daemon cannot start; 3 the text or report could not be written."
+        " See sendooway-auth(8).",
     )
     p.add_argument("-V", "--version", action="version", version=f"sendooway-auth {__version__}")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="CONFIG",

@@ -34,6 +34,11 @@ def build_parser() -> Parser:
         prog="sendooway",
         description="Multi-user SMTP submission proxy (frontend). Without -b it serves"
         " one SMTP session on stdin/stdout (inetd, xinetd).",
+        epilog="Under systemd socket activation (LISTEN_FDS) it serves the listening"
+        " sockets passed (Accept=no), or the one connection passed on fd 3 or on"
+        " stdin (Accept=yes). Exit status: 0 done; 1 failure; 2 bad command line,"
+        " configuration, certificate, log file or what systemd passed; 3 this"
+        " text could not be written. See sendooway(1).",
     )
     p.add_argument("-V", "--version", action="version", version=f"sendooway {__version__}")
     tls = p.add_mutually_exclusive_group()

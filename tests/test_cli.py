@@ -308,3 +308,19 @@ def test_a_stop_during_start_up_is_a_clean_stop(tmp_path):
     with open(tmp_path / "auth.log") as f:
         log = f.read()
     assert log.count("stopped") == 5, log
+
+
+@pytest.mark.parametrize("cmd, page", [(FRONT, "sendooway.1"), (AUTH, "sendooway-auth.8")])
+def test_help_names_socket_activation_and_the_exit_codes_of_the_man_page(cmd, page):
+    """An admin writing a unit reads --help first: it says what systemd may
+    pass and lists the same exit codes as the man page's EXIT STATUS."""
+    r = run(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "LISTEN_FDS" in text and "Accept=yes" in text and "Accept=no" in text
+    listed = re.findall(r"(?:Exit status:|;) (\d) ", text)
+    man = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "man", page)
+    with open(man, encoding="utf-8") as f:
+        section = f.read().split(".SH EXIT STATUS", 1)[1].split("\n.SH ", 1)[0]
+    assert listed == re.findall(r"^\.TP\n\.B (\d)$", section, re.M)
+    assert page.split(".")[0] + "(" + page.split(".")[1] + ")" in text
