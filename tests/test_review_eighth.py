@@ -306,8 +306,10 @@ def test_a_users_ca_reloads_hold_up_every_other_users_upstream_connection(world,
             listener.close()
             up.stop()
     assert first[0] == on_kept[0] == on_new[0] == 250, (first, on_kept, on_new)
-    assert on_kept[1] < 0.5, on_kept  # the event loop itself answers at once
-    assert on_new[1] < 1.0, (f"alice's MAIL FROM on a new upstream connection took"
+    # the event loop itself answers at once (well under 0.1 s on a quiet
+    # machine; the bounds leave room for a loaded one: 0.57 s seen in CI)
+    assert on_kept[1] < 2.0, on_kept
+    assert on_new[1] < on_kept[1] + 1.0, (f"alice's MAIL FROM on a new upstream connection took"
                              f" {on_new[1]:.2f} s (alone: {first[1]:.3f} s; on her kept"
                              f" connection now: {on_kept[1]:.3f} s) while bob's CA file was"
                              " parsed again and again in the executor her name lookup needs")
