@@ -33,10 +33,11 @@ UTF-8 (a Latin-1 "# für Büro"); a value it uses is an error at its line.
 from __future__ import annotations
 
 import difflib
+import re
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
-from ._accounts import Account, ParseResult, field_problem, lines
+from ._accounts import Account, ParseResult, field_problem
 from ._address import check_pattern
 
 SENDER_TYPES = {
@@ -48,6 +49,17 @@ _SENDER_KEYS = {"type", "server", "port", "username", "password", "address",
                 "no_certificate_check"}
 _TRUE = {"1", "yes", "true", "on"}
 _FALSE = {"0", "no", "false", "off"}
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as getmail reads them: its file is opened in text mode, whose
+    universal newlines end a line at LF, CRLF or a lone CR (a CR inside a
+    password line made sendooway send "ab\\r  cd" where getmail sent
+    "ab\\ncd"); no other character ends one."""
+    out = re.split(r"\r\n|\r|\n", text)
+    if out and out[-1] == "":
+        out.pop()
+    return out
 
 
 class _IniError(Exception):
@@ -72,7 +84,7 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
     last_lines: list[int] = []     # their lines
     blanks: list[int] = []         # blank lines since, kept if the value goes on
     indent = 0  # of its key
-    for number, raw in enumerate(lines(text), start=1):
+    for number, raw in enumerate(_lines(text), start=1):
         stripped = raw.strip()
         if not stripped:
             blanks.append(number)  # configparser: a value may go on after one

@@ -1,0 +1,266 @@
+"""getmail rc files read as the real getmail reads them (a differential
+review, with getmail itself as the oracle).
+
+Debian's getmail6 (installed by scripts/setup.sh) reads each rc file here
+and logs in to a POP3 (plain or over TLS) or IMAP server of this module
+that records the exact USER/PASS or LOGIN octets it sends. sendooway's
+parser, and the real authenticator's lookup (the user-switching reader)
+and --check, must take the same upstream user and password from the same
+file when [sender] names none of its own, or refuse the account with
+file:line where docs/decisions/auth.md says it does on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from sendooway_auth import _users
+from sendooway_auth._reader import lookup_direct
+from sendooway_auth.getmail import parse_getmailrc
+from sendooway_shared.config import parse_config
+from sendooway_shared.types import TlsMode
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lookup switches users: needs root")
+
+G = "/home/alice/.getmail/getmailrc"
+
+
+# ------------------------------------------------------------ the oracle
+
+
+class LoginRecorder:
+    """Servers that refuse every login and record what was tried, one
+    listening port per rc file: port -> [(user, password) as octets]. POP3
+    lines are split at CRLF only; an IMAP LOGIN's quoted password is
+    unquoted (imaplib quotes it, and sends the user name as it is)."""
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self.tls = tls
+        self.logins: dict[int, list[tuple[bytes, bytes]]] = {}
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+
+    def listen(self, proto: str) -> int:
+        sock = socket.create_server(("127.0.0.1", 0))
+        self._socks.append(sock)
+        port = sock.getsockname()[1]
+        self.logins[port] = []
+        threading.Thread(target=self._accept, args=(sock, port, proto), daemon=True).start()
+        return port
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+    def _accept(self, sock: socket.socket, port: int, proto: str) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, port, proto), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, port: int, proto: str) -> None:
+        try:
+            conn.settimeout(20)
+            if proto == "pop3s":
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            with conn:
+                (self._imap if proto == "imap" else self._pop3)(conn, port)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def _lines(self, conn: socket.socket):
+        buf = b""
+        while data := conn.recv(65536):
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                yield line
+
+    def _record(self, port: int, user: bytes, password: bytes) -> None:
+        with self._lock:
+            self.logins[port].append((user, password))
+
+    def _pop3(self, conn: socket.socket, port: int) -> None:
+        conn.sendall(b"+OK ready\r\n")
+        user = b""
+        for line in self._lines(conn):
+            verb = line[:5].upper()
+            if verb == b"USER ":
+                user = line[5:]
+                conn.sendall(b"+OK\r\n")
+            elif verb == b"PASS ":
+                self._record(port, user, line[5:])
+                conn.sendall(b"-ERR [AUTH] refused\r\n")
+            elif verb.startswith(b"QUIT"):
+                conn.sendall(b"+OK\r\n")
+                return
+            else:
+                conn.sendall(b"-ERR\r\n")
+
+    def _imap(self, conn: socket.socket, port: int) -> None:
+        conn.sendall(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        for line in self._lines(conn):
+            tag, _, rest = line.partition(b" ")
+            verb, _, args = rest.partition(b" ")
+            if verb.upper() == b"LOGIN":
+                user, _, quoted = args.partition(b" ")
+                assert quoted[:1] == quoted[-1:] == b'"', line
+                password = quoted[1:-1].replace(b'\\"', b'"').replace(b"\\\\", b"\\")
+                self._record(port, user, password)
+                conn.sendall(tag + b" NO [AUTHENTICATIONFAILED] refused\r\n")
+            elif verb.upper() == b"CAPABILITY":
+                conn.sendall(b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK\r\n")
+            elif verb.upper() == b"LOGOUT":
+                conn.sendall(b"* BYE\r\n" + tag + b" OK\r\n")
+                return
+            else:
+                conn.sendall(tag + b" BAD\r\n")
+
+
+@pytest.fixture(scope="module")
+def recorder(world):
+    assert shutil.which("getmail"), "getmail is the oracle: scripts/setup.sh installs it"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(world.cert_file, world.key_file)
+    rec = LoginRecorder(ctx)
+    yield rec
+    rec.close()
+
+
+RETRIEVERS = {"pop3": "SimplePOP3Retriever", "pop3s": "SimplePOP3SSLRetriever",
+              "imap": "SimpleIMAPRetriever"}
+
+
+def rc_file(port: int, proto: str, retriever: str, sender: str = "", options: str = "",
+            mbox: str = "/nonexistent/mbox") -> str:
+    """An rc file fetching from the recorder's `port` into `mbox`; `retriever`
+    holds the lines under the server and port (the user's name and password)."""
+    return (f"[retriever]\ntype = {RETRIEVERS[proto]}\nserver = 127.0.0.1\nport = {port}\n"
+            f"{retriever}\n"
+            f"[destination]\ntype = Mboxrd\npath = {mbox}\n"
+            f"[options]\nverbose = 0\nread_all = false\n{options}\n"
+            f"[sender]\ntype = SimpleSMTPTLSSender\naddress = alice@example.org\n{sender}")
+
+
+class Getmail:
+    """Runs the real getmail in a getmaildir of its own, quietly, with no
+    terminal (a password it lacks is read from stdin)."""
+
+    def __init__(self) -> None:
+        self.home = tempfile.mkdtemp(prefix="gm-oracle-")
+        self.dir = os.path.join(self.home, "gm")
+        os.mkdir(self.dir)
+        self.mbox = os.path.join(self.home, "mbox")
+        open(self.mbox, "w").close()
+
+    def run(self, files: dict[str, bytes], rcfiles: list[str] | None = None,
+            stdin: bytes = b"") -> subprocess.CompletedProcess:
+        for name, data in files.items():
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(data)
+        args = ["getmail", f"--getmaildir={self.dir}"]
+        args += [f"--rcfile={name}" for name in (files if rcfiles is None else rcfiles)]
+        try:
+            return subprocess.run(args, input=stdin, capture_output=True, timeout=60,
+                                  start_new_session=True,  # no terminal: getpass reads stdin
+                                  env={"HOME": self.home, "PATH": "/usr/bin:/bin",
+                                       "LC_ALL": "C.UTF-8"})
+        finally:
+            for name in files:
+                os.unlink(os.path.join(self.dir, name))
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def getmail():
+    gm = Getmail()
+    yield gm
+    gm.cleanup()
+
+
+def sendooway_reads(text: str):
+    """(user, password, auth) sendooway takes from the file, and its errors."""
+    result = parse_getmailrc(text, G)
+    return ([(a.route.user, a.route.password.reveal(), a.route.auth) for a in result.accounts],
+            result.errors)
+
+
+# ------------------------------------------------------------ hand-picked files
+
+
+# (lines of [retriever] after server and port; the login getmail sends)
+SAME_AS_GETMAIL = [
+    ("username = alice\npassword = s3cr%t", (b"alice", b"s3cr%t")),
+    # no interpolation: %% and %(name)s are what they say
+    ("username = alice\npassword = 100%%", (b"alice", b"100%%")),
+    ("username = a%(server)s\npassword = %(port)s%", (b"a%(server)s", b"%(port)s%")),
+    # no remarks after a value: ; and # are part of it
+    ("username = alice\npassword = a;b # c", (b"alice", b"a;b # c")),
+    ("username = alice\npassword = #hash", (b"alice", b"#hash")),
+    ("username = alice\npassword = ;semi", (b"alice", b";semi")),
+    # blanks around the value are dropped, inside it kept
+    ("username =   alice  \npassword = \t two  words \t", (b"alice", b"two  words")),
+    ("username = alice\npassword = x\u00a0", (b"alice", b"x")),
+    # quotes and backslashes are nothing special
+    ("username = alice\npassword = \"quoted\"", (b"alice", b'"quoted"')),
+    ("username = alice\npassword = 'it''s'", (b"alice", b"'it''s'")),
+    ("username = DOM\\alice\npassword = a\\\\b\\n\\", (b"DOM\\alice", b"a\\\\b\\n\\")),
+    # UTF-8 is sent as UTF-8
+    ("username = jürgen\npassword = pässwörd€🚀", ("jürgen".encode(), "pässwörd€🚀".encode())),
+    # a line indented deeper than its key continues the value (blank and
+    # comment lines inside it: a blank is kept, a comment dropped)
+    ("username = alice\npassword = first\n  second", (b"alice", b"first\nsecond")),
+    ("username = alice\npassword =\n    next-line", (b"alice", b"\nnext-line")),
+    ("username = alice\npassword = a\n\n\tb\n# no\n  c", (b"alice", b"a\n\nb\nc")),
+    # : or =, the first one separates
+    ("username: alice\npassword : a=b:c", (b"alice", b"a=b:c")),
+    ("username=alice\npassword=:x", (b"alice", b":x")),
+    ("username :alice\npassword= a:b=c ", (b"alice", b"a:b=c")),
+    # keys in any case
+    ("USERNAME = alice\nPassword = Mixed", (b"alice", b"Mixed")),
+    # an empty password is sent empty
+    ("username = alice\npassword =", (b"alice", b"")),
+    # CRLF lines
+    ("username = alice\r\npassword = crlf\r", (b"alice", b"crlf")),
+    # a lone CR ends a line for getmail (Python's universal newlines): the
+    # next line continues the value when indented (sendooway sent the CR and
+    # the blanks after it)
+    ("username = alice\npassword = ab\r  cd", (b"alice", b"ab\ncd")),
+    ("username = al\rpassword = pw", (b"al", b"pw")),
+]
+
+
+@pytest.fixture(scope="module")
+def same_as_getmail(recorder, getmail):
+    """Every file of SAME_AS_GETMAIL through one getmail run (each with a
+    port of its own): index -> (rc text, logins)."""
+    ports = [recorder.listen("pop3") for _ in SAME_AS_GETMAIL]
+    texts = [rc_file(port, "pop3", body, mbox=getmail.mbox)
+             for port, (body, _) in zip(ports, SAME_AS_GETMAIL)]
+    res = getmail.run({f"rc-{i}": t.encode() for i, t in enumerate(texts)})
+    assert b"Configuration error" not in res.stderr, res.stderr
+    return {i: (texts[i], recorder.logins[port]) for i, port in enumerate(ports)}
+
+
+@pytest.mark.parametrize("index", range(len(SAME_AS_GETMAIL)),
+                         ids=[repr(b)[:40] for b, _ in SAME_AS_GETMAIL])
+def test_getmail_and_sendooway_read_the_same_login(same_as_getmail, index):
+    text, logins = same_as_getmail[index]
+    assert logins == [SAME_AS_GETMAIL[index][1]]
+    accounts, errors = sendooway_reads(text)
+    assert errors == []
+    ((user, password, auth),) = accounts
+    assert auth and (user.encode(), password.encode()) == logins[0]
