@@ -103,11 +103,13 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
         blanks = []
         if stripped.startswith("["):
             # ConfigParser's rule: the name runs to the last ']' of the line,
-            # whatever follows it (`[sender]  # for sendooway`) is ignored
+            # whatever follows it (`[sender]  # for sendooway`) is ignored;
+            # blanks inside are kept (`[ retriever]` is a section getmail
+            # never reads: its values were taken)
             close = stripped.rfind("]")
             if close < 2:
                 raise _IniError(number, "malformed section header (not an INI file?)")
-            name = stripped[1:close].strip()
+            name = stripped[1:close]
             current = sections.setdefault(name, {})
             if headers is not None:
                 headers.setdefault(name, number)
@@ -159,7 +161,7 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
         return result
     # [sender] is read by sendooway alone: its name is matched without case
     # (as the original did); getmail's own sections keep ConfigParser's rule
-    named = [name for name in sections if name.lower() == "sender"]
+    named = [name for name in sections if name.strip().lower() == "sender"]
     if not named:
         return result  # getmail's own file, for fetching only: nothing to send with
     if len(named) > 1:
@@ -238,6 +240,12 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
                           " an empty [sender] username means no AUTH)")
     if (failed := not_text("username", username)) is not None:
         return failed
+    if username[1] == "" and "username" not in sender:
+        # getmail logs in with the empty name; only the user's own empty
+        # [sender] username says "no AUTH" (as fetchmail's `user ""` is no user)
+        return fail(username[0], "no username: the [retriever] one is empty (getmail logs in"
+                                 " with an empty name); give one in [sender] (an empty"
+                                 " [sender] username means no AUTH)")
     auth = username[1] != ""
     password = _one(sender, "password") or _one(retriever, "password")
     if auth and (failed := not_text("password", password)) is not None:
@@ -245,6 +253,17 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     if auth and password is None:
         return fail(None, "no password (neither [sender] nor [retriever] has one;"
                           " password_command is not supported)")
+    # getmail's use_netrc ([options], or [DEFAULT], which it reads the
+    # options with) logs in with ~/.netrc's name and password over the
+    # [retriever] ones: sendooway does not read that file
+    netrc = _one(sections.get("options", {}), "use_netrc") or _one(
+        sections.get("DEFAULT", {}), "use_netrc")
+    if (netrc is not None and netrc[1].lower() in _TRUE
+            and ("username" not in sender or auth and "password" not in sender)):
+        result.errors.append(f"{filename}:{netrc[0]}: [options] use_netrc: getmail logs in with"
+                             " ~/.netrc's user name and password, which sendooway does not"
+                             " read: give username and password in [sender]")
+        return result
     if (problem := field_problem(server[1], username[1])) is not None:
         return fail(server[0], problem)
     # one address per line of a value, or several after one another: the

@@ -120,12 +120,12 @@ class LoginRecorder:
                 self._record(port, user, password)
                 conn.sendall(tag + b" NO [AUTHENTICATIONFAILED] refused\r\n")
             elif verb.upper() == b"CAPABILITY":
-                conn.sendall(b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK\r\n")
+                conn.sendall(b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK done\r\n")
             elif verb.upper() == b"LOGOUT":
-                conn.sendall(b"* BYE\r\n" + tag + b" OK\r\n")
+                conn.sendall(b"* BYE\r\n" + tag + b" OK done\r\n")
                 return
             else:
-                conn.sendall(tag + b" BAD\r\n")
+                conn.sendall(tag + b" BAD what\r\n")
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +165,13 @@ class Getmail:
         open(self.mbox, "w").close()
 
     def run(self, files: dict[str, bytes], rcfiles: list[str] | None = None,
-            stdin: bytes = b"") -> subprocess.CompletedProcess:
+            stdin: bytes = b"", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         for name, data in files.items():
             with open(os.path.join(self.dir, name), "wb") as f:
                 f.write(data)
         args = ["getmail", f"--getmaildir={self.dir}"]
         args += [f"--rcfile={name}" for name in (files if rcfiles is None else rcfiles)]
+        args += extra
         try:
             return subprocess.run(args, input=stdin, capture_output=True, timeout=60,
                                   start_new_session=True,  # no terminal: getpass reads stdin
@@ -264,3 +265,177 @@ def test_getmail_and_sendooway_read_the_same_login(same_as_getmail, index):
     assert errors == []
     ((user, password, auth),) = accounts
     assert auth and (user.encode(), password.encode()) == logins[0]
+
+
+def one_file(recorder, getmail, proto: str, retriever: str, sender: str = "",
+             options: str = "", stdin: bytes = b"", before: str = "", after: str = ""):
+    """(rc text, getmail's logins, its stderr) for one file."""
+    port = recorder.listen(proto)
+    text = before + rc_file(port, proto, retriever, sender, options, getmail.mbox) + after
+    res = getmail.run({"getmailrc": text.encode("utf-8", "surrogateescape")}, stdin=stdin)
+    return text, recorder.logins[port], res.stderr.decode(errors="replace")
+
+
+def test_a_section_name_is_taken_as_written(recorder, getmail):
+    """ConfigParser keeps the blanks inside [ ]: `[ retriever]` is another
+    section, which getmail never reads (sendooway stripped them, and took
+    the first section's values)."""
+    text, logins, _ = one_file(recorder, getmail, "pop3", "username = new\npassword = new-pw",
+                               before="[ retriever ]\nusername = old\npassword = old-pw\n")
+    assert logins == [(b"new", b"new-pw")]
+    assert sendooway_reads(text) == ([("new", "new-pw", True)], [])
+    # alone, it is no [retriever]: getmail refuses the file, sendooway has
+    # no server (nor user name) to take
+    text = text.replace("[retriever]", "[retriever ]")
+    res = getmail.run({"getmailrc": text.encode()})
+    assert b"No section: 'retriever'" in res.stderr
+    accounts, errors = sendooway_reads(text)
+    assert accounts == [] and [e.split(": ", 1)[1] for e in errors] == [
+        "[sender] no server (neither [sender] nor [retriever] names one)"]
+    # [sender] is sendooway's own: its name is matched without case or blanks
+    assert sendooway_reads(text.replace("[sender]", "[ Sender ]")
+                           + "server = smtp.example.org\nusername = u\npassword = p\n"
+                           ) == ([("u", "p", True)], [])
+
+
+def test_an_empty_retriever_username_is_no_upstream_user(recorder, getmail):
+    """getmail logs in with an empty name; only an empty [sender] username
+    means "no AUTH" (sendooway sent without AUTH), as an empty fetchmail
+    user name is refused."""
+    text, logins, _ = one_file(recorder, getmail, "pop3", "username =\npassword = pw")
+    assert logins == [(b"", b"pw")]
+    accounts, errors = sendooway_reads(text)
+    assert accounts == [] and errors == [
+        f"{G}:5: [sender] no username: the [retriever] one is empty (getmail logs in with an"
+        " empty name); give one in [sender] (an empty [sender] username means no AUTH)"]
+    # the user's own "no AUTH", and a [sender] name, still work
+    assert sendooway_reads(text + "username =\n") == ([("", "", False)], [])
+    assert sendooway_reads(text + "username = s\n") == ([("s", "pw", True)], [])
+
+
+NETRC = "machine 127.0.0.1 login net-user password net-pw\n"
+
+
+@pytest.mark.parametrize("where", ["options", "DEFAULT"])
+def test_use_netrc_logins_are_not_taken_from_the_retriever(recorder, getmail, where):
+    """With use_netrc getmail logs in with ~/.netrc's user and password
+    (over the rc file's): sendooway does not read ~/.netrc, and took the
+    [retriever] ones. Now it asks for them in [sender]."""
+    with open(os.path.join(getmail.home, ".netrc"), "w") as f:
+        f.write(NETRC)
+    os.chmod(os.path.join(getmail.home, ".netrc"), 0o600)
+    try:
+        if where == "options":
+            text, logins, _ = one_file(recorder, getmail, "pop3", "username = rc\npassword = rc-pw",
+                                       options="use_netrc = Yes")
+        else:
+            text, logins, _ = one_file(recorder, getmail, "pop3", "username = rc\npassword = rc-pw",
+                                       before="[DEFAULT]\nuse_netrc = on\n")
+    finally:
+        os.unlink(os.path.join(getmail.home, ".netrc"))
+    assert logins == [(b"net-user", b"net-pw")]
+    accounts, errors = sendooway_reads(text)
+    line = text.splitlines().index("use_netrc = Yes" if where == "options" else "use_netrc = on")
+    assert accounts == [] and errors == [
+        f"{G}:{line + 1}: [options] use_netrc: getmail logs in with ~/.netrc's user name and"
+        " password, which sendooway does not read: give username and password in [sender]"]
+    assert sendooway_reads(text + "username = s\npassword = s-pw\n") == ([("s", "s-pw", True)], [])
+    # off, getmail's own way of saying so
+    off = text.replace("use_netrc = Yes", "use_netrc = 0").replace("use_netrc = on", "use_netrc = off")
+    assert sendooway_reads(off) == ([("rc", "rc-pw", True)], [])
+
+
+def test_documented_refusals_where_getmail_finds_a_password(recorder, getmail):
+    """password_command and a password getmail asks for (keyring, then the
+    terminal): getmail logs in, sendooway refuses the file with file:line
+    (docs/decisions/auth.md, getmail rc)."""
+    text, logins, _ = one_file(recorder, getmail, "pop3",
+                               'username = alice\npassword_command = ("/bin/echo", "from cmd")')
+    assert logins == [(b"alice", b"from cmd")]
+    accounts, errors = sendooway_reads(text)
+    assert accounts == [] and errors == [
+        f"{G}:14: [sender] no password (neither [sender] nor [retriever] has one;"
+        " password_command is not supported)"]
+    text, logins, stderr = one_file(recorder, getmail, "pop3", "username = alice", stdin=b"typed\n")
+    assert logins == [(b"alice", b"typed")] and "Enter password" in stderr
+    accounts, errors = sendooway_reads(text)
+    assert accounts == [] and len(errors) == 1 and "no password" in errors[0]
+    # a [sender] password serves either
+    assert sendooway_reads(text + "password = s-pw\n") == ([("alice", "s-pw", True)], [])
+
+
+def test_documented_differences_in_files_getmail_refuses_or_never_reads(recorder, getmail):
+    """A repeated key or section: getmail refuses the file, sendooway takes
+    the first value. [sender]'s user and password are sendooway's only
+    (getmail logs in with [retriever]'s). A Latin-1 remark: getmail (in a
+    UTF-8 locale) fails on it, sendooway reads the file."""
+    text, logins, _ = one_file(recorder, getmail, "pop3",
+                               "username = alice\npassword = first\nPassword = second")
+    assert logins == []
+    assert sendooway_reads(text) == ([("alice", "first", True)], [])
+    text, logins, _ = one_file(recorder, getmail, "pop3", "username = alice\npassword = first",
+                               after="[retriever]\npassword = second\n")
+    assert logins == []
+    assert sendooway_reads(text) == ([("alice", "first", True)], [])
+    text, logins, _ = one_file(recorder, getmail, "pop3", "username = alice\npassword = r-pw",
+                               sender="username = bob\npassword = s-pw\n")
+    assert logins == [(b"alice", b"r-pw")]
+    assert sendooway_reads(text) == ([("bob", "s-pw", True)], [])
+    text, logins, stderr = one_file(recorder, getmail, "pop3", "username = alice\npassword = pw",
+                                    after="# f\udcfcr B\udcfcro\n")
+    assert logins == [] and "UnicodeDecodeError" in stderr
+    assert sendooway_reads(text) == ([("alice", "pw", True)], [])
+
+
+# ------------------------------------------------------------ TLS and IMAP retrievers
+
+
+OTHER_RETRIEVERS = [
+    ("pop3s", "username = alice\npassword = tls %% ;# \"q\" \\ é", (b"alice", 'tls %% ;# "q" \\ é'.encode())),
+    ("pop3s", "Username: DOM\\x\nPASSWORD: a\n  b", (b"DOM\\x", b"a\nb")),
+    # (imaplib sends the user name bare and the password quoted; ASCII only)
+    ("imap", "username = alice\npassword = im \"q\" \\ %% ;#x", (b"alice", b'im "q" \\ %% ;#x')),
+    ("imap", "USERNAME = a.b@example.org\npassword:  x=y:z  ", (b"a.b@example.org", b"x=y:z")),
+]
+
+
+def test_tls_and_imap_retrievers_log_in_as_sendooway_reads(recorder, getmail):
+    ports = [recorder.listen(proto) for proto, _, _ in OTHER_RETRIEVERS]
+    texts = [rc_file(port, proto, body, mbox=getmail.mbox)
+             for port, (proto, body, _) in zip(ports, OTHER_RETRIEVERS)]
+    getmail.run({f"rc-{i}": t.encode() for i, t in enumerate(texts)})
+    for port, text, (_, _, login) in zip(ports, texts, OTHER_RETRIEVERS):
+        assert recorder.logins[port] == [login]
+        accounts, errors = sendooway_reads(text)
+        assert errors == [] and [(u.encode(), p.encode()) for u, p, _ in accounts] == [login]
+
+
+def test_ports_are_the_sender_types_never_the_retrievers(getmail):
+    """getmail6's own defaults are POP3's and IMAP's (110, 995, 143, 993);
+    sendooway's come from the [sender] type (25, 587, 465): the [retriever]
+    port, given or not, is never used for SMTP."""
+    dumps = {}
+    for kind in ("SimplePOP3Retriever", "SimplePOP3SSLRetriever", "SimpleIMAPRetriever",
+                 "SimpleIMAPSSLRetriever"):
+        text = (f"[retriever]\ntype = {kind}\nserver = 127.0.0.1\nusername = a\npassword = p\n"
+                f"[destination]\ntype = Mboxrd\npath = {getmail.mbox}\n")
+        res = getmail.run({"getmailrc": text.encode()}, extra=("--dump",))
+        dumps[kind] = res.stdout.decode()
+    assert 'port="110"' in dumps["SimplePOP3Retriever"]
+    assert 'port="995"' in dumps["SimplePOP3SSLRetriever"]
+    assert 'port="143"' in dumps["SimpleIMAPRetriever"]
+    assert 'port="993"' in dumps["SimpleIMAPSSLRetriever"]
+    for given in ("", "port = 995\n"):
+        for sender, port, tls in (("SimpleSMTPSender", 25, TlsMode.PLAIN),
+                                  ("SimpleSMTPTLSSender", 587, TlsMode.STARTTLS),
+                                  ("SimpleSMTPSSLSender", 465, TlsMode.TLS)):
+            text = ("[retriever]\ntype = SimplePOP3SSLRetriever\nserver = pop.example.org\n"
+                    f"{given}username = a\npassword = p\n"
+                    f"[sender]\ntype = {sender}\naddress = a@example.org\n")
+            result = parse_getmailrc(text, G)
+            (account,) = result.accounts
+            assert (account.route.server, account.route.port, account.route.tls) == (
+                "pop.example.org", port, tls)
+        text = text.replace("[sender]\n", "[sender]\nport = submission\nserver = smtp.example.org\n")
+        (account,) = parse_getmailrc(text, G).accounts
+        assert (account.route.server, account.route.port) == ("smtp.example.org", 587)
