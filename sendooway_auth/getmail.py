@@ -10,7 +10,7 @@
     # or SimpleSMTPSender (port 25), SimpleSMTPSSLSender (465)
     type = SimpleSMTPTLSSender
     # server, port, username, password: default the retriever's, the type's;
-    # an empty username means no AUTH
+    # an empty username means no AUTH (an empty [retriever] one is an error)
     server = smtp.example.org
     port = 587
     # at least one; more on the lines below it, indented (or after commas)
@@ -23,7 +23,10 @@ as part of the value.) A file is one account: any error skips the whole
 file (with file:line). A file without a [sender] section is one getmail
 alone uses (to fetch mail): it gives no account and no error. Unknown
 [sender] keys are warned about and ignored; a repeated key other than
-`address` counts with its first value (both as in the original).
+`address` counts with its first value (both as in the original). A user
+name or password getmail would take from elsewhere (password_command, the
+keyring or terminal, ~/.netrc with use_netrc, an OAuth token or Kerberos
+ticket with use_xoauth2 or use_kerberos) is an error: give it in [sender].
 
 The text comes decoded with surrogateescape: comment lines, and values
 sendooway does not use (a Maildir path), may hold octets that are not
@@ -101,14 +104,13 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
             last_lines.append(number)
             continue
         blanks = []
-        if stripped.startswith("["):
+        close = stripped.rfind("]") if stripped.startswith("[") else -1
+        if close >= 2:
             # ConfigParser's rule: the name runs to the last ']' of the line,
             # whatever follows it (`[sender]  # for sendooway`) is ignored;
             # blanks inside are kept (`[ retriever]` is a section getmail
-            # never reads: its values were taken)
-            close = stripped.rfind("]")
-            if close < 2:
-                raise _IniError(number, "malformed section header (not an INI file?)")
+            # never reads: its values were taken). Without a name and a ']'
+            # the line is a key (`[note = x`), as getmail reads it
             name = stripped[1:close]
             current = sections.setdefault(name, {})
             if headers is not None:
@@ -118,6 +120,8 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
             continue
         if current is None:
             raise _IniError(number, "text before the first [section] (not an INI file?)")
+        if stripped.startswith("[") and "=" not in stripped and ":" not in stripped:
+            raise _IniError(number, "malformed section header (not an INI file?)")
         cut = min((p for p in (raw.find("="), raw.find(":")) if p >= 0), default=-1)
         if cut <= 0 or not raw[:cut].strip():
             raise _IniError(number, "expected 'key = value' (not an INI file?)")
@@ -250,6 +254,16 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     password = _one(sender, "password") or _one(retriever, "password")
     if auth and (failed := not_text("password", password)) is not None:
         return failed
+    # an IMAP retriever's OAuth or Kerberos login: getmail sends a token
+    # (password_command, keyring, prompt) or a ticket, never this password
+    for flag in ("use_xoauth2", "use_kerberos"):
+        given = _one(retriever, flag)
+        if (auth and given is not None and given[1].lower() in _TRUE and password is not None
+                and "password" not in sender):
+            result.errors.append(f"{filename}:{given[0]}: [retriever] {flag}: getmail does not log"
+                                 " in with the [retriever] password then: give the password in"
+                                 " [sender]")
+            return result
     if auth and password is None:
         return fail(None, "no password (neither [sender] nor [retriever] has one;"
                           " password_command is not supported)")

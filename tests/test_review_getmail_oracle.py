@@ -12,6 +12,7 @@ file:line where docs/decisions/auth.md says it does on purpose.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -110,7 +111,8 @@ class LoginRecorder:
 
     def _imap(self, conn: socket.socket, port: int) -> None:
         conn.sendall(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
-        for line in self._lines(conn):
+        lines = self._lines(conn)
+        for line in lines:
             tag, _, rest = line.partition(b" ")
             verb, _, args = rest.partition(b" ")
             if verb.upper() == b"LOGIN":
@@ -118,6 +120,14 @@ class LoginRecorder:
                 assert quoted[:1] == quoted[-1:] == b'"', line
                 password = quoted[1:-1].replace(b'\\"', b'"').replace(b"\\\\", b"\\")
                 self._record(port, user, password)
+                conn.sendall(tag + b" NO [AUTHENTICATIONFAILED] refused\r\n")
+            elif verb.upper() == b"AUTHENTICATE":
+                # XOAUTH2: user=NAME ^A auth=Bearer TOKEN ^A ^A
+                conn.sendall(b"+ \r\n")
+                fields = dict(f.split(b"=", 1) for f in base64.b64decode(next(lines, b""))
+                              .split(b"\x01") if b"=" in f)
+                self._record(port, fields.get(b"user", b""),
+                             fields.get(b"auth", b"").removeprefix(b"Bearer "))
                 conn.sendall(tag + b" NO [AUTHENTICATIONFAILED] refused\r\n")
             elif verb.upper() == b"CAPABILITY":
                 conn.sendall(b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK done\r\n")
@@ -439,3 +449,37 @@ def test_ports_are_the_sender_types_never_the_retrievers(getmail):
         text = text.replace("[sender]\n", "[sender]\nport = submission\nserver = smtp.example.org\n")
         (account,) = parse_getmailrc(text, G).accounts
         assert (account.route.server, account.route.port) == ("smtp.example.org", 587)
+
+
+def test_a_line_opening_with_a_bracket_but_no_section_is_a_key(recorder, getmail):
+    """`[note = x` is no section header for ConfigParser (no `]`): a key,
+    which getmail ignores with a warning (sendooway refused the file)."""
+    text, logins, stderr = one_file(recorder, getmail, "pop3", "username = alice\npassword = pw",
+                                    sender="[note = the office account\n")
+    assert logins == [(b"alice", b"pw")] and 'ignoring unknown parameter "[note"' not in stderr
+    result = parse_getmailrc(text, G)
+    assert [(a.route.user, a.route.password.reveal()) for a in result.accounts] == [("alice", "pw")]
+    assert result.errors == [] and result.warnings == [
+        f"{G}:17: [sender] unknown key (the line is not shown) ignored"]
+    # (in [retriever] getmail warns about it, and logs in all the same)
+    text, logins, stderr = one_file(recorder, getmail, "pop3",
+                                    "username = alice\n[]x = y\npassword = pw")
+    assert logins == [(b"alice", b"pw")] and 'ignoring unknown parameter "[]x"' in stderr
+    assert sendooway_reads(text) == ([("alice", "pw", True)], [])
+
+
+@pytest.mark.parametrize("flag", ["use_xoauth2 = true", "USE_XOAUTH2: On"])
+def test_an_imap_oauth_login_is_no_password_to_take(recorder, getmail, flag):
+    """use_xoauth2: getmail sends password_command's token (or a keyring or
+    typed one), never the file's password, which sendooway took."""
+    text, logins, _ = one_file(recorder, getmail, "imap",
+                               f"username = alice\npassword = static\n{flag}\n"
+                               'password_command = ("/bin/echo", "oauth-token")')
+    assert logins == [(b"alice", b"oauth-token")]
+    accounts, errors = sendooway_reads(text)
+    assert accounts == [] and errors == [
+        f"{G}:7: [retriever] use_xoauth2: getmail does not log in with the"
+        " [retriever] password then: give the password in [sender]"]
+    assert sendooway_reads(text + "password = s-pw\n") == ([("alice", "s-pw", True)], [])
+    assert sendooway_reads(text.replace(flag, "use_xoauth2 = false")) == (
+        [("alice", "static", True)], [])
