@@ -13,7 +13,10 @@ file:line where docs/decisions/auth.md says it does on purpose.
 from __future__ import annotations
 
 import base64
+import configparser
+import io
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -29,6 +32,7 @@ from sendooway_auth._reader import lookup_direct
 from sendooway_auth.getmail import parse_getmailrc
 from sendooway_shared.config import parse_config
 from sendooway_shared.types import TlsMode
+from tests.front_util import front_config, open_tmp
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lookup switches users: needs root")
 
@@ -153,14 +157,15 @@ RETRIEVERS = {"pop3": "SimplePOP3Retriever", "pop3s": "SimplePOP3SSLRetriever",
 
 
 def rc_file(port: int, proto: str, retriever: str, sender: str = "", options: str = "",
-            mbox: str = "/nonexistent/mbox") -> str:
+            mbox: str = "/nonexistent/mbox", address: str = "alice@example.org") -> str:
     """An rc file fetching from the recorder's `port` into `mbox`; `retriever`
     holds the lines under the server and port (the user's name and password)."""
     return (f"[retriever]\ntype = {RETRIEVERS[proto]}\nserver = 127.0.0.1\nport = {port}\n"
             f"{retriever}\n"
             f"[destination]\ntype = Mboxrd\npath = {mbox}\n"
             f"[options]\nverbose = 0\nread_all = false\n{options}\n"
-            f"[sender]\ntype = SimpleSMTPTLSSender\naddress = alice@example.org\n{sender}")
+            f"[sender]\ntype = SimpleSMTPTLSSender\n"
+            + (f"address = {address}\n" if address else "") + sender)
 
 
 class Getmail:
@@ -251,6 +256,11 @@ SAME_AS_GETMAIL = [
     # the blanks after it)
     ("username = alice\npassword = ab\r  cd", (b"alice", b"ab\ncd")),
     ("username = al\rpassword = pw", (b"al", b"pw")),
+    # no other character ends a line (str.splitlines() would split at these)
+    ("username = alice\npassword = a\u2028b\x85c\x0cd\x1ce", (b"alice", "a\u2028b\x85c\x0cd\x1ce".encode())),
+    # user names are taken whole
+    ("username = alice smith@example.org\npassword = pw", (b"alice smith@example.org", b"pw")),
+    ("username = \"alice\"\npassword = pw", (b'"alice"', b"pw")),
 ]
 
 
@@ -277,11 +287,86 @@ def test_getmail_and_sendooway_read_the_same_login(same_as_getmail, index):
     assert auth and (user.encode(), password.encode()) == logins[0]
 
 
+# ------------------------------------------------------------ generated files
+
+
+_PIECES = (list("aZ09 !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\t") + [
+    "%%", "%(server)s", "é", "€", "🚀", "\u00a0", "\u2028", "\x85", "\x0c", "\r", "\r  ",
+    "\n  ", "\n\t", "\n\n  ", "\n# remark\n  ", "\n; remark\n ", "password", "="])
+
+
+def _generated(r: random.Random) -> tuple[str, str]:
+    """[retriever] user and password lines of random keys (case, blanks,
+    `=`/`:`) and values (every ASCII mark, %, non-ASCII, line breaks getmail
+    knows and ones it does not, continuation lines with blanks and remarks)."""
+    def value() -> str:
+        return "".join(r.choice(_PIECES) for _ in range(r.randint(0, 7)))
+
+    def key(name: str) -> str:
+        return r.choice([name, name.upper(), name.title(), name + " "]) + r.choice(
+            [" = ", "=", ": ", " :", " =  ", "\t=\t"])
+
+    return f"{key('username')}{value() or 'u'}", f"{key('password')}{value()}"
+
+
+def _getmail_would_run(text: str) -> bool:
+    """Whether getmail gets as far as logging in (what it refuses stops
+    the whole run): ConfigParser as getmail's main() feeds it, a user and a
+    password in [retriever], a port that is a number."""
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read_file(io.StringIO(text, newline=None))
+        return (parser.has_option("retriever", "username")
+                and parser.has_option("retriever", "password")
+                and parser.get("retriever", "port").isdigit())
+    except configparser.Error:
+        return False
+
+
+# sendooway's documented refusals (docs/decisions/auth.md, getmail rc)
+_DELIBERATE = ("the upstream user name holds control characters",
+               "no username: the [retriever] one is empty")
+
+
+def test_generated_files_log_in_as_sendooway_reads(recorder, getmail):
+    """150 generated rc files getmail runs with, in one getmail run: each
+    login getmail sends is the user and password sendooway reads, or a
+    refusal documented as deliberate."""
+    r = random.Random(20261129)
+    cases = []
+    while len(cases) < 150:
+        user, password = _generated(r)
+        port = recorder.listen("pop3")
+        body = f"{user}\n{password}"
+        if r.random() < 0.3:
+            body = r.choice(["# a remark\n", "; a remark\n", "\n"]) + body
+        text = rc_file(port, "pop3", body, mbox=getmail.mbox)
+        if r.random() < 0.3:
+            text = text.replace("\n", "\r\n")
+        if _getmail_would_run(text):
+            cases.append((port, text))
+    res = getmail.run({f"rc-{i}": t.encode() for i, (_, t) in enumerate(cases)})
+    assert b"Configuration error" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
+    compared = 0
+    for port, text in cases:
+        (login,) = recorder.logins[port]
+        accounts, errors = sendooway_reads(text)
+        if not accounts and any(d in e for e in errors for d in _DELIBERATE):
+            continue
+        assert errors == [], (text, errors)
+        ((user, password, auth),) = accounts
+        assert (user.encode(), password.encode()) == login, text
+        compared += 1
+    assert compared > 80
+
+
 def one_file(recorder, getmail, proto: str, retriever: str, sender: str = "",
-             options: str = "", stdin: bytes = b"", before: str = "", after: str = ""):
+             options: str = "", stdin: bytes = b"", before: str = "", after: str = "",
+             address: str = "alice@example.org"):
     """(rc text, getmail's logins, its stderr) for one file."""
     port = recorder.listen(proto)
-    text = before + rc_file(port, proto, retriever, sender, options, getmail.mbox) + after
+    text = before + rc_file(port, proto, retriever, sender, options, getmail.mbox,
+                            address) + after
     res = getmail.run({"getmailrc": text.encode("utf-8", "surrogateescape")}, stdin=stdin)
     return text, recorder.logins[port], res.stderr.decode(errors="replace")
 
@@ -483,3 +568,71 @@ def test_an_imap_oauth_login_is_no_password_to_take(recorder, getmail, flag):
     assert sendooway_reads(text + "password = s-pw\n") == ([("alice", "s-pw", True)], [])
     assert sendooway_reads(text.replace(flag, "use_xoauth2 = false")) == (
         [("alice", "static", True)], [])
+
+
+# ------------------------------------------------------------ the authenticator
+
+
+def test_sendooway_lines_leave_getmail_working(recorder, getmail):
+    """The [sender] forms sendooway documents (addresses on indented lines
+    or after commas, remarks between them, a service name for the port)
+    are read by getmail too, which ignores the section; a repeated
+    `address` key stops getmail (as the man page says) and sendooway takes
+    both."""
+    sender = ("server = smtp.example.org\nport = submission\nno_certificate_check = false\n"
+              "address = alice@example.org\n  # the old one\n\n  a.smith@example.org,"
+              " *@alice.example\n")
+    text, logins, _ = one_file(recorder, getmail, "pop3", "username = alice\npassword = pw",
+                               sender=sender, address="")
+    assert logins == [(b"alice", b"pw")]
+    (account,) = parse_getmailrc(text, G).accounts
+    assert account.addresses == ("alice@example.org", "a.smith@example.org", "*@alice.example")
+    assert (account.route.server, account.route.port, account.route.user) == (
+        "smtp.example.org", 587, "alice")
+    text, logins, stderr = one_file(recorder, getmail, "pop3", "username = alice\npassword = pw",
+                                    sender="address = b@example.org\n")
+    assert logins == [] and "DuplicateOptionError" in stderr
+    (account,) = parse_getmailrc(text, G).accounts
+    assert account.addresses == ("alice@example.org", "b@example.org")
+
+
+def test_several_rc_files_through_the_authenticator(recorder, getmail, clean_homes):
+    """getmail, given no rc file, reads every file of its directory
+    (getmailrc-*; getmailrc alone when there is one). sendooway reads one
+    file a mapping (the default: getmailrc only; docs/decisions/
+    foundation.md); mapped, each file's login through the real lookup
+    (the user-switching reader) is getmail's, and --check shows the user
+    names and no password."""
+    world = clean_homes
+    bodies = {"getmailrc-work": "username = work@example.org\npassword = w %% ;#\\ é\n  two",
+              "getmailrc-home": "Username: home\nPASSWORD = h'\"x\"'  "}
+    ports = {name: recorder.listen("pop3s") for name in bodies}
+    texts = {name: rc_file(ports[name], "pop3s", body, mbox=getmail.mbox,
+                           address=f"{name[10:]}@alice.example")
+             for name, body in bodies.items()}
+    getmail.run({name: t.encode() for name, t in texts.items()}, rcfiles=[])
+    logins = {name: recorder.logins[ports[name]] for name in bodies}
+    assert logins == {"getmailrc-work": [(b"work@example.org", "w %% ;#\\ é\ntwo".encode())],
+                      "getmailrc-home": [(b"home", b"h'\"x\"'")]}
+    for name, t in texts.items():
+        world.write_user_file("alice", f".getmail/{name}", t)
+    alice = _users.lookup("alice")
+    found = lookup_direct(parse_config("", "t.conf"), alice)
+    assert found.accounts == [] and found.errors == []
+    mappings = "".join(f"smarthostMapping = getmail:%h/.getmail/{name}\n" for name in bodies)
+    found = lookup_direct(parse_config(mappings, "t.conf"), alice)
+    assert found.errors == [] and found.warnings == []
+    assert [[(a.route.user.encode(), a.route.password.reveal().encode())] for a in found.accounts
+            ] == list(logins.values())
+    assert [a.route.port for a in found.accounts] == [587, 587]  # not getmail's 995
+    with open_tmp() as tmp:
+        config = front_config(tmp, world, mappings)
+        check = subprocess.run([sys.executable, "-m", "sendooway_auth.cli", "-c", config,
+                                "--check", "alice"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for name in bodies:
+        assert f"{name[10:]}@alice.example -> 127.0.0.1:587 starttls" in check.stdout
+    assert "user work@example.org password ********" in check.stdout
+    assert "user home password ********" in check.stdout
+    for secret in ("w %% ;#", "two", "h'\"x"):
+        assert secret not in check.stdout + check.stderr
