@@ -118,10 +118,10 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
             last = None
             blanks = []
             continue
-        if current is None:
-            raise _IniError(number, "text before the first [section] (not an INI file?)")
         if stripped.startswith("[") and "=" not in stripped and ":" not in stripped:
             raise _IniError(number, "malformed section header (not an INI file?)")
+        if current is None:
+            raise _IniError(number, "text before the first [section] (not an INI file?)")
         cut = min((p for p in (raw.find("="), raw.find(":")) if p >= 0), default=-1)
         if cut <= 0 or not raw[:cut].strip():
             raise _IniError(number, "expected 'key = value' (not an INI file?)")

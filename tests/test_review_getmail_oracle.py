@@ -180,11 +180,14 @@ class Getmail:
         open(self.mbox, "w").close()
 
     def run(self, files: dict[str, bytes], rcfiles: list[str] | None = None,
-            stdin: bytes = b"", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+            stdin: bytes = b"", extra: tuple[str, ...] = (),
+            directory: str | None = None) -> subprocess.CompletedProcess:
+        """`directory`: the getmaildir, or None for getmail's own choice
+        in the home (the files are written in `self.dir` either way)."""
         for name, data in files.items():
             with open(os.path.join(self.dir, name), "wb") as f:
                 f.write(data)
-        args = ["getmail", f"--getmaildir={self.dir}"]
+        args = ["getmail"] + ([f"--getmaildir={self.dir}"] if directory is None else [])
         args += [f"--rcfile={name}" for name in (files if rcfiles is None else rcfiles)]
         args += extra
         try:
@@ -636,3 +639,43 @@ def test_several_rc_files_through_the_authenticator(recorder, getmail, clean_hom
     assert "user home password ********" in check.stdout
     for secret in ("w %% ;#", "two", "h'\"x"):
         assert secret not in check.stdout + check.stderr
+
+
+def test_getmails_own_choice_of_files_and_the_default_mapping(recorder, getmail, clean_homes):
+    """With a `getmailrc` beside other files getmail reads it alone, as
+    sendooway's default mapping does; getmail6 looks in ~/.config/getmail/
+    first, sendooway's default stays ~/.getmail/getmailrc (a documented
+    choice: docs/decisions/auth.md, getmail rc)."""
+    world = clean_homes
+    ports = {name: recorder.listen("pop3") for name in ("getmailrc", "getmailrc-other")}
+    texts = {name: rc_file(port, "pop3", f"username = {name}\npassword = pw-{name}",
+                           mbox=getmail.mbox) for name, port in ports.items()}
+    getmail.run({n: t.encode() for n, t in texts.items()}, rcfiles=[])
+    assert {n: recorder.logins[p] for n, p in ports.items()} == {
+        "getmailrc": [(b"getmailrc", b"pw-getmailrc")], "getmailrc-other": []}
+    for name, text in texts.items():
+        world.write_user_file("alice", f".getmail/{name}", text)
+    alice = _users.lookup("alice")
+    found = lookup_direct(parse_config("", "t.conf"), alice)
+    assert [(a.route.user, a.route.password.reveal()) for a in found.accounts] == [
+        ("getmailrc", "pw-getmailrc")]
+    # getmail6's own place, when it exists: getmail reads it, the default
+    # mapping does not (one line names it)
+    world.clear_home("alice")
+    port = recorder.listen("pop3")
+    xdg = os.path.join(getmail.home, ".config", "getmail")
+    os.makedirs(xdg)
+    try:
+        text = rc_file(port, "pop3", "username = xdg\npassword = pw-xdg", mbox=getmail.mbox)
+        with open(os.path.join(xdg, "getmailrc"), "w") as f:
+            f.write(text)
+        getmail.run({}, rcfiles=[], directory="")
+    finally:
+        shutil.rmtree(os.path.join(getmail.home, ".config"))
+    assert recorder.logins[port] == [(b"xdg", b"pw-xdg")]
+    world.write_user_file("alice", ".config/getmail/getmailrc", text)
+    assert lookup_direct(parse_config("", "t.conf"), alice).accounts == []
+    found = lookup_direct(parse_config(
+        "smarthostMapping = getmail:%h/.config/getmail/getmailrc\n", "t.conf"), alice)
+    assert [(a.route.user, a.route.password.reveal()) for a in found.accounts] == [
+        ("xdg", "pw-xdg")]
