@@ -238,7 +238,8 @@ SAME_AS_GETMAIL = [
     ("username = alice\npassword = 'it''s'", (b"alice", b"'it''s'")),
     ("username = DOM\\alice\npassword = a\\\\b\\n\\", (b"DOM\\alice", b"a\\\\b\\n\\")),
     # UTF-8 is sent as UTF-8
-    ("username = jürgen\npassword = pässwörd€🚀", ("jürgen".encode(), "pässwörd€🚀".encode())),
+    ("username = jürgen\npassword = pässwörd€🚀",
+     ("jürgen".encode(), "pässwörd€🚀".encode())),
     # a line indented deeper than its key continues the value (blank and
     # comment lines inside it: a blank is kept, a comment dropped)
     ("username = alice\npassword = first\n  second", (b"alice", b"first\nsecond")),
@@ -260,7 +261,8 @@ SAME_AS_GETMAIL = [
     ("username = alice\npassword = ab\r  cd", (b"alice", b"ab\ncd")),
     ("username = al\rpassword = pw", (b"al", b"pw")),
     # no other character ends a line (str.splitlines() would split at these)
-    ("username = alice\npassword = a\u2028b\x85c\x0cd\x1ce", (b"alice", "a\u2028b\x85c\x0cd\x1ce".encode())),
+    ("username = alice\npassword = a\u2028b\x85c\x0cd\x1ce",
+     (b"alice", "a\u2028b\x85c\x0cd\x1ce".encode())),
     # user names are taken whole
     ("username = alice smith@example.org\npassword = pw", (b"alice smith@example.org", b"pw")),
     ("username = \"alice\"\npassword = pw", (b'"alice"', b"pw")),
@@ -439,7 +441,8 @@ def test_use_netrc_logins_are_not_taken_from_the_retriever(recorder, getmail, wh
         " password, which sendooway does not read: give username and password in [sender]"]
     assert sendooway_reads(text + "username = s\npassword = s-pw\n") == ([("s", "s-pw", True)], [])
     # off, getmail's own way of saying so
-    off = text.replace("use_netrc = Yes", "use_netrc = 0").replace("use_netrc = on", "use_netrc = off")
+    off = (text.replace("use_netrc = Yes", "use_netrc = 0")
+           .replace("use_netrc = on", "use_netrc = off"))
     assert sendooway_reads(off) == ([("rc", "rc-pw", True)], [])
 
 
@@ -489,7 +492,8 @@ def test_documented_differences_in_files_getmail_refuses_or_never_reads(recorder
 
 
 OTHER_RETRIEVERS = [
-    ("pop3s", "username = alice\npassword = tls %% ;# \"q\" \\ é", (b"alice", 'tls %% ;# "q" \\ é'.encode())),
+    ("pop3s", "username = alice\npassword = tls %% ;# \"q\" \\ é",
+     (b"alice", 'tls %% ;# "q" \\ é'.encode())),
     ("pop3s", "Username: DOM\\x\nPASSWORD: a\n  b", (b"DOM\\x", b"a\nb")),
     # (imaplib sends the user name bare and the password quoted; ASCII only)
     ("imap", "username = alice\npassword = im \"q\" \\ %% ;#x", (b"alice", b'im "q" \\ %% ;#x')),
@@ -506,6 +510,23 @@ def test_tls_and_imap_retrievers_log_in_as_sendooway_reads(recorder, getmail):
         assert recorder.logins[port] == [login]
         accounts, errors = sendooway_reads(text)
         assert errors == [] and [(u.encode(), p.encode()) for u, p, _ in accounts] == [login]
+
+
+@pytest.mark.parametrize("server,port", [
+    ("SERVER: 127.0.0.1  ", "Port={}"), ("Server =\tlocalhost", "PORT : {}"),
+    ("server=127.0.0.1\r", "port = {}\r")])
+def test_the_retrievers_server_is_the_one_getmail_reaches(recorder, getmail, server, port):
+    """[sender] without a server takes the [retriever]'s, spelled as
+    getmail reads it (getmail reaches the recorder there); the port is the
+    [sender] type's."""
+    number = recorder.listen("pop3")
+    text = rc_file(number, "pop3", "username = alice\npassword = pw", mbox=getmail.mbox).replace(
+        f"server = 127.0.0.1\nport = {number}", f"{server}\n{port.format(number)}")
+    getmail.run({"getmailrc": text.encode()})
+    assert recorder.logins[number] == [(b"alice", b"pw")]
+    (account,) = parse_getmailrc(text, G).accounts
+    assert (account.route.server, account.route.port) == (
+        server.split(":" if ":" in server else "=", 1)[1].strip(), 587)
 
 
 def test_ports_are_the_sender_types_never_the_retrievers(getmail):
@@ -534,7 +555,8 @@ def test_ports_are_the_sender_types_never_the_retrievers(getmail):
             (account,) = result.accounts
             assert (account.route.server, account.route.port, account.route.tls) == (
                 "pop.example.org", port, tls)
-        text = text.replace("[sender]\n", "[sender]\nport = submission\nserver = smtp.example.org\n")
+        text = text.replace("[sender]\n",
+                            "[sender]\nport = submission\nserver = smtp.example.org\n")
         (account,) = parse_getmailrc(text, G).accounts
         assert (account.route.server, account.route.port) == ("smtp.example.org", 587)
 
