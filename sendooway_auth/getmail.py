@@ -254,6 +254,20 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     password = _one(sender, "password") or _one(retriever, "password")
     if auth and (failed := not_text("password", password)) is not None:
         return failed
+    # getmail's use_netrc ([options], or [DEFAULT], which it reads the
+    # options with) logs in with ~/.netrc's name and password over the
+    # [retriever] ones: sendooway does not read that file
+    for where in ("options", "DEFAULT"):
+        netrc = _one(sections.get(where, {}), "use_netrc")
+        if netrc is None:
+            continue
+        if netrc[1].lower() in _TRUE and (
+                "username" not in sender or auth and "password" not in sender):
+            result.errors.append(f"{filename}:{netrc[0]}: [{where}] use_netrc: getmail logs in"
+                                 " with ~/.netrc's user name and password, which sendooway does"
+                                 " not read: give username and password in [sender]")
+            return result
+        break
     # an IMAP retriever's OAuth or Kerberos login: getmail sends a token
     # (password_command, keyring, prompt) or a ticket, never this password
     for flag in ("use_xoauth2", "use_kerberos"):
@@ -267,17 +281,6 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     if auth and password is None:
         return fail(None, "no password (neither [sender] nor [retriever] has one;"
                           " password_command is not supported)")
-    # getmail's use_netrc ([options], or [DEFAULT], which it reads the
-    # options with) logs in with ~/.netrc's name and password over the
-    # [retriever] ones: sendooway does not read that file
-    netrc = _one(sections.get("options", {}), "use_netrc") or _one(
-        sections.get("DEFAULT", {}), "use_netrc")
-    if (netrc is not None and netrc[1].lower() in _TRUE
-            and ("username" not in sender or auth and "password" not in sender)):
-        result.errors.append(f"{filename}:{netrc[0]}: [options] use_netrc: getmail logs in with"
-                             " ~/.netrc's user name and password, which sendooway does not"
-                             " read: give username and password in [sender]")
-        return result
     if (problem := field_problem(server[1], username[1])) is not None:
         return fail(server[0], problem)
     # one address per line of a value, or several after one another: the

@@ -437,8 +437,11 @@ def test_use_netrc_logins_are_not_taken_from_the_retriever(recorder, getmail, wh
     accounts, errors = sendooway_reads(text)
     line = text.splitlines().index("use_netrc = Yes" if where == "options" else "use_netrc = on")
     assert accounts == [] and errors == [
-        f"{G}:{line + 1}: [options] use_netrc: getmail logs in with ~/.netrc's user name and"
+        f"{G}:{line + 1}: [{where}] use_netrc: getmail logs in with ~/.netrc's user name and"
         " password, which sendooway does not read: give username and password in [sender]"]
+    # (with no password in the file, the same: not "no password")
+    accounts, errors = sendooway_reads(text.replace("password = rc-pw\n", ""))
+    assert accounts == [] and len(errors) == 1 and "use_netrc" in errors[0]
     assert sendooway_reads(text + "username = s\npassword = s-pw\n") == ([("s", "s-pw", True)], [])
     # off, getmail's own way of saying so
     off = (text.replace("use_netrc = Yes", "use_netrc = 0")
