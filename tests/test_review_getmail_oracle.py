@@ -704,3 +704,17 @@ def test_getmails_own_choice_of_files_and_the_default_mapping(recorder, getmail,
         "smarthostMapping = getmail:%h/.config/getmail/getmailrc\n", "t.conf"), alice)
     assert [(a.route.user, a.route.password.reveal()) for a in found.accounts] == [
         ("xdg", "pw-xdg")]
+
+
+def test_a_kerberos_login_is_no_password_to_take(recorder, getmail):
+    """use_kerberos: getmail logs in with a ticket (GSSAPI), or, without
+    Python's GSS support (as here), refuses to run; never with the file's
+    password, which sendooway took."""
+    text, logins, stderr = one_file(recorder, getmail, "imap",
+                                    "username = alice\npassword = static\nuse_kerberos = yes")
+    assert logins == [] and "cannot use kerberos" in stderr
+    accounts, errors = sendooway_reads(text)
+    assert accounts == [] and errors == [
+        f"{G}:7: [retriever] use_kerberos: getmail does not log in with the [retriever]"
+        " password then: give the password in [sender]"]
+    assert sendooway_reads(text + "password = s-pw\n") == ([("alice", "s-pw", True)], [])
