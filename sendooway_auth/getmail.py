@@ -10,7 +10,7 @@
     # or SimpleSMTPSender (port 25), SimpleSMTPSSLSender (465)
     type = SimpleSMTPTLSSender
     # server, port, username, password: default the retriever's, the type's;
-    # an empty username means no AUTH
+    # an empty username means no AUTH (an empty [retriever] one is an error)
     server = smtp.example.org
     port = 587
     # at least one; more on the lines below it, indented (or after commas)
@@ -23,7 +23,10 @@ as part of the value.) A file is one account: any error skips the whole
 file (with file:line). A file without a [sender] section is one getmail
 alone uses (to fetch mail): it gives no account and no error. Unknown
 [sender] keys are warned about and ignored; a repeated key other than
-`address` counts with its first value (both as in the original).
+`address` counts with its first value (both as in the original). A user
+name or password getmail would take from elsewhere (password_command, the
+keyring or terminal, ~/.netrc with use_netrc, an OAuth token or Kerberos
+ticket with use_xoauth2 or use_kerberos) is an error: give it in [sender].
 
 The text comes decoded with surrogateescape: comment lines, and values
 sendooway does not use (a Maildir path), may hold octets that are not
@@ -33,10 +36,11 @@ UTF-8 (a Latin-1 "# für Büro"); a value it uses is an error at its line.
 from __future__ import annotations
 
 import difflib
+import re
 
 from sendooway_shared.types import DEFAULT_PORTS, Route, Secret, TlsMode, port_number
 
-from ._accounts import Account, ParseResult, field_problem, lines
+from ._accounts import Account, ParseResult, field_problem
 from ._address import check_pattern
 
 SENDER_TYPES = {
@@ -48,6 +52,17 @@ _SENDER_KEYS = {"type", "server", "port", "username", "password", "address",
                 "no_certificate_check"}
 _TRUE = {"1", "yes", "true", "on"}
 _FALSE = {"0", "no", "false", "off"}
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as getmail reads them: its file is opened in text mode, whose
+    universal newlines end a line at LF, CRLF or a lone CR (a CR inside a
+    password line made sendooway send "ab\\r  cd" where getmail sent
+    "ab\\ncd"); no other character ends one."""
+    out = re.split(r"\r\n|\r|\n", text)
+    if out and out[-1] == "":
+        out.pop()
+    return out
 
 
 class _IniError(Exception):
@@ -72,7 +87,7 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
     last_lines: list[int] = []     # their lines
     blanks: list[int] = []         # blank lines since, kept if the value goes on
     indent = 0  # of its key
-    for number, raw in enumerate(lines(text), start=1):
+    for number, raw in enumerate(_lines(text), start=1):
         stripped = raw.strip()
         if not stripped:
             blanks.append(number)  # configparser: a value may go on after one
@@ -89,19 +104,22 @@ def _read_ini(text: str, headers: dict[str, int] | None = None,
             last_lines.append(number)
             continue
         blanks = []
-        if stripped.startswith("["):
+        close = stripped.rfind("]") if stripped.startswith("[") else -1
+        if close >= 2:
             # ConfigParser's rule: the name runs to the last ']' of the line,
-            # whatever follows it (`[sender]  # for sendooway`) is ignored
-            close = stripped.rfind("]")
-            if close < 2:
-                raise _IniError(number, "malformed section header (not an INI file?)")
-            name = stripped[1:close].strip()
+            # whatever follows it (`[sender]  # for sendooway`) is ignored;
+            # blanks inside are kept (`[ retriever]` is a section getmail
+            # never reads: its values were taken). Without a name and a ']'
+            # the line is a key (`[note = x`), as getmail reads it
+            name = stripped[1:close]
             current = sections.setdefault(name, {})
             if headers is not None:
                 headers.setdefault(name, number)
             last = None
             blanks = []
             continue
+        if stripped.startswith("[") and "=" not in stripped and ":" not in stripped:
+            raise _IniError(number, "malformed section header (not an INI file?)")
         if current is None:
             raise _IniError(number, "text before the first [section] (not an INI file?)")
         cut = min((p for p in (raw.find("="), raw.find(":")) if p >= 0), default=-1)
@@ -147,7 +165,7 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
         return result
     # [sender] is read by sendooway alone: its name is matched without case
     # (as the original did); getmail's own sections keep ConfigParser's rule
-    named = [name for name in sections if name.lower() == "sender"]
+    named = [name for name in sections if name.strip().lower() == "sender"]
     if not named:
         return result  # getmail's own file, for fetching only: nothing to send with
     if len(named) > 1:
@@ -226,10 +244,40 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
                           " an empty [sender] username means no AUTH)")
     if (failed := not_text("username", username)) is not None:
         return failed
+    if username[1] == "" and "username" not in sender:
+        # getmail logs in with the empty name; only the user's own empty
+        # [sender] username says "no AUTH" (as fetchmail's `user ""` is no user)
+        return fail(username[0], "no username: the [retriever] one is empty (getmail logs in"
+                                 " with an empty name); give one in [sender] (an empty"
+                                 " [sender] username means no AUTH)")
     auth = username[1] != ""
     password = _one(sender, "password") or _one(retriever, "password")
     if auth and (failed := not_text("password", password)) is not None:
         return failed
+    # getmail's use_netrc ([options], or [DEFAULT], which it reads the
+    # options with) logs in with ~/.netrc's name and password over the
+    # [retriever] ones: sendooway does not read that file
+    for where in ("options", "DEFAULT"):
+        netrc = _one(sections.get(where, {}), "use_netrc")
+        if netrc is None:
+            continue
+        if netrc[1].lower() in _TRUE and (
+                "username" not in sender or auth and "password" not in sender):
+            result.errors.append(f"{filename}:{netrc[0]}: [{where}] use_netrc: getmail logs in"
+                                 " with ~/.netrc's user name and password, which sendooway does"
+                                 " not read: give username and password in [sender]")
+            return result
+        break
+    # an IMAP retriever's OAuth or Kerberos login: getmail sends a token
+    # (password_command, keyring, prompt) or a ticket, never this password
+    for flag in ("use_xoauth2", "use_kerberos"):
+        given = _one(retriever, flag)
+        if (auth and given is not None and given[1].lower() in _TRUE and password is not None
+                and "password" not in sender):
+            result.errors.append(f"{filename}:{given[0]}: [retriever] {flag}: getmail does not log"
+                                 " in with the [retriever] password then: give the password in"
+                                 " [sender]")
+            return result
     if auth and password is None:
         return fail(None, "no password (neither [sender] nor [retriever] has one;"
                           " password_command is not supported)")

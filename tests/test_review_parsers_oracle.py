@@ -5,7 +5,8 @@ fetchmail 6.4.37 itself (Debian's package, installed by scripts/setup.sh)
 reads each file here and logs in to a POP3 server of this module that
 records the USER and PASS lines: the exact octets fetchmail sends. For
 getmail rc files the oracle is getmail6's own reading, Python's
-configparser.RawConfigParser fed as getmail feeds it. sendooway's parsers
+configparser.RawConfigParser fed as getmail feeds it (the real getmail's
+logins: tests/test_review_getmail_oracle.py). sendooway's parsers
 must read the same upstream user and password from the same text, or
 refuse the account with file:line where docs/decisions/auth.md says it
 does on purpose. Last, the exact credentials travel through the real
