@@ -83,7 +83,9 @@ a plaintext greeting; a TLS error read as a quiet EOF (the log line).
 
 from __future__ import annotations
 
+import array
 import ctypes
+import fcntl
 import itertools
 import random
 import re
@@ -91,6 +93,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import termios
 import threading
 import time
 
@@ -516,10 +519,21 @@ def gnutls_cli(tw, name: str, lines: list[str], port: int) -> tuple[str, str]:
                   *(["--starttls-proto=smtp"] if starttls else []), "localhost"], lines)
 
 
+def _unread(pipe) -> int:
+    """Octets written to `pipe` that its reader has not taken yet."""
+    count = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
 def paced(argv: list[str], lines: list[str]) -> tuple[str, str]:
-    """Run a line-driven client with `lines` on its input, 0.03 s apart
-    (each line one read for it, and answered before the next); its stdout
-    and stderr once it ended."""
+    """Run a line-driven client with `lines` on its input, each line one
+    read for it (the next is written once it took the last, then 0.03 s
+    later); its stdout and stderr once it ended. One line a read matters:
+    s_client's command letters count only at the start of a read, and
+    gnutls-cli --crlf turns only the first LF of a read into CRLF and
+    garbles the rest (CI: a handshake slower than the first lines, which
+    piled up, and every command of the session was answered 502)."""
     proc = subprocess.Popen(argv, env=CLEAN_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
@@ -530,6 +544,10 @@ def paced(argv: list[str], lines: list[str]) -> tuple[str, str]:
                 proc.stdin.flush()
             except BrokenPipeError:  # it gave up (the test says whether it should have)
                 break
+            # (bounded: a client that stopped reading is the test's to judge)
+            deadline = time.monotonic() + 10
+            while _unread(proc.stdin) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
             time.sleep(0.03)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
