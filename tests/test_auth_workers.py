@@ -281,7 +281,7 @@ def test_a_worker_past_its_own_lifetime_is_replaced_unnoticed(alice, monkeypatch
     async def scenario(p):
         pid = await served(p, alice)
         await asyncio.sleep(2.5)
-        assert not alive(pid)
+        assert gone(pid)  # (bounded: a loaded machine may run its end late)
         assert await served(p, alice) != pid
 
     with pool() as p:
