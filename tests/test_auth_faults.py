@@ -249,6 +249,49 @@ def test_check_does_not_hang_on_a_reader_child_the_user_stopped(monkeypatch):
     assert found.incomplete and "killed" in found.failure
 
 
+def test_check_names_the_time_limit_when_the_readers_own_alarm_ends_it(clean_homes, monkeypatch):
+    """A --check lookup that outlasts TIME_LIMIT is ended by the reader's
+    own alarm (SIGALRM): the admin is told the lookup took too long, not
+    "reader child died" (seen in CI: a 1 MiB file parsed on a loaded
+    machine). Here the reader is held stopped past its 1 s alarm, then let
+    go: the pending alarm ends it at once, before the parent's deadline."""
+    import signal
+    import threading
+    import time
+
+    from sendooway_auth import _reader
+
+    monkeypatch.setattr(_reader, "TIME_LIMIT", 1)
+    clean_homes.write_user_file("alice", ".fetchmailrc", "#sendooway:bogus x\n" * 50000)
+    me = os.getpid()
+    listing = f"/proc/{me}/task/{me}/children"
+    before = set(open(listing).read().split())
+    stopped = []
+
+    def hold_the_reader():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            new = set(open(listing).read().split()) - before
+            if new:
+                pid = int(new.pop())
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+                time.sleep(1.5)  # past its alarm (1 s), before our deadline (3 s)
+                os.kill(pid, signal.SIGCONT)
+                return
+            time.sleep(0.001)
+
+    helper = threading.Thread(target=hold_the_reader)
+    helper.start()
+    try:
+        found = lookup("alice")
+    finally:
+        helper.join()
+    assert stopped, "the reader was not seen"
+    assert found.incomplete and found.failure == (
+        "lookup took more than 1 s: reader child stopped by its alarm"), found.errors
+
+
 def test_a_comment_glued_to_a_password_in_an_include_is_a_warning(clean_homes):
     """'#' starts a comment anywhere (as in the original), so `... u pa#ss
     tls` maps with password `pa` and without tls — silently, before. Now
