@@ -529,7 +529,8 @@ def _unread(pipe) -> int:
 def paced(argv: list[str], lines: list[str]) -> tuple[str, str]:
     """Run a line-driven client with `lines` on its input, each line one
     read for it (the next is written once it took the last, then 0.03 s
-    later); its stdout and stderr once it ended. One line a read matters:
+    later); its stdout and stderr once it ended by itself (or 2 x TIMEOUT
+    after the last line, its input then closed). One line a read matters:
     s_client's command letters count only at the start of a read, and
     gnutls-cli --crlf turns only the first LF of a read into CRLF and
     garbles the rest (CI: a handshake slower than the first lines, which
@@ -549,6 +550,14 @@ def paced(argv: list[str], lines: list[str]) -> tuple[str, str]:
             while _unread(proc.stdin) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.005)
             time.sleep(0.03)
+        # The last line ends the session (quit, or what the client gives up
+        # on): the client reads the last replies and ends by itself. Its
+        # input closed at once (communicate), s_client (-no_ign_eof) ended
+        # before they came through a slow Mitm (load: "354", then DONE).
+        try:
+            proc.wait(2 * TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
