@@ -290,8 +290,13 @@ def lookup_direct(cfg: Config, user: UserInfo) -> UserRoutes:
                 break
             chunks.append(chunk)
             total += len(chunk)
-    os.waitpid(pid, 0)
-    return _decode(b"".join(chunks), user)
+    _pid, status = os.waitpid(pid, 0)
+    found = _decode(b"".join(chunks), user)
+    if found.failure and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
+        # its own alarm (a huge file, a slow home, a loaded machine): the
+        # time limit, not a crash ("reader child died" sent admins astray)
+        return _failed(user, f"lookup took more than {TIME_LIMIT} s: reader child stopped by its alarm")
+    return found
 
 
 # ------------------------------------------------------------ the fork server

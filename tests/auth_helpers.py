@@ -256,8 +256,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def gone(pid: int, timeout: float = 2.0) -> bool:
-    """Wait (a little) until the process is no more."""
+def gone(pid: int, timeout: float = 5.0) -> bool:
+    """Wait (bounded) until the process is no more. (5 s: on a loaded
+    machine a worker told to go may wait that long to be scheduled.)"""
     deadline = time.monotonic() + timeout
     while alive(pid):
         if time.monotonic() > deadline:

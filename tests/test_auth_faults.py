@@ -197,7 +197,7 @@ def test_unicode_case_folding_does_not_widen_an_exact_pattern():
     assert not matches("*@kelvin.example", "x@\u212aelvin.example")
 
 
-def test_an_include_with_a_few_bad_lines_at_its_end_is_parsed_in_time(clean_homes):
+def test_an_include_with_a_few_bad_lines_at_its_end_is_parsed_in_time(clean_homes, monkeypatch):
     """routes._parse_include re-parses the whole ~/.sendoowayrc after each
     error (up to 50 times), so a 1 MiB include (well under MAX_FILE) whose
     last lines are wrong costs ~10 s of parsing: every lookup hits the 5 s
@@ -205,11 +205,24 @@ def test_an_include_with_a_few_bad_lines_at_its_end_is_parsed_in_time(clean_home
     failure (454, retried for days) with no file:line for the mistake; each
     attempt burns 5 s of CPU. Parsing it once and skipping bad lines is
     linear."""
+    import resource
+
+    from sendooway_auth import _reader
+
     clean_homes.write_user_file("alice", ".sendoowayrc", (
         "smarthostMapping = direct:a@x.org s.x.org 25 u p\n" * 20000 + "bad line\n" * 50))
+    # The promise is TIME_LIMIT of the user's CPU: measured as the child's
+    # CPU time, with its wall-clock alarm out of the way (on a loaded
+    # machine the child may wait longer for a CPU than it computes)
+    limit = _reader.TIME_LIMIT
+    monkeypatch.setattr(_reader, "TIME_LIMIT", 60)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     found = lookup("alice", "userInclude = %h/.sendoowayrc\n")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert not found.incomplete, found.errors[:3]
     assert found.route_for("a@x.org") is not None
+    assert cpu < limit, cpu
 
 
 def test_check_does_not_hang_on_a_reader_child_the_user_stopped(monkeypatch):
@@ -234,6 +247,54 @@ def test_check_does_not_hang_on_a_reader_child_the_user_stopped(monkeypatch):
     found = _reader.lookup_direct(Config(), user)
     assert time.monotonic() - t0 < 6
     assert found.incomplete and "killed" in found.failure
+
+
+def test_check_names_the_time_limit_when_the_readers_own_alarm_ends_it(clean_homes, monkeypatch):
+    """A --check lookup that outlasts TIME_LIMIT is ended by the reader's
+    own alarm (SIGALRM): the admin is told the lookup took too long, not
+    "reader child died" (seen in CI: a 1 MiB file parsed on a loaded
+    machine). Here the reader is held stopped past its 1 s alarm, then let
+    go: the pending alarm ends it at once, before the parent's deadline."""
+    import signal
+    import threading
+    import time
+
+    from sendooway_auth import _reader
+
+    monkeypatch.setattr(_reader, "TIME_LIMIT", 1)
+    clean_homes.write_user_file("alice", ".fetchmailrc", "#sendooway:bogus x\n" * 50000)
+    me = os.getpid()
+    listing = f"/proc/{me}/task/{me}/children"
+    before: set[str] = set()
+    stopped = []
+
+    def hold_the_reader():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            new = set(open(listing).read().split()) - before
+            if new:
+                pid = int(new.pop())
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+                time.sleep(1.5)  # past its alarm (1 s), before our deadline (3 s)
+                os.kill(pid, signal.SIGCONT)
+                return
+            time.sleep(0.001)
+
+    for _ in range(5):  # (again if the reader was done before it was stopped)
+        stopped.clear()
+        before = set(open(listing).read().split())
+        helper = threading.Thread(target=hold_the_reader)
+        helper.start()
+        try:
+            found = lookup("alice")
+        finally:
+            helper.join()
+        if found.incomplete:
+            break
+    assert stopped, "the reader was not seen"
+    assert found.incomplete and found.failure == (
+        "lookup took more than 1 s: reader child stopped by its alarm"), found.errors
 
 
 def test_a_comment_glued_to_a_password_in_an_include_is_a_warning(clean_homes):

@@ -201,15 +201,19 @@ def alice(clean_homes):
 
 
 def test_idle_workers_are_closed(alice):
+    # (idle 1.5 s, not 0.5: a loop that woke 0.2 s late on a loaded machine
+    # ran the idle timer before the "kept" check)
     async def scenario(p):
         pid = await served(p, alice)
         await asyncio.sleep(0.3)
         assert pids(p) == {"alice": pid}  # used recently: kept
         await served(p, alice)
-        await asyncio.sleep(1.5)
+        deadline = time.monotonic() + 10
+        while pids(p) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         assert pids(p) == {} and gone(pid)
 
-    with pool(idle=0.5) as p:
+    with pool(idle=1.5) as p:
         asyncio.run(scenario(p))
 
 
@@ -277,7 +281,7 @@ def test_a_worker_past_its_own_lifetime_is_replaced_unnoticed(alice, monkeypatch
     async def scenario(p):
         pid = await served(p, alice)
         await asyncio.sleep(2.5)
-        assert not alive(pid)
+        assert gone(pid)  # (bounded: a loaded machine may run its end late)
         assert await served(p, alice) != pid
 
     with pool() as p:

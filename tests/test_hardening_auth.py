@@ -61,7 +61,10 @@ def test_failure_delay_backs_off_per_user_and_per_address(world):
                 code, took = timed_auth(c, user, password)
                 assert code == 535
                 want = BASE * 2 ** n
-                assert want * 0.9 <= took <= want + 0.3, (user, n, took)
+                # the lower bound is the delay; the upper one tells n from
+                # n + 1 (2 x want) where it can, with room for a loaded
+                # machine's slow round trip through the daemon and PAM
+                assert want * 0.9 <= took < max(want + 0.3, want * 1.9), (user, n, took)
 
             with greet(v4) as c:
                 for n in range(3):                       # alice @127.0.0.1: 0.1, 0.2, 0.4

@@ -116,15 +116,19 @@ def test_turns_make_a_second_login_tell_real_accounts_from_made_up_names(tmp_pat
             _run([a, b])
             assert a.reply is not None and a.reply.TYPE == "auth_fail", a.reply
             assert b.reply is not None and b.reply.TYPE == "auth_fail", b.reply
-            return a.took, b.took
+            # first answered, second answered: on a loaded machine the one
+            # sent 0.1 s later may reach the daemon first (seen: bob's
+            # (2.88, 1.43) against the made-up name's (1.25, 2.58))
+            return tuple(sorted((a.took, b.took)))
 
         real = pair("bob", "198.51.100.21")
         made_up = pair("nosuchuser", "198.51.100.22")
     finally:
         d.proc.kill()
         d.stop()
-    assert abs(real[0] - made_up[0]) < 0.4, (real, made_up)  # the padding works for one login
-    assert abs(real[1] - made_up[1]) < 0.4, (
+    # (0.6 s of room, was 0.4: the defect's difference is PAM's whole 1 s)
+    assert abs(real[0] - made_up[0]) < 0.6, (real, made_up)  # the padding works for one login
+    assert abs(real[1] - made_up[1]) < 0.6, (
         f"the second of two side-by-side logins was answered after {real[1]:.2f} s for the"
         f" account bob and after {made_up[1]:.2f} s for a made-up name (first ones:"
         f" {real[0]:.2f} s / {made_up[0]:.2f} s): the name's turn is kept through PAM's"

@@ -570,10 +570,12 @@ def test_postfix_error_count_is_not_carried_from_one_session_to_the_next(rig):
             assert s.rcpt(REFUSED) == (550, f"5.1.1 <{REFUSED}>: Recipient address rejected: no such user here".encode())
             took = time.monotonic() - t0
             assert s.rset()[0] == 250  # (this one waits 1 s: Postfix's own, as directly)
-        assert took < 0.8, (user, took)
+        # (carried errors cost 1 s a reply, >= 2 s here: bound 1.8 s, was
+        # 0.8 s, tight for a fresh Postfix connection on a loaded machine)
+        assert took < 1.8, (user, took)
     t0 = time.monotonic()
     replies = _send(fe, rig, "carol@errs.example", "ok@example.net", b"Subject: e\r\n\r\nx\r\n", "carol")
-    assert [c for c, _ in replies] == [250, 250, 250] and time.monotonic() - t0 < 1.5, replies
+    assert [c for c, _ in replies] == [250, 250, 250] and time.monotonic() - t0 < 2.7, replies
     rig.sink.wait(1)
     # a fresh connection after each refusal; none slowed down
     _wait_for(lambda: len(rig.pf.lines(r"postfix/errs/smtpd\[\d+\]: connect from")) - connects >= 4,
@@ -769,7 +771,9 @@ def test_smtp_sink_dropping_a_kept_connection(rig, sinks, case):
             assert [c for c, _ in replies] == [250, 250, 250], (n, replies, fe.log()[-1500:])
             _wait_for(lambda: len(sink.received()) > n, 5)
             if n == 0 and case == "t-1":
-                time.sleep(1.6)
+                # smtp-sink's 1 s idle timer has struck (a loaded machine's
+                # timers may run late: 1.5 s of room, was 0.6 s)
+                time.sleep(2.5)
         assert [re.search(rb"Subject: kept (\d)", d).group(1) for d in sink.received()] == [b"0", b"1"]
     assert re.search(r"(cached|kept) connection (went stale|closing)", fe.log()), fe.log()[-1500:]
 

@@ -517,25 +517,27 @@ def test_the_read_deadline_moves_with_each_read_and_real_cancellation_wins():
     async def go():
         loop = asyncio.get_running_loop()
         a, b = socket.socketpair()
-        s = await Stream.from_socket(a, timeout=0.3)
+        # (timeouts 0.6 s and 1.2 s, was 0.3 s and 0.6 s: a loaded machine
+        # that wakes the loop late gave the data 0.2 s and 0.15 s of room)
+        s = await Stream.from_socket(a, timeout=0.6)
         peer_r, peer_w = await asyncio.open_connection(sock=b)
-        # eight reads of data that comes every 0.1 s: 0.8 s in all, no timeout
+        # twelve reads of data that comes every 0.1 s: 1.2 s in all, no timeout
         t0 = loop.time()
-        for i in range(8):
+        for i in range(12):
             loop.call_later(0.1, peer_w.write, b"x")
             assert await s.read(10) == b"x"
-        assert loop.time() - t0 > 0.6
-        # nothing comes: TimeoutError after about 0.3 s
+        assert loop.time() - t0 > 1.0
+        # nothing comes: TimeoutError after about 0.6 s
         t0 = loop.time()
         with pytest.raises(TimeoutError):
             await s.read(10)
-        assert 0.25 < loop.time() - t0 < 2
+        assert 0.55 < loop.time() - t0 < 2.5
         # the stream still works after a timeout
         peer_w.write(b"y")
         assert await s.read(10) == b"y"
         # a longer timeout set in between is honoured
-        s.timeout = 0.6
-        loop.call_later(0.45, peer_w.write, b"z")
+        s.timeout = 1.2
+        loop.call_later(0.9, peer_w.write, b"z")
         assert await s.read(10) == b"z"
         # a cancel from outside is a CancelledError, not a timeout
         task = asyncio.ensure_future(s.read(10))
