@@ -268,12 +268,26 @@ def test_check_names_the_time_limit_when_the_readers_own_alarm_ends_it(clean_hom
     before: set[str] = set()
     stopped = []
 
+    alice = str(clean_homes.users["alice"].uid)
+
+    def armed(pid: int) -> bool:
+        # the reader arms its alarm, then becomes the user: stopped before
+        # that, its alarm would start only after SIGCONT (failed in CI)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uids = next(x for x in f if x.startswith("Uid:")).split()[1:]
+        except (OSError, StopIteration):
+            return False
+        return uids[0] == alice
+
     def hold_the_reader():
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             new = set(open(listing).read().split()) - before
             if new:
                 pid = int(new.pop())
+                while not armed(pid) and time.monotonic() < deadline:
+                    time.sleep(0.0005)
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(pid)
                 time.sleep(1.5)  # past its alarm (1 s), before our deadline (3 s)
