@@ -200,16 +200,21 @@ def normalise(replies: bytes) -> bytes:
 
 
 LOG_LINE = re.compile(r"^\S+ \S+ sendooway\[\d+\]: ([0-9a-f]{10})[ :](.*)$")
+FALLBACK = re.compile(r"^ upstream .*; connected to \S+$")
 
 
 def session_lines(text: str) -> list[str]:
     """The frontend's lines about sessions, without what differs by
     design from one session to the next (time, pid, session and message
-    ids, the client's port, the upstream's queue id)."""
+    ids, the client's port, the upstream's queue id). Also without the
+    warning that one of the upstream's addresses refused (where localhost is
+    ::1 too, as Debian's /etc/hosts has it, and the upstream listens on
+    127.0.0.1 only): a per-connection frontend warns every session, and
+    `sendooway -b` only until it remembers the address (FailedAddresses)."""
     out = []
     for line in text.splitlines():
         m = LOG_LINE.match(line)
-        if m:
+        if m and not FALLBACK.match(m.group(2)):
             rest = m.group(2).replace(m.group(1), "ID")
             rest = re.sub(r"127\.0\.0\.1:\d+", "CLIENT", rest)
             out.append(re.sub(r"queued as FAKE\d+", "queued as FAKE", rest))
