@@ -54,8 +54,15 @@ def aw(world):
         # Two upstreams on one port: the IDNA 2008 A-label of straße.test
         # (xn--strae-oqa.test) is ::1, its IDNA 2003 mapping strasse.test is
         # 127.0.0.1. Which one receives the message tells how it was looked up.
-        idn_right = w.up("idn-right", tls="plain", host="::1")
-        idn_wrong = w.up("idn-wrong", tls="plain", host="127.0.0.1", port=idn_right.port)
+        for _ in range(20):  # (the port free on ::1 may be taken on 127.0.0.1: try another)
+            idn_right = w.up("idn-right", tls="plain", host="::1")
+            try:
+                w.up("idn-wrong", tls="plain", host="127.0.0.1", port=idn_right.port)
+                break
+            except OSError:
+                idn_right.stop()
+        else:
+            raise AssertionError("no port free on both ::1 and 127.0.0.1")
         v6 = w.up("v6", tls="starttls", host="::1", accounts={"v6-user": V6_PW})
         hosts = tmp / "hosts"
         hosts.write_text("::1 xn--strae-oqa.test\n127.0.0.1 strasse.test\n")
