@@ -752,10 +752,18 @@ async def _lookup(name: str, port: int, who: str) -> list:
     except BaseException:
         leave()
         raise
+    dropped: list[bool] = []
+
+    def look_up() -> list:
+        # submit() queues the work before it starts a thread: when no thread
+        # could start, the work stays queued, without a turn, and the next
+        # thread that starts would look the name up for nobody first
+        return [] if dropped else socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+
     try:
-        _lookup_pool.submit(socket.getaddrinfo, name, port,
-                            type=socket.SOCK_STREAM).add_done_callback(finished)
+        _lookup_pool.submit(look_up).add_done_callback(finished)
     except BaseException:  # no thread could be started (RLIMIT_NPROC): open_tcp says so
+        dropped.append(True)
         give_back()
         raise
     return await answer
