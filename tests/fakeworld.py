@@ -15,6 +15,7 @@ needs to live in it. The test suite re-executes pytest once inside the world
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -243,3 +244,37 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _any_address_socket() -> socket.socket:
+    """A TCP socket bound to a port the kernel picks free on every local
+    address, IPv4 and IPv6 (the dual-stack wildcard), or on every IPv4
+    address where there is no IPv6."""
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+    except OSError:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("0.0.0.0", 0))
+    return s
+
+
+def free_port_everywhere() -> int:
+    """A port free on 127.0.0.1 and ::1 alike, for a listener that binds
+    both: free_port("::1")'s pick may be in use on 127.0.0.1 already."""
+    with _any_address_socket() as s:
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def refused_port():
+    """A port where nothing listens on any local address for the block's
+    duration: held bound, not listening, so a connect is refused (RST) and
+    no parallel test can take it (a port merely closed can be bound and
+    listened on by another xdist worker meanwhile)."""
+    s = _any_address_socket()
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from tests.auth_helpers import Daemon
+from tests.fakeworld import refused_port
 from tests.front_util import Frontend, front_config, open_tmp
 from tests.upstream import FakeUpstream
 
@@ -236,13 +237,8 @@ def test_log_line_per_message(w6):
 
 def test_error_paths_through_the_frontend(world, tmp_path, upstream_factory):
     """Closed port → 451, wrong certificate → 454, no route → 550, upstream 5xx passed."""
-    import socket
-
     import trustme
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost")
     cert, key = tmp_path / "x.crt", tmp_path / "x.key"
@@ -252,7 +248,7 @@ def test_error_paths_through_the_frontend(world, tmp_path, upstream_factory):
     leaf.private_key_pem.write_to_path(str(key))
     wrongcert = upstream_factory(tls="starttls", accounts={"u": "p"}, cert_file=str(cert), key_file=str(key))
     strict = upstream_factory(tls="plain", reject_mail={"dave@strict.example"})
-    with open_tmp() as tmp:
+    with refused_port() as closed, open_tmp() as tmp:  # (held: no other test listens there)
         config = front_config(tmp, world, (
             f"sslCA = {world.ca_file}\n"
             f"smarthostMapping = direct:*@closed.example 127.0.0.1 {closed} noAuth\n"

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from .auth_helpers import Daemon
-from .fakeworld import free_port
+from .fakeworld import free_port, free_port_everywhere
 from .front_util import (
     FRONT, NOBODY, Frontend, front_config, login_plain, open_tmp, proc_ids, stdio_session,
     wait_port,
@@ -148,7 +148,7 @@ def test_required_encryption_refuses_auth_in_clear(world, tmp_path):
 def test_implicit_tls_and_both_address_families(world, tmp_path):
     config = front_config(tmp_path, world)
     daemon = Daemon(tmp_path, config).start()
-    port = free_port("::1")
+    port = free_port_everywhere()  # (bound on both families)
     fe = Frontend(config, str(tmp_path / "front.log"), args=["-s"], bind=str(port), port=port).start()
     try:
         for host in ("127.0.0.1", "::1"):

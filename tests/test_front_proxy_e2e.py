@@ -18,7 +18,7 @@ import time
 import pytest
 
 from .auth_helpers import Daemon
-from .fakeworld import free_port
+from .fakeworld import free_port, free_port_everywhere
 from .front_util import FRONT, Frontend, front_config, login_plain, open_tmp, wait_port
 from .test_front_proxyproto import v2, v2_tcp4, v2_tcp6, TLVS
 from .upstream import FakeUpstream
@@ -98,7 +98,7 @@ def pw(world):
                  f"smarthostMapping = direct:* 127.0.0.1 {w.up.port} noAuth\n")
         w.config = front_config(tmp, world, extra)
         w.daemon = Daemon(tmp, w.config).start()
-        port = free_port("::1")
+        port = free_port_everywhere()  # (bound on both families)
         w.front = Frontend(w.config, os.path.join(str(tmp), "front.log"), bind=str(port),
                            port=port).start()
         w.tls_front = Frontend(w.config, os.path.join(str(tmp), "front-s.log"),

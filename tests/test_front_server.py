@@ -8,7 +8,7 @@ import pytest
 
 from sendooway_front._server import BindError, listen_sockets, parse_bind
 
-from .fakeworld import free_port
+from .fakeworld import free_port_everywhere
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -31,7 +31,7 @@ def test_parse_bind_refuses(value):
 
 
 def test_listen_on_all_addresses_takes_both_families():
-    port = free_port("::1")
+    port = free_port_everywhere()  # (bound on both families)
     socks = listen_sockets(None, port)
     try:
         for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
@@ -43,7 +43,7 @@ def test_listen_on_all_addresses_takes_both_families():
 
 
 def test_listen_on_a_name_and_busy_port():
-    port = free_port()
+    port = free_port_everywhere()  # (localhost may be both 127.0.0.1 and ::1)
     socks = listen_sockets("localhost", port)
     try:
         assert socks

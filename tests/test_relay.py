@@ -5,7 +5,6 @@ path of issue 6 mapped to the right local 4xx."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import trustme
@@ -15,6 +14,7 @@ from sendooway_shared.types import Secret, TlsMode
 from sendooway_front._pool import UpstreamPool
 from sendooway_front._relay import Relay
 from sendooway_front._relay_api import MailParams
+from tests.fakeworld import refused_port
 from tests.upstream import body_after_received, capture_log, config, info, route_for, run, send
 
 BODY = b"Subject: hi\r\n\r\nline one\r\n..dot-stuffed line\r\n\xc3\xa4 8bit"
@@ -134,14 +134,12 @@ def test_upstream_5xx_to_mail_and_data_passed_as_5xx(upstream_factory):
 
 
 def test_closed_port_is_451_with_detail_in_log():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     from sendooway_shared.types import Route
 
-    route = Route("localhost", port, TlsMode.STARTTLS, user="u", password=Secret(PW), source="f:2")
     log, handler = capture_log()
-    reply = run(Relay(config(), log).mail(info(), route, "a@b.c", MailParams()))
+    with refused_port() as port:  # (held, not listening: no other test listens there)
+        route = Route("localhost", port, TlsMode.STARTTLS, user="u", password=Secret(PW), source="f:2")
+        reply = run(Relay(config(), log).mail(info(), route, "a@b.c", MailParams()))
     assert reply.code == 451 and reply.lines[0].startswith("4.4.1")
     assert f"127.0.0.1:{port}" in handler.text and "refused" in handler.text.lower()
     assert PW not in handler.text

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -48,6 +49,7 @@ import pytest
 
 from . import deploy_world as dw
 from .deploy_util import command
+from .fakeworld import refused_port
 from .upstream import FakeUpstream
 
 PASSWORD_B64_CACHE: dict = {}
@@ -117,10 +119,13 @@ def modes(world):
     up.dot_seen = threading.Event()
     up.start()
     dep = dw.build(world, up.port)
-    # a sender whose upstream does not answer: a port nobody listens on
+    # a sender whose upstream does not answer: a port nobody listens on (held
+    # for the module, so that no parallel test listens there meanwhile)
+    held = contextlib.ExitStack()
+    down = held.enter_context(refused_port())
     world.write_user_file("alice", ".sendoowayrc", f"sslCA = {world.ca_file}\n"
                           f"smarthostMapping = direct:down@example.org 127.0.0.1"
-                          f" {dw.free_tcp_port()} alice-up pw noAuth\n", mode=0o644)
+                          f" {down} alice-up pw noAuth\n", mode=0o644)
     _config(dep, mailerEncryption="allowed", timeout="4", smarthostCache="0")
     logs = {m: dep.root / f"front-{m}.log" for m in ("a", "b", "c", "as", "bs", "cs")}
     for log in logs.values():
@@ -152,6 +157,7 @@ def modes(world):
     up.stop()
     dep.cleanup()
     world.clear_home("alice")
+    held.close()
 
 
 # ------------------------------------------------------------ the scripted client

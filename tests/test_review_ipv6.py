@@ -71,7 +71,18 @@ def v6(world):
         w.world = world
         # dual.test resolves to ::1 first, then 127.0.0.1; the upstream
         # listens on 127.0.0.1 only, and [::1] on its port refuses
-        w.up4 = FakeUpstream(world, tls="plain").start()
+        for _ in range(20):  # (the port free on 127.0.0.1 may be taken on ::1: another)
+            w.up4 = FakeUpstream(world, tls="plain").start()
+            w.v6_refuser = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            w.v6_refuser.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                w.v6_refuser.bind(("::1", w.up4.port))  # bound, never listening: refused
+                break
+            except OSError:
+                w.v6_refuser.close()
+                w.up4.stop()
+        else:
+            raise AssertionError("no port free on both 127.0.0.1 and ::1")
         # implicit TLS on [::1] from a CA of the test's own: a certificate
         # for the IP address ::1, and one for the name localhost only
         ca = trustme.CA()
@@ -86,8 +97,6 @@ def v6(world):
         w.name_cert = SniRecorder(world, tls="tls", host="::1", accounts={"u6": UP_PW},
                                   cert_file=str(tmp / "name.pem"),
                                   key_file=str(tmp / "name.key")).start()
-        w.v6_refuser = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        w.v6_refuser.bind(("::1", w.up4.port))  # bound, never listening: refused
         hosts = tmp / "hosts"
         hosts.write_text("::1 dual.test\n127.0.0.1 dual.test\n")
         os.chmod(hosts, 0o644)

@@ -94,6 +94,15 @@ def test_the_socket_directory_made_by_the_daemon_is_0755_whatever_its_umask(
 # ------------------------------------------------------------ signals, activation, parent
 
 
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def caught_starting(tmp_path, conf: str) -> Daemon:
     """A daemon stopped (SIGSTOP) after it bound its socket and before it
     forked its fork server, so before the event loop takes the signals."""
@@ -105,7 +114,12 @@ def caught_starting(tmp_path, conf: str) -> Daemon:
         while d.proc.poll() is None and not os.path.exists(d.socket_path):
             pass
         d.proc.send_signal(signal.SIGSTOP)
-        if not children(d.proc.pid):
+        # (the stop takes effect some time after kill() returns: a fork in
+        # between would be missed by a look at the children before it)
+        deadline = time.monotonic() + 5
+        while _state(d.proc.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if _state(d.proc.pid) == "T" and not children(d.proc.pid):
             return d
         d.proc.send_signal(signal.SIGCONT)  # too late: try again
         d.stop()

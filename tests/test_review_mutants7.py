@@ -20,7 +20,7 @@ import pytest
 from sendooway_front._server import listen_sockets, parse_bind
 
 from .auth_helpers import alive as _alive, children
-from .fakeworld import free_port
+from .fakeworld import free_port, free_port_everywhere
 from .front_util import (
     FRONT, Frontend, front_config, open_tmp, proc_ids, socket_client_session, wait_port,
 )
@@ -204,7 +204,7 @@ def test_bind_to_ipv6_any_and_ipv4_any_on_one_port_both_listen():
     """`-b [::]:PORT -b 0.0.0.0:PORT` (the admin naming both families): the
     IPv6 socket is IPv6 only (V6ONLY), so that the IPv4 one can bind too,
     instead of the start failing "address in use"."""
-    port = free_port("::1")
+    port = free_port_everywhere()  # (bound on both families)
     socks = []
     try:
         socks += listen_sockets(*parse_bind(f"[::]:{port}"))

@@ -52,7 +52,7 @@ import time
 import pytest
 
 from .auth_helpers import Daemon, children, workers
-from .fakeworld import free_port
+from .fakeworld import refused_port
 from .front_util import ClaimingSMTP, Frontend, front_config, login_plain, open_tmp
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real daemons and users need root")
@@ -200,8 +200,7 @@ def test_sessions_of_every_kind_from_distinct_addresses_leave_nothing_behind(
     by client address, or a session's descriptor or task left behind,
     grows by hundreds here."""
     up = upstream_factory(tls="starttls", accounts={"u": "p"}, reject_rcpt={"refused@example.net"})
-    down = free_port()
-    with open_tmp() as tmp:
+    with refused_port() as down, open_tmp() as tmp:  # (nothing listens on down)
         out = _out_dir(tmp)
         config = front_config(tmp, world, (
             "timeout = 2\nsmarthostCache = 30\nproxyProtocol = 127.0.0.1\n"
@@ -304,34 +303,35 @@ def test_failed_address_memory_stays_at_its_cap_over_many_refused_addresses(
     from sendooway_front._stream import FAILED_KEPT
 
     names = FAILED_KEPT + 76
-    down = free_port()
     owner = {n: ("alice", "bob")[n % 2] for n in range(names)}  # (at most 1000 mappings a lookup)
-    for user in ("alice", "bob"):
-        world.write_user_file(user, ".sendoowayrc", "".join(
-            f"smarthostMapping = direct:*@d{n}.example 127.0.{n // 200 + 1}.{n % 200 + 2}"
-            f" {down} u p tls\n" for n in range(names) if owner[n] == user))
-    with open_tmp() as tmp:
-        out = _out_dir(tmp)
-        config = front_config(tmp, world, "smarthostCache = 0\nuserInclude = %h/.sendoowayrc\n",
-                              tls=False)
-        daemon = _hooked_daemon(tmp, config, out)
-        fe = _hooked_frontend(tmp, config, out)
-        try:
-            for user in ("alice", "bob"):
-                mine = [n for n in range(names) if owner[n] == user]
-                while mine:  # (90 refused MAILs a session: under the junk limit)
-                    with fe.smtp() as c:
-                        c.ehlo()
-                        assert c.docmd("AUTH PLAIN", login_plain(user, world.users[user].password))[0] == 235
-                        for n in mine[:90]:
-                            reply = c.docmd(f"MAIL FROM:<a@d{n}.example>")
-                            assert reply[0] == 451, (n, reply)
-                        del mine[:90]
-            tables = _tables(fe.proc.pid, out)
-            assert tables["sendooway_front._stream.failed_addresses._until"] == FAILED_KEPT
-        finally:
-            fe.stop()
-            daemon.stop()
+    # (held, not listening, on every address: refused on each of the 127.0.x.y)
+    with refused_port() as down:
+        for user in ("alice", "bob"):
+            world.write_user_file(user, ".sendoowayrc", "".join(
+                f"smarthostMapping = direct:*@d{n}.example 127.0.{n // 200 + 1}.{n % 200 + 2}"
+                f" {down} u p tls\n" for n in range(names) if owner[n] == user))
+        with open_tmp() as tmp:
+            out = _out_dir(tmp)
+            config = front_config(tmp, world, "smarthostCache = 0\nuserInclude = %h/.sendoowayrc\n",
+                                  tls=False)
+            daemon = _hooked_daemon(tmp, config, out)
+            fe = _hooked_frontend(tmp, config, out)
+            try:
+                for user in ("alice", "bob"):
+                    mine = [n for n in range(names) if owner[n] == user]
+                    while mine:  # (90 refused MAILs a session: under the junk limit)
+                        with fe.smtp() as c:
+                            c.ehlo()
+                            assert c.docmd("AUTH PLAIN", login_plain(user, world.users[user].password))[0] == 235
+                            for n in mine[:90]:
+                                reply = c.docmd(f"MAIL FROM:<a@d{n}.example>")
+                                assert reply[0] == 451, (n, reply)
+                            del mine[:90]
+                tables = _tables(fe.proc.pid, out)
+                assert tables["sendooway_front._stream.failed_addresses._until"] == FAILED_KEPT
+            finally:
+                fe.stop()
+                daemon.stop()
 
 
 # ------------------------------------------------------------ per user

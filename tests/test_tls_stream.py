@@ -16,6 +16,8 @@ from sendooway_front._tls import (
     TLSConfigError, TLSHandshakeError, TLSVerifyError, client_context, server_context,
 )
 
+from .fakeworld import refused_port
+
 
 def run(coro, timeout=20):
     return asyncio.run(asyncio.wait_for(coro, timeout))
@@ -244,11 +246,8 @@ def test_read_timeout(world):
 
 
 def test_connect_tries_every_address_and_reports_each():
-    # a closed port on both loopbacks: localhost resolves to 127.0.0.1 (and ::1 when present)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.raises(ConnectError) as exc:
+    # a port refused on both loopbacks: localhost resolves to 127.0.0.1 (and ::1 when present)
+    with refused_port() as port, pytest.raises(ConnectError) as exc:
         run(open_tcp("localhost", port, timeout=2))
     assert f"127.0.0.1:{port}" in str(exc.value)
     with pytest.raises(ConnectError):
