@@ -752,7 +752,7 @@ async def _lookup(name: str, port: int, who: str) -> list:
     except BaseException:
         leave()
         raise
-    dropped: list[bool] = []
+    dropped = False
 
     def look_up() -> list:
         # submit() queues the work before it starts a thread: when no thread
@@ -763,7 +763,7 @@ async def _lookup(name: str, port: int, who: str) -> list:
     try:
         _lookup_pool.submit(look_up).add_done_callback(finished)
     except BaseException:  # no thread could be started (RLIMIT_NPROC): open_tcp says so
-        dropped.append(True)
+        dropped = True
         give_back()
         raise
     return await answer
