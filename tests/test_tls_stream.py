@@ -316,6 +316,7 @@ def test_from_fds_same_socket_upgrades_to_tls(world):
 _DUAL_SCRIPT = r"""
 import asyncio, socket, sys
 from sendooway_front._stream import ConnectError, open_tcp
+from tests.fakeworld import refused_port
 
 async def main():
     async def handle(r, w):
@@ -328,24 +329,12 @@ async def main():
         results.append(s.peername[0])
         s.abort()
         server.close()
-    # a port of ours on both addresses, bound and not listening: refused on
-    # both (a port merely closed could be taken by another test meanwhile)
-    while True:
-        held4 = socket.socket(socket.AF_INET)
-        held4.bind(("127.0.0.1", 0))
-        port = held4.getsockname()[1]
-        held6 = socket.socket(socket.AF_INET6)
-        held6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    # (a port merely closed could be taken by another test meanwhile)
+    with refused_port() as port:
         try:
-            held6.bind(("::1", port))
-            break
-        except OSError:
-            held4.close()
-            held6.close()
-    try:
-        await open_tcp("dual.test", port, timeout=3)   # nothing listens
-    except ConnectError as e:
-        results.append(str(e))
+            await open_tcp("dual.test", port, timeout=3)   # nothing listens
+        except ConnectError as e:
+            results.append(str(e))
     print(results)
 
 asyncio.run(main())
