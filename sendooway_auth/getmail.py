@@ -256,8 +256,9 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
         return failed
     # getmail's use_netrc ([options], or [DEFAULT], which it reads the
     # options with) logs in with ~/.netrc's name and password over the
-    # [retriever] ones: sendooway does not read that file
-    for where in ("options", "DEFAULT"):
+    # [retriever] ones: sendooway does not read that file. It asks
+    # has_option('options', ...): without an [options] section, never
+    for where in ("options", "DEFAULT") if "options" in sections else ():
         netrc = _one(sections.get(where, {}), "use_netrc")
         if netrc is None:
             continue
