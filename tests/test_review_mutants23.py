@@ -1,17 +1,111 @@
-"""Mutation review (mut23): TABLE
+"""Mutation review (mut23) of the last session's product changes
+(900a680..468b8ac): getmail.py (_lines: LF/CRLF/CR line ends; section
+names as written, [sender] matched without blanks or case; `[note = x`
+a key; the empty [retriever] username; use_netrc, use_xoauth2,
+use_kerberos), _stream._lookup's dropped work, _reader.lookup_direct's
+"stopped by its alarm", _connection.sendable_frame and the help epilogs.
 
+60 hand-made mutants, one at a time, each against the closest files:
+getmail (test_review_getmail_oracle, test_auth_parsers,
+test_review_rcfiles2, _userfiles, test_compat_original2,
+test_review_mutants18, _mutants14, _fixes_late), _lookup
+(test_review_nproc, _mutants22, _mutants21, _insider), the reader
+(test_auth_faults' alarm test, test_auth_routes, test_auth_workers,
+test_review_getmail_oracle), _connection (test_review_authperf,
+_mutants11, test_auth_second_review, test_third_review), epilogs
+(test_cli's --help test). 35 killed by those files, 25 survived: this
+file kills 15, 9 are equivalent, 1 is a gap left unpinned. One product
+defect found (found while writing the G21 test, not by a mutant): a
+file with `use_netrc = on` in [DEFAULT] and no [options] section was
+refused, though getmail, which reads use_netrc with has_option('options',
+...), logs in with the file's own login then; fixed, pinned here
+(G39: the fix's condition dropped).
+
+getmail.py
+  killed: G01 a lone CR no line end; G02 `\r|\n|\r\n` (CRLF two ends);
+  G03 \x0c a line end too; G06 `[]` a section (`close >= 1`); G08 the name
+  stripped; G09 no header lines; G10 `[note = x` refused; G13 `[ sender ]`
+  not [sender]; G15 an empty [sender] username refused too; G16 the empty
+  [retriever] username taken as "no AUTH"; G20 [DEFAULT]'s use_netrc not
+  read; G22 `continue` -> `break` ([DEFAULT] not read when [options] has
+  none); G27 use_netrc's case kept; G29 use_netrc's error not returned;
+  G30 use_kerberos and G31 use_xoauth2 not looked at; G34 a [sender]
+  password not serving under use_xoauth2; G35 its case kept; G36 the flag
+  looked for in [sender]; G37 its error not returned; G41 the empty
+  username's error at the header line; G42 any line with a `]` a header.
+  Killed only here: G05 the last line dropped when it has no line end
+  (`if out:` for `if out and out[-1] == ""`); G07 a one-letter section
+  (`[o]`) refused (`close >= 3`); G11 `[note: x` refused (its `:` not
+  looked at); G12 the malformed-header error dropped (`[retriever` said
+  "expected 'key = value'"); G43 a line without `[`, `=` or `:` called a
+  malformed header; G14 rfind -> find (`[retriever]  # was [imap]` taken
+  for [retriever]); G21 [DEFAULT] read before [options] and G23 no
+  `break` (options' `off` lost to [DEFAULT]'s `on`); G24 use_netrc
+  checked only without a [sender] username, G25 only without a [sender]
+  password, G26 `auth and` dropped (a "no AUTH" [sender] refused); G32
+  use_xoauth2 refusing a "no AUTH" [sender]; G33 `password is not None`
+  dropped (no password anywhere said "use_xoauth2" instead of "no
+  password"); G39 (the fix) `if "options" in sections` dropped.
+  Equivalent: G04 the trailing "" not popped: one blank line at the end,
+  which nothing follows. G17 `not username.strip()` for `== ""`: every
+  value is already stripped, and a continued one has a non-blank piece.
+  G28, G38 use_netrc / use_xoauth2 "not false" for "true": they differ
+  for a value neither true nor false, a file getmail itself refuses
+  ("boolean parameter requires ..."), so one it never logs in with.
+_stream._lookup:
+  killed (test_review_nproc): S01 `dropped = True` dropped; S02 the test
+  reversed; S03 give_back() dropped; S05 every lookup dropped; S06
+  `return []` for the raise.
+  Equivalent: S04 give_back() before `dropped = True`: both run in the
+  loop's thread with no await between; give_back touches only the loop's
+  semaphore and table, never what a pool thread reads.
+_reader.lookup_direct:
+  killed (test_auth_faults): R03 SIGKILL for SIGALRM; R04 the branch
+  dropped; R05 `not found.failure`.
+  Equivalent: R02 WIFSIGNALED dropped: for a child that exited, WTERMSIG
+  is status & 0x7f, which is 0 (waitpid without WUNTRACED reports no
+  stop).
+  Gap, not pinned: R01 `found.failure` dropped: a whole answer would be
+  thrown away when the alarm ends the child after its last write and
+  before its _exit, a window no test can aim at without faking the
+  child.
+_connection:
+  killed: C01 the frame of the reply without certificates sent but the
+  reply with them returned, C05 sendable() not checking at all
+  (test_review_authperf); C03 NoRoute always (test_auth_second_review).
+  Equivalent: C02, C06 the reply encoded again to be sent: encode() is
+  deterministic, the same octets (only the ~17 us this change saved).
+  Killed only here: C04 drain() dropped from _send_frame (every
+  answer): a peer that pipelines route requests and reads no answer had
+  every one answered into the daemon's memory (300 of 300 here, ~8 KiB
+  each, where the drain stops at a few dozen).
+cli epilogs (test_cli's --help test):
+  killed: E02 "(Accept=yes)" dropped from the frontend's; E03 a code
+  changed in the authenticator's.
+  Equivalent (prose): E01 "the text or report" -> "the report": the test
+  pins the codes against the man page, not the words.
 """
 
 from __future__ import annotations
 
 import os
 import ssl
+import time
 
 import pytest
 
+from sendooway_shared.protocol import RouteOk, RouteRequest, encode
+from tests.auth_helpers import all_passwords, checked_daemons, login
+from tests.test_auth_second_review import _ca_bundle
 from tests.test_review_getmail_oracle import G, Getmail, LoginRecorder, sendooway_reads
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the oracle's fixtures need root")
+
+
+@pytest.fixture
+def daemon(tmp_path, tmp_config, clean_homes):
+    """auth_helpers' daemon fixture (its logs checked for the passwords)."""
+    yield from checked_daemons(tmp_path, tmp_config, all_passwords(clean_homes) + ["up-Secret-7"])
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +270,48 @@ def test_use_xoauth2_with_no_auth_or_no_password():
     assert sendooway_reads(text) == ([], [
         f"{G}:6: [sender] no password (neither [sender] nor [retriever] has one;"
         " password_command is not supported)"])
+
+
+SENDER = ["[sender]", "type = SimpleSMTPTLSSender", "server = smtp.example.org",
+          "address = alice@example.org", "username = u"]
+
+
+def test_a_line_without_a_bracket_or_separator_is_no_header():
+    """G43: only a line opening with `[` is called a malformed section
+    header; a line with neither `=` nor `:` (the `=` forgotten after a
+    key) is a key gone wrong, and one before every section no INI file."""
+    text = "\n".join(SENDER + ["password s3cret", ""])
+    assert sendooway_reads(text) == ([], [f"{G}:6: expected 'key = value' (not an INI file?)"])
+    assert sendooway_reads("Hello\n" + text) == (
+        [], [f"{G}:1: text before the first [section] (not an INI file?)"])
+
+
+def test_a_frontend_that_reads_no_answers_holds_the_daemons_answers(daemon, clean_homes):
+    """C04: the authenticator waits for its answers to go (drain) before it
+    answers the next request: a peer that sends route requests without
+    reading the answers (each ~8 KiB here, its sslCA) gets a few dozen of
+    them answered, then none until it reads (its requests wait in the
+    socket); without the wait every request was answered into the
+    daemon's memory. Once it reads, every answer comes."""
+    clean_homes.write_user_file("alice", "ca.pem", _ca_bundle())
+    clean_homes.write_user_file("alice", "getmailrc", (
+        "[sender]\ntype = SimpleSMTPTLSSender\nserver = smtp.example.org\n"
+        "username = u\npassword = up-Secret-7\naddress = alice@example.org\n"))
+    clean_homes.write_user_file("alice", ".sendoowayrc", (
+        "sslCA = %h/ca.pem\nsmarthostMapping = getmail:%h/getmailrc\n"))
+    d = daemon("userInclude = %h/.sendoowayrc\n")
+    ch = d.connect()
+    assert login(ch, "alice", clean_homes.users["alice"].password).TYPE == "auth_ok"
+    count = 300
+    ch.sock.sendall(encode(RouteRequest("alice@example.org")) * count)
+    answered, still = -1, time.monotonic()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and time.monotonic() - still < 1.5:
+        now = d.log().count("route: user=alice")
+        if now != answered:
+            answered, still = now, time.monotonic()
+        time.sleep(0.05)
+    assert 0 < answered < count // 3, answered
+    answers = [ch.receive() for _ in range(count)]
+    assert all(isinstance(a, RouteOk) and a.ca_pem for a in answers)
+    ch.close()
