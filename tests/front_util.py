@@ -117,6 +117,35 @@ def _listener_is(proc: subprocess.Popen, port: int) -> bool:
     return False
 
 
+def pair_authenticator_waiting(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait until the `sendooway-auth --fd` child of a root-started stdio
+    frontend (`proc`) waits for its first request: its event loop made and
+    its main thread asleep. The 220 and the 250 come before that, and under
+    load its start (an interpreter and its imports) took a second, which a
+    test timing the first AUTH took for the login's delay."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                kids = [int(p) for p in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            kids = []
+        for pid in kids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"\0--fd\0" not in f.read():
+                        continue
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # (gone, or a descriptor closed while listed)
+            if state == "S" and "anon_inode:[eventpoll]" in links:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"no authenticator of pid {proc.pid} waiting after {timeout} s")
+
+
 class Frontend:
     """`sendooway -b` as a subprocess."""
 
