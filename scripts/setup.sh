@@ -64,9 +64,12 @@ deb_installed() {  # NAME[|OTHER...]: is one of them installed
     return 1
 }
 deb_pick() {  # NAME[|OTHER...]: the first one apt can install (else NAME, for apt's own error)
-    local name
+    local name policy
     for name in ${1//|/ }; do
-        LC_ALL=C apt-cache policy "$name" 2>/dev/null | grep -q '^  Candidate: [^(]' && { echo "$name"; return; }
+        # (read whole, not piped into grep -q: under pipefail apt-cache
+        # killed by SIGPIPE when grep stops early fails the pipeline)
+        policy=$(LC_ALL=C apt-cache policy "$name" 2>/dev/null || true)
+        [[ $policy =~ $'\n'"  Candidate: "[^\(] ]] && { echo "$name"; return; }
     done
     echo "${1%%|*}"
 }
