@@ -180,6 +180,65 @@ service anvil {{
 }}
 """
 
+# Dovecot 2.4 (Debian 13) refuses the 2.3 settings above: the same service
+# in its names (a config version first; passdb/userdb by driver; the
+# certificate and mail paths as settings of their own).
+DOVECOT24_CONF = """\
+dovecot_config_version = {version}
+dovecot_storage_version = {version}
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = sendooway-test-{port}
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+protocols = submission
+listen = 127.0.0.1
+hostname = dovecot.test
+ssl = required
+ssl_server_cert_file = {d}/cert.pem
+ssl_server_key_file = {d}/key.pem
+auth_mechanisms = plain login cram-md5
+auth_failure_delay = 0
+auth_allow_cleartext = no
+passdb passwd-file {{
+  default_password_scheme = PLAIN
+  passwd_file_path = {d}/passwd
+}}
+userdb static {{
+  fields {{
+    uid = nobody
+    gid = nogroup
+    home = {d}/home
+  }}
+}}
+mail_driver = maildir
+mail_path = {d}/home/Maildir
+submission_relay_host = 127.0.0.1
+submission_relay_port = {sink_port}
+submission_relay_trusted = yes
+submission_max_mail_size = {size}
+service submission-login {{
+  inet_listener submission {{
+    port = {port}
+  }}
+  inet_listener submissions {{
+    port = {tls_port}
+    ssl = yes
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+"""
+
+
+def _dovecot_conf() -> tuple[str, str]:
+    """The config template for the installed Dovecot, and its version."""
+    out = subprocess.run([DOVECOT, "--version"], capture_output=True, text=True, env=CLEAN_ENV).stdout
+    version = out.split()[0].split("-")[0] if out.split() else ""  # "2.4.1-4 (7d8c0e5759)"
+    numbers = tuple(int(n) for n in version.split(".")[:2] if n.isdigit())
+    return (DOVECOT24_CONF if numbers >= (2, 4) else DOVECOT_CONF), version
+
 
 class _Server:
     """A private server process (`proc`) of a test module."""
@@ -209,8 +268,9 @@ class DovecotInstance(_Server):
         (root / "home").mkdir()
         os.chown(root / "home", 65534, 65534)
         self.conf = root / "dovecot.conf"
-        self.conf.write_text(DOVECOT_CONF.format(d=root, port=self.port, tls_port=self.tls_port,
-                                                 sink_port=sink_port, size=SIZE_LIMIT))
+        template, version = _dovecot_conf()
+        self.conf.write_text(template.format(d=root, port=self.port, tls_port=self.tls_port,
+                                             sink_port=sink_port, size=SIZE_LIMIT, version=version))
         (root / "passwd").write_text(f"{UP_USER}:{{PLAIN}}{UP_PASS}\n")
         os.chown(root / "passwd", mta_util.system_uid("dovecot"), -1)  # its auth process reads it
         os.chmod(root / "passwd", 0o600)
