@@ -387,7 +387,7 @@ def test_root_b_with_a_private_tmpdir_still_serves(world, deployment, tmp_path):
     assert rc == 0
     dw.wait_for(lambda: not private.exists(), what=f"{private} removed at the stop")
     # the first try there was removed (pam.XXXXXX: the test world's
-    # pam_wrapper, which since 1.1.5, Debian 13, makes its directory in TMPDIR)
+    # pam_wrapper, Debian 13's 1.1.7, makes its directory in TMPDIR)
     assert [p for p in private_tmp.iterdir() if not p.name.startswith("pam.")] == []
 
 
