@@ -824,7 +824,8 @@ def test_battery_differs_from_postfix_only_where_accepted(results):
         if name in ACCEPTED:
             verdict, *expected = ACCEPTED[name]
             assert verdict in VERDICTS, name
-            if tuple(expected) != row:
+            # (a newer Postfix that now answers as we do: no difference left)
+            if tuple(expected) != row and not (row[0] == row[1] and row[2]):
                 news.append(f"changed {ascii(name)}: ({verdict!r}, {row[0]!r}, {row[1]!r}, {row[2]})")
         elif row[0] != row[1] or not row[2]:
             news.append(f"new {ascii(name)}: (?, {row[0]!r}, {row[1]!r}, {row[2]}) "

@@ -643,11 +643,15 @@ def _cq_check(delivered, sender: str, box: str, body: bytes, user: str,
         assert b"\r" not in data.replace(b"\r\n", b"") and b"\n" not in data.replace(b"\r\n", b""), data
     else:
         data = data.replace(b"\n", b"\r\n")
-    start = 0
-    if spf:
-        field = re.match(rb"Received-SPF: temperror \([^\r\n]*\)\r\n", data)
-        assert field, data[:300]
+    start, seen_spf = 0, False
+    # (the chasquid of Debian 13 also puts an Authentication-Results: of its
+    # own before its Received:)
+    leading = re.compile(rb"(Received-SPF: temperror \([^\r\n]*\)|Authentication-Results: chasquid\.test"
+                         rb"[^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
+    while field := leading.match(data, start):
+        seen_spf |= field.group(1).startswith(b"Received-SPF")
         start = field.end()
+    assert seen_spf == spf, data[:300]
     theirs = ONE_RECEIVED.match(data, start)
     assert theirs and by in theirs.group(0), repr(data[:900])
     _ours_then(data, theirs.end(), user, body)
