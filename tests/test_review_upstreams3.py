@@ -292,7 +292,10 @@ class DovecotInstance(_Server):
             self.stop()
             raise RuntimeError(f"dovecot -c {self.conf} -F: {out.strip()} {self.log()[-1500:]}") from None
         # the probes' connections are not ours: what sendooway did starts after them
-        _wait_for(lambda: self.log().count("(no auth attempts") >= 2, 5)
+        try:
+            _wait_for(lambda: self.log().count("(no auth attempts") >= 2, 5)
+        except AssertionError:
+            raise AssertionError(f"the probes' ends not logged: {self.log()[-1500:]}") from None
         self.start_offset = len(self.log())
 
     def log(self) -> str:
