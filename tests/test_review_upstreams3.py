@@ -293,7 +293,10 @@ class DovecotInstance(_Server):
             raise RuntimeError(f"dovecot -c {self.conf} -F: {out.strip()} {self.log()[-1500:]}") from None
         # the probes' connections are not ours: what sendooway did starts after them
         try:
-            _wait_for(lambda: self.log().count("(no auth attempts") >= 2, 5)
+            # (2.3: "Disconnected (no auth attempts ..." for both; 2.4: "Login
+            # aborted: ...", the TLS port's "disconnected during TLS handshake")
+            _wait_for(lambda: len(re.findall(r"submission-login: Info: (?:Disconnected|Login aborted)",
+                                             self.log())) >= 2, 5)
         except AssertionError:
             raise AssertionError(f"the probes' ends not logged: {self.log()[-1500:]}") from None
         self.start_offset = len(self.log())
