@@ -17,8 +17,8 @@
 # http://deb.debian.org/debian), with SUITE-updates and SUITE-security in its
 # sources.list like an installed system. It is kept afterwards: remove it to
 # check a fresh one again; give each suite a ROOT of its own (a ROOT that
-# holds another release than SUITE is refused). COMMAND (run by bash in the checkout inside
-# ROOT) replaces the two commands, e.g. to rerun one test file.
+# holds another release than SUITE is refused). COMMAND (run by bash in the
+# checkout inside ROOT) replaces the two commands, e.g. to rerun one test file.
 # Not run by the suite: it downloads Debian and takes 10-15 minutes.
 #
 # Two kinds of fresh machine:
@@ -74,6 +74,11 @@ if [ ! -x "$ROOT/bin/bash" ]; then
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
         "$(hostname)" > "$ROOT/etc/hosts"
 fi
+# a ROOT made for the other suite would check that one under this one's name
+release=$(. "$ROOT/etc/os-release" && echo "${VERSION_CODENAME:-}")
+[ "$release" = "$SUITE" ] \
+    || { echo "fresh-debian: $ROOT holds '$release', not $SUITE (FRESH_DEBIAN_SUITE): another ROOT"; exit 1; }
+
 # Where this host's TLS goes through an intercepting proxy, its extra CA
 # certificates (/usr/local/share/ca-certificates) are what any machine on
 # that network needs for pip: they go in where ca-certificates, once
@@ -82,11 +87,6 @@ if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     mkdir -p "$ROOT/usr/local/share/ca-certificates"
     cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
 fi
-
-# a ROOT made for the other suite would check that one under this one's name
-release=$(. "$ROOT/etc/os-release" && echo "${VERSION_CODENAME:-}")
-[ "$release" = "$SUITE" ] \
-    || { echo "fresh-debian: $ROOT holds '$release', not $SUITE (FRESH_DEBIAN_SUITE): another ROOT"; exit 1; }
 
 # A fresh clone, as a developer or CI has it (the chroot may have no git).
 rm -rf "$ROOT/root/sendooway"
