@@ -36,6 +36,10 @@ cd "$(dirname "$0")/.."
 # one already there), gnutls-bin (gnutls-cli), libnss3-tools (NSS's tstclnt
 # and certutil) and openssl (s_client): the TLS stacks of
 # tests/test_review_tlsclients.py)
+# NAME|OTHER: a package whose name differs between the Debian releases this
+# runs on, bookworm's first (trixie's libraries of the 64-bit time_t
+# transition are *t64; its libldap is 2.6, libldap2); the first name this
+# machine's apt has a candidate for is installed.
 DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps iproute2
       libpam-wrapper libnss-wrapper libpam0g python3-wheel netbase
       xinetd swaks libnet-ssleay-perl libio-socket-inet6-perl msmtp groff-base groff
@@ -45,15 +49,33 @@ DEBS=(python3 python3-venv python3-dev gcc libc6-dev ca-certificates procps ipro
       libsasl2-modules sasl2-bin
       sendemail ruby php-cli libphp-phpmailer mailutils
       dovecot-core dovecot-submissiond
-      libgnutls30 libgnutls-dane0 libidn12 libidn2-0 libnsl2 libdb5.3 libpcre2-8-0 libcrypt1
+      libgnutls30\|libgnutls30t64 libgnutls-dane0\|libgnutls-dane0t64 libidn12 libidn2-0 libnsl2
+      libdb5.3\|libdb5.3t64 libpcre2-8-0 libcrypt1
       util-linux systemd-container ssl-cert
       default-jdk-headless libjakarta-mail-java golang-go nodejs node-nodemailer gnutls-bin
       libnss3-tools openssl
-      liblockfile1 libldap-2.5-0 libwrap0 libsasl2-2 m4 libevent-2.1-7)
+      liblockfile1 libldap-2.5-0\|libldap2 libwrap0 libsasl2-2 m4 libevent-2.1-7\|libevent-2.1-7t64)
 
+deb_installed() {  # NAME[|OTHER...]: is one of them installed
+    local name
+    for name in ${1//|/ }; do
+        dpkg-query -W -f='${Status}' "$name" 2>/dev/null | grep -q "install ok installed" && return 0
+    done
+    return 1
+}
+deb_pick() {  # NAME[|OTHER...]: the first one apt can install (else NAME, for apt's own error)
+    local name policy
+    for name in ${1//|/ }; do
+        # (read whole, not piped into grep -q: under pipefail apt-cache
+        # killed by SIGPIPE when grep stops early fails the pipeline)
+        policy=$(LC_ALL=C apt-cache policy "$name" 2>/dev/null || true)
+        [[ $policy =~ $'\n'"  Candidate: "[^\(] ]] && { echo "$name"; return; }
+    done
+    echo "${1%%|*}"
+}
 missing=()
 for p in "${DEBS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    deb_installed "$p" || missing+=("$p")
 done
 # Postfix is only the upstream of tests/test_upstream_postfix.py, which runs
 # its own instance (postfix -c DIR). Installed "No configuration": no
@@ -100,7 +122,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
         echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     fi
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
+    picked=()
+    for p in "${missing[@]}"; do picked+=("$(deb_pick "$p")"); done
+    apt-get install -y -qq --no-install-recommends "${picked[@]}" </dev/null >/dev/null
 fi
 # A postfix installed just now never serves as the system's MTA.
 if [ "$postfix_new" = yes ]; then

@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 import time
 from dataclasses import replace
 
@@ -369,8 +370,14 @@ async def _serve_daemon(rt: Runtime, sock: socket.socket, allowed: set[int], whe
             tasks.discard(task)
 
     # backlog: asyncio listens again on the socket (default 100), which would
-    # undo listen(512) and systemd's Backlog=; a burst of sessions must queue
-    server = await asyncio.start_unix_server(handle, sock=sock, limit=65536, backlog=512)
+    # undo listen(512) and systemd's Backlog=; a burst of sessions must queue.
+    # cleanup_socket: Python 3.13's asyncio removes the socket's path when the
+    # server closes, also a socket systemd passed: sendooway-auth.socket went
+    # on listening with no path, and after a restart of the service every
+    # session got 421 (no such file). A socket bound here is removed below.
+    keep_path = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+    server = await asyncio.start_unix_server(handle, sock=sock, limit=65536, backlog=512,
+                                             **keep_path)
     log.info("started: listening on %s, %s, %d PAM threads, maxAuthFailures %d",
              where, backend_words(rt.cfg), rt.pam.threads, rt.cfg.maxAuthFailures)
     notify("READY=1")

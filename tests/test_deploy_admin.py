@@ -386,7 +386,9 @@ def test_root_b_with_a_private_tmpdir_still_serves(world, deployment, tmp_path):
     assert not private.is_relative_to(private_tmp), private
     assert rc == 0
     dw.wait_for(lambda: not private.exists(), what=f"{private} removed at the stop")
-    assert list(private_tmp.iterdir()) == []  # the first try there was removed
+    # the first try there was removed (pam.XXXXXX: the test world's
+    # pam_wrapper, Debian 13's 1.1.7, makes its directory in TMPDIR)
+    assert [p for p in private_tmp.iterdir() if not p.name.startswith("pam.")] == []
 
 
 def test_b_frontend_stopped_while_starting_up_stops_cleanly(world, deployment):

@@ -628,7 +628,7 @@ def test_exim_smarthost_starttls_plain_and_smtps_login(cw, exim):
     for m, user, b in ((msgs[0], "alice", body), (msgs[1], "bob", body2)):
         assert any(o.startswith("SIZE=") for o in m.mail_options), m.mail_options
         rest = _split(m, user, helo=b"eximsat.test")
-        exim_received = re.match(rb"Received: from root by eximsat\.test with local \(Exim 4\.\d+\)\r\n"
+        exim_received = re.match(rb"Received: from root by eximsat\.test with local \(Exim 4\.[\d.]+\)\r\n"  # 4.96, 4.98.2
                                  rb"\t\(envelope-from <[^>]+>\)\r\n(?:\t[^\r\n]*\r\n)+", rest)
         assert exim_received, rest[:400]
         assert rest[exim_received.end():] == _crlf(b), rest[exim_received.end():][:400]

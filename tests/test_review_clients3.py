@@ -486,9 +486,12 @@ def test_curl_mail_auth_refused_rcpt_and_crlf(cw, tmp_path):
     assert f"> MAIL FROM:<alice@home.example> AUTH=<alice@home.example> SIZE={size}\r\n" in _out(r), _out(r)
     r = _curl(cw, cw.front.port, "smtp", "alice", pw, "alice@home.example", ["s@example.net", REFUSED_RCPT], ok)
     assert r.returncode == 55 and "curl: (55) RCPT failed: 550" in _out(r), _out(r)
-    # (-v puts TLS record notes between the lines)
-    assert re.search(r"< 550 5\.1\.1 no such user here\r\n(?:[{}*][^\n]*\n)*> QUIT\r\n(?:[{}*][^\n]*\n)*< 221 ",
+    # (-v puts TLS record notes between the lines; curl 7.88 of Debian 12
+    # QUITs after the refusal, 8.14 of Debian 13 closes without a QUIT)
+    assert re.search(r"< 550 5\.1\.1 no such user here\r\n(?:[{}*][^\n]*\n)*"
+                     r"(?:> QUIT\r\n(?:[{}*][^\n]*\n)*< 221 |\* shutting down connection #0\n)",
                      _out(r)), _out(r)
+    assert "> DATA" not in _out(r), _out(r)
     r = _curl(cw, cw.front_s.port, "smtps", "alice", pw, "alice@home.example",
               ["t@example.net", REFUSED_RCPT, "u@example.net"], ok, "--mail-rcpt-allowfails")
     assert r.returncode == 0, _out(r)

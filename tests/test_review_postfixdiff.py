@@ -93,8 +93,19 @@ def _submission(port: int, name: str, tls_auth_only: str) -> str:
             "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n")
 
 
+def _postfix_version() -> tuple[int, ...]:
+    postconf = shutil.which("postconf", path=SBIN_PATH) or "postconf"
+    out = subprocess.run([postconf, "-d", "-h", "mail_version"], capture_output=True, text=True,
+                         env={"PATH": SBIN_PATH, "LANG": "C"}).stdout.strip()
+    return tuple(int(n) for n in re.findall(r"\d+", out)[:2])
+
+
 def _main_cf(d: Path, sink_port: int) -> str:
-    return postfix_main_cf(d, "pfx.test", "127.0.0.1") + postfix_relay_cf(d, sink_port) + f"""\
+    # The battery compares with Postfix 3.7's smtpd (Debian 12): from 3.9
+    # (Debian 13) it hangs up on a client that pipelines before EHLO's
+    # PIPELINING by default, a policy of its own, set back here
+    since_39 = "smtpd_forbid_unauth_pipelining = no\n" if _postfix_version() >= (3, 9) else ""
+    return postfix_main_cf(d, "pfx.test", "127.0.0.1") + postfix_relay_cf(d, sink_port) + since_39 + f"""\
 mynetworks =
 smtpd_sasl_type = cyrus
 smtpd_sasl_path = smtpd
@@ -813,7 +824,8 @@ def test_battery_differs_from_postfix_only_where_accepted(results):
         if name in ACCEPTED:
             verdict, *expected = ACCEPTED[name]
             assert verdict in VERDICTS, name
-            if tuple(expected) != row:
+            # (a newer Postfix that now answers as we do: no difference left)
+            if tuple(expected) != row and not (row[0] == row[1] and row[2]):
                 news.append(f"changed {ascii(name)}: ({verdict!r}, {row[0]!r}, {row[1]!r}, {row[2]})")
         elif row[0] != row[1] or not row[2]:
             news.append(f"new {ascii(name)}: (?, {row[0]!r}, {row[1]!r}, {row[2]}) "

@@ -73,7 +73,31 @@ class Script:
 
     async def serve(self):
         server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return server, server.sockets[0].getsockname()[1]
+        return _Served(server), server.sockets[0].getsockname()[1]
+
+
+class _Served:
+    """The scripted upstream's asyncio.Server for `async with`, its end as
+    in Python 3.11: since 3.12 Server.wait_closed() also waits for every
+    connection, and a script that went silent (or a relay's kept
+    connection) holds one open for ever. Its connections are aborted
+    (3.13's abort_clients; 3.11 returns without waiting for them)."""
+
+    def __init__(self, server: asyncio.Server) -> None:
+        self.server = server
+
+    def __getattr__(self, name):
+        return getattr(self.server, name)
+
+    async def __aenter__(self) -> "_Served":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        abort = getattr(self.server, "abort_clients", None)
+        if abort is not None:
+            abort()
+        await self.server.wait_closed()
 
 
 def _route(port, tls=TlsMode.PLAIN, user="", password=""):

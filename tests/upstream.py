@@ -211,6 +211,16 @@ class FakeUpstream:
 
     def stop(self) -> None:
         if self._controller is not None:
+            server, loop = self._controller.server, self._controller.loop
+            if server is not None and hasattr(server, "abort_clients"):
+                # Python 3.12+: aiosmtpd's stop awaits Server.wait_closed(),
+                # which now waits for every connection too (a relay's kept
+                # one stays open): no more listening, those open aborted, as
+                # an upstream that restarts (3.11 did not wait for them)
+                def end(server=server) -> None:
+                    server.close()
+                    server.abort_clients()
+                loop.call_soon_threadsafe(end)
             self._controller.stop()
             self._controller = None
 

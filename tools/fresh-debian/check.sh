@@ -1,5 +1,5 @@
 #!/bin/bash
-# Checks the README's promise on a fresh Debian: in a minimal Debian 12
+# Checks the README's promise on a fresh Debian: in a minimal Debian 12 or 13
 # (debootstrap --variant=minbase, about what a debian:12 container image
 # holds; no python3, no git, no locales, no /etc/mailname) it runs, as root
 # and with nothing else prepared, `bash scripts/demo.sh` and then
@@ -9,13 +9,16 @@
 #
 #   tools/fresh-debian/check.sh [ROOT [COMMAND...]]
 #   FRESH_DEBIAN_BOOT=yes tools/fresh-debian/check.sh [ROOT [COMMAND...]]
+#   FRESH_DEBIAN_SUITE=trixie tools/fresh-debian/check.sh /srv/fresh-trixie
 #
 # As root, on the host. ROOT (default /srv/fresh-debian) is made by
-# debootstrap when it does not exist yet (from FRESH_DEBIAN_MIRROR, default
-# http://deb.debian.org/debian, with bookworm-updates and bookworm-security
-# in its sources.list like an installed system) and kept afterwards: remove
-# it to check a fresh one again. COMMAND (run by bash in the checkout inside
-# ROOT) replaces the two commands, e.g. to rerun one test file.
+# debootstrap when it does not exist yet: Debian FRESH_DEBIAN_SUITE (default
+# bookworm; trixie for Debian 13) from FRESH_DEBIAN_MIRROR (default
+# http://deb.debian.org/debian), with SUITE-updates and SUITE-security in its
+# sources.list like an installed system. It is kept afterwards: remove it to
+# check a fresh one again; give each suite a ROOT of its own (a ROOT that
+# holds another release than SUITE is refused). COMMAND (run by bash in the
+# checkout inside ROOT) replaces the two commands, e.g. to rerun one test file.
 # Not run by the suite: it downloads Debian and takes 10-15 minutes.
 #
 # Two kinds of fresh machine:
@@ -42,6 +45,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 ROOT=${1:-/srv/fresh-debian}
 shift || true
 MIRROR=${FRESH_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SUITE=${FRESH_DEBIAN_SUITE:-bookworm}
 BOOT=${FRESH_DEBIAN_BOOT:-no}
 [ "$(id -u)" -eq 0 ] || { echo "fresh-debian: needs root"; exit 1; }
 case $ROOT in /|"") echo "fresh-debian: refusing ROOT '$ROOT'"; exit 1 ;; esac
@@ -49,17 +53,32 @@ if [ "$BOOT" = yes ] && ! command -v systemd-nspawn >/dev/null; then
     echo "fresh-debian: FRESH_DEBIAN_BOOT needs systemd-nspawn (apt-get install systemd-container)"; exit 1
 fi
 
+case $SUITE in
+    bookworm|trixie) ;;
+    *) echo "fresh-debian: FRESH_DEBIAN_SUITE '$SUITE': bookworm or trixie"; exit 1 ;;
+esac
+
 if [ ! -x "$ROOT/bin/bash" ]; then
     command -v debootstrap >/dev/null || { echo "fresh-debian: apt-get install debootstrap"; exit 1; }
-    echo "fresh-debian: debootstrap --variant=minbase bookworm $ROOT"
-    debootstrap --variant=minbase bookworm "$ROOT" "$MIRROR" >/dev/null
+    [ -e "/usr/share/debootstrap/scripts/$SUITE" ] \
+        || { echo "fresh-debian: this debootstrap does not know $SUITE"; exit 1; }
+    # (the host's debian-archive-keyring, 2023.3 or later as in bookworm,
+    # holds the trixie keys too)
+    echo "fresh-debian: debootstrap --variant=minbase $SUITE $ROOT"
+    debootstrap --variant=minbase --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+        "$SUITE" "$ROOT" "$MIRROR" >/dev/null
     # what the installer (or an image build) leaves and debootstrap does not
     security=${MIRROR%/debian}/debian-security
-    printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb %s bookworm-security main\n' \
-        "$MIRROR" "$MIRROR" "$security" > "$ROOT/etc/apt/sources.list"
+    printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s %s-security main\n' \
+        "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" "$security" "$SUITE" > "$ROOT/etc/apt/sources.list"
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
         "$(hostname)" > "$ROOT/etc/hosts"
 fi
+# a ROOT made for the other suite would check that one under this one's name
+release=$(. "$ROOT/etc/os-release" && echo "${VERSION_CODENAME:-}")
+[ "$release" = "$SUITE" ] \
+    || { echo "fresh-debian: $ROOT holds '$release', not $SUITE (FRESH_DEBIAN_SUITE): another ROOT"; exit 1; }
+
 # Where this host's TLS goes through an intercepting proxy, its extra CA
 # certificates (/usr/local/share/ca-certificates) are what any machine on
 # that network needs for pip: they go in where ca-certificates, once

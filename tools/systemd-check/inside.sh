@@ -188,6 +188,10 @@ sed -i 's/^frontendUser = nobody$/frontendUser = sendooway/' /etc/sendooway.conf
 sed -i 's/^SocketUser=nobody$/SocketUser=sendooway/' /etc/systemd/system/sendooway-auth.socket
 systemctl daemon-reload
 systemctl stop sendooway-auth.service sendooway-auth.socket
+# (sections 7 and 8 restarted the authenticator six times within seconds,
+# past StartLimitBurst=: in a fresh Debian 13 its next start failed with
+# start-limit-hit, which no admin's pace reaches; the count starts afresh)
+systemctl reset-failed sendooway-auth.service sendooway-auth.socket
 systemctl start sendooway-auth.socket
 check "own account: the auth socket is sendooway's, mode 0600" \
     test "$(stat -c '%U %a' /run/sendooway/auth.sock)" = "sendooway 600"
@@ -200,6 +204,7 @@ sed -i 's/^frontendUser = sendooway$/frontendUser = nobody/' /etc/sendooway.conf
 sed -i 's/^SocketUser=sendooway$/SocketUser=nobody/' /etc/systemd/system/sendooway-auth.socket
 systemctl daemon-reload
 systemctl stop sendooway-auth.service sendooway-auth.socket
+systemctl reset-failed sendooway-auth.service sendooway-auth.socket
 systemctl start sendooway-auth.socket
 
 # ---- 10. the journal: no traceback, no password, no failed unit
