@@ -6,7 +6,108 @@ values (sendooway_auth/_logfmt.py). Each mutant was made by hand, one at a
 time, and run against the existing tests naming the module; a survivor is
 either equivalent (why below) or pinned by a test here.
 
-TABLE
+Killed-by names are test files (tests/...) and, shortened, their tests;
+"new" is a test in this file, checked to fail with its mutant and pass
+without it.
+
+id   place                          change                                  result
+---  -----------------------------  --------------------------------------  ------------------------------
+P1   _privileges.drop_privileges    no RLIMIT_CORE (0, 0)                   test_front_privileges: drop_to_nobody
+P2   drop_privileges                no _not_dumpable()                      equivalent: cli.main made it
+                                                                            undumpable at start already; both
+                                                                            removed: new, started_as_nobody
+P3   drop_privileges                non-root test `and` -> `or`             mutants7: real_uid_root
+P4   drop_privileges                root frontendUser accepted              test_front_privileges: root_is_refused
+P5   drop_privileges                no setgroups([])                        test_front_privileges: drop_to_nobody
+P6   drop_privileges                gids set from the uid                   mutants7: own_group_not_its_uid
+P7   drop_privileges                the ids are not verified after          equivalent: setgroups/setresgid/
+                                                                            setresuid take effect whole or
+                                                                            raise; no real kernel differs
+P8   drop_privileges                no regain attempts                      mutants7: keeps_capabilities
+P9   drop_privileges                regain loop stops after setuid(0)       equivalent: the three regains need
+                                                                            the capabilities a uid change keeps
+                                                                            or drops together (a start without
+                                                                            CAP_SETUID cannot drop at all)
+P10  drop_privileges                saved uid left 0                        test_front_privileges: drop_to_nobody
+P11  _not_dumpable                  PR_SET_DUMPABLE 1                       new: started_as_nobody_is_not_dumpable
+P12  drop_privileges                a non-root start drops as well          new: started_as_nobody_is_not_dumpable
+P13  acting_as                      unknown user raises KeyError            test_front_privileges: drop_fails
+P14  acting_as                      also for a root frontendUser            equivalent: the drop refuses root
+P15  _back_to_root                  seteuid(0) not first                    new: private_authenticator_starts
+P16  acting_as                      saves the real gid, not the egid        equivalent whenever gid == egid (any
+                                                                            start by a service manager or inetd)
+A1   acting_as                      switches only when not root             mutants7: real_uid_root
+A2   acting_as                      keeps supplementary groups              mutants7: socket_probe[41002]
+A3   acting_as                      keeps egid 0                            mutants7: socket_probe[0]
+A4   _back_to_root                  egid not taken back                     new: private_authenticator_starts
+A5   _back_to_root                  groups not given back                   new: private_authenticator_starts
+A6   acting_as                      restore not in `finally`                equivalent: the blocks (socket probe,
+                                                                            os.access) return, never raise
+A7   acting_as                      no restore before PrivilegeError        equivalent: every caller then ends
+                                                                            the frontend (exit 1)
+Q1   _pam.pam_login                 password not checked for NUL            mutants9: nul_is_refused
+Q2   converse                       count <= 0 -> count < 0                 equivalent in practice: pam_conv(3)
+                                                                            has num_msg > 0; Linux-PAM's own
+                                                                            prompts never send 0
+Q3   converse                       echo-on prompt gets the password        mutants9: echo_on_prompt
+Q4   converse                       9 messages kept                         mutants9: logged_bounded
+Q5   converse                       messages not cut at 200                 mutants9: logged_bounded
+Q6   pam_login                      PAM_RHOST never set                     review_pam: rhost
+Q7   pam_login                      no pam_acct_mgmt                        mutants9: expired_account
+Q8   pam_login                      PAM_USER not read back                  review_pam: account_pam_authenticated
+Q9   pam_login                      pam_end always told PAM_SUCCESS         new: pam_end_tells_the_modules
+Q10  pam_login                      a failed pam_start reported as success  mutants: unavailable_backend
+Q11  TEMPORARY_CODES                9 dropped                               equivalent: code 9 is named
+                                                                            pam-unavailable, which
+                                                                            is_temporary lists itself
+Q12  is_temporary                   pam-unavailable not temporary           mutants9: decides_between
+Q13  _REASONS                       unknown-user dropped                    mutants9: decides_between
+Q14  converse                       copies not wiped on the error path      left: freed heap, not observable
+                                                                            without reading root's memory
+Q15  pam_login                      result.code not set                     review_pam: unknown_name
+Q16  pam_login                      acct_mgmt after a failed authenticate   review_pam: unknown_name
+Q17  converse                       resp_retcode not set                    equivalent: calloc zeroes it
+Q18  _REASONS                       password-expired dropped                new: must_be_changed_is_logged
+Q19  converse                       an unexpected error answered SUCCESS    left: needs a module sending a NULL
+                                                                            message pointer (a broken module)
+Q20  is_temporary                   pam-error-N never temporary             mutants9: decides_between[1]
+Q21  service_file_warning           a name with '/' looked up as a path     a defect behind it: new,
+                                                                            service_named_by_a_path
+Q22  service_file_warning           name not lower-cased                    test_auth_cli: pam_service_with_no_file
+Q23  pam_login                      PAM_RHOST "" set with no address        equivalent: pam_access, pam_unix
+                                                                            take an empty PAM_RHOST as unset
+Q24  MAX_PAM_MESSAGES               8 -> 7                                  mutants9: logged_bounded
+Q25  PamPool.check_here             rhost not passed                        review_pam: rhost
+Q26  load_libpam                    its error hidden                        left: needs a system without libpam
+Q27  auth_warnings                  file warning for the wrong backend      test_auth_cli: pam_service_with_no_file
+Q28  converse                       responses not handed to the module      review_pam: rhost (the login fails)
+Q29  service_file_warning           isdir test inverted                     review_coverage: outside_pam_wrapper
+R1   _permits.admit                 `is` -> `is not`                        test_auth_permits: happy_path
+R2   admit                          a violation leaves the state open       test_auth_permits: violations_close
+R3   hello                          version test inverted                   test_auth_permits: happy_path
+R4   auth_ok                        the user not kept                       test_auth_permits: happy_path
+R5   auth_failed                    `>=` -> `>`                             test_auth_permits: max_failures
+R6   auth_failed                    failures not counted                    test_auth_permits: max_failures
+R7   TRANSITIONS                    a failed auth closes                    test_auth_permits: happy_path
+R8   TRANSITIONS                    an answered route closes                test_auth_permits: happy_path
+R9   TRANSITIONS                    a route's temporary failure stays open  test_auth_workers: stopped_worker
+R10  TRANSITIONS                    an undecided login stays open           mutants: unavailable_backend
+R11  TRANSITIONS                    a bad version goes on                   test_auth_permits: bad_version
+R12  PERMITTED                      auth permitted after auth               test_auth_permits: happy_path
+R13  PERMITTED                      route permitted before auth             test_auth_permits: happy_path
+R14  _move                          an outcome in the wrong state ignored   test_auth_permits: our_bug
+R15  closed                         never true                              test_auth_permits: violations_close
+R16  TRANSITIONS                    AUTH_OK stays in EXPECT_AUTH            test_auth_permits: happy_path
+R17  _REASONS                       "second auth" reason dropped            test_auth_permits: violations_close
+R18  auth_ok                        user set after the move                 equivalent: differs only when the
+                                                                            move raises (our bug), then with
+                                                                            no user at all
+L1   _logfmt.field                  cut at 97                               new: cut_exactly
+L2   field                          never cut                               test_auth_permits: log_fields
+L3   text                           cut at 501                              new: cut_exactly
+L4   text                           not escaped                             test_auth_permits: log_text
+L5   field                          printable() instead of field()          test_auth_permits: log_fields
+L6   text                           never cut                               test_auth_permits: log_text
 """
 
 from __future__ import annotations
@@ -18,6 +119,7 @@ import time
 import pytest
 
 from sendooway_auth._logfmt import field, text
+from sendooway_auth._pam import pam_login, service_file_warning
 
 from .auth_helpers import (  # noqa: F401 - daemon is a fixture
     MATRIX, Daemon, add_pam_service, build_test_pam_module, children, daemon, login,
@@ -171,6 +273,24 @@ def test_a_password_pam_says_must_be_changed_is_logged_as_expired(daemon, world,
     assert reply.TYPE == "auth_fail", reply
     assert "auth failed: user=dave client=192.0.2.88 reason=password-expired " in (
         d.wait_log("auth failed:"))
+
+
+def test_a_pam_service_named_by_a_path_is_looked_up_as_pam_does(world, pam_module, tmp_path):
+    """Mutant Q21 survived, and showed a defect: Linux-PAM's pam_start keeps
+    only the part of the service name after its last '/', so `pamService =
+    /etc/pam.d/sendooway-site` (an admin naming the file) is the service
+    sendooway-site. The warning skipped every name with a '/': with no such
+    file PAM silently used its `other` stack, the very case the warning is
+    for. Now the name is looked up as PAM looks it up."""
+    present = os.path.join(world.pam_dir, "sendooway-mut24-site")
+    with open(present, "w") as f:
+        f.write(f"auth required {pam_module} rc=0\naccount required {pam_module} rc=0\n")
+    # what PAM itself does with such a name: the file's stack decides
+    assert pam_login(f"{tmp_path}/sendooway-mut24-site", "alice", "any").code == 0
+    assert service_file_warning("/etc/pam.d/sendooway-mut24-site") is None
+    warning = service_file_warning("/etc/pam.d/sendooway-mut24-gone")
+    assert warning is not None
+    assert f"no file {os.path.join(world.pam_dir, 'sendooway-mut24-gone')}:" in warning
 
 
 # ------------------------------------------------------------------ _logfmt
