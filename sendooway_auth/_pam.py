@@ -269,15 +269,17 @@ def service_file_warning(service: str) -> str | None:
     `other` service, silently — on Debian the common-* stack, elsewhere often
     pam_deny (every login refused, with nothing in our log to say why), and
     never the stack the admin meant (packaging/pam.d/sendooway). Linux-PAM
-    lowercases the name; pam_wrapper (the tests) has a directory of its own."""
-    name = service.lower()
+    lowercases the name and keeps only its part after the last '/' (a name
+    given as /etc/pam.d/x is x: once skipped here, a missing x went
+    unwarned); pam_wrapper (the tests) has a directory of its own."""
+    name = service.lower().rpartition("/")[2]
     if os.environ.get("PAM_WRAPPER") == "1" and os.environ.get("PAM_WRAPPER_SERVICE_DIR"):
         dirs: tuple[str, ...] = (os.environ["PAM_WRAPPER_SERVICE_DIR"],)
     elif os.path.isdir(PAM_DIRS[0]):
         dirs = PAM_DIRS
     else:
         return None  # /etc/pam.conf: one file for all services, not ours to parse
-    if "/" in name or any(os.path.exists(os.path.join(d, name)) for d in dirs):
+    if not name or any(os.path.exists(os.path.join(d, name)) for d in dirs):
         return None
     return (f"PAM service {service} has no file {os.path.join(dirs[0], name)}: PAM uses its"
             f" 'other' service for it instead (install packaging/pam.d/sendooway as"
