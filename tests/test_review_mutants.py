@@ -101,8 +101,10 @@ async def _serve(service: ScriptedService, talk) -> tuple[list, BaseException | 
     return result, raised
 
 
-async def _eof_within(reader: asyncio.StreamReader, seconds: float = 1.0) -> bool:
-    """The authenticator closed the connection (nothing more came)."""
+async def _eof_within(reader: asyncio.StreamReader, seconds: float = 10.0) -> bool:
+    """The authenticator closed the connection (nothing more came). Returns
+    at the EOF; the bound is only for an authenticator that never closes
+    (1 s was once too short on a loaded machine)."""
     try:
         data = await asyncio.wait_for(reader.read(65536), seconds)
     except (TimeoutError, asyncio.TimeoutError):
