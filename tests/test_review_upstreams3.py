@@ -138,6 +138,27 @@ class Sink(mta_util.Sink):
 # ------------------------------------------------------------------ Dovecot
 
 
+# The part both Dovecot versions spell alike: the relay to the sink and the
+# two listeners.
+_DOVECOT_SERVICES = """\
+submission_relay_host = 127.0.0.1
+submission_relay_port = {sink_port}
+submission_relay_trusted = yes
+submission_max_mail_size = {size}
+service submission-login {{
+  inet_listener submission {{
+    port = {port}
+  }}
+  inet_listener submissions {{
+    port = {tls_port}
+    ssl = yes
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+"""
+
 DOVECOT_CONF = """\
 base_dir = {d}/run
 state_dir = {d}/state
@@ -162,23 +183,7 @@ userdb {{
   args = uid=nobody gid=nogroup home={d}/home
 }}
 mail_location = maildir:{d}/home/Maildir
-submission_relay_host = 127.0.0.1
-submission_relay_port = {sink_port}
-submission_relay_trusted = yes
-submission_max_mail_size = {size}
-service submission-login {{
-  inet_listener submission {{
-    port = {port}
-  }}
-  inet_listener submissions {{
-    port = {tls_port}
-    ssl = yes
-  }}
-}}
-service anvil {{
-  chroot =
-}}
-"""
+""" + _DOVECOT_SERVICES
 
 # Dovecot 2.4 (Debian 13) refuses the 2.3 settings above: the same service
 # in its names (a config version first; passdb/userdb by driver; the
@@ -213,23 +218,7 @@ userdb static {{
 }}
 mail_driver = maildir
 mail_path = {d}/home/Maildir
-submission_relay_host = 127.0.0.1
-submission_relay_port = {sink_port}
-submission_relay_trusted = yes
-submission_max_mail_size = {size}
-service submission-login {{
-  inet_listener submission {{
-    port = {port}
-  }}
-  inet_listener submissions {{
-    port = {tls_port}
-    ssl = yes
-  }}
-}}
-service anvil {{
-  chroot =
-}}
-"""
+""" + _DOVECOT_SERVICES
 
 
 def _dovecot_conf() -> tuple[str, str]:
