@@ -367,10 +367,18 @@ from sendooway_front import _stream
 
 async def main():
     _stream.CONNECT_TRY = 0.5
-    hole = socket.socket(socket.AF_INET6)
-    hole.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    hole.bind(("::1", 0))
-    port = hole.getsockname()[1]
+    while True:  # a port free on ::1 and on 127.0.0.1 (a parallel test may hold the latter)
+        hole = socket.socket(socket.AF_INET6)
+        hole.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        hole.bind(("::1", 0))
+        port = hole.getsockname()[1]
+        v4 = socket.socket(socket.AF_INET)
+        try:
+            v4.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            v4.close()
+            hole.close()
     hole.listen(0)
     fillers = []
     for _ in range(4):   # fill the accept queue: later SYNs are dropped, connect() hangs
@@ -382,7 +390,7 @@ async def main():
             pass
         fillers.append(f)
     time.sleep(0.2)
-    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    server = await asyncio.start_server(lambda r, w: w.close(), sock=v4)
     t0 = time.monotonic()
     s = await _stream.open_tcp("dual.test", port, timeout=30)
     print(repr((s.peername[0], round(time.monotonic() - t0, 1))))
