@@ -267,6 +267,24 @@ def free_port_everywhere() -> int:
         return s.getsockname()[1]
 
 
+def bound_on_both(v4_host: str = "127.0.0.1", v6_host: str = "::1") -> tuple[socket.socket, socket.socket]:
+    """Two TCP sockets bound to one port, on v4_host and on v6_host (IPv6
+    only), not listening yet: a port free on one family may be held on the
+    other by a parallel test, and then another port is tried."""
+    for _ in range(20):
+        v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        v6.bind((v6_host, 0))
+        v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            v4.bind((v4_host, v6.getsockname()[1]))
+            return v4, v6
+        except OSError:
+            v4.close()
+            v6.close()
+    raise AssertionError(f"no port free on both {v4_host} and {v6_host}")
+
+
 @contextlib.contextmanager
 def refused_port():
     """A port where nothing listens on any local address for the block's

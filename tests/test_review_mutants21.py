@@ -88,6 +88,7 @@ import pytest
 
 from sendooway_front import _loops, _stream
 from tests.auth_helpers import Daemon
+from tests.fakeworld import bound_on_both
 from tests.front_util import FRONT, Frontend, front_config, login_plain, open_tmp
 from tests.hardening_util import RawClient, wait_for
 from tests.upstream import FakeUpstream
@@ -204,20 +205,8 @@ def test_an_ipv4_wildcard_listener_is_not_an_ipv6_mta_on_the_same_port():
     [::1]:P is no loop, one to 127.0.0.2:P is (0.0.0.0 covers it; the kernel
     takes 127.0.0.1 as the source). Real sockets: the MTA listens, and the
     route's connection is made."""
-    for _ in range(20):  # (the port free on IPv4 may be taken on ::1: another)
-        v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        v4.bind(("0.0.0.0", 0))
-        port = v4.getsockname()[1]
-        v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            v6.bind(("::1", port))
-            break
-        except OSError:
-            v4.close()
-            v6.close()
-    else:
-        raise AssertionError("no port free on both 0.0.0.0 and ::1")
+    v4, v6 = bound_on_both("0.0.0.0", "::1")
+    port = v4.getsockname()[1]
     v4.listen(4)
     v6.listen(4)
     conns = []

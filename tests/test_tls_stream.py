@@ -364,21 +364,12 @@ def test_connect_tries_ipv6_and_ipv4_addresses_of_one_name(world, tmp_path):
 _BLACKHOLE_SCRIPT = r"""
 import asyncio, socket, time
 from sendooway_front import _stream
+from tests.fakeworld import bound_on_both
 
 async def main():
     _stream.CONNECT_TRY = 0.5
-    while True:  # a port free on ::1 and on 127.0.0.1 (a parallel test may hold the latter)
-        hole = socket.socket(socket.AF_INET6)
-        hole.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        hole.bind(("::1", 0))
-        port = hole.getsockname()[1]
-        v4 = socket.socket(socket.AF_INET)
-        try:
-            v4.bind(("127.0.0.1", port))
-            break
-        except OSError:
-            v4.close()
-            hole.close()
+    v4, hole = bound_on_both("127.0.0.1", "::1")  # (a parallel test may hold one of them)
+    port = hole.getsockname()[1]
     hole.listen(0)
     fillers = []
     for _ in range(4):   # fill the accept queue: later SYNs are dropped, connect() hangs
