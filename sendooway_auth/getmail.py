@@ -176,8 +176,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
     retriever = sections.get("retriever", {})
     header_line = headers.get(named[0], 1)
 
-    def fail(line: int | None, message: str) -> ParseResult:
-        result.errors.append(f"{filename}:{line or header_line}: [sender] {message}")
+    def fail(line: int | None, message: str, section: str = "sender") -> ParseResult:
+        result.errors.append(f"{filename}:{line or header_line}: [{section}] {message}")
         return result
 
     def not_text(key: str, given: tuple[int, str] | None) -> ParseResult | None:
@@ -264,10 +264,9 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
             continue
         if netrc[1].lower() in _TRUE and (
                 "username" not in sender or auth and "password" not in sender):
-            result.errors.append(f"{filename}:{netrc[0]}: [{where}] use_netrc: getmail logs in"
-                                 " with ~/.netrc's user name and password, which sendooway does"
-                                 " not read: give username and password in [sender]")
-            return result
+            return fail(netrc[0], "use_netrc: getmail logs in with ~/.netrc's user name and"
+                                  " password, which sendooway does not read: give username and"
+                                  " password in [sender]", where)
         break
     # an IMAP retriever's OAuth or Kerberos login: getmail sends a token
     # (password_command, keyring, prompt) or a ticket, never this password
@@ -275,10 +274,8 @@ def parse_getmailrc(text: str, filename: str) -> ParseResult:
         given = _one(retriever, flag)
         if (auth and given is not None and given[1].lower() in _TRUE and password is not None
                 and "password" not in sender):
-            result.errors.append(f"{filename}:{given[0]}: [retriever] {flag}: getmail does not log"
-                                 " in with the [retriever] password then: give the password in"
-                                 " [sender]")
-            return result
+            return fail(given[0], f"{flag}: getmail does not log in with the [retriever]"
+                                  " password then: give the password in [sender]", "retriever")
     if auth and password is None:
         return fail(None, "no password (neither [sender] nor [retriever] has one;"
                           " password_command is not supported)")
