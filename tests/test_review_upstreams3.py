@@ -138,8 +138,20 @@ class Sink(mta_util.Sink):
 # ------------------------------------------------------------------ Dovecot
 
 
-# The part both Dovecot versions spell alike: the relay to the sink and the
-# two listeners.
+# The parts both Dovecot versions spell alike: the instance's places and
+# names; the relay to the sink and the two listeners.
+_DOVECOT_PLACES = """\
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = sendooway-test-{port}
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+protocols = submission
+listen = 127.0.0.1
+hostname = dovecot.test
+ssl = required
+"""
+
 _DOVECOT_SERVICES = """\
 submission_relay_host = 127.0.0.1
 submission_relay_port = {sink_port}
@@ -159,16 +171,7 @@ service anvil {{
 }}
 """
 
-DOVECOT_CONF = """\
-base_dir = {d}/run
-state_dir = {d}/state
-instance_name = sendooway-test-{port}
-log_path = {d}/dovecot.log
-info_log_path = {d}/dovecot.log
-protocols = submission
-listen = 127.0.0.1
-hostname = dovecot.test
-ssl = required
+DOVECOT_CONF = _DOVECOT_PLACES + """\
 ssl_cert = <{d}/cert.pem
 ssl_key = <{d}/key.pem
 auth_mechanisms = plain login cram-md5
@@ -191,15 +194,7 @@ mail_location = maildir:{d}/home/Maildir
 DOVECOT24_CONF = """\
 dovecot_config_version = {version}
 dovecot_storage_version = {version}
-base_dir = {d}/run
-state_dir = {d}/state
-instance_name = sendooway-test-{port}
-log_path = {d}/dovecot.log
-info_log_path = {d}/dovecot.log
-protocols = submission
-listen = 127.0.0.1
-hostname = dovecot.test
-ssl = required
+""" + _DOVECOT_PLACES + """\
 ssl_server_cert_file = {d}/cert.pem
 ssl_server_key_file = {d}/key.pem
 auth_mechanisms = plain login cram-md5
